@@ -1,0 +1,1 @@
+"""jaxssl: self-supervised pretraining of Transformer language models in JAX/Flax."""

@@ -1,0 +1,114 @@
+"""Configs: Python files with named variants (`configs/bert.py:tiny`) plus `--config.key=value` overrides.
+
+A config file defines `get_config(variant: str) -> ml_collections.ConfigDict`. Overrides are type-checked
+against the existing value; unknown keys and wrong types are `UserError`s (exit status 2 in every job).
+"""
+import ast
+import importlib.util
+import json
+import os
+
+import ml_collections
+
+from jaxssl.errors import UserError
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """Loads `path/to/file.py[:variant]`; the variant defaults to the file's own default."""
+  path, _, variant = spec.partition(':')
+  if not os.path.isfile(path):
+    raise UserError(f'config file {path!r} not found: pass --config configs/<family>.py:<variant>')
+  module_spec = importlib.util.spec_from_file_location(f'_jaxssl_config_{abs(hash(path))}', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, 'get_config'):
+    raise UserError(f'config file {path!r} has no get_config(variant) function')
+  variants = getattr(module, 'VARIANTS', None)
+  if variant and variants is not None and variant not in variants:
+    raise UserError(f'unknown variant {variant!r} in {path}: choose one of {", ".join(variants)}')
+  config = module.get_config(variant) if variant else module.get_config()
+  config.lock()
+  return config
+
+
+def _parse_value(text: str):
+  lowered = text.strip().lower()
+  if lowered in ('true', 'false'):
+    return lowered == 'true'
+  if lowered in ('none', 'null'):
+    return None
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def _coerce(key: str, old, new):
+  """Returns `new` converted to the type of `old`, or raises UserError."""
+  if old is None or new is None:
+    return new
+  if isinstance(old, bool):
+    if isinstance(new, bool):
+      return new
+  elif isinstance(old, float) and isinstance(new, (int, float)) and not isinstance(new, bool):
+    return float(new)
+  elif isinstance(old, int):
+    if isinstance(new, int) and not isinstance(new, bool):
+      return new
+  elif isinstance(old, (tuple, list)):
+    if isinstance(new, (int, float, str)):
+      new = (new,)
+    if isinstance(new, (tuple, list)):
+      return type(old)(new)
+  elif isinstance(old, str):
+    return str(new)
+  elif isinstance(new, type(old)):
+    return new
+  raise UserError(f'--config.{key}={new!r} has the wrong type: expected {type(old).__name__} like {old!r}')
+
+
+def apply_override(config: ml_collections.ConfigDict, key: str, text: str) -> None:
+  """Sets `config.<key>` (dotted) from its command-line text, checking the key exists and the type fits."""
+  *parents, leaf = key.split('.')
+  node = config
+  for i, name in enumerate(parents):
+    if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+      raise UserError(f'unknown config key --config.{".".join(parents[:i + 1])}: see the config file for valid keys')
+    node = node[name]
+  if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+    known = ', '.join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else ''
+    raise UserError(f'unknown config key --config.{key}: valid keys here are {known}')
+  old = node[leaf]
+  if isinstance(old, ml_collections.ConfigDict):
+    raise UserError(f'--config.{key} is a group of keys, not a value: set one of its fields instead')
+  with node.unlocked():
+    node[leaf] = _coerce(key, old, _parse_value(text))
+
+
+def parse_overrides(config: ml_collections.ConfigDict, args: list[str]) -> list[str]:
+  """Applies every `--config.key=value` (or `--config.key value`) in `args`; returns the other args."""
+  rest, i = [], 0
+  while i < len(args):
+    arg = args[i]
+    if arg.startswith('--config.'):
+      body = arg[len('--config.'):]
+      if '=' in body:
+        key, text = body.split('=', 1)
+      elif i + 1 < len(args):
+        key, text = body, args[i + 1]
+        i += 1
+      else:
+        raise UserError(f'{arg} has no value: write --config.KEY=VALUE')
+      apply_override(config, key, text)
+    else:
+      rest.append(arg)
+    i += 1
+  return rest
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  return config.to_json_best_effort(sort_keys=True, indent=2)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(json.loads(text))
