@@ -1,0 +1,210 @@
+"""The BERT pretraining input pipeline: documents -> (MLM + NSP) examples -> this process's share of a batch.
+
+The batch at step s is a pure function of (seed, s): global row j of step s is the global example index
+g = s * global_batch_size + j, and example g is built from document permutation(seed, g // N)[g % N] with the
+rng default_rng([seed, 1, g]). Nothing depends on the process count or on what was read before, so a run
+resumes at any step (the checkpoint only needs the step) on any number of hosts, and masks are fresh every
+epoch (g differs) yet reproducible.
+"""
+import threading
+from typing import Any, Iterator
+
+import grain
+import numpy as np
+
+from jaxssl.data import objectives
+from jaxssl.errors import UserError
+
+# Special ids fixed by the tokenizer module (data/tokenizers.py).
+PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = 0, 1, 2, 3, 4
+# Bounded retries for empty documents (a corpus should not have many; corpora.py filters them).
+_MAX_EMPTY_RETRIES = 64
+_EPOCH_CACHE = 4  # permutations kept; a batch spans at most two epochs, prefetch threads a few steps
+
+
+class PretrainExamples:
+  """Global example index -> one BERT pretraining example, as a pure function of (seed, index).
+
+  Per example: input_ids, token_type_ids, attention_mask (int32 [seq_len]), mlm_positions, mlm_ids
+  (int32 [max_predictions]), mlm_weights (float32 [max_predictions]) and nsp_label (int32 scalar:
+  0 = B is the real continuation "IsNext", 1 = B comes from a random document; BERT's convention).
+
+  `examples(indices)` builds several at once and is much faster than one by one: it reads all documents with
+  one `source.__getitems__` and tokenizes all their sentences with one `tokenizer.encode` call.
+  """
+
+  def __init__(self, source, tokenizer, *, seq_len: int, max_predictions: int, mask_rate: float,
+               short_seq_prob: float, seed: int):
+    self.source = source
+    self.tokenizer = tokenizer
+    self.num_docs = len(source)
+    if self.num_docs < 2:
+      raise UserError(f'the corpus has {self.num_docs} document(s); next-sentence prediction needs at least 2 '
+                      '(split the text into documents, or use a larger corpus)')
+    if seq_len < 5:
+      raise UserError(f'data.seq_len={seq_len} is too short for [CLS] A [SEP] B [SEP]: use at least 5')
+    self.seq_len = seq_len
+    self.max_predictions = max_predictions
+    self.mask_rate = mask_rate
+    self.short_seq_prob = short_seq_prob
+    self.seed = seed
+    self.vocab_low = tokenizer.num_special
+    self.vocab_high = tokenizer.vocab_size
+    self._perms: dict[int, np.ndarray] = {}
+    self._lock = threading.Lock()  # grain maps from several threads
+
+  def permutation(self, epoch: int) -> np.ndarray:
+    """The document order of `epoch` (a fresh permutation per epoch, cached)."""
+    with self._lock:
+      perm = self._perms.get(epoch)
+      if perm is None:
+        perm = np.random.default_rng([self.seed, 0, epoch]).permutation(self.num_docs)
+        if len(self._perms) >= _EPOCH_CACHE:
+          self._perms.pop(min(self._perms))
+        self._perms[epoch] = perm
+      return perm
+
+  def __len__(self):
+    return 2**62  # the stream is endless: epochs repeat with new permutations
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    return self.examples([index])[0]
+
+  def _other_doc(self, rng: np.random.Generator, doc: int) -> int:
+    r = int(rng.integers(0, self.num_docs - 1))  # uniform over the N - 1 other documents
+    return r + 1 if r >= doc else r
+
+  def _read(self, indices: list[int]) -> dict[int, list[list[int]]]:
+    """Documents -> their tokenized non-empty sentences, in one batched read and one encode call."""
+    indices = sorted(set(indices))
+    if hasattr(self.source, '__getitems__'):
+      records = self.source.__getitems__(indices)
+    else:
+      records = [self.source[i] for i in indices]
+    sentences, owners = [], []
+    for i, rec in zip(indices, records):
+      text = rec['text']
+      if isinstance(text, bytes):
+        try:
+          text = text.decode('utf-8')
+        except UnicodeDecodeError as e:
+          raise UserError(f'document {i} of the corpus is not valid UTF-8 ({e}): re-encode the text as UTF-8')
+      for s in text.split('\n'):
+        if s.strip():
+          sentences.append(s)
+          owners.append(i)
+    docs = {i: [] for i in indices}
+    for i, ids in zip(owners, self.tokenizer.encode(sentences) if sentences else []):
+      if len(ids):
+        docs[i].append(list(ids))
+    return docs
+
+  def examples(self, indices) -> list[dict[str, np.ndarray]]:
+    """Builds the examples of global indices `indices` (any ints >= 0), in order."""
+    indices = [int(g) for g in indices]
+    rngs, docs, others = [], [], []
+    for g in indices:
+      rng = np.random.default_rng([self.seed, 1, g])
+      doc = int(self.permutation(g // self.num_docs)[g % self.num_docs])
+      rngs.append(rng)
+      docs.append(doc)
+      others.append(self._other_doc(rng, doc))
+    cache = self._read(docs + others)
+
+    def get(i):
+      if i not in cache:  # only after an empty document: rare, so read one by one
+        cache.update(self._read([i]))
+      return cache[i]
+
+    out = []
+    for g, rng, doc, other in zip(indices, rngs, docs, others):
+      # An empty document (no tokens) falls back to the next ones of the same permutation: still pure.
+      k = 0
+      while not get(doc):
+        k += 1
+        if k > _MAX_EMPTY_RETRIES:
+          raise UserError(f'more than {_MAX_EMPTY_RETRIES} consecutive empty documents in the corpus: '
+                          'remove empty documents (or check the tokenizer)')
+        doc = int(self.permutation(g // self.num_docs)[(g + k) % self.num_docs])
+      k = 0
+      while other == doc or not get(other):
+        k += 1
+        if k > _MAX_EMPTY_RETRIES:
+          raise UserError('could not find a non-empty second document for next-sentence prediction: '
+                          'the corpus needs at least 2 documents with text')
+        other = self._other_doc(rng, doc)
+      out.append(self._build(get(doc), get(other), rng))
+    return out
+
+  def _build(self, doc_sentences, other_sentences, rng) -> dict[str, np.ndarray]:
+    a, b, is_random = objectives.make_nsp_pair(doc_sentences, other_sentences, rng, self.seq_len - 3,
+                                               self.short_seq_prob)
+    ex = objectives.pack_pair(a, b, self.seq_len, CLS_ID, SEP_ID, PAD_ID)
+    ex.update(objectives.mask_tokens(
+        ex['input_ids'], ex['input_ids'] >= self.vocab_low, rng, mask_rate=self.mask_rate,
+        max_predictions=self.max_predictions, mask_id=MASK_ID, vocab_low=self.vocab_low,
+        vocab_high=self.vocab_high))
+    ex['nsp_label'] = np.int32(1 if is_random else 0)
+    return ex
+
+  def batch(self, indices) -> dict[str, np.ndarray]:
+    """The examples of `indices` stacked: each value gets a leading dimension len(indices)."""
+    exs = self.examples(indices)
+    return {k: np.stack([e[k] for e in exs]) for k in exs[0]}
+
+
+def _local_rows(global_batch_size: int, process_index: int, process_count: int) -> tuple[int, int]:
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f'bad process_index={process_index} / process_count={process_count}')
+  if global_batch_size % process_count:
+    raise UserError(f'train.batch_size={global_batch_size} is not divisible by the {process_count} processes: '
+                    f'use a multiple of {process_count}')
+  local = global_batch_size // process_count
+  return process_index * local, local
+
+
+def local_batch(examples: PretrainExamples, step: int, *, global_batch_size: int, process_index: int = 0,
+                process_count: int = 1) -> dict[str, np.ndarray]:
+  """This process's rows [p * B/P, (p + 1) * B/P) of the global batch of `step` (numpy, leading dim B/P)."""
+  first, local = _local_rows(global_batch_size, process_index, process_count)
+  start = step * global_batch_size + first
+  return examples.batch(range(start, start + local))
+
+
+def make_pretrain_iterator(source, tokenizer, *, seq_len: int, max_predictions: int, mask_rate: float,
+                           short_seq_prob: float, seed: int, global_batch_size: int, start_step: int = 0,
+                           process_index: int = 0, process_count: int = 1, num_threads: int = 2,
+                           prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
+  """Endless iterator over this process's share of the global batches of steps start_step, start_step+1, ...
+
+  Each item: input_ids, token_type_ids, attention_mask [B/P, seq_len] int32; mlm_positions, mlm_ids
+  [B/P, max_predictions] int32; mlm_weights [B/P, max_predictions] float32; nsp_label [B/P] int32
+  (0 = IsNext, 1 = random B). Rows are rows [p * B/P, (p + 1) * B/P) of the global batch, so concatenating
+  the shares of all processes in process order (jax.make_array_from_process_local_data) gives the batch one
+  process would see. Resuming = a new iterator with start_step = the checkpointed step.
+  """
+  _local_rows(global_batch_size, process_index, process_count)  # validate before building anything
+  examples = PretrainExamples(source, tokenizer, seq_len=seq_len, max_predictions=max_predictions,
+                              mask_rate=mask_rate, short_seq_prob=short_seq_prob, seed=seed)
+  # One dataset element per step: the batch-level map reads and tokenizes a step's documents together.
+  ds = grain.MapDataset.range(start_step, 2**62).map(
+      lambda step: local_batch(examples, step, global_batch_size=global_batch_size,
+                               process_index=process_index, process_count=process_count))
+  options = grain.ReadOptions(num_threads=max(1, num_threads), prefetch_buffer_size=max(1, prefetch))
+  return iter(ds.to_iter_dataset(options))
+
+
+def make_eval_batches(source, tokenizer, *, seq_len: int, max_predictions: int, mask_rate: float,
+                      short_seq_prob: float, batch_size: int, num_batches: int, seed: int,
+                      process_index: int = 0, process_count: int = 1) -> list[dict[str, Any]]:
+  """A fixed list of `num_batches` held-out batches (this process's share of each, like the train iterator).
+
+  The same arguments give the same batches, masks and NSP pairs every call, so MLM accuracy and perplexity
+  are comparable across evaluations. `source` should be the held-out split; the seed is the caller's choice
+  (the train seed is fine: it is a different source).
+  """
+  _local_rows(batch_size, process_index, process_count)
+  examples = PretrainExamples(source, tokenizer, seq_len=seq_len, max_predictions=max_predictions,
+                              mask_rate=mask_rate, short_seq_prob=short_seq_prob, seed=seed)
+  return [local_batch(examples, b, global_batch_size=batch_size, process_index=process_index,
+                      process_count=process_count) for b in range(num_batches)]

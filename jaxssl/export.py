@@ -1,0 +1,76 @@
+"""Export job: params only (no optimizer state), with the model config and the tokenizer.
+
+  python -m jaxssl.export --workdir DIR --out PARAMS [--step N] [--overwrite]
+
+`load_export(PARAMS)` gives back (config, model) for fine-tune and evaluate jobs.
+"""
+import argparse
+import json
+import os
+import sys
+
+from jaxssl import config as config_lib
+from jaxssl import runtime
+from jaxssl.errors import UserError, exit_on_user_error
+
+
+def export(workdir: str, out: str, *, step: int | None = None, overwrite: bool = False) -> int:
+  """Writes the params of checkpoint `step` (default: the newest) to `out`; returns the step."""
+  import jax
+  from jaxssl import mesh as mesh_lib
+  from jaxssl.train import checkpoint as ckpt_lib
+  from jaxssl.train import state as state_lib
+  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    raise UserError(f'{workdir} has no checkpoints: pass the --workdir of a pretraining run')
+  checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
+  steps = checkpointer.manager.all_steps()
+  if not steps:
+    raise UserError(f'{workdir} has no finished checkpoint yet: train longer or wait for the first save')
+  step = max(steps) if step is None else step
+  if step not in steps:
+    raise UserError(f'{workdir} has no checkpoint at step {step}: choose one of {sorted(steps)}')
+  meta = checkpointer.read_meta(step)
+  config = config_lib.from_json(json.dumps(meta['config']))
+  tokenizer_path = os.path.join(workdir, 'tokenizer.model')
+  mesh = mesh_lib.make_mesh((-1, 1, 1))
+  setup = state_lib.setup_model(config.model, meta['vocab_size'], mesh)
+  params = checkpointer.restore_params(step, setup.abstract_params)
+  export_config = {**meta['config'], 'vocab_size': meta['vocab_size'], 'exported_from': {'workdir': workdir,
+                                                                                          'step': step}}
+  ckpt_lib.write_export(out, params, json.dumps(export_config, indent=2, sort_keys=True), tokenizer_path,
+                        overwrite=overwrite)
+  checkpointer.close()
+  if jax.process_index() == 0:
+    print(f'exported step {step} of {workdir} to {out} ({state_lib.param_count(params) / 1e6:.2f}M params)')
+  return step
+
+
+def load_export(path: str, mesh=None):
+  """Loads an export onto `mesh` (default: all devices, data-parallel): returns (config, model, tokenizer)."""
+  from flax import nnx
+  from jaxssl import mesh as mesh_lib
+  from jaxssl.data import tokenizers
+  from jaxssl.train import checkpoint as ckpt_lib
+  from jaxssl.train import state as state_lib
+  saved = ckpt_lib.read_export_config(path)
+  config = config_lib.from_json(json.dumps(saved))
+  mesh = mesh if mesh is not None else mesh_lib.make_mesh((-1, 1, 1))
+  setup = state_lib.setup_model(config.model, saved['vocab_size'], mesh)
+  params = ckpt_lib.load_export_params(path, setup.abstract_params)
+  model = nnx.merge(setup.graphdef, params)
+  return config, model, tokenizers.Tokenizer.load(os.path.join(path, 'tokenizer.model'))
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(prog='python -m jaxssl.export', description=__doc__.split('\n')[0])
+  parser.add_argument('--workdir', required=True)
+  parser.add_argument('--out', required=True)
+  parser.add_argument('--step', type=int, default=None)
+  parser.add_argument('--overwrite', action='store_true')
+  args = parser.parse_args(argv)
+  runtime.setup()
+  export(args.workdir, args.out, step=args.step, overwrite=args.overwrite)
+
+
+if __name__ == '__main__':
+  exit_on_user_error(lambda: main(sys.argv[1:]))

@@ -1,0 +1,194 @@
+"""BERT (Devlin et al. 2018) for masked-LM + next-sentence pretraining; same math as HF BertForPreTraining.
+
+Post-LayerNorm encoder layers, learned positions, exact GELU, LayerNorm eps 1e-12, MLM decoder tied to the word
+embedding. The layer stack is created with `nnx.vmap` (params get a leading 'layers' axis) and run with
+`nnx.scan`, so compile time is flat in depth. The MLM head is applied only at the `mlm_positions`.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxssl.errors import UserError
+from jaxssl.mesh import constrain
+from jaxssl.models.layers import Dense, Embed, LayerNorm, Mlp, MultiHeadAttention, make_param, dropout, zeros
+
+ACT = ('batch', 'length', 'act_embed')  # logical names of activations at layer boundaries
+REMAT_POLICIES = {
+    'full': None,  # save nothing: recompute the whole layer in the backward pass
+    'dots': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,  # keep weight matmul outputs
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+  """The `model` config section, validated; frozen (hashable) so modules can hold it as static data."""
+  vocab_size: int
+  num_layers: int
+  hidden_size: int
+  num_heads: int
+  intermediate_size: int
+  max_position: int = 512
+  type_vocab_size: int = 2
+  dropout_rate: float = 0.1
+  attention_dropout_rate: float = 0.1
+  initializer_range: float = 0.02
+  dtype: str = 'float32'
+  remat: str = 'none'
+  scan_layers: bool = True
+  attention: str = 'xla'
+
+  @classmethod
+  def from_config(cls, model_cfg, vocab_size: int) -> 'BertConfig':
+    """Reads the fields this model uses from a ConfigDict/dict (extra keys such as `name` are ignored)."""
+    get = model_cfg.get if hasattr(model_cfg, 'get') else lambda k, d=None: getattr(model_cfg, k, d)
+    kw = {f.name: get(f.name) for f in dataclasses.fields(cls) if f.name != 'vocab_size'}
+    kw = {k: v for k, v in kw.items() if v is not None}
+    c = cls(vocab_size=int(vocab_size), **kw)
+    if c.hidden_size % c.num_heads:
+      raise UserError(f'model.hidden_size={c.hidden_size} is not divisible by model.num_heads={c.num_heads}; '
+                      f'set --config.model.num_heads to a divisor (e.g. {max(1, c.hidden_size // 64)})')
+    if c.dtype not in ('float32', 'bfloat16'):
+      raise UserError(f"model.dtype={c.dtype!r}: use 'float32' or 'bfloat16'")
+    if c.remat not in ('none', *REMAT_POLICIES):
+      raise UserError(f"model.remat={c.remat!r}: use 'none', 'full' or 'dots'")
+    if c.attention not in ('xla', 'cudnn'):
+      raise UserError(f"model.attention={c.attention!r}: use 'xla' or 'cudnn'")
+    return c
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+
+class BertLayer(nnx.Module):
+  """x = LN(x + Drop(MHA(x))); x = LN(x + Drop(MLP(x)))  (post-LayerNorm, as in BERT)."""
+
+  def __init__(self, c: BertConfig, *, rngs: nnx.Rngs):
+    dt, std = c.compute_dtype, c.initializer_range
+    self.attention = MultiHeadAttention(c.hidden_size, c.num_heads, stddev=std,
+                                        attention_dropout_rate=c.attention_dropout_rate,
+                                        implementation=c.attention, dtype=dt, rngs=rngs)
+    self.attention_norm = LayerNorm(c.hidden_size, dtype=dt, rngs=rngs)
+    self.mlp = Mlp(c.hidden_size, c.intermediate_size, stddev=std, dtype=dt, rngs=rngs)
+    self.mlp_norm = LayerNorm(c.hidden_size, dtype=dt, rngs=rngs)
+    self.dropout_rate = c.dropout_rate
+
+  def __call__(self, x, mask, dropout_rng=None):
+    k = [None] * 3 if dropout_rng is None else [jax.random.fold_in(dropout_rng, i) for i in range(3)]
+    a = self.attention(x, mask, dropout_rng=k[0])
+    # Residual sums in float32: the LayerNorm right after wants them unrounded.
+    x = self.attention_norm(x.astype(jnp.float32) + dropout(a, self.dropout_rate, k[1]).astype(jnp.float32))
+    m = self.mlp(x)
+    x = self.mlp_norm(x.astype(jnp.float32) + dropout(m, self.dropout_rate, k[2]).astype(jnp.float32))
+    return constrain(x, ACT)
+
+
+def _maybe_remat(fn, remat: str):
+  if remat == 'none':
+    return fn
+  return nnx.remat(fn, policy=REMAT_POLICIES[remat], prevent_cse=False)  # scan already prevents CSE
+
+
+class BertEncoder(nnx.Module):
+  """The L layers: stacked + nnx.scan (cfg.scan_layers) or a Python list (for comparison)."""
+
+  def __init__(self, c: BertConfig, *, rngs: nnx.Rngs):
+    self.scan_layers = c.scan_layers
+    self.num_layers = c.num_layers
+    self.remat = c.remat
+    if c.scan_layers:
+      @nnx.split_rngs(splits=c.num_layers)
+      @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
+      def make(rngs):
+        return BertLayer(c, rngs=rngs)
+      self.layers = make(rngs)
+    else:
+      self.layers = nnx.List([BertLayer(c, rngs=rngs) for _ in range(c.num_layers)])
+
+  def __call__(self, x, mask, dropout_rng=None):
+    # Layer i gets fold_in(dropout_rng, i) on both paths, so scanned == unscanned even with dropout.
+    if not self.scan_layers:
+      for i, layer in enumerate(self.layers):
+        key = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
+        x = _maybe_remat(lambda lyr, h, k: lyr(h, mask, k), self.remat)(layer, x, key)
+      return x
+
+    meta = {nnx.PARTITION_NAME: 'layers'}
+    if dropout_rng is None:
+      body = _maybe_remat(lambda lyr, h: lyr(h, mask), self.remat)
+      return nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=nnx.Carry, transform_metadata=meta)(self.layers, x)
+    keys = jax.vmap(lambda i: jax.random.fold_in(dropout_rng, i))(jnp.arange(self.num_layers))
+    body = _maybe_remat(lambda lyr, h, k: lyr(h, mask, k), self.remat)
+    return nnx.scan(body, in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata=meta)(
+        self.layers, x, keys)
+
+
+class BertForPretraining(nnx.Module):
+  """BERT body + MLM head (tied decoder, only at `mlm_positions`) + NSP head (pooler -> 2 classes).
+
+  Created inside `with jax.set_mesh(mesh), nnx.logical_axis_rules(RULES)` its params are born sharded; outside a
+  mesh they are plain arrays that still carry their logical names (for `nnx.get_named_sharding` later).
+  """
+
+  def __init__(self, cfg, vocab_size: int, *, rngs: nnx.Rngs):
+    c = cfg if isinstance(cfg, BertConfig) else BertConfig.from_config(cfg, vocab_size)
+    self.config = c
+    dt, std, h = c.compute_dtype, c.initializer_range, c.hidden_size
+    # Eager sharding needs a mesh; without one, keep the annotations but place nothing.
+    with nnx.use_eager_sharding(not jax.sharding.get_abstract_mesh().empty):
+      self.word_embeddings = Embed(c.vocab_size, h, ('vocab', 'embed'), stddev=std, rngs=rngs)
+      self.position_embeddings = Embed(c.max_position, h, ('position', 'embed'), stddev=std, rngs=rngs)
+      self.token_type_embeddings = Embed(c.type_vocab_size, h, ('token_type', 'embed'), stddev=std, rngs=rngs)
+      self.embedding_norm = LayerNorm(h, dtype=dt, rngs=rngs)
+      self.encoder = BertEncoder(c, rngs=rngs)
+      # H -> H denses: ('embed', 'mlp') because ('embed', 'embed') would name the fsdp mesh axis twice.
+      self.pooler = Dense(h, h, ('embed', 'mlp'), stddev=std, dtype=dt, rngs=rngs)
+      self.nsp_classifier = Dense(h, 2, ('embed', 'classes'), stddev=std, dtype=jnp.float32, rngs=rngs)
+      self.mlm_transform = Dense(h, h, ('embed', 'mlp'), stddev=std, dtype=dt, rngs=rngs)
+      self.mlm_norm = LayerNorm(h, dtype=dt, rngs=rngs)
+      self.mlm_bias = make_param(rngs, zeros, (c.vocab_size,), ('vocab',))
+
+  def encode(self, input_ids, token_type_ids, attention_mask, *, dropout_rng=None):
+    """[B, L] ints -> (sequence [B, L, H], pooled [B, H]) in the compute dtype. dropout_rng None = eval."""
+    c = self.config
+    seq_len = input_ids.shape[1]
+    if seq_len > c.max_position:
+      raise UserError(f'sequence length {seq_len} exceeds model.max_position={c.max_position}; '
+                      'lower data.seq_len or raise model.max_position')
+    x = (self.word_embeddings(input_ids) + self.position_embeddings(jnp.arange(seq_len))[None]
+         + self.token_type_embeddings(token_type_ids))
+    x = self.embedding_norm(x)
+    emb_key, enc_key = (None, None) if dropout_rng is None else (
+        jax.random.fold_in(dropout_rng, 0), jax.random.fold_in(dropout_rng, 1))
+    x = constrain(dropout(x, c.dropout_rate, emb_key), ACT)
+    x = self.encoder(x, attention_mask, enc_key)
+    pooled = jnp.tanh(self.pooler(x[:, 0]))
+    return x, pooled
+
+  def __call__(self, input_ids, token_type_ids, attention_mask, mlm_positions, *, dropout_rng=None):
+    """-> (mlm_logits [B, P, V] float32 at `mlm_positions` [B, P], nsp_logits [B, 2] float32)."""
+    seq, pooled = self.encode(input_ids, token_type_ids, attention_mask, dropout_rng=dropout_rng)
+    nsp_logits = self.nsp_classifier(pooled.astype(jnp.float32))
+    # Gather first: the H x V projection then costs P (~0.15 L) positions instead of L.
+    h = jnp.take_along_axis(seq, mlm_positions[:, :, None].astype(jnp.int32), axis=1)
+    h = self.mlm_norm(jax.nn.gelu(self.mlm_transform(h), approximate=False))
+    mlm_logits = self.word_embeddings.attend(h, self.config.compute_dtype) + self.mlm_bias[...]
+    return mlm_logits, nsp_logits
+
+
+def flops_per_token(model_cfg, vocab_size: int, seq_len: int, max_predictions: int) -> float:
+  """Training FLOPs per input token (forward + backward = 3x forward; 2 FLOPs per multiply-add), matmuls only.
+
+  Per layer: 6 x matmul params (4 H^2 for q/k/v/out + 2 H I for the MLP) plus attention scores and
+  weighted sum, 12 x H x seq_len (QK^T and AV, 2 H seq_len each forward). The MLM head (H^2 transform +
+  H x V tied decoder) runs at only `max_predictions` of `seq_len` positions; the pooler + NSP classifier once
+  per sequence. Embedding lookups, norms, softmax and biases are not counted (as in the usual MFU formula).
+  """
+  c = BertConfig.from_config(model_cfg, vocab_size)
+  h, i, n_layers = c.hidden_size, c.intermediate_size, c.num_layers
+  layers = n_layers * (6 * (4 * h * h + 2 * h * i) + 12 * h * seq_len)
+  mlm = 6 * (h * h + h * c.vocab_size) * max_predictions / seq_len
+  nsp = 6 * (h * h + h * 2) / seq_len
+  return float(layers + mlm + nsp)

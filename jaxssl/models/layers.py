@@ -1,0 +1,149 @@
+"""Transformer building blocks with logical axis names on every parameter.
+
+Parameters are float32 ("master weights"); each layer casts its parameters and inputs to a compute dtype
+inside the matmul, so bfloat16 compute never touches the stored weights. LayerNorm statistics and softmax run in
+float32. Dropout takes an explicit key (None = off) instead of nnx.Rngs state, so a train step stays a pure
+function of (params, batch, key) and the model state holds no RNG counters.
+"""
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxssl.mesh import constrain
+
+Dtype = jnp.dtype
+
+
+def make_param(rngs: nnx.Rngs, init, shape: Sequence[int], names: Sequence[str | None]) -> nnx.Param:
+  """A float32 parameter initialised by `init`, annotated with logical axis `names` (one per dimension)."""
+  assert len(names) == len(shape), (names, shape)
+  return nnx.Param(nnx.with_partitioning(init, tuple(names))(rngs.params(), tuple(shape), jnp.float32))
+
+
+def normal_init(stddev: float):
+  """BERT's initializer for kernels and embeddings: normal(0, stddev)."""
+  return jax.nn.initializers.normal(stddev)
+
+
+zeros = jax.nn.initializers.zeros
+ones = jax.nn.initializers.ones
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+  """Inverted dropout; the identity when `rng` is None (eval) or `rate` is 0."""
+  if rng is None or rate <= 0.0:
+    return x
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x)).astype(x.dtype)
+
+
+class Embed(nnx.Module):
+  """A lookup table (num_embeddings x features); `attend` is its transpose, for a tied output projection."""
+
+  def __init__(self, num_embeddings: int, features: int, names: tuple[str, str], *, stddev: float,
+               rngs: nnx.Rngs):
+    self.embedding = make_param(rngs, normal_init(stddev), (num_embeddings, features), names)
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    # Gathered in float32: the embedding sum feeds a LayerNorm, which wants float32 anyway.
+    return jnp.take(self.embedding[...], ids, axis=0)
+
+  def attend(self, x: jax.Array, dtype: Dtype) -> jax.Array:
+    """x @ embedding^T in `dtype`, accumulated and returned in float32 (logits feed a float32 loss)."""
+    return jnp.einsum('...h,vh->...v', x.astype(dtype), self.embedding[...].astype(dtype),
+                      preferred_element_type=jnp.float32)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm over the last axis with statistics in float32; output in `dtype`."""
+
+  def __init__(self, features: int, *, eps: float = 1e-12, dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    self.scale = make_param(rngs, ones, (features,), ('norm',))
+    self.bias = make_param(rngs, zeros, (features,), ('norm',))
+    self.eps = eps
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+    return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
+
+
+class Dense(nnx.Module):
+  """y = x W + b with W (in, out) named `names` and b named `names[-1]`."""
+
+  def __init__(self, in_features: int, out_features: int, names: tuple[str, str], *, stddev: float,
+               dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    self.kernel = make_param(rngs, normal_init(stddev), (in_features, out_features), names)
+    self.bias = make_param(rngs, zeros, (out_features,), names[-1:])
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = jnp.einsum('...i,io->...o', x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    return y + self.bias[...].astype(self.dtype)
+
+
+class MultiHeadAttention(nnx.Module):
+  """Bidirectional multi-head self-attention with a key padding mask and attention-probability dropout.
+
+  q/k/v kernels are (embed, heads, kv) so heads can be split over the tensor axis without reshapes.
+  """
+
+  def __init__(self, hidden: int, num_heads: int, *, stddev: float, attention_dropout_rate: float,
+               implementation: str = 'xla', dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    head_dim = hidden // num_heads
+    init = normal_init(stddev)
+    for name in ('query', 'key', 'value'):
+      setattr(self, f'{name}_kernel', make_param(rngs, init, (hidden, num_heads, head_dim), ('embed', 'heads', 'kv')))
+      setattr(self, f'{name}_bias', make_param(rngs, zeros, (num_heads, head_dim), ('heads', 'kv')))
+    self.out_kernel = make_param(rngs, init, (num_heads, head_dim, hidden), ('heads', 'kv', 'embed'))
+    self.out_bias = make_param(rngs, zeros, (hidden,), ('embed',))
+    self.head_dim = head_dim
+    self.attention_dropout_rate = attention_dropout_rate
+    self.implementation = implementation
+    self.dtype = dtype
+
+  def _project(self, x, name):
+    kernel = getattr(self, f'{name}_kernel')[...].astype(self.dtype)
+    y = jnp.einsum('blh,hnd->blnd', x, kernel) + getattr(self, f'{name}_bias')[...].astype(self.dtype)
+    return constrain(y, ('batch', 'length', 'act_heads', 'kv'))
+
+  def __call__(self, x: jax.Array, mask: jax.Array, *, dropout_rng: jax.Array | None = None,
+               explicit: bool = False) -> jax.Array:
+    """x [B, L, H]; mask [B, L] (True/1 = real token). `explicit` forces the hand-written attention path."""
+    x = x.astype(self.dtype)
+    q, k, v = (self._project(x, n) for n in ('query', 'key', 'value'))
+    key_mask = mask.astype(bool)[:, None, None, :]  # [B, 1(heads), 1(queries), L(keys)]
+    use_dropout = dropout_rng is not None and self.attention_dropout_rate > 0.0
+    if use_dropout or explicit:
+      # dot_product_attention has no dropout on the probabilities, so spell it out here.
+      logits = jnp.einsum('bqnd,bknd->bnqk', q, k, preferred_element_type=jnp.float32)
+      logits = logits / jnp.sqrt(jnp.float32(self.head_dim))
+      logits = jnp.where(key_mask, logits, jnp.finfo(jnp.float32).min)
+      probs = jax.nn.softmax(logits, axis=-1)
+      probs = dropout(probs, self.attention_dropout_rate, dropout_rng).astype(self.dtype)
+      out = jnp.einsum('bnqk,bknd->bqnd', probs, v)
+    else:
+      impl = None if self.implementation == 'xla' else self.implementation
+      out = jax.nn.dot_product_attention(q, k, v, mask=key_mask, implementation=impl)
+    out = constrain(out.astype(self.dtype), ('batch', 'length', 'act_heads', 'kv'))
+    y = jnp.einsum('blnd,ndh->blh', out, self.out_kernel[...].astype(self.dtype))
+    return y + self.out_bias[...].astype(self.dtype)
+
+
+class Mlp(nnx.Module):
+  """W2 GELU(W1 x) with exact (erf) GELU as in BERT."""
+
+  def __init__(self, hidden: int, intermediate: int, *, stddev: float, dtype: Dtype = jnp.float32,
+               rngs: nnx.Rngs):
+    self.wi = Dense(hidden, intermediate, ('embed', 'mlp'), stddev=stddev, dtype=dtype, rngs=rngs)
+    self.wo = Dense(intermediate, hidden, ('mlp', 'embed'), stddev=stddev, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = jax.nn.gelu(self.wi(x), approximate=False)
+    h = constrain(h, ('batch', 'length', 'act_mlp'))
+    return self.wo(h)

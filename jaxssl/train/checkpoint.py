@@ -1,0 +1,110 @@
+"""orbax checkpoints of the train state (restorable onto any mesh) and params-only exports.
+
+A checkpoint step holds three items: `params`, `train` (optimizer state, step, RNG key) and `meta` (JSON: step,
+data position, the full config, vocab size). Restores always pass a target carrying the *current* shardings, so a
+checkpoint written on one mesh or process count resumes on another. An export is `params/` + `config.json` +
+`tokenizer.model`: everything a fine-tune or evaluate job needs, nothing of the optimizer.
+"""
+import json
+import os
+import shutil
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from jaxssl.errors import UserError
+
+# Keys of model config whose change makes old params unusable: a mismatch is a user error, not a crash.
+SHAPE_KEYS = ('name', 'num_layers', 'hidden_size', 'num_heads', 'intermediate_size', 'max_position',
+              'type_vocab_size')
+
+
+class Checkpointer:
+  """Saves every `every_steps` (and when forced), keeps the newest `keep`, restores the newest."""
+
+  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True, read_only: bool = False):
+    self.directory = epath.Path(workdir) / 'checkpoints'
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only, read_only=read_only)
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=('params', 'train', 'meta'))
+
+  def latest_step(self):
+    return self.manager.latest_step()
+
+  def save(self, state, meta: dict, *, force: bool = False) -> bool:
+    step = int(meta['step'])
+    if step in self.manager.all_steps():
+      return False
+    return self.manager.save(step, force=force, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(state['params']),
+        train=ocp.args.StandardSave({k: state[k] for k in ('opt_state', 'step', 'rng')}),
+        meta=ocp.args.JsonSave(meta)))
+
+  def read_meta(self, step: int) -> dict:
+    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+
+  def restore(self, step: int, abstract_state) -> dict:
+    """Restores the full train state onto the shardings that `abstract_state` carries."""
+    train_target = {k: abstract_state[k] for k in ('opt_state', 'step', 'rng')}
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract_state['params']),
+        train=ocp.args.StandardRestore(train_target)))
+    return {'params': restored['params'], **restored['train']}
+
+  def restore_params(self, step: int, abstract_params):
+    return self.manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract_params)))['params']
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def check_compatible(saved_config: dict, model_cfg, vocab_size: int, where: str) -> None:
+  """Raises UserError when params saved under `saved_config` cannot be loaded into the configured model."""
+  saved_model = saved_config.get('model', {})
+  diffs = [f'model.{k}: {saved_model.get(k)!r} there, {model_cfg[k]!r} here'
+           for k in SHAPE_KEYS if k in model_cfg and saved_model.get(k) != model_cfg[k]]
+  saved_vocab = saved_config.get('tokenizer', {}).get('vocab_size')
+  if saved_vocab is not None and saved_vocab != vocab_size:
+    diffs.append(f'tokenizer.vocab_size: {saved_vocab} there, {vocab_size} here')
+  if diffs:
+    raise UserError(f'{where} holds a model of another shape ({"; ".join(diffs)}): '
+                    'use a new --workdir, or the config that wrote it')
+
+
+# ----- exports: params only -----
+
+def write_export(out: str, params, config_json: str, tokenizer_path: str, *, overwrite: bool = False) -> None:
+  """Writes `out/{params/, config.json, tokenizer.model}` via a temporary directory renamed into place."""
+  out_path = epath.Path(out)
+  if out_path.exists() and any(out_path.iterdir()) and not overwrite:
+    raise UserError(f'export directory {out} already exists and is not empty: choose a new --out or pass --overwrite')
+  tmp = epath.Path(f'{out}.tmp-export')
+  if jax.process_index() == 0 and tmp.exists():
+    tmp.rmtree()
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(tmp / 'params', params)
+  checkpointer.wait_until_finished()
+  if jax.process_index() == 0:
+    (tmp / 'config.json').write_text(config_json)
+    shutil.copyfile(tokenizer_path, os.fspath(tmp / 'tokenizer.model'))
+    if out_path.exists():
+      out_path.rmtree()
+    tmp.rename(out_path)
+
+
+def read_export_config(path: str) -> dict:
+  config_file = epath.Path(path) / 'config.json'
+  if not config_file.exists():
+    raise UserError(f'{path} is not a jaxssl export (no config.json): create one with python -m jaxssl.export')
+  return json.loads(config_file.read_text())
+
+
+def load_export_params(path: str, abstract_params):
+  """Restores exported params onto the shardings of `abstract_params` (any mesh)."""
+  return ocp.StandardCheckpointer().restore(epath.Path(path) / 'params', abstract_params)

@@ -1,0 +1,165 @@
+"""The pretraining loop: corpus → tokenizer → pipeline → jitted sharded step → metrics and checkpoints.
+
+Read top to bottom. Resuming needs nothing but the step: the data position, the dropout keys and the learning
+rate are all functions of it, so rerunning the same command continues exactly where the last checkpoint was.
+"""
+import json
+import os
+import time
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from jaxssl import config as config_lib
+from jaxssl import mesh as mesh_lib
+from jaxssl import models
+from jaxssl.data import corpora, pipeline, tokenizers
+from jaxssl.errors import UserError
+from jaxssl.train import checkpoint as ckpt_lib
+from jaxssl.train import metrics as metrics_lib
+from jaxssl.train import state as state_lib
+from jaxssl.train import step as step_lib
+
+
+def check_config(config) -> None:
+  """Catches impossible settings before anything is read or written."""
+  t, d = config.train, config.data
+  checks = [
+      (t.steps > 0, f'train.steps={t.steps} must be positive'),
+      (t.batch_size > 0, f'train.batch_size={t.batch_size} must be positive'),
+      (t.microbatches >= 1 and t.batch_size % t.microbatches == 0,
+       f'train.batch_size={t.batch_size} must be a multiple of train.microbatches={t.microbatches}'),
+      (t.batch_size % jax.process_count() == 0,
+       f'train.batch_size={t.batch_size} must be a multiple of the number of processes ({jax.process_count()})'),
+      (8 <= d.seq_len <= config.model.max_position,
+       f'data.seq_len={d.seq_len} must be between 8 and model.max_position={config.model.max_position}'),
+      (0 < d.max_predictions <= d.seq_len, f'data.max_predictions={d.max_predictions} must be in [1, seq_len]'),
+      (0.0 < d.mask_rate < 1.0, f'data.mask_rate={d.mask_rate} must be between 0 and 1'),
+      (config.model.dtype in ('float32', 'bfloat16'), f"model.dtype={config.model.dtype!r}: use 'float32' or 'bfloat16'"),
+      (config.model.remat in ('none', 'full', 'dots'), f"model.remat={config.model.remat!r}: use 'none', 'full' or 'dots'"),
+      (config.checkpoint.every_steps > 0 and config.checkpoint.keep > 0,
+       'checkpoint.every_steps and checkpoint.keep must be positive'),
+  ]
+  for ok, message in checks:
+    if not ok:
+      raise UserError(f'{message}: fix it with --config.<key>=<value>')
+
+
+def global_batch(local: dict, mesh) -> dict:
+  """Assembles each process's rows into global arrays sharded over (data, fsdp)."""
+  return {k: jax.make_array_from_process_local_data(mesh_lib.batch_sharding(mesh, v.ndim), v)
+          for k, v in local.items()}
+
+
+def evaluate(eval_step, params, batches, mesh) -> dict:
+  """MLM/NSP accuracy and MLM perplexity over the fixed held-out batches."""
+  totals = None
+  for local in batches:
+    sums = jax.device_get(eval_step(params, global_batch(local, mesh)))
+    totals = sums if totals is None else {k: totals[k] + sums[k] for k in sums}
+  result = {k: float(v) for k, v in step_lib.summarize(totals).items()}
+  result['mlm_perplexity'] = float(np.exp(result['mlm_loss']))
+  return result
+
+
+def run_pretraining(config, workdir: str) -> dict:
+  """Trains (or resumes) to `config.train.steps`; returns the last logged metrics."""
+  check_config(config)
+  is_main = jax.process_index() == 0
+  say = print if is_main else (lambda *a, **k: None)
+  checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    saved = checkpointer.read_meta(latest)
+    ckpt_lib.check_compatible(saved['config'], config.model, config.tokenizer.vocab_size, workdir)
+
+  # Data and tokenizer (process 0 trains the tokenizer; the others wait for it, then load the same file).
+  sources = corpora.load_corpus(config.data.corpus, config.data.data_dir,
+                                ptb_sentences_per_doc=config.data.ptb_sentences_per_doc,
+                                validation_fraction=config.data.validation_fraction)
+  tokenizer = tokenizers.get_or_train_tokenizer(
+      workdir, lambda: corpora.iter_sentences(sources['train'], limit=config.tokenizer.max_training_sentences),
+      config.tokenizer, process_index=jax.process_index())
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('tokenizer ready')
+    tokenizer = tokenizers.Tokenizer.load(os.path.join(workdir, 'tokenizer.model'))
+  vocab_size = tokenizer.vocab_size
+
+  # Mesh, model and optimizer, born sharded.
+  mesh = mesh_lib.make_mesh(config.mesh.shape)
+  t = config.train
+  if t.batch_size % mesh_lib.batch_divisor(mesh) or (t.batch_size // t.microbatches) % mesh_lib.batch_divisor(mesh):
+    raise UserError(f'train.batch_size={t.batch_size} (per microbatch {t.batch_size // t.microbatches}) must be a '
+                    f'multiple of the data*fsdp mesh size {mesh_lib.batch_divisor(mesh)}: change '
+                    '--config.train.batch_size or --config.mesh.shape')
+  setup = state_lib.setup_model(config.model, vocab_size, mesh, t.seed)
+  tx, schedule = state_lib.make_optimizer(t), state_lib.make_schedule(t)
+  shardings = state_lib.state_shardings(setup, tx)
+  if latest is not None:
+    state = checkpointer.restore(latest, state_lib.abstract_state(setup, tx))
+    start = int(jax.device_get(state['step']))
+  else:
+    state = state_lib.init_state(setup, tx, config.model, vocab_size, t.seed)
+    start = 0
+  n_params = state_lib.param_count(state['params'])
+  flops_per_token = models.flops_per_token(config.model, vocab_size, config.data.seq_len,
+                                           config.data.max_predictions)
+  say(f'jaxssl pretrain: {config.model.name} {config.get("variant", "")} | {n_params / 1e6:.2f}M params | '
+      f'vocab {vocab_size} | mesh {dict(mesh.shape)} over {jax.device_count()} devices, '
+      f'{jax.process_count()} process(es) | batch {t.batch_size} x {config.data.seq_len} | '
+      f'{"resuming from step " + str(start) if latest is not None else "starting at step 0"} → {t.steps} | '
+      f'workdir {workdir}', flush=True)
+  if is_main:
+    _write_atomic(os.path.join(workdir, 'config.json'), config_lib.to_json(config))
+
+  train_step = step_lib.jit_train_step(step_lib.make_train_step(setup.graphdef, tx, schedule, t.microbatches),
+                                       shardings, mesh)
+  eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(setup.graphdef), setup.param_shardings, mesh)
+  data_args = dict(seq_len=config.data.seq_len, max_predictions=config.data.max_predictions,
+                   mask_rate=config.data.mask_rate, short_seq_prob=config.data.short_seq_prob, seed=t.seed,
+                   process_index=jax.process_index(), process_count=jax.process_count())
+  batches = pipeline.make_pretrain_iterator(sources['train'], tokenizer, global_batch_size=t.batch_size,
+                                            start_step=start, num_threads=config.data.num_threads, **data_args)
+  eval_batches = pipeline.make_eval_batches(sources['validation'], tokenizer, batch_size=t.batch_size,
+                                            num_batches=config.eval.batches, **data_args)
+
+  writer = metrics_lib.MetricsWriter(workdir, resume_step=start, total_steps=t.steps)
+  peak = metrics_lib.peak_flops_per_device(config.log.peak_flops_per_device) * jax.device_count()
+  throughput = metrics_lib.Throughput(t.batch_size * config.data.seq_len, flops_per_token, peak)
+  meta = {'config': json.loads(config_lib.to_json(config)), 'vocab_size': vocab_size}
+  last = {}
+  try:
+    with jax.set_mesh(mesh):
+      for step in range(start, t.steps):
+        state, metrics = train_step(state, global_batch(next(batches), mesh))
+        done = step + 1
+        if step == start:  # don't count compilation in tokens/s
+          jax.block_until_ready(metrics)
+          throughput.reset(done)
+        if done % config.log.every_steps == 0 or done == t.steps:
+          last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          last.update(throughput.measure(done))
+          writer.write(done, last)
+          writer.progress(done, last)
+        if done % config.eval.every_steps == 0 or done == t.steps:
+          result = evaluate(eval_step, state['params'], eval_batches, mesh)
+          writer.write(done, result, prefix='eval_')
+          writer.log(f'eval at step {done}: ' + ' '.join(f'{k}={v:.4g}' for k, v in result.items()))
+          last.update({'eval_' + k: v for k, v in result.items()})
+          throughput.reset(done)
+        if done % config.checkpoint.every_steps == 0 or done == t.steps:
+          checkpointer.save(state, {**meta, 'step': done, 'data_position': done}, force=True)
+          throughput.reset(done)
+  finally:
+    checkpointer.close()
+    writer.close()
+  say(f'done: step {t.steps}; checkpoints in {checkpointer.directory}', flush=True)
+  return last
+
+
+def _write_atomic(path: str, text: str) -> None:
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w') as f:
+    f.write(text)
+  os.replace(tmp, path)

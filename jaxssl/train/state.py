@@ -1,0 +1,116 @@
+"""Train state: params (a plain nested dict, float32), optax AdamW state, step and RNG key, born sharded.
+
+The state is a plain pytree `{'params', 'opt_state', 'step', 'rng'}` so one jitted function updates it, orbax saves
+it as is, and a restore onto another mesh only needs the abstract tree with new shardings (`abstract_state`).
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxssl import mesh as mesh_lib
+from jaxssl import models
+
+
+def make_schedule(tc) -> optax.Schedule:
+  """BERT's schedule: linear warmup from 0 to the peak, then linear decay to `end_learning_rate` at `steps`."""
+  warmup = max(0, min(int(tc.warmup_steps), int(tc.steps)))
+  decay = max(1, int(tc.steps) - warmup)
+  return optax.join_schedules([
+      optax.linear_schedule(0.0, tc.learning_rate, max(1, warmup)),
+      optax.linear_schedule(tc.learning_rate, tc.end_learning_rate, decay),
+  ], [warmup])
+
+
+def decay_mask(params):
+  """True where weight decay applies: matrices and embeddings, not biases or LayerNorm parameters (as BERT)."""
+  def is_decayed(path, _):
+    names = [str(getattr(k, 'key', k)).lower() for k in path]
+    return not (names[-1] in ('bias', 'scale') or any('norm' in n for n in names))
+  return jax.tree_util.tree_map_with_path(is_decayed, params)
+
+
+def make_optimizer(tc) -> optax.GradientTransformation:
+  """Global-norm clipping, then AdamW with BERT's schedule and decoupled weight decay (masked)."""
+  return optax.chain(
+      optax.clip_by_global_norm(tc.grad_clip_norm),
+      optax.adamw(make_schedule(tc), b1=tc.b1, b2=tc.b2, eps=tc.eps,
+                  weight_decay=tc.weight_decay, mask=decay_mask),
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSetup:
+  """What a job needs to run a model functionally on a mesh."""
+  graphdef: nnx.GraphDef
+  param_shardings: dict
+  abstract_params: dict   # ShapeDtypeStructs with shardings
+  mesh: jax.sharding.Mesh
+
+
+def setup_model(model_cfg, vocab_size: int, mesh, seed: int = 0) -> ModelSetup:
+  """Traces the model abstractly under the mesh and the logical axis rules (no memory is allocated)."""
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(mesh_lib.LOGICAL_AXIS_RULES):
+    abstract_model = nnx.eval_shape(
+        lambda: models.build_model(model_cfg, vocab_size, rngs=nnx.Rngs(params=seed)))
+    graphdef, abstract_state = nnx.split(abstract_model)
+    shardings = nnx.to_pure_dict(nnx.get_named_sharding(abstract_state, mesh))
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          nnx.to_pure_dict(abstract_state), shardings)
+  return ModelSetup(graphdef, shardings, abstract, mesh)
+
+
+def init_params(setup: ModelSetup, model_cfg, vocab_size: int, seed: int):
+  """Initialises params directly into their shards (jit with out_shardings: no host-side full copy)."""
+  def create():
+    model = models.build_model(model_cfg, vocab_size, rngs=nnx.Rngs(params=seed))
+    return nnx.to_pure_dict(nnx.state(model))
+  with jax.set_mesh(setup.mesh), nnx.logical_axis_rules(mesh_lib.LOGICAL_AXIS_RULES):
+    return jax.jit(create, out_shardings=setup.param_shardings)()
+
+
+def state_shardings(setup: ModelSetup, tx):
+  """Shardings of the whole train state: optimizer moments follow their params; scalars are replicated."""
+  replicated = NamedSharding(setup.mesh, P())
+  abstract_opt = jax.eval_shape(tx.init, setup.abstract_params)
+  opt_shardings = optax.tree_map_params(
+      tx, lambda _, s: s, abstract_opt, setup.param_shardings,
+      transform_non_params=lambda _: replicated,
+      is_leaf=lambda x: isinstance(x, NamedSharding))
+  return {'params': setup.param_shardings, 'opt_state': opt_shardings,
+          'step': replicated, 'rng': replicated}
+
+
+def init_state(setup: ModelSetup, tx, model_cfg, vocab_size: int, seed: int):
+  """A fresh train state at step 0, every leaf on its sharding."""
+  params = init_params(setup, model_cfg, vocab_size, seed)
+  shardings = state_shardings(setup, tx)
+  opt_state = jax.jit(tx.init, out_shardings=shardings['opt_state'])(params)
+  replicated = NamedSharding(setup.mesh, P())
+  return {
+      'params': params,
+      'opt_state': opt_state,
+      'step': jax.device_put(np.zeros((), np.int32), replicated),
+      # The dropout key of step s is fold_in(rng, s): the RNG needs no state beyond this base key.
+      'rng': jax.device_put(jax.random.key_data(jax.random.key(seed)), replicated),
+  }
+
+
+def abstract_state(setup: ModelSetup, tx):
+  """ShapeDtypeStructs (with shardings) of the train state: the restore target for orbax."""
+  shardings = state_shardings(setup, tx)
+  shapes = {
+      'params': setup.abstract_params,
+      'opt_state': jax.eval_shape(tx.init, setup.abstract_params),
+      'step': jax.ShapeDtypeStruct((), jnp.int32),
+      'rng': jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))),
+  }
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
+
+
+def param_count(params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))

@@ -1,0 +1,110 @@
+"""The BERT pretraining loss, the jitted train step (with gradient accumulation) and the eval step.
+
+Losses are sums divided by the weight of the *whole* global batch, so accumulating gradients over microbatches
+gives exactly the full-batch gradient (not a mean of per-microbatch means).
+"""
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxssl import mesh as mesh_lib
+
+BATCH_KEYS = ('input_ids', 'token_type_ids', 'attention_mask', 'mlm_positions', 'mlm_ids', 'mlm_weights',
+              'nsp_label')
+
+
+def pretraining_sums(graphdef, params, batch, dropout_rng):
+  """Forward pass; returns per-objective sums (loss, correct, count) over the batch."""
+  model = nnx.merge(graphdef, params)
+  mlm_logits, nsp_logits = model(batch['input_ids'], batch['token_type_ids'], batch['attention_mask'],
+                                 batch['mlm_positions'], dropout_rng=dropout_rng)
+  weights = batch['mlm_weights'].astype(jnp.float32)
+  mlm_losses = optax.softmax_cross_entropy_with_integer_labels(mlm_logits.astype(jnp.float32), batch['mlm_ids'])
+  mlm_correct = (jnp.argmax(mlm_logits, -1) == batch['mlm_ids']) * weights
+  nsp_losses = optax.softmax_cross_entropy_with_integer_labels(nsp_logits.astype(jnp.float32), batch['nsp_label'])
+  nsp_correct = jnp.argmax(nsp_logits, -1) == batch['nsp_label']
+  return {
+      'mlm_loss': jnp.sum(mlm_losses * weights), 'mlm_correct': jnp.sum(mlm_correct), 'mlm_count': jnp.sum(weights),
+      'nsp_loss': jnp.sum(nsp_losses), 'nsp_correct': jnp.sum(nsp_correct),
+      'nsp_count': jnp.asarray(nsp_losses.shape[0], jnp.float32),
+  }
+
+
+def _split_microbatches(batch, microbatches: int):
+  """[B, ...] → [M, B/M, ...] taking every M-th row, so each microbatch spans all batch shards evenly."""
+  def split(x):
+    x = x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:])
+    return jnp.swapaxes(x, 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(graphdef, tx, schedule, microbatches: int = 1):
+  """Returns `train_step(state, batch) -> (state, metrics)`, a pure function to jit."""
+
+  def loss_fn(params, batch, dropout_rng, mlm_total, nsp_total):
+    sums = pretraining_sums(graphdef, params, batch, dropout_rng)
+    loss = sums['mlm_loss'] / mlm_total + sums['nsp_loss'] / nsp_total
+    return loss, sums
+
+  grad_fn = jax.grad(loss_fn, has_aux=True)
+
+  def train_step(state, batch):
+    params, step = state['params'], state['step']
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), step)
+    # BERT divides by the number of predictions (+ a small epsilon) in the global batch.
+    mlm_total = jnp.sum(batch['mlm_weights'].astype(jnp.float32)) + 1e-5
+    nsp_total = jnp.asarray(batch['nsp_label'].shape[0], jnp.float32)
+    if microbatches == 1:
+      grads, sums = grad_fn(params, batch, step_key, mlm_total, nsp_total)
+    else:
+      def accumulate(carry, inputs):
+        index, microbatch = inputs
+        microbatch = jax.tree.map(lambda x: mesh_lib.constrain(x, ('batch',) + (None,) * (x.ndim - 1)), microbatch)
+        g, s = grad_fn(params, microbatch, jax.random.fold_in(step_key, index), mlm_total, nsp_total)
+        return jax.tree.map(jnp.add, carry, (g, s)), None
+      zeros = jax.tree.map(jnp.zeros_like, params)
+      zero_sums = jax.eval_shape(lambda: pretraining_sums(graphdef, params, jax.tree.map(lambda x: x[:1], batch),
+                                                          None))
+      zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), zero_sums)
+      (grads, sums), _ = jax.lax.scan(
+          accumulate, (zeros, zero_sums), (jnp.arange(microbatches), _split_microbatches(batch, microbatches)))
+    updates, opt_state = tx.update(grads, state['opt_state'], params)
+    new_params = optax.apply_updates(params, updates)
+    metrics = summarize(sums)
+    metrics['grad_norm'] = optax.global_norm(grads)
+    metrics['learning_rate'] = schedule(step)
+    new_state = {'params': new_params, 'opt_state': opt_state, 'step': step + 1, 'rng': state['rng']}
+    return new_state, metrics
+
+  return train_step
+
+
+def summarize(sums):
+  """Per-token/per-sequence means from sums; `loss` = MLM + NSP as BERT."""
+  mlm_loss = sums['mlm_loss'] / (sums['mlm_count'] + 1e-5)
+  nsp_loss = sums['nsp_loss'] / sums['nsp_count']
+  return {
+      'loss': mlm_loss + nsp_loss, 'mlm_loss': mlm_loss, 'mlm_accuracy': sums['mlm_correct'] / (sums['mlm_count'] + 1e-5),
+      'nsp_loss': nsp_loss, 'nsp_accuracy': sums['nsp_correct'] / sums['nsp_count'],
+  }
+
+
+def make_eval_step(graphdef):
+  """Returns `eval_step(params, batch) -> sums` (no dropout); sum over batches, then `summarize`."""
+  def eval_step(params, batch):
+    return pretraining_sums(graphdef, params, batch, None)
+  return eval_step
+
+
+def jit_train_step(train_step, state_shardings, mesh):
+  """Explicit in/out shardings; the old state is donated so params and moments are updated in place."""
+  batch_shardings = {k: mesh_lib.batch_sharding(mesh, 1 if k == 'nsp_label' else 2) for k in BATCH_KEYS}
+  return jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
+                 out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=0)
+
+
+def jit_eval_step(eval_step, param_shardings, mesh):
+  batch_shardings = {k: mesh_lib.batch_sharding(mesh, 1 if k == 'nsp_label' else 2) for k in BATCH_KEYS}
+  return jax.jit(eval_step, in_shardings=(param_shardings, batch_shardings), out_shardings=NamedSharding(mesh, P()))
