@@ -39,7 +39,6 @@ def run(config, steps: int) -> dict:
   import jax
   from jaxssl import mesh as mesh_lib
   from jaxssl import models
-  from jaxssl.train import loop
   from jaxssl.train import metrics as metrics_lib
   from jaxssl.train import state as state_lib
   from jaxssl.train import step as step_lib
@@ -51,7 +50,7 @@ def run(config, steps: int) -> dict:
   train_step = step_lib.jit_train_step(
       step_lib.make_train_step(setup.graphdef, tx, schedule, config.train.microbatches),
       state_lib.state_shardings(setup, tx), mesh)
-  batch = loop.global_batch(synthetic_batch(config, vocab_size), mesh)
+  batch = mesh_lib.global_batch(synthetic_batch(config, vocab_size), mesh)
   with jax.set_mesh(mesh):
     start = time.perf_counter()
     state, metrics = train_step(state, batch)

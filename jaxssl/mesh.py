@@ -54,10 +54,12 @@ def resolve_mesh_shape(shape, num_devices: int) -> tuple[int, ...]:
   return shape
 
 
-def make_mesh(shape) -> jax.sharding.Mesh:
-  """A mesh over all devices of all processes with axes (data, fsdp, tensor)."""
-  shape = resolve_mesh_shape(shape, jax.device_count())
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+def make_mesh(shape, devices=None) -> jax.sharding.Mesh:
+  """A mesh with axes (data, fsdp, tensor) over `devices` (default: all devices of all processes)."""
+  devices = jax.devices() if devices is None else list(devices)
+  shape = resolve_mesh_shape(shape, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
 
 
 def logical_to_spec(names) -> P:
@@ -80,3 +82,8 @@ def batch_sharding(mesh, ndim: int = 2) -> NamedSharding:
 def batch_divisor(mesh) -> int:
   """The global batch must be a multiple of this (the number of batch shards)."""
   return int(np.prod([mesh.shape[a] for a in ('data', 'fsdp')]))
+
+
+def global_batch(local: dict, mesh) -> dict:
+  """Assembles each process's rows of a batch into global arrays sharded over (data, fsdp)."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v) for k, v in local.items()}

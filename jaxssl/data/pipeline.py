@@ -43,6 +43,8 @@ class PretrainExamples:
                       '(split the text into documents, or use a larger corpus)')
     if seq_len < 5:
       raise UserError(f'data.seq_len={seq_len} is too short for [CLS] A [SEP] B [SEP]: use at least 5')
+    if seed < 0:
+      raise UserError(f'train.seed={seed}: the data pipeline needs a seed >= 0')
     self.seq_len = seq_len
     self.max_predictions = max_predictions
     self.mask_rate = mask_rate
@@ -59,6 +61,8 @@ class PretrainExamples:
       perm = self._perms.get(epoch)
       if perm is None:
         perm = np.random.default_rng([self.seed, 0, epoch]).permutation(self.num_docs)
+        if self.num_docs < 2**31:
+          perm = perm.astype(np.int32)  # half the memory for corpora of millions of documents
         if len(self._perms) >= _EPOCH_CACHE:
           self._perms.pop(min(self._perms))
         self._perms[epoch] = perm

@@ -46,17 +46,11 @@ def check_config(config) -> None:
       raise UserError(f'{message}: fix it with --config.<key>=<value>')
 
 
-def global_batch(local: dict, mesh) -> dict:
-  """Assembles each process's rows into global arrays sharded over (data, fsdp)."""
-  return {k: jax.make_array_from_process_local_data(mesh_lib.batch_sharding(mesh, v.ndim), v)
-          for k, v in local.items()}
-
-
 def evaluate(eval_step, params, batches, mesh) -> dict:
   """MLM/NSP accuracy and MLM perplexity over the fixed held-out batches."""
   totals = None
   for local in batches:
-    sums = jax.device_get(eval_step(params, global_batch(local, mesh)))
+    sums = jax.device_get(eval_step(params, mesh_lib.global_batch(local, mesh)))
     totals = sums if totals is None else {k: totals[k] + sums[k] for k in sums}
   result = {k: float(v) for k, v in step_lib.summarize(totals).items()}
   result['mlm_perplexity'] = float(np.exp(result['mlm_loss']))
@@ -132,7 +126,7 @@ def run_pretraining(config, workdir: str) -> dict:
   try:
     with jax.set_mesh(mesh):
       for step in range(start, t.steps):
-        state, metrics = train_step(state, global_batch(next(batches), mesh))
+        state, metrics = train_step(state, mesh_lib.global_batch(next(batches), mesh))
         done = step + 1
         if step == start:  # don't count compilation in tokens/s
           jax.block_until_ready(metrics)

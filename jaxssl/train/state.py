@@ -59,15 +59,28 @@ def setup_model(model_cfg, vocab_size: int, mesh, seed: int = 0) -> ModelSetup:
         lambda: models.build_model(model_cfg, vocab_size, rngs=nnx.Rngs(params=seed)))
     graphdef, abstract_state = nnx.split(abstract_model)
     shardings = nnx.to_pure_dict(nnx.get_named_sharding(abstract_state, mesh))
+  shardings = jax.tree.map(_divisible, nnx.to_pure_dict(abstract_state), shardings)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           nnx.to_pure_dict(abstract_state), shardings)
   return ModelSetup(graphdef, shardings, abstract, mesh)
 
 
+def _divisible(abstract, sharding: NamedSharding) -> NamedSharding:
+  """Replicates a dimension whose size its mesh axes don't divide (e.g. vocab 30522 over tensor=4)."""
+  spec = []
+  for size, axes in zip(abstract.shape, tuple(sharding.spec) + (None,) * (len(abstract.shape) - len(sharding.spec))):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    ways = int(np.prod([sharding.mesh.shape[n] for n in names])) if names else 1
+    spec.append(axes if size % ways == 0 else None)
+  return NamedSharding(sharding.mesh, P(*spec))
+
+
 def init_params(setup: ModelSetup, model_cfg, vocab_size: int, seed: int):
   """Initialises params directly into their shards (jit with out_shardings: no host-side full copy)."""
   def create():
-    model = models.build_model(model_cfg, vocab_size, rngs=nnx.Rngs(params=seed))
+    # Placement comes from out_shardings (already made divisible), not from each Param's own annotation.
+    with nnx.use_eager_sharding(False):
+      model = models.build_model(model_cfg, vocab_size, rngs=nnx.Rngs(params=seed))
     return nnx.to_pure_dict(nnx.state(model))
   with jax.set_mesh(setup.mesh), nnx.logical_axis_rules(mesh_lib.LOGICAL_AXIS_RULES):
     return jax.jit(create, out_shardings=setup.param_shardings)()

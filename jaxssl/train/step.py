@@ -73,7 +73,7 @@ def make_train_step(graphdef, tx, schedule, microbatches: int = 1):
     updates, opt_state = tx.update(grads, state['opt_state'], params)
     new_params = optax.apply_updates(params, updates)
     metrics = summarize(sums)
-    metrics['grad_norm'] = optax.global_norm(grads)
+    metrics['grad_norm'] = optax.tree.norm(grads)
     metrics['learning_rate'] = schedule(step)
     new_state = {'params': new_params, 'opt_state': opt_state, 'step': step + 1, 'rng': state['rng']}
     return new_state, metrics
