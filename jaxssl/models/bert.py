@@ -85,10 +85,11 @@ class BertLayer(nnx.Module):
     return constrain(x, ACT)
 
 
-def _maybe_remat(fn, remat: str):
+def _maybe_remat(fn, remat: str, *, in_scan: bool):
   if remat == 'none':
     return fn
-  return nnx.remat(fn, policy=REMAT_POLICIES[remat], prevent_cse=False)  # scan already prevents CSE
+  # Inside a scan CSE cannot undo the remat, and prevent_cse would only block optimisations.
+  return nnx.remat(fn, policy=REMAT_POLICIES[remat], prevent_cse=not in_scan)
 
 
 class BertEncoder(nnx.Module):
@@ -112,15 +113,15 @@ class BertEncoder(nnx.Module):
     if not self.scan_layers:
       for i, layer in enumerate(self.layers):
         key = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
-        x = _maybe_remat(lambda lyr, h, k: lyr(h, mask, k), self.remat)(layer, x, key)
+        x = _maybe_remat(lambda lyr, h, k: lyr(h, mask, k), self.remat, in_scan=False)(layer, x, key)
       return x
 
     meta = {nnx.PARTITION_NAME: 'layers'}
     if dropout_rng is None:
-      body = _maybe_remat(lambda lyr, h: lyr(h, mask), self.remat)
+      body = _maybe_remat(lambda lyr, h: lyr(h, mask), self.remat, in_scan=True)
       return nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=nnx.Carry, transform_metadata=meta)(self.layers, x)
     keys = jax.vmap(lambda i: jax.random.fold_in(dropout_rng, i))(jnp.arange(self.num_layers))
-    body = _maybe_remat(lambda lyr, h, k: lyr(h, mask, k), self.remat)
+    body = _maybe_remat(lambda lyr, h, k: lyr(h, mask, k), self.remat, in_scan=True)
     return nnx.scan(body, in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata=meta)(
         self.layers, x, keys)
 
