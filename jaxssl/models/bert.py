@@ -174,6 +174,7 @@ class BertForPretraining(nnx.Module):
     nsp_logits = self.nsp_classifier(pooled.astype(jnp.float32))
     # Gather first: the H x V projection then costs P (~0.15 L) positions instead of L.
     h = jnp.take_along_axis(seq, mlm_positions[:, :, None].astype(jnp.int32), axis=1)
+    h = constrain(h, ('batch', 'predictions', 'act_embed'))
     h = self.mlm_norm(jax.nn.gelu(self.mlm_transform(h), approximate=False))
     mlm_logits = self.word_embeddings.attend(h, self.config.compute_dtype) + self.mlm_bias[...]
     return mlm_logits, nsp_logits

@@ -45,6 +45,7 @@ class Embed(nnx.Module):
   def __init__(self, num_embeddings: int, features: int, names: tuple[str, str], *, stddev: float,
                rngs: nnx.Rngs):
     self.embedding = make_param(rngs, normal_init(stddev), (num_embeddings, features), names)
+    self.names = tuple(names)
 
   def __call__(self, ids: jax.Array) -> jax.Array:
     # Gathered in float32: the embedding sum feeds a LayerNorm, which wants float32 anyway.
@@ -52,7 +53,11 @@ class Embed(nnx.Module):
 
   def attend(self, x: jax.Array, dtype: Dtype) -> jax.Array:
     """x @ embedding^T in `dtype`, accumulated and returned in float32 (logits feed a float32 loss)."""
-    return jnp.einsum('...h,vh->...v', x.astype(dtype), self.embedding[...].astype(dtype),
+    # Gather the table whole along its feature axis first (what FSDP does at every use anyway). Left to XLA's SPMD
+    # partitioner, the backward of this einsum misaligned batch rows on meshes with data, fsdp and tensor all > 1:
+    # the loss was right, the gradients wrong (tests/test_train.py guards this).
+    table = constrain(self.embedding[...], (self.names[0], None))
+    return jnp.einsum('...h,vh->...v', x.astype(dtype), table.astype(dtype),
                       preferred_element_type=jnp.float32)
 
 
