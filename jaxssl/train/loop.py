@@ -57,6 +57,12 @@ def evaluate(eval_step, params, batches, mesh) -> dict:
   return result
 
 
+def most_frequent_token_accuracy(batches) -> float:
+  """MLM accuracy of always predicting the commonest masked token: the baseline a model must beat."""
+  ids = np.concatenate([b['mlm_ids'][b['mlm_weights'] > 0] for b in batches])
+  return float(np.bincount(ids).max() / max(1, ids.size)) if ids.size else 0.0
+
+
 def run_pretraining(config, workdir: str) -> dict:
   """Trains (or resumes) to `config.train.steps`; returns the last logged metrics."""
   check_config(config)
@@ -118,6 +124,7 @@ def run_pretraining(config, workdir: str) -> dict:
   eval_batches = pipeline.make_eval_batches(sources['validation'], tokenizer, batch_size=t.batch_size,
                                             num_batches=config.eval.batches, **data_args)
 
+  baseline = most_frequent_token_accuracy(eval_batches)
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start, total_steps=t.steps)
   peak = metrics_lib.peak_flops_per_device(config.log.peak_flops_per_device) * jax.device_count()
   throughput = metrics_lib.Throughput(t.batch_size * config.data.seq_len, flops_per_token, peak)
@@ -138,6 +145,7 @@ def run_pretraining(config, workdir: str) -> dict:
           writer.progress(done, last)
         if done % config.eval.every_steps == 0 or done == t.steps:
           result = evaluate(eval_step, state['params'], eval_batches, mesh)
+          result['mlm_baseline_accuracy'] = baseline
           writer.write(done, result, prefix='eval_')
           writer.log(f'eval at step {done}: ' + ' '.join(f'{k}={v:.4g}' for k, v in result.items()))
           last.update({'eval_' + k: v for k, v in result.items()})
