@@ -186,3 +186,30 @@ def test_workdir_of_another_model_shape_is_refused_untouched(corpus, reference_r
   result = run_job(job_args(corpus, workdir, '--config.model.hidden_size=64', '--config.train.steps=400'))
   assert_user_error(result, 'hidden_size', '--workdir')
   assert tree_digest(workdir / 'checkpoints') == before
+
+
+def test_two_processes_of_four_devices_equal_one_process_of_eight(corpus, tmp_path):
+  """Each process reads only its rows of the batch; together they train exactly as one process does."""
+  import socket
+  steps = ['--config.train.steps=12', '--config.checkpoint.every_steps=6', '--config.eval.every_steps=6',
+           '--config.mesh.shape=(2,2,2)']
+  single = tmp_path / 'single'
+  result = run_job(job_args(corpus, single, *steps), devices=8)
+  assert result.returncode == 0, result.stderr[-3000:]
+
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  pod = tmp_path / 'pod'
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu',
+             JAXSSL_COORDINATOR=f'127.0.0.1:{port}', JAXSSL_NUM_PROCESSES='2')
+  procs = [subprocess.Popen([sys.executable, '-m', 'jaxssl.pretrain', *job_args(corpus, pod, *steps)], cwd=ROOT,
+                            env=dict(env, JAXSSL_PROCESS_ID=str(i)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  assert '2 process(es)' in outputs[0][0]
+  expected, got = losses(single), losses(pod)
+  assert sorted(got) == list(range(1, 13))
+  np.testing.assert_allclose([got[s] for s in range(1, 13)], [expected[s] for s in range(1, 13)], rtol=1e-5)
