@@ -1,8 +1,8 @@
 """Process-level JAX setup shared by every job: quiet logs, the persistent compile cache, several processes.
 
 Several processes form one job when JAXSSL_COORDINATOR (host:port of process 0), JAXSSL_NUM_PROCESSES and
-JAXSSL_PROCESS_ID are set: each runs `jax.distributed.initialize`, and on CPU they talk through gloo. (Launching
-on TPU pods and SLURM, with detection, is tpu/'s job.)
+JAXSSL_PROCESS_ID are set: each runs `jax.distributed.initialize`, and on CPU they talk through gloo. With
+JAXSSL_DISTRIBUTED=auto, JAX detects the cluster itself (TPU VM workers, SLURM). Launch scripts are tpu/'s job.
 """
 import os
 
@@ -28,3 +28,5 @@ def setup() -> None:
       jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                process_id=process_id)
+  elif os.environ.get('JAXSSL_DISTRIBUTED') == 'auto':
+    jax.distributed.initialize()
