@@ -162,6 +162,11 @@ def test_bad_config_key_and_type(corpus, tmp_path):
   assert_user_error(run_job(job_args(corpus, tmp_path / 'w', '--config.train.batch_size=big')), 'batch_size', 'int')
   assert_user_error(run_job([*job_args(corpus, tmp_path / 'w')[:2], '--config', 'configs/bert.py:huge',
                              '--workdir', str(tmp_path / 'w')]), 'huge')
+  assert_user_error(run_job(job_args(corpus, tmp_path / 'w', '--config.model.remat=sometimes')), 'remat')
+  assert_user_error(run_job(job_args(corpus, tmp_path / 'w', '--config.model.num_heads=3')), 'num_heads')
+  assert_user_error(run_job(job_args(corpus, tmp_path / 'w', '--config.mesh.shape=(2,1,1)')), 'mesh.shape')
+  assert_user_error(run_job(job_args(corpus, tmp_path / 'w', '--config.train.microbatches=5')), 'microbatches')
+  assert not (tmp_path / 'w').exists()  # nothing was written for a config that cannot run
 
 
 def test_bad_corpora(tmp_path):

@@ -14,10 +14,11 @@ from jaxssl.models import bert
 class ModelSpec(NamedTuple):
   build: Callable[..., nnx.Module]       # (model_cfg, vocab_size, *, rngs) -> module
   flops_per_token: Callable[..., float]  # (model_cfg, vocab_size, seq_len, max_predictions) -> training FLOPs
+  validate: Callable[..., object]        # (model_cfg, vocab_size) -> checked config; raises UserError
 
 
 REGISTRY: dict[str, ModelSpec] = {
-    'bert': ModelSpec(bert.BertForPretraining, bert.flops_per_token),
+    'bert': ModelSpec(bert.BertForPretraining, bert.flops_per_token, bert.BertConfig.from_config),
 }
 
 
@@ -36,3 +37,8 @@ def build_model(model_cfg, vocab_size: int, *, rngs: nnx.Rngs) -> nnx.Module:
 def flops_per_token(model_cfg, vocab_size: int, seq_len: int, max_predictions: int) -> float:
   """Training (fwd + bwd) matmul FLOPs per token of the model named by `model_cfg.name` (feeds MFU)."""
   return _spec(model_cfg).flops_per_token(model_cfg, vocab_size, seq_len, max_predictions)
+
+
+def validate_config(model_cfg, vocab_size: int) -> None:
+  """Raises UserError for a model config that cannot be built, before any data or tokenizer work starts."""
+  _spec(model_cfg).validate(model_cfg, vocab_size)

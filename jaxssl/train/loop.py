@@ -36,14 +36,14 @@ def check_config(config) -> None:
        f'data.seq_len={d.seq_len} must be between 8 and model.max_position={config.model.max_position}'),
       (0 < d.max_predictions <= d.seq_len, f'data.max_predictions={d.max_predictions} must be in [1, seq_len]'),
       (0.0 < d.mask_rate < 1.0, f'data.mask_rate={d.mask_rate} must be between 0 and 1'),
-      (config.model.dtype in ('float32', 'bfloat16'), f"model.dtype={config.model.dtype!r}: use 'float32' or 'bfloat16'"),
-      (config.model.remat in ('none', 'full', 'dots'), f"model.remat={config.model.remat!r}: use 'none', 'full' or 'dots'"),
       (config.checkpoint.every_steps > 0 and config.checkpoint.keep > 0,
        'checkpoint.every_steps and checkpoint.keep must be positive'),
   ]
   for ok, message in checks:
     if not ok:
       raise UserError(f'{message}: fix it with --config.<key>=<value>')
+  models.validate_config(config.model, config.tokenizer.vocab_size)
+  mesh_lib.resolve_mesh_shape(config.mesh.shape, jax.device_count())
 
 
 def evaluate(eval_step, params, batches, mesh) -> dict:

@@ -98,13 +98,16 @@ def make_eval_step(graphdef):
   return eval_step
 
 
+def _batch_shardings(mesh):
+  return {k: mesh_lib.batch_sharding(mesh, 1 if k == 'nsp_label' else 2) for k in BATCH_KEYS}
+
+
 def jit_train_step(train_step, state_shardings, mesh):
   """Explicit in/out shardings; the old state is donated so params and moments are updated in place."""
-  batch_shardings = {k: mesh_lib.batch_sharding(mesh, 1 if k == 'nsp_label' else 2) for k in BATCH_KEYS}
-  return jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
+  return jax.jit(train_step, in_shardings=(state_shardings, _batch_shardings(mesh)),
                  out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=0)
 
 
 def jit_eval_step(eval_step, param_shardings, mesh):
-  batch_shardings = {k: mesh_lib.batch_sharding(mesh, 1 if k == 'nsp_label' else 2) for k in BATCH_KEYS}
-  return jax.jit(eval_step, in_shardings=(param_shardings, batch_shardings), out_shardings=NamedSharding(mesh, P()))
+  return jax.jit(eval_step, in_shardings=(param_shardings, _batch_shardings(mesh)),
+                 out_shardings=NamedSharding(mesh, P()))
