@@ -27,7 +27,7 @@ class _QuietCustomConfig(logging.Filter):
   """Every builder here has a computed config; TFDS warns about that (and a not-yet-prepared folder) each time."""
 
   def filter(self, record):
-    msg = str(record.msg)
+    msg = record.getMessage()
     return not (msg.startswith('Using custom data configuration') or 'has no dataset_info.json' in msg)
 
 
