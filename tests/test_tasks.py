@@ -1,0 +1,100 @@
+"""Local downstream task files: formats, label sets, featurization, and every bad file's error."""
+import json
+
+import numpy as np
+import pytest
+
+from jaxssl.data import tasks
+from jaxssl.errors import UserError
+
+
+class FakeTokenizer:
+  """Words → ids; words longer than 5 characters split into two pieces (to exercise first-piece labels)."""
+  pad_id, unk_id, cls_id, sep_id, mask_id = 0, 1, 2, 3, 4
+
+  def encode(self, texts):
+    out = []
+    for text in texts:
+      ids = []
+      for word in text.split():
+        ids += [10 + len(word)] if len(word) <= 5 else [10 + len(word), 50]
+      out.append(ids)
+    return out
+
+
+def test_classification_tsv_and_pair_jsonl(tmp_path):
+  tsv = tmp_path / 'train.tsv'
+  tsv.write_text('text\tlabel\na good film\tpos\nawful\tneg\nfine enough\tpos\n')
+  examples = tasks.read_examples('classification', str(tsv))
+  assert [e.label for e in examples] == ['pos', 'neg', 'pos']
+  labels = tasks.label_set('classification', examples)
+  assert labels == ['neg', 'pos']
+  features = tasks.featurize('classification', examples, FakeTokenizer(), 8, labels)
+  assert features['input_ids'][0].tolist() == [2, 11, 14, 14, 3, 0, 0, 0]
+  assert features['labels'].tolist() == [1, 0, 1]
+
+  jsonl = tmp_path / 'pairs.jsonl'
+  jsonl.write_text('\n'.join(json.dumps(r) for r in [
+      {'text_a': 'a b c d e f', 'text_b': 'g h', 'label': 'entailment'},
+      {'text_a': 'x', 'text_b': 'y', 'label': 'contradiction'}]) + '\n')
+  pairs = tasks.read_examples('pair', str(jsonl))
+  f = tasks.featurize('pair', pairs, FakeTokenizer(), 8, tasks.label_set('pair', pairs))
+  # 8 - 3 specials = 5 tokens: the longer side (a) is cut first.
+  assert f['input_ids'][0].tolist() == [2, 11, 11, 11, 3, 11, 11, 3]
+  assert f['token_type_ids'][0].tolist() == [0, 0, 0, 0, 0, 1, 1, 1]
+
+
+def test_regression_labels_are_floats(tmp_path):
+  path = tmp_path / 'stsb.tsv'
+  path.write_text('text\tlabel\nsame\t4.5\nother\t0.25\n')
+  f = tasks.featurize('regression', tasks.read_examples('regression', str(path)), FakeTokenizer(), 6, [])
+  assert f['labels'].dtype == np.float32 and f['labels'].tolist() == [4.5, 0.25]
+  path.write_text('text\tlabel\nsame\thigh\n')
+  with pytest.raises(UserError, match='line 2.*not a number'):
+    tasks.read_examples('regression', str(path))
+
+
+def test_tagging_conll_labels_first_piece_only(tmp_path):
+  path = tmp_path / 'train.conll'
+  path.write_text('-DOCSTART-\tO\n\nJohn\tB-PER\nlives\tO\nin\tO\nLondonshire\tB-LOC\n\nHi\tO\n')
+  examples = tasks.read_examples('tagging', str(path))
+  assert [e.tokens for e in examples] == [['John', 'lives', 'in', 'Londonshire'], ['Hi']]
+  labels = tasks.label_set('tagging', examples)
+  f = tasks.featurize('tagging', examples, FakeTokenizer(), 10, labels)
+  index = {t: i for i, t in enumerate(labels)}
+  assert f['labels'][0].tolist() == [-1, index['B-PER'], index['O'], index['O'], index['B-LOC'], -1, -1, -1, -1, -1]
+  assert f['word_mask'][0].tolist() == [0, 1, 1, 1, 1, 0, 0, 0, 0, 0]
+  predicted = tasks.word_predictions(labels, np.where(f['labels'] >= 0, f['labels'], 0), f, examples)
+  assert predicted == [e.tags for e in examples]
+
+
+def test_squad_answers_checked(tmp_path):
+  data = {'data': [{'paragraphs': [{'context': 'Paris is in France.', 'qas': [
+      {'id': 'q1', 'question': 'Where is Paris?', 'answers': [{'text': 'France', 'answer_start': 12}]}]}]}]}
+  path = tmp_path / 'dev.json'
+  path.write_text(json.dumps(data))
+  (example,) = tasks.read_examples('qa', str(path))
+  assert example.answers == [('France', 12)] and example.qid == 'q1'
+  data['data'][0]['paragraphs'][0]['qas'][0]['answers'][0]['answer_start'] = 3
+  path.write_text(json.dumps(data))
+  with pytest.raises(UserError, match='not at answer_start'):
+    tasks.read_examples('qa', str(path))
+
+
+def test_bad_files(tmp_path):
+  with pytest.raises(UserError, match='not found'):
+    tasks.read_examples('classification', str(tmp_path / 'missing.tsv'))
+  wrong = tmp_path / 'wrong.tsv'
+  wrong.write_text('sentence\tlabel\nhello\tpos\n')
+  with pytest.raises(UserError, match='line 2 has no text'):
+    tasks.read_examples('classification', str(wrong))
+  bad_json = tmp_path / 'bad.jsonl'
+  bad_json.write_text('{"text": "a", "label": 1}\n{oops\n')
+  with pytest.raises(UserError, match='line 2 is not valid JSON'):
+    tasks.read_examples('classification', str(bad_json))
+  with pytest.raises(UserError, match='task.kind'):
+    tasks.read_examples('summarization', str(wrong))
+  conll = tmp_path / 'bad.conll'
+  conll.write_text('John B-PER\nlonely\n')
+  with pytest.raises(UserError, match='line 2'):
+    tasks.read_examples('tagging', str(conll))
