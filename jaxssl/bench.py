@@ -46,7 +46,7 @@ def run(config, steps: int) -> dict:
   mesh = mesh_lib.make_mesh(config.mesh.shape)
   setup = state_lib.setup_model(config.model, vocab_size, mesh, config.train.seed)
   tx, schedule = state_lib.make_optimizer(config.train), state_lib.make_schedule(config.train)
-  state = state_lib.init_state(setup, tx, config.model, vocab_size, config.train.seed)
+  state = state_lib.init_state(setup, tx)
   train_step = step_lib.jit_train_step(
       step_lib.make_train_step(setup.graphdef, tx, schedule, config.train.microbatches),
       state_lib.state_shardings(setup, tx), mesh)

@@ -28,7 +28,7 @@ def run_steps(config, mesh, n, *, dropout=True):
       config.model.dropout_rate = config.model.attention_dropout_rate = 0.0
   setup = state_lib.setup_model(config.model, VOCAB, mesh, 0)
   tx, schedule = state_lib.make_optimizer(config.train), state_lib.make_schedule(config.train)
-  state = state_lib.init_state(setup, tx, config.model, VOCAB, 0)
+  state = state_lib.init_state(setup, tx)
   train_step = step_lib.jit_train_step(
       step_lib.make_train_step(setup.graphdef, tx, schedule, config.train.microbatches),
       state_lib.state_shardings(setup, tx), mesh)
@@ -83,7 +83,7 @@ def test_sharded_gradients_equal_one_device(vocab, shape):
 
   def grads(mesh):
     setup = state_lib.setup_model(config.model, vocab, mesh, 0)
-    params = state_lib.init_params(setup, config.model, vocab, 0)
+    params = state_lib.init_params(setup)
     def loss(p, b):
       sums = step_lib.pretraining_sums(setup.graphdef, p, b, None)
       return sums['mlm_loss'] / sums['mlm_count'] + sums['nsp_loss'] / sums['nsp_count']

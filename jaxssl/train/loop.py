@@ -100,7 +100,7 @@ def run_pretraining(config, workdir: str) -> dict:
     state = checkpointer.restore(latest, state_lib.abstract_state(setup, tx))
     start = int(jax.device_get(state['step']))
   else:
-    state = state_lib.init_state(setup, tx, config.model, vocab_size, t.seed)
+    state = state_lib.init_state(setup, tx)
     start = 0
   n_params = state_lib.param_count(state['params'])
   flops_per_token = models.flops_per_token(config.model, vocab_size, config.data.seq_len,

@@ -4,6 +4,7 @@ The state is a plain pytree `{'params', 'opt_state', 'step', 'rng'}` so one jitt
 it as is, and a restore onto another mesh only needs the abstract tree with new shardings (`abstract_state`).
 """
 import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -50,19 +51,25 @@ class ModelSetup:
   param_shardings: dict
   abstract_params: dict   # ShapeDtypeStructs with shardings
   mesh: jax.sharding.Mesh
+  build: Callable[[nnx.Rngs], nnx.Module]   # makes the module; `init_params` runs it under jit
+  seed: int
 
 
 def setup_model(model_cfg, vocab_size: int, mesh, seed: int = 0) -> ModelSetup:
-  """Traces the model abstractly under the mesh and the logical axis rules (no memory is allocated)."""
+  """`setup_module` for the model named by `model_cfg.name`."""
+  return setup_module(lambda rngs: models.build_model(model_cfg, vocab_size, rngs=rngs), mesh, seed)
+
+
+def setup_module(build: Callable[[nnx.Rngs], nnx.Module], mesh, seed: int = 0) -> ModelSetup:
+  """Traces `build(rngs)` abstractly under the mesh and the logical axis rules (no memory is allocated)."""
   with jax.set_mesh(mesh), nnx.logical_axis_rules(mesh_lib.LOGICAL_AXIS_RULES):
-    abstract_model = nnx.eval_shape(
-        lambda: models.build_model(model_cfg, vocab_size, rngs=nnx.Rngs(params=seed)))
+    abstract_model = nnx.eval_shape(lambda: build(nnx.Rngs(params=seed)))
     graphdef, abstract_state = nnx.split(abstract_model)
     shardings = nnx.to_pure_dict(nnx.get_named_sharding(abstract_state, mesh))
   shardings = jax.tree.map(_divisible, nnx.to_pure_dict(abstract_state), shardings)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           nnx.to_pure_dict(abstract_state), shardings)
-  return ModelSetup(graphdef, shardings, abstract, mesh)
+  return ModelSetup(graphdef, shardings, abstract, mesh, build, seed)
 
 
 def _divisible(abstract, sharding: NamedSharding) -> NamedSharding:
@@ -75,12 +82,12 @@ def _divisible(abstract, sharding: NamedSharding) -> NamedSharding:
   return NamedSharding(sharding.mesh, P(*spec))
 
 
-def init_params(setup: ModelSetup, model_cfg, vocab_size: int, seed: int):
+def init_params(setup: ModelSetup):
   """Initialises params directly into their shards (jit with out_shardings: no host-side full copy)."""
   def create():
     # Placement comes from out_shardings (already made divisible), not from each Param's own annotation.
     with nnx.use_eager_sharding(False):
-      model = models.build_model(model_cfg, vocab_size, rngs=nnx.Rngs(params=seed))
+      model = setup.build(nnx.Rngs(params=setup.seed))
     return nnx.to_pure_dict(nnx.state(model))
   with jax.set_mesh(setup.mesh), nnx.logical_axis_rules(mesh_lib.LOGICAL_AXIS_RULES):
     return jax.jit(create, out_shardings=setup.param_shardings)()
@@ -98,9 +105,9 @@ def state_shardings(setup: ModelSetup, tx):
           'step': replicated, 'rng': replicated}
 
 
-def init_state(setup: ModelSetup, tx, model_cfg, vocab_size: int, seed: int):
-  """A fresh train state at step 0, every leaf on its sharding."""
-  params = init_params(setup, model_cfg, vocab_size, seed)
+def init_state(setup: ModelSetup, tx, params=None):
+  """A train state at step 0, every leaf on its sharding; fresh params unless `params` are given."""
+  params = init_params(setup) if params is None else params
   shardings = state_shardings(setup, tx)
   opt_state = jax.jit(tx.init, out_shardings=shardings['opt_state'])(params)
   replicated = NamedSharding(setup.mesh, P())
@@ -109,7 +116,7 @@ def init_state(setup: ModelSetup, tx, model_cfg, vocab_size: int, seed: int):
       'opt_state': opt_state,
       'step': jax.device_put(np.zeros((), np.int32), replicated),
       # The dropout key of step s is fold_in(rng, s): the RNG needs no state beyond this base key.
-      'rng': jax.device_put(jax.random.key_data(jax.random.key(seed)), replicated),
+      'rng': jax.device_put(jax.random.key_data(jax.random.key(setup.seed)), replicated),
   }
 
 
