@@ -1,0 +1,1 @@
+"""Evaluation: downstream metrics (GLUE, SQuAD, tagging) and perplexity."""
