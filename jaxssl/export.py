@@ -2,7 +2,8 @@
 
   python -m jaxssl.export --workdir DIR --out PARAMS [--step N] [--overwrite]
 
-`load_export(PARAMS)` gives back (config, model) for fine-tune and evaluate jobs.
+`load_export(PARAMS)` gives back (config, model, tokenizer) for fine-tune and evaluate jobs; the tokenizer is
+sentencepiece (`tokenizer.model`) or WordPiece (`tokenizer.json`), whichever the export holds.
 """
 import argparse
 import json
@@ -18,6 +19,7 @@ def export(workdir: str, out: str, *, step: int | None = None, overwrite: bool =
   """Writes the params of checkpoint `step` (default: the newest) to `out`; returns the step."""
   import jax
   from jaxssl import mesh as mesh_lib
+  from jaxssl.data import tokenizers
   from jaxssl.train import checkpoint as ckpt_lib
   from jaxssl.train import state as state_lib
   if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
@@ -31,13 +33,13 @@ def export(workdir: str, out: str, *, step: int | None = None, overwrite: bool =
     raise UserError(f'{workdir} has no checkpoint at step {step}: choose one of {sorted(steps)}')
   meta = checkpointer.read_meta(step)
   config = config_lib.from_json(json.dumps(meta['config']))
-  tokenizer_path = os.path.join(workdir, 'tokenizer.model')
+  tokenizer = tokenizers.load_tokenizer(workdir)  # before any writing: a workdir without one is a UserError
   mesh = mesh_lib.make_mesh((-1, 1, 1))
   setup = state_lib.setup_model(config.model, meta['vocab_size'], mesh)
   params = checkpointer.restore_params(step, setup.abstract_params)
   export_config = {**meta['config'], 'vocab_size': meta['vocab_size'], 'exported_from': {'workdir': workdir,
                                                                                           'step': step}}
-  ckpt_lib.write_export(out, params, json.dumps(export_config, indent=2, sort_keys=True), tokenizer_path,
+  ckpt_lib.write_export(out, params, json.dumps(export_config, indent=2, sort_keys=True), tokenizer,
                         overwrite=overwrite)
   checkpointer.close()
   if jax.process_index() == 0:
@@ -58,7 +60,7 @@ def load_export(path: str, mesh=None):
   setup = state_lib.setup_model(config.model, saved['vocab_size'], mesh)
   params = ckpt_lib.load_export_params(path, setup.abstract_params)
   model = nnx.merge(setup.graphdef, params)
-  return config, model, tokenizers.Tokenizer.load(os.path.join(path, 'tokenizer.model'))
+  return config, model, tokenizers.load_tokenizer(path)
 
 
 def main(argv=None):

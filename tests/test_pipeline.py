@@ -240,3 +240,64 @@ def test_throughput():
   tokens_per_s = steps * 32 * 128 / (time.perf_counter() - t0)
   print(f'pipeline throughput: {tokens_per_s:,.0f} tokens/s')
   assert tokens_per_s > 20_000  # loose for shared CI machines; ~250k on an idle core here
+
+
+class ScatteredTokenizer:
+  """A fake with BERT-like scattered specials: [PAD]=0, [UNK]=100, [CLS]=101, [SEP]=102, [MASK]=103,
+  [unused] ids 1..99 and 104..105; words are decimal ids (0 and 100..103 in the text appear as themselves)."""
+  pad_id, unk_id, cls_id, sep_id, mask_id = 0, 100, 101, 102, 103
+  special_ids = frozenset(range(106))
+  vocab_size = 1000
+  random_token_range = (106, 1000)
+
+  def encode(self, texts):
+    return [[int(w) for w in t.split()] for t in texts]
+
+
+def _check_scattered(examples, tok):
+  low, high = tok.random_token_range
+  n_random = 0
+  for e in examples:
+    ids, orig = e['input_ids'], _unmask(e)
+    n = int(e['attention_mask'].sum())
+    assert orig[0] == tok.cls_id and np.all(orig[n:] == tok.pad_id) and np.all(ids[n:] == tok.pad_id)
+    b_start = int(np.argmax(e['token_type_ids']))  # text may hold the [SEP] id too: locate by segment
+    assert orig[b_start - 1] == orig[n - 1] == tok.sep_id
+    w = e['mlm_weights'] > 0
+    pos = e['mlm_positions'][w]
+    assert w.sum() >= 1 and not set(e['mlm_ids'][w].tolist()) & tok.special_ids  # specials are never targets
+    unchanged = np.ones(len(ids), bool)
+    unchanged[pos] = False
+    assert np.array_equal(ids[unchanged], orig[unchanged])  # only chosen positions change
+    replaced = ids[pos]
+    other = replaced[(replaced != tok.mask_id) & (replaced != orig[pos])]
+    assert np.all((other >= low) & (other < high))  # random replacements from the tokenizer's range
+    n_random += len(other)
+  return n_random
+
+
+def test_scattered_special_ids():
+  # Documents hold special ids as text too (e.g. [UNK] from the tokenizer): they must never be masked.
+  rng = np.random.default_rng(0)
+  docs = ['\n'.join(' '.join(str(int(rng.choice([0, 100, 101, 102, 103, 50]) if rng.random() < 0.2
+                                     else rng.integers(106, 1000))) for _ in range(rng.integers(3, 12)))
+                    for _ in range(6)) for _ in range(30)]
+  tok = ScatteredTokenizer()
+  exs = pipeline.PretrainExamples(FakeSource(docs), tok, seed=0, **KW).examples(range(400))
+  assert _check_scattered(exs, tok) > 50
+
+
+def test_real_wordpiece(tmp_path):
+  from jaxssl.data import tokenizers
+  words = ['the', 'company', 'said', 'its', 'stock', 'rose', 'in', 'new', 'york', 'play', '##ing', '##ed', '.']
+  vocab = ['[PAD]'] + [f'[unused{i}]' for i in range(99)] + ['[UNK]', '[CLS]', '[SEP]', '[MASK]'] + words
+  (tmp_path / 'vocab.txt').write_text(''.join(w + '\n' for w in vocab))
+  tok = tokenizers.load_tokenizer(str(tmp_path))
+  assert (tok.cls_id, tok.sep_id, tok.mask_id, tok.random_token_range) == (101, 102, 103, (104, len(vocab)))
+  rng = np.random.default_rng(1)
+  plain = ['the', 'company', 'said', 'its', 'stock', 'rose', 'in', 'new', 'york', 'playing', 'played', 'zebra']
+  docs = ['\n'.join(' '.join(rng.choice(plain, size=rng.integers(3, 10))) + ' .' for _ in range(6))
+          for _ in range(20)]
+  exs = pipeline.PretrainExamples(FakeSource(docs), tok, seed=0, **KW).examples(range(300))
+  assert any(tok.unk_id in _unmask(e) for e in exs)  # 'zebra' is [UNK]: present, never a target
+  assert _check_scattered(exs, tok) > 20

@@ -5,6 +5,9 @@ g = s * global_batch_size + j, and example g is built from document permutation(
 rng default_rng([seed, 1, g]). Nothing depends on the process count or on what was read before, so a run
 resumes at any step (the checkpoint only needs the step) on any number of hosts, and masks are fresh every
 epoch (g differs) yet reproducible.
+
+Token ids come from the tokenizer (`cls_id`, `sep_id`, `pad_id`, `mask_id`, `special_ids`, `random_token_range`),
+so jaxssl's sentencepiece models and the WordPiece vocabularies of public BERT checkpoints both work.
 """
 import threading
 from typing import Any, Iterator
@@ -15,7 +18,7 @@ import numpy as np
 from jaxssl.data import objectives
 from jaxssl.errors import UserError
 
-# Special ids fixed by the tokenizer module (data/tokenizers.py).
+# jaxssl's sentencepiece layout (data/tokenizers.py): what a tokenizer that only has `num_special` gets.
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = 0, 1, 2, 3, 4
 # Bounded retries for empty documents (a corpus should not have many; corpora.py filters them).
 _MAX_EMPTY_RETRIES = 64
@@ -50,8 +53,15 @@ class PretrainExamples:
     self.mask_rate = mask_rate
     self.short_seq_prob = short_seq_prob
     self.seed = seed
-    self.vocab_low = tokenizer.num_special
-    self.vocab_high = tokenizer.vocab_size
+    (self.cls_id, self.sep_id, self.pad_id, self.mask_id, special_ids,
+     (self.vocab_low, self.vocab_high)) = _token_layout(tokenizer)
+    # Specials that are exactly ids [0, n) (sentencepiece) need only a comparison; otherwise a lookup table.
+    n = len(special_ids)
+    self._special_prefix = n if special_ids == frozenset(range(n)) else None
+    self._is_special = None
+    if self._special_prefix is None:
+      self._is_special = np.zeros(max(tokenizer.vocab_size, max(special_ids) + 1), bool)
+      self._is_special[sorted(special_ids)] = True
     self._perms: dict[int, np.ndarray] = {}
     self._lock = threading.Lock()  # grain maps from several threads
 
@@ -143,11 +153,12 @@ class PretrainExamples:
   def _build(self, doc_sentences, other_sentences, rng) -> dict[str, np.ndarray]:
     a, b, is_random = objectives.make_nsp_pair(doc_sentences, other_sentences, rng, self.seq_len - 3,
                                                self.short_seq_prob)
-    ex = objectives.pack_pair(a, b, self.seq_len, CLS_ID, SEP_ID, PAD_ID)
+    ex = objectives.pack_pair(a, b, self.seq_len, self.cls_id, self.sep_id, self.pad_id)
+    ids = ex['input_ids']
+    candidates = ids >= self._special_prefix if self._is_special is None else ~self._is_special[ids]
     ex.update(objectives.mask_tokens(
-        ex['input_ids'], ex['input_ids'] >= self.vocab_low, rng, mask_rate=self.mask_rate,
-        max_predictions=self.max_predictions, mask_id=MASK_ID, vocab_low=self.vocab_low,
-        vocab_high=self.vocab_high))
+        ids, candidates, rng, mask_rate=self.mask_rate, max_predictions=self.max_predictions,
+        mask_id=self.mask_id, vocab_low=self.vocab_low, vocab_high=self.vocab_high))
     ex['nsp_label'] = np.int32(1 if is_random else 0)
     return ex
 
@@ -155,6 +166,26 @@ class PretrainExamples:
     """The examples of `indices` stacked: each value gets a leading dimension len(indices)."""
     exs = self.examples(indices)
     return {k: np.stack([e[k] for e in exs]) for k in exs[0]}
+
+
+def _token_layout(tokenizer) -> tuple[int, int, int, int, frozenset, tuple[int, int]]:
+  """(cls, sep, pad, mask, special ids, random-token range) of `tokenizer`.
+
+  A tokenizer without `special_ids` (only `num_special` and `vocab_size`, as test fakes have) has jaxssl's
+  sentencepiece layout: ids below num_special are special, random tokens come from [num_special, vocab_size).
+  """
+  if not hasattr(tokenizer, 'special_ids'):
+    n = tokenizer.num_special
+    return CLS_ID, SEP_ID, PAD_ID, MASK_ID, frozenset(range(n)), (n, tokenizer.vocab_size)
+  special = frozenset(int(i) for i in tokenizer.special_ids)
+  ids = (tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id, tokenizer.mask_id)
+  if not set(ids) <= special:
+    raise ValueError(f'tokenizer {tokenizer!r}: special_ids must hold the cls/sep/pad/mask ids {ids}')
+  low, high = (int(x) for x in tokenizer.random_token_range)
+  if not 0 <= low < high <= tokenizer.vocab_size:
+    raise ValueError(f'tokenizer {tokenizer!r}: random_token_range {(low, high)} is not inside '
+                     f'[0, {tokenizer.vocab_size})')
+  return (*(int(i) for i in ids), special, (low, high))
 
 
 def _local_rows(global_batch_size: int, process_index: int, process_count: int) -> tuple[int, int]:

@@ -1,15 +1,21 @@
-"""SentencePiece tokenizers with fixed special ids: 0 [PAD], 1 [UNK], 2 [CLS], 3 [SEP], 4 [MASK].
+"""Tokenizers behind one interface (`TextTokenizer`): jaxssl's own sentencepiece models and WordPiece.
 
+jaxssl trains sentencepiece models with fixed special ids: 0 [PAD], 1 [UNK], 2 [CLS], 3 [SEP], 4 [MASK].
 [CLS], [SEP] and [MASK] are sentencepiece *control* symbols: they have ids but plain text never encodes to them
 (the text "[MASK]" becomes ordinary pieces), so a corpus cannot forge a mask. Ids >= NUM_SPECIAL are normal
 tokens (the range random MLM replacements are drawn from).
+
+Public BERT checkpoints come with WordPiece vocabularies whose special ids lie elsewhere ([CLS]=101 in
+bert-base-uncased): `jaxssl.data.wordpiece.WordPieceTokenizer`. Code that builds inputs reads the ids from the
+tokenizer (`cls_id`, `special_ids`, `random_token_range`, ...), never from constants. `load_tokenizer(path)` opens
+either kind from a directory or file.
 """
 import io
 import itertools
 import os
 import re
 import time
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Protocol
 
 import sentencepiece as spm
 
@@ -24,22 +30,83 @@ MODEL_FILENAME = 'tokenizer.model'
 _NUM_THREADS = 8
 
 
-class Tokenizer:
-  """A sentencepiece model with the jaxssl special ids. Build with `Tokenizer.load(path)` or `from_serialized`."""
+class TextTokenizer(Protocol):
+  """What the pipeline, exports and downstream jobs need of a tokenizer.
+
+  `special_ids` are never masked or used as random replacements: [PAD] [UNK] [CLS] [SEP] [MASK] and any other
+  special or reserved token. MLM random replacements are drawn uniformly from `random_token_range` [low, high).
+  Offsets are *character* offsets (start, end) into the original text, one per id: `text[start:end]` is what the
+  token stands for, without surrounding whitespace; a token that stands for whitespace only has start == end.
+  """
+  vocab_size: int
+  pad_id: int
+  unk_id: int
+  cls_id: int
+  sep_id: int
+  mask_id: int
+  special_ids: frozenset
+  random_token_range: tuple[int, int]
+  filename: str  # what `save` writes, e.g. 'tokenizer.model'
+
+  def encode(self, texts: list[str]) -> list[list[int]]:
+    """Ids of each text, without special tokens."""
+
+  def encode_one(self, text: str) -> list[int]:
+    """`encode([text])[0]`."""
+
+  def encode_with_offsets(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """(ids, character offsets) of each text; ids equal `encode(texts)`."""
+
+  def decode(self, ids) -> str:
+    """Text of ids; special ids decode to nothing."""
+
+  def id_to_piece(self, i: int) -> str:
+    """The vocabulary entry of id i."""
+
+  def save(self, directory: str) -> str:
+    """Writes the tokenizer into `directory` (as `filename`); returns the path written."""
+
+
+def _byte_to_char(text: str) -> list[int] | None:
+  """Char index of every UTF-8 byte offset of `text` (plus the end); None when they coincide (ASCII)."""
+  if text.isascii():
+    return None
+  index = []
+  for i, ch in enumerate(text):
+    index.extend([i] * len(ch.encode('utf-8')))
+  index.append(len(text))
+  return index
+
+
+def _trim_span(text: str, start: int, end: int) -> tuple[int, int]:
+  """(start, end) without surrounding whitespace; whitespace only -> the empty span at its end."""
+  while start < end and text[start].isspace():
+    start += 1
+  while end > start and text[end - 1].isspace():
+    end -= 1
+  return (start, end) if start < end else (end, end)
+
+
+class SentencePieceTokenizer:
+  """A sentencepiece model with the jaxssl special ids. Build with `load(path)` or `from_serialized`."""
   pad_id, unk_id, cls_id, sep_id, mask_id = PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID
   num_special = NUM_SPECIAL
+  special_ids = frozenset(range(NUM_SPECIAL))
+  filename = MODEL_FILENAME
 
   def __init__(self, processor: spm.SentencePieceProcessor, model_path: str = ''):
     self._sp = processor
     self.model_path = model_path
     self.vocab_size = processor.vocab_size()
+    # Every id from NUM_SPECIAL up is an ordinary piece (training reserves no others).
+    self.random_token_range = (NUM_SPECIAL, self.vocab_size)
     pieces = tuple(processor.id_to_piece(i) for i in range(min(NUM_SPECIAL, self.vocab_size)))
     if pieces != SPECIAL_PIECES:
       raise UserError(f'tokenizer {model_path or "(serialized)"} has special pieces {pieces}, expected '
                       f'{SPECIAL_PIECES}: train it with jaxssl (delete it and rerun) or pass another one')
 
   @classmethod
-  def load(cls, path: str) -> 'Tokenizer':
+  def load(cls, path: str) -> 'SentencePieceTokenizer':
     """Loads a `.model` file written by `train_tokenizer`."""
     if not os.path.isfile(path):
       raise UserError(f'tokenizer model {path!r} not found: pass the path of a .model file')
@@ -50,7 +117,7 @@ class Tokenizer:
     return cls(sp, path)
 
   @classmethod
-  def from_serialized(cls, data: bytes) -> 'Tokenizer':
+  def from_serialized(cls, data: bytes) -> 'SentencePieceTokenizer':
     """The inverse of `serialized()` (e.g. a tokenizer stored beside exported params)."""
     return cls(spm.SentencePieceProcessor(model_proto=data))
 
@@ -65,6 +132,24 @@ class Tokenizer:
   def encode_one(self, text: str) -> list[int]:
     return self._sp.encode(text, out_type=int)
 
+  def encode_with_offsets(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """(ids, character offsets) of each text, ids as `encode` gives them.
+
+    sentencepiece reports UTF-8 byte spans of the original text; a piece's span includes the whitespace its
+    leading '▁' replaced, which is trimmed here (so "▁world" maps to "world"), and a lone '▁' (before digits or
+    punctuation) gets the empty span where the next token starts.
+    """
+    out = []
+    for text, proto in zip(texts, self._sp.encode(list(texts), return_type='proto')):
+      char_of = _byte_to_char(text)
+      ids, spans = [], []
+      for p in proto.pieces:
+        start, end = (p.begin, p.end) if char_of is None else (char_of[p.begin], char_of[p.end])
+        ids.append(p.id)
+        spans.append(_trim_span(text, start, end))
+      out.append((ids, spans))
+    return out
+
   def decode(self, ids) -> str:
     """Text of ids; control ids ([PAD], [CLS], [SEP], [MASK]) decode to nothing."""
     return self._sp.decode([int(i) for i in ids])
@@ -72,8 +157,18 @@ class Tokenizer:
   def id_to_piece(self, i: int) -> str:
     return self._sp.id_to_piece(int(i))
 
+  def save(self, directory: str) -> str:
+    """Writes `directory/tokenizer.model` (the model file's bytes); returns its path."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, self.filename)
+    _atomic_write(path, self.serialized())
+    return path
+
   def __repr__(self):
-    return f'Tokenizer(vocab_size={self.vocab_size}, model_path={self.model_path!r})'
+    return f'SentencePieceTokenizer(vocab_size={self.vocab_size}, model_path={self.model_path!r})'
+
+
+Tokenizer = SentencePieceTokenizer  # the name used before WordPiece existed
 
 
 def _atomic_write(path: str, data: bytes) -> None:
@@ -103,7 +198,7 @@ def _vocab_error(e: RuntimeError, vocab_size: int) -> UserError | None:
 
 def train_tokenizer(sentences: Iterable[str], vocab_size: int, model_prefix_path: str, *,
                     model_type: str = 'unigram', character_coverage: float = 0.9995,
-                    max_training_sentences: int = 2_000_000) -> Tokenizer:
+                    max_training_sentences: int = 2_000_000) -> SentencePieceTokenizer:
   """Trains a sentencepiece model on (the first `max_training_sentences` of) `sentences`.
 
   Writes `<model_prefix_path>.model` (and a human-readable `.vocab`) atomically. Deterministic: the same
@@ -130,7 +225,7 @@ def train_tokenizer(sentences: Iterable[str], vocab_size: int, model_prefix_path
       raise UserError(f'tokenizer training failed ({str(e).splitlines()[0][:200]}): is the corpus empty?') from None
     raise
   model = writer.getvalue()
-  tokenizer = Tokenizer.from_serialized(model)
+  tokenizer = SentencePieceTokenizer.from_serialized(model)
   parent = os.path.dirname(os.path.abspath(model_prefix_path))
   os.makedirs(parent, exist_ok=True)
   vocab = ''.join(f'{tokenizer.id_to_piece(i)}\t{tokenizer._sp.get_score(i)}\n'  # pylint: disable=protected-access
@@ -142,7 +237,7 @@ def train_tokenizer(sentences: Iterable[str], vocab_size: int, model_prefix_path
 
 
 def get_or_train_tokenizer(workdir: str, sentences_fn: Callable[[], Iterable[str]], cfg,
-                           process_index: int = 0, wait_timeout_s: float = 3 * 3600) -> Tokenizer:
+                           process_index: int = 0, wait_timeout_s: float = 3 * 3600) -> SentencePieceTokenizer:
   """Loads `workdir/tokenizer.model`, or trains it there from `sentences_fn()` when it does not exist yet.
 
   `cfg` is the `tokenizer` ConfigDict (vocab_size, model_type, character_coverage, max_training_sentences).
@@ -163,8 +258,37 @@ def get_or_train_tokenizer(workdir: str, sentences_fn: Callable[[], Iterable[str
         raise RuntimeError(f'process {process_index} waited {wait_timeout_s:.0f} s for process 0 to write {path}: '
                            'is the workdir shared by all hosts, and did process 0 fail?')
       time.sleep(1.0)
-  tokenizer = Tokenizer.load(path)
+  tokenizer = SentencePieceTokenizer.load(path)
   if tokenizer.vocab_size != cfg.vocab_size:
     raise UserError(f'workdir {workdir} holds a tokenizer with vocab {tokenizer.vocab_size} but config asks '
                     f'{cfg.vocab_size}: use a new --workdir or --config.tokenizer.vocab_size={tokenizer.vocab_size}')
   return tokenizer
+
+
+def load_tokenizer(path: str) -> TextTokenizer:
+  """Opens the tokenizer at `path`: a directory holding tokenizer.model (sentencepiece), tokenizer.json
+  (HuggingFace, WordPiece) or vocab.txt (BERT WordPiece vocabulary), looked for in that order, or such a file.
+  Raises UserError naming what was looked for when there is none."""
+  from jaxssl.data import wordpiece  # pylint: disable=import-outside-toplevel  (HF tokenizers only when needed)
+  if os.path.isdir(path):
+    for name in (MODEL_FILENAME, wordpiece.JSON_FILENAME, wordpiece.VOCAB_FILENAME):
+      if os.path.isfile(os.path.join(path, name)):
+        return load_tokenizer(os.path.join(path, name))
+    raise UserError(f'no tokenizer in {path}: looked for {MODEL_FILENAME} (sentencepiece), '
+                    f'{wordpiece.JSON_FILENAME} or {wordpiece.VOCAB_FILENAME} (WordPiece)')
+  if not os.path.isfile(path):
+    raise UserError(f'tokenizer {path!r} not found: pass a directory holding {MODEL_FILENAME}, '
+                    f'{wordpiece.JSON_FILENAME} or {wordpiece.VOCAB_FILENAME}, or one of those files')
+  if path.endswith('.json'):
+    return wordpiece.WordPieceTokenizer.from_file(path)
+  if path.endswith('.txt'):
+    return wordpiece.WordPieceTokenizer.from_vocab(path)
+  return SentencePieceTokenizer.load(path)
+
+
+def __getattr__(name):
+  # `tokenizers.WordPieceTokenizer` without importing HuggingFace tokenizers in every job.
+  if name == 'WordPieceTokenizer':
+    from jaxssl.data import wordpiece  # pylint: disable=import-outside-toplevel
+    return wordpiece.WordPieceTokenizer
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -3,16 +3,17 @@
 A checkpoint step holds three items: `params`, `train` (optimizer state, step, RNG key) and `meta` (JSON: step,
 data position, the full config, vocab size). Restores always pass a target carrying the *current* shardings, so a
 checkpoint written on one mesh or process count resumes on another. An export is `params/` + `config.json` +
-`tokenizer.model`: everything a fine-tune or evaluate job needs, nothing of the optimizer.
+the tokenizer (`tokenizer.model` for sentencepiece, `tokenizer.json` for WordPiece): everything a fine-tune or
+evaluate job needs, nothing of the optimizer.
 """
 import json
 import os
-import shutil
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from jaxssl.data import tokenizers
 from jaxssl.errors import UserError
 
 # Keys of model config whose change makes old params unusable: a mismatch is a user error, not a crash.
@@ -79,8 +80,14 @@ def check_compatible(saved_config: dict, model_cfg, vocab_size: int, where: str)
 
 # ----- exports: params only -----
 
-def write_export(out: str, params, config_json: str, tokenizer_path: str, *, overwrite: bool = False) -> None:
-  """Writes `out/{params/, config.json, tokenizer.model}` via a temporary directory renamed into place."""
+def write_export(out: str, params, config_json: str, tokenizer, *, overwrite: bool = False) -> None:
+  """Writes `out/{params/, config.json, <tokenizer file>}` via a temporary directory renamed into place.
+
+  `tokenizer` is a tokenizer object (`tokenizer.save(dir)` writes its file), or for older callers the path of a
+  tokenizer file or directory (opened with `load_tokenizer`).
+  """
+  if isinstance(tokenizer, (str, os.PathLike)):
+    tokenizer = tokenizers.load_tokenizer(os.fspath(tokenizer))
   out_path = epath.Path(out)
   if out_path.exists() and any(out_path.iterdir()) and not overwrite:
     raise UserError(f'export directory {out} already exists and is not empty: choose a new --out or pass --overwrite')
@@ -92,7 +99,7 @@ def write_export(out: str, params, config_json: str, tokenizer_path: str, *, ove
   checkpointer.wait_until_finished()
   if jax.process_index() == 0:
     (tmp / 'config.json').write_text(config_json)
-    shutil.copyfile(tokenizer_path, os.fspath(tmp / 'tokenizer.model'))
+    tokenizer.save(os.fspath(tmp))
     if out_path.exists():
       out_path.rmtree()
     tmp.rename(out_path)

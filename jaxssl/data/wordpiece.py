@@ -1,0 +1,163 @@
+"""WordPiece tokenizers of public BERT checkpoints (HuggingFace `tokenizers`), behind jaxssl's tokenizer interface.
+
+A checkpoint directory holds `tokenizer.json` (the whole pipeline: normalizer, pre-tokenizer, vocabulary) or only
+a BERT `vocab.txt` (built here exactly as `transformers.BertTokenizerFast` builds it). `tokenizer_config.json`
+beside either, when present, names the special tokens and (for vocab.txt) the casing.
+
+Special ids are wherever the vocabulary puts them ([PAD]=0, [UNK]=100, [CLS]=101, [SEP]=102, [MASK]=103 in
+bert-base-uncased). Text that spells a special token ("[MASK]") is tokenized as ordinary text, as Google's BERT
+tokenizer does and as jaxssl's sentencepiece models do, so a corpus cannot forge a mask (HuggingFace's default
+would turn it into the [MASK] id).
+"""
+import json
+import os
+import re
+
+import tokenizers as hf_tokenizers
+from tokenizers import decoders, models, normalizers, pre_tokenizers
+
+from jaxssl.errors import UserError
+
+JSON_FILENAME = 'tokenizer.json'
+VOCAB_FILENAME = 'vocab.txt'
+CONFIG_FILENAME = 'tokenizer_config.json'
+_ROLES = ('pad', 'unk', 'cls', 'sep', 'mask')
+_DEFAULT_TOKENS = {role: f'[{role.upper()}]' for role in _ROLES}
+# BERT vocabularies reserve placeholder entries ([unused0] ... [unused993]) that text never produces.
+_RESERVED = re.compile(r'\[unused\d+\]')
+
+
+def _read_config(directory: str) -> dict:
+  path = os.path.join(directory, CONFIG_FILENAME)
+  if not os.path.isfile(path):
+    return {}
+  try:
+    with open(path, encoding='utf-8') as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise UserError(f'{path} is not readable JSON ({e}): fix or delete it') from None
+
+
+def _token_names(config: dict) -> dict[str, str]:
+  """Role -> token text, from tokenizer_config.json (a string or {'content': ...}) or BERT's defaults."""
+  names = dict(_DEFAULT_TOKENS)
+  for role in _ROLES:
+    value = config.get(f'{role}_token')
+    if isinstance(value, dict):
+      value = value.get('content')
+    if isinstance(value, str):
+      names[role] = value
+  return names
+
+
+def _random_range(vocab_size: int, special_ids: frozenset) -> tuple[int, int]:
+  """[low, high): ids past the leading block of special/reserved ids and before a trailing one.
+
+  bert-base-uncased gives (999, 30522): ids 0..998 are [PAD], [unused*], [UNK], [CLS], [SEP], [MASK]. Google's
+  BERT draws from the whole vocabulary; skipping the block keeps random replacements real tokens. Special ids
+  scattered inside the range (none in BERT vocabularies) could still be drawn.
+  """
+  low, high = 0, vocab_size
+  while low < high and low in special_ids:
+    low += 1
+  while high > low and high - 1 in special_ids:
+    high -= 1
+  if low >= high:
+    raise UserError(f'the tokenizer has no ordinary tokens (all {vocab_size} ids are special)')
+  return low, high
+
+
+class WordPieceTokenizer:
+  """A HuggingFace `tokenizers.Tokenizer` with BERT special tokens. Build with `from_file` or `from_vocab`."""
+  filename = JSON_FILENAME
+
+  def __init__(self, tokenizer: hf_tokenizers.Tokenizer, path: str = '', token_names: dict | None = None):
+    self._tok = tokenizer
+    self.path = path
+    self._tok.encode_special_tokens = True  # "[MASK]" in text is text (module docstring); not saved in the file
+    self._tok.no_padding()
+    self._tok.no_truncation()
+    self.token_names = dict(token_names or _DEFAULT_TOKENS)
+    self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+    ids = {role: tokenizer.token_to_id(name) for role, name in self.token_names.items()}
+    missing = [self.token_names[role] for role, i in ids.items() if i is None]
+    if missing:
+      raise UserError(f'tokenizer {path or "(in memory)"} has no {", ".join(missing)} token: BERT inputs need '
+                      f'{", ".join(self.token_names.values())} (name others in {CONFIG_FILENAME})')
+    self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (ids[r] for r in _ROLES)
+    reserved = {i for piece, i in tokenizer.get_vocab(with_added_tokens=True).items() if _RESERVED.fullmatch(piece)}
+    added = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+    self.special_ids = frozenset(set(ids.values()) | reserved | added)
+    self.random_token_range = _random_range(self.vocab_size, self.special_ids)
+
+  @classmethod
+  def from_file(cls, path: str) -> 'WordPieceTokenizer':
+    """Loads a HuggingFace `tokenizer.json` (special token names from a tokenizer_config.json beside it)."""
+    try:
+      tok = hf_tokenizers.Tokenizer.from_file(path)
+    except Exception as e:  # the Rust side raises plain Exception for any unreadable file
+      raise UserError(f'{path} is not a HuggingFace tokenizer.json ({str(e)[:200]})') from None
+    return cls(tok, path, _token_names(_read_config(os.path.dirname(path))))
+
+  @classmethod
+  def from_vocab(cls, path: str, lowercase: bool | None = None) -> 'WordPieceTokenizer':
+    """Builds BERT's tokenizer over a `vocab.txt` (one entry per line, id = line number).
+
+    Casing: `lowercase`, else `do_lower_case` of a tokenizer_config.json beside it, else inferred from the
+    vocabulary (cased when some ordinary entry has an upper-case letter). HuggingFace would lowercase by
+    default, which silently breaks a cased vocabulary that comes without its config.
+    """
+    config = _read_config(os.path.dirname(path))
+    try:
+      vocab = models.WordPiece.read_file(path)
+    except Exception as e:  # pylint: disable=broad-except
+      raise UserError(f'{path} is not a WordPiece vocabulary ({str(e)[:200]})') from None
+    if lowercase is None:
+      lowercase = config.get('do_lower_case')
+    if lowercase is None:
+      lowercase = not any(c.isupper() for piece in vocab if not piece.startswith('[') for c in piece)
+    names = _token_names(config)
+    # The same pieces as transformers' BERT converter (BertTokenizerFast), so ids and offsets agree with it.
+    tok = hf_tokenizers.Tokenizer(models.WordPiece(vocab, unk_token=names['unk'], max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=config.get('tokenize_chinese_chars', True),
+        strip_accents=config.get('strip_accents'), lowercase=bool(lowercase))
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix='##')
+    tok.add_special_tokens([name for name in names.values() if name in vocab])
+    return cls(tok, path, names)
+
+  def encode(self, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, without special tokens (batched and multi-threaded in Rust)."""
+    return [e.ids for e in self._tok.encode_batch_fast(list(texts), add_special_tokens=False)]
+
+  def encode_one(self, text: str) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def encode_with_offsets(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """(ids, character offsets into the original text) of each text; BERT pieces never include whitespace."""
+    return [(e.ids, [tuple(o) for o in e.offsets])
+            for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+  def decode(self, ids) -> str:
+    """Text of ids (## pieces joined); special ids decode to nothing."""
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+  def id_to_piece(self, i: int) -> str:
+    return self._tok.id_to_token(int(i))
+
+  def save(self, directory: str) -> str:
+    """Writes `directory/tokenizer.json` (+ a tokenizer_config.json naming the special tokens); returns the path."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, JSON_FILENAME)
+    tmp = f'{path}.tmp.{os.getpid()}'
+    self._tok.save(tmp)
+    os.replace(tmp, path)
+    config = {f'{role}_token': name for role, name in self.token_names.items()}
+    config['tokenizer_class'] = 'BertTokenizerFast'  # lets transformers' AutoTokenizer open the directory too
+    with open(os.path.join(directory, CONFIG_FILENAME), 'w', encoding='utf-8') as f:
+      json.dump(config, f, indent=2)
+    return path
+
+  def __repr__(self):
+    return f'WordPieceTokenizer(vocab_size={self.vocab_size}, path={self.path!r})'
