@@ -108,21 +108,27 @@ class BertEncoder(nnx.Module):
     else:
       self.layers = nnx.List([BertLayer(c, rngs=rngs) for _ in range(c.num_layers)])
 
-  def __call__(self, x, mask, dropout_rng=None):
+  def __call__(self, x, mask, dropout_rng=None, *, return_hidden_states=False):
+    """-> x, or (x, per-layer outputs [num_layers, B, L, H]) with `return_hidden_states`."""
     # Layer i gets fold_in(dropout_rng, i) on both paths, so scanned == unscanned even with dropout.
     if not self.scan_layers:
+      outputs = []
       for i, layer in enumerate(self.layers):
         key = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
         x = _maybe_remat(lambda lyr, h, k: lyr(h, mask, k), self.remat, in_scan=False)(layer, x, key)
-      return x
+        outputs.append(x)
+      return (x, jnp.stack(outputs)) if return_hidden_states else x
 
     meta = {nnx.PARTITION_NAME: 'layers'}
+    # The body emits its output as the scan's ys only when asked: the stacked outputs cost L x [B, L, H] memory.
+    out_axes = (nnx.Carry, 0) if return_hidden_states else nnx.Carry
+    emit = (lambda h: (h, h)) if return_hidden_states else (lambda h: h)
     if dropout_rng is None:
-      body = _maybe_remat(lambda lyr, h: lyr(h, mask), self.remat, in_scan=True)
-      return nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=nnx.Carry, transform_metadata=meta)(self.layers, x)
+      body = _maybe_remat(lambda lyr, h: emit(lyr(h, mask)), self.remat, in_scan=True)
+      return nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=out_axes, transform_metadata=meta)(self.layers, x)
     keys = jax.vmap(lambda i: jax.random.fold_in(dropout_rng, i))(jnp.arange(self.num_layers))
-    body = _maybe_remat(lambda lyr, h, k: lyr(h, mask, k), self.remat, in_scan=True)
-    return nnx.scan(body, in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata=meta)(
+    body = _maybe_remat(lambda lyr, h, k: emit(lyr(h, mask, k)), self.remat, in_scan=True)
+    return nnx.scan(body, in_axes=(0, nnx.Carry, 0), out_axes=out_axes, transform_metadata=meta)(
         self.layers, x, keys)
 
 
@@ -151,8 +157,12 @@ class BertForPretraining(nnx.Module):
       self.mlm_norm = LayerNorm(h, dtype=dt, rngs=rngs)
       self.mlm_bias = make_param(rngs, zeros, (c.vocab_size,), ('vocab',))
 
-  def encode(self, input_ids, token_type_ids, attention_mask, *, dropout_rng=None):
-    """[B, L] ints -> (sequence [B, L, H], pooled [B, H]) in the compute dtype. dropout_rng None = eval."""
+  def encode(self, input_ids, token_type_ids, attention_mask, *, dropout_rng=None, return_hidden_states=False):
+    """[B, L] ints -> (sequence [B, L, H], pooled [B, H]) in the compute dtype. dropout_rng None = eval.
+
+    With `return_hidden_states` (like HF `output_hidden_states=True`) also returns a tuple of num_layers + 1
+    [B, L, H] arrays: the embedding output (after LayerNorm and dropout), then each layer's output.
+    """
     c = self.config
     seq_len = input_ids.shape[1]
     if seq_len > c.max_position:
@@ -164,9 +174,14 @@ class BertForPretraining(nnx.Module):
     emb_key, enc_key = (None, None) if dropout_rng is None else (
         jax.random.fold_in(dropout_rng, 0), jax.random.fold_in(dropout_rng, 1))
     x = constrain(dropout(x, c.dropout_rate, emb_key), ACT)
-    x = self.encoder(x, attention_mask, enc_key)
+    if return_hidden_states:
+      emb = x
+      x, layer_outputs = self.encoder(x, attention_mask, enc_key, return_hidden_states=True)
+      hidden_states = (emb, *(layer_outputs[i] for i in range(c.num_layers)))
+    else:
+      x = self.encoder(x, attention_mask, enc_key)
     pooled = jnp.tanh(self.pooler(x[:, 0]))
-    return x, pooled
+    return (x, pooled, hidden_states) if return_hidden_states else (x, pooled)
 
   def __call__(self, input_ids, token_type_ids, attention_mask, mlm_positions, *, dropout_rng=None):
     """-> (mlm_logits [B, P, V] float32 at `mlm_positions` [B, P], nsp_logits [B, 2] float32)."""

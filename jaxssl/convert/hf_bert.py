@@ -1,0 +1,342 @@
+"""HuggingFace BERT checkpoints <-> jaxssl exports (params/ + config.json + tokenizer files).
+
+  from_hf('bert-dir', 'PARAMS')  # config.json + model.safetensors (+ tokenizer.json / vocab.txt) -> export
+  to_hf('PARAMS', 'bert-dir')    # export -> config.json + model.safetensors (torch layout) + tokenizer files
+
+Weights go through `safetensors.numpy` only: jaxssl never imports torch or transformers. Accepted HF layouts:
+BertModel (no prefix), BertForPreTraining and BertForMaskedLM (prefix 'bert.'); heads a checkpoint lacks
+(pooler, NSP, MLM) are initialised fresh and named in one printed line.
+"""
+import json
+import math
+import os
+import re
+import shutil
+
+import numpy as np
+
+from jaxssl import config as config_lib
+from jaxssl.errors import UserError
+
+BASE_CONFIG = os.path.join(os.path.dirname(__file__), '..', '..', 'configs', 'bert.py') + ':base'
+LAYER_NORM_EPS = 1e-12  # the eps jaxssl's LayerNorm uses
+TOKENIZER_FILES = ('tokenizer.json', 'vocab.txt', 'tokenizer_config.json', 'special_tokens_map.json')
+# HF buffers that are not parameters (older checkpoints saved them): dropped without a warning.
+IGNORED_HF_KEYS = re.compile(r'(^|\.)(position_ids|token_type_ids)$')
+
+# (HF name without the 'bert.' prefix, jaxssl param path, kind). kind: 'copy' (same layout), 'bias' (reshape
+# only), or ('linear', n) for a torch Linear weight (out, in): transposed to (in, out), then reshaped so the
+# first n jaxssl dims are the input (q/k/v kernels (H, heads, head_dim): n=1; attention output (heads,
+# head_dim, H): n=2). '{i}' marks per-layer names; those fill slice i of the stacked ('layers' axis 0) param.
+_LINEAR1 = ('linear', 1)
+BODY = (
+    ('embeddings.word_embeddings.weight', 'word_embeddings/embedding', 'copy'),
+    ('embeddings.position_embeddings.weight', 'position_embeddings/embedding', 'copy'),
+    ('embeddings.token_type_embeddings.weight', 'token_type_embeddings/embedding', 'copy'),
+    ('embeddings.LayerNorm.weight', 'embedding_norm/scale', 'copy'),
+    ('embeddings.LayerNorm.bias', 'embedding_norm/bias', 'copy'),
+    *((f'encoder.layer.{{i}}.attention.self.{n}.weight', f'encoder/layers/attention/{n}_kernel', _LINEAR1)
+      for n in ('query', 'key', 'value')),
+    *((f'encoder.layer.{{i}}.attention.self.{n}.bias', f'encoder/layers/attention/{n}_bias', 'bias')
+      for n in ('query', 'key', 'value')),
+    ('encoder.layer.{i}.attention.output.dense.weight', 'encoder/layers/attention/out_kernel', ('linear', 2)),
+    ('encoder.layer.{i}.attention.output.dense.bias', 'encoder/layers/attention/out_bias', 'bias'),
+    ('encoder.layer.{i}.attention.output.LayerNorm.weight', 'encoder/layers/attention_norm/scale', 'copy'),
+    ('encoder.layer.{i}.attention.output.LayerNorm.bias', 'encoder/layers/attention_norm/bias', 'copy'),
+    ('encoder.layer.{i}.intermediate.dense.weight', 'encoder/layers/mlp/wi/kernel', _LINEAR1),
+    ('encoder.layer.{i}.intermediate.dense.bias', 'encoder/layers/mlp/wi/bias', 'bias'),
+    ('encoder.layer.{i}.output.dense.weight', 'encoder/layers/mlp/wo/kernel', _LINEAR1),
+    ('encoder.layer.{i}.output.dense.bias', 'encoder/layers/mlp/wo/bias', 'bias'),
+    ('encoder.layer.{i}.output.LayerNorm.weight', 'encoder/layers/mlp_norm/scale', 'copy'),
+    ('encoder.layer.{i}.output.LayerNorm.bias', 'encoder/layers/mlp_norm/bias', 'copy'),
+    ('pooler.dense.weight', 'pooler/kernel', _LINEAR1),
+    ('pooler.dense.bias', 'pooler/bias', 'bias'),
+)
+# The heads live outside the 'bert.' prefix. The MLM decoder is tied to the word embeddings (not stored).
+HEADS = (
+    ('cls.predictions.transform.dense.weight', 'mlm_transform/kernel', _LINEAR1),
+    ('cls.predictions.transform.dense.bias', 'mlm_transform/bias', 'bias'),
+    ('cls.predictions.transform.LayerNorm.weight', 'mlm_norm/scale', 'copy'),
+    ('cls.predictions.transform.LayerNorm.bias', 'mlm_norm/bias', 'copy'),
+    ('cls.predictions.bias', 'mlm_bias', 'bias'),
+    ('cls.seq_relationship.weight', 'nsp_classifier/kernel', _LINEAR1),
+    ('cls.seq_relationship.bias', 'nsp_classifier/bias', 'bias'),
+)
+HEAD_NAMES = {'pooler': 'pooler', 'nsp_classifier': 'NSP classifier', 'mlm_transform': 'MLM head',
+              'mlm_norm': 'MLM head', 'mlm_bias': 'MLM head'}
+
+
+def _entries(num_layers: int):
+  """(HF name, jaxssl path, kind, layer index or None) for every tensor of a BertForPreTraining."""
+  for hf, path, kind in BODY:
+    if '{i}' in hf:
+      yield from (('bert.' + hf.format(i=i), path, kind, i) for i in range(num_layers))
+    else:
+      yield 'bert.' + hf, path, kind, None
+  for hf, path, kind in HEADS:
+    yield hf, path, kind, None
+
+
+def _to_jax(w: np.ndarray, kind, shape) -> np.ndarray:
+  w = np.asarray(w, np.float32)
+  if kind != 'copy' and kind != 'bias':
+    w = w.T
+  if math.prod(w.shape) != math.prod(shape):
+    raise UserError(f'tensor of shape {w.shape} cannot fill a parameter of shape {tuple(shape)}')
+  return w.reshape(shape)
+
+
+def _to_hf(a: np.ndarray, kind) -> np.ndarray:
+  if kind == 'copy':
+    return a
+  if kind == 'bias':
+    return a.reshape(-1)
+  n_in = kind[1]
+  return np.ascontiguousarray(a.reshape(math.prod(a.shape[:n_in]), -1).T)
+
+
+def _leaf(tree: dict, path: str):
+  for k in path.split('/'):
+    tree = tree[k]
+  return tree
+
+
+def _set_leaf(tree: dict, path: str, value) -> None:
+  *parents, last = path.split('/')
+  for k in parents:
+    tree = tree[k]
+  tree[last] = value
+
+
+# ----- configs -----
+
+def jaxssl_config(hf: dict):
+  """The full jaxssl config (configs/bert.py:base with model.* and the vocab size from HF `config.json`)."""
+  def need(key):
+    if key not in hf:
+      raise UserError(f'HF config.json has no {key!r}: is it a BERT checkpoint?')
+    return hf[key]
+  if hf.get('model_type', 'bert') != 'bert':
+    raise UserError(f"HF config.json has model_type={hf.get('model_type')!r}: only 'bert' converts here")
+  if hf.get('hidden_act', 'gelu') != 'gelu':
+    raise UserError(f"HF config.json has hidden_act={hf['hidden_act']!r}: jaxssl BERT uses exact (erf) 'gelu' "
+                    'only, so this checkpoint would compute something else')
+  if hf.get('position_embedding_type', 'absolute') != 'absolute':
+    raise UserError(f"HF config.json has position_embedding_type={hf['position_embedding_type']!r}: "
+                    "jaxssl BERT supports 'absolute' positions only")
+  eps = float(hf.get('layer_norm_eps', LAYER_NORM_EPS))
+  if not math.isclose(eps, LAYER_NORM_EPS, rel_tol=1e-6):
+    raise UserError(f'HF config.json has layer_norm_eps={eps}: jaxssl BERT uses {LAYER_NORM_EPS} only')
+  config = config_lib.load_config(BASE_CONFIG)
+  with config.unlocked():
+    config.model.update(
+        num_layers=int(need('num_hidden_layers')), hidden_size=int(need('hidden_size')),
+        num_heads=int(need('num_attention_heads')), intermediate_size=int(need('intermediate_size')),
+        max_position=int(need('max_position_embeddings')), type_vocab_size=int(hf.get('type_vocab_size', 2)),
+        dropout_rate=float(hf.get('hidden_dropout_prob', 0.1)),
+        attention_dropout_rate=float(hf.get('attention_probs_dropout_prob', 0.1)),
+        initializer_range=float(hf.get('initializer_range', 0.02)), scan_layers=True)
+    config.tokenizer.vocab_size = int(need('vocab_size'))
+    config.data.seq_len = min(config.data.seq_len, config.model.max_position)
+  return config
+
+
+def hf_config(config: dict, vocab_size: int) -> dict:
+  """HF `config.json` (BertForPreTraining) for a jaxssl BERT config dict."""
+  m = config['model']
+  return {
+      'architectures': ['BertForPreTraining'], 'model_type': 'bert', 'vocab_size': int(vocab_size),
+      'hidden_size': m['hidden_size'], 'num_hidden_layers': m['num_layers'],
+      'num_attention_heads': m['num_heads'], 'intermediate_size': m['intermediate_size'],
+      'max_position_embeddings': m['max_position'], 'type_vocab_size': m['type_vocab_size'],
+      'hidden_act': 'gelu', 'hidden_dropout_prob': m['dropout_rate'],
+      'attention_probs_dropout_prob': m['attention_dropout_rate'], 'initializer_range': m['initializer_range'],
+      'layer_norm_eps': LAYER_NORM_EPS, 'position_embedding_type': 'absolute', 'pad_token_id': 0,
+      'tie_word_embeddings': True, 'torch_dtype': 'float32',
+  }
+
+
+# ----- weights -----
+
+def hf_to_params(tensors: dict, abstract_params: dict, num_layers: int):
+  """Fills a tree shaped like `abstract_params` from HF `tensors` (name -> numpy array).
+
+  Returns (params as numpy arrays, None at leaves the checkpoint lacks; sorted unused HF names). Every leaf is
+  filled at most once and its shape checked; a missing body tensor is a UserError.
+  """
+  tensors = {re.sub(r'LayerNorm\.gamma$', 'LayerNorm.weight', re.sub(r'LayerNorm\.beta$', 'LayerNorm.bias', k)): v
+             for k, v in tensors.items()}  # TF-converted checkpoints name LayerNorm params gamma/beta
+  if not any(k.startswith('bert.') for k in tensors):  # a bare BertModel: add the prefix the table uses
+    tensors = {k if k.startswith('cls.') else 'bert.' + k: v for k, v in tensors.items()}
+  params = _empty_like(abstract_params)
+  stacked: dict[str, list] = {}
+  used = set()
+  for hf, path, kind, layer in _entries(num_layers):
+    if hf not in tensors:
+      continue
+    used.add(hf)
+    shape = _leaf(abstract_params, path).shape
+    if layer is None:
+      _set_leaf(params, path, _to_jax(tensors[hf], kind, shape))
+    else:
+      stacked.setdefault(path, [None] * num_layers)[layer] = _to_jax(tensors[hf], kind, shape[1:])
+  for path, slices in stacked.items():
+    if all(s is not None for s in slices):
+      _set_leaf(params, path, np.stack(slices))
+  missing = [hf for hf, path, _, _ in _entries(num_layers)
+             if hf not in tensors and path.split('/')[0] not in HEAD_NAMES]
+  for group in sorted(set(HEAD_NAMES.values())):  # a head is either all there or all new, never half
+    leaves = [hf for hf, path, _, _ in _entries(num_layers) if HEAD_NAMES.get(path.split('/')[0]) == group]
+    if 0 < sum(hf in tensors for hf in leaves) < len(leaves):
+      missing += [hf for hf in leaves if hf not in tensors]
+  if missing:
+    raise UserError(f'the checkpoint lacks {len(missing)} BERT tensors, e.g. {missing[:3]}: is it a BERT '
+                    'checkpoint with the sizes its config.json states?')
+  decoder = tensors.get('cls.predictions.decoder.weight')
+  if decoder is not None:
+    used.add('cls.predictions.decoder.weight')
+    if not np.array_equal(np.asarray(decoder, np.float32), params['word_embeddings']['embedding']):
+      raise UserError('cls.predictions.decoder.weight differs from the word embeddings: jaxssl ties the MLM '
+                      'decoder to them, so this untied checkpoint cannot be converted exactly')
+  dec_bias = tensors.get('cls.predictions.decoder.bias')
+  if dec_bias is not None and params['mlm_bias'] is not None:
+    used.add('cls.predictions.decoder.bias')  # HF ties it to cls.predictions.bias
+    if not np.array_equal(np.asarray(dec_bias, np.float32), params['mlm_bias']):
+      raise UserError('cls.predictions.decoder.bias differs from cls.predictions.bias: the checkpoint is inconsistent')
+  unused = sorted(k for k in tensors if k not in used and not IGNORED_HF_KEYS.search(k))
+  return params, unused
+
+
+def params_to_hf(params: dict, num_layers: int) -> dict:
+  """HF BertForPreTraining tensors (torch layout, float32 numpy) from jaxssl params (the decoder stays tied)."""
+  out = {}
+  for hf, path, kind, layer in _entries(num_layers):
+    a = np.asarray(_leaf(params, path), np.float32)
+    out[hf] = _to_hf(a if layer is None else a[layer], kind)
+  return out
+
+
+def _empty_like(abstract):
+  """A nested dict like `abstract` with None leaves (to be filled)."""
+  return {k: _empty_like(v) if isinstance(v, dict) else None for k, v in abstract.items()}
+
+
+# ----- files -----
+
+def _read_json(path: str) -> dict:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise UserError(f'cannot read {path} ({e}): pass a HuggingFace BERT directory') from None
+
+
+def _fresh_dir(out: str, overwrite: bool) -> str:
+  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not overwrite:
+    raise UserError(f'output directory {out} already exists and is not empty: choose a new --out or pass --overwrite')
+  tmp = f'{out.rstrip(os.sep)}.tmp-convert'
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  return tmp
+
+
+def _move_into_place(tmp: str, out: str) -> None:
+  if os.path.exists(out):
+    shutil.rmtree(out)
+  os.rename(tmp, out)
+
+
+def _copy_tokenizer(src: str, dst: str) -> list[str]:
+  copied = [n for n in (*TOKENIZER_FILES, 'tokenizer.model') if os.path.isfile(os.path.join(src, n))]
+  for name in copied:
+    shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+  return copied
+
+
+def _one_device_mesh():
+  import jax
+  from jaxssl import mesh as mesh_lib
+  return mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1])
+
+
+def from_hf(src: str, out: str, *, overwrite: bool = False, seed: int = 0) -> dict:
+  """Converts the HF BERT directory `src` into the jaxssl export `out`; returns the jaxssl config dict.
+
+  `out` holds params/ (orbax), config.json and the HF tokenizer files, readable by `jaxssl.export.load_export`.
+  Heads the checkpoint lacks are initialised from `seed`.
+  """
+  import jax
+  import orbax.checkpoint as ocp
+  from safetensors.numpy import load_file
+  from jaxssl.train import state as state_lib
+  hf = _read_json(os.path.join(src, 'config.json'))
+  weights = os.path.join(src, 'model.safetensors')
+  if not os.path.isfile(weights):
+    if any(os.path.isfile(os.path.join(src, n)) for n in ('pytorch_model.bin', 'model.safetensors.index.json')):
+      raise UserError(f'{src} has no single model.safetensors (only pytorch_model.bin or shards): re-save it with '
+                      "transformers' save_pretrained(dir, safe_serialization=True, max_shard_size='100GB')")
+    raise UserError(f'{src} has no model.safetensors: pass a HuggingFace BERT directory')
+  if not any(os.path.isfile(os.path.join(src, n)) for n in ('tokenizer.json', 'vocab.txt')):
+    raise UserError(f'{src} has no tokenizer.json or vocab.txt: copy the checkpoint\'s tokenizer files into it')
+  config = jaxssl_config(hf)
+  vocab_size = config.tokenizer.vocab_size
+  try:
+    tensors = load_file(weights)
+  except Exception as e:  # safetensors raises its own error types (and numpy has no bfloat16)
+    raise UserError(f'cannot read {weights} ({e}): re-save it as float32 safetensors') from None
+  mesh = _one_device_mesh()
+  setup = state_lib.setup_model(config.model, vocab_size, mesh, seed)
+  params, unused = hf_to_params(tensors, setup.abstract_params, config.model.num_layers)
+  fresh_paths = [jax.tree_util.keystr(p) for p, v in jax.tree_util.tree_leaves_with_path(
+      params, is_leaf=lambda x: x is None) if v is None]
+  if unused:
+    print(f'warning: {len(unused)} tensors of {weights} are not used: {", ".join(unused)}')
+  if fresh_paths:
+    heads = sorted({HEAD_NAMES[p.split("'")[1]] for p in fresh_paths})
+    print(f'new heads (not in the checkpoint, initialised with seed {seed}): {", ".join(heads)}')
+    init = jax.device_get(state_lib.init_params(setup))  # setup_model was given `seed`
+    params = jax.tree.map(lambda v, i: i if v is None else v, params, init, is_leaf=lambda x: x is None)
+  params = jax.device_put(params, setup.param_shardings)
+  tmp = _fresh_dir(out, overwrite)
+  checkpointer = ocp.StandardCheckpointer()  # the same writer as checkpoint.write_export
+  checkpointer.save(os.path.abspath(os.path.join(tmp, 'params')), params)
+  checkpointer.wait_until_finished()
+  export_config = {**config.to_dict(), 'vocab_size': vocab_size, 'converted_from': {'hf': os.path.abspath(src)}}
+  with open(os.path.join(tmp, 'config.json'), 'w') as f:
+    json.dump(export_config, f, indent=2, sort_keys=True)
+  copied = _copy_tokenizer(src, tmp)
+  _move_into_place(tmp, out)
+  print(f'converted {src} ({state_lib.param_count(params) / 1e6:.2f}M params, {config.model.num_layers} layers, '
+        f'hidden {config.model.hidden_size}, tokenizer: {", ".join(copied)}) to {out}')
+  return export_config
+
+
+def to_hf(src: str, out: str, *, overwrite: bool = False) -> dict:
+  """Writes the jaxssl export `src` as a HF BERT directory `out` (BertForPreTraining); returns its config.json."""
+  import jax
+  from safetensors.numpy import save_file
+  from jaxssl.train import checkpoint as ckpt_lib
+  from jaxssl.train import state as state_lib
+  saved = ckpt_lib.read_export_config(src)
+  if saved.get('model', {}).get('name') != 'bert':
+    raise UserError(f"{src} holds model.name={saved.get('model', {}).get('name')!r}: only 'bert' converts to HF BERT")
+  config = config_lib.from_json(json.dumps(saved))
+  if not config.model.get('scan_layers', True):
+    raise UserError(f'{src} was trained with model.scan_layers=False: only stacked (scanned) layers convert')
+  vocab_size = saved['vocab_size']
+  setup = state_lib.setup_model(config.model, vocab_size, _one_device_mesh())
+  params = jax.device_get(ckpt_lib.load_export_params(src, setup.abstract_params))
+  tensors = params_to_hf(params, config.model.num_layers)
+  hf = hf_config(saved, vocab_size)
+  tmp = _fresh_dir(out, overwrite)
+  # transformers refuses safetensors files without a 'format' entry in their metadata.
+  save_file(tensors, os.path.join(tmp, 'model.safetensors'), metadata={'format': 'pt'})
+  with open(os.path.join(tmp, 'config.json'), 'w') as f:
+    json.dump(hf, f, indent=2, sort_keys=True)
+  copied = _copy_tokenizer(src, tmp)
+  _move_into_place(tmp, out)
+  print(f'wrote {out} (HF BertForPreTraining, {len(tensors)} tensors, tokenizer: {", ".join(copied) or "none"})')
+  if 'tokenizer.model' in copied:
+    print('note: the tokenizer is a jaxssl sentencepiece model (tokenizer.model); transformers needs a matching '
+          'tokenizer class for it, BertTokenizer will not read it')
+  return hf
