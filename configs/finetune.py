@@ -1,0 +1,53 @@
+"""Fine-tuning: a pre-trained body (exported params) plus a new head, trained on labelled data.
+
+  python -m jaxssl.finetune --config configs/finetune.py:VARIANT --config.init_from=PARAMS --workdir DIR
+
+Local tasks need no code: pick the variant of the task's shape and point `task.train` / `task.dev` at the files:
+  classification | pair | regression | tagging | qa
+GLUE, SQuAD and CoNLL variants read local files of the same names' format (see README) until TFDS loading lands.
+"""
+import ml_collections
+
+SHAPES = ('classification', 'pair', 'regression', 'tagging', 'qa')
+# GLUE task -> (shape, metric that picks the best checkpoint)
+GLUE = {
+    'cola': ('classification', 'matthews_corrcoef'), 'sst2': ('classification', 'accuracy'),
+    'mrpc': ('pair', 'f1'), 'qqp': ('pair', 'f1'), 'stsb': ('regression', 'pearson'),
+    'mnli': ('pair', 'accuracy'), 'qnli': ('pair', 'accuracy'), 'rte': ('pair', 'accuracy'),
+    'wnli': ('pair', 'accuracy'),
+}
+BEST_METRIC = {'classification': 'accuracy', 'pair': 'accuracy', 'regression': 'pearson', 'tagging': 'f1',
+               'qa': 'f1'}
+VARIANTS = SHAPES + tuple(GLUE) + ('squad', 'conll2003')
+
+
+def get_config(variant: str = 'classification') -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.variant = variant
+  c.init_from = ''  # an export dir (python -m jaxssl.export / jaxssl.convert from-hf)
+  if variant in GLUE:
+    kind, best = GLUE[variant]
+  elif variant == 'squad':
+    kind, best = 'qa', 'f1'
+  elif variant == 'conll2003':
+    kind, best = 'tagging', 'f1'
+  else:
+    kind, best = variant, BEST_METRIC[variant]
+  c.task = ml_collections.ConfigDict(dict(
+      name=variant, kind=kind, train='', dev='', test='',
+      best_metric=best,            # dev metric that picks the checkpoint exported to DIR/export
+      max_answer_length=30,        # qa: longest answer span in tokens
+      doc_stride=128,              # qa: step between the starts of overlapping context windows
+      max_query_length=64,         # qa: question tokens kept
+  ))
+  c.data = ml_collections.ConfigDict(dict(seq_len=384 if kind == 'qa' else 128))
+  c.model = ml_collections.ConfigDict(dict(classifier_dropout=0.1))
+  c.train = ml_collections.ConfigDict(dict(
+      steps=1000, batch_size=32, seed=0, learning_rate=2e-5, warmup_steps=100, end_learning_rate=0.0,
+      weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-6, grad_clip_norm=1.0, microbatches=1,
+  ))
+  c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=200, keep=2, async_save=True))
+  c.eval = ml_collections.ConfigDict(dict(every_steps=200, batch_size=64))
+  c.log = ml_collections.ConfigDict(dict(every_steps=50, peak_flops_per_device=0.0))
+  return c

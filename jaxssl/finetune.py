@@ -1,0 +1,31 @@
+"""Fine-tuning job: a pre-trained body from exported params, a new head, a labelled task.
+
+  python -m jaxssl.finetune --config configs/finetune.py:TASK --config.init_from=PARAMS --workdir DIR \
+      [--config.task.train=FILE --config.task.dev=FILE] [--config.key=value ...]
+
+Dev metrics go to DIR/metrics.jsonl; the best checkpoint (by task.best_metric) is exported to DIR/export.
+"""
+import argparse
+import sys
+
+from jaxssl import config as config_lib
+from jaxssl import runtime
+from jaxssl.errors import exit_on_user_error
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(prog='python -m jaxssl.finetune', description=__doc__.split('\n')[0])
+  parser.add_argument('--config', required=True, help='configs/finetune.py:TASK')
+  parser.add_argument('--workdir', required=True)
+  args, rest = parser.parse_known_args(argv)
+  config = config_lib.load_config(args.config)
+  unknown = config_lib.parse_overrides(config, rest)
+  if unknown:
+    parser.error(f'unrecognized arguments: {" ".join(unknown)}')
+  runtime.setup()
+  from jaxssl.train import finetune
+  finetune.run_finetuning(config, args.workdir)
+
+
+if __name__ == '__main__':
+  exit_on_user_error(lambda: main(sys.argv[1:]))

@@ -1,0 +1,212 @@
+"""The fine-tuning loop: exported body + new head → train on a labelled task → dev metrics → best export.
+
+Same machinery as pretraining (mesh, sharded state, orbax checkpoints, metrics.jsonl); the batch at step s is a
+pure function of (seed, s), so a rerun resumes exactly. The best dev checkpoint by `task.best_metric` is
+exported to `DIR/export` (params + config.json with the task and its labels + tokenizer).
+"""
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxssl import config as config_lib
+from jaxssl import mesh as mesh_lib
+from jaxssl.data import tasks, tokenizers
+from jaxssl.errors import UserError
+from jaxssl.eval import metrics as metrics_lib
+from jaxssl.models import heads
+from jaxssl.train import checkpoint as ckpt_lib
+from jaxssl.train import metrics as writer_lib
+from jaxssl.train import state as state_lib
+
+FEATURE_KEYS = ('input_ids', 'token_type_ids', 'attention_mask')
+
+
+def batch_indices(step: int, batch_size: int, num_examples: int, seed: int) -> np.ndarray:
+  """Rows of global batch `step`: a fresh permutation of the training set each epoch, a function of (seed, step)."""
+  g = step * batch_size + np.arange(batch_size)
+  epochs, positions = g // num_examples, g % num_examples
+  perms = {e: np.random.default_rng([seed, 2, e]).permutation(num_examples) for e in np.unique(epochs)}
+  return np.array([perms[e][p] for e, p in zip(epochs, positions)])
+
+
+def local_rows(global_rows: np.ndarray) -> np.ndarray:
+  """This process's contiguous share of a global batch's rows."""
+  per_process = len(global_rows) // jax.process_count()
+  return global_rows[jax.process_index() * per_process:(jax.process_index() + 1) * per_process]
+
+
+def dev_metrics(task_cfg, labels, outputs, features, examples) -> dict:
+  """The task's metrics on the dev set from the model's outputs (host numpy)."""
+  kind = task_cfg.kind
+  if kind == 'regression':
+    preds, gold = np.asarray(outputs), features['labels']
+    return {'pearson': metrics_lib.pearson(preds, gold), 'spearman': metrics_lib.spearman(preds, gold)}
+  if kind == 'tagging':
+    predicted = tasks.word_predictions(labels, np.argmax(outputs, -1), features, examples)
+    gold = [e.tags for e in examples]
+    return {'token_accuracy': metrics_lib.token_accuracy(predicted, gold), **metrics_lib.entity_f1(predicted, gold)}
+  preds, gold = np.argmax(outputs, -1), features['labels']
+  glue_name = task_cfg.name if task_cfg.name in metrics_lib.GLUE_TASKS else None
+  if glue_name:
+    # GLUE metrics compare label ids; dev labels unseen in training (-1) never match.
+    return metrics_lib.glue_task_metrics(glue_name, preds, gold)
+  result = {'accuracy': metrics_lib.accuracy(preds, gold)}
+  if len(labels) == 2:
+    result['f1'] = metrics_lib.f1_binary(preds, gold)
+  return result
+
+
+def check_config(config) -> None:
+  t = config.task
+  if not config.init_from:
+    raise UserError('no pre-trained params: pass --config.init_from=PARAMS (from python -m jaxssl.export)')
+  if t.kind not in tasks.KINDS:
+    raise UserError(f'task.kind={t.kind!r}: use one of {", ".join(tasks.KINDS)}')
+  if t.kind == 'qa':
+    raise UserError('task.kind=qa: fine-tuning extractive QA is not wired into the job yet (heads and metrics '
+                    'exist); use classification, pair, regression or tagging')
+  if not t.train or not t.dev:
+    raise UserError('set the task files: --config.task.train=PATH --config.task.dev=PATH')
+  if config.train.steps <= 0 or config.train.batch_size <= 0:
+    raise UserError('train.steps and train.batch_size must be positive: fix them with --config.train.*')
+  if config.train.batch_size % jax.process_count():
+    raise UserError(f'train.batch_size={config.train.batch_size} must be a multiple of the process count')
+
+
+def run_finetuning(config, workdir: str) -> dict:
+  """Fine-tunes to `train.steps` (resuming from DIR's checkpoints); returns the best dev metrics."""
+  check_config(config)
+  t, task = config.train, config.task
+  saved = ckpt_lib.read_export_config(config.init_from)
+  tokenizer = tokenizers.load_tokenizer(config.init_from)
+  vocab_size = saved['vocab_size']
+  if tokenizer.vocab_size != vocab_size:
+    raise UserError(f'{config.init_from}: tokenizer has {tokenizer.vocab_size} ids but the params {vocab_size}: '
+                    'the export is inconsistent; re-export it')
+  model_cfg = ml_collections.ConfigDict(saved['model'])
+  if config.data.seq_len > model_cfg.max_position:
+    raise UserError(f'data.seq_len={config.data.seq_len} exceeds the model\'s max_position={model_cfg.max_position}: '
+                    'lower --config.data.seq_len')
+  train_examples = tasks.read_examples(task.kind, task.train)
+  dev_examples = tasks.read_examples(task.kind, task.dev)
+  labels = tasks.label_set(task.kind, train_examples)
+  num_labels = 1 if task.kind == 'regression' else len(labels)
+  if task.kind != 'regression' and num_labels < 2 and task.kind != 'tagging':
+    raise UserError(f'{task.train} has a single label {labels}: a classifier needs at least two')
+  train_features = tasks.featurize(task.kind, train_examples, tokenizer, config.data.seq_len, labels)
+  dev_features = tasks.featurize(task.kind, dev_examples, tokenizer, config.data.seq_len, labels)
+
+  mesh = mesh_lib.make_mesh(config.mesh.shape)
+  if t.batch_size % mesh_lib.batch_divisor(mesh):
+    raise UserError(f'train.batch_size={t.batch_size} must be a multiple of the data*fsdp mesh size '
+                    f'{mesh_lib.batch_divisor(mesh)}')
+  setup = state_lib.setup_module(
+      lambda rngs: heads.TaskModel(model_cfg, vocab_size, kind=task.kind, num_labels=num_labels, rngs=rngs,
+                                   classifier_dropout=config.model.classifier_dropout), mesh, t.seed)
+  tx, schedule = state_lib.make_optimizer(t), state_lib.make_schedule(t)
+  shardings = state_lib.state_shardings(setup, tx)
+  checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+  latest = checkpointer.latest_step()
+  best = {'value': -np.inf, 'step': 0, 'metrics': {}}
+  if latest is not None:
+    meta = checkpointer.read_meta(latest)
+    if meta.get('num_labels') != num_labels or meta['config']['task']['kind'] != task.kind:
+      raise UserError(f'{workdir} holds a fine-tuning run of another task: use a new --workdir')
+    state = checkpointer.restore(latest, state_lib.abstract_state(setup, tx))
+    best = meta['best']
+  else:
+    params = state_lib.init_params(setup)
+    # The body comes from the export; the head stays freshly initialised.
+    params['body'] = ckpt_lib.load_export_params(config.init_from, setup.abstract_params['body'])
+    state = state_lib.init_state(setup, tx, params)
+  start = int(jax.device_get(state['step']))
+  is_main = jax.process_index() == 0
+  if is_main:
+    print(f'jaxssl finetune: {task.name} ({task.kind}, {num_labels} label(s)) | body from {config.init_from} | '
+          f'{len(train_examples)} train / {len(dev_examples)} dev examples | mesh {dict(mesh.shape)} | '
+          f'{"resuming from step " + str(start) if latest is not None else "starting"} → {t.steps} | '
+          f'workdir {workdir}', flush=True)
+
+  def loss_fn(params, batch, key):
+    model = nnx.merge(setup.graphdef, params)
+    outputs = model(*(batch[k] for k in FEATURE_KEYS), dropout_rng=key, context_mask=batch.get('context_mask'))
+    loss, _ = heads.task_loss(task.kind, outputs, batch)
+    return loss
+
+  def train_step(state, batch):
+    key = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), state['step'])
+    loss, grads = jax.value_and_grad(loss_fn)(state['params'], batch, key)
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    new_state = {**state, 'params': optax.apply_updates(state['params'], updates), 'opt_state': opt_state,
+                 'step': state['step'] + 1}
+    return new_state, {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'learning_rate': schedule(state['step'])}
+
+  def predict(params, batch):
+    model = nnx.merge(setup.graphdef, params)
+    return model(*(batch[k] for k in FEATURE_KEYS))
+
+  replicated = NamedSharding(mesh, P())
+  batch_keys = [k for k in train_features if k in FEATURE_KEYS or k == 'labels']
+  batch_shardings = {k: mesh_lib.batch_sharding(mesh, train_features[k].ndim) for k in batch_keys}
+  train_step = jax.jit(train_step, in_shardings=(shardings, batch_shardings), out_shardings=(shardings, replicated),
+                       donate_argnums=0)
+  predict = jax.jit(predict, in_shardings=(setup.param_shardings,
+                                           {k: batch_shardings[k] for k in FEATURE_KEYS}))
+
+  def evaluate(params) -> dict:
+    n, eval_batch = len(dev_examples), config.eval.batch_size
+    eval_batch -= eval_batch % mesh_lib.batch_divisor(mesh) or 0
+    eval_batch = max(eval_batch, mesh_lib.batch_divisor(mesh))
+    outputs = []
+    for start_row in range(0, n, eval_batch):
+      rows = np.arange(start_row, start_row + eval_batch) % n  # the last batch wraps; extra rows are dropped
+      local = {k: dev_features[k][local_rows(rows)] for k in FEATURE_KEYS}
+      out = predict(params, mesh_lib.global_batch(local, mesh))
+      outputs.append(np.asarray(multihost_utils.process_allgather(out, tiled=True)))
+    outputs = np.concatenate(outputs)[:n]
+    return dev_metrics(task, labels, outputs, dev_features, dev_examples)
+
+  writer = writer_lib.MetricsWriter(workdir, resume_step=start, total_steps=t.steps)
+  export_config = {**saved, 'task': {'name': task.name, 'kind': task.kind, 'labels': labels,
+                                     'num_labels': num_labels},
+                   'finetune': json.loads(config_lib.to_json(config))}
+  try:
+    with jax.set_mesh(mesh):
+      for step in range(start, t.steps):
+        rows = local_rows(batch_indices(step, t.batch_size, len(train_examples), t.seed))
+        batch = mesh_lib.global_batch({k: train_features[k][rows] for k in batch_keys}, mesh)
+        state, step_metrics = train_step(state, batch)
+        done = step + 1
+        if done % config.log.every_steps == 0 or done == t.steps:
+          logged = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+          writer.write(done, logged)
+          writer.progress(done, logged)
+        if done % config.eval.every_steps == 0 or done == t.steps:
+          result = evaluate(state['params'])
+          writer.write(done, result, prefix='dev_')
+          writer.log(f'dev at step {done}: ' + ' '.join(f'{k}={v:.4f}' for k, v in result.items()))
+          if task.best_metric not in result:
+            raise UserError(f'task.best_metric={task.best_metric!r} is not among the dev metrics '
+                            f'{sorted(result)}: pick one of them')
+          if result[task.best_metric] > best['value']:
+            best = {'value': float(result[task.best_metric]), 'step': done, 'metrics': result}
+            ckpt_lib.write_export(os.path.join(workdir, 'export'), state['params'],
+                                  json.dumps({**export_config, 'best': best}, indent=2, sort_keys=True),
+                                  tokenizer, overwrite=True)
+        if done % config.checkpoint.every_steps == 0 or done == t.steps:
+          checkpointer.save(state, {'config': json.loads(config_lib.to_json(config)), 'step': done,
+                                    'num_labels': num_labels, 'best': best}, force=True)
+  finally:
+    checkpointer.close()
+    writer.close()
+  if is_main:
+    print(f'best dev {task.best_metric}={best["value"]:.4f} at step {best["step"]}; exported to '
+          f'{os.path.join(workdir, "export")}', flush=True)
+  return best
