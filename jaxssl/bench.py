@@ -83,11 +83,7 @@ def main(argv=None):
   parser = argparse.ArgumentParser(prog='python -m jaxssl.bench', description=__doc__.split('\n')[0])
   parser.add_argument('--config', default='configs/bert.py:small')
   parser.add_argument('--steps', type=int, default=10)
-  args, rest = parser.parse_known_args(argv)
-  config = config_lib.load_config(args.config)
-  unknown = config_lib.parse_overrides(config, rest)
-  if unknown:
-    parser.error(f'unrecognized arguments: {" ".join(unknown)}')
+  args, config = config_lib.parse_job_args(parser, argv)
   if args.steps < 1:
     parser.error('--steps must be at least 1')
   runtime.setup()

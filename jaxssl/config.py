@@ -106,6 +106,19 @@ def parse_overrides(config: ml_collections.ConfigDict, args: list[str]) -> list[
   return rest
 
 
+def parse_job_args(parser, argv):
+  """`parser`'s own flags plus `--config FILE.py:VARIANT` and `--config.KEY=VALUE` overrides → (args, config).
+
+  `parser` must define `--config`; any other unknown argument is an argparse error (exit status 2).
+  """
+  args, rest = parser.parse_known_args(argv)
+  config = load_config(args.config)
+  unknown = parse_overrides(config, rest)
+  if unknown:
+    parser.error(f'unrecognized arguments: {" ".join(unknown)}')
+  return args, config
+
+
 def to_json(config: ml_collections.ConfigDict) -> str:
   return config.to_json_best_effort(sort_keys=True, indent=2)
 

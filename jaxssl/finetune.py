@@ -17,11 +17,7 @@ def main(argv=None):
   parser = argparse.ArgumentParser(prog='python -m jaxssl.finetune', description=__doc__.split('\n')[0])
   parser.add_argument('--config', required=True, help='configs/finetune.py:TASK')
   parser.add_argument('--workdir', required=True)
-  args, rest = parser.parse_known_args(argv)
-  config = config_lib.load_config(args.config)
-  unknown = config_lib.parse_overrides(config, rest)
-  if unknown:
-    parser.error(f'unrecognized arguments: {" ".join(unknown)}')
+  args, config = config_lib.parse_job_args(parser, argv)
   runtime.setup()
   from jaxssl.train import finetune
   finetune.run_finetuning(config, args.workdir)

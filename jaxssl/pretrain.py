@@ -17,11 +17,7 @@ def main(argv=None):
   parser = argparse.ArgumentParser(prog='python -m jaxssl.pretrain', description=__doc__.split('\n')[0])
   parser.add_argument('--config', required=True, help='configs/FILE.py:VARIANT')
   parser.add_argument('--workdir', required=True, help='checkpoints, tokenizer, metrics.jsonl, TensorBoard events')
-  args, rest = parser.parse_known_args(argv)
-  config = config_lib.load_config(args.config)
-  unknown = config_lib.parse_overrides(config, rest)
-  if unknown:
-    parser.error(f'unrecognized arguments: {" ".join(unknown)}')
+  args, config = config_lib.parse_job_args(parser, argv)
   runtime.setup()
   from jaxssl.train import loop  # after runtime setup: importing jax-heavy modules initialises nothing early
   loop.run_pretraining(config, args.workdir)
