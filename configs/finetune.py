@@ -4,7 +4,7 @@
 
 Local tasks need no code: pick the variant of the task's shape and point `task.train` / `task.dev` at the files:
   classification | pair | regression | tagging | qa
-GLUE, SQuAD and CoNLL variants read local files of the same names' format (see README) until TFDS loading lands.
+GLUE, SQuAD and CoNLL variants read local files in those formats (see README) until TFDS loading lands.
 """
 import ml_collections
 

@@ -126,3 +126,29 @@ def test_finetune_bad_inputs(export_dir, tmp_path):
   no_params = run_finetune('classification', str(tmp_path / 'no_export'), tmp_path / 'w2', tmp_path / 'train.tsv',
                            tmp_path / 'train.tsv')
   assert no_params.returncode == 2 and 'jaxssl export' in no_params.stderr.strip().splitlines()[-1]
+
+
+def write_squad(path, n, seed):
+  """Contexts of filler words with one city in them; the question asks for the city."""
+  rng = random.Random(seed)
+  articles = []
+  for i in range(n):
+    words = rng.choices(FILLER, k=rng.randint(6, 30))  # the longer ones span several windows
+    city = rng.choice(['Paris', 'Rome'])
+    words.insert(rng.randint(0, len(words)), city)
+    context = ' '.join(words)
+    start = context.index(city)
+    articles.append({'paragraphs': [{'context': context, 'qas': [
+        {'id': f'q{i}', 'question': 'where', 'answers': [{'text': city, 'answer_start': start}]}]}]})
+  with open(path, 'w') as f:
+    json.dump({'data': articles}, f)
+
+
+def test_extractive_qa_learns_across_windows(export_dir, tmp_path):
+  write_squad(tmp_path / 'train.json', 300, 6)
+  write_squad(tmp_path / 'dev.json', 60, 7)
+  result = run_finetune('qa', export_dir, tmp_path / 'q', tmp_path / 'train.json', tmp_path / 'dev.json',
+                        '--config.train.steps=250', '--config.task.doc_stride=8', '--config.task.max_query_length=4')
+  assert result.returncode == 0, result.stderr[-3000:]
+  best = best_dev(tmp_path / 'q')
+  assert best['metrics']['exact_match'] > 0.8 and best['metrics']['f1'] > 0.8, best

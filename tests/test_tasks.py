@@ -98,3 +98,43 @@ def test_bad_files(tmp_path):
   conll.write_text('John B-PER\nlonely\n')
   with pytest.raises(UserError, match='line 2'):
     tasks.read_examples('tagging', str(conll))
+
+
+class FakeOffsetTokenizer(FakeTokenizer):
+  """One id per word, with character offsets (what a real tokenizer's encode_with_offsets gives)."""
+
+  def encode(self, texts):
+    return [[10 + len(w) for w in t.split()] for t in texts]
+
+  def encode_with_offsets(self, texts):
+    out = []
+    for text in texts:
+      ids, offsets, pos = [], [], 0
+      for word in text.split():
+        start = text.index(word, pos)
+        ids.append(10 + len(word))
+        offsets.append((start, start + len(word)))
+        pos = start + len(word)
+      out.append((ids, offsets))
+    return out
+
+
+def test_qa_windows_positions_and_answer_text():
+  context = ' '.join(f'w{i}' for i in range(20)) + ' the Eiffel Tower ' + ' '.join(f'v{i}' for i in range(10))
+  example = tasks.Example(text=context, question='what tower', qid='q', answers=[('Eiffel Tower', context.index('Eiffel'))])
+  features, infos = tasks.featurize_qa([example], FakeOffsetTokenizer(), 16, max_query_length=2, doc_stride=5)
+  assert len(infos) > 3  # 33 context words in windows of 11
+  hits = [f for f in range(len(infos)) if features['start_positions'][f] >= 0]
+  assert hits and all(features['end_positions'][f] == features['start_positions'][f] + 1 for f in hits)
+  for f in hits:  # the labelled tokens are the answer's words
+    offset, _ = infos[f].window
+    first = offset + features['start_positions'][f] - infos[f].context_start
+    assert context[slice(*infos[f].offsets[first])] == 'Eiffel'
+  assert all(features['context_mask'][f].sum() == infos[f].window[1] for f in range(len(infos)))
+  # Logits that point at the labelled span decode to the exact answer text.
+  start = np.full(features['input_ids'].shape, -10.0)
+  end = np.full(features['input_ids'].shape, -10.0)
+  for f in hits:
+    start[f, features['start_positions'][f]] = 5.0
+    end[f, features['end_positions'][f]] = 5.0
+  assert tasks.qa_predictions([example], infos, start, end, max_answer_length=5) == {'q': 'Eiffel Tower'}

@@ -212,3 +212,63 @@ def word_predictions(labels: list[str], predictions: np.ndarray, features: dict,
     tags = [labels[int(p)] for p, first in zip(pred, word_mask) if first]
     out.append(tags + ['O'] * (len(e.tokens) - len(tags)))
   return out
+
+
+@dataclasses.dataclass
+class QAFeatureInfo:
+  """Where one QA feature (a window of a context) came from, to map its logits back to the context text."""
+  example: int                   # index into the examples
+  window: tuple[int, int]        # (first context token, number of context tokens)
+  context_start: int             # position of the window's first context token in the feature
+  offsets: list                  # (char_start, char_end) of every context token of the example
+
+
+def _answer_tokens(offsets, char_start: int, char_end: int) -> tuple[int, int]:
+  """First and last context token overlapping the answer's characters ((-1, -1) if none)."""
+  inside = [i for i, (s, e) in enumerate(offsets) if e > char_start and s < char_end]
+  return (inside[0], inside[-1]) if inside else (-1, -1)
+
+
+def featurize_qa(examples: list[Example], tokenizer, seq_len: int, *, max_query_length: int,
+                 doc_stride: int) -> tuple[dict[str, np.ndarray], list[QAFeatureInfo]]:
+  """[CLS] question [SEP] context-window [SEP] features; long contexts become overlapping windows (BERT's
+  doc_stride). A window that does not contain the first answer gets start/end -1 (ignored by the loss)."""
+  from jaxssl.data import qa  # noqa: PLC0415 (qa imports nothing of tasks; kept local for a light import)
+  questions = tokenizer.encode([e.question for e in examples])
+  contexts = tokenizer.encode_with_offsets([e.text for e in examples])
+  rows, infos = [], []
+  for index, (e, q_ids, (c_ids, offsets)) in enumerate(zip(examples, questions, contexts)):
+    q_ids = q_ids[:max_query_length]
+    context_start = len(q_ids) + 2
+    answer = (-1, -1)
+    if e.answers:
+      text, char_start = e.answers[0]
+      answer = _answer_tokens(offsets, char_start, char_start + len(text))
+    for offset, length in qa.make_windows(len(c_ids), seq_len - len(q_ids) - 3, doc_stride):
+      row = pack(q_ids, c_ids[offset:offset + length], tokenizer, seq_len)
+      row['context_mask'] = np.zeros(seq_len, np.int32)
+      row['context_mask'][context_start:context_start + length] = 1
+      inside = answer[0] >= offset and answer[1] < offset + length and answer[0] >= 0
+      row['start_positions'] = np.int32(context_start + answer[0] - offset if inside else -1)
+      row['end_positions'] = np.int32(context_start + answer[1] - offset if inside else -1)
+      rows.append(row)
+      infos.append(QAFeatureInfo(index, (offset, length), context_start, offsets))
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}, infos
+
+
+def qa_predictions(examples: list[Example], infos: list[QAFeatureInfo], start_logits, end_logits,
+                   max_answer_length: int) -> dict[str, str]:
+  """{question id: answer text}: the best span over each example's windows (max-context rule)."""
+  from jaxssl.data import qa  # noqa: PLC0415
+  by_example: dict[int, list[int]] = {}
+  for f, info in enumerate(infos):
+    by_example.setdefault(info.example, []).append(f)
+  out = {}
+  for index, features in by_example.items():
+    e = examples[index]
+    answer = qa.best_answer_over_windows(
+        [(start_logits[f], end_logits[f]) for f in features], [infos[f].window for f in features],
+        infos[features[0]].offsets, e.text, max_answer_length,
+        context_starts=[infos[f].context_start for f in features])
+    out[e.qid] = answer.text
+  return out

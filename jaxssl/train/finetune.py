@@ -42,9 +42,15 @@ def local_rows(global_rows: np.ndarray) -> np.ndarray:
   return global_rows[jax.process_index() * per_process:(jax.process_index() + 1) * per_process]
 
 
-def dev_metrics(task_cfg, labels, outputs, features, examples) -> dict:
+def dev_metrics(task_cfg, labels, outputs, features, examples, qa_infos=None) -> dict:
   """The task's metrics on the dev set from the model's outputs (host numpy)."""
   kind = task_cfg.kind
+  if kind == 'qa':
+    start_logits, end_logits = outputs
+    predictions = tasks.qa_predictions(examples, qa_infos, start_logits, end_logits, task_cfg.max_answer_length)
+    answers = {e.qid: [text for text, _ in e.answers] for e in examples}
+    # Official SQuAD figures are percentages; reported here in [0, 1] like every other dev metric.
+    return {k: v / 100.0 for k, v in metrics_lib.squad_metrics(predictions, answers).items()}
   if kind == 'regression':
     preds, gold = np.asarray(outputs), features['labels']
     return {'pearson': metrics_lib.pearson(preds, gold), 'spearman': metrics_lib.spearman(preds, gold)}
@@ -69,9 +75,6 @@ def check_config(config) -> None:
     raise UserError('no pre-trained params: pass --config.init_from=PARAMS (from python -m jaxssl.export)')
   if t.kind not in tasks.KINDS:
     raise UserError(f'task.kind={t.kind!r}: use one of {", ".join(tasks.KINDS)}')
-  if t.kind == 'qa':
-    raise UserError('task.kind=qa: fine-tuning extractive QA is not wired into the job yet (heads and metrics '
-                    'exist); use classification, pair, regression or tagging')
   if not t.train or not t.dev:
     raise UserError('set the task files: --config.task.train=PATH --config.task.dev=PATH')
   if config.train.steps <= 0 or config.train.batch_size <= 0:
@@ -97,11 +100,18 @@ def run_finetuning(config, workdir: str) -> dict:
   train_examples = tasks.read_examples(task.kind, task.train)
   dev_examples = tasks.read_examples(task.kind, task.dev)
   labels = tasks.label_set(task.kind, train_examples)
-  num_labels = 1 if task.kind == 'regression' else len(labels)
-  if task.kind != 'regression' and num_labels < 2 and task.kind != 'tagging':
+  num_labels = {'regression': 1, 'qa': 2}.get(task.kind, len(labels))
+  if task.kind in ('classification', 'pair') and num_labels < 2:
     raise UserError(f'{task.train} has a single label {labels}: a classifier needs at least two')
-  train_features = tasks.featurize(task.kind, train_examples, tokenizer, config.data.seq_len, labels)
-  dev_features = tasks.featurize(task.kind, dev_examples, tokenizer, config.data.seq_len, labels)
+  dev_infos = None
+  if task.kind == 'qa':
+    qa_args = dict(max_query_length=task.max_query_length, doc_stride=task.doc_stride)
+    train_features, _ = tasks.featurize_qa(train_examples, tokenizer, config.data.seq_len, **qa_args)
+    dev_features, dev_infos = tasks.featurize_qa(dev_examples, tokenizer, config.data.seq_len, **qa_args)
+  else:
+    train_features = tasks.featurize(task.kind, train_examples, tokenizer, config.data.seq_len, labels)
+    dev_features = tasks.featurize(task.kind, dev_examples, tokenizer, config.data.seq_len, labels)
+  num_train = len(train_features['input_ids'])
 
   mesh = mesh_lib.make_mesh(config.mesh.shape)
   if t.batch_size % mesh_lib.batch_divisor(mesh):
@@ -150,28 +160,28 @@ def run_finetuning(config, workdir: str) -> dict:
 
   def predict(params, batch):
     model = nnx.merge(setup.graphdef, params)
-    return model(*(batch[k] for k in FEATURE_KEYS))
+    return model(*(batch[k] for k in FEATURE_KEYS), context_mask=batch.get('context_mask'))
 
   replicated = NamedSharding(mesh, P())
-  batch_keys = [k for k in train_features if k in FEATURE_KEYS or k == 'labels']
+  input_keys = [k for k in train_features if k in FEATURE_KEYS or k == 'context_mask']
+  batch_keys = input_keys + [k for k in train_features if k in ('labels', 'start_positions', 'end_positions')]
   batch_shardings = {k: mesh_lib.batch_sharding(mesh, train_features[k].ndim) for k in batch_keys}
   train_step = jax.jit(train_step, in_shardings=(shardings, batch_shardings), out_shardings=(shardings, replicated),
                        donate_argnums=0)
-  predict = jax.jit(predict, in_shardings=(setup.param_shardings,
-                                           {k: batch_shardings[k] for k in FEATURE_KEYS}))
+  predict = jax.jit(predict, in_shardings=(setup.param_shardings, {k: batch_shardings[k] for k in input_keys}))
 
   def evaluate(params) -> dict:
-    n, eval_batch = len(dev_examples), config.eval.batch_size
+    n, eval_batch = len(dev_features['input_ids']), config.eval.batch_size
     eval_batch -= eval_batch % mesh_lib.batch_divisor(mesh) or 0
     eval_batch = max(eval_batch, mesh_lib.batch_divisor(mesh))
     outputs = []
     for start_row in range(0, n, eval_batch):
       rows = np.arange(start_row, start_row + eval_batch) % n  # the last batch wraps; extra rows are dropped
-      local = {k: dev_features[k][local_rows(rows)] for k in FEATURE_KEYS}
+      local = {k: dev_features[k][local_rows(rows)] for k in input_keys}
       out = predict(params, mesh_lib.global_batch(local, mesh))
-      outputs.append(np.asarray(multihost_utils.process_allgather(out, tiled=True)))
-    outputs = np.concatenate(outputs)[:n]
-    return dev_metrics(task, labels, outputs, dev_features, dev_examples)
+      outputs.append(jax.tree.map(np.asarray, multihost_utils.process_allgather(out, tiled=True)))
+    outputs = jax.tree.map(lambda *parts: np.concatenate(parts)[:n], *outputs)
+    return dev_metrics(task, labels, outputs, dev_features, dev_examples, dev_infos)
 
   writer = writer_lib.MetricsWriter(workdir, resume_step=start, total_steps=t.steps)
   export_config = {**saved, 'task': {'name': task.name, 'kind': task.kind, 'labels': labels,
@@ -180,7 +190,7 @@ def run_finetuning(config, workdir: str) -> dict:
   try:
     with jax.set_mesh(mesh):
       for step in range(start, t.steps):
-        rows = local_rows(batch_indices(step, t.batch_size, len(train_examples), t.seed))
+        rows = local_rows(batch_indices(step, t.batch_size, num_train, t.seed))
         batch = mesh_lib.global_batch({k: train_features[k][rows] for k in batch_keys}, mesh)
         state, step_metrics = train_step(state, batch)
         done = step + 1
