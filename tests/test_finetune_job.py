@@ -82,6 +82,18 @@ def test_classification_learns_and_exports_best(export_dir, tmp_path):
   with open(tmp_path / 'w' / 'metrics.jsonl') as f:
     assert any('dev_accuracy' in json.loads(line) for line in f)
 
+  # The evaluate job reads the export back and reproduces the best dev figures.
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  out = tmp_path / 'results.json'
+  result = subprocess.run([sys.executable, '-m', 'jaxssl.evaluate', '--config', 'configs/eval.py:task',
+                           f'--config.params={tmp_path / "w" / "export"}', '--out', str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.load(open(out))
+  assert report['tasks']['classification']['accuracy'] == pytest.approx(best['metrics']['accuracy'])
+  assert report['average'] == pytest.approx(best['metrics']['accuracy'])
+  assert 'average' in result.stdout
+
 
 def test_pair_regression_and_tagging_learn(export_dir, tmp_path):
   write_sentiment(tmp_path / 'pairs_train.tsv', 400, 3, pair=True)

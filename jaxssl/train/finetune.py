@@ -69,6 +69,41 @@ def dev_metrics(task_cfg, labels, outputs, features, examples, qa_infos=None) ->
   return result
 
 
+def featurize_task(task_cfg, examples, tokenizer, seq_len: int, labels):
+  """(features, QA window infos or None) for any task kind."""
+  if task_cfg.kind == 'qa':
+    return tasks.featurize_qa(examples, tokenizer, seq_len, max_query_length=task_cfg.max_query_length,
+                              doc_stride=task_cfg.doc_stride)
+  return tasks.featurize(task_cfg.kind, examples, tokenizer, seq_len, labels), None
+
+
+def make_predictor(setup, mesh, features: dict, batch_size: int):
+  """`predict(params, features) -> outputs` over all rows (host numpy), in sharded batches on the mesh."""
+  input_keys = [k for k in features if k in FEATURE_KEYS or k == 'context_mask']
+
+  def forward(params, batch):
+    model = nnx.merge(setup.graphdef, params)
+    return model(*(batch[k] for k in FEATURE_KEYS), context_mask=batch.get('context_mask'))
+
+  shardings = {k: mesh_lib.batch_sharding(mesh, features[k].ndim) for k in input_keys}
+  forward = jax.jit(forward, in_shardings=(setup.param_shardings, shardings))
+  divisor = mesh_lib.batch_divisor(mesh)
+  batch_size = max(batch_size - batch_size % divisor, divisor)
+
+  def predict(params, rows_of: dict):
+    n = len(rows_of['input_ids'])
+    outputs = []
+    for start_row in range(0, n, batch_size):
+      rows = np.arange(start_row, start_row + batch_size) % n  # the last batch wraps; extra rows are dropped
+      local = {k: rows_of[k][local_rows(rows)] for k in input_keys}
+      with jax.set_mesh(mesh):
+        out = forward(params, mesh_lib.global_batch(local, mesh))
+      outputs.append(jax.tree.map(np.asarray, multihost_utils.process_allgather(out, tiled=True)))
+    return jax.tree.map(lambda *parts: np.concatenate(parts)[:n], *outputs)
+
+  return predict
+
+
 def check_config(config) -> None:
   t = config.task
   if not config.init_from:
@@ -103,14 +138,8 @@ def run_finetuning(config, workdir: str) -> dict:
   num_labels = {'regression': 1, 'qa': 2}.get(task.kind, len(labels))
   if task.kind in ('classification', 'pair') and num_labels < 2:
     raise UserError(f'{task.train} has a single label {labels}: a classifier needs at least two')
-  dev_infos = None
-  if task.kind == 'qa':
-    qa_args = dict(max_query_length=task.max_query_length, doc_stride=task.doc_stride)
-    train_features, _ = tasks.featurize_qa(train_examples, tokenizer, config.data.seq_len, **qa_args)
-    dev_features, dev_infos = tasks.featurize_qa(dev_examples, tokenizer, config.data.seq_len, **qa_args)
-  else:
-    train_features = tasks.featurize(task.kind, train_examples, tokenizer, config.data.seq_len, labels)
-    dev_features = tasks.featurize(task.kind, dev_examples, tokenizer, config.data.seq_len, labels)
+  train_features, _ = featurize_task(task, train_examples, tokenizer, config.data.seq_len, labels)
+  dev_features, dev_infos = featurize_task(task, dev_examples, tokenizer, config.data.seq_len, labels)
   num_train = len(train_features['input_ids'])
 
   mesh = mesh_lib.make_mesh(config.mesh.shape)
@@ -158,30 +187,16 @@ def run_finetuning(config, workdir: str) -> dict:
                  'step': state['step'] + 1}
     return new_state, {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'learning_rate': schedule(state['step'])}
 
-  def predict(params, batch):
-    model = nnx.merge(setup.graphdef, params)
-    return model(*(batch[k] for k in FEATURE_KEYS), context_mask=batch.get('context_mask'))
-
   replicated = NamedSharding(mesh, P())
   input_keys = [k for k in train_features if k in FEATURE_KEYS or k == 'context_mask']
   batch_keys = input_keys + [k for k in train_features if k in ('labels', 'start_positions', 'end_positions')]
   batch_shardings = {k: mesh_lib.batch_sharding(mesh, train_features[k].ndim) for k in batch_keys}
   train_step = jax.jit(train_step, in_shardings=(shardings, batch_shardings), out_shardings=(shardings, replicated),
                        donate_argnums=0)
-  predict = jax.jit(predict, in_shardings=(setup.param_shardings, {k: batch_shardings[k] for k in input_keys}))
+  predict = make_predictor(setup, mesh, dev_features, config.eval.batch_size)
 
   def evaluate(params) -> dict:
-    n, eval_batch = len(dev_features['input_ids']), config.eval.batch_size
-    eval_batch -= eval_batch % mesh_lib.batch_divisor(mesh) or 0
-    eval_batch = max(eval_batch, mesh_lib.batch_divisor(mesh))
-    outputs = []
-    for start_row in range(0, n, eval_batch):
-      rows = np.arange(start_row, start_row + eval_batch) % n  # the last batch wraps; extra rows are dropped
-      local = {k: dev_features[k][local_rows(rows)] for k in input_keys}
-      out = predict(params, mesh_lib.global_batch(local, mesh))
-      outputs.append(jax.tree.map(np.asarray, multihost_utils.process_allgather(out, tiled=True)))
-    outputs = jax.tree.map(lambda *parts: np.concatenate(parts)[:n], *outputs)
-    return dev_metrics(task, labels, outputs, dev_features, dev_examples, dev_infos)
+    return dev_metrics(task, labels, predict(params, dev_features), dev_features, dev_examples, dev_infos)
 
   writer = writer_lib.MetricsWriter(workdir, resume_step=start, total_steps=t.steps)
   export_config = {**saved, 'task': {'name': task.name, 'kind': task.kind, 'labels': labels,
