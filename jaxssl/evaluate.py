@@ -7,7 +7,6 @@ counts a task with two metrics (MRPC, QQP: F1 and accuracy; STS-B: Pearson and S
 """
 import argparse
 import json
-import os
 import sys
 
 from jaxssl import config as config_lib
@@ -15,8 +14,8 @@ from jaxssl import runtime
 from jaxssl.errors import UserError, exit_on_user_error
 
 
-def evaluate_export(path: str, data: str, batch_size: int, mesh) -> tuple[dict, dict]:
-  """(metrics, the export's task info) of one fine-tuned export on `data` (default: its dev file)."""
+def evaluate_export(path: str, data: str, batch_size: int, mesh):
+  """(metrics, the fine-tune run's task config) of one fine-tuned export on `data` (default: its dev file)."""
   import ml_collections
   from jaxssl.data import tasks, tokenizers
   from jaxssl.models import heads
@@ -39,7 +38,7 @@ def evaluate_export(path: str, data: str, batch_size: int, mesh) -> tuple[dict, 
                                    rngs=rngs), mesh)
   params = ckpt_lib.load_export_params(path, setup.abstract_params)
   outputs = finetune.make_predictor(setup, mesh, features, batch_size)(params, features)
-  return finetune.dev_metrics(task_cfg, info['labels'], outputs, features, examples, qa_infos), info
+  return finetune.dev_metrics(task_cfg, info['labels'], outputs, features, examples, qa_infos), task_cfg
 
 
 def headline(name: str, metrics: dict, best_metric: str) -> float:
@@ -60,11 +59,10 @@ def run(config, out: str) -> dict:
   results, headlines = {}, {}
   for name in names:
     path = config.params.replace('{task}', name)
-    metrics, info = evaluate_export(path, config.data.replace('{task}', name), config.batch_size, mesh)
-    key = name or info['name']
+    metrics, task_cfg = evaluate_export(path, config.data.replace('{task}', name), config.batch_size, mesh)
+    key = name or task_cfg.name
     results[key] = metrics
-    best_metric = json.loads(open(os.path.join(path, 'config.json')).read())['finetune']['task']['best_metric']
-    headlines[key] = headline(key, metrics, best_metric)
+    headlines[key] = headline(key, metrics, task_cfg.best_metric)
   report = {'tasks': results, 'headline': headlines, 'average': sum(headlines.values()) / len(headlines)}
   if jax.process_index() == 0:
     with open(out, 'w') as f:

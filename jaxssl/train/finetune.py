@@ -77,9 +77,14 @@ def featurize_task(task_cfg, examples, tokenizer, seq_len: int, labels):
   return tasks.featurize(task_cfg.kind, examples, tokenizer, seq_len, labels), None
 
 
+def model_inputs(features: dict) -> list[str]:
+  """The feature keys the task model reads (the rest are labels)."""
+  return [k for k in features if k in FEATURE_KEYS or k == 'context_mask']
+
+
 def make_predictor(setup, mesh, features: dict, batch_size: int):
   """`predict(params, features) -> outputs` over all rows (host numpy), in sharded batches on the mesh."""
-  input_keys = [k for k in features if k in FEATURE_KEYS or k == 'context_mask']
+  input_keys = model_inputs(features)
 
   def forward(params, batch):
     model = nnx.merge(setup.graphdef, params)
@@ -188,8 +193,7 @@ def run_finetuning(config, workdir: str) -> dict:
     return new_state, {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'learning_rate': schedule(state['step'])}
 
   replicated = NamedSharding(mesh, P())
-  input_keys = [k for k in train_features if k in FEATURE_KEYS or k == 'context_mask']
-  batch_keys = input_keys + [k for k in train_features if k in ('labels', 'start_positions', 'end_positions')]
+  batch_keys = model_inputs(train_features) + [k for k in train_features if k in ('labels', 'start_positions', 'end_positions')]
   batch_shardings = {k: mesh_lib.batch_sharding(mesh, train_features[k].ndim) for k in batch_keys}
   train_step = jax.jit(train_step, in_shardings=(shardings, batch_shardings), out_shardings=(shardings, replicated),
                        donate_argnums=0)
