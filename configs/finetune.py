@@ -4,7 +4,10 @@
 
 Local tasks need no code: pick the variant of the task's shape and point `task.train` / `task.dev` at the files:
   classification | pair | regression | tagging | qa
-GLUE, SQuAD and CoNLL variants read local files in those formats (see README) until TFDS loading lands.
+The GLUE variants (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli), `squad` and `conll2003` read the TFDS
+dataset of that name (`task.tfds`; `task.train` / `task.dev` are then split names), prepared under
+`task.data_dir` ('' = $JAXSSL_DATA_DIR or ~/.cache/jaxssl/tfds). To run one of them on local files instead,
+pass `--config.task.tfds=` and file paths.
 """
 import ml_collections
 
@@ -33,8 +36,14 @@ def get_config(variant: str = 'classification') -> ml_collections.ConfigDict:
     kind, best = 'tagging', 'f1'
   else:
     kind, best = variant, BEST_METRIC[variant]
+  tfds_name = f'glue/{variant}' if variant in GLUE else {'squad': 'squad/v1.1', 'conll2003': 'conll2003'}.get(variant, '')
+  dev = 'validation_matched' if variant == 'mnli' else 'validation' if tfds_name else ''
+  # The evaluate job scores each of these sets (name → split or file); empty: the dev set under the task's name.
+  eval_sets = {'mnli_matched': 'validation_matched', 'mnli_mismatched': 'validation_mismatched'} \
+      if variant == 'mnli' else {}
   c.task = ml_collections.ConfigDict(dict(
-      name=variant, kind=kind, train='', dev='', test='',
+      name=variant, kind=kind, tfds=tfds_name, data_dir='', tag_feature='ner',
+      train='train' if tfds_name else '', dev=dev, test='', eval_sets=eval_sets,
       best_metric=best,            # dev metric that picks the checkpoint exported to DIR/export
       max_answer_length=30,        # qa: longest answer span in tokens
       doc_stride=128,              # qa: step between the starts of overlapping context windows

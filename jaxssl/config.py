@@ -56,6 +56,8 @@ def _coerce(key: str, old, new):
     if isinstance(new, int) and not isinstance(new, bool):
       return new
   elif isinstance(old, (tuple, list)):
+    if isinstance(new, str) and ',' in new:  # --config.tasks=cola,sst2 as well as ('cola', 'sst2')
+      new = tuple(_parse_value(part.strip()) for part in new.split(',') if part.strip())
     if isinstance(new, (int, float, str)):
       new = (new,)
     if isinstance(new, (tuple, list)):

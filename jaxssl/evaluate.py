@@ -2,8 +2,9 @@
 
   python -m jaxssl.evaluate --config configs/eval.py:task --config.params=DIR/export --out results.json
 
-Writes `results.json` ({"tasks": {name: {metric: value}}, "average": ...}) and prints a table; the average
-counts a task with two metrics (MRPC, QQP: F1 and accuracy; STS-B: Pearson and Spearman) as their mean, as GLUE.
+Writes `results.json` ({"tasks": {name: {metric: value}}, "headline": ..., "average": ...}) and prints a table.
+A task's headline counts two metrics (MRPC, QQP: F1 and accuracy; STS-B: Pearson and Spearman) as their mean;
+when every scored set is a GLUE task the average is the GLUE score (MNLI matched + mismatched count as one task).
 """
 import argparse
 import json
@@ -15,7 +16,11 @@ from jaxssl.errors import UserError, exit_on_user_error
 
 
 def evaluate_export(path: str, data: str, batch_size: int, mesh):
-  """(metrics, the fine-tune run's task config) of one fine-tuned export on `data` (default: its dev file)."""
+  """({set name: metrics}, the fine-tune run's task config) of one fine-tuned export.
+
+  Scores `data` (a file, or a split when the task reads TFDS) when given, else each of the run's
+  `task.eval_sets` (MNLI: matched and mismatched), else its dev set.
+  """
   import ml_collections
   from jaxssl.data import tasks, tokenizers
   from jaxssl.models import heads
@@ -27,18 +32,22 @@ def evaluate_export(path: str, data: str, batch_size: int, mesh):
     raise UserError(f'{path} is a pretraining export, not a fine-tuned one: evaluate DIR/export of '
                     'python -m jaxssl.finetune')
   info, task_cfg = saved['task'], ml_collections.ConfigDict(saved['finetune']['task'])
-  data = data or task_cfg.dev
+  sets = {task_cfg.name: data} if data else dict(task_cfg.get('eval_sets') or {}) or {task_cfg.name: task_cfg.dev}
   tokenizer = tokenizers.load_tokenizer(path)
-  examples = tasks.read_examples(info['kind'], data)
   seq_len = saved['finetune']['data']['seq_len']
-  features, qa_infos = finetune.featurize_task(task_cfg, examples, tokenizer, seq_len, info['labels'])
   model_cfg = ml_collections.ConfigDict(saved['model'])
   setup = state_lib.setup_module(
       lambda rngs: heads.TaskModel(model_cfg, saved['vocab_size'], kind=info['kind'], num_labels=info['num_labels'],
                                    rngs=rngs), mesh)
   params = ckpt_lib.load_export_params(path, setup.abstract_params)
-  outputs = finetune.make_predictor(setup, mesh, features, batch_size)(params, features)
-  return finetune.dev_metrics(task_cfg, info['labels'], outputs, features, examples, qa_infos), task_cfg
+  results, predict = {}, None
+  for name, source in sets.items():
+    examples, _ = tasks.read_task_split(task_cfg, source)
+    features, qa_infos = finetune.featurize_task(task_cfg, examples, tokenizer, seq_len, info['labels'])
+    predict = predict or finetune.make_predictor(setup, mesh, features, batch_size)
+    outputs = predict(params, features)
+    results[name] = finetune.dev_metrics(task_cfg, info['labels'], outputs, features, examples, qa_infos)
+  return results, task_cfg
 
 
 def headline(name: str, metrics: dict, best_metric: str) -> float:
@@ -50,20 +59,29 @@ def headline(name: str, metrics: dict, best_metric: str) -> float:
 
 
 def run(config, out: str) -> dict:
+  """Scores each export of the config (one, or one per suite task) and writes the report to `out`."""
   import jax
   from jaxssl import mesh as mesh_lib
+  from jaxssl.eval import metrics as metrics_lib
   if not config.params:
     raise UserError('pass --config.params=DIR/export (a fine-tuned export; in a suite use {task} in the path)')
   mesh = mesh_lib.make_mesh(config.mesh.shape)
-  names = list(config.tasks) or ['']
   results, headlines = {}, {}
-  for name in names:
+  for name in list(config.tasks) or ['']:
     path = config.params.replace('{task}', name)
-    metrics, task_cfg = evaluate_export(path, config.data.replace('{task}', name), config.batch_size, mesh)
-    key = name or task_cfg.name
-    results[key] = metrics
-    headlines[key] = headline(key, metrics, task_cfg.best_metric)
-  report = {'tasks': results, 'headline': headlines, 'average': sum(headlines.values()) / len(headlines)}
+    if name and '{task}' not in config.params:
+      raise UserError(f'a suite of {len(config.tasks)} tasks needs one export per task: put {{task}} in '
+                      f'--config.params (got {config.params!r})')
+    per_set, task_cfg = evaluate_export(path, config.data.replace('{task}', name), config.batch_size, mesh)
+    for key, metrics in per_set.items():
+      key = name if name and len(per_set) == 1 else key
+      results[key] = metrics
+      headlines[key] = headline(key, metrics, task_cfg.best_metric)
+  glue = all(k in metrics_lib.GLUE_TASKS for k in results)
+  # GLUE counts MNLI matched + mismatched as one task; other suites weigh every scored set equally.
+  average = metrics_lib.glue_score(results) if glue else sum(headlines.values()) / len(headlines)
+  report = {'tasks': results, 'headline': headlines, 'average': average,
+            'average_kind': 'GLUE score' if glue else 'mean of task scores'}
   if jax.process_index() == 0:
     with open(out, 'w') as f:
       json.dump(report, f, indent=2, sort_keys=True)
@@ -72,7 +90,7 @@ def run(config, out: str) -> dict:
     for key, metrics in results.items():
       shown = ' '.join(f'{k}={v:.4f}' for k, v in sorted(metrics.items()))
       print(f'{key:<{width}}{headlines[key]:.4f}  {shown}')
-    print(f'{"average":<{width}}{report["average"]:.4f}\nwrote {out}')
+    print(f'{"average":<{width}}{average:.4f}  ({report["average_kind"]})\nwrote {out}')
   return report
 
 

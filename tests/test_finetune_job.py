@@ -11,6 +11,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POSITIVE, NEGATIVE = ['good', 'great', 'fine', 'lovely'], ['bad', 'awful', 'poor', 'dull']
 FILLER = 'the a film movie plot actor was is very quite and but story scene'.split()
+NAMES, CITIES = ['John', 'Mary'], ['Paris', 'Rome']
 
 
 def sentence(rng, word):
@@ -19,27 +20,38 @@ def sentence(rng, word):
   return ' '.join(words)
 
 
+def job(module, *args):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  return subprocess.run([sys.executable, '-m', module, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=600)
+
+
 @pytest.fixture(scope='module')
 def export_dir(tmp_path_factory):
-  """A tiny BERT with a sentencepiece tokenizer, exported as `python -m jaxssl.export` would write it."""
-  from jaxssl import config as config_lib
-  from jaxssl import mesh as mesh_lib
-  from jaxssl.data import tokenizers
-  from jaxssl.train import checkpoint as ckpt_lib
-  from jaxssl.train import state as state_lib
-  base = tmp_path_factory.mktemp('export')
+  """A tiny BERT pretrained by `python -m jaxssl.pretrain` on text of the tasks' words (its own sentencepiece
+  tokenizer included) and exported by `python -m jaxssl.export`: the start of every fine-tune run here."""
+  base = tmp_path_factory.mktemp('pretrained')
   rng = random.Random(0)
-  text = [sentence(rng, w) for w in (POSITIVE + NEGATIVE) * 50] + ['John lives in Paris', 'Mary visits Rome']
-  tokenizer = tokenizers.train_tokenizer(text, 50, str(base / 'tok'))
-  config = config_lib.load_config('configs/bert.py:tiny')
-  config_lib.parse_overrides(config, ['--config.model.num_layers=1', '--config.model.hidden_size=32',
-                                      '--config.model.num_heads=2', '--config.model.intermediate_size=64',
-                                      '--config.model.max_position=32', '--config.tokenizer.vocab_size=50'])
-  setup = state_lib.setup_model(config.model, 50, mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1]))
-  out = base / 'params'
-  saved = {**json.loads(config_lib.to_json(config)), 'vocab_size': 50}
-  ckpt_lib.write_export(str(out), state_lib.init_params(setup), json.dumps(saved), tokenizer)
-  return str(out)
+  docs = [[sentence(rng, w) for w in rng.sample(POSITIVE + NEGATIVE, 4)] + [f'{rng.choice(NAMES)} lives in '
+                                                                               f'{rng.choice(CITIES)} where'] for _ in range(100)]
+  (base / 'corpus.txt').write_text('\n\n'.join('\n'.join(d) for d in docs) + '\n')
+  result = job('jaxssl.pretrain', '--config', 'configs/bert.py:tiny', f'--config.data.corpus={base / "corpus.txt"}',
+               '--config.model.num_layers=1', '--config.model.hidden_size=32', '--config.model.num_heads=2',
+               '--config.model.intermediate_size=64', '--config.model.max_position=32', '--config.data.seq_len=32',
+               '--config.data.max_predictions=5', '--config.tokenizer.vocab_size=50', '--config.train.steps=40',
+               '--config.train.batch_size=8', '--config.train.warmup_steps=5', '--config.eval.batches=1',
+               '--config.eval.every_steps=40', '--config.checkpoint.every_steps=40', '--config.data.num_threads=1',
+               '--workdir', str(base / 'run'))
+  assert result.returncode == 0, result.stderr[-3000:]
+  result = job('jaxssl.export', '--workdir', str(base / 'run'), '--out', str(base / 'params'))
+  assert result.returncode == 0, result.stderr[-3000:]
+  return str(base / 'params')
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  """runs/{task}: one fine-tune workdir per task, named as the evaluate suite's {task} pattern expects."""
+  return tmp_path_factory.mktemp('runs')
 
 
 def run_finetune(variant, export_dir, workdir, train, dev, *extra):
@@ -70,38 +82,83 @@ def write_sentiment(path, n, seed, pair=False):
         f.write(f'{sentence(rng, word)}\t{"pos" if label else "neg"}\n')
 
 
-def test_classification_learns_and_exports_best(export_dir, tmp_path):
-  write_sentiment(tmp_path / 'train.tsv', 400, 1)
-  write_sentiment(tmp_path / 'dev.tsv', 100, 2)
-  result = run_finetune('classification', export_dir, tmp_path / 'w', tmp_path / 'train.tsv', tmp_path / 'dev.tsv')
+def finetuned(variant, export_dir, workdir, train, dev, *extra):
+  result = run_finetune(variant, export_dir, workdir, train, dev, *extra)
   assert result.returncode == 0, result.stderr[-3000:]
-  best = best_dev(tmp_path / 'w')
+  return workdir
+
+
+@pytest.fixture(scope='module')
+def classification_run(export_dir, runs, tmp_path_factory):
+  data = tmp_path_factory.mktemp('sentiment')
+  write_sentiment(data / 'train.tsv', 400, 1)
+  write_sentiment(data / 'dev.tsv', 100, 2)
+  return finetuned('classification', export_dir, runs / 'classification', data / 'train.tsv', data / 'dev.tsv')
+
+
+@pytest.fixture(scope='module')
+def pair_run(export_dir, runs, tmp_path_factory):
+  data = tmp_path_factory.mktemp('pairs')
+  write_sentiment(data / 'train.tsv', 400, 3, pair=True)
+  write_sentiment(data / 'dev.tsv', 100, 4, pair=True)
+  return finetuned('pair', export_dir, runs / 'pair', data / 'train.tsv', data / 'dev.tsv')
+
+
+def write_tagging(path, n, seed):
+  rng = random.Random(seed)
+  with open(path, 'w') as f:
+    for _ in range(n):
+      words = rng.choices(FILLER, k=5)
+      pos = rng.randint(0, 4)
+      words[pos] = rng.choice(NAMES + CITIES)
+      for i, w in enumerate(words):
+        tag = ('B-PER' if w in NAMES else 'B-LOC') if i == pos else 'O'
+        f.write(f'{w}\t{tag}\n')
+      f.write('\n')
+
+
+@pytest.fixture(scope='module')
+def tagging_run(export_dir, runs, tmp_path_factory):
+  data = tmp_path_factory.mktemp('tagging')
+  write_tagging(data / 'train.conll', 300, 8)
+  write_tagging(data / 'dev.conll', 60, 9)
+  return finetuned('tagging', export_dir, runs / 'tagging', data / 'train.conll', data / 'dev.conll',
+                   '--config.train.steps=300')
+
+
+@pytest.fixture(scope='module')
+def qa_run(export_dir, runs, tmp_path_factory):
+  data = tmp_path_factory.mktemp('squad')
+  write_squad(data / 'train.json', 300, 6)
+  write_squad(data / 'dev.json', 60, 7)
+  return finetuned('qa', export_dir, runs / 'qa', data / 'train.json', data / 'dev.json', '--config.train.steps=250',
+                   '--config.task.doc_stride=8', '--config.task.max_query_length=4')
+
+
+def test_classification_learns_and_exports_best(classification_run):
+  best = best_dev(classification_run)
   assert best['metrics']['accuracy'] > 0.9, best
-  exported = json.load(open(tmp_path / 'w' / 'export' / 'config.json'))
+  exported = json.load(open(classification_run / 'export' / 'config.json'))
   assert exported['task']['labels'] == ['neg', 'pos']
-  with open(tmp_path / 'w' / 'metrics.jsonl') as f:
+  with open(classification_run / 'metrics.jsonl') as f:
     assert any('dev_accuracy' in json.loads(line) for line in f)
 
-  # The evaluate job reads the export back and reproduces the best dev figures.
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1')
-  out = tmp_path / 'results.json'
-  result = subprocess.run([sys.executable, '-m', 'jaxssl.evaluate', '--config', 'configs/eval.py:task',
-                           f'--config.params={tmp_path / "w" / "export"}', '--out', str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
-  report = json.load(open(out))
-  assert report['tasks']['classification']['accuracy'] == pytest.approx(best['metrics']['accuracy'])
-  assert report['average'] == pytest.approx(best['metrics']['accuracy'])
-  assert 'average' in result.stdout
+
+def test_pair_learns(pair_run):
+  assert best_dev(pair_run)['metrics']['accuracy'] > 0.9
 
 
-def test_pair_regression_and_tagging_learn(export_dir, tmp_path):
-  write_sentiment(tmp_path / 'pairs_train.tsv', 400, 3, pair=True)
-  write_sentiment(tmp_path / 'pairs_dev.tsv', 100, 4, pair=True)
-  result = run_finetune('pair', export_dir, tmp_path / 'p', tmp_path / 'pairs_train.tsv', tmp_path / 'pairs_dev.tsv')
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert best_dev(tmp_path / 'p')['metrics']['accuracy'] > 0.9
+def test_tagging_learns(tagging_run):
+  best = best_dev(tagging_run)
+  assert best['metrics']['f1'] > 0.8 and best['metrics']['token_accuracy'] > 0.9, best
 
+
+def test_extractive_qa_learns_across_windows(qa_run):
+  best = best_dev(qa_run)
+  assert best['metrics']['exact_match'] > 0.8 and best['metrics']['f1'] > 0.8, best
+
+
+def test_regression_learns(export_dir, tmp_path):
   rng = random.Random(5)
   for name, n in (('reg_train.tsv', 400), ('reg_dev.tsv', 100)):
     with open(tmp_path / name, 'w') as f:
@@ -114,30 +171,43 @@ def test_pair_regression_and_tagging_learn(export_dir, tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   assert best_dev(tmp_path / 'r')['metrics']['pearson'] > 0.8
 
-  names = ['John', 'Mary', 'Paris', 'Rome']
-  for name, n in (('tag_train.conll', 300), ('tag_dev.conll', 60)):
-    with open(tmp_path / name, 'w') as f:
-      for _ in range(n):
-        words = rng.choices(FILLER, k=5)
-        pos = rng.randint(0, 4)
-        words[pos] = rng.choice(names)
-        for i, w in enumerate(words):
-          tag = ('B-PER' if w in ('John', 'Mary') else 'B-LOC') if i == pos else 'O'
-          f.write(f'{w}\t{tag}\n')
-        f.write('\n')
-  result = run_finetune('tagging', export_dir, tmp_path / 't', tmp_path / 'tag_train.conll', tmp_path / 'tag_dev.conll',
-                        '--config.train.steps=300')
+
+def test_end_to_end_evaluate_suite_of_the_four_shapes(runs, classification_run, pair_run, tagging_run, qa_run,
+                                                      tmp_path):
+  """pretrain → export → fine-tune the four shapes → one evaluate suite → the figures read back from results.json
+  are each run's best dev figures (the README's walk-through)."""
+  out = tmp_path / 'results.json'
+  result = job('jaxssl.evaluate', '--config', 'configs/eval.py:task',
+               '--config.tasks=classification,pair,tagging,qa', f'--config.params={runs}/{{task}}/export',
+               '--out', str(out))
   assert result.returncode == 0, result.stderr[-3000:]
-  assert best_dev(tmp_path / 't')['metrics']['f1'] > 0.8
+  report = json.load(open(out))
+  workdirs = {'classification': classification_run, 'pair': pair_run, 'tagging': tagging_run, 'qa': qa_run}
+  assert set(report['tasks']) == set(workdirs)
+  for name, workdir in workdirs.items():
+    best = best_dev(workdir)
+    for metric, value in best['metrics'].items():
+      assert report['tasks'][name][metric] == pytest.approx(value, abs=1e-6), (name, metric)
+    assert report['headline'][name] == pytest.approx(best['value'], abs=1e-6)
+  assert report['average'] == pytest.approx(sum(report['headline'].values()) / 4)
+  assert report['average_kind'] == 'mean of task scores'
+  assert 'average' in result.stdout and 'qa' in result.stdout
 
 
-def test_finetune_bad_inputs(export_dir, tmp_path):
+def test_finetune_bad_inputs(export_dir, classification_run, tmp_path):
   write_sentiment(tmp_path / 'train.tsv', 20, 1)
   missing = run_finetune('classification', export_dir, tmp_path / 'w', tmp_path / 'nope.tsv', tmp_path / 'train.tsv')
   assert missing.returncode == 2 and 'not found' in missing.stderr.strip().splitlines()[-1]
   no_params = run_finetune('classification', str(tmp_path / 'no_export'), tmp_path / 'w2', tmp_path / 'train.tsv',
                            tmp_path / 'train.tsv')
   assert no_params.returncode == 2 and 'jaxssl export' in no_params.stderr.strip().splitlines()[-1]
+  fine_tuned = run_finetune('classification', str(classification_run / 'export'), tmp_path / 'w3',
+                            tmp_path / 'train.tsv', tmp_path / 'train.tsv')
+  assert fine_tuned.returncode == 2 and 'is a fine-tuned export' in fine_tuned.stderr.strip().splitlines()[-1]
+  too_long = run_finetune('classification', export_dir, tmp_path / 'w4', tmp_path / 'train.tsv',
+                          tmp_path / 'train.tsv', '--config.data.seq_len=64')
+  assert too_long.returncode == 2 and "exceeds the model's max_position=32" in too_long.stderr.strip().splitlines()[-1]
+  assert not os.path.exists(tmp_path / 'w3') or not os.listdir(tmp_path / 'w3')
 
 
 def write_squad(path, n, seed):
@@ -154,13 +224,3 @@ def write_squad(path, n, seed):
         {'id': f'q{i}', 'question': 'where', 'answers': [{'text': city, 'answer_start': start}]}]}]})
   with open(path, 'w') as f:
     json.dump({'data': articles}, f)
-
-
-def test_extractive_qa_learns_across_windows(export_dir, tmp_path):
-  write_squad(tmp_path / 'train.json', 300, 6)
-  write_squad(tmp_path / 'dev.json', 60, 7)
-  result = run_finetune('qa', export_dir, tmp_path / 'q', tmp_path / 'train.json', tmp_path / 'dev.json',
-                        '--config.train.steps=250', '--config.task.doc_stride=8', '--config.task.max_query_length=4')
-  assert result.returncode == 0, result.stderr[-3000:]
-  best = best_dev(tmp_path / 'q')
-  assert best['metrics']['exact_match'] > 0.8 and best['metrics']['f1'] > 0.8, best

@@ -34,7 +34,7 @@ class _QuietCustomConfig(logging.Filter):
 logging.getLogger('absl').addFilter(_QuietCustomConfig())
 
 # Bump when the way documents are made changes: prepared datasets of older formats are then rebuilt.
-_FORMAT = 1
+_FORMAT = 2
 _GLOB_CHARS = '*?['
 
 
@@ -95,10 +95,12 @@ def _documents(files: list[str]) -> Iterator[list[str]]:
 
 
 def _validation_indices(num_docs: int, fraction: float) -> set[int]:
-  """A stable share of document indices: the ones with the smallest hash, at least 1 when num_docs >= 2."""
+  """A stable share of document indices: the ones with the smallest hash. At least 2 (and at least 2 left to
+  train on) when num_docs >= 4, because next-sentence prediction draws its random B from another document."""
   if num_docs < 2:
     return set()
-  count = min(num_docs - 1, max(1, round(num_docs * fraction)))
+  count = max(1, round(num_docs * fraction))
+  count = min(num_docs - 2, max(2, count)) if num_docs >= 4 else 1
   score = lambda i: hashlib.blake2b(str(i).encode(), digest_size=8).digest()
   return set(sorted(range(num_docs), key=score)[:count])
 
@@ -301,24 +303,42 @@ def _load_local(corpus: str, data_dir: str, validation_fraction: float) -> dict[
   return {s: builder.as_data_source(s) for s in ('train', 'validation')}
 
 
-def _load_tfds(corpus: str, data_dir: str) -> dict[str, Source]:
+def open_tfds_builder(name: str, data_dir: str = '', what: str = 'corpus', flag: str = 'data.corpus'):
+  """A public TFDS dataset's builder, prepared (array_record, for random access) under `data_dir` once.
+
+  `what`/`flag` name the dataset's role and its config key in the errors. Raises UserError for an unknown name
+  or a dataset that cannot be prepared here (no network, manual download).
+  """
   _tfds_compat()
+  # TFDS registers its older builders (glue, squad, conll2003, c4, wikipedia, ...) only once their package is
+  # imported.
+  import tensorflow_datasets.question_answering  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  import tensorflow_datasets.text  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  if not data_dir:
+    data_dir = default_data_dir()
+  elif '://' not in data_dir:  # gs:// and other remote paths stay as they are
+    data_dir = os.path.abspath(os.path.expanduser(data_dir))
 
   def make_builder():
     try:
-      return tfds.builder(corpus, data_dir=data_dir, file_format='array_record')
+      return tfds.builder(name, data_dir=data_dir, file_format='array_record')
     except Exception as e:  # pylint: disable=broad-except
-      raise UserError(f'TFDS corpus {corpus!r} cannot be opened ({type(e).__name__}: {str(e)[:200]}): check the '
-                      'name, e.g. --config.data.corpus=wikipedia/20230601.en') from None
+      reason = (str(e).splitlines() or [''])[0][:200]  # TFDS appends the list of every dataset it knows
+      raise UserError(f'TFDS {what} {name!r} cannot be opened ({type(e).__name__}: {reason}): check the '
+                      f'name in --config.{flag}') from None
   try:
-    builder = _prepared_builder(make_builder, data_dir)
+    return _prepared_builder(make_builder, data_dir)
   except UserError:
     raise
   except Exception as e:  # pylint: disable=broad-except
     # Typically no network, or a dataset that needs a manual download or apache_beam to prepare.
-    raise UserError(f'TFDS corpus {corpus!r} could not be downloaded and prepared under {data_dir} '
+    raise UserError(f'TFDS {what} {name!r} could not be downloaded and prepared under {data_dir} '
                     f'({type(e).__name__}: {str(e)[:200]}): prepare it on a machine with network access and '
-                    'pass that --config.data.data_dir, or use local text files') from None
+                    f'point the data_dir key next to --config.{flag} at it, or use local files') from None
+
+
+def _load_tfds(corpus: str, data_dir: str) -> dict[str, Source]:
+  builder = open_tfds_builder(corpus, data_dir)
   features = builder.info.features
   if 'text' not in features:
     raise UserError(f"TFDS corpus {corpus!r} has no 'text' feature (it has {', '.join(features.keys())}): "

@@ -42,8 +42,8 @@ class PretrainExamples:
     self.tokenizer = tokenizer
     self.num_docs = len(source)
     if self.num_docs < 2:
-      raise UserError(f'the corpus has {self.num_docs} document(s); next-sentence prediction needs at least 2 '
-                      '(split the text into documents, or use a larger corpus)')
+      raise UserError(f'a corpus split has {self.num_docs} document(s); next-sentence prediction needs at least 2 '
+                      'in each (split the text into documents, or use a larger corpus)')
     if seq_len < 5:
       raise UserError(f'data.seq_len={seq_len} is too short for [CLS] A [SEP] B [SEP]: use at least 5')
     if seed < 0:

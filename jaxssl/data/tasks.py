@@ -1,4 +1,4 @@
-"""Downstream datasets: local files (and TFDS names) → examples → fixed-length features for the task heads.
+"""Downstream datasets: local files (and TFDS names, `tfds_tasks`) → examples → fixed-length features for the task heads.
 
 Local formats (DESIGN.md): classification/regression TSV or JSONL with `text`, `label`; pairs `text_a`, `text_b`,
 `label`; tagging CoNLL (`token<TAB>tag` per line, blank line between sentences) or JSONL `tokens`, `tags`;
@@ -136,6 +136,17 @@ def read_examples(kind: str, path: str) -> list[Example]:
   if not examples:
     raise UserError(f'task file {path} has no examples')
   return examples
+
+
+def read_task_split(task_cfg, source: str) -> tuple[list[Example], list[str] | None]:
+  """(examples, label names or None) of one split of a task config: `source` is a local file, or a TFDS split
+  name when `task.tfds` is set. TFDS datasets name their labels; for local files the names are None (they come
+  from the training file, `label_set`)."""
+  if task_cfg.get('tfds'):
+    from jaxssl.data import tfds_tasks  # noqa: PLC0415 (imports this module)
+    return tfds_tasks.read_split(task_cfg.tfds, source, task_cfg.kind, data_dir=task_cfg.get('data_dir', ''),
+                                 tag_feature=task_cfg.get('tag_feature', 'ner'))
+  return read_examples(task_cfg.kind, source), None
 
 
 def label_set(kind: str, examples: list[Example]) -> list[str]:

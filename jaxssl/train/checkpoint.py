@@ -100,9 +100,15 @@ def write_export(out: str, params, config_json: str, tokenizer, *, overwrite: bo
   if jax.process_index() == 0:
     (tmp / 'config.json').write_text(config_json)
     tokenizer.save(os.fspath(tmp))
+    # Swap by renames so an interrupted overwrite leaves the old export (or the new one) whole, never neither.
+    old = epath.Path(f'{out}.old-export')
+    if old.exists():
+      old.rmtree()
     if out_path.exists():
-      out_path.rmtree()
+      out_path.rename(old)
     tmp.rename(out_path)
+    if old.exists():
+      old.rmtree()
 
 
 def read_export_config(path: str) -> dict:
@@ -113,5 +119,13 @@ def read_export_config(path: str) -> dict:
 
 
 def load_export_params(path: str, abstract_params):
-  """Restores exported params onto the shardings of `abstract_params` (any mesh)."""
-  return ocp.StandardCheckpointer().restore(epath.Path(path) / 'params', abstract_params)
+  """Restores exported params onto the shardings of `abstract_params` (any mesh); UserError when they do not fit."""
+  params_dir = epath.Path(path) / 'params'
+  if not params_dir.exists():
+    raise UserError(f'{path} has a config.json but no params/: the export is incomplete; re-run python -m jaxssl.export')
+  try:
+    return ocp.StandardCheckpointer().restore(params_dir, abstract_params)
+  except (ValueError, KeyError, TypeError) as e:
+    reason = (str(e).splitlines() or [''])[0][:200]
+    raise UserError(f'{path}: its params do not fit the model its config.json describes ({reason}): '
+                    're-export them with python -m jaxssl.export') from None

@@ -116,7 +116,8 @@ def check_config(config) -> None:
   if t.kind not in tasks.KINDS:
     raise UserError(f'task.kind={t.kind!r}: use one of {", ".join(tasks.KINDS)}')
   if not t.train or not t.dev:
-    raise UserError('set the task files: --config.task.train=PATH --config.task.dev=PATH')
+    raise UserError('set the task files: --config.task.train=PATH --config.task.dev=PATH' if not t.get('tfds') else
+                    f'set the splits of {t.tfds}: --config.task.train=SPLIT --config.task.dev=SPLIT')
   if config.train.steps <= 0 or config.train.batch_size <= 0:
     raise UserError('train.steps and train.batch_size must be positive: fix them with --config.train.*')
   if config.train.batch_size % jax.process_count():
@@ -128,6 +129,9 @@ def run_finetuning(config, workdir: str) -> dict:
   check_config(config)
   t, task = config.train, config.task
   saved = ckpt_lib.read_export_config(config.init_from)
+  if 'task' in saved:
+    raise UserError(f'{config.init_from} is a fine-tuned export ({saved["task"]["name"]}): start from a pretraining '
+                    'export (python -m jaxssl.export) or an imported checkpoint (python -m jaxssl.convert from-hf)')
   tokenizer = tokenizers.load_tokenizer(config.init_from)
   vocab_size = saved['vocab_size']
   if tokenizer.vocab_size != vocab_size:
@@ -137,9 +141,9 @@ def run_finetuning(config, workdir: str) -> dict:
   if config.data.seq_len > model_cfg.max_position:
     raise UserError(f'data.seq_len={config.data.seq_len} exceeds the model\'s max_position={model_cfg.max_position}: '
                     'lower --config.data.seq_len')
-  train_examples = tasks.read_examples(task.kind, task.train)
-  dev_examples = tasks.read_examples(task.kind, task.dev)
-  labels = tasks.label_set(task.kind, train_examples)
+  train_examples, names = tasks.read_task_split(task, task.train)
+  dev_examples, _ = tasks.read_task_split(task, task.dev)
+  labels = names if names is not None else tasks.label_set(task.kind, train_examples)
   num_labels = {'regression': 1, 'qa': 2}.get(task.kind, len(labels))
   if task.kind in ('classification', 'pair') and num_labels < 2:
     raise UserError(f'{task.train} has a single label {labels}: a classifier needs at least two')
@@ -163,6 +167,9 @@ def run_finetuning(config, workdir: str) -> dict:
     meta = checkpointer.read_meta(latest)
     if meta.get('num_labels') != num_labels or meta['config']['task']['kind'] != task.kind:
       raise UserError(f'{workdir} holds a fine-tuning run of another task: use a new --workdir')
+    if 'model' in meta:  # a body of another size or vocabulary cannot resume here
+      ckpt_lib.check_compatible({'model': meta['model'], 'tokenizer': {'vocab_size': meta['vocab_size']}},
+                                model_cfg, vocab_size, workdir)
     state = checkpointer.restore(latest, state_lib.abstract_state(setup, tx))
     best = meta['best']
   else:
@@ -231,7 +238,8 @@ def run_finetuning(config, workdir: str) -> dict:
                                   tokenizer, overwrite=True)
         if done % config.checkpoint.every_steps == 0 or done == t.steps:
           checkpointer.save(state, {'config': json.loads(config_lib.to_json(config)), 'step': done,
-                                    'num_labels': num_labels, 'best': best}, force=True)
+                                    'num_labels': num_labels, 'best': best, 'model': saved['model'],
+                                    'vocab_size': vocab_size}, force=True)
   finally:
     checkpointer.close()
     writer.close()

@@ -1,0 +1,41 @@
+"""Config files with named variants and typed `--config.key=value` overrides, and each mistake's message."""
+import pytest
+
+from jaxssl import config as config_lib
+from jaxssl.errors import UserError
+
+
+def test_typed_overrides():
+  config = config_lib.load_config('configs/finetune.py:mnli')
+  rest = config_lib.parse_overrides(config, [
+      '--config.train.steps=7', '--config.train.learning_rate=1', '--config.train.seed', '3', '--workdir', 'w',
+      '--config.mesh.shape=2,2,2', '--config.task.eval_sets.mnli_mismatched=dev_mm.tsv',
+      '--config.checkpoint.async_save=false', '--config.task.tfds='])
+  assert rest == ['--workdir', 'w']
+  assert config.train.steps == 7 and config.train.seed == 3
+  assert config.train.learning_rate == 1.0 and isinstance(config.train.learning_rate, float)
+  assert config.mesh.shape == (2, 2, 2)
+  assert config.task.eval_sets.mnli_mismatched == 'dev_mm.tsv' and config.task.tfds == ''
+  assert config.checkpoint.async_save is False
+
+  suite = config_lib.load_config('configs/eval.py:task')
+  config_lib.parse_overrides(suite, ['--config.tasks=cola, sst2'])
+  assert suite.tasks == ('cola', 'sst2')
+  config_lib.parse_overrides(suite, ["--config.tasks=('rte',)"])
+  assert suite.tasks == ('rte',)
+  config_lib.parse_overrides(suite, ['--config.tasks=qnli'])
+  assert suite.tasks == ('qnli',)
+
+
+@pytest.mark.parametrize('spec, args, message', [
+    ('configs/nope.py', [], "config file 'configs/nope.py' not found"),
+    ('configs/bert.py:huge', [], "unknown variant 'huge' in configs/bert.py: choose one of"),
+    ('configs/bert.py:tiny', ['--config.train.stepz=3'], 'unknown config key --config.train.stepz: valid keys here'),
+    ('configs/bert.py:tiny', ['--config.trian.steps=3'], 'unknown config key --config.trian'),
+    ('configs/bert.py:tiny', ['--config.train.steps=1.5'], "--config.train.steps=1.5 has the wrong type: expected int"),
+    ('configs/bert.py:tiny', ['--config.train=3'], '--config.train is a group of keys'),
+    ('configs/bert.py:tiny', ['--config.train.steps'], '--config.train.steps has no value'),
+])
+def test_config_mistakes(spec, args, message):
+  with pytest.raises(UserError, match=message.replace('(', r'\(').replace('.', r'\.')):
+    config_lib.parse_overrides(config_lib.load_config(spec), args)
