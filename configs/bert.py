@@ -49,9 +49,12 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
       steps=1000, batch_size=32, microbatches=1, seed=0,
       learning_rate=1e-4, warmup_steps=100, end_learning_rate=0.0,
       weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-6, grad_clip_norm=1.0,
+      nonfinite='stop',        # NaN/Inf loss: 'stop' (naming the step; never saved) or 'skip' the update
+      max_skipped_steps=10,    # with 'skip': stop after this many non-finite steps in a row
   ))
   c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))  # (data, fsdp, tensor); -1 = the rest
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, async_save=True))
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, async_save=True,
+      directory=''))  # '' = WORKDIR/checkpoints; may be gs://BUCKET/...
   c.eval = ml_collections.ConfigDict(dict(every_steps=500, batches=20))
   c.log = ml_collections.ConfigDict(dict(every_steps=50, peak_flops_per_device=0.0))  # 0 = from the table
 

@@ -56,7 +56,8 @@ def get_config(variant: str = 'classification') -> ml_collections.ConfigDict:
       weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-6, grad_clip_norm=1.0, microbatches=1,
   ))
   c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=200, keep=2, async_save=True))
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=200, keep=2, async_save=True,
+      directory=''))  # '' = WORKDIR/checkpoints; may be gs://BUCKET/...
   c.eval = ml_collections.ConfigDict(dict(every_steps=200, batch_size=64))
   c.log = ml_collections.ConfigDict(dict(every_steps=50, peak_flops_per_device=0.0))
   return c

@@ -86,7 +86,7 @@ def main(argv=None):
   args, config = config_lib.parse_job_args(parser, argv)
   if args.steps < 1:
     parser.error('--steps must be at least 1')
-  runtime.setup()
+  runtime.setup(args)
   print(json.dumps(run(config, args.steps)), flush=True)
 
 

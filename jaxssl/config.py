@@ -111,8 +111,11 @@ def parse_overrides(config: ml_collections.ConfigDict, args: list[str]) -> list[
 def parse_job_args(parser, argv):
   """`parser`'s own flags plus `--config FILE.py:VARIANT` and `--config.KEY=VALUE` overrides → (args, config).
 
-  `parser` must define `--config`; any other unknown argument is an argparse error (exit status 2).
+  `parser` must define `--config`; any other unknown argument is an argparse error (exit status 2). Every job
+  also gets the multi-process flags (`--coordinator`, `--num-processes`, `--process-id`, `--heartbeat-timeout`).
   """
+  from jaxssl import runtime  # noqa: PLC0415 (runtime imports jax lazily; config stays light)
+  runtime.add_distributed_args(parser)
   args, rest = parser.parse_known_args(argv)
   config = load_config(args.config)
   unknown = parse_overrides(config, rest)

@@ -99,7 +99,7 @@ def main(argv=None):
   parser.add_argument('--config', default='configs/eval.py:task')
   parser.add_argument('--out', default='results.json')
   args, config = config_lib.parse_job_args(parser, argv)
-  runtime.setup()
+  runtime.setup(args)
   run(config, args.out)
 
 

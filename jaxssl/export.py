@@ -15,6 +15,14 @@ from jaxssl import runtime
 from jaxssl.errors import UserError, exit_on_user_error
 
 
+def checkpoint_directory(workdir: str):
+  """Where a run's checkpoints are: its config's checkpoint.directory (e.g. a bucket), else WORKDIR/checkpoints."""
+  from etils import epath
+  config_file = epath.Path(workdir) / 'config.json'
+  directory = json.loads(config_file.read_text()).get('checkpoint', {}).get('directory') if config_file.exists() else ''
+  return epath.Path(directory) if directory else epath.Path(workdir) / 'checkpoints'
+
+
 def export(workdir: str, out: str, *, step: int | None = None, overwrite: bool = False) -> int:
   """Writes the params of checkpoint `step` (default: the newest) to `out`; returns the step."""
   import jax
@@ -22,9 +30,10 @@ def export(workdir: str, out: str, *, step: int | None = None, overwrite: bool =
   from jaxssl.data import tokenizers
   from jaxssl.train import checkpoint as ckpt_lib
   from jaxssl.train import state as state_lib
-  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
-    raise UserError(f'{workdir} has no checkpoints: pass the --workdir of a pretraining run')
-  checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
+  directory = checkpoint_directory(workdir)
+  if not directory.is_dir():
+    raise UserError(f'{workdir} has no checkpoints ({directory}): pass the --workdir of a pretraining run')
+  checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True, directory=os.fspath(directory))
   steps = checkpointer.manager.all_steps()
   if not steps:
     raise UserError(f'{workdir} has no finished checkpoint yet: train longer or wait for the first save')
@@ -69,8 +78,9 @@ def main(argv=None):
   parser.add_argument('--out', required=True)
   parser.add_argument('--step', type=int, default=None)
   parser.add_argument('--overwrite', action='store_true')
+  runtime.add_distributed_args(parser)
   args = parser.parse_args(argv)
-  runtime.setup()
+  runtime.setup(args)
   export(args.workdir, args.out, step=args.step, overwrite=args.overwrite)
 
 

@@ -1,32 +1,80 @@
 """Process-level JAX setup shared by every job: quiet logs, the persistent compile cache, several processes.
 
-Several processes form one job when JAXSSL_COORDINATOR (host:port of process 0), JAXSSL_NUM_PROCESSES and
-JAXSSL_PROCESS_ID are set: each runs `jax.distributed.initialize`, and on CPU they talk through gloo. With
-JAXSSL_DISTRIBUTED=auto, JAX detects the cluster itself (TPU VM workers, SLURM). Launch scripts are tpu/'s job.
+A job is one of several processes (TPU pod hosts, SLURM tasks, a local pod) when, in this order of precedence:
+  * the flags `--coordinator HOST:PORT --num-processes N --process-id I` are given (every job has them), or
+  * the environment sets JAXSSL_COORDINATOR, JAXSSL_NUM_PROCESSES and JAXSSL_PROCESS_ID (tpu/local_pod.py does), or
+  * JAX can detect the cluster: JAXSSL_DISTRIBUTED=auto (tpu/pod.py sets it on every TPU worker), a SLURM step
+    of several tasks, or a multi-host TPU slice that names its workers (TPU_WORKER_HOSTNAMES).
+Then every process calls `jax.distributed.initialize`; on CPU the processes talk through gloo. A process that
+stops sending heartbeats for `--heartbeat-timeout` seconds (default 20) is declared dead and the others stop
+with an error instead of waiting forever in a collective. JAXSSL_DISTRIBUTED=off disables all of this.
 """
 import os
 
 from jaxssl.errors import UserError
 
+DEFAULT_HEARTBEAT_TIMEOUT_S = 20
 
-def setup() -> None:
-  """Enables the compile cache (JAX_COMPILATION_CACHE_DIR) and joins a multi-process job if one is configured."""
+
+def add_distributed_args(parser) -> None:
+  """The multi-process flags every job accepts (each overrides its JAXSSL_* environment variable)."""
+  group = parser.add_argument_group('several processes (TPU pod hosts, SLURM tasks, tpu/local_pod.py)')
+  group.add_argument('--coordinator', default=None, help='HOST:PORT of process 0 (env JAXSSL_COORDINATOR)')
+  group.add_argument('--num-processes', type=int, default=None, help='processes in the job (JAXSSL_NUM_PROCESSES)')
+  group.add_argument('--process-id', type=int, default=None, help="this process's index (JAXSSL_PROCESS_ID)")
+  group.add_argument('--heartbeat-timeout', type=int, default=None,
+                     help=f'seconds without a heartbeat before a process counts as dead (default '
+                          f'{DEFAULT_HEARTBEAT_TIMEOUT_S}; JAXSSL_HEARTBEAT_TIMEOUT)')
+
+
+def _setting(args, flag: str, env: str, kind=str):
+  value = getattr(args, flag, None) if args is not None else None
+  if value is None and os.environ.get(env, '') != '':
+    try:
+      value = kind(os.environ[env])
+    except ValueError:
+      raise UserError(f'{env}={os.environ[env]!r} must be an integer') from None
+  return value
+
+
+def _cluster_detected() -> bool:
+  """Whether JAX's own cluster detection should run: asked for, or a multi-task SLURM step / multi-host TPU."""
+  if os.environ.get('JAXSSL_DISTRIBUTED') == 'auto':
+    return True
+  if os.environ.get('SLURM_JOB_ID') and int(os.environ.get('SLURM_NTASKS', '1') or 1) > 1:
+    return True
+  return len([h for h in os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',') if h]) > 1
+
+
+def setup(args=None) -> None:
+  """Enables the compile cache (JAX_COMPILATION_CACHE_DIR) and joins a multi-process job if one is configured.
+
+  `args` are a job's parsed arguments (with `add_distributed_args`'s flags), or None for the environment alone.
+  """
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   import jax
   cache = os.environ.get('JAX_COMPILATION_CACHE_DIR')
   if cache:
     jax.config.update('jax_compilation_cache_dir', cache)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
-  coordinator = os.environ.get('JAXSSL_COORDINATOR')
-  if coordinator:
-    try:
-      num_processes = int(os.environ['JAXSSL_NUM_PROCESSES'])
-      process_id = int(os.environ['JAXSSL_PROCESS_ID'])
-    except (KeyError, ValueError):
-      raise UserError('JAXSSL_COORDINATOR is set: also set JAXSSL_NUM_PROCESSES and JAXSSL_PROCESS_ID to integers')
+  if os.environ.get('JAXSSL_DISTRIBUTED') == 'off':
+    return
+  coordinator = _setting(args, 'coordinator', 'JAXSSL_COORDINATOR')
+  num_processes = _setting(args, 'num_processes', 'JAXSSL_NUM_PROCESSES', int)
+  process_id = _setting(args, 'process_id', 'JAXSSL_PROCESS_ID', int)
+  heartbeat = _setting(args, 'heartbeat_timeout', 'JAXSSL_HEARTBEAT_TIMEOUT', int) or DEFAULT_HEARTBEAT_TIMEOUT_S
+  if heartbeat < 1:
+    raise UserError(f'--heartbeat-timeout={heartbeat} must be at least 1 second')
+  timeouts = dict(heartbeat_timeout_seconds=heartbeat, initialization_timeout=300)
+  if coordinator or num_processes is not None or process_id is not None:
+    if not coordinator or num_processes is None or process_id is None:
+      raise UserError('a multi-process job needs all of --coordinator HOST:PORT, --num-processes N and '
+                      '--process-id I (or JAXSSL_COORDINATOR, JAXSSL_NUM_PROCESSES, JAXSSL_PROCESS_ID)')
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+      raise UserError(f'--process-id={process_id} must be in [0, --num-processes={num_processes})')
     if os.environ.get('JAX_PLATFORMS', '') == 'cpu':
       jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                               process_id=process_id)
-  elif os.environ.get('JAXSSL_DISTRIBUTED') == 'auto':
-    jax.distributed.initialize()
+                               process_id=process_id, **timeouts)
+  elif _cluster_detected():
+    jax.distributed.initialize(**timeouts)

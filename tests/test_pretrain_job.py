@@ -193,28 +193,142 @@ def test_workdir_of_another_model_shape_is_refused_untouched(corpus, reference_r
   assert tree_digest(workdir / 'checkpoints') == before
 
 
-def test_two_processes_of_four_devices_equal_one_process_of_eight(corpus, tmp_path):
-  """Each process reads only its rows of the batch; together they train exactly as one process does."""
-  import socket
-  steps = ['--config.train.steps=12', '--config.checkpoint.every_steps=6', '--config.eval.every_steps=6',
-           '--config.mesh.shape=(2,2,2)']
-  single = tmp_path / 'single'
-  result = run_job(job_args(corpus, single, *steps), devices=8)
-  assert result.returncode == 0, result.stderr[-3000:]
+def pod(corpus, workdir, processes, devices, *extra):
+  """`python tpu/local_pod.py` running the pretraining job as `processes` processes of `devices` CPU devices."""
+  cmd = [sys.executable, os.path.join(ROOT, 'tpu', 'local_pod.py'), '--processes', str(processes),
+         '--devices-per-process', str(devices), '--', sys.executable, '-m', 'jaxssl.pretrain',
+         *job_args(corpus, workdir, *extra)]
+  return subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
 
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    port = s.getsockname()[1]
-  pod = tmp_path / 'pod'
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu',
-             JAXSSL_COORDINATOR=f'127.0.0.1:{port}', JAXSSL_NUM_PROCESSES='2')
-  procs = [subprocess.Popen([sys.executable, '-m', 'jaxssl.pretrain', *job_args(corpus, pod, *steps)], cwd=ROOT,
-                            env=dict(env, JAXSSL_PROCESS_ID=str(i)), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for i in range(2)]
-  outputs = [p.communicate(timeout=600) for p in procs]
-  for p, (_, err) in zip(procs, outputs):
-    assert p.returncode == 0, err[-3000:]
-  assert '2 process(es)' in outputs[0][0]
-  expected, got = losses(single), losses(pod)
-  assert sorted(got) == list(range(1, 13))
-  np.testing.assert_allclose([got[s] for s in range(1, 13)], [expected[s] for s in range(1, 13)], rtol=1e-5)
+
+def wait_for_step(proc, workdir, step, timeout=300):
+  """Waits until metrics.jsonl of `workdir` has logged `step` (the job still running)."""
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if proc.poll() is not None:
+      raise AssertionError(f'job ended early ({proc.returncode}): {proc.stderr.read()[-3000:]}')
+    if os.path.exists(os.path.join(workdir, 'metrics.jsonl')) and max(losses(workdir), default=0) >= step:
+      return
+    time.sleep(0.2)
+  raise AssertionError(f'step {step} not reached in {timeout} s')
+
+
+def checkpoint_steps(workdir):
+  return sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
+
+
+def assert_losses_match(workdir, reference, steps, rtol=1e-5):
+  got, expected = losses(workdir), losses(reference)
+  missing = [s for s in steps if s not in got]
+  assert not missing, f'steps {missing[:5]}... not logged in {workdir}'
+  np.testing.assert_allclose([got[s] for s in steps], [expected[s] for s in steps], rtol=rtol)
+
+
+def test_local_pod_preempted_then_resumed_on_other_process_counts(corpus, reference_run, tmp_path):
+  """2 processes x 4 devices, SIGTERM (preemption) → all agree on a step, save it, exit 0. That checkpoint resumes
+  on 4 x 2 (preempted again) and on 1 x 8, and every loss equals the uninterrupted single-process run's."""
+  first = tmp_path / 'pod2x4'
+  proc = pod(corpus, first, 2, 4)
+  wait_for_step(proc, first, 3)
+  proc.send_signal(signal.SIGTERM)  # local_pod forwards it to every process, as a preempted TPU VM gets it
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-3000:]
+  assert '2 process(es)' in out and 'preempted (SIGTERM): saved step' in out
+  s1 = checkpoint_steps(first)[-1]
+  assert 3 <= s1 < STEPS
+  assert_losses_match(first, reference_run, range(1, s1 + 1))
+
+  four = tmp_path / 'pod4x2'
+  shutil.copytree(first, four)
+  proc = pod(corpus, four, 4, 2)
+  wait_for_step(proc, four, s1 + 1)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-3000:]
+  assert f'resuming from step {s1}' in out and '4 process(es)' in out
+  s2 = checkpoint_steps(four)[-1]
+  assert s2 > s1
+  assert_losses_match(four, reference_run, range(s1 + 1, s2 + 1))
+
+  one = tmp_path / 'one8'
+  shutil.copytree(first, one)
+  result = run_job(job_args(corpus, one), devices=8)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f'resuming from step {s1}' in result.stdout
+  assert_losses_match(one, reference_run, range(s1 + 1, STEPS + 1))
+
+
+def test_killed_process_stops_the_rest_of_the_pod(corpus, tmp_path):
+  """A dead host must not leave the others waiting in a collective: they stop within the heartbeat timeout."""
+  proc = pod(corpus, tmp_path / 'w', 2, 1)
+  wait_for_step(proc, tmp_path / 'w', 2)
+  victim = None
+  for pid in subprocess.run(['pgrep', '-f', 'jaxssl.pretrain'], capture_output=True, text=True).stdout.split():
+    try:
+      environ = open(f'/proc/{pid}/environ', 'rb').read().split(b'\0')
+    except OSError:
+      continue
+    if b'JAXSSL_PROCESS_ID=1' in environ and f'{tmp_path}'.encode() in open(f'/proc/{pid}/cmdline', 'rb').read():
+      victim = int(pid)
+  assert victim is not None
+  killed_at = time.time()
+  os.kill(victim, signal.SIGKILL)
+  out, err = proc.communicate(timeout=120)
+  assert time.time() - killed_at < 60
+  assert proc.returncode == 128 + signal.SIGKILL
+  assert 'local_pod: process 1 exited with status 137' in err
+  assert 'another task died' in err or 'unhealthy' in err  # the survivor's own reason, from JAX's heartbeats
+
+
+def test_corrupted_newest_checkpoint_falls_back_to_newest_good(corpus, reference_run, tmp_path):
+  workdir = tmp_path / 'w'
+  shutil.copytree(reference_run, workdir)
+  steps = checkpoint_steps(workdir)
+  newest, good = steps[-1], steps[-2]
+  # Damage the newest: the biggest params data file cut in half (a torn write), and a checkpoint config that
+  # cannot restore at all must not make anything move.
+  data = os.path.join(workdir, 'checkpoints', str(newest), 'params', 'ocdbt.process_0', 'd')
+  biggest = max((os.path.join(data, f) for f in os.listdir(data)), key=os.path.getsize)
+  with open(biggest, 'r+b') as f:
+    f.truncate(os.path.getsize(biggest) // 2)
+
+  other_config = run_job(job_args(corpus, workdir, '--config.train.nonfinite=skip'))
+  assert other_config.returncode == 2, other_config.stderr[-2000:]
+  assert 'restores with this config' in other_config.stderr.strip().splitlines()[-1]
+  assert checkpoint_steps(workdir) == steps
+
+  result = run_job(job_args(corpus, workdir))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f'checkpoint {newest}' in result.stdout and 'unreadable' in result.stdout
+  assert f'resuming from step {good}' in result.stdout
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', f'unreadable-{newest}'))  # set aside, not deleted
+  assert checkpoint_steps(workdir)[-1] == STEPS
+  assert_losses_match(workdir, reference_run, range(good + 1, STEPS + 1), rtol=1e-6)
+
+
+@pytest.mark.parametrize('mode', ['stop', 'skip'])
+def test_nan_loss_stops_naming_the_step_and_is_never_saved(corpus, tmp_path, mode):
+  workdir, elsewhere = tmp_path / mode, tmp_path / 'bucket' / mode  # checkpoints outside the workdir (e.g. gs://)
+  result = run_job(job_args(corpus, workdir, '--config.train.learning_rate=1e12', '--config.train.warmup_steps=0',
+                            '--config.checkpoint.every_steps=1', '--config.checkpoint.keep=100',
+                            f'--config.checkpoint.directory={elsewhere}',
+                            f'--config.train.nonfinite={mode}', '--config.train.max_skipped_steps=3'))
+  assert result.returncode == 1, result.stderr[-3000:]
+  line = result.stderr.strip().splitlines()[-1]
+  logged = losses(workdir)
+  first_bad = min(s for s, v in logged.items() if not np.isfinite(v))
+  if mode == 'stop':
+    assert f'the loss is nan at step {first_bad}' in line or f'the loss is inf at step {first_bad}' in line, line
+  else:
+    assert f'non-finite for 4 steps in a row up to step {first_bad + 3}' in line, line
+    assert 'update skipped' in result.stdout + result.stderr
+    # Skipped updates leave finite params, which may be saved; the step that ended the run is not.
+    first_bad += 3
+  assert not os.path.exists(workdir / 'checkpoints')
+  saved = sorted(int(d) for d in os.listdir(elsewhere) if d.isdigit())
+  assert max(saved) < first_bad  # no checkpoint of the state that stopped the run
+  if mode == 'stop':  # the export job finds checkpoints kept outside the workdir through the run's config.json
+    exported = run_job(['--workdir', str(workdir), '--out', str(tmp_path / 'export')], module='jaxssl.export')
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    assert f'exported step {max(saved)}' in exported.stdout

@@ -227,6 +227,9 @@ def _is_tfds_name(corpus: str) -> bool:
 @contextlib.contextmanager
 def _file_lock(data_dir: str, key: str):
   """An exclusive lock shared by every process (pod host) preparing the same dataset under data_dir."""
+  if '://' in data_dir:  # a bucket has no file locks; prepare remote datasets once beforehand (or from one host)
+    yield
+    return
   os.makedirs(data_dir, exist_ok=True)
   with open(os.path.join(data_dir, f'.{key}.lock'), 'w') as f:
     fcntl.flock(f, fcntl.LOCK_EX)
@@ -264,7 +267,9 @@ def load_corpus(corpus: str, data_dir: str = '', *, ptb_sentences_per_doc: int =
   Raises:
     UserError: missing path, glob without matches, text that is not UTF-8, empty corpus, unknown TFDS name.
   """
-  data_dir = os.path.abspath(os.path.expanduser(data_dir or default_data_dir()))
+  data_dir = data_dir or default_data_dir()
+  if '://' not in data_dir:  # gs:// and other remote paths go to TFDS as they are
+    data_dir = os.path.abspath(os.path.expanduser(data_dir))
   if corpus == 'ptb':
     if ptb_sentences_per_doc < 1:
       raise UserError(f'ptb_sentences_per_doc={ptb_sentences_per_doc} must be >= 1: '

@@ -10,8 +10,10 @@ import json
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 from jaxssl.data import tokenizers
 from jaxssl.errors import UserError
@@ -24,8 +26,10 @@ SHAPE_KEYS = ('name', 'num_layers', 'hidden_size', 'num_heads', 'intermediate_si
 class Checkpointer:
   """Saves every `every_steps` (and when forced), keeps the newest `keep`, restores the newest."""
 
-  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True, read_only: bool = False):
-    self.directory = epath.Path(workdir) / 'checkpoints'
+  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True, read_only: bool = False,
+               directory: str = ''):
+    # `directory` may be a bucket (gs://...): orbax writes there through etils paths; default WORKDIR/checkpoints.
+    self.directory = epath.Path(directory) if directory else epath.Path(workdir) / 'checkpoints'
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only, read_only=read_only)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=('params', 'train', 'meta'))
@@ -53,6 +57,48 @@ class Checkpointer:
         train=ocp.args.StandardRestore(train_target)))
     return {'params': restored['params'], **restored['train']}
 
+  def newest_readable_meta(self):
+    """(step, meta) of the newest checkpoint whose metadata reads, or (None, None)."""
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      ok, meta = _agree(lambda: self.read_meta(step))
+      if ok:
+        return step, meta
+    return None, None
+
+  def restore_newest_good(self, abstract_state, say=print):
+    """(step, state) of the newest checkpoint that restores completely, or (None, None) when there is none.
+
+    A half-written or corrupted checkpoint (missing or damaged files) newer than a good one is reported and
+    moved aside to `checkpoints/unreadable-STEP` for inspection; no checkpoint is ever deleted here. When no
+    checkpoint restores at all, the config most likely differs from the one that wrote them: UserError, and
+    nothing is moved. Every process takes the same decision (a failure on any process counts for all).
+    """
+    failed = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      ok, state = _agree(lambda: self.restore(step, abstract_state))
+      if ok:
+        for bad in failed:
+          self._set_aside(bad, say)
+        return step, state
+      failed.append(step)
+    if failed:
+      raise UserError(f'no checkpoint in {self.directory} (steps {sorted(failed)}) restores with this config: '
+                      'rerun with the config that wrote them, or use a new --workdir')
+    return None, None
+
+  def _set_aside(self, step: int, say) -> None:
+    say(f'checkpoint {step} in {self.directory} is unreadable (half-written or corrupted) while an older one '
+        f'restores: moved it to unreadable-{step}', flush=True)
+    if jax.process_index() == 0:
+      target = self.directory / f'unreadable-{step}'
+      n = 1
+      while target.exists():
+        target, n = self.directory / f'unreadable-{step}.{n}', n + 1
+      (self.directory / str(step)).rename(target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'set aside checkpoint {step}')
+    self.manager.reload()
+
   def restore_params(self, step: int, abstract_params):
     return self.manager.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract_params)))['params']
@@ -63,6 +109,17 @@ class Checkpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _agree(attempt):
+  """(ok, result) of `attempt()`, where ok is True only if it succeeded on every process."""
+  try:
+    result, ok = attempt(), True
+  except Exception:  # pylint: disable=broad-except  (any damage: missing file, bad JSON, short read, bad shape)
+    result, ok = None, False
+  if jax.process_count() > 1:
+    ok = bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+  return ok, result
 
 
 def check_compatible(saved_config: dict, model_cfg, vocab_size: int, where: str) -> None:

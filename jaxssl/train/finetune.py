@@ -23,6 +23,7 @@ from jaxssl.eval import metrics as metrics_lib
 from jaxssl.models import heads
 from jaxssl.train import checkpoint as ckpt_lib
 from jaxssl.train import metrics as writer_lib
+from jaxssl.train import preemption
 from jaxssl.train import state as state_lib
 
 FEATURE_KEYS = ('input_ids', 'token_type_ids', 'attention_mask')
@@ -160,18 +161,20 @@ def run_finetuning(config, workdir: str) -> dict:
                                    classifier_dropout=config.model.classifier_dropout), mesh, t.seed)
   tx, schedule = state_lib.make_optimizer(t), state_lib.make_schedule(t)
   shardings = state_lib.state_shardings(setup, tx)
-  checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
-  latest = checkpointer.latest_step()
+  checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
+                                      directory=config.checkpoint.get('directory', ''))
   best = {'value': -np.inf, 'step': 0, 'metrics': {}}
-  if latest is not None:
-    meta = checkpointer.read_meta(latest)
+  _, meta = checkpointer.newest_readable_meta()
+  if meta is not None:
     if meta.get('num_labels') != num_labels or meta['config']['task']['kind'] != task.kind:
       raise UserError(f'{workdir} holds a fine-tuning run of another task: use a new --workdir')
     if 'model' in meta:  # a body of another size or vocabulary cannot resume here
       ckpt_lib.check_compatible({'model': meta['model'], 'tokenizer': {'vocab_size': meta['vocab_size']}},
                                 model_cfg, vocab_size, workdir)
-    state = checkpointer.restore(latest, state_lib.abstract_state(setup, tx))
-    best = meta['best']
+  say = print if jax.process_index() == 0 else (lambda *a, **k: None)
+  latest, state = checkpointer.restore_newest_good(state_lib.abstract_state(setup, tx), say)
+  if latest is not None:
+    best = checkpointer.read_meta(latest)['best']
   else:
     params = state_lib.init_params(setup)
     # The body comes from the export; the head stays freshly initialised.
@@ -213,6 +216,7 @@ def run_finetuning(config, workdir: str) -> dict:
   export_config = {**saved, 'task': {'name': task.name, 'kind': task.kind, 'labels': labels,
                                      'num_labels': num_labels},
                    'finetune': json.loads(config_lib.to_json(config))}
+  watch = preemption.PreemptionWatch()
   try:
     with jax.set_mesh(mesh):
       for step in range(start, t.steps):
@@ -236,11 +240,16 @@ def run_finetuning(config, workdir: str) -> dict:
             ckpt_lib.write_export(os.path.join(workdir, 'export'), state['params'],
                                   json.dumps({**export_config, 'best': best}, indent=2, sort_keys=True),
                                   tokenizer, overwrite=True)
-        if done % config.checkpoint.every_steps == 0 or done == t.steps:
+        preempted = watch.stop_at(done)
+        if done % config.checkpoint.every_steps == 0 or done == t.steps or preempted:
           checkpointer.save(state, {'config': json.loads(config_lib.to_json(config)), 'step': done,
                                     'num_labels': num_labels, 'best': best, 'model': saved['model'],
                                     'vocab_size': vocab_size}, force=True)
+        if preempted:
+          say(f'preempted (SIGTERM): saved step {done}; rerun the same command to resume', flush=True)
+          return best
   finally:
+    watch.close()
     checkpointer.close()
     writer.close()
   if is_main:

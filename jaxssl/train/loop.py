@@ -2,8 +2,11 @@
 
 Read top to bottom. Resuming needs nothing but the step: the data position, the dropout keys and the learning
 rate are all functions of it, so rerunning the same command continues exactly where the last checkpoint was.
+SIGTERM (preemption) saves at a step every process agrees on and returns; a NaN/Inf loss stops the run (or
+skips the update) and is never saved; a damaged newest checkpoint gives way to the newest good one.
 """
 import json
+import math
 import os
 import time
 
@@ -15,9 +18,10 @@ from jaxssl import config as config_lib
 from jaxssl import mesh as mesh_lib
 from jaxssl import models
 from jaxssl.data import corpora, pipeline, tokenizers
-from jaxssl.errors import UserError
+from jaxssl.errors import JobFailed, UserError
 from jaxssl.train import checkpoint as ckpt_lib
 from jaxssl.train import metrics as metrics_lib
+from jaxssl.train import preemption
 from jaxssl.train import state as state_lib
 from jaxssl.train import step as step_lib
 
@@ -68,10 +72,10 @@ def run_pretraining(config, workdir: str) -> dict:
   check_config(config)
   is_main = jax.process_index() == 0
   say = print if is_main else (lambda *a, **k: None)
-  checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    saved = checkpointer.read_meta(latest)
+  checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
+                                      directory=config.checkpoint.get('directory', ''))
+  _, saved = checkpointer.newest_readable_meta()
+  if saved is not None:
     ckpt_lib.check_compatible(saved['config'], config.model, config.tokenizer.vocab_size, workdir)
 
   # Data and tokenizer (process 0 trains the tokenizer; the others wait for it, then load the same file).
@@ -96,8 +100,8 @@ def run_pretraining(config, workdir: str) -> dict:
   setup = state_lib.setup_model(config.model, vocab_size, mesh, t.seed)
   tx, schedule = state_lib.make_optimizer(t), state_lib.make_schedule(t)
   shardings = state_lib.state_shardings(setup, tx)
+  latest, state = checkpointer.restore_newest_good(state_lib.abstract_state(setup, tx), say)
   if latest is not None:
-    state = checkpointer.restore(latest, state_lib.abstract_state(setup, tx))
     start = int(jax.device_get(state['step']))
   else:
     state = state_lib.init_state(setup, tx)
@@ -129,12 +133,17 @@ def run_pretraining(config, workdir: str) -> dict:
   peak = metrics_lib.peak_flops_per_device(config.log.peak_flops_per_device) * jax.device_count()
   throughput = metrics_lib.Throughput(t.batch_size * config.data.seq_len, flops_per_token, peak)
   meta = {'config': json.loads(config_lib.to_json(config)), 'vocab_size': vocab_size}
-  last = {}
+  last, previous = {}, None
+  watch = preemption.PreemptionWatch()
+  finite = FiniteLossCheck(t.get('nonfinite', 'stop'), t.get('max_skipped_steps', 10), checkpointer, writer)
   try:
     with jax.set_mesh(mesh):
       for step in range(start, t.steps):
         state, metrics = train_step(state, mesh_lib.global_batch(next(batches), mesh))
         done = step + 1
+        if previous is not None:  # the step before is finished by now: reading its loss stalls nothing
+          finite.check(*previous)
+        previous = (done, metrics)
         if step == start:  # don't count compilation in tokens/s
           jax.block_until_ready(metrics)
           throughput.reset(done)
@@ -150,14 +159,53 @@ def run_pretraining(config, workdir: str) -> dict:
           writer.log(f'eval at step {done}: ' + ' '.join(f'{k}={v:.4g}' for k, v in result.items()))
           last.update({'eval_' + k: v for k, v in result.items()})
           throughput.reset(done)
-        if done % config.checkpoint.every_steps == 0 or done == t.steps:
+        preempted = watch.stop_at(done)
+        if done % config.checkpoint.every_steps == 0 or done == t.steps or preempted:
+          finite.check(done, metrics)  # a NaN state is never saved
           checkpointer.save(state, {**meta, 'step': done, 'data_position': done}, force=True)
           throughput.reset(done)
+        if preempted:
+          checkpointer.wait()
+          say(f'preempted (SIGTERM): saved step {done} in {checkpointer.directory}; rerun the same command to '
+              'resume', flush=True)
+          return last
   finally:
+    watch.close()
     checkpointer.close()
     writer.close()
   say(f'done: step {t.steps}; checkpoints in {checkpointer.directory}', flush=True)
   return last
+
+
+class FiniteLossCheck:
+  """Stops the run (JobFailed naming the step) when the loss is NaN/Inf; with nonfinite='skip' the optimizer
+  has dropped that update instead, and only `max_skipped` such steps in a row stop the run."""
+
+  def __init__(self, mode: str, max_skipped: int, checkpointer, writer):
+    if mode not in ('stop', 'skip'):
+      raise UserError(f"train.nonfinite={mode!r}: use 'stop' or 'skip'")
+    self.mode, self.max_skipped, self.checkpointer, self.writer = mode, max_skipped, checkpointer, writer
+    self.skipped_in_a_row, self.checked = 0, 0
+
+  def check(self, step: int, metrics) -> None:
+    if step <= self.checked:
+      return
+    self.checked = step
+    loss = float(jax.device_get(metrics['loss']))
+    if math.isfinite(loss):
+      self.skipped_in_a_row = 0
+      return
+    kept = self.checkpointer.latest_step()
+    kept = f'the newest checkpoint is step {kept}' if kept is not None else 'no checkpoint was saved'
+    if self.mode == 'skip':
+      self.skipped_in_a_row += 1
+      self.writer.log(f'step {step}: loss is {loss}; update skipped ({self.skipped_in_a_row} in a row)')
+      if self.skipped_in_a_row <= self.max_skipped:
+        return
+      raise JobFailed(f'the loss was non-finite for {self.skipped_in_a_row} steps in a row up to step {step}; '
+                      f'{kept} (never a NaN one): lower train.learning_rate or check the data')
+    raise JobFailed(f'the loss is {loss} at step {step}; stopped without saving it ({kept}): lower '
+                    'train.learning_rate, or pass --config.train.nonfinite=skip to drop such updates')
 
 
 def _write_atomic(path: str, text: str) -> None:

@@ -36,12 +36,19 @@ def decay_mask(params):
 
 
 def make_optimizer(tc) -> optax.GradientTransformation:
-  """Global-norm clipping, then AdamW with BERT's schedule and decoupled weight decay (masked)."""
-  return optax.chain(
+  """Global-norm clipping, then AdamW with BERT's schedule and decoupled weight decay (masked).
+
+  With `train.nonfinite='skip'` an update whose gradients hold NaN/Inf is dropped (params and moments stay as
+  they were; optax.apply_if_finite); the loop stops after `train.max_skipped_steps` such steps in a row.
+  """
+  tx = optax.chain(
       optax.clip_by_global_norm(tc.grad_clip_norm),
       optax.adamw(make_schedule(tc), b1=tc.b1, b2=tc.b2, eps=tc.eps,
                   weight_decay=tc.weight_decay, mask=decay_mask),
   )
+  if tc.get('nonfinite', 'stop') == 'skip':
+    tx = optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1)  # the loop, not optax, decides when to stop
+  return tx
 
 
 @dataclasses.dataclass(frozen=True)
