@@ -18,6 +18,7 @@ def main(argv=None):
   parser.add_argument('--config', required=True, help='configs/finetune.py:TASK')
   parser.add_argument('--workdir', required=True)
   args, config = config_lib.parse_job_args(parser, argv)
+  runtime.check_workdir(args.workdir)
   runtime.setup(args)
   from jaxssl.train import finetune
   finetune.run_finetuning(config, args.workdir)

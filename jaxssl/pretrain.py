@@ -31,6 +31,7 @@ def main(argv=None):
     return
   if not args.workdir:
     parser.error('the following arguments are required: --workdir')
+  runtime.check_workdir(args.workdir)
   runtime.setup(args)
   from jaxssl.train import loop  # after runtime setup: importing jax-heavy modules initialises nothing early
   loop.run_pretraining(config, args.workdir)

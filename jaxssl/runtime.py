@@ -27,6 +27,14 @@ def add_distributed_args(parser) -> None:
                           f'{DEFAULT_HEARTBEAT_TIMEOUT_S}; JAXSSL_HEARTBEAT_TIMEOUT)')
 
 
+def check_workdir(workdir: str) -> None:
+  """A job's workdir is a filesystem path every host shares; only checkpoints (and datasets) may be in a bucket."""
+  if '://' in workdir:
+    raise UserError(f'--workdir {workdir} is a URL: the workdir holds the tokenizer, config.json and metrics and must '
+                    'be a directory every host shares (NFS, Filestore, a gcsfuse mount); put checkpoints in the '
+                    'bucket with --config.checkpoint.directory=gs://... and datasets with --config.data.data_dir')
+
+
 def _setting(args, flag: str, env: str, kind=str):
   value = getattr(args, flag, None) if args is not None else None
   if value is None and os.environ.get(env, '') != '':
@@ -62,7 +70,8 @@ def setup(args=None) -> None:
   coordinator = _setting(args, 'coordinator', 'JAXSSL_COORDINATOR')
   num_processes = _setting(args, 'num_processes', 'JAXSSL_NUM_PROCESSES', int)
   process_id = _setting(args, 'process_id', 'JAXSSL_PROCESS_ID', int)
-  heartbeat = _setting(args, 'heartbeat_timeout', 'JAXSSL_HEARTBEAT_TIMEOUT', int) or DEFAULT_HEARTBEAT_TIMEOUT_S
+  heartbeat = _setting(args, 'heartbeat_timeout', 'JAXSSL_HEARTBEAT_TIMEOUT', int)
+  heartbeat = DEFAULT_HEARTBEAT_TIMEOUT_S if heartbeat is None else heartbeat
   if heartbeat < 1:
     raise UserError(f'--heartbeat-timeout={heartbeat} must be at least 1 second')
   timeouts = dict(heartbeat_timeout_seconds=heartbeat, initialization_timeout=300)

@@ -107,12 +107,12 @@ def test_install_without_a_jax_pin_is_one_error_line(capsys, tmp_path):
 
 
 def test_run_starts_the_job_on_every_worker(capsys):
-  lines = dry_run(capsys, 'run', '--workdir', 'gs://bucket/run', '--job-id', 'base-1', '--',
+  lines = dry_run(capsys, 'run', '--workdir', '/mnt/bucket/run', '--job-id', 'base-1', '--',
                   'python', '-m', 'jaxssl.pretrain', '--config', 'configs/bert.py:base')
   assert lines == [
       'gcloud compute tpus tpu-vm ssh bert-pod --zone us-west4-a --worker=all --command '
       "'cd ~/jaxssl && JAXSSL_DISTRIBUTED=auto nohup .venv/bin/python -m jaxssl.pretrain --config "
-      "configs/bert.py:base --workdir gs://bucket/run > ~/jaxssl-base-1.log 2>&1 < /dev/null &'",
+      "configs/bert.py:base --workdir /mnt/bucket/run > ~/jaxssl-base-1.log 2>&1 < /dev/null &'",
   ]
 
 
@@ -172,11 +172,19 @@ def test_argument_mistakes_exit_2(argv, capsys):
 
 
 def test_workdir_given_twice_is_refused(capsys):
-  argv = ['run', *WHERE, '--workdir', 'gs://b/r', '--dry-run', '--', 'python', '-m', 'jaxssl.pretrain',
-          '--workdir=gs://b/other']
+  argv = ['run', *WHERE, '--workdir', '/mnt/b/r', '--dry-run', '--', 'python', '-m', 'jaxssl.pretrain',
+          '--workdir=/mnt/b/other']
   assert pod.main(argv) == 2
   out, err = capsys.readouterr()
   assert out == '' and err.count('\n') == 1 and 'given twice' in err
+
+
+def test_bucket_workdir_is_refused(capsys):
+  # The workdir holds the tokenizer and metrics (local file APIs); only checkpoints and datasets go to gs://.
+  argv = ['run', *WHERE, '--workdir', 'gs://b/r', '--dry-run', '--', 'python', '-m', 'jaxssl.pretrain']
+  assert pod.main(argv) == 2
+  out, err = capsys.readouterr()
+  assert out == '' and err.count('\n') == 1 and 'checkpoint.directory=gs://' in err
 
 
 def test_logs_follows_the_newest_log_on_worker_0(capsys):

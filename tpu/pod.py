@@ -5,8 +5,9 @@ them with --dry-run or runs them. Standard library only, so it runs from any che
 
   python tpu/pod.py create  --name NODE --zone us-west4-a --accelerator-type v5litepod-256 [--spot]
   python tpu/pod.py install --name NODE --zone us-west4-a
-  python tpu/pod.py run     --name NODE --zone us-west4-a --workdir gs://BUCKET/run -- \\
-                            python -m jaxssl.pretrain --config configs/bert.py:base
+  python tpu/pod.py run     --name NODE --zone us-west4-a --workdir /mnt/bucket/run -- \\
+                            python -m jaxssl.pretrain --config configs/bert.py:base \\
+                            --config.checkpoint.directory=gs://BUCKET/run/checkpoints
   python tpu/pod.py logs    --name NODE --zone us-west4-a
   python tpu/pod.py stop    --name NODE --zone us-west4-a
   python tpu/pod.py delete  --name NODE --zone us-west4-a
@@ -125,6 +126,9 @@ def _job_argv(args) -> list[str]:
   if not job:
     raise PodError(NEED_JOB)
   if args.workdir:
+    if '://' in args.workdir:
+      raise PodError(f'--workdir {args.workdir} is a URL: use a directory every worker mounts (e.g. gcsfuse) and put '
+                     'checkpoints in the bucket with --config.checkpoint.directory=gs://... in the job')
     if any(a == '--workdir' or a.startswith('--workdir=') for a in job):
       raise PodError('--workdir is given twice: to pod.py and in the job command; keep one')
     job += ['--workdir', args.workdir]
