@@ -100,3 +100,40 @@ def test_params_are_sharded_by_the_rules():
   setup = state_lib.setup_model(config.model, VOCAB, mesh_lib.make_mesh((2, 2, 2)))
   specs = {jax.tree_util.keystr(p): s.spec for p, s in jax.tree_util.tree_leaves_with_path(setup.param_shardings)}
   assert any('fsdp' in str(s) for s in specs.values()) and any('tensor' in str(s) for s in specs.values())
+
+
+def test_nonfinite_skip_keeps_params_and_stops_after_too_many_in_a_row():
+  """train.nonfinite='skip': a NaN gradient leaves params and moments as they were; the loop's check stops the
+  run (JobFailed naming the step) only after max_skipped_steps non-finite losses in a row."""
+  import jax.numpy as jnp
+  import optax
+  from jaxssl.errors import JobFailed
+  from jaxssl.train import loop
+  from jaxssl.train import state as state_lib
+  config = config_lib.load_config('configs/bert.py:tiny')
+  config_lib.parse_overrides(config, ['--config.train.nonfinite=skip', '--config.train.warmup_steps=0'])
+  tx = state_lib.make_optimizer(config.train)
+  params = {'w': jnp.ones(3)}
+  opt_state = tx.init(params)
+  updates, opt_state = tx.update({'w': jnp.array([1.0, jnp.nan, 1.0])}, opt_state, params)
+  np.testing.assert_array_equal(optax.apply_updates(params, updates)['w'], params['w'])
+  updates, opt_state = tx.update({'w': jnp.ones(3)}, opt_state, params)
+  assert np.all(np.isfinite(optax.apply_updates(params, updates)['w']))
+
+  class Kept:
+    def latest_step(self):
+      return 7
+
+  logged = []
+  check = loop.FiniteLossCheck('skip', 2, Kept(), type('W', (), {'log': lambda self, m: logged.append(m)})())
+  check.check(8, {'loss': np.float32(1.0)})
+  check.check(9, {'loss': np.float32(np.nan)})
+  check.check(10, {'loss': np.float32(np.inf)})
+  check.check(11, {'loss': np.float32(2.0)})  # a finite loss resets the count
+  check.check(12, {'loss': np.float32(np.nan)})
+  check.check(13, {'loss': np.float32(np.nan)})
+  with pytest.raises(JobFailed, match='non-finite for 3 steps in a row up to step 14; the newest checkpoint is step 7'):
+    check.check(14, {'loss': np.float32(np.nan)})
+  assert len(logged) == 5 and 'update skipped' in logged[0]
+  with pytest.raises(JobFailed, match='the loss is nan at step 3'):
+    loop.FiniteLossCheck('stop', 2, Kept(), None).check(3, {'loss': np.float32(np.nan)})

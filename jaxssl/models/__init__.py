@@ -8,7 +8,7 @@ from typing import Callable, NamedTuple
 from flax import nnx
 
 from jaxssl.errors import UserError
-from jaxssl.models import bert
+from jaxssl.models import bert, gpt
 
 
 class ModelSpec(NamedTuple):
@@ -19,6 +19,7 @@ class ModelSpec(NamedTuple):
 
 REGISTRY: dict[str, ModelSpec] = {
     'bert': ModelSpec(bert.BertForPretraining, bert.flops_per_token, bert.BertConfig.from_config),
+    'gpt': ModelSpec(gpt.GPT, gpt.flops_per_token, gpt.GPTConfig.from_config),
 }
 
 

@@ -87,13 +87,18 @@ def compile_report(config, topology: str, vocab_size: int, memory_per_device: fl
   setup = state_lib.setup_model(config.model, vocab_size, mesh, t.seed)
   tx, schedule = state_lib.make_optimizer(t), state_lib.make_schedule(t)
   state = state_lib.abstract_state(setup, tx)
-  seq, preds = config.data.seq_len, config.data.max_predictions
-  shapes = {'input_ids': (seq,), 'token_type_ids': (seq,), 'attention_mask': (seq,), 'mlm_positions': (preds,),
-            'mlm_ids': (preds,), 'mlm_weights': (preds,), 'nsp_label': ()}
+  seq, preds = config.data.seq_len, config.data.get('max_predictions', config.data.seq_len)
+  objective = step_lib.objective_for(config.model)
+  if objective is step_lib.GPT:
+    shapes = {k: (seq,) for k in step_lib.LM_BATCH_KEYS}
+  else:
+    shapes = {'input_ids': (seq,), 'token_type_ids': (seq,), 'attention_mask': (seq,), 'mlm_positions': (preds,),
+              'mlm_ids': (preds,), 'mlm_weights': (preds,), 'nsp_label': ()}
   batch = {k: jax.ShapeDtypeStruct((t.batch_size, *s), np.float32 if k == 'mlm_weights' else np.int32,
                                    sharding=mesh_lib.batch_sharding(mesh, 1 + len(s))) for k, s in shapes.items()}
-  train_step = step_lib.jit_train_step(step_lib.make_train_step(setup.graphdef, tx, schedule, t.microbatches),
-                                       state_lib.state_shardings(setup, tx), mesh)
+  train_step = step_lib.jit_train_step(
+      step_lib.make_train_step(setup.graphdef, tx, schedule, t.microbatches, objective),
+      state_lib.state_shardings(setup, tx), mesh, objective)
   with jax.set_mesh(mesh):
     compiled = train_step.lower(state, batch).compile()
   memory = compiled.memory_analysis()
@@ -111,6 +116,7 @@ def compile_report(config, topology: str, vocab_size: int, memory_per_device: fl
       'topology': described, 'devices': len(devices), 'mesh': dict(mesh.shape),
       'per_device_bytes': {'params': params, 'optimizer_state': optimizer, 'batch': batch_bytes,
                            'activations_and_temporaries': temp, 'total': total},
+      'param_bytes': sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state['params'])),
       'device_memory_bytes': hbm,
       'fits': None if hbm is None else total <= hbm,
       # XLA counts a loop body once, so with scanned layers its figure is about one layer's worth.

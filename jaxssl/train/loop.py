@@ -1,5 +1,8 @@
 """The pretraining loop: corpus → tokenizer → pipeline → jitted sharded step → metrics and checkpoints.
 
+One loop for every family: `step.objective_for(model)` says what is trained (BERT: masked LM + NSP from
+`data/pipeline.py`; GPT: next-token LM on packed documents from `data/lm_pipeline.py`).
+
 Read top to bottom. Resuming needs nothing but the step: the data position, the dropout keys and the learning
 rate are all functions of it, so rerunning the same command continues exactly where the last checkpoint was.
 SIGTERM (preemption) saves at a step every process agrees on and returns; a NaN/Inf loss stops the run (or
@@ -17,7 +20,7 @@ from jax.experimental import multihost_utils
 from jaxssl import config as config_lib
 from jaxssl import mesh as mesh_lib
 from jaxssl import models
-from jaxssl.data import corpora, pipeline, tokenizers
+from jaxssl.data import corpora, lm_pipeline, pipeline, tokenizers
 from jaxssl.errors import JobFailed, UserError
 from jaxssl.train import checkpoint as ckpt_lib
 from jaxssl.train import metrics as metrics_lib
@@ -38,11 +41,14 @@ def check_config(config) -> None:
        f'train.batch_size={t.batch_size} must be a multiple of the number of processes ({jax.process_count()})'),
       (8 <= d.seq_len <= config.model.max_position,
        f'data.seq_len={d.seq_len} must be between 8 and model.max_position={config.model.max_position}'),
-      (0 < d.max_predictions <= d.seq_len, f'data.max_predictions={d.max_predictions} must be in [1, seq_len]'),
-      (0.0 < d.mask_rate < 1.0, f'data.mask_rate={d.mask_rate} must be between 0 and 1'),
       (config.checkpoint.every_steps > 0 and config.checkpoint.keep > 0,
        'checkpoint.every_steps and checkpoint.keep must be positive'),
   ]
+  if config.model.name == 'bert':
+    checks += [
+        (0 < d.max_predictions <= d.seq_len, f'data.max_predictions={d.max_predictions} must be in [1, seq_len]'),
+        (0.0 < d.mask_rate < 1.0, f'data.mask_rate={d.mask_rate} must be between 0 and 1'),
+    ]
   for ok, message in checks:
     if not ok:
       raise UserError(f'{message}: fix it with --config.<key>=<value>')
@@ -50,15 +56,38 @@ def check_config(config) -> None:
   mesh_lib.resolve_mesh_shape(config.mesh.shape, jax.device_count())
 
 
-def evaluate(eval_step, params, batches, mesh) -> dict:
-  """MLM/NSP accuracy and MLM perplexity over the fixed held-out batches."""
+def evaluate(eval_step, params, batches, mesh, objective=step_lib.BERT, words: float = 0.0) -> dict:
+  """Held-out metrics over the fixed batches: BERT's MLM/NSP accuracy and MLM perplexity; GPT's per-token loss,
+  accuracy and perplexity (and per-word perplexity when `words`, the words those batches predict, is given)."""
   totals = None
   for local in batches:
     sums = jax.device_get(eval_step(params, mesh_lib.global_batch(local, mesh)))
     totals = sums if totals is None else {k: totals[k] + sums[k] for k in sums}
-  result = {k: float(v) for k, v in step_lib.summarize(totals).items()}
-  result['mlm_perplexity'] = float(np.exp(result['mlm_loss']))
+  result = {k: float(v) for k, v in objective.summarize(totals).items()}
+  if 'mlm_loss' in result:
+    result['mlm_perplexity'] = float(np.exp(result['mlm_loss']))
+  else:
+    result['perplexity'] = float(np.exp(result['loss']))
+    if words:
+      # The same total log-likelihood spread over words instead of pieces: comparable across tokenizers.
+      result['word_perplexity'] = float(np.exp(float(totals['lm_loss']) / words))
   return result
+
+
+def predicted_words(batches, tokenizer) -> float:
+  """How many words the held-out LM batches predict: targets that start a word (a '▁' piece) or end a document.
+
+  PTB's per-word perplexity counts every word and one end-of-sentence per sentence; here the end token closes a
+  document, so the figure is close to (slightly above) the literature's convention, not identical.
+  """
+  starts = np.array([tokenizer.id_to_piece(i).startswith('\u2581') for i in range(tokenizer.vocab_size)])
+  starts[tokenizer.sep_id] = True
+  count = 0
+  for b in batches:
+    segments, targets = b['segment_ids'], b['input_ids'][:, 1:]
+    valid = (segments[:, :-1] == segments[:, 1:]) & (segments[:, 1:] != 0)
+    count += int(np.sum(starts[targets] & valid))
+  return float(count)
 
 
 def most_frequent_token_accuracy(batches) -> float:
@@ -117,18 +146,30 @@ def run_pretraining(config, workdir: str) -> dict:
   if is_main:
     _write_atomic(os.path.join(workdir, 'config.json'), config_lib.to_json(config))
 
-  train_step = step_lib.jit_train_step(step_lib.make_train_step(setup.graphdef, tx, schedule, t.microbatches),
-                                       shardings, mesh)
-  eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(setup.graphdef), setup.param_shardings, mesh)
-  data_args = dict(seq_len=config.data.seq_len, max_predictions=config.data.max_predictions,
-                   mask_rate=config.data.mask_rate, short_seq_prob=config.data.short_seq_prob, seed=t.seed,
-                   process_index=jax.process_index(), process_count=jax.process_count())
-  batches = pipeline.make_pretrain_iterator(sources['train'], tokenizer, global_batch_size=t.batch_size,
-                                            start_step=start, num_threads=config.data.num_threads, **data_args)
-  eval_batches = pipeline.make_eval_batches(sources['validation'], tokenizer, batch_size=t.batch_size,
-                                            num_batches=config.eval.batches, **data_args)
+  objective = step_lib.objective_for(config.model)
+  train_step = step_lib.jit_train_step(
+      step_lib.make_train_step(setup.graphdef, tx, schedule, t.microbatches, objective), shardings, mesh, objective)
+  eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(setup.graphdef, objective), setup.param_shardings,
+                                     mesh, objective)
+  where = dict(seed=t.seed, process_index=jax.process_index(), process_count=jax.process_count())
+  if objective is step_lib.GPT:
+    batches = lm_pipeline.make_lm_iterator(sources['train'], tokenizer, seq_len=config.data.seq_len,
+                                           global_batch_size=t.batch_size, start_step=start,
+                                           num_threads=config.data.num_threads, **where)
+    eval_batches = lm_pipeline.make_lm_eval_batches(sources['validation'], tokenizer, seq_len=config.data.seq_len,
+                                                    batch_size=t.batch_size, num_batches=config.eval.batches, **where)
+    extra_eval = {}
+    words = predicted_words(eval_batches, tokenizer)
+  else:
+    data_args = dict(seq_len=config.data.seq_len, max_predictions=config.data.max_predictions,
+                     mask_rate=config.data.mask_rate, short_seq_prob=config.data.short_seq_prob, **where)
+    batches = pipeline.make_pretrain_iterator(sources['train'], tokenizer, global_batch_size=t.batch_size,
+                                              start_step=start, num_threads=config.data.num_threads, **data_args)
+    eval_batches = pipeline.make_eval_batches(sources['validation'], tokenizer, batch_size=t.batch_size,
+                                              num_batches=config.eval.batches, **data_args)
+    extra_eval = {'mlm_baseline_accuracy': most_frequent_token_accuracy(eval_batches)}
+    words = 0.0
 
-  baseline = most_frequent_token_accuracy(eval_batches)
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start, total_steps=t.steps)
   peak = metrics_lib.peak_flops_per_device(config.log.peak_flops_per_device) * jax.device_count()
   throughput = metrics_lib.Throughput(t.batch_size * config.data.seq_len, flops_per_token, peak)
@@ -153,8 +194,7 @@ def run_pretraining(config, workdir: str) -> dict:
           writer.write(done, last)
           writer.progress(done, last)
         if done % config.eval.every_steps == 0 or done == t.steps:
-          result = evaluate(eval_step, state['params'], eval_batches, mesh)
-          result['mlm_baseline_accuracy'] = baseline
+          result = {**evaluate(eval_step, state['params'], eval_batches, mesh, objective, words), **extra_eval}
           writer.write(done, result, prefix='eval_')
           writer.log(f'eval at step {done}: ' + ' '.join(f'{k}={v:.4g}' for k, v in result.items()))
           last.update({'eval_' + k: v for k, v in result.items()})

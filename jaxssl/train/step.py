@@ -3,6 +3,9 @@
 Losses are sums divided by the weight of the *whole* global batch, so accumulating gradients over microbatches
 gives exactly the full-batch gradient (not a mean of per-microbatch means).
 """
+import dataclasses
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -40,39 +43,58 @@ def _split_microbatches(batch, microbatches: int):
   return jax.tree.map(split, batch)
 
 
-def make_train_step(graphdef, tx, schedule, microbatches: int = 1):
-  """Returns `train_step(state, batch) -> (state, metrics)`, a pure function to jit."""
+def bert_totals(batch):
+  """BERT divides by the number of predictions (+ a small epsilon) and of sequences in the *global* batch."""
+  return {'mlm': jnp.sum(batch['mlm_weights'].astype(jnp.float32)) + 1e-5,
+          'nsp': jnp.asarray(batch['nsp_label'].shape[0], jnp.float32)}
 
-  def loss_fn(params, batch, dropout_rng, mlm_total, nsp_total):
-    sums = pretraining_sums(graphdef, params, batch, dropout_rng)
-    loss = sums['mlm_loss'] / mlm_total + sums['nsp_loss'] / nsp_total
-    return loss, sums
+
+def bert_loss(sums, totals):
+  return sums['mlm_loss'] / totals['mlm'] + sums['nsp_loss'] / totals['nsp']
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """What a pretraining family trains on: its batch keys (with ndim), per-batch sums, global normalisers, the
+  loss from both, and the metrics from summed sums. The train step, accumulation and eval are shared."""
+  batch_ndims: dict
+  sums: Callable      # (graphdef, params, batch, dropout_rng) -> dict of sums
+  totals: Callable    # (global batch) -> dict of normalisers
+  loss: Callable      # (sums, totals) -> scalar
+  summarize: Callable  # (sums) -> metrics
+
+
+def make_train_step(graphdef, tx, schedule, microbatches: int = 1, objective: 'Objective | None' = None):
+  """Returns `train_step(state, batch) -> (state, metrics)`, a pure function to jit."""
+  objective = objective or BERT
+
+  def loss_fn(params, batch, dropout_rng, totals):
+    sums = objective.sums(graphdef, params, batch, dropout_rng)
+    return objective.loss(sums, totals), sums
 
   grad_fn = jax.grad(loss_fn, has_aux=True)
 
   def train_step(state, batch):
     params, step = state['params'], state['step']
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), step)
-    # BERT divides by the number of predictions (+ a small epsilon) in the global batch.
-    mlm_total = jnp.sum(batch['mlm_weights'].astype(jnp.float32)) + 1e-5
-    nsp_total = jnp.asarray(batch['nsp_label'].shape[0], jnp.float32)
+    totals = objective.totals(batch)
     if microbatches == 1:
-      grads, sums = grad_fn(params, batch, step_key, mlm_total, nsp_total)
+      grads, sums = grad_fn(params, batch, step_key, totals)
     else:
       def accumulate(carry, inputs):
         index, microbatch = inputs
         microbatch = jax.tree.map(lambda x: mesh_lib.constrain(x, ('batch',) + (None,) * (x.ndim - 1)), microbatch)
-        g, s = grad_fn(params, microbatch, jax.random.fold_in(step_key, index), mlm_total, nsp_total)
+        g, s = grad_fn(params, microbatch, jax.random.fold_in(step_key, index), totals)
         return jax.tree.map(jnp.add, carry, (g, s)), None
       zeros = jax.tree.map(jnp.zeros_like, params)
-      zero_sums = jax.eval_shape(lambda: pretraining_sums(graphdef, params, jax.tree.map(lambda x: x[:1], batch),
-                                                          None))
+      zero_sums = jax.eval_shape(lambda: objective.sums(graphdef, params, jax.tree.map(lambda x: x[:1], batch),
+                                                        None))
       zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), zero_sums)
       (grads, sums), _ = jax.lax.scan(
           accumulate, (zeros, zero_sums), (jnp.arange(microbatches), _split_microbatches(batch, microbatches)))
     updates, opt_state = tx.update(grads, state['opt_state'], params)
     new_params = optax.apply_updates(params, updates)
-    metrics = summarize(sums)
+    metrics = objective.summarize(sums)
     metrics['grad_norm'] = optax.tree.norm(grads)
     metrics['learning_rate'] = schedule(step)
     new_state = {'params': new_params, 'opt_state': opt_state, 'step': step + 1, 'rng': state['rng']}
@@ -91,23 +113,63 @@ def summarize(sums):
   }
 
 
-def make_eval_step(graphdef):
+LM_BATCH_KEYS = ('input_ids', 'segment_ids', 'positions')
+
+
+def lm_sums(graphdef, params, batch, dropout_rng):
+  """GPT: summed next-token loss, correct predictions and predicted pairs (within a document only)."""
+  from jaxssl.models import gpt  # noqa: PLC0415 (the model registry imports this module's users, not the reverse)
+  model = nnx.merge(graphdef, params)
+  logits = model(batch['input_ids'], segment_ids=batch['segment_ids'], positions=batch['positions'],
+                 dropout_rng=dropout_rng)
+  loss, count = gpt.next_token_loss(logits, batch['input_ids'], batch['segment_ids'])
+  segments = batch['segment_ids']
+  valid = (segments[:, :-1] == segments[:, 1:]) & (segments[:, 1:] != 0)
+  correct = jnp.sum((jnp.argmax(logits[:, :-1], -1) == batch['input_ids'][:, 1:]) & valid)
+  return {'lm_loss': loss, 'lm_correct': correct.astype(jnp.float32), 'lm_count': count}
+
+
+def lm_totals(batch):
+  segments = batch['segment_ids']
+  pairs = (segments[:, :-1] == segments[:, 1:]) & (segments[:, 1:] != 0)
+  return {'lm': jnp.sum(pairs).astype(jnp.float32) + 1e-5}
+
+
+def lm_summarize(sums):
+  loss = sums['lm_loss'] / (sums['lm_count'] + 1e-5)
+  return {'loss': loss, 'accuracy': sums['lm_correct'] / (sums['lm_count'] + 1e-5)}
+
+
+GPT = Objective(batch_ndims={k: 2 for k in LM_BATCH_KEYS}, sums=lm_sums, totals=lm_totals,
+                loss=lambda sums, totals: sums['lm_loss'] / totals['lm'], summarize=lm_summarize)
+BERT = Objective(batch_ndims={k: 1 if k == 'nsp_label' else 2 for k in BATCH_KEYS}, sums=pretraining_sums,
+                 totals=bert_totals, loss=bert_loss, summarize=summarize)
+
+
+def make_eval_step(graphdef, objective: 'Objective | None' = None):
   """Returns `eval_step(params, batch) -> sums` (no dropout); sum over batches, then `summarize`."""
+  objective = objective or BERT
+
   def eval_step(params, batch):
-    return pretraining_sums(graphdef, params, batch, None)
+    return objective.sums(graphdef, params, batch, None)
   return eval_step
 
 
-def _batch_shardings(mesh):
-  return {k: mesh_lib.batch_sharding(mesh, 1 if k == 'nsp_label' else 2) for k in BATCH_KEYS}
+def _batch_shardings(mesh, objective: 'Objective | None' = None):
+  return {k: mesh_lib.batch_sharding(mesh, ndim) for k, ndim in (objective or BERT).batch_ndims.items()}
 
 
-def jit_train_step(train_step, state_shardings, mesh):
+def jit_train_step(train_step, state_shardings, mesh, objective: 'Objective | None' = None):
   """Explicit in/out shardings; the old state is donated so params and moments are updated in place."""
-  return jax.jit(train_step, in_shardings=(state_shardings, _batch_shardings(mesh)),
+  return jax.jit(train_step, in_shardings=(state_shardings, _batch_shardings(mesh, objective)),
                  out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=0)
 
 
-def jit_eval_step(eval_step, param_shardings, mesh):
-  return jax.jit(eval_step, in_shardings=(param_shardings, _batch_shardings(mesh)),
+def jit_eval_step(eval_step, param_shardings, mesh, objective: 'Objective | None' = None):
+  return jax.jit(eval_step, in_shardings=(param_shardings, _batch_shardings(mesh, objective)),
                  out_shardings=NamedSharding(mesh, P()))
+
+
+def objective_for(model_cfg) -> Objective:
+  """The pretraining objective of `model.name`: masked LM + NSP for 'bert', next-token LM for 'gpt'."""
+  return {'bert': BERT, 'gpt': GPT}[model_cfg.name]

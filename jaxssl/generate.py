@@ -1,0 +1,72 @@
+"""Generate job: continue prompts with an exported GPT (KV cache, jitted, on the mesh).
+
+  python -m jaxssl.generate --params PARAMS --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N] [--greedy]
+                            [--temperature T] [--top-k K] [--top-p P] [--seed S] [--json]
+
+Prints each continuation (with --json: one JSON line per prompt holding prompt, prompt_ids, generated_ids and
+text). Generation stops at --max-new-tokens or at the end-of-document token the model was trained with.
+"""
+import argparse
+import json
+import sys
+
+from jaxssl import runtime
+from jaxssl.errors import UserError, exit_on_user_error
+
+
+def generate(params: str, prompts: list[str], *, max_new_tokens: int = 50, greedy: bool = False,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[dict]:
+  """One dict per prompt: prompt, prompt_ids, generated_ids (up to and including a stop token), text."""
+  import jax
+  import numpy as np
+  from jaxssl import export as export_lib
+  from jaxssl.models import gpt
+  if not prompts or any(not p.strip() for p in prompts):
+    raise UserError('give at least one non-empty --prompt')
+  config, model, tokenizer = export_lib.load_export(params)
+  if config.model.name != 'gpt':
+    raise UserError(f'{params} holds a {config.model.name} model: generation needs a GPT export '
+                    '(python -m jaxssl.export of a configs/gpt.py run)')
+  encoded = tokenizer.encode(prompts)
+  lengths = np.array([len(ids) for ids in encoded], np.int32)
+  ids = np.zeros((len(prompts), int(lengths.max())), np.int32)
+  for row, piece in enumerate(encoded):
+    ids[row, :len(piece)] = piece
+  stop = (tokenizer.sep_id,)  # the end-of-document token of the packed pretraining stream
+  out, num = gpt.generate(model, ids, lengths, max_new_tokens, jax.random.key(seed), greedy=greedy,
+                          temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=stop,
+                          pad_id=tokenizer.pad_id)
+  out, num = np.asarray(out), np.asarray(num)
+  results = []
+  for prompt, prompt_ids, row, n in zip(prompts, encoded, out, num):
+    generated = [int(t) for t in row[:n]]
+    text = tokenizer.decode([t for t in generated if t not in stop])
+    results.append({'prompt': prompt, 'prompt_ids': [int(t) for t in prompt_ids], 'generated_ids': generated,
+                    'text': text})
+  return results
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(prog='python -m jaxssl.generate', description=__doc__.split('\n')[0])
+  parser.add_argument('--params', required=True, help='an export of a GPT run (python -m jaxssl.export)')
+  parser.add_argument('--prompt', action='append', required=True, help='repeat for a batch of prompts')
+  parser.add_argument('--max-new-tokens', type=int, default=50)
+  parser.add_argument('--greedy', action='store_true', help='argmax decoding (default: sampling)')
+  parser.add_argument('--temperature', type=float, default=1.0)
+  parser.add_argument('--top-k', type=int, default=0, help='sample from the k most likely tokens (0 = all)')
+  parser.add_argument('--top-p', type=float, default=1.0, help='nucleus sampling mass (1.0 = all)')
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--json', action='store_true', help='one JSON line per prompt')
+  runtime.add_distributed_args(parser)
+  args = parser.parse_args(argv)
+  runtime.setup(args)
+  import jax
+  results = generate(args.params, args.prompt, max_new_tokens=args.max_new_tokens, greedy=args.greedy,
+                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+  if jax.process_index() == 0:
+    for r in results:
+      print(json.dumps(r) if args.json else f'{r["prompt"]}{r["text"] and " " + r["text"]}', flush=True)
+
+
+if __name__ == '__main__':
+  exit_on_user_error(lambda: main(sys.argv[1:]))
