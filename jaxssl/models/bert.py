@@ -12,13 +12,10 @@ from flax import nnx
 
 from jaxssl.errors import UserError
 from jaxssl.mesh import constrain
-from jaxssl.models.layers import Dense, Embed, LayerNorm, Mlp, MultiHeadAttention, make_param, dropout, zeros
+from jaxssl.models.layers import (REMAT_POLICIES, Dense, Embed, LayerNorm, Mlp, MultiHeadAttention, dropout,
+                                  make_param, maybe_remat, stack_layers, zeros)
 
 ACT = ('batch', 'length', 'act_embed')  # logical names of activations at layer boundaries
-REMAT_POLICIES = {
-    'full': None,  # save nothing: recompute the whole layer in the backward pass
-    'dots': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,  # keep weight matmul outputs
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,13 +82,6 @@ class BertLayer(nnx.Module):
     return constrain(x, ACT)
 
 
-def _maybe_remat(fn, remat: str, *, in_scan: bool):
-  if remat == 'none':
-    return fn
-  # Inside a scan CSE cannot undo the remat, and prevent_cse would only block optimisations.
-  return nnx.remat(fn, policy=REMAT_POLICIES[remat], prevent_cse=not in_scan)
-
-
 class BertEncoder(nnx.Module):
   """The L layers: stacked + nnx.scan (cfg.scan_layers) or a Python list (for comparison)."""
 
@@ -99,14 +89,7 @@ class BertEncoder(nnx.Module):
     self.scan_layers = c.scan_layers
     self.num_layers = c.num_layers
     self.remat = c.remat
-    if c.scan_layers:
-      @nnx.split_rngs(splits=c.num_layers)
-      @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
-      def make(rngs):
-        return BertLayer(c, rngs=rngs)
-      self.layers = make(rngs)
-    else:
-      self.layers = nnx.List([BertLayer(c, rngs=rngs) for _ in range(c.num_layers)])
+    self.layers = stack_layers(lambda r: BertLayer(c, rngs=r), c.num_layers, c.scan_layers, rngs)
 
   def __call__(self, x, mask, dropout_rng=None, *, return_hidden_states=False):
     """-> x, or (x, per-layer outputs [num_layers, B, L, H]) with `return_hidden_states`."""
@@ -115,7 +98,7 @@ class BertEncoder(nnx.Module):
       outputs = []
       for i, layer in enumerate(self.layers):
         key = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
-        x = _maybe_remat(lambda lyr, h, k: lyr(h, mask, k), self.remat, in_scan=False)(layer, x, key)
+        x = maybe_remat(lambda lyr, h, k: lyr(h, mask, k), self.remat, in_scan=False)(layer, x, key)
         outputs.append(x)
       return (x, jnp.stack(outputs)) if return_hidden_states else x
 
@@ -124,10 +107,10 @@ class BertEncoder(nnx.Module):
     out_axes = (nnx.Carry, 0) if return_hidden_states else nnx.Carry
     emit = (lambda h: (h, h)) if return_hidden_states else (lambda h: h)
     if dropout_rng is None:
-      body = _maybe_remat(lambda lyr, h: emit(lyr(h, mask)), self.remat, in_scan=True)
+      body = maybe_remat(lambda lyr, h: emit(lyr(h, mask)), self.remat, in_scan=True)
       return nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=out_axes, transform_metadata=meta)(self.layers, x)
     keys = jax.vmap(lambda i: jax.random.fold_in(dropout_rng, i))(jnp.arange(self.num_layers))
-    body = _maybe_remat(lambda lyr, h, k: emit(lyr(h, mask, k)), self.remat, in_scan=True)
+    body = maybe_remat(lambda lyr, h, k: emit(lyr(h, mask, k)), self.remat, in_scan=True)
     return nnx.scan(body, in_axes=(0, nnx.Carry, 0), out_axes=out_axes, transform_metadata=meta)(
         self.layers, x, keys)
 

@@ -20,14 +20,11 @@ from flax import nnx
 
 from jaxssl.errors import UserError
 from jaxssl.mesh import constrain
-from jaxssl.models.layers import Dense, Embed, LayerNorm, dropout, make_param, normal_init, zeros
+from jaxssl.models.layers import (REMAT_POLICIES, Dense, Embed, LayerNorm, dropout, make_param, maybe_remat,
+                                  normal_init, stack_layers, zeros)
 
 ACT = ('batch', 'length', 'act_embed')  # logical names of activations at block boundaries
 HEADS_ACT = ('batch', 'length', 'act_heads', 'kv')
-REMAT_POLICIES = {
-    'full': None,  # save nothing: recompute the whole block in the backward pass
-    'dots': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,  # keep weight matmul outputs
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,13 +198,6 @@ class GPTBlock(nnx.Module):
     return x, key_cache, value_cache
 
 
-def _maybe_remat(fn, remat: str, *, in_scan: bool):
-  if remat == 'none':
-    return fn
-  # Inside a scan CSE cannot undo the remat, and prevent_cse would only block optimisations.
-  return nnx.remat(fn, policy=REMAT_POLICIES[remat], prevent_cse=not in_scan)
-
-
 class GPTDecoder(nnx.Module):
   """The L blocks: stacked + nnx.scan (cfg.scan_layers) or a Python list (for comparison)."""
 
@@ -215,28 +205,21 @@ class GPTDecoder(nnx.Module):
     self.scan_layers = c.scan_layers
     self.num_layers = c.num_layers
     self.remat = c.remat
-    if c.scan_layers:
-      @nnx.split_rngs(splits=c.num_layers)
-      @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
-      def make(rngs):
-        return GPTBlock(c, rngs=rngs)
-      self.layers = make(rngs)
-    else:
-      self.layers = nnx.List([GPTBlock(c, rngs=rngs) for _ in range(c.num_layers)])
+    self.layers = stack_layers(lambda r: GPTBlock(c, rngs=r), c.num_layers, c.scan_layers, rngs)
 
   def __call__(self, x, segment_mask, dropout_rng=None):
     # Layer i gets fold_in(dropout_rng, i) on both paths, so scanned == unscanned even with dropout.
     if not self.scan_layers:
       for i, layer in enumerate(self.layers):
         key = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
-        x = _maybe_remat(lambda lyr, h, k: lyr(h, segment_mask, k), self.remat, in_scan=False)(layer, x, key)
+        x = maybe_remat(lambda lyr, h, k: lyr(h, segment_mask, k), self.remat, in_scan=False)(layer, x, key)
       return x
     meta = {nnx.PARTITION_NAME: 'layers'}
     if dropout_rng is None:
-      body = _maybe_remat(lambda lyr, h: lyr(h, segment_mask), self.remat, in_scan=True)
+      body = maybe_remat(lambda lyr, h: lyr(h, segment_mask), self.remat, in_scan=True)
       return nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=nnx.Carry, transform_metadata=meta)(self.layers, x)
     keys = jax.vmap(lambda i: jax.random.fold_in(dropout_rng, i))(jnp.arange(self.num_layers))
-    body = _maybe_remat(lambda lyr, h, k: lyr(h, segment_mask, k), self.remat, in_scan=True)
+    body = maybe_remat(lambda lyr, h, k: lyr(h, segment_mask, k), self.remat, in_scan=True)
     return nnx.scan(body, in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata=meta)(
         self.layers, x, keys)
 

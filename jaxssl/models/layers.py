@@ -152,3 +152,32 @@ class Mlp(nnx.Module):
     h = jax.nn.gelu(self.wi(x), approximate=False)
     h = constrain(h, ('batch', 'length', 'act_mlp'))
     return self.wo(h)
+
+
+# ----- layer stacks (shared by every Transformer here) -----
+
+REMAT_POLICIES = {
+    'full': None,  # save nothing: recompute the whole layer in the backward pass
+    'dots': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,  # keep weight matmul outputs
+}
+
+
+def maybe_remat(fn, remat: str, *, in_scan: bool):
+  """`fn` under `nnx.remat` with the named policy ('none' = as is)."""
+  if remat == 'none':
+    return fn
+  # Inside a scan CSE cannot undo the remat, and prevent_cse would only block optimisations.
+  return nnx.remat(fn, policy=REMAT_POLICIES[remat], prevent_cse=not in_scan)
+
+
+def stack_layers(build, num_layers: int, scan: bool, rngs: nnx.Rngs):
+  """`num_layers` layers from `build(rngs)`: one stacked module (params get a leading 'layers' axis, run with
+  nnx.scan) when `scan`, else an nnx.List (for comparison and debugging)."""
+  if not scan:
+    return nnx.List([build(rngs) for _ in range(num_layers)])
+
+  @nnx.split_rngs(splits=num_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
+  def make(rngs):
+    return build(rngs)
+  return make(rngs)
