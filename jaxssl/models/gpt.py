@@ -319,6 +319,11 @@ class GPT(nnx.Module):
 
 # ----- loss, FLOPs -----
 
+def next_token_pairs(segment_ids):
+  """[B, T-1] bool: whether token t+1 is a target for position t (both in the same non-zero segment)."""
+  return (segment_ids[:, :-1] == segment_ids[:, 1:]) & (segment_ids[:, 1:] != 0)
+
+
 def next_token_loss(logits: jax.Array, input_ids: jax.Array, segment_ids: jax.Array | None = None):
   """Summed cross-entropy of predicting token t+1 from position t -> (sum_loss, count), both float32 scalars.
 
@@ -327,10 +332,7 @@ def next_token_loss(logits: jax.Array, input_ids: jax.Array, segment_ids: jax.Ar
   """
   logits = logits[:, :-1].astype(jnp.float32)
   targets = input_ids[:, 1:]
-  if segment_ids is None:
-    valid = jnp.ones(targets.shape, bool)
-  else:
-    valid = (segment_ids[:, :-1] == segment_ids[:, 1:]) & (segment_ids[:, 1:] != 0)
+  valid = jnp.ones(targets.shape, bool) if segment_ids is None else next_token_pairs(segment_ids)
   # logsumexp minus the target logit: no [B, T, V] log-softmax array is materialised.
   target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
   nll = jax.nn.logsumexp(logits, axis=-1) - target_logit

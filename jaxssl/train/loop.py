@@ -82,11 +82,10 @@ def predicted_words(batches, tokenizer) -> float:
   """
   starts = np.array([tokenizer.id_to_piece(i).startswith('\u2581') for i in range(tokenizer.vocab_size)])
   starts[tokenizer.sep_id] = True
+  from jaxssl.models import gpt  # noqa: PLC0415
   count = 0
   for b in batches:
-    segments, targets = b['segment_ids'], b['input_ids'][:, 1:]
-    valid = (segments[:, :-1] == segments[:, 1:]) & (segments[:, 1:] != 0)
-    count += int(np.sum(starts[targets] & valid))
+    count += int(np.sum(starts[b['input_ids'][:, 1:]] & np.asarray(gpt.next_token_pairs(b['segment_ids']))))
   return float(count)
 
 

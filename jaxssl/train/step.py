@@ -123,16 +123,14 @@ def lm_sums(graphdef, params, batch, dropout_rng):
   logits = model(batch['input_ids'], segment_ids=batch['segment_ids'], positions=batch['positions'],
                  dropout_rng=dropout_rng)
   loss, count = gpt.next_token_loss(logits, batch['input_ids'], batch['segment_ids'])
-  segments = batch['segment_ids']
-  valid = (segments[:, :-1] == segments[:, 1:]) & (segments[:, 1:] != 0)
+  valid = gpt.next_token_pairs(batch['segment_ids'])
   correct = jnp.sum((jnp.argmax(logits[:, :-1], -1) == batch['input_ids'][:, 1:]) & valid)
   return {'lm_loss': loss, 'lm_correct': correct.astype(jnp.float32), 'lm_count': count}
 
 
 def lm_totals(batch):
-  segments = batch['segment_ids']
-  pairs = (segments[:, :-1] == segments[:, 1:]) & (segments[:, 1:] != 0)
-  return {'lm': jnp.sum(pairs).astype(jnp.float32) + 1e-5}
+  from jaxssl.models import gpt  # noqa: PLC0415
+  return {'lm': jnp.sum(gpt.next_token_pairs(batch['segment_ids'])).astype(jnp.float32) + 1e-5}
 
 
 def lm_summarize(sums):
