@@ -1,10 +1,12 @@
 """Generate job: continue prompts with an exported GPT (KV cache, jitted, on the mesh).
 
   python -m jaxssl.generate --params PARAMS --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N] [--greedy]
-                            [--temperature T] [--top-k K] [--top-p P] [--seed S] [--json]
+                            [--temperature T] [--top-k K] [--top-p P] [--seed S] [--stop TOKEN ...] [--json]
 
 Prints each continuation (with --json: one JSON line per prompt holding prompt, prompt_ids, generated_ids and
-text). Generation stops at --max-new-tokens or at the end-of-document token the model was trained with.
+text). Generation stops at --max-new-tokens, at the end-of-document token the model was trained with (GPT-2's
+<|endoftext|>, Llama's </s>), or at any --stop token (a vocabulary entry, e.g. Llama 3's <|eot_id|>).
+A tokenizer that starts every text with a BOS token (Llama) gets it before each prompt; prompt_ids include it.
 """
 import argparse
 import json
@@ -15,7 +17,8 @@ from jaxssl.errors import UserError, exit_on_user_error
 
 
 def generate(params: str, prompts: list[str], *, max_new_tokens: int = 50, greedy: bool = False,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[dict]:
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             stop_tokens: tuple[str, ...] = ()) -> list[dict]:
   """One dict per prompt: prompt, prompt_ids, generated_ids (up to and including a stop token), text."""
   import jax
   import numpy as np
@@ -27,12 +30,20 @@ def generate(params: str, prompts: list[str], *, max_new_tokens: int = 50, greed
   if config.model.name != 'gpt':
     raise UserError(f'{params} holds a {config.model.name} model: generation needs a GPT export '
                     '(python -m jaxssl.export of a configs/gpt.py run)')
-  encoded = tokenizer.encode(prompts)
+  bos = [] if getattr(tokenizer, 'bos_id', None) is None else [tokenizer.bos_id]
+  encoded = [bos + ids for ids in tokenizer.encode(prompts)]
+  stop = [tokenizer.sep_id]  # the end-of-document token of the packed pretraining stream
+  for token in stop_tokens:
+    # A special token (<|eot_id|>) is looked up by name: encoding its text gives ordinary pieces.
+    ids = [tokenizer.token_id(token)] if hasattr(tokenizer, 'token_id') else tokenizer.encode_one(token)
+    if len(ids) != 1 or ids[0] is None:
+      raise UserError(f'--stop {token!r} is not one token of this tokenizer: pass a vocabulary entry '
+                      '(e.g. <|eot_id|>)')
+    stop.append(int(ids[0]))
   lengths = np.array([len(ids) for ids in encoded], np.int32)
   ids = np.zeros((len(prompts), int(lengths.max())), np.int32)
   for row, piece in enumerate(encoded):
     ids[row, :len(piece)] = piece
-  stop = (tokenizer.sep_id,)  # the end-of-document token of the packed pretraining stream
   out, num = gpt.generate(model, ids, lengths, max_new_tokens, jax.random.key(seed), greedy=greedy,
                           temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=stop,
                           pad_id=tokenizer.pad_id)
@@ -40,7 +51,7 @@ def generate(params: str, prompts: list[str], *, max_new_tokens: int = 50, greed
   results = []
   for prompt, prompt_ids, row, n in zip(prompts, encoded, out, num):
     generated = [int(t) for t in row[:n]]
-    text = tokenizer.decode([t for t in generated if t not in stop])
+    text = tokenizer.decode([t for t in generated if t not in stop])  # the stop token is not text
     results.append({'prompt': prompt, 'prompt_ids': [int(t) for t in prompt_ids], 'generated_ids': generated,
                     'text': text})
   return results
@@ -56,13 +67,15 @@ def main(argv=None):
   parser.add_argument('--top-k', type=int, default=0, help='sample from the k most likely tokens (0 = all)')
   parser.add_argument('--top-p', type=float, default=1.0, help='nucleus sampling mass (1.0 = all)')
   parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--stop', action='append', default=[], help='a stop token (vocabulary entry); repeatable')
   parser.add_argument('--json', action='store_true', help='one JSON line per prompt')
   runtime.add_distributed_args(parser)
   args = parser.parse_args(argv)
   runtime.setup(args)
   import jax
   results = generate(args.params, args.prompt, max_new_tokens=args.max_new_tokens, greedy=args.greedy,
-                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                     stop_tokens=tuple(args.stop))
   if jax.process_index() == 0:
     for r in results:
       print(json.dumps(r) if args.json else f'{r["prompt"]}{r["text"] and " " + r["text"]}', flush=True)

@@ -1,35 +1,70 @@
-"""Convert job: HuggingFace BERT checkpoints to and from jaxssl exports.
+"""Convert job: public HuggingFace / llama.cpp checkpoints to and from jaxssl exports.
 
-  python -m jaxssl.convert from-hf --src HF_DIR --out PARAMS [--overwrite] [--seed N]
+  python -m jaxssl.convert from-hf --src HF_DIR_OR_GGUF --out PARAMS [--overwrite] [--seed N]
   python -m jaxssl.convert to-hf   --src PARAMS --out HF_DIR [--overwrite]
 
-from-hf reads HF_DIR/config.json, model.safetensors and tokenizer.json or vocab.txt (torch is not needed);
-to-hf writes config.json, model.safetensors and the tokenizer files for transformers' BertForPreTraining.
+from-hf reads a HuggingFace directory: BERT (BertForPreTraining / BertModel), GPT-2 (GPT2LMHeadModel) or the
+Llama family (LlamaForCausalLM; also Mistral and Qwen2 layouts), picked by config.json's model_type, with its
+weights (safetensors, sharded or not, bfloat16 included; pytorch_model.bin when torch is installed) and its
+tokenizer (tokenizer.json, vocab.txt, or vocab.json + merges.txt). A `.gguf` file (llama.cpp; GPT-2 or Llama
+architecture) is read with the `gguf` package, quantised tensors dequantised to float32, the tokenizer rebuilt
+from its metadata. torch and transformers are not needed.
+to-hf writes config.json, model.safetensors and the tokenizer files that transformers' from_pretrained opens
+(BertForPreTraining, GPT2LMHeadModel or LlamaForCausalLM, by the export's model).
 """
 import argparse
+import json
+import os
 import sys
 
 from jaxssl import runtime
-from jaxssl.errors import exit_on_user_error
+from jaxssl.errors import UserError, exit_on_user_error
+
+
+def _source_kind(src: str) -> str:
+  """'bert' or 'decoder', from the file name or config.json's model_type (refused types are named later)."""
+  if src.endswith('.gguf'):
+    return 'decoder'
+  config = os.path.join(src, 'config.json')
+  if not os.path.isfile(config):
+    raise UserError(f'{src} has no config.json: pass a HuggingFace checkpoint directory or a .gguf file')
+  try:
+    with open(config, encoding='utf-8') as f:
+      model_type = json.load(f).get('model_type', 'bert')
+  except (OSError, ValueError) as e:
+    raise UserError(f'cannot read {config} ({e})') from None
+  return 'bert' if model_type == 'bert' else 'decoder'
+
+
+def _export_kind(src: str) -> str:
+  from jaxssl.train import checkpoint as ckpt_lib
+  name = ckpt_lib.read_export_config(src).get('model', {}).get('name')
+  if name not in ('bert', 'gpt'):
+    raise UserError(f'{src} holds model.name={name!r}: only bert and gpt exports convert to HF')
+  return 'bert' if name == 'bert' else 'decoder'
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(prog='python -m jaxssl.convert', description=__doc__.split('\n')[0])
   sub = parser.add_subparsers(dest='command', required=True)
-  from_hf = sub.add_parser('from-hf', help='HF BERT directory -> jaxssl export')
-  from_hf.add_argument('--seed', type=int, default=0, help='seed for heads the checkpoint lacks')
-  to_hf = sub.add_parser('to-hf', help='jaxssl export -> HF BERT directory')
+  from_hf = sub.add_parser('from-hf', help='HF directory (BERT, GPT-2, Llama) or .gguf file -> jaxssl export')
+  from_hf.add_argument('--seed', type=int, default=0, help='seed for BERT heads the checkpoint lacks')
+  to_hf = sub.add_parser('to-hf', help='jaxssl export -> HF directory')
   for p in (from_hf, to_hf):
     p.add_argument('--src', required=True)
     p.add_argument('--out', required=True)
     p.add_argument('--overwrite', action='store_true')
   args = parser.parse_args(argv)
+  kind = _source_kind(args.src) if args.command == 'from-hf' else _export_kind(args.src)
   runtime.setup()
-  from jaxssl.convert import hf_bert
+  from jaxssl.convert import decoder, hf_bert
   if args.command == 'from-hf':
-    hf_bert.from_hf(args.src, args.out, overwrite=args.overwrite, seed=args.seed)
+    if kind == 'bert':
+      hf_bert.from_hf(args.src, args.out, overwrite=args.overwrite, seed=args.seed)
+    else:
+      decoder.from_hf(args.src, args.out, overwrite=args.overwrite)
   else:
-    hf_bert.to_hf(args.src, args.out, overwrite=args.overwrite)
+    (hf_bert if kind == 'bert' else decoder).to_hf(args.src, args.out, overwrite=args.overwrite)
 
 
 if __name__ == '__main__':

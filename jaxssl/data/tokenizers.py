@@ -44,6 +44,7 @@ class TextTokenizer(Protocol):
   cls_id: int
   sep_id: int
   mask_id: int
+  bos_id: int | None  # put before every text by jobs that build prompts (Llama's <s>); None = nothing
   special_ids: frozenset
   random_token_range: tuple[int, int]
   filename: str  # what `save` writes, e.g. 'tokenizer.model'
@@ -90,6 +91,7 @@ def _trim_span(text: str, start: int, end: int) -> tuple[int, int]:
 class SentencePieceTokenizer:
   """A sentencepiece model with the jaxssl special ids. Build with `load(path)` or `from_serialized`."""
   pad_id, unk_id, cls_id, sep_id, mask_id = PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID
+  bos_id = None
   num_special = NUM_SPECIAL
   special_ids = frozenset(range(NUM_SPECIAL))
   filename = MODEL_FILENAME
@@ -266,21 +268,35 @@ def get_or_train_tokenizer(workdir: str, sentences_fn: Callable[[], Iterable[str
 
 
 def load_tokenizer(path: str) -> TextTokenizer:
-  """Opens the tokenizer at `path`: a directory holding tokenizer.model (sentencepiece), tokenizer.json
-  (HuggingFace, WordPiece) or vocab.txt (BERT WordPiece vocabulary), looked for in that order, or such a file.
-  Raises UserError naming what was looked for when there is none."""
-  from jaxssl.data import wordpiece  # pylint: disable=import-outside-toplevel  (HF tokenizers only when needed)
+  """Opens the tokenizer at `path`, a file or a directory holding one of (looked for in this order):
+  tokenizer.model (jaxssl sentencepiece), tokenizer.json (HuggingFace: WordPiece for BERT checkpoints, BPE for
+  GPT-2/Llama-family decoders), vocab.txt (BERT WordPiece) or vocab.json + merges.txt (GPT-2 BPE).
+  A directory's tokenizer.model that is not jaxssl's (Llama 2 ships one beside its tokenizer.json) yields to
+  the tokenizer.json. Raises UserError naming what was looked for when there is none."""
+  from jaxssl.data import hf_tokenizer, wordpiece  # pylint: disable=import-outside-toplevel  (only when needed)
+  names = (MODEL_FILENAME, wordpiece.JSON_FILENAME, wordpiece.VOCAB_FILENAME, hf_tokenizer.VOCAB_JSON)
   if os.path.isdir(path):
-    for name in (MODEL_FILENAME, wordpiece.JSON_FILENAME, wordpiece.VOCAB_FILENAME):
-      if os.path.isfile(os.path.join(path, name)):
-        return load_tokenizer(os.path.join(path, name))
-    raise UserError(f'no tokenizer in {path}: looked for {MODEL_FILENAME} (sentencepiece), '
-                    f'{wordpiece.JSON_FILENAME} or {wordpiece.VOCAB_FILENAME} (WordPiece)')
+    found = [n for n in names if os.path.isfile(os.path.join(path, n))]
+    if not found:
+      raise UserError(f'no tokenizer in {path}: looked for {", ".join(names)} (+ {hf_tokenizer.MERGES_TXT})')
+    if found[0] == MODEL_FILENAME and len(found) > 1:
+      try:
+        return load_tokenizer(os.path.join(path, MODEL_FILENAME))
+      except UserError:
+        return load_tokenizer(os.path.join(path, found[1]))
+    return load_tokenizer(os.path.join(path, found[0]))
   if not os.path.isfile(path):
-    raise UserError(f'tokenizer {path!r} not found: pass a directory holding {MODEL_FILENAME}, '
-                    f'{wordpiece.JSON_FILENAME} or {wordpiece.VOCAB_FILENAME}, or one of those files')
+    raise UserError(f'tokenizer {path!r} not found: pass a directory holding one of {", ".join(names)}, '
+                    'or one of those files')
+  if os.path.basename(path) == hf_tokenizer.VOCAB_JSON:
+    merges = os.path.join(os.path.dirname(path), hf_tokenizer.MERGES_TXT)
+    if not os.path.isfile(merges):
+      raise UserError(f'{path} has no {hf_tokenizer.MERGES_TXT} beside it: a GPT-2 BPE tokenizer needs both')
+    return hf_tokenizer.HFTokenizer.from_vocab_merges(path, merges)
   if path.endswith('.json'):
-    return wordpiece.WordPieceTokenizer.from_file(path)
+    if hf_tokenizer.tokenizer_json_model(path) in ('WordPiece', ''):
+      return wordpiece.WordPieceTokenizer.from_file(path)
+    return hf_tokenizer.HFTokenizer.from_file(path)
   if path.endswith('.txt'):
     return wordpiece.WordPieceTokenizer.from_vocab(path)
   return SentencePieceTokenizer.load(path)

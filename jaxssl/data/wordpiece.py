@@ -70,6 +70,7 @@ def _random_range(vocab_size: int, special_ids: frozenset) -> tuple[int, int]:
 class WordPieceTokenizer:
   """A HuggingFace `tokenizers.Tokenizer` with BERT special tokens. Build with `from_file` or `from_vocab`."""
   filename = JSON_FILENAME
+  bos_id = None  # BERT inputs start with [CLS], which the pipelines add themselves
 
   def __init__(self, tokenizer: hf_tokenizers.Tokenizer, path: str = '', token_names: dict | None = None):
     self._tok = tokenizer

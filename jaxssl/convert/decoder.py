@@ -1,0 +1,256 @@
+"""Public decoder checkpoints (GPT-2, Llama family) to and from jaxssl GPT exports.
+
+  from_hf(SRC, OUT)   SRC: a HuggingFace directory (config.json; model.safetensors, sharded safetensors with
+                      model.safetensors.index.json, or pytorch_model.bin; tokenizer.json or vocab.json +
+                      merges.txt) or a llama.cpp `.gguf` file (tokenizer from its metadata)
+  to_hf(EXPORT, OUT)  a GPT2LMHeadModel or LlamaForCausalLM directory transformers opens with from_pretrained
+
+The weight layouts live in hf_gpt2.py and hf_llama.py (which one: config.json's model_type); this module
+reads and writes the files. Weights are converted to float32 (bfloat16 safetensors included, GGUF
+quantisations dequantised): jaxssl keeps float32 params and computes in `model.dtype`.
+"""
+import json
+import math
+import os
+import shutil
+import tempfile
+
+import numpy as np
+
+from jaxssl import config as config_lib
+from jaxssl.errors import UserError
+
+BASE_CONFIG = os.path.join(os.path.dirname(__file__), '..', '..', 'configs', 'gpt.py') + ':small'
+# model_type in config.json -> the module holding its weight layout.
+LAYOUTS = {'gpt2': 'hf_gpt2', 'llama': 'hf_llama', 'mistral': 'hf_llama', 'qwen2': 'hf_llama'}
+_SAFETENSORS_DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'I64': np.int64, 'I32': np.int32,
+                       'I16': np.int16, 'I8': np.int8, 'U8': np.uint8, 'BOOL': np.bool_}
+
+
+def _layout(model_type: str):
+  import importlib
+  if model_type not in LAYOUTS:
+    raise UserError(f'config.json has model_type={model_type!r}: decoders convert from {sorted(LAYOUTS)} '
+                    '(and BERT from "bert")')
+  return importlib.import_module(f'jaxssl.convert.{LAYOUTS[model_type]}')
+
+
+def _read_json(path: str) -> dict:
+  try:
+    with open(path, encoding='utf-8') as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise UserError(f'cannot read {path} ({e}): pass a HuggingFace checkpoint directory or a .gguf file') from None
+
+
+# ----- reading weights -----
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+  """{name: float32-or-integer numpy array} of one safetensors file, memory-mapped.
+
+  Read here rather than with `safetensors.numpy` because numpy has no bfloat16, the dtype most public decoder
+  checkpoints ship in; ml_dtypes (a JAX dependency) supplies it, and it is widened to float32 here.
+  """
+  import ml_dtypes
+  dtypes = {**_SAFETENSORS_DTYPES, 'BF16': ml_dtypes.bfloat16}
+  try:
+    with open(path, 'rb') as f:
+      header_len = int.from_bytes(f.read(8), 'little')
+      header = json.loads(f.read(header_len))
+    data = np.memmap(path, np.uint8, mode='r', offset=8 + header_len)
+  except (OSError, ValueError) as e:
+    raise UserError(f'cannot read {path} ({str(e)[:200]}): is it a safetensors file?') from None
+  out = {}
+  for name, info in header.items():
+    if name == '__metadata__':
+      continue
+    if info['dtype'] not in dtypes:
+      raise UserError(f'{path}: tensor {name} has dtype {info["dtype"]}, which jaxssl does not read; '
+                      're-save the checkpoint in float32, float16 or bfloat16')
+    start, end = info['data_offsets']
+    a = data[start:end].view(dtypes[info['dtype']]).reshape(info['shape'])
+    out[name] = a.astype(np.float32) if a.dtype.kind == 'f' or info['dtype'] == 'BF16' else np.array(a)
+  return out
+
+
+def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise UserError(f'{path} is a PyTorch pickle, which needs torch to read: pip install torch (the CPU build), '
+                    'or re-save the checkpoint as safetensors') from None
+  try:
+    state = torch.load(path, map_location='cpu', weights_only=True)
+  except Exception as e:  # pylint: disable=broad-except  (torch raises many types for a bad file)
+    raise UserError(f'cannot read {path} ({str(e)[:200]})') from None
+  return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}
+
+
+def read_hf_weights(directory: str) -> dict[str, np.ndarray]:
+  """All tensors of a HF checkpoint directory: model.safetensors, its shards (via the .index.json), or
+  pytorch_model.bin and its shards."""
+  for single, index, reader in (('model.safetensors', 'model.safetensors.index.json', read_safetensors),
+                                ('pytorch_model.bin', 'pytorch_model.bin.index.json', _read_torch_bin)):
+    if os.path.isfile(os.path.join(directory, single)):
+      return reader(os.path.join(directory, single))
+    if os.path.isfile(os.path.join(directory, index)):
+      shards = sorted(set(_read_json(os.path.join(directory, index)).get('weight_map', {}).values()))
+      missing = [s for s in shards if not os.path.isfile(os.path.join(directory, s))]
+      if missing or not shards:
+        raise UserError(f'{directory}/{index} names shards that are not there ({missing[:3]}): copy all of them')
+      tensors = {}
+      for shard in shards:
+        tensors.update(reader(os.path.join(directory, shard)))
+      return tensors
+  raise UserError(f'{directory} has no model.safetensors, pytorch_model.bin or sharded index: pass a '
+                  'HuggingFace checkpoint directory')
+
+
+def read_tokenizer(directory: str):
+  """The checkpoint's tokenizer (tokenizer.json, else vocab.json + merges.txt) as an HFTokenizer."""
+  from jaxssl.data import hf_tokenizer
+  if os.path.isfile(os.path.join(directory, 'tokenizer.json')):
+    return hf_tokenizer.HFTokenizer.from_file(os.path.join(directory, 'tokenizer.json'))
+  if os.path.isfile(os.path.join(directory, hf_tokenizer.VOCAB_JSON)):
+    return hf_tokenizer.HFTokenizer.from_vocab_merges(os.path.join(directory, hf_tokenizer.VOCAB_JSON),
+                                                      os.path.join(directory, hf_tokenizer.MERGES_TXT))
+  raise UserError(f'{directory} has no tokenizer.json (or vocab.json + merges.txt): copy the checkpoint\'s '
+                  'tokenizer files into it')
+
+
+def read_checkpoint(src: str):
+  """(HF config dict, {HF name: numpy array}, HFTokenizer) of a HF directory or a .gguf file."""
+  if src.endswith('.gguf'):
+    from jaxssl.convert import gguf_file
+    from jaxssl.data import hf_tokenizer
+    if not os.path.isfile(src):
+      raise UserError(f'{src} not found: pass a .gguf file or a HuggingFace checkpoint directory')
+    ckpt = gguf_file.read_gguf(src)
+    with tempfile.TemporaryDirectory() as tmp:
+      ckpt.write_tokenizer(tmp)
+      tokenizer = hf_tokenizer.HFTokenizer.from_file(os.path.join(tmp, 'tokenizer.json'))
+    tokenizer.path = src
+    return ckpt.hf_config, ckpt.state_dict, tokenizer
+  if not os.path.isdir(src):
+    raise UserError(f'{src} is neither a directory nor a .gguf file: pass a HuggingFace checkpoint directory '
+                    '(config.json + weights + tokenizer) or a llama.cpp .gguf file')
+  hf_config = _read_json(os.path.join(src, 'config.json'))
+  _layout(hf_config.get('model_type', ''))  # an unsupported architecture fails before reading gigabytes
+  tokenizer = read_tokenizer(src)
+  return hf_config, read_hf_weights(src), tokenizer
+
+
+# ----- export <-> HF -----
+
+def _one_device_mesh():
+  import jax
+  from jaxssl import mesh as mesh_lib
+  return mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1])
+
+
+def jaxssl_config(model_cfg: dict, vocab_size: int):
+  """The full jaxssl config of a converted decoder: configs/gpt.py:small with this model section."""
+  config = config_lib.load_config(BASE_CONFIG)
+  with config.unlocked():
+    config.model.update(model_cfg)
+    config.tokenizer.vocab_size = int(vocab_size)
+    config.data.seq_len = config.data.max_predictions = min(config.data.seq_len, int(config.model.max_position))
+  return config
+
+
+def _check_tree(params: dict, abstract: dict, where: str = '') -> None:
+  """Same keys and shapes as the model's abstract params (a layout bug must not reach orbax)."""
+  if set(params) != set(abstract):
+    raise UserError(f'converted params at {where or "/"} have keys {sorted(map(str, params))}, the model '
+                    f'{sorted(map(str, abstract))}: the checkpoint does not fit this model')
+  for k, v in abstract.items():
+    if isinstance(v, dict):
+      _check_tree(params[k], v, f'{where}/{k}')
+    elif tuple(np.shape(params[k])) != tuple(v.shape):
+      raise UserError(f'converted param {where}/{k} has shape {np.shape(params[k])}, the model {tuple(v.shape)}')
+
+
+def from_hf(src: str, out: str, *, overwrite: bool = False) -> dict:
+  """Converts the decoder checkpoint `src` (HF directory or .gguf) into the jaxssl export `out`.
+
+  `out` holds params/ (orbax), config.json (a configs/gpt.py config) and tokenizer.json, readable by
+  `jaxssl.export.load_export` (generate, ICL evaluation, fine-tuning, continued pretraining via init_from).
+  Returns the export's config dict.
+  """
+  import jax
+  from jaxssl.train import checkpoint as ckpt_lib
+  from jaxssl.train import state as state_lib
+  hf_config, tensors, tokenizer = read_checkpoint(src)
+  layout = _layout(hf_config.get('model_type', ''))
+  model_cfg, params = layout.params_from_hf(tensors, hf_config)
+  del tensors
+  vocab_size = int(params['token_embeddings']['embedding'].shape[0])
+  if tokenizer.vocab_size > vocab_size:
+    raise UserError(f'{src}: the tokenizer has {tokenizer.vocab_size} tokens but the embedding only {vocab_size} '
+                    'rows: the tokenizer files belong to another checkpoint')
+  config = jaxssl_config(model_cfg, vocab_size)
+  setup = state_lib.setup_model(config.model, vocab_size, _one_device_mesh())
+  _check_tree(params, setup.abstract_params)
+  params = jax.device_put(params, setup.param_shardings)
+  export_config = {**config.to_dict(), 'vocab_size': vocab_size, 'converted_from': {'src': os.path.abspath(src)}}
+  ckpt_lib.write_export(out, params, json.dumps(export_config, indent=2, sort_keys=True), tokenizer,
+                        overwrite=overwrite)
+  m = config.model
+  print(f'converted {src} ({state_lib.param_count(params) / 1e6:.2f}M params, {hf_config.get("model_type")}: '
+        f'{m.num_layers} layers, hidden {m.hidden_size}, vocab {vocab_size}) to {out}')
+  return export_config
+
+
+def is_llama_layout(model_cfg) -> bool:
+  """Whether an export's model section is the Llama variant (RoPE/RMSNorm/SwiGLU) rather than GPT-2."""
+  get = model_cfg.get
+  return get('position', 'learned') == 'rope' or get('norm', 'layernorm') == 'rmsnorm' or get('mlp', 'gelu') == 'swiglu'
+
+
+def to_hf(src: str, out: str, *, overwrite: bool = False) -> dict:
+  """Writes the jaxssl GPT export `src` as a HF directory `out` (GPT2LMHeadModel or LlamaForCausalLM, by its
+  model section); returns the written config.json dict."""
+  import jax
+  from safetensors.numpy import save_file
+  from jaxssl.data import tokenizers
+  from jaxssl.train import checkpoint as ckpt_lib
+  from jaxssl.train import state as state_lib
+  saved = ckpt_lib.read_export_config(src)
+  if saved.get('model', {}).get('name') != 'gpt':
+    raise UserError(f"{src} holds model.name={saved.get('model', {}).get('name')!r}: this converts GPT exports "
+                    '(a BERT export converts with the same command through the BERT layout)')
+  if 'task' in saved:
+    raise UserError(f'{src} is a fine-tuned export (task {saved["task"].get("kind")!r}): convert the pretrained one')
+  config = config_lib.from_json(json.dumps(saved))
+  vocab_size = saved['vocab_size']
+  setup = state_lib.setup_model(config.model, vocab_size, _one_device_mesh())
+  params = jax.device_get(ckpt_lib.load_export_params(src, setup.abstract_params))
+  layout = _layout('llama' if is_llama_layout(config.model) else 'gpt2')
+  tensors, hf_config = layout.params_to_hf(params, config.model.to_dict())
+  tokenizer = tokenizers.load_tokenizer(src)
+  for role in ('bos', 'eos', 'pad'):
+    token_id = getattr(tokenizer, 'sep_id' if role == 'eos' else f'{role}_id', None)
+    if token_id is not None:
+      hf_config[f'{role}_token_id'] = int(token_id)
+  out_dir = out.rstrip(os.sep)
+  if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)) and not overwrite:
+    raise UserError(f'output directory {out} already exists and is not empty: choose a new --out or pass --overwrite')
+  tmp = f'{out_dir}.tmp-convert'
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  # transformers refuses safetensors files without a 'format' entry in their metadata.
+  save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
+            os.path.join(tmp, 'model.safetensors'), metadata={'format': 'pt'})
+  with open(os.path.join(tmp, 'config.json'), 'w', encoding='utf-8') as f:
+    json.dump(hf_config, f, indent=2, sort_keys=True)
+  written = tokenizer.save(tmp)
+  if os.path.exists(out_dir):
+    shutil.rmtree(out_dir)
+  os.rename(tmp, out_dir)
+  n = sum(math.prod(v.shape) for v in tensors.values())
+  print(f'wrote {out} ({hf_config["architectures"][0]}, {n / 1e6:.2f}M values, tokenizer: '
+        f'{os.path.basename(written)})')
+  if written.endswith('.model'):
+    print('note: the tokenizer is a jaxssl sentencepiece model (tokenizer.model); transformers needs a matching '
+          'tokenizer class for it')
+  return hf_config

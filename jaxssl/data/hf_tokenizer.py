@@ -1,0 +1,177 @@
+"""Tokenizers of public decoder checkpoints (GPT-2, Llama, ...) through HuggingFace `tokenizers`.
+
+A checkpoint directory holds `tokenizer.json` (the whole pipeline; byte-level BPE for GPT-2 and Llama 3,
+sentencepiece-style BPE with byte fallback for Llama 2) or GPT-2's older `vocab.json` + `merges.txt`.
+`tokenizer_config.json` beside it names the special tokens (eos_token, bos_token, pad_token, unk_token).
+
+Roles for jaxssl's pipeline and jobs: `sep_id` is the end-of-document token (GPT-2's <|endoftext|>, Llama's
+</s> or <|end_of_text|>): packed pretraining ends every document with it and generation stops at it. `bos_id`
+is the token the checkpoint's own tokenizer puts before every text (Llama's <s>; None for GPT-2); it is read
+off the tokenizer's post-processor, not guessed, and jobs that build prompts prepend it. Padding uses
+pad_token when named, else the end-of-document token (padding is masked anyway). Decoders have no [CLS] or
+[MASK]: those ids alias bos/eos and unk so the shared interface holds, and masking objectives refuse no model
+here because none is run on a decoder.
+
+As in wordpiece.py, text that spells a special token ("<|endoftext|>") is tokenized as ordinary text, so a
+corpus or a prompt cannot forge a document boundary.
+"""
+import json
+import os
+
+import tokenizers as hf_tokenizers
+from tokenizers import decoders, models, pre_tokenizers, processors
+
+from jaxssl.data.wordpiece import CONFIG_FILENAME, JSON_FILENAME, _random_range, _read_config
+from jaxssl.errors import UserError
+
+VOCAB_JSON, MERGES_TXT = 'vocab.json', 'merges.txt'
+_ROLES = ('bos', 'eos', 'pad', 'unk')
+# End-of-document names, most specific first, for tokenizers whose config names no eos_token.
+_EOS_FALLBACKS = ('<|endoftext|>', '<|end_of_text|>', '</s>', '<eos>')
+
+
+def _token_name(config: dict, role: str) -> str | None:
+  value = config.get(f'{role}_token')
+  if isinstance(value, dict):  # transformers writes AddedToken objects as {"content": ..., ...}
+    value = value.get('content')
+  return value if isinstance(value, str) else None
+
+
+class HFTokenizer:
+  """A HuggingFace `tokenizers.Tokenizer` of a decoder LM behind jaxssl's `TextTokenizer` interface.
+
+  Build with `from_file` (tokenizer.json), `from_vocab_merges` (GPT-2's vocab.json + merges.txt) or
+  `from_tokenizer` (an in-memory Tokenizer plus token names, e.g. read from a GGUF file).
+  """
+  filename = JSON_FILENAME
+
+  def __init__(self, tokenizer: hf_tokenizers.Tokenizer, token_names: dict, path: str = ''):
+    self._tok = tokenizer
+    self.path = path
+    self._tok.no_padding()
+    self._tok.no_truncation()
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    names = {role: name for role, name in token_names.items() if name is not None and role in _ROLES}
+    for role, name in names.items():
+      if name not in vocab:
+        raise UserError(f'tokenizer {path or "(in memory)"}: its {role}_token {name!r} is not in the vocabulary; '
+                        f'fix {CONFIG_FILENAME}')
+    if 'eos' not in names:
+      names['eos'] = next((n for n in _EOS_FALLBACKS if n in vocab), None)
+      if names['eos'] is None:
+        raise UserError(f'tokenizer {path or "(in memory)"} names no eos_token and has none of {_EOS_FALLBACKS}: '
+                        f'add "eos_token" to {CONFIG_FILENAME}')
+    self.token_names = names
+    self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+    self.eos_id = vocab[names['eos']]
+    self.sep_id = self.eos_id
+    self.bos_id = self._leading_special_id()
+    self.pad_id = vocab[names['pad']] if 'pad' in names else self.eos_id
+    self.unk_id = vocab[names['unk']] if 'unk' in names else self.eos_id
+    self.cls_id = self.bos_id if self.bos_id is not None else self.eos_id
+    self.mask_id = self.unk_id
+    added = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+    named = {vocab[n] for n in names.values()}
+    self.special_ids = frozenset(added | named)
+    self.random_token_range = _random_range(self.vocab_size, self.special_ids)
+    # Set last: the probe above must see the post-processor as the checkpoint's own tokenizer runs it.
+    self._tok.encode_special_tokens = True
+
+  def _leading_special_id(self) -> int | None:
+    """The one id the post-processor puts before every text (Llama's BOS), or None (GPT-2 adds nothing)."""
+    bare = self._tok.encode('a', add_special_tokens=False).ids
+    full = self._tok.encode('a', add_special_tokens=True).ids
+    prefix = full[:len(full) - len(bare)] if full[len(full) - len(bare):] == bare else full[:0]
+    return prefix[0] if len(prefix) == 1 else None
+
+  @classmethod
+  def from_file(cls, path: str) -> 'HFTokenizer':
+    """Loads `tokenizer.json`, with the special token names of a tokenizer_config.json beside it."""
+    try:
+      tok = hf_tokenizers.Tokenizer.from_file(path)
+    except Exception as e:  # the Rust side raises plain Exception for any unreadable file
+      raise UserError(f'{path} is not a HuggingFace tokenizer.json ({str(e)[:200]})') from None
+    config = _read_config(os.path.dirname(path))
+    return cls(tok, {role: _token_name(config, role) for role in _ROLES}, path)
+
+  @classmethod
+  def from_vocab_merges(cls, vocab_path: str, merges_path: str) -> 'HFTokenizer':
+    """GPT-2's byte-level BPE from vocab.json + merges.txt, built as transformers' GPT2TokenizerFast builds it."""
+    try:
+      bpe = models.BPE.from_file(vocab_path, merges_path)
+    except Exception as e:  # pylint: disable=broad-except
+      raise UserError(f'{vocab_path} + {merges_path} are not a BPE vocabulary and merges ({str(e)[:200]})') from None
+    tok = hf_tokenizers.Tokenizer(bpe)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    config = _read_config(os.path.dirname(vocab_path))
+    names = {role: _token_name(config, role) for role in _ROLES}
+    for role in ('bos', 'eos', 'unk'):  # GPT2Tokenizer's defaults
+      names[role] = names[role] or ('<|endoftext|>' if tok.token_to_id('<|endoftext|>') is not None else None)
+    tok.add_special_tokens([n for n in set(names.values()) if n])
+    return cls(tok, names, vocab_path)
+
+  @classmethod
+  def from_tokenizer(cls, tokenizer: hf_tokenizers.Tokenizer, token_names: dict) -> 'HFTokenizer':
+    """Wraps an in-memory Tokenizer; `token_names` maps bos/eos/pad/unk to token text (None = absent)."""
+    return cls(tokenizer, token_names)
+
+  def encode(self, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, without special tokens (batched and multi-threaded in Rust)."""
+    return [e.ids for e in self._tok.encode_batch_fast(list(texts), add_special_tokens=False)]
+
+  def encode_one(self, text: str) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def encode_with_offsets(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """(ids, character offsets) of each text; a piece's leading space (byte-level 'Ġ', '▁') is not in its span."""
+    from jaxssl.data.tokenizers import _trim_span  # pylint: disable=import-outside-toplevel
+    out = []
+    for text, e in zip(texts, self._tok.encode_batch(list(texts), add_special_tokens=False)):
+      out.append((e.ids, [_trim_span(text, s, t) for s, t in e.offsets]))
+    return out
+
+  def decode(self, ids) -> str:
+    """Text of ids; special ids decode to nothing."""
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+  def id_to_piece(self, i: int) -> str:
+    return self._tok.id_to_token(int(i))
+
+  def token_id(self, token: str) -> int | None:
+    """The id of vocabulary entry `token` (special ones included), None when there is none."""
+    return self._tok.token_to_id(token)
+
+  def save(self, directory: str) -> str:
+    """Writes `directory/tokenizer.json` and a tokenizer_config.json naming the special tokens; returns the path.
+
+    transformers' AutoTokenizer opens the directory (PreTrainedTokenizerFast), with the same ids.
+    """
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, JSON_FILENAME)
+    tmp = f'{path}.tmp.{os.getpid()}'
+    self._tok.encode_special_tokens = False  # a file setting transformers would otherwise inherit
+    try:
+      self._tok.save(tmp)
+    finally:
+      self._tok.encode_special_tokens = True
+    os.replace(tmp, path)
+    config = {f'{role}_token': name for role, name in self.token_names.items()}
+    config.update(tokenizer_class='PreTrainedTokenizerFast', add_bos_token=self.bos_id is not None,
+                  add_eos_token=False, clean_up_tokenization_spaces=False)
+    with open(os.path.join(directory, CONFIG_FILENAME), 'w', encoding='utf-8') as f:
+      json.dump(config, f, indent=2)
+    return path
+
+  def __repr__(self):
+    return f'HFTokenizer(vocab_size={self.vocab_size}, path={self.path!r}, eos={self.token_names["eos"]!r})'
+
+
+def tokenizer_json_model(path: str) -> str:
+  """The model type a tokenizer.json declares ('WordPiece', 'BPE', 'Unigram', ...); '' when unreadable."""
+  try:
+    with open(path, encoding='utf-8') as f:
+      return str(json.load(f).get('model', {}).get('type', ''))
+  except (OSError, ValueError, AttributeError):
+    return ''
