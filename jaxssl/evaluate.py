@@ -1,10 +1,14 @@
-"""Evaluate job: scores fine-tuned exports on a task file, or a suite of tasks (e.g. all of GLUE).
+"""Evaluate job: fine-tuned exports on a task or a suite (e.g. GLUE), or GPT exports on in-context learning tasks.
 
   python -m jaxssl.evaluate --config configs/eval.py:task --config.params=DIR/export --out results.json
+  python -m jaxssl.evaluate --config configs/icl.py:sentiment --config.icl.models=A,B --out icl/results.json
 
-Writes `results.json` ({"tasks": {name: {metric: value}}, "headline": ..., "average": ...}) and prints a table.
+Fine-tuned exports: writes `results.json` ({"tasks": {name: {metric: value}}, "headline": ..., "average": ...})
+and prints a table.
 A task's headline counts two metrics (MRPC, QQP: F1 and accuracy; STS-B: Pearson and Spearman) as their mean;
 when every scored set is a GLUE task the average is the GLUE score (MNLI matched + mismatched count as one task).
+In-context learning (a config with an `icl` section, configs/icl.py): see jaxssl/eval/icl.py (accuracy per model
+and k in results.json, plus PNG plots beside it).
 """
 import argparse
 import json
@@ -59,8 +63,15 @@ def headline(name: str, metrics: dict, best_metric: str) -> float:
 
 
 def run(config, out: str) -> dict:
-  """Scores each export of the config (one, or one per suite task) and writes the report to `out`."""
+  """Scores each export of the config (one, or one per suite task) and writes the report to `out`.
+
+  A config with an `icl` section runs the in-context learning evaluation instead (`out`: a .json path or a
+  directory; the plots go beside results.json).
+  """
   import jax
+  if 'icl' in config:
+    from jaxssl.eval import icl
+    return icl.run(config, out)
   from jaxssl import mesh as mesh_lib
   from jaxssl.eval import metrics as metrics_lib
   if not config.params:
@@ -97,7 +108,8 @@ def run(config, out: str) -> dict:
 def main(argv=None):
   parser = argparse.ArgumentParser(prog='python -m jaxssl.evaluate', description=__doc__.split('\n')[0])
   parser.add_argument('--config', default='configs/eval.py:task')
-  parser.add_argument('--out', default='results.json')
+  parser.add_argument('--out', default='results.json', help='results.json path (ICL: or a directory for it and '
+                      'the plots)')
   args, config = config_lib.parse_job_args(parser, argv)
   runtime.setup(args)
   run(config, args.out)
