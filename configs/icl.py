@@ -4,7 +4,8 @@
       --config.icl.shots=0,1,2,4,8 --out icl/results.json
 
 Variants: `sentiment` (built-in tiny review task, scored by the log-likelihood of each label's verbaliser),
-`capitals` (built-in free-form task: greedy generation, exact match), `custom` (your JSONL files:
+`capitals` (built-in free-form task: greedy generation, exact match), `sst2` (GLUE SST-2 from TFDS: train
+split as the demonstration pool, the 872 validation sentences as queries), `custom` (your JSONL files:
 --config.icl.pool=POOL.jsonl --config.icl.test=TEST.jsonl, one {"input": ..., "label": ...} object per line).
 
 Writes results.json (accuracy per model and k) and, beside it, icl_accuracy_vs_shots.png,
@@ -12,7 +13,7 @@ icl_accuracy_vs_size.png and icl_predictions.jsonl. See jaxssl/eval/icl.py for h
 """
 import ml_collections
 
-VARIANTS = ('sentiment', 'capitals', 'custom')
+VARIANTS = ('sentiment', 'capitals', 'sst2', 'custom')
 
 
 def get_config(variant: str = 'sentiment') -> ml_collections.ConfigDict:
@@ -22,6 +23,8 @@ def get_config(variant: str = 'sentiment') -> ml_collections.ConfigDict:
       task=variant,          # the name in results.json; with pool/test '' it picks the built-in files
       pool='',               # JSONL of demonstrations; '' = jaxssl/eval/icl_tasks/<task>_pool.jsonl
       test='',               # JSONL of test queries; '' = jaxssl/eval/icl_tasks/<task>_test.jsonl
+      tfds='',               # a TFDS classification dataset (glue/sst2, ...): pool and test are then split names
+      data_dir='',           # TFDS cache for tfds ('' = ~/.cache/jaxssl/tfds or $JAXSSL_DATA_DIR)
       instruction='',        # text before the demonstrations ('' = none)
       template='Input: {input}\nOutput: {label}',  # one example; the text before {label} is the query prompt
       separator='\n\n',      # between the instruction and the examples
@@ -40,6 +43,11 @@ def get_config(variant: str = 'sentiment') -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))
   if variant == 'sentiment':
     c.icl.update(instruction='Classify the sentiment of each movie review as positive or negative.',
+                 template='Review: {input}\nSentiment: {label}')
+    c.icl.verbalizers = ml_collections.ConfigDict(dict(positive='positive', negative='negative'))
+  elif variant == 'sst2':
+    c.icl.update(tfds='glue/sst2', pool='train', test='validation', shots=(0, 1, 4, 8, 16),
+                 instruction='Classify the sentiment of each movie review as positive or negative.',
                  template='Review: {input}\nSentiment: {label}')
     c.icl.verbalizers = ml_collections.ConfigDict(dict(positive='positive', negative='negative'))
   elif variant == 'capitals':

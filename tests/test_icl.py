@@ -323,3 +323,19 @@ def test_cli_bad_config_exits_2_with_one_line(exports, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], result.stderr
     assert not (tmp_path / 'r.json').exists()
+
+
+def test_sst2_variant_reads_tfds_splits(tmp_path):
+  """configs/icl.py:sst2 takes its pool and queries from TFDS glue/sst2 (train / validation), labels by name."""
+  import tensorflow_datasets as tfds
+  config = icl_config('sst2', f'--config.icl.data_dir={tmp_path}', '--config.icl.models=unused',
+                      '--config.icl.shots=0,4', '--config.icl.max_queries=5')
+  with tfds.testing.mock_data(num_examples=12):
+    task = icl.load_task(config.icl)
+  assert task.scoring == 'loglik' and set(task.options) == {'negative', 'positive'}
+  assert len(task.pool) == 12 and len(task.test) == 5
+  assert all(e.label in ('negative', 'positive') and e.where.startswith('glue/sst2:') for e in task.pool + task.test)
+  bad = icl_config('sst2', f'--config.icl.data_dir={tmp_path}', '--config.icl.models=unused',
+                   '--config.icl.tfds=squad/v1.1')
+  with pytest.raises(UserError, match='is a qa task'):
+    icl.load_task(bad.icl)

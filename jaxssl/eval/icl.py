@@ -177,11 +177,33 @@ def check_config(icl) -> None:
       raise UserError(f'icl.verbalizers.{label}={text!r} must be a non-empty string')
 
 
+def read_tfds(name: str, split: str, data_dir: str = '') -> list[Example]:
+  """The examples of a labelled TFDS classification split (e.g. glue/sst2 'validation'), labels by their
+  dataset names ('negative', 'positive'); a pair's two texts are joined by a newline into one input."""
+  from jaxssl.data import tfds_tasks  # pylint: disable=import-outside-toplevel  (TFDS only when asked for)
+  if name not in tfds_tasks.DATASETS:
+    raise UserError(f'icl.tfds={name!r} is not a supported dataset: use one of '
+                    f'{", ".join(d for d in tfds_tasks.DATASETS if d.startswith("glue/"))}')
+  kind = tfds_tasks.expected_kind(name)
+  if kind not in ('classification', 'pair'):
+    raise UserError(f'icl.tfds={name!r} is a {kind} task: ICL scores labelled classification tasks (e.g. glue/sst2)')
+  examples, _ = tfds_tasks.read_split(name, split, kind, data_dir=data_dir)
+  return [Example(e.text if e.text_b is None else f'{e.text}\n{e.text_b}', e.label, f'{name}:{split}[{i}]')
+          for i, e in enumerate(examples)]
+
+
 def load_task(icl) -> Task:
   """Reads and validates the task of the `icl` config section (no model needed)."""
   check_config(icl)
-  pool = read_jsonl(_data_path(icl, 'pool'))
-  test = read_jsonl(_data_path(icl, 'test'))
+  if icl.get('tfds'):
+    if not icl.pool or not icl.test:
+      raise UserError(f'icl.tfds={icl.tfds!r} needs split names: pass --config.icl.pool=train '
+                      '--config.icl.test=validation')
+    pool = read_tfds(icl.tfds, icl.pool, icl.get('data_dir', ''))
+    test = read_tfds(icl.tfds, icl.test, icl.get('data_dir', ''))
+  else:
+    pool = read_jsonl(_data_path(icl, 'pool'))
+    test = read_jsonl(_data_path(icl, 'test'))
   verbalizers = {str(k): v for k, v in icl.verbalizers.items()}
   scoring = icl.scoring if icl.scoring != 'auto' else ('loglik' if verbalizers else 'exact_match')
   if verbalizers:
