@@ -20,6 +20,9 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
   layers, hidden = SIZES[variant]
   c = ml_collections.ConfigDict()
   c.variant = variant
+  # An export (python -m jaxssl.export / jaxssl.convert from-hf) to continue pretraining from: its model
+  # section, vocabulary and tokenizer replace this config's (dtype, remat, attention, dropout stay the run's).
+  c.init_from = ''
 
   c.model = ml_collections.ConfigDict(dict(
       name='bert', num_layers=layers, hidden_size=hidden, num_heads=hidden // 64,

@@ -1,8 +1,11 @@
-"""GPT-2 style causal LM pretraining. Variants: layers/hidden, heads = hidden / 64.
+"""Causal LM pretraining, GPT-2 or Llama style. GPT-2 variants: layers/hidden, heads = hidden / 64.
 
   python -m jaxssl.pretrain --config configs/gpt.py:tiny --workdir /tmp/gpt_tiny
+  python -m jaxssl.pretrain --config configs/gpt.py:llama_tiny --workdir /tmp/llama_tiny
 
-small = GPT-2 small (124M with its 50257 vocab), medium = GPT-2 medium (350M).
+small = GPT-2 small (124M with its 50257 vocab), medium = GPT-2 medium (350M). llama_tiny = the tiny quickstart with
+the Llama architecture (RMSNorm, RoPE, SwiGLU, grouped-query attention, no biases, untied head, no dropout);
+llama_1b = Llama 3.2 1B's shape (1.24B parameters with its 128256 vocab; converted checkpoints fit).
 """
 import ml_collections
 
@@ -13,24 +16,52 @@ SIZES = {
     'small': (12, 768, 1024),
     'medium': (24, 1024, 1024),
 }
-VARIANTS = tuple(SIZES)
+# name: (layers, hidden, heads, kv heads, intermediate, seq_len, max_position)
+LLAMA_SIZES = {
+    'llama_tiny': (2, 128, 4, 2, 352, 128, 128),
+    'llama_1b': (16, 2048, 32, 8, 8192, 2048, 131072),
+}
+VARIANTS = tuple(SIZES) + tuple(LLAMA_SIZES)
 
 
 def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
-  layers, hidden, seq_len = SIZES[variant]
+  llama = variant in LLAMA_SIZES
+  if llama:
+    layers, hidden, heads, kv_heads, inner, seq_len, max_position = LLAMA_SIZES[variant]
+  else:
+    layers, hidden, seq_len = SIZES[variant]
+    heads, kv_heads, inner, max_position = hidden // 64, 0, 4 * hidden, seq_len
   c = ml_collections.ConfigDict()
   c.variant = variant
 
+  # An export to continue pretraining from (python -m jaxssl.export, or jaxssl.convert from-hf of GPT-2 / Llama):
+  # its model section, vocabulary and tokenizer replace this config's (dtype, remat, attention, dropout stay).
+  c.init_from = ''
+
   c.model = ml_collections.ConfigDict(dict(
-      name='gpt', num_layers=layers, hidden_size=hidden, num_heads=hidden // 64,
-      intermediate_size=4 * hidden, max_position=seq_len,
+      name='gpt', num_layers=layers, hidden_size=hidden, num_heads=heads,
+      intermediate_size=inner, max_position=max_position,
       dropout_rate=0.1, attention_dropout_rate=0.1,  # GPT-2's resid/embd and attn dropout
       initializer_range=0.02, layer_norm_eps=1e-5,
       dtype='float32',     # compute dtype; params stay float32. 'bfloat16' on TPU/GPU.
       remat='none',        # 'none' | 'full' | 'dots' (save matmul outputs, recompute the rest)
       scan_layers=True,    # one compiled block body under nnx.scan: compile time flat in depth
       attention='xla',     # implementation for jax.nn.dot_product_attention: 'xla' | 'cudnn'
+      # Architecture (GPT-2 here; the llama_* variants switch them):
+      norm='layernorm',    # 'layernorm' | 'rmsnorm' (eps = layer_norm_eps)
+      position='learned',  # 'learned' position table | 'rope' (rotary, HF Llama layout)
+      rope_theta=10000.0,
+      rope_scaling=None,   # None | HF's dict: {'rope_type': 'llama3', 'factor', 'low_freq_factor', ...} or 'linear'
+      mlp='gelu',          # 'gelu' | 'swiglu'
+      num_kv_heads=kv_heads,  # 0 = num_heads; fewer = grouped-query attention (must divide num_heads)
+      head_dim=0,          # 0 = hidden_size // num_heads
+      tie_embeddings=True,  # False: a separate lm_head (embed, vocab) kernel
+      use_bias=True,       # biases in q/k/v/out and the MLP
+      attention_bias=False,  # q/k/v biases even with use_bias=False (Qwen2)
   ))
+  if llama:
+    c.model.update(norm='rmsnorm', position='rope', mlp='swiglu', use_bias=False,
+                   dropout_rate=0.0, attention_dropout_rate=0.0, layer_norm_eps=1e-5)
   c.data = ml_collections.ConfigDict(dict(
       corpus='ptb',            # 'ptb', a TFDS name ('wikipedia/20230601.en', 'c4/en'), or a local path/glob
       data_dir='',             # TFDS cache; '' = ~/.cache/jaxssl/tfds (or $JAXSSL_DATA_DIR)
@@ -58,15 +89,27 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(every_steps=500, batches=20))
   c.log = ml_collections.ConfigDict(dict(every_steps=50, peak_flops_per_device=0.0))  # 0 = from the table
 
-  if variant == 'tiny':
+  if variant in ('tiny', 'llama_tiny'):
     # The quickstart: learns visibly on a 2-core CPU in ~10 minutes.
     c.tokenizer.vocab_size = 4000
     c.train.update(steps=2000, batch_size=32, learning_rate=1e-3, end_learning_rate=1e-4, warmup_steps=100)
     c.checkpoint.every_steps = 200
     c.eval.every_steps = 250
     c.log.every_steps = 25
+    if variant == 'llama_tiny':
+      c.model.tie_embeddings = False  # as Llama 2/3 8B: exercises the separate output head
   elif variant == 'mini':
     c.train.update(learning_rate=1e-3, end_learning_rate=1e-4, warmup_steps=500, steps=50_000, batch_size=64)
+  elif variant == 'llama_1b':
+    # Llama 3.2 1B: rope_theta 500000 with Llama 3.1's long-context scaling, tied embeddings, 128256 vocab.
+    c.model.update(rope_theta=500000.0, tie_embeddings=True)
+    c.model.rope_scaling = dict(rope_type='llama3', factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                original_max_position_embeddings=8192)
+    c.tokenizer.vocab_size = 128256
+    # ~1M tokens per step (512 x 2048), decay to a tenth. On accelerators: --config.model.dtype=bfloat16.
+    c.train.update(learning_rate=3e-4, end_learning_rate=3e-5, warmup_steps=2000, steps=250_000, batch_size=512)
+    c.checkpoint.every_steps = 2000
+    c.eval.every_steps = 2000
   else:
     # ~0.5M tokens per step (GPT-2 / nanoGPT); GPT-2's vocabulary size, so converted checkpoints fit.
     c.tokenizer.vocab_size = 50257

@@ -21,6 +21,7 @@ LOGICAL_AXIS_RULES = (
     ('embed', 'fsdp'),             # weights are sharded over fsdp on their model dimension (ZeRO-3)
     ('mlp', 'tensor'),
     ('heads', 'tensor'),
+    ('kv_heads', 'tensor'),        # k/v heads (GQA: num_kv_heads a multiple of the tensor size)
     ('kv', None),
     ('vocab', 'tensor'),
     ('layers', None),              # the scanned layer axis of stacked weights
@@ -32,6 +33,7 @@ LOGICAL_AXIS_RULES = (
     # activations: the model dimension stays whole (fsdp already splits the batch); heads/mlp over tensor
     ('act_embed', None),
     ('act_heads', 'tensor'),
+    ('act_kv_heads', 'tensor'),
     ('act_mlp', 'tensor'),
 )
 

@@ -211,3 +211,38 @@ def test_bad_checkpoints_are_one_line_errors(case, hf_model, hf_dir, bpe, tmp_pa
     with pytest.raises(UserError, match=expected):
       decoder.from_hf(str(src), str(tmp_path / 'out'))
     assert not (tmp_path / 'out').exists()
+
+
+def test_continued_pretraining_from_imported_gpt2(hf_model, export, tmp_path):
+  """pretrain --config.init_from=EXPORT trains the imported GPT-2 with its own BPE tokenizer on a local corpus.
+
+  With learning rate 0 the exported step-1 params are the imported ones exactly; the workdir holds the GPT-2
+  tokenizer, not a newly trained one.
+  """
+  corpus_file = tmp_path / 'corpus.txt'
+  sentences = corpus()
+  corpus_file.write_text('\n\n'.join(' '.join(sentences[i:i + 4]) for i in range(0, 200, 4)) + '\n')
+  workdir = tmp_path / 'run'
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  cmd = [sys.executable, '-m', 'jaxssl.pretrain', '--config', 'configs/gpt.py:tiny', f'--config.init_from={export}',
+         f'--config.data.corpus={corpus_file}', '--config.data.seq_len=32', '--config.train.batch_size=4',
+         '--config.train.steps=1', '--config.train.learning_rate=0', '--config.train.end_learning_rate=0',
+         '--config.train.warmup_steps=0', '--config.eval.batches=1', '--config.data.num_threads=1',
+         '--config.model.dropout_rate=0', '--config.model.attention_dropout_rate=0', '--workdir', str(workdir)]
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  assert f'from {export}' in proc.stdout and os.path.isfile(workdir / 'tokenizer.json')
+  assert not os.path.exists(workdir / 'tokenizer.model')
+  out = str(tmp_path / 'export')
+  run = subprocess.run([sys.executable, '-m', 'jaxssl.export', '--workdir', str(workdir), '--out', out],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-2000:]
+  _, before, _ = load_export(export)
+  config, after, tokenizer = load_export(out)
+  assert isinstance(tokenizer, HFTokenizer) and config.model.max_position == 64
+  ids = np.random.default_rng(3).integers(0, tokenizer.vocab_size, (1, 12))
+  np.testing.assert_array_equal(np.asarray(after(ids)), np.asarray(before(ids)))
+  # A fine-tuned or mismatched export is refused with one line.
+  bad = subprocess.run([*cmd[:5], '--config.init_from=' + str(tmp_path / 'nothing'), *cmd[6:-1],
+                        str(tmp_path / 'run2')], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 2 and 'not a jaxssl export' in bad.stderr, bad.stderr[-1000:]

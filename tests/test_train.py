@@ -137,3 +137,19 @@ def test_nonfinite_skip_keeps_params_and_stops_after_too_many_in_a_row():
   assert len(logged) == 5 and 'update skipped' in logged[0]
   with pytest.raises(JobFailed, match='the loss is nan at step 3'):
     loop.FiniteLossCheck('stop', 2, Kept(), None).check(3, {'loss': np.float32(np.nan)})
+
+
+def test_check_compatible_knows_the_llama_shape_keys():
+  """A workdir of another architecture is refused by name; a config written before the keys existed still fits."""
+  from jaxssl.config import load_config
+  from jaxssl.errors import UserError
+  from jaxssl.train import checkpoint as ckpt_lib
+  gpt2 = load_config('configs/gpt.py:tiny')
+  old = {k: v for k, v in gpt2.model.to_dict().items()
+         if k not in ('norm', 'position', 'mlp', 'num_kv_heads', 'head_dim', 'tie_embeddings', 'use_bias',
+                      'attention_bias', 'rope_theta', 'rope_scaling')}
+  ckpt_lib.check_compatible({'model': old}, gpt2.model, 4000, 'w')
+  llama = load_config('configs/gpt.py:llama_tiny')
+  ckpt_lib.check_compatible({'model': llama.model.to_dict()}, llama.model, 4000, 'w')
+  with pytest.raises(UserError, match=r"model.norm: 'layernorm' there, 'rmsnorm' here; model.position: 'learned' there, 'rope' here"):
+    ckpt_lib.check_compatible({'model': old}, llama.model, 4000, 'w')

@@ -1,14 +1,22 @@
-"""GPT-2 (Radford et al. 2019) causal language model; same math as HF GPT2LMHeadModel.
+"""GPT-2 (Radford et al. 2019) causal language model, and its Llama-style variant; same math as HF
+GPT2LMHeadModel / LlamaForCausalLM.
 
-Pre-LayerNorm blocks, learned absolute positions, tanh-approximate GELU ("gelu_new"), LayerNorm eps 1e-5, a final
-LayerNorm, and the output projection tied to the token embedding. As in bert.py, the block stack is created with
-`nnx.vmap` (params get a leading 'layers' axis) and run with `nnx.scan`.
+Default config = GPT-2: pre-LayerNorm blocks, learned absolute positions, tanh-approximate GELU ("gelu_new"),
+LayerNorm eps 1e-5, biases everywhere, a final LayerNorm, and the output projection tied to the token embedding.
+The Llama architecture is the same decoder with other switches (configs/gpt.py:llama_tiny):
+
+  norm='rmsnorm'  position='rope' (rope_theta, rope_scaling)  mlp='swiglu'  num_kv_heads < num_heads (GQA)
+  use_bias=False  tie_embeddings=False (Llama 2/3 8B; Llama 3.2 1B/3B tie)  dropout 0
+
+As in bert.py, the block stack is created with `nnx.vmap` (params get a leading 'layers' axis) and run with
+`nnx.scan`.
 
 Packed training rows: `segment_ids` [B, T] (0 = padding) keep documents apart in attention and `positions` [B, T]
-restart at 0 in each document; `next_token_loss` drops the pairs that cross a document boundary or touch padding.
+restart at 0 in each document (for RoPE too: each document's rotation starts at 0); `next_token_loss` drops the
+pairs that cross a document boundary or touch padding.
 
-Generation: `init_cache` + `GPT.decode` append new tokens to a KV cache; `generate` runs prefill + a
-`lax.while_loop` of one-token decode steps under one jit, for a batch of prompts of different lengths.
+Generation: `init_cache` + `GPT.decode` append new tokens to a KV cache (num_kv_heads heads); `generate` (in
+generation.py, re-exported here) runs prefill + one-token decode steps under one jit.
 """
 import dataclasses
 import functools
@@ -16,20 +24,67 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxssl.errors import UserError
 from jaxssl.mesh import constrain
-from jaxssl.models.layers import (REMAT_POLICIES, Dense, Embed, LayerNorm, dropout, make_param, maybe_remat,
-                                  normal_init, stack_layers, zeros)
+from jaxssl.models.generation import generate, sample_logits  # noqa: F401 (re-exported: callers use gpt.generate)
+from jaxssl.models.layers import (REMAT_POLICIES, Embed, LayerNorm, dropout, make_param, maybe_remat, normal_init,
+                                  ones, stack_layers, zeros)
 
 ACT = ('batch', 'length', 'act_embed')  # logical names of activations at block boundaries
 HEADS_ACT = ('batch', 'length', 'act_heads', 'kv')
+KV_HEADS_ACT = ('batch', 'length', 'act_kv_heads', 'kv')
+
+# rope_scaling types (HF's `rope_type`) and the keys each needs.
+ROPE_SCALING_KEYS = {
+    'linear': ('factor',),
+    'llama3': ('factor', 'low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings'),
+}
+CHOICES = {'norm': ('layernorm', 'rmsnorm'), 'position': ('learned', 'rope'), 'mlp': ('gelu', 'swiglu')}
+
+
+def _rope_scaling(value):
+  """An HF-style rope_scaling dict -> sorted (key, value) pairs (hashable: the config is static data), or None.
+
+  Accepts a dict, a ConfigDict or already-frozen pairs; 'type' is read as 'rope_type'; 'default' means none.
+  """
+  if value is None or (isinstance(value, tuple) and not value):
+    return None
+  if isinstance(value, tuple):
+    value = dict(value)
+  elif hasattr(value, 'items'):
+    value = dict(value.items())
+  else:
+    raise UserError(f'model.rope_scaling={value!r} must be None or a dict like '
+                    "{'rope_type': 'llama3', 'factor': 32.0, ...}")
+  kind = value.pop('rope_type', value.pop('type', None))
+  if kind in (None, 'default') and not value:
+    return None
+  if kind not in ROPE_SCALING_KEYS:
+    raise UserError(f'model.rope_scaling has rope_type={kind!r}: supported are {", ".join(ROPE_SCALING_KEYS)} '
+                    '(or None for plain RoPE)')
+  need = ROPE_SCALING_KEYS[kind]
+  missing, extra = [k for k in need if k not in value], sorted(k for k in value if k not in need)
+  if missing or extra:
+    raise UserError(f'model.rope_scaling for {kind!r} needs exactly the keys {", ".join(need)} '
+                    f'(missing {missing}, unknown {extra})')
+  frozen = {k: int(v) if k == 'original_max_position_embeddings' else float(v) for k, v in value.items()}
+  if not all(v > 0 for v in frozen.values()):
+    raise UserError(f'model.rope_scaling values must be positive: {frozen}')
+  if kind == 'llama3' and not frozen['high_freq_factor'] > frozen['low_freq_factor']:
+    raise UserError('model.rope_scaling needs high_freq_factor > low_freq_factor (Llama 3.x: 4.0 and 1.0)')
+  return tuple(sorted({**frozen, 'rope_type': kind}.items()))
 
 
 @dataclasses.dataclass(frozen=True)
 class GPTConfig:
-  """The `model` config section, validated; frozen (hashable) so modules can hold it as static data."""
+  """The `model` config section, validated; frozen (hashable) so modules can hold it as static data.
+
+  `num_kv_heads` and `head_dim` given as 0 read back resolved (num_heads, hidden_size // num_heads);
+  `rope_scaling` reads back as sorted (key, value) pairs (`dict(c.rope_scaling)` is HF's dict).
+  """
   vocab_size: int
   num_layers: int
   hidden_size: int
@@ -39,11 +94,30 @@ class GPTConfig:
   dropout_rate: float = 0.1            # embeddings and both residual branches (GPT-2's embd/resid_pdrop)
   attention_dropout_rate: float = 0.1  # attention probabilities (attn_pdrop)
   initializer_range: float = 0.02
-  layer_norm_eps: float = 1e-5
+  layer_norm_eps: float = 1e-5         # LayerNorm or RMSNorm epsilon (Llama: rms_norm_eps)
   dtype: str = 'float32'
   remat: str = 'none'
   scan_layers: bool = True
   attention: str = 'xla'
+  # Architecture switches; the defaults are GPT-2.
+  norm: str = 'layernorm'              # 'layernorm' | 'rmsnorm'
+  position: str = 'learned'            # 'learned' (a position table) | 'rope' (rotary, HF Llama's rotate_half)
+  rope_theta: float = 10000.0
+  rope_scaling: tuple | None = None    # None or HF's dict: rope_type 'llama3' (Llama 3.1+) or 'linear'
+  mlp: str = 'gelu'                    # 'gelu' (W2 gelu(W1 x)) | 'swiglu' (W2 (silu(Wg x) * Wu x))
+  num_kv_heads: int = 0                # 0 = num_heads; fewer = grouped-query attention
+  head_dim: int = 0                    # 0 = hidden_size // num_heads
+  tie_embeddings: bool = True          # False: a separate lm_head kernel (embed, vocab)
+  use_bias: bool = True                # biases in q/k/v/out and the MLP
+  attention_bias: bool = False         # q/k/v biases even when use_bias=False (Qwen2)
+
+  def __post_init__(self):
+    # 0 = derived: resolved once, so every user reads the actual sizes.
+    if not self.num_kv_heads:
+      object.__setattr__(self, 'num_kv_heads', self.num_heads)
+    if not self.head_dim and self.num_heads > 0:
+      object.__setattr__(self, 'head_dim', self.hidden_size // self.num_heads)
+    object.__setattr__(self, 'rope_scaling', _rope_scaling(self.rope_scaling))
 
   @classmethod
   def from_config(cls, model_cfg, vocab_size: int) -> 'GPTConfig':
@@ -55,13 +129,19 @@ class GPTConfig:
     if missing:
       raise UserError(f'the model config lacks {", ".join("model." + k for k in missing)}: '
                       'start from configs/gpt.py')
+    for name in ('num_kv_heads', 'head_dim'):
+      if int(kw.get(name, 0)) < 0:
+        raise UserError(f'model.{name}={kw[name]} must be >= 0 (0 = derived from num_heads)')
     c = cls(vocab_size=int(vocab_size), **kw)
     for name in ('vocab_size', 'num_layers', 'hidden_size', 'num_heads', 'intermediate_size', 'max_position'):
       if int(getattr(c, name)) < 1:
         raise UserError(f'model.{name}={getattr(c, name)} must be a positive integer')
-    if c.hidden_size % c.num_heads:
+    if not kw.get('head_dim') and c.hidden_size % c.num_heads:
       raise UserError(f'model.hidden_size={c.hidden_size} is not divisible by model.num_heads={c.num_heads}; '
                       f'set --config.model.num_heads to a divisor (e.g. {max(1, c.hidden_size // 64)})')
+    if c.num_heads % c.num_kv_heads:
+      raise UserError(f'model.num_kv_heads={c.num_kv_heads} does not divide model.num_heads={c.num_heads}; '
+                      'use a divisor of num_heads (0 = num_heads, no grouping)')
     for name in ('dropout_rate', 'attention_dropout_rate'):
       if not 0.0 <= getattr(c, name) < 1.0:
         raise UserError(f'model.{name}={getattr(c, name)} must be in [0, 1)')
@@ -73,67 +153,168 @@ class GPTConfig:
       raise UserError(f"model.remat={c.remat!r}: use 'none', 'full' or 'dots'")
     if c.attention not in ('xla', 'cudnn'):
       raise UserError(f"model.attention={c.attention!r}: use 'xla' or 'cudnn'")
+    for name, choices in CHOICES.items():
+      if getattr(c, name) not in choices:
+        raise UserError(f'model.{name}={getattr(c, name)!r}: use {" or ".join(map(repr, choices))}')
+    for name in ('tie_embeddings', 'use_bias', 'attention_bias', 'scan_layers'):
+      if not isinstance(getattr(c, name), bool):
+        raise UserError(f'model.{name}={getattr(c, name)!r} must be True or False')
+    if c.position == 'rope':
+      if c.head_dim % 2:
+        raise UserError(f'model.head_dim={c.head_dim} must be even for position=rope (dimensions rotate in pairs)')
+      if not c.rope_theta > 0:
+        raise UserError(f'model.rope_theta={c.rope_theta} must be positive (Llama 2: 10000, Llama 3: 500000)')
+    elif c.rope_scaling is not None:
+      raise UserError("model.rope_scaling is set but model.position='learned'; set position='rope' or drop it")
     return c
 
   @property
   def compute_dtype(self):
     return jnp.dtype(self.dtype)
 
-  @property
-  def head_dim(self) -> int:
-    return self.hidden_size // self.num_heads
+
+# ----- building blocks -----
+
+class Linear(nnx.Module):
+  """y = x W (+ b): W (in, out) named `names`, b named `names[-1]` (the same paths as layers.Dense)."""
+
+  def __init__(self, in_features: int, out_features: int, names: tuple[str, str], *, stddev: float,
+               use_bias: bool, dtype, rngs: nnx.Rngs):
+    self.kernel = make_param(rngs, normal_init(stddev), (in_features, out_features), names)
+    if use_bias:
+      self.bias = make_param(rngs, zeros, (out_features,), names[-1:])
+    self.use_bias = use_bias
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = jnp.einsum('...i,io->...o', x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    return y + self.bias[...].astype(self.dtype) if self.use_bias else y
+
+
+class RMSNorm(nnx.Module):
+  """x / rms(x) * scale (Llama; no mean subtraction, no bias), statistics in float32; output in `dtype`."""
+
+  def __init__(self, features: int, *, eps: float, dtype, rngs: nnx.Rngs):
+    self.scale = make_param(rngs, ones, (features,), ('norm',))
+    self.eps = eps
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(jnp.float32)
+    y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale[...]).astype(self.dtype)
+
+
+def make_norm(c: GPTConfig, rngs: nnx.Rngs):
+  """The configured normalisation layer (LayerNorm: scale + bias; RMSNorm: scale only)."""
+  cls = RMSNorm if c.norm == 'rmsnorm' else LayerNorm
+  return cls(c.hidden_size, eps=c.layer_norm_eps, dtype=c.compute_dtype, rngs=rngs)
+
+
+@functools.lru_cache(maxsize=None)
+def rope_inv_freq(head_dim: int, theta: float, scaling: tuple | None = None) -> np.ndarray:
+  """[head_dim / 2] float32 rotation frequencies, as HF computes them (float32 arithmetic, as the models were
+  trained); `scaling` is GPTConfig.rope_scaling ('linear': all divided by factor; 'llama3': long wavelengths
+  divided by factor, short ones kept, a smooth blend between)."""
+  f32 = np.float32
+  inv = f32(1.0) / (f32(theta) ** (np.arange(0, head_dim, 2).astype(f32) / f32(head_dim)))
+  s = dict(scaling or ())
+  if s.get('rope_type') == 'linear':
+    inv = inv / f32(s['factor'])
+  elif s.get('rope_type') == 'llama3':
+    factor, low, high = s['factor'], s['low_freq_factor'], s['high_freq_factor']
+    old = s['original_max_position_embeddings']
+    wavelen = f32(2 * math.pi) / inv
+    scaled = np.where(wavelen > old / low, inv / f32(factor), inv)
+    smooth = (f32(old) / wavelen - f32(low)) / f32(high - low)
+    smoothed = (1 - smooth) * scaled / f32(factor) + smooth * scaled
+    medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+    inv = np.where(medium, smoothed, scaled)
+  return np.asarray(inv, f32)
+
+
+def rope_angles(c: GPTConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(cos, sin) [B, T, head_dim / 2] float32 of each token's rotation at its `positions` [B, T]."""
+  angles = positions.astype(jnp.float32)[..., None] * rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, rotary: tuple[jax.Array, jax.Array]) -> jax.Array:
+  """Rotates x [B, T, N, D] by `rotary` = (cos, sin) [B, T, D/2], in float32.
+
+  HF Llama's rotate_half layout: dimension i pairs with i + D/2 (not with i + 1), so HF q/k weights load as they
+  are, with no permutation.
+  """
+  cos, sin = (a[:, :, None, :] for a in rotary)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
 class CausalSelfAttention(nnx.Module):
-  """Multi-head causal self-attention; same parameter layout as layers.MultiHeadAttention.
+  """Causal self-attention with grouped-query heads; same parameter layout as layers.MultiHeadAttention.
 
-  q/k/v kernels are (embed, heads, kv) so heads can be split over the tensor axis without reshapes (HF's fused
-  c_attn is split into the three when converting).
+  q kernel (embed, heads, kv), k/v kernels (embed, kv_heads, kv): heads can be split over the tensor axis without
+  reshapes (HF's fused GPT-2 c_attn is split into the three when converting). Query head n reads key/value head
+  n // (num_heads / num_kv_heads), as HF's repeat_kv.
   """
 
   def __init__(self, c: GPTConfig, *, rngs: nnx.Rngs):
-    h, n, d = c.hidden_size, c.num_heads, c.head_dim
+    h, n, kv, d = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
     init = normal_init(c.initializer_range)
-    for name in ('query', 'key', 'value'):
-      setattr(self, f'{name}_kernel', make_param(rngs, init, (h, n, d), ('embed', 'heads', 'kv')))
-      setattr(self, f'{name}_bias', make_param(rngs, zeros, (n, d), ('heads', 'kv')))
+    self.qkv_bias = c.use_bias or c.attention_bias
+    for name, heads, axis in (('query', n, 'heads'), ('key', kv, 'kv_heads'), ('value', kv, 'kv_heads')):
+      setattr(self, f'{name}_kernel', make_param(rngs, init, (h, heads, d), ('embed', axis, 'kv')))
+      if self.qkv_bias:
+        setattr(self, f'{name}_bias', make_param(rngs, zeros, (heads, d), (axis, 'kv')))
     # GPT-2 scales the init of projections into the residual stream by 1/sqrt(2 * layers).
     out_init = normal_init(c.initializer_range / math.sqrt(2 * c.num_layers))
     self.out_kernel = make_param(rngs, out_init, (n, d, h), ('heads', 'kv', 'embed'))
-    self.out_bias = make_param(rngs, zeros, (h,), ('embed',))
+    if c.use_bias:
+      self.out_bias = make_param(rngs, zeros, (h,), ('embed',))
+    self.use_bias = c.use_bias
     self.head_dim = d
     self.attention_dropout_rate = c.attention_dropout_rate
     self.implementation = c.attention
     self.dtype = c.compute_dtype
 
-  def _project(self, x, name):
-    kernel = getattr(self, f'{name}_kernel')[...].astype(self.dtype)
-    y = jnp.einsum('blh,hnd->blnd', x, kernel) + getattr(self, f'{name}_bias')[...].astype(self.dtype)
-    return constrain(y, HEADS_ACT)
+  def _project(self, x, name, rotary):
+    y = jnp.einsum('blh,hnd->blnd', x, getattr(self, f'{name}_kernel')[...].astype(self.dtype))
+    if self.qkv_bias:
+      y = y + getattr(self, f'{name}_bias')[...].astype(self.dtype)
+    if rotary is not None and name != 'value':
+      y = apply_rope(y, rotary)
+    return constrain(y, HEADS_ACT if name == 'query' else KV_HEADS_ACT)
+
+  def _qkv(self, x, rotary):
+    return tuple(self._project(x, n, rotary) for n in ('query', 'key', 'value'))
 
   def _output(self, out):
     out = constrain(out.astype(self.dtype), HEADS_ACT)
     y = jnp.einsum('blnd,ndh->blh', out, self.out_kernel[...].astype(self.dtype))
-    return y + self.out_bias[...].astype(self.dtype)
+    return y + self.out_bias[...].astype(self.dtype) if self.use_bias else y
 
   def _explicit(self, q, k, v, mask, dropout_rng):
-    """Softmax attention spelled out; `mask` [B, 1, Tq, Tk] bool (True = may attend)."""
-    logits = jnp.einsum('bqnd,bknd->bnqk', q, k, preferred_element_type=jnp.float32)
+    """Softmax attention spelled out; q [B, T, N, D], k/v [B, S, K, D], `mask` [B, 1, T, S] bool (True = may
+    attend). Query heads are grouped (K, N/K) so each group reads its key/value head without copying it."""
+    b, t, n, d = q.shape
+    q = q.reshape(b, t, k.shape[2], n // k.shape[2], d)
+    logits = jnp.einsum('btkgd,bskd->bkgts', q, k, preferred_element_type=jnp.float32)
     logits = logits / jnp.sqrt(jnp.float32(self.head_dim))
     # A row with nothing to attend (a padding query) becomes uniform, not NaN; its output is never used.
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
     probs = dropout(probs, self.attention_dropout_rate, dropout_rng).astype(self.dtype)
-    return jnp.einsum('bnqk,bknd->bqnd', probs, v)
+    return jnp.einsum('bkgts,bskd->btkgd', probs, v).reshape(b, t, n, d)
 
-  def __call__(self, x: jax.Array, segment_mask: jax.Array | None = None, *,
+  def __call__(self, x: jax.Array, segment_mask: jax.Array | None = None, *, rotary=None,
                dropout_rng: jax.Array | None = None, explicit: bool = False) -> jax.Array:
     """x [B, T, H] -> [B, T, H]. Causal; `segment_mask` [B, 1, T, T] (True = same document) further restricts it.
 
-    `explicit` forces the hand-written attention path (taken anyway when attention dropout is on).
+    `rotary` = rope_angles(...) rotates q and k (position='rope'). `explicit` forces the hand-written attention
+    path (taken anyway when attention dropout is on).
     """
     x = x.astype(self.dtype)
-    q, k, v = (self._project(x, n) for n in ('query', 'key', 'value'))
+    q, k, v = self._qkv(x, rotary)
     if explicit or (dropout_rng is not None and self.attention_dropout_rate > 0.0):
       t = x.shape[1]
       mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
@@ -141,15 +322,16 @@ class CausalSelfAttention(nnx.Module):
         mask = mask & segment_mask
       out = self._explicit(q, k, v, mask, dropout_rng)
     else:
+      # Takes k/v with fewer heads (GQA) as they are.
       impl = None if self.implementation == 'xla' else self.implementation
       out = jax.nn.dot_product_attention(q, k, v, mask=segment_mask, is_causal=True, implementation=impl)
     return self._output(out)
 
-  def decode(self, x, key_cache, value_cache, index, mask):
-    """One cached step: x [B, T, H] new tokens, caches [B, S, N, D] (k/v written at slots index..index+T-1),
-    mask [B, 1, T, S] -> (y [B, T, H], key_cache, value_cache)."""
+  def decode(self, x, key_cache, value_cache, index, mask, rotary=None):
+    """One cached step: x [B, T, H] new tokens, caches [B, S, K, D] (k/v written at slots index..index+T-1),
+    mask [B, 1, T, S] -> (y [B, T, H], key_cache, value_cache). Cached keys are stored rotated."""
     x = x.astype(self.dtype)
-    q, k, v = (self._project(x, n) for n in ('query', 'key', 'value'))
+    q, k, v = self._qkv(x, rotary)
     key_cache = jax.lax.dynamic_update_slice_in_dim(key_cache, k.astype(key_cache.dtype), index, axis=1)
     value_cache = jax.lax.dynamic_update_slice_in_dim(value_cache, v.astype(value_cache.dtype), index, axis=1)
     out = self._explicit(q, key_cache.astype(self.dtype), value_cache.astype(self.dtype), mask, None)
@@ -160,10 +342,11 @@ class GeluMlp(nnx.Module):
   """W2 GELU(W1 x) with GPT-2's tanh-approximate GELU ("gelu_new")."""
 
   def __init__(self, c: GPTConfig, *, rngs: nnx.Rngs):
-    dt, std = c.compute_dtype, c.initializer_range
-    self.wi = Dense(c.hidden_size, c.intermediate_size, ('embed', 'mlp'), stddev=std, dtype=dt, rngs=rngs)
-    self.wo = Dense(c.intermediate_size, c.hidden_size, ('mlp', 'embed'), stddev=std / math.sqrt(2 * c.num_layers),
-                    dtype=dt, rngs=rngs)
+    dt, std, b = c.compute_dtype, c.initializer_range, c.use_bias
+    self.wi = Linear(c.hidden_size, c.intermediate_size, ('embed', 'mlp'), stddev=std, use_bias=b, dtype=dt,
+                     rngs=rngs)
+    self.wo = Linear(c.intermediate_size, c.hidden_size, ('mlp', 'embed'), stddev=std / math.sqrt(2 * c.num_layers),
+                     use_bias=b, dtype=dt, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     h = jax.nn.gelu(self.wi(x), approximate=True)
@@ -171,28 +354,45 @@ class GeluMlp(nnx.Module):
     return self.wo(h)
 
 
-class GPTBlock(nnx.Module):
-  """x = x + Drop(Attn(LN(x))); x = x + Drop(MLP(LN(x)))  (pre-LayerNorm, as in GPT-2)."""
+class SwiGluMlp(nnx.Module):
+  """W2 (SiLU(Wg x) * Wu x) (Llama; HF gate_proj, up_proj, down_proj = wi_gate, wi_up, wo)."""
 
   def __init__(self, c: GPTConfig, *, rngs: nnx.Rngs):
-    dt, eps = c.compute_dtype, c.layer_norm_eps
-    self.attention_norm = LayerNorm(c.hidden_size, eps=eps, dtype=dt, rngs=rngs)
+    dt, std, b = c.compute_dtype, c.initializer_range, c.use_bias
+    h, i = c.hidden_size, c.intermediate_size
+    self.wi_gate = Linear(h, i, ('embed', 'mlp'), stddev=std, use_bias=b, dtype=dt, rngs=rngs)
+    self.wi_up = Linear(h, i, ('embed', 'mlp'), stddev=std, use_bias=b, dtype=dt, rngs=rngs)
+    self.wo = Linear(i, h, ('mlp', 'embed'), stddev=std / math.sqrt(2 * c.num_layers), use_bias=b, dtype=dt,
+                     rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = jax.nn.silu(self.wi_gate(x)) * self.wi_up(x)
+    h = constrain(h, ('batch', 'length', 'act_mlp'))
+    return self.wo(h)
+
+
+class GPTBlock(nnx.Module):
+  """x = x + Drop(Attn(Norm(x))); x = x + Drop(MLP(Norm(x)))  (pre-norm, as in GPT-2 and Llama)."""
+
+  def __init__(self, c: GPTConfig, *, rngs: nnx.Rngs):
+    self.attention_norm = make_norm(c, rngs)
     self.attention = CausalSelfAttention(c, rngs=rngs)
-    self.mlp_norm = LayerNorm(c.hidden_size, eps=eps, dtype=dt, rngs=rngs)
-    self.mlp = GeluMlp(c, rngs=rngs)
+    self.mlp_norm = make_norm(c, rngs)
+    self.mlp = SwiGluMlp(c, rngs=rngs) if c.mlp == 'swiglu' else GeluMlp(c, rngs=rngs)
     self.dropout_rate = c.dropout_rate
 
-  def __call__(self, x, segment_mask, dropout_rng=None):
+  def __call__(self, x, segment_mask, rotary=None, dropout_rng=None):
     k = [None] * 3 if dropout_rng is None else [jax.random.fold_in(dropout_rng, i) for i in range(3)]
     # The residual stream stays float32; only the branches run in the compute dtype.
-    a = self.attention(self.attention_norm(x), segment_mask, dropout_rng=k[0])
+    a = self.attention(self.attention_norm(x), segment_mask, rotary=rotary, dropout_rng=k[0])
     x = x + dropout(a, self.dropout_rate, k[1]).astype(jnp.float32)
     m = self.mlp(self.mlp_norm(x))
     x = x + dropout(m, self.dropout_rate, k[2]).astype(jnp.float32)
     return constrain(x, ACT)
 
-  def decode(self, x, key_cache, value_cache, index, mask):
-    a, key_cache, value_cache = self.attention.decode(self.attention_norm(x), key_cache, value_cache, index, mask)
+  def decode(self, x, key_cache, value_cache, index, mask, rotary=None):
+    a, key_cache, value_cache = self.attention.decode(self.attention_norm(x), key_cache, value_cache, index, mask,
+                                                      rotary)
     x = x + a.astype(jnp.float32)
     x = x + self.mlp(self.mlp_norm(x)).astype(jnp.float32)
     return x, key_cache, value_cache
@@ -207,38 +407,41 @@ class GPTDecoder(nnx.Module):
     self.remat = c.remat
     self.layers = stack_layers(lambda r: GPTBlock(c, rngs=r), c.num_layers, c.scan_layers, rngs)
 
-  def __call__(self, x, segment_mask, dropout_rng=None):
+  def __call__(self, x, segment_mask, dropout_rng=None, rotary=None):
     # Layer i gets fold_in(dropout_rng, i) on both paths, so scanned == unscanned even with dropout.
+    def run(lyr, h, k=None):
+      return lyr(h, segment_mask, rotary, k)
     if not self.scan_layers:
       for i, layer in enumerate(self.layers):
         key = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
-        x = maybe_remat(lambda lyr, h, k: lyr(h, segment_mask, k), self.remat, in_scan=False)(layer, x, key)
+        x = maybe_remat(run, self.remat, in_scan=False)(layer, x, key)
       return x
     meta = {nnx.PARTITION_NAME: 'layers'}
     if dropout_rng is None:
-      body = maybe_remat(lambda lyr, h: lyr(h, segment_mask), self.remat, in_scan=True)
+      body = maybe_remat(lambda lyr, h: run(lyr, h), self.remat, in_scan=True)
       return nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=nnx.Carry, transform_metadata=meta)(self.layers, x)
     keys = jax.vmap(lambda i: jax.random.fold_in(dropout_rng, i))(jnp.arange(self.num_layers))
-    body = maybe_remat(lambda lyr, h, k: lyr(h, segment_mask, k), self.remat, in_scan=True)
+    body = maybe_remat(run, self.remat, in_scan=True)
     return nnx.scan(body, in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata=meta)(
         self.layers, x, keys)
 
-  def decode(self, x, key_cache, value_cache, index, mask):
-    """Caches [num_layers, B, S, N, D]; layer i reads and writes slice i."""
+  def decode(self, x, key_cache, value_cache, index, mask, rotary=None):
+    """Caches [num_layers, B, S, K, D]; layer i reads and writes slice i."""
     if not self.scan_layers:
       keys, values = [], []
       for i, layer in enumerate(self.layers):
-        x, k, v = layer.decode(x, key_cache[i], value_cache[i], index, mask)
+        x, k, v = layer.decode(x, key_cache[i], value_cache[i], index, mask, rotary)
         keys.append(k)
         values.append(v)
       return x, jnp.stack(keys), jnp.stack(values)
-    body = lambda lyr, h, k, v: lyr.decode(h, k, v, index, mask)  # noqa: E731
+    body = lambda lyr, h, k, v: lyr.decode(h, k, v, index, mask, rotary)  # noqa: E731
     return nnx.scan(body, in_axes=(0, nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0, 0),
                     transform_metadata={nnx.PARTITION_NAME: 'layers'})(self.layers, x, key_cache, value_cache)
 
 
 class GPT(nnx.Module):
-  """GPT-2 language model: token + position embeddings, L pre-LN blocks, final LN, tied output projection.
+  """Causal LM: token (+ learned position) embeddings, L pre-norm blocks, final norm, tied or separate output
+  projection (`lm_head`).
 
   Created inside `with jax.set_mesh(mesh), nnx.logical_axis_rules(RULES)` its params are born sharded; outside a
   mesh they are plain arrays that still carry their logical names (for `nnx.get_named_sharding` later).
@@ -251,16 +454,31 @@ class GPT(nnx.Module):
     # Eager sharding needs a mesh; without one, keep the annotations but place nothing.
     with nnx.use_eager_sharding(not jax.sharding.get_abstract_mesh().empty):
       self.token_embeddings = Embed(c.vocab_size, c.hidden_size, ('vocab', 'embed'), stddev=std, rngs=rngs)
-      self.position_embeddings = Embed(c.max_position, c.hidden_size, ('position', 'embed'), stddev=std, rngs=rngs)
+      if c.position == 'learned':
+        self.position_embeddings = Embed(c.max_position, c.hidden_size, ('position', 'embed'), stddev=std,
+                                         rngs=rngs)
       self.decoder = GPTDecoder(c, rngs=rngs)
-      self.final_norm = LayerNorm(c.hidden_size, eps=c.layer_norm_eps, dtype=c.compute_dtype, rngs=rngs)
+      self.final_norm = make_norm(c, rngs)
+      if not c.tie_embeddings:
+        self.lm_head = Linear(c.hidden_size, c.vocab_size, ('embed', 'vocab'), stddev=std, use_bias=False,
+                              dtype=c.compute_dtype, rngs=rngs)
 
   def _embed(self, input_ids, positions):
-    return self.token_embeddings(input_ids) + self.position_embeddings(positions)
+    x = self.token_embeddings(input_ids)
+    return x + self.position_embeddings(positions) if self.config.position == 'learned' else x
+
+  def _rotary(self, positions):
+    return rope_angles(self.config, positions) if self.config.position == 'rope' else None
 
   def _logits(self, x):
-    # Tied output projection (Embed.attend gathers the table along fsdp first; see layers.py).
-    return self.token_embeddings.attend(self.final_norm(x), self.config.compute_dtype)
+    c = self.config
+    x = self.final_norm(x)
+    if c.tie_embeddings:
+      # Tied output projection (Embed.attend gathers the table along fsdp first; see layers.py).
+      return self.token_embeddings.attend(x, c.compute_dtype)
+    # Gathered along fsdp for the same reason as Embed.attend; the vocab axis stays split.
+    kernel = constrain(self.lm_head.kernel[...], (None, 'vocab')).astype(c.compute_dtype)
+    return jnp.einsum('...h,hv->...v', x.astype(c.compute_dtype), kernel, preferred_element_type=jnp.float32)
 
   def __call__(self, input_ids, *, segment_ids=None, positions=None, dropout_rng=None) -> jax.Array:
     """input_ids [B, T] -> next-token logits [B, T, V] float32. dropout_rng None = eval.
@@ -281,7 +499,7 @@ class GPT(nnx.Module):
     emb_key, dec_key = (None, None) if dropout_rng is None else (
         jax.random.fold_in(dropout_rng, 0), jax.random.fold_in(dropout_rng, 1))
     x = constrain(dropout(self._embed(input_ids, positions), c.dropout_rate, emb_key), ACT)
-    x = self.decoder(x, segment_mask, dec_key)
+    x = self.decoder(x, segment_mask, dec_key, self._rotary(positions))
     return self._logits(x)
 
   # ----- KV-cache decoding -----
@@ -289,11 +507,12 @@ class GPT(nnx.Module):
   def init_cache(self, batch: int, max_len: int) -> dict:
     """An empty KV cache for `batch` rows of up to `max_len` tokens (prompt + generated).
 
-    key/value [num_layers, B, S, N, D] in the compute dtype; positions [B, S] is the position stored in each slot
-    (-1 = empty or padding: never attended to); index is the next slot to write (the same for every row).
+    key/value [num_layers, B, S, num_kv_heads, head_dim] in the compute dtype; positions [B, S] is the position
+    stored in each slot (-1 = empty or padding: never attended to); index is the next slot to write (the same
+    for every row).
     """
     c = self.config
-    shape = (c.num_layers, batch, max_len, c.num_heads, c.head_dim)
+    shape = (c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
     return dict(key=jnp.zeros(shape, c.compute_dtype), value=jnp.zeros(shape, c.compute_dtype),
                 positions=jnp.full((batch, max_len), -1, jnp.int32), index=jnp.zeros((), jnp.int32))
 
@@ -311,8 +530,9 @@ class GPT(nnx.Module):
     kpos = slot_positions[:, None, None, :]
     mask = (kpos >= 0) & (kpos <= positions[:, None, :, None])  # [B, 1, T, S]
     # Padding (-1) is looked up as position 0: finite values, and nothing attends to it.
-    x = self._embed(tokens, jnp.maximum(positions, 0))
-    x, keys, values = self.decoder.decode(x, cache['key'], cache['value'], index, mask)
+    positions = jnp.maximum(positions, 0)
+    x = self._embed(tokens, positions)
+    x, keys, values = self.decoder.decode(x, cache['key'], cache['value'], index, mask, self._rotary(positions))
     new_cache = dict(key=keys, value=values, positions=slot_positions, index=index + tokens.shape[1])
     return self._logits(x), new_cache
 
@@ -342,122 +562,16 @@ def next_token_loss(logits: jax.Array, input_ids: jax.Array, segment_ids: jax.Ar
 def flops_per_token(model_cfg, vocab_size: int, seq_len: int, max_predictions: int = 0) -> float:
   """Training FLOPs per input token (forward + backward = 3x forward; 2 FLOPs per multiply-add), matmuls only.
 
-  Per layer: 6 x matmul params (4 H^2 for q/k/v/out + 2 H I for the MLP) plus attention scores and weighted
-  sum, 12 x H x seq_len (counted over the full T x T square, as computed, not halved for causality). The tied
-  H x V output projection runs at every position. `max_predictions` is ignored: every token is a target.
-  Embedding lookups, norms, softmax and biases are not counted (as in the usual MFU formula).
+  Per layer: 6 x matmul params (q and out H x N*D each, k and v H x K*D each with K = num_kv_heads; the MLP
+  2 H I, or 3 H I for SwiGLU) plus attention scores and weighted sum, 12 x N*D x seq_len (counted over the full
+  T x T square, as computed, not halved for causality). The H x V output projection (tied or lm_head: the same
+  matmul) runs at every position. `max_predictions` is ignored: every token is a target. Embedding lookups,
+  norms, RoPE, softmax and biases are not counted (as in the usual MFU formula).
   """
   del max_predictions
   c = GPTConfig.from_config(model_cfg, vocab_size)
-  h, i = c.hidden_size, c.intermediate_size
-  layers = c.num_layers * (6 * (4 * h * h + 2 * h * i) + 12 * h * seq_len)
+  h, i, d = c.hidden_size, c.intermediate_size, c.head_dim
+  attention = h * d * (2 * c.num_heads + 2 * c.num_kv_heads)
+  mlp = (3 if c.mlp == 'swiglu' else 2) * h * i
+  layers = c.num_layers * (6 * (attention + mlp) + 12 * c.num_heads * d * seq_len)
   return float(layers + 6 * h * c.vocab_size)
-
-
-# ----- generation -----
-
-def sample_logits(logits: jax.Array, rng: jax.Array, *, temperature=1.0, top_k=0, top_p=1.0,
-                  greedy: bool = False) -> jax.Array:
-  """One token id per row of `logits` [B, V]: argmax (greedy), or a sample after temperature, top-k, top-p.
-
-  temperature, top_k (0 = all tokens) and top_p (1.0 = all) may be traced scalars: changing them does not
-  recompile a jitted caller.
-  """
-  if greedy:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logits = logits.astype(jnp.float32) / temperature
-  vocab = logits.shape[-1]
-  sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-  # top-k: drop what is below the k-th largest logit (ties with it stay).
-  k = jnp.clip(top_k, 1, vocab)
-  sorted_logits = jnp.where((jnp.arange(vocab) < k) | (top_k <= 0), sorted_logits, -jnp.inf)
-  # top-p: keep the most likely tokens until their mass reaches top_p (always at least one).
-  probs = jax.nn.softmax(sorted_logits, axis=-1)
-  before = jnp.cumsum(probs, axis=-1) - probs  # mass of the more likely tokens
-  keep = (before < top_p) | (top_p >= 1.0)  # top_p = 1 keeps all, whatever the cumsum's rounding
-  cutoff = jnp.min(jnp.where(keep & (sorted_logits > -jnp.inf), sorted_logits, jnp.inf), axis=-1, keepdims=True)
-  logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
-
-
-def _decode_fn(graphdef, state, tokens, cache, positions):
-  return nnx.merge(graphdef, state).decode(tokens, cache, positions)
-
-
-@functools.partial(jax.jit, static_argnums=0, static_argnames=('max_new_tokens', 'greedy', 'padding_side'))
-def _generate(graphdef, state, prompt_ids, prompt_lengths, rng, temperature, top_k, top_p, stop_ids, pad_id, *,
-              max_new_tokens, greedy, padding_side):
-  batch, width = prompt_ids.shape
-  lengths = prompt_lengths.astype(jnp.int32)
-  idx = jnp.arange(width, dtype=jnp.int32)[None]
-  if padding_side == 'right':
-    positions = jnp.where(idx < lengths[:, None], idx, -1)
-    last = lengths - 1
-  else:
-    positions = idx - (width - lengths)[:, None]
-    positions = jnp.where(positions >= 0, positions, -1)
-    last = jnp.full((batch,), width - 1, jnp.int32)
-  cache = nnx.merge(graphdef, state).init_cache(batch, width + max_new_tokens)
-  # Pad slots are looked up as token 0 (any pad value is safe) and never attended to (position -1).
-  prompt_ids = jnp.where(positions >= 0, prompt_ids.astype(jnp.int32), 0)
-  logits, cache = _decode_fn(graphdef, state, prompt_ids, cache, positions)
-  logits = logits[jnp.arange(batch), last]  # [B, V] at each prompt's last real token
-
-  def cond(carry):
-    t, _, _, _, done, _, _, _ = carry
-    return (t < max_new_tokens) & ~jnp.all(done)
-
-  # The params ride in the loop carry: NNX refuses variables holding tracers of an outer trace (here, the jit's)
-  # inside the loop body's nnx.scan.
-  def body(carry):
-    t, out, logits, cache, done, num, rng, state = carry
-    rng, key = jax.random.split(rng)
-    sampled = sample_logits(logits, key, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
-    out = out.at[:, t].set(jnp.where(done, pad_id, sampled))
-    num = jnp.where(done, num, t + 1)
-    done = done | jnp.isin(sampled, stop_ids)
-    # Stopped rows keep decoding (the batch moves in lockstep); their outputs are ignored.
-    logits, cache = _decode_fn(graphdef, state, sampled[:, None], cache, (lengths + t)[:, None])
-    return t + 1, out, logits[:, 0], cache, done, num, rng, state
-
-  out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
-  init = (jnp.zeros((), jnp.int32), out, logits, cache, jnp.zeros((batch,), bool),
-          jnp.zeros((batch,), jnp.int32), rng, state)
-  _, out, _, _, _, num, _, _ = jax.lax.while_loop(cond, body, init)
-  return out, num
-
-
-def generate(model: GPT, prompt_ids, prompt_lengths, max_new_tokens: int, rng: jax.Array | None = None, *,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
-             stop_ids=(), padding_side: str = 'right', pad_id: int = 0):
-  """Continues a batch of prompts -> (tokens [B, max_new_tokens] int32, num_generated [B] int32).
-
-  prompt_ids [B, P] hold prompts of `prompt_lengths` [B] (each >= 1) tokens, padded on `padding_side`
-  ('right' or 'left'). A row stops after emitting a token in `stop_ids` (kept, and counted in num_generated);
-  its later slots hold `pad_id`. The loop ends early when every row has stopped. Sampling: `greedy` takes
-  the argmax; otherwise logits / temperature, restricted to the top_k (0 = all) most likely tokens and to the
-  top_p nucleus (1.0 = all), sampled with `rng`. Compiled once per prompt shape, max_new_tokens, greedy,
-  padding side and number of stop ids; the other settings are traced.
-  """
-  c = model.config
-  width = prompt_ids.shape[1]
-  if max_new_tokens < 1:
-    raise UserError(f'max_new_tokens={max_new_tokens} must be at least 1')
-  if width + max_new_tokens > c.max_position:
-    raise UserError(f'prompt width {width} + max_new_tokens {max_new_tokens} exceeds model.max_position='
-                    f'{c.max_position}; shorten the prompts or generate fewer tokens')
-  if padding_side not in ('left', 'right'):
-    raise UserError(f"padding_side={padding_side!r}: use 'left' or 'right'")
-  if not greedy and not temperature > 0:
-    raise UserError(f'temperature={temperature} must be positive (or pass greedy=True)')
-  if top_k < 0 or not 0.0 < top_p <= 1.0:
-    raise UserError(f'top_k={top_k} must be >= 0 and top_p={top_p} in (0, 1]')
-  if rng is None:
-    if not greedy:
-      raise UserError('sampling needs an rng key (or pass greedy=True)')
-    rng = jax.random.key(0)
-  stop = jnp.asarray(tuple(stop_ids) or (-1,), jnp.int32)  # -1: no stop id (never sampled)
-  graphdef, state = nnx.split(model)
-  return _generate(graphdef, state, jnp.asarray(prompt_ids), jnp.asarray(prompt_lengths), rng,
-                   jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), stop, jnp.int32(pad_id),
-                   max_new_tokens=int(max_new_tokens), greedy=bool(greedy), padding_side=padding_side)

@@ -20,7 +20,21 @@ from jaxssl.errors import UserError
 
 # Keys of model config whose change makes old params unusable: a mismatch is a user error, not a crash.
 SHAPE_KEYS = ('name', 'num_layers', 'hidden_size', 'num_heads', 'intermediate_size', 'max_position',
-              'type_vocab_size')
+              'type_vocab_size', 'num_kv_heads', 'head_dim', 'norm', 'position', 'mlp', 'tie_embeddings',
+              'use_bias', 'attention_bias')
+# What a config without the key means (configs written before the Llama variant existed are GPT-2 ones).
+_SHAPE_DEFAULTS = {'norm': 'layernorm', 'position': 'learned', 'mlp': 'gelu', 'tie_embeddings': True,
+                   'use_bias': True, 'attention_bias': False}
+
+
+def _shape_value(model: dict, key: str):
+  """`model[key]` as it shapes params: defaults filled in, 0 kv heads / head dim resolved as GPTConfig does."""
+  value = model.get(key, _SHAPE_DEFAULTS.get(key))
+  if key == 'num_kv_heads' and not value:
+    return model.get('num_heads')
+  if key == 'head_dim' and not value and model.get('hidden_size') and model.get('num_heads'):
+    return model['hidden_size'] // model['num_heads']
+  return value
 
 
 class Checkpointer:
@@ -124,9 +138,10 @@ def _agree(attempt):
 
 def check_compatible(saved_config: dict, model_cfg, vocab_size: int, where: str) -> None:
   """Raises UserError when params saved under `saved_config` cannot be loaded into the configured model."""
-  saved_model = saved_config.get('model', {})
-  diffs = [f'model.{k}: {saved_model.get(k)!r} there, {model_cfg[k]!r} here'
-           for k in SHAPE_KEYS if k in model_cfg and saved_model.get(k) != model_cfg[k]]
+  saved_model = dict(saved_config.get('model', {}))
+  here = model_cfg.to_dict() if hasattr(model_cfg, 'to_dict') else dict(model_cfg)
+  diffs = [f'model.{k}: {_shape_value(saved_model, k)!r} there, {_shape_value(here, k)!r} here'
+           for k in SHAPE_KEYS if _shape_value(saved_model, k) != _shape_value(here, k)]
   saved_vocab = saved_config.get('tokenizer', {}).get('vocab_size')
   if saved_vocab is not None and saved_vocab != vocab_size:
     diffs.append(f'tokenizer.vocab_size: {saved_vocab} there, {vocab_size} here')

@@ -75,12 +75,16 @@ def evaluate(eval_step, params, batches, mesh, objective=step_lib.BERT, words: f
 
 
 def predicted_words(batches, tokenizer) -> float:
-  """How many words the held-out LM batches predict: targets that start a word (a '▁' piece) or end a document.
+  """How many words the held-out LM batches predict: targets that start a word or end a document.
+
+  A piece starts a word when it carries the tokenizer's space marker: sentencepiece's '▁', or 'Ġ' of byte-level
+  BPE (GPT-2; there a word after a newline has no marker and is not counted, so the figure is approximate).
 
   PTB's per-word perplexity counts every word and one end-of-sentence per sentence; here the end token closes a
   document, so the figure is close to (slightly above) the literature's convention, not identical.
   """
-  starts = np.array([tokenizer.id_to_piece(i).startswith('\u2581') for i in range(tokenizer.vocab_size)])
+  starts = np.array([(tokenizer.id_to_piece(i) or '').startswith(('\u2581', '\u0120'))
+                     for i in range(tokenizer.vocab_size)])
   starts[tokenizer.sep_id] = True
   from jaxssl.models import gpt  # noqa: PLC0415
   count = 0
@@ -95,11 +99,57 @@ def most_frequent_token_accuracy(batches) -> float:
   return float(np.bincount(ids).max() / max(1, ids.size)) if ids.size else 0.0
 
 
+# Model settings a run may choose freely when it starts from an export (how it computes, not what it computes).
+RUNTIME_MODEL_KEYS = ('dtype', 'remat', 'attention', 'dropout_rate', 'attention_dropout_rate')
+
+
+def adopt_export_model(config, init_from: str, say=print) -> None:
+  """Makes `config` describe the model exported at `init_from` (continued pretraining, e.g. of GPT-2 or a
+  converted Llama on your own corpus): its model section (but the run's RUNTIME_MODEL_KEYS) and vocabulary size.
+  """
+  saved = ckpt_lib.read_export_config(init_from)
+  if 'task' in saved:
+    raise UserError(f'init_from={init_from} is a fine-tuned export ({saved["task"].get("name")}): continue '
+                    'pretraining from a pretraining export')
+  name = saved.get('model', {}).get('name')
+  if name != config.model.name:
+    raise UserError(f'init_from={init_from} holds a {name} model but this config trains {config.model.name}: use '
+                    f'the configs/{name}.py config')
+  taken = {k: v for k, v in saved['model'].items() if k not in RUNTIME_MODEL_KEYS}
+  changed = sorted(k for k, v in taken.items() if config.model.get(k) != v)
+  with config.unlocked():
+    config.model.update(taken)
+    config.tokenizer.vocab_size = int(saved['vocab_size'])
+  if changed:
+    say(f'init_from {init_from}: model settings from the export: ' +
+        ', '.join(f'{k}={taken[k]}' for k in changed))
+  if config.data.seq_len > config.model.max_position:
+    raise UserError(f'data.seq_len={config.data.seq_len} exceeds the exported model\'s max_position='
+                    f'{config.model.max_position}: pass --config.data.seq_len={config.model.max_position} or less')
+
+
+def adopt_export_tokenizer(init_from: str, workdir: str, is_main: bool):
+  """The export's tokenizer, copied into the workdir by process 0 (so export and resume find it there)."""
+  tokenizer = tokenizers.load_tokenizer(init_from)
+  existing = [n for n in ('tokenizer.model', 'tokenizer.json') if os.path.isfile(os.path.join(workdir, n))]
+  if existing:
+    here = tokenizers.load_tokenizer(workdir)
+    if here.vocab_size != tokenizer.vocab_size or type(here) is not type(tokenizer):
+      raise UserError(f'workdir {workdir} holds another tokenizer ({existing[0]}) than init_from={init_from}: '
+                      'use a new --workdir')
+  elif is_main:
+    tokenizer.save(workdir)
+  return tokenizer
+
+
 def run_pretraining(config, workdir: str) -> dict:
   """Trains (or resumes) to `config.train.steps`; returns the last logged metrics."""
-  check_config(config)
   is_main = jax.process_index() == 0
   say = print if is_main else (lambda *a, **k: None)
+  init_from = config.get('init_from', '')
+  if init_from:
+    adopt_export_model(config, init_from, say)
+  check_config(config)
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
                                       directory=config.checkpoint.get('directory', ''))
   _, saved = checkpointer.newest_readable_meta()
@@ -110,13 +160,16 @@ def run_pretraining(config, workdir: str) -> dict:
   sources = corpora.load_corpus(config.data.corpus, config.data.data_dir,
                                 ptb_sentences_per_doc=config.data.ptb_sentences_per_doc,
                                 validation_fraction=config.data.validation_fraction)
-  tokenizer = tokenizers.get_or_train_tokenizer(
-      workdir, lambda: corpora.iter_sentences(sources['train'], limit=config.tokenizer.max_training_sentences),
-      config.tokenizer, process_index=jax.process_index())
+  if init_from:
+    tokenizer = adopt_export_tokenizer(init_from, workdir, is_main)
+  else:
+    tokenizer = tokenizers.get_or_train_tokenizer(
+        workdir, lambda: corpora.iter_sentences(sources['train'], limit=config.tokenizer.max_training_sentences),
+        config.tokenizer, process_index=jax.process_index())
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('tokenizer ready')
-    tokenizer = tokenizers.Tokenizer.load(os.path.join(workdir, 'tokenizer.model'))
-  vocab_size = tokenizer.vocab_size
+    tokenizer = tokenizers.load_tokenizer(workdir)
+  vocab_size = config.tokenizer.vocab_size if init_from else tokenizer.vocab_size
 
   # Mesh, model and optimizer, born sharded.
   mesh = mesh_lib.make_mesh(config.mesh.shape)
@@ -132,7 +185,10 @@ def run_pretraining(config, workdir: str) -> dict:
   if latest is not None:
     start = int(jax.device_get(state['step']))
   else:
-    state = state_lib.init_state(setup, tx)
+    # A new run starts from the export's params when init_from names one (a resumed run ignores it: its own
+    # checkpoint is newer); the optimizer state is always fresh.
+    params = ckpt_lib.load_export_params(init_from, setup.abstract_params) if init_from else None
+    state = state_lib.init_state(setup, tx, params)
     start = 0
   n_params = state_lib.param_count(state['params'])
   flops_per_token = models.flops_per_token(config.model, vocab_size, config.data.seq_len,
@@ -140,7 +196,8 @@ def run_pretraining(config, workdir: str) -> dict:
   say(f'jaxssl pretrain: {config.model.name} {config.get("variant", "")} | {n_params / 1e6:.2f}M params | '
       f'vocab {vocab_size} | mesh {dict(mesh.shape)} over {jax.device_count()} devices, '
       f'{jax.process_count()} process(es) | batch {t.batch_size} x {config.data.seq_len} | '
-      f'{"resuming from step " + str(start) if latest is not None else "starting at step 0"} → {t.steps} | '
+      f'{"resuming from step " + str(start) if latest is not None else "starting at step 0"}'
+      f'{" from " + init_from if init_from and latest is None else ""} → {t.steps} | '
       f'workdir {workdir}', flush=True)
   if is_main:
     _write_atomic(os.path.join(workdir, 'config.json'), config_lib.to_json(config))

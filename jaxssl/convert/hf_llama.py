@@ -1,0 +1,272 @@
+"""HuggingFace Llama weights <-> the jaxssl GPT param tree in its Llama variant (jaxssl/models/gpt.py), as numpy.
+
+  model_cfg, params = params_from_hf(state_dict, hf_config)   # LlamaForCausalLM / LlamaModel tensors
+  state_dict, hf_config = params_to_hf(params, model_cfg)     # LlamaForCausalLM tensors + LlamaConfig dict
+
+Also reads Mistral (without a sliding window) and Qwen2 (q/k/v biases) checkpoints, which are Llama with other
+names on the config; a model with attention_bias and no other bias is written back as Qwen2. `state_dict` maps
+names to numpy arrays (safetensors.numpy, or torch tensors' `.numpy()`); `hf_config` is the config.json dict, in
+transformers 4's form (rope_theta + rope_scaling) or 5's (rope_parameters). No torch or transformers import here.
+
+nn.Linear stores weights as (out, in): kernels are transposed, then the out axis is split into (heads, head_dim).
+HF's rotate_half RoPE is what jaxssl computes, so q/k need no permutation. Per-layer tensors fill slice i of the
+stacked params (leading 'layers' axis, as `scan_layers=True` builds them).
+"""
+import re
+
+import numpy as np
+
+from jaxssl.errors import UserError
+
+# Rotary frequency buffers that some checkpoints carry: recomputed from the config, dropped silently.
+IGNORED_HF_KEYS = re.compile(r'(^|\.)rotary_emb\.inv_freq$')
+SUPPORTED_TYPES = ('llama', 'mistral', 'qwen2')
+SILU = ('silu', 'swish')
+
+# (HF name under 'model.layers.{i}.', jaxssl path under decoder/layers, how: 'T' = transpose nn.Linear weight).
+NORMS = (('input_layernorm.weight', 'attention_norm/scale'), ('post_attention_layernorm.weight', 'mlp_norm/scale'))
+MLP = (('mlp.gate_proj', 'mlp/wi_gate'), ('mlp.up_proj', 'mlp/wi_up'), ('mlp.down_proj', 'mlp/wo'))
+QKV = (('self_attn.q_proj', 'query'), ('self_attn.k_proj', 'key'), ('self_attn.v_proj', 'value'))
+
+
+def _get(hf: dict, name: str, default=None):
+  value = hf.get(name)
+  if value is None:
+    if default is None:
+      raise UserError(f'HF config lacks {name!r}: is it a Llama config.json?')
+    return default
+  return value
+
+
+def _rope(hf: dict) -> tuple[float, dict | None]:
+  """(rope_theta, rope_scaling dict or None) from transformers 4's rope_theta + rope_scaling or 5's rope_parameters."""
+  params = dict(hf.get('rope_parameters') or hf.get('rope_scaling') or {})
+  theta = float(params.pop('rope_theta', None) or hf.get('rope_theta') or 10000.0)
+  kind = params.pop('rope_type', params.pop('type', 'default'))
+  if float(params.pop('partial_rotary_factor', None) or hf.get('partial_rotary_factor') or 1.0) != 1.0:
+    raise UserError('HF config has partial_rotary_factor != 1: jaxssl rotates the whole head')
+  if kind == 'default':
+    return theta, None
+  keys = {'linear': ('factor',),
+          'llama3': ('factor', 'low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings')}
+  if kind not in keys:
+    raise UserError(f"HF config has rope_type={kind!r}: jaxssl supports 'default', 'linear' and 'llama3' RoPE")
+  missing = [k for k in keys[kind] if params.get(k) is None]
+  if kind == 'llama3' and 'original_max_position_embeddings' in missing:  # HF falls back to the same
+    params['original_max_position_embeddings'] = _get(hf, 'max_position_embeddings')
+    missing.remove('original_max_position_embeddings')
+  if missing:
+    raise UserError(f'HF config rope_scaling ({kind}) lacks {missing}')
+  return theta, {'rope_type': kind, **{k: params[k] for k in keys[kind]}}
+
+
+def model_config_from_hf(hf: dict) -> dict:
+  """The jaxssl `model` config section (configs/gpt.py fields) for a Llama/Mistral/Qwen2 config dict; checks that
+  the math matches (a sliding window, another activation or RoPE type is a UserError)."""
+  kind = hf.get('model_type', 'llama')
+  if kind not in SUPPORTED_TYPES:
+    raise UserError(f'HF config has model_type={kind!r}: hf_llama converts {", ".join(SUPPORTED_TYPES)} '
+                    '(GPT-2 converts with hf_gpt2)')
+  act = hf.get('hidden_act', 'silu')
+  if act not in SILU:
+    raise UserError(f'HF config has hidden_act={act!r}: the jaxssl Llama MLP is SwiGLU with silu only')
+  window = hf.get('sliding_window') if kind != 'qwen2' or hf.get('use_sliding_window') else None
+  if window is not None and int(window) < int(_get(hf, 'max_position_embeddings')):
+    raise UserError(f'HF config has sliding_window={window}: jaxssl attends to the whole context; only '
+                    'checkpoints with sliding_window null (e.g. Mistral v0.2+) convert')
+  if kind == 'qwen2':  # q/k/v biases, none on o_proj or the MLP
+    use_bias, attention_bias = False, True
+  else:
+    attention_bias, mlp_bias = bool(hf.get('attention_bias', False)), bool(hf.get('mlp_bias', False))
+    if attention_bias != mlp_bias:
+      raise UserError(f'HF config has attention_bias={attention_bias} but mlp_bias={mlp_bias}: jaxssl has '
+                      'biases on all projections or none (model.use_bias)')
+    use_bias, attention_bias = attention_bias, False
+  hidden, heads = int(_get(hf, 'hidden_size')), int(_get(hf, 'num_attention_heads'))
+  head_dim = int(hf.get('head_dim') or hidden // heads)
+  theta, scaling = _rope(hf)
+  return {
+      'name': 'gpt',
+      'num_layers': int(_get(hf, 'num_hidden_layers')),
+      'hidden_size': hidden,
+      'num_heads': heads,
+      'num_kv_heads': int(hf.get('num_key_value_heads') or heads),
+      'head_dim': 0 if head_dim * heads == hidden else head_dim,
+      'intermediate_size': int(_get(hf, 'intermediate_size')),
+      'max_position': int(_get(hf, 'max_position_embeddings')),
+      'dropout_rate': 0.0,
+      'attention_dropout_rate': float(hf.get('attention_dropout') or 0.0),
+      'initializer_range': float(hf.get('initializer_range', 0.02)),
+      'layer_norm_eps': float(hf.get('rms_norm_eps', 1e-6)),
+      'norm': 'rmsnorm', 'position': 'rope', 'mlp': 'swiglu',
+      'rope_theta': theta, 'rope_scaling': scaling,
+      'tie_embeddings': bool(hf.get('tie_word_embeddings', False)),
+      'use_bias': use_bias, 'attention_bias': attention_bias,
+      'scan_layers': True,
+  }
+
+
+def hf_config_from_model(model_cfg, vocab_size: int) -> dict:
+  """LlamaConfig (Qwen2Config for q/k/v-only biases) as a dict, for config.json, for a jaxssl GPT model config
+  section in its Llama variant (rmsnorm, rope, swiglu)."""
+  from jaxssl.models.gpt import GPTConfig  # noqa: PLC0415 (keeps `import hf_llama` free of jax)
+  c = GPTConfig.from_config(model_cfg, vocab_size)
+  wrong = {k: getattr(c, k) for k, want in (('norm', 'rmsnorm'), ('position', 'rope'), ('mlp', 'swiglu'))
+           if getattr(c, k) != want}
+  if wrong:
+    raise UserError(f'model has {wrong}: only the Llama variant (norm=rmsnorm, position=rope, mlp=swiglu) '
+                    'converts to HF Llama; GPT-2 models convert with hf_gpt2')
+  qwen2 = c.attention_bias and not c.use_bias
+  out = {
+      'architectures': ['Qwen2ForCausalLM' if qwen2 else 'LlamaForCausalLM'],
+      'model_type': 'qwen2' if qwen2 else 'llama',
+      'vocab_size': int(vocab_size),
+      'hidden_size': c.hidden_size, 'intermediate_size': c.intermediate_size,
+      'num_hidden_layers': c.num_layers, 'num_attention_heads': c.num_heads,
+      'num_key_value_heads': c.num_kv_heads, 'head_dim': c.head_dim,
+      'hidden_act': 'silu', 'max_position_embeddings': c.max_position,
+      'initializer_range': c.initializer_range, 'rms_norm_eps': c.layer_norm_eps,
+      # transformers 4's spelling, which 5 reads too (into rope_parameters)
+      'rope_theta': c.rope_theta, 'rope_scaling': dict(c.rope_scaling) if c.rope_scaling else None,
+      'attention_dropout': c.attention_dropout_rate,
+      'tie_word_embeddings': c.tie_embeddings,
+      'torch_dtype': 'float32', 'use_cache': True,
+  }
+  if qwen2:
+    out.update(use_sliding_window=False, sliding_window=None)
+  else:
+    out.update(attention_bias=c.use_bias, mlp_bias=c.use_bias, pretraining_tp=1)
+  return out
+
+
+def _set(tree: dict, path: str, value) -> None:
+  *parents, last = path.split('/')
+  for k in parents:
+    tree = tree.setdefault(k, {})
+  tree[last] = value
+
+
+def _leaf(tree: dict, path: str):
+  for k in path.split('/'):
+    tree = tree[k]
+  return tree
+
+
+def params_from_hf(state_dict: dict, hf_config: dict) -> tuple[dict, dict]:
+  """(jaxssl model config section, params pure dict of float32 numpy arrays) from HF Llama tensors.
+
+  Accepts LlamaForCausalLM names ('model.' prefix, 'lm_head.weight': absent or equal to the embedding when the
+  config ties them) and bare LlamaModel names when tied. A missing or misshapen tensor is a UserError, and so is
+  a tensor left unused (other than rotary inv_freq buffers).
+  """
+  cfg = model_config_from_hf(hf_config)
+  n_layers, h, inner = cfg['num_layers'], cfg['hidden_size'], cfg['intermediate_size']
+  n, kv = cfg['num_heads'], cfg['num_kv_heads']
+  d = cfg['head_dim'] or h // n
+  vocab = int(_get(hf_config, 'vocab_size'))
+  if n % kv:
+    raise UserError(f'HF config has num_key_value_heads={kv}, which does not divide num_attention_heads={n}')
+  if not cfg['head_dim'] and h % n:
+    raise UserError(f'HF config has hidden_size={h} not divisible by num_attention_heads={n} and no head_dim')
+  tensors = {(k[len('model.'):] if k.startswith('model.') else k): v for k, v in state_dict.items()}
+  used = set()
+
+  def take(name: str, shape) -> np.ndarray:
+    if name not in tensors:
+      raise UserError(f'the checkpoint lacks {name!r}: is it a {hf_config.get("model_type", "llama")} checkpoint '
+                      f'with {n_layers} layers that matches config.json?')
+    used.add(name)
+    a = np.asarray(tensors[name], np.float32)
+    if a.shape != tuple(shape):
+      raise UserError(f'{name} has shape {a.shape}, expected {tuple(shape)} from the HF config: '
+                      'do the weights and config.json belong together?')
+    return a
+
+  def stack(suffix: str, shape) -> np.ndarray:
+    return np.stack([take(f'layers.{i}.{suffix}', shape) for i in range(n_layers)])
+
+  params: dict = {}
+  _set(params, 'token_embeddings/embedding', take('embed_tokens.weight', (vocab, h)))
+  _set(params, 'final_norm/scale', take('norm.weight', (h,)))
+  layers: dict = {}
+  for hf, path in NORMS:
+    _set(layers, path, stack(hf, (h,)))
+  qkv_bias = cfg['use_bias'] or cfg['attention_bias']
+  for (hf, name), heads in zip(QKV, (n, kv, kv)):
+    w = stack(f'{hf}.weight', (heads * d, h))  # (L, out, in)
+    _set(layers, f'attention/{name}_kernel', np.ascontiguousarray(w.transpose(0, 2, 1)).reshape(n_layers, h, heads, d))
+    if qkv_bias:
+      _set(layers, f'attention/{name}_bias', stack(f'{hf}.bias', (heads * d,)).reshape(n_layers, heads, d))
+  w = stack('self_attn.o_proj.weight', (h, n * d))
+  _set(layers, 'attention/out_kernel', np.ascontiguousarray(w.transpose(0, 2, 1)).reshape(n_layers, n, d, h))
+  if cfg['use_bias']:
+    _set(layers, 'attention/out_bias', stack('self_attn.o_proj.bias', (h,)))
+  for hf, path in MLP:
+    out_in = (h, inner) if hf.endswith('down_proj') else (inner, h)
+    _set(layers, f'{path}/kernel', np.ascontiguousarray(stack(f'{hf}.weight', out_in).transpose(0, 2, 1)))
+    if cfg['use_bias']:
+      _set(layers, f'{path}/bias', stack(f'{hf}.bias', out_in[:1]))
+  params['decoder'] = {'layers': layers}
+
+  if cfg['tie_embeddings']:
+    if 'lm_head.weight' in tensors:
+      if not np.array_equal(take('lm_head.weight', (vocab, h)), params['token_embeddings']['embedding']):
+        raise UserError('lm_head.weight differs from model.embed_tokens.weight although the config has '
+                        'tie_word_embeddings=true: set it to false in config.json to keep a separate head')
+  else:
+    params['lm_head'] = {'kernel': np.ascontiguousarray(take('lm_head.weight', (vocab, h)).T)}
+  unused = sorted(k for k in tensors if k not in used and not IGNORED_HF_KEYS.search(k))
+  if unused:
+    raise UserError(f'{len(unused)} checkpoint tensors have no place in jaxssl GPT (Llama variant), e.g. '
+                    f'{unused[:3]}: does config.json match the weights?')
+  return cfg, params
+
+
+def _stacked_layers(layers) -> dict:
+  """The decoder/layers subtree with a leading layer axis (stacks an unscanned model's {0: ..., 1: ...})."""
+  if all(isinstance(k, int) or (isinstance(k, str) and k.isdigit()) for k in layers):
+    per_layer = [layers[k] for k in sorted(layers, key=int)]
+    def stack(*xs):
+      return np.stack(xs) if not isinstance(xs[0], dict) else {k: stack(*(x[k] for x in xs)) for k in xs[0]}
+    return stack(*per_layer)
+  return layers
+
+
+def params_to_hf(params: dict, model_cfg) -> tuple[dict, dict]:
+  """(LlamaForCausalLM state dict of float32 numpy arrays, LlamaConfig dict) from jaxssl GPT (Llama variant)
+  params.
+
+  `params` is the pure dict of the model's Params (`nnx.to_pure_dict(nnx.state(model, nnx.Param))`), scanned
+  or not. With tied embeddings 'lm_head.weight' is written as a copy of the embedding (HF's state_dict has it).
+  """
+  as_np = lambda a: np.asarray(a, np.float32)  # noqa: E731
+  emb = as_np(_leaf(params, 'token_embeddings/embedding'))
+  hf_config = hf_config_from_model(model_cfg, emb.shape[0])
+  if hf_config['tie_word_embeddings'] == ('lm_head' in params):
+    raise UserError(f"model.tie_embeddings={hf_config['tie_word_embeddings']} but the params "
+                    f"{'have' if 'lm_head' in params else 'lack'} an lm_head: do params and config belong together?")
+  layers = _stacked_layers(params['decoder']['layers'])
+  att = layers['attention']
+  out = {'model.embed_tokens.weight': emb, 'model.norm.weight': as_np(_leaf(params, 'final_norm/scale'))}
+  for i in range(as_np(_leaf(layers, 'attention_norm/scale')).shape[0]):
+    pre = f'model.layers.{i}.'
+    for hf, path in NORMS:
+      out[pre + hf] = as_np(_leaf(layers, path))[i]
+    for hf, name in QKV:
+      k = as_np(att[f'{name}_kernel'])[i]  # (H, heads, D) -> (heads * D, H)
+      out[f'{pre}{hf}.weight'] = np.ascontiguousarray(k.reshape(k.shape[0], -1).T)
+      if f'{name}_bias' in att:
+        out[f'{pre}{hf}.bias'] = as_np(att[f'{name}_bias'])[i].reshape(-1)
+    o = as_np(att['out_kernel'])[i]  # (N, D, H) -> (H, N * D)
+    out[pre + 'self_attn.o_proj.weight'] = np.ascontiguousarray(o.reshape(-1, o.shape[-1]).T)
+    if 'out_bias' in att:
+      out[pre + 'self_attn.o_proj.bias'] = as_np(att['out_bias'])[i]
+    for hf, path in MLP:
+      out[f'{pre}{hf}.weight'] = np.ascontiguousarray(as_np(_leaf(layers, path + '/kernel'))[i].T)
+      if 'bias' in _leaf(layers, path):
+        out[f'{pre}{hf}.bias'] = as_np(_leaf(layers, path + '/bias'))[i]
+  if 'lm_head' in params:
+    out['lm_head.weight'] = np.ascontiguousarray(as_np(params['lm_head']['kernel']).T)
+  else:
+    out['lm_head.weight'] = emb.copy()
+  return out, hf_config

@@ -1,0 +1,121 @@
+"""Sampling from a causal LM with a KV cache: `generate` (prefill + a `lax.while_loop` of one-token decode steps,
+all under one jit) and `sample_logits` (greedy / temperature / top-k / top-p).
+
+The model is any module with `config.max_position`, `init_cache(batch, max_len)` and
+`decode(tokens, cache, positions) -> (logits, cache)`, i.e. jaxssl/models/gpt.py's GPT (which re-exports both
+functions: callers use `gpt.generate`).
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxssl.errors import UserError
+
+
+def sample_logits(logits: jax.Array, rng: jax.Array, *, temperature=1.0, top_k=0, top_p=1.0,
+                  greedy: bool = False) -> jax.Array:
+  """One token id per row of `logits` [B, V]: argmax (greedy), or a sample after temperature, top-k, top-p.
+
+  temperature, top_k (0 = all tokens) and top_p (1.0 = all) may be traced scalars: changing them does not
+  recompile a jitted caller.
+  """
+  if greedy:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits.astype(jnp.float32) / temperature
+  vocab = logits.shape[-1]
+  sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+  # top-k: drop what is below the k-th largest logit (ties with it stay).
+  k = jnp.clip(top_k, 1, vocab)
+  sorted_logits = jnp.where((jnp.arange(vocab) < k) | (top_k <= 0), sorted_logits, -jnp.inf)
+  # top-p: keep the most likely tokens until their mass reaches top_p (always at least one).
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  before = jnp.cumsum(probs, axis=-1) - probs  # mass of the more likely tokens
+  keep = (before < top_p) | (top_p >= 1.0)  # top_p = 1 keeps all, whatever the cumsum's rounding
+  cutoff = jnp.min(jnp.where(keep & (sorted_logits > -jnp.inf), sorted_logits, jnp.inf), axis=-1, keepdims=True)
+  logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def _decode_fn(graphdef, state, tokens, cache, positions):
+  return nnx.merge(graphdef, state).decode(tokens, cache, positions)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=('max_new_tokens', 'greedy', 'padding_side'))
+def _generate(graphdef, state, prompt_ids, prompt_lengths, rng, temperature, top_k, top_p, stop_ids, pad_id, *,
+              max_new_tokens, greedy, padding_side):
+  batch, width = prompt_ids.shape
+  lengths = prompt_lengths.astype(jnp.int32)
+  idx = jnp.arange(width, dtype=jnp.int32)[None]
+  if padding_side == 'right':
+    positions = jnp.where(idx < lengths[:, None], idx, -1)
+    last = lengths - 1
+  else:
+    positions = idx - (width - lengths)[:, None]
+    positions = jnp.where(positions >= 0, positions, -1)
+    last = jnp.full((batch,), width - 1, jnp.int32)
+  cache = nnx.merge(graphdef, state).init_cache(batch, width + max_new_tokens)
+  # Pad slots are looked up as token 0 (any pad value is safe) and never attended to (position -1).
+  prompt_ids = jnp.where(positions >= 0, prompt_ids.astype(jnp.int32), 0)
+  logits, cache = _decode_fn(graphdef, state, prompt_ids, cache, positions)
+  logits = logits[jnp.arange(batch), last]  # [B, V] at each prompt's last real token
+
+  def cond(carry):
+    t, _, _, _, done, _, _, _ = carry
+    return (t < max_new_tokens) & ~jnp.all(done)
+
+  # The params ride in the loop carry: NNX refuses variables holding tracers of an outer trace (here, the jit's)
+  # inside the loop body's nnx.scan.
+  def body(carry):
+    t, out, logits, cache, done, num, rng, state = carry
+    rng, key = jax.random.split(rng)
+    sampled = sample_logits(logits, key, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
+    out = out.at[:, t].set(jnp.where(done, pad_id, sampled))
+    num = jnp.where(done, num, t + 1)
+    done = done | jnp.isin(sampled, stop_ids)
+    # Stopped rows keep decoding (the batch moves in lockstep); their outputs are ignored.
+    logits, cache = _decode_fn(graphdef, state, sampled[:, None], cache, (lengths + t)[:, None])
+    return t + 1, out, logits[:, 0], cache, done, num, rng, state
+
+  out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
+  init = (jnp.zeros((), jnp.int32), out, logits, cache, jnp.zeros((batch,), bool),
+          jnp.zeros((batch,), jnp.int32), rng, state)
+  _, out, _, _, _, num, _, _ = jax.lax.while_loop(cond, body, init)
+  return out, num
+
+
+def generate(model: nnx.Module, prompt_ids, prompt_lengths, max_new_tokens: int, rng: jax.Array | None = None, *,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
+             stop_ids=(), padding_side: str = 'right', pad_id: int = 0):
+  """Continues a batch of prompts -> (tokens [B, max_new_tokens] int32, num_generated [B] int32).
+
+  prompt_ids [B, P] hold prompts of `prompt_lengths` [B] (each >= 1) tokens, padded on `padding_side`
+  ('right' or 'left'). A row stops after emitting a token in `stop_ids` (kept, and counted in num_generated);
+  its later slots hold `pad_id`. The loop ends early when every row has stopped. Sampling: `greedy` takes
+  the argmax; otherwise logits / temperature, restricted to the top_k (0 = all) most likely tokens and to the
+  top_p nucleus (1.0 = all), sampled with `rng`. Compiled once per prompt shape, max_new_tokens, greedy,
+  padding side and number of stop ids; the other settings are traced.
+  """
+  c = model.config
+  width = prompt_ids.shape[1]
+  if max_new_tokens < 1:
+    raise UserError(f'max_new_tokens={max_new_tokens} must be at least 1')
+  if width + max_new_tokens > c.max_position:
+    raise UserError(f'prompt width {width} + max_new_tokens {max_new_tokens} exceeds model.max_position='
+                    f'{c.max_position}; shorten the prompts or generate fewer tokens')
+  if padding_side not in ('left', 'right'):
+    raise UserError(f"padding_side={padding_side!r}: use 'left' or 'right'")
+  if not greedy and not temperature > 0:
+    raise UserError(f'temperature={temperature} must be positive (or pass greedy=True)')
+  if top_k < 0 or not 0.0 < top_p <= 1.0:
+    raise UserError(f'top_k={top_k} must be >= 0 and top_p={top_p} in (0, 1]')
+  if rng is None:
+    if not greedy:
+      raise UserError('sampling needs an rng key (or pass greedy=True)')
+    rng = jax.random.key(0)
+  stop = jnp.asarray(tuple(stop_ids) or (-1,), jnp.int32)  # -1: no stop id (never sampled)
+  graphdef, state = nnx.split(model)
+  return _generate(graphdef, state, jnp.asarray(prompt_ids), jnp.asarray(prompt_lengths), rng,
+                   jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), stop, jnp.int32(pad_id),
+                   max_new_tokens=int(max_new_tokens), greedy=bool(greedy), padding_side=padding_side)
