@@ -16,6 +16,7 @@ import shutil
 import numpy as np
 
 from jaxssl import config as config_lib
+from jaxssl.convert import param_tree
 from jaxssl.errors import UserError
 
 BASE_CONFIG = os.path.join(os.path.dirname(__file__), '..', '..', 'configs', 'bert.py') + ':base'
@@ -95,19 +96,6 @@ def _to_hf(a: np.ndarray, kind) -> np.ndarray:
   return np.ascontiguousarray(a.reshape(math.prod(a.shape[:n_in]), -1).T)
 
 
-def _leaf(tree: dict, path: str):
-  for k in path.split('/'):
-    tree = tree[k]
-  return tree
-
-
-def _set_leaf(tree: dict, path: str, value) -> None:
-  *parents, last = path.split('/')
-  for k in parents:
-    tree = tree[k]
-  tree[last] = value
-
-
 # ----- configs -----
 
 def jaxssl_config(hf: dict):
@@ -175,14 +163,14 @@ def hf_to_params(tensors: dict, abstract_params: dict, num_layers: int):
     if hf not in tensors:
       continue
     used.add(hf)
-    shape = _leaf(abstract_params, path).shape
+    shape = param_tree.get(abstract_params, path).shape
     if layer is None:
-      _set_leaf(params, path, _to_jax(tensors[hf], kind, shape))
+      param_tree.put(params, path, _to_jax(tensors[hf], kind, shape))
     else:
       stacked.setdefault(path, [None] * num_layers)[layer] = _to_jax(tensors[hf], kind, shape[1:])
   for path, slices in stacked.items():
     if all(s is not None for s in slices):
-      _set_leaf(params, path, np.stack(slices))
+      param_tree.put(params, path, np.stack(slices))
   missing = [hf for hf, path, _, _ in _entries(num_layers)
              if hf not in tensors and path.split('/')[0] not in HEAD_NAMES]
   for group in sorted(set(HEAD_NAMES.values())):  # a head is either all there or all new, never half
@@ -211,7 +199,7 @@ def params_to_hf(params: dict, num_layers: int) -> dict:
   """HF BertForPreTraining tensors (torch layout, float32 numpy) from jaxssl params (the decoder stays tied)."""
   out = {}
   for hf, path, kind, layer in _entries(num_layers):
-    a = np.asarray(_leaf(params, path), np.float32)
+    a = np.asarray(param_tree.get(params, path), np.float32)
     out[hf] = _to_hf(a if layer is None else a[layer], kind)
   return out
 

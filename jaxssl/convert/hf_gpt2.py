@@ -15,6 +15,7 @@ import re
 
 import numpy as np
 
+from jaxssl.convert import param_tree
 from jaxssl.errors import UserError
 
 # HF buffers (causal-mask tables in older checkpoints), not parameters: dropped silently.
@@ -98,19 +99,6 @@ def hf_config_from_model(model_cfg, vocab_size: int) -> dict:
   }
 
 
-def _set(tree: dict, path: str, value) -> None:
-  *parents, last = path.split('/')
-  for k in parents:
-    tree = tree.setdefault(k, {})
-  tree[last] = value
-
-
-def _leaf(tree: dict, path: str):
-  for k in path.split('/'):
-    tree = tree[k]
-  return tree
-
-
 def _check_shape(name: str, a: np.ndarray, shape) -> np.ndarray:
   if a.shape != tuple(shape):
     raise UserError(f'{name} has shape {a.shape}, expected {tuple(shape)} from the HF config: '
@@ -143,22 +131,22 @@ def params_from_hf(state_dict: dict, hf_config: dict) -> tuple[dict, dict]:
   params: dict = {}
   top_shapes = {'wte.weight': (vocab, h), 'wpe.weight': (n_pos, h), 'ln_f.weight': (h,), 'ln_f.bias': (h,)}
   for hf, path in TOP:
-    _set(params, path, take(hf, top_shapes[hf]))
+    param_tree.put(params, path, take(hf, top_shapes[hf]))
   layer_shapes = {'ln_1.weight': (h,), 'ln_1.bias': (h,), 'attn.c_proj.weight': (h, h), 'attn.c_proj.bias': (h,),
                   'ln_2.weight': (h,), 'ln_2.bias': (h,), 'mlp.c_fc.weight': (h, inner), 'mlp.c_fc.bias': (inner,),
                   'mlp.c_proj.weight': (inner, h), 'mlp.c_proj.bias': (h,)}
   jax_shapes = {'attention/out_kernel': (n_heads, d, h)}  # the rest keep the HF shape
   for hf, path in LAYER:
     stacked = np.stack([take(f'h.{i}.{hf}', layer_shapes[hf]) for i in range(n_layers)])
-    _set(params, f'decoder/layers/{path}', stacked.reshape(n_layers, *jax_shapes.get(path, layer_shapes[hf])))
+    param_tree.put(params, f'decoder/layers/{path}', stacked.reshape(n_layers, *jax_shapes.get(path, layer_shapes[hf])))
   # c_attn: (H, 3H) = [q | k | v] along the output axis, each output laid out as (heads, head_dim).
   w = np.stack([take(f'h.{i}.attn.c_attn.weight', (h, 3 * h)) for i in range(n_layers)])
   b = np.stack([take(f'h.{i}.attn.c_attn.bias', (3 * h,)) for i in range(n_layers)])
   w = w.reshape(n_layers, h, 3, n_heads, d)
   b = b.reshape(n_layers, 3, n_heads, d)
   for j, name in enumerate(QKV):
-    _set(params, f'decoder/layers/attention/{name}_kernel', np.ascontiguousarray(w[:, :, j]))
-    _set(params, f'decoder/layers/attention/{name}_bias', np.ascontiguousarray(b[:, j]))
+    param_tree.put(params, f'decoder/layers/attention/{name}_kernel', np.ascontiguousarray(w[:, :, j]))
+    param_tree.put(params, f'decoder/layers/attention/{name}_bias', np.ascontiguousarray(b[:, j]))
 
   for head in ('lm_head.weight',):
     if head in tensors:
@@ -172,35 +160,25 @@ def params_from_hf(state_dict: dict, hf_config: dict) -> tuple[dict, dict]:
   return cfg, params
 
 
-def _stacked_layers(layers) -> dict:
-  """The decoder/layers subtree with a leading layer axis (stacks an unscanned model's {0: ..., 1: ...})."""
-  if all(isinstance(k, int) or (isinstance(k, str) and k.isdigit()) for k in layers):
-    per_layer = [layers[k] for k in sorted(layers, key=int)]
-    def stack(*xs):
-      return np.stack(xs) if not isinstance(xs[0], dict) else {k: stack(*(x[k] for x in xs)) for k in xs[0]}
-    return stack(*per_layer)
-  return layers
-
-
 def params_to_hf(params: dict, model_cfg) -> tuple[dict, dict]:
   """(GPT2LMHeadModel state dict of float32 numpy arrays, GPT2Config dict) from jaxssl GPT params.
 
   `params` is the pure dict of the model's Params (`nnx.to_pure_dict(nnx.state(model, nnx.Param))`), scanned
   or not. 'lm_head.weight' is written as a copy of the token embedding (tied).
   """
-  layers = _stacked_layers(params['decoder']['layers'])
+  layers = param_tree.stacked_layers(params['decoder']['layers'])
   as_np = lambda a: np.asarray(a, np.float32)  # noqa: E731
-  emb = as_np(_leaf(params, 'token_embeddings/embedding'))
+  emb = as_np(param_tree.get(params, 'token_embeddings/embedding'))
   out = {}
   for hf, path in TOP:
-    out[f'transformer.{hf}'] = as_np(_leaf(params, path))
-  n_layers = as_np(_leaf(layers, 'attention_norm/scale')).shape[0]
+    out[f'transformer.{hf}'] = as_np(param_tree.get(params, path))
+  n_layers = as_np(param_tree.get(layers, 'attention_norm/scale')).shape[0]
   for i in range(n_layers):
     for hf, path in LAYER:
-      a = as_np(_leaf(layers, path))[i]
+      a = as_np(param_tree.get(layers, path))[i]
       # Conv1D (in, out): the attention output kernel (heads, head_dim, H) flattens its first two axes.
       out[f'transformer.h.{i}.{hf}'] = np.ascontiguousarray(a.reshape(-1, a.shape[-1]) if a.ndim > 1 else a)
-    att = _leaf(layers, 'attention')
+    att = param_tree.get(layers, 'attention')
     w = np.stack([as_np(att[f'{n}_kernel'])[i] for n in QKV], axis=1)  # (H, 3, heads, head_dim)
     b = np.stack([as_np(att[f'{n}_bias'])[i] for n in QKV])            # (3, heads, head_dim)
     out[f'transformer.h.{i}.attn.c_attn.weight'] = np.ascontiguousarray(w.reshape(w.shape[0], -1))

@@ -16,6 +16,7 @@ import re
 
 import numpy as np
 
+from jaxssl.convert import param_tree
 from jaxssl.errors import UserError
 
 # Rotary frequency buffers that some checkpoints carry: recomputed from the config, dropped silently.
@@ -139,19 +140,6 @@ def hf_config_from_model(model_cfg, vocab_size: int) -> dict:
   return out
 
 
-def _set(tree: dict, path: str, value) -> None:
-  *parents, last = path.split('/')
-  for k in parents:
-    tree = tree.setdefault(k, {})
-  tree[last] = value
-
-
-def _leaf(tree: dict, path: str):
-  for k in path.split('/'):
-    tree = tree[k]
-  return tree
-
-
 def params_from_hf(state_dict: dict, hf_config: dict) -> tuple[dict, dict]:
   """(jaxssl model config section, params pure dict of float32 numpy arrays) from HF Llama tensors.
 
@@ -186,26 +174,27 @@ def params_from_hf(state_dict: dict, hf_config: dict) -> tuple[dict, dict]:
     return np.stack([take(f'layers.{i}.{suffix}', shape) for i in range(n_layers)])
 
   params: dict = {}
-  _set(params, 'token_embeddings/embedding', take('embed_tokens.weight', (vocab, h)))
-  _set(params, 'final_norm/scale', take('norm.weight', (h,)))
+  param_tree.put(params, 'token_embeddings/embedding', take('embed_tokens.weight', (vocab, h)))
+  param_tree.put(params, 'final_norm/scale', take('norm.weight', (h,)))
   layers: dict = {}
   for hf, path in NORMS:
-    _set(layers, path, stack(hf, (h,)))
+    param_tree.put(layers, path, stack(hf, (h,)))
   qkv_bias = cfg['use_bias'] or cfg['attention_bias']
   for (hf, name), heads in zip(QKV, (n, kv, kv)):
     w = stack(f'{hf}.weight', (heads * d, h))  # (L, out, in)
-    _set(layers, f'attention/{name}_kernel', np.ascontiguousarray(w.transpose(0, 2, 1)).reshape(n_layers, h, heads, d))
+    kernel = np.ascontiguousarray(w.transpose(0, 2, 1)).reshape(n_layers, h, heads, d)
+    param_tree.put(layers, f'attention/{name}_kernel', kernel)
     if qkv_bias:
-      _set(layers, f'attention/{name}_bias', stack(f'{hf}.bias', (heads * d,)).reshape(n_layers, heads, d))
+      param_tree.put(layers, f'attention/{name}_bias', stack(f'{hf}.bias', (heads * d,)).reshape(n_layers, heads, d))
   w = stack('self_attn.o_proj.weight', (h, n * d))
-  _set(layers, 'attention/out_kernel', np.ascontiguousarray(w.transpose(0, 2, 1)).reshape(n_layers, n, d, h))
+  param_tree.put(layers, 'attention/out_kernel', np.ascontiguousarray(w.transpose(0, 2, 1)).reshape(n_layers, n, d, h))
   if cfg['use_bias']:
-    _set(layers, 'attention/out_bias', stack('self_attn.o_proj.bias', (h,)))
+    param_tree.put(layers, 'attention/out_bias', stack('self_attn.o_proj.bias', (h,)))
   for hf, path in MLP:
     out_in = (h, inner) if hf.endswith('down_proj') else (inner, h)
-    _set(layers, f'{path}/kernel', np.ascontiguousarray(stack(f'{hf}.weight', out_in).transpose(0, 2, 1)))
+    param_tree.put(layers, f'{path}/kernel', np.ascontiguousarray(stack(f'{hf}.weight', out_in).transpose(0, 2, 1)))
     if cfg['use_bias']:
-      _set(layers, f'{path}/bias', stack(f'{hf}.bias', out_in[:1]))
+      param_tree.put(layers, f'{path}/bias', stack(f'{hf}.bias', out_in[:1]))
   params['decoder'] = {'layers': layers}
 
   if cfg['tie_embeddings']:
@@ -222,16 +211,6 @@ def params_from_hf(state_dict: dict, hf_config: dict) -> tuple[dict, dict]:
   return cfg, params
 
 
-def _stacked_layers(layers) -> dict:
-  """The decoder/layers subtree with a leading layer axis (stacks an unscanned model's {0: ..., 1: ...})."""
-  if all(isinstance(k, int) or (isinstance(k, str) and k.isdigit()) for k in layers):
-    per_layer = [layers[k] for k in sorted(layers, key=int)]
-    def stack(*xs):
-      return np.stack(xs) if not isinstance(xs[0], dict) else {k: stack(*(x[k] for x in xs)) for k in xs[0]}
-    return stack(*per_layer)
-  return layers
-
-
 def params_to_hf(params: dict, model_cfg) -> tuple[dict, dict]:
   """(LlamaForCausalLM state dict of float32 numpy arrays, LlamaConfig dict) from jaxssl GPT (Llama variant)
   params.
@@ -240,18 +219,18 @@ def params_to_hf(params: dict, model_cfg) -> tuple[dict, dict]:
   or not. With tied embeddings 'lm_head.weight' is written as a copy of the embedding (HF's state_dict has it).
   """
   as_np = lambda a: np.asarray(a, np.float32)  # noqa: E731
-  emb = as_np(_leaf(params, 'token_embeddings/embedding'))
+  emb = as_np(param_tree.get(params, 'token_embeddings/embedding'))
   hf_config = hf_config_from_model(model_cfg, emb.shape[0])
   if hf_config['tie_word_embeddings'] == ('lm_head' in params):
     raise UserError(f"model.tie_embeddings={hf_config['tie_word_embeddings']} but the params "
                     f"{'have' if 'lm_head' in params else 'lack'} an lm_head: do params and config belong together?")
-  layers = _stacked_layers(params['decoder']['layers'])
+  layers = param_tree.stacked_layers(params['decoder']['layers'])
   att = layers['attention']
-  out = {'model.embed_tokens.weight': emb, 'model.norm.weight': as_np(_leaf(params, 'final_norm/scale'))}
-  for i in range(as_np(_leaf(layers, 'attention_norm/scale')).shape[0]):
+  out = {'model.embed_tokens.weight': emb, 'model.norm.weight': as_np(param_tree.get(params, 'final_norm/scale'))}
+  for i in range(as_np(param_tree.get(layers, 'attention_norm/scale')).shape[0]):
     pre = f'model.layers.{i}.'
     for hf, path in NORMS:
-      out[pre + hf] = as_np(_leaf(layers, path))[i]
+      out[pre + hf] = as_np(param_tree.get(layers, path))[i]
     for hf, name in QKV:
       k = as_np(att[f'{name}_kernel'])[i]  # (H, heads, D) -> (heads * D, H)
       out[f'{pre}{hf}.weight'] = np.ascontiguousarray(k.reshape(k.shape[0], -1).T)
@@ -262,9 +241,9 @@ def params_to_hf(params: dict, model_cfg) -> tuple[dict, dict]:
     if 'out_bias' in att:
       out[pre + 'self_attn.o_proj.bias'] = as_np(att['out_bias'])[i]
     for hf, path in MLP:
-      out[f'{pre}{hf}.weight'] = np.ascontiguousarray(as_np(_leaf(layers, path + '/kernel'))[i].T)
-      if 'bias' in _leaf(layers, path):
-        out[f'{pre}{hf}.bias'] = as_np(_leaf(layers, path + '/bias'))[i]
+      out[f'{pre}{hf}.weight'] = np.ascontiguousarray(as_np(param_tree.get(layers, path + '/kernel'))[i].T)
+      if 'bias' in param_tree.get(layers, path):
+        out[f'{pre}{hf}.bias'] = as_np(param_tree.get(layers, path + '/bias'))[i]
   if 'lm_head' in params:
     out['lm_head.weight'] = np.ascontiguousarray(as_np(params['lm_head']['kernel']).T)
   else:
