@@ -1,0 +1,318 @@
+"""Llama checkpoints <-> jaxssl exports through `python -m jaxssl.convert`, against transformers itself.
+
+A random LlamaForCausalLM (GQA, untied head, llama3 RoPE scaling) with a sentencepiece BPE tokenizer trained
+here is saved the way the hub's checkpoints are, and written as llama.cpp's converter writes a `.gguf` file; both
+imports must give transformers' logits, its greedy generations and its token ids (BOS included), and to-hf must
+give back a directory transformers opens.
+"""
+import json
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip('torch')
+transformers = pytest.importorskip('transformers')
+gguf = pytest.importorskip('gguf')
+spm = pytest.importorskip('sentencepiece')
+
+from jaxssl.convert import gguf_file  # noqa: E402
+from jaxssl.convert.__main__ import main as convert_main  # noqa: E402
+from jaxssl.data import tokenizers as tokenizers_lib  # noqa: E402
+from jaxssl.data.hf_tokenizer import HFTokenizer  # noqa: E402
+from jaxssl.evaluate import main as evaluate_main  # noqa: E402
+from jaxssl.export import load_export  # noqa: E402
+from jaxssl.generate import generate  # noqa: E402
+
+REPO = os.path.join(os.path.dirname(__file__), '..')
+ICL_TASKS = os.path.join(REPO, 'jaxssl', 'eval', 'icl_tasks')
+T = gguf.MODEL_TENSOR
+BOS, EOS = 1, 2
+WORDS = ('the a of and to in is was for on with as by at it not but or film movie story plot acting cast '
+         'quick brown fox jumps over lazy dog river city music great good bad boring dull wonderful loved '
+         'hated review sentiment positive negative early late always never').split()
+TEXTS = ['the quick brown fox jumps over the lazy dog', ' leading space', 'naïve café — 東京 🙂',
+         'numbers 12345, symbols #$%!', 'tabs\tand\nnewlines']
+# Llama 3.1-style scaling whose band edges fall between this model's frequencies (theta 1e4, head_dim 16): high,
+# in-between and low frequencies all occur, so a wrong scaling shows in the logits.
+LLAMA3_ROPE = {'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
+               'original_max_position_embeddings': 64}
+
+
+def corpus():
+  """Random word strings plus the built-in sentiment task's texts (ICL prompts then stay short)."""
+  rng = random.Random(0)
+  lines = [' '.join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(300)]
+  for name in ('sentiment_pool.jsonl', 'sentiment_test.jsonl'):
+    with open(os.path.join(ICL_TASKS, name), encoding='utf-8') as f:
+      lines += [json.loads(line)['input'] for line in f if line.strip()]
+  return lines + TEXTS
+
+
+# ----- a GGUF file as llama.cpp's convert_hf_to_gguf.py writes it (cf. tests/test_gguf.py) -----
+
+def llama_cpp_permute(w, n_head):
+  """llama.cpp's LlamaModel.permute of q/k rows (its RoPE rotates adjacent pairs)."""
+  return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama_cpp_rope_freqs(cfg):
+  """The rope_freqs.weight llama.cpp's LlamaModel.generate_extra_tensors writes for llama3 rope scaling."""
+  rs, dim = cfg.rope_parameters, cfg.head_dim
+  freqs = 1.0 / (rs['rope_theta'] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+  old = rs['original_max_position_embeddings']
+  low_wl, high_wl = old / rs['low_freq_factor'], old / rs['high_freq_factor']
+  out = []
+  for freq in freqs.tolist():
+    wavelen = 2 * np.pi / freq
+    smooth = (old / wavelen - rs['low_freq_factor']) / (rs['high_freq_factor'] - rs['low_freq_factor'])
+    out.append(1 if wavelen < high_wl else rs['factor'] if wavelen > low_wl
+               else 1 / ((1 - smooth) / rs['factor'] + smooth))
+  return np.array(out, np.float32)
+
+
+LLAMA_TOP = {'model.embed_tokens.weight': T.TOKEN_EMBD, 'model.norm.weight': T.OUTPUT_NORM,
+             'lm_head.weight': T.OUTPUT}
+LLAMA_LAYER = {'input_layernorm': T.ATTN_NORM, 'self_attn.q_proj': T.ATTN_Q, 'self_attn.k_proj': T.ATTN_K,
+               'self_attn.v_proj': T.ATTN_V, 'self_attn.o_proj': T.ATTN_OUT, 'post_attention_layernorm': T.FFN_NORM,
+               'mlp.gate_proj': T.FFN_GATE, 'mlp.up_proj': T.FFN_UP, 'mlp.down_proj': T.FFN_DOWN}
+
+
+def write_llama_gguf(path, model, sp):
+  """`model` (untied) as an F32 llama GGUF file with `sp`'s vocabulary (llama.cpp's _set_vocab_sentencepiece)."""
+  cfg = model.config
+  w = gguf.GGUFWriter(str(path), 'llama')
+  w.add_vocab_size(cfg.vocab_size)
+  w.add_context_length(cfg.max_position_embeddings)
+  w.add_embedding_length(cfg.hidden_size)
+  w.add_block_count(cfg.num_hidden_layers)
+  w.add_feed_forward_length(cfg.intermediate_size)
+  w.add_head_count(cfg.num_attention_heads)
+  w.add_head_count_kv(cfg.num_key_value_heads)
+  w.add_rope_freq_base(cfg.rope_parameters['rope_theta'])
+  w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+  w.add_rope_dimension_count(cfg.head_dim)
+  w.add_file_type(gguf.LlamaFileType.ALL_F32)
+  tokens, scores, types = [], [], []
+  for i in range(sp.vocab_size()):
+    tokens.append(sp.id_to_piece(i))
+    scores.append(sp.get_score(i))
+    types.append(gguf.TokenType.UNKNOWN if sp.is_unknown(i) else gguf.TokenType.CONTROL if sp.is_control(i)
+                 else gguf.TokenType.BYTE if sp.is_byte(i) else gguf.TokenType.NORMAL)
+  w.add_tokenizer_model('llama')
+  w.add_tokenizer_pre('default')
+  w.add_token_list(tokens)
+  w.add_token_scores(scores)
+  w.add_token_types(types)
+  w.add_bos_token_id(sp.bos_id())
+  w.add_eos_token_id(sp.eos_id())
+  w.add_unk_token_id(sp.unk_id())
+  w.add_add_bos_token(True)
+  w.add_add_eos_token(False)
+  for name, t in model.state_dict().items():
+    a = t.detach().numpy().astype(np.float32)
+    if name in LLAMA_TOP:
+      gname = gguf.TENSOR_NAMES[LLAMA_TOP[name]] + '.weight'
+    else:
+      _, _, bid, *module, suffix = name.split('.')
+      gname = gguf.TENSOR_NAMES[LLAMA_LAYER['.'.join(module)]].format(bid=int(bid)) + '.' + suffix
+    if name.endswith('q_proj.weight'):
+      a = llama_cpp_permute(a, cfg.num_attention_heads)
+    elif name.endswith('k_proj.weight'):
+      a = llama_cpp_permute(a, cfg.num_key_value_heads)
+    w.add_tensor(gname, np.ascontiguousarray(a))
+  w.add_tensor(gguf.TENSOR_NAMES[T.ROPE_FREQS] + '.weight', llama_cpp_rope_freqs(cfg))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return str(path)
+
+
+# ----- fixtures -----
+
+@pytest.fixture(scope='module')
+def sp(tmp_path_factory):
+  """A tiny sentencepiece BPE with byte fallback, configured as Llama's (unk 0, bos 1, eos 2)."""
+  d = tmp_path_factory.mktemp('spm')
+  (d / 'corpus.txt').write_text('\n'.join(corpus()) + '\n', encoding='utf-8')
+  spm.SentencePieceTrainer.train(
+      input=str(d / 'corpus.txt'), model_prefix=str(d / 'sp'), model_type='bpe', vocab_size=400,
+      byte_fallback=True, character_coverage=1.0, normalization_rule_name='identity',
+      remove_extra_whitespaces=False, add_dummy_prefix=True, unk_id=0, bos_id=BOS, eos_id=EOS, pad_id=-1,
+      minloglevel=2)
+  return spm.SentencePieceProcessor(model_file=str(d / 'sp.model'))
+
+
+def tiny_llama(vocab_size, seed, **kw):
+  """A random LlamaForCausalLM, float32, eager attention; initializer_range 0.1 so greedy decoding has no
+  near-ties, norms away from 1 so a swapped or missed norm would show."""
+  torch.manual_seed(seed)
+  cfg = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                 num_attention_heads=4, max_position_embeddings=512, rms_norm_eps=1e-5,
+                                 initializer_range=0.1, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=None,
+                                 attn_implementation='eager', **kw)
+  model = transformers.LlamaForCausalLM(cfg).eval().float()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith('norm.weight'):
+        p.uniform_(0.5, 1.5)
+  return model
+
+
+@pytest.fixture(scope='module')
+def hf_model(sp):
+  # transformers adds rope_theta to the rope_scaling dict it is given: pass a copy.
+  return tiny_llama(sp.vocab_size(), 0, num_key_value_heads=2, tie_word_embeddings=False, rope_theta=10000.0,
+                    rope_scaling=dict(LLAMA3_ROPE))
+
+
+@pytest.fixture(scope='module')
+def gguf_path(hf_model, sp, tmp_path_factory):
+  return write_llama_gguf(tmp_path_factory.mktemp('gguf') / 'model.gguf', hf_model, sp)
+
+
+@pytest.fixture(scope='module')
+def hf_dir(hf_model, gguf_path, tmp_path_factory):
+  """A hub Llama directory: config.json, model.safetensors, tokenizer.json + tokenizer_config.json.
+
+  The tokenizer files come from the GGUF route (tests/test_gguf.py checks them against sentencepiece):
+  transformers 5's LlamaTokenizer(vocab_file=...) does not convert a sentencepiece model correctly.
+  """
+  d = tmp_path_factory.mktemp('llama')
+  hf_model.save_pretrained(d)
+  gguf_file.read_gguf(gguf_path).write_tokenizer(str(d))
+  return str(d)
+
+
+@pytest.fixture(scope='module')
+def export(hf_dir, tmp_path_factory):
+  out = str(tmp_path_factory.mktemp('conv') / 'params')
+  convert_main(['from-hf', '--src', hf_dir, '--out', out])
+  return out
+
+
+@pytest.fixture(scope='module')
+def gguf_export(gguf_path, tmp_path_factory):
+  out = str(tmp_path_factory.mktemp('conv_gguf') / 'params')
+  convert_main(['from-hf', '--src', gguf_path, '--out', out])
+  return out
+
+
+def hf_logits(model, ids):
+  with torch.no_grad():
+    return model(torch.tensor(ids)).logits.numpy()
+
+
+def jax_logits(export_dir, ids):
+  _, model, _ = load_export(export_dir)
+  return np.asarray(model(ids))
+
+
+def random_ids(vocab, seed):
+  return np.random.default_rng(seed).integers(0, vocab, (2, 24))
+
+
+# ----- tests -----
+
+def test_import_matches_transformers_logits(hf_model, export):
+  config, model, tokenizer = load_export(export)
+  m = config.model
+  assert (m.name, m.num_layers, m.num_heads, m.num_kv_heads, m.tie_embeddings) == ('gpt', 2, 4, 2, False)
+  assert dict(m.rope_scaling) == LLAMA3_ROPE
+  ids = random_ids(tokenizer.vocab_size, 1)
+  np.testing.assert_allclose(np.asarray(model(ids)), hf_logits(hf_model, ids), atol=1e-4, rtol=0)
+  assert isinstance(tokenizer, HFTokenizer)
+  assert tokenizer.bos_id == BOS and tokenizer.sep_id == EOS
+
+
+def test_greedy_generation_matches_transformers(hf_model, export):
+  prompts = ['the quick brown', 'a wonderful film with a moving story and']
+  results = generate(export, prompts, max_new_tokens=8, greedy=True)
+  tokenizer = tokenizers_lib.load_tokenizer(export)
+  for prompt, r in zip(prompts, results):
+    ids = torch.tensor([[BOS] + tokenizer.encode_one(prompt)])
+    with torch.no_grad():  # one prompt at a time: no padding on the HF side
+      ref = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                              eos_token_id=EOS, pad_token_id=EOS)[0, ids.shape[1]:].tolist()
+    assert r['prompt_ids'] == ids[0].tolist() and r['prompt_ids'][0] == BOS
+    assert r['generated_ids'] == ref[:len(r['generated_ids'])]  # HF stops at </s> too
+    assert len(r['generated_ids']) == 8 or r['generated_ids'][-1] == EOS
+
+
+def test_gguf_import_matches_hf_directory_import(hf_model, export, gguf_export):
+  config, _, tokenizer = load_export(gguf_export)
+  assert dict(config.model.rope_scaling) == LLAMA3_ROPE  # recovered from rope_freqs.weight
+  ids = random_ids(tokenizer.vocab_size, 2)
+  got = jax_logits(gguf_export, ids)
+  np.testing.assert_allclose(got, hf_logits(hf_model, ids), atol=1e-4, rtol=0)
+  np.testing.assert_allclose(got, jax_logits(export, ids), atol=1e-5, rtol=0)
+  reference = tokenizers_lib.load_tokenizer(export)
+  assert isinstance(tokenizer, HFTokenizer)
+  assert (tokenizer.bos_id, tokenizer.sep_id, tokenizer.vocab_size) == (BOS, EOS, reference.vocab_size)
+  for text in TEXTS:
+    assert tokenizer.encode_one(text) == reference.encode_one(text), text
+
+
+def test_tied_bfloat16_checkpoint(sp, hf_dir, tmp_path):
+  """Tied embeddings (no separate head) and bfloat16 weights, read as float32."""
+  model = tiny_llama(sp.vocab_size(), 1, num_key_value_heads=4, tie_word_embeddings=True)
+  # The float32 model of the bf16-rounded weights (what the checkpoint holds). Not `model.float()` after the
+  # cast: that would keep the RoPE inv_freq buffer rounded to bfloat16 too, which no checkpoint stores.
+  rounded = {k: v.to(torch.bfloat16).float() for k, v in model.state_dict().items()}
+  src = tmp_path / 'bf16'
+  model.to(torch.bfloat16).save_pretrained(src)
+  model = tiny_llama(sp.vocab_size(), 1, num_key_value_heads=4, tie_word_embeddings=True)
+  model.load_state_dict(rounded)
+  for name in ('tokenizer.json', 'tokenizer_config.json'):
+    (src / name).write_bytes(open(os.path.join(hf_dir, name), 'rb').read())
+  out = str(tmp_path / 'params')
+  convert_main(['from-hf', '--src', str(src), '--out', out])
+  config, jmodel, _ = load_export(out)
+  assert config.model.tie_embeddings is True and config.model.rope_scaling is None
+  ids = random_ids(sp.vocab_size(), 3)
+  np.testing.assert_allclose(np.asarray(jmodel(ids)), hf_logits(model, ids), atol=1e-4, rtol=0)
+
+
+def test_to_hf_round_trip(hf_model, export, tmp_path):
+  out = str(tmp_path / 'hf')
+  convert_main(['to-hf', '--src', export, '--out', out])
+  with open(os.path.join(out, 'config.json')) as f:
+    written = json.load(f)
+  assert (written['bos_token_id'], written['eos_token_id']) == (BOS, EOS)
+  back = transformers.LlamaForCausalLM.from_pretrained(out, attn_implementation='eager').eval()
+  ids = random_ids(hf_model.config.vocab_size, 4)
+  np.testing.assert_allclose(hf_logits(back, ids), hf_logits(hf_model, ids), atol=1e-5, rtol=0)
+  tok = transformers.AutoTokenizer.from_pretrained(out)
+  ours = tokenizers_lib.load_tokenizer(export)
+  assert (tok.bos_token_id, tok.eos_token_id) == (BOS, EOS)
+  for text in TEXTS:
+    assert tok(text)['input_ids'] == [BOS] + ours.encode_one(text), text
+
+
+def test_icl_runs_on_imported_model(export, tmp_path):
+  out = tmp_path / 'icl' / 'results.json'
+  evaluate_main(['--config', os.path.join(REPO, 'configs', 'icl.py') + ':sentiment',
+                 f'--config.icl.models={export}', '--config.icl.shots=0,1', '--config.icl.max_queries=4',
+                 '--out', str(out)])
+  report = json.loads(out.read_text())
+  assert report['shots'] == [0, 1] and report['num_queries'] == 4 and len(report['models']) == 1
+  (result,) = report['models'].values()
+  assert result['path'] == export
+  assert set(result['accuracy']) == {'0', '1'} and all(0 <= a <= 1 for a in result['accuracy'].values())
+
+
+def test_not_a_gguf_file_is_a_one_line_error(tmp_path):
+  src = tmp_path / 'x.gguf'
+  src.write_text('this is a text file, not a model\n')
+  out = tmp_path / 'out'
+  proc = subprocess.run([sys.executable, '-m', 'jaxssl.convert', 'from-hf', '--src', str(src), '--out', str(out)],
+                        cwd=REPO, capture_output=True, text=True, env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+                        timeout=300)
+  assert proc.returncode == 2, proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and 'not a GGUF file' in lines[0] and str(src) in lines[0], proc.stderr
+  assert not out.exists()
