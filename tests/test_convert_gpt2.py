@@ -246,3 +246,37 @@ def test_continued_pretraining_from_imported_gpt2(hf_model, export, tmp_path):
   bad = subprocess.run([*cmd[:5], '--config.init_from=' + str(tmp_path / 'nothing'), *cmd[6:-1],
                         str(tmp_path / 'run2')], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert bad.returncode == 2 and 'not a jaxssl export' in bad.stderr, bad.stderr[-1000:]
+
+
+def test_to_hf_of_a_jaxssl_pretrained_gpt_writes_a_tokenizer_transformers_opens(tmp_path):
+  """A GPT pretrained by jaxssl (sentencepiece tokenizer.model) converts to a directory whose tokenizer.json gives
+  the sentencepiece ids through transformers' AutoTokenizer, and whose weights load into GPT2LMHeadModel."""
+  import json as json_lib
+  import jax
+  from jaxssl import config as config_lib
+  from jaxssl import mesh as mesh_lib
+  from jaxssl.train import checkpoint as ckpt_lib
+  from jaxssl.train import state as state_lib
+  words = 'the a quick brown fox jumps over lazy dog café Zürich spaces tabs newline'.split()
+  rng = np.random.default_rng(0)
+  sp = tokenizers_lib.train_tokenizer([' '.join(rng.choice(words, size=8)) + '.' for _ in range(300)], 50,
+                                      str(tmp_path / 'tok'))
+  config = config_lib.load_config(os.path.join(REPO, 'configs', 'gpt.py:tiny'))
+  config_lib.parse_overrides(config, ['--config.model.num_layers=1', '--config.model.hidden_size=16',
+                                      '--config.model.num_heads=2', '--config.model.intermediate_size=32',
+                                      '--config.model.max_position=32', f'--config.tokenizer.vocab_size={sp.vocab_size}'])
+  setup = state_lib.setup_model(config.model, sp.vocab_size, mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1]))
+  saved = {**json_lib.loads(config_lib.to_json(config)), 'vocab_size': sp.vocab_size}
+  export_dir = str(tmp_path / 'export')
+  ckpt_lib.write_export(export_dir, state_lib.init_params(setup), json_lib.dumps(saved), sp)
+  out = str(tmp_path / 'hf')
+  convert_main(['to-hf', '--src', export_dir, '--out', out])
+  assert sorted(os.listdir(out)) == ['config.json', 'model.safetensors', 'tokenizer.json', 'tokenizer_config.json']
+  hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+  for text in ('the quick fox', '  two   spaces  ', 'café Zürich ☃ unknown', 'tabs\tand\nnewline'):
+    assert hf_tok(text)['input_ids'] == sp.encode_one(text), text
+  assert hf_tok.eos_token_id == sp.sep_id and hf_tok.pad_token_id == sp.pad_id
+  _, model, _ = load_export(export_dir)
+  ids = np.array([sp.encode_one('the quick brown fox jumps')])
+  np.testing.assert_allclose(hf_logits(transformers.GPT2LMHeadModel.from_pretrained(out).eval(), ids),
+                             np.asarray(model(ids)), atol=1e-5, rtol=0)

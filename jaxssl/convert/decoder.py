@@ -228,6 +228,9 @@ def to_hf(src: str, out: str, *, overwrite: bool = False) -> dict:
   layout = _layout('llama' if is_llama_layout(config.model) else 'gpt2')
   tensors, hf_config = layout.params_to_hf(params, config.model.to_dict())
   tokenizer = tokenizers.load_tokenizer(src)
+  if isinstance(tokenizer, tokenizers.SentencePieceTokenizer):  # a jaxssl-pretrained GPT: give HF a tokenizer.json
+    from jaxssl.data import hf_tokenizer
+    tokenizer = hf_tokenizer.from_sentencepiece(tokenizer)
   for role in ('bos', 'eos', 'pad'):
     token_id = getattr(tokenizer, 'sep_id' if role == 'eos' else f'{role}_id', None)
     if token_id is not None:
@@ -250,7 +253,4 @@ def to_hf(src: str, out: str, *, overwrite: bool = False) -> dict:
   n = sum(math.prod(v.shape) for v in tensors.values())
   print(f'wrote {out} ({hf_config["architectures"][0]}, {n / 1e6:.2f}M values, tokenizer: '
         f'{os.path.basename(written)})')
-  if written.endswith('.model'):
-    print('note: the tokenizer is a jaxssl sentencepiece model (tokenizer.model); transformers needs a matching '
-          'tokenizer class for it')
   return hf_config

@@ -19,7 +19,7 @@ import json
 import os
 
 import tokenizers as hf_tokenizers
-from tokenizers import decoders, models, pre_tokenizers, processors
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors
 
 from jaxssl.data.wordpiece import CONFIG_FILENAME, JSON_FILENAME, _random_range, _read_config
 from jaxssl.errors import UserError
@@ -166,6 +166,39 @@ class HFTokenizer:
 
   def __repr__(self):
     return f'HFTokenizer(vocab_size={self.vocab_size}, path={self.path!r}, eos={self.token_names["eos"]!r})'
+
+
+def from_sentencepiece(sp_tokenizer) -> HFTokenizer:
+  """The HuggingFace `tokenizers` form of a jaxssl sentencepiece model (unigram or BPE), for `to-hf`: the same ids
+  as sentencepiece gives for ordinary text, openable by transformers' AutoTokenizer.
+
+  Built from the model proto as HuggingFace's own sentencepiece converters do: the precompiled normalisation
+  map, runs of spaces collapsed, '▁' put before the text and for every space; [PAD] [CLS] [SEP] [MASK] are
+  special tokens, [SEP] (jaxssl's end-of-document token) is the eos. One difference remains: text that spells a
+  control piece ("[MASK]") becomes that piece here but unknown-character pieces in sentencepiece (and
+  transformers' AutoTokenizer turns such text into the special id in any case).
+  """
+  from sentencepiece import sentencepiece_model_pb2  # pylint: disable=import-outside-toplevel
+  proto = sentencepiece_model_pb2.ModelProto()
+  proto.ParseFromString(sp_tokenizer.serialized())
+  vocab = [(p.piece, p.score) for p in proto.pieces]
+  if proto.trainer_spec.model_type == sentencepiece_model_pb2.TrainerSpec.UNIGRAM:
+    model = models.Unigram(vocab, sp_tokenizer.unk_id, False)
+  else:
+    kind = sentencepiece_model_pb2.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type)
+    raise UserError(f'the tokenizer is a sentencepiece {kind} model; to-hf converts unigram ones (jaxssl\'s '
+                    'default tokenizer.model_type)')
+  tok = hf_tokenizers.Tokenizer(model)
+  steps = [normalizers.Strip(left=True, right=True), normalizers.Replace(Regex(' {2,}'), ' ')]
+  if proto.normalizer_spec.precompiled_charsmap:
+    steps.insert(0, normalizers.Precompiled(proto.normalizer_spec.precompiled_charsmap))
+  tok.normalizer = normalizers.Sequence(steps)
+  tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement='\u2581', prepend_scheme='always', split=False)
+  tok.decoder = decoders.Metaspace(replacement='\u2581', prepend_scheme='always', split=False)
+  from jaxssl.data.tokenizers import SPECIAL_PIECES  # pylint: disable=import-outside-toplevel
+  tok.add_special_tokens(list(SPECIAL_PIECES))
+  pad, unk, _, sep, _ = SPECIAL_PIECES
+  return HFTokenizer(tok, {'eos': sep, 'pad': pad, 'unk': unk})
 
 
 def tokenizer_json_model(path: str) -> str:
