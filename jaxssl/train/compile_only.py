@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding
 from jaxssl import mesh as mesh_lib
 from jaxssl import models
 from jaxssl.errors import UserError
+from jaxssl.train import families
 from jaxssl.train import state as state_lib
 from jaxssl.train import step as step_lib
 
@@ -88,14 +89,10 @@ def compile_report(config, topology: str, vocab_size: int, memory_per_device: fl
   tx, schedule = state_lib.make_optimizer(t), state_lib.make_schedule(t)
   state = state_lib.abstract_state(setup, tx)
   seq, preds = config.data.seq_len, config.data.get('max_predictions', config.data.seq_len)
-  objective = step_lib.objective_for(config.model)
-  if objective is step_lib.GPT:
-    shapes = {k: (seq,) for k in step_lib.LM_BATCH_KEYS}
-  else:
-    shapes = {'input_ids': (seq,), 'token_type_ids': (seq,), 'attention_mask': (seq,), 'mlm_positions': (preds,),
-              'mlm_ids': (preds,), 'mlm_weights': (preds,), 'nsp_label': ()}
-  batch = {k: jax.ShapeDtypeStruct((t.batch_size, *s), np.float32 if k == 'mlm_weights' else np.int32,
-                                   sharding=mesh_lib.batch_sharding(mesh, 1 + len(s))) for k, s in shapes.items()}
+  family = families.family_for(config.model)
+  objective = family.objective
+  batch = {k: jax.ShapeDtypeStruct((t.batch_size, *s), dtype, sharding=mesh_lib.batch_sharding(mesh, 1 + len(s)))
+           for k, (s, dtype) in family.batch_shapes(config).items()}
   train_step = step_lib.jit_train_step(
       step_lib.make_train_step(setup.graphdef, tx, schedule, t.microbatches, objective),
       state_lib.state_shardings(setup, tx), mesh, objective)

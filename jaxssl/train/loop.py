@@ -1,7 +1,7 @@
 """The pretraining loop: corpus → tokenizer → pipeline → jitted sharded step → metrics and checkpoints.
 
-One loop for every family: `step.objective_for(model)` says what is trained (BERT: masked LM + NSP from
-`data/pipeline.py`; GPT: next-token LM on packed documents from `data/lm_pipeline.py`).
+One loop for every family: `families.family_for(model)` says what is trained and on which batches (BERT: masked
+LM + NSP from `data/pipeline.py`; GPT: next-token LM on packed documents from `data/lm_pipeline.py`).
 
 Read top to bottom. Resuming needs nothing but the step: the data position, the dropout keys and the learning
 rate are all functions of it, so rerunning the same command continues exactly where the last checkpoint was.
@@ -20,9 +20,10 @@ from jax.experimental import multihost_utils
 from jaxssl import config as config_lib
 from jaxssl import mesh as mesh_lib
 from jaxssl import models
-from jaxssl.data import corpora, lm_pipeline, pipeline, tokenizers
+from jaxssl.data import corpora, tokenizers
 from jaxssl.errors import JobFailed, UserError
 from jaxssl.train import checkpoint as ckpt_lib
+from jaxssl.train import families
 from jaxssl.train import metrics as metrics_lib
 from jaxssl.train import preemption
 from jaxssl.train import state as state_lib
@@ -72,31 +73,6 @@ def evaluate(eval_step, params, batches, mesh, objective=step_lib.BERT, words: f
       # The same total log-likelihood spread over words instead of pieces: comparable across tokenizers.
       result['word_perplexity'] = float(np.exp(float(totals['lm_loss']) / words))
   return result
-
-
-def predicted_words(batches, tokenizer) -> float:
-  """How many words the held-out LM batches predict: targets that start a word or end a document.
-
-  A piece starts a word when it carries the tokenizer's space marker: sentencepiece's '▁', or 'Ġ' of byte-level
-  BPE (GPT-2; there a word after a newline has no marker and is not counted, so the figure is approximate).
-
-  PTB's per-word perplexity counts every word and one end-of-sentence per sentence; here the end token closes a
-  document, so the figure is close to (slightly above) the literature's convention, not identical.
-  """
-  starts = np.array([(tokenizer.id_to_piece(i) or '').startswith(('\u2581', '\u0120'))
-                     for i in range(tokenizer.vocab_size)])
-  starts[tokenizer.sep_id] = True
-  from jaxssl.models import gpt  # noqa: PLC0415
-  count = 0
-  for b in batches:
-    count += int(np.sum(starts[b['input_ids'][:, 1:]] & np.asarray(gpt.next_token_pairs(b['segment_ids']))))
-  return float(count)
-
-
-def most_frequent_token_accuracy(batches) -> float:
-  """MLM accuracy of always predicting the commonest masked token: the baseline a model must beat."""
-  ids = np.concatenate([b['mlm_ids'][b['mlm_weights'] > 0] for b in batches])
-  return float(np.bincount(ids).max() / max(1, ids.size)) if ids.size else 0.0
 
 
 # Model settings a run may choose freely when it starts from an export (how it computes, not what it computes).
@@ -202,29 +178,16 @@ def run_pretraining(config, workdir: str) -> dict:
   if is_main:
     _write_atomic(os.path.join(workdir, 'config.json'), config_lib.to_json(config))
 
-  objective = step_lib.objective_for(config.model)
+  family = families.family_for(config.model)
+  objective = family.objective
   train_step = step_lib.jit_train_step(
       step_lib.make_train_step(setup.graphdef, tx, schedule, t.microbatches, objective), shardings, mesh, objective)
   eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(setup.graphdef, objective), setup.param_shardings,
                                      mesh, objective)
   where = dict(seed=t.seed, process_index=jax.process_index(), process_count=jax.process_count())
-  if objective is step_lib.GPT:
-    batches = lm_pipeline.make_lm_iterator(sources['train'], tokenizer, seq_len=config.data.seq_len,
-                                           global_batch_size=t.batch_size, start_step=start,
-                                           num_threads=config.data.num_threads, **where)
-    eval_batches = lm_pipeline.make_lm_eval_batches(sources['validation'], tokenizer, seq_len=config.data.seq_len,
-                                                    batch_size=t.batch_size, num_batches=config.eval.batches, **where)
-    extra_eval = {}
-    words = predicted_words(eval_batches, tokenizer)
-  else:
-    data_args = dict(seq_len=config.data.seq_len, max_predictions=config.data.max_predictions,
-                     mask_rate=config.data.mask_rate, short_seq_prob=config.data.short_seq_prob, **where)
-    batches = pipeline.make_pretrain_iterator(sources['train'], tokenizer, global_batch_size=t.batch_size,
-                                              start_step=start, num_threads=config.data.num_threads, **data_args)
-    eval_batches = pipeline.make_eval_batches(sources['validation'], tokenizer, batch_size=t.batch_size,
-                                              num_batches=config.eval.batches, **data_args)
-    extra_eval = {'mlm_baseline_accuracy': most_frequent_token_accuracy(eval_batches)}
-    words = 0.0
+  batches = family.train_batches(sources['train'], tokenizer, config, start_step=start, **where)
+  eval_batches = family.eval_batches(sources['validation'], tokenizer, config, **where)
+  words, extra_eval = family.eval_context(eval_batches, tokenizer)
 
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start, total_steps=t.steps)
   peak = metrics_lib.peak_flops_per_device(config.log.peak_flops_per_device) * jax.device_count()

@@ -166,8 +166,3 @@ def jit_train_step(train_step, state_shardings, mesh, objective: 'Objective | No
 def jit_eval_step(eval_step, param_shardings, mesh, objective: 'Objective | None' = None):
   return jax.jit(eval_step, in_shardings=(param_shardings, _batch_shardings(mesh, objective)),
                  out_shardings=NamedSharding(mesh, P()))
-
-
-def objective_for(model_cfg) -> Objective:
-  """The pretraining objective of `model.name`: masked LM + NSP for 'bert', next-token LM for 'gpt'."""
-  return {'bert': BERT, 'gpt': GPT}[model_cfg.name]

@@ -1,0 +1,115 @@
+"""Pretraining families by `model.name`: what each trains on (its step.Objective) and where its batches come from.
+
+  family = families.family_for(config.model)
+  batches = family.train_batches(sources['train'], tokenizer, config, start_step=s, **where)
+
+The loop, compile-only and bench code are the same for every family; a new family (encoder-decoder, ELMo)
+adds one `Family` here and nothing in them. Batch functions are pure in (seed, step), like the pipelines.
+"""
+import dataclasses
+from typing import Callable
+
+import numpy as np
+
+from jaxssl.train import step as step_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """How one model family pretrains."""
+  objective: step_lib.Objective
+  # (source, tokenizer, config, *, start_step, seed, process_index, process_count) -> iterator of local batches
+  train_batches: Callable
+  # (source, tokenizer, config, *, seed, process_index, process_count) -> fixed list of held-out local batches
+  eval_batches: Callable
+  # (config) -> {batch key: (per-row shape, numpy dtype)}: the layout train_batches yields (compile-only, bench)
+  batch_shapes: Callable
+  # (eval batches, tokenizer) -> (words the eval batches predict, or 0; extra fixed eval metrics)
+  eval_context: Callable = lambda batches, tokenizer: (0.0, {})
+
+
+# ----- BERT: masked LM + next-sentence prediction -----
+
+def _bert_data_args(config, seed, process_index, process_count) -> dict:
+  d = config.data
+  return dict(seq_len=d.seq_len, max_predictions=d.max_predictions, mask_rate=d.mask_rate,
+              short_seq_prob=d.short_seq_prob, seed=seed, process_index=process_index, process_count=process_count)
+
+
+def _bert_train(source, tokenizer, config, *, start_step, seed, process_index=0, process_count=1):
+  from jaxssl.data import pipeline
+  return pipeline.make_pretrain_iterator(source, tokenizer, global_batch_size=config.train.batch_size,
+                                         start_step=start_step, num_threads=config.data.num_threads,
+                                         **_bert_data_args(config, seed, process_index, process_count))
+
+
+def _bert_eval(source, tokenizer, config, *, seed, process_index=0, process_count=1):
+  from jaxssl.data import pipeline
+  return pipeline.make_eval_batches(source, tokenizer, batch_size=config.train.batch_size,
+                                    num_batches=config.eval.batches,
+                                    **_bert_data_args(config, seed, process_index, process_count))
+
+
+def _bert_shapes(config) -> dict:
+  seq, preds = config.data.seq_len, config.data.get('max_predictions', config.data.seq_len)
+  shapes = {'input_ids': (seq,), 'token_type_ids': (seq,), 'attention_mask': (seq,), 'mlm_positions': (preds,),
+            'mlm_ids': (preds,), 'mlm_weights': (preds,), 'nsp_label': ()}
+  return {k: (s, np.float32 if k == 'mlm_weights' else np.int32) for k, s in shapes.items()}
+
+
+def most_frequent_token_accuracy(batches) -> float:
+  """MLM accuracy of always predicting the commonest masked token: the baseline a model must beat."""
+  ids = np.concatenate([b['mlm_ids'][b['mlm_weights'] > 0] for b in batches])
+  return float(np.bincount(ids).max() / max(1, ids.size)) if ids.size else 0.0
+
+
+BERT = Family(step_lib.BERT, _bert_train, _bert_eval, _bert_shapes,
+              lambda batches, tokenizer: (0.0, {'mlm_baseline_accuracy': most_frequent_token_accuracy(batches)}))
+
+
+# ----- GPT: next-token LM on packed documents -----
+
+def _gpt_train(source, tokenizer, config, *, start_step, seed, process_index=0, process_count=1):
+  from jaxssl.data import lm_pipeline
+  return lm_pipeline.make_lm_iterator(source, tokenizer, seq_len=config.data.seq_len, seed=seed,
+                                      global_batch_size=config.train.batch_size, start_step=start_step,
+                                      num_threads=config.data.num_threads, process_index=process_index,
+                                      process_count=process_count)
+
+
+def _gpt_eval(source, tokenizer, config, *, seed, process_index=0, process_count=1):
+  from jaxssl.data import lm_pipeline
+  return lm_pipeline.make_lm_eval_batches(source, tokenizer, seq_len=config.data.seq_len, seed=seed,
+                                          batch_size=config.train.batch_size, num_batches=config.eval.batches,
+                                          process_index=process_index, process_count=process_count)
+
+
+def predicted_words(batches, tokenizer) -> float:
+  """How many words the held-out LM batches predict: targets that start a word or end a document.
+
+  A piece starts a word when it carries the tokenizer's space marker: sentencepiece's '▁', or 'Ġ' of byte-level
+  BPE (GPT-2; there a word after a newline has no marker and is not counted, so the figure is approximate).
+  PTB's per-word perplexity counts every word and one end-of-sentence per sentence; here the end token closes a
+  document, so the figure is close to (slightly above) the literature's convention, not identical.
+  """
+  from jaxssl.models import gpt
+  starts = np.array([(tokenizer.id_to_piece(i) or '').startswith(('\u2581', '\u0120'))
+                     for i in range(tokenizer.vocab_size)])
+  starts[tokenizer.sep_id] = True
+  count = 0
+  for b in batches:
+    count += int(np.sum(starts[b['input_ids'][:, 1:]] & np.asarray(gpt.next_token_pairs(b['segment_ids']))))
+  return float(count)
+
+
+GPT = Family(step_lib.GPT, _gpt_train, _gpt_eval,
+             lambda config: {k: ((config.data.seq_len,), np.int32) for k in step_lib.LM_BATCH_KEYS},
+             lambda batches, tokenizer: (predicted_words(batches, tokenizer), {}))
+
+
+FAMILIES = {'bert': BERT, 'gpt': GPT}
+
+
+def family_for(model_cfg) -> Family:
+  """The pretraining family of `model.name` (the model registry has already checked the name)."""
+  return FAMILIES[model_cfg.name]
