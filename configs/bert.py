@@ -1,6 +1,11 @@
 """BERT masked-LM + next-sentence pretraining. Variants: layers/hidden, heads = hidden / 64.
 
   python -m jaxssl.pretrain --config configs/bert.py:tiny --workdir /tmp/bert_tiny
+
+bigbird_tiny / bigbird_base: the same model with Big Bird block-sparse attention (ITC: 3-block window, first and
+last block global, 3 random blocks of 64 tokens) on 4096-token sequences, as in Zaheer et al. 2020. Sequences
+need documents of several thousand tokens: the pipeline fills a sequence only from consecutive sentences of one
+document (and B's random document), so short documents leave most of the 4096 positions padding.
 """
 import ml_collections
 
@@ -12,6 +17,8 @@ SIZES = {
     'medium': (8, 512),
     'base': (12, 768),
     'large': (24, 1024),
+    'bigbird_tiny': (2, 128),
+    'bigbird_base': (12, 768),
 }
 VARIANTS = tuple(SIZES)
 
@@ -32,6 +39,10 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
       remat='none',        # 'none' | 'full' | 'dots' (save matmul outputs, recompute the rest)
       scan_layers=True,    # one compiled layer body under nnx.scan: compile time flat in depth
       attention='xla',     # implementation for jax.nn.dot_product_attention: 'xla' | 'cudnn'
+      attention_type='full',  # 'full' | 'block_sparse' (Big Bird ITC; jaxssl/models/attention.py)
+      block_size=64,          # block_sparse: tokens per block (seq_len must be a multiple)
+      num_random_blocks=3,    # block_sparse: random key blocks per query block
+      sparse_min_length=1024,  # block_sparse: shorter sequences (e.g. fine-tuning at 512) use full attention
   ))
   c.data = ml_collections.ConfigDict(dict(
       corpus='ptb',            # 'ptb', a TFDS name ('wikipedia/20230601.en', 'c4/en'), or a local path/glob
@@ -43,6 +54,12 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
       ptb_sentences_per_doc=16,  # PTB has no documents: group consecutive sentences into pseudo-documents
       validation_fraction=0.01,  # local text without its own held-out files: this share of documents
       num_threads=2,
+      # MLM units, masked all or nothing within the mask_rate budget (jaxssl/data/masking_units.py):
+      # 'token' (BERT) | 'whole_word' (80/10/10 per token, as Google's) | 'span' (SpanBERT: geometric(0.2)
+      # words, at most 10; 80/10/10 per span) | 'entity' (ERNIE: phrases of masking_lexicon; per phrase).
+      masking='token',
+      masking_lexicon='',      # 'entity': UTF-8 file, one phrase/entity per line, matched longest first
+      chinese_segmenter='',    # '' | 'jieba': word boundaries of Chinese text (no spaces) for the units above
   ))
   c.tokenizer = ml_collections.ConfigDict(dict(
       vocab_size=8000, model_type='unigram', character_coverage=0.9995,
@@ -61,6 +78,9 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(every_steps=500, batches=20))
   c.log = ml_collections.ConfigDict(dict(every_steps=50, peak_flops_per_device=0.0))  # 0 = from the table
 
+  if variant.startswith('bigbird_'):
+    c.model.update(attention_type='block_sparse', max_position=4096)
+    c.data.update(seq_len=4096, max_predictions=614)  # round(0.15 * 4096)
   if variant == 'tiny':
     # The quickstart: learns visibly on a 2-core CPU in ~10 minutes.
     c.tokenizer.vocab_size = 4000
@@ -68,6 +88,20 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
     c.checkpoint.every_steps = 200
     c.eval.every_steps = 250
     c.log.every_steps = 25
+  elif variant == 'bigbird_tiny':
+    # Pretrains on a 2-core CPU (~3 s/step; ~10 s with full attention); needs long documents (see the docstring).
+    c.tokenizer.vocab_size = 4000
+    c.train.update(steps=300, batch_size=2, learning_rate=1e-3, warmup_steps=30)
+    c.checkpoint.every_steps = 100
+    c.eval.update(every_steps=100, batches=4)
+    c.log.every_steps = 10
+  elif variant == 'bigbird_base':
+    # The paper's MLM pretraining shape (12 x 768, 4096 tokens, batch 256, learning rate 1e-4; the paper warm-starts
+    # from RoBERTa, which init_from of a converted checkpoint would need 4096 position embeddings for).
+    c.tokenizer.vocab_size = 30522
+    c.train.update(learning_rate=1e-4, warmup_steps=10_000, steps=500_000, batch_size=256)
+    c.checkpoint.every_steps = 5000
+    c.eval.every_steps = 5000
   elif variant in ('mini', 'small', 'medium'):
     c.train.update(learning_rate=5e-4, warmup_steps=500, steps=100_000, batch_size=128)
   else:

@@ -30,6 +30,8 @@ LOGICAL_AXIS_RULES = (
     ('position', None),
     ('token_type', None),
     ('predictions', None),
+    ('lstm', None),                # ELMo LSTM cell units (the recurrence needs them whole at every step)
+    ('lstm_gates', None),          # ELMo's 4 x cell units of gate pre-activations
     # activations: the model dimension stays whole (fsdp already splits the batch); heads/mlp over tensor
     ('act_embed', None),
     ('act_heads', 'tensor'),

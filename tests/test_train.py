@@ -153,3 +153,22 @@ def test_check_compatible_knows_the_llama_shape_keys():
   ckpt_lib.check_compatible({'model': llama.model.to_dict()}, llama.model, 4000, 'w')
   with pytest.raises(UserError, match=r"model.norm: 'layernorm' there, 'rmsnorm' here; model.position: 'learned' there, 'rope' here"):
     ckpt_lib.check_compatible({'model': old}, llama.model, 4000, 'w')
+
+
+def test_frozen_params_do_not_move_even_with_weight_decay():
+  """make_optimizer(frozen=...) leaves frozen params exactly as they were (AdamW's decay alone would shrink them)."""
+  import jax.numpy as jnp
+  import ml_collections
+  import optax
+  from jaxssl.train import state as state_lib
+  tc = ml_collections.ConfigDict(dict(learning_rate=0.1, warmup_steps=0, steps=10, end_learning_rate=0.1,
+                                      weight_decay=0.5, b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=1.0))
+  params = {'body': {'lstm': {'kernel': jnp.ones((2, 2))}, 'scalar_mix': {'weights': jnp.ones((3,))}},
+            'head': {'kernel': jnp.ones((2, 2))}}
+  tx = state_lib.make_optimizer(tc, lambda path: path[0] == 'body' and 'scalar_mix' not in path)
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  new = optax.apply_updates(params, updates)
+  np.testing.assert_array_equal(new['body']['lstm']['kernel'], params['body']['lstm']['kernel'])
+  assert not np.allclose(new['head']['kernel'], params['head']['kernel'])
+  assert not np.allclose(new['body']['scalar_mix']['weights'], params['body']['scalar_mix']['weights'])

@@ -124,15 +124,24 @@ def mask_tokens(input_ids: np.ndarray, candidate_mask: np.ndarray, rng: np.rando
   """
   input_ids = np.asarray(input_ids)
   candidates = np.flatnonzero(np.asarray(candidate_mask))
-  # round() like BERT (ties to even); the cap keeps the output shape fixed.
-  k = min(max_predictions, max(1, int(round(len(candidates) * mask_rate)))) if len(candidates) else 0
+  k = _num_to_predict(len(candidates), mask_rate, max_predictions)
   positions = np.sort(rng.choice(candidates, size=k, replace=False)) if k else np.zeros(0, np.int64)
   original = input_ids[positions]
   u = rng.random(k)
   random_ids = rng.integers(vocab_low, vocab_high, size=k)
   replaced = np.where(u < 0.8, mask_id, np.where(u < 0.9, random_ids, original))
+  return _mlm_outputs(input_ids, positions, original, replaced, max_predictions)
+
+
+def _num_to_predict(n_candidates: int, mask_rate: float, max_predictions: int) -> int:
+  # round() like BERT (ties to even); the cap keeps the output shape fixed.
+  return min(max_predictions, max(1, int(round(n_candidates * mask_rate)))) if n_candidates else 0
+
+
+def _mlm_outputs(input_ids, positions, original, replaced, max_predictions) -> dict[str, np.ndarray]:
   masked = input_ids.astype(np.int32, copy=True)
   masked[positions] = replaced
+  k = len(positions)
   mlm_positions = np.zeros(max_predictions, np.int32)
   mlm_ids = np.zeros(max_predictions, np.int32)
   mlm_weights = np.zeros(max_predictions, np.float32)
@@ -140,3 +149,52 @@ def mask_tokens(input_ids: np.ndarray, candidate_mask: np.ndarray, rng: np.rando
   mlm_ids[:k] = original
   mlm_weights[:k] = 1.0
   return dict(input_ids=masked, mlm_positions=mlm_positions, mlm_ids=mlm_ids, mlm_weights=mlm_weights)
+
+
+def _fill_budget(sizes: np.ndarray, budget: int) -> np.ndarray:
+  """Which units (sizes in the order they are tried) are taken: each whole if it still fits, else skipped."""
+  cum = np.cumsum(sizes)
+  j = int(np.searchsorted(cum, budget, side='right'))  # units [0, j) fit together: no loop for them
+  take = np.zeros(len(sizes), bool)
+  take[:j] = True
+  used = int(cum[j - 1]) if j else 0
+  for i in range(j + 1, len(sizes)):  # unit j overflows by definition; later, smaller ones may still fit
+    if used >= budget:
+      break
+    if used + sizes[i] <= budget:
+      take[i] = True
+      used += int(sizes[i])
+  return take
+
+
+def mask_units(input_ids: np.ndarray, units: np.ndarray, rng: np.random.Generator, *, mask_rate: float,
+               max_predictions: int, mask_id: int, vocab_low: int, vocab_high: int,
+               replace_per_unit: bool = False) -> dict[str, np.ndarray]:
+  """Masked-LM corruption of one sequence by units (whole words, spans, phrases: data/masking_units.py).
+
+  `units` gives each token's unit id (0, 1, ...; -1 = never masked). The budget is mask_tokens's:
+  k = min(max_predictions, max(1, round(n_candidates * mask_rate))) tokens. Units are tried in a random
+  order (rng.permutation) and taken all or nothing: one that would overflow k is skipped and the next tried,
+  as Google's whole-word masking does, so slightly fewer than k tokens may be masked (none when every unit is
+  larger than k). Each masked token becomes `mask_id` (0.8), a random id in [vocab_low, vocab_high) (0.1) or
+  stays (0.1): drawn per token, or with `replace_per_unit` once per unit for all its tokens (SpanBERT, ERNIE;
+  a unit's random replacements are still independent ids). Returns what mask_tokens returns.
+  """
+  input_ids = np.asarray(input_ids)
+  units = np.asarray(units)
+  cand = units >= 0
+  k = _num_to_predict(int(cand.sum()), mask_rate, max_predictions)
+  n_units = int(units.max()) + 1 if k else 0
+  sizes = np.bincount(units[cand], minlength=n_units)
+  order = rng.permutation(n_units)
+  take = np.zeros(n_units, bool)
+  take[order[_fill_budget(sizes[order], k)]] = True
+  positions = np.flatnonzero(cand & take[np.maximum(units, 0)]) if n_units else np.zeros(0, np.int64)
+  original = input_ids[positions]
+  if replace_per_unit:
+    u = rng.random(n_units)[units[positions]]
+  else:
+    u = rng.random(len(positions))
+  random_ids = rng.integers(vocab_low, vocab_high, size=len(positions))
+  replaced = np.where(u < 0.8, mask_id, np.where(u < 0.9, random_ids, original))
+  return _mlm_outputs(input_ids, positions, original, replaced, max_predictions)

@@ -8,6 +8,10 @@ epoch (g differs) yet reproducible.
 
 Token ids come from the tokenizer (`cls_id`, `sep_id`, `pad_id`, `mask_id`, `special_ids`, `random_token_range`),
 so jaxssl's sentencepiece models and the WordPiece vocabularies of public BERT checkpoints both work.
+
+`masking` picks the MLM unit (data/masking_units.py): 'token' (BERT, the default), 'whole_word', 'span'
+(SpanBERT) or 'entity' (ERNIE, phrases of `masking_lexicon`); `chinese_segmenter='jieba'` finds the words of
+Chinese text. Units are drawn from the same per-example rng, so batches stay pure in (seed, step).
 """
 import threading
 from typing import Any, Iterator
@@ -15,7 +19,7 @@ from typing import Any, Iterator
 import grain
 import numpy as np
 
-from jaxssl.data import objectives
+from jaxssl.data import masking_units, objectives
 from jaxssl.errors import UserError
 
 # jaxssl's sentencepiece layout (data/tokenizers.py): what a tokenizer that only has `num_special` gets.
@@ -37,7 +41,9 @@ class PretrainExamples:
   """
 
   def __init__(self, source, tokenizer, *, seq_len: int, max_predictions: int, mask_rate: float,
-               short_seq_prob: float, seed: int):
+               short_seq_prob: float, seed: int, masking: str = 'token', masking_lexicon: str = '',
+               chinese_segmenter: str = ''):
+    masking_units.check_masking_config(masking, masking_lexicon, chinese_segmenter)
     self.source = source
     self.tokenizer = tokenizer
     self.num_docs = len(source)
@@ -62,6 +68,11 @@ class PretrainExamples:
     if self._special_prefix is None:
       self._is_special = np.zeros(max(tokenizer.vocab_size, max(special_ids) + 1), bool)
       self._is_special[sorted(special_ids)] = True
+    # 'token' keeps BERT's per-token masking (mask_tokens) untouched; other units go through a UnitMasker.
+    self.masker = None
+    if masking != 'token':
+      self.masker = masking_units.UnitMasker(tokenizer, masking, lexicon_path=masking_lexicon,
+                                             segmenter=chinese_segmenter)
     self._perms: dict[int, np.ndarray] = {}
     self._lock = threading.Lock()  # grain maps from several threads
 
@@ -108,7 +119,8 @@ class PretrainExamples:
           sentences.append(s)
           owners.append(i)
     docs = {i: [] for i in indices}
-    for i, ids in zip(owners, self.tokenizer.encode(sentences) if sentences else []):
+    encode = self.tokenizer.encode if self.masker is None else self.masker.encode
+    for i, ids in zip(owners, encode(sentences) if sentences else []):
       if len(ids):
         docs[i].append(list(ids))
     return docs
@@ -155,10 +167,18 @@ class PretrainExamples:
                                                self.short_seq_prob)
     ex = objectives.pack_pair(a, b, self.seq_len, self.cls_id, self.sep_id, self.pad_id)
     ids = ex['input_ids']
+    word_starts = None
+    if self.masker is not None and self.masker.carries_word_starts:
+      ids, word_starts = masking_units.split_word_starts(ids)
+      ex['input_ids'] = ids
     candidates = ids >= self._special_prefix if self._is_special is None else ~self._is_special[ids]
-    ex.update(objectives.mask_tokens(
-        ids, candidates, rng, mask_rate=self.mask_rate, max_predictions=self.max_predictions,
-        mask_id=self.mask_id, vocab_low=self.vocab_low, vocab_high=self.vocab_high))
+    kw = dict(mask_rate=self.mask_rate, max_predictions=self.max_predictions, mask_id=self.mask_id,
+              vocab_low=self.vocab_low, vocab_high=self.vocab_high)
+    if self.masker is None:
+      ex.update(objectives.mask_tokens(ids, candidates, rng, **kw))
+    else:
+      units = self.masker.units(ids, word_starts, candidates, rng)
+      ex.update(objectives.mask_units(ids, units, rng, replace_per_unit=self.masker.replace_per_unit, **kw))
     ex['nsp_label'] = np.int32(1 if is_random else 0)
     return ex
 
@@ -206,10 +226,20 @@ def local_batch(examples: PretrainExamples, step: int, *, global_batch_size: int
   return examples.batch(range(start, start + local))
 
 
+def masking_args(data_config) -> dict[str, str]:
+  """The masking keyword arguments of the pipeline functions from a config's `data` section (defaults for
+  configs without the keys), validated: `**masking_args(config.data)`."""
+  args = dict(masking=data_config.get('masking', 'token'), masking_lexicon=data_config.get('masking_lexicon', ''),
+              chinese_segmenter=data_config.get('chinese_segmenter', ''))
+  masking_units.check_masking_config(args['masking'], args['masking_lexicon'], args['chinese_segmenter'])
+  return args
+
+
 def make_pretrain_iterator(source, tokenizer, *, seq_len: int, max_predictions: int, mask_rate: float,
                            short_seq_prob: float, seed: int, global_batch_size: int, start_step: int = 0,
                            process_index: int = 0, process_count: int = 1, num_threads: int = 2,
-                           prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
+                           prefetch: int = 2, masking: str = 'token', masking_lexicon: str = '',
+                           chinese_segmenter: str = '') -> Iterator[dict[str, np.ndarray]]:
   """Endless iterator over this process's share of the global batches of steps start_step, start_step+1, ...
 
   Each item: input_ids, token_type_ids, attention_mask [B/P, seq_len] int32; mlm_positions, mlm_ids
@@ -217,10 +247,12 @@ def make_pretrain_iterator(source, tokenizer, *, seq_len: int, max_predictions: 
   (0 = IsNext, 1 = random B). Rows are rows [p * B/P, (p + 1) * B/P) of the global batch, so concatenating
   the shares of all processes in process order (jax.make_array_from_process_local_data) gives the batch one
   process would see. Resuming = a new iterator with start_step = the checkpointed step.
+  masking / masking_lexicon / chinese_segmenter: the MLM units (see the module docstring).
   """
   _local_rows(global_batch_size, process_index, process_count)  # validate before building anything
   examples = PretrainExamples(source, tokenizer, seq_len=seq_len, max_predictions=max_predictions,
-                              mask_rate=mask_rate, short_seq_prob=short_seq_prob, seed=seed)
+                              mask_rate=mask_rate, short_seq_prob=short_seq_prob, seed=seed, masking=masking,
+                              masking_lexicon=masking_lexicon, chinese_segmenter=chinese_segmenter)
   # One dataset element per step: the batch-level map reads and tokenizes a step's documents together.
   ds = grain.MapDataset.range(start_step, 2**62).map(
       lambda step: local_batch(examples, step, global_batch_size=global_batch_size,
@@ -231,15 +263,18 @@ def make_pretrain_iterator(source, tokenizer, *, seq_len: int, max_predictions: 
 
 def make_eval_batches(source, tokenizer, *, seq_len: int, max_predictions: int, mask_rate: float,
                       short_seq_prob: float, batch_size: int, num_batches: int, seed: int,
-                      process_index: int = 0, process_count: int = 1) -> list[dict[str, Any]]:
+                      process_index: int = 0, process_count: int = 1, masking: str = 'token',
+                      masking_lexicon: str = '', chinese_segmenter: str = '') -> list[dict[str, Any]]:
   """A fixed list of `num_batches` held-out batches (this process's share of each, like the train iterator).
 
   The same arguments give the same batches, masks and NSP pairs every call, so MLM accuracy and perplexity
   are comparable across evaluations. `source` should be the held-out split; the seed is the caller's choice
-  (the train seed is fine: it is a different source).
+  (the train seed is fine: it is a different source). Pass the training run's masking: accuracy is then that
+  of the task trained.
   """
   _local_rows(batch_size, process_index, process_count)
   examples = PretrainExamples(source, tokenizer, seq_len=seq_len, max_predictions=max_predictions,
-                              mask_rate=mask_rate, short_seq_prob=short_seq_prob, seed=seed)
+                              mask_rate=mask_rate, short_seq_prob=short_seq_prob, seed=seed, masking=masking,
+                              masking_lexicon=masking_lexicon, chinese_segmenter=chinese_segmenter)
   return [local_batch(examples, b, global_batch_size=batch_size, process_index=process_index,
                       process_count=process_count) for b in range(num_batches)]

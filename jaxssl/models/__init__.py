@@ -8,7 +8,7 @@ from typing import Callable, NamedTuple
 from flax import nnx
 
 from jaxssl.errors import UserError
-from jaxssl.models import bert, gpt
+from jaxssl.models import bert, elmo, encdec, gpt
 
 
 class ModelSpec(NamedTuple):
@@ -20,6 +20,8 @@ class ModelSpec(NamedTuple):
 REGISTRY: dict[str, ModelSpec] = {
     'bert': ModelSpec(bert.BertForPretraining, bert.flops_per_token, bert.BertConfig.from_config),
     'gpt': ModelSpec(gpt.GPT, gpt.flops_per_token, gpt.GPTConfig.from_config),
+    'encdec': ModelSpec(encdec.EncoderDecoder, encdec.flops_per_token, encdec.EncDecConfig.from_config),
+    'elmo': ModelSpec(elmo.ElmoModel, elmo.flops_per_token, elmo.ElmoConfig.from_config),
 }
 
 

@@ -3,15 +3,22 @@
 Post-LayerNorm encoder layers, learned positions, exact GELU, LayerNorm eps 1e-12, MLM decoder tied to the word
 embedding. The layer stack is created with `nnx.vmap` (params get a leading 'layers' axis) and run with
 `nnx.scan`, so compile time is flat in depth. The MLM head is applied only at the `mlm_positions`.
+
+With `attention_type='block_sparse'` (Big Bird, models/attention.py) sequences of at least `sparse_min_length`
+tokens use block-sparse attention, shorter ones full attention; the parameters are the same either way, so a
+checkpoint moves freely between the two.
 """
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxssl.errors import UserError
 from jaxssl.mesh import constrain
+from jaxssl.models import attention as sparse
 from jaxssl.models.layers import (REMAT_POLICIES, Dense, Embed, LayerNorm, Mlp, MultiHeadAttention, dropout,
                                   make_param, maybe_remat, stack_layers, zeros)
 
@@ -35,6 +42,10 @@ class BertConfig:
   remat: str = 'none'
   scan_layers: bool = True
   attention: str = 'xla'
+  attention_type: str = 'full'    # 'full' | 'block_sparse' (Big Bird ITC)
+  block_size: int = 64            # block_sparse: tokens per block
+  num_random_blocks: int = 3      # block_sparse: random key blocks per query block
+  sparse_min_length: int = 1024   # block_sparse: shorter sequences use full attention
 
   @classmethod
   def from_config(cls, model_cfg, vocab_size: int) -> 'BertConfig':
@@ -52,7 +63,24 @@ class BertConfig:
       raise UserError(f"model.remat={c.remat!r}: use 'none', 'full' or 'dots'")
     if c.attention not in ('xla', 'cudnn'):
       raise UserError(f"model.attention={c.attention!r}: use 'xla' or 'cudnn'")
+    if c.attention_type not in ('full', 'block_sparse'):
+      raise UserError(f"model.attention_type={c.attention_type!r}: use 'full' or 'block_sparse'")
+    if c.attention_type == 'block_sparse':
+      if c.block_size < 1 or c.num_random_blocks < 0:
+        raise UserError(f'model.block_size={c.block_size}, model.num_random_blocks={c.num_random_blocks}: use a '
+                        'block_size >= 1 and num_random_blocks >= 0')
+      # Every length that takes the sparse path must have room for the layout (only its block multiple is
+      # left to check when the length is known).
+      need = sparse.min_blocks(c.num_random_blocks) * c.block_size
+      if c.sparse_min_length < need:
+        raise UserError(f'model.sparse_min_length={c.sparse_min_length} is below the {need} tokens that '
+                        f'block-sparse attention needs with block_size={c.block_size} and num_random_blocks='
+                        f'{c.num_random_blocks}: set --config.model.sparse_min_length={need} or more')
     return c
+
+  def sparse_at(self, seq_len: int) -> bool:
+    """Whether sequences of `seq_len` tokens take the block-sparse path."""
+    return self.attention_type == 'block_sparse' and seq_len >= self.sparse_min_length
 
   @property
   def compute_dtype(self):
@@ -71,10 +99,14 @@ class BertLayer(nnx.Module):
     self.mlp = Mlp(c.hidden_size, c.intermediate_size, stddev=std, dtype=dt, rngs=rngs)
     self.mlp_norm = LayerNorm(c.hidden_size, dtype=dt, rngs=rngs)
     self.dropout_rate = c.dropout_rate
+    self.attention_dropout_rate = c.attention_dropout_rate
 
-  def __call__(self, x, mask, dropout_rng=None):
+  def __call__(self, x, mask, dropout_rng=None, random_blocks=None):
+    """`random_blocks` (this layer's attention.random_block_table) switches attention to block-sparse."""
     k = [None] * 3 if dropout_rng is None else [jax.random.fold_in(dropout_rng, i) for i in range(3)]
-    a = self.attention(x, mask, dropout_rng=k[0])
+    attend = None if random_blocks is None else functools.partial(
+        sparse.block_sparse_attention, random_blocks=random_blocks, dropout_rate=self.attention_dropout_rate)
+    a = self.attention(x, mask, dropout_rng=k[0], attend=attend)
     # Residual sums in float32: the LayerNorm right after wants them unrounded.
     x = self.attention_norm(x.astype(jnp.float32) + dropout(a, self.dropout_rate, k[1]).astype(jnp.float32))
     m = self.mlp(x)
@@ -86,19 +118,32 @@ class BertEncoder(nnx.Module):
   """The L layers: stacked + nnx.scan (cfg.scan_layers) or a Python list (for comparison)."""
 
   def __init__(self, c: BertConfig, *, rngs: nnx.Rngs):
+    self.config = c
     self.scan_layers = c.scan_layers
     self.num_layers = c.num_layers
     self.remat = c.remat
     self.layers = stack_layers(lambda r: BertLayer(c, rngs=r), c.num_layers, c.scan_layers, rngs)
 
+  def random_blocks(self, seq_len: int):
+    """int32 [num_layers, heads, blocks - 2, r] Big Bird random blocks (layer i seeded with i, as in HF), or
+    None when `seq_len` uses full attention. A constant of the compiled step, drawn when it is traced."""
+    c = self.config
+    if not c.sparse_at(seq_len):
+      return None
+    nb = sparse.check_layout(seq_len, c.block_size, c.num_random_blocks)
+    return jnp.asarray(np.stack([sparse.random_block_table(nb, c.num_random_blocks, seed=i, num_heads=c.num_heads)
+                                 for i in range(c.num_layers)]))
+
   def __call__(self, x, mask, dropout_rng=None, *, return_hidden_states=False):
     """-> x, or (x, per-layer outputs [num_layers, B, L, H]) with `return_hidden_states`."""
-    # Layer i gets fold_in(dropout_rng, i) on both paths, so scanned == unscanned even with dropout.
+    tables = self.random_blocks(x.shape[1])
+    # Layer i gets fold_in(dropout_rng, i) (and tables[i]) on both paths, so scanned == unscanned.
     if not self.scan_layers:
       outputs = []
       for i, layer in enumerate(self.layers):
         key = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
-        x = maybe_remat(lambda lyr, h, k: lyr(h, mask, k), self.remat, in_scan=False)(layer, x, key)
+        table = None if tables is None else tables[i]
+        x = maybe_remat(lambda lyr, h, k, t: lyr(h, mask, k, t), self.remat, in_scan=False)(layer, x, key, table)
         outputs.append(x)
       return (x, jnp.stack(outputs)) if return_hidden_states else x
 
@@ -106,6 +151,13 @@ class BertEncoder(nnx.Module):
     # The body emits its output as the scan's ys only when asked: the stacked outputs cost L x [B, L, H] memory.
     out_axes = (nnx.Carry, 0) if return_hidden_states else nnx.Carry
     emit = (lambda h: (h, h)) if return_hidden_states else (lambda h: h)
+    if tables is not None:
+      # Block-sparse: each layer's random blocks ride along as a scanned input (keys None = no dropout).
+      keys = None if dropout_rng is None else jax.vmap(lambda i: jax.random.fold_in(dropout_rng, i))(
+          jnp.arange(self.num_layers))
+      body = maybe_remat(lambda lyr, h, xs: emit(lyr(h, mask, xs[0], xs[1])), self.remat, in_scan=True)
+      return nnx.scan(body, in_axes=(0, nnx.Carry, 0), out_axes=out_axes, transform_metadata=meta)(
+          self.layers, x, (keys, tables))
     if dropout_rng is None:
       body = maybe_remat(lambda lyr, h: emit(lyr(h, mask)), self.remat, in_scan=True)
       return nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=out_axes, transform_metadata=meta)(self.layers, x)
@@ -182,13 +234,19 @@ def flops_per_token(model_cfg, vocab_size: int, seq_len: int, max_predictions: i
   """Training FLOPs per input token (forward + backward = 3x forward; 2 FLOPs per multiply-add), matmuls only.
 
   Per layer: 6 x matmul params (4 H^2 for q/k/v/out + 2 H I for the MLP) plus attention scores and
-  weighted sum, 12 x H x seq_len (QK^T and AV, 2 H seq_len each forward). The MLM head (H^2 transform +
-  H x V tied decoder) runs at only `max_predictions` of `seq_len` positions; the pooler + NSP classifier once
-  per sequence. Embedding lookups, norms, softmax and biases are not counted (as in the usual MFU formula).
+  weighted sum, 12 x H x keys (QK^T and AV, 2 H keys each forward): keys = seq_len for full attention, and for
+  block-sparse the mean number of keys a query scores (the 2 global blocks all T, the others (5 + r) blocks).
+  The MLM head (H^2 transform + H x V tied decoder) runs at only `max_predictions` of `seq_len` positions; the
+  pooler + NSP classifier once per sequence. Embedding lookups, norms, softmax and biases are not counted (as in
+  the usual MFU formula).
   """
   c = BertConfig.from_config(model_cfg, vocab_size)
   h, i, n_layers = c.hidden_size, c.intermediate_size, c.num_layers
-  layers = n_layers * (6 * (4 * h * h + 2 * h * i) + 12 * h * seq_len)
+  keys = seq_len
+  if c.sparse_at(seq_len):
+    nb = seq_len // c.block_size
+    keys = (2 * seq_len + (nb - 2) * sparse.min_blocks(c.num_random_blocks) * c.block_size) / nb
+  layers = n_layers * (6 * (4 * h * h + 2 * h * i) + 12 * h * keys)
   mlm = 6 * (h * h + h * c.vocab_size) * max_predictions / seq_len
   nsp = 6 * (h * h + h * 2) / seq_len
   return float(layers + mlm + nsp)

@@ -118,13 +118,20 @@ class MultiHeadAttention(nnx.Module):
     return constrain(y, ('batch', 'length', 'act_heads', 'kv'))
 
   def __call__(self, x: jax.Array, mask: jax.Array, *, dropout_rng: jax.Array | None = None,
-               explicit: bool = False) -> jax.Array:
-    """x [B, L, H]; mask [B, L] (True/1 = real token). `explicit` forces the hand-written attention path."""
+               explicit: bool = False, attend=None) -> jax.Array:
+    """x [B, L, H]; mask [B, L] (True/1 = real token). `explicit` forces the hand-written attention path.
+
+    `attend(q, k, v, key_mask, dropout_rng) -> out` (q, k, v, out [B, L, N, D]; key_mask bool [B, L]) replaces
+    the dense attention core, e.g. with Big Bird's block-sparse attention (models/attention.py); it applies
+    its own probability dropout. The projections around it, and so the parameters, stay the same.
+    """
     x = x.astype(self.dtype)
     q, k, v = (self._project(x, n) for n in ('query', 'key', 'value'))
     key_mask = mask.astype(bool)[:, None, None, :]  # [B, 1(heads), 1(queries), L(keys)]
     use_dropout = dropout_rng is not None and self.attention_dropout_rate > 0.0
-    if use_dropout or explicit:
+    if attend is not None:
+      out = attend(q, k, v, mask.astype(bool), dropout_rng)
+    elif use_dropout or explicit:
       # dot_product_attention has no dropout on the probabilities, so spell it out here.
       logits = jnp.einsum('bqnd,bknd->bnqk', q, k, preferred_element_type=jnp.float32)
       logits = logits / jnp.sqrt(jnp.float32(self.head_dim))

@@ -21,7 +21,7 @@ from jaxssl.errors import UserError
 # Keys of model config whose change makes old params unusable: a mismatch is a user error, not a crash.
 SHAPE_KEYS = ('name', 'num_layers', 'hidden_size', 'num_heads', 'intermediate_size', 'max_position',
               'type_vocab_size', 'num_kv_heads', 'head_dim', 'norm', 'position', 'mlp', 'tie_embeddings',
-              'use_bias', 'attention_bias')
+              'use_bias', 'attention_bias', 'num_decoder_layers', 'embed_size', 'lstm_size')
 # What a config without the key means (configs written before the Llama variant existed are GPT-2 ones).
 _SHAPE_DEFAULTS = {'norm': 'layernorm', 'position': 'learned', 'mlp': 'gelu', 'tie_embeddings': True,
                    'use_bias': True, 'attention_bias': False}
@@ -32,6 +32,8 @@ def _shape_value(model: dict, key: str):
   value = model.get(key, _SHAPE_DEFAULTS.get(key))
   if key == 'num_kv_heads' and not value:
     return model.get('num_heads')
+  if key == 'num_decoder_layers' and not value:
+    return model.get('num_layers') if model.get('name') == 'encdec' else None
   if key == 'head_dim' and not value and model.get('hidden_size') and model.get('num_heads'):
     return model['hidden_size'] // model['num_heads']
   return value

@@ -31,9 +31,11 @@ class Family:
 # ----- BERT: masked LM + next-sentence prediction -----
 
 def _bert_data_args(config, seed, process_index, process_count) -> dict:
+  from jaxssl.data import pipeline
   d = config.data
   return dict(seq_len=d.seq_len, max_predictions=d.max_predictions, mask_rate=d.mask_rate,
-              short_seq_prob=d.short_seq_prob, seed=seed, process_index=process_index, process_count=process_count)
+              short_seq_prob=d.short_seq_prob, seed=seed, process_index=process_index, process_count=process_count,
+              **pipeline.masking_args(d))  # masking units (token, whole word, span, entity), the same for eval
 
 
 def _bert_train(source, tokenizer, config, *, start_step, seed, process_index=0, process_count=1):
@@ -107,7 +109,34 @@ GPT = Family(step_lib.GPT, _gpt_train, _gpt_eval,
              lambda batches, tokenizer: (predicted_words(batches, tokenizer), {}))
 
 
-FAMILIES = {'bert': BERT, 'gpt': GPT}
+# ----- ELMo: forward + backward LM on the same packed documents as GPT -----
+
+# Eval reports per-token perplexity of each direction (no per-word figure: `words` is for the loop's lm_loss).
+ELMO = Family(step_lib.ELMO, _gpt_train, _gpt_eval,
+              lambda config: {k: ((config.data.seq_len,), np.int32) for k in step_lib.LM_BATCH_KEYS})
+
+
+# ----- encoder-decoder: denoising reconstruction (BART / MASS) -----
+
+def _encdec_train(source, tokenizer, config, *, start_step, seed, process_index=0, process_count=1):
+  from jaxssl.data import denoising
+  return denoising.make_denoising_iterator(source, tokenizer, config.data, seed=seed, start_step=start_step,
+                                           global_batch_size=config.train.batch_size, process_index=process_index,
+                                           process_count=process_count)
+
+
+def _encdec_eval(source, tokenizer, config, *, seed, process_index=0, process_count=1):
+  from jaxssl.data import denoising
+  return denoising.make_denoising_eval_batches(source, tokenizer, config.data, seed=seed,
+                                               batch_size=config.train.batch_size, num_batches=config.eval.batches,
+                                               process_index=process_index, process_count=process_count)
+
+
+ENCDEC = Family(step_lib.ENCDEC, _encdec_train, _encdec_eval,
+                lambda config: {k: ((config.data.seq_len,), np.int32) for k in step_lib.ENCDEC_BATCH_KEYS})
+
+
+FAMILIES = {'bert': BERT, 'gpt': GPT, 'elmo': ELMO, 'encdec': ENCDEC}
 
 
 def family_for(model_cfg) -> Family:

@@ -159,7 +159,11 @@ def run_finetuning(config, workdir: str) -> dict:
   setup = state_lib.setup_module(
       lambda rngs: heads.TaskModel(model_cfg, vocab_size, kind=task.kind, num_labels=num_labels, rngs=rngs,
                                    classifier_dropout=config.model.classifier_dropout), mesh, t.seed)
-  tx, schedule = state_lib.make_optimizer(t), state_lib.make_schedule(t)
+  frozen = None
+  if model_cfg.name == 'elmo' and not model_cfg.get('finetune_bilm', False):
+    # ELMo's paper setting: the biLM stays as pretrained; only its layer mix (ScalarMix) and the head learn.
+    frozen = lambda path: path[0] == 'body' and 'scalar_mix' not in path  # noqa: E731
+  tx, schedule = state_lib.make_optimizer(t, frozen), state_lib.make_schedule(t)
   shardings = state_lib.state_shardings(setup, tx)
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
                                       directory=config.checkpoint.get('directory', ''))

@@ -54,6 +54,16 @@ def check_config(config) -> None:
     if not ok:
       raise UserError(f'{message}: fix it with --config.<key>=<value>')
   models.validate_config(config.model, config.tokenizer.vocab_size)
+  if config.model.name == 'encdec':  # corruption settings fail here, not after the tokenizer is trained
+    from jaxssl.data import denoising  # noqa: PLC0415
+    denoising.DenoisingConfig.from_config(config.data)
+  elif config.model.name == 'bert':
+    from jaxssl.data import pipeline  # noqa: PLC0415
+    pipeline.masking_args(config.data)
+    m = config.model
+    if m.get('attention_type', 'full') == 'block_sparse' and d.seq_len >= m.sparse_min_length:
+      from jaxssl.models import attention  # noqa: PLC0415
+      attention.check_layout(d.seq_len, m.block_size, m.num_random_blocks)
   mesh_lib.resolve_mesh_shape(config.mesh.shape, jax.device_count())
 
 
@@ -76,7 +86,9 @@ def evaluate(eval_step, params, batches, mesh, objective=step_lib.BERT, words: f
 
 
 # Model settings a run may choose freely when it starts from an export (how it computes, not what it computes).
-RUNTIME_MODEL_KEYS = ('dtype', 'remat', 'attention', 'dropout_rate', 'attention_dropout_rate')
+RUNTIME_MODEL_KEYS = ('dtype', 'remat', 'attention', 'dropout_rate', 'attention_dropout_rate',
+                      # Big Bird's block-sparse attention uses the same params as full attention.
+                      'attention_type', 'block_size', 'num_random_blocks', 'sparse_min_length')
 
 
 def adopt_export_model(config, init_from: str, say=print) -> None:

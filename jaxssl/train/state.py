@@ -35,17 +35,25 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(is_decayed, params)
 
 
-def make_optimizer(tc) -> optax.GradientTransformation:
+def make_optimizer(tc, frozen: Callable | None = None) -> optax.GradientTransformation:
   """Global-norm clipping, then AdamW with BERT's schedule and decoupled weight decay (masked).
 
   With `train.nonfinite='skip'` an update whose gradients hold NaN/Inf is dropped (params and moments stay as
   they were; optax.apply_if_finite); the loop stops after `train.max_skipped_steps` such steps in a row.
+  `frozen(path) -> bool` names params that must not change at all (a frozen ELMo biLM): a zero gradient alone
+  would still let weight decay shrink them.
   """
   tx = optax.chain(
       optax.clip_by_global_norm(tc.grad_clip_norm),
       optax.adamw(make_schedule(tc), b1=tc.b1, b2=tc.b2, eps=tc.eps,
                   weight_decay=tc.weight_decay, mask=decay_mask),
   )
+  if frozen is not None:
+    # Zeroing the final updates (rather than optax.multi_transform) keeps the optimizer state's tree the params'
+    # tree, which the sharding code maps over; the frozen params' moments are kept but never used.
+    is_frozen = lambda params: jax.tree_util.tree_map_with_path(  # noqa: E731
+        lambda path, _: frozen(tuple(str(getattr(k, 'key', k)) for k in path)), params)
+    tx = optax.chain(tx, optax.masked(optax.set_to_zero(), is_frozen))
   if tc.get('nonfinite', 'stop') == 'skip':
     tx = optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1)  # the loop, not optax, decides when to stop
   return tx

@@ -144,6 +144,56 @@ BERT = Objective(batch_ndims={k: 1 if k == 'nsp_label' else 2 for k in BATCH_KEY
                  totals=bert_totals, loss=bert_loss, summarize=summarize)
 
 
+def elmo_sums(graphdef, params, batch, dropout_rng):
+  """ELMo: summed forward (token t+1 from state t) and backward (token t-1 from state t) LM losses, within a
+  document only; both directions count the same pairs (`lm_count`)."""
+  from jaxssl.models import elmo  # noqa: PLC0415 (as lm_sums)
+  model = nnx.merge(graphdef, params)
+  forward, backward = model(batch['input_ids'], segment_ids=batch['segment_ids'], dropout_rng=dropout_rng)
+  return elmo.bidirectional_lm_sums(forward, backward, batch['input_ids'], batch['segment_ids'])
+
+
+def elmo_summarize(sums):
+  """`loss` = the mean of the two directions' per-token losses; each direction's loss, perplexity, accuracy."""
+  count = sums['lm_count'] + 1e-5
+  out = {}
+  for d in ('forward', 'backward'):
+    out[f'{d}_loss'] = sums[f'{d}_loss'] / count
+    out[f'{d}_perplexity'] = jnp.exp(out[f'{d}_loss'])
+    out[f'{d}_accuracy'] = sums[f'{d}_correct'] / count
+  return {'loss': (out['forward_loss'] + out['backward_loss']) / 2, **out}
+
+
+ELMO = Objective(batch_ndims={k: 2 for k in LM_BATCH_KEYS}, sums=elmo_sums, totals=lm_totals,
+                 loss=lambda sums, totals: (sums['forward_loss'] + sums['backward_loss']) / (2 * totals['lm']),
+                 summarize=elmo_summarize)
+
+
+ENCDEC_BATCH_KEYS = ('source_ids', 'source_mask', 'target_input_ids', 'target_ids', 'target_mask')
+
+
+def encdec_sums(graphdef, params, batch, dropout_rng):
+  """Encoder-decoder denoising: summed reconstruction cross-entropy and correct tokens over the real target
+  positions (teacher forcing)."""
+  model = nnx.merge(graphdef, params)
+  logits = model(batch['source_ids'], batch['source_mask'], batch['target_input_ids'], batch['target_mask'],
+                 dropout_rng=dropout_rng)
+  weights = batch['target_mask'].astype(jnp.float32)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch['target_ids'])
+  correct = (jnp.argmax(logits, -1) == batch['target_ids']) * weights
+  return {'rec_loss': jnp.sum(losses * weights), 'rec_correct': jnp.sum(correct), 'rec_count': jnp.sum(weights)}
+
+
+def encdec_summarize(sums):
+  count = sums['rec_count'] + 1e-5
+  return {'loss': sums['rec_loss'] / count, 'accuracy': sums['rec_correct'] / count}
+
+
+ENCDEC = Objective(batch_ndims={k: 2 for k in ENCDEC_BATCH_KEYS}, sums=encdec_sums,
+                   totals=lambda batch: {'rec': jnp.sum(batch['target_mask'].astype(jnp.float32)) + 1e-5},
+                   loss=lambda sums, totals: sums['rec_loss'] / totals['rec'], summarize=encdec_summarize)
+
+
 def make_eval_step(graphdef, objective: 'Objective | None' = None):
   """Returns `eval_step(params, batch) -> sums` (no dropout); sum over batches, then `summarize`."""
   objective = objective or BERT
