@@ -19,7 +19,7 @@ from flax import nnx
 from jaxssl.errors import UserError
 from jaxssl.mesh import constrain
 from jaxssl.models import attention as sparse
-from jaxssl.models.layers import (REMAT_POLICIES, Dense, Embed, LayerNorm, Mlp, MultiHeadAttention, dropout,
+from jaxssl.models.layers import (Dense, Embed, LayerNorm, Mlp, MultiHeadAttention, check_compute_settings, dropout,
                                   make_param, maybe_remat, stack_layers, zeros)
 
 ACT = ('batch', 'length', 'act_embed')  # logical names of activations at layer boundaries
@@ -57,12 +57,7 @@ class BertConfig:
     if c.hidden_size % c.num_heads:
       raise UserError(f'model.hidden_size={c.hidden_size} is not divisible by model.num_heads={c.num_heads}; '
                       f'set --config.model.num_heads to a divisor (e.g. {max(1, c.hidden_size // 64)})')
-    if c.dtype not in ('float32', 'bfloat16'):
-      raise UserError(f"model.dtype={c.dtype!r}: use 'float32' or 'bfloat16'")
-    if c.remat not in ('none', *REMAT_POLICIES):
-      raise UserError(f"model.remat={c.remat!r}: use 'none', 'full' or 'dots'")
-    if c.attention not in ('xla', 'cudnn'):
-      raise UserError(f"model.attention={c.attention!r}: use 'xla' or 'cudnn'")
+    check_compute_settings(c)
     if c.attention_type not in ('full', 'block_sparse'):
       raise UserError(f"model.attention_type={c.attention_type!r}: use 'full' or 'block_sparse'")
     if c.attention_type == 'block_sparse':

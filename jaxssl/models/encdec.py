@@ -29,7 +29,7 @@ from jaxssl.errors import UserError
 from jaxssl.mesh import constrain
 from jaxssl.models.generation import sample_logits
 from jaxssl.models.gpt import ACT, CausalSelfAttention, GeluMlp, GPTConfig
-from jaxssl.models.layers import REMAT_POLICIES, Embed, LayerNorm, dropout, maybe_remat, stack_layers
+from jaxssl.models.layers import Embed, LayerNorm, check_compute_settings, dropout, maybe_remat, stack_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,17 +77,7 @@ class EncDecConfig:
     if c.hidden_size % c.num_heads:
       raise UserError(f'model.hidden_size={c.hidden_size} is not divisible by model.num_heads={c.num_heads}; '
                       f'set --config.model.num_heads to a divisor (e.g. {max(1, c.hidden_size // 64)})')
-    for name in ('dropout_rate', 'attention_dropout_rate'):
-      if not 0.0 <= getattr(c, name) < 1.0:
-        raise UserError(f'model.{name}={getattr(c, name)} must be in [0, 1)')
-    if not c.layer_norm_eps > 0:
-      raise UserError(f'model.layer_norm_eps={c.layer_norm_eps} must be positive (BART uses 1e-5)')
-    if c.dtype not in ('float32', 'bfloat16'):
-      raise UserError(f"model.dtype={c.dtype!r}: use 'float32' or 'bfloat16'")
-    if c.remat not in ('none', *REMAT_POLICIES):
-      raise UserError(f"model.remat={c.remat!r}: use 'none', 'full' or 'dots'")
-    if c.attention not in ('xla', 'cudnn'):
-      raise UserError(f"model.attention={c.attention!r}: use 'xla' or 'cudnn'")
+    check_compute_settings(c, eps_note=' (BART uses 1e-5)')
     if not isinstance(c.scan_layers, bool):
       raise UserError(f'model.scan_layers={c.scan_layers!r} must be True or False')
     return c

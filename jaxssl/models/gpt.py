@@ -30,8 +30,8 @@ from flax import nnx
 from jaxssl.errors import UserError
 from jaxssl.mesh import constrain
 from jaxssl.models.generation import generate, sample_logits  # noqa: F401 (re-exported: callers use gpt.generate)
-from jaxssl.models.layers import (REMAT_POLICIES, Embed, LayerNorm, dropout, make_param, maybe_remat, normal_init,
-                                  ones, stack_layers, zeros)
+from jaxssl.models.layers import (Embed, LayerNorm, check_compute_settings, dropout, make_param, maybe_remat,
+                                  normal_init, ones, stack_layers, zeros)
 
 ACT = ('batch', 'length', 'act_embed')  # logical names of activations at block boundaries
 HEADS_ACT = ('batch', 'length', 'act_heads', 'kv')
@@ -142,17 +142,7 @@ class GPTConfig:
     if c.num_heads % c.num_kv_heads:
       raise UserError(f'model.num_kv_heads={c.num_kv_heads} does not divide model.num_heads={c.num_heads}; '
                       'use a divisor of num_heads (0 = num_heads, no grouping)')
-    for name in ('dropout_rate', 'attention_dropout_rate'):
-      if not 0.0 <= getattr(c, name) < 1.0:
-        raise UserError(f'model.{name}={getattr(c, name)} must be in [0, 1)')
-    if not c.layer_norm_eps > 0:
-      raise UserError(f'model.layer_norm_eps={c.layer_norm_eps} must be positive (GPT-2 uses 1e-5)')
-    if c.dtype not in ('float32', 'bfloat16'):
-      raise UserError(f"model.dtype={c.dtype!r}: use 'float32' or 'bfloat16'")
-    if c.remat not in ('none', *REMAT_POLICIES):
-      raise UserError(f"model.remat={c.remat!r}: use 'none', 'full' or 'dots'")
-    if c.attention not in ('xla', 'cudnn'):
-      raise UserError(f"model.attention={c.attention!r}: use 'xla' or 'cudnn'")
+    check_compute_settings(c, eps_note=' (GPT-2 uses 1e-5)')
     for name, choices in CHOICES.items():
       if getattr(c, name) not in choices:
         raise UserError(f'model.{name}={getattr(c, name)!r}: use {" or ".join(map(repr, choices))}')

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxssl.errors import UserError
+
 from jaxssl.mesh import constrain
 
 Dtype = jnp.dtype
@@ -188,3 +190,20 @@ def stack_layers(build, num_layers: int, scan: bool, rngs: nnx.Rngs):
   def make(rngs):
     return build(rngs)
   return make(rngs)
+
+
+def check_compute_settings(c, *, dropout_names=('dropout_rate', 'attention_dropout_rate'), eps_note: str = '') -> None:
+  """The checks every Transformer config shares, as one-line UserErrors: dropout rates in [0, 1), a positive
+  `layer_norm_eps` (when the config has one; `eps_note` names the reference value), dtype, remat and the
+  attention implementation."""
+  for name in dropout_names:
+    if not 0.0 <= getattr(c, name) < 1.0:
+      raise UserError(f'model.{name}={getattr(c, name)} must be in [0, 1)')
+  if hasattr(c, 'layer_norm_eps') and not c.layer_norm_eps > 0:
+    raise UserError(f'model.layer_norm_eps={c.layer_norm_eps} must be positive{eps_note}')
+  if c.dtype not in ('float32', 'bfloat16'):
+    raise UserError(f"model.dtype={c.dtype!r}: use 'float32' or 'bfloat16'")
+  if c.remat not in ('none', *REMAT_POLICIES):
+    raise UserError(f"model.remat={c.remat!r}: use 'none', 'full' or 'dots'")
+  if c.attention not in ('xla', 'cudnn'):
+    raise UserError(f"model.attention={c.attention!r}: use 'xla' or 'cudnn'")
