@@ -3,8 +3,9 @@
   python -m jaxssl.convert from-hf --src HF_DIR_OR_GGUF --out PARAMS [--overwrite] [--seed N]
   python -m jaxssl.convert to-hf   --src PARAMS --out HF_DIR [--overwrite]
 
-from-hf reads a HuggingFace directory: BERT (BertForPreTraining / BertModel), GPT-2 (GPT2LMHeadModel) or the
-Llama family (LlamaForCausalLM; also Mistral and Qwen2 layouts), picked by config.json's model_type, with its
+from-hf reads a HuggingFace directory: BERT (BertForPreTraining / BertModel; also RoBERTa / XLM-R:
+XLMRobertaModel / XLMRobertaForMaskedLM), GPT-2 (GPT2LMHeadModel) or the Llama family (LlamaForCausalLM; also
+Mistral and Qwen2 layouts), picked by config.json's model_type, with its
 weights (safetensors, sharded or not, bfloat16 included; pytorch_model.bin when torch is installed) and its
 tokenizer (tokenizer.json, vocab.txt, or vocab.json + merges.txt). A `.gguf` file (llama.cpp; GPT-2 or Llama
 architecture) is read with the `gguf` package, quantised tensors dequantised to float32, the tokenizer rebuilt
@@ -33,7 +34,7 @@ def _source_kind(src: str) -> str:
       model_type = json.load(f).get('model_type', 'bert')
   except (OSError, ValueError) as e:
     raise UserError(f'cannot read {config} ({e})') from None
-  return 'bert' if model_type == 'bert' else 'decoder'
+  return 'bert' if model_type in ('bert', 'roberta', 'xlm-roberta') else 'decoder'
 
 
 def _export_kind(src: str) -> str:

@@ -6,6 +6,16 @@
 Weights go through `safetensors.numpy` only: jaxssl never imports torch or transformers. Accepted HF layouts:
 BertModel (no prefix), BertForPreTraining and BertForMaskedLM (prefix 'bert.'); heads a checkpoint lacks
 (pooler, NSP, MLM) are initialised fresh and named in one printed line.
+
+RoBERTa / XLM-R (model_type 'roberta' / 'xlm-roberta': XLMRobertaModel, XLMRobertaForMaskedLM, ...) import too
+(from-hf only): the same body under prefix 'roberta.', an MLM head `lm_head.*` (= BERT's cls.predictions.*), no
+NSP head (fresh), LayerNorm eps 1e-5 (model.layer_norm_eps). Positions: RoBERTa numbers the tokens of a sequence
+from pad_token_id + 1 (= 2), so its table has max_position + 2 rows and token t reads row t + 2. The import drops
+the first pad_token_id + 1 rows, so jaxssl's position t is HF's row t + 2: exact for every real token of
+jaxssl's right-padded inputs (HF gives padding row 1, jaxssl its own t, but attention masks padding, so real
+tokens' outputs do not see the difference). Its single token-type row is repeated into the 2 rows jaxssl's pair
+inputs use, so segment ids change nothing, as in RoBERTa. RoBERTa packs a pair `<s> A </s></s> B </s>`; jaxssl
+pipelines pack `<s> A </s> B </s>` (its [CLS]/[SEP] roles), fine for fine-tuning but not RoBERTa's exact format.
 """
 import json
 import math
@@ -22,6 +32,11 @@ from jaxssl.errors import UserError
 BASE_CONFIG = os.path.join(os.path.dirname(__file__), '..', '..', 'configs', 'bert.py') + ':base'
 LAYER_NORM_EPS = 1e-12  # the eps jaxssl's LayerNorm uses
 TOKENIZER_FILES = ('tokenizer.json', 'vocab.txt', 'tokenizer_config.json', 'special_tokens_map.json')
+ROBERTA_TYPES = ('roberta', 'xlm-roberta')
+# RoBERTa layout -> BERT names (HF's RobertaLMHead is BERT's prediction head under other names).
+ROBERTA_RENAMES = (('roberta.', 'bert.'), ('lm_head.dense.', 'cls.predictions.transform.dense.'),
+                   ('lm_head.layer_norm.', 'cls.predictions.transform.LayerNorm.'),
+                   ('lm_head.decoder.', 'cls.predictions.decoder.'), ('lm_head.bias', 'cls.predictions.bias'))
 # HF buffers that are not parameters (older checkpoints saved them): dropped without a warning.
 IGNORED_HF_KEYS = re.compile(r'(^|\.)(position_ids|token_type_ids)$')
 
@@ -104,8 +119,10 @@ def jaxssl_config(hf: dict):
     if key not in hf:
       raise UserError(f'HF config.json has no {key!r}: is it a BERT checkpoint?')
     return hf[key]
-  if hf.get('model_type', 'bert') != 'bert':
-    raise UserError(f"HF config.json has model_type={hf.get('model_type')!r}: only 'bert' converts here")
+  model_type = hf.get('model_type', 'bert')
+  if model_type != 'bert' and model_type not in ROBERTA_TYPES:
+    raise UserError(f"HF config.json has model_type={model_type!r}: only 'bert', 'roberta' and 'xlm-roberta' "
+                    'convert here')
   if hf.get('hidden_act', 'gelu') != 'gelu':
     raise UserError(f"HF config.json has hidden_act={hf['hidden_act']!r}: jaxssl BERT uses exact (erf) 'gelu' "
                     'only, so this checkpoint would compute something else')
@@ -113,24 +130,60 @@ def jaxssl_config(hf: dict):
     raise UserError(f"HF config.json has position_embedding_type={hf['position_embedding_type']!r}: "
                     "jaxssl BERT supports 'absolute' positions only")
   eps = float(hf.get('layer_norm_eps', LAYER_NORM_EPS))
-  if not math.isclose(eps, LAYER_NORM_EPS, rel_tol=1e-6):
-    raise UserError(f'HF config.json has layer_norm_eps={eps}: jaxssl BERT uses {LAYER_NORM_EPS} only')
+  offset = position_offset(hf)
+  max_position = int(need('max_position_embeddings')) - offset
+  if max_position < 1:
+    raise UserError(f"HF config.json has max_position_embeddings={hf['max_position_embeddings']}, not more than "
+                    f'the {offset} rows RoBERTa reserves before position 0: is the config complete?')
+  type_vocab_size = int(hf.get('type_vocab_size', 2))
+  if model_type in ROBERTA_TYPES:
+    type_vocab_size = max(type_vocab_size, 2)  # its one row is repeated (hf_to_params) for pair inputs
   config = config_lib.load_config(BASE_CONFIG)
   with config.unlocked():
     config.model.update(
         num_layers=int(need('num_hidden_layers')), hidden_size=int(need('hidden_size')),
         num_heads=int(need('num_attention_heads')), intermediate_size=int(need('intermediate_size')),
-        max_position=int(need('max_position_embeddings')), type_vocab_size=int(hf.get('type_vocab_size', 2)),
+        max_position=max_position, type_vocab_size=type_vocab_size,
         dropout_rate=float(hf.get('hidden_dropout_prob', 0.1)),
         attention_dropout_rate=float(hf.get('attention_probs_dropout_prob', 0.1)),
         initializer_range=float(hf.get('initializer_range', 0.02)), scan_layers=True)
+    if not math.isclose(eps, LAYER_NORM_EPS, rel_tol=1e-6):
+      config.model.layer_norm_eps = eps  # only when not BERT's, so BERT exports keep their config unchanged
     config.tokenizer.vocab_size = int(need('vocab_size'))
     config.data.seq_len = min(config.data.seq_len, config.model.max_position)
   return config
 
 
+def position_offset(hf: dict) -> int:
+  """Rows of the HF position table before position 0: pad_token_id + 1 for RoBERTa / XLM-R, 0 for BERT."""
+  if hf.get('model_type', 'bert') not in ROBERTA_TYPES:
+    return 0
+  return int(hf.get('pad_token_id', 1)) + 1
+
+
+def roberta_to_bert_tensors(tensors: dict, offset: int, type_vocab_size: int) -> dict:
+  """RoBERTa / XLM-R tensors under BERT names: position rows shifted by `offset`, token-type rows repeated."""
+  out = {}
+  for k, v in tensors.items():
+    for old, new in ROBERTA_RENAMES:
+      if k.startswith(old):
+        k = new + k[len(old):]
+        break
+    out[k] = v
+  for prefix in ('bert.', ''):  # with or without the model prefix (XLMRobertaModel saves none)
+    pos, types = prefix + 'embeddings.position_embeddings.weight', prefix + 'embeddings.token_type_embeddings.weight'
+    if pos in out:
+      out[pos] = out[pos][offset:]
+    if types in out and out[types].shape[0] < type_vocab_size:
+      out[types] = np.concatenate([out[types]] * type_vocab_size)[:type_vocab_size]
+  return out
+
+
 def hf_config(config: dict, vocab_size: int) -> dict:
-  """HF `config.json` (BertForPreTraining) for a jaxssl BERT config dict."""
+  """HF `config.json` (BertForPreTraining) for a jaxssl BERT config dict.
+
+  An imported RoBERTa / XLM-R export is written as BERT too (its positions already start at row 0, its eps kept).
+  """
   m = config['model']
   return {
       'architectures': ['BertForPreTraining'], 'model_type': 'bert', 'vocab_size': int(vocab_size),
@@ -139,8 +192,8 @@ def hf_config(config: dict, vocab_size: int) -> dict:
       'max_position_embeddings': m['max_position'], 'type_vocab_size': m['type_vocab_size'],
       'hidden_act': 'gelu', 'hidden_dropout_prob': m['dropout_rate'],
       'attention_probs_dropout_prob': m['attention_dropout_rate'], 'initializer_range': m['initializer_range'],
-      'layer_norm_eps': LAYER_NORM_EPS, 'position_embedding_type': 'absolute', 'pad_token_id': 0,
-      'tie_word_embeddings': True, 'torch_dtype': 'float32',
+      'layer_norm_eps': m.get('layer_norm_eps', LAYER_NORM_EPS), 'position_embedding_type': 'absolute',
+      'pad_token_id': 0, 'tie_word_embeddings': True, 'torch_dtype': 'float32',
   }
 
 
@@ -272,6 +325,8 @@ def from_hf(src: str, out: str, *, overwrite: bool = False, seed: int = 0) -> di
     tensors = load_file(weights)
   except Exception as e:  # safetensors raises its own error types (and numpy has no bfloat16)
     raise UserError(f'cannot read {weights} ({e}): re-save it as float32 safetensors') from None
+  if hf.get('model_type') in ROBERTA_TYPES:
+    tensors = roberta_to_bert_tensors(tensors, position_offset(hf), config.model.type_vocab_size)
   mesh = _one_device_mesh()
   setup = state_lib.setup_model(config.model, vocab_size, mesh, seed)
   params, unused = hf_to_params(tensors, setup.abstract_params, config.model.num_layers)

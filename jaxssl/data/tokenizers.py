@@ -269,8 +269,9 @@ def get_or_train_tokenizer(workdir: str, sentences_fn: Callable[[], Iterable[str
 
 def load_tokenizer(path: str) -> TextTokenizer:
   """Opens the tokenizer at `path`, a file or a directory holding one of (looked for in this order):
-  tokenizer.model (jaxssl sentencepiece), tokenizer.json (HuggingFace: WordPiece for BERT checkpoints, BPE for
-  GPT-2/Llama-family decoders), vocab.txt (BERT WordPiece) or vocab.json + merges.txt (GPT-2 BPE).
+  tokenizer.model (jaxssl sentencepiece), tokenizer.json (HuggingFace: WordPiece for BERT checkpoints, or any
+  model whose tokenizer_config.json names a mask token (XLM-R's Unigram): BERT roles; BPE for GPT-2/Llama-family
+  decoders), vocab.txt (BERT WordPiece) or vocab.json + merges.txt (GPT-2 BPE).
   A directory's tokenizer.model that is not jaxssl's (Llama 2 ships one beside its tokenizer.json) yields to
   the tokenizer.json. Raises UserError naming what was looked for when there is none."""
   from jaxssl.data import hf_tokenizer, wordpiece  # pylint: disable=import-outside-toplevel  (only when needed)
@@ -294,7 +295,9 @@ def load_tokenizer(path: str) -> TextTokenizer:
       raise UserError(f'{path} has no {hf_tokenizer.MERGES_TXT} beside it: a GPT-2 BPE tokenizer needs both')
     return hf_tokenizer.HFTokenizer.from_vocab_merges(path, merges)
   if path.endswith('.json'):
-    if hf_tokenizer.tokenizer_json_model(path) in ('WordPiece', ''):
+    # Encoders' tokenizers (BERT WordPiece; RoBERTa / XLM-R, whose config names a mask token) get BERT roles.
+    if (hf_tokenizer.tokenizer_json_model(path) in ('WordPiece', '')
+        or wordpiece.bert_roles_named(os.path.dirname(path))):
       return wordpiece.WordPieceTokenizer.from_file(path)
     return hf_tokenizer.HFTokenizer.from_file(path)
   if path.endswith('.txt'):

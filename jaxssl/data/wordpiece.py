@@ -8,6 +8,10 @@ Special ids are wherever the vocabulary puts them ([PAD]=0, [UNK]=100, [CLS]=101
 bert-base-uncased). Text that spells a special token ("[MASK]") is tokenized as ordinary text, as Google's BERT
 tokenizer does and as jaxssl's sentencepiece models do, so a corpus cannot forge a mask (HuggingFace's default
 would turn it into the [MASK] id).
+
+Any other tokenizer.json (RoBERTa's BPE, XLM-R's sentencepiece Unigram) gets BERT roles here too when its
+tokenizer_config.json names a mask token (`bert_roles_named`): XLM-R's <s> </s> <pad> <unk> <mask> serve as
+[CLS] [SEP] [PAD] [UNK] [MASK] (cls_token / sep_token, else bos_token / eos_token).
 """
 import json
 import os
@@ -38,16 +42,26 @@ def _read_config(directory: str) -> dict:
     raise UserError(f'{path} is not readable JSON ({e}): fix or delete it') from None
 
 
+def _config_token(config: dict, key: str) -> str | None:
+  value = config.get(key)
+  if isinstance(value, dict):  # tokenizer_config.json may spell a token as {'content': ...}
+    value = value.get('content')
+  return value if isinstance(value, str) else None
+
+
 def _token_names(config: dict) -> dict[str, str]:
-  """Role -> token text, from tokenizer_config.json (a string or {'content': ...}) or BERT's defaults."""
+  """Role -> token text, from tokenizer_config.json or BERT's defaults ([CLS]/[SEP] else bos/eos, RoBERTa's)."""
   names = dict(_DEFAULT_TOKENS)
-  for role in _ROLES:
-    value = config.get(f'{role}_token')
-    if isinstance(value, dict):
-      value = value.get('content')
-    if isinstance(value, str):
+  for role, fallback in zip(_ROLES, (None, None, 'bos', 'eos', None)):
+    value = _config_token(config, f'{role}_token') or (fallback and _config_token(config, f'{fallback}_token'))
+    if value:
       names[role] = value
   return names
+
+
+def bert_roles_named(directory: str) -> bool:
+  """Whether `directory`'s tokenizer_config.json names a mask token (a BERT-style encoder's tokenizer)."""
+  return _config_token(_read_config(directory), 'mask_token') is not None
 
 
 def _random_range(vocab_size: int, special_ids: frozenset) -> tuple[int, int]:
@@ -136,9 +150,17 @@ class WordPieceTokenizer:
     return self._tok.encode(text, add_special_tokens=False).ids
 
   def encode_with_offsets(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
-    """(ids, character offsets into the original text) of each text; BERT pieces never include whitespace."""
-    return [(e.ids, [tuple(o) for o in e.offsets])
-            for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+    """(ids, character offsets into the original text) of each text, without surrounding whitespace.
+
+    WordPiece pieces never include whitespace. A lone sentencepiece '▁' (XLM-R's, before digits, punctuation or
+    CJK) stands for whitespace only, yet HF gives it the next character's span: it gets the empty span there.
+    """
+    from jaxssl.data.tokenizers import _trim_span  # pylint: disable=import-outside-toplevel  (circular)
+    out = []
+    for text, e in zip(texts, self._tok.encode_batch(list(texts), add_special_tokens=False)):
+      spans = [(a, a) if not t.strip('\u2581') else _trim_span(text, a, b) for t, (a, b) in zip(e.tokens, e.offsets)]
+      out.append((e.ids, spans))
+    return out
 
   def decode(self, ids) -> str:
     """Text of ids (## pieces joined); special ids decode to nothing."""
@@ -155,7 +177,9 @@ class WordPieceTokenizer:
     self._tok.save(tmp)
     os.replace(tmp, path)
     config = {f'{role}_token': name for role, name in self.token_names.items()}
-    config['tokenizer_class'] = 'BertTokenizerFast'  # lets transformers' AutoTokenizer open the directory too
+    # Lets transformers' AutoTokenizer open the directory too (the generic class for non-WordPiece pipelines).
+    wordpiece = isinstance(self._tok.model, models.WordPiece)
+    config['tokenizer_class'] = 'BertTokenizerFast' if wordpiece else 'PreTrainedTokenizerFast'
     with open(os.path.join(directory, CONFIG_FILENAME), 'w', encoding='utf-8') as f:
       json.dump(config, f, indent=2)
     return path

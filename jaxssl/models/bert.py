@@ -1,8 +1,9 @@
 """BERT (Devlin et al. 2018) for masked-LM + next-sentence pretraining; same math as HF BertForPreTraining.
 
-Post-LayerNorm encoder layers, learned positions, exact GELU, LayerNorm eps 1e-12, MLM decoder tied to the word
-embedding. The layer stack is created with `nnx.vmap` (params get a leading 'layers' axis) and run with
-`nnx.scan`, so compile time is flat in depth. The MLM head is applied only at the `mlm_positions`.
+Post-LayerNorm encoder layers, learned positions, exact GELU, LayerNorm eps 1e-12 (model.layer_norm_eps; 1e-5
+for imported RoBERTa / XLM-R), MLM decoder tied to the word embedding. The layer stack is created with
+`nnx.vmap` (params get a leading 'layers' axis) and run with `nnx.scan`, so compile time is flat in depth. The
+MLM head is applied only at the `mlm_positions`.
 
 With `attention_type='block_sparse'` (Big Bird, models/attention.py) sequences of at least `sparse_min_length`
 tokens use block-sparse attention, shorter ones full attention; the parameters are the same either way, so a
@@ -38,6 +39,7 @@ class BertConfig:
   dropout_rate: float = 0.1
   attention_dropout_rate: float = 0.1
   initializer_range: float = 0.02
+  layer_norm_eps: float = 1e-12   # BERT's; RoBERTa / XLM-R checkpoints use 1e-5
   dtype: str = 'float32'
   remat: str = 'none'
   scan_layers: bool = True
@@ -90,9 +92,9 @@ class BertLayer(nnx.Module):
     self.attention = MultiHeadAttention(c.hidden_size, c.num_heads, stddev=std,
                                         attention_dropout_rate=c.attention_dropout_rate,
                                         implementation=c.attention, dtype=dt, rngs=rngs)
-    self.attention_norm = LayerNorm(c.hidden_size, dtype=dt, rngs=rngs)
+    self.attention_norm = LayerNorm(c.hidden_size, eps=c.layer_norm_eps, dtype=dt, rngs=rngs)
     self.mlp = Mlp(c.hidden_size, c.intermediate_size, stddev=std, dtype=dt, rngs=rngs)
-    self.mlp_norm = LayerNorm(c.hidden_size, dtype=dt, rngs=rngs)
+    self.mlp_norm = LayerNorm(c.hidden_size, eps=c.layer_norm_eps, dtype=dt, rngs=rngs)
     self.dropout_rate = c.dropout_rate
     self.attention_dropout_rate = c.attention_dropout_rate
 
@@ -178,13 +180,13 @@ class BertForPretraining(nnx.Module):
       self.word_embeddings = Embed(c.vocab_size, h, ('vocab', 'embed'), stddev=std, rngs=rngs)
       self.position_embeddings = Embed(c.max_position, h, ('position', 'embed'), stddev=std, rngs=rngs)
       self.token_type_embeddings = Embed(c.type_vocab_size, h, ('token_type', 'embed'), stddev=std, rngs=rngs)
-      self.embedding_norm = LayerNorm(h, dtype=dt, rngs=rngs)
+      self.embedding_norm = LayerNorm(h, eps=c.layer_norm_eps, dtype=dt, rngs=rngs)
       self.encoder = BertEncoder(c, rngs=rngs)
       # H -> H denses: ('embed', 'mlp') because ('embed', 'embed') would name the fsdp mesh axis twice.
       self.pooler = Dense(h, h, ('embed', 'mlp'), stddev=std, dtype=dt, rngs=rngs)
       self.nsp_classifier = Dense(h, 2, ('embed', 'classes'), stddev=std, dtype=jnp.float32, rngs=rngs)
       self.mlm_transform = Dense(h, h, ('embed', 'mlp'), stddev=std, dtype=dt, rngs=rngs)
-      self.mlm_norm = LayerNorm(h, dtype=dt, rngs=rngs)
+      self.mlm_norm = LayerNorm(h, eps=c.layer_norm_eps, dtype=dt, rngs=rngs)
       self.mlm_bias = make_param(rngs, zeros, (c.vocab_size,), ('vocab',))
 
   def encode(self, input_ids, token_type_ids, attention_mask, *, dropout_rng=None, return_hidden_states=False):

@@ -1,0 +1,145 @@
+"""HuggingFace XLM-R (RoBERTa layout, sentencepiece Unigram tokenizer) -> jaxssl export, against transformers."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip('torch')
+transformers = pytest.importorskip('transformers')
+tokenizers = pytest.importorskip('tokenizers')
+
+from jaxssl.convert import __main__ as convert_main  # noqa: E402
+from jaxssl.convert import hf_bert  # noqa: E402
+from jaxssl.data import tokenizers as tok_lib  # noqa: E402
+from jaxssl.data import wordpiece  # noqa: E402
+from jaxssl.export import load_export  # noqa: E402
+from jaxssl.mesh import make_mesh  # noqa: E402
+
+LINES = [
+    'The quick brown fox jumps over the lazy dog.',
+    'Language models learn the structure of text from raw data.',
+    'Pretraining on many languages helps transfer between them.',
+    'A small model is enough for a parity test.',
+    '今天天气很好，我们去公园散步。',
+    '机器学习模型从大量文本中学习语言的结构。',
+    '北京是中国的首都，也是一座历史悠久的城市。',
+    '我喜欢读书和听音乐。',
+]
+SENTENCES = ['The lazy dog learns text.', '我们学习语言。',
+             'Models transfer between many languages, 今天很好.']
+# XLM-R's special tokens and ids: <s> <pad> </s> <unk> first, <mask> last.
+SPECIALS = ['<s>', '<pad>', '</s>', '<unk>']
+
+
+def write_tokenizer(directory):
+  """A tiny XLM-R-style tokenizer.json (Unigram + Metaspace, as XLM-R's) and tokenizer_config.json."""
+  tok = tokenizers.SentencePieceUnigramTokenizer()
+  tok.train_from_iterator(LINES * 4, vocab_size=160, special_tokens=SPECIALS, unk_token='<unk>', show_progress=False)
+  tok.add_special_tokens(['<mask>'])
+  tok.save(os.path.join(directory, 'tokenizer.json'))
+  config = {'tokenizer_class': 'XLMRobertaTokenizer', 'bos_token': '<s>', 'eos_token': '</s>', 'cls_token': '<s>',
+            'sep_token': '</s>', 'pad_token': '<pad>', 'unk_token': '<unk>', 'mask_token': '<mask>',
+            'model_max_length': 64}
+  with open(os.path.join(directory, 'tokenizer_config.json'), 'w') as f:
+    json.dump(config, f)
+  return tok.get_vocab_size()
+
+
+@pytest.fixture(scope='module')
+def hf_dir(tmp_path_factory):
+  directory = str(tmp_path_factory.mktemp('xlmr'))
+  vocab = write_tokenizer(directory)
+  torch.manual_seed(0)
+  config = transformers.XLMRobertaConfig(
+      vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+      max_position_embeddings=66, type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+      layer_norm_eps=1e-5)
+  model = transformers.XLMRobertaForMaskedLM(config).eval()
+  with torch.no_grad():  # random LayerNorm/bias values: a swapped scale/bias or a missed bias would show
+    for name, p in model.named_parameters():
+      if 'norm' in name.lower() or name.endswith('bias'):
+        p.add_(0.1 * torch.randn_like(p))
+  model.save_pretrained(directory, safe_serialization=True)
+  return directory, model
+
+
+@pytest.fixture(scope='module')
+def converted(hf_dir, tmp_path_factory):
+  out = str(tmp_path_factory.mktemp('conv') / 'params')
+  convert_main.main(['from-hf', '--src', hf_dir[0], '--out', out])
+  return out
+
+
+def close(ours, theirs, what):
+  ours, theirs = np.asarray(ours), np.asarray(theirs)
+  assert ours.shape == theirs.shape, what
+  tol = 1e-5 * max(1.0, float(np.abs(theirs).max()))
+  np.testing.assert_allclose(ours, theirs, rtol=0, atol=tol, err_msg=what)
+
+
+def test_tokenizer_roles_and_ids_match_transformers(hf_dir):
+  directory, _ = hf_dir
+  ours = tok_lib.load_tokenizer(directory)
+  assert isinstance(ours, wordpiece.WordPieceTokenizer)
+  assert (ours.cls_id, ours.pad_id, ours.sep_id, ours.unk_id) == (0, 1, 2, 3)
+  assert ours.mask_id == ours.vocab_size - 1
+  assert ours.random_token_range == (4, ours.vocab_size - 1)
+  theirs = transformers.AutoTokenizer.from_pretrained(directory)
+  expected = theirs(SENTENCES)['input_ids']
+  assert [[ours.cls_id] + ids + [ours.sep_id] for ids in ours.encode(SENTENCES)] == expected
+  assert '我' in [ours.id_to_piece(i) for i in ours.encode_one(SENTENCES[1])]  # Chinese pieces really occur
+  # Offsets: a lone '▁' (whitespace only) gets an empty span, '▁la' covers 'la' without the space.
+  for text in ('The lazy dog', '我们学习语言。'):
+    ids, spans = ours.encode_with_offsets([text])[0]
+    assert ids == ours.encode_one(text)
+    assert ''.join(text[a:b] for a, b in spans) == text.replace(' ', '')
+    assert all(a == b for i, (a, b) in zip(ids, spans) if ours.id_to_piece(i) == '\u2581')
+
+
+def test_from_hf_matches_transformers(hf_dir, converted):
+  directory, hf_model = hf_dir
+  config, model, tokenizer = load_export(converted, make_mesh((1, 1, 1), jax.devices()[:1]))
+  assert config.model.max_position == 64 and config.model.layer_norm_eps == 1e-5
+  assert tokenizer.cls_id == 0 and tokenizer.sep_id == 2
+  rows = [[tokenizer.cls_id] + ids + [tokenizer.sep_id] for ids in tokenizer.encode(SENTENCES)]
+  length = max(map(len, rows)) + 2  # right padding on every row
+  ids = np.full((len(rows), length), tokenizer.pad_id, np.int64)
+  for i, r in enumerate(rows):
+    ids[i, :len(r)] = r
+  mask = (ids != tokenizer.pad_id).astype(np.int64)
+  with torch.no_grad():
+    out = hf_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), output_hidden_states=True)
+  hidden, logits = [h.numpy() for h in out.hidden_states], out.logits.numpy()
+  # Segment B (type 1) must change nothing, as in RoBERTa: the single token-type row was repeated.
+  types = np.zeros_like(ids)
+  types[:, 3:] = 1
+  args = [jnp.asarray(a, jnp.int32) for a in (ids, types * mask, mask)]
+  _, _, our_hidden = model.encode(*args, return_hidden_states=True)
+  assert len(our_hidden) == len(hidden) == 3
+  real = mask.astype(bool)  # padding positions differ (HF puts them all at row 1) and are masked out
+  for i, (a, b) in enumerate(zip(our_hidden, hidden)):
+    close(np.asarray(a)[real], b[real], f'hidden state {i}')
+  positions = np.stack([np.arange(6)] * len(rows))
+  our_mlm, _ = model(*args, jnp.asarray(positions, jnp.int32))
+  close(our_mlm, np.take_along_axis(logits, positions[:, :, None], axis=1), 'MLM logits')
+
+
+def test_roberta_tensors_and_config():
+  hf = {'model_type': 'xlm-roberta', 'num_hidden_layers': 1, 'hidden_size': 8, 'num_attention_heads': 2,
+        'intermediate_size': 16, 'max_position_embeddings': 514, 'type_vocab_size': 1, 'pad_token_id': 1,
+        'vocab_size': 10, 'layer_norm_eps': 1e-5}
+  config = hf_bert.jaxssl_config(hf)
+  assert (config.model.max_position, config.model.type_vocab_size) == (512, 2)
+  assert hf_bert.position_offset(hf) == 2 and hf_bert.position_offset({'model_type': 'bert'}) == 0
+  pos = np.arange(514 * 2, dtype=np.float32).reshape(514, 2)
+  out = hf_bert.roberta_to_bert_tensors(
+      {'roberta.embeddings.position_embeddings.weight': pos, 'roberta.embeddings.token_type_embeddings.weight':
+       np.ones((1, 2), np.float32), 'lm_head.layer_norm.weight': np.ones(2), 'lm_head.bias': np.ones(10)}, 2, 2)
+  np.testing.assert_array_equal(out['bert.embeddings.position_embeddings.weight'], pos[2:])
+  assert out['bert.embeddings.token_type_embeddings.weight'].shape == (2, 2)
+  assert 'cls.predictions.transform.LayerNorm.weight' in out and 'cls.predictions.bias' in out
+  # BERT configs are unchanged (no layer_norm_eps key added).
+  assert 'layer_norm_eps' not in hf_bert.jaxssl_config({**hf, 'model_type': 'bert', 'layer_norm_eps': 1e-12}).model
