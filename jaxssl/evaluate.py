@@ -1,7 +1,8 @@
-"""Evaluate job: fine-tuned exports on a task or a suite (e.g. GLUE), or GPT exports on in-context learning tasks.
+"""Evaluate job: fine-tuned exports on a task or suite (GLUE), GPT exports on in-context learning, or word embeddings.
 
   python -m jaxssl.evaluate --config configs/eval.py:task --config.params=DIR/export --out results.json
   python -m jaxssl.evaluate --config configs/icl.py:sentiment --config.icl.models=A,B --out icl/results.json
+  python -m jaxssl.evaluate --config configs/embeddings.py:apple --config.embeddings.model=A --out emb/results.json
 
 Fine-tuned exports: writes `results.json` ({"tasks": {name: {metric: value}}, "headline": ..., "average": ...})
 and prints a table.
@@ -9,6 +10,8 @@ A task's headline counts two metrics (MRPC, QQP: F1 and accuracy; STS-B: Pearson
 when every scored set is a GLUE task the average is the GLUE score (MNLI matched + mismatched count as one task).
 In-context learning (a config with an `icl` section, configs/icl.py): see jaxssl/eval/icl.py (accuracy per model
 and k in results.json, plus PNG plots beside it).
+Contextual embeddings (a config with an `embeddings` section, configs/embeddings.py): see jaxssl/eval/embeddings.py
+(cosine similarity matrices and the within/across-label gap in results.json, plus a heatmap PNG beside it).
 """
 import argparse
 import json
@@ -65,13 +68,16 @@ def headline(name: str, metrics: dict, best_metric: str) -> float:
 def run(config, out: str) -> dict:
   """Scores each export of the config (one, or one per suite task) and writes the report to `out`.
 
-  A config with an `icl` section runs the in-context learning evaluation instead (`out`: a .json path or a
-  directory; the plots go beside results.json).
+  A config with an `icl` section runs the in-context learning evaluation instead, one with an `embeddings`
+  section the contextual-embedding analysis (`out`: a .json path or a directory; the plots go beside results.json).
   """
   import jax
   if 'icl' in config:
     from jaxssl.eval import icl
     return icl.run(config, out)
+  if 'embeddings' in config:
+    from jaxssl.eval import embeddings
+    return embeddings.run(config, out)
   from jaxssl import mesh as mesh_lib
   from jaxssl.eval import metrics as metrics_lib
   if not config.params:
@@ -108,8 +114,8 @@ def run(config, out: str) -> dict:
 def main(argv=None):
   parser = argparse.ArgumentParser(prog='python -m jaxssl.evaluate', description=__doc__.split('\n')[0])
   parser.add_argument('--config', default='configs/eval.py:task')
-  parser.add_argument('--out', default='results.json', help='results.json path (ICL: or a directory for it and '
-                      'the plots)')
+  parser.add_argument('--out', default='results.json', help='results.json path (ICL, embeddings: or a directory for '
+                      'it and the plots)')
   args, config = config_lib.parse_job_args(parser, argv)
   runtime.setup(args)
   run(config, args.out)
