@@ -43,6 +43,21 @@ def _parse_value(text: str):
     return text
 
 
+def _parse_mapping(key: str, text: str) -> dict:
+  """`a=x,b=y` (or a dict literal; '' = empty) as {name: text} for a group whose values are all text."""
+  text = text.strip()
+  if text.startswith('{'):
+    value = _parse_value(text)
+    if isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+      return value
+  else:
+    pairs = [part.split('=', 1) for part in text.split(',') if part.strip()]
+    if all(len(p) == 2 and p[0].strip() and p[1].strip() for p in pairs):
+      return {name.strip(): value.strip() for name, value in pairs}
+  raise UserError(f'--config.{key}={text!r} is a map of names to text: write it as name=value,name=value '
+                  f'(e.g. --config.{key}=en=en_dev.jsonl,zh=zh_dev.jsonl)')
+
+
 def _coerce(key: str, old, new):
   """Returns `new` converted to the type of `old`, or raises UserError."""
   if old is None or new is None:
@@ -82,6 +97,10 @@ def apply_override(config: ml_collections.ConfigDict, key: str, text: str) -> No
     raise UserError(f'unknown config key --config.{key}: valid keys here are {known}')
   old = node[leaf]
   if isinstance(old, ml_collections.ConfigDict):
+    if all(isinstance(v, str) for v in old.values()):  # a name -> text map (verbalisers, eval sets): replace it
+      with node.unlocked():
+        node[leaf] = ml_collections.ConfigDict(_parse_mapping(key, text))
+      return
     raise UserError(f'--config.{key} is a group of keys, not a value: set one of its fields instead')
   with node.unlocked():
     node[leaf] = _coerce(key, old, _parse_value(text))

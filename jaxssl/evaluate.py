@@ -65,6 +65,21 @@ def headline(name: str, metrics: dict, best_metric: str) -> float:
   return sum(metrics[k] for k in keys) / len(keys)
 
 
+def crosslingual_table(config, transfer: dict, mesh) -> dict:
+  """{language: {'transfer': headline of the transfer export, 'baseline': headline of that language's own
+  fine-tuned export, or None}} for every scored set and every `config.baselines` language.
+
+  A baseline export is scored on its set named like the language when its run named one, else on its dev set.
+  """
+  table = {lang: {'transfer': score, 'baseline': None} for lang, score in transfer.items()}
+  for lang, path in config.baselines.items():
+    per_set, task_cfg = evaluate_export(path, '', config.batch_size, mesh)
+    name = lang if lang in per_set else next(iter(per_set))
+    row = table.setdefault(lang, {'transfer': None, 'baseline': None})
+    row['baseline'] = headline(name, per_set[name], task_cfg.best_metric)
+  return table
+
+
 def run(config, out: str) -> dict:
   """Scores each export of the config (one, or one per suite task) and writes the report to `out`.
 
@@ -99,6 +114,8 @@ def run(config, out: str) -> dict:
   average = metrics_lib.glue_score(results) if glue else sum(headlines.values()) / len(headlines)
   report = {'tasks': results, 'headline': headlines, 'average': average,
             'average_kind': 'GLUE score' if glue else 'mean of task scores'}
+  if config.get('baselines'):
+    report['crosslingual'] = crosslingual_table(config, headlines, mesh)
   if jax.process_index() == 0:
     with open(out, 'w') as f:
       json.dump(report, f, indent=2, sort_keys=True)
@@ -107,7 +124,11 @@ def run(config, out: str) -> dict:
     for key, metrics in results.items():
       shown = ' '.join(f'{k}={v:.4f}' for k, v in sorted(metrics.items()))
       print(f'{key:<{width}}{headlines[key]:.4f}  {shown}')
-    print(f'{"average":<{width}}{average:.4f}  ({report["average_kind"]})\nwrote {out}')
+    print(f'{"average":<{width}}{average:.4f}  ({report["average_kind"]})')
+    for lang, row in report.get('crosslingual', {}).items():
+      transfer, baseline = ('n/a' if v is None else f'{v:.4f}' for v in (row['transfer'], row['baseline']))
+      print(f'{lang:<{width}}transfer {transfer}  in-language baseline {baseline}')
+    print(f'wrote {out}')
   return report
 
 

@@ -39,3 +39,22 @@ def test_typed_overrides():
 def test_config_mistakes(spec, args, message):
   with pytest.raises(UserError, match=message.replace('(', r'\(').replace('.', r'\.')):
     config_lib.parse_overrides(config_lib.load_config(spec), args)
+
+
+def test_a_map_of_names_to_text_is_replaced_whole():
+  """Groups whose values are all text (ICL verbalisers, eval sets) take name=value,name=value on the command line;
+  other groups still refuse a value."""
+  from jaxssl import config as config_lib
+  from jaxssl.errors import UserError
+  icl = config_lib.load_config('configs/icl.py:sentiment')
+  config_lib.parse_overrides(icl, ['--config.icl.verbalizers=positive=great,negative=awful'])
+  assert icl.icl.verbalizers.to_dict() == {'positive': 'great', 'negative': 'awful'}
+  config_lib.parse_overrides(icl, ["--config.icl.verbalizers={'pos': 'yes'}"])
+  assert icl.icl.verbalizers.to_dict() == {'pos': 'yes'}
+  ft = config_lib.load_config('configs/finetune.py:classification')
+  config_lib.parse_overrides(ft, ['--config.task.eval_sets=en=a.tsv,zh=b.tsv'])
+  assert ft.task.eval_sets.to_dict() == {'en': 'a.tsv', 'zh': 'b.tsv'}
+  with pytest.raises(UserError, match='name=value'):
+    config_lib.parse_overrides(ft, ['--config.task.eval_sets=en'])
+  with pytest.raises(UserError, match='group of keys'):
+    config_lib.parse_overrides(ft, ['--config.model=x=y'])

@@ -224,3 +224,29 @@ def write_squad(path, n, seed):
         {'id': f'q{i}', 'question': 'where', 'answers': [{'text': city, 'answer_start': start}]}]}]})
   with open(path, 'w') as f:
     json.dump({'data': articles}, f)
+
+
+def test_crosslingual_table(export_dir, classification_run, tmp_path):
+  """Fine-tune on one language with other languages' dev sets as eval sets (--config.task.eval_sets=a=F,b=G),
+  then evaluate configs/eval.py:crosslingual: each language's transfer score, and an in-language baseline row."""
+  write_sentiment(tmp_path / 'train.tsv', 200, 11)
+  write_sentiment(tmp_path / 'dev_en.tsv', 60, 12)
+  write_sentiment(tmp_path / 'dev_xx.tsv', 60, 13)  # stands in for a second language's dev set
+  run = finetuned('classification', export_dir, tmp_path / 'en', tmp_path / 'train.tsv', tmp_path / 'dev_en.tsv',
+                  f'--config.task.eval_sets=en={tmp_path / "dev_en.tsv"},xx={tmp_path / "dev_xx.tsv"}',
+                  '--config.train.steps=50')
+  out = tmp_path / 'results.json'
+  result = job('jaxssl.evaluate', '--config', 'configs/eval.py:crosslingual', f'--config.params={run}/export',
+               f'--config.baselines=xx={classification_run}/export', '--out', str(out))
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.load(open(out))
+  assert set(report['tasks']) == {'en', 'xx'}
+  table = report['crosslingual']
+  assert table['en'] == {'transfer': pytest.approx(report['headline']['en']), 'baseline': None}
+  assert table['xx']['transfer'] == pytest.approx(report['headline']['xx'])
+  # The baseline export names no 'xx' set, so it is scored on its own dev set: its best dev figure.
+  assert table['xx']['baseline'] == pytest.approx(best_dev(classification_run)['value'], abs=1e-6)
+  assert 'in-language baseline' in result.stdout
+  bad = job('jaxssl.evaluate', '--config', 'configs/eval.py:crosslingual', f'--config.params={run}/export',
+            '--config.baselines=xx', '--out', str(tmp_path / 'bad.json'))
+  assert bad.returncode == 2 and 'name=value' in bad.stderr, bad.stderr[-500:]
