@@ -175,3 +175,14 @@ def test_bad_spec_exits_2_with_one_line(corpus, words, tmp_path):
   assert result.returncode == 2, result.stderr[-2000:]
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and words in lines[0], result.stderr[-2000:]
+
+
+def test_next_sentence_negatives_come_from_the_same_language():
+  """A random B from another language would be an easy negative: the mixture draws it from the query's language."""
+  from jaxssl.data import multilingual
+  sources = {'en': [{'text': f'en {i}'} for i in range(50)], 'zh': [{'text': f'zh {i}'} for i in range(7)]}
+  mix = multilingual.MixtureSource(sources, alpha=0.3, seed=3)
+  rng = np.random.default_rng(0)
+  for slot in range(len(mix)):
+    other = mix.other_document(rng, slot)
+    assert other != slot and mix.language_of(other) == mix.language_of(slot)

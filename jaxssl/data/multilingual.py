@@ -111,6 +111,7 @@ class MixtureSource:
       where = np.flatnonzero(labels == i)
       ranks[where] = np.arange(len(where))
     self.labels, self.ranks = labels, ranks
+    self._slots = [np.flatnonzero(labels == i) for i in range(len(self.languages))]  # slot of rank r, per language
     # Per language an affine bijection of [0, len_i): a coprime with len_i.
     self._affine = []
     for n in self.sizes:
@@ -130,6 +131,17 @@ class MixtureSource:
     lang = int(self.labels[index])
     a, b = self._affine[lang]
     return lang, (a * int(self.ranks[index]) + b) % int(self.sizes[lang])
+
+  def other_document(self, rng: np.random.Generator, index: int) -> int:
+    """A uniformly drawn slot of the same language as slot `index`, other than it: next-sentence negatives from
+    another language would be told apart by the language alone. (Any other slot when the language has one.)"""
+    lang, rank = int(self.labels[int(index)]), int(self.ranks[int(index)])
+    slots = self._slots[lang]
+    if len(slots) < 2:
+      r = int(rng.integers(0, len(self.labels) - 1))
+      return r + 1 if r >= int(index) else r
+    r = int(rng.integers(0, len(slots) - 1))
+    return int(slots[r + 1 if r >= rank else r])
 
   def language_of(self, index: int) -> str:
     return self.languages[int(self.labels[int(index)])]

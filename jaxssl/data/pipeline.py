@@ -96,6 +96,8 @@ class PretrainExamples:
     return self.examples([index])[0]
 
   def _other_doc(self, rng: np.random.Generator, doc: int) -> int:
+    if hasattr(self.source, 'other_document'):  # a language mixture: the random B comes from the same language
+      return self.source.other_document(rng, doc)
     r = int(rng.integers(0, self.num_docs - 1))  # uniform over the N - 1 other documents
     return r + 1 if r >= doc else r
 
