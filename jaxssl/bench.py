@@ -2,8 +2,15 @@
 
   python -m jaxssl.bench --config configs/bert.py:small [--steps N] [--config.key=value ...]
 
-Prints one JSON line: tokens_per_sec, step_time_s (median), compile_s, peak_memory_mb, flops_per_token, mfu,
-device. Compare against ../shared/bench/ run in the same session (ratios, not absolute figures).
+Every family (bert, gpt, encdec, elmo): synthetic batches in the family's train layout. Prints one JSON line:
+tokens_per_sec, step_time_s (median), compile_s, peak_memory_mb, flops_per_token, mfu, device, family. Compare
+against ../shared/bench/ run in the same session (ratios, not absolute figures). `--profile DIR` writes a
+jax.profiler trace of the timed steps.
+
+  python -m jaxssl.bench --config configs/bert.py:small --pipeline [--steps N] [--tokenizer PATH]
+
+The real input pipeline instead: tokens/s that the family's train_batches deliver over data.corpus on one
+thread (pipeline_tokens_per_sec); with --steps also the step figures and pipeline_over_step (their ratio).
 
   python -m jaxssl.bench --attention-curve [--config configs/bert.py:bigbird_tiny] [--lengths 1024,2048,4096,8192]
 
@@ -27,48 +34,48 @@ from jaxssl.errors import exit_on_user_error
 
 
 def synthetic_batch(config, vocab_size: int, seed: int = 0) -> dict:
-  """A BERT batch with 15% of positions predicted, in the layout the pipeline produces."""
-  rng = np.random.default_rng(seed)
-  b, length, p = config.train.batch_size, config.data.seq_len, config.data.max_predictions
-  positions = np.sort(np.stack([rng.choice(np.arange(1, length), p, replace=False) for _ in range(b)]), -1)
-  return {
-      'input_ids': rng.integers(5, vocab_size, (b, length), dtype=np.int32),
-      'token_type_ids': (np.arange(length)[None] >= length // 2).repeat(b, 0).astype(np.int32),
-      'attention_mask': np.ones((b, length), np.int32),
-      'mlm_positions': positions.astype(np.int32),
-      'mlm_ids': rng.integers(5, vocab_size, (b, p), dtype=np.int32),
-      'mlm_weights': np.ones((b, p), np.float32),
-      'nsp_label': rng.integers(0, 2, (b,), dtype=np.int32),
-  }
+  """One global batch of the family's train layout (families.Family.synthetic_batch) with random valid content."""
+  from jaxssl.train import families
+  return families.family_for(config.model).synthetic_batch(config, vocab_size, seed)
 
 
-def run(config, steps: int) -> dict:
+def run(config, steps: int, profile_dir: str = '') -> dict:
+  """Times `steps` train steps on one synthetic batch (after a compiling first step); the bench JSON fields.
+
+  With `profile_dir`, the timed steps run inside `jax.profiler.trace` (a TensorBoard / Perfetto trace there).
+  """
+  import contextlib
   import jax
   from jaxssl import mesh as mesh_lib
   from jaxssl import models
+  from jaxssl.train import families
   from jaxssl.train import metrics as metrics_lib
   from jaxssl.train import state as state_lib
   from jaxssl.train import step as step_lib
   vocab_size = config.tokenizer.vocab_size
+  models.validate_config(config.model, vocab_size)
+  family = families.family_for(config.model)
   mesh = mesh_lib.make_mesh(config.mesh.shape)
   setup = state_lib.setup_model(config.model, vocab_size, mesh, config.train.seed)
   tx, schedule = state_lib.make_optimizer(config.train), state_lib.make_schedule(config.train)
   state = state_lib.init_state(setup, tx)
   train_step = step_lib.jit_train_step(
-      step_lib.make_train_step(setup.graphdef, tx, schedule, config.train.microbatches),
-      state_lib.state_shardings(setup, tx), mesh)
-  batch = mesh_lib.global_batch(synthetic_batch(config, vocab_size), mesh)
+      step_lib.make_train_step(setup.graphdef, tx, schedule, config.train.microbatches, family.objective),
+      state_lib.state_shardings(setup, tx), mesh, family.objective)
+  batch = mesh_lib.global_batch(family.synthetic_batch(config, vocab_size, config.train.seed), mesh)
+  trace = jax.profiler.trace(profile_dir) if profile_dir else contextlib.nullcontext()
   with jax.set_mesh(mesh):
     start = time.perf_counter()
     state, metrics = train_step(state, batch)
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - start
     times = []
-    for _ in range(steps):
-      start = time.perf_counter()
-      state, metrics = train_step(state, batch)
-      jax.block_until_ready(metrics)
-      times.append(time.perf_counter() - start)
+    with trace:
+      for _ in range(steps):
+        start = time.perf_counter()
+        state, metrics = train_step(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
   step_time = statistics.median(times)
   tokens = config.train.batch_size * config.data.seq_len
   flops = models.flops_per_token(config.model, vocab_size, config.data.seq_len, config.data.max_predictions)
@@ -80,10 +87,49 @@ def run(config, steps: int) -> dict:
       'tokens_per_sec': round(tokens / step_time, 1), 'step_time_s': round(step_time, 4),
       'compile_s': round(compile_s, 2), 'peak_memory_mb': round(peak_mb, 1),
       'flops_per_token': flops, 'mfu': round(tokens / step_time * flops / peak, 4) if peak else None,
-      'device': f'{jax.device_count()}x {jax.devices()[0].device_kind}',
+      'device': f'{jax.device_count()}x {jax.devices()[0].device_kind}', 'family': config.model.name,
       'config': config.get('variant', ''), 'batch': config.train.batch_size, 'seq_len': config.data.seq_len,
       'dtype': config.model.dtype, 'loss': float(metrics['loss']),
   }
+
+
+def pipeline(config, batches: int, tokenizer_path: str = '', warmup: int = 2) -> dict:
+  """Tokens/s the family's real input pipeline delivers (`train_batches` over `data.corpus`) over `batches`
+  batches after `warmup` ones; tokens = batch_size x seq_len per batch, as the step figure counts them.
+
+  The tokenizer is `tokenizer_path` (its vocabulary size replaces `config.tokenizer.vocab_size`), or a
+  sentencepiece one of `tokenizer.vocab_size` trained on the corpus in a temporary directory (not timed).
+  """
+  import tempfile
+  from jaxssl.data import corpora, tokenizers
+  from jaxssl.train import families
+  family = families.family_for(config.model)
+  sources = corpora.load_corpus(config.data.corpus, config.data.data_dir,
+                                ptb_sentences_per_doc=config.data.ptb_sentences_per_doc,
+                                validation_fraction=config.data.validation_fraction)
+  with tempfile.TemporaryDirectory() as tmp:
+    if tokenizer_path:
+      tokenizer = tokenizers.load_tokenizer(tokenizer_path)
+      config.tokenizer.vocab_size = tokenizer.vocab_size  # a step timed after this one uses its vocabulary
+    else:
+      tokenizer = tokenizers.get_or_train_tokenizer(
+          tmp, lambda: corpora.iter_sentences(sources['train'], limit=config.tokenizer.max_training_sentences),
+          config.tokenizer)
+    it = family.train_batches(sources['train'], tokenizer, config, start_step=0, seed=config.train.seed)
+    for _ in range(warmup):  # thread start-up and first reads are not the steady state
+      next(it)
+    start = time.perf_counter()
+    for _ in range(batches):
+      next(it)
+    elapsed = time.perf_counter() - start
+    close = getattr(it, 'close', None)
+    if close:
+      close()
+  tokens = batches * config.train.batch_size * config.data.seq_len
+  return {'pipeline_tokens_per_sec': round(tokens / elapsed, 1), 'pipeline_batches': batches,
+          'pipeline_threads': config.data.num_threads, 'corpus': config.data.corpus,
+          'family': config.model.name, 'config': config.get('variant', ''), 'batch': config.train.batch_size,
+          'seq_len': config.data.seq_len}
 
 
 def attention_curve(model_cfg, lengths, batch: int, steps: int):
@@ -132,24 +178,45 @@ def main(argv=None):
   curve = '--attention-curve' in argv
   parser = argparse.ArgumentParser(prog='python -m jaxssl.bench', description=__doc__.split('\n')[0])
   parser.add_argument('--config', default='configs/bert.py:bigbird_tiny' if curve else 'configs/bert.py:small')
-  parser.add_argument('--steps', type=int, default=3 if curve else 10)
+  # None: 10 steps, or with --pipeline no step timing unless --steps is given.
+  parser.add_argument('--steps', type=int, default=None)
+  parser.add_argument('--profile', default='', metavar='DIR',
+                      help='write a jax.profiler trace of the timed steps to DIR (TensorBoard / Perfetto)')
+  parser.add_argument('--pipeline', action='store_true',
+                      help="time the family's real input pipeline over data.corpus (one thread unless "
+                           '--config.data.num_threads is given); with --steps also the step and their ratio')
+  parser.add_argument('--pipeline-batches', type=int, default=20, help='with --pipeline: batches timed')
+  parser.add_argument('--tokenizer', default='',
+                      help='with --pipeline: a tokenizer file/directory (default: train one on the corpus)')
   parser.add_argument('--attention-curve', action='store_true',
                       help='time full vs block-sparse attention of one layer over --lengths instead')
   parser.add_argument('--lengths', default='1024,2048,4096,8192', help='with --attention-curve: sequence lengths')
   parser.add_argument('--batch', type=int, default=1, help='with --attention-curve: sequences per step')
   args, config = config_lib.parse_job_args(parser, argv)
-  if args.steps < 1:
+  steps = args.steps if args.steps is not None else (3 if curve else 10)
+  if steps < 1:
     parser.error('--steps must be at least 1')
+  if args.pipeline_batches < 1:
+    parser.error('--pipeline-batches must be at least 1')
   runtime.setup(args)
   if args.attention_curve:
     try:
       lengths = [int(x) for x in args.lengths.split(',')]
     except ValueError:
       parser.error(f'--lengths={args.lengths!r}: give comma-separated integers, e.g. 1024,2048,4096')
-    for row in attention_curve(config.model, lengths, args.batch, args.steps):
+    for row in attention_curve(config.model, lengths, args.batch, steps):
       print(json.dumps(row), flush=True)
     return
-  print(json.dumps(run(config, args.steps)), flush=True)
+  if args.pipeline:
+    if not any(a.startswith('--config.data.num_threads') for a in argv):
+      config.data.num_threads = 1  # the issue's figure: what one core delivers
+    row = pipeline(config, args.pipeline_batches, args.tokenizer)
+    if args.steps is not None:
+      step = run(config, steps, args.profile)
+      row.update(step, pipeline_over_step=round(row['pipeline_tokens_per_sec'] / step['tokens_per_sec'], 2))
+    print(json.dumps(row), flush=True)
+    return
+  print(json.dumps(run(config, steps, args.profile)), flush=True)
 
 
 if __name__ == '__main__':
