@@ -32,10 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxssl.errors import UserError
+from jaxssl.eval import files
 
 SETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'embedding_sets')
 POOLINGS = ('mean', 'first')
-RESULTS = 'results.json'
 HEATMAP = 'embeddings_heatmap.png'
 
 
@@ -76,29 +76,18 @@ def find_target(sentence: str, target: str, occurrence: int, ignore_case: bool, 
 
 def read_items(path: str, occurrence: int = 1, ignore_case: bool = False) -> list[Item]:
   """The items of a JSONL file, each target located; a bad line is a UserError naming FILE:LINE."""
-  if not os.path.isfile(path):
-    raise UserError(f'embedding data file {path!r} not found: pass a JSONL file of '
-                    '{"sentence": ..., "target": ..., "label": ...} lines')
   items = []
-  with open(path, encoding='utf-8') as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f'{path}:{number}'
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise UserError(f'{where} is not valid JSON ({e.msg}): write one {{"sentence": ..., "target": ...}} '
-                        'object per line') from None
-      if not isinstance(row, dict) or not all(isinstance(row.get(k), str) and row[k].strip()
-                                              for k in ('sentence', 'target')):
-        raise UserError(f'{where} must be an object with non-empty string "sentence" and "target", got '
-                        f'{line.strip()[:80]}')
-      label = row.get('label')
-      if label is not None and not isinstance(label, str):
-        label = str(label)
-      span = find_target(row['sentence'], row['target'], occurrence, ignore_case, where)
-      items.append(Item(row['sentence'], row['target'], label, where, span))
+  for where, row, line in files.jsonl_lines(path, what='embedding data file',
+                                            example='{"sentence": ..., "target": ..., "label": ...}'):
+    if not isinstance(row, dict) or not all(isinstance(row.get(k), str) and row[k].strip()
+                                            for k in ('sentence', 'target')):
+      raise UserError(f'{where} must be an object with non-empty string "sentence" and "target", got '
+                      f'{line.strip()[:80]}')
+    label = row.get('label')
+    if label is not None and not isinstance(label, str):
+      label = str(label)
+    span = find_target(row['sentence'], row['target'], occurrence, ignore_case, where)
+    items.append(Item(row['sentence'], row['target'], label, where, span))
   if len(items) < 2:
     raise UserError(f'{path} holds {len(items)} item(s): similarities need at least two lines')
   labelled = [i.label is not None for i in items]
@@ -268,12 +257,6 @@ def snippet(item: Item, width: int = 14) -> str:
 
 # ----- the job -----
 
-def output_paths(out: str) -> tuple[str, str]:
-  """(results.json path, directory for the plot): `out` is a .json file or a directory."""
-  if out.endswith('.json'):
-    return out, os.path.dirname(out) or '.'
-  return os.path.join(out, RESULTS), out
-
 
 def analyse(model, tokenizer, items, *, layer, pooling) -> dict:
   """The report body for `items` (no file written)."""
@@ -306,7 +289,7 @@ def run(config, out: str) -> dict:
   _, model, tokenizer = export_lib.load_export(emb.model, mesh_lib.make_mesh(config.mesh.shape))
   layer = parse_layer(emb.layer)
   body = analyse(model, tokenizer, items, layer=layer, pooling=emb.pooling)
-  results_path, plot_dir = output_paths(out)
+  results_path, plot_dir = files.output_paths(out)
   report = {'set': emb.set if not emb.data else os.path.splitext(os.path.basename(path))[0], 'data': path,
             'model': emb.model, 'layer': layer, 'pooling': emb.pooling, 'occurrence': emb.occurrence,
             **body, 'plot': HEATMAP, 'config': emb.to_dict()}

@@ -53,12 +53,12 @@ import numpy as np
 from flax import nnx
 
 from jaxssl.errors import UserError
+from jaxssl.eval import files
 
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'icl_tasks')
 SCORINGS = ('auto', 'loglik', 'exact_match')
 NORMALIZE = ('none', 'tokens', 'chars')
 MIN_BUCKET = 64
-RESULTS = 'results.json'
 PLOT_SHOTS = 'icl_accuracy_vs_shots.png'
 PLOT_SIZE = 'icl_accuracy_vs_size.png'
 PREDICTIONS = 'icl_predictions.jsonl'
@@ -114,27 +114,16 @@ class Task:
 def read_jsonl(path: str) -> list[Example]:
   """The examples of a JSONL file; a line that is not an object with string `input` and `label` is a UserError
   naming FILE:LINE. Blank lines are skipped; numbers as labels are read as their text."""
-  if not os.path.isfile(path):
-    raise UserError(f'ICL data file {path!r} not found: pass a JSONL file of {{"input": ..., "label": ...}} lines')
   examples = []
-  with open(path, encoding='utf-8') as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f'{path}:{number}'
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise UserError(f'{where} is not valid JSON ({e.msg}): write one {{"input": ..., "label": ...}} object '
-                        'per line') from None
-      if not isinstance(row, dict) or 'input' not in row or 'label' not in row:
-        raise UserError(f'{where} must be an object with "input" and "label" keys, got {line.strip()[:80]}')
-      text, label = row['input'], row['label']
-      if isinstance(label, (int, float)) and not isinstance(label, bool):
-        label = str(label)  # arithmetic answers written as numbers
-      if not isinstance(text, str) or not text.strip() or not isinstance(label, str) or not label.strip():
-        raise UserError(f'{where}: "input" and "label" must be non-empty strings, got {line.strip()[:80]}')
-      examples.append(Example(text, label, where))
+  for where, row, line in files.jsonl_lines(path, what='ICL data file', example='{"input": ..., "label": ...}'):
+    if not isinstance(row, dict) or 'input' not in row or 'label' not in row:
+      raise UserError(f'{where} must be an object with "input" and "label" keys, got {line.strip()[:80]}')
+    text, label = row['input'], row['label']
+    if isinstance(label, (int, float)) and not isinstance(label, bool):
+      label = str(label)  # arithmetic answers written as numbers
+    if not isinstance(text, str) or not text.strip() or not isinstance(label, str) or not label.strip():
+      raise UserError(f'{where}: "input" and "label" must be non-empty strings, got {line.strip()[:80]}')
+    examples.append(Example(text, label, where))
   if not examples:
     raise UserError(f'ICL data file {path} holds no examples: write one {{"input": ..., "label": ...}} per line')
   return examples
@@ -509,12 +498,6 @@ def model_labels(paths) -> list[str]:
   raise UserError(f'icl.models lists an export twice: {", ".join(paths)}')
 
 
-def output_paths(out: str) -> tuple[str, str]:
-  """(results.json path, directory for the plots): `out` is a .json file or a directory."""
-  if out.endswith('.json'):
-    return out, os.path.dirname(out) or '.'
-  return os.path.join(out, RESULTS), out
-
 
 def check_exports(paths) -> None:
   """Every path is a GPT export (read before any model is loaded, so a typo fails fast)."""
@@ -538,7 +521,7 @@ def run(config, out: str) -> dict:
   check_exports(paths)
   shots = sorted(set(int(k) for k in icl.shots))
   mesh = mesh_lib.make_mesh(config.mesh.shape)
-  results_path, plot_dir = output_paths(out)
+  results_path, plot_dir = files.output_paths(out)
   report = {'task': task.name, 'scoring': task.scoring, 'shots': shots, 'normalize': icl.normalize,
             'seed': icl.seed, 'num_queries': len(task.test), 'labels': list(task.options),
             'majority_baseline': majority_baseline(task), 'config': icl.to_dict(), 'models': {}}
