@@ -35,7 +35,6 @@ from jaxssl.errors import UserError
 CORRUPTIONS = ('sentence_permutation', 'document_rotation', 'word_shuffle', 'token_deletion', 'token_masking',
                'text_infilling', 'mass')
 BATCH_KEYS = ('source_ids', 'source_mask', 'target_input_ids', 'target_ids', 'target_mask')
-_MAX_EMPTY_RETRIES = 64
 _EPOCH_CACHE = 4
 
 
@@ -264,14 +263,7 @@ class DenoisingExamples:
 
     out = []
     for g, doc in zip(indices, docs):
-      k = 0
-      while not get(doc):
-        # An empty document falls back to the next ones of the same permutation: still pure in (seed, g).
-        k += 1
-        if k > _MAX_EMPTY_RETRIES:
-          raise UserError(f'more than {_MAX_EMPTY_RETRIES} consecutive empty documents in the corpus: '
-                          'remove empty documents (or check the tokenizer)')
-        doc = int(self.permutation(g // self.num_docs)[(g + k) % self.num_docs])
+      doc = pipeline.nonempty_document(doc, g, get, self.permutation, self.num_docs)
       out.append(self._build(cache[doc], np.random.default_rng([self.seed, 5, g])))
     return out
 

@@ -146,14 +146,7 @@ class PretrainExamples:
 
     out = []
     for g, rng, doc, other in zip(indices, rngs, docs, others):
-      # An empty document (no tokens) falls back to the next ones of the same permutation: still pure.
-      k = 0
-      while not get(doc):
-        k += 1
-        if k > _MAX_EMPTY_RETRIES:
-          raise UserError(f'more than {_MAX_EMPTY_RETRIES} consecutive empty documents in the corpus: '
-                          'remove empty documents (or check the tokenizer)')
-        doc = int(self.permutation(g // self.num_docs)[(g + k) % self.num_docs])
+      doc = nonempty_document(doc, g, get, self.permutation, self.num_docs)
       k = 0
       while other == doc or not get(other):
         k += 1
@@ -188,6 +181,19 @@ class PretrainExamples:
     """The examples of `indices` stacked: each value gets a leading dimension len(indices)."""
     exs = self.examples(indices)
     return {k: np.stack([e[k] for e in exs]) for k in exs[0]}
+
+
+def nonempty_document(doc: int, g: int, get, permutation, num_docs: int) -> int:
+  """`doc` (example g's document in its epoch's permutation), or when it has no tokens the next non-empty one of
+  the same permutation: still a pure function of (seed, g). `get(d)` gives document d's tokenized sentences."""
+  k = 0
+  while not get(doc):
+    k += 1
+    if k > _MAX_EMPTY_RETRIES:
+      raise UserError(f'more than {_MAX_EMPTY_RETRIES} consecutive empty documents in the corpus: '
+                      'remove empty documents (or check the tokenizer)')
+    doc = int(permutation(g // num_docs)[(g + k) % num_docs])
+  return doc
 
 
 def _token_layout(tokenizer) -> tuple[int, int, int, int, frozenset, tuple[int, int]]:

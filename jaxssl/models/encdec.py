@@ -29,7 +29,8 @@ from jaxssl.errors import UserError
 from jaxssl.mesh import constrain
 from jaxssl.models.generation import sample_logits
 from jaxssl.models.gpt import ACT, CausalSelfAttention, GeluMlp, GPTConfig
-from jaxssl.models.layers import Embed, LayerNorm, check_compute_settings, dropout, maybe_remat, stack_layers
+from jaxssl.models.layers import (Embed, LayerNorm, check_compute_settings, config_fields, dropout, maybe_remat,
+                                  stack_layers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,13 +62,7 @@ class EncDecConfig:
   @classmethod
   def from_config(cls, model_cfg, vocab_size: int) -> 'EncDecConfig':
     """Reads the fields this model uses from a ConfigDict/dict (extra keys such as `name` are ignored)."""
-    get = model_cfg.get if hasattr(model_cfg, 'get') else lambda k, d=None: getattr(model_cfg, k, d)
-    kw = {f.name: get(f.name) for f in dataclasses.fields(cls) if f.name != 'vocab_size'}
-    kw = {k: v for k, v in kw.items() if v is not None}
-    missing = [k for k in ('num_layers', 'hidden_size', 'num_heads', 'intermediate_size') if k not in kw]
-    if missing:
-      raise UserError(f'the model config lacks {", ".join("model." + k for k in missing)}: '
-                      'start from configs/encdec.py')
+    kw = config_fields(cls, model_cfg, 'configs/encdec.py')
     if int(kw.get('num_decoder_layers', 0)) < 0:
       raise UserError(f'model.num_decoder_layers={kw["num_decoder_layers"]} must be >= 0 (0 = num_layers)')
     c = cls(vocab_size=int(vocab_size), **kw)

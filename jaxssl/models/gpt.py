@@ -30,8 +30,8 @@ from flax import nnx
 from jaxssl.errors import UserError
 from jaxssl.mesh import constrain
 from jaxssl.models.generation import generate, sample_logits  # noqa: F401 (re-exported: callers use gpt.generate)
-from jaxssl.models.layers import (Embed, LayerNorm, check_compute_settings, dropout, make_param, maybe_remat,
-                                  normal_init, ones, stack_layers, zeros)
+from jaxssl.models.layers import (Embed, LayerNorm, check_compute_settings, config_fields, dropout, make_param,
+                                  maybe_remat, normal_init, ones, stack_layers, zeros)
 
 ACT = ('batch', 'length', 'act_embed')  # logical names of activations at block boundaries
 HEADS_ACT = ('batch', 'length', 'act_heads', 'kv')
@@ -122,13 +122,7 @@ class GPTConfig:
   @classmethod
   def from_config(cls, model_cfg, vocab_size: int) -> 'GPTConfig':
     """Reads the fields this model uses from a ConfigDict/dict (extra keys such as `name` are ignored)."""
-    get = model_cfg.get if hasattr(model_cfg, 'get') else lambda k, d=None: getattr(model_cfg, k, d)
-    kw = {f.name: get(f.name) for f in dataclasses.fields(cls) if f.name != 'vocab_size'}
-    kw = {k: v for k, v in kw.items() if v is not None}
-    missing = [k for k in ('num_layers', 'hidden_size', 'num_heads', 'intermediate_size') if k not in kw]
-    if missing:
-      raise UserError(f'the model config lacks {", ".join("model." + k for k in missing)}: '
-                      'start from configs/gpt.py')
+    kw = config_fields(cls, model_cfg, 'configs/gpt.py')
     for name in ('num_kv_heads', 'head_dim'):
       if int(kw.get(name, 0)) < 0:
         raise UserError(f'model.{name}={kw[name]} must be >= 0 (0 = derived from num_heads)')

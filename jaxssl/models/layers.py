@@ -5,6 +5,7 @@ inside the matmul, so bfloat16 compute never touches the stored weights. LayerNo
 float32. Dropout takes an explicit key (None = off) instead of nnx.Rngs state, so a train step stays a pure
 function of (params, batch, key) and the model state holds no RNG counters.
 """
+import dataclasses
 from typing import Sequence
 
 import jax
@@ -207,3 +208,15 @@ def check_compute_settings(c, *, dropout_names=('dropout_rate', 'attention_dropo
     raise UserError(f"model.remat={c.remat!r}: use 'none', 'full' or 'dots'")
   if c.attention not in ('xla', 'cudnn'):
     raise UserError(f"model.attention={c.attention!r}: use 'xla' or 'cudnn'")
+
+
+def config_fields(cls, model_cfg, config_file: str) -> dict:
+  """The fields of dataclass `cls` (but vocab_size) that `model_cfg` (a ConfigDict/dict) sets, None dropped;
+  a UserError naming `config_file` when a size every Transformer needs is missing."""
+  get = model_cfg.get if hasattr(model_cfg, 'get') else lambda k, d=None: getattr(model_cfg, k, d)
+  kw = {f.name: get(f.name) for f in dataclasses.fields(cls) if f.name != 'vocab_size'}
+  kw = {k: v for k, v in kw.items() if v is not None}
+  missing = [k for k in ('num_layers', 'hidden_size', 'num_heads', 'intermediate_size') if k not in kw]
+  if missing:
+    raise UserError(f'the model config lacks {", ".join("model." + k for k in missing)}: start from {config_file}')
+  return kw
