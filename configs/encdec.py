@@ -41,7 +41,7 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
       dtype='float32',     # compute dtype; params stay float32. 'bfloat16' on TPU/GPU.
       remat='none',        # 'none' | 'full' | 'dots'
       scan_layers=True,    # each stack is one compiled block body under nnx.scan
-      attention='xla',     # jax.nn.dot_product_attention implementation: 'xla' | 'cudnn'
+      attention='auto',    # 'auto' (cuDNN flash on GPU in bf16, else XLA) | 'xla' | 'cudnn' | 'splash'
   ))
   c.data = ml_collections.ConfigDict(dict(
       corpus='ptb',            # 'ptb', a TFDS name, or a local path/glob

@@ -173,10 +173,7 @@ def layer_stack(model, input_ids, mask) -> jax.Array:
   if kind == 'elmo':
     return model.embed(input_ids, mask).astype(jnp.float32)  # padding is its own segment: no leak either way
   # GPT: causal, so right padding cannot reach real tokens; the final norm is part of the "final hidden state".
-  positions = jnp.arange(input_ids.shape[1])[None]
-  # pylint: disable=protected-access
-  x = model.decoder(model._embed(input_ids, positions), None, None, model._rotary(positions))
-  return model.final_norm(x).astype(jnp.float32)[None]
+  return model.features(input_ids).astype(jnp.float32)[None]
 
 
 def select_layer(stack: np.ndarray, layer) -> np.ndarray:

@@ -43,7 +43,7 @@ class BertConfig:
   dtype: str = 'float32'
   remat: str = 'none'
   scan_layers: bool = True
-  attention: str = 'xla'
+  attention: str = 'auto'
   attention_type: str = 'full'    # 'full' | 'block_sparse' (Big Bird ITC)
   block_size: int = 64            # block_sparse: tokens per block
   num_random_blocks: int = 3      # block_sparse: random key blocks per query block

@@ -292,8 +292,12 @@ def bidirectional_lm_sums(forward_logits, backward_logits, input_ids, segment_id
   if segment_ids is None:
     segment_ids = jnp.ones(input_ids.shape, jnp.int32)
   valid = gpt.next_token_pairs(segment_ids)  # [B, T - 1]: (t, t + 1) in one document
-  forward_loss, forward_correct = _pair_nll(forward_logits[:, :-1], input_ids[:, 1:], valid)
-  backward_loss, backward_correct = _pair_nll(backward_logits[:, 1:], input_ids[:, :-1], valid)
+  # Targets shifted, logits read whole (slicing them would copy [B, T, V], see gpt.next_token_stats).
+  ahead, behind = ((0, 0), (0, 1)), ((0, 0), (1, 0))
+  forward_loss, forward_correct = _pair_nll(forward_logits, jnp.pad(input_ids[:, 1:], ahead),
+                                            jnp.pad(valid, ahead))
+  backward_loss, backward_correct = _pair_nll(backward_logits, jnp.pad(input_ids[:, :-1], behind),
+                                              jnp.pad(valid, behind))
   return {'forward_loss': forward_loss, 'forward_correct': forward_correct, 'backward_loss': backward_loss,
           'backward_correct': backward_correct, 'lm_count': jnp.sum(valid).astype(jnp.float32)}
 

@@ -28,6 +28,7 @@ from flax import nnx
 from jaxssl.errors import UserError
 from jaxssl.mesh import constrain
 from jaxssl.models.generation import sample_logits
+from jaxssl.models import fused_attention
 from jaxssl.models.gpt import ACT, CausalSelfAttention, GeluMlp, GPTConfig
 from jaxssl.models.layers import (Embed, LayerNorm, check_compute_settings, config_fields, dropout, maybe_remat,
                                   stack_layers)
@@ -53,7 +54,7 @@ class EncDecConfig:
   dtype: str = 'float32'
   remat: str = 'none'
   scan_layers: bool = True
-  attention: str = 'xla'
+  attention: str = 'auto'
 
   def __post_init__(self):
     if not self.num_decoder_layers:
@@ -106,8 +107,8 @@ class Attention(CausalSelfAttention):
     if explicit or (dropout_rng is not None and self.attention_dropout_rate > 0.0):
       out = self._explicit(q, keys, values, mask, dropout_rng)
     else:
-      impl = None if self.implementation == 'xla' else self.implementation
-      out = jax.nn.dot_product_attention(q, keys, values, mask=mask, implementation=impl)
+      # No segment-id form of a cross-attention mask: 'splash' takes the XLA path here.
+      out = fused_attention.attend(q, keys, values, implementation=self.implementation, mask=mask)
     return self._output(out)
 
   def __call__(self, x, memory, mask, *, dropout_rng=None, explicit=False):

@@ -29,6 +29,7 @@ from flax import nnx
 
 from jaxssl.errors import UserError
 from jaxssl.mesh import constrain
+from jaxssl.models import fused_attention
 from jaxssl.models.generation import generate, sample_logits  # noqa: F401 (re-exported: callers use gpt.generate)
 from jaxssl.models.layers import (Embed, LayerNorm, check_compute_settings, config_fields, dropout, make_param,
                                   maybe_remat, normal_init, ones, stack_layers, zeros)
@@ -98,7 +99,10 @@ class GPTConfig:
   dtype: str = 'float32'
   remat: str = 'none'
   scan_layers: bool = True
-  attention: str = 'xla'
+  # Train loss: positions per block of the fused output projection + cross-entropy (models/lm_loss.py); 0 = the
+  # whole [B, T, V] logits at once. Must divide data.seq_len (a divisor of it is used otherwise).
+  loss_chunk: int = 0
+  attention: str = 'auto'
   # Architecture switches; the defaults are GPT-2.
   norm: str = 'layernorm'              # 'layernorm' | 'rmsnorm'
   position: str = 'learned'            # 'learned' (a position table) | 'rope' (rotary, HF Llama's rotate_half)
@@ -123,9 +127,10 @@ class GPTConfig:
   def from_config(cls, model_cfg, vocab_size: int) -> 'GPTConfig':
     """Reads the fields this model uses from a ConfigDict/dict (extra keys such as `name` are ignored)."""
     kw = config_fields(cls, model_cfg, 'configs/gpt.py')
-    for name in ('num_kv_heads', 'head_dim'):
+    for name in ('num_kv_heads', 'head_dim', 'loss_chunk'):
       if int(kw.get(name, 0)) < 0:
-        raise UserError(f'model.{name}={kw[name]} must be >= 0 (0 = derived from num_heads)')
+        raise UserError(f'model.{name}={kw[name]} must be >= 0 (0 = ' +
+                        ('the whole logits at once)' if name == 'loss_chunk' else 'derived from num_heads)'))
     c = cls(vocab_size=int(vocab_size), **kw)
     for name in ('vocab_size', 'num_layers', 'hidden_size', 'num_heads', 'intermediate_size', 'max_position'):
       if int(getattr(c, name)) < 1:
@@ -290,15 +295,18 @@ class CausalSelfAttention(nnx.Module):
     probs = dropout(probs, self.attention_dropout_rate, dropout_rng).astype(self.dtype)
     return jnp.einsum('bkgts,bskd->btkgd', probs, v).reshape(b, t, n, d)
 
-  def __call__(self, x: jax.Array, segment_mask: jax.Array | None = None, *, rotary=None,
-               dropout_rng: jax.Array | None = None, explicit: bool = False) -> jax.Array:
-    """x [B, T, H] -> [B, T, H]. Causal; `segment_mask` [B, 1, T, T] (True = same document) further restricts it.
+  def __call__(self, x: jax.Array, segment_mask: jax.Array | None = None, *, segment_ids: jax.Array | None = None,
+               rotary=None, dropout_rng: jax.Array | None = None, explicit: bool = False) -> jax.Array:
+    """x [B, T, H] -> [B, T, H]. Causal; `segment_mask` [B, 1, T or 1, T] (True = may attend) further restricts
+    it, or `segment_ids` [B, T] (packed documents: a token attends its own document only; what splash reads).
 
     `rotary` = rope_angles(...) rotates q and k (position='rope'). `explicit` forces the hand-written attention
     path (taken anyway when attention dropout is on).
     """
     x = x.astype(self.dtype)
     q, k, v = self._qkv(x, rotary)
+    if segment_ids is not None:
+      segment_mask = same_segment(segment_ids)
     if explicit or (dropout_rng is not None and self.attention_dropout_rate > 0.0):
       t = x.shape[1]
       mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
@@ -307,8 +315,8 @@ class CausalSelfAttention(nnx.Module):
       out = self._explicit(q, k, v, mask, dropout_rng)
     else:
       # Takes k/v with fewer heads (GQA) as they are.
-      impl = None if self.implementation == 'xla' else self.implementation
-      out = jax.nn.dot_product_attention(q, k, v, mask=segment_mask, is_causal=True, implementation=impl)
+      out = fused_attention.attend(q, k, v, implementation=self.implementation, mask=segment_mask, causal=True,
+                                   segment_ids=None if segment_ids is None else (segment_ids, segment_ids))
     return self._output(out)
 
   def decode(self, x, key_cache, value_cache, index, mask, rotary=None):
@@ -365,10 +373,10 @@ class GPTBlock(nnx.Module):
     self.mlp = SwiGluMlp(c, rngs=rngs) if c.mlp == 'swiglu' else GeluMlp(c, rngs=rngs)
     self.dropout_rate = c.dropout_rate
 
-  def __call__(self, x, segment_mask, rotary=None, dropout_rng=None):
+  def __call__(self, x, segment_ids, rotary=None, dropout_rng=None):
     k = [None] * 3 if dropout_rng is None else [jax.random.fold_in(dropout_rng, i) for i in range(3)]
     # The residual stream stays float32; only the branches run in the compute dtype.
-    a = self.attention(self.attention_norm(x), segment_mask, rotary=rotary, dropout_rng=k[0])
+    a = self.attention(self.attention_norm(x), segment_ids=segment_ids, rotary=rotary, dropout_rng=k[0])
     x = x + dropout(a, self.dropout_rate, k[1]).astype(jnp.float32)
     m = self.mlp(self.mlp_norm(x))
     x = x + dropout(m, self.dropout_rate, k[2]).astype(jnp.float32)
@@ -391,10 +399,10 @@ class GPTDecoder(nnx.Module):
     self.remat = c.remat
     self.layers = stack_layers(lambda r: GPTBlock(c, rngs=r), c.num_layers, c.scan_layers, rngs)
 
-  def __call__(self, x, segment_mask, dropout_rng=None, rotary=None):
+  def __call__(self, x, segment_ids, dropout_rng=None, rotary=None):
     # Layer i gets fold_in(dropout_rng, i) on both paths, so scanned == unscanned even with dropout.
     def run(lyr, h, k=None):
-      return lyr(h, segment_mask, rotary, k)
+      return lyr(h, segment_ids, rotary, k)
     if not self.scan_layers:
       for i, layer in enumerate(self.layers):
         key = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
@@ -454,15 +462,19 @@ class GPT(nnx.Module):
   def _rotary(self, positions):
     return rope_angles(self.config, positions) if self.config.position == 'rope' else None
 
+  def output_weights(self) -> jax.Array:
+    """The output projection [H, V] in the compute dtype (the token embeddings' transpose when tied)."""
+    c = self.config
+    # Gathered along fsdp first (what FSDP does at every use anyway; see Embed.attend); the vocab axis stays split.
+    if c.tie_embeddings:
+      table = constrain(self.token_embeddings.embedding[...], ('vocab', None))
+      return table.T.astype(c.compute_dtype)
+    return constrain(self.lm_head.kernel[...], (None, 'vocab')).astype(c.compute_dtype)
+
   def _logits(self, x):
     c = self.config
-    x = self.final_norm(x)
-    if c.tie_embeddings:
-      # Tied output projection (Embed.attend gathers the table along fsdp first; see layers.py).
-      return self.token_embeddings.attend(x, c.compute_dtype)
-    # Gathered along fsdp for the same reason as Embed.attend; the vocab axis stays split.
-    kernel = constrain(self.lm_head.kernel[...], (None, 'vocab')).astype(c.compute_dtype)
-    return jnp.einsum('...h,hv->...v', x.astype(c.compute_dtype), kernel, preferred_element_type=jnp.float32)
+    return jnp.einsum('...h,hv->...v', x.astype(c.compute_dtype), self.output_weights(),
+                      preferred_element_type=jnp.float32)
 
   def __call__(self, input_ids, *, segment_ids=None, positions=None, dropout_rng=None) -> jax.Array:
     """input_ids [B, T] -> next-token logits [B, T, V] float32. dropout_rng None = eval.
@@ -470,6 +482,11 @@ class GPT(nnx.Module):
     Packed rows: `segment_ids` [B, T] (0 = padding) let a token attend only to earlier tokens of its own
     segment; `positions` [B, T] (default 0..T-1) should restart at 0 in each document.
     """
+    return self._logits(self.features(input_ids, segment_ids=segment_ids, positions=positions,
+                                      dropout_rng=dropout_rng))
+
+  def features(self, input_ids, *, segment_ids=None, positions=None, dropout_rng=None) -> jax.Array:
+    """The final-norm hidden states [B, T, H] in the compute dtype: what the output projection reads."""
     c = self.config
     seq_len = input_ids.shape[1]
     if seq_len > c.max_position:
@@ -477,14 +494,11 @@ class GPT(nnx.Module):
                       'lower data.seq_len or raise model.max_position')
     if positions is None:
       positions = jnp.arange(seq_len)[None]
-    segment_mask = None
-    if segment_ids is not None:
-      segment_mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [B, 1, Tq, Tk]
     emb_key, dec_key = (None, None) if dropout_rng is None else (
         jax.random.fold_in(dropout_rng, 0), jax.random.fold_in(dropout_rng, 1))
     x = constrain(dropout(self._embed(input_ids, positions), c.dropout_rate, emb_key), ACT)
-    x = self.decoder(x, segment_mask, dec_key, self._rotary(positions))
-    return self._logits(x)
+    x = self.decoder(x, segment_ids, dec_key, self._rotary(positions))
+    return self.final_norm(x).astype(c.compute_dtype)
 
   # ----- KV-cache decoding -----
 
@@ -518,10 +532,15 @@ class GPT(nnx.Module):
     x = self._embed(tokens, positions)
     x, keys, values = self.decoder.decode(x, cache['key'], cache['value'], index, mask, self._rotary(positions))
     new_cache = dict(key=keys, value=values, positions=slot_positions, index=index + tokens.shape[1])
-    return self._logits(x), new_cache
+    return self._logits(self.final_norm(x)), new_cache
 
 
 # ----- loss, FLOPs -----
+
+def same_segment(segment_ids):
+  """[B, 1, T, T] bool: query and key in the same segment (document of a packed row)."""
+  return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+
 
 def next_token_pairs(segment_ids):
   """[B, T-1] bool: whether token t+1 is a target for position t (both in the same non-zero segment)."""
@@ -534,13 +553,32 @@ def next_token_loss(logits: jax.Array, input_ids: jax.Array, segment_ids: jax.Ar
   A pair counts only when both tokens are in the same non-zero segment: no loss across a document boundary of a
   packed row or on padding (segment 0). `segment_ids` None = every pair counts.
   """
-  logits = logits[:, :-1].astype(jnp.float32)
-  targets = input_ids[:, 1:]
-  valid = jnp.ones(targets.shape, bool) if segment_ids is None else next_token_pairs(segment_ids)
+  loss, _, count = next_token_stats(logits, input_ids, segment_ids)
+  return loss, count
+
+
+def next_token_targets(input_ids, segment_ids=None):
+  """(targets [B, T] int32, valid [B, T] bool): position t predicts token t + 1 where next_token_pairs says so;
+  the last position predicts nothing (target 0, not valid)."""
+  targets = jnp.pad(input_ids[:, 1:], ((0, 0), (0, 1))).astype(jnp.int32)
+  valid = jnp.ones(targets[:, 1:].shape, bool) if segment_ids is None else next_token_pairs(segment_ids)
+  return targets, jnp.pad(valid, ((0, 0), (0, 1)))
+
+
+def next_token_stats(logits: jax.Array, input_ids: jax.Array, segment_ids: jax.Array | None = None):
+  """(summed next-token loss, correct argmax predictions, counted pairs), float32 scalars; see next_token_loss.
+
+  Reads logits [B, T, V] at every position as they are, with the targets shifted instead (the last position
+  predicts nothing): slicing off the last position would copy the [B, T, V] array, and its gradient pad it back,
+  which was ~15% of a GPT-2 small train step on CPU.
+  """
+  logits = logits.astype(jnp.float32)
+  targets, valid = next_token_targets(input_ids, segment_ids)
   # logsumexp minus the target logit: no [B, T, V] log-softmax array is materialised.
-  target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   nll = jax.nn.logsumexp(logits, axis=-1) - target_logit
-  return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid).astype(jnp.float32)
+  correct = jnp.sum((jnp.argmax(logits, -1) == targets) & valid).astype(jnp.float32)
+  return jnp.sum(jnp.where(valid, nll, 0.0)), correct, jnp.sum(valid).astype(jnp.float32)
 
 
 def flops_per_token(model_cfg, vocab_size: int, seq_len: int, max_predictions: int = 0) -> float:

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxssl.errors import UserError
-
 from jaxssl.mesh import constrain
+from jaxssl.models import fused_attention
 
 Dtype = jnp.dtype
 
@@ -102,7 +102,7 @@ class MultiHeadAttention(nnx.Module):
   """
 
   def __init__(self, hidden: int, num_heads: int, *, stddev: float, attention_dropout_rate: float,
-               implementation: str = 'xla', dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+               implementation: str = 'auto', dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     head_dim = hidden // num_heads
     init = normal_init(stddev)
     for name in ('query', 'key', 'value'):
@@ -143,8 +143,10 @@ class MultiHeadAttention(nnx.Module):
       probs = dropout(probs, self.attention_dropout_rate, dropout_rng).astype(self.dtype)
       out = jnp.einsum('bnqk,bknd->bqnd', probs, v)
     else:
-      impl = None if self.implementation == 'xla' else self.implementation
-      out = jax.nn.dot_product_attention(q, k, v, mask=key_mask, implementation=impl)
+      # Splash reads the key padding as segment ids: real tokens (1) attend real tokens; padding (0) attends
+      # padding, whose outputs nothing reads.
+      ids = mask.astype(jnp.int32)
+      out = fused_attention.attend(q, k, v, implementation=self.implementation, mask=key_mask, segment_ids=(ids, ids))
     out = constrain(out.astype(self.dtype), ('batch', 'length', 'act_heads', 'kv'))
     y = jnp.einsum('blnd,ndh->blh', out, self.out_kernel[...].astype(self.dtype))
     return y + self.out_bias[...].astype(self.dtype)
@@ -206,8 +208,7 @@ def check_compute_settings(c, *, dropout_names=('dropout_rate', 'attention_dropo
     raise UserError(f"model.dtype={c.dtype!r}: use 'float32' or 'bfloat16'")
   if c.remat not in ('none', *REMAT_POLICIES):
     raise UserError(f"model.remat={c.remat!r}: use 'none', 'full' or 'dots'")
-  if c.attention not in ('xla', 'cudnn'):
-    raise UserError(f"model.attention={c.attention!r}: use 'xla' or 'cudnn'")
+  fused_attention.check_implementation(c.attention)
 
 
 def config_fields(cls, model_cfg, config_file: str) -> dict:

@@ -4,6 +4,7 @@ Losses are sums divided by the weight of the *whole* global batch, so accumulati
 gives exactly the full-batch gradient (not a mean of per-microbatch means).
 """
 import dataclasses
+import math
 from typing import Callable
 
 import jax
@@ -13,6 +14,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxssl import mesh as mesh_lib
+from jaxssl.models import lm_loss
 
 BATCH_KEYS = ('input_ids', 'token_type_ids', 'attention_mask', 'mlm_positions', 'mlm_ids', 'mlm_weights',
               'nsp_label')
@@ -120,12 +122,16 @@ def lm_sums(graphdef, params, batch, dropout_rng):
   """GPT: summed next-token loss, correct predictions and predicted pairs (within a document only)."""
   from jaxssl.models import gpt  # noqa: PLC0415 (the model registry imports this module's users, not the reverse)
   model = nnx.merge(graphdef, params)
-  logits = model(batch['input_ids'], segment_ids=batch['segment_ids'], positions=batch['positions'],
-                 dropout_rng=dropout_rng)
-  loss, count = gpt.next_token_loss(logits, batch['input_ids'], batch['segment_ids'])
-  valid = gpt.next_token_pairs(batch['segment_ids'])
-  correct = jnp.sum((jnp.argmax(logits[:, :-1], -1) == batch['input_ids'][:, 1:]) & valid)
-  return {'lm_loss': loss, 'lm_correct': correct.astype(jnp.float32), 'lm_count': count}
+  kw = dict(segment_ids=batch['segment_ids'], positions=batch['positions'], dropout_rng=dropout_rng)
+  if model.config.loss_chunk:
+    x = model.features(batch['input_ids'], **kw)
+    targets, valid = gpt.next_token_targets(batch['input_ids'], batch['segment_ids'])
+    chunk = math.gcd(x.shape[1], model.config.loss_chunk)
+    loss, correct = lm_loss.next_token_stats(x, model.output_weights(), targets, valid, chunk)
+    return {'lm_loss': loss, 'lm_correct': correct, 'lm_count': jnp.sum(valid).astype(jnp.float32)}
+  loss, correct, count = gpt.next_token_stats(model(batch['input_ids'], **kw), batch['input_ids'],
+                                              batch['segment_ids'])
+  return {'lm_loss': loss, 'lm_correct': correct, 'lm_count': count}
 
 
 def lm_totals(batch):

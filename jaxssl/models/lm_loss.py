@@ -1,0 +1,94 @@
+"""Next-token cross-entropy fused with the output projection, a block of positions at a time.
+
+The usual path writes logits [B, T, V] (0.4 GB for GPT-2 small at batch 8 x 256, float32), reads them again for
+logsumexp, the target logit and argmax, and in the backward pass writes the same size of gradient and reads it
+twice for the two weight-gradient matmuls. Here the logits of `chunk` positions exist at once, and under
+`jax.grad` the forward pass already forms their gradient (softmax - one-hot: the loss is the last thing computed,
+so its gradient is known up to the scalar cotangent) and reduces it into dL/dx and dL/dW on the spot; the
+backward pass only scales them. Same FLOPs, one exp per logit instead of two, no [B, T, V] array. Numerically it
+is the usual cross-entropy (float32 logits and softmax), tested against it; Levanter's blockwise cross-entropy
+and Liger's fused linear cross-entropy are the same idea.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def next_token_stats(x, weights, targets, valid, chunk: int):
+  """(summed cross-entropy, correct argmax predictions) over positions where `valid`, float32 scalars.
+
+  x [B, T, H] final hidden states (compute dtype), weights [H, V] (compute dtype), targets [B, T] int,
+  valid [B, T] bool; logits = x @ weights in float32. `chunk` positions per block (must divide T). Only the
+  cross-entropy is differentiable (with respect to x and weights).
+  """
+  return _stats(x, weights, targets, valid, chunk)
+
+
+def _blocks(a, chunk):
+  """[B, T, ...] -> [T / chunk, B, chunk, ...] (scanned over the first axis)."""
+  b, t = a.shape[:2]
+  return jnp.swapaxes(a.reshape(b, t // chunk, chunk, *a.shape[2:]), 0, 1)
+
+
+def _unblock(a):
+  n, b, c = a.shape[:3]
+  return jnp.swapaxes(a, 0, 1).reshape(b, n * c, *a.shape[3:])
+
+
+def _block_logits(xc, weights):
+  return jnp.einsum('bch,hv->bcv', xc, weights, preferred_element_type=jnp.float32)
+
+
+def _block_stats(logits, tc, vc):
+  """Summed nll and correct of one block, plus what its gradient needs (exp(logits - max), their sum)."""
+  peak = jnp.max(logits, axis=-1, keepdims=True)
+  e = jnp.exp(logits - peak)
+  total = jnp.sum(e, axis=-1, keepdims=True)
+  lse = (peak + jnp.log(total))[..., 0]
+  target_logit = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
+  nll = jnp.sum(jnp.where(vc, lse - target_logit, 0.0))
+  correct = jnp.sum((jnp.argmax(logits, axis=-1) == tc) & vc).astype(jnp.float32)
+  return nll, correct, e, total
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _stats(x, weights, targets, valid, chunk):
+  def body(carry, block):
+    xc, tc, vc = block
+    nll, correct, _, _ = _block_stats(_block_logits(xc, weights), tc, vc)
+    return (carry[0] + nll, carry[1] + correct), None
+  zero = jnp.zeros((), jnp.float32)
+  (nll, correct), _ = jax.lax.scan(body, (zero, zero), (_blocks(x, chunk), _blocks(targets, chunk),
+                                                        _blocks(valid, chunk)))
+  return nll, correct
+
+
+def _stats_fwd(x, weights, targets, valid, chunk):
+  vocab = weights.shape[1]
+
+  def body(carry, block):
+    nll_sum, correct_sum, weights_grad = carry
+    xc, tc, vc = block
+    nll, correct, e, total = _block_stats(_block_logits(xc, weights), tc, vc)
+    # d(nll)/d(logits) = softmax - one_hot(target), zero where not valid.
+    onehot = jax.lax.broadcasted_iota(jnp.int32, e.shape, 2) == tc[..., None]
+    dlogits = jnp.where(vc[..., None], e / total - onehot, 0.0).astype(x.dtype)
+    dx = jnp.einsum('bcv,hv->bch', dlogits, weights)
+    weights_grad = weights_grad + jnp.einsum('bch,bcv->hv', xc, dlogits, preferred_element_type=jnp.float32)
+    return (nll_sum + nll, correct_sum + correct, weights_grad), dx
+  zero = jnp.zeros((), jnp.float32)
+  init = (zero, zero, jnp.zeros((weights.shape[0], vocab), jnp.float32))
+  (nll, correct, weights_grad), dx = jax.lax.scan(
+      body, init, (_blocks(x, chunk), _blocks(targets, chunk), _blocks(valid, chunk)))
+  return (nll, correct), (_unblock(dx), weights_grad.astype(weights.dtype))
+
+
+def _stats_bwd(chunk, residuals, cotangents):
+  del chunk
+  dx, weights_grad = residuals
+  g = cotangents[0]  # `correct` is a count: no gradient flows from it
+  return (g * dx).astype(dx.dtype), (g * weights_grad).astype(weights_grad.dtype), None, None
+
+
+_stats.defvjp(_stats_fwd, _stats_bwd)

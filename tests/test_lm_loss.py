@@ -1,0 +1,73 @@
+"""The fused blockwise projection + cross-entropy (model.loss_chunk) equals the plain [B, T, V]-logits loss."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxssl.config import load_config
+from jaxssl.errors import UserError
+from jaxssl.models import build_model, gpt, lm_loss
+from jaxssl.train import step as step_lib
+
+B, T, H, V = 2, 16, 8, 50
+
+
+def packed_rows():
+  ids = jax.random.randint(jax.random.key(2), (B, T), 0, V)
+  seg = jnp.asarray(np.array([[1] * 10 + [2] * 4 + [0] * 2, [1] * 16]), jnp.int32)
+  return ids, seg
+
+
+@pytest.mark.parametrize('chunk', [4, T])
+def test_values_and_gradients_equal_the_plain_loss(chunk):
+  x = jax.random.normal(jax.random.key(0), (B, T, H))
+  w = jax.random.normal(jax.random.key(1), (H, V))
+  ids, seg = packed_rows()
+  targets, valid = gpt.next_token_targets(ids, seg)
+
+  def plain(x, w):
+    loss, correct, _ = gpt.next_token_stats(jnp.einsum('bth,hv->btv', x, w), ids, seg)
+    return loss, correct
+
+  def fused(x, w):
+    return lm_loss.next_token_stats(x, w, targets, valid, chunk)
+  for got, want in zip(jax.jit(fused)(x, w), plain(x, w)):
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+  # A scaled loss (what dividing by the token count does) scales both gradients.
+  grads = jax.jit(jax.grad(lambda x, w: 0.5 * fused(x, w)[0], argnums=(0, 1)))(x, w)
+  expected = jax.grad(lambda x, w: 0.5 * plain(x, w)[0], argnums=(0, 1))(x, w)
+  for got, want in zip(grads, expected):
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('variant', ['tiny', 'llama_tiny'])  # tied embeddings, and a separate lm_head
+def test_train_sums_and_gradients_same_with_and_without_chunks(variant):
+  ids, seg = packed_rows()
+  batch = {'input_ids': ids, 'segment_ids': seg,
+           'positions': jnp.asarray(np.array([list(range(10)) + list(range(4)) + [0, 0], list(range(16))]))}
+  results = []
+  for chunk in (0, 8):
+    c = load_config(f'configs/gpt.py:{variant}').model
+    c.update(num_layers=1, hidden_size=32, num_heads=2, num_kv_heads=0 if variant == 'tiny' else 1,
+             intermediate_size=64, max_position=T, loss_chunk=chunk)
+    with nnx.use_eager_sharding(False):
+      graphdef, params = nnx.split(build_model(c, V, rngs=nnx.Rngs(params=0)))
+
+    def loss(params):
+      sums = step_lib.lm_sums(graphdef, params, batch, jax.random.key(3))
+      return sums['lm_loss'] / sums['lm_count'], sums
+    (value, sums), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    results.append((value, sums, grads))
+  (v0, s0, g0), (v1, s1, g1) = results
+  np.testing.assert_allclose(v1, v0, rtol=1e-5)
+  assert float(s1['lm_count']) == float(s0['lm_count']) == 27.0 and float(s1['lm_correct']) == float(s0['lm_correct'])
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_negative_chunk_is_refused():
+  c = load_config('configs/gpt.py:tiny').model
+  c.loss_chunk = -1
+  with pytest.raises(UserError, match=r'model.loss_chunk=-1 must be >= 0 \(0 = the whole logits at once\)'):
+    gpt.GPTConfig.from_config(c, V)
