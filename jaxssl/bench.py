@@ -3,7 +3,8 @@
   python -m jaxssl.bench --config configs/bert.py:small [--steps N] [--config.key=value ...]
 
 Every family (bert, gpt, encdec, elmo): synthetic batches in the family's train layout. Prints one JSON line:
-tokens_per_sec, step_time_s (median), compile_s (trace + compile, not run), peak_memory_mb, flops_per_token, mfu, device, family. Compare
+tokens_per_sec, step_time_s (median), compile_s (trace + compile, not run), peak_memory_mb,
+temp_memory_mb (XLA's scratch of the compiled step: activations), flops_per_token, mfu, device, family. Compare
 against ../shared/bench/ run in the same session (ratios, not absolute figures). `--profile DIR` writes a
 jax.profiler trace of the timed steps.
 
@@ -72,6 +73,7 @@ def run(config, steps: int, profile_dir: str = '') -> dict:
     state, metrics = compiled(state, batch)  # the first run (allocation, caches) is not timed either
     jax.block_until_ready(metrics)
     train_step = compiled
+    memory = compiled.memory_analysis()  # XLA's own figures for the compiled program (CPU included)
     times = []
     with trace:
       for _ in range(steps):
@@ -89,6 +91,8 @@ def run(config, steps: int, profile_dir: str = '') -> dict:
   return {
       'tokens_per_sec': round(tokens / step_time, 1), 'step_time_s': round(step_time, 4),
       'compile_s': round(compile_s, 2), 'peak_memory_mb': round(peak_mb, 1),
+      # Activations and other scratch of one step (what remat trades), per device.
+      'temp_memory_mb': round(memory.temp_size_in_bytes / 2**20, 1) if memory else None,
       'flops_per_token': flops, 'mfu': round(tokens / step_time * flops / peak, 4) if peak else None,
       'device': f'{jax.device_count()}x {jax.devices()[0].device_kind}', 'family': config.model.name,
       'config': config.get('variant', ''), 'batch': config.train.batch_size, 'seq_len': config.data.seq_len,

@@ -234,7 +234,7 @@ def test_crosslingual_table(export_dir, classification_run, tmp_path):
   write_sentiment(tmp_path / 'dev_xx.tsv', 60, 13)  # stands in for a second language's dev set
   run = finetuned('classification', export_dir, tmp_path / 'en', tmp_path / 'train.tsv', tmp_path / 'dev_en.tsv',
                   f'--config.task.eval_sets=en={tmp_path / "dev_en.tsv"},xx={tmp_path / "dev_xx.tsv"}',
-                  '--config.train.steps=50')
+                  '--config.train.steps=20', '--config.eval.every_steps=20', '--config.checkpoint.every_steps=20')
   out = tmp_path / 'results.json'
   result = job('jaxssl.evaluate', '--config', 'configs/eval.py:crosslingual', f'--config.params={run}/export',
                f'--config.baselines=xx={classification_run}/export', '--out', str(out))

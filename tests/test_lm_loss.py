@@ -71,3 +71,22 @@ def test_negative_chunk_is_refused():
   c.loss_chunk = -1
   with pytest.raises(UserError, match=r'model.loss_chunk=-1 must be >= 0 \(0 = the whole logits at once\)'):
     gpt.GPTConfig.from_config(c, V)
+
+
+def test_bfloat16_compute_keeps_a_float32_loss():
+  """bf16 hidden states and weights (model.dtype=bfloat16): float32 logits and loss, bf16 cotangents as the plain
+  path gives them, values within bf16 rounding of the float32 loss."""
+  x = jax.random.normal(jax.random.key(0), (B, T, H))
+  w = jax.random.normal(jax.random.key(1), (H, V))
+  ids, seg = packed_rows()
+  targets, valid = gpt.next_token_targets(ids, seg)
+  loss32, _ = lm_loss.next_token_stats(x, w, targets, valid, 4)
+  loss16, _ = lm_loss.next_token_stats(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), targets, valid, 4)
+  assert loss16.dtype == jnp.float32
+  np.testing.assert_allclose(loss16, loss32, rtol=2e-2)
+  gx, gw = jax.grad(lambda x, w: lm_loss.next_token_stats(x, w, targets, valid, 4)[0], argnums=(0, 1))(
+      x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+  assert gx.dtype == gw.dtype == jnp.bfloat16
+  ex, ew = jax.grad(lambda x, w: lm_loss.next_token_stats(x, w, targets, valid, 4)[0], argnums=(0, 1))(x, w)
+  np.testing.assert_allclose(np.asarray(gw, np.float32), ew, atol=0.05 * float(np.abs(ew).max()))
+  np.testing.assert_allclose(np.asarray(gx, np.float32), ex, atol=0.05 * float(np.abs(ex).max()))
