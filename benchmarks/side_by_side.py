@@ -60,6 +60,8 @@ def main():
   parser.add_argument('--skip', action='append', default=[], help='reference names to leave out, e.g. hf_torch_bf16')
   parser.add_argument('--flax-python', default=sys.executable, help='python of the HF Flax venv (transformers 4.57)')
   parser.add_argument('--torch-python', default=sys.executable, help='python of the HF PyTorch venv')
+  parser.add_argument('--jaxssl-arg', action='append', default=[], metavar='ARG',
+                      help='extra jaxssl.bench argument, repeatable, e.g. --jaxssl-arg=--config.model.remat=dots')
   parser.add_argument('--out', default='side_by_side.jsonl')
   parser.add_argument('--timeout', type=int, default=1800, help='seconds per run')
   args = parser.parse_args()
@@ -69,7 +71,8 @@ def main():
     for case in args.case or sorted(CASES):
       ours_args, refs = CASES[case]
       refs = {k: v for k, v in refs.items() if k not in args.skip}
-      cmds = {'jaxssl': [sys.executable, '-m', 'jaxssl.bench', *ours_args, '--steps', str(args.steps)]}
+      cmds = {'jaxssl': [sys.executable, '-m', 'jaxssl.bench', *ours_args, *args.jaxssl_arg, '--steps',
+                         str(args.steps)]}
       for name, (venv, script) in refs.items():
         cmds[name] = [pythons[venv], os.path.join(SHARED, script[0]), *script[1:], '--steps', str(args.steps)]
       rates = {name: [] for name in cmds}

@@ -220,8 +220,10 @@ def assert_losses_match(workdir, reference, steps, rtol=1e-5):
 
 def test_local_pod_preempted_then_resumed_on_other_process_counts(corpus, reference_run, tmp_path):
   """2 processes x 4 devices, SIGTERM (preemption) → all agree on a step, save it, exit 0. That checkpoint resumes
-  on 4 x 2 (preempted again) and on 1 x 8 as a (2, 2, 2) mesh (fsdp- and tensor-sharded params), and every loss
-  equals the uninterrupted single-process, single-device run's within 1e-5."""
+  on 1 x 8 as a (2, 2, 2) mesh (fsdp- and tensor-sharded params), and every loss equals the uninterrupted
+  single-process, single-device run's within 1e-5. (A 4 x 2 leg, preempted again, was dropped to keep the suite in
+  its 15 minutes: 4 processes on a 2-core runner took ~60 s; test_sigkill_then_rerun_resumes_exactly covers a
+  second interruption.)"""
   first = tmp_path / 'pod2x4'
   proc = pod(corpus, first, 2, 4)
   wait_for_step(proc, first, 3)
@@ -232,18 +234,6 @@ def test_local_pod_preempted_then_resumed_on_other_process_counts(corpus, refere
   s1 = checkpoint_steps(first)[-1]
   assert 3 <= s1 < STEPS
   assert_losses_match(first, reference_run, range(1, s1 + 1))
-
-  four = tmp_path / 'pod4x2'
-  shutil.copytree(first, four)
-  proc = pod(corpus, four, 4, 2)
-  wait_for_step(proc, four, s1 + 1)
-  proc.send_signal(signal.SIGTERM)
-  out, err = proc.communicate(timeout=120)
-  assert proc.returncode == 0, err[-3000:]
-  assert f'resuming from step {s1}' in out and '4 process(es)' in out
-  s2 = checkpoint_steps(four)[-1]
-  assert s2 > s1
-  assert_losses_match(four, reference_run, range(s1 + 1, s2 + 1))
 
   one = tmp_path / 'one8'
   shutil.copytree(first, one)
