@@ -465,10 +465,9 @@ class GPT(nnx.Module):
   def output_weights(self) -> jax.Array:
     """The output projection [H, V] in the compute dtype (the token embeddings' transpose when tied)."""
     c = self.config
-    # Gathered along fsdp first (what FSDP does at every use anyway; see Embed.attend); the vocab axis stays split.
+    # Gathered along fsdp first (what FSDP does at every use anyway; see Embed.gathered); the vocab axis stays split.
     if c.tie_embeddings:
-      table = constrain(self.token_embeddings.embedding[...], ('vocab', None))
-      return table.T.astype(c.compute_dtype)
+      return self.token_embeddings.gathered(c.compute_dtype).T
     return constrain(self.lm_head.kernel[...], (None, 'vocab')).astype(c.compute_dtype)
 
   def _logits(self, x):

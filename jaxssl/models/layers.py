@@ -54,14 +54,16 @@ class Embed(nnx.Module):
     # Gathered in float32: the embedding sum feeds a LayerNorm, which wants float32 anyway.
     return jnp.take(self.embedding[...], ids, axis=0)
 
+  def gathered(self, dtype: Dtype) -> jax.Array:
+    """The table [num_embeddings, features] in `dtype`, whole along its feature axis (for an output projection)."""
+    # Gather the table whole along its feature axis first (what FSDP does at every use anyway). Left to XLA's SPMD
+    # partitioner, the backward of the tied projection misaligned batch rows on meshes with data, fsdp and tensor
+    # all > 1: the loss was right, the gradients wrong (tests/test_train.py guards this).
+    return constrain(self.embedding[...], (self.names[0], None)).astype(dtype)
+
   def attend(self, x: jax.Array, dtype: Dtype) -> jax.Array:
     """x @ embedding^T in `dtype`, accumulated and returned in float32 (logits feed a float32 loss)."""
-    # Gather the table whole along its feature axis first (what FSDP does at every use anyway). Left to XLA's SPMD
-    # partitioner, the backward of this einsum misaligned batch rows on meshes with data, fsdp and tensor all > 1:
-    # the loss was right, the gradients wrong (tests/test_train.py guards this).
-    table = constrain(self.embedding[...], (self.names[0], None))
-    return jnp.einsum('...h,vh->...v', x.astype(dtype), table.astype(dtype),
-                      preferred_element_type=jnp.float32)
+    return jnp.einsum('...h,vh->...v', x.astype(dtype), self.gathered(dtype), preferred_element_type=jnp.float32)
 
 
 class LayerNorm(nnx.Module):
