@@ -1,4 +1,9 @@
 """jaxssl: self-supervised pretraining of Transformer language models in JAX/Flax."""
+from jaxssl import runtime as _runtime
+
+if _runtime.runs_xla_cpu():
+  # Before numpy or jax start threads: XLA:CPU's per-step scratch then reuses mapped pages (runtime.py says why).
+  _runtime.keep_host_memory_mapped()
 
 
 def load(params_dir: str, mesh=None):

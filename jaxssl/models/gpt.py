@@ -286,14 +286,16 @@ class CausalSelfAttention(nnx.Module):
     """Softmax attention spelled out; q [B, T, N, D], k/v [B, S, K, D], `mask` [B, 1, T, S] bool (True = may
     attend). Query heads are grouped (K, N/K) so each group reads its key/value head without copying it."""
     b, t, n, d = q.shape
-    q = q.reshape(b, t, k.shape[2], n // k.shape[2], d)
-    logits = jnp.einsum('btkgd,bskd->bkgts', q, k, preferred_element_type=jnp.float32)
+    # Heads in front of the sequence (as in layers.MultiHeadAttention: XLA:CPU's batched matmuls want them there).
+    q = q.reshape(b, t, k.shape[2], n // k.shape[2], d).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
+    k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, K, S, D]
+    logits = jnp.einsum('bkgtd,bksd->bkgts', q, k, preferred_element_type=jnp.float32)
     logits = logits / jnp.sqrt(jnp.float32(self.head_dim))
     # A row with nothing to attend (a padding query) becomes uniform, not NaN; its output is never used.
     logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
     probs = dropout(probs, self.attention_dropout_rate, dropout_rng).astype(self.dtype)
-    return jnp.einsum('bkgts,bskd->btkgd', probs, v).reshape(b, t, n, d)
+    return jnp.einsum('bkgts,bksd->bkgtd', probs, v).transpose(0, 3, 1, 2, 4).reshape(b, t, n, d)
 
   def __call__(self, x: jax.Array, segment_mask: jax.Array | None = None, *, segment_ids: jax.Array | None = None,
                rotary=None, dropout_rng: jax.Array | None = None, explicit: bool = False) -> jax.Array:

@@ -6,6 +6,7 @@ float32. Dropout takes an explicit key (None = off) instead of nnx.Rngs state, s
 function of (params, batch, key) and the model state holds no RNG counters.
 """
 import dataclasses
+import math
 from typing import Sequence
 
 import jax
@@ -34,11 +35,41 @@ zeros = jax.nn.initializers.zeros
 ones = jax.nn.initializers.ones
 
 
+def _hash32(x: jax.Array) -> jax.Array:
+  """Chris Wellons' `triple32` integer hash (uint32 -> uint32, near-ideal avalanche: bias 0.021)."""
+  for shift, mult in ((17, 0xED5AD4BB), (11, 0xAC4C1B51), (15, 0x31848BAB)):
+    x = (x ^ (x >> shift)) * jnp.uint32(mult)
+  return x ^ (x >> 14)
+
+
+def keep_mask(rng: jax.Array, keep_prob: float, shape: Sequence[int]) -> jax.Array:
+  """A boolean mask of `shape`, each element True with probability `keep_prob`, from `rng`.
+
+  Threefry (jax.random.bernoulli) costs ~60 integer ops per element and was 15-20% of a BERT-base layer's forward
+  pass on CPU. Here threefry makes two 32-bit seeds only; each element's mask bit is a keyed hash of its index in
+  the array (two rounds of a strong 32-bit integer hash), ~15 ops and elementwise, so XLA fuses it into the dropout
+  and partitions it like any elementwise op: the mask is the same sharded or not. Arrays of 2**32 elements or more
+  fall back to jax.random.bernoulli (the index would wrap).
+  """
+  shape = tuple(shape)
+  if math.prod(shape) >= 2**32:
+    return jax.random.bernoulli(rng, keep_prob, shape)
+  seeds = jax.random.bits(rng, (2,), jnp.uint32)
+  index, stride = jnp.zeros(shape, jnp.uint32), 1
+  for axis in reversed(range(len(shape))):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
+    stride *= shape[axis]
+  bits = _hash32(_hash32(index ^ seeds[0]) ^ seeds[1])
+  # P(bits < threshold) = threshold / 2**32: keep_prob to within 2**-32.
+  threshold = min(round(keep_prob * 2**32), 2**32 - 1)
+  return bits < jnp.uint32(threshold)
+
+
 def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
   """Inverted dropout; the identity when `rng` is None (eval) or `rate` is 0."""
   if rng is None or rate <= 0.0:
     return x
-  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  keep = keep_mask(rng, 1.0 - rate, x.shape)
   return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x)).astype(x.dtype)
 
 
@@ -137,13 +168,16 @@ class MultiHeadAttention(nnx.Module):
     if attend is not None:
       out = attend(q, k, v, mask.astype(bool), dropout_rng)
     elif use_dropout or explicit:
-      # dot_product_attention has no dropout on the probabilities, so spell it out here.
-      logits = jnp.einsum('bqnd,bknd->bnqk', q, k, preferred_element_type=jnp.float32)
+      # dot_product_attention has no dropout on the probabilities, so spell it out here. Heads go in front of the
+      # sequence first: XLA:CPU's batched matmuls with (batch, heads) leading ran the attention core ~1.5x faster
+      # (forward + backward, BERT-base shapes) than einsums that stride over heads.
+      qh, kh, vh = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))  # [B, N, L, D]
+      logits = jnp.einsum('bnqd,bnkd->bnqk', qh, kh, preferred_element_type=jnp.float32)
       logits = logits / jnp.sqrt(jnp.float32(self.head_dim))
       logits = jnp.where(key_mask, logits, jnp.finfo(jnp.float32).min)
       probs = jax.nn.softmax(logits, axis=-1)
       probs = dropout(probs, self.attention_dropout_rate, dropout_rng).astype(self.dtype)
-      out = jnp.einsum('bnqk,bknd->bqnd', probs, v)
+      out = jnp.swapaxes(jnp.einsum('bnqk,bnkd->bnqd', probs, vh), 1, 2)
     else:
       # Splash reads the key padding as segment ids: real tokens (1) attend real tokens; padding (0) attends
       # padding, whose outputs nothing reads.
