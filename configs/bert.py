@@ -47,6 +47,7 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
       dtype='float32',     # compute dtype; params stay float32. 'bfloat16' on TPU/GPU.
       remat='none',        # 'none' | 'full' | 'dots' (save matmul outputs, recompute the rest)
       scan_layers=True,    # one compiled layer body under nnx.scan: compile time flat in depth
+      final_layer_subset=True,  # pretraining: the last layer computes only [CLS] and the masked positions
       attention='auto',    # 'auto' (cuDNN flash on GPU in bf16, splash on TPU, else XLA) | 'xla' | 'cudnn' | 'splash'
       attention_type='full',  # 'full' | 'block_sparse' (Big Bird ITC; jaxssl/models/attention.py)
       block_size=64,          # block_sparse: tokens per block (seq_len must be a multiple)

@@ -131,6 +131,22 @@ def test_remat_same_loss_and_grads():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads, results[0][1])
 
 
+@pytest.mark.parametrize('scan,remat', [(True, 'none'), (True, 'dots'), (False, 'full')])
+def test_final_layer_subset_equals_full_last_layer(scan, remat):
+  """The last layer at [CLS] + mlm_positions only: the same logits and gradients as the whole last layer."""
+  batch, results = make_batch(), []
+  for subset in (False, True):
+    graphdef, state = nnx.split(make(scan_layers=scan, remat=remat, final_layer_subset=subset))
+    results.append(jax.jit(jax.value_and_grad(_loss, argnums=1), static_argnums=0)(graphdef, state, batch, None))
+  np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), results[1][1], results[0][1])
+  # With dropout the masks of the last layer differ in shape, so only the training signal is compared loosely.
+  key = jax.random.key(7)
+  losses = [jax.jit(_loss, static_argnums=0)(*nnx.split(make(scan_layers=scan, remat=remat, final_layer_subset=s)),
+                                              batch, key) for s in (False, True)]
+  assert np.isfinite(losses).all() and abs(losses[0] - losses[1]) < 0.5
+
+
 def test_bfloat16_compute():
   batch = make_batch()
   f32, bf16 = forward(make(), batch), forward(make(dtype='bfloat16'), batch)
@@ -227,6 +243,11 @@ def test_flops_per_token_hand_count():
   cfg = tiny_cfg(num_layers=2, hidden_size=4, num_heads=2, intermediate_size=8)
   # per layer: q,k,v,out 4*4*4 = 64 + mlp 2*4*8 = 64 -> 128 params -> 768 FLOPs; attention 12*4*10 = 480
   # mlm: 6*(16 + 4*100)*3/10 = 748.8; nsp: 6*(16 + 8)/10 = 14.4
+  cfg.update(final_layer_subset=False)
   assert flops_per_token(cfg, 100, 10, 3) == pytest.approx(2 * (768 + 480) + 748.8 + 14.4)
+  # the last layer at 1 + 3 of 10 rows: k,v 6*2*16 = 192 everywhere; q,out,mlp 6*(32 + 64) = 576 and attention
+  # 480 at 0.4 of the rows
+  cfg.update(final_layer_subset=True)
+  assert flops_per_token(cfg, 100, 10, 3) == pytest.approx(768 + 480 + 192 + 0.4 * (576 + 480) + 748.8 + 14.4)
   with pytest.raises(UserError, match='model.name'):
     build_model(tiny_cfg(name='nope'), V, rngs=nnx.Rngs(params=0))

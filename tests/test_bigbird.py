@@ -251,6 +251,7 @@ def test_bigbird_configs_and_flops():
     assert c.model.attention_type == 'block_sparse' and c.data.seq_len == c.model.max_position == 4096
     assert c.data.max_predictions == 614 and c.data.seq_len % c.model.block_size == 0
   c = load_config(f'{CONFIGS}:bigbird_base')
+  c.model.final_layer_subset = False  # (block-sparse lengths never subset; keep the full-attention count alike)
   sparse = flops_per_token(c.model, 30522, 4096, 614)
   c.model.attention_type = 'full'
   full = flops_per_token(c.model, 30522, 4096, 614)

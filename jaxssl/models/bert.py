@@ -43,6 +43,8 @@ class BertConfig:
   dtype: str = 'float32'
   remat: str = 'none'
   scan_layers: bool = True
+  # Pretraining reads the last layer only at [CLS] and the masked positions: compute just those rows there.
+  final_layer_subset: bool = True
   attention: str = 'auto'
   attention_type: str = 'full'    # 'full' | 'block_sparse' (Big Bird ITC)
   block_size: int = 64            # block_sparse: tokens per block
@@ -98,12 +100,15 @@ class BertLayer(nnx.Module):
     self.dropout_rate = c.dropout_rate
     self.attention_dropout_rate = c.attention_dropout_rate
 
-  def __call__(self, x, mask, dropout_rng=None, random_blocks=None):
-    """`random_blocks` (this layer's attention.random_block_table) switches attention to block-sparse."""
+  def __call__(self, x, mask, dropout_rng=None, random_blocks=None, output_positions=None):
+    """`random_blocks` (this layer's attention.random_block_table) switches attention to block-sparse.
+    `output_positions` [B, P]: compute the output only at these positions ([B, P, H]; keys are all of x)."""
     k = [None] * 3 if dropout_rng is None else [jax.random.fold_in(dropout_rng, i) for i in range(3)]
     attend = None if random_blocks is None else functools.partial(
         sparse.block_sparse_attention, random_blocks=random_blocks, dropout_rate=self.attention_dropout_rate)
-    a = self.attention(x, mask, dropout_rng=k[0], attend=attend)
+    a = self.attention(x, mask, dropout_rng=k[0], attend=attend, query_positions=output_positions)
+    if output_positions is not None:
+      x = jnp.take_along_axis(x, output_positions[:, :, None], axis=1)
     # Residual sums in float32: the LayerNorm right after wants them unrounded.
     x = self.attention_norm(x.astype(jnp.float32) + dropout(a, self.dropout_rate, k[1]).astype(jnp.float32))
     m = self.mlp(x)
@@ -131,9 +136,17 @@ class BertEncoder(nnx.Module):
     return jnp.asarray(np.stack([sparse.random_block_table(nb, c.num_random_blocks, seed=i, num_heads=c.num_heads)
                                  for i in range(c.num_layers)]))
 
-  def __call__(self, x, mask, dropout_rng=None, *, return_hidden_states=False):
-    """-> x, or (x, per-layer outputs [num_layers, B, L, H]) with `return_hidden_states`."""
+  def __call__(self, x, mask, dropout_rng=None, *, return_hidden_states=False, output_positions=None):
+    """-> x, or (x, per-layer outputs [num_layers, B, L, H]) with `return_hidden_states`.
+
+    `output_positions` [B, P] (full attention only): the result is the last layer's output at these positions
+    only, [B, P, H], and the last layer computes nothing else but the keys and values of every position.
+    """
     tables = self.random_blocks(x.shape[1])
+    if output_positions is not None:
+      if tables is not None or return_hidden_states:
+        raise ValueError('output_positions needs full attention and no return_hidden_states')
+      return self._last_layer_at(x, mask, dropout_rng, output_positions)
     # Layer i gets fold_in(dropout_rng, i) (and tables[i]) on both paths, so scanned == unscanned.
     if not self.scan_layers:
       outputs = []
@@ -164,6 +177,31 @@ class BertEncoder(nnx.Module):
         self.layers, x, keys)
 
 
+  def _last_layer_at(self, x, mask, dropout_rng, output_positions):
+    """Layers 0..L-2 over every position, then layer L-1 at `output_positions` (same keys as __call__)."""
+    n = self.num_layers
+    keys = None if dropout_rng is None else jax.vmap(lambda i: jax.random.fold_in(dropout_rng, i))(jnp.arange(n))
+    key_of = lambda i: None if keys is None else keys[i]  # noqa: E731
+    run = lambda lyr, h, k, pos=None: lyr(h, mask, k, None, pos)  # noqa: E731
+    if not self.scan_layers:
+      for i in range(n - 1):
+        x = maybe_remat(run, self.remat, in_scan=False)(self.layers[i], x, key_of(i))
+      last = self.layers[-1]
+    else:
+      # The scan runs layer i by slicing the stacked params at i (what nnx.scan does for its xs), so the first
+      # L - 1 layers need no copy of a params[:-1] slice; the gradient lands in place in the stacked buffer.
+      graphdef, params = nnx.split(self.layers)
+      layer_at = lambda i: nnx.merge(graphdef, jax.tree.map(  # noqa: E731
+          lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), params))
+      body = maybe_remat(lambda h, i, k: run(layer_at(i), h, k), self.remat, in_scan=True)
+      x, _ = jax.lax.scan(lambda h, xs: (body(h, *xs), None), x,
+                          (jnp.arange(n - 1), None if keys is None else keys[:-1]))
+      # An index XLA cannot see through: the gradient of a constant slice is a pad, added to the whole stacked
+      # gradient (a full pass over every layer's params); that of a dynamic slice is updated in place.
+      last = layer_at(jax.lax.optimization_barrier(jnp.int32(n - 1)))
+    return maybe_remat(run, self.remat, in_scan=False)(last, x, key_of(n - 1), output_positions)
+
+
 class BertForPretraining(nnx.Module):
   """BERT body + MLM head (tied decoder, only at `mlm_positions`) + NSP head (pooler -> 2 classes).
 
@@ -189,11 +227,14 @@ class BertForPretraining(nnx.Module):
       self.mlm_norm = LayerNorm(h, eps=c.layer_norm_eps, dtype=dt, rngs=rngs)
       self.mlm_bias = make_param(rngs, zeros, (c.vocab_size,), ('vocab',))
 
-  def encode(self, input_ids, token_type_ids, attention_mask, *, dropout_rng=None, return_hidden_states=False):
+  def encode(self, input_ids, token_type_ids, attention_mask, *, dropout_rng=None, return_hidden_states=False,
+             output_positions=None):
     """[B, L] ints -> (sequence [B, L, H], pooled [B, H]) in the compute dtype. dropout_rng None = eval.
 
     With `return_hidden_states` (like HF `output_hidden_states=True`) also returns a tuple of num_layers + 1
     [B, L, H] arrays: the embedding output (after LayerNorm and dropout), then each layer's output.
+    With `output_positions` [B, P] (first column 0, the [CLS] the pooler reads) the sequence is [B, P, H], the
+    rows at those positions, and the last layer computes only them (BertEncoder).
     """
     c = self.config
     seq_len = input_ids.shape[1]
@@ -211,16 +252,26 @@ class BertForPretraining(nnx.Module):
       x, layer_outputs = self.encoder(x, attention_mask, enc_key, return_hidden_states=True)
       hidden_states = (emb, *(layer_outputs[i] for i in range(c.num_layers)))
     else:
-      x = self.encoder(x, attention_mask, enc_key)
+      x = self.encoder(x, attention_mask, enc_key, output_positions=output_positions)
     pooled = jnp.tanh(self.pooler(x[:, 0]))
     return (x, pooled, hidden_states) if return_hidden_states else (x, pooled)
 
   def __call__(self, input_ids, token_type_ids, attention_mask, mlm_positions, *, dropout_rng=None):
     """-> (mlm_logits [B, P, V] float32 at `mlm_positions` [B, P], nsp_logits [B, 2] float32)."""
-    seq, pooled = self.encode(input_ids, token_type_ids, attention_mask, dropout_rng=dropout_rng)
+    c = self.config
+    mlm_positions = mlm_positions.astype(jnp.int32)
+    if c.final_layer_subset and not c.sparse_at(input_ids.shape[1]):
+      # The heads read [CLS] and the P masked positions: the last layer computes those 1 + P rows only (about
+      # 10/12 of its matmuls skipped at the other positions; same loss).
+      positions = jnp.concatenate([jnp.zeros_like(mlm_positions[:, :1]), mlm_positions], axis=1)
+      seq, pooled = self.encode(input_ids, token_type_ids, attention_mask, dropout_rng=dropout_rng,
+                                output_positions=positions)
+      h = seq[:, 1:]
+    else:
+      seq, pooled = self.encode(input_ids, token_type_ids, attention_mask, dropout_rng=dropout_rng)
+      # Gather first: the H x V projection then costs P (~0.15 L) positions instead of L.
+      h = jnp.take_along_axis(seq, mlm_positions[:, :, None], axis=1)
     nsp_logits = self.nsp_classifier(pooled.astype(jnp.float32))
-    # Gather first: the H x V projection then costs P (~0.15 L) positions instead of L.
-    h = jnp.take_along_axis(seq, mlm_positions[:, :, None].astype(jnp.int32), axis=1)
     h = constrain(h, ('batch', 'predictions', 'act_embed'))
     h = self.mlm_norm(jax.nn.gelu(self.mlm_transform(h), approximate=False))
     mlm_logits = self.word_embeddings.attend(h, self.config.compute_dtype) + self.mlm_bias[...]
@@ -233,7 +284,8 @@ def flops_per_token(model_cfg, vocab_size: int, seq_len: int, max_predictions: i
   Per layer: 6 x matmul params (4 H^2 for q/k/v/out + 2 H I for the MLP) plus attention scores and
   weighted sum, 12 x H x keys (QK^T and AV, 2 H keys each forward): keys = seq_len for full attention, and for
   block-sparse the mean number of keys a query scores (the 2 global blocks all T, the others (5 + r) blocks).
-  The MLM head (H^2 transform + H x V tied decoder) runs at only `max_predictions` of `seq_len` positions; the
+  With `final_layer_subset` (full attention) the last layer projects keys and values at every position but
+  queries, output, MLP and attention only at the 1 + max_predictions rows the heads read. The MLM head (H^2 transform + H x V tied decoder) runs at only `max_predictions` of `seq_len` positions; the
   pooler + NSP classifier once per sequence. Embedding lookups, norms, softmax and biases are not counted (as in
   the usual MFU formula).
   """
@@ -243,7 +295,11 @@ def flops_per_token(model_cfg, vocab_size: int, seq_len: int, max_predictions: i
   if c.sparse_at(seq_len):
     nb = seq_len // c.block_size
     keys = (2 * seq_len + (nb - 2) * sparse.min_blocks(c.num_random_blocks) * c.block_size) / nb
-  layers = n_layers * (6 * (4 * h * h + 2 * h * i) + 12 * h * keys)
+  layer = 6 * (4 * h * h + 2 * h * i) + 12 * h * keys
+  layers = n_layers * layer
+  if c.final_layer_subset and not c.sparse_at(seq_len):
+    rows = min(1.0, (1 + max_predictions) / seq_len)
+    layers += 6 * 2 * h * h + rows * (6 * (2 * h * h + 2 * h * i) + 12 * h * keys) - layer
   mlm = 6 * (h * h + h * c.vocab_size) * max_predictions / seq_len
   nsp = 6 * (h * h + h * 2) / seq_len
   return float(layers + mlm + nsp)

@@ -154,18 +154,25 @@ class MultiHeadAttention(nnx.Module):
     return constrain(y, ('batch', 'length', 'act_heads', 'kv'))
 
   def __call__(self, x: jax.Array, mask: jax.Array, *, dropout_rng: jax.Array | None = None,
-               explicit: bool = False, attend=None) -> jax.Array:
+               explicit: bool = False, attend=None, query_positions: jax.Array | None = None) -> jax.Array:
     """x [B, L, H]; mask [B, L] (True/1 = real token). `explicit` forces the hand-written attention path.
 
     `attend(q, k, v, key_mask, dropout_rng) -> out` (q, k, v, out [B, L, N, D]; key_mask bool [B, L]) replaces
     the dense attention core, e.g. with Big Bird's block-sparse attention (models/attention.py); it applies
     its own probability dropout. The projections around it, and so the parameters, stay the same.
+
+    `query_positions` [B, P] ints: only these positions query (keys and values are still every position); the
+    output is [B, P, H], the rows of the full output at those positions.
     """
     x = x.astype(self.dtype)
-    q, k, v = (self._project(x, n) for n in ('query', 'key', 'value'))
+    xq = x if query_positions is None else jnp.take_along_axis(x, query_positions[:, :, None], axis=1)
+    q = self._project(xq, 'query')
+    k, v = (self._project(x, n) for n in ('key', 'value'))
     key_mask = mask.astype(bool)[:, None, None, :]  # [B, 1(heads), 1(queries), L(keys)]
     use_dropout = dropout_rng is not None and self.attention_dropout_rate > 0.0
     if attend is not None:
+      if query_positions is not None:
+        raise ValueError('query_positions needs dense attention (no `attend` core)')
       out = attend(q, k, v, mask.astype(bool), dropout_rng)
     elif use_dropout or explicit:
       # dot_product_attention has no dropout on the probabilities, so spell it out here. Heads go in front of the
@@ -181,8 +188,10 @@ class MultiHeadAttention(nnx.Module):
     else:
       # Splash reads the key padding as segment ids: real tokens (1) attend real tokens; padding (0) attends
       # padding, whose outputs nothing reads.
+      # A few query rows (query_positions) take the mask path: splash tiles want whole blocks of queries.
       ids = mask.astype(jnp.int32)
-      out = fused_attention.attend(q, k, v, implementation=self.implementation, mask=key_mask, segment_ids=(ids, ids))
+      out = fused_attention.attend(q, k, v, implementation=self.implementation, mask=key_mask,
+                                   segment_ids=(ids, ids) if query_positions is None else None)
     out = constrain(out.astype(self.dtype), ('batch', 'length', 'act_heads', 'kv'))
     y = jnp.einsum('blnd,ndh->blh', out, self.out_kernel[...].astype(self.dtype))
     return y + self.out_bias[...].astype(self.dtype)
