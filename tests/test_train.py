@@ -47,6 +47,17 @@ def test_schedule_is_linear_warmup_then_linear_decay():
   assert [float(schedule(s)) for s in (0, 2, 4, 8, 12)] == pytest.approx([0.0, 0.5, 1.0, 0.5, 0.0])
 
 
+@pytest.mark.parametrize('max_norm', [0.5, 100.0])  # clipping and not
+def test_clip_by_global_norm_equals_optax(max_norm):
+  import optax  # noqa: PLC0415
+  grads = {'a': np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4), 'b': np.full((5,), 0.3, np.float32)}
+  ours, state = jax.jit(state_lib.clip_by_global_norm(max_norm).update)(grads, optax.EmptyState())
+  ref, _ = optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6), ours, ref)
+  assert state == optax.EmptyState()
+  assert float(optax.tree.norm(ours)) == pytest.approx(min(max_norm, float(optax.tree.norm(grads))), rel=1e-6)
+
+
 def test_no_weight_decay_on_biases_and_layernorm():
   config = tiny_config()
   setup = state_lib.setup_model(config.model, VOCAB, mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1]))

@@ -48,7 +48,9 @@ def _block_stats(logits, tc, vc):
   lse = (peak + jnp.log(total))[..., 0]
   target_logit = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
   nll = jnp.sum(jnp.where(vc, lse - target_logit, 0.0))
-  correct = jnp.sum((jnp.argmax(logits, axis=-1) == tc) & vc).astype(jnp.float32)
+  # The target is the argmax when its logit is the maximum (already at hand): no second pass over the vocabulary
+  # for an argmax. Only an exact tie with another logit counts differently (argmax takes the first).
+  correct = jnp.sum((target_logit >= peak[..., 0]) & vc).astype(jnp.float32)
   return nll, correct, e, total
 
 

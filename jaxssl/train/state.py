@@ -35,6 +35,22 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(is_decayed, params)
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """optax.clip_by_global_norm's result as one scalar factor: g * (1 if norm < max_norm else max_norm / norm).
+
+  optax picks per element between g and (g / norm) * max_norm, so XLA materialises the clipped gradient and the
+  moment updates read both it and g: 15 passes over the parameters' size per step against 11 with a scalar
+  factor XLA fuses into each consumer (the optimizer update alone, BERT-base: 6.6 GB of traffic against 4.8).
+  Same state (EmptyState), same values up to rounding.
+  """
+  def update_fn(updates, state, params=None):
+    del params
+    norm = optax.tree.norm(updates)
+    scale = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+    return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
 def make_optimizer(tc, frozen: Callable | None = None) -> optax.GradientTransformation:
   """Global-norm clipping, then AdamW with BERT's schedule and decoupled weight decay (masked).
 
@@ -44,7 +60,7 @@ def make_optimizer(tc, frozen: Callable | None = None) -> optax.GradientTransfor
   would still let weight decay shrink them.
   """
   tx = optax.chain(
-      optax.clip_by_global_norm(tc.grad_clip_norm),
+      clip_by_global_norm(tc.grad_clip_norm),
       optax.adamw(make_schedule(tc), b1=tc.b1, b2=tc.b2, eps=tc.eps,
                   weight_decay=tc.weight_decay, mask=decay_mask),
   )
