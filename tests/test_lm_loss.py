@@ -22,12 +22,12 @@ def packed_rows():
 @pytest.mark.parametrize('chunk', [4, T])
 def test_values_and_gradients_equal_the_plain_loss(chunk):
   x = jax.random.normal(jax.random.key(0), (B, T, H))
-  w = jax.random.normal(jax.random.key(1), (H, V))
+  w = jax.random.normal(jax.random.key(1), (V, H))
   ids, seg = packed_rows()
   targets, valid = gpt.next_token_targets(ids, seg)
 
   def plain(x, w):
-    loss, correct, _ = gpt.next_token_stats(jnp.einsum('bth,hv->btv', x, w), ids, seg)
+    loss, correct, _ = gpt.next_token_stats(jnp.einsum('bth,vh->btv', x, w), ids, seg)
     return loss, correct
 
   def fused(x, w):
@@ -77,7 +77,7 @@ def test_bfloat16_compute_keeps_a_float32_loss():
   """bf16 hidden states and weights (model.dtype=bfloat16): float32 logits and loss, bf16 cotangents as the plain
   path gives them, values within bf16 rounding of the float32 loss."""
   x = jax.random.normal(jax.random.key(0), (B, T, H))
-  w = jax.random.normal(jax.random.key(1), (H, V))
+  w = jax.random.normal(jax.random.key(1), (V, H))
   ids, seg = packed_rows()
   targets, valid = gpt.next_token_targets(ids, seg)
   loss32, _ = lm_loss.next_token_stats(x, w, targets, valid, 4)

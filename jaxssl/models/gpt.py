@@ -472,6 +472,14 @@ class GPT(nnx.Module):
       return self.token_embeddings.gathered(c.compute_dtype).T
     return constrain(self.lm_head.kernel[...], (None, 'vocab')).astype(c.compute_dtype)
 
+  def output_embedding(self) -> jax.Array:
+    """The output projection vocabulary-major, [V, H] in the compute dtype (what models/lm_loss.py takes): the
+    token embeddings as stored when tied, the lm_head kernel's transpose when not."""
+    c = self.config
+    if c.tie_embeddings:
+      return self.token_embeddings.gathered(c.compute_dtype)
+    return self.output_weights().T
+
   def _logits(self, x):
     c = self.config
     return jnp.einsum('...h,hv->...v', x.astype(c.compute_dtype), self.output_weights(),

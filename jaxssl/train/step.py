@@ -127,7 +127,7 @@ def lm_sums(graphdef, params, batch, dropout_rng):
     x = model.features(batch['input_ids'], **kw)
     targets, valid = gpt.next_token_targets(batch['input_ids'], batch['segment_ids'])
     chunk = math.gcd(x.shape[1], model.config.loss_chunk)
-    loss, correct = lm_loss.next_token_stats(x, model.output_weights(), targets, valid, chunk)
+    loss, correct = lm_loss.next_token_stats(x, model.output_embedding(), targets, valid, chunk)
     return {'lm_loss': loss, 'lm_correct': correct, 'lm_count': jnp.sum(valid).astype(jnp.float32)}
   loss, correct, count = gpt.next_token_stats(model(batch['input_ids'], **kw), batch['input_ids'],
                                               batch['segment_ids'])
