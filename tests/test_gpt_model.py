@@ -169,6 +169,26 @@ def test_packed_documents_equal_separate_runs():
   np.testing.assert_allclose(fused, explicit, atol=1e-5)
 
 
+def test_causal_query_blocks_equal_whole_attention():
+  """The explicit path scores a block of queries at a time against the keys up to the block's end: the same
+  output as one causal softmax over all keys (T = 256: 4 blocks), packed segments included."""
+  c = gpt.GPTConfig.from_config(tiny_cfg(initializer_range=0.5), V)
+  with nnx.use_eager_sharding(False):
+    attn = gpt.CausalSelfAttention(c, rngs=nnx.Rngs(params=0))
+  t = 256
+  x = jax.random.normal(jax.random.key(0), (2, t, H))
+  q, k, v = attn._qkv(x, None)
+  segments = jnp.asarray(np.repeat([[1, 2, 3, 0], [1, 1, 1, 2]], t // 4, axis=1))
+  mask = jnp.tril(jnp.ones((t, t), bool))[None, None] & (segments[:, :, None] == segments[:, None, :])[:, None]
+  blocks, whole = jax.jit(lambda: (attn._explicit_causal(q, k, v, mask, None), attn._explicit(q, k, v, mask, None)))()
+  np.testing.assert_allclose(blocks, whole, atol=1e-5)
+  # With dropout: deterministic per key, and a different key gives a different draw.
+  key = jax.random.key(1)
+  d0, d1 = (jax.jit(lambda r: attn._explicit_causal(q, k, v, mask, r))(r) for r in (key, key))
+  np.testing.assert_array_equal(d0, d1)
+  assert not np.allclose(d0, jax.jit(lambda r: attn._explicit_causal(q, k, v, mask, r))(jax.random.key(2)))
+
+
 def test_next_token_loss_masks_boundaries_and_padding():
   logits = jnp.asarray(np.random.default_rng(0).normal(size=(1, 6, 4)), jnp.float32)
   ids = jnp.asarray([[0, 1, 2, 1, 3, 0]])

@@ -297,6 +297,23 @@ class CausalSelfAttention(nnx.Module):
     probs = dropout(probs, self.attention_dropout_rate, dropout_rng).astype(self.dtype)
     return jnp.einsum('bkgts,bksd->bkgtd', probs, v).transpose(0, 3, 1, 2, 4).reshape(b, t, n, d)
 
+  def _explicit_causal(self, q, k, v, mask, dropout_rng):
+    """`_explicit` for causal self-attention, a block of queries at a time: block i scores only the keys up to its
+    own end (those after are masked anyway), skipping (n - 1) / 2n of the scores, softmax and dropout work (n
+    blocks of at least 64 queries, at most 4). Block i draws its dropout from fold_in(dropout_rng, i)."""
+    t = q.shape[1]
+    blocks = max(1, min(4, t // 64))
+    while t % blocks:
+      blocks -= 1
+    if blocks == 1:
+      return self._explicit(q, k, v, mask, dropout_rng)
+    size, outs = t // blocks, []
+    for i in range(blocks):
+      lo, hi = i * size, (i + 1) * size
+      key = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
+      outs.append(self._explicit(q[:, lo:hi], k[:, :hi], v[:, :hi], mask[:, :, lo:hi, :hi], key))
+    return jnp.concatenate(outs, axis=1)
+
   def __call__(self, x: jax.Array, segment_mask: jax.Array | None = None, *, segment_ids: jax.Array | None = None,
                rotary=None, dropout_rng: jax.Array | None = None, explicit: bool = False) -> jax.Array:
     """x [B, T, H] -> [B, T, H]. Causal; `segment_mask` [B, 1, T or 1, T] (True = may attend) further restricts
@@ -314,7 +331,7 @@ class CausalSelfAttention(nnx.Module):
       mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
       if segment_mask is not None:
         mask = mask & segment_mask
-      out = self._explicit(q, k, v, mask, dropout_rng)
+      out = self._explicit_causal(q, k, v, mask, dropout_rng)
     else:
       # Takes k/v with fewer heads (GQA) as they are.
       out = fused_attention.attend(q, k, v, implementation=self.implementation, mask=segment_mask, causal=True,
