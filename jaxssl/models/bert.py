@@ -285,8 +285,9 @@ def flops_per_token(model_cfg, vocab_size: int, seq_len: int, max_predictions: i
   weighted sum, 12 x H x keys (QK^T and AV, 2 H keys each forward): keys = seq_len for full attention, and for
   block-sparse the mean number of keys a query scores (the 2 global blocks all T, the others (5 + r) blocks).
   With `final_layer_subset` (full attention) the last layer projects keys and values at every position but
-  queries, output, MLP and attention only at the 1 + max_predictions rows the heads read. The MLM head (H^2 transform + H x V tied decoder) runs at only `max_predictions` of `seq_len` positions; the
-  pooler + NSP classifier once per sequence. Embedding lookups, norms, softmax and biases are not counted (as in
+  queries, output, MLP and attention only at the 1 + max_predictions rows the heads read. The MLM head (H^2
+  transform + H x V tied decoder) runs at only `max_predictions` of `seq_len` positions; the pooler + NSP
+  classifier once per sequence. Embedding lookups, norms, softmax and biases are not counted (as in
   the usual MFU formula).
   """
   c = BertConfig.from_config(model_cfg, vocab_size)
