@@ -17,30 +17,15 @@ import time
 import jaxssl  # noqa: F401  (first: its import-time host memory setting)
 import jax
 
+from jaxssl import bench
 from jaxssl import config as config_lib
-from jaxssl import mesh as mesh_lib
-from jaxssl.train import families
-from jaxssl.train import state as state_lib
-from jaxssl.train import step as step_lib
 
 
 def build(spec, overrides):
-  """(compiled step, state, batch, mesh, tokens per step) for `spec` with `overrides`."""
+  """(compiled step, state, batch, mesh, tokens per step) for `spec` + `overrides` (bench.compiled_step)."""
   config = config_lib.load_config(spec)
   config_lib.parse_overrides(config, overrides)
-  vocab = config.tokenizer.vocab_size
-  family = families.family_for(config.model)
-  mesh = mesh_lib.make_mesh(config.mesh.shape)
-  setup = state_lib.setup_model(config.model, vocab, mesh, 0)
-  tx, schedule = state_lib.make_optimizer(config.train), state_lib.make_schedule(config.train)
-  state = state_lib.init_state(setup, tx)
-  batch = mesh_lib.global_batch(family.synthetic_batch(config, vocab, 0), mesh)
-  step = step_lib.jit_train_step(step_lib.make_train_step(setup.graphdef, tx, schedule, 1, family.objective),
-                                 state_lib.state_shardings(setup, tx), mesh, family.objective)
-  with jax.set_mesh(mesh):
-    compiled = step.lower(state, batch).compile()
-    state, metrics = compiled(state, batch)  # warm-up
-    jax.block_until_ready(metrics)
+  compiled, state, batch, mesh, _ = bench.compiled_step(config)
   return compiled, state, batch, mesh, config.train.batch_size * config.data.seq_len
 
 

@@ -40,17 +40,14 @@ def synthetic_batch(config, vocab_size: int, seed: int = 0) -> dict:
   return families.family_for(config.model).synthetic_batch(config, vocab_size, seed)
 
 
-def run(config, steps: int, profile_dir: str = '') -> dict:
-  """Times `steps` train steps on one synthetic batch (after a compiling first step); the bench JSON fields.
-
-  With `profile_dir`, the timed steps run inside `jax.profiler.trace` (a TensorBoard / Perfetto trace there).
-  """
-  import contextlib
+def compiled_step(config):
+  """The train step of `config`, compiled and run once (not timed), on one synthetic batch:
+  (compiled step, state after that step, batch, mesh, compile seconds). What `run` times; also
+  benchmarks/paired_steps.py."""
   import jax
   from jaxssl import mesh as mesh_lib
   from jaxssl import models
   from jaxssl.train import families
-  from jaxssl.train import metrics as metrics_lib
   from jaxssl.train import state as state_lib
   from jaxssl.train import step as step_lib
   vocab_size = config.tokenizer.vocab_size
@@ -64,7 +61,6 @@ def run(config, steps: int, profile_dir: str = '') -> dict:
       step_lib.make_train_step(setup.graphdef, tx, schedule, config.train.microbatches, family.objective),
       state_lib.state_shardings(setup, tx), mesh, family.objective)
   batch = mesh_lib.global_batch(family.synthetic_batch(config, vocab_size, config.train.seed), mesh)
-  trace = jax.profiler.trace(profile_dir) if profile_dir else contextlib.nullcontext()
   with jax.set_mesh(mesh):
     # Tracing + XLA compilation alone (a persistent compilation cache, if configured, shortens it).
     start = time.perf_counter()
@@ -72,8 +68,23 @@ def run(config, steps: int, profile_dir: str = '') -> dict:
     compile_s = time.perf_counter() - start
     state, metrics = compiled(state, batch)  # the first run (allocation, caches) is not timed either
     jax.block_until_ready(metrics)
-    train_step = compiled
-    memory = compiled.memory_analysis()  # XLA's own figures for the compiled program (CPU included)
+  return compiled, state, batch, mesh, compile_s
+
+
+def run(config, steps: int, profile_dir: str = '') -> dict:
+  """Times `steps` train steps on one synthetic batch (after a compiling first step); the bench JSON fields.
+
+  With `profile_dir`, the timed steps run inside `jax.profiler.trace` (a TensorBoard / Perfetto trace there).
+  """
+  import contextlib
+  import jax
+  from jaxssl import models
+  from jaxssl.train import metrics as metrics_lib
+  vocab_size = config.tokenizer.vocab_size
+  train_step, state, batch, mesh, compile_s = compiled_step(config)
+  trace = jax.profiler.trace(profile_dir) if profile_dir else contextlib.nullcontext()
+  with jax.set_mesh(mesh):
+    memory = train_step.memory_analysis()  # XLA's own figures for the compiled program (CPU included)
     times = []
     with trace:
       for _ in range(steps):

@@ -71,10 +71,10 @@ def keep_host_memory_mapped() -> bool:
   XLA:CPU allocates a step's scratch (activations: 1.7 GB for BERT-base at batch 8 x 128) with malloc at every
   execution and frees it at the end. glibc serves such sizes with a fresh mmap each time, so every step page-faulted
   the whole scratch back in and the kernel zeroed it again: 450k faults and ~1.2 s of system time per BERT-base
-  step on a 2-core host, 12% of the process's CPU time under `perf`. With one arena, no mmap and no trimming, the freed pages stay mapped and
-  the next step reuses them. Must run before XLA starts its threads (each thread would otherwise get an arena of
-  its own, whose large blocks are always mmapped), so `import jaxssl` does it on XLA:CPU hosts, before numpy or
-  jax start any. JAXSSL_KEEP_HOST_MEMORY=0 turns it off.
+  step on a 2-core host, 12% of the process's CPU time under `perf`. With one arena, no mmap and no trimming, the
+  freed pages stay mapped and the next step reuses them. Must run before XLA starts its threads (each thread would
+  otherwise get an arena of its own, whose large blocks are always mmapped), so `import jaxssl` does it on XLA:CPU
+  hosts, before numpy or jax start any. JAXSSL_KEEP_HOST_MEMORY=0 turns it off.
   """
   if os.environ.get('JAXSSL_KEEP_HOST_MEMORY', '1') == '0' or not sys.platform.startswith('linux'):
     return False
