@@ -163,24 +163,28 @@ class BertEncoder(nnx.Module):
     emit = (lambda h: (h, h)) if return_hidden_states else (lambda h: h)
     if tables is not None:
       # Block-sparse: each layer's random blocks ride along as a scanned input (keys None = no dropout).
-      keys = None if dropout_rng is None else jax.vmap(lambda i: jax.random.fold_in(dropout_rng, i))(
-          jnp.arange(self.num_layers))
+      keys = self._layer_keys(dropout_rng)
       body = maybe_remat(lambda lyr, h, xs: emit(lyr(h, mask, xs[0], xs[1])), self.remat, in_scan=True)
       return nnx.scan(body, in_axes=(0, nnx.Carry, 0), out_axes=out_axes, transform_metadata=meta)(
           self.layers, x, (keys, tables))
     if dropout_rng is None:
       body = maybe_remat(lambda lyr, h: emit(lyr(h, mask)), self.remat, in_scan=True)
       return nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=out_axes, transform_metadata=meta)(self.layers, x)
-    keys = jax.vmap(lambda i: jax.random.fold_in(dropout_rng, i))(jnp.arange(self.num_layers))
+    keys = self._layer_keys(dropout_rng)
     body = maybe_remat(lambda lyr, h, k: emit(lyr(h, mask, k)), self.remat, in_scan=True)
     return nnx.scan(body, in_axes=(0, nnx.Carry, 0), out_axes=out_axes, transform_metadata=meta)(
         self.layers, x, keys)
 
+  def _layer_keys(self, dropout_rng):
+    """Layer i's dropout key fold_in(dropout_rng, i), stacked [num_layers] for a scan; None without dropout."""
+    if dropout_rng is None:
+      return None
+    return jax.vmap(lambda i: jax.random.fold_in(dropout_rng, i))(jnp.arange(self.num_layers))
 
   def _last_layer_at(self, x, mask, dropout_rng, output_positions):
     """Layers 0..L-2 over every position, then layer L-1 at `output_positions` (same keys as __call__)."""
     n = self.num_layers
-    keys = None if dropout_rng is None else jax.vmap(lambda i: jax.random.fold_in(dropout_rng, i))(jnp.arange(n))
+    keys = self._layer_keys(dropout_rng)
     key_of = lambda i: None if keys is None else keys[i]  # noqa: E731
     run = lambda lyr, h, k, pos=None: lyr(h, mask, k, None, pos)  # noqa: E731
     if not self.scan_layers:

@@ -49,8 +49,8 @@ def keep_mask(rng: jax.Array, keep_prob: float, shape: Sequence[int]) -> jax.Arr
   10-14 ms, against ~100 ms for all the matmuls of a BERT-base layer. Here threefry makes two 32-bit seeds only;
   each element's mask bit is a keyed hash of its index in the array (two rounds of a strong 32-bit integer hash),
   ~15 ops and elementwise, so XLA fuses it into the dropout and partitions it like any elementwise op: the mask is
-  the same sharded or not. Arrays of 2**32 elements or more
-  fall back to jax.random.bernoulli (the index would wrap).
+  the same sharded or not. Arrays of 2**32 elements or more fall back to jax.random.bernoulli (the index would
+  wrap).
   """
   shape = tuple(shape)
   if math.prod(shape) >= 2**32:
