@@ -1,4 +1,4 @@
-"""jaxssl.eval.metrics against scikit-learn / scipy (random inputs) and hand-checked SQuAD, BIO and GLUE cases."""
+"""jaxssl.eval.metrics against scikit-learn / scipy / seqeval (random inputs) and hand-checked SQuAD, BIO and GLUE cases."""
 import math
 import warnings
 
@@ -207,3 +207,91 @@ def test_perplexity():
   assert M.perplexity(1e6, 1) == float('inf')
   with pytest.raises(ValueError, match='positive'):
     M.perplexity(1.0, 0)
+
+
+# --------------------------------------------------------------------- span schemes, against seqeval 1.2.2
+
+SPAN_TYPES = ('PER', 'LOC', 'MISC-X')  # a type with a dash: seqeval splits at the first one only
+
+
+def _well_formed(rng, scheme, n):
+  """One gold sentence of at least `n` tags written in `scheme`, entities of 1-3 words (adjacent ones included)."""
+  tags = []
+  while len(tags) < n:
+    if rng.random() < 0.4:
+      tags.append('O')
+      continue
+    type_, length = SPAN_TYPES[int(rng.integers(3))], int(rng.integers(1, 4))
+    if scheme == 'IOBES':
+      tags += [f'S-{type_}'] if length == 1 else [f'B-{type_}'] + [f'I-{type_}'] * (length - 2) + [f'E-{type_}']
+    elif scheme == 'IOB1':  # B- only where an entity follows one of the same type
+      first = 'B' if tags and tags[-1][2:] == type_ else 'I'
+      tags += [f'{first}-{type_}'] + [f'I-{type_}'] * (length - 1)
+    else:
+      tags += [f'B-{type_}'] + [f'I-{type_}'] * (length - 1)
+  return tags
+
+
+@pytest.mark.parametrize('scheme', M.SPAN_SCHEMES)
+@pytest.mark.parametrize('seed', range(10))
+def test_entity_f1_matches_seqeval(scheme, seed):
+  """Random gold sentences in the scheme and predictions that keep 60% of the gold tags and draw the rest from
+  the scheme's whole tag alphabet (ill-formed sequences included): the same precision/recall/F1 as seqeval.
+  BIO and IOB1 are decoded as conlleval (seqeval's default mode), IOBES as seqeval's strict mode."""
+  import seqeval.metrics
+  import seqeval.scheme
+  rng = np.random.default_rng(seed)
+  prefixes = 'BIES' if scheme == 'IOBES' else 'BI'
+  alphabet = ['O', *prefixes] + [f'{p}-{t}' for p in prefixes for t in SPAN_TYPES]  # bare B, I...: type '_'
+  for _ in range(20):
+    gold = [_well_formed(rng, scheme, int(rng.integers(0, 12))) for _ in range(int(rng.integers(1, 8)))]
+    if not sum(map(len, gold)):
+      continue
+    pred = [[t if rng.random() < 0.6 else alphabet[int(rng.integers(len(alphabet)))] for t in g] for g in gold]
+    assert M.span_scheme(gold) in (scheme, None)  # None: an all-O draw
+    mode = {'mode': 'strict', 'scheme': seqeval.scheme.IOBES} if scheme == 'IOBES' else {}
+    with warnings.catch_warnings():
+      warnings.simplefilter('ignore')  # seqeval warns where a denominator is 0 (both then give 0.0)
+      expected = {'precision': seqeval.metrics.precision_score(gold, pred, **mode),
+                  'recall': seqeval.metrics.recall_score(gold, pred, **mode),
+                  'f1': seqeval.metrics.f1_score(gold, pred, **mode)}
+    assert M.entity_f1(pred, gold, scheme) == pytest.approx(expected, abs=1e-12), (gold, pred)
+
+
+def test_iobes_strict_spans_hand_checked():
+  assert M.iobes_spans_strict(['S-PER', 'B-LOC', 'I-LOC', 'E-LOC', 'O']) == [('PER', 0, 0), ('LOC', 1, 3)]
+  assert M.iobes_spans_strict(['B-LOC', 'I-LOC', 'O']) == []  # never closed
+  assert M.iobes_spans_strict(['I-LOC', 'E-LOC', 'B-PER', 'E-PER']) == [('PER', 2, 3)]  # no B- for the first
+  assert M.iobes_spans_strict(['B-PER', 'B-PER', 'E-PER']) == [('PER', 1, 2)]  # the second B- starts anew
+  assert M.iobes_spans_strict(['B-PER', 'E-LOC']) == []  # type switch inside
+  # the tolerant (conlleval) decoding would count both of the first two:
+  assert M.bio_spans(['B-LOC', 'I-LOC', 'O']) == [('LOC', 0, 1)]
+
+
+PTB_SENTENCE = ['``', 'NNP', 'VBZ', '$', 'CD', '-LRB-', 'NN', '-RRB-', ',', "''", '#', 'CD', ':', 'DT', 'NN', '.']
+
+
+def test_span_scheme_of_training_tags():
+  assert M.span_scheme([PTB_SENTENCE]) is None  # POS: token accuracy only
+  assert M.span_scheme([['B-NP', 'I-NP', 'B-VP', 'O'], ['B-PP', 'B-NP']]) == 'BIO'
+  # CoNLL-2003's original chunk/NER files are IOB1: an entity starts with I-, B- only after one of its type
+  assert M.span_scheme([['I-NP', 'I-NP', 'B-NP', 'I-VP', 'O']]) == 'IOB1'
+  assert M.span_scheme([['O', 'I-PER'], ['B-LOC', 'I-LOC']]) == 'IOB1'
+  assert M.span_scheme([['S-PER', 'O'], ['B-LOC', 'E-LOC']]) == 'IOBES'
+  assert M.span_scheme([['B-PER', 'I-PER', 'E-PER']]) == 'IOBES'
+  assert M.span_scheme([['O', 'O']]) is None  # no entity at all
+  assert M.span_scheme([['I-X', 'E-X', 'O']]) is None  # IOE is not decoded
+  assert M.span_scheme([['B-X', 'L-X', 'U-Y']]) is None  # BILOU neither
+  assert M.span_scheme([['B-PER', 'NN']]) is None  # a tag outside the scheme makes it no span scheme
+  assert M.span_scheme(['B-PER', 'O']) == 'BIO'  # one flat sentence
+
+
+def test_tagging_metrics_per_scheme():
+  gold = [PTB_SENTENCE, ['DT', 'NNS', 'VBD']]
+  pred = [PTB_SENTENCE[:-1] + [','], ['DT', 'NN', 'VBD']]
+  assert M.tagging_metrics(pred, gold, None) == {'token_accuracy': pytest.approx(17 / 19)}
+  gold, pred = [['B-PER', 'I-PER', 'O']], [['B-PER', 'I-PER', 'B-LOC']]
+  assert M.tagging_metrics(pred, gold, 'BIO') == {'token_accuracy': pytest.approx(2 / 3), 'precision': 0.5,
+                                                    'recall': 1.0, 'f1': pytest.approx(2 / 3)}
+  with pytest.raises(ValueError, match='scheme'):
+    M.entity_f1(pred, gold, 'BILOU')

@@ -8,6 +8,11 @@ GLUE: `GLUE_TASKS` names MNLI's two evaluation sets as two tasks, `mnli_matched`
 does, as ONE task (MNLI) scored by the mean of the two accuracies: the score is the mean over the 9 tasks
 CoLA, SST-2, MRPC, STS-B, QQP, MNLI, QNLI, RTE, WNLI (the AX diagnostic is not part of it). With BERT-large's
 published test numbers this gives its published GLUE score, 80.5.
+
+Tagging: `token_accuracy` for any tag set; entity precision/recall/F1 only for a span scheme (`span_scheme`),
+decoded as the field's reference, seqeval 1.2.2 (tested equal on random sequences): BIO and IOB1 as CoNLL's
+conlleval (seqeval's default mode: tolerant, an I- after O starts an entity), IOBES as seqeval's strict mode
+(`mode='strict', scheme=IOBES`: only S-X and B-X I-X* E-X are entities).
 """
 import collections
 import math
@@ -251,17 +256,55 @@ def token_accuracy(pred_tags, gold_tags) -> float:
 
 
 def _split_tag(tag):
-  if not isinstance(tag, str) or not (tag in ('O', 'B', 'I', 'E', 'S') or tag[:2] in ('B-', 'I-', 'E-', 'S-')):
+  if not is_span_tag(tag):
     raise ValueError(f'invalid tag {tag!r}: expected O, or B-/I-/E-/S- followed by a type')
   return tag[0], tag[1:].split('-', maxsplit=1)[-1] or '_'
+
+
+def is_span_tag(tag) -> bool:
+  """Whether `tag` is O, or B-/I-/E-/S- followed by a type (bare B, I, E, S: an untyped span tag)."""
+  return isinstance(tag, str) and (tag in ('O', 'B', 'I', 'E', 'S') or tag[:2] in ('B-', 'I-', 'E-', 'S-'))
+
+
+SPAN_SCHEMES = ('BIO', 'IOB1', 'IOBES')
+
+
+def span_scheme(tag_sequences) -> str | None:
+  """The span scheme that tag sequences (e.g. a training set's) are written in: 'BIO', 'IOB1', 'IOBES', or None.
+
+  None when some tag is not O / B- / I- / E- / S- + type (POS tags such as NN, ``, -LRB-; BILOU's U-/L-), when
+  every tag is O, or for IOE (E- without B- or S-). 'IOBES' when S- or B- with E- occur; otherwise 'IOB1' when
+  an entity starts with I- (at a sentence start, after O or after another type: IOB1 uses B- only between two
+  adjacent entities of one type), else 'BIO' (IOB2).
+  """
+  sequences = _sentences(tag_sequences, 'span_scheme')
+  prefixes, starts_with_inside = set(), False
+  for tags in sequences:
+    prev_prefix, prev_type = 'O', ''
+    for tag in tags:
+      if not is_span_tag(tag):
+        return None
+      prefix, type_ = _split_tag(tag)
+      prefixes.add(prefix)
+      if prefix == 'I' and (prev_prefix == 'O' or prev_type != type_):
+        starts_with_inside = True
+      prev_prefix, prev_type = prefix, type_
+  prefixes.discard('O')
+  if not prefixes:
+    return None
+  if 'S' in prefixes or {'B', 'E'} <= prefixes:
+    return 'IOBES'
+  if 'E' in prefixes:
+    return None  # IOE1/IOE2: not decoded here
+  return 'IOB1' if starts_with_inside else 'BIO'
 
 
 def bio_spans(tags) -> list:
   """Entity spans [(type, start, end_inclusive)] of one sentence, exactly as seqeval's default `get_entities`.
 
-  Tolerant (non-strict) decoding of IOB2, IOB1 and IOBES: an entity starts at B-/S-, at an I-/E- after O or
-  after an entity of another type, and ends before O, B-, S-, a type change, or after E-/S-. End is inclusive,
-  as in seqeval.
+  Tolerant (non-strict) decoding of IOB2, IOB1 and IOBES, as CoNLL's conlleval: an entity starts at B-/S-, at an
+  I-/E- after O or after an entity of another type, and ends before O, B-, S-, a type change, or after E-/S-.
+  End is inclusive, as in seqeval.
   """
   spans, prev_tag, prev_type, begin = [], 'O', '', 0
   for i, chunk in enumerate(list(tags) + ['O']):
@@ -276,19 +319,57 @@ def bio_spans(tags) -> list:
   return spans
 
 
-def entity_f1(pred_tags, gold_tags) -> dict:
+def iobes_spans_strict(tags) -> list:
+  """Entity spans [(type, start, end_inclusive)] of one IOBES sentence, as seqeval's strict mode (`mode='strict',
+  scheme=IOBES`): only well-formed entities count, S-X alone or B-X I-X* E-X of one type; any other run of
+  entity tags (a B- never closed by E-, an I- or E- without its B-) is no entity.
+  """
+  parsed = [_split_tag(t) for t in tags]
+  spans, i = [], 0
+  while i < len(parsed):
+    prefix, type_ = parsed[i]
+    if prefix == 'S':
+      spans.append((type_, i, i))
+    elif prefix == 'B':
+      j = i + 1
+      while j < len(parsed) and parsed[j] == ('I', type_):
+        j += 1
+      if j < len(parsed) and parsed[j] == ('E', type_):
+        spans.append((type_, i, j))
+        i = j
+      else:
+        i = j - 1  # the next tag may start an entity itself
+    i += 1
+  return spans
+
+
+def entity_f1(pred_tags, gold_tags, scheme: str = 'BIO') -> dict:
   """Micro {'precision', 'recall', 'f1'} over entities matched exactly on (sentence, type, start, end).
 
-  As seqeval's default `classification_report` micro average; each is 0.0 where its denominator is 0.
+  `scheme` ('BIO', 'IOB1' or 'IOBES', see `span_scheme`) picks the decoding: BIO and IOB1 as conlleval
+  (seqeval's default mode, `bio_spans`), IOBES as seqeval's strict mode (`iobes_spans_strict`). Equal to
+  seqeval's micro `precision_score` / `recall_score` / `f1_score` in those modes; each is 0.0 where its
+  denominator is 0.
   """
+  if scheme not in SPAN_SCHEMES:
+    raise ValueError(f'entity_f1: scheme {scheme!r} is not one of {SPAN_SCHEMES}')
   preds, golds = _sentence_pairs(pred_tags, gold_tags, 'entity_f1')
-  pred_set = {(i, *s) for i, p in enumerate(preds) for s in bio_spans(p)}
-  gold_set = {(i, *s) for i, g in enumerate(golds) for s in bio_spans(g)}
+  spans = iobes_spans_strict if scheme == 'IOBES' else bio_spans
+  pred_set = {(i, *s) for i, p in enumerate(preds) for s in spans(p)}
+  gold_set = {(i, *s) for i, g in enumerate(golds) for s in spans(g)}
   tp = len(pred_set & gold_set)
   precision = tp / len(pred_set) if pred_set else 0.0
   recall = tp / len(gold_set) if gold_set else 0.0
   f = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
   return {'precision': precision, 'recall': recall, 'f1': f}
+
+
+def tagging_metrics(pred_tags, gold_tags, scheme: str | None) -> dict:
+  """{'token_accuracy'}, plus entity {'precision', 'recall', 'f1'} when `scheme` is a span scheme (not None)."""
+  result = {'token_accuracy': token_accuracy(pred_tags, gold_tags)}
+  if scheme is not None:
+    result.update(entity_f1(pred_tags, gold_tags, scheme))
+  return result
 
 
 def perplexity(total_nll: float, total_tokens) -> float:
