@@ -266,3 +266,44 @@ def test_cli_target_not_in_sentence_exits_2_naming_the_line(bert_export, tmp_pat
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and f'{bad}:2' in lines[0], result.stderr
   assert not (tmp_path / 'r.json').exists()
+
+
+def _report(snippets, matrix):
+  """A minimal embeddings report (what jaxssl.eval.embeddings writes) around a given similarity matrix."""
+  items = [{'snippet': s, 'label': 'fruit' if i % 2 == 0 else 'company'} for i, s in enumerate(snippets)]
+  return {'set': 'test', 'layer': -1, 'model_kind': 'bert', 'pooling': 'mean', 'items': items,
+          'contextual': {'similarity': matrix.tolist(), 'summary': None},
+          'static': {'similarity': np.full_like(matrix, 0.5).tolist(), 'summary': None}}
+
+
+def test_heatmap_colour_limits_follow_the_data():
+  from jaxssl.eval import embeddings_plots
+  rng = np.random.default_rng(0)
+  m = rng.uniform(0.82, 0.97, (4, 4))
+  m = (m + m.T) / 2
+  np.fill_diagonal(m, 1.0)
+  fig = embeddings_plots.heatmap_figure(_report(['a b', 'c d', 'e f', 'g h'], m))
+  contextual, static = [ax for ax in fig.axes if ax.images]
+  assert contextual.images[0].get_clim() == pytest.approx((m.min(), 1.0))  # not -1..1: the 0.8-1.0 spread shows
+  # A constant matrix (the static panel here) gets a small band around its value instead of a zero-width scale.
+  assert static.images[0].get_clim() == pytest.approx((0.45, 0.55))
+  bars = [ax for ax in fig.axes if not ax.images]
+  assert f'{m.min():.2f} to 1.00' in bars[0].get_ylabel()
+
+
+def test_heatmap_draws_cjk_labels_with_the_packaged_font():
+  import io
+  import warnings
+  from matplotlib import font_manager
+  from jaxssl.eval import embeddings_plots
+  snippets = ['我喜欢喝苹果汁', '苹果电脑很贵', '这个苹果很甜', '苹果公司发布了新手机']
+  fig = embeddings_plots.heatmap_figure(_report(snippets, np.eye(4)))
+  assert 'no CJK font' not in fig.get_suptitle()
+  labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+  assert labels[0] == '0: 我喜欢喝苹果汁'
+  found = font_manager.findfont(font_manager.FontProperties(family='Noto Sans CJK TC'), fallback_to_default=False)
+  assert found.endswith(embeddings_plots.PACKAGED_CJK_FONT[1])  # from requirements.txt, not whatever the OS has
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    fig.savefig(io.BytesIO(), format='png')
+  assert not [w for w in caught if 'missing from' in str(w.message)]  # every glyph drawn, no boxes

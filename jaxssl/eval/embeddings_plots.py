@@ -2,6 +2,8 @@
 
 Drawn on a bare matplotlib Figure (Agg canvas): no pyplot, no global backend state, no display needed.
 """
+import importlib.util
+import os
 import warnings
 
 import numpy as np
@@ -10,11 +12,28 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 # Fonts with CJK glyphs, tried after the default one (matplotlib falls back per glyph); absent ones are skipped.
-CJK_FONTS = ('Noto Sans CJK SC', 'Noto Sans CJK JP', 'Noto Sans SC', 'WenQuanYi Zen Hei', 'WenQuanYi Micro Hei',
-             'AR PL UMing CN', 'SimHei', 'Microsoft YaHei', 'PingFang SC', 'Heiti SC', 'Arial Unicode MS')
+# 'Noto Sans CJK TC' is the one requirements.txt installs (package cvttf-NotoSansCJK-Regular: Noto Sans CJK TC
+# Regular, which covers simplified characters too); the others are what an OS may already have.
+CJK_FONTS = ('Noto Sans CJK SC', 'Noto Sans CJK TC', 'Noto Sans CJK JP', 'Noto Sans SC', 'WenQuanYi Zen Hei',
+             'WenQuanYi Micro Hei', 'AR PL UMing CN', 'SimHei', 'Microsoft YaHei', 'PingFang SC', 'Heiti SC',
+             'Arial Unicode MS')
+PACKAGED_CJK_FONT = ('cvttf_NotoSansCJK_Regular', 'NotoSansCJKtc-Regular.otf')  # (module, file in it)
+
+
+def _register_packaged_cjk_font() -> None:
+  """Adds the pip-installed CJK font to matplotlib's font list (a font inside a Python package is not on any
+  path matplotlib scans). Idempotent; a missing package is fine (the labels then fall back, see _row_labels)."""
+  module, filename = PACKAGED_CJK_FONT
+  spec = importlib.util.find_spec(module)
+  if spec is None or not spec.submodule_search_locations:
+    return
+  path = os.path.join(list(spec.submodule_search_locations)[0], filename)
+  if os.path.exists(path) and path not in {f.fname for f in font_manager.fontManager.ttflist}:
+    font_manager.fontManager.addfont(path)
 
 
 def _families() -> list[str]:
+  _register_packaged_cjk_font()
   available = {f.name for f in font_manager.fontManager.ttflist}
   return ['DejaVu Sans'] + [f for f in CJK_FONTS if f in available]
 
@@ -31,22 +50,37 @@ def _row_labels(report: dict, families: list[str]) -> tuple[list[str], str]:
   return short, '(no CJK font installed: sentences are in results.json, items[i].snippet)'
 
 
+def color_limits(matrix: np.ndarray) -> tuple[float, float]:
+  """(vmin, vmax) spanning the values shown: trained encoders put nearly every cosine in 0.8-1.0, where a fixed
+  -1..1 scale is one flat colour. A constant matrix gets a small band around its value."""
+  lo, hi = float(np.min(matrix)), float(np.max(matrix))
+  if hi - lo < 1e-6:
+    lo, hi = lo - 0.05, hi + 0.05
+  return lo, hi
+
+
 def _panel(fig, ax, matrix, labels, title, families):
-  image = ax.imshow(matrix, vmin=-1.0, vmax=1.0, cmap='RdBu_r')
+  vmin, vmax = color_limits(matrix)
+  image = ax.imshow(matrix, vmin=vmin, vmax=vmax, cmap='viridis')
   n = len(labels)
   ax.set_xticks(range(n), [str(i) for i in range(n)], fontsize='small')
   ax.set_yticks(range(n), labels, fontsize='small', family=families)
   if n <= 16:  # the values themselves, while they fit in the cells
     for i in range(n):
       for j in range(n):
+        dark = (matrix[i, j] - vmin) / (vmax - vmin) < 0.6  # viridis is dark at its low end
         ax.text(j, i, f'{matrix[i, j]:.2f}', ha='center', va='center', fontsize=6,
-                color='white' if abs(matrix[i, j]) > 0.6 else 'black')
+                color='white' if dark else 'black')
   ax.set_title(title, fontsize='medium')
-  fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+  bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+  # The scale is fitted per panel, so say where it starts and ends: colours are not comparable across panels.
+  bar.set_label(f'cosine, scale {vmin:.2f} to {vmax:.2f}', fontsize='small')
 
 
-def heatmaps(report: dict, path: str) -> None:
-  """Two panels, contextual then static; rows labelled 'i: snippet (label)' (the static panel: i), columns by i."""
+def heatmap_figure(report: dict) -> Figure:
+  """Two panels, contextual then static; rows labelled 'i: snippet (label)' (the static panel: i), columns by i.
+
+  Each panel's colour scale spans its own values (color_limits); its colourbar is labelled with that range."""
   families = _families()
   labels, note = _row_labels(report, families)
   n = len(labels)
@@ -64,6 +98,12 @@ def heatmaps(report: dict, path: str) -> None:
     _panel(fig, ax, np.asarray(report[kind]['similarity']), rows, f'{kind} ({layer}){gap}', families)
   fig.suptitle(f'{report["set"]}: cosine similarity of the target ({report["model_kind"]}, '
                f'pooling={report["pooling"]})' + (f'\n{note}' if note else ''), fontsize='medium')
+  return fig
+
+
+def heatmaps(report: dict, path: str) -> None:
+  """Writes heatmap_figure(report) as a PNG at `path`."""
+  fig = heatmap_figure(report)
   with warnings.catch_warnings():
     warnings.simplefilter('ignore')  # "Glyph missing" where no CJK font is installed: boxes, still a valid plot
     fig.tight_layout()
