@@ -30,6 +30,7 @@ import time
 import numpy as np
 
 from jaxssl import config as config_lib
+from jaxssl import paths
 from jaxssl import runtime
 from jaxssl.errors import exit_on_user_error
 
@@ -211,6 +212,7 @@ def main(argv=None):
   parser.add_argument('--lengths', default='1024,2048,4096,8192', help='with --attention-curve: sequence lengths')
   parser.add_argument('--batch', type=int, default=1, help='with --attention-curve: sequences per step')
   args, config = config_lib.parse_job_args(parser, argv)
+  args.profile, args.tokenizer = paths.absolute(args.profile), paths.absolute(args.tokenizer)
   steps = args.steps if args.steps is not None else (3 if curve else 10)
   if steps < 1:
     parser.error('--steps must be at least 1')

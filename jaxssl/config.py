@@ -10,6 +10,7 @@ import os
 
 import ml_collections
 
+from jaxssl import paths
 from jaxssl.errors import UserError
 
 
@@ -132,6 +133,7 @@ def parse_job_args(parser, argv):
 
   `parser` must define `--config`; any other unknown argument is an argparse error (exit status 2). Every job
   also gets the multi-process flags (`--coordinator`, `--num-processes`, `--process-id`, `--heartbeat-timeout`).
+  The config's path keys come back absolute (`jaxssl.paths`), so relative paths and `~` work everywhere.
   """
   from jaxssl import runtime  # noqa: PLC0415 (runtime imports jax lazily; config stays light)
   runtime.add_distributed_args(parser)
@@ -140,6 +142,7 @@ def parse_job_args(parser, argv):
   unknown = parse_overrides(config, rest)
   if unknown:
     parser.error(f'unrecognized arguments: {" ".join(unknown)}')
+  paths.resolve_config_paths(config)
   return args, config
 
 

@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from jaxssl import config as config_lib
+from jaxssl import paths
 from jaxssl import runtime
 from jaxssl.errors import exit_on_user_error
 
@@ -19,6 +20,7 @@ def main(argv=None):
   parser.add_argument('--workdir', required=True)
   args, config = config_lib.parse_job_args(parser, argv)
   runtime.check_workdir(args.workdir)
+  args.workdir = paths.absolute(args.workdir)
   runtime.setup(args)
   from jaxssl.train import finetune
   finetune.run_finetuning(config, args.workdir)

@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 
+from jaxssl import paths
 from jaxssl import runtime
 from jaxssl.errors import UserError, exit_on_user_error
 
@@ -71,6 +72,7 @@ def main(argv=None):
   parser.add_argument('--json', action='store_true', help='one JSON line per prompt')
   runtime.add_distributed_args(parser)
   args = parser.parse_args(argv)
+  args.params = paths.absolute(args.params)
   runtime.setup(args)
   import jax
   results = generate(args.params, args.prompt, max_new_tokens=args.max_new_tokens, greedy=args.greedy,

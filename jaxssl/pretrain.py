@@ -11,6 +11,7 @@ import os
 import sys
 
 from jaxssl import config as config_lib
+from jaxssl import paths
 from jaxssl import runtime
 from jaxssl.errors import exit_on_user_error
 
@@ -32,6 +33,7 @@ def main(argv=None):
   if not args.workdir:
     parser.error('the following arguments are required: --workdir')
   runtime.check_workdir(args.workdir)
+  args.workdir = paths.absolute(args.workdir)
   runtime.setup(args)
   from jaxssl.train import loop  # after runtime setup: importing jax-heavy modules initialises nothing early
   loop.run_pretraining(config, args.workdir)

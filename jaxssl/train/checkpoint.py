@@ -15,6 +15,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from jaxssl import paths
 from jaxssl.data import tokenizers
 from jaxssl.errors import UserError
 
@@ -45,7 +46,8 @@ class Checkpointer:
   def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True, read_only: bool = False,
                directory: str = ''):
     # `directory` may be a bucket (gs://...): orbax writes there through etils paths; default WORKDIR/checkpoints.
-    self.directory = epath.Path(directory) if directory else epath.Path(workdir) / 'checkpoints'
+    # orbax refuses relative paths: made absolute here as well as in the jobs, for library callers.
+    self.directory = epath.Path(paths.absolute(directory or os.path.join(workdir, 'checkpoints')))
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only, read_only=read_only)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=('params', 'train', 'meta'))
@@ -162,6 +164,7 @@ def write_export(out: str, params, config_json: str, tokenizer, *, overwrite: bo
   """
   if isinstance(tokenizer, (str, os.PathLike)):
     tokenizer = tokenizers.load_tokenizer(os.fspath(tokenizer))
+  out = paths.absolute(os.fspath(out))
   out_path = epath.Path(out)
   if out_path.exists() and any(out_path.iterdir()) and not overwrite:
     raise UserError(f'export directory {out} already exists and is not empty: choose a new --out or pass --overwrite')
@@ -194,7 +197,7 @@ def read_export_config(path: str) -> dict:
 
 def load_export_params(path: str, abstract_params):
   """Restores exported params onto the shardings of `abstract_params` (any mesh); UserError when they do not fit."""
-  params_dir = epath.Path(path) / 'params'
+  params_dir = epath.Path(paths.absolute(os.fspath(path))) / 'params'
   if not params_dir.exists():
     raise UserError(f'{path} has a config.json but no params/: the export is incomplete; re-run python -m jaxssl.export')
   try:
