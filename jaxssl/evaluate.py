@@ -30,7 +30,7 @@ def evaluate_export(path: str, data: str, batch_size: int, mesh):
   """
   import ml_collections
   from jaxssl.data import tasks, tokenizers
-  from jaxssl.models import heads
+  from jaxssl.models import heads, vocab
   from jaxssl.train import checkpoint as ckpt_lib
   from jaxssl.train import finetune
   from jaxssl.train import state as state_lib
@@ -41,6 +41,7 @@ def evaluate_export(path: str, data: str, batch_size: int, mesh):
   info, task_cfg = saved['task'], ml_collections.ConfigDict(saved['finetune']['task'])
   sets = {task_cfg.name: data} if data else dict(task_cfg.get('eval_sets') or {}) or {task_cfg.name: task_cfg.dev}
   tokenizer = tokenizers.load_tokenizer(path)
+  vocab.check_rows(tokenizer.vocab_size, saved['vocab_size'], path)  # more rows than ids: a padded vocabulary
   seq_len = saved['finetune']['data']['seq_len']
   model_cfg = ml_collections.ConfigDict(saved['model'])
   setup = state_lib.setup_module(

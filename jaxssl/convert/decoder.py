@@ -213,6 +213,7 @@ def to_hf(src: str, out: str, *, overwrite: bool = False) -> dict:
   import jax
   from safetensors.numpy import save_file
   from jaxssl.data import tokenizers
+  from jaxssl.models import vocab
   from jaxssl.train import checkpoint as ckpt_lib
   from jaxssl.train import state as state_lib
   saved = ckpt_lib.read_export_config(src)
@@ -228,6 +229,7 @@ def to_hf(src: str, out: str, *, overwrite: bool = False) -> dict:
   layout = _layout('llama' if is_llama_layout(config.model) else 'gpt2')
   tensors, hf_config = layout.params_to_hf(params, config.model.to_dict())
   tokenizer = tokenizers.load_tokenizer(src)
+  vocab.check_rows(tokenizer.vocab_size, vocab_size, src)  # padding rows past the ids are written back unchanged
   if isinstance(tokenizer, tokenizers.SentencePieceTokenizer):  # a jaxssl-pretrained GPT: give HF a tokenizer.json
     from jaxssl.data import hf_tokenizer
     tokenizer = hf_tokenizer.from_sentencepiece(tokenizer)

@@ -309,6 +309,8 @@ def from_hf(src: str, out: str, *, overwrite: bool = False, seed: int = 0) -> di
   import jax
   import orbax.checkpoint as ocp
   from safetensors.numpy import load_file
+  from jaxssl.data import tokenizers
+  from jaxssl.models import vocab
   from jaxssl.train import state as state_lib
   hf = _read_json(os.path.join(src, 'config.json'))
   weights = os.path.join(src, 'model.safetensors')
@@ -321,6 +323,8 @@ def from_hf(src: str, out: str, *, overwrite: bool = False, seed: int = 0) -> di
     raise UserError(f'{src} has no tokenizer.json or vocab.txt: copy the checkpoint\'s tokenizer files into it')
   config = jaxssl_config(hf)
   vocab_size = config.tokenizer.vocab_size
+  # More rows than the tokenizer's ids (XLM-R-vocabulary encoders such as multilingual-e5) converts as it is.
+  vocab.check_rows(tokenizers.load_tokenizer(src).vocab_size, vocab_size, src)
   try:
     tensors = load_file(weights)
   except Exception as e:  # safetensors raises its own error types (and numpy has no bfloat16)
@@ -358,6 +362,8 @@ def to_hf(src: str, out: str, *, overwrite: bool = False) -> dict:
   """Writes the jaxssl export `src` as a HF BERT directory `out` (BertForPreTraining); returns its config.json."""
   import jax
   from safetensors.numpy import save_file
+  from jaxssl.data import tokenizers
+  from jaxssl.models import vocab
   from jaxssl.train import checkpoint as ckpt_lib
   from jaxssl.train import state as state_lib
   saved = ckpt_lib.read_export_config(src)
@@ -366,7 +372,8 @@ def to_hf(src: str, out: str, *, overwrite: bool = False) -> dict:
   config = config_lib.from_json(json.dumps(saved))
   if not config.model.get('scan_layers', True):
     raise UserError(f'{src} was trained with model.scan_layers=False: only stacked (scanned) layers convert')
-  vocab_size = saved['vocab_size']
+  vocab_size = saved['vocab_size']  # every row, padding included: config.json's vocab_size as the original's
+  vocab.check_rows(tokenizers.load_tokenizer(src).vocab_size, vocab_size, src)
   setup = state_lib.setup_model(config.model, vocab_size, _one_device_mesh())
   params = jax.device_get(ckpt_lib.load_export_params(src, setup.abstract_params))
   tensors = params_to_hf(params, config.model.num_layers)

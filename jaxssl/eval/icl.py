@@ -23,6 +23,8 @@ Scoring (`icl.scoring`):
                separator, or of the template's text before {input} (where a model starts a new example), stripped
                of whitespace; it must equal the label's verbaliser (or the label itself when there is none),
                case-sensitively unless `icl.exact_match_lowercase`.
+Both see only the tokenizer's ids: a model whose embedding is padded past them (Qwen2) gives the padding rows -inf
+logits (models/vocab.py), so p is normalised over real tokens and generation never emits a padding id.
 `auto` is loglik when `icl.verbalizers` is given, else exact match; loglik without verbalizers scores the labels'
 own texts, the labels seen in the pool and test files being the options.
 

@@ -20,6 +20,7 @@ from flax import nnx
 from jaxssl.errors import UserError
 from jaxssl.mesh import constrain
 from jaxssl.models import attention as sparse
+from jaxssl.models import vocab
 from jaxssl.models.layers import (Dense, Embed, LayerNorm, Mlp, MultiHeadAttention, check_compute_settings, dropout,
                                   make_param, maybe_remat, stack_layers, zeros)
 
@@ -50,6 +51,9 @@ class BertConfig:
   block_size: int = 64            # block_sparse: tokens per block
   num_random_blocks: int = 3      # block_sparse: random key blocks per query block
   sparse_min_length: int = 1024   # block_sparse: shorter sequences use full attention
+  # The tokenizer's ids when the embedding has more rows (a padded public vocabulary, models/vocab.py): MLM logits
+  # of the rows past it are -inf. 0 = every row is a token. Set by load_export, never by a config file.
+  num_token_ids: int = 0
 
   @classmethod
   def from_config(cls, model_cfg, vocab_size: int) -> 'BertConfig':
@@ -58,6 +62,7 @@ class BertConfig:
     kw = {f.name: get(f.name) for f in dataclasses.fields(cls) if f.name != 'vocab_size'}
     kw = {k: v for k, v in kw.items() if v is not None}
     c = cls(vocab_size=int(vocab_size), **kw)
+    vocab.check_rows(c.num_token_ids, c.vocab_size, 'model.num_token_ids')
     if c.hidden_size % c.num_heads:
       raise UserError(f'model.hidden_size={c.hidden_size} is not divisible by model.num_heads={c.num_heads}; '
                       f'set --config.model.num_heads to a divisor (e.g. {max(1, c.hidden_size // 64)})')
@@ -279,7 +284,7 @@ class BertForPretraining(nnx.Module):
     h = constrain(h, ('batch', 'predictions', 'act_embed'))
     h = self.mlm_norm(jax.nn.gelu(self.mlm_transform(h), approximate=False))
     mlm_logits = self.word_embeddings.attend(h, self.config.compute_dtype) + self.mlm_bias[...]
-    return mlm_logits, nsp_logits
+    return vocab.mask_padding_logits(mlm_logits, c.num_token_ids), nsp_logits  # padding rows never predicted
 
 
 def flops_per_token(model_cfg, vocab_size: int, seq_len: int, max_predictions: int) -> float:

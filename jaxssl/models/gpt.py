@@ -29,7 +29,7 @@ from flax import nnx
 
 from jaxssl.errors import UserError
 from jaxssl.mesh import constrain
-from jaxssl.models import fused_attention
+from jaxssl.models import fused_attention, vocab
 from jaxssl.models.generation import generate, sample_logits  # noqa: F401 (re-exported: callers use gpt.generate)
 from jaxssl.models.layers import (Embed, LayerNorm, check_compute_settings, config_fields, dropout, make_param,
                                   maybe_remat, normal_init, ones, stack_layers, zeros)
@@ -114,6 +114,9 @@ class GPTConfig:
   tie_embeddings: bool = True          # False: a separate lm_head kernel (embed, vocab)
   use_bias: bool = True                # biases in q/k/v/out and the MLP
   attention_bias: bool = False         # q/k/v biases even when use_bias=False (Qwen2)
+  # The tokenizer's ids when the embedding has more rows (a padded public vocabulary, models/vocab.py): logits of
+  # the rows past it are -inf. 0 = every row is a token. Set by load_export, never by a config file.
+  num_token_ids: int = 0
 
   def __post_init__(self):
     # 0 = derived: resolved once, so every user reads the actual sizes.
@@ -135,6 +138,7 @@ class GPTConfig:
     for name in ('vocab_size', 'num_layers', 'hidden_size', 'num_heads', 'intermediate_size', 'max_position'):
       if int(getattr(c, name)) < 1:
         raise UserError(f'model.{name}={getattr(c, name)} must be a positive integer')
+    vocab.check_rows(c.num_token_ids, c.vocab_size, 'model.num_token_ids')
     if not kw.get('head_dim') and c.hidden_size % c.num_heads:
       raise UserError(f'model.hidden_size={c.hidden_size} is not divisible by model.num_heads={c.num_heads}; '
                       f'set --config.model.num_heads to a divisor (e.g. {max(1, c.hidden_size // 64)})')
@@ -499,8 +503,9 @@ class GPT(nnx.Module):
 
   def _logits(self, x):
     c = self.config
-    return jnp.einsum('...h,hv->...v', x.astype(c.compute_dtype), self.output_weights(),
-                      preferred_element_type=jnp.float32)
+    logits = jnp.einsum('...h,hv->...v', x.astype(c.compute_dtype), self.output_weights(),
+                        preferred_element_type=jnp.float32)
+    return vocab.mask_padding_logits(logits, c.num_token_ids)  # padding rows are never predicted
 
   def __call__(self, input_ids, *, segment_ids=None, positions=None, dropout_rng=None) -> jax.Array:
     """input_ids [B, T] -> next-token logits [B, T, V] float32. dropout_rng None = eval.

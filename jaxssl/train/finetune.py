@@ -20,7 +20,7 @@ from jaxssl import mesh as mesh_lib
 from jaxssl.data import tasks, tokenizers
 from jaxssl.errors import UserError
 from jaxssl.eval import metrics as metrics_lib
-from jaxssl.models import heads
+from jaxssl.models import heads, vocab
 from jaxssl.train import checkpoint as ckpt_lib
 from jaxssl.train import metrics as writer_lib
 from jaxssl.train import preemption
@@ -135,9 +135,7 @@ def run_finetuning(config, workdir: str) -> dict:
                     'export (python -m jaxssl.export) or an imported checkpoint (python -m jaxssl.convert from-hf)')
   tokenizer = tokenizers.load_tokenizer(config.init_from)
   vocab_size = saved['vocab_size']
-  if tokenizer.vocab_size != vocab_size:
-    raise UserError(f'{config.init_from}: tokenizer has {tokenizer.vocab_size} ids but the params {vocab_size}: '
-                    'the export is inconsistent; re-export it')
+  vocab.check_rows(tokenizer.vocab_size, vocab_size, config.init_from)  # more rows than ids: a padded vocabulary
   model_cfg = ml_collections.ConfigDict(saved['model'])
   if config.data.seq_len > model_cfg.max_position:
     raise UserError(f'data.seq_len={config.data.seq_len} exceeds the model\'s max_position={model_cfg.max_position}: '

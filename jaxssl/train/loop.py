@@ -22,6 +22,7 @@ from jaxssl import mesh as mesh_lib
 from jaxssl import models
 from jaxssl.data import corpora, tokenizers
 from jaxssl.errors import JobFailed, UserError
+from jaxssl.models import vocab
 from jaxssl.train import checkpoint as ckpt_lib
 from jaxssl.train import families
 from jaxssl.train import metrics as metrics_lib
@@ -103,6 +104,8 @@ def adopt_export_model(config, init_from: str, say=print) -> None:
   if name != config.model.name:
     raise UserError(f'init_from={init_from} holds a {name} model but this config trains {config.model.name}: use '
                     f'the configs/{name}.py config')
+  # The params keep all their rows; a padded vocabulary (more rows than the tokenizer's ids) trains as it is.
+  vocab.check_rows(tokenizers.load_tokenizer(init_from).vocab_size, saved['vocab_size'], init_from)
   taken = {k: v for k, v in saved['model'].items() if k not in RUNTIME_MODEL_KEYS}
   changed = sorted(k for k, v in taken.items() if config.model.get(k) != v)
   with config.unlocked():
