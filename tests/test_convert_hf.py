@@ -155,10 +155,50 @@ def test_untied_decoder_and_missing_layer_are_user_errors(hf_model, tmp_path):
   assert not os.path.exists(tmp_path / 'out')
 
 
-def run_cli(*args):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=os.path.abspath(REPO))
+def run_cli(*args, without_torch=None):
+  """`python -m jaxssl.convert ARGS`; with `without_torch` (a scratch directory) as if torch were not installed."""
+  path = [os.path.abspath(REPO)]
+  if without_torch is not None:  # Python imports sitecustomize from the path at startup
+    os.makedirs(without_torch, exist_ok=True)
+    with open(os.path.join(without_torch, 'sitecustomize.py'), 'w') as f:
+      f.write("import sys\nsys.modules['torch'] = None  # import torch fails\n")
+    path.insert(0, str(without_torch))
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=os.pathsep.join(path))
   return subprocess.run([sys.executable, '-m', 'jaxssl.convert', *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=120)
+
+
+def test_transformers4_config_and_pytorch_bin(hf_model, hf_dir, converted, tmp_path):
+  """config.json as transformers 4.46 wrote it (torch_dtype, position_embedding_type; values equal to
+  PretrainedConfig's left out) with pytorch_model.bin weights: the same export as 5's layout with safetensors."""
+  v5 = json.load(open(os.path.join(hf_dir, 'config.json')))
+  assert 'dtype' in v5 and 'position_embedding_type' not in v5  # what transformers 5 writes
+  v4 = {k: v for k, v in v5.items() if k not in ('dtype', 'tie_word_embeddings', 'is_decoder', 'add_cross_attention')
+        and v is not None}
+  v4.update(position_embedding_type='absolute', torch_dtype='float32', transformers_version='4.46.3')
+  src = tmp_path / 'v4'
+  src.mkdir()
+  (src / 'config.json').write_text(json.dumps(v4, indent=2, sort_keys=True))
+  torch.save(hf_model.state_dict(), src / 'pytorch_model.bin')
+  write_vocab(src)
+  out = str(tmp_path / 'params')
+  hf_bert.from_hf(str(src), out)
+  configs = [json.load(open(os.path.join(d, 'config.json'))) for d in (out, converted)]
+  for c in configs:
+    del c['converted_from']
+  assert configs[0] == configs[1]
+  ids, types, mask, positions = batch(2)
+  args = [jnp.asarray(a, jnp.int32) for a in (ids, types, mask)]
+  (_, ours, _), (_, reference, _) = (load_export(d, one_device()) for d in (out, converted))
+  for a, b in zip(ours(*args, jnp.asarray(positions, jnp.int32)), reference(*args, jnp.asarray(positions, jnp.int32))):
+    np.testing.assert_array_equal(a, b)
+  # Without torch: one line saying how to re-save the checkpoint as safetensors.
+  r = run_cli('from-hf', '--src', str(src), '--out', str(tmp_path / 'never'), without_torch=tmp_path / 'no_torch')
+  lines = r.stderr.strip().splitlines()
+  assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith('error:'), r.stderr
+  assert 'pip install torch' in lines[0]
+  assert f'from transformers import BertForPreTraining; BertForPreTraining.from_pretrained({str(src)!r})' in lines[0]
+  assert not os.path.exists(tmp_path / 'never')
 
 
 def test_cli(hf_dir, tmp_path):
@@ -170,13 +210,14 @@ def test_cli(hf_dir, tmp_path):
   bin_only = tmp_path / 'bin_only'
   bin_only.mkdir()
   (bin_only / 'config.json').write_text(json.dumps({'model_type': 'bert', **HF_SIZES}))
-  (bin_only / 'pytorch_model.bin').write_bytes(b'not read')
+  (bin_only / 'pytorch_model.bin').write_bytes(b'not a pickle')
+  write_vocab(bin_only)
   relu = tmp_path / 'relu'
   relu.mkdir()
   (relu / 'config.json').write_text(json.dumps({'model_type': 'bert', 'hidden_act': 'relu', **HF_SIZES}))
   (relu / 'model.safetensors').write_bytes(b'not read')
   write_vocab(relu)
-  for src, needle in ((bin_only, 'safe_serialization=True'), (relu, "hidden_act='relu'")):
+  for src, needle in ((bin_only, 'cannot read'), (relu, "hidden_act='relu'")):
     r = run_cli('from-hf', '--src', str(src), '--out', str(tmp_path / 'never'))
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith('error:') and needle in lines[0], r.stderr

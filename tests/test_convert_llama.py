@@ -5,6 +5,7 @@ here is saved the way the hub's checkpoints are, and written as llama.cpp's conv
 imports must give transformers' logits, its greedy generations and its token ids (BOS included), and to-hf must
 give back a directory transformers opens.
 """
+import copy
 import json
 import os
 import random
@@ -26,6 +27,7 @@ from jaxssl.data.hf_tokenizer import HFTokenizer  # noqa: E402
 from jaxssl.evaluate import main as evaluate_main  # noqa: E402
 from jaxssl.export import load_export  # noqa: E402
 from jaxssl.generate import generate  # noqa: E402
+from test_convert_defaults import transformers4_llama_family  # noqa: E402  (tests/ is on sys.path)
 
 REPO = os.path.join(os.path.dirname(__file__), '..')
 ICL_TASKS = os.path.join(REPO, 'jaxssl', 'eval', 'icl_tasks')
@@ -147,19 +149,26 @@ def sp(tmp_path_factory):
   return spm.SentencePieceProcessor(model_file=str(d / 'sp.model'))
 
 
-def tiny_llama(vocab_size, seed, **kw):
-  """A random LlamaForCausalLM, float32, eager attention; initializer_range 0.1 so greedy decoding has no
-  near-ties, norms away from 1 so a swapped or missed norm would show."""
+OMIT = object()  # a tiny_llama keyword left to transformers' default
+
+
+def tiny_llama(vocab_size, seed, model_type='llama', **kw):
+  """A random LlamaForCausalLM (Qwen2ForCausalLM, MistralForCausalLM by `model_type`), float32, eager attention;
+  initializer_range 0.1 so greedy decoding has no near-ties, norms away from 1 and random biases so a swapped or
+  missed norm or bias would show. Keywords set to OMIT take the config class's default."""
   torch.manual_seed(seed)
-  cfg = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                 num_attention_heads=4, max_position_embeddings=512, rms_norm_eps=1e-5,
-                                 initializer_range=0.1, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=None,
-                                 attn_implementation='eager', **kw)
-  model = transformers.LlamaForCausalLM(cfg).eval().float()
+  kw = {**dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+               max_position_embeddings=512, rms_norm_eps=1e-5, initializer_range=0.1, bos_token_id=BOS,
+               eos_token_id=EOS, pad_token_id=None), **kw}
+  cfg = transformers.AutoConfig.for_model(model_type, vocab_size=vocab_size, attn_implementation='eager',
+                                          **{k: v for k, v in kw.items() if v is not OMIT})
+  model = transformers.AutoModelForCausalLM.from_config(cfg).eval().float()
   with torch.no_grad():
     for name, p in model.named_parameters():
       if name.endswith('norm.weight'):
         p.uniform_(0.5, 1.5)
+      elif name.endswith('bias'):
+        p.normal_(0.0, 0.1)
   return model
 
 
@@ -275,6 +284,124 @@ def test_tied_bfloat16_checkpoint(sp, hf_dir, tmp_path):
   assert config.model.tie_embeddings is True and config.model.rope_scaling is None
   ids = random_ids(sp.vocab_size(), 3)
   np.testing.assert_allclose(np.asarray(jmodel(ids)), hf_logits(model, ids), atol=1e-4, rtol=0)
+
+
+def export_config_without_source(export_dir):
+  with open(os.path.join(export_dir, 'config.json')) as f:
+    config = json.load(f)
+  del config['converted_from']
+  return config
+
+
+def hub_dir(model, path, tokenizer_dir, config=None):
+  """`model` saved as a hub directory at `path` with the tokenizer files of `tokenizer_dir`; `config` (a dict)
+  replaces the config.json transformers writes."""
+  model.save_pretrained(path)
+  for name in ('tokenizer.json', 'tokenizer_config.json'):
+    (path / name).write_bytes(open(os.path.join(tokenizer_dir, name), 'rb').read())
+  if config is not None:
+    (path / 'config.json').write_text(json.dumps(config, indent=2, sort_keys=True))
+  return path
+
+
+# (model_type, model keywords, how transformers 4 spelled the RoPE type; cf. transformers4_llama_family)
+LAYOUT_CASES = {
+    'llama3_scaling': ('llama', dict(num_key_value_heads=2, rope_theta=5e5, rope_scaling=dict(LLAMA3_ROPE)),
+                       'rope_type'),
+    'linear_scaling_before_4.45': ('llama', dict(rope_scaling={'rope_type': 'linear', 'factor': 4.0},
+                                                 tie_word_embeddings=True), 'type'),
+    'linear_scaling': ('llama', dict(rope_scaling={'rope_type': 'linear', 'factor': 4.0}), 'type+rope_type'),
+    'no_scaling': ('llama', dict(rope_theta=5e5), 'rope_type'),
+    'qwen2': ('qwen2', dict(num_key_value_heads=2, rope_theta=1e6, tie_word_embeddings=True), 'rope_type'),
+    'mistral': ('mistral', dict(num_key_value_heads=2, rope_theta=1e6, sliding_window=None), 'rope_type'),
+}
+
+
+@pytest.mark.parametrize('case', list(LAYOUT_CASES))
+def test_transformers4_and_5_config_layouts_import_the_same(case, sp, hf_dir, tmp_path):
+  """The same weights with config.json as transformers 5 writes it (rope_parameters, dtype) and as 4 wrote it
+  (rope_theta, rope_scaling, torch_dtype): the same jaxssl config and the same logits, transformers' own."""
+  model_type, kw, rope_key = LAYOUT_CASES[case]
+  model = tiny_llama(sp.vocab_size(), 7, model_type=model_type, **copy.deepcopy(kw))  # transformers edits RoPE dicts
+  v5 = hub_dir(model, tmp_path / 'v5', hf_dir)
+  written = json.loads((v5 / 'config.json').read_text())
+  assert 'rope_parameters' in written and 'dtype' in written and 'rope_theta' not in written
+  v4_config = transformers4_llama_family(written, rope_key)
+  if model_type == 'qwen2':  # 4.x Qwen2 configs kept the window they were not using (e.g. Qwen2.5: 32768)
+    v4_config.update(sliding_window=128, use_sliding_window=False)
+  v4 = hub_dir(model, tmp_path / 'v4', hf_dir, v4_config)
+  ids = random_ids(sp.vocab_size(), 5)
+  want = hf_logits(model, ids)
+  hf_v4 = transformers.AutoModelForCausalLM.from_pretrained(v4, attn_implementation='eager').eval()
+  np.testing.assert_array_equal(hf_logits(hf_v4, ids), want)  # transformers reads the 4.x file as this model
+  exports = {}
+  for name, src in (('v4', v4), ('v5', v5)):
+    exports[name] = str(tmp_path / f'params_{name}')
+    convert_main(['from-hf', '--src', str(src), '--out', exports[name]])
+  config = export_config_without_source(exports['v4'])
+  assert config == export_config_without_source(exports['v5'])
+  m = config['model']
+  rope = written['rope_parameters']
+  assert m['rope_theta'] == rope['rope_theta'] and m['tie_embeddings'] == model.config.tie_word_embeddings
+  assert m['rope_scaling'] == (None if rope['rope_type'] == 'default' else
+                               {k: v for k, v in rope.items() if k not in ('rope_theta', 'type')})
+  got = jax_logits(exports['v4'], ids)
+  np.testing.assert_array_equal(got, jax_logits(exports['v5'], ids))
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize('model_type', ['llama', 'mistral', 'qwen2'])
+def test_omitted_config_keys_take_the_model_types_defaults(model_type, sp, hf_dir, tmp_path):
+  """config.json without head_dim, num_key_value_heads, tie_word_embeddings, max_position_embeddings and RoPE
+  keys (older or hand-made files): read as transformers reads it, with that model type's defaults (Mistral: 8 kv
+  heads, 131072 positions; Qwen2: 32 kv heads, 32768 positions, no sliding window)."""
+  heads = {'llama': 4, 'mistral': 8, 'qwen2': 32}[model_type]  # divisible by each type's default kv heads
+  extra = dict(sliding_window=None) if model_type == 'mistral' else {}
+  model = tiny_llama(sp.vocab_size(), 8, model_type=model_type, num_attention_heads=heads,
+                     max_position_embeddings=OMIT, **extra)
+  written = json.loads((hub_dir(model, tmp_path / 'full', hf_dir) / 'config.json').read_text())
+  omitted = {'head_dim', 'num_key_value_heads', 'tie_word_embeddings', 'max_position_embeddings', 'rope_parameters',
+             'use_sliding_window', 'layer_types', 'max_window_layers'}
+  if model_type == 'qwen2':  # Mistral's must stay null: its default (4096) would limit attention
+    omitted.add('sliding_window')
+  src = hub_dir(model, tmp_path / 'src', hf_dir, {k: v for k, v in written.items() if k not in omitted})
+  reference = transformers.AutoConfig.from_pretrained(src)
+  out = str(tmp_path / 'params')
+  convert_main(['from-hf', '--src', str(src), '--out', out])
+  m = export_config_without_source(out)['model']
+  assert (m['max_position'], m['num_kv_heads'], m['tie_embeddings'], m['rope_theta']) == (
+      reference.max_position_embeddings, reference.num_key_value_heads, reference.tie_word_embeddings,
+      reference.rope_parameters['rope_theta'])
+  assert m['max_position'] == {'llama': 2048, 'mistral': 131072, 'qwen2': 32768}[model_type]
+  ids = random_ids(sp.vocab_size(), 6)
+  hf = transformers.AutoModelForCausalLM.from_pretrained(src, attn_implementation='eager').eval()
+  np.testing.assert_allclose(jax_logits(out, ids), hf_logits(hf, ids), atol=1e-4, rtol=0)
+
+
+def test_pytorch_bin_without_torch_is_a_one_line_error(hf_model, hf_dir, tmp_path):
+  """A pytorch_model.bin-only directory: read with torch; without it, exit 2 and one line saying how to convert."""
+  src = tmp_path / 'bin_only'
+  src.mkdir()
+  for name in ('config.json', 'tokenizer.json', 'tokenizer_config.json'):
+    (src / name).write_bytes(open(os.path.join(hf_dir, name), 'rb').read())
+  torch.save(hf_model.state_dict(), src / 'pytorch_model.bin')
+  from jaxssl.convert import decoder
+  from_bin, whole = decoder.read_hf_weights(str(src)), decoder.read_hf_weights(hf_dir)
+  assert from_bin.keys() == whole.keys() and all(np.array_equal(from_bin[k], whole[k]) for k in whole)
+  no_torch = tmp_path / 'no_torch'
+  no_torch.mkdir()
+  (no_torch / 'sitecustomize.py').write_text("import sys\nsys.modules['torch'] = None  # import torch fails\n")
+  out = tmp_path / 'out'
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': os.pathsep.join([str(no_torch), os.path.abspath(REPO)])}
+  proc = subprocess.run([sys.executable, '-m', 'jaxssl.convert', 'from-hf', '--src', str(src), '--out', str(out)],
+                        cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+  assert proc.returncode == 2, proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error:'), proc.stderr
+  assert 'pip install torch' in lines[0] and 'torch is not installed' in lines[0]
+  assert (f'from transformers import LlamaForCausalLM; LlamaForCausalLM.from_pretrained({str(src)!r})'
+          f'.save_pretrained({str(src)!r})') in lines[0]
+  assert not out.exists()
 
 
 def test_to_hf_round_trip(hf_model, export, tmp_path):

@@ -5,7 +5,7 @@
 
 from-hf reads a HuggingFace directory: BERT (BertForPreTraining / BertModel; also RoBERTa / XLM-R:
 XLMRobertaModel / XLMRobertaForMaskedLM), GPT-2 (GPT2LMHeadModel) or the Llama family (LlamaForCausalLM; also
-Mistral and Qwen2 layouts), picked by config.json's model_type, with its
+Mistral and Qwen2 layouts), picked by config.json's model_type (as transformers 4 or 5 wrote it), with its
 weights (safetensors, sharded or not, bfloat16 included; pytorch_model.bin when torch is installed) and its
 tokenizer (tokenizer.json, vocab.txt, or vocab.json + merges.txt). A `.gguf` file (llama.cpp; GPT-2 or Llama
 architecture) is read with the `gguf` package, quantised tensors dequantised to float32, the tokenizer rebuilt

@@ -7,7 +7,10 @@
 
 The weight layouts live in hf_gpt2.py and hf_llama.py (which one: config.json's model_type); this module
 reads and writes the files. Weights are converted to float32 (bfloat16 safetensors included, GGUF
-quantisations dequantised): jaxssl keeps float32 params and computes in `model.dtype`.
+quantisations dequantised): jaxssl keeps float32 params and computes in `model.dtype`. config.json may be in
+transformers 4's layout (rope_theta, rope_scaling, torch_dtype) or 5's (rope_parameters, dtype); keys it omits
+take the model type's transformers defaults (hf_defaults). A pytorch_model.bin needs torch; without it the
+error says how to re-save the checkpoint as safetensors.
 """
 import json
 import math
@@ -73,12 +76,17 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
   return out
 
 
-def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
+def _import_torch():
+  """torch, or None where it is not installed (jaxssl needs it only to read pytorch_model.bin files)."""
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError:
-    raise UserError(f'{path} is a PyTorch pickle, which needs torch to read: pip install torch (the CPU build), '
-                    'or re-save the checkpoint as safetensors') from None
+    return None
+  return torch
+
+
+def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
+  torch = _import_torch()
   try:
     state = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # pylint: disable=broad-except  (torch raises many types for a bad file)
@@ -86,24 +94,52 @@ def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
   return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}
 
 
-def read_hf_weights(directory: str) -> dict[str, np.ndarray]:
-  """All tensors of a HF checkpoint directory: model.safetensors, its shards (via the .index.json), or
-  pytorch_model.bin and its shards."""
-  for single, index, reader in (('model.safetensors', 'model.safetensors.index.json', read_safetensors),
-                                ('pytorch_model.bin', 'pytorch_model.bin.index.json', _read_torch_bin)):
+# (single file, sharded index, reader), in the order they are looked for.
+_WEIGHT_LAYOUTS = (('model.safetensors', 'model.safetensors.index.json', read_safetensors),
+                   ('pytorch_model.bin', 'pytorch_model.bin.index.json', _read_torch_bin))
+
+
+def weight_files(directory: str, architecture: str = 'AutoModelForCausalLM') -> tuple[list[str], object]:
+  """(paths of the weight files of a HF checkpoint directory, the reader for them), without reading them.
+
+  safetensors first; a pytorch_model.bin (or its shards) without torch installed is a UserError that says how to
+  re-save it as safetensors (with transformers' `architecture` class, config.json's architectures[0]).
+  """
+  for single, index, reader in _WEIGHT_LAYOUTS:
     if os.path.isfile(os.path.join(directory, single)):
-      return reader(os.path.join(directory, single))
-    if os.path.isfile(os.path.join(directory, index)):
+      paths = [os.path.join(directory, single)]
+    elif os.path.isfile(os.path.join(directory, index)):
       shards = sorted(set(_read_json(os.path.join(directory, index)).get('weight_map', {}).values()))
       missing = [s for s in shards if not os.path.isfile(os.path.join(directory, s))]
       if missing or not shards:
         raise UserError(f'{directory}/{index} names shards that are not there ({missing[:3]}): copy all of them')
-      tensors = {}
-      for shard in shards:
-        tensors.update(reader(os.path.join(directory, shard)))
-      return tensors
+      paths = [os.path.join(directory, s) for s in shards]
+    else:
+      continue
+    if reader is _read_torch_bin and _import_torch() is None:
+      raise UserError(
+          f'{paths[0]} is a PyTorch pickle and torch is not installed: pip install torch (the CPU build) and rerun, '
+          'or re-save the checkpoint as safetensors where torch is installed: python -c "from transformers import '
+          f'{architecture}; {architecture}.from_pretrained({directory!r}).save_pretrained({directory!r})"')
+    return paths, reader
   raise UserError(f'{directory} has no model.safetensors, pytorch_model.bin or sharded index: pass a '
                   'HuggingFace checkpoint directory')
+
+
+def read_hf_weights(directory: str, architecture: str = 'AutoModelForCausalLM') -> dict[str, np.ndarray]:
+  """All tensors of a HF checkpoint directory: model.safetensors, its shards (via the .index.json), or
+  pytorch_model.bin and its shards (torch needed; `architecture` names the class to re-save it with otherwise)."""
+  paths, reader = weight_files(directory, architecture)
+  tensors = {}
+  for path in paths:
+    tensors.update(reader(path))
+  return tensors
+
+
+def saved_class(hf_config: dict, default: str) -> str:
+  """The transformers class that saved a checkpoint (config.json's architectures[0]), else `default`."""
+  names = hf_config.get('architectures') or [default]
+  return names[0] if isinstance(names[0], str) and names[0].isidentifier() else default
 
 
 def read_tokenizer(directory: str):
@@ -136,8 +172,10 @@ def read_checkpoint(src: str):
                     '(config.json + weights + tokenizer) or a llama.cpp .gguf file')
   hf_config = _read_json(os.path.join(src, 'config.json'))
   _layout(hf_config.get('model_type', ''))  # an unsupported architecture fails before reading gigabytes
+  hf_class = saved_class(hf_config, 'AutoModelForCausalLM')
+  weight_files(src, hf_class)  # so do weights that cannot be read here (a .bin without torch)
   tokenizer = read_tokenizer(src)
-  return hf_config, read_hf_weights(src), tokenizer
+  return hf_config, read_hf_weights(src, hf_class), tokenizer
 
 
 # ----- export <-> HF -----

@@ -3,7 +3,9 @@
   from_hf('bert-dir', 'PARAMS')  # config.json + model.safetensors (+ tokenizer.json / vocab.txt) -> export
   to_hf('PARAMS', 'bert-dir')    # export -> config.json + model.safetensors (torch layout) + tokenizer files
 
-Weights go through `safetensors.numpy` only: jaxssl never imports torch or transformers. Accepted HF layouts:
+Weights are read as decoder.read_hf_weights reads them (model.safetensors, shards, bfloat16; pytorch_model.bin
+only where torch is installed, the one use of torch); transformers is never imported. config.json may be in
+transformers 4's or 5's layout; keys it omits take transformers' defaults (hf_defaults). Accepted HF layouts:
 BertModel (no prefix), BertForPreTraining and BertForMaskedLM (prefix 'bert.'); heads a checkpoint lacks
 (pooler, NSP, MLM) are initialised fresh and named in one printed line.
 
@@ -26,6 +28,7 @@ import shutil
 import numpy as np
 
 from jaxssl import config as config_lib
+from jaxssl.convert import hf_defaults
 from jaxssl.convert import param_tree
 from jaxssl.errors import UserError
 
@@ -114,51 +117,51 @@ def _to_hf(a: np.ndarray, kind) -> np.ndarray:
 # ----- configs -----
 
 def jaxssl_config(hf: dict):
-  """The full jaxssl config (configs/bert.py:base with model.* and the vocab size from HF `config.json`)."""
-  def need(key):
-    if key not in hf:
-      raise UserError(f'HF config.json has no {key!r}: is it a BERT checkpoint?')
-    return hf[key]
-  model_type = hf.get('model_type', 'bert')
+  """The full jaxssl config (configs/bert.py:base with model.* and the vocab size from HF `config.json`, keys it
+  omits taking its model_type's transformers defaults: max_position_embeddings 512, ...)."""
+  model_type = hf.get('model_type') or 'bert'
   if model_type != 'bert' and model_type not in ROBERTA_TYPES:
     raise UserError(f"HF config.json has model_type={model_type!r}: only 'bert', 'roberta' and 'xlm-roberta' "
                     'convert here')
-  if hf.get('hidden_act', 'gelu') != 'gelu':
+  hf = hf_defaults.with_defaults(hf, 'bert')
+  if hf['hidden_act'] != 'gelu':
     raise UserError(f"HF config.json has hidden_act={hf['hidden_act']!r}: jaxssl BERT uses exact (erf) 'gelu' "
                     'only, so this checkpoint would compute something else')
+  # transformers 4 wrote position_embedding_type (absolute, relative_key, ...); 5 has absolute positions only.
   if hf.get('position_embedding_type', 'absolute') != 'absolute':
     raise UserError(f"HF config.json has position_embedding_type={hf['position_embedding_type']!r}: "
                     "jaxssl BERT supports 'absolute' positions only")
-  eps = float(hf.get('layer_norm_eps', LAYER_NORM_EPS))
+  eps = float(hf['layer_norm_eps'])
   offset = position_offset(hf)
-  max_position = int(need('max_position_embeddings')) - offset
+  max_position = int(hf['max_position_embeddings']) - offset
   if max_position < 1:
     raise UserError(f"HF config.json has max_position_embeddings={hf['max_position_embeddings']}, not more than "
                     f'the {offset} rows RoBERTa reserves before position 0: is the config complete?')
-  type_vocab_size = int(hf.get('type_vocab_size', 2))
+  type_vocab_size = int(hf['type_vocab_size'])
   if model_type in ROBERTA_TYPES:
     type_vocab_size = max(type_vocab_size, 2)  # its one row is repeated (hf_to_params) for pair inputs
   config = config_lib.load_config(BASE_CONFIG)
   with config.unlocked():
     config.model.update(
-        num_layers=int(need('num_hidden_layers')), hidden_size=int(need('hidden_size')),
-        num_heads=int(need('num_attention_heads')), intermediate_size=int(need('intermediate_size')),
+        num_layers=int(hf['num_hidden_layers']), hidden_size=int(hf['hidden_size']),
+        num_heads=int(hf['num_attention_heads']), intermediate_size=int(hf['intermediate_size']),
         max_position=max_position, type_vocab_size=type_vocab_size,
-        dropout_rate=float(hf.get('hidden_dropout_prob', 0.1)),
-        attention_dropout_rate=float(hf.get('attention_probs_dropout_prob', 0.1)),
-        initializer_range=float(hf.get('initializer_range', 0.02)), scan_layers=True)
+        dropout_rate=float(hf['hidden_dropout_prob']),
+        attention_dropout_rate=float(hf['attention_probs_dropout_prob']),
+        initializer_range=float(hf['initializer_range']), scan_layers=True)
     if not math.isclose(eps, LAYER_NORM_EPS, rel_tol=1e-6):
       config.model.layer_norm_eps = eps  # only when not BERT's, so BERT exports keep their config unchanged
-    config.tokenizer.vocab_size = int(need('vocab_size'))
+    config.tokenizer.vocab_size = int(hf['vocab_size'])
     config.data.seq_len = min(config.data.seq_len, config.model.max_position)
   return config
 
 
 def position_offset(hf: dict) -> int:
   """Rows of the HF position table before position 0: pad_token_id + 1 for RoBERTa / XLM-R, 0 for BERT."""
-  if hf.get('model_type', 'bert') not in ROBERTA_TYPES:
+  model_type = hf.get('model_type') or 'bert'
+  if model_type not in ROBERTA_TYPES:
     return 0
-  return int(hf.get('pad_token_id', 1)) + 1
+  return int(hf_defaults.with_defaults(hf, model_type)['pad_token_id']) + 1
 
 
 def roberta_to_bert_tensors(tensors: dict, offset: int, type_vocab_size: int) -> dict:
@@ -308,27 +311,20 @@ def from_hf(src: str, out: str, *, overwrite: bool = False, seed: int = 0) -> di
   """
   import jax
   import orbax.checkpoint as ocp
-  from safetensors.numpy import load_file
+  from jaxssl.convert import decoder  # its weight-file readers (safetensors, shards, bfloat16, pytorch_model.bin)
   from jaxssl.data import tokenizers
   from jaxssl.models import vocab
   from jaxssl.train import state as state_lib
   hf = _read_json(os.path.join(src, 'config.json'))
-  weights = os.path.join(src, 'model.safetensors')
-  if not os.path.isfile(weights):
-    if any(os.path.isfile(os.path.join(src, n)) for n in ('pytorch_model.bin', 'model.safetensors.index.json')):
-      raise UserError(f'{src} has no single model.safetensors (only pytorch_model.bin or shards): re-save it with '
-                      "transformers' save_pretrained(dir, safe_serialization=True, max_shard_size='100GB')")
-    raise UserError(f'{src} has no model.safetensors: pass a HuggingFace BERT directory')
+  hf_class = decoder.saved_class(hf, 'AutoModel')
+  weights, _ = decoder.weight_files(src, hf_class)  # checked before anything is read: a .bin without torch fails here
   if not any(os.path.isfile(os.path.join(src, n)) for n in ('tokenizer.json', 'vocab.txt')):
     raise UserError(f'{src} has no tokenizer.json or vocab.txt: copy the checkpoint\'s tokenizer files into it')
   config = jaxssl_config(hf)
   vocab_size = config.tokenizer.vocab_size
   # More rows than the tokenizer's ids (XLM-R-vocabulary encoders such as multilingual-e5) converts as it is.
   vocab.check_rows(tokenizers.load_tokenizer(src).vocab_size, vocab_size, src)
-  try:
-    tensors = load_file(weights)
-  except Exception as e:  # safetensors raises its own error types (and numpy has no bfloat16)
-    raise UserError(f'cannot read {weights} ({e}): re-save it as float32 safetensors') from None
+  tensors = decoder.read_hf_weights(src, hf_class)
   if hf.get('model_type') in ROBERTA_TYPES:
     tensors = roberta_to_bert_tensors(tensors, position_offset(hf), config.model.type_vocab_size)
   mesh = _one_device_mesh()
@@ -337,7 +333,7 @@ def from_hf(src: str, out: str, *, overwrite: bool = False, seed: int = 0) -> di
   fresh_paths = [jax.tree_util.keystr(p) for p, v in jax.tree_util.tree_leaves_with_path(
       params, is_leaf=lambda x: x is None) if v is None]
   if unused:
-    print(f'warning: {len(unused)} tensors of {weights} are not used: {", ".join(unused)}')
+    print(f'warning: {len(unused)} tensors of {", ".join(weights)} are not used: {", ".join(unused)}')
   if fresh_paths:
     heads = sorted({HEAD_NAMES[p.split("'")[1]] for p in fresh_paths})
     print(f'new heads (not in the checkpoint, initialised with seed {seed}): {", ".join(heads)}')

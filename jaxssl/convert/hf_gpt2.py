@@ -15,6 +15,7 @@ import re
 
 import numpy as np
 
+from jaxssl.convert import hf_defaults
 from jaxssl.convert import param_tree
 from jaxssl.errors import UserError
 
@@ -45,40 +46,32 @@ TOP = (
 QKV = ('query', 'key', 'value')
 
 
-def _get(hf: dict, *names, default=None):
-  """The first of `names` present in the HF config (GPT2Config has both n_embd and hidden_size spellings)."""
-  for n in names:
-    if hf.get(n) is not None:
-      return hf[n]
-  if default is None:
-    raise UserError(f'HF config has none of {names}: is it a GPT-2 config.json?')
-  return default
-
-
 def model_config_from_hf(hf: dict) -> dict:
-  """The jaxssl `model` config section (configs/gpt.py fields) for a GPT2Config dict; checks the math matches."""
-  if hf.get('model_type', 'gpt2') != 'gpt2':
+  """The jaxssl `model` config section (configs/gpt.py fields) for a GPT2Config dict; keys it omits take
+  GPT2Config's defaults (n_positions 1024, ...). Checks the math matches."""
+  if (hf.get('model_type') or 'gpt2') != 'gpt2':
     raise UserError(f"HF config has model_type={hf.get('model_type')!r}: only 'gpt2' converts here")
-  act = hf.get('activation_function', 'gelu_new')
+  hf = hf_defaults.with_defaults(hf, 'gpt2')
+  act = hf['activation_function']
   if act not in TANH_GELUS:
     raise UserError(f'HF config has activation_function={act!r}: jaxssl GPT uses the tanh GELU (gelu_new) only')
   unsupported = {'scale_attn_by_inverse_layer_idx': False, 'add_cross_attention': False,
                  'scale_attn_weights': True, 'tie_word_embeddings': True}
   for key, want in unsupported.items():
-    if key in hf and bool(hf[key]) != want:
+    if bool(hf[key]) != want:
       raise UserError(f'HF config has {key}={hf[key]}: jaxssl GPT supports only {key}={want}')
-  hidden = int(_get(hf, 'n_embd', 'hidden_size'))
+  hidden = int(hf['n_embd'])
   return {
       'name': 'gpt',
-      'num_layers': int(_get(hf, 'n_layer', 'num_hidden_layers')),
+      'num_layers': int(hf['n_layer']),
       'hidden_size': hidden,
-      'num_heads': int(_get(hf, 'n_head', 'num_attention_heads')),
-      'intermediate_size': int(_get(hf, 'n_inner', default=4 * hidden)),
-      'max_position': int(_get(hf, 'n_positions', 'max_position_embeddings')),
-      'dropout_rate': float(hf.get('resid_pdrop', 0.1)),
-      'attention_dropout_rate': float(hf.get('attn_pdrop', 0.1)),
-      'initializer_range': float(hf.get('initializer_range', 0.02)),
-      'layer_norm_eps': float(hf.get('layer_norm_epsilon', 1e-5)),
+      'num_heads': int(hf['n_head']),
+      'intermediate_size': int(hf['n_inner'] or 4 * hidden),  # GPT2Config's n_inner None means 4 * n_embd
+      'max_position': int(hf['n_positions']),
+      'dropout_rate': float(hf['resid_pdrop']),
+      'attention_dropout_rate': float(hf['attn_pdrop']),
+      'initializer_range': float(hf['initializer_range']),
+      'layer_norm_eps': float(hf['layer_norm_epsilon']),
       'scan_layers': True,
   }
 
@@ -115,7 +108,7 @@ def params_from_hf(state_dict: dict, hf_config: dict) -> tuple[dict, dict]:
   """
   cfg = model_config_from_hf(hf_config)
   n_layers, h, n_heads, inner = cfg['num_layers'], cfg['hidden_size'], cfg['num_heads'], cfg['intermediate_size']
-  vocab, n_pos = int(_get(hf_config, 'vocab_size')), cfg['max_position']
+  vocab, n_pos = int(hf_defaults.with_defaults(hf_config, 'gpt2')['vocab_size']), cfg['max_position']
   if h % n_heads:
     raise UserError(f'HF config has n_embd={h} not divisible by n_head={n_heads}')
   d = h // n_heads

@@ -16,6 +16,7 @@ import re
 
 import numpy as np
 
+from jaxssl.convert import hf_defaults
 from jaxssl.convert import param_tree
 from jaxssl.errors import UserError
 
@@ -30,21 +31,23 @@ MLP = (('mlp.gate_proj', 'mlp/wi_gate'), ('mlp.up_proj', 'mlp/wi_up'), ('mlp.dow
 QKV = (('self_attn.q_proj', 'query'), ('self_attn.k_proj', 'key'), ('self_attn.v_proj', 'value'))
 
 
-def _get(hf: dict, name: str, default=None):
-  value = hf.get(name)
-  if value is None:
-    if default is None:
-      raise UserError(f'HF config lacks {name!r}: is it a Llama config.json?')
-    return default
-  return value
-
-
 def _rope(hf: dict) -> tuple[float, dict | None]:
-  """(rope_theta, rope_scaling dict or None) from transformers 4's rope_theta + rope_scaling or 5's rope_parameters."""
-  params = dict(hf.get('rope_parameters') or hf.get('rope_scaling') or {})
-  theta = float(params.pop('rope_theta', None) or hf.get('rope_theta') or 10000.0)
-  kind = params.pop('rope_type', params.pop('type', 'default'))
-  if float(params.pop('partial_rotary_factor', None) or hf.get('partial_rotary_factor') or 1.0) != 1.0:
+  """(rope_theta, rope_scaling dict or None) of a config.json in either transformers layout, read with transformers
+  5's precedence: the rope_scaling (4.x) or rope_parameters (5.x) dict; its rope_theta, else the top-level
+  rope_theta (4.x), else the default; its rope_type, else the older `type` (4.x before 4.45 wrote only that)."""
+  params = hf.get('rope_scaling') or hf.get('rope_parameters') or {}
+  per_layer_type = [params[t] for t in dict.fromkeys(hf.get('layer_types') or ()) if t in params]
+  if per_layer_type:  # 5.x nests the dict by layer type for models with several attention kinds
+    if any(p != per_layer_type[0] for p in per_layer_type):
+      raise UserError('HF config has a different RoPE per layer type: jaxssl applies one RoPE to every layer')
+    params = per_layer_type[0] or {}
+  params = dict(params)
+  theta = params.pop('rope_theta', None)
+  theta = float(hf.get('rope_theta') or hf_defaults.DEFAULT_ROPE_THETA) if theta is None else float(theta)
+  legacy_kind = params.pop('type', None)
+  kind = params.pop('rope_type', None) or legacy_kind or 'default'
+  partial = params.pop('partial_rotary_factor', None) or hf.get('partial_rotary_factor') or 1.0
+  if float(partial) != 1.0:
     raise UserError('HF config has partial_rotary_factor != 1: jaxssl rotates the whole head')
   if kind == 'default':
     return theta, None
@@ -52,27 +55,49 @@ def _rope(hf: dict) -> tuple[float, dict | None]:
           'llama3': ('factor', 'low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings')}
   if kind not in keys:
     raise UserError(f"HF config has rope_type={kind!r}: jaxssl supports 'default', 'linear' and 'llama3' RoPE")
+  if kind == 'llama3' and params.get('original_max_position_embeddings') is None:  # transformers' fallback
+    params['original_max_position_embeddings'] = hf['max_position_embeddings']
   missing = [k for k in keys[kind] if params.get(k) is None]
-  if kind == 'llama3' and 'original_max_position_embeddings' in missing:  # HF falls back to the same
-    params['original_max_position_embeddings'] = _get(hf, 'max_position_embeddings')
-    missing.remove('original_max_position_embeddings')
   if missing:
     raise UserError(f'HF config rope_scaling ({kind}) lacks {missing}')
   return theta, {'rope_type': kind, **{k: params[k] for k in keys[kind]}}
 
 
-def model_config_from_hf(hf: dict) -> dict:
-  """The jaxssl `model` config section (configs/gpt.py fields) for a Llama/Mistral/Qwen2 config dict; checks that
-  the math matches (a sliding window, another activation or RoPE type is a UserError)."""
-  kind = hf.get('model_type', 'llama')
+def _sliding_window(hf: dict) -> int | None:
+  """The window some layer's attention is limited to, or None when every layer attends to the whole context (as
+  transformers decides it: Qwen2 slides only with use_sliding_window, in layers from max_window_layers on or
+  those layer_types names 'sliding_attention'; Mistral slides in every layer)."""
+  if hf['model_type'] != 'qwen2':
+    return hf.get('sliding_window')
+  window = hf['sliding_window'] if hf['use_sliding_window'] else None
+  layer_types = hf.get('layer_types') or [
+      'sliding_attention' if window is not None and i >= hf['max_window_layers'] else 'full_attention'
+      for i in range(hf['num_hidden_layers'])]
+  return window if 'sliding_attention' in layer_types else None
+
+
+def resolved_config(hf: dict) -> dict:
+  """The config.json dict `hf` with transformers' defaults of its model_type in place of omitted keys
+  (hf_defaults), after checking the model_type is one this module converts."""
+  kind = hf.get('model_type') or 'llama'
   if kind not in SUPPORTED_TYPES:
     raise UserError(f'HF config has model_type={kind!r}: hf_llama converts {", ".join(SUPPORTED_TYPES)} '
                     '(GPT-2 converts with hf_gpt2)')
-  act = hf.get('hidden_act', 'silu')
+  return hf_defaults.with_defaults(hf, kind)
+
+
+def model_config_from_hf(hf: dict) -> dict:
+  """The jaxssl `model` config section (configs/gpt.py fields) for a Llama/Mistral/Qwen2 config dict in either
+  transformers layout (4.x: rope_theta + rope_scaling; 5.x: rope_parameters); keys it omits take the model
+  type's transformers defaults. Checks that the math matches (a sliding window, another activation or RoPE type
+  is a UserError)."""
+  hf = resolved_config(hf)
+  kind = hf['model_type']
+  act = hf['hidden_act']
   if act not in SILU:
     raise UserError(f'HF config has hidden_act={act!r}: the jaxssl Llama MLP is SwiGLU with silu only')
-  window = hf.get('sliding_window') if kind != 'qwen2' or hf.get('use_sliding_window') else None
-  if window is not None and int(window) < int(_get(hf, 'max_position_embeddings')):
+  window = _sliding_window(hf)
+  if window is not None and int(window) < int(hf['max_position_embeddings']):
     raise UserError(f'HF config has sliding_window={window}: jaxssl attends to the whole context; only '
                     'checkpoints with sliding_window null (e.g. Mistral v0.2+) convert')
   if kind == 'qwen2':  # q/k/v biases, none on o_proj or the MLP
@@ -83,25 +108,24 @@ def model_config_from_hf(hf: dict) -> dict:
       raise UserError(f'HF config has attention_bias={attention_bias} but mlp_bias={mlp_bias}: jaxssl has '
                       'biases on all projections or none (model.use_bias)')
     use_bias, attention_bias = attention_bias, False
-  hidden, heads = int(_get(hf, 'hidden_size')), int(_get(hf, 'num_attention_heads'))
-  head_dim = int(hf.get('head_dim') or hidden // heads)
+  hidden, heads, head_dim = int(hf['hidden_size']), int(hf['num_attention_heads']), int(hf['head_dim'])
   theta, scaling = _rope(hf)
   return {
       'name': 'gpt',
-      'num_layers': int(_get(hf, 'num_hidden_layers')),
+      'num_layers': int(hf['num_hidden_layers']),
       'hidden_size': hidden,
       'num_heads': heads,
-      'num_kv_heads': int(hf.get('num_key_value_heads') or heads),
+      'num_kv_heads': int(hf['num_key_value_heads']),
       'head_dim': 0 if head_dim * heads == hidden else head_dim,
-      'intermediate_size': int(_get(hf, 'intermediate_size')),
-      'max_position': int(_get(hf, 'max_position_embeddings')),
+      'intermediate_size': int(hf['intermediate_size']),
+      'max_position': int(hf['max_position_embeddings']),
       'dropout_rate': 0.0,
-      'attention_dropout_rate': float(hf.get('attention_dropout') or 0.0),
-      'initializer_range': float(hf.get('initializer_range', 0.02)),
-      'layer_norm_eps': float(hf.get('rms_norm_eps', 1e-6)),
+      'attention_dropout_rate': float(hf['attention_dropout'] or 0.0),
+      'initializer_range': float(hf['initializer_range']),
+      'layer_norm_eps': float(hf['rms_norm_eps']),
       'norm': 'rmsnorm', 'position': 'rope', 'mlp': 'swiglu',
       'rope_theta': theta, 'rope_scaling': scaling,
-      'tie_embeddings': bool(hf.get('tie_word_embeddings', False)),
+      'tie_embeddings': bool(hf['tie_word_embeddings']),
       'use_bias': use_bias, 'attention_bias': attention_bias,
       'scan_layers': True,
   }
@@ -151,11 +175,9 @@ def params_from_hf(state_dict: dict, hf_config: dict) -> tuple[dict, dict]:
   n_layers, h, inner = cfg['num_layers'], cfg['hidden_size'], cfg['intermediate_size']
   n, kv = cfg['num_heads'], cfg['num_kv_heads']
   d = cfg['head_dim'] or h // n
-  vocab = int(_get(hf_config, 'vocab_size'))
+  vocab = int(resolved_config(hf_config)['vocab_size'])
   if n % kv:
     raise UserError(f'HF config has num_key_value_heads={kv}, which does not divide num_attention_heads={n}')
-  if not cfg['head_dim'] and h % n:
-    raise UserError(f'HF config has hidden_size={h} not divisible by num_attention_heads={n} and no head_dim')
   tensors = {(k[len('model.'):] if k.startswith('model.') else k): v for k, v in state_dict.items()}
   used = set()
 
