@@ -19,7 +19,8 @@ GLUE = {
     'mnli': ('pair', 'accuracy'), 'qnli': ('pair', 'accuracy'), 'rte': ('pair', 'accuracy'),
     'wnli': ('pair', 'accuracy'),
 }
-BEST_METRIC = {'classification': 'accuracy', 'pair': 'accuracy', 'regression': 'pearson', 'tagging': 'f1',
+# '' (tagging): f1 when the training tags are a span scheme (BIO, IOB1, IOBES), else token_accuracy.
+BEST_METRIC = {'classification': 'accuracy', 'pair': 'accuracy', 'regression': 'pearson', 'tagging': '',
                'qa': 'f1'}
 VARIANTS = SHAPES + tuple(GLUE) + ('squad', 'conll2003')
 
@@ -33,18 +34,20 @@ def get_config(variant: str = 'classification') -> ml_collections.ConfigDict:
   elif variant == 'squad':
     kind, best = 'qa', 'f1'
   elif variant == 'conll2003':
-    kind, best = 'tagging', 'f1'
+    kind, best = 'tagging', ''  # ner and chunks: f1; pos: token_accuracy
   else:
     kind, best = variant, BEST_METRIC[variant]
   tfds_name = f'glue/{variant}' if variant in GLUE else {'squad': 'squad/v1.1', 'conll2003': 'conll2003'}.get(variant, '')
-  dev = 'validation_matched' if variant == 'mnli' else 'validation' if tfds_name else ''
+  # TFDS split names: GLUE and SQuAD 'validation' (MNLI: matched), CoNLL-2003 'dev'.
+  dev = {'mnli': 'validation_matched', 'conll2003': 'dev'}.get(variant, 'validation' if tfds_name else '')
   # The evaluate job scores each of these sets (name → split or file); empty: the dev set under the task's name.
   eval_sets = {'mnli_matched': 'validation_matched', 'mnli_mismatched': 'validation_mismatched'} \
       if variant == 'mnli' else {}
   c.task = ml_collections.ConfigDict(dict(
       name=variant, kind=kind, tfds=tfds_name, data_dir='', tag_feature='ner',
       train='train' if tfds_name else '', dev=dev, test='', eval_sets=eval_sets,
-      best_metric=best,            # dev metric that picks the checkpoint exported to DIR/export
+      best_metric=best,            # dev metric that picks the checkpoint exported to DIR/export ('': the default)
+      tag_scheme='',               # tagging: BIO | IOB1 | IOBES | none; '': decided from the training tags
       max_answer_length=30,        # qa: longest answer span in tokens
       doc_stride=128,              # qa: step between the starts of overlapping context windows
       max_query_length=64,         # qa: question tokens kept

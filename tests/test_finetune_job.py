@@ -33,12 +33,13 @@ def export_dir(tmp_path_factory):
   base = tmp_path_factory.mktemp('pretrained')
   rng = random.Random(0)
   docs = [[sentence(rng, w) for w in rng.sample(POSITIVE + NEGATIVE, 4)] + [f'{rng.choice(NAMES)} lives in '
-                                                                               f'{rng.choice(CITIES)} where'] for _ in range(100)]
+                                                                               f'{rng.choice(CITIES)} where']
+          + [' '.join(w for w, _ in pos_sentence(rng))] for _ in range(100)]  # punctuation gets its own pieces
   (base / 'corpus.txt').write_text('\n\n'.join('\n'.join(d) for d in docs) + '\n')
   result = job('jaxssl.pretrain', '--config', 'configs/bert.py:tiny', f'--config.data.corpus={base / "corpus.txt"}',
                '--config.model.num_layers=1', '--config.model.hidden_size=32', '--config.model.num_heads=2',
                '--config.model.intermediate_size=64', '--config.model.max_position=32', '--config.data.seq_len=32',
-               '--config.data.max_predictions=5', '--config.tokenizer.vocab_size=50', '--config.train.steps=40',
+               '--config.data.max_predictions=5', '--config.tokenizer.vocab_size=64', '--config.train.steps=40',
                '--config.train.batch_size=8', '--config.train.warmup_steps=5', '--config.eval.batches=1',
                '--config.eval.every_steps=40', '--config.checkpoint.every_steps=40', '--config.data.num_threads=1',
                '--workdir', str(base / 'run'))
@@ -117,13 +118,57 @@ def write_tagging(path, n, seed):
       f.write('\n')
 
 
+# Penn Treebank POS tags, as a POS file (the README's pos/train.conll) carries them: one tag per word, the
+# punctuation tags `` '' -LRB- -RRB- $ # : , . included.
+NOUNS = ['film', 'movie', 'plot', 'actor', 'story', 'scene']
+PTB_TAGS = {'the': 'DT', 'a': 'DT', 'was': 'VBD', 'is': 'VBZ', 'very': 'RB', 'quite': 'RB', **{w: 'NN' for w in NOUNS},
+            **{w: 'JJ' for w in POSITIVE + NEGATIVE}, **{w: 'NNP' for w in NAMES + CITIES}}
+
+
+def pos_sentence(rng):
+  """[(word, PTB tag)]: e.g. `` Rome is : the film was very good '' ( $ 5 ) , # 2 ."""
+  words = [rng.choice(NAMES + CITIES), rng.choice(['is', 'was'])] if rng.random() < 0.3 else []
+  words += [rng.choice(['the', 'a']), rng.choice(NOUNS), rng.choice(['is', 'was'])]
+  if rng.random() < 0.5:
+    words.append(rng.choice(['very', 'quite']))
+  words.append(rng.choice(POSITIVE + NEGATIVE))
+  tagged = [(w, PTB_TAGS[w]) for w in words]
+  if rng.random() < 0.5:
+    tagged = [('``', '``'), *tagged, ("''", "''")]
+  if rng.random() < 0.4:
+    tagged.insert(len(tagged) // 2, (':', ':'))
+  if rng.random() < 0.4:
+    tagged += [('(', '-LRB-'), ('$', '$'), (rng.choice(['5', '12', '30']), 'CD'), (')', '-RRB-')]
+  if rng.random() < 0.3:
+    tagged += [(',', ','), ('#', '#'), (rng.choice(['2', '7']), 'CD')]
+  return tagged + [('.', '.')]
+
+
+def write_pos(path, n, seed):
+  rng = random.Random(seed)
+  with open(path, 'w') as f:
+    for _ in range(n):
+      f.write(''.join(f'{w}\t{t}\n' for w, t in pos_sentence(rng)) + '\n')
+
+
 @pytest.fixture(scope='module')
-def tagging_run(export_dir, runs, tmp_path_factory):
-  data = tmp_path_factory.mktemp('tagging')
-  write_tagging(data / 'train.conll', 300, 8)
-  write_tagging(data / 'dev.conll', 60, 9)
-  return finetuned('tagging', export_dir, runs / 'tagging', data / 'train.conll', data / 'dev.conll',
-                   '--config.train.steps=300')
+def pos_files(tmp_path_factory):
+  data = tmp_path_factory.mktemp('pos')
+  write_pos(data / 'train.conll', 300, 8)
+  write_pos(data / 'dev.conll', 60, 9)
+  return data / 'train.conll', data / 'dev.conll'
+
+
+@pytest.fixture(scope='module')
+def tagging_run(export_dir, runs, pos_files):
+  """The README's tagging run: POS tags (no span scheme), so token accuracy is the dev figure."""
+  # Punctuation words start with a bare '▁' piece here, where their tag sits: learning to read the next piece
+  # takes longer than NER's whole-word names.
+  result = run_finetune('tagging', export_dir, runs / 'tagging', *pos_files, '--config.train.steps=500',
+                        '--config.train.learning_rate=2e-3', '--config.data.seq_len=32')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'tags: no span scheme (BIO/IOB1/IOBES), token_accuracy only | best by dev token_accuracy' in result.stdout
+  return runs / 'tagging'
 
 
 @pytest.fixture(scope='module')
@@ -148,9 +193,72 @@ def test_pair_learns(pair_run):
   assert best_dev(pair_run)['metrics']['accuracy'] > 0.9
 
 
-def test_tagging_learns(tagging_run):
+def test_pos_tagging_learns_and_reports_token_accuracy_only(tagging_run):
   best = best_dev(tagging_run)
+  assert set(best['metrics']) == {'token_accuracy'} and best['metrics']['token_accuracy'] > 0.9, best
+  exported = json.load(open(tagging_run / 'export' / 'config.json'))
+  assert {'``', "''", '-LRB-', '-RRB-', '$', '#', ':', ',', '.', 'NNP', 'VBZ'} <= set(exported['task']['labels'])
+  assert exported['finetune']['task']['tag_scheme'] == 'none'
+  assert exported['finetune']['task']['best_metric'] == 'token_accuracy'
+
+
+def test_ner_tagging_learns_span_f1(export_dir, tmp_path):
+  write_tagging(tmp_path / 'train.conll', 300, 8)
+  write_tagging(tmp_path / 'dev.conll', 60, 9)
+  result = run_finetune('tagging', export_dir, tmp_path / 'ner', tmp_path / 'train.conll', tmp_path / 'dev.conll',
+                        '--config.train.steps=300')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'tags BIO (span precision/recall/f1 + token_accuracy) | best by dev f1' in result.stdout
+  best = best_dev(tmp_path / 'ner')
   assert best['metrics']['f1'] > 0.8 and best['metrics']['token_accuracy'] > 0.9, best
+
+
+def test_best_metric_the_task_lacks_is_refused_before_training(export_dir, pos_files, tmp_path):
+  result = run_finetune('tagging', export_dir, tmp_path / 'w', *pos_files, '--config.task.best_metric=f1')
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert result.stderr.strip().splitlines()[-1] == (
+      "error: task.best_metric='f1' is not a dev metric of this task (the training tags are not a BIO, IOB1 or "
+      "IOBES span scheme, so no span precision/recall/f1): use one of token_accuracy")
+  assert not os.path.exists(tmp_path / 'w' / 'checkpoints')
+
+
+def test_failing_dev_metric_loses_no_training(export_dir, pos_files, tmp_path, monkeypatch, capsys):
+  """The checkpoint of an eval step is written before its dev metrics run: a metric that raises leaves it on
+  disk, and the rerun resumes from it, finishing that evaluation first."""
+  from jaxssl import config as config_lib
+  from jaxssl.eval import metrics as metrics_lib
+  from jaxssl.train import finetune
+  config = config_lib.load_config('configs/finetune.py:tagging')
+  config_lib.parse_overrides(config, [
+      f'--config.init_from={export_dir}', f'--config.task.train={pos_files[0]}', f'--config.task.dev={pos_files[1]}',
+      '--config.data.seq_len=24', '--config.train.steps=6', '--config.train.batch_size=8',
+      '--config.eval.every_steps=3', '--config.eval.batch_size=8', '--config.checkpoint.every_steps=100',
+      '--config.log.every_steps=3'])
+  workdir = tmp_path / 'pos'
+
+  def broken_metric(*args, **kwargs):
+    raise RuntimeError('a bug in a dev metric')
+
+  monkeypatch.setattr(metrics_lib, 'token_accuracy', broken_metric)
+  with pytest.raises(RuntimeError, match='a bug in a dev metric'):
+    finetune.run_finetuning(config, str(workdir))
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['3']
+  monkeypatch.undo()
+  capsys.readouterr()
+  best = finetune.run_finetuning(config, str(workdir))
+  out = capsys.readouterr().out
+  assert 'resuming from step 3 → 6' in out and 'dev at step 3: token_accuracy=' in out, out
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['3', '6']
+  assert best['step'] in (3, 6) and set(best['metrics']) == {'token_accuracy'}
+
+  def dev_steps():
+    with open(workdir / 'metrics.jsonl') as f:
+      return [r['step'] for r in map(json.loads, f) if 'dev_token_accuracy' in r]
+
+  assert dev_steps() == [3, 6]
+  # Rerunning the finished run repeats its last evaluation (deterministic), replacing its row.
+  assert finetune.run_finetuning(config, str(workdir)) == best
+  assert dev_steps() == [3, 6]
 
 
 def test_extractive_qa_learns_across_windows(qa_run):
@@ -250,3 +358,45 @@ def test_crosslingual_table(export_dir, classification_run, tmp_path):
   bad = job('jaxssl.evaluate', '--config', 'configs/eval.py:crosslingual', f'--config.params={run}/export',
             '--config.baselines=xx', '--out', str(tmp_path / 'bad.json'))
   assert bad.returncode == 2 and 'name=value' in bad.stderr, bad.stderr[-500:]
+
+
+def test_tag_scheme_and_best_metric_resolution():
+  """The span scheme comes from the training tags (or task.tag_scheme); best_metric defaults to what the task
+  reports, and a name it does not report, an unknown scheme or tags the scheme cannot decode are UserErrors."""
+  from jaxssl import config as config_lib
+  from jaxssl.data.tasks import Example
+  from jaxssl.errors import UserError
+  from jaxssl.train import finetune
+
+  def task(variant='tagging', **overrides):
+    config = config_lib.load_config(f'configs/finetune.py:{variant}')
+    config_lib.parse_overrides(config, ['--config.task.train=train.conll', '--config.task.dev=dev.conll',
+                                        *(f'--config.task.{k}={v}' for k, v in overrides.items())])
+    return config.task
+
+  rng = random.Random(0)
+  pos = [Example(tokens=[w for w, _ in s], tags=[t for _, t in s]) for s in (pos_sentence(rng) for _ in range(5))]
+  ner = [Example(tokens=['John', 'lives'], tags=['B-PER', 'O']), Example(tokens=['in', 'Rome'], tags=['O', 'B-LOC'])]
+  t = task()
+  t.tag_scheme = finetune.resolve_tag_scheme(t, pos, pos)
+  assert t.tag_scheme == 'none' and finetune.dev_metric_names(t, []) == ('token_accuracy',)
+  assert finetune.resolve_best_metric(t, []) == 'token_accuracy'
+  t = task()
+  t.tag_scheme = finetune.resolve_tag_scheme(t, ner, ner)
+  assert t.tag_scheme == 'BIO' and finetune.dev_metric_names(t, []) == ('token_accuracy', 'precision', 'recall', 'f1')
+  assert finetune.resolve_best_metric(t, []) == 'f1'
+  t.best_metric = 'accuracy'
+  with pytest.raises(UserError, match="best_metric='accuracy' is not a dev metric of this task: use one of "
+                                      "token_accuracy, precision, recall, f1"):
+    finetune.resolve_best_metric(t, [])
+  assert finetune.resolve_tag_scheme(task(tag_scheme='iobes'), ner, ner) == 'IOBES'
+  assert finetune.resolve_tag_scheme(task(tag_scheme='none'), ner, ner) == 'none'
+  with pytest.raises(UserError, match="train.conll: tag '.+' is not a BIO span tag"):
+    finetune.resolve_tag_scheme(task(tag_scheme='BIO'), pos, pos)
+  with pytest.raises(UserError, match="dev.conll: tag '.+' is not a BIO span tag"):
+    finetune.resolve_tag_scheme(task(), ner, pos)
+  with pytest.raises(UserError, match="tag_scheme='BILOU': use BIO, IOB1, IOBES, none"):
+    finetune.resolve_tag_scheme(task(tag_scheme='BILOU'), ner, ner)
+  assert finetune.resolve_best_metric(task('classification', best_metric=''), ['neg', 'pos']) == 'accuracy'
+  assert finetune.dev_metric_names(task('cola'), ['0', '1']) == ('matthews_corrcoef',)
+  assert finetune.resolve_best_metric(task('qa', best_metric=''), []) == 'f1'

@@ -1,4 +1,4 @@
-"""jaxssl.eval.metrics against scikit-learn / scipy / seqeval (random inputs) and hand-checked SQuAD, BIO and GLUE cases."""
+"""jaxssl.eval.metrics against scikit-learn, scipy, seqeval (random inputs) and hand-checked SQuAD, BIO, GLUE cases."""
 import math
 import warnings
 

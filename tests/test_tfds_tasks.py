@@ -131,3 +131,48 @@ def test_mnli_from_tfds_finetunes_and_evaluates_matched_and_mismatched(tmp_path)
   assert report['average'] == pytest.approx(
       (report['tasks']['mnli_matched']['accuracy'] + report['tasks']['mnli_mismatched']['accuracy']) / 2)
   assert json.load(open(tmp_path / 'results.json')) == report
+
+
+# CoNLL-2003 ids of the TFDS ClassLabels (tensorflow_datasets conll_dataset_builder_utils: POS_TAGS, CHUNK_TAGS).
+CONLL_POS = {'(': 4, ')': 5, ',': 6, '.': 7, 'CD': 11, 'DT': 12, 'IN': 15, 'NN': 21, 'NNP': 22, 'VBZ': 42}
+CONLL_CHUNKS = {'O': 0, 'B-NP': 11, 'I-NP': 12, 'I-PP': 14, 'I-VP': 22}
+
+
+def conll_sentence(rng):
+  """A TFDS conll2003 record; its chunks are IOB1 (a chunk starts with I-, B- only right after one of its type),
+  as in the shared task's original files."""
+  words = [('Mary', 'NNP', 'I-NP'), ('sees', 'VBZ', 'I-VP'), ('the', 'DT', 'I-NP'), ('river', 'NN', 'I-NP')]
+  if rng.random() < 0.5:
+    words += [('in', 'IN', 'I-PP'), ('Paris', 'NNP', 'I-NP'), ('(', '(', 'O'), ('3', 'CD', 'B-NP'), (')', ')', 'O')]
+  words += [('Rome', 'NNP', 'B-NP'), ('.', '.', 'O')] if rng.random() < 0.5 else [('.', '.', 'O')]
+  return {'tokens': [w.encode() for w, _, _ in words], 'pos': [CONLL_POS[p] for _, p, _ in words],
+          'chunks': [CONLL_CHUNKS[c] for _, _, c in words], 'ner': [0] * len(words)}
+
+
+@pytest.mark.parametrize('tag_feature', ['pos', 'chunks'])
+def test_conll2003_pos_and_chunks_finetune_and_evaluate(tag_feature, tmp_path):
+  """--config.task.tag_feature=pos|chunks: POS tags are no span scheme (token accuracy only, the best metric by
+  default), the IOB1 chunks are (span precision/recall/F1, best by f1); the evaluate job reproduces the best
+  dev figures from the export."""
+  from jaxssl.train import finetune
+  rng = random.Random(0)
+  splits = {'train': [conll_sentence(rng) for _ in range(16)], 'dev': [conll_sentence(rng) for _ in range(8)]}
+  params = tiny_export(tmp_path)
+  config = task_config('conll2003', f'--config.init_from={params}', f'--config.task.tag_feature={tag_feature}',
+                       f'--config.task.data_dir={tmp_path / "tfds"}', '--config.data.seq_len=24',
+                       '--config.train.steps=2', '--config.train.batch_size=8', '--config.eval.every_steps=2',
+                       '--config.log.every_steps=2', '--config.checkpoint.async_save=False',
+                       '--config.eval.batch_size=8')
+  workdir = tmp_path / 'runs' / 'conll2003'
+  with tfds.testing.mock_data(as_data_source_fn=records_source(splits)):
+    best = finetune.run_finetuning(config, str(workdir))
+    exported = json.load(open(workdir / 'export' / 'config.json'))
+    eval_config = config_lib.load_config('configs/eval.py:task')
+    config_lib.parse_overrides(eval_config, [f'--config.params={workdir / "export"}', '--config.batch_size=8'])
+    report = evaluate_job.run(eval_config, str(tmp_path / 'results.json'))
+  span = tag_feature == 'chunks'
+  task = exported['finetune']['task']
+  assert (task['tag_scheme'], task['best_metric']) == (('IOB1', 'f1') if span else ('none', 'token_accuracy'))
+  assert set(best['metrics']) == ({'token_accuracy', 'precision', 'recall', 'f1'} if span else {'token_accuracy'})
+  assert report['tasks']['conll2003'] == pytest.approx(best['metrics'])
+  assert report['headline']['conll2003'] == pytest.approx(best['value'])

@@ -4,6 +4,7 @@ Same machinery as pretraining (mesh, sharded state, orbax checkpoints, metrics.j
 pure function of (seed, s), so a rerun resumes exactly. The best dev checkpoint by `task.best_metric` is
 exported to `DIR/export` (params + config.json with the task and its labels + tokenizer).
 """
+import copy
 import json
 import os
 
@@ -43,8 +44,32 @@ def local_rows(global_rows: np.ndarray) -> np.ndarray:
   return global_rows[jax.process_index() * per_process:(jax.process_index() + 1) * per_process]
 
 
+def dev_metric_names(task_cfg, labels) -> tuple[str, ...]:
+  """The names `dev_metrics` reports for this task (its `tag_scheme` resolved, see `resolve_tag_scheme`)."""
+  kind = task_cfg.kind
+  if kind == 'qa':
+    return ('exact_match', 'f1')
+  if kind == 'regression':
+    return ('pearson', 'spearman')
+  if kind == 'tagging':
+    spans = ('precision', 'recall', 'f1') if _span_scheme(task_cfg, labels) else ()
+    return ('token_accuracy', *spans)
+  if task_cfg.name in metrics_lib.GLUE_TASKS:
+    return metrics_lib.GLUE_TASKS[task_cfg.name]
+  return ('accuracy', 'f1') if len(labels) == 2 else ('accuracy',)
+
+
+def _span_scheme(task_cfg, labels) -> str | None:
+  """The task's span scheme, or None. Fine-tune runs store the one decided from the training tags in
+  `task.tag_scheme` ('none' when there is none); an export written before that was stored is read from its tags."""
+  scheme = task_cfg.get('tag_scheme', '')
+  if scheme:
+    return None if scheme == 'none' else scheme
+  return metrics_lib.span_scheme([list(labels)])
+
+
 def dev_metrics(task_cfg, labels, outputs, features, examples, qa_infos=None) -> dict:
-  """The task's metrics on the dev set from the model's outputs (host numpy)."""
+  """The task's metrics on the dev set from the model's outputs (host numpy); the names of `dev_metric_names`."""
   kind = task_cfg.kind
   if kind == 'qa':
     start_logits, end_logits = outputs
@@ -57,8 +82,7 @@ def dev_metrics(task_cfg, labels, outputs, features, examples, qa_infos=None) ->
     return {'pearson': metrics_lib.pearson(preds, gold), 'spearman': metrics_lib.spearman(preds, gold)}
   if kind == 'tagging':
     predicted = tasks.word_predictions(labels, np.argmax(outputs, -1), features, examples)
-    gold = [e.tags for e in examples]
-    return {'token_accuracy': metrics_lib.token_accuracy(predicted, gold), **metrics_lib.entity_f1(predicted, gold)}
+    return metrics_lib.tagging_metrics(predicted, [e.tags for e in examples], _span_scheme(task_cfg, labels))
   preds, gold = np.argmax(outputs, -1), features['labels']
   glue_name = task_cfg.name if task_cfg.name in metrics_lib.GLUE_TASKS else None
   if glue_name:
@@ -68,6 +92,45 @@ def dev_metrics(task_cfg, labels, outputs, features, examples, qa_infos=None) ->
   if len(labels) == 2:
     result['f1'] = metrics_lib.f1_binary(preds, gold)
   return result
+
+
+_SCHEME_NAMES = {'bio': 'BIO', 'iob2': 'BIO', 'iob1': 'IOB1', 'iobes': 'IOBES', 'none': 'none'}
+
+
+def resolve_tag_scheme(task_cfg, train_examples, dev_examples) -> str:
+  """'BIO', 'IOB1', 'IOBES' or 'none': `task.tag_scheme` when set, else decided from the training tags
+  (`metrics.span_scheme`). Raises UserError for an unknown name, or tags (training or dev) that the span
+  scheme cannot decode."""
+  wanted = task_cfg.get('tag_scheme', '')
+  if wanted is None:  # --config.task.tag_scheme=none parses as None
+    wanted = 'none'
+  if wanted and wanted.lower() not in _SCHEME_NAMES:
+    raise UserError(f'task.tag_scheme={wanted!r}: use BIO, IOB1, IOBES, none, or leave it empty to decide from the '
+                    'training tags')
+  train_tags = [e.tags for e in train_examples]
+  scheme = _SCHEME_NAMES[wanted.lower()] if wanted else metrics_lib.span_scheme(train_tags) or 'none'
+  if scheme == 'none':
+    return scheme
+  for split, examples in ((task_cfg.train, train_examples), (task_cfg.dev, dev_examples)):
+    bad = next((t for e in examples for t in e.tags if not metrics_lib.is_span_tag(t)), None)
+    if bad is not None:
+      raise UserError(f'{split}: tag {bad!r} is not a {scheme} span tag (O, or B-/I-/E-/S- and a type): fix the '
+                      f'tags, or pass --config.task.tag_scheme=none to report token_accuracy only')
+  return scheme
+
+
+def resolve_best_metric(task_cfg, labels) -> str:
+  """`task.best_metric` checked against the metrics the task reports; when empty, its default: f1 for QA and
+  span tagging, token_accuracy for other tag sets, else the task's first metric."""
+  names = dev_metric_names(task_cfg, labels)
+  if not task_cfg.best_metric:
+    return 'f1' if task_cfg.kind in ('qa', 'tagging') and 'f1' in names else names[0]
+  if task_cfg.best_metric not in names:
+    why = (' (the training tags are not a BIO, IOB1 or IOBES span scheme, so no span precision/recall/f1)'
+           if task_cfg.kind == 'tagging' and 'f1' not in names else '')
+    raise UserError(f'task.best_metric={task_cfg.best_metric!r} is not a dev metric of this task{why}: use one of '
+                    f'{", ".join(names)}')
+  return task_cfg.best_metric
 
 
 def featurize_task(task_cfg, examples, tokenizer, seq_len: int, labels):
@@ -126,8 +189,13 @@ def check_config(config) -> None:
 
 
 def run_finetuning(config, workdir: str) -> dict:
-  """Fine-tunes to `train.steps` (resuming from DIR's checkpoints); returns the best dev metrics."""
+  """Fine-tunes to `train.steps` (resuming from DIR's checkpoints); returns the best dev metrics.
+
+  At each eval step the checkpoint is saved before the dev metrics run, marked `dev_pending`; a rerun resuming
+  from it runs that evaluation first, so a failing metric or a kill during evaluation loses no training.
+  """
   check_config(config)
+  config = copy.deepcopy(config)  # the resolved task.tag_scheme / best_metric are written into this copy
   t, task = config.train, config.task
   saved = ckpt_lib.read_export_config(config.init_from)
   if 'task' in saved:
@@ -143,6 +211,9 @@ def run_finetuning(config, workdir: str) -> dict:
   train_examples, names = tasks.read_task_split(task, task.train)
   dev_examples, _ = tasks.read_task_split(task, task.dev)
   labels = names if names is not None else tasks.label_set(task.kind, train_examples)
+  if task.kind == 'tagging':
+    task.tag_scheme = resolve_tag_scheme(task, train_examples, dev_examples)
+  task.best_metric = resolve_best_metric(task, labels)
   num_labels = {'regression': 1, 'qa': 2}.get(task.kind, len(labels))
   if task.kind in ('classification', 'pair') and num_labels < 2:
     raise UserError(f'{task.train} has a single label {labels}: a classifier needs at least two')
@@ -175,8 +246,10 @@ def run_finetuning(config, workdir: str) -> dict:
                                 model_cfg, vocab_size, workdir)
   say = print if jax.process_index() == 0 else (lambda *a, **k: None)
   latest, state = checkpointer.restore_newest_good(state_lib.abstract_state(setup, tx), say)
+  dev_pending = False
   if latest is not None:
-    best = checkpointer.read_meta(latest)['best']
+    latest_meta = checkpointer.read_meta(latest)
+    best, dev_pending = latest_meta['best'], latest_meta.get('dev_pending') == latest
   else:
     params = state_lib.init_params(setup)
     # The body comes from the export; the head stays freshly initialised.
@@ -184,9 +257,14 @@ def run_finetuning(config, workdir: str) -> dict:
     state = state_lib.init_state(setup, tx, params)
   start = int(jax.device_get(state['step']))
   is_main = jax.process_index() == 0
+  tag_note = ''
+  if task.kind == 'tagging':
+    tag_note = (f'tags {task.tag_scheme} (span precision/recall/f1 + token_accuracy) | ' if task.tag_scheme != 'none'
+                else 'tags: no span scheme (BIO/IOB1/IOBES), token_accuracy only | ')
   if is_main:
     print(f'jaxssl finetune: {task.name} ({task.kind}, {num_labels} label(s)) | body from {config.init_from} | '
-          f'{len(train_examples)} train / {len(dev_examples)} dev examples | mesh {dict(mesh.shape)} | '
+          f'{len(train_examples)} train / {len(dev_examples)} dev examples | {tag_note}'
+          f'best by dev {task.best_metric} | mesh {dict(mesh.shape)} | '
           f'{"resuming from step " + str(start) if latest is not None else "starting"} → {t.steps} | '
           f'workdir {workdir}', flush=True)
 
@@ -219,8 +297,29 @@ def run_finetuning(config, workdir: str) -> dict:
                                      'num_labels': num_labels},
                    'finetune': json.loads(config_lib.to_json(config))}
   watch = preemption.PreemptionWatch()
+
+  def save(state, done, best, evaluating):
+    checkpointer.save(state, {'config': json.loads(config_lib.to_json(config)), 'step': done,
+                              'num_labels': num_labels, 'best': best, 'model': saved['model'],
+                              'vocab_size': vocab_size, 'dev_pending': done if evaluating else None}, force=True)
+
+  def dev_evaluation(step, params, best) -> dict:
+    """Dev metrics at `step` into metrics.jsonl; exports `params` when they beat `best`; returns the best."""
+    result = evaluate(params)
+    if result[task.best_metric] > best['value']:
+      best = {'value': float(result[task.best_metric]), 'step': step, 'metrics': result}
+      ckpt_lib.write_export(os.path.join(workdir, 'export'), params,
+                            json.dumps({**export_config, 'best': best}, indent=2, sort_keys=True),
+                            tokenizer, overwrite=True)
+    writer.drop(step, prefix='dev_')  # a rerun of a pending evaluation replaces the row it may have written
+    writer.write(step, result, prefix='dev_')
+    writer.log(f'dev at step {step}: ' + ' '.join(f'{k}={v:.4f}' for k, v in result.items()))
+    return best
+
   try:
     with jax.set_mesh(mesh):
+      if dev_pending:  # the checkpoint was saved just before its dev evaluation, which did not finish
+        best = dev_evaluation(start, state['params'], best)
       for step in range(start, t.steps):
         rows = local_rows(batch_indices(step, t.batch_size, num_train, t.seed))
         batch = mesh_lib.global_batch({k: train_features[k][rows] for k in batch_keys}, mesh)
@@ -230,26 +329,16 @@ def run_finetuning(config, workdir: str) -> dict:
           logged = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
           writer.write(done, logged)
           writer.progress(done, logged)
-        if done % config.eval.every_steps == 0 or done == t.steps:
-          result = evaluate(state['params'])
-          writer.write(done, result, prefix='dev_')
-          writer.log(f'dev at step {done}: ' + ' '.join(f'{k}={v:.4f}' for k, v in result.items()))
-          if task.best_metric not in result:
-            raise UserError(f'task.best_metric={task.best_metric!r} is not among the dev metrics '
-                            f'{sorted(result)}: pick one of them')
-          if result[task.best_metric] > best['value']:
-            best = {'value': float(result[task.best_metric]), 'step': done, 'metrics': result}
-            ckpt_lib.write_export(os.path.join(workdir, 'export'), state['params'],
-                                  json.dumps({**export_config, 'best': best}, indent=2, sort_keys=True),
-                                  tokenizer, overwrite=True)
+        evaluating = done % config.eval.every_steps == 0 or done == t.steps
         preempted = watch.stop_at(done)
-        if done % config.checkpoint.every_steps == 0 or done == t.steps or preempted:
-          checkpointer.save(state, {'config': json.loads(config_lib.to_json(config)), 'step': done,
-                                    'num_labels': num_labels, 'best': best, 'model': saved['model'],
-                                    'vocab_size': vocab_size}, force=True)
-        if preempted:
+        # Saved before the dev metrics run: whatever they do, the trained state is on disk.
+        if evaluating or done % config.checkpoint.every_steps == 0 or preempted:
+          save(state, done, best, evaluating)
+        if preempted:  # the dev evaluation of this step, if any, runs when the rerun resumes here
           say(f'preempted (SIGTERM): saved step {done}; rerun the same command to resume', flush=True)
           return best
+        if evaluating:
+          best = dev_evaluation(done, state['params'], best)
   finally:
     watch.close()
     checkpointer.close()

@@ -52,6 +52,20 @@ class MetricsWriter:
         self.tb.add_scalar(k, v, step)
     self.tb.flush()
 
+  def drop(self, step: int, prefix: str) -> None:
+    """Removes the rows of `step` whose figures all start with `prefix` (an evaluation about to be rerun)."""
+    if not self.enabled or not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      records = [json.loads(line) for line in f if line.strip()]
+    kept = [r for r in records
+            if r.get('step') != step or not all(k.startswith(prefix) for k in r if k != 'step')]
+    if len(kept) < len(records):
+      tmp = self.path + '.tmp'
+      with open(tmp, 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in kept)
+      os.replace(tmp, self.path)
+
   def progress(self, step: int, metrics: dict) -> None:
     """One line per log step; on a terminal it redraws in place like a progress bar."""
     if not self.enabled:
