@@ -18,6 +18,7 @@ import json
 import sys
 
 from jaxssl import config as config_lib
+from jaxssl import paths
 from jaxssl import runtime
 from jaxssl.errors import UserError, exit_on_user_error
 
@@ -140,7 +141,7 @@ def main(argv=None):
                       'it and the plots)')
   args, config = config_lib.parse_job_args(parser, argv)
   runtime.setup(args)
-  run(config, args.out)
+  run(config, paths.absolute(args.out))
 
 
 if __name__ == '__main__':

@@ -11,6 +11,7 @@ import os
 import sys
 
 from jaxssl import config as config_lib
+from jaxssl import paths
 from jaxssl import runtime
 from jaxssl.errors import UserError, exit_on_user_error
 
@@ -89,6 +90,7 @@ def main(argv=None):
   parser.add_argument('--overwrite', action='store_true')
   runtime.add_distributed_args(parser)
   args = parser.parse_args(argv)
+  args.workdir, args.out = paths.absolute(args.workdir), paths.absolute(args.out)
   runtime.setup(args)
   export(args.workdir, args.out, step=args.step, overwrite=args.overwrite)
 

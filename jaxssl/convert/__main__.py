@@ -18,6 +18,7 @@ import json
 import os
 import sys
 
+from jaxssl import paths
 from jaxssl import runtime
 from jaxssl.errors import UserError, exit_on_user_error
 
@@ -56,6 +57,7 @@ def main(argv=None):
     p.add_argument('--out', required=True)
     p.add_argument('--overwrite', action='store_true')
   args = parser.parse_args(argv)
+  args.src, args.out = paths.absolute(args.src), paths.absolute(args.out)
   kind = _source_kind(args.src) if args.command == 'from-hf' else _export_kind(args.src)
   runtime.setup()
   from jaxssl.convert import decoder, hf_bert
