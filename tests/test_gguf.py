@@ -468,6 +468,33 @@ def test_llama3_byte_level_tokenizer(bpe, tmp_path):
     assert ck.tokenizer.decode(ids, skip_special_tokens=False) == s, s
 
 
+def test_smollm_style_file(bpe, tmp_path):
+  """A SmolLM-style file (architecture llama, byte-level BPE, pre 'smollm', no BOS) reads whole; its tokenizer
+  equals SmolLM's own tokenizer.json pipeline (HF's Digits(individual_digits) then GPT-2's ByteLevel split), and
+  the tokenizer.json it writes gives transformers the same ids. (Every pre-tokenizer name: test_gguf_pretokenizers.)"""
+  tokens, kv = bpe_vocab_kv(bpe, 'smollm')
+  eot = tokens.index('<|endoftext|>')
+  kv += [('add_bos_token_id', eot), ('add_eos_token_id', eot)]
+  model = tiny_llama(len(tokens), 4, max_position_embeddings=64, tie_word_embeddings=True)
+  path = write_gguf(tmp_path / 'smollm.gguf', 'llama', llama_kv(model.config) + kv, llama_gguf_tensors(model))
+  ck = gguf_file.read_gguf(path)
+  assert ck.tokenizer_config['add_bos_token'] is False
+  want = tokenizers.Tokenizer.from_str(bpe._tokenizer.to_str())
+  want.pre_tokenizer = tokenizers.pre_tokenizers.Sequence([
+      tokenizers.pre_tokenizers.Digits(individual_digits=True),
+      tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+  ck.write_tokenizer(str(tmp_path / 'tok'))
+  hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / 'tok'))
+  texts = SENTENCES + ['1234567 3.14159', 'x=42;  y = 2024']
+  gpt2_split = bpe._tokenizer.pre_tokenizer
+  assert want.pre_tokenizer.pre_tokenize_str(texts[-1]) != gpt2_split.pre_tokenize_str(texts[-1])
+  for s in texts:
+    assert ck.tokenizer.pre_tokenizer.pre_tokenize_str(s) == want.pre_tokenizer.pre_tokenize_str(s), s
+    ids = want.encode(s).ids
+    assert ck.tokenizer.encode(s).ids == ids, s
+    assert hf_tok(s)['input_ids'] == ids, s
+
+
 # ------------------------------------------------------------------------------------------------------ errors
 
 
@@ -537,5 +564,5 @@ def test_missing_layer_tensor_and_unsupported_tokenizers(llama, sp, tmp_path):
     gguf_file.read_gguf(path)
   with pytest.raises(UserError, match="tokenizer model 'bert'"):
     gguf_file.read_gguf(with_tokenizer('bert.gguf', 'bert', 'default'))
-  with pytest.raises(UserError, match="pre-tokenizer 'qwen2'.*llama-bpe"):
-    gguf_file.read_gguf(with_tokenizer('qwen.gguf', 'gpt2', 'qwen2'))
+  with pytest.raises(UserError, match="pre-tokenizer 'kimi-k2', which jaxssl does not know.*gguf_pretokenizers.py"):
+    gguf_file.read_gguf(with_tokenizer('kimi.gguf', 'gpt2', 'kimi-k2'))

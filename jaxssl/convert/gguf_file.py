@@ -19,8 +19,9 @@ What llama.cpp's converter (convert_hf_to_gguf.py) changed is undone:
     to reproduce the tensor exactly, otherwise the file is refused (HF has no way to take the raw factors).
 
 Tokenizers: 'llama' (sentencepiece BPE with byte fallback; merges from the file or derived from the scores, as
-transformers' GGUF loader does) and 'gpt2' (byte-level BPE) with pre-tokenizer 'gpt-2'/'default' (GPT-2's
-split regex) or 'llama-bpe' (Llama 3's). No torch or transformers import here.
+transformers' GGUF loader does) and 'gpt2' (byte-level BPE) with any pre-tokenizer (`tokenizer.ggml.pre`) whose
+split rule llama.cpp publishes as regexes: gpt-2, llama-bpe, qwen2, smollm, deepseek-llm, ... (the table is
+gguf_pretokenizers.py). `read_gguf_tokenizer` reads only the tokenizer. No torch or transformers import here.
 """
 import dataclasses
 import json
@@ -28,8 +29,9 @@ import os
 
 import gguf
 import numpy as np
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
 
+from jaxssl.convert import gguf_pretokenizers
 from jaxssl.errors import UserError
 
 K = gguf.Keys
@@ -38,12 +40,6 @@ LLAMA = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA]
 GPT2 = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GPT2]
 SUPPORTED_ARCHITECTURES = (LLAMA, GPT2)
 
-# tokenizer.ggml.pre values whose split rule is GPT-2's (files older than the key say nothing: also GPT-2's).
-GPT2_PRE = ('gpt-2', 'gpt2', 'default')
-LLAMA3_PRE = ('llama-bpe', 'llama3', 'llama-v3')
-# Llama 3's pre-tokenizer split (its tokenizer.json; llama.cpp's LLAMA_VOCAB_PRE_TYPE_LLAMA3).
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 SPIECE_SPACE = '\u2581'  # '▁', sentencepiece's visible space
 
 
@@ -81,7 +77,7 @@ def read_gguf(path: str) -> GGUFCheckpoint:
   if split_count > 1:
     raise UserError(f'{path} is part of a {split_count}-file split GGUF: merge it first '
                     '(llama-gguf-split --merge FIRST.gguf OUT.gguf)')
-  tokenizer, tokenizer_config = _tokenizer(meta, arch)  # first: cheap, so its errors come before dequantising
+  tokenizer, tokenizer_config = _tokenizer(meta)  # first: cheap, so its errors come before dequantising
   tensors = _Tensors(reader, path)
   if arch == LLAMA:
     hf_config, state_dict = _llama(meta, tensors)
@@ -94,6 +90,12 @@ def read_gguf(path: str) -> GGUFCheckpoint:
     tokenizer_config['model_max_length'] = int(hf_config.get('max_position_embeddings')
                                                or hf_config.get('n_positions'))
   return GGUFCheckpoint(hf_config, state_dict, tokenizer, tokenizer_config)
+
+
+def read_gguf_tokenizer(path: str) -> tuple[Tokenizer, dict]:
+  """(HF tokenizer, tokenizer_config dict) of a GGUF file's tokenizer.ggml.* metadata alone, whatever the model
+  architecture; no tensor is read. Mistakes in the file are UserErrors."""
+  return _tokenizer(_Metadata(_open(path), path))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -448,7 +450,7 @@ def _gpt2(meta: _Metadata, tensors: _Tensors) -> tuple[dict, dict]:
 # Tokenizer
 
 
-def _tokenizer(meta: _Metadata, arch: str) -> tuple[Tokenizer, dict]:
+def _tokenizer(meta: _Metadata) -> tuple[Tokenizer, dict]:
   """The HF tokenizer and tokenizer_config the file's tokenizer.ggml.* metadata describe."""
   kind = meta.get(K.Tokenizer.MODEL, None)
   if kind is None:
@@ -461,11 +463,14 @@ def _tokenizer(meta: _Metadata, arch: str) -> tuple[Tokenizer, dict]:
     tok = _sentencepiece_bpe(meta, tokens, types)
     add_bos_default = True  # llama.cpp adds BOS for sentencepiece vocabularies that do not say otherwise
   elif kind == 'gpt2':
-    if pre is not None and pre not in GPT2_PRE + LLAMA3_PRE:
-      raise UserError(f'{meta.path} has a byte-level BPE tokenizer with pre-tokenizer {pre!r}: only '
-                      f'{list(GPT2_PRE + LLAMA3_PRE)} are supported')
-    tok = _byte_level_bpe(meta, tokens, types, llama3=pre in LLAMA3_PRE)
-    add_bos_default = pre in LLAMA3_PRE  # as llama.cpp: Llama 3 vocabularies add BOS
+    rule = gguf_pretokenizers.split_rule(pre)
+    if rule is None:
+      known = len(gguf_pretokenizers.PRE_TOKENIZERS)
+      raise UserError(f'{meta.path} has a byte-level BPE tokenizer with pre-tokenizer {pre!r}, which jaxssl does '
+                      f'not know: the {known} it reads (llama.cpp\'s names: gpt-2, llama-bpe, qwen2, smollm, '
+                      'deepseek-llm, ...) are listed in jaxssl/convert/gguf_pretokenizers.py')
+    tok = _byte_level_bpe(meta, tokens, rule)
+    add_bos_default = rule.add_bos  # as llama.cpp: e.g. Llama 3 vocabularies add BOS, Qwen2's do not
   else:
     raise UserError(f'{meta.path} has tokenizer model {kind!r}: only \'llama\' (sentencepiece BPE) and \'gpt2\' '
                     '(byte-level BPE) can be imported')
@@ -571,18 +576,14 @@ def _sentencepiece_bpe(meta: _Metadata, tokens: list, types: list) -> Tokenizer:
   return tok
 
 
-def _byte_level_bpe(meta: _Metadata, tokens: list, types: list, llama3: bool) -> Tokenizer:
-  """llama.cpp's 'gpt2' vocabulary (byte-level BPE): GPT-2's split regex, or Llama 3's with `llama3`."""
+def _byte_level_bpe(meta: _Metadata, tokens: list, rule: gguf_pretokenizers.SplitRule) -> Tokenizer:
+  """llama.cpp's 'gpt2' vocabulary (byte-level BPE), split as `rule` says (the file's tokenizer.ggml.pre)."""
   merges = _file_merges(meta)
   if merges is None:
     raise UserError(f'{meta.path} has a byte-level BPE vocabulary without {K.Tokenizer.MERGES!r}')
-  # Llama 3 (as llama.cpp and its tokenizer.json) takes a split that is a whole vocabulary token as is.
-  tok = Tokenizer(models.BPE(vocab=_vocab(tokens), merges=merges, ignore_merges=llama3))
-  if llama3:
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior='isolated', invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-  else:
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+  # ignore_merges (Llama 3, Tekken, ...): a split that is a whole vocabulary token is taken as is, as llama.cpp
+  # and those models' tokenizer.json do.
+  tok = Tokenizer(models.BPE(vocab=_vocab(tokens), merges=merges, ignore_merges=rule.ignore_merges))
+  tok.pre_tokenizer = gguf_pretokenizers.pre_tokenizer(rule)
   tok.decoder = decoders.ByteLevel()
   return tok
