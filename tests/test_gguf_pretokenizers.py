@@ -140,8 +140,9 @@ LLAMA_CPP_NAMES = {
     'gpt-2': 'GPT2', 'phi-2': 'GPT2', 'gigachat': 'GPT2', 'a.x-4.0': 'GPT2', 'mellum': 'GPT2', 'jais-2': 'JAIS2',
     'refact': 'REFACT', 'command-r': 'COMMAND_R', 'qwen2': 'QWEN2', 'deepseek-r1-qwen': 'QWEN2', 'kormo': 'QWEN2',
     'f2llmv2': 'QWEN2', 'qwen35': 'QWEN35', 'stablelm2': 'STABLELM2', 'olmo': 'OLMO', 'dbrx': 'DBRX',
-    'smaug-bpe': 'SMAUG', 'poro-chat': 'PORO', 'glm4': 'CHATGLM4', 'chatglm-bpe': 'CHATGLM4', 'viking': 'VIKING',
-    'jais': 'JAIS', 'tekken': 'TEKKEN', 'smollm': 'SMOLLM', 'codeshell': 'CODESHELL', 'bloom': 'BLOOM',
+    'smaug-bpe': 'SMAUG', 'poro-chat': 'PORO', 'glm4': 'CHATGLM4', 'glm5': 'CHATGLM4',
+    'chatglm-bpe': 'CHATGLM4', 'viking': 'VIKING', 'jais': 'JAIS', 'tekken': 'TEKKEN', 'smollm': 'SMOLLM',
+    'codeshell': 'CODESHELL', 'bloom': 'BLOOM',
     'gpt3-finnish': 'GPT3_FINNISH', 'exaone': 'EXAONE', 'exaone4': 'GPT2', 'exaone-moe': 'EXAONE_MOE',
     'chameleon': 'CHAMELEON', 'minerva-7b': 'MINERVA', 'megrez': 'QWEN2', 'gpt-4o': 'GPT4O', 'llama4': 'GPT4O',
     'kanana2': 'GPT4O', 'talkie': 'GPT4O', 'tiny_aya': 'TINY_AYA', 'cohere2moe': 'TINY_AYA', 'trillion': 'TRILLION',
@@ -152,7 +153,7 @@ LLAMA_CPP_NAMES = {
 }
 # llama.cpp's per-name flags: a split that is a whole token skips the merges; BOS added by default.
 IGNORE_MERGES = {'llama3', 'llama-v3', 'llama-bpe', 'falcon3', 'falcon-h1', 'pixtral', 'midm-2.0', 'lfm2',
-                 'jina-v5-nano', 'minicpm5', 'youtu', 'tekken'}
+                 'jina-v5-nano', 'minicpm5', 'youtu', 'tekken', 'glm4', 'glm5'}
 ADD_BOS = {'llama3', 'llama-v3', 'llama-bpe', 'falcon3', 'falcon-h1', 'pixtral', 'midm-2.0', 'lfm2', 'jina-v5-nano',
            'tekken', 'chameleon'}
 # Names transformers' GGUF tokenizer splits as llama.cpp does (its GGUF_PRE_TOKENIZER_SPLITS; every other name it

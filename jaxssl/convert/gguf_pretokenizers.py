@@ -10,12 +10,19 @@ spelled in GPT-2's byte alphabet (ByteLevel without its own regex) and BPE-merge
   tok.pre_tokenizer = pre_tokenizer(rule)
 
 Where llama.cpp quotes the model's own tokenizer.json regex and runs an adaptation for its regex engine
-((?i:'s|...) spelled out as '[sS]|..., \\p{Lu}-style classes as lookaheads), the quoted original is used here: it
-is what the model's own tokenizer runs (and transformers' GGUF loader, for the names it knows). The adaptations split the same except tekken's and
-gpt-4o's lookahead forms, which know case only for A-Z/a-z and cut combining marks (a decomposed accent, Devanagari
-vowel signs) off their letters (tests/test_gguf_pretokenizers.py shows both). A file without the key, and 'default',
-get GPT-2's split, as in transformers; llama.cpp falls back to an older Falcon-like list there and warns that quality
-degrades.
+((?i:'s|...) spelled out as '[sS]|..., \\p{Lu}-style classes as lookaheads), the quoted original is used here:
+it is what the model's own tokenizer runs (and transformers' GGUF loader, for the names it knows). A file without
+the key, and 'default', get GPT-2's split, as in transformers; llama.cpp falls back to an older Falcon-like list
+there and warns that quality degrades.
+
+Where llama.cpp's regex engine departs from the model's tokenizer.json (as HF `tokenizers` runs it), jaxssl follows
+the tokenizer.json. Compared once with llama.cpp's own splitter (its unicode.cpp, as vendored by llama-cpp-python
+0.3.36) on tests/test_gguf_pretokenizers.py's texts plus odd whitespace, marks and cases: the same pieces for
+every rule except (1) tekken / gpt-4o, whose lookahead spelling knows case only for A-Z/a-z and cuts combining
+marks (a decomposed accent, Devanagari vowel signs) off their letters; (2) youtu / tiny_aya, whose \\p{Lu} /
+\\p{Ll} / \\p{Lt} classes llama.cpp reads all as \\p{L} ('CamelCase' stays one piece there); (3) deepseek-llm /
+deepseek-coder, where llama.cpp turns non-ASCII whitespace (U+3000, U+2003, ...) into \\x0B before matching, so
+its CJK range no longer cuts those characters off the next word.
 
 Not here (refused by name): kimi-k2 and afmoe (hand-written splitters in llama.cpp's unicode.cpp, not regexes),
 superbpe (a zero-width split), gemma4 / sarvam-moe / granite-embed-multi-311m / whitespace (not byte-level BPE),
@@ -110,7 +117,8 @@ MINICPM5 = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}+| ?[^\s\p{L}\p{N}]+
 _RULES = {
     'gpt2': SplitRule((GPT2,)),
     'llama3': SplitRule((LLAMA3,), ignore_merges=True, add_bos=True),
-    'llama3-merges': SplitRule((LLAMA3,)),  # DBRX, Smaug, ChatGLM/GLM-4: Llama 3's split, merges as usual
+    'llama3-merges': SplitRule((LLAMA3,)),  # DBRX, Smaug, ChatGLM: Llama 3's split, merges as usual
+    'glm4': SplitRule((LLAMA3,), ignore_merges=True),  # GLM-4/5: Llama 3's split and ignore_merges, no BOS
     'jais2': SplitRule((JAIS2,)),
     'qwen2': SplitRule((QWEN2,)),
     'qwen35': SplitRule((QWEN35,)),
@@ -144,7 +152,8 @@ _NAMES = {
              'granite-docling', 'exaone4'),
     'llama3': ('llama3', 'llama-v3', 'llama-bpe', 'falcon3', 'falcon-h1', 'pixtral', 'midm-2.0', 'lfm2',
                'jina-v5-nano'),
-    'llama3-merges': ('dbrx', 'smaug-bpe', 'chatglm-bpe', 'glm4'),
+    'llama3-merges': ('dbrx', 'smaug-bpe', 'chatglm-bpe'),
+    'glm4': ('glm4', 'glm5'),
     'jais2': ('jais-2',),
     'qwen2': ('qwen2', 'deepseek-r1-qwen', 'kormo', 'f2llmv2', 'megrez', 'stablelm2', 'hunyuan', 'solar-open',
               'grok-2'),
