@@ -140,8 +140,9 @@ LLAMA_LAYER = {'input_layernorm': T.ATTN_NORM, 'self_attn.q_proj': T.ATTN_Q, 'se
                'mlp.gate_proj': T.FFN_GATE, 'mlp.up_proj': T.FFN_UP, 'mlp.down_proj': T.FFN_DOWN}
 
 
-def llama_gguf_tensors(model, qtype=None):
-  """HF Llama tensors under llama.cpp's names, q/k permuted as its converter does; 2-D ones as `qtype`."""
+def llama_gguf_tensors(model, qtype=None, permute=True):
+  """HF Llama (or Qwen2) tensors under llama.cpp's names, q/k permuted as its LlamaModel converter does (not for
+  Qwen2: its Qwen2Model converter keeps HF's rows); 2-D ones as `qtype`."""
   cfg, out = model.config, {}
   for name, a in numpy_state_dict(model).items():
     if name == 'lm_head.weight' and cfg.tie_word_embeddings:
@@ -151,9 +152,9 @@ def llama_gguf_tensors(model, qtype=None):
     else:
       _, _, bid, *module, suffix = name.split('.')
       gname = gguf.TENSOR_NAMES[LLAMA_LAYER['.'.join(module)]].format(bid=int(bid)) + '.' + suffix
-    if name.endswith('q_proj.weight'):
+    if permute and name.endswith('q_proj.weight'):
       a = llama_cpp_permute(a, cfg.num_attention_heads)
-    elif name.endswith('k_proj.weight'):
+    elif permute and name.endswith('k_proj.weight'):
       a = llama_cpp_permute(a, cfg.num_key_value_heads)
     out[gname] = (gguf.quants.quantize(a, qtype), qtype) if qtype is not None and a.ndim == 2 else a
   if cfg.rope_parameters.get('rope_type') == 'llama3':
@@ -209,9 +210,9 @@ def llama_q8(sp, tmp_path_factory):
 
 def hf_from_checkpoint(ck):
   """A transformers model built from read_gguf's config and state dict alone."""
-  cls = transformers.LlamaForCausalLM if ck.hf_config['model_type'] == 'llama' else transformers.GPT2LMHeadModel
-  cfg_cls = transformers.LlamaConfig if ck.hf_config['model_type'] == 'llama' else transformers.GPT2Config
-  model = cls(cfg_cls(**ck.hf_config)).eval()
+  config = dict(ck.hf_config)
+  model = transformers.AutoModelForCausalLM.from_config(
+      transformers.AutoConfig.for_model(config.pop('model_type'), **config)).eval()
   missing, unexpected = model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in ck.state_dict.items()},
                                               strict=False)
   assert not unexpected
@@ -495,6 +496,180 @@ def test_smollm_style_file(bpe, tmp_path):
     assert hf_tok(s)['input_ids'] == ids, s
 
 
+# --------------------------------------------------------------------------------------------------- Qwen2 side
+
+
+def tiny_qwen2(vocab_size, seed, **kw):
+  """A random Qwen2ForCausalLM (GQA): q/k/v biases drawn away from HF's zero init and norms away from 1, so a
+  dropped bias or swapped norm shows; initializer_range 0.1 so greedy decoding has no near-ties."""
+  torch.manual_seed(seed)
+  cfg = transformers.Qwen2Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6,
+                                 max_position_embeddings=256, initializer_range=0.1, attn_implementation='eager', **kw)
+  model = transformers.Qwen2ForCausalLM(cfg).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith('norm.weight'):
+        p.uniform_(0.5, 1.5)
+      elif name.endswith('bias'):
+        p.normal_(0.0, 0.5)
+  return model
+
+
+def qwen2_kv(cfg):
+  """Hyperparameters as llama.cpp's Qwen2Model writes them (TextModel.set_gguf_parameters: no rope dimension
+  count, unlike LlamaModel)."""
+  return [('add_context_length', cfg.max_position_embeddings), ('add_embedding_length', cfg.hidden_size),
+          ('add_block_count', cfg.num_hidden_layers), ('add_feed_forward_length', cfg.intermediate_size),
+          ('add_head_count', cfg.num_attention_heads), ('add_head_count_kv', cfg.num_key_value_heads),
+          ('add_rope_freq_base', cfg.rope_parameters['rope_theta']), ('add_layer_norm_rms_eps', cfg.rms_norm_eps),
+          ('add_file_type', gguf.LlamaFileType.ALL_F32)]
+
+
+def qwen2_vocab_kv(bpe):
+  """A Qwen2 byte-level BPE vocabulary as _set_vocab_gpt2 writes it: pre 'qwen2', <|endoftext|> as BOS, EOS and
+  padding, and no BOS added (Qwen2's tokenizer_config)."""
+  tokens, kv = bpe_vocab_kv(bpe, 'qwen2')
+  eot = tokens.index('<|endoftext|>')
+  return eot, kv + [('add_bos_token_id', eot), ('add_eos_token_id', eot), ('add_pad_token_id', eot),
+                    ('add_add_bos_token', False)]
+
+
+def write_qwen2_gguf(path, model, bpe, qtype=None):
+  _, vocab_kv = qwen2_vocab_kv(bpe)
+  return write_gguf(path, 'qwen2', qwen2_kv(model.config) + vocab_kv,
+                    llama_gguf_tensors(model, qtype=qtype, permute=False))
+
+
+@pytest.fixture(scope='module')
+def qwen2(bpe, tmp_path_factory):
+  """(HF model, GGUF path): tied embeddings (no output.weight, as Qwen2.5 0.5B-3B files), F32."""
+  model = tiny_qwen2(bpe.get_vocab_size(), 5, tie_word_embeddings=True)
+  return model, write_qwen2_gguf(tmp_path_factory.mktemp('qwen2') / 'qwen2.gguf', model, bpe)
+
+
+@pytest.fixture(scope='module')
+def qwen2_q8(bpe, tmp_path_factory):
+  """(HF model, GGUF path): untied (output.weight present), 2-D weights as Q8_0 (norms and biases stay F32)."""
+  model = tiny_qwen2(bpe.get_vocab_size(), 6, tie_word_embeddings=False)
+  return model, write_qwen2_gguf(tmp_path_factory.mktemp('qwen2_q8') / 'qwen2.gguf', model, bpe, qtype=Q8_0)
+
+
+def test_qwen2_state_dict_config_and_logits(qwen2, bpe):
+  """HF's own tensors back (q/k rows as stored: un-permuting them, as for llama, would fail here), biases on
+  q/k/v only, the Qwen2 config (tied, no sliding window), transformers' logits."""
+  model, path = qwen2
+  ck = gguf_file.read_gguf(path)
+  want = numpy_state_dict(model)
+  want.pop('lm_head.weight')
+  assert set(ck.state_dict) == set(want)
+  assert {k for k in want if k.endswith('bias')} == {f'model.layers.{i}.self_attn.{p}_proj.bias'
+                                                    for i in range(2) for p in 'qkv'}
+  for name, a in want.items():
+    assert ck.state_dict[name].dtype == np.float32
+    np.testing.assert_array_equal(ck.state_dict[name], a, err_msg=name)
+  cfg = ck.hf_config
+  assert cfg['model_type'] == 'qwen2' and cfg['architectures'] == ['Qwen2ForCausalLM']
+  assert (cfg['vocab_size'], cfg['hidden_size'], cfg['intermediate_size'], cfg['num_hidden_layers'],
+          cfg['num_attention_heads'], cfg['num_key_value_heads'], cfg['head_dim']) == (
+              bpe.get_vocab_size(), 64, 96, 2, 4, 2, 16)
+  assert cfg['rms_norm_eps'] == 1e-6 and cfg['rope_theta'] == 1e6 and cfg['rope_scaling'] is None
+  assert cfg['max_position_embeddings'] == 256 and cfg['tie_word_embeddings'] is True
+  assert cfg['use_sliding_window'] is False and 'attention_bias' not in cfg
+  eot = bpe.token_to_id('<|endoftext|>')
+  assert (cfg['bos_token_id'], cfg['eos_token_id'], cfg['pad_token_id']) == (eot, eot, eot)
+  ids = bpe.encode(SENTENCES[0] + ' ' + SENTENCES[6]).ids
+  np.testing.assert_allclose(logits(hf_from_checkpoint(ck), ids), logits(model, ids), rtol=0, atol=1e-5)
+
+
+def test_qwen2_against_transformers_gguf_loader(qwen2, qwen2_q8, bpe):
+  """transformers' GGUF loader reads both files (F32 tied, Q8_0 untied) to the same tensors, and so the same
+  logits, as read_gguf: the layout written here is the one it expects of llama.cpp's qwen2 files. Its tokenizer
+  gives the same ids as ours and as the trained BPE (Qwen2's split equals GPT-2's on this text)."""
+  for model, path in (qwen2, qwen2_q8):
+    ck = gguf_file.read_gguf(path)
+    ref = transformers_gguf_model(path)
+    assert isinstance(ref, transformers.Qwen2ForCausalLM)
+    assert ref.config.tie_word_embeddings == model.config.tie_word_embeddings
+    ref_sd = numpy_state_dict(ref)
+    for k, a in ck.state_dict.items():
+      np.testing.assert_array_equal(a, ref_sd[k], err_msg=k)
+    ids = bpe.encode(SENTENCES[0]).ids
+    np.testing.assert_allclose(logits(hf_from_checkpoint(ck), ids), logits(ref, ids), rtol=0, atol=1e-5)
+  d, name = os.path.split(qwen2[1])
+  ref_tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=name)
+  ck = gguf_file.read_gguf(qwen2[1])
+  assert ck.tokenizer_config['add_bos_token'] is False
+  for s in SENTENCES:
+    assert ref_tok(s)['input_ids'] == ck.tokenizer.encode(s).ids == bpe.encode(s).ids, s
+
+
+def test_qwen2_q8_0_within_quantisation_error(qwen2_q8):
+  model, path = qwen2_q8
+  ck = gguf_file.read_gguf(path)
+  assert ck.hf_config['tie_word_embeddings'] is False
+  want = numpy_state_dict(model)
+  assert set(ck.state_dict) == set(want)
+  for name, a in want.items():
+    got = ck.state_dict[name]
+    if a.ndim == 1:  # norms and q/k/v biases: F32 in the file, as llama.cpp keeps 1-D tensors
+      np.testing.assert_array_equal(got, a, err_msg=name)
+    else:  # Q8_0 bound, as for llama above
+      step = np.abs(a).reshape(-1, 32).max(axis=1, keepdims=True) / 127
+      assert np.all(np.abs(got - a).reshape(-1, 32) <= 0.57 * step), name
+      assert not np.array_equal(got, a), name
+
+
+def test_qwen2_jaxssl_import_matches_transformers(qwen2, qwen2_q8, bpe, tmp_path):
+  """`python -m jaxssl.convert from-hf --src qwen2.gguf`: the export's logits are transformers' (F32 file: the
+  original model; Q8_0 file: transformers' GGUF loader's model of the same dequantised weights), its greedy
+  generations transformers' token for token, its tokenizer the file's (no BOS)."""
+  from jaxssl.convert.__main__ import main as convert_main
+  from jaxssl.data import tokenizers as tokenizers_lib
+  from jaxssl.export import load_export
+  from jaxssl.generate import generate
+  eot = bpe.token_to_id('<|endoftext|>')
+  ids = np.random.default_rng(0).integers(0, bpe.get_vocab_size(), (2, 24))
+  for (model, path), name in ((qwen2, 'f32'), (qwen2_q8, 'q8_0')):
+    out = str(tmp_path / name)
+    convert_main(['from-hf', '--src', path, '--out', out])
+    config, jmodel, tokenizer = load_export(out)
+    m = config.model
+    assert (m.attention_bias, m.use_bias, m.num_kv_heads, m.tie_embeddings, m.rope_theta) == (
+        True, False, 2, model.config.tie_word_embeddings, 1e6)
+    ref = model if name == 'f32' else transformers_gguf_model(path)
+    with torch.no_grad():
+      want = ref(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(jmodel(ids)), want, atol=1e-4, rtol=0)
+    assert tokenizer.bos_id is None and tokenizer.sep_id == eot
+  prompts = ['the quick brown', 'summer river and the']
+  results = generate(str(tmp_path / 'f32'), prompts, max_new_tokens=8, greedy=True)
+  tokenizer = tokenizers_lib.load_tokenizer(str(tmp_path / 'f32'))
+  for prompt, r in zip(prompts, results):
+    prompt_ids = torch.tensor([bpe.encode(prompt).ids])
+    assert r['prompt_ids'] == tokenizer.encode_one(prompt) == prompt_ids[0].tolist()
+    with torch.no_grad():
+      ref = qwen2[0].generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=8,
+                              do_sample=False, eos_token_id=eot, pad_token_id=eot)[0, prompt_ids.shape[1]:].tolist()
+    assert r['generated_ids'] == ref[:len(r['generated_ids'])]
+    assert len(r['generated_ids']) == 8 or r['generated_ids'][-1] == eot
+
+
+def test_qwen2_missing_or_extra_bias_is_refused(qwen2, bpe, tmp_path):
+  """llama.cpp requires qwen2's q/k/v biases and has no o_proj bias: a file without one or with the other is
+  refused, naming the tensor."""
+  model, _ = qwen2
+  kv = qwen2_kv(model.config) + qwen2_vocab_kv(bpe)[1]
+  tensors = llama_gguf_tensors(model, permute=False)
+  del tensors['blk.1.attn_k.bias']
+  with pytest.raises(UserError, match=r"blk\.1\.attn_k\.bias.*layer 1"):
+    gguf_file.read_gguf(write_gguf(tmp_path / 'no_bias.gguf', 'qwen2', kv, tensors))
+  tensors = llama_gguf_tensors(model, permute=False)
+  tensors['blk.0.attn_output.bias'] = np.zeros(64, np.float32)
+  with pytest.raises(UserError, match=r"no place in the HF model.*blk\.0\.attn_output\.bias"):
+    gguf_file.read_gguf(write_gguf(tmp_path / 'o_bias.gguf', 'qwen2', kv, tensors))
+
+
 # ------------------------------------------------------------------------------------------------------ errors
 
 
@@ -541,7 +716,7 @@ def test_missing_and_bad_files(tmp_path):
 def test_unsupported_architecture(tmp_path):
   path = write_gguf(tmp_path / 'falcon.gguf', 'falcon', [('add_block_count', 1)],
                     {'token_embd.weight': np.ones((4, 8))})
-  with pytest.raises(UserError, match=r"'falcon'.*\['llama', 'gpt2'\]"):
+  with pytest.raises(UserError, match=r"'falcon'.*\['llama', 'qwen2', 'gpt2'\]"):
     gguf_file.read_gguf(path)
 
 

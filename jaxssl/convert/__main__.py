@@ -7,7 +7,7 @@ from-hf reads a HuggingFace directory: BERT (BertForPreTraining / BertModel; als
 XLMRobertaModel / XLMRobertaForMaskedLM), GPT-2 (GPT2LMHeadModel) or the Llama family (LlamaForCausalLM; also
 Mistral and Qwen2 layouts), picked by config.json's model_type (as transformers 4 or 5 wrote it), with its
 weights (safetensors, sharded or not, bfloat16 included; pytorch_model.bin when torch is installed) and its
-tokenizer (tokenizer.json, vocab.txt, or vocab.json + merges.txt). A `.gguf` file (llama.cpp; GPT-2 or Llama
+tokenizer (tokenizer.json, vocab.txt, or vocab.json + merges.txt). A `.gguf` file (llama.cpp; GPT-2, Llama or Qwen2
 architecture) is read with the `gguf` package, quantised tensors dequantised to float32, the tokenizer rebuilt
 from its metadata. torch and transformers are not needed.
 to-hf writes config.json, model.safetensors and the tokenizer files that transformers' from_pretrained opens

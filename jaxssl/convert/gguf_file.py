@@ -1,18 +1,20 @@
 """GGUF files (llama.cpp's format) read into HuggingFace form: config dict, state dict and tokenizer.
 
   ckpt = read_gguf('model.Q8_0.gguf')
-  ckpt.hf_config                 # what config.json would say (LlamaForCausalLM or GPT2LMHeadModel)
+  ckpt.hf_config                 # what config.json would say (LlamaForCausalLM, Qwen2ForCausalLM, GPT2LMHeadModel)
   ckpt.state_dict                # HF tensor names -> float32 numpy arrays in HF shapes/layouts
   ckpt.write_tokenizer(out_dir)  # tokenizer.json + tokenizer_config.json
 
 so the HF -> jaxssl mappings (hf_gpt2, hf_llama) serve GGUF files too. Architectures: 'llama' (which also
-covers Mistral-style files) and 'gpt2'. Quantised tensors are dequantised with the `gguf` package, so the
-state dict holds what llama.cpp computes with, not the original weights. Where the file stores F32 the arrays
-are read-only views of the memory-mapped file (no copy of a large model until it is used).
+covers Mistral-style files), 'qwen2' (Qwen2 / Qwen2.5: Llama's layout with q/k/v biases) and 'gpt2'.
+Quantised tensors are dequantised with the `gguf` package, so the state dict holds what llama.cpp computes
+with, not the original weights. Where the file stores F32 the arrays are read-only views of the memory-mapped
+file (no copy of a large model until it is used).
 
 What llama.cpp's converter (convert_hf_to_gguf.py) changed is undone:
   * llama attn_q / attn_k rows are permuted for llama.cpp's RoPE (it rotates adjacent pairs, HF rotates
-    dims i and i + head_dim/2 of each head); the inverse permutation restores HF's q_proj / k_proj.
+    dims i and i + head_dim/2 of each head); the inverse permutation restores HF's q_proj / k_proj. qwen2 files
+    are not permuted (llama.cpp's converter keeps HF's rows there and runs qwen2 with its NEOX RoPE, HF's).
   * GPT-2's Conv1D weights (c_attn, c_proj, c_fc) are stored transposed to (out, in); they come back (in, out).
   * Llama 3.1+ RoPE scaling is stored as a per-frequency `rope_freqs.weight` tensor instead of HF's
     rope_scaling parameters; those are recovered from it (see `_llama3_rope_scaling`) and the result is checked
@@ -37,8 +39,9 @@ from jaxssl.errors import UserError
 K = gguf.Keys
 T = gguf.MODEL_TENSOR
 LLAMA = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA]
+QWEN2 = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN2]
 GPT2 = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GPT2]
-SUPPORTED_ARCHITECTURES = (LLAMA, GPT2)
+SUPPORTED_ARCHITECTURES = (LLAMA, QWEN2, GPT2)
 
 SPIECE_SPACE = '\u2581'  # '▁', sentencepiece's visible space
 
@@ -65,7 +68,7 @@ class GGUFCheckpoint:
 
 
 def read_gguf(path: str) -> GGUFCheckpoint:
-  """Reads a llama.cpp GGUF file (architecture 'llama' or 'gpt2', any tensor type the gguf package can
+  """Reads a llama.cpp GGUF file (architecture 'llama', 'qwen2' or 'gpt2', any tensor type the gguf package can
   dequantise) into HF config, float32 HF state dict and tokenizer. Mistakes in the file are UserErrors."""
   reader = _open(path)
   meta = _Metadata(reader, path)
@@ -79,8 +82,8 @@ def read_gguf(path: str) -> GGUFCheckpoint:
                     '(llama-gguf-split --merge FIRST.gguf OUT.gguf)')
   tokenizer, tokenizer_config = _tokenizer(meta)  # first: cheap, so its errors come before dequantising
   tensors = _Tensors(reader, path)
-  if arch == LLAMA:
-    hf_config, state_dict = _llama(meta, tensors)
+  if arch in (LLAMA, QWEN2):
+    hf_config, state_dict = _llama(meta, tensors, qwen2=arch == QWEN2)
   else:
     hf_config, state_dict = _gpt2(meta, tensors)
   for name, key in (('bos', K.Tokenizer.BOS_ID), ('eos', K.Tokenizer.EOS_ID), ('pad', K.Tokenizer.PAD_ID)):
@@ -214,17 +217,20 @@ def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
   return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _llama(meta: _Metadata, tensors: _Tensors) -> tuple[dict, dict]:
-  """(LlamaConfig dict, LlamaForCausalLM state dict) of a 'llama' file."""
+def _llama(meta: _Metadata, tensors: _Tensors, qwen2: bool = False) -> tuple[dict, dict]:
+  """(LlamaConfig dict, LlamaForCausalLM state dict) of a 'llama' file; with `qwen2`, (Qwen2Config dict,
+  Qwen2ForCausalLM state dict) of a 'qwen2' one: the same tensors plus q/k/v biases (llama.cpp requires them,
+  and has none on attn_output or the MLP), q/k rows not permuted, and no sliding window (llama.cpp's qwen2
+  attends to the whole context, as Qwen2 configs with use_sliding_window=false do)."""
   if meta.get(K.LLM.EXPERT_COUNT, 0):
-    raise UserError(f'{meta.path} is a mixture-of-experts llama (expert_count={meta.get(K.LLM.EXPERT_COUNT)}): '
-                    'only dense llama models can be imported')
+    raise UserError(f'{meta.path} is a mixture-of-experts {meta.arch} '
+                    f'(expert_count={meta.get(K.LLM.EXPERT_COUNT)}): only dense {meta.arch} models can be imported')
   n_layers = int(meta.get(K.LLM.BLOCK_COUNT))
   hidden = int(meta.get(K.LLM.EMBEDDING_LENGTH))
   n_head = meta.get(K.Attention.HEAD_COUNT)
   n_kv = meta.get(K.Attention.HEAD_COUNT_KV, n_head)
   if isinstance(n_head, list) or isinstance(n_kv, list):
-    raise UserError(f'{meta.path} has per-layer head counts: only uniform llama models can be imported')
+    raise UserError(f'{meta.path} has per-layer head counts: only uniform {meta.arch} models can be imported')
   n_head, n_kv = int(n_head), int(n_kv)
   head_dim = int(meta.get(K.Attention.KEY_LENGTH, hidden // n_head))
   if int(meta.get(K.Attention.VALUE_LENGTH, head_dim)) != head_dim:
@@ -242,7 +248,8 @@ def _llama(meta: _Metadata, tensors: _Tensors) -> tuple[dict, dict]:
   if inter is None and up_name in tensors:
     inter = int(tensors.by_name[up_name].shape[-1])
   if inter is None or isinstance(inter, list):
-    raise UserError(f'{meta.path} gives no single feed_forward_length: only uniform llama models can be imported')
+    raise UserError(f'{meta.path} gives no single feed_forward_length: only uniform {meta.arch} models can be '
+                    'imported')
   inter = int(inter)
   q_out, kv_out = n_head * head_dim, n_kv * head_dim
 
@@ -252,15 +259,19 @@ def _llama(meta: _Metadata, tensors: _Tensors) -> tuple[dict, dict]:
   tied = _name(T.OUTPUT) not in tensors
   if not tied:
     sd['lm_head.weight'] = tensors.take(_name(T.OUTPUT), (vocab, hidden))
-  attn_bias = _name(T.ATTN_Q, 'bias', 0) in tensors
-  mlp_bias = _name(T.FFN_UP, 'bias', 0) in tensors
+  if qwen2:  # a missing q/k/v bias is then an incomplete file, an o/MLP bias a variant (both refused below)
+    qkv_bias, o_bias, mlp_bias = True, False, False
+  else:  # HF Llama's attention_bias covers q/k/v and o alike
+    qkv_bias = o_bias = _name(T.ATTN_Q, 'bias', 0) in tensors
+    mlp_bias = _name(T.FFN_UP, 'bias', 0) in tensors
+  q_heads, kv_heads = (None, None) if qwen2 else (n_head, n_kv)
   # (GGUF tensor, HF module under model.layers.i, weight shape, bias shape, heads for the RoPE un-permutation)
   layer = (
       (T.ATTN_NORM, 'input_layernorm', (hidden,), None, None),
-      (T.ATTN_Q, 'self_attn.q_proj', (q_out, hidden), (q_out,) if attn_bias else None, n_head),
-      (T.ATTN_K, 'self_attn.k_proj', (kv_out, hidden), (kv_out,) if attn_bias else None, n_kv),
-      (T.ATTN_V, 'self_attn.v_proj', (kv_out, hidden), (kv_out,) if attn_bias else None, None),
-      (T.ATTN_OUT, 'self_attn.o_proj', (hidden, q_out), (hidden,) if attn_bias else None, None),
+      (T.ATTN_Q, 'self_attn.q_proj', (q_out, hidden), (q_out,) if qkv_bias else None, q_heads),
+      (T.ATTN_K, 'self_attn.k_proj', (kv_out, hidden), (kv_out,) if qkv_bias else None, kv_heads),
+      (T.ATTN_V, 'self_attn.v_proj', (kv_out, hidden), (kv_out,) if qkv_bias else None, None),
+      (T.ATTN_OUT, 'self_attn.o_proj', (hidden, q_out), (hidden,) if o_bias else None, None),
       (T.FFN_NORM, 'post_attention_layernorm', (hidden,), None, None),
       (T.FFN_GATE, 'mlp.gate_proj', (inter, hidden), (inter,) if mlp_bias else None, None),
       (T.FFN_UP, 'mlp.up_proj', (inter, hidden), (inter,) if mlp_bias else None, None),
@@ -297,10 +308,13 @@ def _llama(meta: _Metadata, tensors: _Tensors) -> tuple[dict, dict]:
       'rms_norm_eps': meta.get_float(K.Attention.LAYERNORM_RMS_EPS, 1e-5),
       'rope_theta': rope_theta,
       'rope_scaling': rope_scaling,
-      'attention_bias': attn_bias,
-      'mlp_bias': mlp_bias,
       'tie_word_embeddings': tied,
   }
+  if qwen2:
+    cfg.update(architectures=['Qwen2ForCausalLM'], model_type='qwen2', use_sliding_window=False,
+               sliding_window=None)
+  else:
+    cfg.update(attention_bias=qkv_bias, mlp_bias=mlp_bias)
   return cfg, sd
 
 
