@@ -14,7 +14,7 @@ from flax import nnx
 
 from jaxssl import mesh as mesh_lib
 from jaxssl.config import load_config
-from jaxssl.data import denoising as dn
+from jaxssl.data.examples import denoising as dn
 from jaxssl.errors import UserError
 from jaxssl.models import REGISTRY, encdec, heads
 from jaxssl.train import families

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from jaxssl.data import lm_pipeline
+from jaxssl.data.examples import packed_lm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,7 +39,7 @@ def test_packed_rows_cover_each_epoch_once_and_restart_per_document():
   rng = np.random.default_rng(0)
   docs = [[' '.join('x' * int(rng.integers(1, 6)) for _ in range(int(rng.integers(1, 9))))
            for _ in range(int(rng.integers(1, 4)))] for _ in range(23)]
-  packed = lm_pipeline.PackedDocuments(Docs(docs), WordTokenizer(), seq_len=16, seed=5)
+  packed = packed_lm.PackedDocuments(Docs(docs), WordTokenizer(), seq_len=16, seed=5)
   per_epoch = packed.tokens_per_epoch
   rows_per_epoch = -(-per_epoch // 16)
   rows = packed.rows(range(rows_per_epoch + 3))
@@ -57,8 +57,8 @@ def test_packed_rows_cover_each_epoch_once_and_restart_per_document():
     starts = np.concatenate([[True], seg[1:] != seg[:-1]])
     assert np.all(pos[starts] == 0) and np.all(pos[~starts] == pos[np.where(~starts)[0] - 1] + 1)
   # Shares of two processes concatenate to the global batch.
-  whole = lm_pipeline.local_rows(packed, 2, global_batch_size=4)
-  parts = [lm_pipeline.local_rows(packed, 2, global_batch_size=4, process_index=p, process_count=2) for p in (0, 1)]
+  whole = packed_lm.local_rows(packed, 2, global_batch_size=4)
+  parts = [packed_lm.local_rows(packed, 2, global_batch_size=4, process_index=p, process_count=2) for p in (0, 1)]
   np.testing.assert_array_equal(whole['input_ids'], np.concatenate([p['input_ids'] for p in parts]))
 
 

@@ -4,7 +4,10 @@ import hashlib
 import numpy as np
 import pytest
 
-from jaxssl.data import masking_units, objectives, pipeline, tokenizers
+from jaxssl.data import tokenizers
+from jaxssl.data.examples import bert_pipeline
+from jaxssl.data.examples import masking_units
+from jaxssl.data.examples import mlm_nsp
 from jaxssl.errors import UserError
 from test_pipeline import FakeSource, HashTokenizer, _ptb_like_docs  # tests/ is on sys.path under pytest
 
@@ -52,7 +55,7 @@ def _row(tok, text, seq_len=None):
 
 
 def _old_mask_tokens(input_ids, candidate_mask, rng, *, mask_rate, max_predictions, mask_id, vocab_low, vocab_high):
-  """objectives.mask_tokens as it was before masking units (verbatim): 'token' must not change."""
+  """mlm_nsp.mask_tokens as it was before masking units (verbatim): 'token' must not change."""
   input_ids = np.asarray(input_ids)
   candidates = np.flatnonzero(np.asarray(candidate_mask))
   k = min(max_predictions, max(1, int(round(len(candidates) * mask_rate)))) if len(candidates) else 0
@@ -77,7 +80,7 @@ def test_token_masking_bit_identical():
   ids[:, 40:] = PAD
   for seed, x in enumerate(ids):
     args = dict(mask_rate=0.15, max_predictions=10, mask_id=MASK, vocab_low=5, vocab_high=1000)
-    new = objectives.mask_tokens(x, x >= 5, np.random.default_rng(seed), **args)
+    new = mlm_nsp.mask_tokens(x, x >= 5, np.random.default_rng(seed), **args)
     old = _old_mask_tokens(x, x >= 5, np.random.default_rng(seed), **args)
     for k in old:
       np.testing.assert_array_equal(new[k], old[k])
@@ -85,7 +88,7 @@ def test_token_masking_bit_identical():
   # digest was taken before masking units existed.
   for extra in ({}, dict(masking='token'), dict(masking='token', chinese_segmenter='jieba')):
     src = FakeSource(_ptb_like_docs(40, np.random.default_rng(3)))
-    bs = pipeline.make_eval_batches(src, HashTokenizer(), seq_len=64, max_predictions=10, mask_rate=0.15,
+    bs = bert_pipeline.make_eval_batches(src, HashTokenizer(), seq_len=64, max_predictions=10, mask_rate=0.15,
                                     short_seq_prob=0.1, batch_size=8, num_batches=3, seed=7, **extra)
     h = hashlib.sha256()
     for b in bs:
@@ -128,7 +131,7 @@ def test_units_all_or_nothing_within_budget(kind, tmp_path):
     ids, cand = _row(tok, text, seq_len=256)
     r = np.random.default_rng(seed)
     units = _units(kind, tok, ids, cand, r, lexicon)
-    out = objectives.mask_units(ids, units, r, max_predictions=40, vocab_low=5, vocab_high=tok.vocab_size,
+    out = mlm_nsp.mask_units(ids, units, r, max_predictions=40, vocab_low=5, vocab_high=tok.vocab_size,
                                 replace_per_unit=kind != 'whole_word', **KW)
     w = out['mlm_weights'] > 0
     pos = out['mlm_positions'][w]
@@ -196,7 +199,7 @@ def test_lexicon_phrases_longest_first(tmp_path):
   seen = 0
   for seed in range(300):
     r = np.random.default_rng(seed)
-    out = objectives.mask_units(ids, units, r, max_predictions=20, vocab_low=5, vocab_high=tok.vocab_size,
+    out = mlm_nsp.mask_units(ids, units, r, max_predictions=20, vocab_low=5, vocab_high=tok.vocab_size,
                                 replace_per_unit=True, mask_rate=0.4, mask_id=MASK)
     pos = out['mlm_positions'][out['mlm_weights'] > 0]
     hit = np.isin(np.flatnonzero(phrase), pos)
@@ -216,7 +219,7 @@ def test_replacement_rates_per_token():
   units = masking_units.word_units(masking_units.word_start_table(tok)[ids], cand)
   counts = np.zeros(3)
   for seed in range(300):
-    out = objectives.mask_units(ids, units, np.random.default_rng(seed), max_predictions=60, vocab_low=5,
+    out = mlm_nsp.mask_units(ids, units, np.random.default_rng(seed), max_predictions=60, vocab_low=5,
                                 vocab_high=tok.vocab_size, **KW)
     pos = out['mlm_positions'][out['mlm_weights'] > 0]
     new, old = out['input_ids'][pos], ids[pos]
@@ -227,7 +230,7 @@ def test_replacement_rates_per_token():
 
 def test_unit_larger_than_budget_is_skipped():
   ids = np.array([CLS, 10, 11, 12, 13, SEP], np.int32)
-  out = objectives.mask_units(ids, np.array([-1, 0, 0, 0, 0, -1]), np.random.default_rng(0), max_predictions=3,
+  out = mlm_nsp.mask_units(ids, np.array([-1, 0, 0, 0, 0, -1]), np.random.default_rng(0), max_predictions=3,
                               vocab_low=5, vocab_high=50, **KW)
   assert out['mlm_weights'].sum() == 0 and np.array_equal(out['input_ids'], ids)
 
@@ -282,7 +285,7 @@ def test_jieba_with_lexicon_entities(zh_tokenizer, tmp_path):
 def test_jieba_pipeline_whole_words(zh_tokenizer):
   pytest.importorskip('jieba')
   docs = ['\n'.join(ZH[(d + i) % len(ZH)] for i in range(4)) for d in range(12)]
-  exs = pipeline.PretrainExamples(FakeSource(docs), zh_tokenizer, seq_len=128, max_predictions=8, mask_rate=0.15,
+  exs = bert_pipeline.PretrainExamples(FakeSource(docs), zh_tokenizer, seq_len=128, max_predictions=8, mask_rate=0.15,
                                   short_seq_prob=0.0, seed=0, masking='whole_word',
                                   chinese_segmenter='jieba').examples(range(40))
   segmenter = masking_units.make_jieba()
@@ -331,7 +334,7 @@ def test_pipeline_masks_whole_words(masking, tmp_path):
   plain = ['the', 'company', 'said', 'its', 'stock', 'rose', 'in', 'new', 'york', 'playing', 'played', 'exchange']
   docs = ['\n'.join(' '.join(rng.choice(plain, size=rng.integers(3, 10))) + ' .' for _ in range(6))
           for _ in range(20)]
-  it = pipeline.make_pretrain_iterator(
+  it = bert_pipeline.make_pretrain_iterator(
       FakeSource(docs), tok, seq_len=64, max_predictions=10, mask_rate=0.15, short_seq_prob=0.1, seed=3,
       global_batch_size=8, num_threads=1, masking=masking,
       masking_lexicon=str(tmp_path / 'lex.txt') if masking == 'entity' else '')
@@ -361,8 +364,8 @@ def test_jieba_on_text_without_chinese_is_plain_whole_word(tmp_path):
   docs = ['\n'.join(['the company said its stock rose .', 'new york playing played exchange .'] * 3)] * 6
   args = dict(seq_len=32, max_predictions=5, mask_rate=0.15, short_seq_prob=0.1, batch_size=4, num_batches=2,
               seed=0, masking='whole_word')
-  a = pipeline.make_eval_batches(FakeSource(docs), tok, **args)
-  b = pipeline.make_eval_batches(FakeSource(docs), tok, chinese_segmenter='jieba', **args)
+  a = bert_pipeline.make_eval_batches(FakeSource(docs), tok, **args)
+  b = bert_pipeline.make_eval_batches(FakeSource(docs), tok, chinese_segmenter='jieba', **args)
   for x, y in zip(a, b):
     for k in x:
       np.testing.assert_array_equal(x[k], y[k])
@@ -384,14 +387,14 @@ def test_bad_config(tmp_path):
   ]
   for args, needle in cases:
     with pytest.raises(UserError, match=needle) as e:
-      pipeline.PretrainExamples(src, tok, masking=args.pop('masking'), **args, **kw)
+      bert_pipeline.PretrainExamples(src, tok, masking=args.pop('masking'), **args, **kw)
     assert '\n' not in str(e.value)
   with pytest.raises(UserError, match='data.masking'):
-    pipeline.masking_args({'masking': 'wwm'})
-  assert pipeline.masking_args({}) == dict(masking='token', masking_lexicon='', chinese_segmenter='')
+    bert_pipeline.masking_args({'masking': 'wwm'})
+  assert bert_pipeline.masking_args({}) == dict(masking='token', masking_lexicon='', chinese_segmenter='')
   # A tokenizer whose pieces mark no words cannot give word units.
   class Bare(PieceTokenizer):
     def id_to_piece(self, i):
       return self.pieces[i].lstrip('\u2581')
   with pytest.raises(UserError, match="masking='token'"):
-    pipeline.PretrainExamples(src, Bare(WORDS), masking='whole_word', **kw)
+    bert_pipeline.PretrainExamples(src, Bare(WORDS), masking='whole_word', **kw)

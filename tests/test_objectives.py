@@ -1,8 +1,8 @@
-"""BERT objectives: masking statistics, NSP pairs, packing layout, truncation."""
+"""BERT MLM/NSP examples (data/examples/mlm_nsp.py): masking statistics, NSP pairs, packing layout, truncation."""
 import numpy as np
 import pytest
 
-from jaxssl.data import objectives
+from jaxssl.data.examples import mlm_nsp
 
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
 LOW, HIGH = 5, 1000
@@ -26,7 +26,7 @@ def test_truncate_matches_bert(la, lb, m):
   a, b = list(range(100, 100 + la)), list(range(500, 500 + lb))
   rng = np.random.default_rng(0)
   for _ in range(20):
-    ta, tb = objectives.truncate_seq_pair(a, b, m, rng)
+    ta, tb = mlm_nsp.truncate_seq_pair(a, b, m, rng)
     ra, rb = _bert_truncate(a, b, m, rng)
     assert (len(ta), len(tb)) == (len(ra), len(rb))  # which side loses how much: deterministic
     assert len(ta) + len(tb) == min(m, la + lb) and ta and tb
@@ -37,7 +37,7 @@ def test_truncate_matches_bert(la, lb, m):
 
 def test_truncate_front_back_balanced():
   rng = np.random.default_rng(1)
-  fronts = [objectives.truncate_seq_pair(list(range(40)), [7], 21, rng)[0][0] for _ in range(2000)]
+  fronts = [mlm_nsp.truncate_seq_pair(list(range(40)), [7], 21, rng)[0][0] for _ in range(2000)]
   assert abs(np.mean(fronts) - 10) < 0.5  # 20 removals, Binomial(20, 1/2) from the front
 
 
@@ -49,7 +49,7 @@ def _masking_runs(n, seq_len, real_len, rate=0.15, max_pred=1000, seed=0):
   ids[:, real_len // 2] = SEP
   ids[:, real_len - 1] = SEP
   ids[:, 3] = UNK
-  outs = [objectives.mask_tokens(x, x >= LOW, rng, mask_rate=rate, max_predictions=max_pred, mask_id=MASK,
+  outs = [mlm_nsp.mask_tokens(x, x >= LOW, rng, mask_rate=rate, max_predictions=max_pred, mask_id=MASK,
                                  vocab_low=LOW, vocab_high=HIGH) for x in ids]
   return ids, outs
 
@@ -110,31 +110,31 @@ def test_mask_cap_and_minimum():
   _, outs = _masking_runs(50, 16, 6, max_pred=5)
   assert all(o['mlm_weights'].sum() == 1 for o in outs)  # 2 candidates * 0.15 rounds to 0: at least 1
   x = np.array([CLS, SEP, SEP, PAD], np.int32)
-  o = objectives.mask_tokens(x, x >= LOW, np.random.default_rng(0), mask_rate=0.15, max_predictions=3,
+  o = mlm_nsp.mask_tokens(x, x >= LOW, np.random.default_rng(0), mask_rate=0.15, max_predictions=3,
                              mask_id=MASK, vocab_low=LOW, vocab_high=HIGH)
   assert o['mlm_weights'].sum() == 0 and np.array_equal(o['input_ids'], x)
 
 
 def test_mask_pure_function_of_rng():
   x = np.arange(LOW, LOW + 50, dtype=np.int32)
-  a = objectives.mask_tokens(x, x >= LOW, np.random.default_rng(7), mask_rate=0.15, max_predictions=10,
+  a = mlm_nsp.mask_tokens(x, x >= LOW, np.random.default_rng(7), mask_rate=0.15, max_predictions=10,
                              mask_id=MASK, vocab_low=LOW, vocab_high=HIGH)
-  b = objectives.mask_tokens(x, x >= LOW, np.random.default_rng(7), mask_rate=0.15, max_predictions=10,
+  b = mlm_nsp.mask_tokens(x, x >= LOW, np.random.default_rng(7), mask_rate=0.15, max_predictions=10,
                              mask_id=MASK, vocab_low=LOW, vocab_high=HIGH)
   for k in a:
     np.testing.assert_array_equal(a[k], b[k])
 
 
 def test_pack_pair_layout():
-  ex = objectives.pack_pair([10, 11, 12], [20, 21], 10, CLS, SEP, PAD)
+  ex = mlm_nsp.pack_pair([10, 11, 12], [20, 21], 10, CLS, SEP, PAD)
   np.testing.assert_array_equal(ex['input_ids'], [CLS, 10, 11, 12, SEP, 20, 21, SEP, PAD, PAD])
   np.testing.assert_array_equal(ex['token_type_ids'], [0, 0, 0, 0, 0, 1, 1, 1, 0, 0])
   np.testing.assert_array_equal(ex['attention_mask'], [1, 1, 1, 1, 1, 1, 1, 1, 0, 0])
   assert all(v.dtype == np.int32 and v.shape == (10,) for v in ex.values())
-  full = objectives.pack_pair([10] * 4, [20] * 3, 10, CLS, SEP, PAD)
+  full = mlm_nsp.pack_pair([10] * 4, [20] * 3, 10, CLS, SEP, PAD)
   assert full['attention_mask'].sum() == 10
   with pytest.raises(ValueError):
-    objectives.pack_pair([10] * 4, [20] * 4, 10, CLS, SEP, PAD)
+    mlm_nsp.pack_pair([10] * 4, [20] * 4, 10, CLS, SEP, PAD)
 
 
 def _doc(d, lengths):
@@ -154,7 +154,7 @@ def test_nsp_pairs_structure():
   for i in range(n):
     doc = _doc(1, rng.integers(1, 8, size=rng.integers(2, 10)))
     other = _doc(2, rng.integers(1, 8, size=rng.integers(1, 10)))
-    a, b, is_random = objectives.make_nsp_pair(doc, other, rng, max_num_tokens=500, short_seq_prob=0.0)
+    a, b, is_random = mlm_nsp.make_nsp_pair(doc, other, rng, max_num_tokens=500, short_seq_prob=0.0)
     assert a and b
     flat = [t for s in doc for t in s]
     wa = [_where(t) for t in a]
@@ -177,7 +177,7 @@ def test_nsp_pairs_structure():
 def test_nsp_single_sentence_document_is_random():
   rng = np.random.default_rng(0)
   for _ in range(50):
-    a, b, is_random = objectives.make_nsp_pair(_doc(1, [5]), _doc(2, [3, 3]), rng, 100, 0.1)
+    a, b, is_random = mlm_nsp.make_nsp_pair(_doc(1, [5]), _doc(2, [3, 3]), rng, 100, 0.1)
     assert is_random and _where(b[0])[0] == 2 and len(a) == 5
 
 
@@ -186,9 +186,9 @@ def test_nsp_truncation():
   for _ in range(1000):
     doc = _doc(1, rng.integers(1, 60, size=12))
     other = _doc(2, rng.integers(1, 60, size=12))
-    a, b, _ = objectives.make_nsp_pair(doc, other, rng, max_num_tokens=61, short_seq_prob=0.1)
+    a, b, _ = mlm_nsp.make_nsp_pair(doc, other, rng, max_num_tokens=61, short_seq_prob=0.1)
     assert a and b and len(a) + len(b) <= 61
-    ex = objectives.pack_pair(a, b, 64, CLS, SEP, PAD)
+    ex = mlm_nsp.pack_pair(a, b, 64, CLS, SEP, PAD)
     assert ex['attention_mask'].sum() == len(a) + len(b) + 3
 
 
@@ -201,7 +201,7 @@ def test_short_seq_prob():
     rng = np.random.default_rng(0)
     lengths = []
     for i in range(3000):
-      a, b, _ = objectives.make_nsp_pair(*docs[i % 10], rng, max_num_tokens=61, short_seq_prob=p)
+      a, b, _ = mlm_nsp.make_nsp_pair(*docs[i % 10], rng, max_num_tokens=61, short_seq_prob=p)
       lengths.append(len(a) + len(b))
     return np.mean(np.array(lengths) < 58)
   base = short_fraction(0.0)

@@ -5,7 +5,7 @@ import zlib
 import numpy as np
 import pytest
 
-from jaxssl.data import pipeline
+from jaxssl.data.examples import bert_pipeline
 from jaxssl.errors import UserError
 
 SEQ, PRED = 64, 10
@@ -81,7 +81,7 @@ def _ptb_like_docs(n_docs, rng):
 def _iter(source, tok, **kw):
   args = dict(KW, seed=3, global_batch_size=8, start_step=0)
   args.update(kw)
-  return pipeline.make_pretrain_iterator(source, tok, **args)
+  return bert_pipeline.make_pretrain_iterator(source, tok, **args)
 
 
 def _assert_batches_equal(a, b):
@@ -110,14 +110,14 @@ def test_batch_shapes_and_dtypes():
 
 def test_examples_are_valid_nsp_pairs():
   n_docs = 40
-  ex = pipeline.PretrainExamples(FakeSource(_tagged_docs(n_docs)), IntTokenizer(), seed=0,
+  ex = bert_pipeline.PretrainExamples(FakeSource(_tagged_docs(n_docs)), IntTokenizer(), seed=0,
                                  **dict(KW, seq_len=256, short_seq_prob=0.0))
   labels = []
   for g, e in enumerate(ex.examples(range(600))):
     ids = _unmask(e)
     n = int(e['attention_mask'].sum())
-    seps = np.flatnonzero(ids == pipeline.SEP_ID)
-    assert ids[0] == pipeline.CLS_ID and len(seps) == 2 and seps[1] == n - 1 and np.all(ids[n:] == 0)
+    seps = np.flatnonzero(ids == bert_pipeline.SEP_ID)
+    assert ids[0] == bert_pipeline.CLS_ID and len(seps) == 2 and seps[1] == n - 1 and np.all(ids[n:] == 0)
     a, b = ids[1:seps[0]] - 5, ids[seps[0] + 1:n - 1] - 5
     np.testing.assert_array_equal(e['token_type_ids'][:n], [0] * (seps[0] + 1) + [1] * (n - seps[0] - 1))
     doc_a = a // 10000
@@ -136,11 +136,11 @@ def test_examples_are_valid_nsp_pairs():
 
 def test_random_documents_are_uniform_over_others():
   n_docs = 5
-  ex = pipeline.PretrainExamples(FakeSource(_tagged_docs(n_docs, n_sents=1)), IntTokenizer(), seed=0, **KW)
+  ex = bert_pipeline.PretrainExamples(FakeSource(_tagged_docs(n_docs, n_sents=1)), IntTokenizer(), seed=0, **KW)
   pairs = np.zeros((n_docs, n_docs))
   for e in ex.examples(range(2000)):
     ids = _unmask(e)
-    seps = np.flatnonzero(ids == pipeline.SEP_ID)
+    seps = np.flatnonzero(ids == bert_pipeline.SEP_ID)
     pairs[(ids[1] - 5) // 10000, (ids[seps[0] + 1] - 5) // 10000] += 1
   assert np.all(np.diag(pairs) == 0)
   off = pairs[~np.eye(n_docs, dtype=bool)]
@@ -173,7 +173,7 @@ def test_process_shares_concatenate_to_the_global_batch():
 def test_epochs_reshuffle_and_remask():
   n_docs = 16
   src = FakeSource(_tagged_docs(n_docs, n_sents=20))
-  ex = pipeline.PretrainExamples(src, IntTokenizer(), seed=0, **KW)
+  ex = bert_pipeline.PretrainExamples(src, IntTokenizer(), seed=0, **KW)
   p0, p1 = ex.permutation(0), ex.permutation(1)
   assert sorted(p0) == list(range(n_docs)) and not np.array_equal(p0, p1)
   different = 0
@@ -196,21 +196,21 @@ def test_empty_documents_are_skipped():
   docs = _tagged_docs(10)
   docs[3] = ''
   docs[7] = '\n  \n'
-  ex = pipeline.PretrainExamples(FakeSource(docs), IntTokenizer(), seed=0, **KW)
+  ex = bert_pipeline.PretrainExamples(FakeSource(docs), IntTokenizer(), seed=0, **KW)
   for e in ex.examples(range(200)):
     ids = _unmask(e)
-    seps = np.flatnonzero(ids == pipeline.SEP_ID)
+    seps = np.flatnonzero(ids == bert_pipeline.SEP_ID)
     assert seps[0] > 1 and seps[1] > seps[0] + 1  # A and B non-empty
 
 
 def test_eval_batches_fixed():
   src, tok = FakeSource(_tagged_docs(30)), IntTokenizer()
   kw = dict(KW, batch_size=8, num_batches=3, seed=1)
-  a, b = pipeline.make_eval_batches(src, tok, **kw), pipeline.make_eval_batches(src, tok, **kw)
+  a, b = bert_pipeline.make_eval_batches(src, tok, **kw), bert_pipeline.make_eval_batches(src, tok, **kw)
   assert len(a) == 3
   for x, y in zip(a, b):
     _assert_batches_equal(x, y)
-  halves = [pipeline.make_eval_batches(src, tok, process_index=i, process_count=2, **kw) for i in range(2)]
+  halves = [bert_pipeline.make_eval_batches(src, tok, process_index=i, process_count=2, **kw) for i in range(2)]
   for j in range(3):
     _assert_batches_equal({k: np.concatenate([h[j][k] for h in halves]) for k in a[j]}, a[j])
 
@@ -222,15 +222,15 @@ def test_errors():
   with pytest.raises(UserError, match='not divisible'):
     _iter(FakeSource(_tagged_docs(5)), tok, global_batch_size=6, process_count=4)
   with pytest.raises(UserError, match='UTF-8'):
-    pipeline.PretrainExamples(FakeSource([b'1 2 3', b'\xff\xfe']), tok, seed=0, **KW).examples([0, 1])
+    bert_pipeline.PretrainExamples(FakeSource([b'1 2 3', b'\xff\xfe']), tok, seed=0, **KW).examples([0, 1])
   with pytest.raises(UserError, match='empty'):
-    pipeline.PretrainExamples(FakeSource(['5 6', '', '']), tok, seed=0, **KW).examples(range(3))
+    bert_pipeline.PretrainExamples(FakeSource(['5 6', '', '']), tok, seed=0, **KW).examples(range(3))
 
 
 def test_throughput():
   rng = np.random.default_rng(0)
   src, tok = FakeSource(_ptb_like_docs(500, rng)), HashTokenizer()
-  it = pipeline.make_pretrain_iterator(src, tok, seq_len=128, max_predictions=20, mask_rate=0.15,
+  it = bert_pipeline.make_pretrain_iterator(src, tok, seq_len=128, max_predictions=20, mask_rate=0.15,
                                        short_seq_prob=0.1, seed=0, global_batch_size=32, num_threads=1)
   next(it)
   t0 = time.perf_counter()
@@ -283,7 +283,7 @@ def test_scattered_special_ids():
                                      else rng.integers(106, 1000))) for _ in range(rng.integers(3, 12)))
                     for _ in range(6)) for _ in range(30)]
   tok = ScatteredTokenizer()
-  exs = pipeline.PretrainExamples(FakeSource(docs), tok, seed=0, **KW).examples(range(400))
+  exs = bert_pipeline.PretrainExamples(FakeSource(docs), tok, seed=0, **KW).examples(range(400))
   assert _check_scattered(exs, tok) > 50
 
 
@@ -298,6 +298,6 @@ def test_real_wordpiece(tmp_path):
   plain = ['the', 'company', 'said', 'its', 'stock', 'rose', 'in', 'new', 'york', 'playing', 'played', 'zebra']
   docs = ['\n'.join(' '.join(rng.choice(plain, size=rng.integers(3, 10))) + ' .' for _ in range(6))
           for _ in range(20)]
-  exs = pipeline.PretrainExamples(FakeSource(docs), tok, seed=0, **KW).examples(range(300))
+  exs = bert_pipeline.PretrainExamples(FakeSource(docs), tok, seed=0, **KW).examples(range(300))
   assert any(tok.unk_id in _unmask(e) for e in exs)  # 'zebra' is [UNK]: present, never a target
   assert _check_scattered(exs, tok) > 20

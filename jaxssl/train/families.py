@@ -33,7 +33,7 @@ class Family:
 # ----- BERT: masked LM + next-sentence prediction -----
 
 def _bert_data_args(config, seed, process_index, process_count) -> dict:
-  from jaxssl.data import pipeline
+  from jaxssl.data.examples import bert_pipeline as pipeline
   d = config.data
   return dict(seq_len=d.seq_len, max_predictions=d.max_predictions, mask_rate=d.mask_rate,
               short_seq_prob=d.short_seq_prob, seed=seed, process_index=process_index, process_count=process_count,
@@ -41,14 +41,14 @@ def _bert_data_args(config, seed, process_index, process_count) -> dict:
 
 
 def _bert_train(source, tokenizer, config, *, start_step, seed, process_index=0, process_count=1):
-  from jaxssl.data import pipeline
+  from jaxssl.data.examples import bert_pipeline as pipeline
   return pipeline.make_pretrain_iterator(source, tokenizer, global_batch_size=config.train.batch_size,
                                          start_step=start_step, num_threads=config.data.num_threads,
                                          **_bert_data_args(config, seed, process_index, process_count))
 
 
 def _bert_eval(source, tokenizer, config, *, seed, process_index=0, process_count=1):
-  from jaxssl.data import pipeline
+  from jaxssl.data.examples import bert_pipeline as pipeline
   return pipeline.make_eval_batches(source, tokenizer, batch_size=config.train.batch_size,
                                     num_batches=config.eval.batches,
                                     **_bert_data_args(config, seed, process_index, process_count))
@@ -93,7 +93,7 @@ BERT = Family(step_lib.BERT, _bert_train, _bert_eval, _bert_shapes,
 # ----- GPT: next-token LM on packed documents -----
 
 def _gpt_train(source, tokenizer, config, *, start_step, seed, process_index=0, process_count=1):
-  from jaxssl.data import lm_pipeline
+  from jaxssl.data.examples import packed_lm as lm_pipeline
   return lm_pipeline.make_lm_iterator(source, tokenizer, seq_len=config.data.seq_len, seed=seed,
                                       global_batch_size=config.train.batch_size, start_step=start_step,
                                       num_threads=config.data.num_threads, process_index=process_index,
@@ -101,7 +101,7 @@ def _gpt_train(source, tokenizer, config, *, start_step, seed, process_index=0, 
 
 
 def _gpt_eval(source, tokenizer, config, *, seed, process_index=0, process_count=1):
-  from jaxssl.data import lm_pipeline
+  from jaxssl.data.examples import packed_lm as lm_pipeline
   return lm_pipeline.make_lm_eval_batches(source, tokenizer, seq_len=config.data.seq_len, seed=seed,
                                           batch_size=config.train.batch_size, num_batches=config.eval.batches,
                                           process_index=process_index, process_count=process_count)
@@ -157,14 +157,14 @@ ELMO = Family(step_lib.ELMO, _gpt_train, _gpt_eval, _lm_shapes, synthetic_batch=
 # ----- encoder-decoder: denoising reconstruction (BART / MASS) -----
 
 def _encdec_train(source, tokenizer, config, *, start_step, seed, process_index=0, process_count=1):
-  from jaxssl.data import denoising
+  from jaxssl.data.examples import denoising
   return denoising.make_denoising_iterator(source, tokenizer, config.data, seed=seed, start_step=start_step,
                                            global_batch_size=config.train.batch_size, process_index=process_index,
                                            process_count=process_count)
 
 
 def _encdec_eval(source, tokenizer, config, *, seed, process_index=0, process_count=1):
-  from jaxssl.data import denoising
+  from jaxssl.data.examples import denoising
   return denoising.make_denoising_eval_batches(source, tokenizer, config.data, seed=seed,
                                                batch_size=config.train.batch_size, num_batches=config.eval.batches,
                                                process_index=process_index, process_count=process_count)

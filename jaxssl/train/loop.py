@@ -56,10 +56,10 @@ def check_config(config) -> None:
       raise UserError(f'{message}: fix it with --config.<key>=<value>')
   models.validate_config(config.model, config.tokenizer.vocab_size)
   if config.model.name == 'encdec':  # corruption settings fail here, not after the tokenizer is trained
-    from jaxssl.data import denoising  # noqa: PLC0415
+    from jaxssl.data.examples import denoising  # noqa: PLC0415
     denoising.DenoisingConfig.from_config(config.data)
   elif config.model.name == 'bert':
-    from jaxssl.data import pipeline  # noqa: PLC0415
+    from jaxssl.data.examples import bert_pipeline as pipeline  # noqa: PLC0415
     pipeline.masking_args(config.data)
     m = config.model
     if m.get('attention_type', 'full') == 'block_sparse' and d.seq_len >= m.sparse_min_length:

@@ -1,4 +1,4 @@
-"""BERT pretraining objectives in pure numpy: next-sentence pairs, packing, masked-LM masking.
+"""BERT pretraining examples in pure numpy: next-sentence pairs, packing, masked-LM masking.
 
 Follows google-research/bert create_pretraining_data.py, but makes one example per call (the pipeline draws
 a fresh example for every (seed, step, row)) instead of walking a whole document. Every function is a pure
@@ -170,7 +170,7 @@ def _fill_budget(sizes: np.ndarray, budget: int) -> np.ndarray:
 def mask_units(input_ids: np.ndarray, units: np.ndarray, rng: np.random.Generator, *, mask_rate: float,
                max_predictions: int, mask_id: int, vocab_low: int, vocab_high: int,
                replace_per_unit: bool = False) -> dict[str, np.ndarray]:
-  """Masked-LM corruption of one sequence by units (whole words, spans, phrases: data/masking_units.py).
+  """Masked-LM corruption of one sequence by units (whole words, spans, phrases: data/examples/masking_units.py).
 
   `units` gives each token's unit id (0, 1, ...; -1 = never masked). The budget is mask_tokens's:
   k = min(max_predictions, max(1, round(n_candidates * mask_rate))) tokens. Units are tried in a random

@@ -1,6 +1,6 @@
 """Masking units for BERT's masked LM: whole words, SpanBERT spans, lexicon phrases and entities (ERNIE).
 
-A unit is a group of maskable tokens that `objectives.mask_units` masks all or nothing. The unit functions here
+A unit is a group of maskable tokens that `mlm_nsp.mask_units` masks all or nothing. The unit functions here
 are pure: they map one packed sequence (ids, per-token word-start flags, the candidate mask) to a unit id per
 token (int32 [L]; 0, 1, ... in order of position; -1 on tokens that are never masked, i.e. specials and
 padding). A unit never spans a non-candidate token, so units stay inside segment A or B.
@@ -251,7 +251,7 @@ def split_word_starts(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class UnitMasker:
   """What the pipeline needs for one masking setup: encoding (with word starts for Chinese) and units.
 
-  `masking` is one of MASKINGS except 'token' (which the pipeline handles with objectives.mask_tokens).
+  `masking` is one of MASKINGS except 'token' (which the pipeline handles with mlm_nsp.mask_tokens).
   80/10/10 is decided per token for 'whole_word' (Google's whole-word masking) and per unit for 'span'
   (SpanBERT) and 'entity' (ERNIE): `replace_per_unit`.
   """
@@ -259,7 +259,7 @@ class UnitMasker:
   def __init__(self, tokenizer, masking: str, *, lexicon_path: str = '', segmenter: str = ''):
     check_masking_config(masking, lexicon_path, segmenter)
     if masking == 'token':
-      raise ValueError("UnitMasker is for unit maskings; 'token' uses objectives.mask_tokens")
+      raise ValueError("UnitMasker is for unit maskings; 'token' uses mlm_nsp.mask_tokens")
     self.tokenizer = tokenizer
     self.masking = masking
     self.replace_per_unit = masking != 'whole_word'

@@ -14,7 +14,7 @@ from typing import Iterator
 import grain
 import numpy as np
 
-from jaxssl.data import pipeline
+from jaxssl.data.examples import rows
 from jaxssl.errors import UserError
 
 _EPOCH_CACHE = 4
@@ -91,7 +91,7 @@ class PackedDocuments:
 def local_rows(packed: PackedDocuments, step: int, *, global_batch_size: int, process_index: int = 0,
                process_count: int = 1) -> dict[str, np.ndarray]:
   """This process's rows of the global batch of `step`."""
-  first, local = pipeline._local_rows(global_batch_size, process_index, process_count)  # pylint: disable=protected-access
+  first, local = rows.process_rows(global_batch_size, process_index, process_count)
   start = step * global_batch_size + first
   return packed.rows(range(start, start + local))
 
@@ -100,7 +100,7 @@ def make_lm_iterator(source, tokenizer, *, seq_len: int, seed: int, global_batch
                      process_index: int = 0, process_count: int = 1, num_threads: int = 2,
                      prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
   """Endless iterator over this process's share of the packed batches of steps start_step, start_step+1, ..."""
-  pipeline._local_rows(global_batch_size, process_index, process_count)  # pylint: disable=protected-access
+  rows.process_rows(global_batch_size, process_index, process_count)
   packed = PackedDocuments(source, tokenizer, seq_len=seq_len, seed=seed)
   ds = grain.MapDataset.range(start_step, 2**62).map(
       lambda step: local_rows(packed, step, global_batch_size=global_batch_size, process_index=process_index,

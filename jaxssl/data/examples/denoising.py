@@ -29,7 +29,7 @@ from typing import Iterator
 import grain
 import numpy as np
 
-from jaxssl.data import pipeline
+from jaxssl.data.examples import rows
 from jaxssl.errors import UserError
 
 CORRUPTIONS = ('sentence_permutation', 'document_rotation', 'word_shuffle', 'token_deletion', 'token_masking',
@@ -263,7 +263,7 @@ class DenoisingExamples:
 
     out = []
     for g, doc in zip(indices, docs):
-      doc = pipeline.nonempty_document(doc, g, get, self.permutation, self.num_docs)
+      doc = rows.nonempty_document(doc, g, get, self.permutation, self.num_docs)
       out.append(self._build(cache[doc], np.random.default_rng([self.seed, 5, g])))
     return out
 
@@ -289,7 +289,7 @@ class DenoisingExamples:
 def local_batch(examples: DenoisingExamples, step: int, *, global_batch_size: int, process_index: int = 0,
                 process_count: int = 1) -> dict[str, np.ndarray]:
   """This process's rows of the global batch of `step`."""
-  first, local = pipeline._local_rows(global_batch_size, process_index, process_count)  # pylint: disable=protected-access
+  first, local = rows.process_rows(global_batch_size, process_index, process_count)
   start = step * global_batch_size + first
   return examples.batch(range(start, start + local))
 
@@ -303,7 +303,7 @@ def make_denoising_iterator(source, tokenizer, data_cfg, *, seed: int, global_ba
                             process_index: int = 0, process_count: int = 1,
                             prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
   """Endless iterator over this process's share of the batches of steps start_step, start_step+1, ..."""
-  pipeline._local_rows(global_batch_size, process_index, process_count)  # pylint: disable=protected-access
+  rows.process_rows(global_batch_size, process_index, process_count)
   examples = _examples(source, tokenizer, data_cfg, seed)
   ds = grain.MapDataset.range(start_step, 2**62).map(
       lambda step: local_batch(examples, step, global_batch_size=global_batch_size, process_index=process_index,

@@ -9,7 +9,7 @@ epoch (g differs) yet reproducible.
 Token ids come from the tokenizer (`cls_id`, `sep_id`, `pad_id`, `mask_id`, `special_ids`, `random_token_range`),
 so jaxssl's sentencepiece models and the WordPiece vocabularies of public BERT checkpoints both work.
 
-`masking` picks the MLM unit (data/masking_units.py): 'token' (BERT, the default), 'whole_word', 'span'
+`masking` picks the MLM unit (data/examples/masking_units.py): 'token' (BERT, the default), 'whole_word', 'span'
 (SpanBERT) or 'entity' (ERNIE, phrases of `masking_lexicon`); `chinese_segmenter='jieba'` finds the words of
 Chinese text. Units are drawn from the same per-example rng, so batches stay pure in (seed, step).
 """
@@ -19,13 +19,11 @@ from typing import Any, Iterator
 import grain
 import numpy as np
 
-from jaxssl.data import masking_units, objectives
+from jaxssl.data.examples import masking_units, mlm_nsp, rows
 from jaxssl.errors import UserError
 
 # jaxssl's sentencepiece layout (data/tokenizers.py): what a tokenizer that only has `num_special` gets.
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = 0, 1, 2, 3, 4
-# Bounded retries for empty documents (a corpus should not have many; corpora.py filters them).
-_MAX_EMPTY_RETRIES = 64
 _EPOCH_CACHE = 4  # permutations kept; a batch spans at most two epochs, prefetch threads a few steps
 
 
@@ -146,11 +144,11 @@ class PretrainExamples:
 
     out = []
     for g, rng, doc, other in zip(indices, rngs, docs, others):
-      doc = nonempty_document(doc, g, get, self.permutation, self.num_docs)
+      doc = rows.nonempty_document(doc, g, get, self.permutation, self.num_docs)
       k = 0
       while other == doc or not get(other):
         k += 1
-        if k > _MAX_EMPTY_RETRIES:
+        if k > rows.MAX_EMPTY_RETRIES:
           raise UserError('could not find a non-empty second document for next-sentence prediction: '
                           'the corpus needs at least 2 documents with text')
         other = self._other_doc(rng, doc)
@@ -158,9 +156,9 @@ class PretrainExamples:
     return out
 
   def _build(self, doc_sentences, other_sentences, rng) -> dict[str, np.ndarray]:
-    a, b, is_random = objectives.make_nsp_pair(doc_sentences, other_sentences, rng, self.seq_len - 3,
+    a, b, is_random = mlm_nsp.make_nsp_pair(doc_sentences, other_sentences, rng, self.seq_len - 3,
                                                self.short_seq_prob)
-    ex = objectives.pack_pair(a, b, self.seq_len, self.cls_id, self.sep_id, self.pad_id)
+    ex = mlm_nsp.pack_pair(a, b, self.seq_len, self.cls_id, self.sep_id, self.pad_id)
     ids = ex['input_ids']
     word_starts = None
     if self.masker is not None and self.masker.carries_word_starts:
@@ -170,10 +168,10 @@ class PretrainExamples:
     kw = dict(mask_rate=self.mask_rate, max_predictions=self.max_predictions, mask_id=self.mask_id,
               vocab_low=self.vocab_low, vocab_high=self.vocab_high)
     if self.masker is None:
-      ex.update(objectives.mask_tokens(ids, candidates, rng, **kw))
+      ex.update(mlm_nsp.mask_tokens(ids, candidates, rng, **kw))
     else:
       units = self.masker.units(ids, word_starts, candidates, rng)
-      ex.update(objectives.mask_units(ids, units, rng, replace_per_unit=self.masker.replace_per_unit, **kw))
+      ex.update(mlm_nsp.mask_units(ids, units, rng, replace_per_unit=self.masker.replace_per_unit, **kw))
     ex['nsp_label'] = np.int32(1 if is_random else 0)
     return ex
 
@@ -181,19 +179,6 @@ class PretrainExamples:
     """The examples of `indices` stacked: each value gets a leading dimension len(indices)."""
     exs = self.examples(indices)
     return {k: np.stack([e[k] for e in exs]) for k in exs[0]}
-
-
-def nonempty_document(doc: int, g: int, get, permutation, num_docs: int) -> int:
-  """`doc` (example g's document in its epoch's permutation), or when it has no tokens the next non-empty one of
-  the same permutation: still a pure function of (seed, g). `get(d)` gives document d's tokenized sentences."""
-  k = 0
-  while not get(doc):
-    k += 1
-    if k > _MAX_EMPTY_RETRIES:
-      raise UserError(f'more than {_MAX_EMPTY_RETRIES} consecutive empty documents in the corpus: '
-                      'remove empty documents (or check the tokenizer)')
-    doc = int(permutation(g // num_docs)[(g + k) % num_docs])
-  return doc
 
 
 def _token_layout(tokenizer) -> tuple[int, int, int, int, frozenset, tuple[int, int]]:
@@ -216,20 +201,10 @@ def _token_layout(tokenizer) -> tuple[int, int, int, int, frozenset, tuple[int, 
   return (*(int(i) for i in ids), special, (low, high))
 
 
-def _local_rows(global_batch_size: int, process_index: int, process_count: int) -> tuple[int, int]:
-  if process_count < 1 or not 0 <= process_index < process_count:
-    raise ValueError(f'bad process_index={process_index} / process_count={process_count}')
-  if global_batch_size % process_count:
-    raise UserError(f'train.batch_size={global_batch_size} is not divisible by the {process_count} processes: '
-                    f'use a multiple of {process_count}')
-  local = global_batch_size // process_count
-  return process_index * local, local
-
-
 def local_batch(examples: PretrainExamples, step: int, *, global_batch_size: int, process_index: int = 0,
                 process_count: int = 1) -> dict[str, np.ndarray]:
   """This process's rows [p * B/P, (p + 1) * B/P) of the global batch of `step` (numpy, leading dim B/P)."""
-  first, local = _local_rows(global_batch_size, process_index, process_count)
+  first, local = rows.process_rows(global_batch_size, process_index, process_count)
   start = step * global_batch_size + first
   return examples.batch(range(start, start + local))
 
@@ -257,7 +232,7 @@ def make_pretrain_iterator(source, tokenizer, *, seq_len: int, max_predictions: 
   process would see. Resuming = a new iterator with start_step = the checkpointed step.
   masking / masking_lexicon / chinese_segmenter: the MLM units (see the module docstring).
   """
-  _local_rows(global_batch_size, process_index, process_count)  # validate before building anything
+  rows.process_rows(global_batch_size, process_index, process_count)  # validate before building anything
   examples = PretrainExamples(source, tokenizer, seq_len=seq_len, max_predictions=max_predictions,
                               mask_rate=mask_rate, short_seq_prob=short_seq_prob, seed=seed, masking=masking,
                               masking_lexicon=masking_lexicon, chinese_segmenter=chinese_segmenter)
@@ -280,7 +255,7 @@ def make_eval_batches(source, tokenizer, *, seq_len: int, max_predictions: int, 
   (the train seed is fine: it is a different source). Pass the training run's masking: accuracy is then that
   of the task trained.
   """
-  _local_rows(batch_size, process_index, process_count)
+  rows.process_rows(batch_size, process_index, process_count)
   examples = PretrainExamples(source, tokenizer, seq_len=seq_len, max_predictions=max_predictions,
                               mask_rate=mask_rate, short_seq_prob=short_seq_prob, seed=seed, masking=masking,
                               masking_lexicon=masking_lexicon, chinese_segmenter=chinese_segmenter)
