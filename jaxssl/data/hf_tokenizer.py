@@ -21,7 +21,8 @@ import os
 import tokenizers as hf_tokenizers
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors
 
-from jaxssl.data.wordpiece import CONFIG_FILENAME, JSON_FILENAME, _random_range, _read_config
+from jaxssl.data.tokenizer_base import (CONFIG_FILENAME, JSON_FILENAME, SPECIAL_PIECES, random_token_range,
+                                        read_tokenizer_config, trim_span)
 from jaxssl.errors import UserError
 
 VOCAB_JSON, MERGES_TXT = 'vocab.json', 'merges.txt'
@@ -73,7 +74,7 @@ class HFTokenizer:
     added = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
     named = {vocab[n] for n in names.values()}
     self.special_ids = frozenset(added | named)
-    self.random_token_range = _random_range(self.vocab_size, self.special_ids)
+    self.random_token_range = random_token_range(self.vocab_size, self.special_ids)
     # Set last: the probe above must see the post-processor as the checkpoint's own tokenizer runs it.
     self._tok.encode_special_tokens = True
 
@@ -91,7 +92,7 @@ class HFTokenizer:
       tok = hf_tokenizers.Tokenizer.from_file(path)
     except Exception as e:  # the Rust side raises plain Exception for any unreadable file
       raise UserError(f'{path} is not a HuggingFace tokenizer.json ({str(e)[:200]})') from None
-    config = _read_config(os.path.dirname(path))
+    config = read_tokenizer_config(os.path.dirname(path))
     return cls(tok, {role: _token_name(config, role) for role in _ROLES}, path)
 
   @classmethod
@@ -105,7 +106,7 @@ class HFTokenizer:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    config = _read_config(os.path.dirname(vocab_path))
+    config = read_tokenizer_config(os.path.dirname(vocab_path))
     names = {role: _token_name(config, role) for role in _ROLES}
     for role in ('bos', 'eos', 'unk'):  # GPT2Tokenizer's defaults
       names[role] = names[role] or ('<|endoftext|>' if tok.token_to_id('<|endoftext|>') is not None else None)
@@ -126,10 +127,9 @@ class HFTokenizer:
 
   def encode_with_offsets(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
     """(ids, character offsets) of each text; a piece's leading space (byte-level 'Ġ', '▁') is not in its span."""
-    from jaxssl.data.tokenizers import _trim_span  # pylint: disable=import-outside-toplevel
     out = []
     for text, e in zip(texts, self._tok.encode_batch(list(texts), add_special_tokens=False)):
-      out.append((e.ids, [_trim_span(text, s, t) for s, t in e.offsets]))
+      out.append((e.ids, [trim_span(text, s, t) for s, t in e.offsets]))
     return out
 
   def decode(self, ids) -> str:
@@ -195,7 +195,6 @@ def from_sentencepiece(sp_tokenizer) -> HFTokenizer:
   tok.normalizer = normalizers.Sequence(steps)
   tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement='\u2581', prepend_scheme='always', split=False)
   tok.decoder = decoders.Metaspace(replacement='\u2581', prepend_scheme='always', split=False)
-  from jaxssl.data.tokenizers import SPECIAL_PIECES  # pylint: disable=import-outside-toplevel
   tok.add_special_tokens(list(SPECIAL_PIECES))
   pad, unk, _, sep, _ = SPECIAL_PIECES
   return HFTokenizer(tok, {'eos': sep, 'pad': pad, 'unk': unk})

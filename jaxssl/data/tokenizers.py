@@ -19,11 +19,11 @@ from typing import Callable, Iterable, Protocol
 
 import sentencepiece as spm
 
+from jaxssl.data.tokenizer_base import JSON_FILENAME, SPECIAL_PIECES, trim_span
 from jaxssl.errors import UserError
 
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = 0, 1, 2, 3, 4
 NUM_SPECIAL = 5
-SPECIAL_PIECES = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')
 MODEL_FILENAME = 'tokenizer.model'
 # The trained model depends on the thread count (per-thread partial sums), so it is a constant, not the
 # machine's core count: the same sentences give byte-identical models on every machine.
@@ -77,15 +77,6 @@ def _byte_to_char(text: str) -> list[int] | None:
     index.extend([i] * len(ch.encode('utf-8')))
   index.append(len(text))
   return index
-
-
-def _trim_span(text: str, start: int, end: int) -> tuple[int, int]:
-  """(start, end) without surrounding whitespace; whitespace only -> the empty span at its end."""
-  while start < end and text[start].isspace():
-    start += 1
-  while end > start and text[end - 1].isspace():
-    end -= 1
-  return (start, end) if start < end else (end, end)
 
 
 class SentencePieceTokenizer:
@@ -148,7 +139,7 @@ class SentencePieceTokenizer:
       for p in proto.pieces:
         start, end = (p.begin, p.end) if char_of is None else (char_of[p.begin], char_of[p.end])
         ids.append(p.id)
-        spans.append(_trim_span(text, start, end))
+        spans.append(trim_span(text, start, end))
       out.append((ids, spans))
     return out
 
@@ -275,7 +266,7 @@ def load_tokenizer(path: str) -> TextTokenizer:
   A directory's tokenizer.model that is not jaxssl's (Llama 2 ships one beside its tokenizer.json) yields to
   the tokenizer.json. Raises UserError naming what was looked for when there is none."""
   from jaxssl.data import hf_tokenizer, wordpiece  # pylint: disable=import-outside-toplevel  (only when needed)
-  names = (MODEL_FILENAME, wordpiece.JSON_FILENAME, wordpiece.VOCAB_FILENAME, hf_tokenizer.VOCAB_JSON)
+  names = (MODEL_FILENAME, JSON_FILENAME, wordpiece.VOCAB_FILENAME, hf_tokenizer.VOCAB_JSON)
   if os.path.isdir(path):
     found = [n for n in names if os.path.isfile(os.path.join(path, n))]
     if not found:

@@ -20,26 +20,15 @@ import re
 import tokenizers as hf_tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers
 
+from jaxssl.data.tokenizer_base import (CONFIG_FILENAME, JSON_FILENAME, random_token_range, read_tokenizer_config,
+                                        trim_span)
 from jaxssl.errors import UserError
 
-JSON_FILENAME = 'tokenizer.json'
 VOCAB_FILENAME = 'vocab.txt'
-CONFIG_FILENAME = 'tokenizer_config.json'
 _ROLES = ('pad', 'unk', 'cls', 'sep', 'mask')
 _DEFAULT_TOKENS = {role: f'[{role.upper()}]' for role in _ROLES}
 # BERT vocabularies reserve placeholder entries ([unused0] ... [unused993]) that text never produces.
 _RESERVED = re.compile(r'\[unused\d+\]')
-
-
-def _read_config(directory: str) -> dict:
-  path = os.path.join(directory, CONFIG_FILENAME)
-  if not os.path.isfile(path):
-    return {}
-  try:
-    with open(path, encoding='utf-8') as f:
-      return json.load(f)
-  except (OSError, ValueError) as e:
-    raise UserError(f'{path} is not readable JSON ({e}): fix or delete it') from None
 
 
 def _config_token(config: dict, key: str) -> str | None:
@@ -61,24 +50,7 @@ def _token_names(config: dict) -> dict[str, str]:
 
 def bert_roles_named(directory: str) -> bool:
   """Whether `directory`'s tokenizer_config.json names a mask token (a BERT-style encoder's tokenizer)."""
-  return _config_token(_read_config(directory), 'mask_token') is not None
-
-
-def _random_range(vocab_size: int, special_ids: frozenset) -> tuple[int, int]:
-  """[low, high): ids past the leading block of special/reserved ids and before a trailing one.
-
-  bert-base-uncased gives (999, 30522): ids 0..998 are [PAD], [unused*], [UNK], [CLS], [SEP], [MASK]. Google's
-  BERT draws from the whole vocabulary; skipping the block keeps random replacements real tokens. Special ids
-  scattered inside the range (none in BERT vocabularies) could still be drawn.
-  """
-  low, high = 0, vocab_size
-  while low < high and low in special_ids:
-    low += 1
-  while high > low and high - 1 in special_ids:
-    high -= 1
-  if low >= high:
-    raise UserError(f'the tokenizer has no ordinary tokens (all {vocab_size} ids are special)')
-  return low, high
+  return _config_token(read_tokenizer_config(directory), 'mask_token') is not None
 
 
 class WordPieceTokenizer:
@@ -103,7 +75,7 @@ class WordPieceTokenizer:
     reserved = {i for piece, i in tokenizer.get_vocab(with_added_tokens=True).items() if _RESERVED.fullmatch(piece)}
     added = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
     self.special_ids = frozenset(set(ids.values()) | reserved | added)
-    self.random_token_range = _random_range(self.vocab_size, self.special_ids)
+    self.random_token_range = random_token_range(self.vocab_size, self.special_ids)
 
   @classmethod
   def from_file(cls, path: str) -> 'WordPieceTokenizer':
@@ -112,7 +84,7 @@ class WordPieceTokenizer:
       tok = hf_tokenizers.Tokenizer.from_file(path)
     except Exception as e:  # the Rust side raises plain Exception for any unreadable file
       raise UserError(f'{path} is not a HuggingFace tokenizer.json ({str(e)[:200]})') from None
-    return cls(tok, path, _token_names(_read_config(os.path.dirname(path))))
+    return cls(tok, path, _token_names(read_tokenizer_config(os.path.dirname(path))))
 
   @classmethod
   def from_vocab(cls, path: str, lowercase: bool | None = None) -> 'WordPieceTokenizer':
@@ -122,7 +94,7 @@ class WordPieceTokenizer:
     vocabulary (cased when some ordinary entry has an upper-case letter). HuggingFace would lowercase by
     default, which silently breaks a cased vocabulary that comes without its config.
     """
-    config = _read_config(os.path.dirname(path))
+    config = read_tokenizer_config(os.path.dirname(path))
     try:
       vocab = models.WordPiece.read_file(path)
     except Exception as e:  # pylint: disable=broad-except
@@ -155,10 +127,9 @@ class WordPieceTokenizer:
     WordPiece pieces never include whitespace. A lone sentencepiece '▁' (XLM-R's, before digits, punctuation or
     CJK) stands for whitespace only, yet HF gives it the next character's span: it gets the empty span there.
     """
-    from jaxssl.data.tokenizers import _trim_span  # pylint: disable=import-outside-toplevel  (circular)
     out = []
     for text, e in zip(texts, self._tok.encode_batch(list(texts), add_special_tokens=False)):
-      spans = [(a, a) if not t.strip('\u2581') else _trim_span(text, a, b) for t, (a, b) in zip(e.tokens, e.offsets)]
+      spans = [(a, a) if not t.strip('\u2581') else trim_span(text, a, b) for t, (a, b) in zip(e.tokens, e.offsets)]
       out.append((e.ids, spans))
     return out
 
