@@ -2,6 +2,7 @@
 
 A config file defines `get_config(variant: str) -> ml_collections.ConfigDict`. Overrides are type-checked
 against the existing value; unknown keys and wrong types are `UserError`s (exit status 2 in every job).
+The pretraining config files build their shared groups with `pretraining_config`, `quickstart` and `full_scale`.
 """
 import ast
 import importlib.util
@@ -152,3 +153,67 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 
 def from_json(text: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(json.loads(text))
+
+
+# ----- the groups every pretraining config file (configs/bert.py, gpt.py, encdec.py, elmo.py) shares -----
+
+def compute_keys(**overrides) -> dict:
+  """The model section's compute settings of a Transformer family (keys, defaults and what they mean)."""
+  return dict(
+      dtype='float32',     # compute dtype; params stay float32. 'bfloat16' on TPU/GPU.
+      remat='none',        # 'none' | 'full' | 'dots' (save matmul outputs, recompute the rest)
+      scan_layers=True,    # one compiled layer body under nnx.scan: compile time flat in depth
+      attention='auto',    # 'auto' (cuDNN flash on GPU in bf16, splash on TPU, else XLA) | 'xla' | 'cudnn' | 'splash'
+  ) | overrides
+
+
+def pretraining_config(variant: str, *, model: dict, data: dict, train: dict, vocab_size: int = 8000,
+                       every_steps: int = 500, log_every: int = 50) -> ml_collections.ConfigDict:
+  """A pretraining config: the family's `model` section and `data` keys (seq_len, max_predictions, its example
+  building) plus the groups all families share: corpus keys, tokenizer, train (`train` holds the family's
+  optimiser values), mesh, checkpoint and eval (every `every_steps`), log (every `log_every`)."""
+  c = ml_collections.ConfigDict()
+  c.variant = variant
+  # An export (python -m jaxssl.export, or jaxssl.convert from-hf) to continue pretraining from: its model section,
+  # vocabulary and tokenizer replace this config's (dtype, remat, attention, dropout stay the run's).
+  c.init_from = ''
+  c.model = ml_collections.ConfigDict(model)
+  c.data = ml_collections.ConfigDict(dict(
+      corpus='ptb',            # 'ptb', a TFDS name ('wikipedia/20230601.en', 'c4/en'), or a local path/glob
+      data_dir='',             # TFDS cache; '' = ~/.cache/jaxssl/tfds (or $JAXSSL_DATA_DIR)
+      ptb_sentences_per_doc=16,  # PTB has no documents: group consecutive sentences into pseudo-documents
+      validation_fraction=0.01,  # local text without its own held-out files: this share of documents
+      num_threads=2,
+  ) | data)
+  c.tokenizer = ml_collections.ConfigDict(dict(
+      vocab_size=vocab_size, model_type='unigram', character_coverage=0.9995, max_training_sentences=2_000_000))
+  c.train = ml_collections.ConfigDict(dict(
+      steps=1000, batch_size=32, microbatches=1, seed=0, warmup_steps=100, b1=0.9, grad_clip_norm=1.0,
+      nonfinite='stop',        # NaN/Inf loss: 'stop' (naming the step; never saved) or 'skip' the update
+      max_skipped_steps=10,    # with 'skip': stop after this many non-finite steps in a row
+  ) | train)
+  c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))  # (data, fsdp, tensor); -1 = the rest
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=every_steps, keep=3, async_save=True,
+      directory=''))  # '' = WORKDIR/checkpoints; may be gs://BUCKET/...
+  c.eval = ml_collections.ConfigDict(dict(every_steps=every_steps, batches=20))
+  c.log = ml_collections.ConfigDict(dict(every_steps=log_every, peak_flops_per_device=0.0))  # 0 = from the table
+  return c
+
+
+def quickstart(c: ml_collections.ConfigDict, **train) -> None:
+  """A tiny variant's schedule, which learns visibly on a 2-core CPU in minutes: a 4000-piece vocabulary, 2000 steps
+  of 32 rows at peak 1e-3 after 100 warmup steps (`train` changes any of them), frequent checkpoints, evals, logs."""
+  c.tokenizer.vocab_size = 4000
+  c.train.update(dict(steps=2000, batch_size=32, learning_rate=1e-3, warmup_steps=100) | train)
+  c.checkpoint.every_steps = 200
+  c.eval.every_steps = 250
+  c.log.every_steps = 25
+
+
+def full_scale(c: ml_collections.ConfigDict, *, vocab_size: int, every_steps: int = 5000, **train) -> None:
+  """A published model's run: its vocabulary size (so converted checkpoints fit), its `train` schedule, and a
+  checkpoint and eval every `every_steps`."""
+  c.tokenizer.vocab_size = vocab_size
+  c.train.update(train)
+  c.checkpoint.every_steps = every_steps
+  c.eval.every_steps = every_steps

@@ -1,4 +1,8 @@
 """Config files with named variants and typed `--config.key=value` overrides, and each mistake's message."""
+import importlib.util
+import json
+import os
+
 import pytest
 
 from jaxssl import config as config_lib
@@ -58,3 +62,40 @@ def test_a_map_of_names_to_text_is_replaced_whole():
     config_lib.parse_overrides(ft, ['--config.task.eval_sets=en'])
   with pytest.raises(UserError, match='group of keys'):
     config_lib.parse_overrides(ft, ['--config.model=x=y'])
+
+
+def _typed(value):
+  """A config value as JSON that keeps tuples and lists apart (the form tests/fixtures/pretraining_configs.json has)."""
+  if isinstance(value, dict):
+    return {k: _typed(v) for k, v in sorted(value.items())}
+  if isinstance(value, (tuple, list)):
+    return {f'__{type(value).__name__}__': [_typed(v) for v in value]}
+  return value
+
+
+def test_pretraining_configs_are_what_they_were():
+  """Every variant of the four pretraining config files (and each file's default) gives the ConfigDict it gave before
+  the files shared their common groups through jaxssl/config.py: the same keys, values and types (int vs float,
+  tuple vs list; the fixture was dumped from the files as they were)."""
+  fixture = os.path.join(os.path.dirname(__file__), 'fixtures', 'pretraining_configs.json')
+  with open(fixture, encoding='utf-8') as f:
+    expected = json.load(f)
+  specs = {spec.split(':')[0] for spec in expected}
+  assert specs == {'bert.py', 'gpt.py', 'encdec.py', 'elmo.py'}
+  got = {}
+  for name in sorted(specs):
+    for variant in _config_variants(f'configs/{name}'):
+      got[f'{name}:{variant}'] = _typed(config_lib.load_config(f'configs/{name}:{variant}').to_dict())
+    got[name] = _typed(config_lib.load_config(f'configs/{name}').to_dict())
+  assert sorted(got) == sorted(expected)
+  for spec in expected:
+    assert json.loads(json.dumps(got[spec])) == expected[spec], spec
+    # float stays float and int stays int (JSON keeps 1.0 and 1 apart, but == does not)
+    assert json.dumps(got[spec], sort_keys=True) == json.dumps(expected[spec], sort_keys=True), spec
+
+
+def _config_variants(path: str) -> tuple:
+  spec = importlib.util.spec_from_file_location('_variants', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.VARIANTS
