@@ -660,7 +660,10 @@ class RealWorld:
 
   def _tagging(self, name: str, column: int, body: str = 'e5') -> dict:
     """People's Daily tagging with multilingual-e5-small: column 1 = POS tags, 2 = BIO person/place/organisation."""
-    from jaxssl.eval import metrics as jmetrics
+    try:
+      from jaxssl.tasks import metrics as jmetrics  # where the task refactor of 2026-12-02 puts it
+    except ImportError:
+      from jaxssl.eval import metrics as jmetrics
     self._ensure(body)
     n_train, n_dev = (500, 200) if self.quick else (1000, 300)
     sentences = peoples_daily_sentences(max_words=30)  # fits seq_len 64 in e5 pieces, nearly always
