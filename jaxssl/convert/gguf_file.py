@@ -20,10 +20,8 @@ What llama.cpp's converter (convert_hf_to_gguf.py) changed is undone:
     rope_scaling parameters; those are recovered from it (see `_llama3_rope_scaling`) and the result is checked
     to reproduce the tensor exactly, otherwise the file is refused (HF has no way to take the raw factors).
 
-Tokenizers: 'llama' (sentencepiece BPE with byte fallback; merges from the file or derived from the scores, as
-transformers' GGUF loader does) and 'gpt2' (byte-level BPE) with any pre-tokenizer (`tokenizer.ggml.pre`) whose
-split rule llama.cpp publishes as regexes: gpt-2, llama-bpe, qwen2, smollm, deepseek-llm, ... (the table is
-gguf_pretokenizers.py). `read_gguf_tokenizer` reads only the tokenizer. No torch or transformers import here.
+The tokenizer is read by gguf_tokenizer.py (`read_gguf_tokenizer` reads only it), the file itself by
+gguf_reader.py. No torch or transformers import here.
 """
 import dataclasses
 import json
@@ -31,19 +29,17 @@ import os
 
 import gguf
 import numpy as np
-from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+from tokenizers import Tokenizer
 
-from jaxssl.convert import gguf_pretokenizers
+from jaxssl.convert.gguf_reader import K, Metadata, Tensors, check_unused, open_file, tensor_name
+from jaxssl.convert.gguf_tokenizer import tokenizer_from_metadata
 from jaxssl.errors import UserError
 
-K = gguf.Keys
 T = gguf.MODEL_TENSOR
 LLAMA = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA]
 QWEN2 = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN2]
 GPT2 = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GPT2]
 SUPPORTED_ARCHITECTURES = (LLAMA, QWEN2, GPT2)
-
-SPIECE_SPACE = '\u2581'  # '▁', sentencepiece's visible space
 
 
 @dataclasses.dataclass
@@ -70,8 +66,8 @@ class GGUFCheckpoint:
 def read_gguf(path: str) -> GGUFCheckpoint:
   """Reads a llama.cpp GGUF file (architecture 'llama', 'qwen2' or 'gpt2', any tensor type the gguf package can
   dequantise) into HF config, float32 HF state dict and tokenizer. Mistakes in the file are UserErrors."""
-  reader = _open(path)
-  meta = _Metadata(reader, path)
+  reader = open_file(path)
+  meta = Metadata(reader, path)
   arch = meta.get(K.General.ARCHITECTURE)
   if arch not in SUPPORTED_ARCHITECTURES:
     raise UserError(f'{path} holds a {arch!r} model: only GGUF architectures {list(SUPPORTED_ARCHITECTURES)} '
@@ -80,8 +76,8 @@ def read_gguf(path: str) -> GGUFCheckpoint:
   if split_count > 1:
     raise UserError(f'{path} is part of a {split_count}-file split GGUF: merge it first '
                     '(llama-gguf-split --merge FIRST.gguf OUT.gguf)')
-  tokenizer, tokenizer_config = _tokenizer(meta)  # first: cheap, so its errors come before dequantising
-  tensors = _Tensors(reader, path)
+  tokenizer, tokenizer_config = tokenizer_from_metadata(meta)  # first: cheap, so its errors come before dequantising
+  tensors = Tensors(reader, path)
   if arch in (LLAMA, QWEN2):
     hf_config, state_dict = _llama(meta, tensors, qwen2=arch == QWEN2)
   else:
@@ -98,113 +94,7 @@ def read_gguf(path: str) -> GGUFCheckpoint:
 def read_gguf_tokenizer(path: str) -> tuple[Tokenizer, dict]:
   """(HF tokenizer, tokenizer_config dict) of a GGUF file's tokenizer.ggml.* metadata alone, whatever the model
   architecture; no tensor is read. Mistakes in the file are UserErrors."""
-  return _tokenizer(_Metadata(_open(path), path))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# File access
-
-
-def _open(path: str) -> gguf.GGUFReader:
-  if not os.path.isfile(path):
-    raise UserError(f'GGUF file {path} does not exist (or is not a file): give the path of a .gguf file')
-  with open(path, 'rb') as f:
-    magic = f.read(4)
-  if magic != b'GGUF':
-    raise UserError(f'{path} is not a GGUF file (it starts with {magic!r}, not b"GGUF"): give a llama.cpp '
-                    '.gguf file, or a HuggingFace directory')
-  try:
-    return gguf.GGUFReader(path)
-  except (ValueError, IndexError, KeyError) as e:  # a truncated/corrupt file or an unknown version
-    raise UserError(f'{path} cannot be read as GGUF ({e}): is the file complete and from a recent llama.cpp?')
-
-
-class _Metadata:
-  """The file's key/values as python values; a missing required key is a UserError naming it."""
-  _REQUIRED = object()
-
-  def __init__(self, reader: gguf.GGUFReader, path: str):
-    self.fields, self.path = reader.fields, path
-    self.arch = None
-    arch = self.fields.get(K.General.ARCHITECTURE)
-    if arch is not None:
-      self.arch = arch.contents()
-
-  def has(self, key: str) -> bool:
-    return key.format(arch=self.arch) in self.fields
-
-  def get(self, key: str, default=_REQUIRED):
-    """The value of `key` ('{arch}' filled in); strings in arrays are decoded leniently."""
-    key = key.format(arch=self.arch)
-    field = self.fields.get(key)
-    if field is None:
-      if default is self._REQUIRED:
-        raise UserError(f'{self.path} has no metadata key {key!r}: was it written by llama.cpp\'s converter?')
-      return default
-    types = field.types
-    if types and types[0] == gguf.GGUFValueType.ARRAY:
-      if types[-1] == gguf.GGUFValueType.STRING:
-        # Not field.contents(): a token that is not valid UTF-8 must not make the whole file unreadable.
-        return [bytes(field.parts[i]).decode('utf-8', errors='replace') for i in field.data]
-      if not field.data:
-        return []
-      return np.concatenate([field.parts[i] for i in field.data]).tolist()
-    return field.contents()
-
-  def get_float(self, key: str, default=_REQUIRED):
-    """A float32 value as the decimal it was written from (1e-05, not 9.999999747378752e-06)."""
-    value = self.get(key, default)
-    return value if value is None else float(str(np.float32(value)))
-
-
-class _Tensors:
-  """The file's tensors by GGUF name, dequantised to float32 numpy arrays on request (numpy/PyTorch order)."""
-
-  def __init__(self, reader: gguf.GGUFReader, path: str):
-    self.path = path
-    self.by_name = {t.name: t for t in reader.tensors}
-    self.used = set()
-
-  def __contains__(self, name: str) -> bool:
-    return name in self.by_name
-
-  def take(self, name: str, shape: tuple) -> np.ndarray:
-    """Tensor `name` as float32 of `shape` (numpy order; GGUF lists dims reversed, the reader undoes that)."""
-    t = self.by_name.get(name)
-    if t is None:
-      raise UserError(f'{self.path} lacks tensor {name!r} that its metadata implies: is the file complete?')
-    self.used.add(name)
-    qtype = gguf.GGMLQuantizationType(t.tensor_type)
-    if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F64):
-      a = np.asarray(t.data, np.float32)
-    else:
-      try:
-        a = gguf.quants.dequantize(t.data, qtype)
-      except NotImplementedError:
-        raise UserError(f'tensor {name!r} in {self.path} is stored as {qtype.name}, which the gguf package '
-                        'cannot dequantise: use a file quantised as e.g. Q8_0, Q4_K_M or F16') from None
-      a = np.asarray(a, np.float32)
-    if a.shape != tuple(shape):
-      raise UserError(f'tensor {name!r} in {self.path} has shape {a.shape}, expected {tuple(shape)} from the '
-                      'file\'s metadata: is the file consistent?')
-    return a
-
-  def unused(self) -> list:
-    return sorted(set(self.by_name) - self.used)
-
-
-def _name(tensor: 'gguf.MODEL_TENSOR', suffix: str = 'weight', bid: int | None = None) -> str:
-  """The GGUF tensor name, e.g. 'blk.0.attn_q.weight' (names from gguf.TENSOR_NAMES, not typed here)."""
-  base = gguf.TENSOR_NAMES[tensor]
-  return f'{base.format(bid=bid) if bid is not None else base}.{suffix}'
-
-
-def _check_unused(tensors: _Tensors) -> None:
-  """A tensor left over is a variant the mapping does not know: refused rather than silently dropped."""
-  left = tensors.unused()
-  if left:
-    raise UserError(f'{tensors.path} has {len(left)} tensors with no place in the HF model, e.g. {left[:3]}: '
-                    'is it a variant (MoE, biases, extra norms) of the architecture that is not supported?')
+  return tokenizer_from_metadata(Metadata(open_file(path), path))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -217,7 +107,7 @@ def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
   return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _llama(meta: _Metadata, tensors: _Tensors, qwen2: bool = False) -> tuple[dict, dict]:
+def _llama(meta: Metadata, tensors: Tensors, qwen2: bool = False) -> tuple[dict, dict]:
   """(LlamaConfig dict, LlamaForCausalLM state dict) of a 'llama' file; with `qwen2`, (Qwen2Config dict,
   Qwen2ForCausalLM state dict) of a 'qwen2' one: the same tensors plus q/k/v biases (llama.cpp requires them,
   and has none on attn_output or the MLP), q/k rows not permuted, and no sliding window (llama.cpp's qwen2
@@ -239,11 +129,11 @@ def _llama(meta: _Metadata, tensors: _Tensors, qwen2: bool = False) -> tuple[dic
   if rope_dim != head_dim:
     raise UserError(f'{meta.path} rotates {rope_dim} of {head_dim} head dims (partial RoPE): HF Llama rotates '
                     'all of them')
-  emb_name = _name(T.TOKEN_EMBD)
+  emb_name = tensor_name(T.TOKEN_EMBD)
   if emb_name not in tensors:
     raise UserError(f'{meta.path} lacks {emb_name!r}: is the file complete?')
   vocab = int(tensors.by_name[emb_name].shape[-1])  # GGML order: (hidden, vocab)
-  up_name = _name(T.FFN_UP, bid=0)
+  up_name = tensor_name(T.FFN_UP, bid=0)
   inter = meta.get(K.LLM.FEED_FORWARD_LENGTH, None)
   if inter is None and up_name in tensors:
     inter = int(tensors.by_name[up_name].shape[-1])
@@ -255,15 +145,15 @@ def _llama(meta: _Metadata, tensors: _Tensors, qwen2: bool = False) -> tuple[dic
 
   sd = {}
   sd['model.embed_tokens.weight'] = tensors.take(emb_name, (vocab, hidden))
-  sd['model.norm.weight'] = tensors.take(_name(T.OUTPUT_NORM), (hidden,))
-  tied = _name(T.OUTPUT) not in tensors
+  sd['model.norm.weight'] = tensors.take(tensor_name(T.OUTPUT_NORM), (hidden,))
+  tied = tensor_name(T.OUTPUT) not in tensors
   if not tied:
-    sd['lm_head.weight'] = tensors.take(_name(T.OUTPUT), (vocab, hidden))
+    sd['lm_head.weight'] = tensors.take(tensor_name(T.OUTPUT), (vocab, hidden))
   if qwen2:  # a missing q/k/v bias is then an incomplete file, an o/MLP bias a variant (both refused below)
     qkv_bias, o_bias, mlp_bias = True, False, False
   else:  # HF Llama's attention_bias covers q/k/v and o alike
-    qkv_bias = o_bias = _name(T.ATTN_Q, 'bias', 0) in tensors
-    mlp_bias = _name(T.FFN_UP, 'bias', 0) in tensors
+    qkv_bias = o_bias = tensor_name(T.ATTN_Q, 'bias', 0) in tensors
+    mlp_bias = tensor_name(T.FFN_UP, 'bias', 0) in tensors
   q_heads, kv_heads = (None, None) if qwen2 else (n_head, n_kv)
   # (GGUF tensor, HF module under model.layers.i, weight shape, bias shape, heads for the RoPE un-permutation)
   layer = (
@@ -282,7 +172,7 @@ def _llama(meta: _Metadata, tensors: _Tensors, qwen2: bool = False) -> tuple[dic
       for suffix, shape in (('weight', w_shape), ('bias', b_shape)):
         if shape is None:
           continue
-        name = _name(tensor, suffix, i)
+        name = tensor_name(tensor, suffix, i)
         if name not in tensors:
           raise UserError(f'{meta.path} lacks tensor {name!r} (layer {i} of {n_layers}): is the file complete?')
         a = tensors.take(name, shape)
@@ -291,8 +181,8 @@ def _llama(meta: _Metadata, tensors: _Tensors, qwen2: bool = False) -> tuple[dic
   rope_theta = meta.get_float(K.Rope.FREQ_BASE, 10000.0)
   rope_scaling = _rope_scaling(meta, tensors, rope_theta, head_dim)
   # attn_rot_embd: an old converter's precomputed RoPE table, which every runtime recomputes.
-  tensors.used.update(_name(T.ATTN_ROT_EMBD, bid=i) for i in range(n_layers))
-  _check_unused(tensors)
+  tensors.used.update(tensor_name(T.ATTN_ROT_EMBD, bid=i) for i in range(n_layers))
+  check_unused(tensors)
   cfg = {
       'architectures': ['LlamaForCausalLM'],
       'model_type': 'llama',
@@ -318,11 +208,11 @@ def _llama(meta: _Metadata, tensors: _Tensors, qwen2: bool = False) -> tuple[dic
   return cfg, sd
 
 
-def _rope_scaling(meta: _Metadata, tensors: _Tensors, theta: float, head_dim: int) -> dict | None:
+def _rope_scaling(meta: Metadata, tensors: Tensors, theta: float, head_dim: int) -> dict | None:
   """HF rope_scaling from the file: the scaling.* keys (linear, yarn) or a Llama 3 `rope_freqs` tensor."""
   kind = meta.get(K.Rope.SCALING_TYPE, None)
   factor = meta.get_float(K.Rope.SCALING_FACTOR, None)
-  freqs_name = _name(T.ROPE_FREQS)
+  freqs_name = tensor_name(T.ROPE_FREQS)
   if freqs_name in tensors:
     if kind not in (None, gguf.RopeScalingType.NONE.value):
       raise UserError(f'{meta.path} has both rope scaling type {kind!r} and a {freqs_name!r} tensor: '
@@ -400,28 +290,28 @@ def _round(x: float) -> float:
 # GPT-2
 
 
-def _gpt2(meta: _Metadata, tensors: _Tensors) -> tuple[dict, dict]:
+def _gpt2(meta: Metadata, tensors: Tensors) -> tuple[dict, dict]:
   """(GPT2Config dict, GPT2LMHeadModel state dict) of a 'gpt2' file."""
   n_layers = int(meta.get(K.LLM.BLOCK_COUNT))
   hidden = int(meta.get(K.LLM.EMBEDDING_LENGTH))
   n_head = int(meta.get(K.Attention.HEAD_COUNT))
-  for needed in (_name(T.TOKEN_EMBD), _name(T.POS_EMBD), _name(T.FFN_UP, bid=0)):
+  for needed in (tensor_name(T.TOKEN_EMBD), tensor_name(T.POS_EMBD), tensor_name(T.FFN_UP, bid=0)):
     if needed not in tensors:
       raise UserError(f'{meta.path} lacks tensor {needed!r}: is the file complete?')
-  vocab = int(tensors.by_name[_name(T.TOKEN_EMBD)].shape[-1])
-  n_pos = int(tensors.by_name[_name(T.POS_EMBD)].shape[-1])
+  vocab = int(tensors.by_name[tensor_name(T.TOKEN_EMBD)].shape[-1])
+  n_pos = int(tensors.by_name[tensor_name(T.POS_EMBD)].shape[-1])
   # llama.cpp writes feed_forward_length = 4 * n_embd whatever n_inner is: the tensor says the truth.
-  inner = int(tensors.by_name[_name(T.FFN_UP, bid=0)].shape[-1])
+  inner = int(tensors.by_name[tensor_name(T.FFN_UP, bid=0)].shape[-1])
 
   sd = {
-      'transformer.wte.weight': tensors.take(_name(T.TOKEN_EMBD), (vocab, hidden)),
-      'transformer.wpe.weight': tensors.take(_name(T.POS_EMBD), (n_pos, hidden)),
-      'transformer.ln_f.weight': tensors.take(_name(T.OUTPUT_NORM), (hidden,)),
-      'transformer.ln_f.bias': tensors.take(_name(T.OUTPUT_NORM, 'bias'), (hidden,)),
+      'transformer.wte.weight': tensors.take(tensor_name(T.TOKEN_EMBD), (vocab, hidden)),
+      'transformer.wpe.weight': tensors.take(tensor_name(T.POS_EMBD), (n_pos, hidden)),
+      'transformer.ln_f.weight': tensors.take(tensor_name(T.OUTPUT_NORM), (hidden,)),
+      'transformer.ln_f.bias': tensors.take(tensor_name(T.OUTPUT_NORM, 'bias'), (hidden,)),
   }
   tied = True
-  if _name(T.OUTPUT) in tensors:
-    out = tensors.take(_name(T.OUTPUT), (vocab, hidden))
+  if tensor_name(T.OUTPUT) in tensors:
+    out = tensors.take(tensor_name(T.OUTPUT), (vocab, hidden))
     tied = bool(np.array_equal(out, sd['transformer.wte.weight']))
     sd['lm_head.weight'] = out
   # (GGUF tensor, HF module under transformer.h.i, weight shape as stored (out, in) for Conv1D, Conv1D?)
@@ -436,13 +326,13 @@ def _gpt2(meta: _Metadata, tensors: _Tensors) -> tuple[dict, dict]:
   for i in range(n_layers):
     for tensor, hf, shape, conv1d in layer:
       for suffix in ('weight', 'bias'):
-        name = _name(tensor, suffix, i)
+        name = tensor_name(tensor, suffix, i)
         if name not in tensors:
           raise UserError(f'{meta.path} lacks tensor {name!r} (layer {i} of {n_layers}): is the file complete?')
         a = tensors.take(name, shape if suffix == 'weight' else shape[:1])
         # llama.cpp stores Conv1D weights transposed to Linear's (out, in); HF's Conv1D wants (in, out).
         sd[f'transformer.h.{i}.{hf}.{suffix}'] = np.ascontiguousarray(a.T) if conv1d and suffix == 'weight' else a
-  _check_unused(tensors)
+  check_unused(tensors)
   cfg = {
       'architectures': ['GPT2LMHeadModel'],
       'model_type': 'gpt2',
@@ -458,146 +348,3 @@ def _gpt2(meta: _Metadata, tensors: _Tensors) -> tuple[dict, dict]:
       'tie_word_embeddings': tied,
   }
   return cfg, sd
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Tokenizer
-
-
-def _tokenizer(meta: _Metadata) -> tuple[Tokenizer, dict]:
-  """The HF tokenizer and tokenizer_config the file's tokenizer.ggml.* metadata describe."""
-  kind = meta.get(K.Tokenizer.MODEL, None)
-  if kind is None:
-    raise UserError(f'{meta.path} carries no tokenizer (no {K.Tokenizer.MODEL!r}): use a GGUF file with its '
-                    'vocabulary, or convert from the HuggingFace directory')
-  tokens = meta.get(K.Tokenizer.LIST)
-  types = meta.get(K.Tokenizer.TOKEN_TYPE, None) or [gguf.TokenType.NORMAL] * len(tokens)
-  pre = meta.get(K.Tokenizer.PRE, None)
-  if kind == 'llama':
-    tok = _sentencepiece_bpe(meta, tokens, types)
-    add_bos_default = True  # llama.cpp adds BOS for sentencepiece vocabularies that do not say otherwise
-  elif kind == 'gpt2':
-    rule = gguf_pretokenizers.split_rule(pre)
-    if rule is None:
-      known = len(gguf_pretokenizers.PRE_TOKENIZERS)
-      raise UserError(f'{meta.path} has a byte-level BPE tokenizer with pre-tokenizer {pre!r}, which jaxssl does '
-                      f'not know: the {known} it reads (llama.cpp\'s names: gpt-2, llama-bpe, qwen2, smollm, '
-                      'deepseek-llm, ...) are listed in jaxssl/convert/gguf_pretokenizers.py')
-    tok = _byte_level_bpe(meta, tokens, rule)
-    add_bos_default = rule.add_bos  # as llama.cpp: e.g. Llama 3 vocabularies add BOS, Qwen2's do not
-  else:
-    raise UserError(f'{meta.path} has tokenizer model {kind!r}: only \'llama\' (sentencepiece BPE) and \'gpt2\' '
-                    '(byte-level BPE) can be imported')
-
-  # Control (and the unknown) tokens match whole in text and are skipped when decoding, as in HF's tokenizers;
-  # user-defined ones match whole but are ordinary text. Their content is in the vocab, so ids do not change.
-  special = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types)
-             if ty in (gguf.TokenType.CONTROL, gguf.TokenType.UNKNOWN)]
-  user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types)
-          if ty == gguf.TokenType.USER_DEFINED]
-  tok.add_special_tokens(special)
-  tok.add_tokens(user)
-
-  config = {'tokenizer_class': 'PreTrainedTokenizerFast', 'clean_up_tokenization_spaces': False}
-  for name, key in (('bos_token', K.Tokenizer.BOS_ID), ('eos_token', K.Tokenizer.EOS_ID),
-                    ('unk_token', K.Tokenizer.UNK_ID), ('pad_token', K.Tokenizer.PAD_ID)):
-    token_id = meta.get(key, None)
-    if token_id is None:
-      continue
-    if not 0 <= token_id < len(tokens):
-      raise UserError(f'{meta.path} has {key}={token_id}, outside its {len(tokens)}-token vocabulary')
-    config[name] = tokens[token_id]
-  add_bos = bool(meta.get(K.Tokenizer.ADD_BOS, add_bos_default))
-  add_eos = bool(meta.get(K.Tokenizer.ADD_EOS, False))
-  config['add_bos_token'], config['add_eos_token'] = add_bos, add_eos
-  chat_template = meta.get(K.Tokenizer.CHAT_TEMPLATE, None)
-  if chat_template:
-    config['chat_template'] = chat_template
-
-  post = [processors.ByteLevel(trim_offsets=False)] if kind == 'gpt2' else []
-  if add_bos or add_eos:
-    # The tokenizer itself adds BOS/EOS (HF's Llama tokenizer.json does the same), so encode(...,
-    # add_special_tokens=True) differs from add_special_tokens=False exactly when the model expects them.
-    needed = [(n, config.get(n + '_token')) for n, on in (('bos', add_bos), ('eos', add_eos)) if on]
-    missing = [n for n, t in needed if t is None]
-    if missing:
-      raise UserError(f'{meta.path} asks to add {missing[0]} tokens but gives no {missing[0]}_token_id')
-    bos = f'{config["bos_token"]}:0 ' if add_bos else ''
-    eos = f' {config["eos_token"]}:0' if add_eos else ''
-    bos1 = f' {config["bos_token"]}:1' if add_bos else ''
-    eos1 = f' {config["eos_token"]}:1' if add_eos else ''
-    specials = {(t, tokens.index(t)) for _, t in needed}
-    post.append(processors.TemplateProcessing(single=f'{bos}$A:0{eos}', pair=f'{bos}$A:0{eos}{bos1} $B:1{eos1}',
-                                              special_tokens=sorted(specials, key=lambda x: x[1])))
-  if post:
-    tok.post_processor = post[0] if len(post) == 1 else processors.Sequence(post)
-  return tok, config
-
-
-def _vocab(tokens: list) -> dict:
-  """token -> id; a repeated token keeps its first id (BPE vocabularies must be one-to-one)."""
-  vocab = {}
-  for i, t in enumerate(tokens):
-    vocab.setdefault(t, i)
-  return vocab
-
-
-def _file_merges(meta: _Metadata) -> list | None:
-  merges = meta.get(K.Tokenizer.MERGES, None)
-  if merges is None:
-    return None
-  return [tuple(m.split(' ', 1)) for m in merges]
-
-
-def _merges_from_scores(tokens: list, scores: list, types: list) -> list:
-  """BPE merges implied by a sentencepiece BPE vocabulary: each normal piece with score s is made from any two
-  normal pieces that concatenate to it, ranked by s (best first). That reproduces sentencepiece's encoder,
-  which merges the adjacent pair whose concatenation is the highest-scoring piece."""
-  normal = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty == gguf.TokenType.NORMAL}
-  merges = []
-  for piece, i in normal.items():
-    for cut in range(1, len(piece)):
-      left, right = piece[:cut], piece[cut:]
-      if left in normal and right in normal:
-        merges.append((-scores[i], i, cut, left, right))
-  merges.sort(key=lambda m: m[:3])
-  return [(left, right) for *_, left, right in merges]
-
-
-def _sentencepiece_bpe(meta: _Metadata, tokens: list, types: list) -> Tokenizer:
-  """llama.cpp's 'llama' vocabulary (sentencepiece BPE with byte fallback) as HF's Llama tokenizer.json does it:
-  Metaspace (space -> '▁', one '▁' before the text), BPE with `<0xXX>` byte fallback, and the reverse decoder."""
-  scores = meta.get(K.Tokenizer.SCORES, None)
-  merges = _file_merges(meta)
-  if merges is None:
-    if scores is None:
-      raise UserError(f'{meta.path} has a sentencepiece vocabulary with neither merges nor scores')
-    merges = _merges_from_scores(tokens, scores, types)
-  unk_id = meta.get(K.Tokenizer.UNK_ID, None)
-  unk = tokens[unk_id] if unk_id is not None and 0 <= unk_id < len(tokens) else None
-  tok = Tokenizer(models.BPE(vocab=_vocab(tokens), merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
-  add_prefix = bool(meta.get(K.Tokenizer.ADD_PREFIX, True))
-  # A normalizer (as HF's Llama 2 tokenizer.json), not HF's Metaspace(prepend_scheme='first'): Metaspace adds
-  # no '▁' to text that starts with a space (' hi' -> '▁hi'), where sentencepiece and llama.cpp always do
-  # ('▁▁hi'). Text after an added token (e.g. '<s>', user-defined '<sep>') gets its own '▁' too, as llama.cpp
-  # does; sentencepiece itself, which does not split on those, would not add it there.
-  steps = [normalizers.Prepend(SPIECE_SPACE)] if add_prefix else []
-  tok.normalizer = normalizers.Sequence(steps + [normalizers.Replace(' ', SPIECE_SPACE)])
-  steps = [decoders.Replace(SPIECE_SPACE, ' '), decoders.ByteFallback(), decoders.Fuse()]
-  if add_prefix:
-    steps.append(decoders.Strip(content=' ', left=1, right=0))
-  tok.decoder = decoders.Sequence(steps)
-  return tok
-
-
-def _byte_level_bpe(meta: _Metadata, tokens: list, rule: gguf_pretokenizers.SplitRule) -> Tokenizer:
-  """llama.cpp's 'gpt2' vocabulary (byte-level BPE), split as `rule` says (the file's tokenizer.ggml.pre)."""
-  merges = _file_merges(meta)
-  if merges is None:
-    raise UserError(f'{meta.path} has a byte-level BPE vocabulary without {K.Tokenizer.MERGES!r}')
-  # ignore_merges (Llama 3, Tekken, ...): a split that is a whole vocabulary token is taken as is, as llama.cpp
-  # and those models' tokenizer.json do.
-  tok = Tokenizer(models.BPE(vocab=_vocab(tokens), merges=merges, ignore_merges=rule.ignore_merges))
-  tok.pre_tokenizer = gguf_pretokenizers.pre_tokenizer(rule)
-  tok.decoder = decoders.ByteLevel()
-  return tok
