@@ -12,7 +12,7 @@ from jaxssl.config import load_config
 from jaxssl.convert import hf_gpt2
 from jaxssl.errors import UserError
 from jaxssl.mesh import LOGICAL_AXIS_RULES
-from jaxssl.models import build_model, flops_per_token, gpt, validate_config
+from jaxssl.models import build_model, flops_per_token, gpt, parts, validate_config
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -159,7 +159,7 @@ def test_packed_documents_equal_separate_runs():
   # The hand-written attention path (used with attention dropout) applies the same causal + segment mask.
   c = gpt.GPTConfig.from_config(tiny_cfg(initializer_range=0.5), V)
   with nnx.use_eager_sharding(False):  # a bare layer outside a mesh: keep the names, place nothing
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: gpt.CausalSelfAttention(c, rngs=nnx.Rngs(params=0))))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: parts.CausalSelfAttention(c, rngs=nnx.Rngs(params=0))))
   rng = np.random.default_rng(4)
   state = jax.tree.map(lambda a: jnp.asarray(rng.normal(0, 0.5, a.shape), jnp.float32), state)
   x = jax.random.normal(jax.random.key(0), (1, 12, H))
@@ -174,7 +174,7 @@ def test_causal_query_blocks_equal_whole_attention():
   output as one causal softmax over all keys (T = 256: 4 blocks), packed segments included."""
   c = gpt.GPTConfig.from_config(tiny_cfg(initializer_range=0.5), V)
   with nnx.use_eager_sharding(False):
-    attn = gpt.CausalSelfAttention(c, rngs=nnx.Rngs(params=0))
+    attn = parts.CausalSelfAttention(c, rngs=nnx.Rngs(params=0))
   t = 256
   x = jax.random.normal(jax.random.key(0), (2, t, H))
   q, k, v = attn._qkv(x, None)

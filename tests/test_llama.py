@@ -13,7 +13,7 @@ from jaxssl.config import load_config
 from jaxssl.convert import hf_llama
 from jaxssl.errors import UserError
 from jaxssl.mesh import LOGICAL_AXIS_RULES
-from jaxssl.models import build_model, flops_per_token, gpt, validate_config
+from jaxssl.models import build_model, flops_per_token, gpt, parts, validate_config
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -124,7 +124,7 @@ def test_rope_frequencies_match_transformers():
     expected, _ = ROPE_INIT_FUNCTIONS[scaling['rope_type']](hf_cfg)
     c = gpt.GPTConfig.from_config(dict(num_layers=1, hidden_size=H, num_heads=HEADS, intermediate_size=8,
                                        position='rope', rope_theta=500000.0, rope_scaling=scaling), V)
-    np.testing.assert_allclose(gpt.rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling), expected.numpy(),
+    np.testing.assert_allclose(parts.rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling), expected.numpy(),
                                rtol=1e-6, err_msg=scaling['rope_type'])
 
 
@@ -163,12 +163,12 @@ def test_packed_documents_equal_separate_runs():
   # The hand-written (GQA-grouped) attention path equals jax.nn.dot_product_attention's.
   c = model.config
   with nnx.use_eager_sharding(False):
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: gpt.CausalSelfAttention(c, rngs=nnx.Rngs(params=0))))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: parts.CausalSelfAttention(c, rngs=nnx.Rngs(params=0))))
   rng = np.random.default_rng(4)
   state = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.5, s.shape), jnp.float32), state)
   x = jax.random.normal(jax.random.key(0), (1, 12, H))
   seg_mask = (segments[:, :, None] == segments[:, None, :])[:, None]
-  rotary = gpt.rope_angles(c, positions)
+  rotary = parts.rope_angles(c, positions)
 
   @jax.jit
   def both(s):

@@ -31,8 +31,8 @@ from flax import nnx
 
 from jaxssl.errors import UserError
 from jaxssl.mesh import constrain
-from jaxssl.models import gpt
 from jaxssl.models.layers import Embed, dropout, make_param, normal_init, zeros
+from jaxssl.models.parts import next_token_pairs
 
 ACT = ('batch', 'length', 'act_embed')  # logical names of activations between layers
 
@@ -286,12 +286,12 @@ def _pair_nll(logits, targets, valid):
 def bidirectional_lm_sums(forward_logits, backward_logits, input_ids, segment_ids=None) -> dict:
   """Summed losses of both LMs: forward position t predicts token t + 1, backward position t + 1 predicts token t.
 
-  Each adjacent pair inside one non-zero segment (gpt.next_token_pairs) is one target in each direction, so both
+  Each adjacent pair inside one non-zero segment (parts.next_token_pairs) is one target in each direction, so both
   directions have the same `lm_count`.
   """
   if segment_ids is None:
     segment_ids = jnp.ones(input_ids.shape, jnp.int32)
-  valid = gpt.next_token_pairs(segment_ids)  # [B, T - 1]: (t, t + 1) in one document
+  valid = next_token_pairs(segment_ids)  # [B, T - 1]: (t, t + 1) in one document
   # Targets shifted, logits read whole (slicing them would copy [B, T, V], see gpt.next_token_stats).
   ahead, behind = ((0, 0), (0, 1)), ((0, 0), (1, 0))
   forward_loss, forward_correct = _pair_nll(forward_logits, jnp.pad(input_ids[:, 1:], ahead),

@@ -6,8 +6,8 @@
            encoder output, MLP) -> final LayerNorm -> logits through the shared (tied) token embedding
 
 One token embedding serves encoder input, decoder input and output projection (as BART); each side has its own
-position table. The blocks reuse GPT's pieces (CausalSelfAttention, GeluMlp, LayerNorm: tanh GELU, GPT-2 init),
-are stacked with `nnx.vmap` (a leading 'layers' axis) and run with `nnx.scan`. Unlike BART's post-LN layers,
+position table. The blocks are built from the shared parts (parts.py: CausalSelfAttention, GeluMlp; tanh GELU,
+GPT-2 init), are stacked with `nnx.vmap` (a leading 'layers' axis) and run with `nnx.scan`. Unlike BART's post-LN layers,
 these are pre-LN (stabler at depth without warmup tricks); converted BART checkpoints would not fit as they are.
 
 Generation: `init_cache` runs the encoder once and projects its output into every decoder layer's cross-attention
@@ -29,9 +29,8 @@ from jaxssl.errors import UserError
 from jaxssl.mesh import constrain
 from jaxssl.models.generation import sample_logits
 from jaxssl.models import fused_attention
-from jaxssl.models.gpt import ACT, CausalSelfAttention, GeluMlp, GPTConfig
-from jaxssl.models.layers import (Embed, LayerNorm, check_compute_settings, config_fields, dropout, maybe_remat,
-                                  stack_layers)
+from jaxssl.models.layers import Embed, LayerNorm, check_compute_settings, config_fields, dropout, stack_layers
+from jaxssl.models.parts import ACT, BlockConfig, CausalSelfAttention, GeluMlp, kv_cache, run_stack
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,13 +81,12 @@ class EncDecConfig:
   def compute_dtype(self):
     return jnp.dtype(self.dtype)
 
-  def block_config(self, num_layers: int) -> GPTConfig:
-    """The GPT-2 block settings of one stack (GPT's attention and MLP modules read their sizes from it)."""
-    return GPTConfig(vocab_size=self.vocab_size, num_layers=num_layers, hidden_size=self.hidden_size,
-                     num_heads=self.num_heads, intermediate_size=self.intermediate_size,
-                     max_position=self.max_position, dropout_rate=self.dropout_rate,
-                     attention_dropout_rate=self.attention_dropout_rate, initializer_range=self.initializer_range,
-                     layer_norm_eps=self.layer_norm_eps, dtype=self.dtype, attention=self.attention)
+  def block_config(self, num_layers: int) -> BlockConfig:
+    """The GPT-2 block settings of one stack (the shared attention and MLP parts read their sizes from it)."""
+    return BlockConfig(num_layers=num_layers, hidden_size=self.hidden_size, num_heads=self.num_heads,
+                       intermediate_size=self.intermediate_size, dropout_rate=self.dropout_rate,
+                       attention_dropout_rate=self.attention_dropout_rate, initializer_range=self.initializer_range,
+                       layer_norm_eps=self.layer_norm_eps, dtype=self.dtype, attention=self.attention)
 
 
 # ----- blocks -----
@@ -122,7 +120,7 @@ def _keys(rng, n):
 class EncoderBlock(nnx.Module):
   """x = x + Drop(Attn(LN(x))); x = x + Drop(MLP(LN(x)))  with attention over the real source tokens."""
 
-  def __init__(self, c: GPTConfig, *, rngs: nnx.Rngs):
+  def __init__(self, c: BlockConfig, *, rngs: nnx.Rngs):
     self.attention_norm = LayerNorm(c.hidden_size, eps=c.layer_norm_eps, dtype=c.compute_dtype, rngs=rngs)
     self.attention = Attention(c, rngs=rngs)
     self.mlp_norm = LayerNorm(c.hidden_size, eps=c.layer_norm_eps, dtype=c.compute_dtype, rngs=rngs)
@@ -142,7 +140,7 @@ class EncoderBlock(nnx.Module):
 class DecoderBlock(nnx.Module):
   """x += Drop(CausalAttn(LN(x))); x += Drop(CrossAttn(LN(x), encoder output)); x += Drop(MLP(LN(x)))."""
 
-  def __init__(self, c: GPTConfig, *, rngs: nnx.Rngs):
+  def __init__(self, c: BlockConfig, *, rngs: nnx.Rngs):
     norm = lambda: LayerNorm(c.hidden_size, eps=c.layer_norm_eps, dtype=c.compute_dtype, rngs=rngs)  # noqa: E731
     self.attention_norm = norm()
     self.attention = CausalSelfAttention(c, rngs=rngs)
@@ -169,22 +167,6 @@ class DecoderBlock(nnx.Module):
                                         explicit=True).astype(jnp.float32)
     x = x + self.mlp(self.mlp_norm(x)).astype(jnp.float32)
     return x, key_cache, value_cache
-
-
-def run_stack(layers, x, fn, *, num_layers: int, scan: bool, remat: str, dropout_rng=None):
-  """x through the layers as `fn(layer, x, key)`; layer i gets fold_in(dropout_rng, i), scanned or not."""
-  if not scan:
-    for i, layer in enumerate(layers):
-      key = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
-      x = maybe_remat(fn, remat, in_scan=False)(layer, x, key)
-    return x
-  meta = {nnx.PARTITION_NAME: 'layers'}
-  if dropout_rng is None:
-    body = maybe_remat(lambda lyr, h: fn(lyr, h, None), remat, in_scan=True)
-    return nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=nnx.Carry, transform_metadata=meta)(layers, x)
-  keys = jax.vmap(lambda i: jax.random.fold_in(dropout_rng, i))(jnp.arange(num_layers))
-  body = maybe_remat(fn, remat, in_scan=True)
-  return nnx.scan(body, in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata=meta)(layers, x, keys)
 
 
 # ----- the model -----
@@ -279,8 +261,7 @@ class EncoderDecoder(nnx.Module):
     else:
       cross_k, cross_v = (jnp.stack(a) for a in zip(*(layers_kv(lyr) for lyr in self.decoder)))
     b, n, d = source_ids.shape[0], c.num_heads, c.hidden_size // c.num_heads
-    shape = (c.num_decoder_layers, b, max_len, n, d)
-    return dict(key=jnp.zeros(shape, c.compute_dtype), value=jnp.zeros(shape, c.compute_dtype),
+    return dict(kv_cache(c.num_decoder_layers, b, max_len, n, d, c.compute_dtype),
                 cross_key=cross_k, cross_value=cross_v, source_mask=source_mask.astype(bool),
                 index=jnp.zeros((), jnp.int32))
 

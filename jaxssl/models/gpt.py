@@ -19,24 +19,19 @@ Generation: `init_cache` + `GPT.decode` append new tokens to a KV cache (num_kv_
 generation.py, re-exported here) runs prefill + one-token decode steps under one jit.
 """
 import dataclasses
-import functools
-import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from jaxssl.errors import UserError
 from jaxssl.mesh import constrain
-from jaxssl.models import fused_attention, vocab
+from jaxssl.models import vocab
 from jaxssl.models.generation import generate, sample_logits  # noqa: F401 (re-exported: callers use gpt.generate)
-from jaxssl.models.layers import (Embed, LayerNorm, check_compute_settings, config_fields, dropout, make_param,
-                                  maybe_remat, normal_init, ones, stack_layers, zeros)
+from jaxssl.models.layers import Embed, check_compute_settings, config_fields, dropout, stack_layers
+from jaxssl.models.parts import (ACT, CausalSelfAttention, GeluMlp, Linear, SwiGluMlp, kv_cache, make_norm,
+                                 next_token_pairs, rope_angles, run_stack)
 
-ACT = ('batch', 'length', 'act_embed')  # logical names of activations at block boundaries
-HEADS_ACT = ('batch', 'length', 'act_heads', 'kv')
-KV_HEADS_ACT = ('batch', 'length', 'act_kv_heads', 'kv')
 
 # rope_scaling types (HF's `rope_type`) and the keys each needs.
 ROPE_SCALING_KEYS = {
@@ -166,226 +161,6 @@ class GPTConfig:
     return jnp.dtype(self.dtype)
 
 
-# ----- building blocks -----
-
-class Linear(nnx.Module):
-  """y = x W (+ b): W (in, out) named `names`, b named `names[-1]` (the same paths as layers.Dense)."""
-
-  def __init__(self, in_features: int, out_features: int, names: tuple[str, str], *, stddev: float,
-               use_bias: bool, dtype, rngs: nnx.Rngs):
-    self.kernel = make_param(rngs, normal_init(stddev), (in_features, out_features), names)
-    if use_bias:
-      self.bias = make_param(rngs, zeros, (out_features,), names[-1:])
-    self.use_bias = use_bias
-    self.dtype = dtype
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    y = jnp.einsum('...i,io->...o', x.astype(self.dtype), self.kernel[...].astype(self.dtype))
-    return y + self.bias[...].astype(self.dtype) if self.use_bias else y
-
-
-class RMSNorm(nnx.Module):
-  """x / rms(x) * scale (Llama; no mean subtraction, no bias), statistics in float32; output in `dtype`."""
-
-  def __init__(self, features: int, *, eps: float, dtype, rngs: nnx.Rngs):
-    self.scale = make_param(rngs, ones, (features,), ('norm',))
-    self.eps = eps
-    self.dtype = dtype
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = x.astype(jnp.float32)
-    y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
-    return (y * self.scale[...]).astype(self.dtype)
-
-
-def make_norm(c: GPTConfig, rngs: nnx.Rngs):
-  """The configured normalisation layer (LayerNorm: scale + bias; RMSNorm: scale only)."""
-  cls = RMSNorm if c.norm == 'rmsnorm' else LayerNorm
-  return cls(c.hidden_size, eps=c.layer_norm_eps, dtype=c.compute_dtype, rngs=rngs)
-
-
-@functools.lru_cache(maxsize=None)
-def rope_inv_freq(head_dim: int, theta: float, scaling: tuple | None = None) -> np.ndarray:
-  """[head_dim / 2] float32 rotation frequencies, as HF computes them (float32 arithmetic, as the models were
-  trained); `scaling` is GPTConfig.rope_scaling ('linear': all divided by factor; 'llama3': long wavelengths
-  divided by factor, short ones kept, a smooth blend between)."""
-  f32 = np.float32
-  inv = f32(1.0) / (f32(theta) ** (np.arange(0, head_dim, 2).astype(f32) / f32(head_dim)))
-  s = dict(scaling or ())
-  if s.get('rope_type') == 'linear':
-    inv = inv / f32(s['factor'])
-  elif s.get('rope_type') == 'llama3':
-    factor, low, high = s['factor'], s['low_freq_factor'], s['high_freq_factor']
-    old = s['original_max_position_embeddings']
-    wavelen = f32(2 * math.pi) / inv
-    scaled = np.where(wavelen > old / low, inv / f32(factor), inv)
-    smooth = (f32(old) / wavelen - f32(low)) / f32(high - low)
-    smoothed = (1 - smooth) * scaled / f32(factor) + smooth * scaled
-    medium = ~(wavelen < old / high) & ~(wavelen > old / low)
-    inv = np.where(medium, smoothed, scaled)
-  return np.asarray(inv, f32)
-
-
-def rope_angles(c: GPTConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(cos, sin) [B, T, head_dim / 2] float32 of each token's rotation at its `positions` [B, T]."""
-  angles = positions.astype(jnp.float32)[..., None] * rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
-  return jnp.cos(angles), jnp.sin(angles)
-
-
-def apply_rope(x: jax.Array, rotary: tuple[jax.Array, jax.Array]) -> jax.Array:
-  """Rotates x [B, T, N, D] by `rotary` = (cos, sin) [B, T, D/2], in float32.
-
-  HF Llama's rotate_half layout: dimension i pairs with i + D/2 (not with i + 1), so HF q/k weights load as they
-  are, with no permutation.
-  """
-  cos, sin = (a[:, :, None, :] for a in rotary)
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
-
-
-class CausalSelfAttention(nnx.Module):
-  """Causal self-attention with grouped-query heads; same parameter layout as layers.MultiHeadAttention.
-
-  q kernel (embed, heads, kv), k/v kernels (embed, kv_heads, kv): heads can be split over the tensor axis without
-  reshapes (HF's fused GPT-2 c_attn is split into the three when converting). Query head n reads key/value head
-  n // (num_heads / num_kv_heads), as HF's repeat_kv.
-  """
-
-  def __init__(self, c: GPTConfig, *, rngs: nnx.Rngs):
-    h, n, kv, d = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
-    init = normal_init(c.initializer_range)
-    self.qkv_bias = c.use_bias or c.attention_bias
-    for name, heads, axis in (('query', n, 'heads'), ('key', kv, 'kv_heads'), ('value', kv, 'kv_heads')):
-      setattr(self, f'{name}_kernel', make_param(rngs, init, (h, heads, d), ('embed', axis, 'kv')))
-      if self.qkv_bias:
-        setattr(self, f'{name}_bias', make_param(rngs, zeros, (heads, d), (axis, 'kv')))
-    # GPT-2 scales the init of projections into the residual stream by 1/sqrt(2 * layers).
-    out_init = normal_init(c.initializer_range / math.sqrt(2 * c.num_layers))
-    self.out_kernel = make_param(rngs, out_init, (n, d, h), ('heads', 'kv', 'embed'))
-    if c.use_bias:
-      self.out_bias = make_param(rngs, zeros, (h,), ('embed',))
-    self.use_bias = c.use_bias
-    self.head_dim = d
-    self.attention_dropout_rate = c.attention_dropout_rate
-    self.implementation = c.attention
-    self.dtype = c.compute_dtype
-
-  def _project(self, x, name, rotary):
-    y = jnp.einsum('blh,hnd->blnd', x, getattr(self, f'{name}_kernel')[...].astype(self.dtype))
-    if self.qkv_bias:
-      y = y + getattr(self, f'{name}_bias')[...].astype(self.dtype)
-    if rotary is not None and name != 'value':
-      y = apply_rope(y, rotary)
-    return constrain(y, HEADS_ACT if name == 'query' else KV_HEADS_ACT)
-
-  def _qkv(self, x, rotary):
-    return tuple(self._project(x, n, rotary) for n in ('query', 'key', 'value'))
-
-  def _output(self, out):
-    out = constrain(out.astype(self.dtype), HEADS_ACT)
-    y = jnp.einsum('blnd,ndh->blh', out, self.out_kernel[...].astype(self.dtype))
-    return y + self.out_bias[...].astype(self.dtype) if self.use_bias else y
-
-  def _explicit(self, q, k, v, mask, dropout_rng):
-    """Softmax attention spelled out; q [B, T, N, D], k/v [B, S, K, D], `mask` [B, 1, T, S] bool (True = may
-    attend). Query heads are grouped (K, N/K) so each group reads its key/value head without copying it."""
-    b, t, n, d = q.shape
-    # Heads in front of the sequence (as in layers.MultiHeadAttention: XLA:CPU's batched matmuls want them there).
-    q = q.reshape(b, t, k.shape[2], n // k.shape[2], d).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
-    k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, K, S, D]
-    logits = jnp.einsum('bkgtd,bksd->bkgts', q, k, preferred_element_type=jnp.float32)
-    logits = logits / jnp.sqrt(jnp.float32(self.head_dim))
-    # A row with nothing to attend (a padding query) becomes uniform, not NaN; its output is never used.
-    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
-    probs = dropout(probs, self.attention_dropout_rate, dropout_rng).astype(self.dtype)
-    return jnp.einsum('bkgts,bksd->bkgtd', probs, v).transpose(0, 3, 1, 2, 4).reshape(b, t, n, d)
-
-  def _explicit_causal(self, q, k, v, mask, dropout_rng):
-    """`_explicit` for causal self-attention, a block of queries at a time: block i scores only the keys up to its
-    own end (those after are masked anyway), skipping (n - 1) / 2n of the scores, softmax and dropout work (n
-    blocks of at least 64 queries, at most 4). Block i draws its dropout from fold_in(dropout_rng, i)."""
-    t = q.shape[1]
-    blocks = max(1, min(4, t // 64))
-    while t % blocks:
-      blocks -= 1
-    if blocks == 1:
-      return self._explicit(q, k, v, mask, dropout_rng)
-    size, outs = t // blocks, []
-    for i in range(blocks):
-      lo, hi = i * size, (i + 1) * size
-      key = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
-      outs.append(self._explicit(q[:, lo:hi], k[:, :hi], v[:, :hi], mask[:, :, lo:hi, :hi], key))
-    return jnp.concatenate(outs, axis=1)
-
-  def __call__(self, x: jax.Array, segment_mask: jax.Array | None = None, *, segment_ids: jax.Array | None = None,
-               rotary=None, dropout_rng: jax.Array | None = None, explicit: bool = False) -> jax.Array:
-    """x [B, T, H] -> [B, T, H]. Causal; `segment_mask` [B, 1, T or 1, T] (True = may attend) further restricts
-    it, or `segment_ids` [B, T] (packed documents: a token attends its own document only; what splash reads).
-
-    `rotary` = rope_angles(...) rotates q and k (position='rope'). `explicit` forces the hand-written attention
-    path (taken anyway when attention dropout is on).
-    """
-    x = x.astype(self.dtype)
-    q, k, v = self._qkv(x, rotary)
-    if segment_ids is not None:
-      segment_mask = same_segment(segment_ids)
-    if explicit or (dropout_rng is not None and self.attention_dropout_rate > 0.0):
-      t = x.shape[1]
-      mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
-      if segment_mask is not None:
-        mask = mask & segment_mask
-      out = self._explicit_causal(q, k, v, mask, dropout_rng)
-    else:
-      # Takes k/v with fewer heads (GQA) as they are.
-      out = fused_attention.attend(q, k, v, implementation=self.implementation, mask=segment_mask, causal=True,
-                                   segment_ids=None if segment_ids is None else (segment_ids, segment_ids))
-    return self._output(out)
-
-  def decode(self, x, key_cache, value_cache, index, mask, rotary=None):
-    """One cached step: x [B, T, H] new tokens, caches [B, S, K, D] (k/v written at slots index..index+T-1),
-    mask [B, 1, T, S] -> (y [B, T, H], key_cache, value_cache). Cached keys are stored rotated."""
-    x = x.astype(self.dtype)
-    q, k, v = self._qkv(x, rotary)
-    key_cache = jax.lax.dynamic_update_slice_in_dim(key_cache, k.astype(key_cache.dtype), index, axis=1)
-    value_cache = jax.lax.dynamic_update_slice_in_dim(value_cache, v.astype(value_cache.dtype), index, axis=1)
-    out = self._explicit(q, key_cache.astype(self.dtype), value_cache.astype(self.dtype), mask, None)
-    return self._output(out), key_cache, value_cache
-
-
-class GeluMlp(nnx.Module):
-  """W2 GELU(W1 x) with GPT-2's tanh-approximate GELU ("gelu_new")."""
-
-  def __init__(self, c: GPTConfig, *, rngs: nnx.Rngs):
-    dt, std, b = c.compute_dtype, c.initializer_range, c.use_bias
-    self.wi = Linear(c.hidden_size, c.intermediate_size, ('embed', 'mlp'), stddev=std, use_bias=b, dtype=dt,
-                     rngs=rngs)
-    self.wo = Linear(c.intermediate_size, c.hidden_size, ('mlp', 'embed'), stddev=std / math.sqrt(2 * c.num_layers),
-                     use_bias=b, dtype=dt, rngs=rngs)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    h = jax.nn.gelu(self.wi(x), approximate=True)
-    h = constrain(h, ('batch', 'length', 'act_mlp'))
-    return self.wo(h)
-
-
-class SwiGluMlp(nnx.Module):
-  """W2 (SiLU(Wg x) * Wu x) (Llama; HF gate_proj, up_proj, down_proj = wi_gate, wi_up, wo)."""
-
-  def __init__(self, c: GPTConfig, *, rngs: nnx.Rngs):
-    dt, std, b = c.compute_dtype, c.initializer_range, c.use_bias
-    h, i = c.hidden_size, c.intermediate_size
-    self.wi_gate = Linear(h, i, ('embed', 'mlp'), stddev=std, use_bias=b, dtype=dt, rngs=rngs)
-    self.wi_up = Linear(h, i, ('embed', 'mlp'), stddev=std, use_bias=b, dtype=dt, rngs=rngs)
-    self.wo = Linear(i, h, ('mlp', 'embed'), stddev=std / math.sqrt(2 * c.num_layers), use_bias=b, dtype=dt,
-                     rngs=rngs)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    h = jax.nn.silu(self.wi_gate(x)) * self.wi_up(x)
-    h = constrain(h, ('batch', 'length', 'act_mlp'))
-    return self.wo(h)
-
-
 class GPTBlock(nnx.Module):
   """x = x + Drop(Attn(Norm(x))); x = x + Drop(MLP(Norm(x)))  (pre-norm, as in GPT-2 and Llama)."""
 
@@ -423,22 +198,8 @@ class GPTDecoder(nnx.Module):
     self.layers = stack_layers(lambda r: GPTBlock(c, rngs=r), c.num_layers, c.scan_layers, rngs)
 
   def __call__(self, x, segment_ids, dropout_rng=None, rotary=None):
-    # Layer i gets fold_in(dropout_rng, i) on both paths, so scanned == unscanned even with dropout.
-    def run(lyr, h, k=None):
-      return lyr(h, segment_ids, rotary, k)
-    if not self.scan_layers:
-      for i, layer in enumerate(self.layers):
-        key = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
-        x = maybe_remat(run, self.remat, in_scan=False)(layer, x, key)
-      return x
-    meta = {nnx.PARTITION_NAME: 'layers'}
-    if dropout_rng is None:
-      body = maybe_remat(lambda lyr, h: run(lyr, h), self.remat, in_scan=True)
-      return nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=nnx.Carry, transform_metadata=meta)(self.layers, x)
-    keys = jax.vmap(lambda i: jax.random.fold_in(dropout_rng, i))(jnp.arange(self.num_layers))
-    body = maybe_remat(run, self.remat, in_scan=True)
-    return nnx.scan(body, in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata=meta)(
-        self.layers, x, keys)
+    return run_stack(self.layers, x, lambda lyr, h, key: lyr(h, segment_ids, rotary, key),
+                     num_layers=self.num_layers, scan=self.scan_layers, remat=self.remat, dropout_rng=dropout_rng)
 
   def decode(self, x, key_cache, value_cache, index, mask, rotary=None):
     """Caches [num_layers, B, S, K, D]; layer i reads and writes slice i."""
@@ -541,8 +302,7 @@ class GPT(nnx.Module):
     for every row).
     """
     c = self.config
-    shape = (c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
-    return dict(key=jnp.zeros(shape, c.compute_dtype), value=jnp.zeros(shape, c.compute_dtype),
+    return dict(kv_cache(c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim, c.compute_dtype),
                 positions=jnp.full((batch, max_len), -1, jnp.int32), index=jnp.zeros((), jnp.int32))
 
   def decode(self, tokens, cache: dict, positions) -> tuple[jax.Array, dict]:
@@ -567,15 +327,6 @@ class GPT(nnx.Module):
 
 
 # ----- loss, FLOPs -----
-
-def same_segment(segment_ids):
-  """[B, 1, T, T] bool: query and key in the same segment (document of a packed row)."""
-  return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
-
-
-def next_token_pairs(segment_ids):
-  """[B, T-1] bool: whether token t+1 is a target for position t (both in the same non-zero segment)."""
-  return (segment_ids[:, :-1] == segment_ids[:, 1:]) & (segment_ids[:, 1:] != 0)
 
 
 def next_token_loss(logits: jax.Array, input_ids: jax.Array, segment_ids: jax.Array | None = None):
