@@ -12,6 +12,6 @@ def load(params_dir: str, mesh=None):
   The model is an nnx module on `mesh` (default: all devices, data-parallel). Imported lazily so `import jaxssl`
   stays light.
   """
-  from jaxssl.export import load_export
-  _, model, tokenizer = load_export(params_dir, mesh)
+  from jaxssl.train import checkpoint  # noqa: PLC0415 (lazy: `import jaxssl` stays light)
+  _, model, tokenizer = checkpoint.load_export(params_dir, mesh)
   return model, tokenizer

@@ -2,8 +2,7 @@
 
   python -m jaxssl.export --workdir DIR --out PARAMS [--step N] [--overwrite]
 
-`load_export(PARAMS)` gives back (config, model, tokenizer) for fine-tune and evaluate jobs; the tokenizer is
-sentencepiece (`tokenizer.model`) or WordPiece (`tokenizer.json`), whichever the export holds.
+Exports are read back by `jaxssl.train.checkpoint.load_export` (or `jaxssl.load`).
 """
 import argparse
 import json
@@ -26,6 +25,8 @@ def checkpoint_directory(workdir: str):
 
 def export(workdir: str, out: str, *, step: int | None = None, overwrite: bool = False) -> int:
   """Writes the params of checkpoint `step` (default: the newest) to `out`; returns the step."""
+  # Imported here, after runtime.setup (main): jax must not start before the compile cache and the
+  # multi-process client are configured.
   import jax
   from jaxssl import mesh as mesh_lib
   from jaxssl.data import tokenizers
@@ -55,31 +56,6 @@ def export(workdir: str, out: str, *, step: int | None = None, overwrite: bool =
   if jax.process_index() == 0:
     print(f'exported step {step} of {workdir} to {out} ({state_lib.param_count(params) / 1e6:.2f}M params)')
   return step
-
-
-def load_export(path: str, mesh=None):
-  """Loads an export onto `mesh` (default: all devices, data-parallel): returns (config, model, tokenizer).
-
-  An embedding with more rows than the tokenizer has ids (a padded public vocabulary) loads as it is; the model
-  gives those rows -inf logits (jaxssl/models/vocab.py). Fewer rows than ids is a UserError.
-  """
-  from flax import nnx
-  from jaxssl import mesh as mesh_lib
-  from jaxssl.data import tokenizers
-  from jaxssl.models import vocab
-  from jaxssl.train import checkpoint as ckpt_lib
-  from jaxssl.train import state as state_lib
-  saved = ckpt_lib.read_export_config(path)
-  config = config_lib.from_json(json.dumps(saved))
-  tokenizer = tokenizers.load_tokenizer(path)
-  vocab.check_rows(tokenizer.vocab_size, saved['vocab_size'], path)
-  # A padded vocabulary (more rows than the tokenizer's ids): the model never predicts the padding rows.
-  model_cfg = vocab.model_config_with_token_ids(config.model, tokenizer.vocab_size, saved['vocab_size'])
-  mesh = mesh if mesh is not None else mesh_lib.make_mesh((-1, 1, 1))
-  setup = state_lib.setup_model(model_cfg, saved['vocab_size'], mesh)
-  params = ckpt_lib.load_export_params(path, setup.abstract_params)
-  model = nnx.merge(setup.graphdef, params)
-  return config, model, tokenizer
 
 
 def main(argv=None):

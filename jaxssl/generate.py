@@ -23,11 +23,11 @@ def generate(params: str, prompts: list[str], *, max_new_tokens: int = 50, greed
   """One dict per prompt: prompt, prompt_ids, generated_ids (up to and including a stop token), text."""
   import jax
   import numpy as np
-  from jaxssl import export as export_lib
+  from jaxssl.train import checkpoint as ckpt_lib
   from jaxssl.models import gpt
   if not prompts or any(not p.strip() for p in prompts):
     raise UserError('give at least one non-empty --prompt')
-  config, model, tokenizer = export_lib.load_export(params)
+  config, model, tokenizer = ckpt_lib.load_export(params)
   if config.model.name != 'gpt':
     raise UserError(f'{params} holds a {config.model.name} model: generation needs a GPT export '
                     '(python -m jaxssl.export of a configs/gpt.py run)')

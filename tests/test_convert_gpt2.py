@@ -22,7 +22,7 @@ from jaxssl.convert.__main__ import main as convert_main  # noqa: E402
 from jaxssl.data import tokenizers as tokenizers_lib  # noqa: E402
 from jaxssl.data.hf_tokenizer import HFTokenizer  # noqa: E402
 from jaxssl.errors import UserError  # noqa: E402
-from jaxssl.export import load_export  # noqa: E402
+from jaxssl.train.checkpoint import load_export  # noqa: E402
 from jaxssl.generate import generate  # noqa: E402
 
 REPO = os.path.join(os.path.dirname(__file__), '..')

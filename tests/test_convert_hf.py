@@ -15,7 +15,7 @@ transformers = pytest.importorskip('transformers')
 import jaxssl  # noqa: E402
 from jaxssl.convert import hf_bert  # noqa: E402
 from jaxssl.errors import UserError  # noqa: E402
-from jaxssl.export import load_export  # noqa: E402
+from jaxssl.train.checkpoint import load_export  # noqa: E402
 from jaxssl.mesh import make_mesh  # noqa: E402
 
 REPO = os.path.join(os.path.dirname(__file__), '..')

@@ -15,7 +15,7 @@ from jaxssl.convert import __main__ as convert_main  # noqa: E402
 from jaxssl.convert import hf_bert  # noqa: E402
 from jaxssl.data import tokenizers as tok_lib  # noqa: E402
 from jaxssl.data import wordpiece  # noqa: E402
-from jaxssl.export import load_export  # noqa: E402
+from jaxssl.train.checkpoint import load_export  # noqa: E402
 from jaxssl.mesh import make_mesh  # noqa: E402
 
 LINES = [

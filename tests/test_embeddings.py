@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from jaxssl import config as config_lib
-from jaxssl import export as export_lib
 from jaxssl import mesh as mesh_lib
 from jaxssl.data import tokenizers
 from jaxssl.errors import UserError
@@ -79,7 +78,7 @@ def bert_export(tokenizer, tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def bert(bert_export):
-  _, model, tok = export_lib.load_export(bert_export, mesh_lib.make_mesh((-1, 1, 1)))
+  _, model, tok = ckpt_lib.load_export(bert_export, mesh_lib.make_mesh((-1, 1, 1)))
   return model, tok
 
 
@@ -201,7 +200,7 @@ def test_label_summary():
 @pytest.mark.parametrize('family', ['elmo', 'gpt'])
 def test_elmo_and_gpt_exports(family, tokenizer, tmp_path):
   model_dir = make_export(tmp_path / family, tokenizer, family)
-  _, model, tok = export_lib.load_export(model_dir, mesh_lib.make_mesh((-1, 1, 1)))
+  _, model, tok = ckpt_lib.load_export(model_dir, mesh_lib.make_mesh((-1, 1, 1)))
   items = embeddings.read_items(APPLE)
   ids, positions = embeddings.piece_positions(tok, items)
   body = embeddings.analyse(model, tok, items, layer=-1, pooling='mean')

@@ -626,7 +626,7 @@ def test_qwen2_jaxssl_import_matches_transformers(qwen2, qwen2_q8, bpe, tmp_path
   generations transformers' token for token, its tokenizer the file's (no BOS)."""
   from jaxssl.convert.__main__ import main as convert_main
   from jaxssl.data import tokenizers as tokenizers_lib
-  from jaxssl.export import load_export
+  from jaxssl.train.checkpoint import load_export
   from jaxssl.generate import generate
   eot = bpe.token_to_id('<|endoftext|>')
   ids = np.random.default_rng(0).integers(0, bpe.get_vocab_size(), (2, 24))

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from jaxssl import config as config_lib
-from jaxssl import export as export_lib
 from jaxssl import mesh as mesh_lib
 from jaxssl.data import tokenizers
 from jaxssl.errors import UserError
@@ -84,7 +83,7 @@ def mesh():
 
 @pytest.fixture(scope='module')
 def loaded(exports, mesh):
-  _, model, tok = export_lib.load_export(exports[1], mesh)
+  _, model, tok = ckpt_lib.load_export(exports[1], mesh)
   return model, tok
 
 
@@ -221,7 +220,7 @@ def test_exact_match_scores_what_the_model_generates(tokenizer, mesh, tmp_path):
     return params
 
   path = make_export(tmp_path / 'forced', tokenizer, edit=force)
-  _, model, tok = export_lib.load_export(path, mesh)
+  _, model, tok = ckpt_lib.load_export(path, mesh)
   result = icl.evaluate_model(task, model, tok, shots=[0, 2], seed=0, normalize='none', batch_size=8,
                               max_new_tokens=1, mesh=mesh)
   assert all(r['generation'] == 'positive' for r in result['records'])

@@ -31,7 +31,7 @@ from jaxssl.convert.__main__ import main as convert_main  # noqa: E402
 from jaxssl.errors import UserError  # noqa: E402
 from jaxssl.eval import icl  # noqa: E402
 from jaxssl.evaluate import main as evaluate_main  # noqa: E402
-from jaxssl.export import load_export  # noqa: E402
+from jaxssl.train.checkpoint import load_export  # noqa: E402
 from jaxssl.generate import generate  # noqa: E402
 from jaxssl.mesh import make_mesh  # noqa: E402
 from jaxssl.models import vocab  # noqa: E402

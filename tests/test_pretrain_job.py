@@ -111,11 +111,10 @@ def test_export_round_trip(reference_run, tmp_path):
   assert again.returncode == 2 and 'already exists' in again.stderr
 
   import jax
-  from jaxssl import export as export_lib
   from jaxssl import mesh as mesh_lib
   from jaxssl.train import checkpoint as ckpt_lib
   from jaxssl.train import state as state_lib
-  config, model, tokenizer = export_lib.load_export(str(out), mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1]))
+  config, model, tokenizer = ckpt_lib.load_export(str(out), mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1]))
   assert tokenizer.vocab_size == 300 and config.model.hidden_size == 32
   checkpointer = ckpt_lib.Checkpointer(str(reference_run), read_only=True)
   setup = state_lib.setup_model(config.model, 300, mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1]))

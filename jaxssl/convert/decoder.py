@@ -212,7 +212,7 @@ def from_hf(src: str, out: str, *, overwrite: bool = False) -> dict:
   """Converts the decoder checkpoint `src` (HF directory or .gguf) into the jaxssl export `out`.
 
   `out` holds params/ (orbax), config.json (a configs/gpt.py config) and tokenizer.json, readable by
-  `jaxssl.export.load_export` (generate, ICL evaluation, fine-tuning, continued pretraining via init_from).
+  `jaxssl.train.checkpoint.load_export` (generate, ICL evaluation, fine-tuning, continued pretraining via init_from).
   Returns the export's config dict.
   """
   import jax

@@ -306,8 +306,8 @@ def _one_device_mesh():
 def from_hf(src: str, out: str, *, overwrite: bool = False, seed: int = 0) -> dict:
   """Converts the HF BERT directory `src` into the jaxssl export `out`; returns the jaxssl config dict.
 
-  `out` holds params/ (orbax), config.json and the HF tokenizer files, readable by `jaxssl.export.load_export`.
-  Heads the checkpoint lacks are initialised from `seed`.
+  `out` holds params/ (orbax), config.json and the HF tokenizer files, readable by
+  `jaxssl.train.checkpoint.load_export`. Heads the checkpoint lacks are initialised from `seed`.
   """
   import jax
   import orbax.checkpoint as ocp

@@ -273,7 +273,6 @@ def analyse(model, tokenizer, items, *, layer, pooling) -> dict:
 
 def run(config, out: str) -> dict:
   """Reads the items, runs the export, writes results.json and the heatmap; returns the report."""
-  from jaxssl import export as export_lib
   from jaxssl import mesh as mesh_lib
   from jaxssl.train import checkpoint as ckpt_lib
   emb = config.embeddings
@@ -283,7 +282,7 @@ def run(config, out: str) -> dict:
   name = ckpt_lib.read_export_config(emb.model).get('model', {}).get('name')
   if name not in ('bert', 'elmo', 'gpt'):
     raise UserError(f'{emb.model} holds a {name} model: use a BERT, ELMo or GPT export')
-  _, model, tokenizer = export_lib.load_export(emb.model, mesh_lib.make_mesh(config.mesh.shape))
+  _, model, tokenizer = ckpt_lib.load_export(emb.model, mesh_lib.make_mesh(config.mesh.shape))
   layer = parse_layer(emb.layer)
   body = analyse(model, tokenizer, items, layer=layer, pooling=emb.pooling)
   results_path, plot_dir = files.output_paths(out)

@@ -514,8 +514,8 @@ def check_exports(paths) -> None:
 
 def run(config, out: str) -> dict:
   """Evaluates every model of `config.icl.models` on the task for each k; writes results.json and the plots."""
-  from jaxssl import export as export_lib
   from jaxssl import mesh as mesh_lib
+  from jaxssl.train import checkpoint as ckpt_lib
   from jaxssl.train import state as state_lib
   icl = config.icl
   task = load_task(icl)
@@ -529,7 +529,7 @@ def run(config, out: str) -> dict:
             'majority_baseline': majority_baseline(task), 'config': icl.to_dict(), 'models': {}}
   records = []
   for label, path in zip(model_labels(paths), paths):
-    _, model, tokenizer = export_lib.load_export(path, mesh)
+    _, model, tokenizer = ckpt_lib.load_export(path, mesh)
     params = state_lib.param_count(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     result = evaluate_model(task, model, tokenizer, shots=shots, seed=icl.seed, normalize=icl.normalize,
                             batch_size=icl.batch_size, max_new_tokens=icl.max_new_tokens, mesh=mesh)

@@ -13,11 +13,16 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import nnx
 from jax.experimental import multihost_utils
 
+from jaxssl import config as config_lib
+from jaxssl import mesh as mesh_lib
 from jaxssl import paths
 from jaxssl.data import tokenizers
 from jaxssl.errors import UserError
+from jaxssl.models import vocab
+from jaxssl.train import state as state_lib
 
 # Keys of model config whose change makes old params unusable: a mismatch is a user error, not a crash.
 SHAPE_KEYS = ('name', 'num_layers', 'hidden_size', 'num_heads', 'intermediate_size', 'max_position',
@@ -206,3 +211,22 @@ def load_export_params(path: str, abstract_params):
     reason = (str(e).splitlines() or [''])[0][:200]
     raise UserError(f'{path}: its params do not fit the model its config.json describes ({reason}): '
                     're-export them with python -m jaxssl.export') from None
+
+def load_export(path: str, mesh=None):
+  """Loads an export onto `mesh` (default: all devices, data-parallel): returns (config, model, tokenizer).
+
+  The tokenizer is sentencepiece (`tokenizer.model`) or WordPiece (`tokenizer.json`), whichever the export holds.
+  An embedding with more rows than the tokenizer has ids (a padded public vocabulary) loads as it is; the model
+  gives those rows -inf logits (jaxssl/models/vocab.py). Fewer rows than ids is a UserError.
+  """
+  saved = read_export_config(path)
+  config = config_lib.from_json(json.dumps(saved))
+  tokenizer = tokenizers.load_tokenizer(path)
+  vocab.check_rows(tokenizer.vocab_size, saved['vocab_size'], path)
+  # A padded vocabulary (more rows than the tokenizer's ids): the model never predicts the padding rows.
+  model_cfg = vocab.model_config_with_token_ids(config.model, tokenizer.vocab_size, saved['vocab_size'])
+  mesh = mesh if mesh is not None else mesh_lib.make_mesh((-1, 1, 1))
+  setup = state_lib.setup_model(model_cfg, saved['vocab_size'], mesh)
+  params = load_export_params(path, setup.abstract_params)
+  model = nnx.merge(setup.graphdef, params)
+  return config, model, tokenizer
