@@ -37,7 +37,7 @@ from jaxssl.errors import exit_on_user_error
 
 def synthetic_batch(config, vocab_size: int, seed: int = 0) -> dict:
   """One global batch of the family's train layout (families.Family.synthetic_batch) with random valid content."""
-  from jaxssl.train import families
+  from jaxssl import families
   return families.family_for(config.model).synthetic_batch(config, vocab_size, seed)
 
 
@@ -46,13 +46,12 @@ def compiled_step(config):
   (compiled step, state after that step, batch, mesh, compile seconds). What `run` times; also
   benchmarks/paired_steps.py."""
   import jax
+  from jaxssl import families
   from jaxssl import mesh as mesh_lib
-  from jaxssl import models
-  from jaxssl.train import families
   from jaxssl.train import state as state_lib
   from jaxssl.train import step as step_lib
   vocab_size = config.tokenizer.vocab_size
-  models.validate_config(config.model, vocab_size)
+  families.validate_config(config.model, vocab_size)
   family = families.family_for(config.model)
   mesh = mesh_lib.make_mesh(config.mesh.shape)
   setup = state_lib.setup_model(config.model, vocab_size, mesh, config.train.seed)
@@ -79,7 +78,7 @@ def run(config, steps: int, profile_dir: str = '') -> dict:
   """
   import contextlib
   import jax
-  from jaxssl import models
+  from jaxssl import families
   from jaxssl.train import metrics as metrics_lib
   vocab_size = config.tokenizer.vocab_size
   train_step, state, batch, mesh, compile_s = compiled_step(config)
@@ -95,7 +94,7 @@ def run(config, steps: int, profile_dir: str = '') -> dict:
         times.append(time.perf_counter() - start)
   step_time = statistics.median(times)
   tokens = config.train.batch_size * config.data.seq_len
-  flops = models.flops_per_token(config.model, vocab_size, config.data.seq_len, config.data.max_predictions)
+  flops = families.flops_per_token(config.model, vocab_size, config.data.seq_len, config.data.max_predictions)
   peak = metrics_lib.peak_flops_per_device(config.log.peak_flops_per_device) * jax.device_count()
   device_stats = jax.devices()[0].memory_stats() or {}
   peak_mb = (device_stats.get('peak_bytes_in_use', 0) / 2**20 or
@@ -121,7 +120,7 @@ def pipeline(config, batches: int, tokenizer_path: str = '', warmup: int = 2) ->
   """
   import tempfile
   from jaxssl.data import corpora, tokenizers
-  from jaxssl.train import families
+  from jaxssl import families
   family = families.family_for(config.model)
   sources = corpora.load_corpus(config.data.corpus, config.data.data_dir,
                                 ptb_sentences_per_doc=config.data.ptb_sentences_per_doc,

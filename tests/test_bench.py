@@ -10,9 +10,8 @@ import pytest
 
 from jaxssl import bench
 from jaxssl import config as config_lib
+from jaxssl import families
 from jaxssl import mesh as mesh_lib
-from jaxssl import models
-from jaxssl.train import families
 from jaxssl.train import state as state_lib
 from jaxssl.train import step as step_lib
 
@@ -118,7 +117,7 @@ def xla_flops_per_token(config) -> float:
 
 def formula(config) -> float:
   d = config.data
-  return models.flops_per_token(config.model, config.tokenizer.vocab_size, d.seq_len, d.max_predictions)
+  return families.flops_per_token(config.model, config.tokenizer.vocab_size, d.seq_len, d.max_predictions)
 
 
 @pytest.mark.parametrize('case', sorted(FLOPS_CASES))

@@ -13,7 +13,7 @@ from scipy.special import erf
 from jaxssl.config import load_config
 from jaxssl.errors import UserError
 from jaxssl.mesh import LOGICAL_AXIS_RULES, make_mesh
-from jaxssl.models import build_model, flops_per_token
+from jaxssl.families import build_model, flops_per_token
 from jaxssl.models.layers import MultiHeadAttention
 
 V, B, L, P = 100, 4, 16, 5

@@ -12,7 +12,8 @@ from flax import nnx
 from jaxssl.config import load_config
 from jaxssl.errors import UserError
 from jaxssl.mesh import LOGICAL_AXIS_RULES, make_mesh
-from jaxssl.models import attention, build_model, flops_per_token, validate_config
+from jaxssl.families import build_model, flops_per_token, validate_config
+from jaxssl.models import attention
 
 CONFIGS = os.path.join(os.path.dirname(__file__), '..', 'configs', 'bert.py')
 

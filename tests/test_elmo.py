@@ -15,7 +15,9 @@ from flax import nnx
 from jaxssl import mesh as mesh_lib
 from jaxssl.config import load_config
 from jaxssl.errors import UserError
-from jaxssl.models import elmo, flops_per_token, heads, validate_config
+from jaxssl.families import elmo as elmo_family
+from jaxssl.families import flops_per_token, validate_config
+from jaxssl.models import elmo, heads
 from jaxssl.train import state as state_lib
 from jaxssl.train import step as step_lib
 
@@ -156,7 +158,7 @@ def test_gradients_flow_and_steps_lower_both_losses():
   graphdef, params = nnx.split(model)
   params = nnx.to_pure_dict(params)
   batch = fixed_batch()
-  objective, tx = step_lib.ELMO, optax.adam(3e-2)
+  objective, tx = elmo_family.OBJECTIVE, optax.adam(3e-2)
 
   def loss(p, key):
     sums = objective.sums(graphdef, p, batch, key)
@@ -195,8 +197,8 @@ def test_sharded_loss_matches_one_device():
   for shape in ((1, 1, 1), (2, 2, 2)):
     mesh = mesh_lib.make_mesh(shape, devices=jax.devices()[:int(np.prod(shape))])
     setup = state_lib.setup_model(model_cfg, V, mesh, seed=0)
-    eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(setup.graphdef, step_lib.ELMO),
-                                       setup.param_shardings, mesh, step_lib.ELMO)
+    eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(setup.graphdef, elmo_family.OBJECTIVE),
+                                       setup.param_shardings, mesh, elmo_family.OBJECTIVE)
     with jax.set_mesh(mesh):
       results.append(jax.device_get(eval_step(state_lib.init_params(setup), mesh_lib.global_batch(batch, mesh))))
   for k in results[0]:

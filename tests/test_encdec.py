@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxssl import families
 from jaxssl import mesh as mesh_lib
 from jaxssl.config import load_config
 from jaxssl.data.examples import denoising as dn
 from jaxssl.errors import UserError
-from jaxssl.models import REGISTRY, encdec, heads
-from jaxssl.train import families
+from jaxssl.families import encdec as encdec_family
+from jaxssl.models import encdec, heads
 from jaxssl.train import state as state_lib
 from jaxssl.train import step as step_lib
 from test_lm_pretrain import ROOT, Docs, records  # tests/ is on sys.path under pytest
@@ -118,7 +119,7 @@ def test_config_errors():
   spec.loader.exec_module(module)
   for variant in module.VARIANTS:
     c = load_config(os.path.join(ROOT, 'configs', f'encdec.py:{variant}'))
-    REGISTRY[c.model.name].validate(c.model, c.tokenizer.vocab_size)
+    families.validate_config(c.model, c.tokenizer.vocab_size)
     assert dn.DenoisingConfig.from_config(c.data).corruptions == (
         ('mass',) if variant.startswith('mass') else ('text_infilling', 'sentence_permutation'))
   for bad in (dict(hidden_size=30), dict(num_decoder_layers=-1), dict(dropout_rate=1.0), dict(dtype='int8')):
@@ -227,7 +228,7 @@ def test_train_steps_lower_the_loss_and_a_sharded_mesh_gives_the_same_losses():
   train = ml_collections.ConfigDict(dict(steps=10, warmup_steps=0, learning_rate=3e-3, end_learning_rate=3e-3,
                                          weight_decay=0.01, b1=0.9, b2=0.98, eps=1e-6, grad_clip_norm=1.0))
   objective = families.family_for(cfg).objective
-  assert objective is step_lib.ENCDEC and set(families.ENCDEC.batch_shapes(
+  assert objective is encdec_family.OBJECTIVE and set(encdec_family.FAMILY.batch_shapes(
       ml_collections.ConfigDict({'data': {'seq_len': 12}}))) == set(objective.batch_ndims)
   rng = np.random.default_rng(0)
   tgt = rng.integers(5, V, (8, 12)).astype(np.int32)
@@ -276,7 +277,7 @@ def test_encoder_feeds_the_fine_tuning_heads_and_flops(model):
   # FLOPs: 6 x matmul params + attention, by hand.
   h, i, t = 32, 64, 20
   expect = 2 * (6 * (4 * h * h + 2 * h * i) + 12 * h * t) + 1 * (6 * (8 * h * h + 2 * h * i) + 24 * h * t) + 6 * h * V
-  assert REGISTRY['encdec'].flops_per_token(model_cfg(), V, t, 0) == expect
+  assert families.FAMILIES['encdec'].flops_per_token(model_cfg(), V, t, 0) == expect
 
 
 # ----- the pretraining job -----

@@ -101,7 +101,7 @@ def test_auto_resolves_to_xla_on_cpu_and_unknown_names_are_refused():
 def tiny_model(family, implementation):
   from flax import nnx
   from jaxssl.config import load_config
-  from jaxssl.models import build_model
+  from jaxssl.families import build_model
   c = load_config(f'configs/{family}.py:tiny').model
   c.update(num_layers=2, hidden_size=64, num_heads=2, intermediate_size=128, max_position=T, attention=implementation)
   with nnx.use_eager_sharding(False):

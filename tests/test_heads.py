@@ -15,7 +15,7 @@ from jaxssl.config import load_config
 from jaxssl.data import qa
 from jaxssl.errors import UserError
 from jaxssl.mesh import LOGICAL_AXIS_RULES
-from jaxssl.models import build_model
+from jaxssl.families import build_model
 from jaxssl.models.heads import KINDS, QA_MASK_VALUE, TaskModel, summarize_task, task_loss
 
 V, B, L, C = 50, 4, 16, 3

@@ -13,7 +13,8 @@ from jaxssl.config import load_config
 from jaxssl.convert import hf_llama
 from jaxssl.errors import UserError
 from jaxssl.mesh import LOGICAL_AXIS_RULES
-from jaxssl.models import build_model, flops_per_token, gpt, parts, validate_config
+from jaxssl.families import build_model, flops_per_token, validate_config
+from jaxssl.models import gpt, parts
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')

@@ -7,8 +7,9 @@ from flax import nnx
 
 from jaxssl.config import load_config
 from jaxssl.errors import UserError
-from jaxssl.models import build_model, gpt, lm_loss
-from jaxssl.train import step as step_lib
+from jaxssl.families import build_model
+from jaxssl.families import gpt as gpt_family
+from jaxssl.models import gpt, lm_loss
 
 B, T, H, V = 2, 16, 8, 50
 
@@ -55,7 +56,7 @@ def test_train_sums_and_gradients_same_with_and_without_chunks(variant):
       graphdef, params = nnx.split(build_model(c, V, rngs=nnx.Rngs(params=0)))
 
     def loss(params):
-      sums = step_lib.lm_sums(graphdef, params, batch, jax.random.key(3))
+      sums = gpt_family.lm_sums(graphdef, params, batch, jax.random.key(3))
       return sums['lm_loss'] / sums['lm_count'], sums
     (value, sums), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
     results.append((value, sums, grads))

@@ -6,6 +6,7 @@ import pytest
 from jaxssl import bench
 from jaxssl import config as config_lib
 from jaxssl import mesh as mesh_lib
+from jaxssl.families import bert as bert_family
 from jaxssl.train import state as state_lib
 from jaxssl.train import step as step_lib
 
@@ -30,8 +31,8 @@ def run_steps(config, mesh, n, *, dropout=True):
   tx, schedule = state_lib.make_optimizer(config.train), state_lib.make_schedule(config.train)
   state = state_lib.init_state(setup, tx)
   train_step = step_lib.jit_train_step(
-      step_lib.make_train_step(setup.graphdef, tx, schedule, config.train.microbatches),
-      state_lib.state_shardings(setup, tx), mesh)
+      step_lib.make_train_step(setup.graphdef, tx, schedule, config.train.microbatches, bert_family.OBJECTIVE),
+      state_lib.state_shardings(setup, tx), mesh, bert_family.OBJECTIVE)
   losses = []
   with jax.set_mesh(mesh):
     for i in range(n):
@@ -96,7 +97,7 @@ def test_sharded_gradients_equal_one_device(vocab, shape):
     setup = state_lib.setup_model(config.model, vocab, mesh, 0)
     params = state_lib.init_params(setup)
     def loss(p, b):
-      sums = step_lib.pretraining_sums(setup.graphdef, p, b, None)
+      sums = bert_family.bert_sums(setup.graphdef, p, b, None)
       return sums['mlm_loss'] / sums['mlm_count'] + sums['nsp_loss'] / sums['nsp_count']
     with jax.set_mesh(mesh):
       return jax.device_get(jax.jit(jax.grad(loss))(params, mesh_lib.global_batch(batch, mesh)))

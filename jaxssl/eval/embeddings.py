@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxssl import families
 from jaxssl.errors import UserError
 from jaxssl.eval import files
 
@@ -139,41 +140,33 @@ def piece_positions(tokenizer, items) -> tuple[list[list[int]], list[list[int]]]
 
 # ----- models -----
 
+def embedding_hooks(model):
+  """How the analysis runs `model`: its family's EmbeddingHooks; UserError for a family without them."""
+  family = families.family_of_model(model)
+  if family is None or family.embeddings is None:
+    raise UserError(f'a {type(model).__name__} export is not supported here: use a BERT, ELMo or GPT export')
+  return family.embeddings
+
+
 def model_kind(model) -> str:
-  from jaxssl.models import bert, elmo, gpt
-  if isinstance(model, bert.BertForPretraining):
-    return 'bert'
-  if isinstance(model, elmo.ElmoModel):
-    return 'elmo'
-  if isinstance(model, gpt.GPT):
-    return 'gpt'
-  raise UserError(f'a {type(model).__name__} export is not supported here: use a BERT, ELMo or GPT export')
+  """The family name of `model` ('bert', 'elmo', 'gpt'), as the report records it."""
+  embedding_hooks(model)
+  return families.family_of_model(model).name
 
 
 def num_layers(model) -> int:
   """Layers the `embeddings.layer` index counts (embedding output + one per block); GPT: only the last."""
-  return 1 if model_kind(model) == 'gpt' else model.config.num_layers + 1
+  return embedding_hooks(model).num_layers(model)
 
 
 def frame(model, tokenizer, ids: list[int]) -> tuple[list[int], int]:
   """(model input ids, offset of the sentence's first id in them)."""
-  kind = model_kind(model)
-  if kind == 'bert':
-    return [tokenizer.cls_id, *ids, tokenizer.sep_id], 1
-  bos = [tokenizer.bos_id] if kind == 'gpt' and getattr(tokenizer, 'bos_id', None) is not None else []
-  return [*bos, *ids], len(bos)
+  return embedding_hooks(model).frame(tokenizer, ids)
 
 
 def layer_stack(model, input_ids, mask) -> jax.Array:
   """[layers, B, T, H] float32 representations of right-padded `input_ids` [B, T] (`mask` 1 = real token)."""
-  kind = model_kind(model)
-  if kind == 'bert':
-    _, _, hidden = model.encode(input_ids, jnp.zeros_like(input_ids), mask, return_hidden_states=True)
-    return jnp.stack([h.astype(jnp.float32) for h in hidden])
-  if kind == 'elmo':
-    return model.embed(input_ids, mask).astype(jnp.float32)  # padding is its own segment: no leak either way
-  # GPT: causal, so right padding cannot reach real tokens; the final norm is part of the "final hidden state".
-  return model.features(input_ids).astype(jnp.float32)[None]
+  return embedding_hooks(model).layer_stack(model, input_ids, mask)
 
 
 def select_layer(stack: np.ndarray, layer) -> np.ndarray:
@@ -188,7 +181,7 @@ def select_layer(stack: np.ndarray, layer) -> np.ndarray:
 
 
 def check_layer(model, layer) -> None:
-  if model_kind(model) == 'gpt' and layer not in (-1, 'mix'):
+  if embedding_hooks(model).last_layer_only and layer not in (-1, 'mix'):
     raise UserError(f'embeddings.layer={layer}: GPT exports give only the final hidden state here: use -1')
   select_layer(np.zeros((num_layers(model), 1)), layer)
 
@@ -217,7 +210,7 @@ def contextual_vectors(model, tokenizer, ids, positions, *, layer, pooling) -> n
 
 def static_vectors(model, ids, positions, pooling: str) -> np.ndarray:
   """[N, E] context-free vectors: the input token-embedding rows of the target pieces, pooled."""
-  table = model.word_embeddings if model_kind(model) == 'bert' else model.token_embeddings
+  table = embedding_hooks(model).static_table(model)
   table = np.asarray(table.embedding[...], np.float32)
   return np.stack([pool(table[[row[p] for p in pos]], pooling) for row, pos in zip(ids, positions)])
 
@@ -280,7 +273,7 @@ def run(config, out: str) -> dict:
   path = data_path(emb)
   items = read_items(path, emb.occurrence, emb.ignore_case)
   name = ckpt_lib.read_export_config(emb.model).get('model', {}).get('name')
-  if name not in ('bert', 'elmo', 'gpt'):
+  if name not in families.FAMILIES or families.FAMILIES[name].embeddings is None:
     raise UserError(f'{emb.model} holds a {name} model: use a BERT, ELMo or GPT export')
   _, model, tokenizer = ckpt_lib.load_export(emb.model, mesh_lib.make_mesh(config.mesh.shape))
   layer = parse_layer(emb.layer)

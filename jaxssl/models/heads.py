@@ -38,7 +38,7 @@ from flax import nnx
 
 from jaxssl.errors import UserError
 from jaxssl.mesh import constrain
-from jaxssl.models import build_model
+from jaxssl.families import build_model
 from jaxssl.models.layers import Dense, dropout
 
 KINDS = ('classification', 'pair', 'regression', 'tagging', 'qa')

@@ -13,36 +13,18 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from flax import nnx
 from jax.experimental import multihost_utils
 
+from flax import nnx
+
 from jaxssl import config as config_lib
+from jaxssl import families
 from jaxssl import mesh as mesh_lib
 from jaxssl import paths
 from jaxssl.data import tokenizers
 from jaxssl.errors import UserError
 from jaxssl.models import vocab
 from jaxssl.train import state as state_lib
-
-# Keys of model config whose change makes old params unusable: a mismatch is a user error, not a crash.
-SHAPE_KEYS = ('name', 'num_layers', 'hidden_size', 'num_heads', 'intermediate_size', 'max_position',
-              'type_vocab_size', 'num_kv_heads', 'head_dim', 'norm', 'position', 'mlp', 'tie_embeddings',
-              'use_bias', 'attention_bias', 'num_decoder_layers', 'embed_size', 'lstm_size')
-# What a config without the key means (configs written before the Llama variant existed are GPT-2 ones).
-_SHAPE_DEFAULTS = {'norm': 'layernorm', 'position': 'learned', 'mlp': 'gelu', 'tie_embeddings': True,
-                   'use_bias': True, 'attention_bias': False}
-
-
-def _shape_value(model: dict, key: str):
-  """`model[key]` as it shapes params: defaults filled in, 0 kv heads / head dim resolved as GPTConfig does."""
-  value = model.get(key, _SHAPE_DEFAULTS.get(key))
-  if key == 'num_kv_heads' and not value:
-    return model.get('num_heads')
-  if key == 'num_decoder_layers' and not value:
-    return model.get('num_layers') if model.get('name') == 'encdec' else None
-  if key == 'head_dim' and not value and model.get('hidden_size') and model.get('num_heads'):
-    return model['hidden_size'] // model['num_heads']
-  return value
 
 
 class Checkpointer:
@@ -146,11 +128,17 @@ def _agree(attempt):
 
 
 def check_compatible(saved_config: dict, model_cfg, vocab_size: int, where: str) -> None:
-  """Raises UserError when params saved under `saved_config` cannot be loaded into the configured model."""
+  """Raises UserError when params saved under `saved_config` cannot be loaded into the configured model: another
+  model name, another value of one of its family's shape keys (older configs' defaults filled in), or vocabulary."""
   saved_model = dict(saved_config.get('model', {}))
   here = model_cfg.to_dict() if hasattr(model_cfg, 'to_dict') else dict(model_cfg)
-  diffs = [f'model.{k}: {_shape_value(saved_model, k)!r} there, {_shape_value(here, k)!r} here'
-           for k in SHAPE_KEYS if _shape_value(saved_model, k) != _shape_value(here, k)]
+  family = families.family_for(here)
+  if saved_model.get('name') != here.get('name'):
+    diffs = [f'model.name: {saved_model.get("name")!r} there, {here.get("name")!r} here']
+  else:
+    saved_shape, shape = family.shape(saved_model), family.shape(here)
+    diffs = [f'model.{k}: {saved_shape[k]!r} there, {shape[k]!r} here' for k in family.shape_keys
+             if saved_shape[k] != shape[k]]
   saved_vocab = saved_config.get('tokenizer', {}).get('vocab_size')
   if saved_vocab is not None and saved_vocab != vocab_size:
     diffs.append(f'tokenizer.vocab_size: {saved_vocab} there, {vocab_size} here')
@@ -211,6 +199,7 @@ def load_export_params(path: str, abstract_params):
     reason = (str(e).splitlines() or [''])[0][:200]
     raise UserError(f'{path}: its params do not fit the model its config.json describes ({reason}): '
                     're-export them with python -m jaxssl.export') from None
+
 
 def load_export(path: str, mesh=None):
   """Loads an export onto `mesh` (default: all devices, data-parallel): returns (config, model, tokenizer).

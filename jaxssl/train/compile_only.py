@@ -15,10 +15,9 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
+from jaxssl import families
 from jaxssl import mesh as mesh_lib
-from jaxssl import models
 from jaxssl.errors import UserError
-from jaxssl.train import families
 from jaxssl.train import state as state_lib
 from jaxssl.train import step as step_lib
 
@@ -108,7 +107,7 @@ def compile_report(config, topology: str, vocab_size: int, memory_per_device: fl
   # Donated state is updated in place, so the step needs the state once, the batch and its temporaries.
   total = params + optimizer + batch_bytes + temp
   tokens = t.batch_size * seq
-  model_flops = float(models.flops_per_token(config.model, vocab_size, seq, preds)) * tokens
+  model_flops = float(family.flops_per_token(config.model, vocab_size, seq, preds)) * tokens
   report = {
       'topology': described, 'devices': len(devices), 'mesh': dict(mesh.shape),
       'per_device_bytes': {'params': params, 'optimizer_state': optimizer, 'batch': batch_bytes,

@@ -1,30 +1,24 @@
-"""The pretraining loop: corpus → tokenizer → pipeline → jitted sharded step → metrics and checkpoints.
+"""The pretraining loop: corpus → tokenizer → family batches → jitted sharded step → metrics and checkpoints.
 
-One loop for every family: `families.family_for(model)` says what is trained and on which batches (BERT: masked
-LM + NSP from `data/pipeline.py`; GPT: next-token LM on packed documents from `data/lm_pipeline.py`).
-
-Read top to bottom. Resuming needs nothing but the step: the data position, the dropout keys and the learning
-rate are all functions of it, so rerunning the same command continues exactly where the last checkpoint was.
-SIGTERM (preemption) saves at a step every process agrees on and returns; a NaN/Inf loss stops the run (or
+One loop for every family: `families.family_for(config.model)` says what is trained and on which batches.
+Resuming needs nothing but the step: the data position, the dropout keys and the learning rate are all functions
+of it. SIGTERM (preemption) saves at a step every process agrees on and returns; a NaN/Inf loss stops the run (or
 skips the update) and is never saved; a damaged newest checkpoint gives way to the newest good one.
 """
 import json
 import math
 import os
-import time
 
 import jax
-import numpy as np
 from jax.experimental import multihost_utils
 
 from jaxssl import config as config_lib
+from jaxssl import families
 from jaxssl import mesh as mesh_lib
-from jaxssl import models
 from jaxssl.data import corpora, tokenizers
 from jaxssl.errors import JobFailed, UserError
 from jaxssl.models import vocab
 from jaxssl.train import checkpoint as ckpt_lib
-from jaxssl.train import families
 from jaxssl.train import metrics as metrics_lib
 from jaxssl.train import preemption
 from jaxssl.train import state as state_lib
@@ -46,44 +40,24 @@ def check_config(config) -> None:
       (config.checkpoint.every_steps > 0 and config.checkpoint.keep > 0,
        'checkpoint.every_steps and checkpoint.keep must be positive'),
   ]
-  if config.model.name == 'bert':
-    checks += [
-        (0 < d.max_predictions <= d.seq_len, f'data.max_predictions={d.max_predictions} must be in [1, seq_len]'),
-        (0.0 < d.mask_rate < 1.0, f'data.mask_rate={d.mask_rate} must be between 0 and 1'),
-    ]
+  family = families.family_for(config.model)
+  checks += family.config_checks(config)
   for ok, message in checks:
     if not ok:
       raise UserError(f'{message}: fix it with --config.<key>=<value>')
-  models.validate_config(config.model, config.tokenizer.vocab_size)
-  if config.model.name == 'encdec':  # corruption settings fail here, not after the tokenizer is trained
-    from jaxssl.data.examples import denoising  # noqa: PLC0415
-    denoising.DenoisingConfig.from_config(config.data)
-  elif config.model.name == 'bert':
-    from jaxssl.data.examples import bert_pipeline as pipeline  # noqa: PLC0415
-    pipeline.masking_args(config.data)
-    m = config.model
-    if m.get('attention_type', 'full') == 'block_sparse' and d.seq_len >= m.sparse_min_length:
-      from jaxssl.models import attention  # noqa: PLC0415
-      attention.check_layout(d.seq_len, m.block_size, m.num_random_blocks)
+  family.validate(config.model, config.tokenizer.vocab_size)
+  family.check_config(config)  # e.g. corruption settings fail here, not after the tokenizer is trained
   mesh_lib.resolve_mesh_shape(config.mesh.shape, jax.device_count())
 
 
-def evaluate(eval_step, params, batches, mesh, objective=step_lib.BERT, words: float = 0.0) -> dict:
-  """Held-out metrics over the fixed batches: BERT's MLM/NSP accuracy and MLM perplexity; GPT's per-token loss,
-  accuracy and perplexity (and per-word perplexity when `words`, the words those batches predict, is given)."""
+def evaluate(eval_step, params, batches, mesh, objective, words: float = 0.0) -> dict:
+  """Held-out metrics over the fixed batches: the objective's summarized sums and perplexities (per word too
+  when `words`, the words those batches predict, is given)."""
   totals = None
   for local in batches:
     sums = jax.device_get(eval_step(params, mesh_lib.global_batch(local, mesh)))
     totals = sums if totals is None else {k: totals[k] + sums[k] for k in sums}
-  result = {k: float(v) for k, v in objective.summarize(totals).items()}
-  if 'mlm_loss' in result:
-    result['mlm_perplexity'] = float(np.exp(result['mlm_loss']))
-  else:
-    result['perplexity'] = float(np.exp(result['loss']))
-    if words:
-      # The same total log-likelihood spread over words instead of pieces: comparable across tokenizers.
-      result['word_perplexity'] = float(np.exp(float(totals['lm_loss']) / words))
-  return result
+  return objective.eval_metrics(totals, words)
 
 
 # Model settings a run may choose freely when it starts from an export (how it computes, not what it computes).
@@ -137,79 +111,29 @@ def run_pretraining(config, workdir: str) -> dict:
   """Trains (or resumes) to `config.train.steps`; returns the last logged metrics."""
   is_main = jax.process_index() == 0
   say = print if is_main else (lambda *a, **k: None)
-  init_from = config.get('init_from', '')
-  if init_from:
-    adopt_export_model(config, init_from, say)
-  check_config(config)
-  checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
-                                      directory=config.checkpoint.get('directory', ''))
-  _, saved = checkpointer.newest_readable_meta()
-  if saved is not None:
-    ckpt_lib.check_compatible(saved['config'], config.model, config.tokenizer.vocab_size, workdir)
-
-  # Data and tokenizer (process 0 trains the tokenizer; the others wait for it, then load the same file).
-  sources = corpora.load_corpus(config.data.corpus, config.data.data_dir,
-                                ptb_sentences_per_doc=config.data.ptb_sentences_per_doc,
-                                validation_fraction=config.data.validation_fraction,
-                                language_temperature=config.data.get('language_temperature', 0.3),
-                                seed=config.train.seed)
-  if init_from:
-    tokenizer = adopt_export_tokenizer(init_from, workdir, is_main)
-  else:
-    tokenizer = tokenizers.get_or_train_tokenizer(
-        workdir, lambda: corpora.iter_sentences(sources['train'], limit=config.tokenizer.max_training_sentences),
-        config.tokenizer, process_index=jax.process_index())
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices('tokenizer ready')
-    tokenizer = tokenizers.load_tokenizer(workdir)
-  vocab_size = config.tokenizer.vocab_size if init_from else tokenizer.vocab_size
-
-  # Mesh, model and optimizer, born sharded.
-  mesh = mesh_lib.make_mesh(config.mesh.shape)
+  checkpointer = _checked_checkpointer(config, workdir, say)
+  sources, tokenizer, vocab_size = _corpus_and_tokenizer(config, workdir, is_main)
+  mesh = _mesh(config)
   t = config.train
-  if t.batch_size % mesh_lib.batch_divisor(mesh) or (t.batch_size // t.microbatches) % mesh_lib.batch_divisor(mesh):
-    raise UserError(f'train.batch_size={t.batch_size} (per microbatch {t.batch_size // t.microbatches}) must be a '
-                    f'multiple of the data*fsdp mesh size {mesh_lib.batch_divisor(mesh)}: change '
-                    '--config.train.batch_size or --config.mesh.shape')
   setup = state_lib.setup_model(config.model, vocab_size, mesh, t.seed)
   tx, schedule = state_lib.make_optimizer(t), state_lib.make_schedule(t)
-  shardings = state_lib.state_shardings(setup, tx)
-  latest, state = checkpointer.restore_newest_good(state_lib.abstract_state(setup, tx), say)
-  if latest is not None:
-    start = int(jax.device_get(state['step']))
-  else:
-    # A new run starts from the export's params when init_from names one (a resumed run ignores it: its own
-    # checkpoint is newer); the optimizer state is always fresh.
-    params = ckpt_lib.load_export_params(init_from, setup.abstract_params) if init_from else None
-    state = state_lib.init_state(setup, tx, params)
-    start = 0
-  n_params = state_lib.param_count(state['params'])
-  flops_per_token = models.flops_per_token(config.model, vocab_size, config.data.seq_len,
+  start, state, resumed = _restore_or_init(config, setup, tx, checkpointer, say)
+  family = families.family_for(config.model)
+  flops_per_token = family.flops_per_token(config.model, vocab_size, config.data.seq_len,
                                            config.data.max_predictions)
-  say(f'jaxssl pretrain: {config.model.name} {config.get("variant", "")} | {n_params / 1e6:.2f}M params | '
-      f'vocab {vocab_size} | mesh {dict(mesh.shape)} over {jax.device_count()} devices, '
-      f'{jax.process_count()} process(es) | batch {t.batch_size} x {config.data.seq_len} | '
-      f'{"resuming from step " + str(start) if latest is not None else "starting at step 0"}'
-      f'{" from " + init_from if init_from and latest is None else ""} → {t.steps} | '
-      f'workdir {workdir}', flush=True)
+  _announce(config, workdir, state, vocab_size, mesh, start, resumed, say)
   if is_main:
     _write_atomic(os.path.join(workdir, 'config.json'), config_lib.to_json(config))
 
-  family = families.family_for(config.model)
   objective = family.objective
-  train_step = step_lib.jit_train_step(
-      step_lib.make_train_step(setup.graphdef, tx, schedule, t.microbatches, objective), shardings, mesh, objective)
+  train_step = step_lib.jit_train_step(step_lib.make_train_step(setup.graphdef, tx, schedule, t.microbatches,
+                                                                objective), state_lib.state_shardings(setup, tx),
+                                       mesh, objective)
   eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(setup.graphdef, objective), setup.param_shardings,
                                      mesh, objective)
   where = dict(seed=t.seed, process_index=jax.process_index(), process_count=jax.process_count())
   batches = family.train_batches(sources['train'], tokenizer, config, start_step=start, **where)
-  eval_batches = family.eval_batches(sources['validation'], tokenizer, config, **where)
-  words, extra_eval = family.eval_context(eval_batches, tokenizer)
-  # A multilingual corpus is also evaluated per language: metrics eval_<tag>_* beside the overall eval_*.
-  by_language = {}
-  for lang, source in sources.get('validation_by_language', {}).items():
-    lang_batches = family.eval_batches(source, tokenizer, config, **where)
-    by_language[lang] = (lang_batches, *family.eval_context(lang_batches, tokenizer))
+  held_out = HeldOut(family, sources, tokenizer, config, where)
 
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start, total_steps=t.steps)
   peak = metrics_lib.peak_flops_per_device(config.log.peak_flops_per_device) * jax.device_count()
@@ -235,15 +159,7 @@ def run_pretraining(config, workdir: str) -> dict:
           writer.write(done, last)
           writer.progress(done, last)
         if done % config.eval.every_steps == 0 or done == t.steps:
-          result = {**evaluate(eval_step, state['params'], eval_batches, mesh, objective, words), **extra_eval}
-          writer.log(f'eval at step {done}: ' + ' '.join(f'{k}={v:.4g}' for k, v in result.items()))
-          for lang, (lang_batches, lang_words, lang_extra) in by_language.items():
-            lang_result = {**evaluate(eval_step, state['params'], lang_batches, mesh, objective, lang_words),
-                           **lang_extra}
-            writer.log(f'eval {lang} at step {done}: ' + ' '.join(f'{k}={v:.4g}' for k, v in lang_result.items()))
-            result.update({f'{lang}_{k}': v for k, v in lang_result.items()})
-          writer.write(done, result, prefix='eval_')
-          last.update({'eval_' + k: v for k, v in result.items()})
+          last.update(held_out.evaluate(eval_step, state['params'], mesh, done, writer))
           throughput.reset(done)
         preempted = watch.stop_at(done)
         if done % config.checkpoint.every_steps == 0 or done == t.steps or preempted:
@@ -261,6 +177,100 @@ def run_pretraining(config, workdir: str) -> dict:
     writer.close()
   say(f'done: step {t.steps}; checkpoints in {checkpointer.directory}', flush=True)
   return last
+
+
+def _checked_checkpointer(config, workdir: str, say) -> ckpt_lib.Checkpointer:
+  """Adopts an `init_from` export's model, checks the config, and opens the run's checkpoints (refusing ones of
+  another model shape)."""
+  init_from = config.get('init_from', '')
+  if init_from:
+    adopt_export_model(config, init_from, say)
+  check_config(config)
+  checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
+                                      directory=config.checkpoint.get('directory', ''))
+  _, saved = checkpointer.newest_readable_meta()
+  if saved is not None:
+    ckpt_lib.check_compatible(saved['config'], config.model, config.tokenizer.vocab_size, workdir)
+  return checkpointer
+
+
+def _corpus_and_tokenizer(config, workdir: str, is_main: bool):
+  """(corpus splits, tokenizer, vocabulary size): process 0 trains the tokenizer (or copies the export's); the
+  others wait for it, then load the same file."""
+  init_from = config.get('init_from', '')
+  sources = corpora.load_corpus(config.data.corpus, config.data.data_dir,
+                                ptb_sentences_per_doc=config.data.ptb_sentences_per_doc,
+                                validation_fraction=config.data.validation_fraction,
+                                language_temperature=config.data.get('language_temperature', 0.3),
+                                seed=config.train.seed)
+  if init_from:
+    tokenizer = adopt_export_tokenizer(init_from, workdir, is_main)
+  else:
+    tokenizer = tokenizers.get_or_train_tokenizer(
+        workdir, lambda: corpora.iter_sentences(sources['train'], limit=config.tokenizer.max_training_sentences),
+        config.tokenizer, process_index=jax.process_index())
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('tokenizer ready')
+    tokenizer = tokenizers.load_tokenizer(workdir)
+  return sources, tokenizer, config.tokenizer.vocab_size if init_from else tokenizer.vocab_size
+
+
+def _mesh(config):
+  """The device mesh; UserError when a (micro)batch does not split over its data*fsdp axes."""
+  mesh = mesh_lib.make_mesh(config.mesh.shape)
+  t = config.train
+  if t.batch_size % mesh_lib.batch_divisor(mesh) or (t.batch_size // t.microbatches) % mesh_lib.batch_divisor(mesh):
+    raise UserError(f'train.batch_size={t.batch_size} (per microbatch {t.batch_size // t.microbatches}) must be a '
+                    f'multiple of the data*fsdp mesh size {mesh_lib.batch_divisor(mesh)}: change '
+                    '--config.train.batch_size or --config.mesh.shape')
+  return mesh
+
+
+def _restore_or_init(config, setup, tx, checkpointer, say):
+  """(start step, train state, resumed): the newest good checkpoint, or a new state born sharded."""
+  latest, state = checkpointer.restore_newest_good(state_lib.abstract_state(setup, tx), say)
+  if latest is not None:
+    return int(jax.device_get(state['step'])), state, True
+  # A new run starts from the export's params when init_from names one (a resumed run ignores it: its own
+  # checkpoint is newer); the optimizer state is always fresh.
+  init_from = config.get('init_from', '')
+  params = ckpt_lib.load_export_params(init_from, setup.abstract_params) if init_from else None
+  return 0, state_lib.init_state(setup, tx, params), False
+
+
+def _announce(config, workdir, state, vocab_size, mesh, start, resumed, say) -> None:
+  """The run's one-line banner."""
+  t, init_from = config.train, config.get('init_from', '')
+  n_params = state_lib.param_count(state['params'])
+  say(f'jaxssl pretrain: {config.model.name} {config.get("variant", "")} | {n_params / 1e6:.2f}M params | '
+      f'vocab {vocab_size} | mesh {dict(mesh.shape)} over {jax.device_count()} devices, '
+      f'{jax.process_count()} process(es) | batch {t.batch_size} x {config.data.seq_len} | '
+      f'{"resuming from step " + str(start) if resumed else "starting at step 0"}'
+      f'{" from " + init_from if init_from and not resumed else ""} → {t.steps} | '
+      f'workdir {workdir}', flush=True)
+
+
+class HeldOut:
+  """The fixed held-out batches (and per language, for a multilingual corpus: metrics eval_<tag>_*) with what
+  the family adds to their metrics (words predicted, baselines)."""
+
+  def __init__(self, family, sources, tokenizer, config, where: dict):
+    self.objective = family.objective
+    self.sets = {}  # '' (overall) or a language tag -> (batches, words, extra metrics)
+    for lang, source in [('', sources['validation']), *sources.get('validation_by_language', {}).items()]:
+      batches = family.eval_batches(source, tokenizer, config, **where)
+      self.sets[lang] = (batches, *family.eval_context(batches, tokenizer))
+
+  def evaluate(self, eval_step, params, mesh, step: int, writer) -> dict:
+    """Evaluates every set, logs and writes the metrics; returns them as eval_* keys."""
+    result = {}
+    for lang, (batches, words, extra) in self.sets.items():
+      metrics = {**evaluate(eval_step, params, batches, mesh, self.objective, words), **extra}
+      writer.log(f'eval{" " + lang if lang else ""} at step {step}: ' +
+                 ' '.join(f'{k}={v:.4g}' for k, v in metrics.items()))
+      result.update({f'{lang}_{k}' if lang else k: v for k, v in metrics.items()})
+    writer.write(step, result, prefix='eval_')
+    return {'eval_' + k: v for k, v in result.items()}
 
 
 class FiniteLossCheck:

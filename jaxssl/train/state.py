@@ -14,7 +14,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxssl import mesh as mesh_lib
-from jaxssl import models
+from jaxssl import families
 
 
 def make_schedule(tc) -> optax.Schedule:
@@ -88,7 +88,7 @@ class ModelSetup:
 
 def setup_model(model_cfg, vocab_size: int, mesh, seed: int = 0) -> ModelSetup:
   """`setup_module` for the model named by `model_cfg.name`."""
-  return setup_module(lambda rngs: models.build_model(model_cfg, vocab_size, rngs=rngs), mesh, seed)
+  return setup_module(lambda rngs: families.build_model(model_cfg, vocab_size, rngs=rngs), mesh, seed)
 
 
 def setup_module(build: Callable[[nnx.Rngs], nnx.Module], mesh, seed: int = 0) -> ModelSetup:

@@ -1,0 +1,44 @@
+"""The pretraining families, registered once by `model.name`: bert, gpt, encdec, elmo.
+
+  family = families.family_for(config.model)
+  model = family.build(config.model, vocab_size, rngs=nnx.Rngs(params=seed))
+  batches = family.train_batches(sources['train'], tokenizer, config, start_step=s, **where)
+
+Each family module holds its model builder, objective, batches, config checks, checkpoint shape keys and
+embedding hooks (family.py says what a Family is). A new family is one module here plus one line in FAMILIES.
+"""
+from flax import nnx
+
+from jaxssl.errors import UserError
+from jaxssl.families import bert, elmo, encdec, gpt
+from jaxssl.families.family import Family
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (bert.FAMILY, gpt.FAMILY, encdec.FAMILY, elmo.FAMILY)}
+
+
+def family_for(model_cfg) -> Family:
+  """The family of `model_cfg.name` (a config section or a dict); UserError for an unknown name."""
+  name = model_cfg.get('name') if hasattr(model_cfg, 'get') else getattr(model_cfg, 'name', None)
+  if name not in FAMILIES:
+    raise UserError(f'model.name={name!r} is not a known model; use one of {sorted(FAMILIES)}')
+  return FAMILIES[name]
+
+
+def family_of_model(model) -> Family | None:
+  """The family whose module `model` is, or None."""
+  return next((f for f in FAMILIES.values() if isinstance(model, f.model_class)), None)
+
+
+def build_model(model_cfg, vocab_size: int, *, rngs: nnx.Rngs) -> nnx.Module:
+  """The model named by `model_cfg.name`. Sharded if called under `jax.set_mesh` + `nnx.logical_axis_rules`."""
+  return family_for(model_cfg).build(model_cfg, vocab_size, rngs=rngs)
+
+
+def flops_per_token(model_cfg, vocab_size: int, seq_len: int, max_predictions: int) -> float:
+  """Training (fwd + bwd) matmul FLOPs per token of the model named by `model_cfg.name` (feeds MFU)."""
+  return family_for(model_cfg).flops_per_token(model_cfg, vocab_size, seq_len, max_predictions)
+
+
+def validate_config(model_cfg, vocab_size: int) -> None:
+  """Raises UserError for a model config that cannot be built, before any data or tokenizer work starts."""
+  family_for(model_cfg).validate(model_cfg, vocab_size)
