@@ -9,6 +9,8 @@ import json
 import os
 import sys
 
+from etils import epath
+
 from jaxssl import config as config_lib
 from jaxssl import paths
 from jaxssl import runtime
@@ -17,7 +19,6 @@ from jaxssl.errors import UserError, exit_on_user_error
 
 def checkpoint_directory(workdir: str):
   """Where a run's checkpoints are: its config's checkpoint.directory (e.g. a bucket), else WORKDIR/checkpoints."""
-  from etils import epath
   config_file = epath.Path(workdir) / 'config.json'
   directory = json.loads(config_file.read_text()).get('checkpoint', {}).get('directory') if config_file.exists() else ''
   return epath.Path(directory) if directory else epath.Path(workdir) / 'checkpoints'

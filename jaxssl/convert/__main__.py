@@ -39,7 +39,7 @@ def _source_kind(src: str) -> str:
 
 
 def _export_kind(src: str) -> str:
-  from jaxssl.train import checkpoint as ckpt_lib
+  from jaxssl.train import checkpoint as ckpt_lib  # noqa: PLC0415 (a job: jax modules load in main)
   name = ckpt_lib.read_export_config(src).get('model', {}).get('name')
   if name not in ('bert', 'gpt'):
     raise UserError(f'{src} holds model.name={name!r}: only bert and gpt exports convert to HF')
@@ -60,7 +60,7 @@ def main(argv=None):
   args.src, args.out = paths.absolute(args.src), paths.absolute(args.out)
   kind = _source_kind(args.src) if args.command == 'from-hf' else _export_kind(args.src)
   runtime.setup()
-  from jaxssl.convert import decoder, hf_bert
+  from jaxssl.convert import decoder, hf_bert  # noqa: PLC0415 (jax after runtime.setup)
   if args.command == 'from-hf':
     if kind == 'bert':
       hf_bert.from_hf(args.src, args.out, overwrite=args.overwrite, seed=args.seed)

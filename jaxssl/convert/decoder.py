@@ -12,16 +12,26 @@ transformers 4's layout (rope_theta, rope_scaling, torch_dtype) or 5's (rope_par
 take the model type's transformers defaults (hf_defaults). A pytorch_model.bin needs torch; without it the
 error says how to re-save the checkpoint as safetensors.
 """
+import importlib
 import json
 import math
 import os
 import shutil
 import tempfile
 
+import jax
+import ml_dtypes
 import numpy as np
+from safetensors.numpy import save_file
 
 from jaxssl import config as config_lib
+from jaxssl import mesh as mesh_lib
+from jaxssl.convert import gguf_file
+from jaxssl.data import hf_tokenizer, tokenizers
 from jaxssl.errors import UserError
+from jaxssl.models import vocab
+from jaxssl.train import checkpoint as ckpt_lib
+from jaxssl.train import state as state_lib
 
 BASE_CONFIG = os.path.join(os.path.dirname(__file__), '..', '..', 'configs', 'gpt.py') + ':small'
 # model_type in config.json -> the module holding its weight layout.
@@ -31,7 +41,6 @@ _SAFETENSORS_DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 
 
 
 def _layout(model_type: str):
-  import importlib
   if model_type not in LAYOUTS:
     raise UserError(f'config.json has model_type={model_type!r}: decoders convert from {sorted(LAYOUTS)} '
                     '(and BERT from "bert")')
@@ -54,7 +63,6 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
   Read here rather than with `safetensors.numpy` because numpy has no bfloat16, the dtype most public decoder
   checkpoints ship in; ml_dtypes (a JAX dependency) supplies it, and it is widened to float32 here.
   """
-  import ml_dtypes
   dtypes = {**_SAFETENSORS_DTYPES, 'BF16': ml_dtypes.bfloat16}
   try:
     with open(path, 'rb') as f:
@@ -79,7 +87,7 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
 def _import_torch():
   """torch, or None where it is not installed (jaxssl needs it only to read pytorch_model.bin files)."""
   try:
-    import torch  # pylint: disable=import-outside-toplevel
+    import torch  # noqa: PLC0415 (optional: only pytorch_model.bin files need it)
   except ImportError:
     return None
   return torch
@@ -144,7 +152,6 @@ def saved_class(hf_config: dict, default: str) -> str:
 
 def read_tokenizer(directory: str):
   """The checkpoint's tokenizer (tokenizer.json, else vocab.json + merges.txt) as an HFTokenizer."""
-  from jaxssl.data import hf_tokenizer
   if os.path.isfile(os.path.join(directory, 'tokenizer.json')):
     return hf_tokenizer.HFTokenizer.from_file(os.path.join(directory, 'tokenizer.json'))
   if os.path.isfile(os.path.join(directory, hf_tokenizer.VOCAB_JSON)):
@@ -157,8 +164,6 @@ def read_tokenizer(directory: str):
 def read_checkpoint(src: str):
   """(HF config dict, {HF name: numpy array}, HFTokenizer) of a HF directory or a .gguf file."""
   if src.endswith('.gguf'):
-    from jaxssl.convert import gguf_file
-    from jaxssl.data import hf_tokenizer
     if not os.path.isfile(src):
       raise UserError(f'{src} not found: pass a .gguf file or a HuggingFace checkpoint directory')
     ckpt = gguf_file.read_gguf(src)
@@ -181,8 +186,6 @@ def read_checkpoint(src: str):
 # ----- export <-> HF -----
 
 def _one_device_mesh():
-  import jax
-  from jaxssl import mesh as mesh_lib
   return mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1])
 
 
@@ -215,9 +218,6 @@ def from_hf(src: str, out: str, *, overwrite: bool = False) -> dict:
   `jaxssl.train.checkpoint.load_export` (generate, ICL evaluation, fine-tuning, continued pretraining via init_from).
   Returns the export's config dict.
   """
-  import jax
-  from jaxssl.train import checkpoint as ckpt_lib
-  from jaxssl.train import state as state_lib
   hf_config, tensors, tokenizer = read_checkpoint(src)
   layout = _layout(hf_config.get('model_type', ''))
   model_cfg, params = layout.params_from_hf(tensors, hf_config)
@@ -248,12 +248,6 @@ def is_llama_layout(model_cfg) -> bool:
 def to_hf(src: str, out: str, *, overwrite: bool = False) -> dict:
   """Writes the jaxssl GPT export `src` as a HF directory `out` (GPT2LMHeadModel or LlamaForCausalLM, by its
   model section); returns the written config.json dict."""
-  import jax
-  from safetensors.numpy import save_file
-  from jaxssl.data import tokenizers
-  from jaxssl.models import vocab
-  from jaxssl.train import checkpoint as ckpt_lib
-  from jaxssl.train import state as state_lib
   saved = ckpt_lib.read_export_config(src)
   if saved.get('model', {}).get('name') != 'gpt':
     raise UserError(f"{src} holds model.name={saved.get('model', {}).get('name')!r}: this converts GPT exports "
@@ -269,7 +263,6 @@ def to_hf(src: str, out: str, *, overwrite: bool = False) -> dict:
   tokenizer = tokenizers.load_tokenizer(src)
   vocab.check_rows(tokenizer.vocab_size, vocab_size, src)  # padding rows past the ids are written back unchanged
   if isinstance(tokenizer, tokenizers.SentencePieceTokenizer):  # a jaxssl-pretrained GPT: give HF a tokenizer.json
-    from jaxssl.data import hf_tokenizer
     tokenizer = hf_tokenizer.from_sentencepiece(tokenizer)
   for role in ('bos', 'eos', 'pad'):
     token_id = getattr(tokenizer, 'sep_id' if role == 'eos' else f'{role}_id', None)

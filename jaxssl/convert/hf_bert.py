@@ -25,12 +25,21 @@ import os
 import re
 import shutil
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
+from safetensors.numpy import save_file
 
 from jaxssl import config as config_lib
+from jaxssl import mesh as mesh_lib
+from jaxssl.convert import decoder  # its weight-file readers (safetensors, shards, bfloat16, pytorch_model.bin)
 from jaxssl.convert import hf_defaults
 from jaxssl.convert import param_tree
+from jaxssl.data import tokenizers
 from jaxssl.errors import UserError
+from jaxssl.models import vocab
+from jaxssl.train import checkpoint as ckpt_lib
+from jaxssl.train import state as state_lib
 
 BASE_CONFIG = os.path.join(os.path.dirname(__file__), '..', '..', 'configs', 'bert.py') + ':base'
 LAYER_NORM_EPS = 1e-12  # the eps jaxssl's LayerNorm uses
@@ -298,8 +307,6 @@ def _copy_tokenizer(src: str, dst: str) -> list[str]:
 
 
 def _one_device_mesh():
-  import jax
-  from jaxssl import mesh as mesh_lib
   return mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1])
 
 
@@ -309,12 +316,6 @@ def from_hf(src: str, out: str, *, overwrite: bool = False, seed: int = 0) -> di
   `out` holds params/ (orbax), config.json and the HF tokenizer files, readable by
   `jaxssl.train.checkpoint.load_export`. Heads the checkpoint lacks are initialised from `seed`.
   """
-  import jax
-  import orbax.checkpoint as ocp
-  from jaxssl.convert import decoder  # its weight-file readers (safetensors, shards, bfloat16, pytorch_model.bin)
-  from jaxssl.data import tokenizers
-  from jaxssl.models import vocab
-  from jaxssl.train import state as state_lib
   hf = _read_json(os.path.join(src, 'config.json'))
   hf_class = decoder.saved_class(hf, 'AutoModel')
   weights, _ = decoder.weight_files(src, hf_class)  # checked before anything is read: a .bin without torch fails here
@@ -356,12 +357,6 @@ def from_hf(src: str, out: str, *, overwrite: bool = False, seed: int = 0) -> di
 
 def to_hf(src: str, out: str, *, overwrite: bool = False) -> dict:
   """Writes the jaxssl export `src` as a HF BERT directory `out` (BertForPreTraining); returns its config.json."""
-  import jax
-  from safetensors.numpy import save_file
-  from jaxssl.data import tokenizers
-  from jaxssl.models import vocab
-  from jaxssl.train import checkpoint as ckpt_lib
-  from jaxssl.train import state as state_lib
   saved = ckpt_lib.read_export_config(src)
   if saved.get('model', {}).get('name') != 'bert':
     raise UserError(f"{src} holds model.name={saved.get('model', {}).get('name')!r}: only 'bert' converts to HF BERT")

@@ -14,6 +14,7 @@ split into the q, k, v kernels (H, heads, head_dim). Per-layer tensors fill slic
 import re
 
 import numpy as np
+from safetensors.numpy import load_file
 
 from jaxssl.convert import hf_defaults
 from jaxssl.convert import param_tree
@@ -182,7 +183,6 @@ def params_to_hf(params: dict, model_cfg) -> tuple[dict, dict]:
 
 def load_safetensors(path: str) -> dict:
   """HF `model.safetensors` -> {name: numpy array}; a clear UserError when it cannot be read."""
-  from safetensors.numpy import load_file
   try:
     return load_file(path)
   except Exception as e:  # safetensors raises its own error types (and numpy has no bfloat16)

@@ -178,7 +178,7 @@ def from_sentencepiece(sp_tokenizer) -> HFTokenizer:
   control piece ("[MASK]") becomes that piece here but unknown-character pieces in sentencepiece (and
   transformers' AutoTokenizer turns such text into the special id in any case).
   """
-  from sentencepiece import sentencepiece_model_pb2  # pylint: disable=import-outside-toplevel
+  from sentencepiece import sentencepiece_model_pb2  # noqa: PLC0415 (protobuf, only for this conversion)
   proto = sentencepiece_model_pb2.ModelProto()
   proto.ParseFromString(sp_tokenizer.serialized())
   vocab = [(p.piece, p.score) for p in proto.pieces]

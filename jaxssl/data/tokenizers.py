@@ -265,7 +265,8 @@ def load_tokenizer(path: str) -> TextTokenizer:
   decoders), vocab.txt (BERT WordPiece) or vocab.json + merges.txt (GPT-2 BPE).
   A directory's tokenizer.model that is not jaxssl's (Llama 2 ships one beside its tokenizer.json) yields to
   the tokenizer.json. Raises UserError naming what was looked for when there is none."""
-  from jaxssl.data import hf_tokenizer, wordpiece  # pylint: disable=import-outside-toplevel  (only when needed)
+  # HuggingFace tokenizers loads only when a file needs it (sentencepiece-only jobs never import it).
+  from jaxssl.data import hf_tokenizer, wordpiece  # noqa: PLC0415
   names = (MODEL_FILENAME, JSON_FILENAME, wordpiece.VOCAB_FILENAME, hf_tokenizer.VOCAB_JSON)
   if os.path.isdir(path):
     found = [n for n in names if os.path.isfile(os.path.join(path, n))]
@@ -299,6 +300,6 @@ def load_tokenizer(path: str) -> TextTokenizer:
 def __getattr__(name):
   # `tokenizers.WordPieceTokenizer` without importing HuggingFace tokenizers in every job.
   if name == 'WordPieceTokenizer':
-    from jaxssl.data import wordpiece  # pylint: disable=import-outside-toplevel
+    from jaxssl.data import wordpiece  # noqa: PLC0415 (lazy, as above)
     return wordpiece.WordPieceTokenizer
   raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
