@@ -29,12 +29,13 @@ def evaluate_export(path: str, data: str, batch_size: int, mesh):
   Scores `data` (a file, or a split when the task reads TFDS) when given, else each of the run's
   `task.eval_sets` (MNLI: matched and mismatched), else its dev set.
   """
+  # Imported here, after runtime.setup has configured jax (as every job does).
   import ml_collections
-  from jaxssl.data import tasks, tokenizers
-  from jaxssl.models import heads, vocab
+  from jaxssl import tasks
+  from jaxssl.data import tokenizers
+  from jaxssl.models import vocab
   from jaxssl.train import checkpoint as ckpt_lib
   from jaxssl.train import finetune
-  from jaxssl.train import state as state_lib
   saved = ckpt_lib.read_export_config(path)
   if 'task' not in saved or 'finetune' not in saved:
     raise UserError(f'{path} is a pretraining export, not a fine-tuned one: evaluate DIR/export of '
@@ -44,24 +45,23 @@ def evaluate_export(path: str, data: str, batch_size: int, mesh):
   tokenizer = tokenizers.load_tokenizer(path)
   vocab.check_rows(tokenizer.vocab_size, saved['vocab_size'], path)  # more rows than ids: a padded vocabulary
   seq_len = saved['finetune']['data']['seq_len']
-  model_cfg = ml_collections.ConfigDict(saved['model'])
-  setup = state_lib.setup_module(
-      lambda rngs: heads.TaskModel(model_cfg, saved['vocab_size'], kind=info['kind'], num_labels=info['num_labels'],
-                                   rngs=rngs), mesh)
+  kind = tasks.get(info['kind'])
+  setup = finetune.task_model_setup(ml_collections.ConfigDict(saved['model']), saved['vocab_size'], kind.name,
+                                    info['num_labels'], mesh)
   params = ckpt_lib.load_export_params(path, setup.abstract_params)
   results, predict = {}, None
   for name, source in sets.items():
-    examples, _ = tasks.read_task_split(task_cfg, source)
-    features, qa_infos = finetune.featurize_task(task_cfg, examples, tokenizer, seq_len, info['labels'])
-    predict = predict or finetune.make_predictor(setup, mesh, features, batch_size)
-    outputs = predict(params, features)
-    results[name] = finetune.dev_metrics(task_cfg, info['labels'], outputs, features, examples, qa_infos)
+    examples, _ = tasks.read_split(task_cfg, source)
+    features, decode_info = kind.featurize(task_cfg, examples, tokenizer, seq_len, info['labels'])
+    predict = predict or finetune.make_predictor(setup, mesh, features, batch_size, kind)
+    results[name] = kind.dev_metrics(task_cfg, info['labels'], predict(params, features), features, examples,
+                                     decode_info)
   return results, task_cfg
 
 
 def headline(name: str, metrics: dict, best_metric: str) -> float:
   """A task's single figure: the mean of its GLUE metrics for GLUE tasks, else its best-checkpoint metric."""
-  from jaxssl.eval import metrics as metrics_lib
+  from jaxssl.tasks import metrics as metrics_lib
   glue = metrics_lib.GLUE_TASKS.get(name)
   keys = [k for k in (glue or ()) if k in metrics] or [best_metric]
   return sum(metrics[k] for k in keys) / len(keys)
@@ -96,7 +96,7 @@ def run(config, out: str) -> dict:
     from jaxssl.eval import embeddings
     return embeddings.run(config, out)
   from jaxssl import mesh as mesh_lib
-  from jaxssl.eval import metrics as metrics_lib
+  from jaxssl.tasks import metrics as metrics_lib
   if not config.params:
     raise UserError('pass --config.params=DIR/export (a fine-tuned export; in a suite use {task} in the path)')
   mesh = mesh_lib.make_mesh(config.mesh.shape)

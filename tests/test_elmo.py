@@ -17,7 +17,8 @@ from jaxssl.config import load_config
 from jaxssl.errors import UserError
 from jaxssl.families import elmo as elmo_family
 from jaxssl.families import flops_per_token, validate_config
-from jaxssl.models import elmo, heads
+from jaxssl.models import elmo
+from jaxssl.tasks.model import TaskModel, task_loss
 from jaxssl.train import state as state_lib
 from jaxssl.train import step as step_lib
 
@@ -235,7 +236,8 @@ def test_scalar_mix_weights_sum_to_one_and_mix_the_layers():
 
 def test_elmo_is_a_frozen_body_for_the_task_heads():
   cfg = dict(name='elmo', num_layers=2, embed_size=8, lstm_size=16, dropout_rate=0.1)
-  model = heads.TaskModel(cfg, V, kind='classification', num_labels=3, rngs=nnx.Rngs(params=0))
+  rngs = nnx.Rngs(params=0)
+  model = TaskModel(elmo_family.FAMILY.build(cfg, V, rngs=rngs), kind='classification', num_labels=3, rngs=rngs)
   ids = jnp.asarray([[5, 6, 7, 8, 0, 0], [9, 10, 11, 12, 13, 14]])
   mask = jnp.asarray([[1, 1, 1, 1, 0, 0], [1] * 6])
   batch = {'labels': jnp.asarray([0, 2])}
@@ -243,7 +245,7 @@ def test_elmo_is_a_frozen_body_for_the_task_heads():
 
   def loss(p, g=graphdef):
     out = nnx.merge(g, p)(ids, jnp.zeros_like(ids), mask, dropout_rng=jax.random.key(0))
-    return heads.task_loss('classification', out, batch)[0]
+    return task_loss('classification', out, batch)[0]
   grads = nnx.to_pure_dict(jax.jit(jax.grad(loss))(params))
   assert not any(np.any(g) for g in jax.tree.leaves(grads['body']['forward_layers']))  # frozen biLM
   assert np.any(grads['body']['scalar_mix']['weights']) and np.any(grads['body']['scalar_mix']['scale'])
@@ -255,8 +257,9 @@ def test_elmo_is_a_frozen_body_for_the_task_heads():
   _, alone = encode(body, ids[:1, :4], mask[:1, :4])
   np.testing.assert_allclose(pooled[0], alone[0], atol=1e-5)
   # finetune_bilm=True trains the LSTMs too.
-  tuned = heads.TaskModel({**cfg, 'finetune_bilm': True}, V, kind='classification', num_labels=3,
-                          rngs=nnx.Rngs(params=0))
+  rngs = nnx.Rngs(params=0)
+  tuned = TaskModel(elmo_family.FAMILY.build({**cfg, 'finetune_bilm': True}, V, rngs=rngs), kind='classification',
+                    num_labels=3, rngs=rngs)
   g2, p2 = nnx.split(tuned)
   grads = nnx.to_pure_dict(jax.jit(jax.grad(lambda p: loss(p, g2)))(p2))
   assert all(np.any(g) for g in jax.tree.leaves(grads['body']['forward_layers']))

@@ -18,7 +18,8 @@ from jaxssl.config import load_config
 from jaxssl.data.examples import denoising as dn
 from jaxssl.errors import UserError
 from jaxssl.families import encdec as encdec_family
-from jaxssl.models import encdec, heads
+from jaxssl.models import encdec
+from jaxssl.tasks.model import TaskModel
 from jaxssl.train import state as state_lib
 from jaxssl.train import step as step_lib
 from test_lm_pretrain import ROOT, Docs, records  # tests/ is on sys.path under pytest
@@ -257,8 +258,9 @@ def test_train_steps_lower_the_loss_and_a_sharded_mesh_gives_the_same_losses():
 
 
 def test_encoder_feeds_the_fine_tuning_heads_and_flops(model):
-  task = heads.TaskModel(ml_collections.ConfigDict(model_cfg()), V, kind='classification', num_labels=3,
-                         rngs=nnx.Rngs(params=1))
+  rngs = nnx.Rngs(params=1)
+  task = TaskModel(families.build_model(ml_collections.ConfigDict(model_cfg()), V, rngs=rngs), kind='classification',
+                   num_labels=3, rngs=rngs)
   # An exported encoder-decoder's params fit the body as they are.
   nnx.update(task.body, nnx.state(model))
   ids = np.random.default_rng(0).integers(5, V, (2, 8))

@@ -226,7 +226,7 @@ def test_failing_dev_metric_loses_no_training(export_dir, pos_files, tmp_path, m
   """The checkpoint of an eval step is written before its dev metrics run: a metric that raises leaves it on
   disk, and the rerun resumes from it, finishing that evaluation first."""
   from jaxssl import config as config_lib
-  from jaxssl.eval import metrics as metrics_lib
+  from jaxssl.tasks import metrics as metrics_lib
   from jaxssl.train import finetune
   config = config_lib.load_config('configs/finetune.py:tagging')
   config_lib.parse_overrides(config, [
@@ -364,9 +364,9 @@ def test_tag_scheme_and_best_metric_resolution():
   """The span scheme comes from the training tags (or task.tag_scheme); best_metric defaults to what the task
   reports, and a name it does not report, an unknown scheme or tags the scheme cannot decode are UserErrors."""
   from jaxssl import config as config_lib
-  from jaxssl.data.tasks import Example
+  from jaxssl import tasks
   from jaxssl.errors import UserError
-  from jaxssl.train import finetune
+  from jaxssl.tasks import Example, tagging
 
   def task(variant='tagging', **overrides):
     config = config_lib.load_config(f'configs/finetune.py:{variant}')
@@ -378,25 +378,27 @@ def test_tag_scheme_and_best_metric_resolution():
   pos = [Example(tokens=[w for w, _ in s], tags=[t for _, t in s]) for s in (pos_sentence(rng) for _ in range(5))]
   ner = [Example(tokens=['John', 'lives'], tags=['B-PER', 'O']), Example(tokens=['in', 'Rome'], tags=['O', 'B-LOC'])]
   t = task()
-  t.tag_scheme = finetune.resolve_tag_scheme(t, pos, pos)
-  assert t.tag_scheme == 'none' and finetune.dev_metric_names(t, []) == ('token_accuracy',)
-  assert finetune.resolve_best_metric(t, []) == 'token_accuracy'
+  t.tag_scheme = tagging.resolve_tag_scheme(t, pos, pos)
+  assert t.tag_scheme == 'none' and tasks.get(t.kind).metric_names(t, []) == ('token_accuracy',)
+  assert tasks.resolve_best_metric(t, []) == 'token_accuracy'
   t = task()
-  t.tag_scheme = finetune.resolve_tag_scheme(t, ner, ner)
-  assert t.tag_scheme == 'BIO' and finetune.dev_metric_names(t, []) == ('token_accuracy', 'precision', 'recall', 'f1')
-  assert finetune.resolve_best_metric(t, []) == 'f1'
+  t.tag_scheme = tagging.resolve_tag_scheme(t, ner, ner)
+  assert t.tag_scheme == 'BIO'
+  assert tasks.get(t.kind).metric_names(t, []) == ('token_accuracy', 'precision', 'recall', 'f1')
+  assert tasks.resolve_best_metric(t, []) == 'f1'
   t.best_metric = 'accuracy'
   with pytest.raises(UserError, match="best_metric='accuracy' is not a dev metric of this task: use one of "
                                       "token_accuracy, precision, recall, f1"):
-    finetune.resolve_best_metric(t, [])
-  assert finetune.resolve_tag_scheme(task(tag_scheme='iobes'), ner, ner) == 'IOBES'
-  assert finetune.resolve_tag_scheme(task(tag_scheme='none'), ner, ner) == 'none'
+    tasks.resolve_best_metric(t, [])
+  assert tagging.resolve_tag_scheme(task(tag_scheme='iobes'), ner, ner) == 'IOBES'
+  assert tagging.resolve_tag_scheme(task(tag_scheme='none'), ner, ner) == 'none'
   with pytest.raises(UserError, match="train.conll: tag '.+' is not a BIO span tag"):
-    finetune.resolve_tag_scheme(task(tag_scheme='BIO'), pos, pos)
+    tagging.resolve_tag_scheme(task(tag_scheme='BIO'), pos, pos)
   with pytest.raises(UserError, match="dev.conll: tag '.+' is not a BIO span tag"):
-    finetune.resolve_tag_scheme(task(), ner, pos)
+    tagging.resolve_tag_scheme(task(), ner, pos)
   with pytest.raises(UserError, match="tag_scheme='BILOU': use BIO, IOB1, IOBES, none"):
-    finetune.resolve_tag_scheme(task(tag_scheme='BILOU'), ner, ner)
-  assert finetune.resolve_best_metric(task('classification', best_metric=''), ['neg', 'pos']) == 'accuracy'
-  assert finetune.dev_metric_names(task('cola'), ['0', '1']) == ('matthews_corrcoef',)
-  assert finetune.resolve_best_metric(task('qa', best_metric=''), []) == 'f1'
+    tagging.resolve_tag_scheme(task(tag_scheme='BILOU'), ner, ner)
+  assert tasks.resolve_best_metric(task('classification', best_metric=''), ['neg', 'pos']) == 'accuracy'
+  cola = task('cola')
+  assert tasks.get(cola.kind).metric_names(cola, ['0', '1']) == ('matthews_corrcoef',)
+  assert tasks.resolve_best_metric(task('qa', best_metric=''), []) == 'f1'

@@ -12,11 +12,13 @@ from flax import nnx
 from scipy.special import log_softmax
 
 from jaxssl.config import load_config
-from jaxssl.data import qa
 from jaxssl.errors import UserError
-from jaxssl.mesh import LOGICAL_AXIS_RULES
 from jaxssl.families import build_model
-from jaxssl.models.heads import KINDS, QA_MASK_VALUE, TaskModel, summarize_task, task_loss
+from jaxssl.mesh import LOGICAL_AXIS_RULES
+from jaxssl.tasks import KINDS
+from jaxssl.tasks import qa_decoding as qa
+from jaxssl.tasks.model import TaskModel, summarize_task, task_loss
+from jaxssl.tasks.qa import QA_MASK_VALUE
 
 V, B, L, C = 50, 4, 16, 3
 NUM_LABELS = {'classification': C, 'pair': C, 'regression': 1, 'tagging': C, 'qa': 2}
@@ -28,9 +30,15 @@ def tiny_cfg():
   return c
 
 
+def task_model(kind, num_labels, seed=0):
+  """A tiny BERT body and a new head of `kind`, both from params seed `seed` (as the fine-tune job builds it)."""
+  rngs = nnx.Rngs(params=seed)
+  return TaskModel(build_model(tiny_cfg(), V, rngs=rngs), kind=kind, num_labels=num_labels, rngs=rngs)
+
+
 @functools.cache  # never mutated below except by the optimizer test, which works on a split copy
 def make(kind, seed=0):
-  return TaskModel(tiny_cfg(), V, kind=kind, num_labels=NUM_LABELS[kind], rngs=nnx.Rngs(params=seed))
+  return task_model(kind, NUM_LABELS[kind], seed)
 
 
 def make_batch(kind, seed=0):
@@ -106,14 +114,14 @@ def test_bad_kind_and_num_labels():
   for kind, n, match in [('sentiment', 2, 'task.kind'), ('classification', 0, 'num_labels'),
                          ('tagging', -1, 'num_labels'), ('regression', 2, 'num_labels=1')]:
     with pytest.raises(UserError, match=match):
-      TaskModel(tiny_cfg(), V, kind=kind, num_labels=n, rngs=nnx.Rngs(params=0))
+      task_model(kind, n)
   with pytest.raises(UserError, match='task.kind'):
     task_loss('ner', None, {})
 
 
 def test_body_loads_pretrained_params_and_head_stays_new():
   pre = build_model(tiny_cfg(), V, rngs=nnx.Rngs(params=7))  # stands in for an exported pretraining model
-  model = TaskModel(tiny_cfg(), V, kind='classification', num_labels=C, rngs=nnx.Rngs(params=0))
+  model = task_model('classification', C)
   head_before = jax.tree.map(np.array, nnx.state(model.head))
   exported = nnx.state(pre, nnx.Param)
   assert jax.tree.structure(nnx.state(model.body, nnx.Param)) == jax.tree.structure(exported)

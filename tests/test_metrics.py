@@ -1,4 +1,4 @@
-"""jaxssl.eval.metrics against scikit-learn, scipy, seqeval (random inputs) and hand-checked SQuAD, BIO, GLUE cases."""
+"""jaxssl.tasks.metrics against scikit-learn, scipy, seqeval (random inputs) and hand-checked SQuAD, BIO, GLUE cases."""
 import math
 import warnings
 
@@ -7,7 +7,8 @@ import pytest
 import scipy.stats
 import sklearn.metrics
 
-from jaxssl.eval import metrics as M
+from jaxssl.tasks import metrics as M
+from jaxssl.train.metrics import perplexity
 
 SEEDS = range(40)
 
@@ -202,11 +203,11 @@ def test_entity_f1_and_token_accuracy_hand_checked():
 
 
 def test_perplexity():
-  assert M.perplexity(0.0, 10) == 1.0
-  assert M.perplexity(10 * math.log(50.0), 10) == pytest.approx(50.0)
-  assert M.perplexity(1e6, 1) == float('inf')
+  assert perplexity(0.0, 10) == 1.0
+  assert perplexity(10 * math.log(50.0), 10) == pytest.approx(50.0)
+  assert perplexity(1e6, 1) == float('inf')
   with pytest.raises(ValueError, match='positive'):
-    M.perplexity(1.0, 0)
+    perplexity(1.0, 0)
 
 
 # --------------------------------------------------------------------- span schemes, against seqeval 1.2.2

@@ -9,7 +9,8 @@ import tensorflow_datasets as tfds
 
 from jaxssl import config as config_lib
 from jaxssl import evaluate as evaluate_job
-from jaxssl.data import tasks, tfds_tasks
+from jaxssl import tasks
+from jaxssl.tasks import tfds as task_tfds
 from jaxssl.errors import UserError
 
 
@@ -19,15 +20,15 @@ def task_config(variant, *overrides):
   return config
 
 
-@pytest.mark.parametrize('name', sorted(tfds_tasks.GLUE_FIELDS.keys() - {'ax'}))
+@pytest.mark.parametrize('name', sorted(task_tfds.GLUE_FIELDS.keys() - {'ax'}))
 def test_glue_variants_read_tfds_with_dataset_label_order(name, tmp_path):
   config = task_config(name, f'--config.task.data_dir={tmp_path}')
   assert config.task.tfds == f'glue/{name}'
   with tfds.testing.mock_data(num_examples=6):
-    examples, labels = tasks.read_task_split(config.task, config.task.dev)
+    examples, labels = tasks.read_split(config.task, config.task.dev)
     builder = tfds.builder(f'glue/{name}', data_dir=str(tmp_path))
   assert len(examples) == 6
-  first, second = tfds_tasks.GLUE_FIELDS[name]
+  first, second = task_tfds.GLUE_FIELDS[name]
   assert all(isinstance(e.text, str) for e in examples)
   assert all((e.text_b is not None) == (second is not None) for e in examples)
   if name == 'stsb':
@@ -53,12 +54,12 @@ def test_conll2003_tags_by_name_and_squad_answers(tmp_path):
   sentences = {'train': [{'tokens': ['John', 'lives', 'in', 'Paris'], 'ner': [1, 0, 0, 5], 'pos': [22, 42, 15, 22],
                           'chunks': [11, 21, 13, 11]}]}
   with tfds.testing.mock_data(as_data_source_fn=records_source(sentences)):
-    examples, labels = tasks.read_task_split(config.task, 'train')
+    examples, labels = tasks.read_split(config.task, 'train')
     config.task.tag_feature = 'pos'
-    pos_examples, pos_labels = tasks.read_task_split(config.task, 'train')
+    pos_examples, pos_labels = tasks.read_split(config.task, 'train')
     config.task.tag_feature = 'lemma'
     with pytest.raises(UserError, match="tag_feature='lemma' is not a feature of conll2003"):
-      tasks.read_task_split(config.task, 'train')
+      tasks.read_split(config.task, 'train')
   assert labels[:3] == ['O', 'B-PER', 'I-PER']
   assert examples[0].tokens == ['John', 'lives', 'in', 'Paris'] and examples[0].tags == ['B-PER', 'O', 'O', 'B-LOC']
   assert pos_examples[0].tags == ['NNP', 'VBZ', 'IN', 'NNP'] and 'VBZ' in pos_labels
@@ -68,23 +69,23 @@ def test_conll2003_tags_by_name_and_squad_answers(tmp_path):
                            'answers': {'text': [b'Paris', b'Paris.'], 'answer_start': [25, 25]}}]}
   config = task_config('squad', f'--config.task.data_dir={tmp_path}')
   with tfds.testing.mock_data(as_data_source_fn=records_source(squad)):
-    examples, labels = tasks.read_task_split(config.task, config.task.dev)
+    examples, labels = tasks.read_split(config.task, config.task.dev)
   assert labels == [] and examples[0].qid == 'q1' and examples[0].text == context
   assert examples[0].answers == [('Paris', 25), ('Paris.', 25)]
 
 
 def test_tfds_task_errors(tmp_path):
   with pytest.raises(UserError, match="glue/cola' is a classification task but task.kind='pair'"):
-    tasks.read_task_split(task_config('cola', '--config.task.kind=pair').task, 'train')
+    tasks.read_split(task_config('cola', '--config.task.kind=pair').task, 'train')
   with pytest.raises(UserError, match=r"looks like a file: for local files pass --config.task.tfds= \(empty\)"):
-    tasks.read_task_split(task_config('sst2').task, 'data/sst2/train.tsv')
+    tasks.read_split(task_config('sst2').task, 'data/sst2/train.tsv')
   with pytest.raises(UserError, match="task.tfds='imdb_reviews' is not a task jaxssl reads from TFDS"):
-    tasks.read_task_split(task_config('classification', '--config.task.tfds=imdb_reviews').task, 'train')
+    tasks.read_split(task_config('classification', '--config.task.tfds=imdb_reviews').task, 'train')
   # GLUE hides its test labels (-1): scoring a test split is refused, not silently wrong.
   hidden = {'test': [{'sentence': b'a film', 'label': -1, 'idx': 0}]}
   with tfds.testing.mock_data(as_data_source_fn=records_source(hidden)):
     with pytest.raises(UserError, match="has no labels"):
-      tasks.read_task_split(task_config('sst2', f'--config.task.data_dir={tmp_path}').task, 'test')
+      tasks.read_split(task_config('sst2', f'--config.task.data_dir={tmp_path}').task, 'test')
 
 
 def tiny_export(path):

@@ -1,1 +1,1 @@
-"""Evaluation: downstream metrics (GLUE, SQuAD, tagging) and perplexity."""
+"""Evaluation beyond the fine-tune dev metrics: in-context learning and contextual embeddings, with their plots."""

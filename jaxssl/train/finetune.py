@@ -1,10 +1,12 @@
-"""The fine-tuning loop: exported body + new head → train on a labelled task → dev metrics → best export.
+"""The fine-tuning loop: exported body + a task kind's new head → train on labelled data → dev metrics → export.
 
 Same machinery as pretraining (mesh, sharded state, orbax checkpoints, metrics.jsonl); the batch at step s is a
 pure function of (seed, s), so a rerun resumes exactly. The best dev checkpoint by `task.best_metric` is
-exported to `DIR/export` (params + config.json with the task and its labels + tokenizer).
+exported to `DIR/export` (params + config.json with the task and its labels + tokenizer). Everything that
+depends on the task kind comes from `jaxssl.tasks`.
 """
 import copy
+import dataclasses
 import json
 import os
 
@@ -18,16 +20,17 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxssl import config as config_lib
 from jaxssl import mesh as mesh_lib
-from jaxssl.data import tasks, tokenizers
+from jaxssl import tasks
+from jaxssl.data import tokenizers
 from jaxssl.errors import UserError
-from jaxssl.eval import metrics as metrics_lib
-from jaxssl.models import heads, vocab
+from jaxssl.families import build_model, family_for
+from jaxssl.models import vocab
+from jaxssl.tasks.base import INPUT_KEYS
+from jaxssl.tasks.model import TaskModel, task_loss
 from jaxssl.train import checkpoint as ckpt_lib
 from jaxssl.train import metrics as writer_lib
 from jaxssl.train import preemption
 from jaxssl.train import state as state_lib
-
-FEATURE_KEYS = ('input_ids', 'token_type_ids', 'attention_mask')
 
 
 def batch_indices(step: int, batch_size: int, num_examples: int, seed: int) -> np.ndarray:
@@ -44,115 +47,25 @@ def local_rows(global_rows: np.ndarray) -> np.ndarray:
   return global_rows[jax.process_index() * per_process:(jax.process_index() + 1) * per_process]
 
 
-def dev_metric_names(task_cfg, labels) -> tuple[str, ...]:
-  """The names `dev_metrics` reports for this task (its `tag_scheme` resolved, see `resolve_tag_scheme`)."""
-  kind = task_cfg.kind
-  if kind == 'qa':
-    return ('exact_match', 'f1')
-  if kind == 'regression':
-    return ('pearson', 'spearman')
-  if kind == 'tagging':
-    spans = ('precision', 'recall', 'f1') if _span_scheme(task_cfg, labels) else ()
-    return ('token_accuracy', *spans)
-  if task_cfg.name in metrics_lib.GLUE_TASKS:
-    return metrics_lib.GLUE_TASKS[task_cfg.name]
-  return ('accuracy', 'f1') if len(labels) == 2 else ('accuracy',)
+def task_model_setup(model_cfg, vocab_size: int, kind: str, num_labels: int, mesh, seed: int = 0,
+                     classifier_dropout: float | None = None) -> state_lib.ModelSetup:
+  """`state_lib.setup_module` of the body named by `model_cfg` with the head of task kind `kind`."""
+  def build(rngs):
+    body = build_model(model_cfg, vocab_size, rngs=rngs)
+    if not hasattr(body, 'encode'):
+      raise UserError(f'model.name={model_cfg.get("name")!r} has no encoder output for fine-tuning heads; '
+                      'use an encoder model such as bert')
+    return TaskModel(body, kind=kind, num_labels=num_labels, rngs=rngs, classifier_dropout=classifier_dropout)
+  return state_lib.setup_module(build, mesh, seed)
 
 
-def _span_scheme(task_cfg, labels) -> str | None:
-  """The task's span scheme, or None. Fine-tune runs store the one decided from the training tags in
-  `task.tag_scheme` ('none' when there is none); an export written before that was stored is read from its tags."""
-  scheme = task_cfg.get('tag_scheme', '')
-  if scheme:
-    return None if scheme == 'none' else scheme
-  return metrics_lib.span_scheme([list(labels)])
-
-
-def dev_metrics(task_cfg, labels, outputs, features, examples, qa_infos=None) -> dict:
-  """The task's metrics on the dev set from the model's outputs (host numpy); the names of `dev_metric_names`."""
-  kind = task_cfg.kind
-  if kind == 'qa':
-    start_logits, end_logits = outputs
-    predictions = tasks.qa_predictions(examples, qa_infos, start_logits, end_logits, task_cfg.max_answer_length)
-    answers = {e.qid: [text for text, _ in e.answers] for e in examples}
-    # Official SQuAD figures are percentages; reported here in [0, 1] like every other dev metric.
-    return {k: v / 100.0 for k, v in metrics_lib.squad_metrics(predictions, answers).items()}
-  if kind == 'regression':
-    preds, gold = np.asarray(outputs), features['labels']
-    return {'pearson': metrics_lib.pearson(preds, gold), 'spearman': metrics_lib.spearman(preds, gold)}
-  if kind == 'tagging':
-    predicted = tasks.word_predictions(labels, np.argmax(outputs, -1), features, examples)
-    return metrics_lib.tagging_metrics(predicted, [e.tags for e in examples], _span_scheme(task_cfg, labels))
-  preds, gold = np.argmax(outputs, -1), features['labels']
-  glue_name = task_cfg.name if task_cfg.name in metrics_lib.GLUE_TASKS else None
-  if glue_name:
-    # GLUE metrics compare label ids; dev labels unseen in training (-1) never match.
-    return metrics_lib.glue_task_metrics(glue_name, preds, gold)
-  result = {'accuracy': metrics_lib.accuracy(preds, gold)}
-  if len(labels) == 2:
-    result['f1'] = metrics_lib.f1_binary(preds, gold)
-  return result
-
-
-_SCHEME_NAMES = {'bio': 'BIO', 'iob2': 'BIO', 'iob1': 'IOB1', 'iobes': 'IOBES', 'none': 'none'}
-
-
-def resolve_tag_scheme(task_cfg, train_examples, dev_examples) -> str:
-  """'BIO', 'IOB1', 'IOBES' or 'none': `task.tag_scheme` when set, else decided from the training tags
-  (`metrics.span_scheme`). Raises UserError for an unknown name, or tags (training or dev) that the span
-  scheme cannot decode."""
-  wanted = task_cfg.get('tag_scheme', '')
-  if wanted is None:  # --config.task.tag_scheme=none parses as None
-    wanted = 'none'
-  if wanted and wanted.lower() not in _SCHEME_NAMES:
-    raise UserError(f'task.tag_scheme={wanted!r}: use BIO, IOB1, IOBES, none, or leave it empty to decide from the '
-                    'training tags')
-  train_tags = [e.tags for e in train_examples]
-  scheme = _SCHEME_NAMES[wanted.lower()] if wanted else metrics_lib.span_scheme(train_tags) or 'none'
-  if scheme == 'none':
-    return scheme
-  for split, examples in ((task_cfg.train, train_examples), (task_cfg.dev, dev_examples)):
-    bad = next((t for e in examples for t in e.tags if not metrics_lib.is_span_tag(t)), None)
-    if bad is not None:
-      raise UserError(f'{split}: tag {bad!r} is not a {scheme} span tag (O, or B-/I-/E-/S- and a type): fix the '
-                      f'tags, or pass --config.task.tag_scheme=none to report token_accuracy only')
-  return scheme
-
-
-def resolve_best_metric(task_cfg, labels) -> str:
-  """`task.best_metric` checked against the metrics the task reports; when empty, its default: f1 for QA and
-  span tagging, token_accuracy for other tag sets, else the task's first metric."""
-  names = dev_metric_names(task_cfg, labels)
-  if not task_cfg.best_metric:
-    return 'f1' if task_cfg.kind in ('qa', 'tagging') and 'f1' in names else names[0]
-  if task_cfg.best_metric not in names:
-    why = (' (the training tags are not a BIO, IOB1 or IOBES span scheme, so no span precision/recall/f1)'
-           if task_cfg.kind == 'tagging' and 'f1' not in names else '')
-    raise UserError(f'task.best_metric={task_cfg.best_metric!r} is not a dev metric of this task{why}: use one of '
-                    f'{", ".join(names)}')
-  return task_cfg.best_metric
-
-
-def featurize_task(task_cfg, examples, tokenizer, seq_len: int, labels):
-  """(features, QA window infos or None) for any task kind."""
-  if task_cfg.kind == 'qa':
-    return tasks.featurize_qa(examples, tokenizer, seq_len, max_query_length=task_cfg.max_query_length,
-                              doc_stride=task_cfg.doc_stride)
-  return tasks.featurize(task_cfg.kind, examples, tokenizer, seq_len, labels), None
-
-
-def model_inputs(features: dict) -> list[str]:
-  """The feature keys the task model reads (the rest are labels)."""
-  return [k for k in features if k in FEATURE_KEYS or k == 'context_mask']
-
-
-def make_predictor(setup, mesh, features: dict, batch_size: int):
+def make_predictor(setup, mesh, features: dict, batch_size: int, kind: tasks.TaskKind):
   """`predict(params, features) -> outputs` over all rows (host numpy), in sharded batches on the mesh."""
-  input_keys = model_inputs(features)
+  input_keys = [*INPUT_KEYS, *kind.model_inputs]
 
   def forward(params, batch):
     model = nnx.merge(setup.graphdef, params)
-    return model(*(batch[k] for k in FEATURE_KEYS), context_mask=batch.get('context_mask'))
+    return model(*(batch[k] for k in INPUT_KEYS), **{k: batch[k] for k in kind.model_inputs})
 
   shardings = {k: mesh_lib.batch_sharding(mesh, features[k].ndim) for k in input_keys}
   forward = jax.jit(forward, in_shardings=(setup.param_shardings, shardings))
@@ -174,11 +87,11 @@ def make_predictor(setup, mesh, features: dict, batch_size: int):
 
 
 def check_config(config) -> None:
+  """UserError for a fine-tune config that cannot run (before anything is read)."""
   t = config.task
   if not config.init_from:
     raise UserError('no pre-trained params: pass --config.init_from=PARAMS (from python -m jaxssl.export)')
-  if t.kind not in tasks.KINDS:
-    raise UserError(f'task.kind={t.kind!r}: use one of {", ".join(tasks.KINDS)}')
+  tasks.get(t.kind)
   if not t.train or not t.dev:
     raise UserError('set the task files: --config.task.train=PATH --config.task.dev=PATH' if not t.get('tfds') else
                     f'set the splits of {t.tfds}: --config.task.train=SPLIT --config.task.dev=SPLIT')
@@ -186,6 +99,142 @@ def check_config(config) -> None:
     raise UserError('train.steps and train.batch_size must be positive: fix them with --config.train.*')
   if config.train.batch_size % jax.process_count():
     raise UserError(f'train.batch_size={config.train.batch_size} must be a multiple of the process count')
+
+
+@dataclasses.dataclass
+class Body:
+  """The pre-trained export fine-tuning starts from."""
+  saved: dict          # its config.json
+  tokenizer: object
+  vocab_size: int      # embedding rows (may exceed the tokenizer's ids: a padded vocabulary)
+  model_cfg: ml_collections.ConfigDict
+
+
+def load_body(config) -> Body:
+  """Reads `init_from` (a pretraining export or an imported checkpoint); UserError for a fine-tuned export, a
+  tokenizer with more ids than embedding rows, or a seq_len past the model's positions."""
+  saved = ckpt_lib.read_export_config(config.init_from)
+  if 'task' in saved:
+    raise UserError(f'{config.init_from} is a fine-tuned export ({saved["task"]["name"]}): start from a pretraining '
+                    'export (python -m jaxssl.export) or an imported checkpoint (python -m jaxssl.convert from-hf)')
+  tokenizer = tokenizers.load_tokenizer(config.init_from)
+  vocab.check_rows(tokenizer.vocab_size, saved['vocab_size'], config.init_from)
+  model_cfg = ml_collections.ConfigDict(saved['model'])
+  if config.data.seq_len > model_cfg.max_position:
+    raise UserError(f'data.seq_len={config.data.seq_len} exceeds the model\'s max_position={model_cfg.max_position}: '
+                    'lower --config.data.seq_len')
+  return Body(saved, tokenizer, saved['vocab_size'], model_cfg)
+
+
+@dataclasses.dataclass
+class TaskData:
+  """A task's examples as the loop uses them."""
+  kind: tasks.TaskKind
+  labels: list
+  num_labels: int
+  num_train_examples: int
+  train_features: dict
+  dev_examples: list
+  dev_features: dict
+  dev_info: object     # the kind's decode info for the dev features (QA windows), or None
+
+
+def prepare_task(task_cfg, tokenizer, seq_len: int) -> TaskData:
+  """Reads and featurizes both splits; writes the settings decided from the data (e.g. the tag scheme) and the
+  resolved `best_metric` into `task_cfg`."""
+  kind = tasks.get(task_cfg.kind)
+  train_examples, names = tasks.read_split(task_cfg, task_cfg.train)
+  dev_examples, _ = tasks.read_split(task_cfg, task_cfg.dev)
+  labels = names if names is not None else kind.label_set(train_examples)
+  kind.settle_config(task_cfg, train_examples, dev_examples)
+  task_cfg.best_metric = tasks.resolve_best_metric(task_cfg, labels)
+  num_labels = kind.num_labels(labels, task_cfg.train)
+  train_features, _ = kind.featurize(task_cfg, train_examples, tokenizer, seq_len, labels)
+  dev_features, dev_info = kind.featurize(task_cfg, dev_examples, tokenizer, seq_len, labels)
+  return TaskData(kind, labels, num_labels, len(train_examples), train_features, dev_examples, dev_features, dev_info)
+
+
+def frozen_body_params(model_cfg):
+  """The params fine-tuning leaves as pretrained (a path predicate for the optimizer), or None."""
+  return family_for(model_cfg).frozen_in_finetuning(model_cfg)
+
+
+def check_resumable(checkpointer, workdir: str, data: TaskData, body: Body) -> None:
+  """UserError when `workdir` holds a fine-tuning run of another task or another body."""
+  _, meta = checkpointer.newest_readable_meta()
+  if meta is None:
+    return
+  if meta.get('num_labels') != data.num_labels or meta['config']['task']['kind'] != data.kind.name:
+    raise UserError(f'{workdir} holds a fine-tuning run of another task: use a new --workdir')
+  if 'model' in meta:  # a body of another size or vocabulary cannot resume here
+    ckpt_lib.check_compatible({'model': meta['model'], 'tokenizer': {'vocab_size': meta['vocab_size']}},
+                              body.model_cfg, body.vocab_size, workdir)
+
+
+def restore_or_init(checkpointer, setup, tx, init_from: str, say):
+  """(state, best, dev_pending): the newest good checkpoint, else the export's body + a fresh head."""
+  latest, state = checkpointer.restore_newest_good(state_lib.abstract_state(setup, tx), say)
+  if latest is not None:
+    meta = checkpointer.read_meta(latest)
+    return state, meta['best'], meta.get('dev_pending') == latest
+  params = state_lib.init_params(setup)
+  # The body comes from the export; the head stays freshly initialised.
+  params['body'] = ckpt_lib.load_export_params(init_from, setup.abstract_params['body'])
+  return state_lib.init_state(setup, tx, params), {'value': -np.inf, 'step': 0, 'metrics': {}}, False
+
+
+def make_train_step(setup, tx, schedule, kind, mesh, features: dict):
+  """(jitted `train_step(state, batch) -> (state, metrics)`, the feature keys a batch holds)."""
+  def loss_fn(params, batch, key):
+    model = nnx.merge(setup.graphdef, params)
+    outputs = model(*(batch[k] for k in INPUT_KEYS), dropout_rng=key, **{k: batch[k] for k in kind.model_inputs})
+    return task_loss(kind.name, outputs, batch)[0]
+
+  def train_step(state, batch):
+    key = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), state['step'])
+    loss, grads = jax.value_and_grad(loss_fn)(state['params'], batch, key)
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    new_state = {**state, 'params': optax.apply_updates(state['params'], updates), 'opt_state': opt_state,
+                 'step': state['step'] + 1}
+    return new_state, {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'learning_rate': schedule(state['step'])}
+
+  batch_keys = [*INPUT_KEYS, *kind.model_inputs, *kind.label_keys]
+  shardings = state_lib.state_shardings(setup, tx)
+  batch_shardings = {k: mesh_lib.batch_sharding(mesh, features[k].ndim) for k in batch_keys}
+  step = jax.jit(train_step, in_shardings=(shardings, batch_shardings),
+                 out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
+  return step, batch_keys
+
+
+class DevEvaluation:
+  """Dev metrics at a step into metrics.jsonl, and the export of params that beat the best so far."""
+
+  def __init__(self, task_cfg, data: TaskData, predict, writer, export_dir: str, export_config: dict, tokenizer):
+    self.task_cfg, self.data, self.predict, self.writer = task_cfg, data, predict, writer
+    self.export_dir, self.export_config, self.tokenizer = export_dir, export_config, tokenizer
+
+  def __call__(self, step: int, params, best: dict) -> dict:
+    """Evaluates `params` (trained to `step`); returns the new best."""
+    d, metric = self.data, self.task_cfg.best_metric
+    outputs = self.predict(params, d.dev_features)
+    result = d.kind.dev_metrics(self.task_cfg, d.labels, outputs, d.dev_features, d.dev_examples, d.dev_info)
+    if result[metric] > best['value']:
+      best = {'value': float(result[metric]), 'step': step, 'metrics': result}
+      ckpt_lib.write_export(self.export_dir, params, json.dumps({**self.export_config, 'best': best}, indent=2,
+                                                                sort_keys=True), self.tokenizer, overwrite=True)
+    self.writer.drop(step, prefix='dev_')  # a rerun of a pending evaluation replaces the row it may have written
+    self.writer.write(step, result, prefix='dev_')
+    self.writer.log(f'dev at step {step}: ' + ' '.join(f'{k}={v:.4f}' for k, v in result.items()))
+    return best
+
+
+def banner(config, data: TaskData, mesh, start: int, workdir: str) -> str:
+  """The run's first line."""
+  task, t = config.task, config.train
+  return (f'jaxssl finetune: {task.name} ({task.kind}, {data.num_labels} label(s)) | body from {config.init_from} | '
+          f'{data.num_train_examples} train / {len(data.dev_examples)} dev examples | {data.kind.describe(task)}'
+          f'best by dev {task.best_metric} | mesh {dict(mesh.shape)} | '
+          f'{"resuming from step " + str(start) if start else "starting"} → {t.steps} | workdir {workdir}')
 
 
 def run_finetuning(config, workdir: str) -> dict:
@@ -197,133 +246,45 @@ def run_finetuning(config, workdir: str) -> dict:
   check_config(config)
   config = copy.deepcopy(config)  # the resolved task.tag_scheme / best_metric are written into this copy
   t, task = config.train, config.task
-  saved = ckpt_lib.read_export_config(config.init_from)
-  if 'task' in saved:
-    raise UserError(f'{config.init_from} is a fine-tuned export ({saved["task"]["name"]}): start from a pretraining '
-                    'export (python -m jaxssl.export) or an imported checkpoint (python -m jaxssl.convert from-hf)')
-  tokenizer = tokenizers.load_tokenizer(config.init_from)
-  vocab_size = saved['vocab_size']
-  vocab.check_rows(tokenizer.vocab_size, vocab_size, config.init_from)  # more rows than ids: a padded vocabulary
-  model_cfg = ml_collections.ConfigDict(saved['model'])
-  if config.data.seq_len > model_cfg.max_position:
-    raise UserError(f'data.seq_len={config.data.seq_len} exceeds the model\'s max_position={model_cfg.max_position}: '
-                    'lower --config.data.seq_len')
-  train_examples, names = tasks.read_task_split(task, task.train)
-  dev_examples, _ = tasks.read_task_split(task, task.dev)
-  labels = names if names is not None else tasks.label_set(task.kind, train_examples)
-  if task.kind == 'tagging':
-    task.tag_scheme = resolve_tag_scheme(task, train_examples, dev_examples)
-  task.best_metric = resolve_best_metric(task, labels)
-  num_labels = {'regression': 1, 'qa': 2}.get(task.kind, len(labels))
-  if task.kind in ('classification', 'pair') and num_labels < 2:
-    raise UserError(f'{task.train} has a single label {labels}: a classifier needs at least two')
-  train_features, _ = featurize_task(task, train_examples, tokenizer, config.data.seq_len, labels)
-  dev_features, dev_infos = featurize_task(task, dev_examples, tokenizer, config.data.seq_len, labels)
-  num_train = len(train_features['input_ids'])
-
+  body = load_body(config)
+  data = prepare_task(task, body.tokenizer, config.data.seq_len)
   mesh = mesh_lib.make_mesh(config.mesh.shape)
   if t.batch_size % mesh_lib.batch_divisor(mesh):
     raise UserError(f'train.batch_size={t.batch_size} must be a multiple of the data*fsdp mesh size '
                     f'{mesh_lib.batch_divisor(mesh)}')
-  setup = state_lib.setup_module(
-      lambda rngs: heads.TaskModel(model_cfg, vocab_size, kind=task.kind, num_labels=num_labels, rngs=rngs,
-                                   classifier_dropout=config.model.classifier_dropout), mesh, t.seed)
-  frozen = None
-  if model_cfg.name == 'elmo' and not model_cfg.get('finetune_bilm', False):
-    # ELMo's paper setting: the biLM stays as pretrained; only its layer mix (ScalarMix) and the head learn.
-    frozen = lambda path: path[0] == 'body' and 'scalar_mix' not in path  # noqa: E731
-  tx, schedule = state_lib.make_optimizer(t, frozen), state_lib.make_schedule(t)
-  shardings = state_lib.state_shardings(setup, tx)
+  setup = task_model_setup(body.model_cfg, body.vocab_size, task.kind, data.num_labels, mesh, t.seed,
+                           config.model.classifier_dropout)
+  tx, schedule = state_lib.make_optimizer(t, frozen_body_params(body.model_cfg)), state_lib.make_schedule(t)
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
                                       directory=config.checkpoint.get('directory', ''))
-  best = {'value': -np.inf, 'step': 0, 'metrics': {}}
-  _, meta = checkpointer.newest_readable_meta()
-  if meta is not None:
-    if meta.get('num_labels') != num_labels or meta['config']['task']['kind'] != task.kind:
-      raise UserError(f'{workdir} holds a fine-tuning run of another task: use a new --workdir')
-    if 'model' in meta:  # a body of another size or vocabulary cannot resume here
-      ckpt_lib.check_compatible({'model': meta['model'], 'tokenizer': {'vocab_size': meta['vocab_size']}},
-                                model_cfg, vocab_size, workdir)
+  check_resumable(checkpointer, workdir, data, body)
   say = print if jax.process_index() == 0 else (lambda *a, **k: None)
-  latest, state = checkpointer.restore_newest_good(state_lib.abstract_state(setup, tx), say)
-  dev_pending = False
-  if latest is not None:
-    latest_meta = checkpointer.read_meta(latest)
-    best, dev_pending = latest_meta['best'], latest_meta.get('dev_pending') == latest
-  else:
-    params = state_lib.init_params(setup)
-    # The body comes from the export; the head stays freshly initialised.
-    params['body'] = ckpt_lib.load_export_params(config.init_from, setup.abstract_params['body'])
-    state = state_lib.init_state(setup, tx, params)
+  state, best, dev_pending = restore_or_init(checkpointer, setup, tx, config.init_from, say)
   start = int(jax.device_get(state['step']))
-  is_main = jax.process_index() == 0
-  tag_note = ''
-  if task.kind == 'tagging':
-    tag_note = (f'tags {task.tag_scheme} (span precision/recall/f1 + token_accuracy) | ' if task.tag_scheme != 'none'
-                else 'tags: no span scheme (BIO/IOB1/IOBES), token_accuracy only | ')
-  if is_main:
-    print(f'jaxssl finetune: {task.name} ({task.kind}, {num_labels} label(s)) | body from {config.init_from} | '
-          f'{len(train_examples)} train / {len(dev_examples)} dev examples | {tag_note}'
-          f'best by dev {task.best_metric} | mesh {dict(mesh.shape)} | '
-          f'{"resuming from step " + str(start) if latest is not None else "starting"} → {t.steps} | '
-          f'workdir {workdir}', flush=True)
-
-  def loss_fn(params, batch, key):
-    model = nnx.merge(setup.graphdef, params)
-    outputs = model(*(batch[k] for k in FEATURE_KEYS), dropout_rng=key, context_mask=batch.get('context_mask'))
-    loss, _ = heads.task_loss(task.kind, outputs, batch)
-    return loss
-
-  def train_step(state, batch):
-    key = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), state['step'])
-    loss, grads = jax.value_and_grad(loss_fn)(state['params'], batch, key)
-    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-    new_state = {**state, 'params': optax.apply_updates(state['params'], updates), 'opt_state': opt_state,
-                 'step': state['step'] + 1}
-    return new_state, {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'learning_rate': schedule(state['step'])}
-
-  replicated = NamedSharding(mesh, P())
-  batch_keys = model_inputs(train_features) + [k for k in train_features if k in ('labels', 'start_positions', 'end_positions')]
-  batch_shardings = {k: mesh_lib.batch_sharding(mesh, train_features[k].ndim) for k in batch_keys}
-  train_step = jax.jit(train_step, in_shardings=(shardings, batch_shardings), out_shardings=(shardings, replicated),
-                       donate_argnums=0)
-  predict = make_predictor(setup, mesh, dev_features, config.eval.batch_size)
-
-  def evaluate(params) -> dict:
-    return dev_metrics(task, labels, predict(params, dev_features), dev_features, dev_examples, dev_infos)
-
+  say(banner(config, data, mesh, start, workdir), flush=True)
+  train_step, batch_keys = make_train_step(setup, tx, schedule, data.kind, mesh, data.train_features)
   writer = writer_lib.MetricsWriter(workdir, resume_step=start, total_steps=t.steps)
-  export_config = {**saved, 'task': {'name': task.name, 'kind': task.kind, 'labels': labels,
-                                     'num_labels': num_labels},
-                   'finetune': json.loads(config_lib.to_json(config))}
+  run_config = json.loads(config_lib.to_json(config))
+  export_config = {**body.saved, 'finetune': run_config, 'task': {
+      'name': task.name, 'kind': task.kind, 'labels': data.labels, 'num_labels': data.num_labels}}
+  predict = make_predictor(setup, mesh, data.dev_features, config.eval.batch_size, data.kind)
+  evaluate = DevEvaluation(task, data, predict, writer, os.path.join(workdir, 'export'), export_config,
+                           body.tokenizer)
   watch = preemption.PreemptionWatch()
 
   def save(state, done, best, evaluating):
-    checkpointer.save(state, {'config': json.loads(config_lib.to_json(config)), 'step': done,
-                              'num_labels': num_labels, 'best': best, 'model': saved['model'],
-                              'vocab_size': vocab_size, 'dev_pending': done if evaluating else None}, force=True)
-
-  def dev_evaluation(step, params, best) -> dict:
-    """Dev metrics at `step` into metrics.jsonl; exports `params` when they beat `best`; returns the best."""
-    result = evaluate(params)
-    if result[task.best_metric] > best['value']:
-      best = {'value': float(result[task.best_metric]), 'step': step, 'metrics': result}
-      ckpt_lib.write_export(os.path.join(workdir, 'export'), params,
-                            json.dumps({**export_config, 'best': best}, indent=2, sort_keys=True),
-                            tokenizer, overwrite=True)
-    writer.drop(step, prefix='dev_')  # a rerun of a pending evaluation replaces the row it may have written
-    writer.write(step, result, prefix='dev_')
-    writer.log(f'dev at step {step}: ' + ' '.join(f'{k}={v:.4f}' for k, v in result.items()))
-    return best
+    checkpointer.save(state, {'config': run_config, 'step': done, 'num_labels': data.num_labels, 'best': best,
+                              'model': body.saved['model'], 'vocab_size': body.vocab_size,
+                              'dev_pending': done if evaluating else None}, force=True)
 
   try:
     with jax.set_mesh(mesh):
       if dev_pending:  # the checkpoint was saved just before its dev evaluation, which did not finish
-        best = dev_evaluation(start, state['params'], best)
+        best = evaluate(start, state['params'], best)
       for step in range(start, t.steps):
-        rows = local_rows(batch_indices(step, t.batch_size, num_train, t.seed))
-        batch = mesh_lib.global_batch({k: train_features[k][rows] for k in batch_keys}, mesh)
-        state, step_metrics = train_step(state, batch)
+        rows = local_rows(batch_indices(step, t.batch_size, data.num_train_examples, t.seed))
+        state, step_metrics = train_step(state, mesh_lib.global_batch(
+            {k: data.train_features[k][rows] for k in batch_keys}, mesh))
         done = step + 1
         if done % config.log.every_steps == 0 or done == t.steps:
           logged = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
@@ -338,12 +299,11 @@ def run_finetuning(config, workdir: str) -> dict:
           say(f'preempted (SIGTERM): saved step {done}; rerun the same command to resume', flush=True)
           return best
         if evaluating:
-          best = dev_evaluation(done, state['params'], best)
+          best = evaluate(done, state['params'], best)
   finally:
     watch.close()
     checkpointer.close()
     writer.close()
-  if is_main:
-    print(f'best dev {task.best_metric}={best["value"]:.4f} at step {best["step"]}; exported to '
-          f'{os.path.join(workdir, "export")}', flush=True)
+  say(f'best dev {task.best_metric}={best["value"]:.4f} at step {best["step"]}; exported to '
+      f'{os.path.join(workdir, "export")}', flush=True)
   return best

@@ -1,5 +1,6 @@
 """Where training figures go: metrics.jsonl, TensorBoard events, and a progress line. Process 0 writes."""
 import json
+import math
 import os
 import sys
 import time
@@ -140,3 +141,13 @@ class Throughput:
     if self.peak_total:
       out['mfu'] = tokens_per_sec * self.flops_per_token / self.peak_total
     return out
+
+
+def perplexity(total_nll: float, total_tokens) -> float:
+  """exp(total negative log-likelihood in nats / number of tokens); inf if that overflows."""
+  if total_tokens <= 0:
+    raise ValueError(f'perplexity: total_tokens must be positive, got {total_tokens}')
+  try:
+    return math.exp(float(total_nll) / float(total_tokens))
+  except OverflowError:
+    return float('inf')

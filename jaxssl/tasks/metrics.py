@@ -1,4 +1,4 @@
-"""Downstream metrics, pure numpy/python, each as its benchmark defines it.
+"""The task kinds' metrics, pure numpy/python, each as its benchmark defines it.
 
 Scales: every metric is a fraction in [0, 1] (correlations in [-1, 1]), except `squad_metrics`, which reports
 percentages (0-100) exactly like the official SQuAD v1.1 `evaluate-v1.1.py`.
@@ -15,7 +15,6 @@ conlleval (seqeval's default mode: tolerant, an I- after O starts an entity), IO
 (`mode='strict', scheme=IOBES`: only S-X and B-X I-X* E-X are entities).
 """
 import collections
-import math
 import re
 import string
 import warnings
@@ -371,12 +370,3 @@ def tagging_metrics(pred_tags, gold_tags, scheme: str | None) -> dict:
     result.update(entity_f1(pred_tags, gold_tags, scheme))
   return result
 
-
-def perplexity(total_nll: float, total_tokens) -> float:
-  """exp(total negative log-likelihood in nats / number of tokens); inf if that overflows."""
-  if total_tokens <= 0:
-    raise ValueError(f'perplexity: total_tokens must be positive, got {total_tokens}')
-  try:
-    return math.exp(float(total_nll) / float(total_tokens))
-  except OverflowError:
-    return float('inf')
