@@ -21,10 +21,11 @@ def generate(params: str, prompts: list[str], *, max_new_tokens: int = 50, greed
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              stop_tokens: tuple[str, ...] = ()) -> list[dict]:
   """One dict per prompt: prompt, prompt_ids, generated_ids (up to and including a stop token), text."""
+  # A job's jax modules load here, after runtime.setup (main) has configured the compile cache and processes.
   import jax
   import numpy as np
+  from jaxssl.models import generation
   from jaxssl.train import checkpoint as ckpt_lib
-  from jaxssl.models import gpt
   if not prompts or any(not p.strip() for p in prompts):
     raise UserError('give at least one non-empty --prompt')
   config, model, tokenizer = ckpt_lib.load_export(params)
@@ -45,7 +46,7 @@ def generate(params: str, prompts: list[str], *, max_new_tokens: int = 50, greed
   ids = np.zeros((len(prompts), int(lengths.max())), np.int32)
   for row, piece in enumerate(encoded):
     ids[row, :len(piece)] = piece
-  out, num = gpt.generate(model, ids, lengths, max_new_tokens, jax.random.key(seed), greedy=greedy,
+  out, num = generation.generate(model, ids, lengths, max_new_tokens, jax.random.key(seed), greedy=greedy,
                           temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=stop,
                           pad_id=tokenizer.pad_id)
   out, num = np.asarray(out), np.asarray(num)
@@ -74,7 +75,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   args.params = paths.absolute(args.params)
   runtime.setup(args)
-  import jax
+  import jax  # noqa: PLC0415 (after runtime.setup)
   results = generate(args.params, args.prompt, max_new_tokens=args.max_new_tokens, greedy=args.greedy,
                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                      stop_tokens=tuple(args.stop))

@@ -11,9 +11,9 @@ from flax import nnx
 from jaxssl.config import load_config
 from jaxssl.convert import hf_gpt2
 from jaxssl.errors import UserError
-from jaxssl.mesh import LOGICAL_AXIS_RULES
 from jaxssl.families import build_model, flops_per_token, validate_config
-from jaxssl.models import gpt, parts
+from jaxssl.mesh import LOGICAL_AXIS_RULES
+from jaxssl.models import generation, gpt, parts
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -278,7 +278,7 @@ def test_greedy_generate_matches_transformers(hf_model):
   expected = hf[:, 5:]
   model = converted()
   for ids, side in ((left, 'left'), (right, 'right')):
-    tokens, num = gpt.generate(model, ids, lengths, new, greedy=True, padding_side=side)
+    tokens, num = generation.generate(model, ids, lengths, new, greedy=True, padding_side=side)
     np.testing.assert_array_equal(tokens, expected, err_msg=side)
     np.testing.assert_array_equal(num, [new, new])
 
@@ -286,14 +286,14 @@ def test_greedy_generate_matches_transformers(hf_model):
 def test_top_k_1_is_greedy_and_stop_ids_stop():
   _, right, lengths = prompts()
   model = converted()
-  greedy, _ = gpt.generate(model, right, lengths, 8, greedy=True)  # compiled by the test above
+  greedy, _ = generation.generate(model, right, lengths, 8, greedy=True)  # compiled by the test above
   greedy = np.asarray(greedy)
-  top1, _ = gpt.generate(model, right, lengths, 8, jax.random.key(7), temperature=0.7, top_k=1)
+  top1, _ = generation.generate(model, right, lengths, 8, jax.random.key(7), temperature=0.7, top_k=1)
   np.testing.assert_array_equal(top1, greedy)
-  nucleus, _ = gpt.generate(model, right, lengths, 8, jax.random.key(8), top_p=1e-6)  # only the argmax is left
+  nucleus, _ = generation.generate(model, right, lengths, 8, jax.random.key(8), top_p=1e-6)  # only the argmax is left
   np.testing.assert_array_equal(nucleus, greedy)
   stop = int(greedy[0, 2])
-  tokens, num = gpt.generate(model, right, lengths, 8, greedy=True, stop_ids=(stop,), pad_id=-1)
+  tokens, num = generation.generate(model, right, lengths, 8, greedy=True, stop_ids=(stop,), pad_id=-1)
   tokens, num = np.asarray(tokens), np.asarray(num)
   for row in range(2):
     hits = np.flatnonzero(greedy[row] == stop)
@@ -302,8 +302,8 @@ def test_top_k_1_is_greedy_and_stop_ids_stop():
     np.testing.assert_array_equal(tokens[row, :n], greedy[row, :n])
     assert np.all(tokens[row, n:] == -1)
   # Sampling with a key is reproducible and stays in the vocabulary.
-  s1, _ = gpt.generate(model, right, lengths, 8, jax.random.key(3))
-  s2, _ = gpt.generate(model, right, lengths, 8, jax.random.key(3))
+  s1, _ = generation.generate(model, right, lengths, 8, jax.random.key(3))
+  s2, _ = generation.generate(model, right, lengths, 8, jax.random.key(3))
   np.testing.assert_array_equal(s1, s2)
   assert np.all((np.asarray(s1) >= 0) & (np.asarray(s1) < V))
 
@@ -342,9 +342,9 @@ def test_config_validation_and_flops():
   with pytest.raises(UserError, match='max_position'):
     model(jnp.zeros((1, MAXPOS + 1), jnp.int32))
   with pytest.raises(UserError, match='max_position'):
-    gpt.generate(model, np.zeros((1, 60), np.int32), np.array([60]), 5, greedy=True)
+    generation.generate(model, np.zeros((1, 60), np.int32), np.array([60]), 5, greedy=True)
   with pytest.raises(UserError, match='rng'):
-    gpt.generate(model, np.zeros((1, 4), np.int32), np.array([4]), 2)
+    generation.generate(model, np.zeros((1, 4), np.int32), np.array([4]), 2)
   # Hand count: per layer 6 * (4*32*32 + 2*32*48) = 43008 params FLOPs + 12*32*16 = 6144 attention;
   # tied head 6 * 32 * 99 = 19008.
   assert flops_per_token(tiny_cfg(), V, 16, 16) == pytest.approx(2 * (43008 + 6144) + 19008)

@@ -12,9 +12,9 @@ from flax import nnx
 from jaxssl.config import load_config
 from jaxssl.convert import hf_llama
 from jaxssl.errors import UserError
-from jaxssl.mesh import LOGICAL_AXIS_RULES
 from jaxssl.families import build_model, flops_per_token, validate_config
-from jaxssl.models import gpt, parts
+from jaxssl.mesh import LOGICAL_AXIS_RULES
+from jaxssl.models import generation, gpt, parts
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -143,7 +143,7 @@ def test_greedy_generate_matches_transformers():
                                       max_new_tokens=new, do_sample=False, pad_token_id=0).numpy()
   assert hf.shape == (2, 5 + new)
   for ids, side in ((left, 'left'), (right, 'right')):
-    tokens, num = gpt.generate(converted('gqa'), ids, lengths, new, greedy=True, padding_side=side)
+    tokens, num = generation.generate(converted('gqa'), ids, lengths, new, greedy=True, padding_side=side)
     np.testing.assert_array_equal(tokens, hf[:, 5:], err_msg=side)
     np.testing.assert_array_equal(num, [new, new])
 

@@ -18,7 +18,7 @@ Scoring (`icl.scoring`):
                over its tokens from one forward pass over prompt + verbaliser; `icl.normalize` divides the sum by
                its number of tokens ('tokens') or by the verbaliser's length in characters ('chars'). Ties go to
                the first label in `icl.verbalizers` order. The template text after {label} is not scored.
-  exact_match  greedy generation (`gpt.generate`, up to `icl.max_new_tokens`, stopping at the end-of-document
+  exact_match  greedy generation (`generation.generate`, up to `icl.max_new_tokens`, stopping at the end-of-document
                token); the answer is the generated text up to the first newline, the first occurrence of the
                separator, or of the template's text before {input} (where a model starts a new example), stripped
                of whitespace; it must equal the label's verbaliser (or the label itself when there is none),
@@ -401,7 +401,7 @@ def loglikelihoods(model, rows, *, batch_size: int, mesh, max_len: int) -> np.nd
 def generate_texts(model, tokenizer, contexts, *, max_new_tokens: int, batch_size: int, mesh,
                    max_len: int) -> list[str]:
   """Greedy continuations (decoded, without the end-of-document token) of each context's ids."""
-  from jaxssl.models import gpt
+  from jaxssl.models import generation
   batch_size = _batch_size(batch_size, mesh)
   lengths = [len(c) for c in contexts]
   stop = (int(tokenizer.sep_id),)
@@ -411,7 +411,7 @@ def generate_texts(model, tokenizer, contexts, *, max_new_tokens: int, batch_siz
     ids = np.zeros((batch_size, width), np.int32)
     for j, i in enumerate(padded):
       ids[j, :lengths[i]] = contexts[i]
-    out, num = gpt.generate(model, ids, np.asarray([lengths[i] for i in padded], np.int32), max_new_tokens,
+    out, num = generation.generate(model, ids, np.asarray([lengths[i] for i in padded], np.int32), max_new_tokens,
                             jax.random.key(0), greedy=True, stop_ids=stop, pad_id=0)
     out, num = np.asarray(out), np.asarray(num)
     for j, i in enumerate(rows_now):

@@ -7,8 +7,9 @@
 
 One token embedding serves encoder input, decoder input and output projection (as BART); each side has its own
 position table. The blocks are built from the shared parts (parts.py: CausalSelfAttention, GeluMlp; tanh GELU,
-GPT-2 init), are stacked with `nnx.vmap` (a leading 'layers' axis) and run with `nnx.scan`. Unlike BART's post-LN layers,
-these are pre-LN (stabler at depth without warmup tricks); converted BART checkpoints would not fit as they are.
+GPT-2 init), are stacked with `nnx.vmap` (a leading 'layers' axis) and run with `nnx.scan`. Unlike BART's post-LN
+layers, these are pre-LN (stabler at depth without warmup tricks); converted BART checkpoints would not fit as
+they are.
 
 Generation: `init_cache` runs the encoder once and projects its output into every decoder layer's cross-attention
 keys/values; `decode` appends target tokens to a GPT-style self-attention cache; `generate` is greedy (or sampled)
@@ -323,7 +324,7 @@ def generate(model: EncoderDecoder, source_ids, source_mask, max_new_tokens: int
 
   The decoder starts from `start_id` (the pipeline's decoder-start token, tokenizer.cls_id); a row stops after a
   token in `stop_ids` (kept and counted), its later slots hold `pad_id`. Greedy by default; otherwise sampled
-  with `rng` after temperature / top-k / top-p (as gpt.generate).
+  with `rng` after temperature / top-k / top-p (as generation.generate).
   """
   if max_new_tokens < 1:
     raise UserError(f'max_new_tokens={max_new_tokens} must be at least 1')

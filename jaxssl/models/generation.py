@@ -2,8 +2,7 @@
 all under one jit) and `sample_logits` (greedy / temperature / top-k / top-p).
 
 The model is any module with `config.max_position`, `init_cache(batch, max_len)` and
-`decode(tokens, cache, positions) -> (logits, cache)`, i.e. jaxssl/models/gpt.py's GPT (which re-exports both
-functions: callers use `gpt.generate`).
+`decode(tokens, cache, positions) -> (logits, cache)`, i.e. jaxssl/models/gpt.py's GPT.
 """
 import functools
 

@@ -15,8 +15,8 @@ Packed training rows: `segment_ids` [B, T] (0 = padding) keep documents apart in
 restart at 0 in each document (for RoPE too: each document's rotation starts at 0); `next_token_loss` drops the
 pairs that cross a document boundary or touch padding.
 
-Generation: `init_cache` + `GPT.decode` append new tokens to a KV cache (num_kv_heads heads); `generate` (in
-generation.py, re-exported here) runs prefill + one-token decode steps under one jit.
+Generation: `init_cache` + `GPT.decode` append new tokens to a KV cache (num_kv_heads heads);
+`generation.generate` runs prefill + one-token decode steps under one jit.
 """
 import dataclasses
 
@@ -27,7 +27,6 @@ from flax import nnx
 from jaxssl.errors import UserError
 from jaxssl.mesh import constrain
 from jaxssl.models import vocab
-from jaxssl.models.generation import generate, sample_logits  # noqa: F401 (re-exported: callers use gpt.generate)
 from jaxssl.models.layers import Embed, check_compute_settings, config_fields, dropout, stack_layers
 from jaxssl.models.parts import (ACT, CausalSelfAttention, GeluMlp, Linear, SwiGluMlp, kv_cache, make_norm,
                                  next_token_pairs, rope_angles, run_stack)
