@@ -736,7 +736,7 @@ class RealWorld:
     ours = {str(k): float(np.mean([r['correct'] for r in records if r['k'] == k])) for k in (0, 1, 4)}
     # transformers on the same prompt texts, tokenized by its own tokenizer (the boundary rule of icl.py: the
     # prompt's trailing space goes to the answer).
-    from jaxssl.eval import icl as icl_lib
+    from jaxssl.eval import icl_prompts as icl_lib
     ref, hf_tok = self._smollm_hf_reference()
     from configs import icl as icl_config
     c = icl_config.get_config('custom').icl

@@ -9,7 +9,8 @@ split as the demonstration pool, the 872 validation sentences as queries), `cust
 --config.icl.pool=POOL.jsonl --config.icl.test=TEST.jsonl, one {"input": ..., "label": ...} object per line).
 
 Writes results.json (accuracy per model and k) and, beside it, icl_accuracy_vs_shots.png,
-icl_accuracy_vs_size.png and icl_predictions.jsonl. See jaxssl/eval/icl.py for how prompts are built and scored.
+icl_accuracy_vs_size.png and icl_predictions.jsonl. See jaxssl/eval/icl_prompts.py for how prompts
+are built and jaxssl/eval/icl.py for how they are scored.
 """
 import ml_collections
 

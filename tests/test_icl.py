@@ -14,7 +14,7 @@ from jaxssl import config as config_lib
 from jaxssl import mesh as mesh_lib
 from jaxssl.data import tokenizers
 from jaxssl.errors import UserError
-from jaxssl.eval import icl
+from jaxssl.eval import icl, icl_prompts
 from jaxssl.train import checkpoint as ckpt_lib
 from jaxssl.train import state as state_lib
 
@@ -46,7 +46,7 @@ def tokenizer(tmp_path_factory):
     c = icl_config(variant).icl
     lines.append(c.instruction)
     for split in ('pool', 'test'):
-      for e in icl.read_jsonl(os.path.join(icl.TASKS_DIR, f'{variant}_{split}.jsonl')):
+      for e in icl_prompts.read_jsonl(os.path.join(icl_prompts.TASKS_DIR, f'{variant}_{split}.jsonl')):
         lines.append(c.template.replace('{input}', e.input).replace('{label}', e.label))
   return tokenizers.train_tokenizer(lines * 3, VOCAB, str(tmp_path_factory.mktemp('tok') / 'tok'))
 
@@ -90,19 +90,19 @@ def loaded(exports, mesh):
 # ----- prompts and demonstrations -----
 
 def test_prompt_is_built_as_documented():
-  task = icl.load_task(icl_config('sentiment', '--config.icl.models=x').icl)
-  demos = [icl.Example('Great fun.', 'positive'), icl.Example('So dull.', 'negative')]
+  task = icl_prompts.load_task(icl_config('sentiment', '--config.icl.models=x').icl)
+  demos = [icl_prompts.Example('Great fun.', 'positive'), icl_prompts.Example('So dull.', 'negative')]
   expected = ('Classify the sentiment of each movie review as positive or negative.\n\n'
               'Review: Great fun.\nSentiment: positive\n\n'
               'Review: So dull.\nSentiment: negative\n\n'
               'Review: A new film.\nSentiment: ')
   assert task.prompt(demos, 'A new film.') == expected
   # The template's text after {label} is part of each demonstration but not of the query prompt.
-  tailed = icl.load_task(icl_config('sentiment', '--config.icl.models=x', '--config.icl.instruction=',
+  tailed = icl_prompts.load_task(icl_config('sentiment', '--config.icl.models=x', '--config.icl.instruction=',
                                     '--config.icl.template=<{input}> is {label}.', '--config.icl.separator= | ').icl)
   assert tailed.prompt(demos[:1], 'Meh') == '<Great fun.> is positive. | <Meh> is '
   assert tailed.prompt([], 'Meh') == '<Meh> is '
-  assert icl.split_boundary('Sentiment: ', 'positive') == ('Sentiment:', ' positive')
+  assert icl_prompts.split_boundary('Sentiment: ', 'positive') == ('Sentiment:', ' positive')
 
 
 def test_demonstrations_deterministic_and_never_the_query(tmp_path):
@@ -110,16 +110,16 @@ def test_demonstrations_deterministic_and_never_the_query(tmp_path):
   test = pool[:6]  # every query's input is also in the pool
   config = icl_config('sentiment', '--config.icl.models=x', f'--config.icl.pool={write_jsonl(tmp_path / "p", pool)}',
                       f'--config.icl.test={write_jsonl(tmp_path / "t", test)}', '--config.icl.shots=0,4,11')
-  task = icl.load_task(config.icl)
+  task = icl_prompts.load_task(config.icl)
   for i, q in enumerate(task.test):
-    eleven = icl.draw_demonstrations(task.pool, q, i, 11, seed=3)
+    eleven = icl_prompts.draw_demonstrations(task.pool, q, i, 11, seed=3)
     assert q.input not in [d.input for d in eleven] and len({d.input for d in eleven}) == 11
-    assert eleven == icl.draw_demonstrations(task.pool, q, i, 11, seed=3)
-    assert icl.draw_demonstrations(task.pool, q, i, 4, seed=3) == eleven[:4]  # k=4 extends k=... prefixes
-  assert (icl.draw_demonstrations(task.pool, task.test[0], 0, 4, seed=3)
-          != icl.draw_demonstrations(task.pool, task.test[0], 0, 4, seed=4))
+    assert eleven == icl_prompts.draw_demonstrations(task.pool, q, i, 11, seed=3)
+    assert icl_prompts.draw_demonstrations(task.pool, q, i, 4, seed=3) == eleven[:4]  # k=4 extends k=... prefixes
+  assert (icl_prompts.draw_demonstrations(task.pool, task.test[0], 0, 4, seed=3)
+          != icl_prompts.draw_demonstrations(task.pool, task.test[0], 0, 4, seed=4))
   with pytest.raises(UserError, match='only 11 pool examples differ from this query'):
-    icl.draw_demonstrations(task.pool, task.test[0], 0, 12, seed=0)
+    icl_prompts.draw_demonstrations(task.pool, task.test[0], 0, 12, seed=0)
 
 
 # ----- the log-likelihood scorer -----
@@ -136,11 +136,11 @@ def brute_force(model, context, continuation):
 def test_loglik_equals_brute_force_with_buckets_and_bos(loaded, mesh, tmp_path):
   model, tok = loaded
   config = icl_config('sentiment', '--config.icl.models=x', '--config.icl.shots=0,8', '--config.icl.max_queries=4')
-  task = icl.load_task(config.icl)
+  task = icl_prompts.load_task(config.icl)
   for bos in (None, tok.cls_id):
     tok.bos_id = bos  # a Llama-style tokenizer puts BOS before every prompt
     try:
-      requests = icl.build_requests(task, tok, [0, 8], 0, MAX_POSITION, 16)
+      requests = icl_prompts.build_requests(task, tok, [0, 8], 0, MAX_POSITION, 16)
     finally:
       del tok.bos_id
     rows = [(r.context, c) for r in requests for c in r.continuations]
@@ -160,7 +160,7 @@ def test_loglik_equals_brute_force_with_buckets_and_bos(loaded, mesh, tmp_path):
 
 def test_tokenization_boundary(tokenizer):
   # sentencepiece keeps words apart: the prompt's ids are a prefix, and the label is its own piece(s).
-  [(context, continuation)] = icl.encode_pairs(tokenizer, [('Review: Great fun.\nSentiment: ', 'positive')])
+  [(context, continuation)] = icl_prompts.encode_pairs(tokenizer, [('Review: Great fun.\nSentiment: ', 'positive')])
   assert context + continuation == tokenizer.encode_one('Review: Great fun.\nSentiment: positive')
   assert tokenizer.decode(continuation) == 'positive'
 
@@ -170,9 +170,9 @@ def test_tokenization_boundary(tokenizer):
       return [[{'ab': 7, 'a': 1, 'b': 2, 'x': 3}[p] for p in t.replace('ab', ' ab ').split()] for t in texts]
 
   # Not a prefix ("x a" + "b" is x ab): the continuation is encoded alone and appended.
-  assert icl.encode_pairs(Merging(), [('x a', 'b')]) == [([3, 1], [2])]
+  assert icl_prompts.encode_pairs(Merging(), [('x a', 'b')]) == [([3, 1], [2])]
   # A prefix ("x" + " a"): the rest of the whole's ids; the prompt's trailing space went to the continuation.
-  assert icl.encode_pairs(Merging(), [('x ', 'a')]) == [([3], [1])]
+  assert icl_prompts.encode_pairs(Merging(), [('x ', 'a')]) == [([3], [1])]
 
 
 def test_length_normalisation_changes_the_decision(loaded, mesh, tmp_path):
@@ -185,7 +185,7 @@ def test_length_normalisation_changes_the_decision(loaded, mesh, tmp_path):
   model, tok = loaded
   config = icl_config('sentiment', '--config.icl.models=x', '--config.icl.shots=1', '--config.icl.max_queries=4',
                       '--config.icl.verbalizers.positive=very good indeed', '--config.icl.normalize=tokens')
-  task = icl.load_task(config.icl)
+  task = icl_prompts.load_task(config.icl)
   for normalize in ('tokens', 'chars'):
     result = icl.evaluate_model(task, model, tok, shots=[1], seed=0, normalize=normalize, batch_size=8,
                                 max_new_tokens=4, mesh=mesh)
@@ -199,7 +199,7 @@ def test_length_normalisation_changes_the_decision(loaded, mesh, tmp_path):
 # ----- free-form exact match -----
 
 def test_extract_answer_and_match():
-  task = icl.load_task(icl_config('capitals', '--config.icl.models=x').icl)
+  task = icl_prompts.load_task(icl_config('capitals', '--config.icl.models=x').icl)
   assert icl.extract_answer(' Paris\n\nCountry: Spain', task) == 'Paris'
   assert icl.extract_answer(' Mexico City Country: Spain Capital: Madrid', task) == 'Mexico City'
   assert icl.is_match('paris', 'Paris', lowercase=True) and not icl.is_match('paris', 'Paris', lowercase=False)
@@ -208,7 +208,7 @@ def test_extract_answer_and_match():
 def test_exact_match_scores_what_the_model_generates(tokenizer, mesh, tmp_path):
   """A real GPT forced to always emit one token (final LayerNorm scale 0, its bias = that token's embedding):
   greedy generation through the real path answers that word everywhere."""
-  task = icl.load_task(icl_config('sentiment', '--config.icl.models=x', '--config.icl.scoring=exact_match').icl)
+  task = icl_prompts.load_task(icl_config('sentiment', '--config.icl.models=x', '--config.icl.scoring=exact_match').icl)
   [token] = tokenizer.encode_one(' positive')
 
   def force(params):
@@ -229,7 +229,7 @@ def test_exact_match_scores_what_the_model_generates(tokenizer, mesh, tmp_path):
   assert result['accuracy'] == {'0': pytest.approx(expected), '2': pytest.approx(expected)} and 0 < expected < 1
   assert all(r['correct'] == (r['label'] == 'positive') for r in result['records'])
   # The free-form built-in task runs on the same path (and this model names no capital).
-  capitals = icl.load_task(icl_config('capitals', '--config.icl.models=x', '--config.icl.max_queries=8').icl)
+  capitals = icl_prompts.load_task(icl_config('capitals', '--config.icl.models=x', '--config.icl.max_queries=8').icl)
   result = icl.evaluate_model(capitals, model, tok, shots=[1], seed=0, normalize='none', batch_size=8,
                               max_new_tokens=2, mesh=mesh)
   assert capitals.scoring == 'exact_match' and result['accuracy'] == {'1': 0.0}
@@ -240,7 +240,7 @@ def test_exact_match_scores_what_the_model_generates(tokenizer, mesh, tmp_path):
 
 def test_user_errors(tmp_path):
   def load(*overrides, variant='sentiment'):
-    return icl.load_task(icl_config(variant, '--config.icl.models=x', *overrides).icl)
+    return icl_prompts.load_task(icl_config(variant, '--config.icl.models=x', *overrides).icl)
 
   pool = write_jsonl(tmp_path / 'pool.jsonl', [{'input': 'fine', 'label': 'positive'}, '["not", "an object"]'])
   with pytest.raises(UserError, match=r'pool.jsonl:2 must be an object with "input" and "label"'):
@@ -259,7 +259,7 @@ def test_user_errors(tmp_path):
   with pytest.raises(UserError, match='no built-in ICL task'):
     load(variant='custom')
   with pytest.raises(UserError, match='no models'):
-    icl.load_task(icl_config('sentiment').icl)
+    icl_prompts.load_task(icl_config('sentiment').icl)
   with pytest.raises(UserError, match="icl.normalize='mean'"):
     load('--config.icl.normalize=mean')
   # A custom task scored by loglik with no verbalisers: the labels' own texts are the options.
@@ -274,14 +274,14 @@ def test_user_errors(tmp_path):
 
 def test_prompt_too_long_drops_demonstrations_from_the_left(loaded):
   _, tok = loaded
-  task = icl.load_task(icl_config('sentiment', '--config.icl.models=x').icl)
-  requests = icl.build_requests(task, tok, [8], 0, 64, 16)
+  task = icl_prompts.load_task(icl_config('sentiment', '--config.icl.models=x').icl)
+  requests = icl_prompts.build_requests(task, tok, [8], 0, 64, 16)
   assert any(r.dropped for r in requests)
   for r in requests:
-    full = icl.draw_demonstrations(task.pool, task.test[r.query], r.query, 8, 0)
+    full = icl_prompts.draw_demonstrations(task.pool, task.test[r.query], r.query, 8, 0)
     assert r.demonstrations == full[r.dropped:] and len(r.context) + max(map(len, r.continuations)) <= 64
   with pytest.raises(UserError, match='sentiment_test.jsonl:1: the prompt needs .* tokens without demonstrations'):
-    icl.build_requests(task, tok, [0], 0, 8, 16)
+    icl_prompts.build_requests(task, tok, [0], 0, 8, 16)
 
 
 # ----- the job -----
@@ -330,11 +330,11 @@ def test_sst2_variant_reads_tfds_splits(tmp_path):
   config = icl_config('sst2', f'--config.icl.data_dir={tmp_path}', '--config.icl.models=unused',
                       '--config.icl.shots=0,4', '--config.icl.max_queries=5')
   with tfds.testing.mock_data(num_examples=12):
-    task = icl.load_task(config.icl)
+    task = icl_prompts.load_task(config.icl)
   assert task.scoring == 'loglik' and set(task.options) == {'negative', 'positive'}
   assert len(task.pool) == 12 and len(task.test) == 5
   assert all(e.label in ('negative', 'positive') and e.where.startswith('glue/sst2:') for e in task.pool + task.test)
   bad = icl_config('sst2', f'--config.icl.data_dir={tmp_path}', '--config.icl.models=unused',
                    '--config.icl.tfds=squad/v1.1')
   with pytest.raises(UserError, match='is a qa task'):
-    icl.load_task(bad.icl)
+    icl_prompts.load_task(bad.icl)
