@@ -11,7 +11,7 @@ from flax import nnx
 
 from jaxssl.data.examples import packed_lm
 from jaxssl.families import family as family_lib
-from jaxssl.models import gpt, lm_loss
+from jaxssl.models import gpt, lm_loss, parts
 
 LM_BATCH_KEYS = ('input_ids', 'segment_ids', 'positions')
 
@@ -35,7 +35,7 @@ def lm_sums(graphdef, params, batch, dropout_rng):
 
 def lm_totals(batch):
   """The number of predicted pairs (within a document) in the global batch."""
-  return {'lm': jnp.sum(gpt.next_token_pairs(batch['segment_ids'])).astype(jnp.float32) + 1e-5}
+  return {'lm': jnp.sum(parts.next_token_pairs(batch['segment_ids'])).astype(jnp.float32) + 1e-5}
 
 
 def lm_summarize(sums):
@@ -78,7 +78,7 @@ def predicted_words(batches, tokenizer) -> float:
   starts[tokenizer.sep_id] = True
   count = 0
   for b in batches:
-    count += int(np.sum(starts[b['input_ids'][:, 1:]] & np.asarray(gpt.next_token_pairs(b['segment_ids']))))
+    count += int(np.sum(starts[b['input_ids'][:, 1:]] & np.asarray(parts.next_token_pairs(b['segment_ids']))))
   return float(count)
 
 
