@@ -107,11 +107,9 @@ def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
   return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _llama(meta: Metadata, tensors: Tensors, qwen2: bool = False) -> tuple[dict, dict]:
-  """(LlamaConfig dict, LlamaForCausalLM state dict) of a 'llama' file; with `qwen2`, (Qwen2Config dict,
-  Qwen2ForCausalLM state dict) of a 'qwen2' one: the same tensors plus q/k/v biases (llama.cpp requires them,
-  and has none on attn_output or the MLP), q/k rows not permuted, and no sliding window (llama.cpp's qwen2
-  attends to the whole context, as Qwen2 configs with use_sliding_window=false do)."""
+def _llama_sizes(meta: Metadata, tensors: Tensors) -> tuple[int, ...]:
+  """(layers, hidden, heads, kv heads, head dim, vocab, intermediate) of a 'llama'/'qwen2' file; a variant HF
+  Llama cannot hold (mixture of experts, per-layer sizes, partial RoPE) is a UserError."""
   if meta.get(K.LLM.EXPERT_COUNT, 0):
     raise UserError(f'{meta.path} is a mixture-of-experts {meta.arch} '
                     f'(expert_count={meta.get(K.LLM.EXPERT_COUNT)}): only dense {meta.arch} models can be imported')
@@ -141,6 +139,16 @@ def _llama(meta: Metadata, tensors: Tensors, qwen2: bool = False) -> tuple[dict,
     raise UserError(f'{meta.path} gives no single feed_forward_length: only uniform {meta.arch} models can be '
                     'imported')
   inter = int(inter)
+  return n_layers, hidden, n_head, n_kv, head_dim, vocab, inter
+
+
+def _llama(meta: Metadata, tensors: Tensors, qwen2: bool = False) -> tuple[dict, dict]:
+  """(LlamaConfig dict, LlamaForCausalLM state dict) of a 'llama' file; with `qwen2`, (Qwen2Config dict,
+  Qwen2ForCausalLM state dict) of a 'qwen2' one: the same tensors plus q/k/v biases (llama.cpp requires them,
+  and has none on attn_output or the MLP), q/k rows not permuted, and no sliding window (llama.cpp's qwen2
+  attends to the whole context, as Qwen2 configs with use_sliding_window=false do)."""
+  n_layers, hidden, n_head, n_kv, head_dim, vocab, inter = _llama_sizes(meta, tensors)
+  emb_name = tensor_name(T.TOKEN_EMBD)
   q_out, kv_out = n_head * head_dim, n_kv * head_dim
 
   sd = {}
