@@ -32,8 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxssl import families
+from jaxssl import mesh as mesh_lib
 from jaxssl.errors import UserError
 from jaxssl.eval import files
+from jaxssl.train import checkpoint as ckpt_lib
 
 SETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'embedding_sets')
 POOLINGS = ('mean', 'first')
@@ -266,8 +268,6 @@ def analyse(model, tokenizer, items, *, layer, pooling) -> dict:
 
 def run(config, out: str) -> dict:
   """Reads the items, runs the export, writes results.json and the heatmap; returns the report."""
-  from jaxssl import mesh as mesh_lib
-  from jaxssl.train import checkpoint as ckpt_lib
   emb = config.embeddings
   check_config(emb)
   path = data_path(emb)

@@ -43,6 +43,14 @@ def shape_value(model: dict, key: str):
   return model.get(key, True if key == 'tie_embeddings' else None)
 
 
+def frozen_in_finetuning(model_cfg):
+  """ELMo's paper setting unless `finetune_bilm`: the biLM stays as pretrained; only its layer mix (ScalarMix)
+  and the head learn."""
+  if model_cfg.get('finetune_bilm', False):
+    return None
+  return lambda path: path[0] == 'body' and 'scalar_mix' not in path
+
+
 # Embeddings: the sentence; embed(): 0 = token embedding (both directions), l = concat(fwd_l, bwd_l).
 EMBEDDINGS = family_lib.EmbeddingHooks(
     frame=lambda tokenizer, ids: (list(ids), 0),
@@ -56,4 +64,4 @@ FAMILY = family_lib.Family(
     validate=elmo.ElmoConfig.from_config, objective=OBJECTIVE, train_batches=gpt_family.train_batches,
     eval_batches=gpt_family.eval_batches, batch_shapes=gpt_family.batch_shapes,
     synthetic_batch=gpt_family.synthetic_batch, shape_keys=SHAPE_KEYS, shape_value=shape_value,
-    embeddings=EMBEDDINGS)
+    embeddings=EMBEDDINGS, frozen_in_finetuning=frozen_in_finetuning)

@@ -80,6 +80,8 @@ class Family:
   # (eval batches, tokenizer) -> (words the eval batches predict, or 0; extra fixed eval metrics)
   eval_context: Callable = lambda batches, tokenizer: (0.0, {})
   embeddings: EmbeddingHooks | None = None
+  # (model_cfg) -> a predicate on param paths fine-tuning keeps as pretrained, or None (everything learns)
+  frozen_in_finetuning: Callable = lambda model_cfg: None
 
   def shape(self, model: dict) -> dict:
     """{key: value} of `model` (a config's model section as a dict) for every shape key."""
