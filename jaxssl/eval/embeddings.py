@@ -283,7 +283,7 @@ def run(config, out: str) -> dict:
             'model': emb.model, 'layer': layer, 'pooling': emb.pooling, 'occurrence': emb.occurrence,
             **body, 'plot': HEATMAP, 'config': emb.to_dict()}
   if jax.process_index() == 0:
-    from jaxssl.eval import embeddings_plots
+    from jaxssl.eval import embeddings_plots  # noqa: PLC0415 (matplotlib only when plotting)
     os.makedirs(plot_dir, exist_ok=True)
     with open(results_path, 'w', encoding='utf-8') as f:
       json.dump(report, f, indent=2, ensure_ascii=False)

@@ -1,0 +1,128 @@
+"""The code's layout rules (docs/ARCHITECTURE.md), read from the source with `ast`, so they stay true:
+imports only go down the layers, no import cycle, no library module imports a job, no module uses another's
+`_private` names, no module over 400 lines."""
+import ast
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = os.path.join(ROOT, 'jaxssl')
+
+# Lower number = lower layer. A module may import its own layer or lower ones; jobs (the top) import anything.
+LAYERS = {
+    'jaxssl.errors': 0, 'jaxssl.paths': 0, 'jaxssl.config': 0, 'jaxssl.runtime': 0, 'jaxssl.mesh': 1,
+    'jaxssl.data': 2, 'jaxssl.models': 3, 'jaxssl.families': 4, 'jaxssl.tasks': 4, 'jaxssl.train': 5,
+    'jaxssl.eval': 6, 'jaxssl.convert': 6,
+}
+JOBS = {'jaxssl', 'jaxssl.pretrain', 'jaxssl.export', 'jaxssl.finetune', 'jaxssl.evaluate', 'jaxssl.generate',
+        'jaxssl.bench', 'jaxssl.convert.__main__'}
+MAX_LINES = 400
+
+
+def modules() -> dict[str, str]:
+  """{dotted module name: file path} of every module of the package."""
+  found = {}
+  for root, _, names in os.walk(PACKAGE):
+    for name in names:
+      if name.endswith('.py'):
+        path = os.path.join(root, name)
+        dotted = os.path.relpath(path, ROOT)[:-3].replace(os.sep, '.')
+        found[dotted[:-len('.__init__')] if dotted.endswith('.__init__') else dotted] = path
+  return found
+
+
+def layer(module: str):
+  """The layer of a module: its longest prefix in LAYERS (None for jobs and unlisted names)."""
+  if module in JOBS:
+    return None
+  parts = module.split('.')
+  for n in range(len(parts), 0, -1):
+    if '.'.join(parts[:n]) in LAYERS:
+      return LAYERS['.'.join(parts[:n])]
+  return None
+
+
+def imports(path: str, module: str, known: set) -> list[tuple[str, int, bool, list[str]]]:
+  """(imported jaxssl module, line, at module level?, names imported from it) for every jaxssl import."""
+  tree = ast.parse(open(path).read())
+  top_level = {id(n) for n in tree.body} | {id(n) for stmt in tree.body if isinstance(stmt, (ast.If, ast.Try))
+                                             for n in ast.walk(stmt)}
+  found = []
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      targets = [(a.name, []) for a in node.names]
+    elif isinstance(node, ast.ImportFrom):
+      base = node.module or ''
+      if node.level:  # relative import
+        base = '.'.join(module.split('.')[:-node.level] + ([base] if base else []))
+      # `from jaxssl.data import tokenizers` names a module; `from jaxssl.data.tokenizers import load` a name.
+      targets = [(f'{base}.{a.name}', []) if f'{base}.{a.name}' in known else (base, [a.name]) for a in node.names]
+    else:
+      continue
+    found += [(t, node.lineno, id(node) in top_level, names) for t, names in targets if t.split('.')[0] == 'jaxssl']
+  return found
+
+
+ALL = modules()
+
+
+def test_every_package_is_in_a_layer():
+  unplaced = [m for m in ALL if m not in JOBS and layer(m) is None]
+  assert unplaced == [], 'add these modules to a layer in LAYERS (and docs/ARCHITECTURE.md)'
+
+
+@pytest.mark.parametrize('module', sorted(ALL))
+def test_imports_go_down_and_no_private_names(module):
+  here = layer(module)
+  for target, line, _, names in imports(ALL[module], module, set(ALL)):
+    assert target not in JOBS or module in JOBS or target == 'jaxssl', f'{module}:{line} imports the job {target}'
+    if here is not None and layer(target) is not None:
+      assert layer(target) <= here, f'{module}:{line} imports {target}, a higher layer'
+    private = [n for n in names if n.startswith('_')]
+    assert not private, f'{module}:{line} uses private names {private} of {target}'
+
+
+def test_families_and_tasks_do_not_import_each_other():
+  for module, path in ALL.items():
+    for own, other in (('jaxssl.families', 'jaxssl.tasks'), ('jaxssl.tasks', 'jaxssl.families')):
+      if module.startswith(own):
+        bad = [t for t, *_ in imports(path, module, set(ALL)) if t.startswith(other)]
+        assert not bad, f'{module} imports {bad}: a family and a task kind stay independent'
+
+
+def test_no_import_cycles():
+  graph = {m: {t for t, *_ in imports(p, m, set(ALL)) if t in ALL and t != m} for m, p in ALL.items()}
+  for m in graph:  # a package's __init__ importing its own submodules is not a cycle through them
+    graph[m] = {t for t in graph[m] if not t.startswith(m + '.')}
+  state, stack = {}, []
+
+  def visit(node):
+    state[node] = 'open'
+    stack.append(node)
+    for nxt in sorted(graph[node]):
+      if state.get(nxt) == 'open':
+        raise AssertionError('import cycle: ' + ' -> '.join(stack[stack.index(nxt):] + [nxt]))
+      if nxt not in state:
+        visit(nxt)
+    stack.pop()
+    state[node] = 'done'
+
+  for m in sorted(graph):
+    if m not in state:
+      visit(m)
+
+
+@pytest.mark.parametrize('module', sorted(m for m in ALL if m not in JOBS))
+def test_function_level_imports_say_why(module):
+  """A library module imports jaxssl modules at the top; one inside a function (to keep a heavy dependency off
+  the import path, say) carries a comment on its line saying why, never just to dodge a cycle."""
+  lines = open(ALL[module]).read().split('\n')
+  for target, line, top_level, _ in imports(ALL[module], module, set(ALL)):
+    assert top_level or '#' in lines[line - 1], f'{module}:{line} imports {target} inside a function without a reason'
+
+
+@pytest.mark.parametrize('module', sorted(ALL))
+def test_module_size(module):
+  with open(ALL[module]) as f:
+    assert sum(1 for _ in f) <= MAX_LINES, f'{ALL[module]} is over {MAX_LINES} lines: split it'
