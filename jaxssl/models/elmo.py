@@ -11,14 +11,14 @@ embedding, or one separate output layer when `tie_embeddings=False`, as the pape
 built here. The recurrence is one `jax.lax.scan` over time per layer and direction; the input projections of
 all steps are one matmul before it.
 
-Packed rows (data/lm_pipeline.py): the recurrent state starts from zero wherever `segment_ids` changes, in both
+Packed rows (data/examples/packed_lm.py): the recurrent state starts from zero wherever `segment_ids` changes, in both
 directions, so a document in a packed row gets exactly the outputs it gets alone; losses count only pairs inside
 one non-zero segment.
 
 Contextual embeddings: `embed(ids)` gives all L + 1 layer representations [L + 1, B, T, 2 * embed_size]
 (layer 0 = the token embedding twice, layer l = concat(forward_l, backward_l)); `ScalarMix` (softmax-normalised
 layer weights times a scale gamma) mixes them for a task. `encode` is the body interface of the downstream
-heads (models/heads.py): (mixed sequence [B, T, 2E], mean over real tokens [B, 2E]), each layer normalised
+heads (tasks/model.py): (mixed sequence [B, T, 2E], mean over real tokens [B, 2E]), each layer normalised
 per token first (`mix_layer_norm`), the biLM frozen (stop_gradient) unless `finetune_bilm`; `config.hidden_size`
 is that width, 2 * embed_size. Frozen means no gradient: an optimizer's decoupled weight decay still shrinks
 those params unless the fine-tune job masks them out.

@@ -16,7 +16,7 @@ keys/values; `decode` appends target tokens to a GPT-style self-attention cache;
 decoding from the decoder-start token under one jit (a `lax.while_loop`).
 
 Downstream heads: `encode(input_ids, token_type_ids, attention_mask)` -> (sequence, pooled) is the encoder alone,
-so heads.TaskModel fine-tunes an exported encoder-decoder like BERT (token types are ignored; pooled = the masked
+so tasks.model.TaskModel fine-tunes an exported encoder-decoder like BERT (token types are ignored; pooled = the masked
 mean of the encoder output, as there is no pooler layer).
 """
 import dataclasses
@@ -215,7 +215,7 @@ class EncoderDecoder(nnx.Module):
     return self.encoder_norm(x)
 
   def encode(self, input_ids, token_type_ids, attention_mask, *, dropout_rng=None):
-    """heads.TaskModel's body interface: -> (sequence [B, L, H], pooled [B, H]); token types are ignored and
+    """tasks.model.TaskModel's body interface: -> (sequence [B, L, H], pooled [B, H]); token types are ignored and
     pooled is the mean of the sequence over the real tokens (the model has no pooler layer)."""
     del token_type_ids
     seq = self.encoder_states(input_ids, attention_mask, dropout_rng=dropout_rng)
