@@ -783,7 +783,8 @@ def main(argv=None) -> int:
       failures.append(f'{leg}: {type(e).__name__}: {str(e)[-2000:]}')
       world.results[leg] = dict(error=f'{type(e).__name__}: {str(e)[-2000:]}')
     print(f'   {json.dumps(world.results[leg], ensure_ascii=False)[:1500]}\n   ({time.time() - start:.0f} s)', flush=True)
-  commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+  commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip() or 'not a git checkout'
   report = dict(date=time.strftime('%Y-%m-%d'), commit=commit, quick=args.quick, packages=list(PACKAGES),
                 seconds=round(time.time() - started), results=world.results, notes=runner.notes,
                 commands=runner.commands, failures=failures)
