@@ -11,7 +11,9 @@ pass `--config.task.tfds=` and file paths.
 """
 import ml_collections
 
-SHAPES = ('classification', 'pair', 'regression', 'tagging', 'qa')
+from jaxssl import tasks
+
+SHAPES = tasks.KINDS  # the local-file variants: one per registered task kind
 # GLUE task -> (shape, metric that picks the best checkpoint)
 GLUE = {
     'cola': ('classification', 'matthews_corrcoef'), 'sst2': ('classification', 'accuracy'),
@@ -19,9 +21,6 @@ GLUE = {
     'mnli': ('pair', 'accuracy'), 'qnli': ('pair', 'accuracy'), 'rte': ('pair', 'accuracy'),
     'wnli': ('pair', 'accuracy'),
 }
-# '' (tagging): f1 when the training tags are a span scheme (BIO, IOB1, IOBES), else token_accuracy.
-BEST_METRIC = {'classification': 'accuracy', 'pair': 'accuracy', 'regression': 'pearson', 'tagging': '',
-               'qa': 'f1'}
 VARIANTS = SHAPES + tuple(GLUE) + ('squad', 'conll2003')
 
 
@@ -36,7 +35,7 @@ def get_config(variant: str = 'classification') -> ml_collections.ConfigDict:
   elif variant == 'conll2003':
     kind, best = 'tagging', ''  # ner and chunks: f1; pos: token_accuracy
   else:
-    kind, best = variant, BEST_METRIC[variant]
+    kind, best = variant, ''  # the kind's default: f1 for QA and span tagging, else its first dev metric
   tfds_name = f'glue/{variant}' if variant in GLUE else {'squad': 'squad/v1.1', 'conll2003': 'conll2003'}.get(variant, '')
   # TFDS split names: GLUE and SQuAD 'validation' (MNLI: matched), CoNLL-2003 'dev'.
   dev = {'mnli': 'validation_matched', 'conll2003': 'dev'}.get(variant, 'validation' if tfds_name else '')

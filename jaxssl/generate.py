@@ -24,13 +24,14 @@ def generate(params: str, prompts: list[str], *, max_new_tokens: int = 50, greed
   # A job's jax modules load here, after runtime.setup (main) has configured the compile cache and processes.
   import jax
   import numpy as np
+  from jaxssl import families
   from jaxssl.models import generation
   from jaxssl.train import checkpoint as ckpt_lib
   if not prompts or any(not p.strip() for p in prompts):
     raise UserError('give at least one non-empty --prompt')
   config, model, tokenizer = ckpt_lib.load_export(params)
-  if config.model.name != 'gpt':
-    raise UserError(f'{params} holds a {config.model.name} model: generation needs a GPT export '
+  if not families.family_for(config.model).generates:
+    raise UserError(f'{params} holds a {config.model.name} model: generation needs a causal LM export such as GPT '
                     '(python -m jaxssl.export of a configs/gpt.py run)')
   bos = [] if getattr(tokenizer, 'bos_id', None) is None else [tokenizer.bos_id]
   encoded = [bos + ids for ids in tokenizer.encode(prompts)]

@@ -268,7 +268,7 @@ def test_user_errors(tmp_path):
   assert custom.options == ('neutral', 'positive') and custom.scoring == 'loglik'
   (tmp_path / 'bert').mkdir()
   (tmp_path / 'bert' / 'config.json').write_text(json.dumps({'model': {'name': 'bert'}}))
-  with pytest.raises(UserError, match='holds a bert model: in-context learning needs a GPT export'):
+  with pytest.raises(UserError, match='holds a bert model: in-context learning needs a causal LM export such as GPT'):
     icl.check_exports([str(tmp_path / 'bert')])
 
 

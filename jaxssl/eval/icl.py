@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from jaxssl import families
 from jaxssl import mesh as mesh_lib
 from jaxssl.errors import UserError
 from jaxssl.eval import files
@@ -218,8 +219,8 @@ def check_exports(paths) -> None:
   for path in paths:
     saved = ckpt_lib.read_export_config(path)
     name = saved.get('model', {}).get('name')
-    if name != 'gpt':
-      raise UserError(f'{path} holds a {name} model: in-context learning needs a GPT export '
+    if not families.family_for(saved.get('model', {})).generates:
+      raise UserError(f'{path} holds a {name} model: in-context learning needs a causal LM export such as GPT '
                       '(python -m jaxssl.export of a configs/gpt.py run, or python -m jaxssl.convert from-hf)')
 
 

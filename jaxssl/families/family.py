@@ -82,6 +82,8 @@ class Family:
   embeddings: EmbeddingHooks | None = None
   # (model_cfg) -> a predicate on param paths fine-tuning keeps as pretrained, or None (everything learns)
   frozen_in_finetuning: Callable = lambda model_cfg: None
+  # a causal LM with models/generation.py's decoding interface (init_cache / decode step): generate and ICL use it
+  generates: bool = False
 
   def shape(self, model: dict) -> dict:
     """{key: value} of `model` (a config's model section as a dict) for every shape key."""

@@ -139,4 +139,4 @@ FAMILY = family_lib.Family(
     validate=gpt.GPTConfig.from_config, objective=OBJECTIVE, train_batches=train_batches,
     eval_batches=eval_batches, batch_shapes=batch_shapes, synthetic_batch=synthetic_batch, shape_keys=SHAPE_KEYS,
     shape_value=shape_value, eval_context=lambda batches, tokenizer: (predicted_words(batches, tokenizer), {}),
-    embeddings=EMBEDDINGS)
+    embeddings=EMBEDDINGS, generates=True)
