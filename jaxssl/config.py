@@ -95,6 +95,9 @@ def apply_override(config: ml_collections.ConfigDict, key: str, text: str) -> No
       raise UserError(f'unknown config key --config.{".".join(parents[:i + 1])}: see the config file for valid keys')
     node = node[name]
   if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+    if isinstance(node, ml_collections.ConfigDict) and parents and not node.keys():  # an empty name -> text map
+      raise UserError(f'--config.{".".join(parents)} is a map of names to text: set it whole, e.g. '
+                      f'--config.{".".join(parents)}={leaf}=TEXT,other=TEXT')
     known = ', '.join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else ''
     raise UserError(f'unknown config key --config.{key}: valid keys here are {known}')
   old = node[leaf]

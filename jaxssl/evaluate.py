@@ -15,6 +15,7 @@ Contextual embeddings (a config with an `embeddings` section, configs/embeddings
 """
 import argparse
 import json
+import os
 import sys
 
 from jaxssl import config as config_lib
@@ -119,6 +120,7 @@ def run(config, out: str) -> dict:
   if config.get('baselines'):
     report['crosslingual'] = crosslingual_table(config, headlines, mesh)
   if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(out) or '.', exist_ok=True)  # --out results/x.json: its folder may not exist yet
     with open(out, 'w') as f:
       json.dump(report, f, indent=2, sort_keys=True)
     width = max(len(k) for k in results) + 2

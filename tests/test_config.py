@@ -99,3 +99,12 @@ def _config_variants(path: str) -> tuple:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.VARIANTS
+
+
+def test_an_empty_text_map_says_to_set_it_whole():
+  config = config_lib.load_config('configs/icl.py:custom')
+  with pytest.raises(UserError, match=r'--config.icl.verbalizers is a map of names to text: set it whole, e.g. '
+                                      r'--config.icl.verbalizers=positive=TEXT,other=TEXT'):
+    config_lib.apply_override(config, 'icl.verbalizers.positive', 'good')
+  config_lib.apply_override(config, 'icl.verbalizers', 'positive=good,negative=bad')
+  assert dict(config.icl.verbalizers) == {'positive': 'good', 'negative': 'bad'}

@@ -111,6 +111,6 @@ def test_jobs_with_tilde_symlinks_and_relative_paths(tmp_path):
       '--config.init_from=~/link/params', '--config.task.train=~/train.tsv', '--config.task.dev=dev.tsv',
       '--config.data.seq_len=32', '--workdir', 'link/ft', *short)
   job('jaxssl.evaluate', '--config', os.path.join(ROOT, 'configs', 'eval.py:task'),
-      '--config.params=~/link/ft/export', '--out', '~/results.json')
-  assert 'classification' in json.loads((home / 'results.json').read_text())['tasks']
+      '--config.params=~/link/ft/export', '--out', '~/out/results.json')  # out/ does not exist yet
+  assert 'classification' in json.loads((home / 'out' / 'results.json').read_text())['tasks']
   assert not (cwd / '~').exists() and not (real / '~').exists()
