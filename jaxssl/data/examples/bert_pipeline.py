@@ -106,18 +106,7 @@ class PretrainExamples:
       records = self.source.__getitems__(indices)
     else:
       records = [self.source[i] for i in indices]
-    sentences, owners = [], []
-    for i, rec in zip(indices, records):
-      text = rec['text']
-      if isinstance(text, bytes):
-        try:
-          text = text.decode('utf-8')
-        except UnicodeDecodeError as e:
-          raise UserError(f'document {i} of the corpus is not valid UTF-8 ({e}): re-encode the text as UTF-8')
-      for s in text.split('\n'):
-        if s.strip():
-          sentences.append(s)
-          owners.append(i)
+    sentences, owners = rows.document_sentences(indices, records)
     docs = {i: [] for i in indices}
     encode = self.tokenizer.encode if self.masker is None else self.masker.encode
     for i, ids in zip(owners, encode(sentences) if sentences else []):

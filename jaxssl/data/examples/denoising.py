@@ -234,17 +234,7 @@ class DenoisingExamples:
   def _read(self, docs) -> dict[int, list[list[int]]]:
     """Documents -> their tokenized non-empty sentences (one batched read, one encode call)."""
     docs = sorted(set(docs))
-    sentences, owners = [], []
-    for d, record in zip(docs, self.source.__getitems__(docs)):
-      text = record['text']
-      try:
-        text = text.decode('utf-8') if isinstance(text, bytes) else text
-      except UnicodeDecodeError as e:
-        raise UserError(f'document {d} of the corpus is not valid UTF-8 ({e}): re-encode the text as UTF-8')
-      for s in text.split('\n'):
-        if s.strip():
-          sentences.append(s)
-          owners.append(d)
+    sentences, owners = rows.document_sentences(docs, self.source.__getitems__(docs))
     out = {d: [] for d in docs}
     for d, ids in zip(owners, self.tokenizer.encode(sentences) if sentences else []):
       if len(ids):

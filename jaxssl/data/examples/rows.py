@@ -17,6 +17,23 @@ def process_rows(global_batch_size: int, process_index: int, process_count: int)
   return process_index * local, local
 
 
+def document_sentences(indices: list[int], records) -> tuple[list[str], list[int]]:
+  """(non-empty lines, the document index each came from) of corpus records {'text': bytes or str}; UserError
+  naming the document when its text is not UTF-8."""
+  sentences, owners = [], []
+  for i, record in zip(indices, records):
+    text = record['text']
+    try:
+      text = text.decode('utf-8') if isinstance(text, bytes) else text
+    except UnicodeDecodeError as e:
+      raise UserError(f'document {i} of the corpus is not valid UTF-8 ({e}): re-encode the text as UTF-8') from None
+    for s in text.split('\n'):
+      if s.strip():
+        sentences.append(s)
+        owners.append(i)
+  return sentences, owners
+
+
 def nonempty_document(doc: int, g: int, get, permutation, num_docs: int) -> int:
   """`doc` (example g's document in its epoch's permutation), or when it has no tokens the next non-empty one of
   the same permutation: still a pure function of (seed, g). `get(d)` gives document d's tokenized sentences."""
