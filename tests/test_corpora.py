@@ -10,7 +10,7 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 import pytest  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
-from jaxssl.data import corpora  # noqa: E402
+from jaxssl.data import corpora, corpus_builders  # noqa: E402
 from jaxssl.errors import UserError  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,13 +78,13 @@ def test_cached_then_rebuilt_on_change(corpus_dir, tmp_path, monkeypatch):
   data = str(tmp_path / 'data')
   corpora.load_corpus(str(corpus_dir), data)
   calls = []
-  original = corpora.JaxsslLocalText._generate_examples
+  original = corpus_builders.JaxsslLocalText._generate_examples
 
   def counting(self, *args):
     calls.append(1)
     return original(self, *args)
 
-  monkeypatch.setattr(corpora.JaxsslLocalText, '_generate_examples', counting)
+  monkeypatch.setattr(corpus_builders.JaxsslLocalText, '_generate_examples', counting)
   sources = corpora.load_corpus(str(corpus_dir), data)
   assert calls == [] and len(_all_docs(sources)) == 4
   _write(str(corpus_dir / 'c.txt'), 'a new document\n')
@@ -102,11 +102,11 @@ def test_cached_then_rebuilt_on_change(corpus_dir, tmp_path, monkeypatch):
 
 _FRESH = """
 import sys
-from jaxssl.data import corpora
+from jaxssl.data import corpora, corpus_builders
 def boom(*a):
   raise AssertionError('regenerated')
-corpora.JaxsslLocalText._generate_examples = boom
-corpora.JaxsslPtb._generate_examples = boom
+corpus_builders.JaxsslLocalText._generate_examples = boom
+corpus_builders.JaxsslPtb._generate_examples = boom
 s = corpora.load_corpus(sys.argv[1], sys.argv[2])
 print(len(s['train']) + len(s['validation']))
 """
@@ -122,13 +122,13 @@ def test_fresh_process_reuses_prepared(corpus_dir, tmp_path):
 
 _RACE = """
 import sys
-from jaxssl.data import corpora
-original = corpora.JaxsslLocalText._generate_examples
+from jaxssl.data import corpora, corpus_builders
+original = corpus_builders.JaxsslLocalText._generate_examples
 def counting(self, *a):
   with open(sys.argv[3], 'a') as f:
     f.write('x')
   return original(self, *a)
-corpora.JaxsslLocalText._generate_examples = counting
+corpus_builders.JaxsslLocalText._generate_examples = counting
 s = corpora.load_corpus(sys.argv[1], sys.argv[2])
 print(len(s['train']) + len(s['validation']))
 """

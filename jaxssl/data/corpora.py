@@ -9,36 +9,16 @@
     (jaxssl/data/multilingual.py), which adds 'validation_by_language' ({tag: source}) to the splits.
 Every split is a Source: `len(src)`, `src[i]` and `src.__getitems__(indices)` give `{'text': bytes}` documents
 whose sentences are separated by b'\n'. Prepared datasets live under `data_dir` and are reused while the
-inputs are unchanged.
+inputs are unchanged. Reading local files: data/corpus_files.py; the builders and the once-only preparation:
+data/corpus_builders.py.
 """
-import contextlib
-import fcntl
-import glob
-import hashlib
-import logging
 import os
 from typing import Iterator, Protocol
 
 import tensorflow_datasets as tfds
 
-from jaxssl.data import multilingual
+from jaxssl.data import corpus_builders, corpus_files, multilingual
 from jaxssl.errors import UserError
-
-
-
-class _QuietCustomConfig(logging.Filter):
-  """Every builder here has a computed config; TFDS warns about that (and a not-yet-prepared folder) each time."""
-
-  def filter(self, record):
-    msg = record.getMessage()
-    return not (msg.startswith('Using custom data configuration') or 'has no dataset_info.json' in msg)
-
-
-logging.getLogger('absl').addFilter(_QuietCustomConfig())
-
-# Bump when the way documents are made changes: prepared datasets of older formats are then rebuilt.
-_FORMAT = 2
-_GLOB_CHARS = '*?['
 
 
 class Source(Protocol):
@@ -49,135 +29,6 @@ class Source(Protocol):
 
 def default_data_dir() -> str:
   return os.environ.get('JAXSSL_DATA_DIR') or os.path.join(os.path.expanduser('~'), '.cache', 'jaxssl', 'tfds')
-
-
-# ---------------------------------------------------------------------------------------------- local text
-
-def _list_files(corpus: str) -> list[str]:
-  """The corpus's files, absolute and sorted; UserError when there are none."""
-  if os.path.isfile(corpus):
-    return [os.path.abspath(corpus)]
-  if os.path.isdir(corpus):
-    files = []
-    for root, dirs, names in os.walk(corpus):
-      dirs[:] = [d for d in dirs if not d.startswith('.')]  # skip .git, .cache and the like
-      files += [os.path.join(root, n) for n in names if not n.startswith('.')]
-    if not files:
-      raise UserError(f'corpus directory {corpus!r} holds no files: put text files in it or pass another '
-                      '--config.data.corpus')
-    return sorted(os.path.abspath(f) for f in files)
-  if any(c in corpus for c in _GLOB_CHARS):
-    files = [f for f in glob.glob(corpus, recursive=True) if os.path.isfile(f)]
-    if not files:
-      raise UserError(f'corpus glob {corpus!r} matches no files: pass --config.data.corpus=<file, directory or '
-                      "glob of text files>, 'ptb', or a TFDS name")
-    return sorted(os.path.abspath(f) for f in files)
-  raise UserError(f'corpus path {corpus!r} does not exist: pass --config.data.corpus=<file, directory or glob '
-                  "of text files>, 'ptb', or a TFDS name like 'wikipedia/20230601.en'")
-
-
-def _documents(files: list[str]) -> Iterator[list[str]]:
-  """Each document as its list of stripped, non-empty lines; UserError on text that is not UTF-8."""
-  for path in files:
-    doc = []
-    with open(path, 'rb') as f:
-      for lineno, raw in enumerate(f, 1):
-        try:
-          line = raw.decode('utf-8')
-        except UnicodeDecodeError as e:
-          raise UserError(f'corpus file {path} line {lineno} is not valid UTF-8: {e.reason} at byte {e.start}: '
-                          'fix or remove it') from None
-        line = line.lstrip('\ufeff').strip() if lineno == 1 else line.strip()
-        if line:
-          doc.append(line)
-        elif doc:
-          yield doc
-          doc = []
-    if doc:  # a file boundary also ends a document
-      yield doc
-
-
-def _validation_indices(num_docs: int, fraction: float) -> set[int]:
-  """A stable share of document indices: the ones with the smallest hash. At least 2 (and at least 2 left to
-  train on) when num_docs >= 4, because next-sentence prediction draws its random B from another document."""
-  if num_docs < 2:
-    return set()
-  count = max(1, round(num_docs * fraction))
-  count = min(num_docs - 2, max(2, count)) if num_docs >= 4 else 1
-  score = lambda i: hashlib.blake2b(str(i).encode(), digest_size=8).digest()
-  return set(sorted(range(num_docs), key=score)[:count])
-
-
-class _TextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """A builder of {'text': Text} documents generated here: nothing to download, so no checksums file."""
-  VERSION = tfds.core.Version('1.0.0')
-  # TFDS looks for a checksums file beside the builder's code, which hits its importlib_resources bug (see
-  # _tfds_compat) and is pointless for generated data.
-  code_path = None
-  url_infos = None
-
-  def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({'text': tfds.features.Text()}))
-
-
-class JaxsslLocalText(_TextBuilder, skip_registration=True):
-  """Local text files; the config name is a hash of the files' paths, sizes and mtimes and the settings."""
-  name = 'jaxssl_local_text'
-
-  def __init__(self, *, files: list[str], validation_fraction: float, num_docs: int = 0, **kwargs):
-    self._files, self._num_docs = files, num_docs
-    self._validation_fraction = validation_fraction
-    super().__init__(**kwargs)
-    # TFDS pickles a builder (inside every data source, e.g. for grain worker processes) as its init kwargs.
-    self._original_state.update(files=files, validation_fraction=validation_fraction, num_docs=num_docs,
-                                file_format=kwargs.get('file_format'))
-
-  def _split_generators(self, dl_manager):
-    held_out = _validation_indices(self._num_docs, self._validation_fraction)
-    return {'train': self._generate_examples(held_out, False),
-            'validation': self._generate_examples(held_out, True)}
-
-  def _generate_examples(self, held_out, validation):
-    for i, doc in enumerate(_documents(self._files)):
-      # TFDS cannot write an empty split: a one-document corpus is its own validation set.
-      if (i in held_out) == validation or self._num_docs == 1:
-        yield i, {'text': '\n'.join(doc)}
-
-
-def _local_config_name(files: list[str], validation_fraction: float) -> str:
-  h = hashlib.sha256(f'format={_FORMAT} validation_fraction={validation_fraction!r}\n'.encode())
-  for path in files:
-    st = os.stat(path)
-    h.update(f'{path}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
-  return 'files_' + h.hexdigest()[:20]
-
-
-# ---------------------------------------------------------------------------------------------- PTB
-
-def ptb_sentences(split: str) -> list[str]:
-  """PTB sentences of 'train' | 'valid' | 'test', stripped. The first train line (a list of rare words that
-  every copy of ptb.train.txt starts with) is kept, so the counts are the usual 42068 / 3370 / 3761."""
-  import treebank  # pylint: disable=import-outside-toplevel
-  return [s.strip() for s in treebank.penn[split].split('\n') if s.strip()]
-
-
-class JaxsslPtb(_TextBuilder, skip_registration=True):
-  """Penn Treebank LM text; `sentences_per_doc` consecutive sentences make one pseudo-document."""
-  name = 'jaxssl_ptb'
-
-  def __init__(self, *, sentences_per_doc: int, **kwargs):
-    self._per_doc = sentences_per_doc
-    super().__init__(**kwargs)
-    self._original_state.update(sentences_per_doc=sentences_per_doc, file_format=kwargs.get('file_format'))
-
-  def _split_generators(self, dl_manager):
-    return {'train': self._generate_examples('train'), 'validation': self._generate_examples('valid'),
-            'test': self._generate_examples('test')}
-
-  def _generate_examples(self, split):
-    sentences = ptb_sentences(split)
-    for i in range(0, len(sentences), self._per_doc):
-      yield i // self._per_doc, {'text': '\n'.join(sentences[i:i + self._per_doc])}
 
 
 # ---------------------------------------------------------------------------------------------- public TFDS
@@ -225,38 +76,7 @@ def _is_tfds_name(corpus: str) -> bool:
     return False
 
 
-# ---------------------------------------------------------------------------------------------- preparing
-
-@contextlib.contextmanager
-def _file_lock(data_dir: str, key: str):
-  """An exclusive lock shared by every process (pod host) preparing the same dataset under data_dir."""
-  if '://' in data_dir:  # a bucket has no file locks; prepare remote datasets once beforehand (or from one host)
-    yield
-    return
-  os.makedirs(data_dir, exist_ok=True)
-  with open(os.path.join(data_dir, f'.{key}.lock'), 'w') as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _prepared_builder(make_builder, data_dir: str, before_prepare=None):
-  """Returns a prepared builder: reused when prepared, else prepared by exactly one process at a time."""
-  builder = make_builder()
-  if builder.is_prepared():
-    return builder
-  with _file_lock(data_dir, f'{builder.name}-{builder.builder_config.name if builder.builder_config else ""}'):
-    builder = make_builder()  # another process may have prepared it while this one waited
-    if not builder.is_prepared():
-      if before_prepare is not None:
-        before_prepare()
-        builder = make_builder()  # before_prepare may have learnt what the builder needs
-      builder.download_and_prepare()
-      builder = make_builder()
-  return builder
-
+# ---------------------------------------------------------------------------------------------- loading
 
 def load_corpus(corpus: str, data_dir: str = '', *, ptb_sentences_per_doc: int = 16,
                 validation_fraction: float = 0.01, language_temperature: float = 0.3,
@@ -288,12 +108,12 @@ def load_corpus(corpus: str, data_dir: str = '', *, ptb_sentences_per_doc: int =
     if ptb_sentences_per_doc < 1:
       raise UserError(f'ptb_sentences_per_doc={ptb_sentences_per_doc} must be >= 1: '
                       'pass --config.data.ptb_sentences_per_doc=16')
-    config = tfds.core.BuilderConfig(name=f'spd{ptb_sentences_per_doc}_f{_FORMAT}')
-    builder = _prepared_builder(lambda: JaxsslPtb(sentences_per_doc=ptb_sentences_per_doc, config=config,
+    config = tfds.core.BuilderConfig(name=f'spd{ptb_sentences_per_doc}_f{corpus_builders.FORMAT}')
+    builder = corpus_builders.prepared_builder(lambda: corpus_builders.JaxsslPtb(sentences_per_doc=ptb_sentences_per_doc, config=config,
                                                   data_dir=data_dir, file_format='array_record'), data_dir)
     return {s: builder.as_data_source(s) for s in ('train', 'validation', 'test')}
 
-  local = os.path.exists(corpus) or any(c in corpus for c in _GLOB_CHARS) or not _is_tfds_name(corpus)
+  local = os.path.exists(corpus) or any(c in corpus for c in corpus_files.GLOB_CHARS) or not _is_tfds_name(corpus)
   if local:
     return _load_local(corpus, data_dir, validation_fraction)
   return _load_tfds(corpus, data_dir)
@@ -303,30 +123,30 @@ def _check_exists(corpus: str) -> None:
   """UserError for a local corpus that is missing or empty of files, without preparing anything."""
   if corpus == 'ptb':
     return
-  if os.path.exists(corpus) or any(c in corpus for c in _GLOB_CHARS) or not _is_tfds_name(corpus):
-    _list_files(corpus)
+  if os.path.exists(corpus) or any(c in corpus for c in corpus_files.GLOB_CHARS) or not _is_tfds_name(corpus):
+    corpus_files.list_files(corpus)
 
 
 def _load_local(corpus: str, data_dir: str, validation_fraction: float) -> dict[str, Source]:
   if not 0.0 <= validation_fraction < 1.0:
     raise UserError(f'validation_fraction={validation_fraction} must be in [0, 1): '
                     'pass --config.data.validation_fraction=0.01')
-  files = _list_files(corpus)
-  config = tfds.core.BuilderConfig(name=_local_config_name(files, validation_fraction))
+  files = corpus_files.list_files(corpus)
+  config = tfds.core.BuilderConfig(name=corpus_builders.local_config_name(files, validation_fraction))
   num_docs = [0]
 
   def make_builder():
-    return JaxsslLocalText(files=files, validation_fraction=validation_fraction, num_docs=num_docs[0],
+    return corpus_builders.JaxsslLocalText(files=files, validation_fraction=validation_fraction, num_docs=num_docs[0],
                            config=config, data_dir=data_dir, file_format='array_record')
 
   def scan():
     # Every file is read once before TFDS writes anything, so bad bytes or an empty corpus leave no trace.
-    num_docs[0] = sum(1 for _ in _documents(files))
+    num_docs[0] = sum(1 for _ in corpus_files.documents(files))
     if num_docs[0] == 0:
       raise UserError(f'corpus {corpus!r} is empty (no non-whitespace text in {len(files)} file(s)): '
                       'pass --config.data.corpus=<text files>')
 
-  builder = _prepared_builder(make_builder, data_dir, before_prepare=scan)
+  builder = corpus_builders.prepared_builder(make_builder, data_dir, before_prepare=scan)
   return {s: builder.as_data_source(s) for s in ('train', 'validation')}
 
 
@@ -354,7 +174,7 @@ def open_tfds_builder(name: str, data_dir: str = '', what: str = 'corpus', flag:
       raise UserError(f'TFDS {what} {name!r} cannot be opened ({type(e).__name__}: {reason}): check the '
                       f'name in --config.{flag}') from None
   try:
-    return _prepared_builder(make_builder, data_dir)
+    return corpus_builders.prepared_builder(make_builder, data_dir)
   except UserError:
     raise
   except Exception as e:  # pylint: disable=broad-except
