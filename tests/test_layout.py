@@ -11,7 +11,8 @@ PACKAGE = os.path.join(ROOT, 'jaxssl')
 
 # Lower number = lower layer. A module may import its own layer or lower ones; jobs (the top) import anything.
 LAYERS = {
-    'jaxssl.errors': 0, 'jaxssl.paths': 0, 'jaxssl.config': 0, 'jaxssl.runtime': 0, 'jaxssl.mesh': 1,
+    'jaxssl.errors': 0, 'jaxssl.paths': 0, 'jaxssl.storage': 0, 'jaxssl.config': 0, 'jaxssl.runtime': 0,
+    'jaxssl.mesh': 1,
     'jaxssl.data': 2, 'jaxssl.models': 3, 'jaxssl.families': 4, 'jaxssl.tasks': 4, 'jaxssl.train': 5,
     'jaxssl.eval': 6, 'jaxssl.convert': 6,
 }

@@ -1,0 +1,265 @@
+"""Every file a job reads or writes on a user's path, local or in a bucket: one layer over etils.epath / fsspec.
+
+A user path is a local path or a URL (`gs://BUCKET/run`, `s3://...` where s3fs is installed, `memory://` in tests).
+Jobs never call `open`, `os.path` or `os.makedirs` on one; they call these functions, which work on both:
+  * `write_bytes`/`write_text` are atomic for a reader: locally a temp file renamed into place, in a bucket one
+    object upload (GCS and S3 make an object visible whole or not at all).
+  * `append_text` adds lines to a log (metrics.jsonl) without rewriting it: O_APPEND locally; on gs:// the new lines
+    are uploaded as a temporary object and GCS-composed onto the end, so the log stays one object a reader can
+    read during the run. Other remote schemes have no append: the object is read and rewritten (fine for a
+    log of a few thousand lines, not more).
+  * `local_file` gives a local filename for libraries that take nothing else (sentencepiece, native readers).
+Remote listings are never cached: another host may have written the object a moment ago (process 0 trains the
+tokenizer, the others wait for it to appear).
+
+gs:// goes through gcsfs, the same library etils.epath (orbax's paths) and TFDS use without TensorFlow; credentials
+are gcsfs's defaults (`gcloud auth application-default login`, or the VM's service account on a TPU VM).
+Orbax writes checkpoints with tensorstore, which reads the same credentials. Against a local GCS server
+(`gcp-storage-emulator start --port 9023 --in-memory`) set:
+  STORAGE_EMULATOR_HOST=http://127.0.0.1:9023     gcsfs (and google-cloud-storage) talk to it
+  TENSORSTORE_GCS_HTTP_URL=http://127.0.0.1:9023  tensorstore (orbax checkpoints) talks to it
+  GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false         gcsfs skips its gRPC bucket-type probe (hangs 60 s on an emulator)
+  FSSPEC_GCS_TOKEN=anon                           no credential lookup (an emulator needs none)
+  GCE_METADATA_HOST=127.0.0.1:1, GCE_METADATA_IP=127.0.0.1:1, GOOGLE_AUTH_DISABLE_METADATA=1 (optional: no
+    metadata-server probe by google-auth or tensorstore off Google Cloud).
+"""
+import contextlib
+import io
+import os
+import shutil
+import tempfile
+import uuid
+from typing import Iterator
+
+from etils import epath
+
+# Options of the remote filesystems this module opens: no listing cache, as other hosts write the same bucket.
+_FS_OPTIONS = {'gs': {'use_listings_cache': False}, 'gcs': {'use_listings_cache': False},
+               's3': {'use_listings_cache': False}}
+
+
+def is_remote(p) -> bool:
+  """Whether `p` is a URL (`gs://`, `s3://`, ...) rather than a local path (`file://` counts as local)."""
+  p = os.fspath(p)
+  return '://' in p and not p.startswith('file://')
+
+
+def path(p) -> epath.Path:
+  """`p` as an etils.epath.Path (what orbax and TFDS take), local or remote."""
+  return epath.Path(os.fspath(p))
+
+
+def join(base, *names: str) -> str:
+  """`base/name/...` as a string, for a local path or a URL."""
+  return os.fspath(epath.Path(os.fspath(base)).joinpath(*names)) if is_remote(base) else os.path.join(base, *names)
+
+
+def parent(p) -> str:
+  """The folder holding `p` (`gs://b/run` for `gs://b/run/x`)."""
+  return os.fspath(epath.Path(os.fspath(p)).parent) if is_remote(p) else os.path.dirname(os.fspath(p))
+
+
+def basename(p) -> str:
+  """The last part of `p`."""
+  return os.fspath(p).rstrip('/').rsplit('/', 1)[-1] if is_remote(p) else os.path.basename(os.fspath(p))
+
+
+def _local(p) -> str:
+  p = os.fspath(p)
+  return p[len('file://'):] if p.startswith('file://') else p
+
+
+def _fs(p):
+  """(fsspec filesystem, path inside it) of a URL."""
+  import fsspec  # reason: only remote paths need it; local ones run on os alone
+  protocol = os.fspath(p).split('://', 1)[0]
+  return fsspec.core.url_to_fs(os.fspath(p), **_FS_OPTIONS.get(protocol, {}))
+
+
+def _url(fs, inner: str) -> str:
+  """The URL of a path fsspec returned (listings drop the protocol)."""
+  protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+  protocol = 'gs' if protocol == 'gcs' else protocol
+  return inner if '://' in inner else f'{protocol}://{inner}'
+
+
+def open(p, mode: str = 'r'):  # noqa: A001 (the module's `open`, as `storage.open`)
+  """A file object on `p` for streaming; text modes are UTF-8. Writing makes the parent folders.
+
+  A remote file opened for writing appears whole when it is closed; a local one is written in place (use
+  `write_bytes` or `local_file(p, 'w')` where a reader must never see it half-written).
+  """
+  if 'w' in mode or 'a' in mode or 'x' in mode:
+    makedirs(parent(p))
+  if not is_remote(p):
+    return io.open(_local(p), mode, encoding=None if 'b' in mode else 'utf-8')
+  fs, inner = _fs(p)
+  handle = fs.open(inner, mode.replace('t', '') if 'b' in mode else mode.replace('t', '').rstrip('b') + 'b')
+  return handle if 'b' in mode else io.TextIOWrapper(handle, encoding='utf-8')
+
+
+def read_bytes(p) -> bytes:
+  """The whole content of the file `p`."""
+  if not is_remote(p):
+    with io.open(_local(p), 'rb') as f:
+      return f.read()
+  fs, inner = _fs(p)
+  return fs.cat_file(inner)
+
+
+def read_text(p) -> str:
+  """The whole content of the UTF-8 text file `p`."""
+  return read_bytes(p).decode('utf-8')
+
+
+def write_bytes(p, data: bytes) -> None:
+  """Writes `data` to `p` whole (a reader sees the old content or the new one), making the parent folders."""
+  if is_remote(p):
+    fs, inner = _fs(p)
+    fs.pipe_file(inner, bytes(data))
+    return
+  target = _local(p)
+  folder = os.path.dirname(os.path.abspath(target))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f'.{os.path.basename(target)}.', suffix='.tmp')
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      f.write(data)
+    os.replace(tmp, target)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise
+
+
+def write_text(p, text: str) -> None:
+  """Writes `text` (UTF-8) to `p` whole; see `write_bytes`."""
+  write_bytes(p, text.encode('utf-8'))
+
+
+def append_text(p, text: str) -> None:
+  """Adds `text` at the end of `p` (created if missing) without rewriting what is there (but see the module doc)."""
+  data = text.encode('utf-8')
+  if not is_remote(p):
+    os.makedirs(os.path.dirname(os.path.abspath(_local(p))), exist_ok=True)
+    fd = os.open(_local(p), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+      os.write(fd, data)  # one write: a reader sees whole lines, and a crash leaves no torn line in practice
+    finally:
+      os.close(fd)
+    return
+  fs, inner = _fs(p)
+  if not fs.exists(inner):
+    fs.pipe_file(inner, data)
+  elif hasattr(fs, 'merge') and os.fspath(p).startswith(('gs://', 'gcs://')):
+    piece = f'{inner}.append-{uuid.uuid4().hex}'
+    fs.pipe_file(piece, data)
+    try:
+      fs.merge(inner, [inner, piece])  # GCS compose: the log object is replaced by log + piece in one step
+    finally:
+      fs.rm_file(piece)
+  else:
+    fs.pipe_file(inner, fs.cat_file(inner) + data)
+
+
+def exists(p) -> bool:
+  """Whether a file or folder `p` exists."""
+  if not is_remote(p):
+    return os.path.exists(_local(p))
+  fs, inner = _fs(p)
+  return fs.exists(inner)
+
+
+def isfile(p) -> bool:
+  """Whether `p` is a file (an object, in a bucket)."""
+  if not is_remote(p):
+    return os.path.isfile(_local(p))
+  fs, inner = _fs(p)
+  return fs.isfile(inner)
+
+
+def isdir(p) -> bool:
+  """Whether `p` is a folder (in a bucket: a prefix that holds objects)."""
+  if not is_remote(p):
+    return os.path.isdir(_local(p))
+  fs, inner = _fs(p)
+  return fs.isdir(inner)
+
+
+def makedirs(p) -> None:
+  """Makes the folder `p` and its parents if missing (a bucket's folders exist when objects do: nothing to make)."""
+  if not is_remote(p) and _local(p):
+    os.makedirs(_local(p), exist_ok=True)
+
+
+def listdir(p) -> list[str]:
+  """The sorted names (not paths) in the folder `p`; FileNotFoundError when it does not exist."""
+  if not is_remote(p):
+    return sorted(os.listdir(_local(p)))
+  fs, inner = _fs(p)
+  if not fs.isdir(inner):
+    raise FileNotFoundError(f'no folder {os.fspath(p)}')
+  return sorted({entry.rstrip('/').rsplit('/', 1)[-1] for entry in fs.ls(inner, detail=False)} - {''})
+
+
+def glob(pattern) -> list[str]:
+  """The sorted paths matching `pattern` (`*`, `?`, `[...]`, and `**` for any depth, also in a bucket)."""
+  if not is_remote(pattern):
+    import glob as glob_lib  # reason: the module's own `glob` shadows the standard one
+    return sorted(glob_lib.glob(_local(pattern), recursive=True))
+  fs, inner = _fs(pattern)
+  return sorted(_url(fs, found) for found in fs.glob(inner))
+
+
+def remove(p, *, missing_ok: bool = False) -> None:
+  """Removes the file `p`, or the folder `p` with everything in it."""
+  if not exists(p):
+    if missing_ok:
+      return
+    raise FileNotFoundError(f'no file or folder {os.fspath(p)}')
+  if not is_remote(p):
+    (shutil.rmtree if os.path.isdir(_local(p)) else os.remove)(_local(p))
+    return
+  fs, inner = _fs(p)
+  fs.rm(inner, recursive=fs.isdir(inner))
+
+
+def copy(src, dst) -> None:
+  """Copies the file `src` to `dst` (either may be remote), making dst's folders; dst appears whole."""
+  if not is_remote(src) and not is_remote(dst):
+    with local_file(dst, 'w') as tmp:
+      shutil.copyfile(_local(src), tmp)
+    return
+  with local_file(src) as local_src, local_file(dst, 'w') as local_dst:
+    shutil.copyfile(local_src, local_dst)
+
+
+@contextlib.contextmanager
+def local_file(p, mode: str = 'r') -> Iterator[str]:
+  """A local filename standing for `p`, for libraries that only take one.
+
+  mode 'r': `p` itself when local, else a temporary download of it. mode 'w': a temporary file the caller writes,
+  which becomes `p` (renamed, or uploaded) when the block ends without an exception.
+  """
+  if mode not in ('r', 'w'):
+    raise ValueError(f"local_file mode must be 'r' or 'w', not {mode!r}")
+  if mode == 'r' and not is_remote(p):
+    yield _local(p)
+    return
+  with tempfile.TemporaryDirectory(prefix='jaxssl-') as tmp_dir:
+    local = os.path.join(tmp_dir, basename(p) or 'file')
+    if mode == 'r':
+      fs, inner = _fs(p)
+      fs.get_file(inner, local)
+      yield local
+      return
+    yield local
+    if is_remote(p):
+      fs, inner = _fs(p)
+      fs.put_file(local, inner)
+    else:
+      target = _local(p)
+      os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+      staged = os.path.join(os.path.dirname(os.path.abspath(target)), f'.{os.path.basename(target)}.{uuid.uuid4().hex}')
+      shutil.copyfile(local, staged)  # the temp dir may be on another filesystem: copy next to p, then rename
+      os.replace(staged, target)
