@@ -1,56 +1,231 @@
-"""A local corpus's files and the documents in them: listing (file, directory or glob) and reading UTF-8 text.
+"""A corpus's files (local or in a bucket: gs://, s3://) and the documents in them.
 
-Text files hold documents separated by blank lines (a file without blank lines is one document); each non-empty
-line is a sentence.
+`list_files` expands a file, a directory (every file below it, sorted; names starting with '.' or '_' are left
+out, as Spark/Hadoop markers and hidden files) or a glob; a HuggingFace `datasets` folder written by
+`save_to_disk` becomes its Arrow data files (a DatasetDict folder: its 'train' split). `file_documents` streams one
+file's documents in any format data/corpus_records.py reads (text, JSON Lines, Parquet, Arrow; gzip, bz2, xz,
+zstd). Bad records are either a UserError at once (`bad_records=None`) or skipped and collected in a
+`BadRecords`, whose `check` enforces `data.max_bad_records`.
 """
 import glob
+import json
 import os
-from typing import Iterator
+import re
+import sys
+from typing import Iterable, Iterator
 
+from etils import epath
+
+from jaxssl.data import corpus_records
 from jaxssl.errors import UserError
 
 GLOB_CHARS = '*?['
+_SKIPPED_PREFIXES = ('.', '_')  # hidden files, .git; Spark's _SUCCESS, Parquet's _metadata (as pyarrow.dataset)
+_HOW_TO_SKIP = 'let up to N bad records be skipped (each one reported) with --config.data.max_bad_records=N'
+# Per-file metadata (size, generation) from the last remote listing: fingerprinting then needs no request per file.
+_remote_info: dict[str, dict] = {}
 
+
+def is_url(path: str) -> bool:
+  return '://' in path
+
+
+class BadRecords:
+  """The bad records met while reading a corpus: counts per kind and the first reports ('FILE line L is ...').
+
+  `limit` is data.max_bad_records. Picklable; parallel readers each fill one and `merge` them.
+  """
+
+  def __init__(self, limit: int = 0, keep: int = 20):
+    if limit < 0:
+      raise UserError(f'data.max_bad_records={limit} must be >= 0: pass --config.data.max_bad_records=0 to stop '
+                      'at the first bad record, or N to skip up to N of them')
+    self.limit = limit
+    self.keep = max(keep, min(limit, 1000))  # at most the limit: the warning lists every skipped record
+    self.counts: dict[str, int] = {}
+    self.reports: list[str] = []
+
+  @property
+  def total(self) -> int:
+    return sum(self.counts.values())
+
+  def add(self, path: str, where: str, kind: str, message: str) -> None:
+    """Records one bad record: `where` is 'line 12' or 'row 3', `message` says what is wrong ('is not ...')."""
+    self.counts[kind] = self.counts.get(kind, 0) + 1
+    if len(self.reports) < self.keep:
+      self.reports.append(f'{path} {where} {message}')
+
+  def merge(self, other: 'BadRecords') -> 'BadRecords':
+    """Adds `other`'s counts and reports (after this one's) to this one; returns self."""
+    for kind, n in other.counts.items():
+      self.counts[kind] = self.counts.get(kind, 0) + n
+    self.reports += other.reports[:max(0, self.keep - len(self.reports))]
+    return self
+
+  def summary(self) -> str:
+    return ', '.join(f'{n} {kind}' for kind, n in sorted(self.counts.items()))
+
+  def check(self, corpus: str) -> None:
+    """UserError when more than `limit` records were bad; else one warning line per skipped record (stderr)."""
+    n = self.total
+    if n > self.limit:
+      shown = '; '.join(self.reports[:3]) + ('; ...' if n > 3 else '')
+      raise UserError(f'corpus {corpus} has {n} bad record{"s" if n > 1 else ""} ({self.summary()}), more than '
+                      f'data.max_bad_records={self.limit} allows: {shown}: fix or remove '
+                      f'{"it" if n == 1 else "them"}, or {_HOW_TO_SKIP}')
+    if n:
+      print(f'warning: corpus {corpus}: skipped {n} bad record{"s" if n > 1 else ""} ({self.summary()}; '
+            f'data.max_bad_records={self.limit}):', file=sys.stderr)
+      for report in self.reports:
+        print(f'warning:   skipped {report}', file=sys.stderr)
+      if n > len(self.reports):
+        print(f'warning:   ... and {n - len(self.reports)} more', file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------- listing
 
 def list_files(corpus: str) -> list[str]:
-  """The corpus's files, absolute and sorted; UserError when there are none."""
-  if os.path.isfile(corpus):
-    return [os.path.abspath(corpus)]
-  if os.path.isdir(corpus):
-    files = []
-    for root, dirs, names in os.walk(corpus):
-      dirs[:] = [d for d in dirs if not d.startswith('.')]  # skip .git, .cache and the like
-      files += [os.path.join(root, n) for n in names if not n.startswith('.')]
+  """The corpus's files, sorted: absolute paths or URLs. UserError when there are none."""
+  path = corpus if is_url(corpus) else os.path.abspath(os.path.expanduser(corpus))
+  if epath.Path(path).is_file():
+    return [path]
+  if epath.Path(path).is_dir():
+    files = _expand_datasets(_walk(path))
     if not files:
-      raise UserError(f'corpus directory {corpus!r} holds no files: put text files in it or pass another '
-                      '--config.data.corpus')
-    return sorted(os.path.abspath(f) for f in files)
+      raise UserError(f'corpus directory {corpus!r} holds no files: put text, .jsonl or .parquet files in it or '
+                      'pass another --config.data.corpus')
+    return files
   if any(c in corpus for c in GLOB_CHARS):
-    files = [f for f in glob.glob(corpus, recursive=True) if os.path.isfile(f)]
+    files = _expand_datasets(_glob(path))
     if not files:
       raise UserError(f'corpus glob {corpus!r} matches no files: pass --config.data.corpus=<file, directory or '
-                      "glob of text files>, 'ptb', or a TFDS name")
-    return sorted(os.path.abspath(f) for f in files)
+                      "glob of .txt/.jsonl/.parquet files>, 'ptb', or a TFDS name")
+    return files
   raise UserError(f'corpus path {corpus!r} does not exist: pass --config.data.corpus=<file, directory or glob '
-                  "of text files>, 'ptb', or a TFDS name like 'wikipedia/20230601.en'")
+                  "of .txt/.jsonl/.parquet files>, 'ptb', or a TFDS name like 'wikipedia/20230601.en'")
 
 
-def documents(files: list[str]) -> Iterator[list[str]]:
-  """Each document as its list of stripped, non-empty lines; UserError on text that is not UTF-8."""
+def _skipped(relative: str) -> bool:
+  return any(part.startswith(_SKIPPED_PREFIXES) for part in relative.split('/') if part)
+
+
+def _remote_fs(url: str):
+  """(fsspec filesystem, path without the protocol, protocol prefix 'gs://') of a URL."""
+  import fsspec  # noqa: PLC0415 (remote corpora only; etils.epath uses the same filesystems)
+  fs, bare = fsspec.core.url_to_fs(url)
+  return fs, bare, url.split('://', 1)[0] + '://'
+
+
+def _walk(root: str) -> list[str]:
+  """Every file below `root` except skipped names, sorted."""
+  if not is_url(root):
+    files = []
+    for here, dirs, names in os.walk(root):
+      dirs[:] = [d for d in dirs if not d.startswith(_SKIPPED_PREFIXES)]
+      files += [os.path.join(here, n) for n in names if not n.startswith(_SKIPPED_PREFIXES)]
+    return sorted(files)
+  # One listing request for the whole prefix (epath's walk lists directory by directory).
+  fs, bare, protocol = _remote_fs(root)
+  bare = bare.rstrip('/')
+  found = fs.find(bare, withdirs=False, detail=True)
+  files = []
+  for name, info in found.items():
+    if not _skipped(name[len(bare):]):
+      files.append(protocol + name)
+      _remote_info[protocol + name] = info
+  return sorted(files)
+
+
+def _glob(pattern: str) -> list[str]:
+  """Files matching a glob (`**` spans directories), sorted."""
+  if not is_url(pattern):
+    return sorted(os.path.abspath(f) for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
+  # epath refuses `**` on buckets; fsspec's glob lists the prefix before the first wildcard once.
+  fs, bare, protocol = _remote_fs(pattern)
+  base = re.split(r'[*?\[]', bare, maxsplit=1)[0].rsplit('/', 1)[0]
+  found = fs.glob(bare, detail=True)
+  files = []
+  for name, info in found.items():
+    if info.get('type') == 'file' and not _skipped(name[len(base):]):
+      files.append(protocol + name)
+      _remote_info[protocol + name] = info
+  return sorted(files)
+
+
+def _parent(path: str) -> str:
+  return path.rsplit('/', 1)[0]
+
+
+def _expand_datasets(files: list[str]) -> list[str]:
+  """`files` with each `save_to_disk` folder's files replaced by its Arrow data files (a DatasetDict: 'train')."""
+  names = {}
+  for f in files:
+    names.setdefault(_parent(f), set()).add(f.rsplit('/', 1)[1])
+  dataset_dirs = {d for d, n in names.items() if {'state.json', 'dataset_info.json'} <= n}
+  dict_dirs = {d for d, n in names.items() if 'dataset_dict.json' in n}
+  if not dataset_dirs and not dict_dirs:
+    return files
+  keep_dirs = set(dataset_dirs)
+  for d in dict_dirs:
+    splits = json.loads(epath.Path(f'{d}/dataset_dict.json').read_text()).get('splits', [])
+    if 'train' not in splits:
+      raise UserError(f'HuggingFace DatasetDict folder {d} has no train split (it has {", ".join(splits)}): '
+                      f'point --config.data.corpus at one split folder, e.g. {d}/{(splits or ["SPLIT"])[0]}')
+    keep_dirs -= {f'{d}/{s}' for s in splits if s != 'train'}
+  out = []
+  for f in files:
+    owner = next((d for d in dict_dirs if f.startswith(d + '/')), None)
+    if owner is not None and not f.startswith(f'{owner}/train/'):
+      continue  # another split of a DatasetDict, or its dataset_dict.json
+    if _parent(f) in dataset_dirs:
+      if _parent(f) in keep_dirs and f.endswith('.arrow') and f.rsplit('/', 1)[1] in _data_files(_parent(f)):
+        out.append(f)
+      continue
+    out.append(f)
+  return out
+
+
+def _data_files(folder: str) -> set[str]:
+  """The Arrow files a save_to_disk folder's state.json lists (all its .arrow files if it lists none)."""
+  state = json.loads(epath.Path(f'{folder}/state.json').read_text())
+  listed = {entry['filename'] for entry in state.get('_data_files', []) if 'filename' in entry}
+  if listed:
+    return listed
+  return {p.name for p in epath.Path(folder).iterdir() if p.name.endswith('.arrow')}
+
+
+def fingerprint(path: str) -> str:
+  """What changes when the file changes: size and mtime (local), generation / md5 / size (a bucket object)."""
+  if not is_url(path):
+    st = os.stat(path)
+    return f'size={st.st_size} mtime_ns={st.st_mtime_ns}'
+  info = _remote_info.get(path)
+  if info is None:
+    fs, bare, _ = _remote_fs(path)
+    info = fs.info(bare)
+  keys = ('size', 'generation', 'md5Hash', 'crc32c', 'ETag', 'etag', 'VersionId', 'LastModified', 'mtime',
+          'updated')
+  return ' '.join(f'{k}={info[k]}' for k in keys if info.get(k) is not None)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+def file_documents(path: str, *, text_field: str = 'text',
+                   bad_records: BadRecords | None = None) -> Iterator[list[str]]:
+  """The documents (lists of sentences) of one file, streamed.
+
+  A bad record is skipped and added to `bad_records`; without one it is a UserError at once (file and line).
+  """
+  def report(where: str, kind: str, message: str) -> None:
+    if bad_records is None:
+      raise UserError(f'corpus file {path} {where} {message}: fix or remove it, or {_HOW_TO_SKIP}')
+    bad_records.add(path, where, kind, message)
+
+  yield from corpus_records.read_documents(path, text_field, report)
+
+
+def documents(files: Iterable[str], *, text_field: str = 'text',
+              bad_records: BadRecords | None = None) -> Iterator[list[str]]:
+  """The documents of `files`, one file after another (a file boundary ends a document)."""
   for path in files:
-    doc = []
-    with open(path, 'rb') as f:
-      for lineno, raw in enumerate(f, 1):
-        try:
-          line = raw.decode('utf-8')
-        except UnicodeDecodeError as e:
-          raise UserError(f'corpus file {path} line {lineno} is not valid UTF-8: {e.reason} at byte {e.start}: '
-                          'fix or remove it') from None
-        line = line.lstrip('\ufeff').strip() if lineno == 1 else line.strip()
-        if line:
-          doc.append(line)
-        elif doc:
-          yield doc
-          doc = []
-    if doc:  # a file boundary also ends a document
-      yield doc
+    yield from file_documents(path, text_field=text_field, bad_records=bad_records)
