@@ -125,6 +125,8 @@ def write_bytes(p, data: bytes) -> None:
   try:
     with os.fdopen(fd, 'wb') as f:
       f.write(data)
+      f.flush()
+      os.fsync(f.fileno())  # renamed only once on disk: a crash never leaves an empty file under the name
     os.replace(tmp, target)
   except BaseException:
     with contextlib.suppress(OSError):
@@ -138,8 +140,16 @@ def write_text(p, text: str) -> None:
 
 
 def append_text(p, text: str) -> None:
-  """Adds `text` at the end of `p` (created if missing) without rewriting what is there (but see the module doc)."""
-  data = text.encode('utf-8')
+  """Adds `text` (UTF-8) at the end of `p`; see `append_bytes`."""
+  append_bytes(p, text.encode('utf-8'))
+
+
+def append_bytes(p, data: bytes) -> None:
+  """Adds `data` at the end of `p` (created if missing) without rewriting what is there (but see the module doc).
+
+  A bucket object takes about one write a second: callers appending often should gather lines and append them
+  every few seconds (train/metrics.py does).
+  """
   if not is_remote(p):
     os.makedirs(os.path.dirname(os.path.abspath(_local(p))), exist_ok=True)
     fd = os.open(_local(p), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -150,16 +160,16 @@ def append_text(p, text: str) -> None:
     return
   fs, inner = _fs(p)
   if not fs.exists(inner):
-    fs.pipe_file(inner, data)
+    fs.pipe_file(inner, bytes(data))
   elif hasattr(fs, 'merge') and os.fspath(p).startswith(('gs://', 'gcs://')):
     piece = f'{inner}.append-{uuid.uuid4().hex}'
-    fs.pipe_file(piece, data)
+    fs.pipe_file(piece, bytes(data))
     try:
       fs.merge(inner, [inner, piece])  # GCS compose: the log object is replaced by log + piece in one step
     finally:
       fs.rm_file(piece)
   else:
-    fs.pipe_file(inner, fs.cat_file(inner) + data)
+    fs.pipe_file(inner, fs.cat_file(inner) + bytes(data))
 
 
 def exists(p) -> bool:
@@ -232,6 +242,29 @@ def copy(src, dst) -> None:
     return
   with local_file(src) as local_src, local_file(dst, 'w') as local_dst:
     shutil.copyfile(local_src, local_dst)
+
+
+def rename(src, dst) -> None:
+  """Moves the file or folder `src` to `dst` (which must not exist), making dst's parent folders.
+
+  Locally one rename (atomic). In a bucket there are no folders: every object is copied inside the bucket, then the
+  originals deleted, so a reader may see a folder half-moved (write a marker file last where that matters).
+  """
+  if exists(dst):
+    raise FileExistsError(f'{os.fspath(dst)} already exists')
+  if is_remote(src) != is_remote(dst):
+    raise ValueError(f'rename: {os.fspath(src)} and {os.fspath(dst)} must both be local or both remote')
+  if not is_remote(src):
+    makedirs(parent(dst))
+    os.rename(_local(src), _local(dst))
+    return
+  fs, inner = _fs(src)
+  _, inner_dst = _fs(dst)
+  folder = fs.isdir(inner)
+  # copy + delete, not fs.mv: gcsfs's mv tries GCS's newer moveTo call first, which GCS servers other than
+  # Google's (emulators) answer 501, after ~10 s of retries per object.
+  fs.copy(inner, inner_dst, recursive=folder)
+  fs.rm(inner, recursive=folder)
 
 
 @contextlib.contextmanager

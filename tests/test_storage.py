@@ -136,3 +136,19 @@ def test_a_second_reader_sees_objects_another_process_wrote(gcs_bucket):
   subprocess.run([sys.executable, '-c', f'from jaxssl import storage; storage.write_bytes({target!r}, b"model")'],
                  check=True, cwd=ROOT)  # inherits the fixture's environment
   assert storage.exists(target) and storage.listdir(f'{gcs_bucket}/poll') == ['tokenizer.model']
+
+
+def test_rename_moves_a_folder_whole(root):
+  for name in ('params/a.bin', 'params/sub/b.bin', 'config.json'):
+    storage.write_text(storage.join(root, 'tmp-export', name), name)
+  storage.rename(storage.join(root, 'tmp-export'), storage.join(root, 'deep', 'export'))
+  assert not storage.exists(storage.join(root, 'tmp-export'))
+  moved = storage.join(root, 'deep', 'export')
+  assert storage.glob(storage.join(moved, '**', '*.*')) == [
+      storage.join(moved, n) for n in ('config.json', 'params/a.bin', 'params/sub/b.bin')]
+  assert storage.read_text(storage.join(moved, 'params', 'sub', 'b.bin')) == 'params/sub/b.bin'
+  with pytest.raises(FileExistsError):
+    storage.rename(storage.join(moved, 'config.json'), storage.join(moved, 'params', 'a.bin'))
+  storage.append_bytes(storage.join(root, 'events'), b'\x00\x01')
+  storage.append_bytes(storage.join(root, 'events'), b'\x02')
+  assert storage.read_bytes(storage.join(root, 'events')) == b'\x00\x01\x02'
