@@ -182,14 +182,22 @@ def pretraining_config(variant: str, *, model: dict, data: dict, train: dict, vo
   c.init_from = ''
   c.model = ml_collections.ConfigDict(model)
   c.data = ml_collections.ConfigDict(dict(
-      corpus='ptb',            # 'ptb', a TFDS name ('wikipedia/20230601.en', 'c4/en'), or a local path/glob
+      # 'ptb', a TFDS name ('wikipedia/20230601.en', 'c4/en'), files (local or gs://; a file, directory or glob of
+      # .txt, .jsonl[.gz|.zst], .parquet, a save_to_disk folder), or a mixture 'web=c4.jsonl.zst:0.7,books=/b/:0.3'
+      corpus='ptb',
+      text_field='text',       # the JSON Lines field / Parquet column that holds a document's text
+      max_bad_records=0,       # bad records (invalid UTF-8, broken JSON line, missing field) skipped, each reported
       data_dir='',             # TFDS cache; '' = ~/.cache/jaxssl/tfds (or $JAXSSL_DATA_DIR)
       ptb_sentences_per_doc=16,  # PTB has no documents: group consecutive sentences into pseudo-documents
       validation_fraction=0.01,  # local text without its own held-out files: this share of documents
       num_threads=2,
   ) | data)
+  # sentencepiece trains on a seeded sample of this many sentences drawn across the whole corpus;
+  # max_training_sentences is its older name: one shared value, setting either sets both.
+  sample_sentences = ml_collections.FieldReference(2_000_000)
   c.tokenizer = ml_collections.ConfigDict(dict(
-      vocab_size=vocab_size, model_type='unigram', character_coverage=0.9995, max_training_sentences=2_000_000))
+      vocab_size=vocab_size, model_type='unigram', character_coverage=0.9995, sample_sentences=sample_sentences,
+      max_training_sentences=sample_sentences))
   c.train = ml_collections.ConfigDict(dict(
       steps=1000, batch_size=32, microbatches=1, seed=0, warmup_steps=100, b1=0.9, grad_clip_norm=1.0,
       nonfinite='stop',        # NaN/Inf loss: 'stop' (naming the step; never saved) or 'skip' the update

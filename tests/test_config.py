@@ -73,6 +73,9 @@ def _typed(value):
   return value
 
 
+_ADDED_DATA_KEYS = {'text_field': 'text', 'max_bad_records': 0}
+
+
 def test_pretraining_configs_are_what_they_were():
   """Every variant of the four pretraining config files (and each file's default) gives the ConfigDict it gave before
   the files shared their common groups through jaxssl/config.py: the same keys, values and types (int vs float,
@@ -80,6 +83,9 @@ def test_pretraining_configs_are_what_they_were():
   fixture = os.path.join(os.path.dirname(__file__), 'fixtures', 'pretraining_configs.json')
   with open(fixture, encoding='utf-8') as f:
     expected = json.load(f)
+  for spec in expected.values():  # every file gained these keys since (corpora people hold, tokenizer sampling)
+    spec['data'] = dict(sorted((spec['data'] | _ADDED_DATA_KEYS).items()))
+    spec['tokenizer'] = dict(sorted((spec['tokenizer'] | {'sample_sentences': 2_000_000}).items()))
   specs = {spec.split(':')[0] for spec in expected}
   assert specs == {'bert.py', 'gpt.py', 'encdec.py', 'elmo.py'}
   got = {}
@@ -108,3 +114,24 @@ def test_an_empty_text_map_says_to_set_it_whole():
     config_lib.apply_override(config, 'icl.verbalizers.positive', 'good')
   config_lib.apply_override(config, 'icl.verbalizers', 'positive=good,negative=bad')
   assert dict(config.icl.verbalizers) == {'positive': 'good', 'negative': 'bad'}
+
+
+def test_tokenizer_sample_sentences_and_its_old_name_are_one_value():
+  config = config_lib.load_config('configs/bert.py:tiny')
+  assert config.tokenizer.sample_sentences == config.tokenizer.max_training_sentences == 2_000_000
+  config_lib.parse_overrides(config, ['--config.tokenizer.max_training_sentences=3000'])  # the older name
+  assert config.tokenizer.sample_sentences == 3000
+  config_lib.parse_overrides(config, ['--config.tokenizer.sample_sentences=500'])
+  assert config.tokenizer.max_training_sentences == 500
+  saved = json.loads(config_lib.to_json(config))['tokenizer']
+  assert saved['sample_sentences'] == saved['max_training_sentences'] == 500
+
+
+def test_corpus_format_keys():
+  config = config_lib.load_config('configs/gpt.py')
+  assert (config.data.text_field, config.data.max_bad_records) == ('text', 0)
+  config_lib.parse_overrides(config, ['--config.data.text_field=content', '--config.data.max_bad_records=10',
+                                      '--config.data.corpus=web=c4.jsonl.zst:0.7,books=/data/books/:0.3'])
+  assert (config.data.text_field, config.data.max_bad_records) == ('content', 10)
+  with pytest.raises(UserError, match='wrong type'):
+    config_lib.parse_overrides(config, ['--config.data.max_bad_records=many'])

@@ -188,6 +188,9 @@ def _expand_datasets(files: list[str]) -> list[str]:
 def _data_files(folder: str) -> set[str]:
   """The Arrow files a save_to_disk folder's state.json lists (all its .arrow files if it lists none)."""
   state = json.loads(epath.Path(f'{folder}/state.json').read_text())
+  if state.get('_indices_data_files'):  # datasets < 2 saved a selection as the full table plus row indices
+    raise UserError(f'HuggingFace datasets folder {folder} holds an indices mapping (saved by an old datasets '
+                    'version): load it and save it again with a current one (its rows are then written out)')
   listed = {entry['filename'] for entry in state.get('_data_files', []) if 'filename' in entry}
   if listed:
     return listed

@@ -115,7 +115,7 @@ def _record_text(value, field: str, where: str, report: Report) -> str | None:
       report(where, NOT_UTF8, f'is not valid UTF-8 in {field!r}: {e.reason} at byte {e.start}')
       return None
   if not isinstance(value, str):
-    report(where, NOT_TEXT, f'has a {type(value).__name__} in {field!r}, not text')
+    report(where, NOT_TEXT, f'has {field!r} of type {type(value).__name__}, not text')
     return None
   return value
 

@@ -1,18 +1,21 @@
-"""Multilingual pretraining corpora: several corpora, one language tag each, mixed by XLM's language sampling.
+"""Mixtures of corpora: several corpora, one tag each, mixed by XLM's language sampling or by given weights.
 
   --config.data.corpus=en=ptb,zh=/data/zh.txt  --config.data.language_temperature=0.3
+  --config.data.corpus=web=gs://bucket/c4/*.jsonl.zst:0.7,books=/data/books/:0.3
 
-Each `LANG=CORPUS` part is any corpus `load_corpus` accepts ('ptb', local text, a TFDS name). Language i is
-sampled with probability q_i ∝ p_i^α, where p_i is its share of the *training documents* and α is
-`data.language_temperature` (XLM uses 0.5, XLM-R 0.3, the default here; 1 = proportional, 0 = uniform). Documents,
-not tokens, because the BERT pipeline builds one example per document index; split a local file into documents
-with blank lines (a file without blank lines is a single document).
+Each `TAG=CORPUS[:WEIGHT]` part is any corpus `load_corpus` accepts ('ptb', local or bucket files, a TFDS name).
+Without weights, part i is sampled with probability q_i ∝ p_i^α, where p_i is its share of the *training
+documents* and α is `data.language_temperature` (XLM uses 0.5, XLM-R 0.3, the default here; 1 = proportional,
+0 = uniform). With weights (every part then has one: a positive number after the last ':'), q is the weights
+normalised. Documents, not tokens, because the BERT pipeline builds one example per document index; split a local
+text file into documents with blank lines (a file without blank lines is a single document).
 
 `MixtureSource` is the train split: one epoch of N = max_i ceil(len_i / q_i) document slots, so every document of
-the most down-sampled language appears once and the others are repeated (small languages up-sampled). Exactly
-round(q_i * N) slots belong to language i, assigned by a permutation pure in the seed; so slot g's document is a
+the most down-sampled part appears once and the others are repeated (small parts up-sampled). Exactly
+round(q_i * N) slots belong to part i, assigned by a permutation pure in the seed; so slot g's document is a
 function of (seed, g) alone and resuming stays exact. The pipelines then permute slots per epoch as usual.
-The validation splits stay separate per language (`validation_by_language`); 'validation' is their concatenation.
+The validation splits stay separate per part (`validation_by_language`, metrics eval_<tag>_*); 'validation' is
+their concatenation.
 """
 import math
 import os
@@ -27,6 +30,9 @@ _TAG = re.compile(r'^[a-z][a-z0-9_]*$')
 # eval_<tag>_<metric> must not read as an overall metric (eval_mlm_loss, eval_word_perplexity, ...).
 _RESERVED_TAGS = frozenset({'mlm', 'nsp', 'lm', 'word'})
 _EXAMPLE = 'e.g. --config.data.corpus=en=ptb,zh=/data/zh.txt'
+# A weight is the last ':' segment when it is a plain number: 'c4/en:3.1.0' (a TFDS version) and 'gs://b/x' are
+# corpora without one.
+_WEIGHTED = re.compile(r'^(?P<source>.*):(?P<weight>[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)$')
 
 
 def is_multilingual(corpus: str) -> bool:
@@ -34,13 +40,22 @@ def is_multilingual(corpus: str) -> bool:
   return '=' in corpus and not os.path.exists(corpus)
 
 
-def parse_spec(corpus: str) -> list[tuple[str, str]]:
-  """[(language tag, corpus)] of 'en=ptb,zh=/data/zh.txt'; UserError naming the bad part."""
-  parts = [p.strip() for p in corpus.split(',')]
+def split_weight(source: str) -> tuple[str, float | None]:
+  """(corpus, weight or None) of one part's 'CORPUS[:WEIGHT]'."""
+  match = _WEIGHTED.match(source.strip())
+  if match is None:
+    return source.strip(), None
+  return match['source'].strip(), float(match['weight'])
+
+
+def parse_parts(corpus: str) -> list[tuple[str, str, float | None]]:
+  """[(tag, corpus, weight or None)] of 'web=c4.jsonl.zst:0.7,books=/data/books/:0.3'; UserError naming the bad
+  part (no tag, a bad tag, no corpus, a tag twice, weights on some parts only, a weight that is not > 0)."""
   spec = []
-  for part in parts:
-    tag, sep, path = part.partition('=')
-    tag, path = tag.strip(), path.strip()
+  for part in (p.strip() for p in corpus.split(',')):
+    tag, sep, rest = part.partition('=')
+    tag = tag.strip()
+    path, weight = split_weight(rest)
     if not sep:
       raise UserError(f'data.corpus part {part!r} has no language tag: write LANG=CORPUS pairs separated by '
                       f'commas, {_EXAMPLE}')
@@ -53,13 +68,27 @@ def parse_spec(corpus: str) -> list[tuple[str, str]]:
     if not path:
       raise UserError(f'data.corpus names no corpus for language {tag!r}: write {tag}=<ptb, text file, '
                       f'directory, glob or TFDS name>, {_EXAMPLE}')
-    spec.append((tag, path))
-  tags = [t for t, _ in spec]
+    if weight is not None and not weight > 0:
+      raise UserError(f'data.corpus part {part!r} has weight {weight:g}: weights must be > 0 (leave a part out '
+                      'rather than give it 0), e.g. web=c4.jsonl.zst:0.7,books=/data/books/:0.3')
+    spec.append((tag, path, weight))
+  tags = [t for t, _, _ in spec]
   dupes = sorted({t for t in tags if tags.count(t) > 1})
   if dupes:
     raise UserError(f'data.corpus names language {dupes[0]!r} more than once: give each language one corpus '
                     '(a directory or glob can hold several files)')
+  weighted = [t for t, _, w in spec if w is not None]
+  if weighted and len(weighted) < len(spec):
+    unweighted = [t for t, _, w in spec if w is None]
+    raise UserError(f'data.corpus gives weights to {", ".join(weighted)} but not to {", ".join(unweighted)}: give '
+                    'every part a weight (TAG=CORPUS:WEIGHT, the sampling probabilities) or none (then '
+                    'data.language_temperature mixes the parts by size)')
   return spec
+
+
+def parse_spec(corpus: str) -> list[tuple[str, str]]:
+  """[(language tag, corpus)] of 'en=ptb,zh=/data/zh.txt' (weights dropped); UserError naming the bad part."""
+  return [(tag, path) for tag, path, _ in parse_parts(corpus)]
 
 
 def language_probabilities(sizes, alpha: float) -> np.ndarray:
@@ -87,7 +116,9 @@ class MixtureSource:
   language holds each document once and a partial one a spread-out subset. Memory: ~5 bytes per slot.
   """
 
-  def __init__(self, sources: dict, alpha: float = DEFAULT_TEMPERATURE, seed: int = 0):
+  def __init__(self, sources: dict, alpha: float = DEFAULT_TEMPERATURE, seed: int = 0, weights=None):
+    """`weights` (one per source, > 0), when given, are the sampling probabilities (normalised) instead of
+    XLM's q ∝ p^α."""
     if not 0.0 <= alpha <= 1.0:
       raise UserError(f'data.language_temperature={alpha} must be in [0, 1] (q ∝ p^α: 1 = proportional, '
                       '0 = uniform): pass --config.data.language_temperature=0.3')
@@ -98,7 +129,14 @@ class MixtureSource:
     if empty:
       raise UserError(f'language {empty[0]!r} has no training documents: give it more text in --config.data.corpus')
     self.alpha, self.seed = alpha, seed
-    self.probabilities = language_probabilities(self.sizes, alpha)
+    if weights is None:
+      self.probabilities = language_probabilities(self.sizes, alpha)
+    else:
+      weights = np.asarray(weights, np.float64)
+      if weights.shape != (len(self.sources),) or not np.all(np.isfinite(weights)) or not np.all(weights > 0):
+        raise UserError(f'mixture weights {weights.tolist()} must be one positive number per part of '
+                        f'{", ".join(self.languages)}: write TAG=CORPUS:WEIGHT in --config.data.corpus')
+      self.probabilities = weights / weights.sum()
     # The shortest epoch that shows every language's documents at least once (at most total * L^(1-α) slots).
     # For the language with the largest n/q, floor(q * total) >= n: each of its documents appears.
     total = int(max(math.ceil(n / q) for n, q in zip(self.sizes, self.probabilities)))
@@ -198,18 +236,21 @@ def load_multilingual(corpus: str, load_one, *, temperature: float = DEFAULT_TEM
                       check_one=None) -> dict:
   """{'train': MixtureSource, 'validation': ConcatSource, 'validation_by_language': {tag: source}}.
 
-  `load_one(corpus)` opens one language's corpus (corpora.load_corpus with the run's settings); `check_one(corpus)`
-  raises UserError for a missing one, so every part is checked before any is prepared.
+  `load_one(corpus)` opens one part's corpus (corpora.load_corpus with the run's settings); `check_one(corpus)`
+  raises UserError for a missing one, so every part is checked before any is prepared. Parts with weights are
+  sampled by them, others by `temperature`.
   """
-  spec = parse_spec(corpus)
+  spec = parse_parts(corpus)
   loaded = {}
   for step in ((check_one,) if check_one else ()) + (load_one,):
-    for tag, path in spec:
+    for tag, path, weight in spec:
       try:
         loaded[tag] = step(path)
       except UserError as e:
-        raise UserError(f'language {tag!r} ({tag}={path}): {e}') from None
+        shown = f'{tag}={path}' + (f':{weight:g}' if weight is not None else '')
+        raise UserError(f'language {tag!r} ({shown}): {e}') from None
+  weights = [w for _, _, w in spec] if spec[0][2] is not None else None
   validation = {tag: s['validation'] for tag, s in loaded.items()}
-  return {'train': MixtureSource({tag: s['train'] for tag, s in loaded.items()}, temperature, seed),
+  return {'train': MixtureSource({tag: s['train'] for tag, s in loaded.items()}, temperature, seed, weights),
           'validation': ConcatSource(list(validation.values())),
           'validation_by_language': validation}
