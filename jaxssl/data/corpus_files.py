@@ -139,10 +139,12 @@ def _walk(root: str) -> list[str]:
 def _glob(pattern: str) -> list[str]:
   """Files matching a glob (`**` spans directories), sorted."""
   if not is_url(pattern):
-    return sorted(os.path.abspath(f) for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
+    base = _glob_base(pattern)
+    return sorted(os.path.abspath(f) for f in glob.glob(pattern, recursive=True)
+                  if os.path.isfile(f) and not _skipped(f[len(base):]))
   # epath refuses `**` on buckets; fsspec's glob lists the prefix before the first wildcard once.
   fs, bare, protocol = _remote_fs(pattern)
-  base = re.split(r'[*?\[]', bare, maxsplit=1)[0].rsplit('/', 1)[0]
+  base = _glob_base(bare)
   found = fs.glob(bare, detail=True)
   files = []
   for name, info in found.items():
@@ -150,6 +152,11 @@ def _glob(pattern: str) -> list[str]:
       files.append(protocol + name)
       _remote_info[protocol + name] = info
   return sorted(files)
+
+
+def _glob_base(pattern: str) -> str:
+  """The folder before a glob's first wildcard: names below it that start with '.' or '_' are skipped."""
+  return re.split(r'[*?\[]', pattern, maxsplit=1)[0].rsplit('/', 1)[0]
 
 
 def _parent(path: str) -> str:
@@ -172,14 +179,15 @@ def _expand_datasets(files: list[str]) -> list[str]:
       raise UserError(f'HuggingFace DatasetDict folder {d} has no train split (it has {", ".join(splits)}): '
                       f'point --config.data.corpus at one split folder, e.g. {d}/{(splits or ["SPLIT"])[0]}')
     keep_dirs -= {f'{d}/{s}' for s in splits if s != 'train'}
+  data_files = {d: _data_files(d) for d in keep_dirs}
   out = []
   for f in files:
     owner = next((d for d in dict_dirs if f.startswith(d + '/')), None)
     if owner is not None and not f.startswith(f'{owner}/train/'):
       continue  # another split of a DatasetDict, or its dataset_dict.json
     if _parent(f) in dataset_dirs:
-      if _parent(f) in keep_dirs and f.endswith('.arrow') and f.rsplit('/', 1)[1] in _data_files(_parent(f)):
-        out.append(f)
+      if f.rsplit('/', 1)[1] in data_files.get(_parent(f), ()):
+        out.append(f)  # a data file (not state.json, dataset_info.json, a cache file)
       continue
     out.append(f)
   return out

@@ -76,7 +76,7 @@ def _decompressed(raw, compression: str):
   return io.BufferedReader(reader, buffer_size=1 << 20)
 
 
-def _lines(stream, path: str, report: Report) -> Iterator[tuple[int, str | None]]:
+def _lines(stream, report: Report) -> Iterator[tuple[int, str | None]]:
   """(line number, decoded line or None when it is not UTF-8, reported) for each line of a binary stream."""
   for lineno, raw in enumerate(stream, 1):
     try:
@@ -88,9 +88,9 @@ def _lines(stream, path: str, report: Report) -> Iterator[tuple[int, str | None]
     yield lineno, line.lstrip('\ufeff') if lineno == 1 else line
 
 
-def _text_documents(stream, path: str, report: Report) -> Iterator[list[str]]:
+def _text_documents(stream, report: Report) -> Iterator[list[str]]:
   doc = []
-  for _, line in _lines(stream, path, report):
+  for _, line in _lines(stream, report):
     if line is None:  # a bad line is left out; its document goes on
       continue
     line = line.strip()
@@ -120,8 +120,8 @@ def _record_text(value, field: str, where: str, report: Report) -> str | None:
   return value
 
 
-def _json_documents(stream, path: str, field: str, report: Report) -> Iterator[list[str]]:
-  for lineno, line in _lines(stream, path, report):
+def _json_documents(stream, field: str, report: Report) -> Iterator[list[str]]:
+  for lineno, line in _lines(stream, report):
     if line is None or not line.strip():  # blank lines between records are harmless
       continue
     where = f'line {lineno}'
@@ -207,9 +207,9 @@ def read_documents(path: str, text_field: str, report: Report) -> Iterator[list[
       stream = _decompressed(raw, compression)
       try:
         if fmt == 'jsonl':
-          yield from _json_documents(stream, path, text_field, report)
+          yield from _json_documents(stream, text_field, report)
         else:
-          yield from _text_documents(stream, path, report)
+          yield from _text_documents(stream, report)
       except _decompression_errors(compression) as e:
         raise UserError(f'corpus file {path} is not a valid {compression[1:]} file ({type(e).__name__}: {e}): '
                         're-compress it or remove it') from None
