@@ -36,8 +36,10 @@ _WEIGHTED = re.compile(r'^(?P<source>.*):(?P<weight>[+-]?(?:\d+\.?\d*|\.\d+)(?:[
 
 
 def is_multilingual(corpus: str) -> bool:
-  """Whether `corpus` is a LANG=CORPUS list rather than one corpus (an existing path with '=' is one corpus)."""
-  return '=' in corpus and not os.path.exists(corpus)
+  """Whether `corpus` is a TAG=CORPUS list rather than one corpus. An existing path with '=' is one corpus, and so
+  is a path or URL whose first '=' comes after a '/' (Hive-partitioned data: gs://b/c4/lang=en/*.parquet): tags
+  never hold a '/'."""
+  return '=' in corpus and '/' not in corpus.split('=', 1)[0] and not os.path.exists(corpus)
 
 
 def split_weight(source: str) -> tuple[str, float | None]:
