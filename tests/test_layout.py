@@ -17,7 +17,7 @@ LAYERS = {
     'jaxssl.eval': 6, 'jaxssl.convert': 6,
 }
 JOBS = {'jaxssl', 'jaxssl.pretrain', 'jaxssl.export', 'jaxssl.finetune', 'jaxssl.evaluate', 'jaxssl.generate',
-        'jaxssl.bench', 'jaxssl.convert.__main__'}
+        'jaxssl.bench', 'jaxssl.convert.__main__', 'jaxssl.prepare'}
 MAX_LINES = 400
 
 

@@ -4,12 +4,16 @@ once-only, lock-protected preparation every corpus (public TFDS ones too) goes t
 import contextlib
 import fcntl
 import hashlib
+import importlib.util
 import logging
 import os
+import types
 
+from etils import epath
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import shuffle as tfds_shuffle
 
-from jaxssl.data import corpus_files
+from jaxssl.data import beam_prepare, corpus_files
 
 
 class _QuietCustomConfig(logging.Filter):
@@ -26,17 +30,6 @@ logging.getLogger('absl').addFilter(_QuietCustomConfig())
 FORMAT = 2
 
 
-def _validation_indices(num_docs: int, fraction: float) -> set[int]:
-  """A stable share of document indices: the ones with the smallest hash. At least 2 (and at least 2 left to
-  train on) when num_docs >= 4, because next-sentence prediction draws its random B from another document."""
-  if num_docs < 2:
-    return set()
-  count = max(1, round(num_docs * fraction))
-  count = min(num_docs - 2, max(2, count)) if num_docs >= 4 else 1
-  score = lambda i: hashlib.blake2b(str(i).encode(), digest_size=8).digest()
-  return set(sorted(range(num_docs), key=score)[:count])
-
-
 class _TextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """A builder of {'text': Text} documents generated here: nothing to download, so no checksums file."""
   VERSION = tfds.core.Version('1.0.0')
@@ -50,34 +43,72 @@ class _TextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 
 class JaxsslLocalText(_TextBuilder, skip_registration=True):
-  """Local text files; the config name is a hash of the files' paths, sizes and mtimes and the settings."""
+  """Local text files; the config name is a hash of the files' paths, sizes and mtimes and the settings.
+
+  Read in this process (documents counted beforehand: num_docs), or, given every file's document count
+  (doc_counts) and workers > 1, by that many processes (data/beam_prepare.py); the records are the same.
+  """
   name = 'jaxssl_local_text'
 
-  def __init__(self, *, files: list[str], validation_fraction: float, num_docs: int = 0, **kwargs):
+  def __init__(self, *, files: list[str], validation_fraction: float, num_docs: int = 0,
+               doc_counts: tuple[int, ...] = (), workers: int = 1, text_field: str = 'text', **kwargs):
     self._files, self._num_docs = files, num_docs
     self._validation_fraction = validation_fraction
+    self._doc_counts, self._workers, self._text_field = tuple(doc_counts), workers, text_field
     super().__init__(**kwargs)
     # TFDS pickles a builder (inside every data source, e.g. for grain worker processes) as its init kwargs.
     self._original_state.update(files=files, validation_fraction=validation_fraction, num_docs=num_docs,
+                                doc_counts=self._doc_counts, workers=workers, text_field=text_field,
                                 file_format=kwargs.get('file_format'))
 
   def _split_generators(self, dl_manager):
-    held_out = _validation_indices(self._num_docs, self._validation_fraction)
+    if self._doc_counts:
+      self._num_docs = sum(self._doc_counts)
+    held_out = beam_prepare.validation_indices(self._num_docs, self._validation_fraction)
     return {'train': self._generate_examples(held_out, False),
             'validation': self._generate_examples(held_out, True)}
 
   def _generate_examples(self, held_out, validation):
-    for i, doc in enumerate(corpus_files.documents(self._files)):
+    if self._workers > 1 and self._doc_counts:
+      plan = beam_prepare.make_plan(list(self._doc_counts), self._validation_fraction)
+      split = 'validation' if validation else 'train'
+      yield from beam_prepare.parallel_examples(self._files, plan, split, self._workers, self._text_field)
+      return
+    # Bad records were counted and judged (data.max_bad_records) before preparing: here they are skipped.
+    docs = corpus_files.documents(self._files, text_field=self._text_field, bad_records=corpus_files.BadRecords())
+    for i, doc in enumerate(docs):
       # TFDS cannot write an empty split: a one-document corpus is its own validation set.
       if (i in held_out) == validation or self._num_docs == 1:
         yield i, {'text': '\n'.join(doc)}
 
 
-def local_config_name(files: list[str], validation_fraction: float) -> str:
-  h = hashlib.sha256(f'format={FORMAT} validation_fraction={validation_fraction!r}\n'.encode())
+class JaxsslLocalTextBeam(JaxsslLocalText, skip_registration=True):
+  """The same dataset (same name, config and records) prepared by an Apache Beam pipeline: one element per file,
+  each file counted and then read inside the workers. Prepare it with a DownloadConfig naming a beam_runner."""
+  name = 'jaxssl_local_text'  # TFDS would name a subclass after itself: same name, same folder
+
+  def __init__(self, *, max_bad_records: int = 0, report_path: str = '', corpus: str = '', **kwargs):
+    self._max_bad_records, self._report_path, self._corpus = max_bad_records, report_path, corpus
+    super().__init__(**kwargs)
+    self._original_state.update(max_bad_records=max_bad_records, report_path=report_path, corpus=corpus)
+
+  def _split_generators(self, dl_manager, pipeline):  # pylint: disable=arguments-differ
+    # TFDS creates the Beam pipeline (from the DownloadConfig's runner and options) for a `pipeline` argument.
+    return beam_prepare.beam_splits(pipeline, self._files, self._validation_fraction, self._text_field,
+                                    self._max_bad_records, self._report_path, self._corpus)
+
+
+def local_config_name(files: list[str], validation_fraction: float, text_field: str = 'text') -> str:
+  """The config (folder) name of a local corpus's dataset: a hash of its files (path, size, mtime; a bucket
+  object's generation), the settings and FORMAT. The same whichever way the dataset is prepared."""
+  field = '' if text_field == 'text' else f' text_field={text_field!r}'  # names from before text_field stay
+  h = hashlib.sha256(f'format={FORMAT} validation_fraction={validation_fraction!r}{field}\n'.encode())
   for path in files:
-    st = os.stat(path)
-    h.update(f'{path}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
+    if corpus_files.is_url(path):
+      h.update(f'{path}\0{corpus_files.fingerprint(path)}\n'.encode())
+    else:
+      st = os.stat(path)
+      h.update(f'{path}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
   return 'files_' + h.hexdigest()[:20]
 
 
@@ -126,8 +157,44 @@ def _file_lock(data_dir: str, key: str):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def prepared_builder(make_builder, data_dir: str, before_prepare=None):
-  """Returns a prepared builder: reused when prepared, else prepared by exactly one process at a time."""
+# TFDS's writer keeps a split's records in memory until they pass MAX_MEM_BUFFER_SIZE (1 GB), then spills them
+# to 1000 files by key-hash range and sorts those one at a time: a lower threshold bounds a large corpus's memory.
+SHUFFLE_MEMORY_BYTES = 128 << 20
+
+
+class _NeverRaised(Exception):
+  message = ''
+
+
+# What TFDS 4.9.10's shuffler takes from TensorFlow once it spills (tf.io.gfile, tf.errors): without TensorFlow
+# installed, TFDS fails there with ModuleNotFoundError, i.e. on any split over MAX_MEM_BUFFER_SIZE. etils.epath
+# does the same file work.
+_TF_FOR_SHUFFLER = types.SimpleNamespace(
+    io=types.SimpleNamespace(gfile=types.SimpleNamespace(
+        GFile=lambda path, mode='r': epath.Path(path).open(mode),
+        exists=lambda path: epath.Path(path).exists(),
+        remove=lambda path: epath.Path(path).unlink())),
+    errors=types.SimpleNamespace(ResourceExhaustedError=_NeverRaised))
+
+
+@contextlib.contextmanager
+def _bounded_shuffle_memory():
+  default, tf = tfds_shuffle.MAX_MEM_BUFFER_SIZE, tfds_shuffle.tf
+  tfds_shuffle.MAX_MEM_BUFFER_SIZE = min(default, SHUFFLE_MEMORY_BYTES)
+  if importlib.util.find_spec('tensorflow') is None:
+    tfds_shuffle.tf = _TF_FOR_SHUFFLER
+  try:
+    yield
+  finally:
+    tfds_shuffle.MAX_MEM_BUFFER_SIZE, tfds_shuffle.tf = default, tf
+
+
+def prepared_builder(make_builder, data_dir: str, before_prepare=None, download_config=None):
+  """Returns a prepared builder: reused when prepared, else prepared by exactly one process at a time.
+
+  before_prepare() runs (under the lock, only when preparing) before the builder is made again and prepared;
+  download_config (a tfds.download.DownloadConfig) may name a Beam runner and its options.
+  """
   builder = make_builder()
   if builder.is_prepared():
     return builder
@@ -137,6 +204,7 @@ def prepared_builder(make_builder, data_dir: str, before_prepare=None):
       if before_prepare is not None:
         before_prepare()
         builder = make_builder()  # before_prepare may have learnt what the builder needs
-      builder.download_and_prepare()
+      with _bounded_shuffle_memory():
+        builder.download_and_prepare(download_config=download_config)
       builder = make_builder()
   return builder
