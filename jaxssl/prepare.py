@@ -92,9 +92,9 @@ def prepare_local(corpus: str, data_dir: str, *, workers: int = 1, runner: str =
 
   def count():
     counts[:], bad = beam_prepare.count_files(files, text_field, workers, max_bad_records)
+    bad.check(repr(corpus))  # as pretrain's own preparation (data/corpora.py) words it
     if sum(counts) == 0:
       raise beam_prepare.empty_corpus_error(corpus, len(files))
-    bad.check(corpus)
 
   make = lambda: corpus_builders.JaxsslLocalText(doc_counts=tuple(counts), workers=workers, **common)
   return corpus_builders.prepared_builder(make, data_dir, before_prepare=count)
@@ -108,15 +108,15 @@ def _explain_beam_failure(error: Exception, report: str, corpus: str, max_bad_re
       raise error
     return
   documents, files, bad = found
+  bad.check(repr(corpus))  # raises when there were too many
   if documents == 0:
     raise beam_prepare.empty_corpus_error(corpus, files) from None
-  bad.check(corpus)  # raises when there were too many
 
 
 def _report_bad_records(report: str, corpus: str, max_bad_records: int) -> None:
   found = _take_report(report, max_bad_records)
   if found is not None:
-    found[2].check(corpus)  # warns about the skipped ones
+    found[2].check(repr(corpus))  # warns about the skipped ones
 
 
 def _take_report(report: str, max_bad_records: int):

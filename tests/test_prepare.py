@@ -12,7 +12,7 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 from jaxssl import config as config_lib  # noqa: E402
 from jaxssl import prepare  # noqa: E402
-from jaxssl.data import beam_prepare, corpora, corpus_builders  # noqa: E402
+from jaxssl.data import beam_prepare, corpora, corpus_builders, corpus_files  # noqa: E402
 from jaxssl.errors import UserError  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -147,3 +147,18 @@ def test_empty_corpus_and_bad_arguments(tmp_path):
   assert beam_args == ['--project', 'p', '--region', 'r', '--temp_location', 'gs://b/tmp']
   options = prepare.beam_download_config('DataflowRunner', beam_args, 2).beam_options.get_all_options()
   assert options['runner'] == 'DataflowRunner' and options['project'] == 'p' and options['region'] == 'r'
+
+
+def test_corpus_read_twice_not_three_times(corpus, tmp_path, monkeypatch):
+  """One counting pass, one pass for both splits: validation documents are kept aside while train is written."""
+  opened = []
+  original = corpus_files.file_documents
+
+  def counting(path, **kwargs):
+    opened.append(os.path.basename(path))
+    return original(path, **kwargs)
+
+  monkeypatch.setattr(corpus_files, 'file_documents', counting)
+  builder = prepare.prepare_local(corpus, str(tmp_path / 'd'), validation_fraction=0.1)
+  assert sorted(opened) == sorted(['a.txt', 'b.jsonl', 'c.json.gz', 'd.jsonl.zst', 'e.parquet'] * 2)
+  assert builder.info.splits['validation'].num_examples == 6

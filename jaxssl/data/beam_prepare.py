@@ -12,7 +12,9 @@ import dataclasses
 import hashlib
 import json
 import multiprocessing
+import pickle
 import queue
+import tempfile
 import traceback
 from typing import Iterator
 
@@ -128,19 +130,18 @@ def combine_counts(results, max_bad_records: int) -> tuple[list[int], corpus_fil
   return [r[1] for r in results], bad
 
 
-def _example_worker(tasks, out, files, plan, text_field, split):
-  """Reads the files whose indices come from `tasks`; puts batches of (key, text) on `out` (a bounded queue:
-  a worker waits while the writer is behind, so memory stays bounded), then None."""
+def _example_worker(tasks, out, files, plan, text_field):
+  """Reads the files whose indices come from `tasks`; puts batches of (split, key, text) on `out` (a bounded
+  queue: a worker waits while the writer is behind, so memory stays bounded), then None."""
   try:
     while (index := tasks.get()) is not None:
       batch, size = [], 0
-      for doc_split, key, text in file_examples(index, files[index], plan, text_field):
-        if doc_split == split:
-          batch.append((key, text))
-          size += len(text)
-          if size >= _BATCH_BYTES:
-            out.put(batch)
-            batch, size = [], 0
+      for item in file_examples(index, files[index], plan, text_field):
+        batch.append(item)
+        size += len(item[2])
+        if size >= _BATCH_BYTES:
+          out.put(batch)
+          batch, size = [], 0
       if batch:
         out.put(batch)
     out.put(None)
@@ -148,15 +149,15 @@ def _example_worker(tasks, out, files, plan, text_field, split):
     out.put(e if isinstance(e, UserError) else RuntimeError(traceback.format_exc()))
 
 
-def parallel_examples(files: list[str], plan: Plan, split: str, workers: int,
-                      text_field: str = 'text') -> Iterator[tuple[int, dict]]:
-  """(key, {'text': ...}) of `split`, read by `workers` processes in no particular order (TFDS orders the
+def parallel_examples(files: list[str], plan: Plan, workers: int,
+                      text_field: str = 'text') -> Iterator[tuple[str, int, str]]:
+  """(split, key, text) of every document, read by `workers` processes in no particular order (TFDS orders the
   records by key hash). At most ~3 batches per worker are in memory at once."""
   ctx = _pool_context()
   tasks, out = ctx.Queue(), ctx.Queue(maxsize=2 * workers)
   for index in range(len(files)):
     tasks.put(index)
-  procs = [ctx.Process(target=_example_worker, args=(tasks, out, files, plan, text_field, split), daemon=True)
+  procs = [ctx.Process(target=_example_worker, args=(tasks, out, files, plan, text_field), daemon=True)
            for _ in range(workers)]
   for _ in procs:
     tasks.put(None)
@@ -176,13 +177,37 @@ def parallel_examples(files: list[str], plan: Plan, split: str, workers: int,
       elif isinstance(item, BaseException):
         raise item
       else:
-        for key, text in item:
-          yield key, {'text': text}
+        yield from item
   finally:
     for p in procs:
       if p.is_alive():
         p.terminate()
       p.join()
+
+
+class ValidationStash:
+  """The validation documents met while the train split is written, in a temporary file (memory stays flat),
+  so that the validation split needs no second reading of the corpus. `complete` once train is written."""
+
+  def __init__(self):
+    self._file, self.complete = None, False
+
+  def add(self, key: int, text: str) -> None:
+    if self._file is None:
+      self._file = tempfile.TemporaryFile()
+    pickle.dump((key, text), self._file)
+
+  def __iter__(self) -> Iterator[tuple[int, str]]:
+    if self._file is None:
+      return
+    self._file.seek(0)
+    while True:
+      try:
+        yield pickle.load(self._file)
+      except EOFError:
+        break
+    self._file.close()
+    self._file = None
 
 
 # ---------------------------------------------------------------------------------------------- Beam
@@ -203,10 +228,10 @@ def _plan_and_report(results, validation_fraction: float, max_bad_records: int, 
   if report_path:
     epath.Path(report_path).write_text(json.dumps(
         {'documents': sum(counts), 'files': len(counts), 'bad_counts': bad.counts, 'bad_reports': bad.reports}))
+  if bad.total > bad.limit:
+    bad.check(repr(corpus))  # raises, naming the records
   if sum(counts) == 0:
     raise empty_corpus_error(corpus, len(counts))
-  if bad.total > bad.limit:
-    bad.check(corpus)  # raises, naming the records
   return make_plan(counts, validation_fraction)
 
 

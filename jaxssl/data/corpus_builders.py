@@ -65,21 +65,41 @@ class JaxsslLocalText(_TextBuilder, skip_registration=True):
     if self._doc_counts:
       self._num_docs = sum(self._doc_counts)
     held_out = beam_prepare.validation_indices(self._num_docs, self._validation_fraction)
-    return {'train': self._generate_examples(held_out, False),
-            'validation': self._generate_examples(held_out, True)}
+    # TFDS writes the splits one after the other, in this order: the validation documents met while writing
+    # train are kept aside, so that the corpus is read once for both.
+    stash = beam_prepare.ValidationStash()
+    return {'train': self._generate_examples(held_out, False, stash),
+            'validation': self._generate_examples(held_out, True, stash)}
 
-  def _generate_examples(self, held_out, validation):
+  def _generate_examples(self, held_out, validation, stash=None):
+    if validation and stash is not None and stash.complete:
+      for key, text in stash:
+        yield key, {'text': text}
+      return
+    wanted = 'validation' if validation else 'train'
+    for split, key, text in self._split_documents(held_out):
+      if split == wanted:
+        yield key, {'text': text}
+      elif stash is not None and not validation:
+        stash.add(key, text)
+    if stash is not None and not validation:
+      stash.complete = True
+
+  def _split_documents(self, held_out):
+    """(split, key, text) of every document (twice for a one-document corpus: it is its own validation set,
+    since TFDS cannot write an empty split); key = the document's index in the corpus."""
     if self._workers > 1 and self._doc_counts:
       plan = beam_prepare.make_plan(list(self._doc_counts), self._validation_fraction)
-      split = 'validation' if validation else 'train'
-      yield from beam_prepare.parallel_examples(self._files, plan, split, self._workers, self._text_field)
+      yield from beam_prepare.parallel_examples(self._files, plan, self._workers, self._text_field)
       return
     # Bad records were counted and judged (data.max_bad_records) before preparing: here they are skipped.
     docs = corpus_files.documents(self._files, text_field=self._text_field, bad_records=corpus_files.BadRecords())
     for i, doc in enumerate(docs):
-      # TFDS cannot write an empty split: a one-document corpus is its own validation set.
-      if (i in held_out) == validation or self._num_docs == 1:
-        yield i, {'text': '\n'.join(doc)}
+      text = '\n'.join(doc)
+      if self._num_docs == 1 or i in held_out:
+        yield 'validation', i, text
+      if self._num_docs == 1 or i not in held_out:
+        yield 'train', i, text
 
 
 class JaxsslLocalTextBeam(JaxsslLocalText, skip_registration=True):
