@@ -10,6 +10,7 @@ Knowing the offsets takes a counting pass over the files first; that pass also c
 """
 import dataclasses
 import hashlib
+import heapq
 import json
 import multiprocessing
 import pickle
@@ -34,7 +35,8 @@ def validation_indices(num_docs: int, fraction: float) -> frozenset[int]:
   count = max(1, round(num_docs * fraction))
   count = min(num_docs - 2, max(2, count)) if num_docs >= 4 else 1
   score = lambda i: hashlib.blake2b(str(i).encode(), digest_size=8).digest()
-  return frozenset(sorted(range(num_docs), key=score)[:count])
+  # = sorted(range(num_docs), key=score)[:count], in memory for `count` indices rather than all of them.
+  return frozenset(heapq.nsmallest(count, range(num_docs), key=score))
 
 
 def read_file(path: str, text_field: str = 'text',
