@@ -190,7 +190,8 @@ def pretraining_config(variant: str, *, model: dict, data: dict, train: dict, vo
       data_dir='',             # TFDS cache; '' = ~/.cache/jaxssl/tfds (or $JAXSSL_DATA_DIR)
       ptb_sentences_per_doc=16,  # PTB has no documents: group consecutive sentences into pseudo-documents
       validation_fraction=0.01,  # local text without its own held-out files: this share of documents
-      num_threads=2,
+      num_threads=2,           # input threads per process (tokenizers release the GIL for part of the work)
+      num_workers=0,           # input worker processes per host (grain mp_prefetch): same batches, more cores
   ) | data)
   # sentencepiece trains on a seeded sample of this many sentences drawn across the whole corpus;
   # max_training_sentences is its older name: one shared value, setting either sets both.

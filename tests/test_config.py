@@ -73,7 +73,7 @@ def _typed(value):
   return value
 
 
-_ADDED_DATA_KEYS = {'text_field': 'text', 'max_bad_records': 0}
+_ADDED_DATA_KEYS = {'text_field': 'text', 'max_bad_records': 0, 'num_workers': 0}
 
 
 def test_pretraining_configs_are_what_they_were():

@@ -75,6 +75,7 @@ def train_batches(source, tokenizer, config, *, start_step, seed, process_index=
   """Endless iterator over this process's share of the MLM + NSP batches from `start_step` on."""
   return bert_pipeline.make_pretrain_iterator(source, tokenizer, global_batch_size=config.train.batch_size,
                                               start_step=start_step, num_threads=config.data.num_threads,
+                                              num_workers=config.data.num_workers,
                                               **_data_args(config, seed, process_index, process_count))
 
 

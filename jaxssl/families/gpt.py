@@ -54,8 +54,8 @@ def train_batches(source, tokenizer, config, *, start_step, seed, process_index=
   """Endless iterator over this process's share of the packed batches from `start_step` on."""
   return packed_lm.make_lm_iterator(source, tokenizer, seq_len=config.data.seq_len, seed=seed,
                                     global_batch_size=config.train.batch_size, start_step=start_step,
-                                    num_threads=config.data.num_threads, process_index=process_index,
-                                    process_count=process_count)
+                                    num_threads=config.data.num_threads, num_workers=config.data.num_workers,
+                                    process_index=process_index, process_count=process_count)
 
 
 def eval_batches(source, tokenizer, config, *, seed, process_index=0, process_count=1):

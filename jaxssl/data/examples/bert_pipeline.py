@@ -16,7 +16,6 @@ Chinese text. Units are drawn from the same per-example rng, so batches stay pur
 import threading
 from typing import Any, Iterator
 
-import grain
 import numpy as np
 
 from jaxssl.data.examples import masking_units, mlm_nsp, rows
@@ -73,6 +72,12 @@ class PretrainExamples:
                                              segmenter=chinese_segmenter)
     self._perms: dict[int, np.ndarray] = {}
     self._lock = threading.Lock()  # grain maps from several threads
+
+  def __getstate__(self):  # worker processes get a copy without the lock and the per-epoch cache
+    return {**self.__dict__, '_lock': None, '_perms': {}}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state, _lock=threading.Lock())
 
   def permutation(self, epoch: int) -> np.ndarray:
     """The document order of `epoch` (a fresh permutation per epoch, cached)."""
@@ -210,7 +215,7 @@ def masking_args(data_config) -> dict[str, str]:
 def make_pretrain_iterator(source, tokenizer, *, seq_len: int, max_predictions: int, mask_rate: float,
                            short_seq_prob: float, seed: int, global_batch_size: int, start_step: int = 0,
                            process_index: int = 0, process_count: int = 1, num_threads: int = 2,
-                           prefetch: int = 2, masking: str = 'token', masking_lexicon: str = '',
+                           prefetch: int = 2, num_workers: int = 0, masking: str = 'token', masking_lexicon: str = '',
                            chinese_segmenter: str = '') -> Iterator[dict[str, np.ndarray]]:
   """Endless iterator over this process's share of the global batches of steps start_step, start_step+1, ...
 
@@ -225,12 +230,11 @@ def make_pretrain_iterator(source, tokenizer, *, seq_len: int, max_predictions: 
   examples = PretrainExamples(source, tokenizer, seq_len=seq_len, max_predictions=max_predictions,
                               mask_rate=mask_rate, short_seq_prob=short_seq_prob, seed=seed, masking=masking,
                               masking_lexicon=masking_lexicon, chinese_segmenter=chinese_segmenter)
-  # One dataset element per step: the batch-level map reads and tokenizes a step's documents together.
-  ds = grain.MapDataset.range(start_step, 2**62).map(
+  # One element per step: the batch-level map reads and tokenizes a step's documents together.
+  return rows.step_batches(
       lambda step: local_batch(examples, step, global_batch_size=global_batch_size,
-                               process_index=process_index, process_count=process_count))
-  options = grain.ReadOptions(num_threads=max(1, num_threads), prefetch_buffer_size=max(1, prefetch))
-  return iter(ds.to_iter_dataset(options))
+                               process_index=process_index, process_count=process_count),
+      start_step=start_step, num_threads=num_threads, prefetch=prefetch, num_workers=num_workers)
 
 
 def make_eval_batches(source, tokenizer, *, seq_len: int, max_predictions: int, mask_rate: float,

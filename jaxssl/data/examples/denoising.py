@@ -26,7 +26,6 @@ import dataclasses
 import threading
 from typing import Iterator
 
-import grain
 import numpy as np
 
 from jaxssl.data.examples import rows
@@ -223,6 +222,12 @@ class DenoisingExamples:
     self._perms: dict[int, np.ndarray] = {}
     self._lock = threading.Lock()  # grain maps from several threads
 
+  def __getstate__(self):  # worker processes get a copy without the lock and the per-epoch cache
+    return {**self.__dict__, '_lock': None, '_perms': {}}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state, _lock=threading.Lock())
+
   def permutation(self, epoch: int) -> np.ndarray:
     with self._lock:
       if epoch not in self._perms:
@@ -295,11 +300,11 @@ def make_denoising_iterator(source, tokenizer, data_cfg, *, seed: int, global_ba
   """Endless iterator over this process's share of the batches of steps start_step, start_step+1, ..."""
   rows.process_rows(global_batch_size, process_index, process_count)
   examples = _examples(source, tokenizer, data_cfg, seed)
-  ds = grain.MapDataset.range(start_step, 2**62).map(
+  return rows.step_batches(
       lambda step: local_batch(examples, step, global_batch_size=global_batch_size, process_index=process_index,
-                               process_count=process_count))
-  threads = max(1, int(data_cfg.get('num_threads', 2)))
-  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(1, prefetch))))
+                               process_count=process_count),
+      start_step=start_step, num_threads=int(data_cfg.get('num_threads', 2)), prefetch=prefetch,
+      num_workers=int(data_cfg.get('num_workers', 0)))
 
 
 def make_denoising_eval_batches(source, tokenizer, data_cfg, *, seed: int, batch_size: int, num_batches: int,

@@ -11,7 +11,6 @@ which is fine for PTB-sized corpora; for billions of tokens a precomputed index 
 """
 from typing import Iterator
 
-import grain
 import numpy as np
 
 from jaxssl.data.examples import rows
@@ -98,15 +97,14 @@ def local_rows(packed: PackedDocuments, step: int, *, global_batch_size: int, pr
 
 def make_lm_iterator(source, tokenizer, *, seq_len: int, seed: int, global_batch_size: int, start_step: int = 0,
                      process_index: int = 0, process_count: int = 1, num_threads: int = 2,
-                     prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
+                     prefetch: int = 2, num_workers: int = 0) -> Iterator[dict[str, np.ndarray]]:
   """Endless iterator over this process's share of the packed batches of steps start_step, start_step+1, ..."""
   rows.process_rows(global_batch_size, process_index, process_count)
   packed = PackedDocuments(source, tokenizer, seq_len=seq_len, seed=seed)
-  ds = grain.MapDataset.range(start_step, 2**62).map(
+  return rows.step_batches(
       lambda step: local_rows(packed, step, global_batch_size=global_batch_size, process_index=process_index,
-                              process_count=process_count))
-  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, num_threads),
-                                                   prefetch_buffer_size=max(1, prefetch))))
+                              process_count=process_count),
+      start_step=start_step, num_threads=num_threads, prefetch=prefetch, num_workers=num_workers)
 
 
 def make_lm_eval_batches(source, tokenizer, *, seq_len: int, batch_size: int, num_batches: int, seed: int,

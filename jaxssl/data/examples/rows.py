@@ -1,5 +1,11 @@
-"""What every family's example pipeline shares: this process's rows of a global batch, and skipping empty
-documents while staying a pure function of (seed, example index)."""
+"""What every family's example pipeline shares: this process's rows of a global batch, skipping empty
+documents while staying a pure function of (seed, example index), and the iterator over steps (threads or
+worker processes)."""
+from typing import Callable, Iterator
+
+from absl import flags
+import grain
+
 from jaxssl.errors import UserError
 
 # Bounded retries for empty documents (a corpus should not have many; corpora.py filters them).
@@ -45,3 +51,25 @@ def nonempty_document(doc: int, g: int, get, permutation, num_docs: int) -> int:
                       'remove empty documents (or check the tokenizer)')
     doc = int(permutation(g // num_docs)[(g + k) % num_docs])
   return doc
+
+
+def step_batches(batch_of_step: Callable[[int], dict], *, start_step: int, num_threads: int = 1, prefetch: int = 2,
+                 num_workers: int = 0) -> Iterator[dict]:
+  """Endless iterator over `batch_of_step(start_step)`, `batch_of_step(start_step + 1)`, ...
+
+  One element per step, so the batch of a step is the same whatever the threads or workers: resuming is a new
+  iterator at the checkpointed step. `num_threads` read ahead in this process (tokenizers release the GIL for
+  part of the work); `num_workers` > 0 adds that many worker processes (grain's mp_prefetch, each taking every
+  n-th step, merged back in order) for what the GIL bounds. `batch_of_step` must then pickle (cloudpickle).
+  """
+  if num_workers < 0 or num_threads < 0:
+    raise UserError(f'data.num_workers={num_workers} and data.num_threads={num_threads} must be >= 0')
+  ds = grain.MapDataset.range(start_step, 2**62).map(batch_of_step)
+  options = grain.ReadOptions(num_threads=max(1, num_threads), prefetch_buffer_size=max(1, prefetch))
+  it = ds.to_iter_dataset(options)
+  if num_workers:
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; jaxssl's jobs parse their own arguments
+      flags.FLAGS.mark_as_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+                                                     per_worker_buffer_size=max(1, prefetch)))
+  return iter(it)
