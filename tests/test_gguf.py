@@ -677,13 +677,13 @@ def test_rope_freqs_reconstruction_published_llama3():
   """Llama 3.1's published constants with head_dim 16 leave one in-between frequency: no fit, the published
   values are tried; factors no llama3 scaling gives are refused."""
   dim, theta = 16, 500000.0
-  factors = gguf_file._llama3_factors(theta, dim, 8.0, 1.0, 4.0, 8192.0).astype(np.float32)
-  assert gguf_file._llama3_rope_scaling(factors, theta, dim, 'f') == {
+  factors = gguf_file.llama3_factors(theta, dim, 8.0, 1.0, 4.0, 8192.0).astype(np.float32)
+  assert gguf_file.llama3_rope_scaling(factors, theta, dim, 'f') == {
       'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
       'original_max_position_embeddings': 8192}
-  assert gguf_file._llama3_rope_scaling(np.ones(dim // 2, np.float32), theta, dim, 'f') is None
+  assert gguf_file.llama3_rope_scaling(np.ones(dim // 2, np.float32), theta, dim, 'f') is None
   with pytest.raises(UserError, match='rope_freqs'):
-    gguf_file._llama3_rope_scaling(np.linspace(1, 3, dim // 2)[::-1].astype(np.float32), theta, dim, 'f')
+    gguf_file.llama3_rope_scaling(np.linspace(1, 3, dim // 2)[::-1].astype(np.float32), theta, dim, 'f')
 
 
 def test_rope_scaling_keys(llama, sp, tmp_path):

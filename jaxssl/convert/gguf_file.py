@@ -17,7 +17,7 @@ What llama.cpp's converter (convert_hf_to_gguf.py) changed is undone:
     are not permuted (llama.cpp's converter keeps HF's rows there and runs qwen2 with its NEOX RoPE, HF's).
   * GPT-2's Conv1D weights (c_attn, c_proj, c_fc) are stored transposed to (out, in); they come back (in, out).
   * Llama 3.1+ RoPE scaling is stored as a per-frequency `rope_freqs.weight` tensor instead of HF's
-    rope_scaling parameters; those are recovered from it (see `_llama3_rope_scaling`) and the result is checked
+    rope_scaling parameters; those are recovered from it (see `llama3_rope_scaling`) and the result is checked
     to reproduce the tensor exactly, otherwise the file is refused (HF has no way to take the raw factors).
 
 The tokenizer is read by gguf_tokenizer.py (`read_gguf_tokenizer` reads only it), the file itself by
@@ -226,7 +226,7 @@ def _rope_scaling(meta: Metadata, tensors: Tensors, theta: float, head_dim: int)
       raise UserError(f'{meta.path} has both rope scaling type {kind!r} and a {freqs_name!r} tensor: '
                       'not a layout llama.cpp\'s converter writes for llama')
     factors = tensors.take(freqs_name, (head_dim // 2,))
-    return _llama3_rope_scaling(factors, theta, head_dim, meta.path)
+    return llama3_rope_scaling(factors, theta, head_dim, meta.path)
   linear = gguf.RopeScalingType.LINEAR.value
   if kind in (None, gguf.RopeScalingType.NONE.value) or (kind == linear and factor in (None, 1.0)):
     return None
@@ -244,7 +244,7 @@ def _rope_scaling(meta: Metadata, tensors: Tensors, theta: float, head_dim: int)
                   'scaling can be imported')
 
 
-def _llama3_factors(theta: float, dim: int, factor: float, low: float, high: float, old_ctx: float) -> np.ndarray:
+def llama3_factors(theta: float, dim: int, factor: float, low: float, high: float, old_ctx: float) -> np.ndarray:
   """The rope_freqs tensor llama.cpp's converter writes for HF's llama3 rope_scaling (the same formula as
   transformers' _compute_llama3_parameters, as a divisor per frequency)."""
   freqs = 1.0 / (np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
@@ -254,7 +254,7 @@ def _llama3_factors(theta: float, dim: int, factor: float, low: float, high: flo
   return np.where(wavelen < old_ctx / high, 1.0, np.where(wavelen > old_ctx / low, factor, medium))
 
 
-def _llama3_rope_scaling(factors: np.ndarray, theta: float, dim: int, path: str) -> dict | None:
+def llama3_rope_scaling(factors: np.ndarray, theta: float, dim: int, path: str) -> dict | None:
   """HF's llama3 rope_scaling that reproduces llama.cpp's per-frequency `rope_freqs` divisors.
 
   The divisors are 1 (high frequencies), `factor` (low ones) and, between, 1 / ((1 - s) / factor + s) with
@@ -281,7 +281,7 @@ def _llama3_rope_scaling(factors: np.ndarray, theta: float, dim: int, path: str)
   candidates.append((1.0, 4.0, 8192))
   factor = _round(factor)
   for low, high, old_ctx in candidates:
-    if np.allclose(_llama3_factors(theta, dim, factor, low, high, old_ctx), r, rtol=1e-4, atol=1e-6):
+    if np.allclose(llama3_factors(theta, dim, factor, low, high, old_ctx), r, rtol=1e-4, atol=1e-6):
       return {'rope_type': 'llama3', 'factor': factor, 'low_freq_factor': low, 'high_freq_factor': high,
               'original_max_position_embeddings': old_ctx}
   raise UserError(f'{path} has a rope_freqs tensor that no Llama 3 rope_scaling reproduces: HF Llama cannot '

@@ -148,7 +148,7 @@ def read_tfds(name: str, split: str, data_dir: str = '') -> list[Example]:
     raise UserError(f'icl.tfds={name!r} is not a supported dataset: use one of '
                     f'{", ".join(d for d in tasks.TFDS_DATASETS if d.startswith("glue/"))}')
   kind = tasks.tfds_kind(name)
-  if kind not in ('classification', 'pair'):
+  if not tasks.get(kind).class_labels:
     raise UserError(f'icl.tfds={name!r} is a {kind} task: ICL scores labelled classification tasks (e.g. glue/sst2)')
   examples, _ = tasks.read_tfds(name, split, kind, data_dir=data_dir)
   return [Example(e.text if e.text_b is None else f'{e.text}\n{e.text_b}', e.label, f'{name}:{split}[{i}]')

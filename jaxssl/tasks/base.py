@@ -48,6 +48,7 @@ class TaskKind:
   label_keys: tuple[str, ...] = ('labels',)               # feature keys the loss reads
   model_inputs: tuple[str, ...] = ()                      # feature keys the head reads beside INPUT_KEYS
   preferred_metric: str = ''                              # default task.best_metric when reported
+  class_labels: bool = False                              # one label name per example: ICL can score it
   settle_config: Callable = _no_settings                  # (task_cfg, train, dev): settings decided from data
   describe: Callable = lambda task_cfg: ''                # a note for the fine-tune banner
   metric_note: Callable = lambda names: ''                # why a metric is missing from `names`, for errors

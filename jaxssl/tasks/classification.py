@@ -75,4 +75,4 @@ KIND = TaskKind(
     name='classification', read_file=read_file, tfds_datasets=('glue/cola', 'glue/sst2'), read_tfds=read_tfds,
     label_set=label_set, num_labels=num_labels,
     head_width=lambda n: heads.at_least_one_label(n, 'classification'), head=heads.PooledHead,
-    featurize=featurize, loss=loss, metric_names=metric_names, dev_metrics=dev_metrics)
+    featurize=featurize, loss=loss, metric_names=metric_names, dev_metrics=dev_metrics, class_labels=True)
