@@ -2,11 +2,14 @@
 
 `load_corpus(corpus)` accepts:
   * 'ptb': the Penn Treebank LM text shipped by the `treebank` package, grouped into pseudo-documents;
-  * a local file, directory (all non-hidden files below it, sorted) or glob of UTF-8 text files: documents are
-    separated by blank lines (a file without blank lines is one document), each non-empty line is a sentence;
+  * a file, directory (all files below it, sorted, but for names starting with '.' or '_') or glob, local or in a
+    bucket (gs://...): UTF-8 text (documents separated by blank lines, each non-empty line a sentence), JSON Lines
+    (.jsonl, .json, optionally .gz/.bz2/.xz/.zst) and Parquet/Arrow files (field `text_field` of each record is a
+    document, split into sentences on newlines), HuggingFace `save_to_disk` folders (data/corpus_files.py);
   * a TFDS name ('wikipedia/20230601.en', 'c4/en'): its 'text' feature, split into sentences on newlines;
-  * several of those with a language tag each, 'en=ptb,zh=/data/zh.txt': a multilingual mixture
-    (jaxssl/data/multilingual.py), which adds 'validation_by_language' ({tag: source}) to the splits.
+  * several of those with a tag and optionally a weight each, 'en=ptb,zh=/data/zh.txt' or
+    'web=c4.jsonl.zst:0.7,books=/data/books/:0.3': a mixture (jaxssl/data/multilingual.py), which adds
+    'validation_by_language' ({tag: source}) to the splits.
 Every split is a Source: `len(src)`, `src[i]` and `src.__getitems__(indices)` give `{'text': bytes}` documents
 whose sentences are separated by b'\n'. Prepared datasets live under `data_dir` and are reused while the
 inputs are unchanged. Reading local files: data/corpus_files.py; the builders and the once-only preparation:
@@ -15,6 +18,7 @@ data/corpus_builders.py.
 import os
 from typing import Iterator, Protocol
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 from jaxssl.data import corpus_builders, corpus_files, multilingual
@@ -80,25 +84,31 @@ def _is_tfds_name(corpus: str) -> bool:
 
 def load_corpus(corpus: str, data_dir: str = '', *, ptb_sentences_per_doc: int = 16,
                 validation_fraction: float = 0.01, language_temperature: float = 0.3,
-                seed: int = 0) -> dict[str, Source]:
+                seed: int = 0, text_field: str = 'text', max_bad_records: int = 0) -> dict[str, Source]:
   """Prepares (once, cached under data_dir) and opens a corpus; returns {'train', 'validation'[, 'test']} sources.
 
   Args:
-    corpus: 'ptb', a local file / directory / glob of text files, or a TFDS name like 'wikipedia/20230601.en'.
+    corpus: 'ptb', a file / directory / glob (local or gs://) of text, JSON Lines, Parquet or Arrow files, a
+      TFDS name like 'wikipedia/20230601.en', or a mixture TAG=CORPUS[:WEIGHT],... of those.
     data_dir: where prepared datasets live; '' = $JAXSSL_DATA_DIR or ~/.cache/jaxssl/tfds.
     ptb_sentences_per_doc: PTB has no document breaks: this many consecutive sentences make a document.
     validation_fraction: the share of local documents held out for 'validation' (at least one of >= 2).
-    language_temperature: multilingual corpora only: XLM's α, language i sampled with q_i ∝ p_i^α.
-    seed: multilingual corpora only: which slots of the mixture belong to which language.
+    language_temperature: mixtures without weights only: XLM's α, part i sampled with q_i ∝ p_i^α.
+    seed: mixtures only: which slots of the mixture belong to which part.
+    text_field: the field of JSON Lines records and the column of Parquet/Arrow files that holds the text.
+    max_bad_records: how many bad records (invalid UTF-8, broken JSON line, missing field) to skip, each one
+      reported, before the corpus is refused.
   Raises:
-    UserError: missing path, glob without matches, text that is not UTF-8, empty corpus, unknown TFDS name.
+    UserError: missing path, glob without matches, more bad records than allowed, empty corpus, unknown TFDS
+      name, bad mixture spec.
   """
   if not corpus.strip():
     raise UserError("data.corpus is empty: pass --config.data.corpus=ptb, text files, a TFDS name, or "
                     'LANG=CORPUS pairs like en=ptb,zh=/data/zh.txt')
   if multilingual.is_multilingual(corpus):
     one = lambda c: load_corpus(c, data_dir, ptb_sentences_per_doc=ptb_sentences_per_doc,
-                                validation_fraction=validation_fraction)
+                                validation_fraction=validation_fraction, text_field=text_field,
+                                max_bad_records=max_bad_records)
     return multilingual.load_multilingual(corpus, one, temperature=language_temperature, seed=seed,
                                           check_one=_check_exists)
   data_dir = data_dir or default_data_dir()
@@ -113,35 +123,42 @@ def load_corpus(corpus: str, data_dir: str = '', *, ptb_sentences_per_doc: int =
                                                   data_dir=data_dir, file_format='array_record'), data_dir)
     return {s: builder.as_data_source(s) for s in ('train', 'validation', 'test')}
 
-  local = os.path.exists(corpus) or any(c in corpus for c in corpus_files.GLOB_CHARS) or not _is_tfds_name(corpus)
-  if local:
-    return _load_local(corpus, data_dir, validation_fraction)
+  if _is_files(corpus):
+    return _load_local(corpus, data_dir, validation_fraction, text_field, max_bad_records)
   return _load_tfds(corpus, data_dir)
+
+
+def _is_files(corpus: str) -> bool:
+  """Whether `corpus` names files (a path, URL or glob) rather than a TFDS dataset."""
+  return (corpus_files.is_url(corpus) or os.path.exists(corpus) or any(c in corpus for c in corpus_files.GLOB_CHARS)
+          or not _is_tfds_name(corpus))
 
 
 def _check_exists(corpus: str) -> None:
   """UserError for a local corpus that is missing or empty of files, without preparing anything."""
-  if corpus == 'ptb':
-    return
-  if os.path.exists(corpus) or any(c in corpus for c in corpus_files.GLOB_CHARS) or not _is_tfds_name(corpus):
+  if corpus != 'ptb' and _is_files(corpus):
     corpus_files.list_files(corpus)
 
 
-def _load_local(corpus: str, data_dir: str, validation_fraction: float) -> dict[str, Source]:
+def _load_local(corpus: str, data_dir: str, validation_fraction: float, text_field: str,
+                max_bad_records: int) -> dict[str, Source]:
   if not 0.0 <= validation_fraction < 1.0:
     raise UserError(f'validation_fraction={validation_fraction} must be in [0, 1): '
                     'pass --config.data.validation_fraction=0.01')
   files = corpus_files.list_files(corpus)
-  config = tfds.core.BuilderConfig(name=corpus_builders.local_config_name(files, validation_fraction))
+  config = tfds.core.BuilderConfig(name=corpus_builders.local_config_name(files, validation_fraction, text_field))
   num_docs = [0]
 
   def make_builder():
     return corpus_builders.JaxsslLocalText(files=files, validation_fraction=validation_fraction, num_docs=num_docs[0],
-                           config=config, data_dir=data_dir, file_format='array_record')
+                                           text_field=text_field, config=config, data_dir=data_dir,
+                                           file_format='array_record')
 
   def scan():
-    # Every file is read once before TFDS writes anything, so bad bytes or an empty corpus leave no trace.
-    num_docs[0] = sum(1 for _ in corpus_files.documents(files))
+    # Every file is read once before TFDS writes anything, so bad records or an empty corpus leave no trace.
+    bad_records = corpus_files.BadRecords(max_bad_records)
+    num_docs[0] = sum(1 for _ in corpus_files.documents(files, text_field=text_field, bad_records=bad_records))
+    bad_records.check(repr(corpus))
     if num_docs[0] == 0:
       raise UserError(f'corpus {corpus!r} is empty (no non-whitespace text in {len(files)} file(s)): '
                       'pass --config.data.corpus=<text files>')
@@ -210,3 +227,53 @@ def iter_sentences(source: Source, limit: int | None = None, batch_size: int = 2
           count += 1
           yield sentence
 
+
+
+class _SeededPermutation:
+  """A bijection of [0, n) pure in (n, seed) that needs no memory per element: a 4-round Feistel network over the
+  smallest even number of bits covering n, walked until it lands below n (each step stays inside the cycle of the
+  start, so the walk ends and the map is a bijection; at most ~4 steps on average)."""
+
+  def __init__(self, n: int, seed: int):
+    self.n = n
+    self.half = max(1, ((max(n, 2) - 1).bit_length() + 1) // 2)
+    self.mask = np.uint64((1 << self.half) - 1)
+    self.keys = np.random.default_rng([seed, 18]).integers(0, 2**63, size=4, dtype=np.uint64)
+
+  def _round(self, x: np.ndarray, key: np.uint64) -> np.ndarray:
+    z = x ^ key  # splitmix64's finaliser: every input bit moves every output bit
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return (z ^ (z >> np.uint64(31))) & self.mask
+
+  def _encrypt(self, x: np.ndarray) -> np.ndarray:
+    left, right = x >> np.uint64(self.half), x & self.mask
+    for key in self.keys:
+      left, right = right, left ^ self._round(right, key)
+    return (left << np.uint64(self.half)) | right
+
+  def __call__(self, positions: np.ndarray) -> np.ndarray:
+    with np.errstate(over='ignore'):  # the multiplications wrap modulo 2^64 on purpose
+      out = self._encrypt(positions.astype(np.uint64))
+      outside = out >= self.n
+      while outside.any():
+        out[outside] = self._encrypt(out[outside])
+        outside = out >= self.n
+    return out.astype(np.int64)
+
+
+def sample_sentences(source: Source, limit: int, seed: int = 0, batch_size: int = 256) -> Iterator[str]:
+  """A seeded sample of at most `limit` sentences drawn across the whole source (all files, every part of a
+  mixture): whole documents in an order given by a seeded permutation of the document indices, until `limit`
+  sentences. Memory stays one batch of documents; the same (source, limit, seed) gives the same sentences."""
+  permutation = _SeededPermutation(len(source), seed)
+  count = 0
+  for start in range(0, len(source), batch_size):
+    indices = permutation(np.arange(start, min(start + batch_size, len(source))))
+    for record in source.__getitems__(indices.tolist()):
+      for sentence in record['text'].decode('utf-8').split('\n'):
+        if count >= limit:
+          return
+        if sentence:
+          count += 1
+          yield sentence
