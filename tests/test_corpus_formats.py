@@ -350,3 +350,19 @@ def test_sample_sentences_is_seeded_bounded_and_covers_every_file(tmp_path):
                        text=True, check=True)
   assert out.stdout.splitlines() == here and len(here) == 30
   assert {s.split(' ')[0] for s in here} == {'f0', 'f1', 'f2'}
+
+
+def test_load_corpus_from_a_bucket_and_rebuilt_when_an_object_changes(gcs_bucket, tmp_path):
+  from jaxssl import storage  # reason: the bucket is filled through the project's own path layer
+  base = f'{gcs_bucket}/load_corpus'
+  storage.write_bytes(f'{base}/web.jsonl.zst', _zstd(_jsonl([f'web {i}\nline two' for i in range(40)])))
+  sink = pa.BufferOutputStream()
+  pq.write_table(pa.table({'text': [f'book {i}' for i in range(10)]}), sink, row_group_size=3)
+  storage.write_bytes(f'{base}/books/part-0.parquet', sink.getvalue().to_pybytes())
+  data = str(tmp_path / 'data')
+  sources = corpora.load_corpus(base, data)
+  docs = sorted(r['text'] for s in ('train', 'validation') for r in sources[s].__getitems__(range(len(sources[s]))))
+  assert docs == sorted([f'web {i}\nline two'.encode() for i in range(40)] + [f'book {i}'.encode() for i in range(10)])
+  storage.write_bytes(f'{base}/web.jsonl.zst', _zstd(_jsonl(['replaced'])))
+  again = corpora.load_corpus(base, data)
+  assert len(again['train']) + len(again['validation']) == 11
