@@ -9,8 +9,8 @@ if _runtime.runs_xla_cpu():
 def load(params_dir: str, mesh=None):
   """Loads an export (from `python -m jaxssl.export` or `jaxssl.convert from-hf`): returns (model, tokenizer).
 
-  The model is an nnx module on `mesh` (default: all devices, data-parallel). Imported lazily so `import jaxssl`
-  stays light.
+  `params_dir` may be local or in a bucket (gs://B/export). The model is an nnx module on `mesh` (default: all
+  devices, data-parallel). Imported lazily so `import jaxssl` stays light.
   """
   from jaxssl.train import checkpoint  # noqa: PLC0415 (lazy: `import jaxssl` stays light)
   _, model, tokenizer = checkpoint.load_export(params_dir, mesh)

@@ -5,7 +5,7 @@
   python -m jaxssl.evaluate --config configs/embeddings.py:apple --config.embeddings.model=A --out emb/results.json
 
 Fine-tuned exports: writes `results.json` ({"tasks": {name: {metric: value}}, "headline": ..., "average": ...})
-and prints a table.
+and prints a table. Exports, task files and --out may be local or in a bucket (gs://...).
 A task's headline counts two metrics (MRPC, QQP: F1 and accuracy; STS-B: Pearson and Spearman) as their mean;
 when every scored set is a GLUE task the average is the GLUE score (MNLI matched + mismatched count as one task).
 In-context learning (a config with an `icl` section, configs/icl.py): see jaxssl/eval/icl.py (accuracy per model
@@ -15,12 +15,12 @@ Contextual embeddings (a config with an `embeddings` section, configs/embeddings
 """
 import argparse
 import json
-import os
 import sys
 
 from jaxssl import config as config_lib
 from jaxssl import paths
 from jaxssl import runtime
+from jaxssl import storage
 from jaxssl.errors import UserError, exit_on_user_error
 
 
@@ -120,9 +120,8 @@ def run(config, out: str) -> dict:
   if config.get('baselines'):
     report['crosslingual'] = crosslingual_table(config, headlines, mesh)
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(out) or '.', exist_ok=True)  # --out results/x.json: its folder may not exist yet
-    with open(out, 'w') as f:
-      json.dump(report, f, indent=2, sort_keys=True)
+    # --out results/x.json: its folder may not exist yet (write_text makes it); gs://B/results.json: one upload.
+    storage.write_text(out, json.dumps(report, indent=2, sort_keys=True))
     width = max(len(k) for k in results) + 2
     print(f'{"task":<{width}}score   metrics')
     for key, metrics in results.items():

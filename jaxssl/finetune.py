@@ -4,6 +4,7 @@
       [--config.task.train=FILE --config.task.dev=FILE] [--config.key=value ...]
 
 Dev metrics go to DIR/metrics.jsonl; the best checkpoint (by task.best_metric) is exported to DIR/export.
+DIR, PARAMS and the task files may be local or in a bucket (gs://BUCKET/...): nothing else is written.
 """
 import argparse
 import sys

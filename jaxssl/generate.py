@@ -7,6 +7,7 @@ Prints each continuation (with --json: one JSON line per prompt holding prompt, 
 text). Generation stops at --max-new-tokens, at the end-of-document token the model was trained with (GPT-2's
 <|endoftext|>, Llama's </s>), or at any --stop token (a vocabulary entry, e.g. Llama 3's <|eot_id|>).
 A tokenizer that starts every text with a BOS token (Llama) gets it before each prompt; prompt_ids include it.
+PARAMS may be local or in a bucket (gs://B/export).
 """
 import argparse
 import json

@@ -20,10 +20,10 @@ duplicated halves, which leave cosines unchanged). Occurrences with the same pie
 similarity 1.0 is what context-free embeddings can do, contextual similarity below 1 is what context adds.
 
 Writes results.json (items, cosine matrices, within/across-label means and their gap when labels are given) and
-embeddings_heatmap.png (contextual and static panels side by side). Only process 0 writes.
+embeddings_heatmap.png (contextual and static panels side by side), locally or into a bucket (the data file and
+the export may be in one too). Only process 0 writes.
 """
 import dataclasses
-import json
 import os
 import re
 
@@ -33,6 +33,7 @@ import numpy as np
 
 from jaxssl import families
 from jaxssl import mesh as mesh_lib
+from jaxssl import storage
 from jaxssl.errors import UserError
 from jaxssl.eval import files
 from jaxssl.train import checkpoint as ckpt_lib
@@ -279,15 +280,14 @@ def run(config, out: str) -> dict:
   layer = parse_layer(emb.layer)
   body = analyse(model, tokenizer, items, layer=layer, pooling=emb.pooling)
   results_path, plot_dir = files.output_paths(out)
-  report = {'set': emb.set if not emb.data else os.path.splitext(os.path.basename(path))[0], 'data': path,
+  report = {'set': emb.set if not emb.data else os.path.splitext(storage.basename(path))[0], 'data': path,
             'model': emb.model, 'layer': layer, 'pooling': emb.pooling, 'occurrence': emb.occurrence,
             **body, 'plot': HEATMAP, 'config': emb.to_dict()}
   if jax.process_index() == 0:
     from jaxssl.eval import embeddings_plots  # noqa: PLC0415 (matplotlib only when plotting)
-    os.makedirs(plot_dir, exist_ok=True)
-    with open(results_path, 'w', encoding='utf-8') as f:
-      json.dump(report, f, indent=2, ensure_ascii=False)
-    embeddings_plots.heatmaps(report, os.path.join(plot_dir, HEATMAP))
+    storage.makedirs(plot_dir)
+    files.write_json(results_path, report, indent=2, ensure_ascii=False)
+    embeddings_plots.heatmaps(report, storage.join(plot_dir, HEATMAP))
     print(format_summary(report))
     print(f'wrote {results_path} and {HEATMAP} in {plot_dir}')
   return report

@@ -11,6 +11,8 @@ from matplotlib import font_manager
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from jaxssl.eval import files
+
 # Fonts with CJK glyphs, tried after the default one (matplotlib falls back per glyph); absent ones are skipped.
 # 'Noto Sans CJK TC' is the one requirements.txt installs (package cvttf-NotoSansCJK-Regular: Noto Sans CJK TC
 # Regular, which covers simplified characters too); the others are what an OS may already have.
@@ -102,9 +104,9 @@ def heatmap_figure(report: dict) -> Figure:
 
 
 def heatmaps(report: dict, path: str) -> None:
-  """Writes heatmap_figure(report) as a PNG at `path`."""
+  """Writes heatmap_figure(report) as a PNG at `path` (local or in a bucket)."""
   fig = heatmap_figure(report)
   with warnings.catch_warnings():
     warnings.simplefilter('ignore')  # "Glyph missing" where no CJK font is installed: boxes, still a valid plot
     fig.tight_layout()
-    fig.savefig(path, bbox_inches='tight')  # long row labels: grow the canvas rather than clip them
+    files.write_figure(fig, path, bbox_inches='tight')  # long row labels: grow the canvas rather than clip them

@@ -1,6 +1,6 @@
 """In-context learning evaluation (the suite; prompts are built in icl_prompts.py): each model scores every
 k-shot prompt by label log-likelihood or by exact match of generation, and the job writes results.json,
-the predictions and the plots.
+the predictions and the plots (locally or into a bucket: `--out gs://B/icl/`; the exports may be in one too).
 
 Scoring (`icl.scoring`):
   loglik       the prediction is the label whose verbaliser has the highest log p(verbaliser | prompt), summed
@@ -33,6 +33,7 @@ from jax.experimental import multihost_utils
 
 from jaxssl import families
 from jaxssl import mesh as mesh_lib
+from jaxssl import storage
 from jaxssl.errors import UserError
 from jaxssl.eval import files
 from jaxssl.eval.icl_prompts import Task, build_requests, load_task
@@ -206,7 +207,8 @@ def evaluate_model(task: Task, model, tokenizer, *, shots, seed: int, normalize:
 
 def model_labels(paths) -> list[str]:
   """Short unique names for export paths: the fewest trailing path components that tell them apart."""
-  parts = [os.path.normpath(os.path.abspath(p)).split(os.sep) for p in paths]
+  parts = [p.rstrip('/').split('/') if storage.is_remote(p) else os.path.normpath(os.path.abspath(p)).split(os.sep)
+           for p in paths]
   for n in range(1, max(len(p) for p in parts) + 1):
     labels = ['/'.join(p[-n:]) for p in parts]
     if len(set(labels)) == len(labels):
@@ -250,14 +252,11 @@ def run(config, out: str) -> dict:
   report['predictions'] = PREDICTIONS
   if jax.process_index() == 0:
     from jaxssl.eval import icl_plots  # noqa: PLC0415 (matplotlib only when plotting)
-    os.makedirs(plot_dir, exist_ok=True)
-    with open(results_path, 'w') as f:
-      json.dump(report, f, indent=2)
-    with open(os.path.join(plot_dir, PREDICTIONS), 'w') as f:
-      for rec in records:
-        f.write(json.dumps(rec) + '\n')
-    icl_plots.accuracy_vs_shots(report, os.path.join(plot_dir, PLOT_SHOTS))
-    icl_plots.accuracy_vs_size(report, os.path.join(plot_dir, PLOT_SIZE))
+    storage.makedirs(plot_dir)
+    files.write_json(results_path, report, indent=2)
+    files.write_lines(storage.join(plot_dir, PREDICTIONS), (json.dumps(rec) for rec in records))
+    icl_plots.accuracy_vs_shots(report, storage.join(plot_dir, PLOT_SHOTS))
+    icl_plots.accuracy_vs_size(report, storage.join(plot_dir, PLOT_SIZE))
     print(format_table(report))
     print(f'wrote {results_path}, {PLOT_SHOTS}, {PLOT_SIZE} and {PREDICTIONS} in {plot_dir}')
   return report

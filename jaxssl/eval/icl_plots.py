@@ -1,9 +1,12 @@
 """PNG plots of an ICL report (jaxssl.eval.icl): accuracy against k per model, and against model size per k.
 
-Drawn on a bare matplotlib Figure (Agg canvas): no pyplot, no global backend state, no display needed.
+Drawn on a bare matplotlib Figure (Agg canvas): no pyplot, no global backend state, no display needed. `path` may
+be local or in a bucket.
 """
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from jaxssl.eval import files
 
 
 def _figure():
@@ -36,7 +39,7 @@ def accuracy_vs_shots(report: dict, path: str) -> None:
   ax.grid(alpha=0.3)
   ax.legend(fontsize='small')
   fig.tight_layout()
-  fig.savefig(path)
+  files.write_figure(fig, path)
 
 
 def accuracy_vs_size(report: dict, path: str) -> None:
@@ -62,4 +65,4 @@ def accuracy_vs_size(report: dict, path: str) -> None:
   ax.grid(alpha=0.3)
   ax.legend(fontsize='small')
   fig.tight_layout()
-  fig.savefig(path)
+  files.write_figure(fig, path)

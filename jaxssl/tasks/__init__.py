@@ -48,7 +48,7 @@ def read_tfds(name: str, split: str, kind: str, *, data_dir: str = '',
 
 
 def read_examples(kind: str, path: str) -> list[Example]:
-  """Examples of a local task file; raises UserError for an unknown kind, a missing file or a bad row."""
+  """Examples of a task file (local or in a bucket); UserError for an unknown kind, a missing file or a bad row."""
   examples = get(kind).read_file(path)
   if not examples:
     raise UserError(f'task file {path} has no examples')
@@ -56,9 +56,9 @@ def read_examples(kind: str, path: str) -> list[Example]:
 
 
 def read_split(task_cfg, source: str) -> tuple[list[Example], list[str] | None]:
-  """(examples, label names or None) of one split of a task config: `source` is a local file, or a TFDS split
-  name when `task.tfds` is set. TFDS datasets name their labels; for local files the names are None (they come
-  from the training examples, the kind's `label_set`)."""
+  """(examples, label names or None) of one split of a task config: `source` is a file (local or in a bucket),
+  or a TFDS split name when `task.tfds` is set. TFDS datasets name their labels; for files the names are None
+  (they come from the training examples, the kind's `label_set`)."""
   if task_cfg.get('tfds'):
     return read_tfds(task_cfg.tfds, source, task_cfg.kind, data_dir=task_cfg.get('data_dir', ''),
                      tag_feature=task_cfg.get('tag_feature', 'ner'))

@@ -1,25 +1,26 @@
-"""Local task files: TSV/JSONL rows, CoNLL or JSONL tagging, SQuAD v1.1 JSON, read into `Example`s.
+"""Task files: TSV/JSONL rows, CoNLL or JSONL tagging, SQuAD v1.1 JSON, read into `Example`s.
 
-A wrong or missing column is a UserError naming the file, the line and the columns expected.
+A file may be local or in a bucket (`gs://B/task/train.tsv`: read through jaxssl.storage). A wrong or missing
+column is a UserError naming the file, the line and the columns expected.
 """
 import csv
 import json
-import os
 
+from jaxssl import storage
 from jaxssl.errors import UserError
 from jaxssl.tasks.base import Example
 
 
 def require_file(path: str) -> None:
   """UserError unless `path` is an existing file."""
-  if not path or not os.path.isfile(path):
+  if not path or not storage.isfile(path):
     raise UserError(f'task file {path!r} not found: set --config.task.train / --config.task.dev to existing files')
 
 
 def rows(path: str):
   """(line number, dict) rows of a TSV (with a header) or JSONL file."""
   require_file(path)
-  with open(path, encoding='utf-8') as f:
+  with storage.open(path) as f:
     if path.endswith('.jsonl') or path.endswith('.json'):
       for n, line in enumerate(f, 1):
         if line.strip():
@@ -57,7 +58,7 @@ def read_conll(path: str) -> list[Example]:
   """`token<TAB>tag` (or whitespace-separated, tag last) per line, blank lines between sentences, -DOCSTART- skipped."""
   require_file(path)
   out, tokens, tags = [], [], []
-  with open(path, encoding='utf-8') as f:
+  with storage.open(path) as f:
     for n, line in enumerate(f, 1):
       line = line.rstrip('\n')
       if not line.strip() or line.startswith('-DOCSTART-'):
@@ -79,7 +80,7 @@ def read_squad(path: str) -> list[Example]:
   """SQuAD v1.1 JSON: one example per question, its answers checked to sit at their answer_start."""
   require_file(path)
   try:
-    with open(path, encoding='utf-8') as f:
+    with storage.open(path) as f:
       data = json.load(f)['data']
   except (json.JSONDecodeError, KeyError, TypeError):
     raise UserError(f'{path} is not SQuAD v1.1 JSON (a top-level "data" list of articles)') from None

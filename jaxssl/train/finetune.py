@@ -2,13 +2,13 @@
 
 Same machinery as pretraining (mesh, sharded state, orbax checkpoints, metrics.jsonl); the batch at step s is a
 pure function of (seed, s), so a rerun resumes exactly. The best dev checkpoint by `task.best_metric` is
-exported to `DIR/export` (params + config.json with the task and its labels + tokenizer). Everything that
-depends on the task kind comes from `jaxssl.tasks`.
+exported to `DIR/export` (params + config.json with the task and its labels + tokenizer). DIR, `init_from` and
+the task files may be local or in a bucket (gs://...). Everything that depends on the task kind comes from
+`jaxssl.tasks`.
 """
 import copy
 import dataclasses
 import json
-import os
 
 import jax
 import ml_collections
@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxssl import config as config_lib
 from jaxssl import mesh as mesh_lib
+from jaxssl import storage
 from jaxssl import tasks
 from jaxssl.data import tokenizers
 from jaxssl.errors import UserError
@@ -268,7 +269,7 @@ def run_finetuning(config, workdir: str) -> dict:
   export_config = {**body.saved, 'finetune': run_config, 'task': {
       'name': task.name, 'kind': task.kind, 'labels': data.labels, 'num_labels': data.num_labels}}
   predict = make_predictor(setup, mesh, data.dev_features, config.eval.batch_size, data.kind)
-  evaluate = DevEvaluation(task, data, predict, writer, os.path.join(workdir, 'export'), export_config,
+  evaluate = DevEvaluation(task, data, predict, writer, storage.join(workdir, 'export'), export_config,
                            body.tokenizer)
   watch = preemption.PreemptionWatch()
 
@@ -305,5 +306,5 @@ def run_finetuning(config, workdir: str) -> dict:
     checkpointer.close()
     writer.close()
   say(f'best dev {task.best_metric}={best["value"]:.4f} at step {best["step"]}; exported to '
-      f'{os.path.join(workdir, "export")}', flush=True)
+      f'{storage.join(workdir, "export")}', flush=True)
   return best

@@ -10,12 +10,12 @@ Word starts come from the tokenizer's pieces (`word_start_table`: sentencepiece 
 their character offsets (`jieba_word_starts`). `UnitMasker` bundles what the pipeline needs per tokenizer.
 """
 import logging
-import os
 import re
 import threading
 
 import numpy as np
 
+from jaxssl import storage
 from jaxssl.errors import UserError
 
 MASKINGS = ('token', 'whole_word', 'span', 'entity')
@@ -35,7 +35,7 @@ def check_masking_config(masking: str, lexicon_path: str = '', segmenter: str = 
     if not lexicon_path:
       raise UserError("data.masking='entity' needs a phrase list: set --config.data.masking_lexicon=FILE "
                       '(one phrase or entity per line)')
-    if not os.path.isfile(lexicon_path):
+    if not storage.isfile(lexicon_path):
       raise UserError(f'data.masking_lexicon {lexicon_path!r} not found: pass an existing file, one phrase per line')
   elif lexicon_path:
     raise UserError(f"data.masking_lexicon is set but data.masking={masking!r}: use --config.data.masking=entity "
@@ -139,10 +139,10 @@ def load_lexicon(path: str, tokenizer) -> Lexicon:
   """Reads a phrase/entity list (UTF-8, one per line; blank lines and lines starting with '#' skipped) and
   tokenizes it with `tokenizer`. Write phrases as they appear in the text: a cased tokenizer matches case."""
   try:
-    with open(path, encoding='utf-8') as f:
+    with storage.open(path) as f:  # local or in a bucket
       phrases = [s.strip() for s in f]
   except OSError as e:
-    raise UserError(f'cannot read data.masking_lexicon {path!r} ({e.strerror}): pass a readable file') from None
+    raise UserError(f'cannot read data.masking_lexicon {path!r} ({e.strerror or e}): pass a readable file') from None
   except UnicodeDecodeError as e:
     raise UserError(f'data.masking_lexicon {path!r} is not UTF-8 ({e.reason}): re-encode it as UTF-8') from None
   phrases = list(dict.fromkeys(s for s in phrases if s and not s.startswith('#')))
