@@ -32,6 +32,7 @@ import numpy as np
 from jaxssl import config as config_lib
 from jaxssl import paths
 from jaxssl import runtime
+from jaxssl import storage
 from jaxssl.errors import exit_on_user_error
 
 
@@ -82,11 +83,11 @@ def run(config, steps: int, profile_dir: str = '') -> dict:
   from jaxssl.train import metrics as metrics_lib
   vocab_size = config.tokenizer.vocab_size
   train_step, state, batch, mesh, compile_s = compiled_step(config)
-  trace = jax.profiler.trace(profile_dir) if profile_dir else contextlib.nullcontext()
-  with jax.set_mesh(mesh):
+  # The profiler writes local files only: a bucket's trace is written to a temporary folder and uploaded.
+  with jax.set_mesh(mesh), (storage.local_folder(profile_dir) if profile_dir else contextlib.nullcontext()) as out:
     memory = train_step.memory_analysis()  # XLA's own figures for the compiled program (CPU included)
     times = []
-    with trace:
+    with jax.profiler.trace(out) if profile_dir else contextlib.nullcontext():
       for _ in range(steps):
         start = time.perf_counter()
         state, metrics = train_step(state, batch)

@@ -6,22 +6,20 @@ Exports are read back by `jaxssl.train.checkpoint.load_export` (or `jaxssl.load`
 """
 import argparse
 import json
-import os
 import sys
-
-from etils import epath
 
 from jaxssl import config as config_lib
 from jaxssl import paths
 from jaxssl import runtime
+from jaxssl import storage
 from jaxssl.errors import UserError, exit_on_user_error
 
 
-def checkpoint_directory(workdir: str):
+def checkpoint_directory(workdir: str) -> str:
   """Where a run's checkpoints are: its config's checkpoint.directory (e.g. a bucket), else WORKDIR/checkpoints."""
-  config_file = epath.Path(workdir) / 'config.json'
-  directory = json.loads(config_file.read_text()).get('checkpoint', {}).get('directory') if config_file.exists() else ''
-  return epath.Path(directory) if directory else epath.Path(workdir) / 'checkpoints'
+  config_file = storage.join(workdir, 'config.json')
+  saved = json.loads(storage.read_text(config_file)) if storage.exists(config_file) else {}
+  return saved.get('checkpoint', {}).get('directory') or storage.join(workdir, 'checkpoints')
 
 
 def export(workdir: str, out: str, *, step: int | None = None, overwrite: bool = False) -> int:
@@ -34,9 +32,9 @@ def export(workdir: str, out: str, *, step: int | None = None, overwrite: bool =
   from jaxssl.train import checkpoint as ckpt_lib
   from jaxssl.train import state as state_lib
   directory = checkpoint_directory(workdir)
-  if not directory.is_dir():
+  if not storage.isdir(directory):
     raise UserError(f'{workdir} has no checkpoints ({directory}): pass the --workdir of a pretraining run')
-  checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True, directory=os.fspath(directory))
+  checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True, directory=directory)
   steps = checkpointer.manager.all_steps()
   if not steps:
     raise UserError(f'{workdir} has no finished checkpoint yet: train longer or wait for the first save')

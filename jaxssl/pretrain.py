@@ -19,7 +19,8 @@ from jaxssl.errors import exit_on_user_error
 def main(argv=None):
   parser = argparse.ArgumentParser(prog='python -m jaxssl.pretrain', description=__doc__.split('\n')[0])
   parser.add_argument('--config', required=True, help='configs/FILE.py:VARIANT')
-  parser.add_argument('--workdir', help='checkpoints, tokenizer, metrics.jsonl, TensorBoard events')
+  parser.add_argument('--workdir', help='checkpoints, tokenizer, metrics.jsonl, TensorBoard events: a local folder '
+                      'or a bucket (gs://BUCKET/run)')
   parser.add_argument('--compile-only', action='store_true',
                       help='compile the train step for --topology and report per-device memory and FLOPs; no training')
   parser.add_argument('--topology', default='cpu:1',

@@ -31,11 +31,22 @@ def add_distributed_args(parser) -> None:
 
 
 def check_workdir(workdir: str) -> None:
-  """A job's workdir is a filesystem path every host shares; only checkpoints (and datasets) may be in a bucket."""
-  if '://' in workdir:
-    raise UserError(f'--workdir {workdir} is a URL: the workdir holds the tokenizer, config.json and metrics and must '
-                    'be a directory every host shares (NFS, Filestore, a gcsfuse mount); put checkpoints in the '
-                    'bucket with --config.checkpoint.directory=gs://... and datasets with --config.data.data_dir')
+  """A workdir is a local folder or a bucket URL whose filesystem is installed (gs:// needs gcsfs, s3:// s3fs).
+
+  Every host of a pod reaches a bucket: a gs:// workdir needs no shared file system (jaxssl/storage.py).
+  """
+  scheme, sep, rest = workdir.partition('://')
+  if not sep or scheme == 'file':
+    return
+  if not rest.strip('/'):
+    raise UserError(f'--workdir {workdir} names no bucket: use {scheme}://BUCKET/FOLDER')
+  import fsspec  # reason: only URL workdirs need it
+  try:
+    fsspec.get_filesystem_class(scheme)
+  except (ImportError, ValueError) as e:
+    reason = (str(e).splitlines() or [''])[0][:160]
+    raise UserError(f'--workdir {workdir}: {scheme}:// is not reachable here ({reason}): use gs:// (gcsfs), '
+                    's3:// (pip install s3fs) or a local folder') from None
 
 
 def _setting(args, flag: str, env: str, kind=str):

@@ -15,13 +15,15 @@ tokenizer, the others wait for it to appear).
 gs:// goes through gcsfs, the same library etils.epath (orbax's paths) and TFDS use without TensorFlow; credentials
 are gcsfs's defaults (`gcloud auth application-default login`, or the VM's service account on a TPU VM).
 Orbax writes checkpoints with tensorstore, which reads the same credentials. Against a local GCS server
-(`gcp-storage-emulator start --port 9023 --in-memory`) set:
+(`python tests/gcs_server.py start --port 9023 --in-memory --default-bucket=B`: gcp-storage-emulator plus the
+x-goog-generation header tensorstore needs to rewrite an object) set:
   STORAGE_EMULATOR_HOST=http://127.0.0.1:9023     gcsfs (and google-cloud-storage) talk to it
   TENSORSTORE_GCS_HTTP_URL=http://127.0.0.1:9023  tensorstore (orbax checkpoints) talks to it
   GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false         gcsfs skips its gRPC bucket-type probe (hangs 60 s on an emulator)
   FSSPEC_GCS_TOKEN=anon                           no credential lookup (an emulator needs none)
-  GCE_METADATA_HOST=127.0.0.1:1, GCE_METADATA_IP=127.0.0.1:1, GOOGLE_AUTH_DISABLE_METADATA=1 (optional: no
-    metadata-server probe by google-auth or tensorstore off Google Cloud).
+  GCE_METADATA_HOST=GCE_METADATA_ROOT=GCE_METADATA_IP=127.0.0.1:1 (optional, off Google Cloud: no metadata-server
+    probe by google-auth or tensorstore)
+Against real GCS set none of these.
 """
 import contextlib
 import io
@@ -76,6 +78,12 @@ def _fs(p):
   return fsspec.core.url_to_fs(os.fspath(p), **_FS_OPTIONS.get(protocol, {}))
 
 
+def _changed(p) -> None:
+  """Forgets the listings etils.epath cached for `p`'s filesystem: orbax lists checkpoint steps through epath, whose
+  gcsfs keeps listings, and would not see a folder this module moved or removed."""
+  epath.backend.fsspec_backend.fs(os.fspath(p)).invalidate_cache()
+
+
 def _url(fs, inner: str) -> str:
   """The URL of a path fsspec returned (listings drop the protocol)."""
   protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
@@ -117,6 +125,7 @@ def write_bytes(p, data: bytes) -> None:
   if is_remote(p):
     fs, inner = _fs(p)
     fs.pipe_file(inner, bytes(data))
+    _changed(p)
     return
   target = _local(p)
   folder = os.path.dirname(os.path.abspath(target))
@@ -161,6 +170,7 @@ def append_bytes(p, data: bytes) -> None:
   fs, inner = _fs(p)
   if not fs.exists(inner):
     fs.pipe_file(inner, bytes(data))
+    _changed(p)
   elif hasattr(fs, 'merge') and os.fspath(p).startswith(('gs://', 'gcs://')):
     piece = f'{inner}.append-{uuid.uuid4().hex}'
     fs.pipe_file(piece, bytes(data))
@@ -232,6 +242,7 @@ def remove(p, *, missing_ok: bool = False) -> None:
     return
   fs, inner = _fs(p)
   fs.rm(inner, recursive=fs.isdir(inner))
+  _changed(p)
 
 
 def copy(src, dst) -> None:
@@ -265,6 +276,7 @@ def rename(src, dst) -> None:
   # Google's (emulators) answer 501, after ~10 s of retries per object.
   fs.copy(inner, inner_dst, recursive=folder)
   fs.rm(inner, recursive=folder)
+  _changed(src)
 
 
 @contextlib.contextmanager
@@ -290,9 +302,29 @@ def local_file(p, mode: str = 'r') -> Iterator[str]:
     if is_remote(p):
       fs, inner = _fs(p)
       fs.put_file(local, inner)
+      _changed(p)
     else:
       target = _local(p)
       os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
       staged = os.path.join(os.path.dirname(os.path.abspath(target)), f'.{os.path.basename(target)}.{uuid.uuid4().hex}')
       shutil.copyfile(local, staged)  # the temp dir may be on another filesystem: copy next to p, then rename
       os.replace(staged, target)
+
+
+@contextlib.contextmanager
+def local_folder(p) -> Iterator[str]:
+  """A local folder standing for the folder `p`, for libraries that write several files into one (a profiler).
+
+  `p` itself when local (made if missing); else a temporary folder whose files are uploaded under `p` when the
+  block ends without an exception.
+  """
+  if not is_remote(p):
+    makedirs(p)
+    yield _local(p)
+    return
+  with tempfile.TemporaryDirectory(prefix='jaxssl-') as tmp_dir:
+    yield tmp_dir
+    for folder, _, names in os.walk(tmp_dir):
+      for name in sorted(names):
+        local = os.path.join(folder, name)
+        copy(local, join(p, *os.path.relpath(local, tmp_dir).split(os.sep)))

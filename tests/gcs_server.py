@@ -6,7 +6,6 @@ so that job subprocesses the tests start inherit it, and yields the bucket's URL
 test module (`from gcs_server import gcs_bucket`) to use it.
 """
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -39,10 +38,38 @@ def emulator_env(endpoint: str) -> dict[str, str]:
 
 
 def _emulator_command() -> list[str]:
-  found = shutil.which('gcp-storage-emulator') or os.path.join(os.path.dirname(sys.executable), 'gcp-storage-emulator')
-  if not os.path.exists(found):
+  """This file run as a script: gcp-storage-emulator with the object generation headers real GCS sends."""
+  try:
+    import gcp_storage_emulator  # noqa: F401  # reason: skip, not fail, where the test requirements are missing
+  except ImportError:
     pytest.skip('gcp-storage-emulator is not installed (pip install -r requirements-test.txt)')
-  return [found]
+  return [sys.executable, os.path.abspath(__file__)]
+
+
+def _serve(argv: list[str]) -> None:
+  """Runs gcp-storage-emulator with `argv`, its downloads answering x-goog-generation like GCS.
+
+  tensorstore (orbax's checkpoint writer) reads an object's generation from that header to rewrite it
+  conditionally (an OCDBT manifest is rewritten several times per checkpoint); without it every such write fails
+  with "Malformed StorageGeneration". The route table takes `objects.download` when the server module is imported,
+  so the handler is replaced before that import.
+  """
+  from gcp_storage_emulator.exceptions import NotFound
+  from gcp_storage_emulator.handlers import objects
+  download = objects.download
+
+  def download_with_generation(request, response, storage, *args, **kwargs):
+    try:
+      obj = storage.get_file_obj(request.params['bucket_name'], request.params['object_id'])
+      response['x-goog-generation'] = str(obj['generation'])
+      response['x-goog-metageneration'] = str(obj['metageneration'])
+    except NotFound:
+      pass
+    return download(request, response, storage, *args, **kwargs)
+
+  objects.download = download_with_generation
+  from gcp_storage_emulator.__main__ import main
+  main(argv)
 
 
 @pytest.fixture(scope='session')
@@ -81,3 +108,7 @@ def gcs_bucket():
         os.environ.pop(key, None)
       else:
         os.environ[key] = value
+
+
+if __name__ == '__main__':
+  _serve(sys.argv[1:])

@@ -152,3 +152,12 @@ def test_rename_moves_a_folder_whole(root):
   storage.append_bytes(storage.join(root, 'events'), b'\x00\x01')
   storage.append_bytes(storage.join(root, 'events'), b'\x02')
   assert storage.read_bytes(storage.join(root, 'events')) == b'\x00\x01\x02'
+
+
+def test_local_folder_uploads_what_a_library_wrote(root):
+  target = storage.join(root, 'trace')
+  with storage.local_folder(target) as folder:
+    os.makedirs(os.path.join(folder, 'plugins', 'profile'))
+    with open(os.path.join(folder, 'plugins', 'profile', 'host.xplane.pb'), 'wb') as f:
+      f.write(b'trace')
+  assert storage.read_bytes(storage.join(target, 'plugins', 'profile', 'host.xplane.pb')) == b'trace'

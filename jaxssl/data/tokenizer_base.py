@@ -2,8 +2,8 @@
 hf_tokenizer.py): jaxssl's special pieces, HF file names and tokenizer_config.json, the random-replacement range and
 the trimming of character offsets."""
 import json
-import os
 
+from jaxssl import storage
 from jaxssl.errors import UserError
 
 SPECIAL_PIECES = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')  # jaxssl sentencepiece ids 0..4, in order
@@ -22,12 +22,11 @@ def trim_span(text: str, start: int, end: int) -> tuple[int, int]:
 
 def read_tokenizer_config(directory: str) -> dict:
   """`directory`'s tokenizer_config.json as a dict ({} when there is none); unreadable JSON is a UserError."""
-  path = os.path.join(directory, CONFIG_FILENAME)
-  if not os.path.isfile(path):
+  path = storage.join(directory, CONFIG_FILENAME)
+  if not storage.isfile(path):
     return {}
   try:
-    with open(path, encoding='utf-8') as f:
-      return json.load(f)
+    return json.loads(storage.read_text(path))
   except (OSError, ValueError) as e:
     raise UserError(f'{path} is not readable JSON ({e}): fix or delete it') from None
 

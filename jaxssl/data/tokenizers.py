@@ -12,13 +12,13 @@ either kind from a directory or file.
 """
 import io
 import itertools
-import os
 import re
 import time
 from typing import Callable, Iterable, Protocol
 
 import sentencepiece as spm
 
+from jaxssl import storage
 from jaxssl.data.tokenizer_base import JSON_FILENAME, SPECIAL_PIECES, trim_span
 from jaxssl.errors import UserError
 
@@ -100,11 +100,11 @@ class SentencePieceTokenizer:
 
   @classmethod
   def load(cls, path: str) -> 'SentencePieceTokenizer':
-    """Loads a `.model` file written by `train_tokenizer`."""
-    if not os.path.isfile(path):
+    """Loads a `.model` file written by `train_tokenizer` (a local path or a URL)."""
+    if not storage.isfile(path):
       raise UserError(f'tokenizer model {path!r} not found: pass the path of a .model file')
     try:
-      sp = spm.SentencePieceProcessor(model_file=path)
+      sp = spm.SentencePieceProcessor(model_proto=storage.read_bytes(path))
     except (RuntimeError, OSError) as e:
       raise UserError(f'tokenizer model {path!r} is not a sentencepiece model ({e}): delete it and retrain') from None
     return cls(sp, path)
@@ -151,10 +151,9 @@ class SentencePieceTokenizer:
     return self._sp.id_to_piece(int(i))
 
   def save(self, directory: str) -> str:
-    """Writes `directory/tokenizer.model` (the model file's bytes); returns its path."""
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, self.filename)
-    _atomic_write(path, self.serialized())
+    """Writes `directory/tokenizer.model` (the model file's bytes) whole; returns its path."""
+    path = storage.join(directory, self.filename)
+    storage.write_bytes(path, self.serialized())
     return path
 
   def __repr__(self):
@@ -162,16 +161,6 @@ class SentencePieceTokenizer:
 
 
 Tokenizer = SentencePieceTokenizer  # the name used before WordPiece existed
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-  """Writes via a temp file + rename so a killed job never leaves a truncated file at `path`."""
-  tmp = f'{path}.tmp.{os.getpid()}'
-  with open(tmp, 'wb') as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
 
 
 def _vocab_error(e: RuntimeError, vocab_size: int) -> UserError | None:
@@ -194,9 +183,9 @@ def train_tokenizer(sentences: Iterable[str], vocab_size: int, model_prefix_path
                     max_training_sentences: int = 2_000_000) -> SentencePieceTokenizer:
   """Trains a sentencepiece model on (the first `max_training_sentences` of) `sentences`.
 
-  Writes `<model_prefix_path>.model` (and a human-readable `.vocab`) atomically. Deterministic: the same
-  sentences and settings give a byte-identical model. Raises UserError for a vocab size the corpus cannot
-  support, naming the largest (or smallest) one that works.
+  Writes `<model_prefix_path>.model` (and a human-readable `.vocab`) whole, locally or in a bucket.
+  Deterministic: the same sentences and settings give a byte-identical model. Raises UserError for a vocab size
+  the corpus cannot support, naming the largest (or smallest) one that works.
   """
   if vocab_size <= NUM_SPECIAL:
     raise UserError(f'tokenizer vocab_size={vocab_size} leaves no room beside the {NUM_SPECIAL} special tokens: '
@@ -219,12 +208,10 @@ def train_tokenizer(sentences: Iterable[str], vocab_size: int, model_prefix_path
     raise
   model = writer.getvalue()
   tokenizer = SentencePieceTokenizer.from_serialized(model)
-  parent = os.path.dirname(os.path.abspath(model_prefix_path))
-  os.makedirs(parent, exist_ok=True)
   vocab = ''.join(f'{tokenizer.id_to_piece(i)}\t{tokenizer._sp.get_score(i)}\n'  # pylint: disable=protected-access
                   for i in range(tokenizer.vocab_size))
-  _atomic_write(model_prefix_path + '.vocab', vocab.encode('utf-8'))
-  _atomic_write(model_prefix_path + '.model', model)  # last: its presence means the tokenizer is complete
+  storage.write_bytes(model_prefix_path + '.vocab', vocab.encode('utf-8'))
+  storage.write_bytes(model_prefix_path + '.model', model)  # last: its presence means the tokenizer is complete
   tokenizer.model_path = model_prefix_path + '.model'
   return tokenizer
 
@@ -235,18 +222,19 @@ def get_or_train_tokenizer(workdir: str, sentences_fn: Callable[[], Iterable[str
 
   `cfg` is the `tokenizer` ConfigDict (vocab_size, model_type, character_coverage, max_training_sentences).
   Only process 0 trains. Other processes wait (polling, up to `wait_timeout_s`) until process 0's file
-  appears in the shared workdir and load it; the model is renamed into place whole, so they never read a
-  partial file. A barrier after this call (all processes) is still the caller's job.
+  appears in the shared workdir (a shared folder or a bucket) and load it; the model is written whole (renamed
+  into place, or one object upload), so they never read a partial file. A barrier after this call (all
+  processes) is still the caller's job.
   Raises UserError when the stored tokenizer's vocab size differs from cfg.vocab_size.
   """
-  path = os.path.join(workdir, MODEL_FILENAME)
-  if not os.path.isfile(path):
+  path = storage.join(workdir, MODEL_FILENAME)
+  if not storage.isfile(path):
     if process_index == 0:
-      return train_tokenizer(sentences_fn(), cfg.vocab_size, os.path.join(workdir, 'tokenizer'),
+      return train_tokenizer(sentences_fn(), cfg.vocab_size, storage.join(workdir, 'tokenizer'),
                              model_type=cfg.model_type, character_coverage=cfg.character_coverage,
                              max_training_sentences=cfg.max_training_sentences)
     deadline = time.monotonic() + wait_timeout_s
-    while not os.path.isfile(path):
+    while not storage.isfile(path):
       if time.monotonic() > deadline:
         raise RuntimeError(f'process {process_index} waited {wait_timeout_s:.0f} s for process 0 to write {path}: '
                            'is the workdir shared by all hosts, and did process 0 fail?')
@@ -268,28 +256,28 @@ def load_tokenizer(path: str) -> TextTokenizer:
   # HuggingFace tokenizers loads only when a file needs it (sentencepiece-only jobs never import it).
   from jaxssl.data import hf_tokenizer, wordpiece  # noqa: PLC0415
   names = (MODEL_FILENAME, JSON_FILENAME, wordpiece.VOCAB_FILENAME, hf_tokenizer.VOCAB_JSON)
-  if os.path.isdir(path):
-    found = [n for n in names if os.path.isfile(os.path.join(path, n))]
+  if storage.isdir(path):
+    found = [n for n in names if storage.isfile(storage.join(path, n))]
     if not found:
       raise UserError(f'no tokenizer in {path}: looked for {", ".join(names)} (+ {hf_tokenizer.MERGES_TXT})')
     if found[0] == MODEL_FILENAME and len(found) > 1:
       try:
-        return load_tokenizer(os.path.join(path, MODEL_FILENAME))
+        return load_tokenizer(storage.join(path, MODEL_FILENAME))
       except UserError:
-        return load_tokenizer(os.path.join(path, found[1]))
-    return load_tokenizer(os.path.join(path, found[0]))
-  if not os.path.isfile(path):
+        return load_tokenizer(storage.join(path, found[1]))
+    return load_tokenizer(storage.join(path, found[0]))
+  if not storage.isfile(path):
     raise UserError(f'tokenizer {path!r} not found: pass a directory holding one of {", ".join(names)}, '
                     'or one of those files')
-  if os.path.basename(path) == hf_tokenizer.VOCAB_JSON:
-    merges = os.path.join(os.path.dirname(path), hf_tokenizer.MERGES_TXT)
-    if not os.path.isfile(merges):
+  if storage.basename(path) == hf_tokenizer.VOCAB_JSON:
+    merges = storage.join(storage.parent(path), hf_tokenizer.MERGES_TXT)
+    if not storage.isfile(merges):
       raise UserError(f'{path} has no {hf_tokenizer.MERGES_TXT} beside it: a GPT-2 BPE tokenizer needs both')
     return hf_tokenizer.HFTokenizer.from_vocab_merges(path, merges)
   if path.endswith('.json'):
     # Encoders' tokenizers (BERT WordPiece; RoBERTa / XLM-R, whose config names a mask token) get BERT roles.
     if (hf_tokenizer.tokenizer_json_model(path) in ('WordPiece', '')
-        or wordpiece.bert_roles_named(os.path.dirname(path))):
+        or wordpiece.bert_roles_named(storage.parent(path))):
       return wordpiece.WordPieceTokenizer.from_file(path)
     return hf_tokenizer.HFTokenizer.from_file(path)
   if path.endswith('.txt'):

@@ -12,7 +12,6 @@ import os
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 from jax.experimental import multihost_utils
 
 from flax import nnx
@@ -21,6 +20,7 @@ from jaxssl import config as config_lib
 from jaxssl import families
 from jaxssl import mesh as mesh_lib
 from jaxssl import paths
+from jaxssl import storage
 from jaxssl.data import tokenizers
 from jaxssl.errors import UserError
 from jaxssl.models import vocab
@@ -34,9 +34,13 @@ class Checkpointer:
                directory: str = ''):
     # `directory` may be a bucket (gs://...): orbax writes there through etils paths; default WORKDIR/checkpoints.
     # orbax refuses relative paths: made absolute here as well as in the jobs, for library callers.
-    self.directory = epath.Path(paths.absolute(directory or os.path.join(workdir, 'checkpoints')))
+    self.directory = storage.path(paths.absolute(directory or storage.join(workdir, 'checkpoints')))
+    # cleanup_tmp_directories: a killed run leaves an unfinished step (a local tmp folder; in a bucket, where orbax
+    # marks a finished step with commit_success.txt instead of a rename, a step folder without it). Its objects
+    # would be overwritten in place when that step is saved again: removed when the manager opens instead.
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only, read_only=read_only)
+        max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only, read_only=read_only,
+        cleanup_tmp_directories=not read_only)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=('params', 'train', 'meta'))
 
   def latest_step(self):
@@ -95,11 +99,11 @@ class Checkpointer:
     say(f'checkpoint {step} in {self.directory} is unreadable (half-written or corrupted) while an older one '
         f'restores: moved it to unreadable-{step}', flush=True)
     if jax.process_index() == 0:
-      target = self.directory / f'unreadable-{step}'
-      n = 1
-      while target.exists():
-        target, n = self.directory / f'unreadable-{step}.{n}', n + 1
-      (self.directory / str(step)).rename(target)
+      directory = os.fspath(self.directory)
+      target, n = storage.join(directory, f'unreadable-{step}'), 1
+      while storage.exists(target):
+        target, n = storage.join(directory, f'unreadable-{step}.{n}'), n + 1
+      storage.rename(storage.join(directory, str(step)), target)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f'set aside checkpoint {step}')
     self.manager.reload()
@@ -150,51 +154,54 @@ def check_compatible(saved_config: dict, model_cfg, vocab_size: int, where: str)
 # ----- exports: params only -----
 
 def write_export(out: str, params, config_json: str, tokenizer, *, overwrite: bool = False) -> None:
-  """Writes `out/{params/, config.json, <tokenizer file>}` via a temporary directory renamed into place.
+  """Writes `out/{params/, config.json, <tokenizer file>}` (a local folder or a bucket prefix) via a temporary
+  folder renamed into place.
 
   `tokenizer` is a tokenizer object (`tokenizer.save(dir)` writes its file), or for older callers the path of a
-  tokenizer file or directory (opened with `load_tokenizer`).
+  tokenizer file or directory (opened with `load_tokenizer`). In a bucket, where a rename copies object by
+  object, config.json is written last, after the rename: an export with a config.json is complete.
   """
   if isinstance(tokenizer, (str, os.PathLike)):
     tokenizer = tokenizers.load_tokenizer(os.fspath(tokenizer))
   out = paths.absolute(os.fspath(out))
-  out_path = epath.Path(out)
-  if out_path.exists() and any(out_path.iterdir()) and not overwrite:
+  if storage.isdir(out) and storage.listdir(out) and not overwrite:
     raise UserError(f'export directory {out} already exists and is not empty: choose a new --out or pass --overwrite')
-  tmp = epath.Path(f'{out}.tmp-export')
-  if jax.process_index() == 0 and tmp.exists():
-    tmp.rmtree()
+  tmp, old = f'{out}.tmp-export', f'{out}.old-export'
+  if jax.process_index() == 0:
+    storage.remove(tmp, missing_ok=True)
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(tmp / 'params', params)
+  checkpointer.save(storage.path(storage.join(tmp, 'params')), params)
   checkpointer.wait_until_finished()
   if jax.process_index() == 0:
-    (tmp / 'config.json').write_text(config_json)
-    tokenizer.save(os.fspath(tmp))
+    remote = storage.is_remote(out)
+    if not remote:
+      storage.write_text(storage.join(tmp, 'config.json'), config_json)
+    tokenizer.save(tmp)
     # Swap by renames so an interrupted overwrite leaves the old export (or the new one) whole, never neither.
-    old = epath.Path(f'{out}.old-export')
-    if old.exists():
-      old.rmtree()
-    if out_path.exists():
-      out_path.rename(old)
-    tmp.rename(out_path)
-    if old.exists():
-      old.rmtree()
+    storage.remove(old, missing_ok=True)
+    if storage.exists(out):
+      storage.rename(out, old)
+    storage.rename(tmp, out)
+    if remote:
+      storage.write_text(storage.join(out, 'config.json'), config_json)
+    storage.remove(old, missing_ok=True)
 
 
 def read_export_config(path: str) -> dict:
-  config_file = epath.Path(path) / 'config.json'
-  if not config_file.exists():
+  config_file = storage.join(path, 'config.json')
+  if not storage.exists(config_file):
     raise UserError(f'{path} is not a jaxssl export (no config.json): create one with python -m jaxssl.export')
-  return json.loads(config_file.read_text())
+  return json.loads(storage.read_text(config_file))
 
 
 def load_export_params(path: str, abstract_params):
   """Restores exported params onto the shardings of `abstract_params` (any mesh); UserError when they do not fit."""
-  params_dir = epath.Path(paths.absolute(os.fspath(path))) / 'params'
-  if not params_dir.exists():
-    raise UserError(f'{path} has a config.json but no params/: the export is incomplete; re-run python -m jaxssl.export')
+  params_dir = storage.join(paths.absolute(os.fspath(path)), 'params')
+  if not storage.exists(params_dir):
+    raise UserError(f'{path} has a config.json but no params/: the export is incomplete; re-run '
+                    'python -m jaxssl.export')
   try:
-    return ocp.StandardCheckpointer().restore(params_dir, abstract_params)
+    return ocp.StandardCheckpointer().restore(storage.path(params_dir), abstract_params)
   except (ValueError, KeyError, TypeError) as e:
     reason = (str(e).splitlines() or [''])[0][:200]
     raise UserError(f'{path}: its params do not fit the model its config.json describes ({reason}): '

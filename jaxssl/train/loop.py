@@ -7,7 +7,6 @@ skips the update) and is never saved; a damaged newest checkpoint gives way to t
 """
 import json
 import math
-import os
 
 import jax
 from jax.experimental import multihost_utils
@@ -15,6 +14,7 @@ from jax.experimental import multihost_utils
 from jaxssl import config as config_lib
 from jaxssl import families
 from jaxssl import mesh as mesh_lib
+from jaxssl import storage
 from jaxssl.data import corpora, tokenizers
 from jaxssl.errors import JobFailed, UserError
 from jaxssl.models import vocab
@@ -96,7 +96,7 @@ def adopt_export_model(config, init_from: str, say=print) -> None:
 def adopt_export_tokenizer(init_from: str, workdir: str, is_main: bool):
   """The export's tokenizer, copied into the workdir by process 0 (so export and resume find it there)."""
   tokenizer = tokenizers.load_tokenizer(init_from)
-  existing = [n for n in ('tokenizer.model', 'tokenizer.json') if os.path.isfile(os.path.join(workdir, n))]
+  existing = [n for n in ('tokenizer.model', 'tokenizer.json') if storage.isfile(storage.join(workdir, n))]
   if existing:
     here = tokenizers.load_tokenizer(workdir)
     if here.vocab_size != tokenizer.vocab_size or type(here) is not type(tokenizer):
@@ -123,7 +123,7 @@ def run_pretraining(config, workdir: str) -> dict:
                                            config.data.max_predictions)
   _announce(config, workdir, state, vocab_size, mesh, start, resumed, say)
   if is_main:
-    _write_atomic(os.path.join(workdir, 'config.json'), config_lib.to_json(config))
+    storage.write_text(storage.join(workdir, 'config.json'), config_lib.to_json(config))
 
   objective = family.objective
   train_step = step_lib.jit_train_step(step_lib.make_train_step(setup.graphdef, tx, schedule, t.microbatches,
@@ -164,6 +164,7 @@ def run_pretraining(config, workdir: str) -> dict:
         preempted = watch.stop_at(done)
         if done % config.checkpoint.every_steps == 0 or done == t.steps or preempted:
           finite.check(done, metrics)  # a NaN state is never saved
+          writer.flush()  # metrics.jsonl holds every record up to the newest checkpoint (a bucket's lags between)
           checkpointer.save(state, {**meta, 'step': done, 'data_position': done}, force=True)
           throughput.reset(done)
         if preempted:
@@ -302,10 +303,3 @@ class FiniteLossCheck:
                       f'{kept} (never a NaN one): lower train.learning_rate or check the data')
     raise JobFailed(f'the loss is {loss} at step {step}; stopped without saving it ({kept}): lower '
                     'train.learning_rate, or pass --config.train.nonfinite=skip to drop such updates')
-
-
-def _write_atomic(path: str, text: str) -> None:
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w') as f:
-    f.write(text)
-  os.replace(tmp, path)

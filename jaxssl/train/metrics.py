@@ -2,10 +2,15 @@
 import json
 import math
 import os
+import shutil
+import struct
 import sys
+import tempfile
 import time
 
 import jax
+
+from jaxssl import storage
 
 # Dense peak FLOP/s per device for MFU, by jax `device_kind` prefix. bf16 for accelerators; the CPU figure is the
 # float32 matmul peak measured on the 2-core reference machine (../shared/bench/peak_matmul.py): set
@@ -28,44 +33,62 @@ def peak_flops_per_device(configured: float = 0.0) -> float:
 
 
 class MetricsWriter:
-  """Appends one JSON object per logged step to `metrics.jsonl` and the same scalars to TensorBoard."""
+  """Appends one JSON object per logged step to `metrics.jsonl` and the same scalars to TensorBoard.
+
+  In a local workdir every record is written at once. In a bucket an object takes about one write a second, so
+  records are gathered and appended every UPLOAD_EVERY_S seconds, and at every `flush()` (the loop flushes before
+  each checkpoint save: metrics.jsonl always holds every record up to the newest checkpoint's step).
+  """
+
+  UPLOAD_EVERY_S = 5.0
 
   def __init__(self, workdir: str, *, resume_step: int = 0, total_steps: int = 0):
     self.enabled = jax.process_index() == 0
     self.total_steps = total_steps
     self.tty = sys.stderr.isatty()
-    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.path = storage.join(workdir, 'metrics.jsonl')
+    self.remote = storage.is_remote(workdir)
+    self.pending: list[str] = []
+    self.sent_at = time.monotonic()
     self.tb = None
     if not self.enabled:
       return
     _drop_after(self.path, resume_step)  # entries past the restored step are replayed by this run
-    from tensorboardX import SummaryWriter
-    self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    self.tb = EventFiles(storage.join(workdir, 'tensorboard'))
 
   def write(self, step: int, metrics: dict, prefix: str = '') -> None:
     if not self.enabled:
       return
     record = {'step': step, **{prefix + k: _plain(v) for k, v in metrics.items()}}
-    with open(self.path, 'a') as f:
-      f.write(json.dumps(record) + '\n')
+    self.pending.append(json.dumps(record) + '\n')
     for k, v in record.items():
       if k != 'step' and isinstance(v, (int, float)):
         self.tb.add_scalar(k, v, step)
+    if not self.remote or time.monotonic() - self.sent_at >= self.UPLOAD_EVERY_S:
+      self.flush()
+
+  def flush(self) -> None:
+    """Writes the gathered records and TensorBoard events to the workdir now."""
+    if not self.enabled:
+      return
+    if self.pending:
+      storage.append_text(self.path, ''.join(self.pending))
+      self.pending = []
     self.tb.flush()
+    self.sent_at = time.monotonic()
 
   def drop(self, step: int, prefix: str) -> None:
     """Removes the rows of `step` whose figures all start with `prefix` (an evaluation about to be rerun)."""
-    if not self.enabled or not os.path.exists(self.path):
+    if not self.enabled:
       return
-    with open(self.path) as f:
-      records = [json.loads(line) for line in f if line.strip()]
+    self.flush()
+    if not storage.exists(self.path):
+      return
+    records = [json.loads(line) for line in storage.read_text(self.path).splitlines() if line.strip()]
     kept = [r for r in records
             if r.get('step') != step or not all(k.startswith(prefix) for k in r if k != 'step')]
     if len(kept) < len(records):
-      tmp = self.path + '.tmp'
-      with open(tmp, 'w') as f:
-        f.writelines(json.dumps(r) + '\n' for r in kept)
-      os.replace(tmp, self.path)
+      storage.write_text(self.path, ''.join(json.dumps(r) + '\n' for r in kept))
 
   def progress(self, step: int, metrics: dict) -> None:
     """One line per log step; on a terminal it redraws in place like a progress bar."""
@@ -91,20 +114,72 @@ class MetricsWriter:
 
   def close(self):
     if self.tb is not None:
+      self.flush()
       self.tb.close()
+      self.tb = None
     if self.enabled and self.tty:
       sys.stderr.write('\n')
 
 
+class EventFiles:
+  """TensorBoard event files in `directory`, local or in a bucket.
+
+  Locally tensorboardX writes them there. tensorboardX's own gs:// writer re-uploads the whole event file at every
+  flush (and needs google-cloud-storage's credentials), so for a bucket tensorboardX writes into a private local
+  folder and each `flush()` appends the records completed since the last one to the same file name in the
+  bucket (GCS compose): the bucket's event files grow as local ones do, and TensorBoard reads them while the run
+  goes on.
+  """
+
+  def __init__(self, directory: str):
+    from tensorboardX import SummaryWriter  # reason: only process 0 of a training run needs TensorBoard
+    self.remote = directory if storage.is_remote(directory) else ''
+    self.local = tempfile.mkdtemp(prefix='jaxssl-tensorboard-') if self.remote else directory
+    self.writer = SummaryWriter(self.local)
+    self.sent: dict[str, int] = {}  # local event file name -> bytes already appended in the bucket
+
+  def add_scalar(self, name: str, value: float, step: int) -> None:
+    self.writer.add_scalar(name, value, step)
+
+  def flush(self) -> None:
+    self.writer.flush()
+    if self.remote:
+      self._send()
+
+  def close(self) -> None:
+    self.writer.close()  # writes what tensorboardX's writer thread still holds
+    if self.remote:
+      self._send()
+      shutil.rmtree(self.local, ignore_errors=True)
+
+  def _send(self) -> None:
+    for name in sorted(os.listdir(self.local)):  # our own temporary folder, always local
+      with open(os.path.join(self.local, name), 'rb') as f:
+        f.seek(self.sent.get(name, 0))
+        data = f.read()
+      whole = complete_records(data)  # tensorboardX's thread may be mid-record
+      if whole:
+        storage.append_bytes(storage.join(self.remote, name), data[:whole])
+        self.sent[name] = self.sent.get(name, 0) + whole
+
+
+def complete_records(data: bytes) -> int:
+  """How many leading bytes of `data` are whole TFRecords (8-byte length, 4-byte CRC, payload, 4-byte CRC)."""
+  end = 0
+  while end + 12 <= len(data):
+    size = struct.unpack('<Q', data[end:end + 8])[0]
+    if end + 12 + size + 4 > len(data):
+      break
+    end += 12 + size + 4
+  return end
+
+
 def _drop_after(path: str, step: int) -> None:
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return
-  with open(path) as f:
-    lines = [line for line in f if line.strip() and json.loads(line).get('step', 0) <= step]
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    f.writelines(lines)
-  os.replace(tmp, path)
+  lines = [line + '\n' for line in storage.read_text(path).splitlines()
+           if line.strip() and json.loads(line).get('step', 0) <= step]
+  storage.write_text(path, ''.join(lines))
 
 
 def _plain(v):
