@@ -12,14 +12,17 @@ architecture) is read with the `gguf` package, quantised tensors dequantised to 
 from its metadata. torch and transformers are not needed.
 to-hf writes config.json, model.safetensors and the tokenizer files that transformers' from_pretrained opens
 (BertForPreTraining, GPT2LMHeadModel or LlamaForCausalLM, by the export's model).
+--src and --out may be bucket folders (gs://B/hf, gs://B/export) or a .gguf file in a bucket: the converters read
+local copies of the source files and upload a folder they write locally (staging.py); a GPT export goes straight
+into the bucket.
 """
 import argparse
 import json
-import os
 import sys
 
 from jaxssl import paths
 from jaxssl import runtime
+from jaxssl import storage
 from jaxssl.errors import UserError, exit_on_user_error
 
 
@@ -27,12 +30,11 @@ def _source_kind(src: str) -> str:
   """'bert' or 'decoder', from the file name or config.json's model_type (refused types are named later)."""
   if src.endswith('.gguf'):
     return 'decoder'
-  config = os.path.join(src, 'config.json')
-  if not os.path.isfile(config):
+  config = storage.join(src, 'config.json')
+  if not storage.isfile(config):
     raise UserError(f'{src} has no config.json: pass a HuggingFace checkpoint directory or a .gguf file')
   try:
-    with open(config, encoding='utf-8') as f:
-      model_type = json.load(f).get('model_type', 'bert')
+    model_type = json.loads(storage.read_text(config)).get('model_type', 'bert')
   except (OSError, ValueError) as e:
     raise UserError(f'cannot read {config} ({e})') from None
   return 'bert' if model_type in ('bert', 'roberta', 'xlm-roberta') else 'decoder'

@@ -26,7 +26,9 @@ from safetensors.numpy import save_file
 
 from jaxssl import config as config_lib
 from jaxssl import mesh as mesh_lib
+from jaxssl import paths
 from jaxssl.convert import gguf_file
+from jaxssl.convert import staging
 from jaxssl.data import hf_tokenizer, tokenizers
 from jaxssl.errors import UserError
 from jaxssl.models import vocab
@@ -162,7 +164,7 @@ def read_tokenizer(directory: str):
 
 
 def read_checkpoint(src: str):
-  """(HF config dict, {HF name: numpy array}, HFTokenizer) of a HF directory or a .gguf file."""
+  """(HF config dict, {HF name: numpy array}, HFTokenizer) of a local HF directory or .gguf file."""
   if src.endswith('.gguf'):
     if not os.path.isfile(src):
       raise UserError(f'{src} not found: pass a .gguf file or a HuggingFace checkpoint directory')
@@ -216,27 +218,30 @@ def from_hf(src: str, out: str, *, overwrite: bool = False) -> dict:
 
   `out` holds params/ (orbax), config.json (a configs/gpt.py config) and tokenizer.json, readable by
   `jaxssl.train.checkpoint.load_export` (generate, ICL evaluation, fine-tuning, continued pretraining via init_from).
-  Returns the export's config dict.
+  Returns the export's config dict. `src` may be in a bucket (read from a local copy: staging.py), `out` too.
   """
-  hf_config, tensors, tokenizer = read_checkpoint(src)
-  layout = _layout(hf_config.get('model_type', ''))
-  model_cfg, params = layout.params_from_hf(tensors, hf_config)
-  del tensors
-  vocab_size = int(params['token_embeddings']['embedding'].shape[0])
-  if tokenizer.vocab_size > vocab_size:
-    raise UserError(f'{src}: the tokenizer has {tokenizer.vocab_size} tokens but the embedding only {vocab_size} '
-                    'rows: the tokenizer files belong to another checkpoint')
-  config = jaxssl_config(model_cfg, vocab_size)
-  setup = state_lib.setup_model(config.model, vocab_size, _one_device_mesh())
-  _check_tree(params, setup.abstract_params)
-  params = jax.device_put(params, setup.param_shardings)
-  export_config = {**config.to_dict(), 'vocab_size': vocab_size, 'converted_from': {'src': os.path.abspath(src)}}
-  ckpt_lib.write_export(out, params, json.dumps(export_config, indent=2, sort_keys=True), tokenizer,
-                        overwrite=overwrite)
-  m = config.model
-  print(f'converted {src} ({state_lib.param_count(params) / 1e6:.2f}M params, {hf_config.get("model_type")}: '
-        f'{m.num_layers} layers, hidden {m.hidden_size}, vocab {vocab_size}) to {out}')
-  return export_config
+  with staging.local_source(src) as local_src:  # the memory-mapped weights stay readable until the block ends
+    hf_config, tensors, tokenizer = read_checkpoint(local_src)
+    if src.endswith('.gguf'):
+      tokenizer.path = src
+    layout = _layout(hf_config.get('model_type', ''))
+    model_cfg, params = layout.params_from_hf(tensors, hf_config)
+    del tensors
+    vocab_size = int(params['token_embeddings']['embedding'].shape[0])
+    if tokenizer.vocab_size > vocab_size:
+      raise UserError(f'{src}: the tokenizer has {tokenizer.vocab_size} tokens but the embedding only {vocab_size} '
+                      'rows: the tokenizer files belong to another checkpoint')
+    config = jaxssl_config(model_cfg, vocab_size)
+    setup = state_lib.setup_model(config.model, vocab_size, _one_device_mesh())
+    _check_tree(params, setup.abstract_params)
+    params = jax.device_put(params, setup.param_shardings)
+    export_config = {**config.to_dict(), 'vocab_size': vocab_size, 'converted_from': {'src': paths.absolute(src)}}
+    ckpt_lib.write_export(out, params, json.dumps(export_config, indent=2, sort_keys=True), tokenizer,
+                          overwrite=overwrite)
+    m = config.model
+    print(f'converted {src} ({state_lib.param_count(params) / 1e6:.2f}M params, {hf_config.get("model_type")}: '
+          f'{m.num_layers} layers, hidden {m.hidden_size}, vocab {vocab_size}) to {out}')
+    return export_config
 
 
 def is_llama_layout(model_cfg) -> bool:
@@ -268,6 +273,16 @@ def to_hf(src: str, out: str, *, overwrite: bool = False) -> dict:
     token_id = getattr(tokenizer, 'sep_id' if role == 'eos' else f'{role}_id', None)
     if token_id is not None:
       hf_config[f'{role}_token_id'] = int(token_id)
+  with staging.local_output(out, overwrite) as local_out:  # a bucket folder: written locally, then uploaded
+    written = _write_hf_dir(local_out, tensors, hf_config, tokenizer, overwrite)
+  n = sum(math.prod(v.shape) for v in tensors.values())
+  print(f'wrote {out} ({hf_config["architectures"][0]}, {n / 1e6:.2f}M values, tokenizer: '
+        f'{os.path.basename(written)})')
+  return hf_config
+
+
+def _write_hf_dir(out: str, tensors: dict, hf_config: dict, tokenizer, overwrite: bool) -> str:
+  """Writes the local HF folder `out` (via a temporary folder renamed into place); returns the tokenizer file."""
   out_dir = out.rstrip(os.sep)
   if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)) and not overwrite:
     raise UserError(f'output directory {out} already exists and is not empty: choose a new --out or pass --overwrite')
@@ -283,7 +298,4 @@ def to_hf(src: str, out: str, *, overwrite: bool = False) -> dict:
   if os.path.exists(out_dir):
     shutil.rmtree(out_dir)
   os.rename(tmp, out_dir)
-  n = sum(math.prod(v.shape) for v in tensors.values())
-  print(f'wrote {out} ({hf_config["architectures"][0]}, {n / 1e6:.2f}M values, tokenizer: '
-        f'{os.path.basename(written)})')
-  return hf_config
+  return written

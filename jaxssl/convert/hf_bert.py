@@ -32,9 +32,12 @@ from safetensors.numpy import save_file
 
 from jaxssl import config as config_lib
 from jaxssl import mesh as mesh_lib
+from jaxssl import paths
+from jaxssl import storage
 from jaxssl.convert import decoder  # its weight-file readers (safetensors, shards, bfloat16, pytorch_model.bin)
 from jaxssl.convert import hf_defaults
 from jaxssl.convert import param_tree
+from jaxssl.convert import staging
 from jaxssl.data import tokenizers
 from jaxssl.errors import UserError
 from jaxssl.models import vocab
@@ -300,9 +303,10 @@ def _move_into_place(tmp: str, out: str) -> None:
 
 
 def _copy_tokenizer(src: str, dst: str) -> list[str]:
-  copied = [n for n in (*TOKENIZER_FILES, 'tokenizer.model') if os.path.isfile(os.path.join(src, n))]
+  """Copies the tokenizer files of `src` (local or in a bucket) into the local folder `dst`; returns their names."""
+  copied = [n for n in (*TOKENIZER_FILES, 'tokenizer.model') if storage.isfile(storage.join(src, n))]
   for name in copied:
-    shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+    storage.copy(storage.join(src, name), os.path.join(dst, name))
   return copied
 
 
@@ -314,8 +318,15 @@ def from_hf(src: str, out: str, *, overwrite: bool = False, seed: int = 0) -> di
   """Converts the HF BERT directory `src` into the jaxssl export `out`; returns the jaxssl config dict.
 
   `out` holds params/ (orbax), config.json and the HF tokenizer files, readable by
-  `jaxssl.train.checkpoint.load_export`. Heads the checkpoint lacks are initialised from `seed`.
+  `jaxssl.train.checkpoint.load_export`. Heads the checkpoint lacks are initialised from `seed`. Either may be a
+  bucket folder (staging.py: read from a local copy, written locally and uploaded).
   """
+  with staging.local_output(out, overwrite) as local_out, staging.local_source(src) as local_src:
+    return _from_local_hf(local_src, local_out, overwrite=overwrite, seed=seed, named=(src, out))
+
+
+def _from_local_hf(src: str, out: str, *, overwrite: bool, seed: int, named: tuple[str, str]) -> dict:
+  """`from_hf` between local folders; `named` holds the (src, out) the user gave, for the config and messages."""
   hf = _read_json(os.path.join(src, 'config.json'))
   hf_class = decoder.saved_class(hf, 'AutoModel')
   weights, _ = decoder.weight_files(src, hf_class)  # checked before anything is read: a .bin without torch fails here
@@ -345,13 +356,13 @@ def from_hf(src: str, out: str, *, overwrite: bool = False, seed: int = 0) -> di
   checkpointer = ocp.StandardCheckpointer()  # the same writer as checkpoint.write_export
   checkpointer.save(os.path.abspath(os.path.join(tmp, 'params')), params)
   checkpointer.wait_until_finished()
-  export_config = {**config.to_dict(), 'vocab_size': vocab_size, 'converted_from': {'hf': os.path.abspath(src)}}
+  export_config = {**config.to_dict(), 'vocab_size': vocab_size, 'converted_from': {'hf': paths.absolute(named[0])}}
   with open(os.path.join(tmp, 'config.json'), 'w') as f:
     json.dump(export_config, f, indent=2, sort_keys=True)
   copied = _copy_tokenizer(src, tmp)
   _move_into_place(tmp, out)
-  print(f'converted {src} ({state_lib.param_count(params) / 1e6:.2f}M params, {config.model.num_layers} layers, '
-        f'hidden {config.model.hidden_size}, tokenizer: {", ".join(copied)}) to {out}')
+  print(f'converted {named[0]} ({state_lib.param_count(params) / 1e6:.2f}M params, {config.model.num_layers} '
+        f'layers, hidden {config.model.hidden_size}, tokenizer: {", ".join(copied)}) to {named[1]}')
   return export_config
 
 
@@ -369,13 +380,14 @@ def to_hf(src: str, out: str, *, overwrite: bool = False) -> dict:
   params = jax.device_get(ckpt_lib.load_export_params(src, setup.abstract_params))
   tensors = params_to_hf(params, config.model.num_layers)
   hf = hf_config(saved, vocab_size)
-  tmp = _fresh_dir(out, overwrite)
-  # transformers refuses safetensors files without a 'format' entry in their metadata.
-  save_file(tensors, os.path.join(tmp, 'model.safetensors'), metadata={'format': 'pt'})
-  with open(os.path.join(tmp, 'config.json'), 'w') as f:
-    json.dump(hf, f, indent=2, sort_keys=True)
-  copied = _copy_tokenizer(src, tmp)
-  _move_into_place(tmp, out)
+  with staging.local_output(out, overwrite) as local_out:  # a bucket folder: written locally, then uploaded
+    tmp = _fresh_dir(local_out, overwrite)
+    # transformers refuses safetensors files without a 'format' entry in their metadata.
+    save_file(tensors, os.path.join(tmp, 'model.safetensors'), metadata={'format': 'pt'})
+    with open(os.path.join(tmp, 'config.json'), 'w') as f:
+      json.dump(hf, f, indent=2, sort_keys=True)
+    copied = _copy_tokenizer(src, tmp)
+    _move_into_place(tmp, local_out)
   print(f'wrote {out} (HF BertForPreTraining, {len(tensors)} tensors, tokenizer: {", ".join(copied) or "none"})')
   if 'tokenizer.model' in copied:
     print('note: the tokenizer is a jaxssl sentencepiece model (tokenizer.model); transformers needs a matching '

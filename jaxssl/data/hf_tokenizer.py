@@ -16,11 +16,12 @@ As in wordpiece.py, text that spells a special token ("<|endoftext|>") is tokeni
 corpus or a prompt cannot forge a document boundary.
 """
 import json
-import os
+import struct
 
 import tokenizers as hf_tokenizers
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors
 
+from jaxssl import storage
 from jaxssl.data.tokenizer_base import (CONFIG_FILENAME, JSON_FILENAME, SPECIAL_PIECES, random_token_range,
                                         read_tokenizer_config, trim_span)
 from jaxssl.errors import UserError
@@ -29,6 +30,7 @@ VOCAB_JSON, MERGES_TXT = 'vocab.json', 'merges.txt'
 _ROLES = ('bos', 'eos', 'pad', 'unk')
 # End-of-document names, most specific first, for tokenizers whose config names no eos_token.
 _EOS_FALLBACKS = ('<|endoftext|>', '<|end_of_text|>', '</s>', '<eos>')
+_SENTENCEPIECE_MODEL_TYPES = {1: 'UNIGRAM', 2: 'BPE', 3: 'WORD', 4: 'CHAR'}  # TrainerSpec.ModelType
 
 
 def _token_name(config: dict, role: str) -> str | None:
@@ -87,26 +89,29 @@ class HFTokenizer:
 
   @classmethod
   def from_file(cls, path: str) -> 'HFTokenizer':
-    """Loads `tokenizer.json`, with the special token names of a tokenizer_config.json beside it."""
+    """Loads `tokenizer.json` (local or in a bucket), with the special token names of a tokenizer_config.json
+    beside it."""
     try:
-      tok = hf_tokenizers.Tokenizer.from_file(path)
+      with storage.local_file(path) as local:
+        tok = hf_tokenizers.Tokenizer.from_file(local)
     except Exception as e:  # the Rust side raises plain Exception for any unreadable file
       raise UserError(f'{path} is not a HuggingFace tokenizer.json ({str(e)[:200]})') from None
-    config = read_tokenizer_config(os.path.dirname(path))
+    config = read_tokenizer_config(storage.parent(path))
     return cls(tok, {role: _token_name(config, role) for role in _ROLES}, path)
 
   @classmethod
   def from_vocab_merges(cls, vocab_path: str, merges_path: str) -> 'HFTokenizer':
     """GPT-2's byte-level BPE from vocab.json + merges.txt, built as transformers' GPT2TokenizerFast builds it."""
     try:
-      bpe = models.BPE.from_file(vocab_path, merges_path)
+      with storage.local_file(vocab_path) as vocab_local, storage.local_file(merges_path) as merges_local:
+        bpe = models.BPE.from_file(vocab_local, merges_local)
     except Exception as e:  # pylint: disable=broad-except
       raise UserError(f'{vocab_path} + {merges_path} are not a BPE vocabulary and merges ({str(e)[:200]})') from None
     tok = hf_tokenizers.Tokenizer(bpe)
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    config = read_tokenizer_config(os.path.dirname(vocab_path))
+    config = read_tokenizer_config(storage.parent(vocab_path))
     names = {role: _token_name(config, role) for role in _ROLES}
     for role in ('bos', 'eos', 'unk'):  # GPT2Tokenizer's defaults
       names[role] = names[role] or ('<|endoftext|>' if tok.token_to_id('<|endoftext|>') is not None else None)
@@ -146,26 +151,72 @@ class HFTokenizer:
   def save(self, directory: str) -> str:
     """Writes `directory/tokenizer.json` and a tokenizer_config.json naming the special tokens; returns the path.
 
-    transformers' AutoTokenizer opens the directory (PreTrainedTokenizerFast), with the same ids.
+    transformers' AutoTokenizer opens the directory (PreTrainedTokenizerFast), with the same ids. `directory` may
+    be local or in a bucket; each file appears whole.
     """
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, JSON_FILENAME)
-    tmp = f'{path}.tmp.{os.getpid()}'
+    path = storage.join(directory, JSON_FILENAME)
     self._tok.encode_special_tokens = False  # a file setting transformers would otherwise inherit
     try:
-      self._tok.save(tmp)
+      text = self._tok.to_str(pretty=True)  # what Tokenizer.save writes
     finally:
       self._tok.encode_special_tokens = True
-    os.replace(tmp, path)
+    storage.write_text(path, text)
     config = {f'{role}_token': name for role, name in self.token_names.items()}
     config.update(tokenizer_class='PreTrainedTokenizerFast', add_bos_token=self.bos_id is not None,
                   add_eos_token=False, clean_up_tokenization_spaces=False)
-    with open(os.path.join(directory, CONFIG_FILENAME), 'w', encoding='utf-8') as f:
-      json.dump(config, f, indent=2)
+    storage.write_text(storage.join(directory, CONFIG_FILENAME), json.dumps(config, indent=2))
     return path
 
   def __repr__(self):
     return f'HFTokenizer(vocab_size={self.vocab_size}, path={self.path!r}, eos={self.token_names["eos"]!r})'
+
+
+def _protobuf_fields(data: bytes):
+  """(field number, value) of each field of a serialized protobuf message: varints as ints, length-delimited
+  fields as bytes, fixed-width ones as their raw little-endian bytes."""
+  def varint(i):
+    value = shift = 0
+    while True:
+      byte = data[i]
+      value, i, shift = value | (byte & 0x7F) << shift, i + 1, shift + 7
+      if byte < 0x80:
+        return value, i
+
+  i = 0
+  while i < len(data):
+    key, i = varint(i)
+    wire = key & 7
+    if wire == 0:
+      value, i = varint(i)
+    elif wire == 2:
+      size, i = varint(i)
+      value, i = data[i:i + size], i + size
+    elif wire in (1, 5):
+      width = 8 if wire == 1 else 4
+      value, i = data[i:i + width], i + width
+    else:
+      raise UserError(f'the sentencepiece model has a protobuf field of wire type {wire}: it is not a model file')
+    yield key >> 3, value
+
+
+def _read_sentencepiece_model(proto: bytes) -> tuple[list[tuple[str, float]], str, bytes]:
+  """([(piece, score)], trainer_spec.model_type name, normalizer_spec.precompiled_charsmap) of a sentencepiece
+  ModelProto, read from its wire format (sentencepiece_model.proto: ModelProto.pieces = 1 {piece = 1, score = 2},
+  trainer_spec = 2 {model_type = 3, default UNIGRAM}, normalizer_spec = 3 {precompiled_charsmap = 2}).
+
+  Read here rather than through sentencepiece's generated sentencepiece_model_pb2, which refuses to import under
+  a protobuf runtime older than the one it was generated with (sentencepiece 0.2.3 beside apache-beam's
+  protobuf<7)."""
+  vocab, model_type, charsmap = [], 1, b''
+  for number, value in _protobuf_fields(proto):
+    if number == 1:
+      fields = dict(_protobuf_fields(value))
+      vocab.append((fields.get(1, b'').decode('utf-8'), struct.unpack('<f', fields.get(2, bytes(4)))[0]))
+    elif number == 2:
+      model_type = dict(_protobuf_fields(value)).get(3, model_type)
+    elif number == 3:
+      charsmap = dict(_protobuf_fields(value)).get(2, charsmap)
+  return vocab, _SENTENCEPIECE_MODEL_TYPES.get(model_type, str(model_type)), charsmap
 
 
 def from_sentencepiece(sp_tokenizer) -> HFTokenizer:
@@ -178,20 +229,16 @@ def from_sentencepiece(sp_tokenizer) -> HFTokenizer:
   control piece ("[MASK]") becomes that piece here but unknown-character pieces in sentencepiece (and
   transformers' AutoTokenizer turns such text into the special id in any case).
   """
-  from sentencepiece import sentencepiece_model_pb2  # noqa: PLC0415 (protobuf, only for this conversion)
-  proto = sentencepiece_model_pb2.ModelProto()
-  proto.ParseFromString(sp_tokenizer.serialized())
-  vocab = [(p.piece, p.score) for p in proto.pieces]
-  if proto.trainer_spec.model_type == sentencepiece_model_pb2.TrainerSpec.UNIGRAM:
+  vocab, model_type, charsmap = _read_sentencepiece_model(sp_tokenizer.serialized())
+  if model_type == 'UNIGRAM':
     model = models.Unigram(vocab, sp_tokenizer.unk_id, False)
   else:
-    kind = sentencepiece_model_pb2.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type)
-    raise UserError(f'the tokenizer is a sentencepiece {kind} model; to-hf converts unigram ones (jaxssl\'s '
+    raise UserError(f'the tokenizer is a sentencepiece {model_type} model; to-hf converts unigram ones (jaxssl\'s '
                     'default tokenizer.model_type)')
   tok = hf_tokenizers.Tokenizer(model)
   steps = [normalizers.Strip(left=True, right=True), normalizers.Replace(Regex(' {2,}'), ' ')]
-  if proto.normalizer_spec.precompiled_charsmap:
-    steps.insert(0, normalizers.Precompiled(proto.normalizer_spec.precompiled_charsmap))
+  if charsmap:
+    steps.insert(0, normalizers.Precompiled(charsmap))
   tok.normalizer = normalizers.Sequence(steps)
   tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement='\u2581', prepend_scheme='always', split=False)
   tok.decoder = decoders.Metaspace(replacement='\u2581', prepend_scheme='always', split=False)
@@ -203,7 +250,7 @@ def from_sentencepiece(sp_tokenizer) -> HFTokenizer:
 def tokenizer_json_model(path: str) -> str:
   """The model type a tokenizer.json declares ('WordPiece', 'BPE', 'Unigram', ...); '' when unreadable."""
   try:
-    with open(path, encoding='utf-8') as f:
+    with storage.open(path) as f:
       return str(json.load(f).get('model', {}).get('type', ''))
   except (OSError, ValueError, AttributeError):
     return ''

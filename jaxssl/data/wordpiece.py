@@ -14,12 +14,12 @@ tokenizer_config.json names a mask token (`bert_roles_named`): XLM-R's <s> </s> 
 [CLS] [SEP] [PAD] [UNK] [MASK] (cls_token / sep_token, else bos_token / eos_token).
 """
 import json
-import os
 import re
 
 import tokenizers as hf_tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers
 
+from jaxssl import storage
 from jaxssl.data.tokenizer_base import (CONFIG_FILENAME, JSON_FILENAME, random_token_range, read_tokenizer_config,
                                         trim_span)
 from jaxssl.errors import UserError
@@ -81,10 +81,11 @@ class WordPieceTokenizer:
   def from_file(cls, path: str) -> 'WordPieceTokenizer':
     """Loads a HuggingFace `tokenizer.json` (special token names from a tokenizer_config.json beside it)."""
     try:
-      tok = hf_tokenizers.Tokenizer.from_file(path)
+      with storage.local_file(path) as local:
+        tok = hf_tokenizers.Tokenizer.from_file(local)
     except Exception as e:  # the Rust side raises plain Exception for any unreadable file
       raise UserError(f'{path} is not a HuggingFace tokenizer.json ({str(e)[:200]})') from None
-    return cls(tok, path, _token_names(read_tokenizer_config(os.path.dirname(path))))
+    return cls(tok, path, _token_names(read_tokenizer_config(storage.parent(path))))
 
   @classmethod
   def from_vocab(cls, path: str, lowercase: bool | None = None) -> 'WordPieceTokenizer':
@@ -94,9 +95,10 @@ class WordPieceTokenizer:
     vocabulary (cased when some ordinary entry has an upper-case letter). HuggingFace would lowercase by
     default, which silently breaks a cased vocabulary that comes without its config.
     """
-    config = read_tokenizer_config(os.path.dirname(path))
+    config = read_tokenizer_config(storage.parent(path))
     try:
-      vocab = models.WordPiece.read_file(path)
+      with storage.local_file(path) as local:
+        vocab = models.WordPiece.read_file(local)
     except Exception as e:  # pylint: disable=broad-except
       raise UserError(f'{path} is not a WordPiece vocabulary ({str(e)[:200]})') from None
     if lowercase is None:
@@ -141,18 +143,16 @@ class WordPieceTokenizer:
     return self._tok.id_to_token(int(i))
 
   def save(self, directory: str) -> str:
-    """Writes `directory/tokenizer.json` (+ a tokenizer_config.json naming the special tokens); returns the path."""
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, JSON_FILENAME)
-    tmp = f'{path}.tmp.{os.getpid()}'
-    self._tok.save(tmp)
-    os.replace(tmp, path)
+    """Writes `directory/tokenizer.json` (+ a tokenizer_config.json naming the special tokens); returns the path.
+
+    `directory` may be local or in a bucket; each file appears whole."""
+    path = storage.join(directory, JSON_FILENAME)
+    storage.write_text(path, self._tok.to_str(pretty=True))  # what Tokenizer.save writes
     config = {f'{role}_token': name for role, name in self.token_names.items()}
     # Lets transformers' AutoTokenizer open the directory too (the generic class for non-WordPiece pipelines).
     wordpiece = isinstance(self._tok.model, models.WordPiece)
     config['tokenizer_class'] = 'BertTokenizerFast' if wordpiece else 'PreTrainedTokenizerFast'
-    with open(os.path.join(directory, CONFIG_FILENAME), 'w', encoding='utf-8') as f:
-      json.dump(config, f, indent=2)
+    storage.write_text(storage.join(directory, CONFIG_FILENAME), json.dumps(config, indent=2))
     return path
 
   def __repr__(self):
