@@ -181,3 +181,29 @@ def test_damaged_newest_checkpoint_in_the_bucket_is_set_aside(gcs_bucket):
   assert storage.listdir(f'{workdir}/checkpoints') == ['10', 'unreadable-20']
   assert reopened.manager.all_steps() == [10]
   reopened.close()
+
+
+def test_metrics_in_a_bucket_are_gathered_then_appended(gcs_bucket):
+  """A bucket object takes about one write a second: records wait up to UPLOAD_EVERY_S or the next flush (the loop
+  flushes before every checkpoint); a resumed writer drops the records past its step; TensorBoard follows."""
+  from jaxssl.train import metrics as metrics_lib
+  workdir = f'{gcs_bucket}/metrics'
+  writer = metrics_lib.MetricsWriter(workdir)
+  writer.write(1, {'loss': 3.0})
+  assert not storage.exists(f'{workdir}/metrics.jsonl')  # gathered, not yet sent
+  writer.flush()
+  assert losses(workdir) == {1: 3.0}
+  writer.sent_at -= metrics_lib.MetricsWriter.UPLOAD_EVERY_S  # as if 5 s had passed: the next write sends
+  writer.write(2, {'loss': 2.5})
+  assert losses(workdir) == {1: 3.0, 2: 2.5}
+  writer.write(3, {'loss': 2.0})
+  writer.close()
+  assert losses(workdir) == {1: 3.0, 2: 2.5, 3: 2.0}
+  assert scalar_events(f'{workdir}/tensorboard', 'loss') == {1: 3.0, 2: 2.5, 3: 2.0}
+
+  resumed = metrics_lib.MetricsWriter(workdir, resume_step=2)  # a rerun from the checkpoint of step 2
+  assert losses(workdir) == {1: 3.0, 2: 2.5}
+  resumed.write(3, {'loss': 1.5})
+  resumed.close()
+  assert losses(workdir) == {1: 3.0, 2: 2.5, 3: 1.5}
+  assert scalar_events(f'{workdir}/tensorboard', 'loss')[3] == 1.5  # the rerun's event file is read last
