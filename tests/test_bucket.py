@@ -36,9 +36,9 @@ def run_job(args, *, devices=1, module='jaxssl.pretrain', wait=True):
   return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
-def job_args(corpus, workdir, steps=STEPS, *extra):
+def job_args(corpus, workdir, steps=STEPS, every=10):
   return [*TINY, f'--config.data.corpus={corpus}', f'--config.train.steps={steps}',
-          '--config.checkpoint.every_steps=10', f'--config.eval.every_steps={STEPS}', '--workdir', workdir, *extra]
+          f'--config.checkpoint.every_steps={every}', f'--config.eval.every_steps={STEPS}', '--workdir', workdir]
 
 
 def losses(workdir) -> dict:
@@ -88,7 +88,7 @@ def reference_run(corpus, tmp_path_factory):
 def test_bucket_workdir_killed_resumed_exported(corpus, reference_run, gcs_bucket):
   workdir = f'{gcs_bucket}/run'
   checkpoints = f'{workdir}/checkpoints'
-  proc = run_job(job_args(corpus, workdir), wait=False)
+  proc = run_job(job_args(corpus, workdir, every=50), wait=False)
   deadline = time.time() + 300
   while not committed_steps(checkpoints):
     assert proc.poll() is None, proc.communicate()[1][-3000:]
@@ -102,7 +102,7 @@ def test_bucket_workdir_killed_resumed_exported(corpus, reference_run, gcs_bucke
   assert sorted(during)[:killed_at] == list(range(1, killed_at + 1))
   assert storage.isfile(f'{workdir}/tokenizer.model') and storage.isfile(f'{workdir}/config.json')
 
-  result = run_job(job_args(corpus, workdir))
+  result = run_job(job_args(corpus, workdir, every=50))
   assert result.returncode == 0, result.stderr[-3000:]
   assert f'resuming from step {killed_at}' in result.stdout
   expected, resumed = losses(reference_run), losses(workdir)
