@@ -237,7 +237,8 @@ def get_or_train_tokenizer(workdir: str, sentences_fn: Callable[[], Iterable[str
     while not storage.isfile(path):
       if time.monotonic() > deadline:
         raise RuntimeError(f'process {process_index} waited {wait_timeout_s:.0f} s for process 0 to write {path}: '
-                           'is the workdir shared by all hosts, and did process 0 fail?')
+                           'is the workdir a bucket or a folder every host shares, and did process 0 '
+                           'fail?')
       time.sleep(1.0)
   tokenizer = SentencePieceTokenizer.load(path)
   if tokenizer.vocab_size != cfg.vocab_size:
