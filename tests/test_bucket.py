@@ -207,3 +207,14 @@ def test_metrics_in_a_bucket_are_gathered_then_appended(gcs_bucket):
   resumed.close()
   assert losses(workdir) == {1: 3.0, 2: 2.5, 3: 1.5}
   assert scalar_events(f'{workdir}/tensorboard', 'loss')[3] == 1.5  # the rerun's event file is read last
+
+
+def test_workdir_urls_are_accepted_when_a_filesystem_reaches_them():
+  from jaxssl import runtime
+  from jaxssl.errors import UserError
+  runtime.check_workdir('/mnt/run')
+  runtime.check_workdir('gs://bucket/run')
+  with pytest.raises(UserError, match='names no bucket'):
+    runtime.check_workdir('gs://')
+  with pytest.raises(UserError, match='nosuch:// is not reachable'):
+    runtime.check_workdir('nosuch://bucket/run')
