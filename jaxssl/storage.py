@@ -101,6 +101,8 @@ def open(p, mode: str = 'r'):  # noqa: A001 (the module's `open`, as `storage.op
     makedirs(parent(p))
   if not is_remote(p):
     return io.open(_local(p), mode, encoding=None if 'b' in mode else 'utf-8')
+  if 'a' in mode:
+    raise ValueError(f'{os.fspath(p)}: a bucket object cannot be opened for appending: use storage.append_text')
   fs, inner = _fs(p)
   handle = fs.open(inner, mode.replace('t', '') if 'b' in mode else mode.replace('t', '').rstrip('b') + 'b')
   return handle if 'b' in mode else io.TextIOWrapper(handle, encoding='utf-8')
@@ -130,7 +132,8 @@ def write_bytes(p, data: bytes) -> None:
   target = _local(p)
   folder = os.path.dirname(os.path.abspath(target))
   os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f'.{os.path.basename(target)}.', suffix='.tmp')
+  tmp = os.path.join(folder, f'.{os.path.basename(target)}.{uuid.uuid4().hex}.tmp')
+  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask's permissions, as open() gives
   try:
     with os.fdopen(fd, 'wb') as f:
       f.write(data)

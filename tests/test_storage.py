@@ -161,3 +161,12 @@ def test_local_folder_uploads_what_a_library_wrote(root):
     with open(os.path.join(folder, 'plugins', 'profile', 'host.xplane.pb'), 'wb') as f:
       f.write(b'trace')
   assert storage.read_bytes(storage.join(target, 'plugins', 'profile', 'host.xplane.pb')) == b'trace'
+
+
+def test_local_files_get_the_umask_permissions(tmp_path):
+  old = os.umask(0o022)
+  try:
+    storage.write_text(str(tmp_path / 'config.json'), '{}')
+  finally:
+    os.umask(old)
+  assert (tmp_path / 'config.json').stat().st_mode & 0o777 == 0o644  # readable by the other hosts' users
