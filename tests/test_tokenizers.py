@@ -11,7 +11,7 @@ import ml_collections  # noqa: E402
 import pytest  # noqa: E402
 
 from jaxssl.data import tokenizers  # noqa: E402
-from jaxssl.data.corpora import ptb_sentences  # noqa: E402
+from jaxssl.data.corpus_builders import ptb_sentences  # noqa: E402
 from jaxssl.errors import UserError  # noqa: E402
 
 SENTENCES = ptb_sentences('train')[:3000]
