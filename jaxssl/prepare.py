@@ -31,8 +31,8 @@ def parse_args(argv):
   parser.add_argument('--corpus', required=True, help='as --config.data.corpus: files, directory, glob, gs://...')
   parser.add_argument('--data_dir', default='', help="as --config.data.data_dir ('' = $JAXSSL_DATA_DIR or "
                       '~/.cache/jaxssl/tfds)')
-  parser.add_argument('--workers', type=int, default=0, help='reading processes (default: all cores); with '
-                      '--runner DirectRunner, its direct_num_workers')
+  parser.add_argument('--workers', type=int, default=0, help='reading processes beside the one writing (default: '
+                      'all cores but one); with --runner DirectRunner, its direct_num_workers (default: all cores)')
   parser.add_argument('--runner', default='', help=f'a Beam runner ({", ".join(RUNNERS)}): prepare in a Beam '
                       'pipeline; options it does not know are passed to Beam')
   parser.add_argument('--validation_fraction', type=float, default=0.01, help='as --config.data.validation_fraction')
@@ -44,8 +44,9 @@ def parse_args(argv):
   if args.runner and args.runner not in RUNNERS:
     raise UserError(f'--runner {args.runner!r} is not a Beam runner jaxssl knows: use one of {", ".join(RUNNERS)}')
   if args.workers < 0:
-    raise UserError(f'--workers {args.workers} must be >= 1 (or 0: all cores)')
-  args.workers = args.workers or len(os.sched_getaffinity(0))
+    raise UserError(f'--workers {args.workers} must be >= 1 (or 0: the default)')
+  cores = len(os.sched_getaffinity(0))
+  args.workers = args.workers or (cores if args.runner else max(1, cores - 1))
   return args, beam_args
 
 
@@ -69,7 +70,10 @@ def beam_download_config(runner: str, beam_args: list[str], workers: int):
 
 def prepare_local(corpus: str, data_dir: str, *, workers: int = 1, runner: str = '', beam_args=(),
                   validation_fraction: float = 0.01, text_field: str = 'text', max_bad_records: int = 0):
-  """Prepares a local or bucket corpus of files (once: an already prepared one is reused); returns the builder."""
+  """Prepares a local or bucket corpus of files (once: an already prepared one is reused); returns the builder.
+
+  Without a runner, `workers` processes read the files and this one writes; with one, a Beam pipeline on it.
+  """
   if not 0.0 <= validation_fraction < 1.0:
     raise UserError(f'--validation_fraction {validation_fraction} must be in [0, 1)')
   files = corpus_files.list_files(corpus)
@@ -90,8 +94,8 @@ def prepare_local(corpus: str, data_dir: str, *, workers: int = 1, runner: str =
     return builder
   counts = []
 
-  def count():
-    counts[:], bad = beam_prepare.count_files(files, text_field, workers, max_bad_records)
+  def count():  # the writing process is idle meanwhile: one more reader
+    counts[:], bad = beam_prepare.count_files(files, text_field, workers + 1, max_bad_records)
     bad.check(repr(corpus))  # as pretrain's own preparation (data/corpora.py) words it
     if sum(counts) == 0:
       raise beam_prepare.empty_corpus_error(corpus, len(files))

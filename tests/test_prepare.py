@@ -14,6 +14,7 @@ from jaxssl import config as config_lib  # noqa: E402
 from jaxssl import prepare  # noqa: E402
 from jaxssl.data import beam_prepare, corpora, corpus_builders, corpus_files  # noqa: E402
 from jaxssl.errors import UserError  # noqa: E402
+from gcs_server import gcs_bucket  # noqa: E402,F401 (a pytest fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -159,6 +160,25 @@ def test_corpus_read_twice_not_three_times(corpus, tmp_path, monkeypatch):
     return original(path, **kwargs)
 
   monkeypatch.setattr(corpus_files, 'file_documents', counting)
-  builder = prepare.prepare_local(corpus, str(tmp_path / 'd'), validation_fraction=0.1)
+  sources = corpora.load_corpus(corpus, str(tmp_path / 'd'), validation_fraction=0.1)  # pretrain's own path
   assert sorted(opened) == sorted(['a.txt', 'b.jsonl', 'c.json.gz', 'd.jsonl.zst', 'e.parquet'] * 2)
-  assert builder.info.splits['validation'].num_examples == 6
+  assert len(sources['validation']) == 6
+
+
+def test_prepared_into_a_bucket(corpus, tmp_path, gcs_bucket, monkeypatch):
+  """array_record writes local files only: shards bound for gs:// are written locally, then copied. Same records,
+  from the one-process path and from a Beam pipeline."""
+  import fsspec.asyn  # noqa: PLC0415 (the bucket test only)
+  import gcsfs  # noqa: PLC0415
+  # TFDS renames its finished files; gcsfs tries GCS's moveTo call first, which the emulator answers 501 and
+  # gcsfs retries for ~30 s before copying + deleting: go straight to copy + delete, as on any other store.
+  monkeypatch.setattr(gcsfs.GCSFileSystem, '_mv_file', fsspec.asyn.AsyncFileSystem._mv_file)
+  fs = gcsfs.GCSFileSystem(token='anon')
+  prepare.prepare_local(corpus, str(tmp_path / 'local'), validation_fraction=0.1)
+  reference = _records(str(tmp_path / 'local'))
+  for kind, runner in (('plain', ''), ('beam', 'DirectRunner')):
+    beam_args = ['--direct_running_mode=in_memory'] if runner else []
+    prepare.prepare_local(corpus, f'{gcs_bucket}/{kind}', runner=runner, beam_args=beam_args,
+                          validation_fraction=0.1)
+    fs.get(f'{gcs_bucket[5:]}/{kind}/', str(tmp_path / f'{kind}_copy'), recursive=True)
+    assert _records(str(tmp_path / f'{kind}_copy')) == reference, kind

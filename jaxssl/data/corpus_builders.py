@@ -7,11 +7,14 @@ import hashlib
 import importlib.util
 import logging
 import os
+import shutil
+import tempfile
 import types
 
 from etils import epath
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import shuffle as tfds_shuffle
+from tensorflow_datasets.core import writer as tfds_writer
 
 from jaxssl.data import beam_prepare, corpus_files
 
@@ -30,6 +33,21 @@ logging.getLogger('absl').addFilter(_QuietCustomConfig())
 FORMAT = 2
 
 
+class _LocalThenCopyWriter(tfds_writer.ExampleWriter):
+  """array_record's writer opens local files only: a shard bound for a bucket (gs://...) is written to a local
+  temporary file, then copied there."""
+
+  def write(self, path, examples):
+    if '://' not in os.fspath(path):
+      return super().write(path, examples)
+    with tempfile.TemporaryDirectory(prefix='jaxssl_shard_') as tmp:
+      local = os.path.join(tmp, 'shard')
+      positions = super().write(local, examples)
+      with open(local, 'rb') as src, epath.Path(path).open('wb') as dst:
+        shutil.copyfileobj(src, dst, 16 << 20)
+    return positions
+
+
 class _TextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """A builder of {'text': Text} documents generated here: nothing to download, so no checksums file."""
   VERSION = tfds.core.Version('1.0.0')
@@ -41,17 +59,21 @@ class _TextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _info(self):
     return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({'text': tfds.features.Text()}))
 
+  def _example_writer(self):
+    return _LocalThenCopyWriter(file_format=self.info.file_format)
+
 
 class JaxsslLocalText(_TextBuilder, skip_registration=True):
   """Local text files; the config name is a hash of the files' paths, sizes and mtimes and the settings.
 
   Read in this process (documents counted beforehand: num_docs), or, given every file's document count
-  (doc_counts) and workers > 1, by that many processes (data/beam_prepare.py); the records are the same.
+  (doc_counts) and workers >= 1, by that many other processes (data/beam_prepare.py) while this one writes; the
+  records are the same.
   """
   name = 'jaxssl_local_text'
 
   def __init__(self, *, files: list[str], validation_fraction: float, num_docs: int = 0,
-               doc_counts: tuple[int, ...] = (), workers: int = 1, text_field: str = 'text', **kwargs):
+               doc_counts: tuple[int, ...] = (), workers: int = 0, text_field: str = 'text', **kwargs):
     self._files, self._num_docs = files, num_docs
     self._validation_fraction = validation_fraction
     self._doc_counts, self._workers, self._text_field = tuple(doc_counts), workers, text_field
@@ -88,7 +110,7 @@ class JaxsslLocalText(_TextBuilder, skip_registration=True):
   def _split_documents(self, held_out):
     """(split, key, text) of every document (twice for a one-document corpus: it is its own validation set,
     since TFDS cannot write an empty split); key = the document's index in the corpus."""
-    if self._workers > 1 and self._doc_counts:
+    if self._workers >= 1 and self._doc_counts:
       plan = beam_prepare.make_plan(list(self._doc_counts), self._validation_fraction)
       yield from beam_prepare.parallel_examples(self._files, plan, self._workers, self._text_field)
       return
