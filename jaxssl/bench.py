@@ -123,16 +123,15 @@ def pipeline(config, batches: int, tokenizer_path: str = '', warmup: int = 2) ->
   from jaxssl.data import corpora, tokenizers
   from jaxssl import families
   family = families.family_for(config.model)
-  sources = corpora.load_corpus(config.data.corpus, config.data.data_dir,
-                                ptb_sentences_per_doc=config.data.ptb_sentences_per_doc,
-                                validation_fraction=config.data.validation_fraction)
+  sources = corpora.load_configured(config.data, seed=config.train.seed)
   with tempfile.TemporaryDirectory() as tmp:
     if tokenizer_path:
       tokenizer = tokenizers.load_tokenizer(tokenizer_path)
       config.tokenizer.vocab_size = tokenizer.vocab_size  # a step timed after this one uses its vocabulary
     else:
       tokenizer = tokenizers.get_or_train_tokenizer(
-          tmp, lambda: corpora.iter_sentences(sources['train'], limit=config.tokenizer.max_training_sentences),
+          tmp, lambda: corpora.sample_sentences(sources['train'], limit=config.tokenizer.sample_sentences,
+                                                seed=config.train.seed),
           config.tokenizer)
     it = family.train_batches(sources['train'], tokenizer, config, start_step=0, seed=config.train.seed)
     for _ in range(warmup):  # thread start-up and first reads are not the steady state

@@ -7,6 +7,7 @@ resolved), so a workdir reached through a link stays under the user's name. URLs
 """
 import glob
 import os
+import re
 
 _GLOB_CHARS = '*?['
 
@@ -37,14 +38,39 @@ def absolute_if_local(value: str) -> str:
   return os.path.abspath(expanded) if looks_local else value
 
 
+# A mixture part's optional sampling weight: 'c4.jsonl.zst:0.7' (but not the version of 'c4/en:3.1.0').
+_WEIGHTED = re.compile(r'^(?P<source>.*):(?P<weight>[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)$')
+
+
+def split_weight(source: str) -> tuple[str, float | None]:
+  """(corpus, weight or None) of one mixture part's 'CORPUS[:WEIGHT]'."""
+  match = _WEIGHTED.match(source.strip())
+  if match is None:
+    return source.strip(), None
+  return match['source'].strip(), float(match['weight'])
+
+
+def is_mixture(corpus: str) -> bool:
+  """Whether `data.corpus` is a TAG=CORPUS[:WEIGHT] list rather than one corpus. An existing path with '=' is one
+  corpus, and so is a path or URL whose first '=' comes after a '/' (Hive-partitioned data:
+  gs://b/c4/lang=en/*.parquet): tags never hold a '/'."""
+  return ('=' in corpus and '/' not in corpus.split('=', 1)[0]
+          and not os.path.exists(os.path.expanduser(corpus)))
+
+
 def absolute_corpus(corpus: str) -> str:
-  """`data.corpus` with its local parts absolute: one corpus, or a `LANG=CORPUS,LANG=CORPUS` mixture."""
-  if '=' not in corpus or os.path.exists(os.path.expanduser(corpus)):
+  """`data.corpus` with its local parts absolute: one corpus, or a `TAG=CORPUS[:WEIGHT],...` mixture."""
+  if not is_mixture(corpus):
     return absolute_if_local(corpus)
   parts = []
   for part in corpus.split(','):
     name, sep, source = part.partition('=')
-    parts.append(f'{name}{sep}{absolute_if_local(source.strip())}' if sep else part)
+    if not sep:
+      parts.append(part)
+      continue
+    path, weight = split_weight(source)
+    suffix = source.strip()[len(path):] if weight is not None else ''  # the ':0.7' exactly as written
+    parts.append(f'{name}{sep}{absolute_if_local(path)}{suffix}')
   return ','.join(parts)
 
 

@@ -315,6 +315,9 @@ def test_finetune_bad_inputs(export_dir, classification_run, tmp_path):
   too_long = run_finetune('classification', export_dir, tmp_path / 'w4', tmp_path / 'train.tsv',
                           tmp_path / 'train.tsv', '--config.data.seq_len=64')
   assert too_long.returncode == 2 and "exceeds the model's max_position=32" in too_long.stderr.strip().splitlines()[-1]
+  never_logged = run_finetune('classification', export_dir, tmp_path / 'w5', tmp_path / 'train.tsv',
+                              tmp_path / 'train.tsv', '--config.log.every_steps=0')
+  assert never_logged.returncode == 2 and 'log.every_steps=0 must be positive' in never_logged.stderr.splitlines()[-1]
   assert not os.path.exists(tmp_path / 'w3') or not os.listdir(tmp_path / 'w3')
 
 

@@ -42,6 +42,13 @@ def test_path_or_name(in_tmp):
   assert paths.absolute_corpus('ptb') == 'ptb'
   assert paths.absolute_corpus('en=ptb,zh=train.tsv') == f'en=ptb,zh={in_tmp / "train.tsv"}'
   assert paths.absolute_corpus('c4/en') == 'c4/en'
+  # weighted parts keep their weight, written as given; TFDS versions, URLs and Hive folders are no weights/tags
+  (in_tmp / 'books').mkdir()
+  assert (paths.absolute_corpus('web=train.tsv:0.7,books=./books/:3e-1,wiki=c4/en:3.1.0:2') ==
+          f'web={in_tmp / "train.tsv"}:0.7,books={in_tmp / "books"}:3e-1,wiki=c4/en:3.1.0:2')
+  assert paths.absolute_corpus('c4/en:3.1.0') == 'c4/en:3.1.0'
+  assert paths.absolute_corpus('gs://b/c4/lang=en/*.parquet') == 'gs://b/c4/lang=en/*.parquet'
+  assert paths.absolute_corpus('./c4/lang=en/') == str(in_tmp / 'c4' / 'lang=en')
 
 
 def test_config_paths_resolved_at_parse(in_tmp):

@@ -158,6 +158,7 @@ def test_bad_config_key_and_type(corpus, tmp_path):
   assert_user_error(run_job(job_args(corpus, tmp_path / 'w', '--config.model.num_heads=3')), 'num_heads')
   assert_user_error(run_job(job_args(corpus, tmp_path / 'w', '--config.mesh.shape=(2,1,1)')), 'mesh.shape')
   assert_user_error(run_job(job_args(corpus, tmp_path / 'w', '--config.train.microbatches=5')), 'microbatches')
+  assert_user_error(run_job(job_args(corpus, tmp_path / 'w', '--config.eval.every_steps=0')), 'eval.every_steps=0')
   assert not (tmp_path / 'w').exists()  # nothing was written for a config that cannot run
 
 

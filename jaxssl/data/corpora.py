@@ -82,6 +82,14 @@ def _is_tfds_name(corpus: str) -> bool:
 
 # ---------------------------------------------------------------------------------------------- loading
 
+def load_configured(data, seed: int = 0) -> dict[str, Source]:
+  """`load_corpus` with the settings of a job's `data` config section (and its seed for mixtures)."""
+  return load_corpus(data.corpus, data.data_dir, ptb_sentences_per_doc=data.ptb_sentences_per_doc,
+                     validation_fraction=data.validation_fraction,
+                     language_temperature=data.get('language_temperature', 0.3), seed=seed,
+                     text_field=data.text_field, max_bad_records=data.max_bad_records)
+
+
 def load_corpus(corpus: str, data_dir: str = '', *, ptb_sentences_per_doc: int = 16,
                 validation_fraction: float = 0.01, language_temperature: float = 0.3,
                 seed: int = 0, text_field: str = 'text', max_bad_records: int = 0) -> dict[str, Source]:

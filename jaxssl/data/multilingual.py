@@ -18,11 +18,11 @@ The validation splits stay separate per part (`validation_by_language`, metrics 
 their concatenation.
 """
 import math
-import os
 import re
 
 import numpy as np
 
+from jaxssl import paths
 from jaxssl.errors import UserError
 
 DEFAULT_TEMPERATURE = 0.3  # XLM-R's α
@@ -30,24 +30,10 @@ _TAG = re.compile(r'^[a-z][a-z0-9_]*$')
 # eval_<tag>_<metric> must not read as an overall metric (eval_mlm_loss, eval_word_perplexity, ...).
 _RESERVED_TAGS = frozenset({'mlm', 'nsp', 'lm', 'word'})
 _EXAMPLE = 'e.g. --config.data.corpus=en=ptb,zh=/data/zh.txt'
-# A weight is the last ':' segment when it is a plain number: 'c4/en:3.1.0' (a TFDS version) and 'gs://b/x' are
-# corpora without one.
-_WEIGHTED = re.compile(r'^(?P<source>.*):(?P<weight>[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)$')
-
-
-def is_multilingual(corpus: str) -> bool:
-  """Whether `corpus` is a TAG=CORPUS list rather than one corpus. An existing path with '=' is one corpus, and so
-  is a path or URL whose first '=' comes after a '/' (Hive-partitioned data: gs://b/c4/lang=en/*.parquet): tags
-  never hold a '/'."""
-  return '=' in corpus and '/' not in corpus.split('=', 1)[0] and not os.path.exists(corpus)
-
-
-def split_weight(source: str) -> tuple[str, float | None]:
-  """(corpus, weight or None) of one part's 'CORPUS[:WEIGHT]'."""
-  match = _WEIGHTED.match(source.strip())
-  if match is None:
-    return source.strip(), None
-  return match['source'].strip(), float(match['weight'])
+# What is a mixture and where a part's weight is: one rule, shared with jaxssl/paths.py (which makes local parts
+# absolute when a job starts).
+is_multilingual = paths.is_mixture
+split_weight = paths.split_weight
 
 
 def parse_parts(corpus: str) -> list[tuple[str, str, float | None]]:

@@ -42,6 +42,11 @@ class Checkpointer:
         max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only, read_only=read_only,
         cleanup_tmp_directories=not read_only)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=('params', 'train', 'meta'))
+    # orbax runs that cleanup in a thread and awaits it only in save(): a job that stops before its first save (a
+    # bad corpus, say) would exit while it runs and print "cannot schedule new futures after interpreter shutdown".
+    await_cleanup = getattr(self.manager, '_maybe_await_cleanup_tmp_directory', None)
+    if await_cleanup is not None:
+      await_cleanup()
 
   def latest_step(self):
     return self.manager.latest_step()

@@ -100,6 +100,10 @@ def check_config(config) -> None:
     raise UserError('train.steps and train.batch_size must be positive: fix them with --config.train.*')
   if config.train.batch_size % jax.process_count():
     raise UserError(f'train.batch_size={config.train.batch_size} must be a multiple of the process count')
+  for key in ('log', 'eval', 'checkpoint'):
+    if config[key].every_steps <= 0:
+      raise UserError(f'{key}.every_steps={config[key].every_steps} must be positive (a value above train.steps '
+                      f'acts only at the end): fix it with --config.{key}.every_steps=N')
 
 
 @dataclasses.dataclass

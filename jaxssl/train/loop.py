@@ -39,6 +39,9 @@ def check_config(config) -> None:
        f'data.seq_len={d.seq_len} must be between 8 and model.max_position={config.model.max_position}'),
       (config.checkpoint.every_steps > 0 and config.checkpoint.keep > 0,
        'checkpoint.every_steps and checkpoint.keep must be positive'),
+      (config.log.every_steps > 0 and config.eval.every_steps > 0,
+       f'log.every_steps={config.log.every_steps} and eval.every_steps={config.eval.every_steps} must be positive '
+       '(a value above train.steps logs or evaluates only at the end)'),
   ]
   family = families.family_for(config.model)
   checks += family.config_checks(config)
@@ -199,16 +202,13 @@ def _corpus_and_tokenizer(config, workdir: str, is_main: bool):
   """(corpus splits, tokenizer, vocabulary size): process 0 trains the tokenizer (or copies the export's); the
   others wait for it, then load the same file."""
   init_from = config.get('init_from', '')
-  sources = corpora.load_corpus(config.data.corpus, config.data.data_dir,
-                                ptb_sentences_per_doc=config.data.ptb_sentences_per_doc,
-                                validation_fraction=config.data.validation_fraction,
-                                language_temperature=config.data.get('language_temperature', 0.3),
-                                seed=config.train.seed)
+  sources = corpora.load_configured(config.data, seed=config.train.seed)
   if init_from:
     tokenizer = adopt_export_tokenizer(init_from, workdir, is_main)
   else:
     tokenizer = tokenizers.get_or_train_tokenizer(
-        workdir, lambda: corpora.iter_sentences(sources['train'], limit=config.tokenizer.max_training_sentences),
+        workdir, lambda: corpora.sample_sentences(sources['train'], limit=config.tokenizer.sample_sentences,
+                                                  seed=config.train.seed),
         config.tokenizer, process_index=jax.process_index())
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('tokenizer ready')
