@@ -86,7 +86,7 @@ def prepare_local(corpus: str, data_dir: str, *, workers: int = 1, runner: str =
                                                        corpus=corpus, **common)
     try:
       builder = corpus_builders.prepared_builder(
-          make, data_dir, download_config=beam_download_config(runner, beam_args, workers))
+          make, data_dir, download_config=beam_download_config(runner, beam_args, workers), local_copy=False)
     except Exception as e:  # pylint: disable=broad-except
       _explain_beam_failure(e, report, corpus, max_bad_records)
       raise
@@ -101,7 +101,7 @@ def prepare_local(corpus: str, data_dir: str, *, workers: int = 1, runner: str =
       raise beam_prepare.empty_corpus_error(corpus, len(files))
 
   make = lambda: corpus_builders.JaxsslLocalText(doc_counts=tuple(counts), workers=workers, **common)
-  return corpus_builders.prepared_builder(make, data_dir, before_prepare=count)
+  return corpus_builders.prepared_builder(make, data_dir, before_prepare=count, local_copy=False)
 
 
 def _explain_beam_failure(error: Exception, report: str, corpus: str, max_bad_records: int) -> None:

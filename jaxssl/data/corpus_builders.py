@@ -231,22 +231,51 @@ def _bounded_shuffle_memory():
     tfds_shuffle.MAX_MEM_BUFFER_SIZE, tfds_shuffle.tf = default, tf
 
 
-def prepared_builder(make_builder, data_dir: str, before_prepare=None, download_config=None):
+def prepared_builder(make_builder, data_dir: str, before_prepare=None, download_config=None,
+                     local_copy: bool = True):
   """Returns a prepared builder: reused when prepared, else prepared by exactly one process at a time.
 
   before_prepare() runs (under the lock, only when preparing) before the builder is made again and prepared;
-  download_config (a tfds.download.DownloadConfig) may name a Beam runner and its options.
+  download_config (a tfds.download.DownloadConfig) may name a Beam runner and its options. A dataset in a bucket
+  is returned as a builder over a local copy of it unless local_copy=False (see _read_locally).
   """
   builder = make_builder()
-  if builder.is_prepared():
+  if not builder.is_prepared():
+    with _file_lock(data_dir, f'{builder.name}-{builder.builder_config.name if builder.builder_config else ""}'):
+      builder = make_builder()  # another process may have prepared it while this one waited
+      if not builder.is_prepared():
+        if before_prepare is not None:
+          before_prepare()
+          builder = make_builder()  # before_prepare may have learnt what the builder needs
+        with _bounded_shuffle_memory():
+          builder.download_and_prepare(download_config=download_config)
+        builder = make_builder()
+  return _read_locally(builder) if local_copy else builder
+
+
+def local_copy_root() -> str:
+  return os.environ.get('JAXSSL_LOCAL_COPY_DIR') or os.path.join(os.path.expanduser('~'), '.cache', 'jaxssl',
+                                                                 'tfds_local_copies')
+
+
+def _read_locally(builder):
+  """array_record's reader opens local files only (given a gs:// path it hangs): a prepared dataset in a bucket
+  is copied once per machine under local_copy_root() ($JAXSSL_LOCAL_COPY_DIR) and read from there. The copy is
+  redone when the bucket's dataset_info.json differs (the dataset was prepared again)."""
+  remote = os.fspath(builder.data_dir)
+  if '://' not in remote:
     return builder
-  with _file_lock(data_dir, f'{builder.name}-{builder.builder_config.name if builder.builder_config else ""}'):
-    builder = make_builder()  # another process may have prepared it while this one waited
-    if not builder.is_prepared():
-      if before_prepare is not None:
-        before_prepare()
-        builder = make_builder()  # before_prepare may have learnt what the builder needs
-      with _bounded_shuffle_memory():
-        builder.download_and_prepare(download_config=download_config)
-      builder = make_builder()
-  return builder
+  local = os.path.join(local_copy_root(), *remote.replace('://', '/', 1).split('/'))
+  info = (epath.Path(remote) / 'dataset_info.json').read_text()
+  with _file_lock(os.path.dirname(local), os.path.basename(local)):
+    marker = os.path.join(local, 'dataset_info.json')
+    if not os.path.exists(marker) or open(marker, encoding='utf-8').read() != info:
+      partial = f'{local}.incomplete'
+      shutil.rmtree(partial, ignore_errors=True)
+      os.makedirs(partial)
+      for path in epath.Path(remote).iterdir():
+        with path.open('rb') as src, open(os.path.join(partial, path.name), 'wb') as dst:
+          shutil.copyfileobj(src, dst, 16 << 20)
+      shutil.rmtree(local, ignore_errors=True)
+      os.rename(partial, local)
+  return tfds.builder_from_directory(local)
