@@ -184,8 +184,13 @@ def test_prepared_into_a_bucket(corpus, tmp_path, gcs_bucket, monkeypatch):
     assert _records(str(tmp_path / f'{kind}_copy')) == reference, kind
   # pretrain's loader finds it there and reads it from a local copy (array_record cannot open gs:// paths)
   monkeypatch.setenv('JAXSSL_LOCAL_COPY_DIR', str(tmp_path / 'copies'))
-  sources = corpora.load_corpus(corpus, f'{gcs_bucket}/beam', validation_fraction=0.1)
   local = corpora.load_corpus(corpus, str(tmp_path / 'local'), validation_fraction=0.1)
+
+  def boom(*args):
+    raise AssertionError('prepared again')
+
+  monkeypatch.setattr(corpus_builders.JaxsslLocalText, '_generate_examples', boom)
+  sources = corpora.load_corpus(corpus, f'{gcs_bucket}/beam', validation_fraction=0.1)  # Beam's, as it is
   for split in ('train', 'validation'):
     assert [sources[split][i] for i in range(len(sources[split]))] == [
         local[split][i] for i in range(len(local[split]))]
