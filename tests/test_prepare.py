@@ -93,14 +93,15 @@ def test_prepare_job_then_pretrain_finds_it(corpus, tmp_path, monkeypatch, capsy
   config = config_lib.load_config(os.path.join(REPO, 'configs', 'bert.py') + ':tiny')
   defaults = prepare.parse_args(['--corpus', corpus])[0]
   assert defaults.validation_fraction == config.data.validation_fraction
-  assert defaults.text_field == config.data.get('text_field', 'text')
-  assert defaults.max_bad_records == config.data.get('max_bad_records', 0)
+  assert defaults.text_field == config.data.text_field
+  assert defaults.max_bad_records == config.data.max_bad_records
 
   def boom(*args):
     raise AssertionError('prepared again')
 
   monkeypatch.setattr(corpus_builders.JaxsslLocalText, '_generate_examples', boom)
-  sources = corpora.load_corpus(corpus, data, validation_fraction=config.data.validation_fraction)
+  config.data.corpus, config.data.data_dir = corpus, data
+  sources = corpora.load_configured(config.data, seed=config.train.seed)  # what pretrain calls
   assert len(sources['train']) + len(sources['validation']) == 61
   prepare.main(['--corpus', corpus, '--data_dir', data])  # prepared already: nothing to do
 
@@ -195,3 +196,19 @@ def test_prepared_into_a_bucket(corpus, tmp_path, gcs_bucket, monkeypatch):
     assert [sources[split][i] for i in range(len(sources[split]))] == [
         local[split][i] for i in range(len(local[split]))]
   assert glob.glob(str(tmp_path / 'copies' / 'gs' / '*' / 'beam' / 'jaxssl_local_text' / '*' / '*' / '*.array_record*'))
+
+
+def test_prepare_job_prepares_each_part_of_a_mixture(corpus, tmp_path, monkeypatch):
+  other = tmp_path / 'other.jsonl'
+  other.write_text(''.join(json.dumps({'text': f'other document {d}\nsecond line'}) + '\n' for d in range(5)))
+  data = str(tmp_path / 'data')
+  mixture = f'web={corpus}:0.7,more={other}:0.3'
+  prepare.main(['--corpus', mixture, '--data_dir', data, '--workers', '1'])
+  assert len(os.listdir(os.path.join(data, 'jaxssl_local_text'))) >= 2
+
+  def boom(*args):
+    raise AssertionError('prepared again')
+
+  monkeypatch.setattr(corpus_builders.JaxsslLocalText, '_generate_examples', boom)
+  sources = corpora.load_corpus(mixture, data)
+  assert len(sources['validation']) == 2 + 2
