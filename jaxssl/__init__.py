@@ -1,6 +1,8 @@
 """jaxssl: self-supervised pretraining of Transformer language models in JAX/Flax."""
 from jaxssl import runtime as _runtime
 
+_runtime.local_gcs_defaults()  # before gcsfs or tensorstore read their settings (STORAGE_EMULATOR_HOST only)
+
 if _runtime.runs_xla_cpu():
   # Before numpy or jax start threads: XLA:CPU's per-step scratch then reuses mapped pages (runtime.py says why).
   _runtime.keep_host_memory_mapped()

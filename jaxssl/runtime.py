@@ -30,6 +30,20 @@ def add_distributed_args(parser) -> None:
                           f'{DEFAULT_HEARTBEAT_TIMEOUT_S}; JAXSSL_HEARTBEAT_TIMEOUT)')
 
 
+def local_gcs_defaults() -> None:
+  """With STORAGE_EMULATOR_HOST set (a local GCS server, e.g. tpu/local_gcs.py), the settings that point
+  tensorstore at the same server and keep gcsfs and google-auth from probing Google's services; each only where
+  the environment does not set it already. Runs at `import jaxssl`, before gcsfs or tensorstore read them."""
+  host = os.environ.get('STORAGE_EMULATOR_HOST', '')
+  if not host:
+    return
+  defaults = {'TENSORSTORE_GCS_HTTP_URL': host if '://' in host else f'http://{host}',
+              'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT': 'false', 'FSSPEC_GCS_TOKEN': 'anon',
+              'GCE_METADATA_HOST': '127.0.0.1:1', 'GCE_METADATA_ROOT': '127.0.0.1:1', 'GCE_METADATA_IP': '127.0.0.1:1'}
+  for key, value in defaults.items():
+    os.environ.setdefault(key, value)
+
+
 def check_workdir(workdir: str) -> None:
   """A workdir is a local folder or a bucket URL whose filesystem is installed (gs:// needs gcsfs, s3:// s3fs).
 
@@ -47,6 +61,8 @@ def check_workdir(workdir: str) -> None:
     reason = (str(e).splitlines() or [''])[0][:160]
     raise UserError(f'--workdir {workdir}: {scheme}:// is not reachable here ({reason}): use gs:// (gcsfs), '
                     's3:// (pip install s3fs) or a local folder') from None
+  from jaxssl import storage  # reason: only URL workdirs need it (and its fsspec imports)
+  storage.check_local_gcs(workdir)
 
 
 def _setting(args, flag: str, env: str, kind=str):

@@ -15,25 +15,29 @@ tokenizer, the others wait for it to appear).
 gs:// goes through gcsfs, the same library etils.epath (orbax's paths) and TFDS use without TensorFlow; credentials
 are gcsfs's defaults (`gcloud auth application-default login`, or the VM's service account on a TPU VM).
 Orbax writes checkpoints with tensorstore, which reads the same credentials. Against a local GCS server
-(`python tests/gcs_server.py start --port 9023 --in-memory --default-bucket=B`: gcp-storage-emulator plus the
-x-goog-generation header tensorstore needs to rewrite an object) set:
-  STORAGE_EMULATOR_HOST=http://127.0.0.1:9023     gcsfs (and google-cloud-storage) talk to it
-  TENSORSTORE_GCS_HTTP_URL=http://127.0.0.1:9023  tensorstore (orbax checkpoints) talks to it
+(`python tpu/local_gcs.py start --port 9023 --in-memory --default-bucket=B`: gcp-storage-emulator plus the
+x-goog-generation header tensorstore needs to read an object back) set STORAGE_EMULATOR_HOST=http://127.0.0.1:9023;
+`import jaxssl` (runtime.local_gcs_defaults) then sets what is not set already:
+  TENSORSTORE_GCS_HTTP_URL=<the same>             tensorstore (orbax checkpoints) talks to it
   GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false         gcsfs skips its gRPC bucket-type probe (hangs 60 s on an emulator)
   FSSPEC_GCS_TOKEN=anon                           no credential lookup (an emulator needs none)
-  GCE_METADATA_HOST=GCE_METADATA_ROOT=GCE_METADATA_IP=127.0.0.1:1 (optional, off Google Cloud: no metadata-server
-    probe by google-auth or tensorstore)
-Against real GCS set none of these.
+  GCE_METADATA_HOST=GCE_METADATA_ROOT=GCE_METADATA_IP=127.0.0.1:1  no metadata-server probe by google-auth or
+                                                  tensorstore off Google Cloud
+`check_local_gcs` stops a job whose local server lacks the generation header. Against real GCS set none of these.
 """
 import contextlib
 import io
 import os
 import shutil
 import tempfile
+import urllib.parse
+import urllib.request
 import uuid
 from typing import Iterator
 
 from etils import epath
+
+from jaxssl.errors import UserError
 
 # Options of the remote filesystems this module opens: no listing cache, as other hosts write the same bucket.
 _FS_OPTIONS = {'gs': {'use_listings_cache': False}, 'gcs': {'use_listings_cache': False},
@@ -331,3 +335,31 @@ def local_folder(p) -> Iterator[str]:
       for name in sorted(names):
         local = os.path.join(folder, name)
         copy(local, join(p, *os.path.relpath(local, tmp_dir).split(os.sep)))
+
+
+def check_local_gcs(url: str) -> None:
+  """With STORAGE_EMULATOR_HOST set and a gs:// `url`: UserError unless that server answers a download with the
+  object's x-goog-generation header, which tensorstore (orbax checkpoints) needs to read any object back (the
+  plain gcp-storage-emulator leaves it out: a run would save its first checkpoint and never resume)."""
+  endpoint = os.environ.get('STORAGE_EMULATOR_HOST', '')
+  if not endpoint or not url.startswith('gs://'):
+    return
+  endpoint = endpoint if '://' in endpoint else f'http://{endpoint}'
+  bucket = url[len('gs://'):].split('/', 1)[0]
+  probe = f'gs://{bucket}/.jaxssl-server-check-{uuid.uuid4().hex}'
+  try:
+    write_bytes(probe, b'x')
+  except Exception as e:  # pylint: disable=broad-except  # gcsfs: FileNotFoundError (no bucket) or its HttpError
+    raise UserError(f'cannot write to gs://{bucket} on the GCS server at STORAGE_EMULATOR_HOST={endpoint} '
+                    f'({type(e).__name__}: {str(e)[:120]}): create the bucket (tpu/local_gcs.py '
+                    f'--default-bucket={bucket}) or fix the address') from None
+  try:
+    name = urllib.parse.quote(probe[len(f'gs://{bucket}/'):], safe='')
+    with urllib.request.urlopen(f'{endpoint}/download/storage/v1/b/{bucket}/o/{name}?alt=media', timeout=30) as r:
+      generation = r.headers.get('x-goog-generation')
+  finally:
+    remove(probe)
+  if not generation:
+    raise UserError(f'the GCS server at STORAGE_EMULATOR_HOST={endpoint} sends no x-goog-generation header, '
+                    'without which orbax/tensorstore cannot read checkpoints back: serve the bucket with '
+                    '`python tpu/local_gcs.py start ...` (gcp-storage-emulator with that header) instead')

@@ -38,38 +38,14 @@ def emulator_env(endpoint: str) -> dict[str, str]:
 
 
 def _emulator_command() -> list[str]:
-  """This file run as a script: gcp-storage-emulator with the object generation headers real GCS sends."""
+  """tpu/local_gcs.py: gcp-storage-emulator with the object generation headers real GCS sends (tensorstore needs
+  them to read checkpoints back)."""
   try:
     import gcp_storage_emulator  # noqa: F401  # reason: skip, not fail, where the test requirements are missing
   except ImportError:
     pytest.skip('gcp-storage-emulator is not installed (pip install -r requirements-test.txt)')
-  return [sys.executable, os.path.abspath(__file__)]
-
-
-def _serve(argv: list[str]) -> None:
-  """Runs gcp-storage-emulator with `argv`, its downloads answering x-goog-generation like GCS.
-
-  tensorstore (orbax's checkpoint writer) reads an object's generation from that header to rewrite it
-  conditionally (an OCDBT manifest is rewritten several times per checkpoint); without it every such write fails
-  with "Malformed StorageGeneration". The route table takes `objects.download` when the server module is imported,
-  so the handler is replaced before that import.
-  """
-  from gcp_storage_emulator.exceptions import NotFound
-  from gcp_storage_emulator.handlers import objects
-  download = objects.download
-
-  def download_with_generation(request, response, storage, *args, **kwargs):
-    try:
-      obj = storage.get_file_obj(request.params['bucket_name'], request.params['object_id'])
-      response['x-goog-generation'] = str(obj['generation'])
-      response['x-goog-metageneration'] = str(obj['metageneration'])
-    except NotFound:
-      pass
-    return download(request, response, storage, *args, **kwargs)
-
-  objects.download = download_with_generation
-  from gcp_storage_emulator.__main__ import main
-  main(argv)
+  return [sys.executable, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tpu',
+                                       'local_gcs.py')]
 
 
 @pytest.fixture(scope='session')
@@ -108,7 +84,3 @@ def gcs_bucket():
         os.environ.pop(key, None)
       else:
         os.environ[key] = value
-
-
-if __name__ == '__main__':
-  _serve(sys.argv[1:])

@@ -4,6 +4,7 @@ checkpoint to the bucket and resuming from it. The jobs are subprocesses that in
 import json
 import os
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -209,12 +210,56 @@ def test_metrics_in_a_bucket_are_gathered_then_appended(gcs_bucket):
   assert scalar_events(f'{workdir}/tensorboard', 'loss')[3] == 1.5  # the rerun's event file is read last
 
 
-def test_workdir_urls_are_accepted_when_a_filesystem_reaches_them():
+def test_workdir_urls_are_accepted_when_a_filesystem_reaches_them(monkeypatch):
   from jaxssl import runtime
   from jaxssl.errors import UserError
+  monkeypatch.delenv('STORAGE_EMULATOR_HOST', raising=False)  # real GCS: no server check (no network here)
   runtime.check_workdir('/mnt/run')
   runtime.check_workdir('gs://bucket/run')
   with pytest.raises(UserError, match='names no bucket'):
     runtime.check_workdir('gs://')
   with pytest.raises(UserError, match='nosuch:// is not reachable'):
     runtime.check_workdir('nosuch://bucket/run')
+
+
+def test_a_server_without_generation_headers_is_refused_with_one_line(gcs_bucket, tmp_path):
+  """The plain gcp-storage-emulator sends no x-goog-generation, so tensorstore could save a checkpoint but never
+  read one back: a job with a gs:// workdir stops at once and names tpu/local_gcs.py; the fixture's server (that
+  script) passes the same check."""
+  storage.check_local_gcs(f'{gcs_bucket}/run')  # tpu/local_gcs.py: accepted
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  plain = subprocess.Popen([sys.executable, '-m', 'gcp_storage_emulator', 'start', '--host=127.0.0.1',
+                            f'--port={port}', '--in-memory', '--default-bucket=plain-bucket'],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    env = {k: v for k, v in os.environ.items() if k not in ('TENSORSTORE_GCS_HTTP_URL', 'FSSPEC_GCS_TOKEN')}
+    env.update(STORAGE_EMULATOR_HOST=f'http://127.0.0.1:{port}', JAX_PLATFORMS='cpu')  # the rest: jaxssl's defaults
+    deadline = time.time() + 60
+    while time.time() < deadline:
+      try:
+        socket.create_connection(('127.0.0.1', port), timeout=1).close()
+        break
+      except OSError:
+        time.sleep(0.2)
+    out = subprocess.run([sys.executable, '-m', 'jaxssl.pretrain', '--config', 'configs/bert.py:tiny',
+                          '--workdir', 'gs://plain-bucket/run'], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+  finally:
+    plain.terminate()
+    plain.wait(timeout=10)
+  last = out.stderr.strip().splitlines()[-1]
+  assert out.returncode == 2 and 'x-goog-generation' in last and 'tpu/local_gcs.py' in last, out.stderr[-2000:]
+
+
+def test_emulator_host_alone_sets_the_rest(monkeypatch):
+  from jaxssl import runtime
+  for key in ('TENSORSTORE_GCS_HTTP_URL', 'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT', 'FSSPEC_GCS_TOKEN'):
+    monkeypatch.delenv(key, raising=False)
+  monkeypatch.setenv('STORAGE_EMULATOR_HOST', '127.0.0.1:9999')
+  monkeypatch.setenv('GCE_METADATA_HOST', 'kept:1')
+  runtime.local_gcs_defaults()
+  assert os.environ['TENSORSTORE_GCS_HTTP_URL'] == 'http://127.0.0.1:9999'
+  assert os.environ['GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT'] == 'false' and os.environ['FSSPEC_GCS_TOKEN'] == 'anon'
+  assert os.environ['GCE_METADATA_HOST'] == 'kept:1'  # what the user set stays

@@ -1,0 +1,45 @@
+"""A local GCS server for a pod simulated on one machine (tpu/local_pod.py) with every path in a bucket.
+
+  python tpu/local_gcs.py start --host=127.0.0.1 --port=9023 --in-memory --default-bucket=my-bucket
+  export STORAGE_EMULATOR_HOST=http://127.0.0.1:9023     # jaxssl derives the rest (README: Buckets)
+
+It is gcp-storage-emulator (`pip install -r requirements-test.txt`; the arguments are the emulator's own) with
+one fix: its downloads answer with the object's `x-goog-generation` / `x-goog-metageneration` headers, as real
+GCS does. tensorstore, which writes and reads orbax checkpoints, takes an object's generation from that header on
+every read; against the plain emulator each checkpoint read (and the rewrite of an OCDBT manifest within a save)
+fails with "Malformed StorageGeneration", so a run could save its first checkpoint but never resume. jaxssl's
+jobs check a local server for the header when they start and stop with one line naming this script if it lacks it.
+"""
+import sys
+
+
+def serve(argv: list[str]) -> None:
+  """Runs gcp-storage-emulator's command line with `argv`, its downloads sending the generation headers.
+
+  The emulator's route table takes `objects.download` when its server module is imported, so the handler is
+  replaced before that import.
+  """
+  from gcp_storage_emulator.exceptions import NotFound  # pylint: disable=import-outside-toplevel  # a dev tool's
+  from gcp_storage_emulator.handlers import objects  # pylint: disable=import-outside-toplevel  # optional deps
+  download = objects.download
+
+  def download_with_generation(request, response, storage, *args, **kwargs):
+    try:
+      obj = storage.get_file_obj(request.params['bucket_name'], request.params['object_id'])
+      response['x-goog-generation'] = str(obj['generation'])
+      response['x-goog-metageneration'] = str(obj['metageneration'])
+    except NotFound:
+      pass
+    return download(request, response, storage, *args, **kwargs)
+
+  objects.download = download_with_generation
+  from gcp_storage_emulator.__main__ import main  # pylint: disable=import-outside-toplevel  # after the patch
+  main(argv)
+
+
+if __name__ == '__main__':
+  try:
+    import gcp_storage_emulator  # noqa: F401  pylint: disable=unused-import
+  except ImportError:
+    sys.exit('error: gcp-storage-emulator is not installed: pip install -r requirements-test.txt')
+  serve(sys.argv[1:])
