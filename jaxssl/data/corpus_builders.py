@@ -4,9 +4,9 @@ once-only, lock-protected preparation every corpus (public TFDS ones too) goes t
 import contextlib
 import fcntl
 import hashlib
-import importlib.util
 import logging
 import os
+import resource
 import shutil
 import tempfile
 import types
@@ -208,23 +208,40 @@ class _NeverRaised(Exception):
   message = ''
 
 
+def _spill_path(path) -> str:
+  """Where the shuffler's temporary bucket file for `path` lives: on local disk, even when the dataset is being
+  written into a bucket (1000 small objects written record by record and read back would be slow there)."""
+  path = os.fspath(path)
+  if '://' not in path:
+    return path
+  folder = hashlib.sha256(os.path.dirname(path).encode()).hexdigest()[:16]
+  local = os.path.join(tempfile.gettempdir(), 'jaxssl_shuffle', folder)
+  os.makedirs(local, exist_ok=True)
+  return os.path.join(local, os.path.basename(path))
+
+
 # What TFDS 4.9.10's shuffler takes from TensorFlow once it spills (tf.io.gfile, tf.errors): without TensorFlow
-# installed, TFDS fails there with ModuleNotFoundError, i.e. on any split over MAX_MEM_BUFFER_SIZE. etils.epath
-# does the same file work.
+# installed, TFDS fails there with ModuleNotFoundError, i.e. on any split over MAX_MEM_BUFFER_SIZE. These do the
+# same with local files.
 _TF_FOR_SHUFFLER = types.SimpleNamespace(
     io=types.SimpleNamespace(gfile=types.SimpleNamespace(
-        GFile=lambda path, mode='r': epath.Path(path).open(mode),
-        exists=lambda path: epath.Path(path).exists(),
-        remove=lambda path: epath.Path(path).unlink())),
+        GFile=lambda path, mode='r': open(_spill_path(path), mode),  # pylint: disable=consider-using-with
+        exists=lambda path: os.path.exists(_spill_path(path)),
+        remove=lambda path: os.remove(_spill_path(path)))),
     errors=types.SimpleNamespace(ResourceExhaustedError=_NeverRaised))
 
 
 @contextlib.contextmanager
 def _bounded_shuffle_memory():
+  """While preparing: TFDS's sort buffer capped at SHUFFLE_MEMORY_BYTES, its spill files local, and room for its
+  1000 open spill files (a soft limit of 1024 open files is common)."""
   default, tf = tfds_shuffle.MAX_MEM_BUFFER_SIZE, tfds_shuffle.tf
   tfds_shuffle.MAX_MEM_BUFFER_SIZE = min(default, SHUFFLE_MEMORY_BYTES)
-  if importlib.util.find_spec('tensorflow') is None:
-    tfds_shuffle.tf = _TF_FOR_SHUFFLER
+  tfds_shuffle.tf = _TF_FOR_SHUFFLER
+  soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+  wanted = 4096 if hard == resource.RLIM_INFINITY else min(hard, 4096)
+  if soft != resource.RLIM_INFINITY and soft < wanted:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
   try:
     yield
   finally:
