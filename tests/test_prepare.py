@@ -123,9 +123,9 @@ def _with_bad_lines(corpus: str) -> None:
 
 
 @pytest.mark.parametrize('runner', ['', 'DirectRunner'])
-def test_bad_records_counted_across_workers(corpus, tmp_path, runner, capsys):
+def test_bad_records_counted_across_workers(corpus, tmp_path, runner, capsys, beam_workers_env):
   _with_bad_lines(corpus)
-  beam_args = ['--direct_running_mode=in_memory'] if runner else []
+  beam_args = []  # the DirectRunner in multi_processing mode, 2 worker processes
   with pytest.raises(UserError, match=r'2 bad records .*b\.jsonl line 18'):
     prepare.prepare_local(corpus, str(tmp_path / 'strict'), workers=2, runner=runner, beam_args=beam_args)
   assert not glob.glob(str(tmp_path / 'strict' / 'jaxssl_local_text' / '*' / '*' / 'dataset_info.json'))
