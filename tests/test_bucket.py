@@ -136,19 +136,24 @@ def test_bucket_workdir_killed_resumed_exported(corpus, reference_run, gcs_bucke
                jax.device_get(saved))
 
 
-def pod(corpus, workdir, steps):
+def pod(corpus, workdir, steps, *extra):
   """`python tpu/local_pod.py`: the pretraining job as 2 processes of 2 CPU devices each."""
   cmd = [sys.executable, os.path.join(ROOT, 'tpu', 'local_pod.py'), '--processes', '2', '--devices-per-process', '2',
-         '--', sys.executable, '-m', 'jaxssl.pretrain', *job_args(corpus, workdir, steps)]
+         '--', sys.executable, '-m', 'jaxssl.pretrain', *job_args(corpus, workdir, steps), *extra]
   return subprocess.run(cmd, cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=600)
 
 
 def test_local_pod_checkpoints_to_the_bucket_and_resumes(corpus, reference_run, gcs_bucket):
-  workdir = f'{gcs_bucket}/pod'
-  first = pod(corpus, workdir, 10)  # one checkpoint, step 10, written by both processes into the bucket
+  """Everything in the bucket: the corpus, its prepared dataset (process 0 prepares it, the other opens it after:
+  a bucket has no file locks), the workdir."""
+  workdir, data_dir = f'{gcs_bucket}/pod', f'{gcs_bucket}/pod_tfds'
+  storage.write_bytes(f'{gcs_bucket}/pod_corpus/ptb_docs.txt', storage.read_bytes(corpus))
+  corpus = f'{gcs_bucket}/pod_corpus/'
+  first = pod(corpus, workdir, 10, f'--config.data.data_dir={data_dir}')  # step 10's checkpoint, both processes
   assert first.returncode == 0, first.stderr[-3000:]
   assert '2 process(es)' in first.stdout and committed_steps(f'{workdir}/checkpoints') == [10]
-  second = pod(corpus, workdir, 14)
+  assert len(storage.glob(f'{data_dir}/jaxssl_local_text/*/1.0.0/dataset_info.json')) == 1
+  second = pod(corpus, workdir, 14, f'--config.data.data_dir={data_dir}')
   assert second.returncode == 0, second.stderr[-3000:]
   assert 'resuming from step 10' in second.stdout
   got, expected = losses(workdir), losses(reference_run)

@@ -4,13 +4,15 @@
   export STORAGE_EMULATOR_HOST=http://127.0.0.1:9023     # jaxssl derives the rest (README: Buckets)
 
 It is gcp-storage-emulator (`pip install -r requirements-test.txt`; the arguments are the emulator's own) with
-one fix: its downloads answer with the object's `x-goog-generation` / `x-goog-metageneration` headers, as real
-GCS does. tensorstore, which writes and reads orbax checkpoints, takes an object's generation from that header on
+two fixes. Its downloads answer with the object's `x-goog-generation` / `x-goog-metageneration` headers, as real
+GCS does; and it serves `objects.move` (moveTo, which gcsfs tries first for every rename, e.g. TFDS finishing a
+prepared dataset: the plain emulator answers 501 and gcsfs retries for seconds per object before copying). tensorstore, which writes and reads orbax checkpoints, takes an object's generation from that header on
 every read; against the plain emulator each checkpoint read (and the rewrite of an OCDBT manifest within a save)
 fails with "Malformed StorageGeneration", so a run could save its first checkpoint but never resume. jaxssl's
 jobs check a local server for the header when they start and stop with one line naming this script if it lacks it.
 """
 import sys
+from http import HTTPStatus
 
 
 def serve(argv: list[str]) -> None:
@@ -32,7 +34,17 @@ def serve(argv: list[str]) -> None:
       pass
     return download(request, response, storage, *args, **kwargs)
 
+  def move(request, response, storage, *args, **kwargs):
+    request.params['dest_bucket_name'] = request.params['bucket_name']
+    objects.copy(request, response, storage, *args, **kwargs)
+    if response.status == HTTPStatus.OK:
+      objects.delete(request, response, storage, *args, **kwargs)
+
   objects.download = download_with_generation
+  from gcp_storage_emulator import server, settings  # pylint: disable=import-outside-toplevel  # after the patch
+  move_route = (rf'^{settings.API_ENDPOINT}/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)/moveTo/o/'
+                r'(?P<dest_object_id>.*[^/]+)$', {server.POST: move})
+  server.HANDLERS = (move_route, *server.HANDLERS)  # read per request: before the generic object route
   from gcp_storage_emulator.__main__ import main  # pylint: disable=import-outside-toplevel  # after the patch
   main(argv)
 

@@ -202,7 +202,14 @@ def _corpus_and_tokenizer(config, workdir: str, is_main: bool):
   """(corpus splits, tokenizer, vocabulary size): process 0 trains the tokenizer (or copies the export's); the
   others wait for it, then load the same file."""
   init_from = config.get('init_from', '')
-  sources = corpora.load_configured(config.data, seed=config.train.seed)
+  # A bucket has no file locks: there process 0 prepares an unprepared corpus and the others open it after.
+  remote = storage.is_remote(config.data.data_dir or corpora.default_data_dir())
+  if is_main or not remote or jax.process_count() == 1:
+    sources = corpora.load_configured(config.data, seed=config.train.seed)
+  if remote and jax.process_count() > 1:
+    multihost_utils.sync_global_devices('corpus prepared')
+    if not is_main:
+      sources = corpora.load_configured(config.data, seed=config.train.seed)
   if init_from:
     tokenizer = adopt_export_tokenizer(init_from, workdir, is_main)
   else:
