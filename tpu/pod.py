@@ -126,9 +126,6 @@ def _job_argv(args) -> list[str]:
   if not job:
     raise PodError(NEED_JOB)
   if args.workdir:
-    if '://' in args.workdir:
-      raise PodError(f'--workdir {args.workdir} is a URL: use a directory every worker mounts (e.g. gcsfuse) and put '
-                     'checkpoints in the bucket with --config.checkpoint.directory=gs://... in the job')
     if any(a == '--workdir' or a.startswith('--workdir=') for a in job):
       raise PodError('--workdir is given twice: to pod.py and in the job command; keep one')
     job += ['--workdir', args.workdir]
