@@ -3,6 +3,7 @@ imports only go down the layers, no import cycle, no library module imports a jo
 `_private` names, no module over 400 lines."""
 import ast
 import os
+import re
 
 import pytest
 
@@ -127,3 +128,38 @@ def test_function_level_imports_say_why(module):
 def test_module_size(module):
   with open(ALL[module]) as f:
     assert sum(1 for _ in f) <= MAX_LINES, f'{ALL[module]} is over {MAX_LINES} lines: split it'
+
+
+# Modules that may touch the local file system directly (open, os.path.exists/isfile/isdir, os.makedirs,
+# os.listdir, glob, shutil), and why: every other module reaches a user's file through jaxssl/storage.py, so a
+# workdir, export, task file or corpus may be local or in a bucket.
+LOCAL_FILE_MODULES = {
+    'jaxssl.storage': 'the one layer over local files and buckets',
+    'jaxssl.paths': 'makes local user paths absolute (URLs pass unchanged)',
+    'jaxssl.config': 'config files are Python modules in the checkout',
+    'jaxssl.runtime': 'looks for accelerator device files',
+    'jaxssl.data.corpora': 'tells a local corpus path from a TFDS name',
+    'jaxssl.prepare': 'tells a local corpus path from a TFDS name',
+    'jaxssl.data.corpus_files': 'the local branch of listing corpus files (buckets go through fsspec)',
+    'jaxssl.data.corpus_builders': "local temporary shards and the local copy of a bucket dataset (array_record's "
+                                   'reader and writer take local files only)',
+    'jaxssl.eval.embeddings': 'the word sets shipped inside the package',
+    'jaxssl.eval.icl_prompts': 'the ICL tasks shipped inside the package',
+    'jaxssl.eval.embeddings_plots': 'the CJK font file of an installed package',
+    'jaxssl.train.metrics': "tensorboardX's local temporary event folder, uploaded through storage",
+    'jaxssl.convert.decoder': 'works on the local copy convert/staging.py makes of a bucket source or output',
+    'jaxssl.convert.hf_bert': 'works on the local copy convert/staging.py makes of a bucket source or output',
+    'jaxssl.convert.gguf_file': 'works on the local copy convert/staging.py makes of a bucket source or output',
+    'jaxssl.convert.gguf_reader': 'memory-maps the local copy convert/staging.py makes of a bucket .gguf',
+    'jaxssl.convert.staging': 'makes those local copies and uploads them',
+}
+_LOCAL_FILE_CALL = re.compile(r'(?<![\w.])open\(|os\.path\.(exists|isfile|isdir|getsize)\(|os\.makedirs\(|'
+                              r'os\.listdir\(|glob\.glob\(|shutil\.')
+
+
+@pytest.mark.parametrize('module', sorted(modules()))
+def test_user_files_go_through_storage(module):
+  source = open(modules()[module], encoding='utf-8').read()
+  code = '\n'.join(line.split('#', 1)[0] for line in source.splitlines())
+  if module not in LOCAL_FILE_MODULES:
+    assert not _LOCAL_FILE_CALL.search(code), f'{module}: use jaxssl.storage (or list it in LOCAL_FILE_MODULES)'
