@@ -77,7 +77,8 @@ def prepare_local(corpus: str, data_dir: str, *, workers: int = 1, runner: str =
   if not 0.0 <= validation_fraction < 1.0:
     raise UserError(f'--validation_fraction {validation_fraction} must be in [0, 1)')
   files = corpus_files.list_files(corpus)
-  config = tfds.core.BuilderConfig(name=corpus_builders.local_config_name(files, validation_fraction, text_field))
+  config = tfds.core.BuilderConfig(name=corpus_builders.local_config_name(files, validation_fraction, text_field,
+                                                                           max_bad_records))
   common = dict(files=files, validation_fraction=validation_fraction, text_field=text_field, config=config,
                 data_dir=data_dir, file_format='array_record')
   if runner:

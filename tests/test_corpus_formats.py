@@ -202,6 +202,9 @@ def test_load_corpus_skips_up_to_the_limit_and_warns_about_each(tmp_path, capsys
   err = capsys.readouterr().err
   assert 'skipped 2 bad records' in err and f'skipped {path} line 4 is not valid UTF-8' in err
   assert f'skipped {path} line 5 is not valid JSON' in err
+  # the dataset prepared with 2 records skipped is not reused by a run that allows none: it fails as the first did
+  with pytest.raises(UserError, match='more than data.max_bad_records=0'):
+    corpora.load_corpus(path, data)
 
 
 def test_corrupt_compressed_file_and_archive(tmp_path):

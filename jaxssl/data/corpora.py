@@ -154,7 +154,8 @@ def _load_local(corpus: str, data_dir: str, validation_fraction: float, text_fie
     raise UserError(f'validation_fraction={validation_fraction} must be in [0, 1): '
                     'pass --config.data.validation_fraction=0.01')
   files = corpus_files.list_files(corpus)
-  config = tfds.core.BuilderConfig(name=corpus_builders.local_config_name(files, validation_fraction, text_field))
+  config = tfds.core.BuilderConfig(name=corpus_builders.local_config_name(files, validation_fraction, text_field,
+                                                                           max_bad_records))
   num_docs = [0]
 
   def make_builder():

@@ -140,10 +140,15 @@ class JaxsslLocalTextBeam(JaxsslLocalText, skip_registration=True):
                                     self._max_bad_records, self._report_path, self._corpus)
 
 
-def local_config_name(files: list[str], validation_fraction: float, text_field: str = 'text') -> str:
+def local_config_name(files: list[str], validation_fraction: float, text_field: str = 'text',
+                      max_bad_records: int = 0) -> str:
   """The config (folder) name of a local corpus's dataset: a hash of its files (path, size, mtime; a bucket
-  object's generation), the settings and FORMAT. The same whichever way the dataset is prepared."""
+  object's generation), the settings and FORMAT. The same whichever way the dataset is prepared.
+
+  A limit of bad records is part of the name: a dataset prepared with records skipped is never reused by a run
+  that allows fewer (that run prepares its own and fails on the bad records, naming them)."""
   field = '' if text_field == 'text' else f' text_field={text_field!r}'  # names from before text_field stay
+  field += f' max_bad_records={max_bad_records}' if max_bad_records else ''
   h = hashlib.sha256(f'format={FORMAT} validation_fraction={validation_fraction!r}{field}\n'.encode())
   for path in files:
     if corpus_files.is_url(path):
