@@ -3,6 +3,7 @@ round trip, and every bad input ends with one line and exit status 2 without tou
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -291,27 +292,36 @@ def test_corrupted_newest_checkpoint_falls_back_to_newest_good(corpus, reference
   assert_losses_match(workdir, reference_run, range(good + 1, STEPS + 1), rtol=1e-6)
 
 
-@pytest.mark.parametrize('mode', ['stop'])  # 'skip' as a job too: add it here (the unit test is in test_train.py)
+@pytest.mark.parametrize('mode', ['stop', 'skip'])
 def test_nan_loss_stops_naming_the_step_and_is_never_saved(corpus, tmp_path, mode):
+  """No checkpoint holds a state whose next loss is non-finite: checkpoint d is saved only once the loss step d+1
+  computes from it (same batch and dropout) is known finite, so with a checkpoint every step, the step whose update
+  broke the run is never saved and neither is any later one."""
   workdir, elsewhere = tmp_path / mode, tmp_path / 'bucket' / mode  # checkpoints outside the workdir (e.g. gs://)
-  result = run_job(job_args(corpus, workdir, '--config.train.learning_rate=1e12', '--config.train.warmup_steps=0',
+  # stop: a learning rate that diverges after a few steps; skip: one whose every update breaks (1e3 survives by
+  # dropping the bad updates).
+  lr = '1e3' if mode == 'stop' else '1e12'
+  result = run_job(job_args(corpus, workdir, f'--config.train.learning_rate={lr}', '--config.train.warmup_steps=0',
                             '--config.checkpoint.every_steps=1', '--config.checkpoint.keep=100',
                             f'--config.checkpoint.directory={elsewhere}',
                             f'--config.train.nonfinite={mode}', '--config.train.max_skipped_steps=3'))
   assert result.returncode == 1, result.stderr[-3000:]
   line = result.stderr.strip().splitlines()[-1]
   logged = losses(workdir)
-  first_bad = min(s for s, v in logged.items() if not np.isfinite(v))
-  if mode == 'stop':
-    assert f'the loss is nan at step {first_bad}' in line or f'the loss is inf at step {first_bad}' in line, line
-  else:
-    assert f'non-finite for 4 steps in a row up to step {first_bad + 3}' in line, line
-    assert 'update skipped' in result.stdout + result.stderr
-    # Skipped updates leave finite params, which may be saved; the step that ended the run is not.
-    first_bad += 3
   assert not os.path.exists(workdir / 'checkpoints')
   saved = sorted(int(d) for d in os.listdir(elsewhere) if d.isdigit())
-  assert max(saved) < first_bad  # no checkpoint of the state that stopped the run
+  for d in saved:  # every saved state's next loss, as the run logged it, is finite
+    assert d + 1 not in logged or np.isfinite(logged[d + 1]), (d, logged)
+  if mode == 'stop':
+    broken = int(re.search(r'the update of step (\d+) gives (a non-finite loss|non-finite params)', line)[1])
+    assert 'stopped without saving it' in line and np.isfinite(logged[broken]), line
+    assert saved == list(range(1, broken))  # every state before it, none after
+  else:
+    assert 'non-finite for 4 steps in a row up to step' in line, line
+    assert 'not saved: the state after its update gives' in result.stdout + result.stderr
+    assert 'update skipped' in result.stdout + result.stderr
+    bad = min(s for s, v in logged.items() if not np.isfinite(v))
+    assert all(d < bad - 1 for d in saved)  # the state that gave the first non-finite loss is not among them
   if mode == 'stop':  # the export job finds checkpoints kept outside the workdir through the run's config.json
     exported = run_job(['--workdir', str(workdir), '--out', str(tmp_path / 'export')], module='jaxssl.export')
     assert exported.returncode == 0, exported.stderr[-2000:]

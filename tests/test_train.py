@@ -184,3 +184,29 @@ def test_frozen_params_do_not_move_even_with_weight_decay():
   np.testing.assert_array_equal(new['body']['lstm']['kernel'], params['body']['lstm']['kernel'])
   assert not np.allclose(new['head']['kernel'], params['head']['kernel'])
   assert not np.allclose(new['body']['scalar_mix']['weights'], params['body']['scalar_mix']['weights'])
+
+
+@pytest.mark.parametrize('microbatches', [1, 4])
+def test_checkpoint_check_is_the_next_steps_loss(microbatches):
+  """The check a checkpoint must pass computes, forward only, the loss the next train step logs from that state on
+  its batch (same dropout keys and microbatches), and says whether the params and moments are finite."""
+  config = tiny_config(microbatches=microbatches)
+  mesh = mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1])
+  setup = state_lib.setup_model(config.model, VOCAB, mesh, 0)
+  tx, schedule = state_lib.make_optimizer(config.train), state_lib.make_schedule(config.train)
+  shardings = state_lib.state_shardings(setup, tx)
+  objective = bert_family.OBJECTIVE
+  train_step = step_lib.jit_train_step(
+      step_lib.make_train_step(setup.graphdef, tx, schedule, microbatches, objective), shardings, mesh, objective)
+  check = step_lib.jit_checkpoint_check(step_lib.make_checkpoint_check(setup.graphdef, microbatches, objective),
+                                        shardings, mesh, objective)
+  state = state_lib.init_state(setup, tx)
+  with jax.set_mesh(mesh):
+    for i in range(3):
+      batch = mesh_lib.global_batch(bench.synthetic_batch(config, VOCAB, seed=i), mesh)
+      predicted, finite = check(state, batch)  # before the step donates `state`
+      predicted, finite = float(predicted), bool(finite)
+      state, metrics = train_step(state, batch)
+      assert finite and predicted == pytest.approx(float(metrics['loss']), rel=1e-6)
+    broken = dict(state, params=jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(np.nan), state['params']))
+    assert not bool(check(broken, batch)[1])

@@ -128,12 +128,7 @@ def run_pretraining(config, workdir: str) -> dict:
   if is_main:
     storage.write_text(storage.join(workdir, 'config.json'), config_lib.to_json(config))
 
-  objective = family.objective
-  train_step = step_lib.jit_train_step(step_lib.make_train_step(setup.graphdef, tx, schedule, t.microbatches,
-                                                                objective), state_lib.state_shardings(setup, tx),
-                                       mesh, objective)
-  eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(setup.graphdef, objective), setup.param_shardings,
-                                     mesh, objective)
+  train_step, checkpoint_check, eval_step = _jitted_steps(setup, tx, schedule, t.microbatches, family.objective, mesh)
   where = dict(seed=t.seed, process_index=jax.process_index(), process_count=jax.process_count())
   batches = family.train_batches(sources['train'], tokenizer, config, start_step=start, **where)
   held_out = HeldOut(family, sources, tokenizer, config, where)
@@ -142,13 +137,15 @@ def run_pretraining(config, workdir: str) -> dict:
   peak = metrics_lib.peak_flops_per_device(config.log.peak_flops_per_device) * jax.device_count()
   throughput = metrics_lib.Throughput(t.batch_size * config.data.seq_len, flops_per_token, peak)
   meta = {'config': json.loads(config_lib.to_json(config)), 'vocab_size': vocab_size}
-  last, previous = {}, None
+  last, previous, next_batch, save_pending = {}, None, None, False
   watch = preemption.PreemptionWatch()
   finite = FiniteLossCheck(t.get('nonfinite', 'stop'), t.get('max_skipped_steps', 10), checkpointer, writer)
   try:
     with jax.set_mesh(mesh):
       for step in range(start, t.steps):
-        state, metrics = train_step(state, mesh_lib.global_batch(next(batches), mesh))
+        batch = next_batch if next_batch is not None else mesh_lib.global_batch(next(batches), mesh)
+        next_batch = None
+        state, metrics = train_step(state, batch)
         done = step + 1
         if previous is not None:  # the step before is finished by now: reading its loss stalls nothing
           finite.check(*previous)
@@ -165,14 +162,20 @@ def run_pretraining(config, workdir: str) -> dict:
           last.update(held_out.evaluate(eval_step, state['params'], mesh, done, writer))
           throughput.reset(done)
         preempted = watch.stop_at(done)
-        if done % config.checkpoint.every_steps == 0 or done == t.steps or preempted:
+        if done % config.checkpoint.every_steps == 0 or done == t.steps or preempted or save_pending:
           finite.check(done, metrics)  # a NaN state is never saved
-          writer.flush()  # metrics.jsonl holds every record up to the newest checkpoint (a bucket's lags between)
-          checkpointer.save(state, {**meta, 'step': done, 'data_position': done}, force=True)
+          # Nor one whose update was never checked: the next step's loss from it (on the next step's batch, which
+          # that step then takes) and its params and moments must be finite.
+          next_batch = mesh_lib.global_batch(next(batches), mesh)
+          save_pending = not finite.checkpoint_ok(done, *checkpoint_check(state, next_batch))
+          if not save_pending:
+            writer.flush()  # metrics.jsonl holds every record up to the newest checkpoint (a bucket's lags)
+            checkpointer.save(state, {**meta, 'step': done, 'data_position': done}, force=True)
           throughput.reset(done)
         if preempted:
           checkpointer.wait()
-          say(f'preempted (SIGTERM): saved step {done} in {checkpointer.directory}; rerun the same command to '
+          saved = f'step {checkpointer.latest_step()}' if save_pending else f'step {done}'
+          say(f'preempted (SIGTERM): saved {saved} in {checkpointer.directory}; rerun the same command to '
               'resume', flush=True)
           return last
   finally:
@@ -181,6 +184,18 @@ def run_pretraining(config, workdir: str) -> dict:
     writer.close()
   say(f'done: step {t.steps}; checkpoints in {checkpointer.directory}', flush=True)
   return last
+
+
+def _jitted_steps(setup, tx, schedule, microbatches: int, objective, mesh):
+  """(train step, checkpoint check, eval step) of a run, jitted with their shardings."""
+  state_shardings = state_lib.state_shardings(setup, tx)
+  train_step = step_lib.jit_train_step(step_lib.make_train_step(setup.graphdef, tx, schedule, microbatches,
+                                                                objective), state_shardings, mesh, objective)
+  checkpoint_check = step_lib.jit_checkpoint_check(
+      step_lib.make_checkpoint_check(setup.graphdef, microbatches, objective), state_shardings, mesh, objective)
+  eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(setup.graphdef, objective), setup.param_shardings,
+                                     mesh, objective)
+  return train_step, checkpoint_check, eval_step
 
 
 def _checked_checkpointer(config, workdir: str, say) -> ckpt_lib.Checkpointer:
@@ -309,4 +324,21 @@ class FiniteLossCheck:
       raise JobFailed(f'the loss was non-finite for {self.skipped_in_a_row} steps in a row up to step {step}; '
                       f'{kept} (never a NaN one): lower train.learning_rate or check the data')
     raise JobFailed(f'the loss is {loss} at step {step}; stopped without saving it ({kept}): lower '
+                    'train.learning_rate, or pass --config.train.nonfinite=skip to drop such updates')
+
+  def checkpoint_ok(self, step: int, next_loss, finite) -> bool:
+    """Whether the state after update `step` may be saved: its params and moments finite, and the loss the next
+    step computes from it finite. If not: 'stop' raises JobFailed naming the step; 'skip' logs it and returns
+    False (the loop tries again after the next step, whose update may be dropped)."""
+    next_loss, finite = float(jax.device_get(next_loss)), bool(jax.device_get(finite))
+    if finite and math.isfinite(next_loss):
+      return True
+    what = ('non-finite params or optimizer moments' if not finite else
+            f'a non-finite loss ({next_loss}) at step {step + 1}')
+    if self.mode == 'skip':
+      self.writer.log(f'step {step}: not saved: the state after its update gives {what}; trying after the next step')
+      return False
+    kept = self.checkpointer.latest_step()
+    kept = f'the newest checkpoint is step {kept}' if kept is not None else 'no checkpoint was saved'
+    raise JobFailed(f'the update of step {step} gives {what}; stopped without saving it ({kept}): lower '
                     'train.learning_rate, or pass --config.train.nonfinite=skip to drop such updates')

@@ -58,6 +58,40 @@ def make_train_step(graphdef, tx, schedule, microbatches: int, objective):
   return train_step
 
 
+def make_checkpoint_check(graphdef, microbatches: int, objective):
+  """Returns `check(state, batch) -> (loss, finite)`, a pure function to jit: what a checkpoint of `state` must
+  pass before it is saved.
+
+  `loss` is the loss the next train step will compute from `state` on `batch` (the next step's batch, dropout
+  keys and microbatches; forward only), and `finite` whether every parameter and optimizer moment is finite.
+  The loss logged at step d comes from the params *before* update d, so without this a checkpoint could hold an
+  update that was never checked (train.nonfinite: a NaN run must not leave a NaN checkpoint behind).
+  """
+
+  def check(state, batch):
+    params = state['params']
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), state['step'])
+    totals = objective.totals(batch)
+    if microbatches == 1:
+      sums = objective.sums(graphdef, params, batch, step_key)
+    else:
+      def accumulate(carry, inputs):
+        index, microbatch = inputs
+        microbatch = jax.tree.map(lambda x: mesh_lib.constrain(x, ('batch',) + (None,) * (x.ndim - 1)), microbatch)
+        return jax.tree.map(jnp.add, carry, objective.sums(graphdef, params, microbatch,
+                                                           jax.random.fold_in(step_key, index))), None
+      zero_sums = jax.eval_shape(lambda: objective.sums(graphdef, params, jax.tree.map(lambda x: x[:1], batch),
+                                                        None))
+      zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), zero_sums)
+      sums, _ = jax.lax.scan(accumulate, zero_sums,
+                             (jnp.arange(microbatches), _split_microbatches(batch, microbatches)))
+    floats = [x for x in jax.tree.leaves((params, state['opt_state'])) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    finite = jnp.all(jnp.stack([jnp.isfinite(x).all() for x in floats])) if floats else jnp.bool_(True)
+    return objective.loss(sums, totals), finite
+
+  return check
+
+
 def make_eval_step(graphdef, objective):
   """Returns `eval_step(params, batch) -> sums` (no dropout); add over batches, then `objective.eval_metrics`."""
 
@@ -80,3 +114,9 @@ def jit_eval_step(eval_step, param_shardings, mesh, objective):
   """The eval step jitted with explicit shardings; the sums come back replicated."""
   return jax.jit(eval_step, in_shardings=(param_shardings, _batch_shardings(mesh, objective)),
                  out_shardings=NamedSharding(mesh, P()))
+
+
+def jit_checkpoint_check(check, state_shardings, mesh, objective):
+  """The checkpoint check jitted with explicit shardings (the state is read, not donated)."""
+  return jax.jit(check, in_shardings=(state_shardings, _batch_shardings(mesh, objective)),
+                 out_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P())))
