@@ -306,6 +306,10 @@ class FiniteLossCheck:
     self.mode, self.max_skipped, self.checkpointer, self.writer = mode, max_skipped, checkpointer, writer
     self.skipped_in_a_row, self.checked = 0, 0
 
+  def _newest_checkpoint(self) -> str:
+    step = self.checkpointer.latest_step()
+    return f'the newest checkpoint is step {step}' if step is not None else 'no checkpoint was saved'
+
   def check(self, step: int, metrics) -> None:
     if step <= self.checked:
       return
@@ -314,8 +318,7 @@ class FiniteLossCheck:
     if math.isfinite(loss):
       self.skipped_in_a_row = 0
       return
-    kept = self.checkpointer.latest_step()
-    kept = f'the newest checkpoint is step {kept}' if kept is not None else 'no checkpoint was saved'
+    kept = self._newest_checkpoint()
     if self.mode == 'skip':
       self.skipped_in_a_row += 1
       self.writer.log(f'step {step}: loss is {loss}; update skipped ({self.skipped_in_a_row} in a row)')
@@ -338,7 +341,6 @@ class FiniteLossCheck:
     if self.mode == 'skip':
       self.writer.log(f'step {step}: not saved: the state after its update gives {what}; trying after the next step')
       return False
-    kept = self.checkpointer.latest_step()
-    kept = f'the newest checkpoint is step {kept}' if kept is not None else 'no checkpoint was saved'
+    kept = self._newest_checkpoint()
     raise JobFailed(f'the update of step {step} gives {what}; stopped without saving it ({kept}): lower '
                     'train.learning_rate, or pass --config.train.nonfinite=skip to drop such updates')

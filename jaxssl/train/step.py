@@ -19,6 +19,31 @@ def _split_microbatches(batch, microbatches: int):
   return jax.tree.map(split, batch)
 
 
+def _step_key(state):
+  """The dropout key of the step `state` is at: fold_in(key(seed), step)."""
+  return jax.random.fold_in(jax.random.wrap_key_data(state['rng']), state['step'])
+
+
+def _accumulated(fn, zero_fn, batch, step_key, microbatches: int):
+  """`fn(batch, step_key)`, or with microbatches the sum of `fn(microbatch_i, fold_in(step_key, i))` over them
+  (a scan; `zero_fn()` gives the zero of fn's output tree)."""
+  if microbatches == 1:
+    return fn(batch, step_key)
+
+  def accumulate(carry, inputs):
+    index, microbatch = inputs
+    microbatch = jax.tree.map(lambda x: mesh_lib.constrain(x, ('batch',) + (None,) * (x.ndim - 1)), microbatch)
+    return jax.tree.map(jnp.add, carry, fn(microbatch, jax.random.fold_in(step_key, index))), None
+  total, _ = jax.lax.scan(accumulate, zero_fn(), (jnp.arange(microbatches), _split_microbatches(batch, microbatches)))
+  return total
+
+
+def _zero_sums(graphdef, params, batch, objective):
+  """Float32 zeros shaped like the objective's sums."""
+  shapes = jax.eval_shape(lambda: objective.sums(graphdef, params, jax.tree.map(lambda x: x[:1], batch), None))
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
+
+
 def make_train_step(graphdef, tx, schedule, microbatches: int, objective):
   """Returns `train_step(state, batch) -> (state, metrics)` for `objective` (a families.Objective), a pure
   function to jit."""
@@ -30,23 +55,12 @@ def make_train_step(graphdef, tx, schedule, microbatches: int, objective):
   grad_fn = jax.grad(loss_fn, has_aux=True)
 
   def train_step(state, batch):
-    params, step = state['params'], state['step']
-    step_key = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), step)
+    params, step, step_key = state['params'], state['step'], _step_key(state)
     totals = objective.totals(batch)
-    if microbatches == 1:
-      grads, sums = grad_fn(params, batch, step_key, totals)
-    else:
-      def accumulate(carry, inputs):
-        index, microbatch = inputs
-        microbatch = jax.tree.map(lambda x: mesh_lib.constrain(x, ('batch',) + (None,) * (x.ndim - 1)), microbatch)
-        g, s = grad_fn(params, microbatch, jax.random.fold_in(step_key, index), totals)
-        return jax.tree.map(jnp.add, carry, (g, s)), None
-      zeros = jax.tree.map(jnp.zeros_like, params)
-      zero_sums = jax.eval_shape(lambda: objective.sums(graphdef, params, jax.tree.map(lambda x: x[:1], batch),
-                                                        None))
-      zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), zero_sums)
-      (grads, sums), _ = jax.lax.scan(
-          accumulate, (zeros, zero_sums), (jnp.arange(microbatches), _split_microbatches(batch, microbatches)))
+    grads, sums = _accumulated(
+        lambda b, key: grad_fn(params, b, key, totals),
+        lambda: (jax.tree.map(jnp.zeros_like, params), _zero_sums(graphdef, params, batch, objective)),
+        batch, step_key, microbatches)
     updates, opt_state = tx.update(grads, state['opt_state'], params)
     new_params = optax.apply_updates(params, updates)
     metrics = objective.summarize(sums)
@@ -69,22 +83,10 @@ def make_checkpoint_check(graphdef, microbatches: int, objective):
   """
 
   def check(state, batch):
-    params = state['params']
-    step_key = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), state['step'])
+    params, step_key = state['params'], _step_key(state)
     totals = objective.totals(batch)
-    if microbatches == 1:
-      sums = objective.sums(graphdef, params, batch, step_key)
-    else:
-      def accumulate(carry, inputs):
-        index, microbatch = inputs
-        microbatch = jax.tree.map(lambda x: mesh_lib.constrain(x, ('batch',) + (None,) * (x.ndim - 1)), microbatch)
-        return jax.tree.map(jnp.add, carry, objective.sums(graphdef, params, microbatch,
-                                                           jax.random.fold_in(step_key, index))), None
-      zero_sums = jax.eval_shape(lambda: objective.sums(graphdef, params, jax.tree.map(lambda x: x[:1], batch),
-                                                        None))
-      zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), zero_sums)
-      sums, _ = jax.lax.scan(accumulate, zero_sums,
-                             (jnp.arange(microbatches), _split_microbatches(batch, microbatches)))
+    sums = _accumulated(lambda b, key: objective.sums(graphdef, params, b, key),
+                        lambda: _zero_sums(graphdef, params, batch, objective), batch, step_key, microbatches)
     floats = [x for x in jax.tree.leaves((params, state['opt_state'])) if jnp.issubdtype(x.dtype, jnp.inexact)]
     finite = jnp.all(jnp.stack([jnp.isfinite(x).all() for x in floats])) if floats else jnp.bool_(True)
     return objective.loss(sums, totals), finite
