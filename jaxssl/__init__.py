@@ -1,5 +1,6 @@
 """jaxssl: self-supervised pretraining of Transformer language models in JAX/Flax."""
 from jaxssl import runtime as _runtime
+from jaxssl.version import __version__  # noqa: F401  (jaxssl.__version__)
 
 _runtime.local_gcs_defaults()  # before gcsfs or tensorstore read their settings (STORAGE_EMULATOR_HOST only)
 

@@ -42,6 +42,7 @@ def export(workdir: str, out: str, *, step: int | None = None, overwrite: bool =
   if step not in steps:
     raise UserError(f'{workdir} has no checkpoint at step {step}: choose one of {sorted(steps)}')
   meta = checkpointer.read_meta(step)
+  ckpt_lib.check_format(meta, f'checkpoint {step} in {directory}')
   config = config_lib.from_json(json.dumps(meta['config']))
   tokenizer = tokenizers.load_tokenizer(workdir)  # before any writing: a workdir without one is a UserError
   mesh = mesh_lib.make_mesh((-1, 1, 1))

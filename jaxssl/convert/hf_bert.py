@@ -356,7 +356,8 @@ def _from_local_hf(src: str, out: str, *, overwrite: bool, seed: int, named: tup
   checkpointer = ocp.StandardCheckpointer()  # the same writer as checkpoint.write_export
   checkpointer.save(os.path.abspath(os.path.join(tmp, 'params')), params)
   checkpointer.wait_until_finished()
-  export_config = {**config.to_dict(), 'vocab_size': vocab_size, 'converted_from': {'hf': paths.absolute(named[0])}}
+  export_config = {**config.to_dict(), 'vocab_size': vocab_size, 'converted_from': {'hf': paths.absolute(named[0])},
+                   **ckpt_lib.format_stamp()}
   with open(os.path.join(tmp, 'config.json'), 'w') as f:
     json.dump(export_config, f, indent=2, sort_keys=True)
   copied = _copy_tokenizer(src, tmp)

@@ -25,6 +25,31 @@ from jaxssl.data import tokenizers
 from jaxssl.errors import UserError
 from jaxssl.models import vocab
 from jaxssl.train import state as state_lib
+from jaxssl.version import __version__
+
+# The layout of what this jaxssl writes. Bump FORMAT_VERSION when a change means an older jaxssl can no longer read
+# a checkpoint or an export this one writes; raise OLDEST_READABLE_FORMAT only when this jaxssl stops reading an
+# older layout. 0 is everything written before versions were recorded (tests/fixtures/compat, which still restores).
+FORMAT_VERSION = 1
+OLDEST_READABLE_FORMAT = 0
+
+
+def format_stamp() -> dict:
+  """The keys every checkpoint's meta and every export's config.json carry: format version and jaxssl version."""
+  return {'format_version': FORMAT_VERSION, 'jaxssl_version': __version__}
+
+
+def check_format(saved: dict, what: str) -> None:
+  """UserError naming both versions when `saved` (a checkpoint's meta or an export's config.json, described by
+  `what`) was written in a layout this jaxssl cannot read."""
+  version = saved.get('format_version', 0)
+  if OLDEST_READABLE_FORMAT <= version <= FORMAT_VERSION:
+    return
+  by = saved.get('jaxssl_version', 'an unknown version')
+  fix = (f'read it with jaxssl {by} or newer (pip install -U jaxssl), or use a new --workdir' if version > FORMAT_VERSION
+         else f'read it with jaxssl {by}, or start again from an export this jaxssl reads')
+  raise UserError(f'{what} was written by jaxssl {by} (format {version}); this jaxssl {__version__} reads formats '
+                  f'{OLDEST_READABLE_FORMAT} to {FORMAT_VERSION}: {fix}')
 
 
 class Checkpointer:
@@ -58,7 +83,7 @@ class Checkpointer:
     return self.manager.save(step, force=force, args=ocp.args.Composite(
         params=ocp.args.StandardSave(state['params']),
         train=ocp.args.StandardSave({k: state[k] for k in ('opt_state', 'step', 'rng')}),
-        meta=ocp.args.JsonSave(meta)))
+        meta=ocp.args.JsonSave({**meta, **format_stamp()})))
 
   def read_meta(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
@@ -72,10 +97,12 @@ class Checkpointer:
     return {'params': restored['params'], **restored['train']}
 
   def newest_readable_meta(self):
-    """(step, meta) of the newest checkpoint whose metadata reads, or (None, None)."""
+    """(step, meta) of the newest checkpoint whose metadata reads, or (None, None); UserError when it was written
+    in a format this jaxssl cannot read (named with both versions; nothing is moved)."""
     for step in sorted(self.manager.all_steps(), reverse=True):
       ok, meta = _agree(lambda: self.read_meta(step))
       if ok:
+        check_format(meta, f'checkpoint {step} in {self.directory}')
         return step, meta
     return None, None
 
@@ -89,6 +116,9 @@ class Checkpointer:
     """
     failed = []
     for step in sorted(self.manager.all_steps(), reverse=True):
+      ok, meta = _agree(lambda: self.read_meta(step))
+      if ok:  # a checkpoint of a newer jaxssl is not damaged: stop before it is set aside
+        check_format(meta, f'checkpoint {step} in {self.directory}')
       ok, state = _agree(lambda: self.restore(step, abstract_state))
       if ok:
         for bad in failed:
@@ -168,6 +198,7 @@ def write_export(out: str, params, config_json: str, tokenizer, *, overwrite: bo
   """
   if isinstance(tokenizer, (str, os.PathLike)):
     tokenizer = tokenizers.load_tokenizer(os.fspath(tokenizer))
+  config_json = json.dumps({**json.loads(config_json), **format_stamp()}, indent=2, sort_keys=True)
   out = paths.absolute(os.fspath(out))
   if storage.isdir(out) and storage.listdir(out) and not overwrite:
     raise UserError(f'export directory {out} already exists and is not empty: choose a new --out or pass --overwrite')
@@ -196,7 +227,9 @@ def read_export_config(path: str) -> dict:
   config_file = storage.join(path, 'config.json')
   if not storage.exists(config_file):
     raise UserError(f'{path} is not a jaxssl export (no config.json): create one with python -m jaxssl.export')
-  return json.loads(storage.read_text(config_file))
+  saved = json.loads(storage.read_text(config_file))
+  check_format(saved, f'the export {path}')
+  return saved
 
 
 def load_export_params(path: str, abstract_params):
