@@ -21,7 +21,7 @@ from typing import Iterator, Protocol
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jaxssl.data import corpus_builders, corpus_files, multilingual
+from jaxssl.data import corpus_builders, corpus_changes, corpus_files, multilingual
 from jaxssl.errors import UserError
 
 
@@ -126,7 +126,7 @@ def load_corpus(corpus: str, data_dir: str = '', *, ptb_sentences_per_doc: int =
     if ptb_sentences_per_doc < 1:
       raise UserError(f'ptb_sentences_per_doc={ptb_sentences_per_doc} must be >= 1: '
                       'pass --config.data.ptb_sentences_per_doc=16')
-    config = tfds.core.BuilderConfig(name=f'spd{ptb_sentences_per_doc}_f{corpus_builders.FORMAT}')
+    config = tfds.core.BuilderConfig(name=_ptb_config_name(ptb_sentences_per_doc))
     builder = corpus_builders.prepared_builder(lambda: corpus_builders.JaxsslPtb(sentences_per_doc=ptb_sentences_per_doc, config=config,
                                                   data_dir=data_dir, file_format='array_record'), data_dir)
     return {s: builder.as_data_source(s) for s in ('train', 'validation', 'test')}
@@ -134,6 +134,10 @@ def load_corpus(corpus: str, data_dir: str = '', *, ptb_sentences_per_doc: int =
   if _is_files(corpus):
     return _load_local(corpus, data_dir, validation_fraction, text_field, max_bad_records)
   return _load_tfds(corpus, data_dir)
+
+
+def _ptb_config_name(sentences_per_doc: int) -> str:
+  return f'spd{sentences_per_doc}_f{corpus_builders.FORMAT}'
 
 
 def _is_files(corpus: str) -> bool:
@@ -222,6 +226,82 @@ def _load_tfds(corpus: str, data_dir: str) -> dict[str, Source]:
   else:  # hold out the last 1% of train; TFDS slicing works with as_data_source
     names = {'train': 'train[:-1%]', 'validation': 'train[-1%:]'}
   return {k: TextRecords(builder.as_data_source(v)) for k, v in names.items()}
+
+
+# ---------------------------------------------------------------------------------------------- identity
+
+def corpus_identity(data, *, every_file: bool = False) -> dict:
+  """What the corpus of a job's `data` config section is made of, JSON-able (a checkpoint records it): per part
+  (one, or each of a mixture) its tag and weight, kind ('ptb', 'tfds', 'files'), prepared dataset name and the
+  settings that make its records, and for files each file's [path, size, mtime_ns or bucket checksum] (the
+  first corpus_files.MAX_RECORDED_FILES unless every_file; a digest covers all). Nothing is prepared or read but
+  file metadata."""
+  recorded = None if every_file else corpus_files.MAX_RECORDED_FILES
+  corpus = data.corpus
+  if multilingual.is_multilingual(corpus):
+    parts = multilingual.parse_parts(corpus)
+  else:
+    parts = [('', corpus, None)]
+  identity = {'corpus': corpus, 'parts': [{'tag': tag, 'weight': weight, **_part_identity(part, data, recorded)}
+                                          for tag, part, weight in parts]}
+  if len(parts) > 1 and all(weight is None for _, _, weight in parts):
+    identity['language_temperature'] = data.get('language_temperature', multilingual.DEFAULT_TEMPERATURE)
+  return identity
+
+
+def _part_identity(corpus: str, data, recorded: int | None) -> dict:
+  if corpus == 'ptb':
+    per_doc = data.ptb_sentences_per_doc
+    return {'kind': 'ptb', 'dataset': f'{corpus_builders.JaxsslPtb.name}/{_ptb_config_name(per_doc)}',
+            'settings': {'ptb_sentences_per_doc': per_doc, 'format': corpus_builders.FORMAT}}
+  if not _is_files(corpus):
+    return {'kind': 'tfds', 'dataset': _tfds_dataset_name(corpus, data.data_dir)}
+  files = corpus_files.list_files(corpus)
+  name = corpus_builders.local_config_name(files, data.validation_fraction, data.text_field, data.max_bad_records)
+  return {'kind': 'files', 'dataset': f'{corpus_builders.JaxsslLocalText.name}/{name}',
+          'settings': {'validation_fraction': data.validation_fraction, 'text_field': data.text_field,
+                       'max_bad_records': data.max_bad_records, 'format': corpus_builders.FORMAT},
+          'files': corpus_files.files_identity(files, recorded)}
+
+
+def _tfds_dataset_name(name: str, data_dir: str) -> str:
+  """'c4/en/3.1.0': the TFDS dataset `name` resolves to (the version included), without preparing it."""
+  _tfds_compat()
+  try:
+    return tfds.builder(name, data_dir=data_dir or default_data_dir()).info.full_name
+  except Exception:  # pylint: disable=broad-except  # an unknown name: load_corpus explains it
+    return name
+
+
+def check_same_corpus(saved: dict, data, workdir: str = '', *, while_starting: bool = False) -> None:
+  """UserError (one line) when the corpus of `data` now differs from `saved` (a `corpus_identity`): a file
+  changed, was added or removed, or a setting that makes the records differs. It names the first changes and how
+  to go on. `workdir` names the checkpoints `saved` came from; while_starting: `saved` was taken by this run
+  moments ago (a file changed while the run prepared and opened the corpus)."""
+  found = corpus_changes.corpus_changes(saved, corpus_identity(data, every_file=True))
+  if not found.all:
+    return
+  shown = '; '.join(found.all[:3]) + (f' (and {len(found.all) - 3} more)' if len(found.all) > 3 else '')
+  if while_starting:
+    raise UserError(f'the corpus changed while this run was opening it: {shown}: nothing was trained; rerun the '
+                    'same command once the corpus files stay unchanged')
+  # A file only touched (same bytes, new mtime) counts as changed: the prepared dataset's name holds the mtime,
+  # and telling a touch from a same-size edit would mean reading the whole corpus (terabytes) at every start.
+  # Putting the time back (touch -d) is instant, and the resumed run then reuses the very dataset it trained on.
+  how = []
+  if found.settings:
+    how.append("run with the checkpoint's data.corpus and data settings" +
+               (f' (as in {workdir}/config.json)' if workdir else ''))
+  if found.files:
+    local = [s for s in found.restore if isinstance(s[2], int)]
+    how.append('restore the corpus files as they were' + (
+        f', contents and modification time (e.g. touch -d @{local[0][2] // 10**9}.{local[0][2] % 10**9:09d} '
+        f'{local[0][0]})' if local else ''))
+  where = f'the checkpoints in {workdir}' if workdir else 'the checkpoint'
+  raise UserError(f'the corpus differs from the one {where} trained on, and resuming would mix data: {shown}. '
+                  f'To resume on the same data, {" and ".join(how)}; to train on the new data, start a new '
+                  '--workdir (its run prepares the changed corpus; a corpus prepared ahead needs '
+                  '`python -m jaxssl.prepare` again)')
 
 
 def iter_sentences(source: Source, limit: int | None = None, batch_size: int = 256) -> Iterator[str]:

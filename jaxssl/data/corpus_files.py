@@ -8,6 +8,7 @@ zstd). Bad records are either a UserError at once (`bad_records=None`) or skippe
 `BadRecords`, whose `check` enforces `data.max_bad_records`.
 """
 import glob
+import hashlib
 import json
 import os
 import re
@@ -217,6 +218,35 @@ def fingerprint(path: str) -> str:
   keys = ('size', 'generation', 'md5Hash', 'crc32c', 'ETag', 'etag', 'VersionId', 'LastModified', 'mtime',
           'updated')
   return ' '.join(f'{k}={info[k]}' for k in keys if info.get(k) is not None)
+
+
+# At most this many files are recorded one by one in a corpus's identity (the rest only through its digest): a
+# checkpoint's metadata stays small (~100 KB) for a corpus of a million files.
+MAX_RECORDED_FILES = 1000
+
+
+def file_stamp(path: str) -> list:
+  """[path, size, stamp] of one corpus file as listed (absolute path or URL): stamp = the modification time in
+  ns (local) or a content checksum (a bucket object: crc32c, md5 or ETag; else its generation or update time)."""
+  if not is_url(path):
+    st = os.stat(path)
+    return [path, st.st_size, st.st_mtime_ns]
+  info = _remote_info.get(path)
+  if info is None:
+    fs, bare, _ = _remote_fs(path)
+    info = fs.info(bare)
+  # A checksum first: the same bytes uploaded again are the same file (its generation changes).
+  keys = ('crc32c', 'md5Hash', 'ETag', 'etag', 'generation', 'VersionId', 'LastModified', 'mtime', 'updated')
+  key = next((k for k in keys if info.get(k) is not None), None)
+  return [path, int(info.get('size') or 0), f'{key}={info[key]}' if key else '']
+
+
+def files_identity(files: list[str], recorded: int | None = MAX_RECORDED_FILES) -> dict:
+  """{'count', 'digest', 'recorded'}: a digest of the stamps of `files` and the first `recorded` stamps one by one
+  (None: all), JSON-able: what data/corpus_changes.py compares."""
+  stamps = [file_stamp(f) for f in files]
+  digest = hashlib.sha256(json.dumps(stamps).encode()).hexdigest()[:24]
+  return {'count': len(stamps), 'digest': digest, 'recorded': stamps if recorded is None else stamps[:recorded]}
 
 
 # ---------------------------------------------------------------------------------------------- reading
