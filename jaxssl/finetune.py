@@ -23,8 +23,9 @@ def main(argv=None):
   runtime.check_workdir(args.workdir)
   args.workdir = paths.absolute(args.workdir)
   runtime.setup(args)
-  from jaxssl.train import finetune
-  finetune.run_finetuning(config, args.workdir)
+  from jaxssl.train import finetune, workdir_lock
+  with workdir_lock.hold(args.workdir, job='finetune'):  # one job per workdir: a second one refuses
+    finetune.run_finetuning(config, args.workdir)
 
 
 if __name__ == '__main__':

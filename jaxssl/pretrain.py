@@ -36,8 +36,9 @@ def main(argv=None):
   runtime.check_workdir(args.workdir)
   args.workdir = paths.absolute(args.workdir)
   runtime.setup(args)
-  from jaxssl.train import loop  # after runtime setup: importing jax-heavy modules initialises nothing early
-  loop.run_pretraining(config, args.workdir)
+  from jaxssl.train import loop, workdir_lock  # after runtime setup: jax-heavy imports initialise nothing early
+  with workdir_lock.hold(args.workdir, job='pretrain'):  # one job per workdir: a second one refuses
+    loop.run_pretraining(config, args.workdir)
 
 
 def compile_only(config, args) -> None:
