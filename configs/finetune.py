@@ -56,6 +56,8 @@ def get_config(variant: str = 'classification') -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       steps=1000, batch_size=32, seed=0, learning_rate=2e-5, warmup_steps=100, end_learning_rate=0.0,
       weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-6, grad_clip_norm=1.0, microbatches=1,
+      nonfinite='stop',        # NaN/Inf loss: 'stop' (naming the step; never saved) or 'skip' the update
+      max_skipped_steps=10,    # with 'skip': stop after this many non-finite steps in a row
   ))
   c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=200, keep=2, async_save=True,

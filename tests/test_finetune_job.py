@@ -405,3 +405,38 @@ def test_tag_scheme_and_best_metric_resolution():
   cola = task('cola')
   assert tasks.get(cola.kind).metric_names(cola, ['0', '1']) == ('matthews_corrcoef',)
   assert tasks.resolve_best_metric(task('qa', best_metric=''), []) == 'f1'
+
+
+@pytest.mark.parametrize('mode', ['stop', 'skip'])
+def test_nan_in_finetuning_is_never_saved_and_is_recorded(export_dir, tmp_path, mode):
+  """As in pretraining: checkpoint d is saved only when its params and moments are finite and the loss step d+1
+  computes from it is; the bad step is recorded in metrics.jsonl and named by the last line (exit 1)."""
+  write_sentiment(tmp_path / 'train.tsv', 64, 1)
+  workdir = tmp_path / mode
+  result = run_finetune('classification', export_dir, workdir, tmp_path / 'train.tsv', tmp_path / 'train.tsv',
+                        '--config.train.learning_rate=1e12' if mode == 'skip' else '--config.train.learning_rate=1e6',
+                        '--config.train.warmup_steps=0', '--config.train.steps=40', '--config.log.every_steps=1',
+                        '--config.checkpoint.every_steps=1', '--config.checkpoint.keep=100',
+                        '--config.eval.every_steps=1000', f'--config.train.nonfinite={mode}',
+                        '--config.train.max_skipped_steps=2')
+  assert result.returncode == 1, result.stderr[-3000:]
+  line = result.stderr.strip().splitlines()[-1]
+  with open(workdir / 'metrics.jsonl') as f:
+    records = [json.loads(l) for l in f]
+  logged = {r['step']: r['loss'] for r in records if 'loss' in r}
+  bad = [r for r in records if 'nonfinite' in r]
+  saved = sorted(int(d) for d in os.listdir(workdir / 'checkpoints') if d.isdigit()) if os.path.isdir(
+      workdir / 'checkpoints') else []
+  for d in saved:  # every saved state's next loss, as the run logged it, is finite
+    assert d + 1 not in logged or logged[d + 1] == logged[d + 1] and abs(logged[d + 1]) != float('inf'), (d, logged)
+  if mode == 'stop':
+    import re
+    broken = int(re.search(r'the update of step (\d+) gives', line)[1])
+    assert saved == list(range(1, broken)), (saved, line)
+    assert bad[-1] == {'step': broken, 'nonfinite': bad[-1]['nonfinite'], 'value': bad[-1]['value'],
+                       'action': 'stopped'} and bad[-1]['nonfinite'] in ('next_loss', 'state')
+  else:
+    assert 'non-finite for 3 steps in a row' in line, line
+    assert [r['action'] for r in bad if r['nonfinite'] == 'loss'][-1] == 'stopped'
+    first_bad = min(s for s, v in logged.items() if v != v or abs(v) == float('inf'))
+    assert all(d < first_bad - 1 for d in saved), (saved, first_bad)

@@ -316,6 +316,8 @@ def test_nan_loss_stops_naming_the_step_and_is_never_saved(corpus, tmp_path, mod
     broken = int(re.search(r'the update of step (\d+) gives (a non-finite loss|non-finite params)', line)[1])
     assert 'stopped without saving it' in line and np.isfinite(logged[broken]), line
     assert saved == list(range(1, broken))  # every state before it, none after
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:  # the record of the run names the bad step
+      assert [json.loads(l) for l in f if 'nonfinite' in l][-1]['step'] == broken
   else:
     assert 'non-finite for 4 steps in a row up to step' in line, line
     assert 'not saved: the state after its update gives' in result.stdout + result.stderr

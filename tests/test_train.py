@@ -120,7 +120,7 @@ def test_nonfinite_skip_keeps_params_and_stops_after_too_many_in_a_row():
   import jax.numpy as jnp
   import optax
   from jaxssl.errors import JobFailed
-  from jaxssl.train import loop
+  from jaxssl.train import nonfinite
   from jaxssl.train import state as state_lib
   config = config_lib.load_config('configs/bert.py:tiny')
   config_lib.parse_overrides(config, ['--config.train.nonfinite=skip', '--config.train.warmup_steps=0'])
@@ -136,8 +136,22 @@ def test_nonfinite_skip_keeps_params_and_stops_after_too_many_in_a_row():
     def latest_step(self):
       return 7
 
-  logged = []
-  check = loop.FiniteLossCheck('skip', 2, Kept(), type('W', (), {'log': lambda self, m: logged.append(m)})())
+  class Writer:
+    def __init__(self):
+      self.logged, self.records = [], []
+
+    def log(self, message):
+      self.logged.append(message)
+
+    def write(self, step, record):
+      self.records.append({'step': step, **record})
+
+    def flush(self):
+      pass
+
+  writer = Writer()
+  logged = writer.logged
+  check = nonfinite.FiniteLossCheck('skip', 2, Kept(), writer)
   check.check(8, {'loss': np.float32(1.0)})
   check.check(9, {'loss': np.float32(np.nan)})
   check.check(10, {'loss': np.float32(np.inf)})
@@ -147,8 +161,11 @@ def test_nonfinite_skip_keeps_params_and_stops_after_too_many_in_a_row():
   with pytest.raises(JobFailed, match='non-finite for 3 steps in a row up to step 14; the newest checkpoint is step 7'):
     check.check(14, {'loss': np.float32(np.nan)})
   assert len(logged) == 5 and 'update skipped' in logged[0]
+  assert [(r['step'], r['value'], r['action']) for r in writer.records] == [
+      (9, 'nan', 'update skipped'), (10, 'inf', 'update skipped'), (12, 'nan', 'update skipped'),
+      (13, 'nan', 'update skipped'), (14, 'nan', 'stopped')]
   with pytest.raises(JobFailed, match='the loss is nan at step 3'):
-    loop.FiniteLossCheck('stop', 2, Kept(), None).check(3, {'loss': np.float32(np.nan)})
+    nonfinite.FiniteLossCheck('stop', 2, Kept(), Writer()).check(3, {'loss': np.float32(np.nan)})
 
 
 def test_check_compatible_knows_the_llama_shape_keys():

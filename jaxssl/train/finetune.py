@@ -30,8 +30,10 @@ from jaxssl.tasks.base import INPUT_KEYS
 from jaxssl.tasks.model import TaskModel, task_loss
 from jaxssl.train import checkpoint as ckpt_lib
 from jaxssl.train import metrics as writer_lib
+from jaxssl.train import nonfinite
 from jaxssl.train import preemption
 from jaxssl.train import state as state_lib
+from jaxssl.train import step as step_lib
 
 
 def batch_indices(step: int, batch_size: int, num_examples: int, seed: int) -> np.ndarray:
@@ -189,14 +191,26 @@ def restore_or_init(checkpointer, setup, tx, init_from: str, say):
 
 
 def make_train_step(setup, tx, schedule, kind, mesh, features: dict):
-  """(jitted `train_step(state, batch) -> (state, metrics)`, the feature keys a batch holds)."""
+  """(jitted `train_step(state, batch) -> (state, metrics)`, jitted `checkpoint_check(state, batch) -> (loss,
+  finite)`, the feature keys a batch holds).
+
+  The check is what a checkpoint of `state` must pass before it is saved: the loss the next step computes from it
+  on `batch` (the next step's batch and dropout key; forward only) and whether its params and moments are finite.
+  """
   def loss_fn(params, batch, key):
     model = nnx.merge(setup.graphdef, params)
     outputs = model(*(batch[k] for k in INPUT_KEYS), dropout_rng=key, **{k: batch[k] for k in kind.model_inputs})
     return task_loss(kind.name, outputs, batch)[0]
 
+  def step_key(state):
+    return jax.random.fold_in(jax.random.wrap_key_data(state['rng']), state['step'])
+
+  def checkpoint_check(state, batch):
+    return loss_fn(state['params'], batch, step_key(state)), step_lib.all_finite((state['params'],
+                                                                                 state['opt_state']))
+
   def train_step(state, batch):
-    key = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), state['step'])
+    key = step_key(state)
     loss, grads = jax.value_and_grad(loss_fn)(state['params'], batch, key)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     new_state = {**state, 'params': optax.apply_updates(state['params'], updates), 'opt_state': opt_state,
@@ -206,9 +220,11 @@ def make_train_step(setup, tx, schedule, kind, mesh, features: dict):
   batch_keys = [*INPUT_KEYS, *kind.model_inputs, *kind.label_keys]
   shardings = state_lib.state_shardings(setup, tx)
   batch_shardings = {k: mesh_lib.batch_sharding(mesh, features[k].ndim) for k in batch_keys}
-  step = jax.jit(train_step, in_shardings=(shardings, batch_shardings),
-                 out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
-  return step, batch_keys
+  replicated = NamedSharding(mesh, P())
+  step = jax.jit(train_step, in_shardings=(shardings, batch_shardings), out_shardings=(shardings, replicated),
+                 donate_argnums=0)
+  check = jax.jit(checkpoint_check, in_shardings=(shardings, batch_shardings), out_shardings=(replicated, replicated))
+  return step, check, batch_keys
 
 
 class DevEvaluation:
@@ -267,7 +283,13 @@ def run_finetuning(config, workdir: str) -> dict:
   state, best, dev_pending = restore_or_init(checkpointer, setup, tx, config.init_from, say)
   start = int(jax.device_get(state['step']))
   say(banner(config, data, mesh, start, workdir), flush=True)
-  train_step, batch_keys = make_train_step(setup, tx, schedule, data.kind, mesh, data.train_features)
+  train_step, checkpoint_check, batch_keys = make_train_step(setup, tx, schedule, data.kind, mesh,
+                                                             data.train_features)
+
+  def batch_at(step):  # the global batch of `step`: a function of (seed, step)
+    rows = local_rows(batch_indices(step, t.batch_size, data.num_train_examples, t.seed))
+    return mesh_lib.global_batch({k: data.train_features[k][rows] for k in batch_keys}, mesh)
+
   writer = writer_lib.MetricsWriter(workdir, resume_step=start, total_steps=t.steps)
   run_config = json.loads(config_lib.to_json(config))
   export_config = {**body.saved, 'finetune': run_config, 'task': {
@@ -276,21 +298,30 @@ def run_finetuning(config, workdir: str) -> dict:
   evaluate = DevEvaluation(task, data, predict, writer, storage.join(workdir, 'export'), export_config,
                            body.tokenizer)
   watch = preemption.PreemptionWatch()
+  finite = nonfinite.FiniteLossCheck(t.get('nonfinite', 'stop'), t.get('max_skipped_steps', 10), checkpointer,
+                                     writer)
 
-  def save(state, done, best, evaluating):
+  def save(state, done, metrics, best, evaluating) -> bool:
+    """Saves the state after step `done` unless it, or the loss the next step computes from it, is non-finite."""
+    finite.check(done, metrics)
+    if not finite.checkpoint_ok(done, *checkpoint_check(state, batch_at(done))):
+      return False
     checkpointer.save(state, {'config': run_config, 'step': done, 'num_labels': data.num_labels, 'best': best,
                               'model': body.saved['model'], 'vocab_size': body.vocab_size,
                               'dev_pending': done if evaluating else None}, force=True)
+    return True
 
   try:
     with jax.set_mesh(mesh):
       if dev_pending:  # the checkpoint was saved just before its dev evaluation, which did not finish
         best = evaluate(start, state['params'], best)
+      previous, save_pending = None, False
       for step in range(start, t.steps):
-        rows = local_rows(batch_indices(step, t.batch_size, data.num_train_examples, t.seed))
-        state, step_metrics = train_step(state, mesh_lib.global_batch(
-            {k: data.train_features[k][rows] for k in batch_keys}, mesh))
+        state, step_metrics = train_step(state, batch_at(step))
         done = step + 1
+        if previous is not None:  # the step before is finished by now: reading its loss stalls nothing
+          finite.check(*previous)
+        previous = (done, step_metrics)
         if done % config.log.every_steps == 0 or done == t.steps:
           logged = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
           writer.write(done, logged)
@@ -298,10 +329,12 @@ def run_finetuning(config, workdir: str) -> dict:
         evaluating = done % config.eval.every_steps == 0 or done == t.steps
         preempted = watch.stop_at(done)
         # Saved before the dev metrics run: whatever they do, the trained state is on disk.
-        if evaluating or done % config.checkpoint.every_steps == 0 or preempted:
-          save(state, done, best, evaluating)
+        if evaluating or done % config.checkpoint.every_steps == 0 or preempted or save_pending:
+          save_pending = not save(state, done, step_metrics, best, evaluating)
         if preempted:  # the dev evaluation of this step, if any, runs when the rerun resumes here
-          say(f'preempted (SIGTERM): saved step {done}; rerun the same command to resume', flush=True)
+          checkpointer.wait()
+          say(f'preempted (SIGTERM): saved step {checkpointer.latest_step()}; rerun the same command to resume',
+              flush=True)
           return best
         if evaluating:
           best = evaluate(done, state['params'], best)

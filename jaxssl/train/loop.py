@@ -6,7 +6,6 @@ of it. SIGTERM (preemption) saves at a step every process agrees on and returns;
 skips the update) and is never saved; a damaged newest checkpoint gives way to the newest good one.
 """
 import json
-import math
 
 import jax
 from jax.experimental import multihost_utils
@@ -16,10 +15,11 @@ from jaxssl import families
 from jaxssl import mesh as mesh_lib
 from jaxssl import storage
 from jaxssl.data import corpora, tokenizers
-from jaxssl.errors import JobFailed, UserError
+from jaxssl.errors import UserError
 from jaxssl.models import vocab
 from jaxssl.train import checkpoint as ckpt_lib
 from jaxssl.train import metrics as metrics_lib
+from jaxssl.train import nonfinite
 from jaxssl.train import preemption
 from jaxssl.train import state as state_lib
 from jaxssl.train import step as step_lib
@@ -115,7 +115,9 @@ def run_pretraining(config, workdir: str) -> dict:
   is_main = jax.process_index() == 0
   say = print if is_main else (lambda *a, **k: None)
   checkpointer = _checked_checkpointer(config, workdir, say)
+  corpus_identity = corpora.corpus_identity(config.data)  # before loading: the files the run prepares and reads
   sources, tokenizer, vocab_size = _corpus_and_tokenizer(config, workdir, is_main)
+  corpora.check_same_corpus(corpus_identity, config.data, workdir, while_starting=True)
   mesh = _mesh(config)
   t = config.train
   setup = state_lib.setup_model(config.model, vocab_size, mesh, t.seed)
@@ -136,10 +138,10 @@ def run_pretraining(config, workdir: str) -> dict:
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start, total_steps=t.steps)
   peak = metrics_lib.peak_flops_per_device(config.log.peak_flops_per_device) * jax.device_count()
   throughput = metrics_lib.Throughput(t.batch_size * config.data.seq_len, flops_per_token, peak)
-  meta = {'config': json.loads(config_lib.to_json(config)), 'vocab_size': vocab_size}
+  meta = {'config': json.loads(config_lib.to_json(config)), 'vocab_size': vocab_size, 'corpus': corpus_identity}
   last, previous, next_batch, save_pending = {}, None, None, False
   watch = preemption.PreemptionWatch()
-  finite = FiniteLossCheck(t.get('nonfinite', 'stop'), t.get('max_skipped_steps', 10), checkpointer, writer)
+  finite = nonfinite.FiniteLossCheck(t.get('nonfinite', 'stop'), t.get('max_skipped_steps', 10), checkpointer, writer)
   try:
     with jax.set_mesh(mesh):
       for step in range(start, t.steps):
@@ -210,6 +212,8 @@ def _checked_checkpointer(config, workdir: str, say) -> ckpt_lib.Checkpointer:
   _, saved = checkpointer.newest_readable_meta()
   if saved is not None:
     ckpt_lib.check_compatible(saved['config'], config.model, config.tokenizer.vocab_size, workdir)
+  if saved is not None and 'corpus' in saved:  # checkpoints written before corpus identities resume unchecked
+    corpora.check_same_corpus(saved['corpus'], config.data, workdir)
   return checkpointer
 
 
@@ -294,53 +298,3 @@ class HeldOut:
       result.update({f'{lang}_{k}' if lang else k: v for k, v in metrics.items()})
     writer.write(step, result, prefix='eval_')
     return {'eval_' + k: v for k, v in result.items()}
-
-
-class FiniteLossCheck:
-  """Stops the run (JobFailed naming the step) when the loss is NaN/Inf; with nonfinite='skip' the optimizer
-  has dropped that update instead, and only `max_skipped` such steps in a row stop the run."""
-
-  def __init__(self, mode: str, max_skipped: int, checkpointer, writer):
-    if mode not in ('stop', 'skip'):
-      raise UserError(f"train.nonfinite={mode!r}: use 'stop' or 'skip'")
-    self.mode, self.max_skipped, self.checkpointer, self.writer = mode, max_skipped, checkpointer, writer
-    self.skipped_in_a_row, self.checked = 0, 0
-
-  def _newest_checkpoint(self) -> str:
-    step = self.checkpointer.latest_step()
-    return f'the newest checkpoint is step {step}' if step is not None else 'no checkpoint was saved'
-
-  def check(self, step: int, metrics) -> None:
-    if step <= self.checked:
-      return
-    self.checked = step
-    loss = float(jax.device_get(metrics['loss']))
-    if math.isfinite(loss):
-      self.skipped_in_a_row = 0
-      return
-    kept = self._newest_checkpoint()
-    if self.mode == 'skip':
-      self.skipped_in_a_row += 1
-      self.writer.log(f'step {step}: loss is {loss}; update skipped ({self.skipped_in_a_row} in a row)')
-      if self.skipped_in_a_row <= self.max_skipped:
-        return
-      raise JobFailed(f'the loss was non-finite for {self.skipped_in_a_row} steps in a row up to step {step}; '
-                      f'{kept} (never a NaN one): lower train.learning_rate or check the data')
-    raise JobFailed(f'the loss is {loss} at step {step}; stopped without saving it ({kept}): lower '
-                    'train.learning_rate, or pass --config.train.nonfinite=skip to drop such updates')
-
-  def checkpoint_ok(self, step: int, next_loss, finite) -> bool:
-    """Whether the state after update `step` may be saved: its params and moments finite, and the loss the next
-    step computes from it finite. If not: 'stop' raises JobFailed naming the step; 'skip' logs it and returns
-    False (the loop tries again after the next step, whose update may be dropped)."""
-    next_loss, finite = float(jax.device_get(next_loss)), bool(jax.device_get(finite))
-    if finite and math.isfinite(next_loss):
-      return True
-    what = ('non-finite params or optimizer moments' if not finite else
-            f'a non-finite loss ({next_loss}) at step {step + 1}')
-    if self.mode == 'skip':
-      self.writer.log(f'step {step}: not saved: the state after its update gives {what}; trying after the next step')
-      return False
-    kept = self._newest_checkpoint()
-    raise JobFailed(f'the update of step {step} gives {what}; stopped without saving it ({kept}): lower '
-                    'train.learning_rate, or pass --config.train.nonfinite=skip to drop such updates')

@@ -87,11 +87,15 @@ def make_checkpoint_check(graphdef, microbatches: int, objective):
     totals = objective.totals(batch)
     sums = _accumulated(lambda b, key: objective.sums(graphdef, params, b, key),
                         lambda: _zero_sums(graphdef, params, batch, objective), batch, step_key, microbatches)
-    floats = [x for x in jax.tree.leaves((params, state['opt_state'])) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    finite = jnp.all(jnp.stack([jnp.isfinite(x).all() for x in floats])) if floats else jnp.bool_(True)
-    return objective.loss(sums, totals), finite
+    return objective.loss(sums, totals), all_finite((params, state['opt_state']))
 
   return check
+
+
+def all_finite(tree):
+  """Whether every float in `tree` (params, optimizer moments) is finite: a boolean scalar, to use under jit."""
+  floats = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in floats])) if floats else jnp.bool_(True)
 
 
 def make_eval_step(graphdef, objective):
