@@ -290,15 +290,20 @@ def trees_equal(a, b) -> bool:
           all(x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(map(np.asarray, la), map(np.asarray, lb))))
 
 
-def verify_checkpoints(workdir: str, reference: Restorer) -> dict:
-  """{step: 'same' (bit-identical to the reference's checkpoint of that step), 'restores' (the reference has none)
-  or 'UNREADABLE: why'} for every finished checkpoint of `workdir`."""
-  here, found = Restorer(workdir), {}
-  for step in finished_steps(workdir):
+def verify_checkpoints(workdir: str, reference: Restorer, keep: int = 0) -> dict:
+  """{step: 'same' (bit-identical to the reference's checkpoint of that step), 'restores' (the reference has none),
+  'half-deleted' (unreadable, but past the newest `keep`: orbax was deleting it) or 'UNREADABLE: why'} for every
+  finished checkpoint of `workdir`."""
+  steps, found = finished_steps(workdir), {}
+  if not steps:
+    return found
+  here = Restorer(workdir)
+  for step in steps:
     try:
       state = here.state(step)
     except Exception as e:  # pylint: disable=broad-except  (any damage is the finding)
-      found[step] = f'UNREADABLE: {type(e).__name__}: {str(e)[:200]}'
+      past_keep = keep and step < steps[-keep]
+      found[step] = 'half-deleted' if past_keep else f'UNREADABLE: {type(e).__name__}: {str(e)[:200]}'
       continue
     if step in finished_steps(reference.workdir):
       found[step] = 'same' if trees_equal(state, reference.state(step)) else 'DIFFERS from the reference'
@@ -331,29 +336,54 @@ def same_export(a, b) -> bool:
 
 # ----- drill 1 and 2: kill -9 and SIGTERM, rerun until done -----
 
-KINDS = ('kill-save', 'kill-step', 'kill-time', 'sigterm')
+KINDS = ('kill-save', 'kill-step', 'kill-time', 'kill-delete', 'kill-prepare', 'sigterm')
+KEEP = 3  # checkpoint.keep of the interrupted runs (the default): older steps are deleted as newer ones finish
 
 
 def kill_plan(kills: int, seed: int) -> list:
-  """`kills` seeded random kinds of kill -9, at least one inside an async checkpoint write."""
+  """`kills` kinds of kill -9: the first inside the corpus preparation, one inside an async checkpoint write, one
+  inside orbax's deletion of a checkpoint past `keep`, the rest seeded random kinds."""
   rng = random.Random(seed)
-  plan = ['kill-save'] + [rng.choice(KINDS[:3]) for _ in range(kills - 1)]
-  rng.shuffle(plan)
-  return plan
+  rest = ['kill-save', 'kill-delete'] + [rng.choice(KINDS[:4]) for _ in range(kills - 3)]
+  rng.shuffle(rest)
+  return ['kill-prepare'] + rest[:kills - 1]
 
 
-def interrupt(job: Job, kind: str, workdir: str, target: int, rng: random.Random, window_s: float) -> bool:
+def _half_deleted(workdir: str, sizes: dict) -> bool:
+  """True once a finished step folder holds fewer files than when first seen (orbax is deleting it); `sizes`
+  remembers the counts."""
+  directory = os.path.join(workdir, 'checkpoints')
+  for step in finished_steps(workdir):
+    count = sum(len(files) for _, _, files in os.walk(os.path.join(directory, str(step))))
+    if count < sizes.setdefault(step, count):
+      return True
+  return False
+
+
+def _preparing(data_dir: str) -> bool:
+  """True while TFDS writes a dataset (its `incomplete.*` folder exists)."""
+  return any(n.startswith('incomplete.') for _, dirs, _ in os.walk(data_dir) for n in dirs)
+
+
+def interrupt(job: Job, kind: str, workdir: str, target: int, rng: random.Random, window_s: float,
+              data_dir: str = '') -> bool:
   """Interrupts `job` as `kind` says: 'kill-step' kill -9 once step `target` is logged; 'kill-save' once it is
-  logged, kill -9 the moment an async checkpoint write is under way; 'kill-time' kill -9 at a random time (start-up,
-  corpus preparation and compilation included); 'sigterm' SIGTERM once `target` is logged. False if the job
-  finished before."""
+  logged, kill -9 the moment an async checkpoint write is under way; 'kill-delete' once it is logged, the moment a
+  checkpoint past `keep` is half deleted; 'kill-prepare' while the corpus is being prepared (in `data_dir`);
+  'kill-time' at a random time (start-up, preparation and compilation included); 'sigterm' SIGTERM once
+  `target` is logged. False if the job finished before."""
   if kind == 'kill-time':
     delay = rng.uniform(0.5, window_s)
     reached = wait_until(job, lambda: time.monotonic() - job.started >= delay, interval=0.005)
+  elif kind == 'kill-prepare':
+    reached = wait_until(job, lambda: _preparing(data_dir), interval=0.0005)
   else:
     reached = wait_until(job, lambda: logged_step(workdir) >= target)
     if reached and kind == 'kill-save':
       reached = wait_until(job, lambda: bool(unfinished_writes(workdir)), interval=0.0005)
+    if reached and kind == 'kill-delete':
+      sizes = {}
+      reached = wait_until(job, lambda: _half_deleted(workdir, sizes), interval=0.0005)
   if not reached:
     return False
   job.signal(signal.SIGTERM if kind == 'sigterm' else signal.SIGKILL)
@@ -375,7 +405,7 @@ def interrupted_run(site: Site, name: str, plan: list, *, seed: int = 0, own_dat
   events, expected_start, outs = [], 0, []
   for i, (kind, target) in enumerate(zip(plan, targets)):
     job = site.start(f'{name}-{i}-{kind}', site.pretrain_args(workdir), data_dir=data_dir)
-    landed = interrupt(job, kind, workdir, target, rng, max(site.reference_wall, 2.0))
+    landed = interrupt(job, kind, workdir, target, rng, max(site.reference_wall, 2.0), data_dir)
     rc = job.wait()
     outs.append(job.out)
     event = {'kind': kind, 'target_step': target, 'rc': rc, 'logged_step': logged_step(workdir),
@@ -393,10 +423,13 @@ def interrupted_run(site: Site, name: str, plan: list, *, seed: int = 0, own_dat
       assert event['saved'] in finished_steps(workdir), (event, checkpoint_names(workdir))
     else:
       assert rc == -signal.SIGKILL, job.tail()
-    event['checkpoints'] = verify_checkpoints(workdir, reference)
-    bad = {s: v for s, v in event['checkpoints'].items() if v not in ('same', 'restores')}
+    event['checkpoints'] = verify_checkpoints(workdir, reference, KEEP)
+    event['files'] = {step: sum(len(f) for _, _, f in os.walk(os.path.join(workdir, 'checkpoints', str(step))))
+                      for step in finished_steps(workdir)}  # fewer in one than the others: caught mid-deletion
+    bad = {s: v for s, v in event['checkpoints'].items() if v not in ('same', 'restores', 'half-deleted')}
     assert not bad, f'after interruption {i} ({kind}): {bad}'
-    expected_start = max(finished_steps(workdir), default=0)
+    usable = [s for s, v in event['checkpoints'].items() if v != 'half-deleted']
+    expected_start = max(usable, default=0)
   job = site.start(f'{name}-final', site.pretrain_args(workdir), data_dir=data_dir)
   assert job.wait() == 0, job.tail()
   final_start = resumed_from(job.out)
@@ -408,6 +441,8 @@ def interrupted_run(site: Site, name: str, plan: list, *, seed: int = 0, own_dat
   kills = [e for e in events if e['kind'] != 'sigterm' and not e.get('finished_first')]
   return {'interruptions': events, 'final_resumed_from': final_start, 'records_compared': compared,
           'kills': len(kills), 'inside_async_write': sum(bool(e['unfinished_writes']) for e in kills),
+          'half_deleted': sum(list(e.get('checkpoints', {}).values()).count('half-deleted') for e in events),
+          'caught_deleting': sum(len(set(e.get('files', {}).values())) > 1 for e in events),
           'set_aside': set_aside(workdir), 'unreadable_reported': 'unreadable' in logs,
           'final_checkpoints': sorted(final), 'workdir': workdir}
 
@@ -419,7 +454,10 @@ def kill9_drill(site: Site, kills: int = 10, seed: int = 0) -> dict:
   result = interrupted_run(site, 'kill9', kill_plan(kills, seed), seed=seed, own_data_dir=True)
   assert result['inside_async_write'] >= 1, 'no kill landed inside an async checkpoint write'
   assert not result['set_aside'], f'checkpoints set aside without a torn write: {result["set_aside"]}'
-  result['summary'] = (f'{result["kills"]} kills, {result["inside_async_write"]} inside an async write; every rerun '
+  kinds = ', '.join(f'{k} {sum(e["kind"] == k for e in result["interruptions"])}' for k in KINDS[:5])
+  result['summary'] = (f'{result["kills"]} kills ({kinds}), {result["inside_async_write"]} left an unfinished async '
+                       f'write, {result["caught_deleting"]} an old checkpoint half deleted ({result["half_deleted"]} of them '
+                       'unreadable, all past keep); every rerun '
                        f'resumed from the newest finished checkpoint; {result["records_compared"]} metrics records '
                        'bit-identical; every finished checkpoint bit-identical to the reference')
   return result
@@ -595,14 +633,17 @@ def nan_drill(site: Site, mode: str) -> dict:
     assert d + 1 not in logged or np.isfinite(logged[d + 1]), (d, logged)
     leaves = jax.tree.leaves({k: v for k, v in restorer.state(d).items() if k in ('params', 'opt_state')})
     assert all(np.isfinite(np.asarray(x)).all() for x in leaves if np.issubdtype(np.asarray(x).dtype, np.floating))
+  noted = {r['step']: r for r in records(workdir) if 'nonfinite' in r}  # metrics.jsonl names the bad steps
   if mode == 'stop':
     broken = int(re.search(r'the update of step (\d+) gives', line)[1])
     assert saved == list(range(1, broken)), (saved, broken)
-    named = f'the update of step {broken} broke it'
+    assert broken in noted and noted[broken]['action'] == 'stopped', noted
+    named = f'the update of step {broken} broke it ({noted[broken]["nonfinite"]} recorded)'
   else:
     bad = min(s for s, v in logged.items() if not np.isfinite(v))
     assert 'non-finite for 4 steps in a row' in line and all(d < bad - 1 for d in saved), (line, saved)
-    named = f'first non-finite loss logged at step {bad}'
+    assert bad in noted, noted
+    named = f'first non-finite loss at step {bad}, {len(noted)} non-finite steps recorded'
   return {'saved': saved, 'line': line, 'logged_steps': max(logged, default=0), 'summary':
           f'exit 1: "{line[:100]}..."; {named}; {len(saved)} checkpoint(s), each finite with a finite next loss'}
 

@@ -1,8 +1,8 @@
 """Failure drills on real job processes, the CI subset of `python benchmarks/drills.py` (same functions, fewer
-kills): kill -9 inside an async checkpoint write and at a step, SIGTERM to a single process, the export job killed
-mid-write and mid-overwrite, SIGTERM to a fine-tune job. Each outcome is compared with an uninterrupted run bit for
-bit. The full set (10 kills, the 2x4 → 4x2 → 1x8 elastic legs, NaN, two jobs, changed corpus, full disk) is the
-script's."""
+kills): kill -9 inside an async checkpoint write and inside a keep-rule deletion, SIGTERM to a single process, the
+export job killed mid-write and mid-overwrite, SIGTERM to a fine-tune job. Each outcome is compared with an
+uninterrupted run bit for bit. The full set (10 kills, the 2x4 → 4x2 → 1x8 elastic legs, NaN, two jobs, changed
+corpus, full disk) is the script's."""
 import os
 import sys
 
@@ -20,10 +20,10 @@ def site(tmp_path_factory):
 
 
 def test_kill9_inside_an_async_save_then_sigterm_resume_exactly(site):
-  """kill -9 while orbax writes a checkpoint, SIGTERM (exit 0, 'saved step N'), kill -9 at a step: each rerun
-  resumes from the newest finished checkpoint, every checkpoint equals the uninterrupted run's, and so does
-  metrics.jsonl, record for record."""
-  result = drills.interrupted_run(site, 'ci', ['kill-save', 'sigterm', 'kill-step'], seed=1)
+  """kill -9 while orbax writes a checkpoint, SIGTERM (exit 0, 'saved step N'), kill -9 while orbax deletes a
+  checkpoint past checkpoint.keep: each rerun resumes from the newest finished checkpoint, every checkpoint equals
+  the uninterrupted run's, and so does metrics.jsonl, record for record."""
+  result = drills.interrupted_run(site, 'ci', ['kill-save', 'sigterm', 'kill-delete'], seed=1)
   kill_save, sigterm, _ = result['interruptions']
   assert kill_save['unfinished_writes'], 'the kill did not land inside the checkpoint write'
   assert sigterm['rc'] == 0 and sigterm['saved'] >= sigterm['target_step']
