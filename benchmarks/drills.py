@@ -290,7 +290,7 @@ def trees_equal(a, b) -> bool:
           all(x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(map(np.asarray, la), map(np.asarray, lb))))
 
 
-def verify_checkpoints(workdir: str, reference: Restorer, keep: int = 0) -> dict:
+def verify_checkpoints(workdir: str, reference: Restorer, keep: int = 0, compare: bool = True) -> dict:
   """{step: 'same' (bit-identical to the reference's checkpoint of that step), 'restores' (the reference has none),
   'half-deleted' (unreadable, but past the newest `keep`: orbax was deleting it) or 'UNREADABLE: why'} for every
   finished checkpoint of `workdir`."""
@@ -305,7 +305,7 @@ def verify_checkpoints(workdir: str, reference: Restorer, keep: int = 0) -> dict
       past_keep = keep and step < steps[-keep]
       found[step] = 'half-deleted' if past_keep else f'UNREADABLE: {type(e).__name__}: {str(e)[:200]}'
       continue
-    if step in finished_steps(reference.workdir):
+    if compare and step in finished_steps(reference.workdir):
       found[step] = 'same' if trees_equal(state, reference.state(step)) else 'DIFFERS from the reference'
     else:
       found[step] = 'restores'
@@ -555,17 +555,35 @@ def finetune_args(site: Site, init_from: str, workdir: str) -> list:
           '--config.log.every_steps=1', '--workdir', workdir]
 
 
-def finetune_sigterm_drill(site: Site, init_from: str = '', seed: int = 0) -> dict:
+def finetune_init(site: Site) -> str:
+  """The pretraining export fine-tune drills start from (the export drill's uninterrupted one when it ran)."""
+  init_from = site.path('export-clean')
+  if not os.path.exists(init_from):
+    job = site.export('export-for-finetune', site.reference(), init_from)
+    assert job.proc.returncode == 0, job.tail()
+  return init_from
+
+
+def finetune_clean(site: Site) -> str:
+  """The uninterrupted fine-tune run the fine-tune drills compare with."""
+  clean = site.path('finetune-clean')
+  if not os.path.exists(os.path.join(clean, 'export')):
+    job = site.run('finetune-clean', finetune_args(site, finetune_init(site), clean), module='jaxssl.finetune')
+    assert job.proc.returncode == 0, job.tail()
+  return clean
+
+
+def assert_same_finetune(workdir: str, clean: str) -> int:
+  """Train losses, dev metrics and the best-dev export of `workdir` bit-identical to the uninterrupted run's."""
+  compared = assert_same_metrics(workdir, clean)
+  assert same_export(export_contents(os.path.join(workdir, 'export')), export_contents(os.path.join(clean, 'export')))
+  return compared
+
+
+def finetune_sigterm_drill(site: Site, seed: int = 0) -> dict:
   """SIGTERM to a fine-tune job: exit 0, checkpoint at the step in its message, and the rerun resumes there and ends
   with the uninterrupted run's train losses, dev metrics and export, bit for bit."""
-  if not init_from:
-    init_from = site.path('export-clean')
-    if not os.path.exists(init_from):
-      job = site.export('export-for-finetune', site.reference(), init_from)
-      assert job.proc.returncode == 0, job.tail()
-  clean = site.path('finetune-clean')
-  job = site.run('finetune-clean', finetune_args(site, init_from, clean), module='jaxssl.finetune')
-  assert job.proc.returncode == 0, job.tail()
+  clean, init_from = finetune_clean(site), finetune_init(site)
   workdir, target = site.path('finetune-sigterm'), random.Random(seed).randint(5, 50)
   job = site.start('finetune-sigterm', finetune_args(site, init_from, workdir), module='jaxssl.finetune')
   assert wait_until(job, lambda: logged_step(workdir) >= target), 'the fine-tune ended before its SIGTERM'
@@ -577,11 +595,56 @@ def finetune_sigterm_drill(site: Site, init_from: str = '', seed: int = 0) -> di
   job = site.run('finetune-rerun', finetune_args(site, init_from, workdir), module='jaxssl.finetune')
   assert job.proc.returncode == 0, job.tail()
   assert f'resuming from step {saved}' in job.out, job.tail()
-  compared = assert_same_metrics(workdir, clean)
-  assert same_export(export_contents(os.path.join(workdir, 'export')), export_contents(os.path.join(clean, 'export')))
+  compared = assert_same_finetune(workdir, clean)
   return {'target_step': target, 'saved': saved, 'records_compared': compared, 'summary':
           f'SIGTERM after step {target}: exit 0, saved step {saved}; rerun resumed there: {compared} train/dev '
           'records and the best-dev export bit-identical to the uninterrupted fine-tune'}
+
+
+def finetune_kill_drill(site: Site, seed: int = 0) -> dict:
+  """kill -9 of a fine-tune job inside its best-dev export write, then at a random step, rerun after each: the
+  export folder is never half there, and the finished run equals the uninterrupted one bit for bit."""
+  clean, init_from = finetune_clean(site), finetune_init(site)
+  workdir, rng, seen = site.path('finetune-kill'), random.Random(seed), []
+  export = os.path.join(workdir, 'export')
+  for i, kind in enumerate(('in-export', 'at-step')):
+    job = site.start(f'finetune-kill-{kind}', finetune_args(site, init_from, workdir), module='jaxssl.finetune')
+    target = rng.randint(logged_step(workdir) + 1, 55)
+    if kind == 'in-export':
+      landed = wait_until(job, lambda: os.path.exists(export + '.tmp-export'), interval=0.0005)
+    else:
+      landed = wait_until(job, lambda: logged_step(workdir) >= target)
+    job.signal(signal.SIGKILL)
+    assert job.wait() == -signal.SIGKILL and landed, job.tail()
+    whole = not os.path.exists(export) or bool(export_contents(export))
+    seen.append({'kind': kind, 'logged_step': logged_step(workdir), 'checkpoints': finished_steps(workdir),
+                 'export_whole_or_absent': whole,
+                 'left': sorted(n for n in os.listdir(workdir) if n.startswith('export'))})
+  job = site.run('finetune-kill-rerun', finetune_args(site, init_from, workdir), module='jaxssl.finetune')
+  assert job.proc.returncode == 0, job.tail()
+  compared = assert_same_finetune(workdir, clean)
+  return {'kills': seen, 'records_compared': compared, 'summary':
+          f'killed inside its export write (left {seen[0]["left"]}) and at step {seen[1]["logged_step"]}: '
+          f'{compared} records and the export bit-identical to the uninterrupted fine-tune'}
+
+
+def sigterm_startup_drill(site: Site, seed: int = 0) -> dict:
+  """SIGTERM to a single-process pretraining job during its start-up (corpus, tokenizer, restore, compilation),
+  before its first step: it should still exit 0 ('preempted'), and the rerun ends exactly like the reference."""
+  workdir = site.path('sigterm-startup')
+  job = site.start('sigterm-startup', site.pretrain_args(workdir))
+  delay = random.Random(seed).uniform(1.0, 3.0)
+  assert wait_until(job, lambda: time.monotonic() - job.started >= delay, interval=0.01)
+  before_first_step = logged_step(workdir) == 0
+  job.signal(signal.SIGTERM)
+  rc = job.wait()
+  rerun = site.run('sigterm-startup-rerun', site.pretrain_args(workdir))
+  assert rerun.proc.returncode == 0, rerun.tail()
+  compared = assert_same_metrics(workdir, site.reference())
+  assert rc == 0, (f'SIGTERM {delay:.1f} s after start (before the first step: {before_first_step}) ended the job '
+                   f'with status {rc}, not 0, and no "preempted" line; the rerun still ended exactly')
+  return {'delay_s': delay, 'rc': rc, 'summary': f'SIGTERM {delay:.1f} s after start: exit {rc}; rerun exact '
+                                                 f'({compared} records)'}
 
 
 # ----- drill 4: elastic resume across process counts -----
@@ -612,6 +675,47 @@ def elastic_drill(site: Site, seed: int = 0) -> dict:
   return {'saved': saved, 'max_relative_loss_difference': worst, 'summary':
           f'2x4 saved step {saved[0]} → 4x2 resumed, saved {saved[1]} → 1x8 mesh (2,2,2) resumed to '
           f'{site.steps}: max relative loss difference {worst:.1e} (promise: 1e-5)'}
+
+
+def pod_process(launcher: Job, index: int) -> int:
+  """The pid of process `index` of a local_pod launcher's pod."""
+  for pid in filter(str.isdigit, os.listdir('/proc')):
+    try:
+      with open(f'/proc/{pid}/stat') as f:
+        ppid = int(f.read().rsplit(')', 1)[1].split()[1])
+      with open(f'/proc/{pid}/environ', 'rb') as f:
+        environ = f.read().split(b'\0')
+    except (OSError, ValueError, IndexError):
+      continue
+    if ppid == launcher.proc.pid and f'JAXSSL_PROCESS_ID={index}'.encode() in environ:
+      return int(pid)
+  raise AssertionError(f'no process {index} under the pod launcher {launcher.proc.pid}')
+
+
+def pod_kill_drill(site: Site, seed: int = 0) -> dict:
+  """kill -9 of one process of a 2-process pod inside an async checkpoint write: the pod stops (the survivor
+  through JAX's heartbeats), every finished checkpoint restores, and the rerun pod resumes from the newest one with
+  every loss within 1e-5 of the uninterrupted single-device run's."""
+  reference, workdir = Restorer(site.reference()), site.path('pod-kill')
+  target = random.Random(seed).randint(10, site.steps // 2)
+  job = site.start_pod('pod-kill', workdir, 2, 1, '--heartbeat-timeout=5')
+  assert wait_until(job, lambda: logged_step(workdir) >= target, interval=0.05), job.tail()
+  assert wait_until(job, lambda: bool(unfinished_writes(workdir)), interval=0.0005), job.tail()
+  os.kill(pod_process(job, 1), signal.SIGKILL)
+  killed_at = time.monotonic()
+  rc, stopped_s = job.wait(), time.monotonic() - killed_at
+  left = unfinished_writes(workdir)
+  checks = verify_checkpoints(workdir, reference, KEEP, compare=False)
+  assert rc == 128 + signal.SIGKILL and set(checks.values()) <= {'restores', 'half-deleted'}, (rc, checks)
+  newest = max(s for s, v in checks.items() if v == 'restores')
+  job = site.start_pod('pod-kill-rerun', workdir, 2, 1)
+  assert job.wait() == 0 and resumed_from(job.out) == newest, job.tail()
+  worst = max_loss_difference(workdir, reference.workdir)
+  assert worst <= 1e-5, worst
+  return {'target_step': target, 'unfinished_writes': left, 'stopped_s': stopped_s, 'resumed_from': newest,
+          'max_relative_loss_difference': worst, 'summary':
+          f'process 1 killed inside the write of {left or "(finished before the kill)"}: pod stopped in '
+          f'{stopped_s:.0f} s (exit {rc}); rerun resumed from {newest}; max relative loss difference {worst:.1e}'}
 
 
 # ----- NaN loss, stop and skip -----
@@ -752,8 +856,11 @@ DRILLS = {
     'export': lambda site, a: export_drill(site, site.path('kill9') if os.path.isdir(site.path('kill9')) else '',
                                            kills=a.export_kills, seed=a.seed),
     'sigterm': lambda site, a: sigterm_drill(site, a.seed),
-    'finetune-sigterm': lambda site, a: finetune_sigterm_drill(site, seed=a.seed),
+    'sigterm-startup': lambda site, a: sigterm_startup_drill(site, a.seed),
+    'finetune-sigterm': lambda site, a: finetune_sigterm_drill(site, a.seed),
+    'finetune-kill': lambda site, a: finetune_kill_drill(site, a.seed),
     'elastic': lambda site, a: elastic_drill(site, a.seed),
+    'pod-kill': lambda site, a: pod_kill_drill(site, a.seed),
     'nan-stop': lambda site, a: nan_drill(site, 'stop'),
     'nan-skip': lambda site, a: nan_drill(site, 'skip'),
     'two-jobs': lambda site, a: two_jobs_drill(site),
