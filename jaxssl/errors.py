@@ -1,4 +1,7 @@
 """The exceptions a job ends with in one line (a user's mistake: exit 2; a failed run: exit 1), and how."""
+import atexit
+import errno
+import gc
 import sys
 
 
@@ -19,5 +22,21 @@ def exit_on_user_error(main):
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   except JobFailed as e:
-    print(f'failed: {e}', file=sys.stderr)
+    _say_last(f'failed: {e}')
     sys.exit(1)
+  except OSError as e:
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+      raise
+    # A full disk while writing logs, metrics or the tokenizer: checkpoints are written apart (and said so there).
+    _say_last(f'failed: no space left on device writing {e.filename or "a file"}: free space there and rerun the '
+              'same command (it resumes from the newest checkpoint)')
+    sys.exit(1)
+
+
+def _say_last(line: str) -> None:
+  """Prints `line` on stderr when the process ends, after the library threads still running have finished (a
+  failed checkpoint write's threads log their own errors as they end): the job's last line is its own."""
+  def say():
+    gc.collect()  # asyncio reports the failed futures nobody read when they are collected: before the line
+    print(line, file=sys.stderr, flush=True)
+  atexit.register(say)

@@ -169,8 +169,16 @@ def append_bytes(p, data: bytes) -> None:
   if not is_remote(p):
     os.makedirs(os.path.dirname(os.path.abspath(_local(p))), exist_ok=True)
     fd = os.open(_local(p), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    size = os.fstat(fd).st_size
     try:
-      os.write(fd, data)  # one write: a reader sees whole lines, and a crash leaves no torn line in practice
+      # One write: a reader sees whole lines, and a crash leaves no torn line in practice. A full disk writes part
+      # and then fails: the part is cut off again, so the file never ends in a torn line.
+      done = os.write(fd, data)
+      while done < len(data):
+        done += os.write(fd, data[done:])
+    except OSError as e:
+      os.ftruncate(fd, size)
+      raise OSError(e.errno, e.strerror, os.fspath(p)) from None  # named: the job's last line says which file
     finally:
       os.close(fd)
     return

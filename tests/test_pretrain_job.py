@@ -328,3 +328,62 @@ def test_nan_loss_stops_naming_the_step_and_is_never_saved(corpus, tmp_path, mod
     exported = run_job(['--workdir', str(workdir), '--out', str(tmp_path / 'export')], module='jaxssl.export')
     assert exported.returncode == 0, exported.stderr[-2000:]
     assert f'exported step {max(saved)}' in exported.stdout
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 24 MB tmpfs mounted for the test: a disk that can really fill up (needs root; skipped elsewhere)."""
+  disk = tmp_path / 'disk'
+  disk.mkdir()
+  if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=24m', 'tmpfs', str(disk)], capture_output=True).returncode:
+    pytest.skip('filling a disk needs a tmpfs mount (root)')
+  yield disk
+  subprocess.run(['umount', '-l', str(disk)], check=True)
+
+
+def fill(disk):
+  """Writes a filler file until the disk is full; returns its path."""
+  filler = disk / 'filler'
+  with open(filler, 'wb') as f:
+    try:
+      while True:
+        f.write(b'\0' * 65536)
+        f.flush()
+    except OSError:
+      pass
+  return filler
+
+
+@pytest.mark.parametrize('hits', ['checkpoint', 'metrics'])
+def test_full_disk_stops_with_one_line_and_a_rerun_resumes(corpus, reference_run, small_disk, hits):
+  """The disk fills while the job runs. 'checkpoint': the next checkpoint write is what fails (nothing else is
+  written in between); 'metrics': a metrics.jsonl append does. Either way the job stops with one line (exit 1), the
+  checkpoints before are intact, and once space is freed the same command resumes to the reference's losses."""
+  workdir = small_disk / 'w'
+  quiet = ['--config.log.every_steps=1000', '--config.eval.every_steps=1000'] if hits == 'checkpoint' else []
+  proc = run_job(job_args(corpus, workdir, *quiet), wait=False)
+  deadline = time.time() + 300
+  while not os.path.isdir(workdir / 'checkpoints' / '10'):
+    assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+    time.sleep(0.05)
+  filler = fill(small_disk)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 1, err[-3000:]
+  line = err.strip().splitlines()[-1]
+  if hits == 'checkpoint':
+    assert re.fullmatch(r'failed: could not write checkpoint (\d+) to .* \(No space left on device\); the newest '
+                        r'complete checkpoint is step (\d+), intact: free space there .* rerun the same command to '
+                        r'resume from it', line), err[-3000:]
+  else:
+    assert re.fullmatch(r'failed: (no space left on device writing .*metrics.jsonl: free space there and rerun the '
+                        r'same command .*|could not write checkpoint .*No space left on device.*)', line), err[-3000:]
+  complete = checkpoint_steps(workdir)
+  assert complete and max(complete) < STEPS
+  os.remove(filler)
+  result = run_job(job_args(corpus, workdir, *quiet))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f'resuming from step {max(complete)}' in result.stdout
+  if hits == 'checkpoint':
+    assert losses(workdir)[STEPS] == losses(reference_run)[STEPS]
+  else:  # every step, bit for bit: no record lost or torn by the full disk
+    assert losses(workdir) == losses(reference_run)

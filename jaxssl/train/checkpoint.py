@@ -6,8 +6,11 @@ checkpoint written on one mesh or process count resumes on another. An export is
 the tokenizer (`tokenizer.model` for sentencepiece, `tokenizer.json` for WordPiece): everything a fine-tune or
 evaluate job needs, nothing of the optimizer.
 """
+import contextlib
+import gc
 import json
 import os
+import threading
 
 import jax
 import numpy as np
@@ -22,7 +25,7 @@ from jaxssl import mesh as mesh_lib
 from jaxssl import paths
 from jaxssl import storage
 from jaxssl.data import tokenizers
-from jaxssl.errors import UserError
+from jaxssl.errors import JobFailed, UserError
 from jaxssl.models import vocab
 from jaxssl.train import state as state_lib
 from jaxssl.version import __version__
@@ -67,6 +70,7 @@ class Checkpointer:
         max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only, read_only=read_only,
         cleanup_tmp_directories=not read_only)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=('params', 'train', 'meta'))
+    self.writing = None  # the step being saved (for the message when its write fails)
     # orbax runs that cleanup in a thread and awaits it only in save(): a job that stops before its first save (a
     # bad corpus, say) would exit while it runs and print "cannot schedule new futures after interpreter shutdown".
     await_cleanup = getattr(self.manager, '_maybe_await_cleanup_tmp_directory', None)
@@ -77,13 +81,48 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, state, meta: dict, *, force: bool = False) -> bool:
+    """Starts saving `state` at `meta['step']` (in the background with async saves); JobFailed when this or the
+    previous save cannot be written (a full disk, say): orbax wrote into a temporary folder, so every older
+    checkpoint is intact."""
     step = int(meta['step'])
     if step in self.manager.all_steps():
       return False
-    return self.manager.save(step, force=force, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(state['params']),
-        train=ocp.args.StandardSave({k: state[k] for k in ('opt_state', 'step', 'rng')}),
-        meta=ocp.args.JsonSave({**meta, **format_stamp()})))
+    with self._writing():
+      self.writing = step
+      return self.manager.save(step, force=force, args=ocp.args.Composite(
+          params=ocp.args.StandardSave(state['params']),
+          train=ocp.args.StandardSave({k: state[k] for k in ('opt_state', 'step', 'rng')}),
+          meta=ocp.args.JsonSave({**meta, **format_stamp()})))
+
+  @contextlib.contextmanager
+  def _writing(self):
+    """Turns a failed checkpoint write (raised by orbax here or, for an async save, at the next save or wait)
+    into one JobFailed line naming the step, the reason and the newest complete checkpoint."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except  (ENOSPC, quota, permissions, a bucket's 403: all alike)
+      step, self.writing = self.writing, None
+      self.manager.reload()
+      complete = [s for s in self.manager.all_steps() if s != step]
+      try:  # the background threads must end before the process does, or they die noisily at shutdown
+        self.manager.close()
+      except Exception:  # pylint: disable=broad-except  (the same failure again)
+        pass
+      # After a failure close() returns before all of orbax's writer threads have; their error logs would follow
+      # (and bury) the job's last line.
+      for thread in threading.enumerate():
+        if thread is not threading.current_thread() and type(thread).__module__.startswith('orbax'):
+          try:
+            thread.join(timeout=30)
+          except Exception:  # pylint: disable=broad-except  (orbax's join re-raises the thread's failure)
+            pass
+      gc.collect()  # asyncio reports the failed futures orbax never read when they are collected: now, not last
+      reason = _first_line(e)
+      fix = ('free space there (or lower --config.checkpoint.keep)' if reason == 'No space left on device' else
+             'fix the cause')
+      kept = f'the newest complete checkpoint is step {max(complete)}' if complete else 'no checkpoint is complete'
+      raise JobFailed(f'could not write checkpoint {step} to {self.directory} ({reason}); {kept}, intact: {fix} '
+                      'and rerun the same command to resume from it') from None
 
   def read_meta(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
@@ -148,11 +187,22 @@ class Checkpointer:
         params=ocp.args.StandardRestore(abstract_params)))['params']
 
   def wait(self):
-    self.manager.wait_until_finished()
+    with self._writing():
+      self.manager.wait_until_finished()
 
   def close(self):
-    self.manager.wait_until_finished()
+    with self._writing():
+      self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _first_line(error: Exception) -> str:
+  """The gist of a storage error: tensorstore's 'No space left on device' sits deep in a long message."""
+  text = str(error)
+  for gist in ('No space left on device', 'Disk quota exceeded', 'Permission denied', 'Read-only file system'):
+    if gist in text:
+      return gist
+  return (text.splitlines() or [type(error).__name__])[0][:200]
 
 
 def _agree(attempt):
