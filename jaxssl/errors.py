@@ -2,6 +2,7 @@
 import atexit
 import errno
 import gc
+import signal
 import sys
 
 
@@ -13,11 +14,30 @@ class JobFailed(Exception):
   """A run that cannot go on (e.g. the loss became NaN): the message names the step and what was kept."""
 
 
+class Preempted(BaseException):
+  """SIGTERM while a training job was still starting (before its first step): there is nothing new to save.
+  A BaseException, like KeyboardInterrupt, so that no `except Exception` on the way swallows it."""
+
+
+def stop_on_sigterm_while_starting() -> None:
+  """Makes SIGTERM end a starting training job at once with exit status 0 (`Preempted`), instead of killing it
+  (143). The training loop then installs its own handler (jaxssl/train/preemption.py): from there on a SIGTERM
+  saves a checkpoint after the step in flight. Every write on the way is atomic, so stopping anywhere is safe."""
+  def on_sigterm(signum, frame):
+    del signum, frame
+    raise Preempted()
+  signal.signal(signal.SIGTERM, on_sigterm)
+
+
 def exit_on_user_error(main):
   """Runs `main()`; a UserError ends the process with one clear line on stderr and exit status 2, a JobFailed
   with one line and exit status 1."""
   try:
     return main()
+  except Preempted:
+    print('preempted (SIGTERM) while starting, before the first step: nothing new to save; rerun the same command '
+          'to resume', flush=True)
+    sys.exit(0)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

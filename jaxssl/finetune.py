@@ -12,7 +12,7 @@ import sys
 from jaxssl import config as config_lib
 from jaxssl import paths
 from jaxssl import runtime
-from jaxssl.errors import exit_on_user_error
+from jaxssl.errors import exit_on_user_error, stop_on_sigterm_while_starting
 
 
 def main(argv=None):
@@ -20,6 +20,7 @@ def main(argv=None):
   parser.add_argument('--config', required=True, help='configs/finetune.py:TASK')
   parser.add_argument('--workdir', required=True)
   args, config = config_lib.parse_job_args(parser, argv)
+  stop_on_sigterm_while_starting()  # a preemption notice before the first step: exit 0, nothing to save yet
   runtime.check_workdir(args.workdir)
   args.workdir = paths.absolute(args.workdir)
   runtime.setup(args)

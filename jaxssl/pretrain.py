@@ -13,7 +13,7 @@ import sys
 from jaxssl import config as config_lib
 from jaxssl import paths
 from jaxssl import runtime
-from jaxssl.errors import exit_on_user_error
+from jaxssl.errors import exit_on_user_error, stop_on_sigterm_while_starting
 
 
 def main(argv=None):
@@ -33,6 +33,7 @@ def main(argv=None):
     return
   if not args.workdir:
     parser.error('the following arguments are required: --workdir')
+  stop_on_sigterm_while_starting()  # a preemption notice before the first step: exit 0, nothing to save yet
   runtime.check_workdir(args.workdir)
   args.workdir = paths.absolute(args.workdir)
   runtime.setup(args)
