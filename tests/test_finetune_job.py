@@ -440,3 +440,16 @@ def test_nan_in_finetuning_is_never_saved_and_is_recorded(export_dir, tmp_path, 
     assert [r['action'] for r in bad if r['nonfinite'] == 'loss'][-1] == 'stopped'
     first_bad = min(s for s, v in logged.items() if v != v or abs(v) == float('inf'))
     assert all(d < first_bad - 1 for d in saved), (saved, first_bad)
+
+
+def test_workdir_of_another_task_is_refused_untouched(export_dir, classification_run, tmp_path):
+  """A fine-tune rerun with another task on a finished run's workdir stops with one line (exit 2), writing nothing."""
+  import shutil
+  workdir = tmp_path / 'run'
+  shutil.copytree(classification_run, workdir)
+  before = sorted((str(p.relative_to(workdir)), p.stat().st_size, p.stat().st_mtime_ns) for p in workdir.rglob('*'))
+  write_sentiment(tmp_path / 'pairs.tsv', 20, 1, pair=True)
+  result = run_finetune('pair', export_dir, workdir, tmp_path / 'pairs.tsv', tmp_path / 'pairs.tsv')
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert result.stderr.strip().splitlines()[-1] == f'error: {workdir} holds a fine-tuning run of another task: use a new --workdir'
+  assert sorted((str(p.relative_to(workdir)), p.stat().st_size, p.stat().st_mtime_ns) for p in workdir.rglob('*')) == before
