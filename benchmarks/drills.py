@@ -276,7 +276,8 @@ class Restorer:
       try:
         if self.abstract is None:
           meta = checkpointer.read_meta(step)
-          setup = state_lib.setup_model(self.config.model, meta['vocab_size'], one_device_mesh(), self.config.train.seed)
+          setup = state_lib.setup_model(self.config.model, meta['vocab_size'], one_device_mesh(),
+                                        self.config.train.seed)
           self.abstract = state_lib.abstract_state(setup, state_lib.make_optimizer(self.config.train))
         self.cache[step] = jax.device_get(checkpointer.restore(step, self.abstract))
       finally:
@@ -341,23 +342,21 @@ KEEP = 3  # checkpoint.keep of the interrupted runs (the default): older steps a
 
 
 def kill_plan(kills: int, seed: int) -> list:
-  """`kills` kinds of kill -9: the first inside the corpus preparation, one inside an async checkpoint write, one
-  inside orbax's deletion of a checkpoint past `keep`, the rest seeded random kinds."""
-  rng = random.Random(seed)
-  rest = ['kill-save', 'kill-delete'] + [rng.choice(KINDS[:4]) for _ in range(kills - 3)]
-  rng.shuffle(rest)
-  return ['kill-prepare'] + rest[:kills - 1]
+  """`kills` kinds of kill -9: the first inside the corpus preparation, the others taking turns at landing inside
+  an async checkpoint write, at a step, at a random time and inside orbax's deletion of a checkpoint past `keep`,
+  in a seeded random order."""
+  rest = [KINDS[i % 4] for i in range(kills - 1)]
+  random.Random(seed).shuffle(rest)
+  return ['kill-prepare'] + rest
 
 
-def _half_deleted(workdir: str, sizes: dict) -> bool:
-  """True once a finished step folder holds fewer files than when first seen (orbax is deleting it); `sizes`
-  remembers the counts."""
+def _half_deleted(workdir: str) -> list:
+  """Finished step folders orbax has begun deleting: it removes their _CHECKPOINT_METADATA first (a finished
+  step gets all its files at once, by the rename of its tmp folder)."""
   directory = os.path.join(workdir, 'checkpoints')
-  for step in finished_steps(workdir):
-    count = sum(len(files) for _, _, files in os.walk(os.path.join(directory, str(step))))
-    if count < sizes.setdefault(step, count):
-      return True
-  return False
+  return [s for s in finished_steps(workdir)
+          if not os.path.exists(os.path.join(directory, str(s), '_CHECKPOINT_METADATA'))
+          and os.path.isdir(os.path.join(directory, str(s)))]
 
 
 def _preparing(data_dir: str) -> bool:
@@ -373,7 +372,7 @@ def interrupt(job: Job, kind: str, workdir: str, target: int, rng: random.Random
   'kill-time' at a random time (start-up, preparation and compilation included); 'sigterm' SIGTERM once
   `target` is logged. False if the job finished before."""
   if kind == 'kill-time':
-    delay = rng.uniform(0.5, window_s)
+    delay = rng.uniform(0.5, window_s)  # window_s: how long the rest of the run should take
     reached = wait_until(job, lambda: time.monotonic() - job.started >= delay, interval=0.005)
   elif kind == 'kill-prepare':
     reached = wait_until(job, lambda: _preparing(data_dir), interval=0.0005)
@@ -382,8 +381,7 @@ def interrupt(job: Job, kind: str, workdir: str, target: int, rng: random.Random
     if reached and kind == 'kill-save':
       reached = wait_until(job, lambda: bool(unfinished_writes(workdir)), interval=0.0005)
     if reached and kind == 'kill-delete':
-      sizes = {}
-      reached = wait_until(job, lambda: _half_deleted(workdir, sizes), interval=0.0005)
+      reached = wait_until(job, lambda: bool(_half_deleted(workdir)), interval=0.0005)
   if not reached:
     return False
   job.signal(signal.SIGTERM if kind == 'sigterm' else signal.SIGKILL)
@@ -405,7 +403,9 @@ def interrupted_run(site: Site, name: str, plan: list, *, seed: int = 0, own_dat
   events, expected_start, outs = [], 0, []
   for i, (kind, target) in enumerate(zip(plan, targets)):
     job = site.start(f'{name}-{i}-{kind}', site.pretrain_args(workdir), data_dir=data_dir)
-    landed = interrupt(job, kind, workdir, target, rng, max(site.reference_wall, 2.0), data_dir)
+    # About half of the reference's wall time is start-up; the rest shrinks with the steps already done.
+    window = site.reference_wall * (0.5 + 0.5 * (1 - logged_step(workdir) / site.steps)) * 0.9
+    landed = interrupt(job, kind, workdir, target, rng, max(window, 2.0), data_dir)
     rc = job.wait()
     outs.append(job.out)
     event = {'kind': kind, 'target_step': target, 'rc': rc, 'logged_step': logged_step(workdir),
@@ -424,8 +424,9 @@ def interrupted_run(site: Site, name: str, plan: list, *, seed: int = 0, own_dat
     else:
       assert rc == -signal.SIGKILL, job.tail()
     event['checkpoints'] = verify_checkpoints(workdir, reference, KEEP)
-    event['files'] = {step: sum(len(f) for _, _, f in os.walk(os.path.join(workdir, 'checkpoints', str(step))))
-                      for step in finished_steps(workdir)}  # fewer in one than the others: caught mid-deletion
+    event['half_deleted'] = _half_deleted(workdir)
+    if kind == 'kill-prepare':
+      event['left_unfinished_preparation'] = _preparing(data_dir)
     bad = {s: v for s, v in event['checkpoints'].items() if v not in ('same', 'restores', 'half-deleted')}
     assert not bad, f'after interruption {i} ({kind}): {bad}'
     usable = [s for s, v in event['checkpoints'].items() if v != 'half-deleted']
@@ -441,8 +442,8 @@ def interrupted_run(site: Site, name: str, plan: list, *, seed: int = 0, own_dat
   kills = [e for e in events if e['kind'] != 'sigterm' and not e.get('finished_first')]
   return {'interruptions': events, 'final_resumed_from': final_start, 'records_compared': compared,
           'kills': len(kills), 'inside_async_write': sum(bool(e['unfinished_writes']) for e in kills),
-          'half_deleted': sum(list(e.get('checkpoints', {}).values()).count('half-deleted') for e in events),
-          'caught_deleting': sum(len(set(e.get('files', {}).values())) > 1 for e in events),
+          'unreadable_past_keep': sum(list(e.get('checkpoints', {}).values()).count('half-deleted') for e in events),
+          'caught_deleting': sum(bool(e.get('half_deleted')) for e in events),
           'set_aside': set_aside(workdir), 'unreadable_reported': 'unreadable' in logs,
           'final_checkpoints': sorted(final), 'workdir': workdir}
 
@@ -455,11 +456,11 @@ def kill9_drill(site: Site, kills: int = 10, seed: int = 0) -> dict:
   assert result['inside_async_write'] >= 1, 'no kill landed inside an async checkpoint write'
   assert not result['set_aside'], f'checkpoints set aside without a torn write: {result["set_aside"]}'
   kinds = ', '.join(f'{k} {sum(e["kind"] == k for e in result["interruptions"])}' for k in KINDS[:5])
-  result['summary'] = (f'{result["kills"]} kills ({kinds}), {result["inside_async_write"]} left an unfinished async '
-                       f'write, {result["caught_deleting"]} an old checkpoint half deleted ({result["half_deleted"]} of them '
-                       'unreadable, all past keep); every rerun '
-                       f'resumed from the newest finished checkpoint; {result["records_compared"]} metrics records '
-                       'bit-identical; every finished checkpoint bit-identical to the reference')
+  r = result
+  result['summary'] = (f'{r["kills"]} kills ({kinds}): {r["inside_async_write"]} left an unfinished async write, '
+                       f'{r["caught_deleting"]} an old checkpoint half deleted ({r["unreadable_past_keep"]} '
+                       'unreadable, all past keep); every rerun resumed from the newest finished checkpoint; '
+                       f'{r["records_compared"]} metrics records and every finished checkpoint bit-identical')
   return result
 
 
@@ -530,6 +531,50 @@ def export_drill(site: Site, workdir: str = '', kills: int = 3, seed: int = 0) -
   return {'export_kills': seen, 'overwrite_kills': outcomes, 'summary':
           f'{len(seen)} export kill(s) then rerun: bit-identical to the uninterrupted export; --overwrite killed '
           f'{len(outcomes)}x: {", ".join(outcomes)}'}
+
+
+# The export job with a fault injected: it dies (status 137, like kill -9) right after the first rename of an
+# --overwrite swap, OUT -> OUT.old-export, before the new export is renamed to OUT.
+DIES_MID_SWAP = """import os, sys
+sys.path.insert(0, {root!r})
+from jaxssl import export, storage
+from jaxssl.errors import exit_on_user_error
+rename = storage.rename
+def rename_then_die(src, dst):
+  rename(src, dst)
+  if str(dst).endswith('.old-export'):
+    os._exit(137)
+storage.rename = rename_then_die
+exit_on_user_error(lambda: export.main(sys.argv[1:]))
+"""
+
+
+def export_swap_drill(site: Site) -> dict:
+  """An export --overwrite that dies between the two renames of its swap (injected, see DIES_MID_SWAP): the path
+  OUT must still load (the older export or the newer, never neither), and a rerun must leave the newer."""
+  workdir, out = site.reference(), site.path('export-swap')
+  job = site.export('export-swap-older', workdir, out, f'--step={finished_steps(workdir)[-2]}')
+  assert job.proc.returncode == 0, job.tail()
+  older = export_contents(out)
+  script = site.path('export_dies_mid_swap.py')
+  with open(script, 'w') as f:
+    f.write(DIES_MID_SWAP.format(root=ROOT))
+  site.starts += 1
+  job = Job([sys.executable, script, '--workdir', workdir, '--out', out, '--overwrite'],
+            site.log_prefix('export-dies-mid-swap'), site.env())
+  assert job.wait() == 137, job.tail()
+  present = sorted(n for n in os.listdir(site.base) if n.startswith('export-swap'))
+  try:
+    ckpt_lib.load_export(out, one_device_mesh())
+    found = 'older' if same_export(export_contents(out), older) else 'newer'
+  except Exception as e:  # pylint: disable=broad-except
+    found = f'neither ({type(e).__name__}: {str(e)[:120]}); present: {present}'
+  job = site.export('export-swap-rerun', workdir, out, '--overwrite')
+  assert job.proc.returncode == 0, job.tail()
+  newer = export_contents(out)
+  assert not same_export(newer, older) and json.loads(newer[1])['exported_from']['step'] == site.steps
+  assert found in ('older', 'newer'), f'after dying mid-swap, {out} holds {found}'
+  return {'found': found, 'summary': f'died between the swap\'s renames: {found} at OUT; rerun wrote the newer'}
 
 
 # ----- drill 3: SIGTERM to a fine-tune job -----
@@ -650,8 +695,8 @@ def sigterm_startup_drill(site: Site, seed: int = 0) -> dict:
 # ----- drill 4: elastic resume across process counts -----
 
 def elastic_drill(site: Site, seed: int = 0) -> dict:
-  """2 processes x 4 devices → SIGTERM → resumed on 4 x 2 → SIGTERM → resumed on 1 x 8 as a (2, 2, 2) mesh (fsdp-
-  and tensor-sharded params) to the end; every loss within 1e-5 of the uninterrupted single-device run's."""
+  """2 processes x 4 devices → SIGTERM → resumed on 4 x 2 → SIGTERM → resumed on 1 x 8 as a (2, 2, 2) mesh
+  (fsdp- and tensor-sharded params) to the end; every loss within 1e-5 of the uninterrupted single-device run's."""
   rng = random.Random(seed)
   reference, workdir = site.reference(), site.path('elastic')
   # 4 processes on a 2-core machine step ~20x slower than one: the 4 x 2 leg runs some 20 to 50 steps.
@@ -726,7 +771,8 @@ def nan_drill(site: Site, mode: str) -> dict:
   workdir = site.path(f'nan-{mode}')
   lr = '1e3' if mode == 'stop' else '1e12'  # stop: diverges after a few steps; skip: every update breaks
   job = site.run(f'nan-{mode}', site.pretrain_args(
-      workdir, f'--config.train.learning_rate={lr}', '--config.train.warmup_steps=0', '--config.checkpoint.every_steps=1',
+      workdir, f'--config.train.learning_rate={lr}', '--config.train.warmup_steps=0',
+      '--config.checkpoint.every_steps=1',
       '--config.checkpoint.keep=100', f'--config.train.nonfinite={mode}', '--config.train.max_skipped_steps=3'))
   assert job.proc.returncode == 1, job.tail()
   line = job.err.strip().splitlines()[-1]
@@ -855,6 +901,7 @@ DRILLS = {
     'kill9': lambda site, a: kill9_drill(site, a.kills, a.seed),
     'export': lambda site, a: export_drill(site, site.path('kill9') if os.path.isdir(site.path('kill9')) else '',
                                            kills=a.export_kills, seed=a.seed),
+    'export-swap': lambda site, a: export_swap_drill(site),
     'sigterm': lambda site, a: sigterm_drill(site, a.seed),
     'sigterm-startup': lambda site, a: sigterm_startup_drill(site, a.seed),
     'finetune-sigterm': lambda site, a: finetune_sigterm_drill(site, a.seed),
