@@ -151,7 +151,8 @@ def fixed_batch(rows=4, length=16, seed=0):
   rng = np.random.default_rng(seed)
   segments = np.repeat(np.arange(1, 5), length // 4)[None].repeat(rows, 0)
   return {'input_ids': jnp.asarray(rng.integers(4, V, (rows, length)), jnp.int32),
-          'segment_ids': jnp.asarray(segments, jnp.int32), 'positions': jnp.zeros((rows, length), jnp.int32)}
+          'segment_ids': jnp.asarray(segments, jnp.int32), 'positions': jnp.zeros((rows, length), jnp.int32),
+          'char_ids': jnp.zeros((rows, length, 0), jnp.int32)}  # a tokens model's batches carry no characters
 
 
 def test_gradients_flow_and_steps_lower_both_losses():

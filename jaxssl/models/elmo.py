@@ -7,8 +7,9 @@ Each direction has its own LSTM parameters; both share the token embedding and t
 embedding, or one separate output layer when `tie_embeddings=False`, as the paper). Each LSTM cell has
 `lstm_size` units and projects its output to `embed_size` inside the recurrence (the paper's LSTMP, torch's
 `proj_size`); layers after the first add a residual connection. Cell and projection values may be clipped
-(`cell_clip`, `proj_clip`; the paper uses 3). The input is token embeddings; the paper's character CNN is not
-built here. The recurrence is one `jax.lax.scan` over time per layer and direction; the input projections of
+(`cell_clip`, `proj_clip`; the paper uses 3). The input (`token_input`) is a token embedding ('tokens') or the
+paper's character CNN over each token's characters ('chars', models/elmo_chars.py; char ids [B, T, max_chars]
+come with the batch, and the softmax is separate since there is no input table to tie it to). The recurrence is one `jax.lax.scan` over time per layer and direction; the input projections of
 all steps are one matmul before it.
 
 Packed rows (data/examples/packed_lm.py): the recurrent state starts from zero wherever `segment_ids` changes, in both
@@ -16,7 +17,7 @@ directions, so a document in a packed row gets exactly the outputs it gets alone
 one non-zero segment.
 
 Contextual embeddings: `embed(ids)` gives all L + 1 layer representations [L + 1, B, T, 2 * embed_size]
-(layer 0 = the token embedding twice, layer l = concat(forward_l, backward_l)); `ScalarMix` (softmax-normalised
+(layer 0 = the token's input vector twice, layer l = concat(forward_l, backward_l)); `ScalarMix` (softmax-normalised
 layer weights times a scale gamma) mixes them for a task. `encode` is the body interface of the downstream
 heads (tasks/model.py): (mixed sequence [B, T, 2E], mean over real tokens [B, 2E]), each layer normalised
 per token first (`mix_layer_norm`), the biLM frozen (stop_gradient) unless `finetune_bilm`; `config.hidden_size`
@@ -31,6 +32,7 @@ from flax import nnx
 
 from jaxssl.errors import UserError
 from jaxssl.mesh import constrain
+from jaxssl.models import elmo_chars
 from jaxssl.models.layers import Embed, dropout, make_param, normal_init, zeros
 from jaxssl.models.parts import next_token_pairs
 
@@ -53,6 +55,12 @@ class ElmoConfig:
   finetune_bilm: bool = False      # downstream heads: False = the biLM is frozen, only ScalarMix + head learn
   mix_layer_norm: bool = True      # downstream heads: normalise each layer per token before ScalarMix mixes them
   dtype: str = 'float32'
+  token_input: str = 'tokens'      # 'tokens': a token embedding table; 'chars': the character CNN (elmo_chars.py)
+  max_chars: int = 50              # chars: characters per token with its begin/end marks (longer tokens are cut)
+  char_embed_size: int = 16        # chars: character embedding size
+  char_filters: tuple = elmo_chars.PAPER_FILTERS  # chars: (width, count) of each convolution
+  highway_layers: int = 2          # chars: highway layers after the max-pooled filters
+  char_activation: str = 'relu'    # chars: after max-pooling each filter ('relu' as ELMo; 'tanh' as Kim et al.)
 
   @property
   def hidden_size(self) -> int:
@@ -69,6 +77,8 @@ class ElmoConfig:
     get = model_cfg.get if hasattr(model_cfg, 'get') else lambda k, d=None: getattr(model_cfg, k, d)
     kw = {f.name: get(f.name) for f in dataclasses.fields(cls) if f.name != 'vocab_size'}
     kw = {k: v for k, v in kw.items() if v is not None}
+    if 'char_filters' in kw:
+      kw['char_filters'] = elmo_chars.filters_tuple(kw['char_filters'])
     missing = [k for k in ('num_layers', 'embed_size', 'lstm_size') if k not in kw]
     if missing:
       raise UserError(f'the model config lacks {", ".join("model." + k for k in missing)}: '
@@ -87,6 +97,7 @@ class ElmoConfig:
         raise UserError(f'model.{name}={getattr(c, name)!r} must be True or False')
     if c.dtype not in ('float32', 'bfloat16'):
       raise UserError(f"model.dtype={c.dtype!r}: use 'float32' or 'bfloat16'")
+    elmo_chars.check_char_config(c)
     return c
 
 
@@ -194,8 +205,11 @@ class ElmoModel(nnx.Module):
     self.config = c
     # Eager sharding needs a mesh; without one, keep the annotations but place nothing.
     with nnx.use_eager_sharding(not jax.sharding.get_abstract_mesh().empty):
-      self.token_embeddings = Embed(c.vocab_size, c.embed_size, ('vocab', 'embed'), stddev=c.initializer_range,
-                                    rngs=rngs)
+      if c.token_input == 'chars':
+        self.char_encoder = elmo_chars.CharEncoder(c, rngs=rngs)
+      else:
+        self.token_embeddings = Embed(c.vocab_size, c.embed_size, ('vocab', 'embed'), stddev=c.initializer_range,
+                                      rngs=rngs)
       self.forward_layers = nnx.List([LstmLayer(c.embed_size, c, rngs=rngs) for _ in range(c.num_layers)])
       self.backward_layers = nnx.List([LstmLayer(c.embed_size, c, rngs=rngs) for _ in range(c.num_layers)])
       if not c.tie_embeddings:
@@ -214,14 +228,25 @@ class ElmoModel(nnx.Module):
       outputs.append(x)
     return outputs
 
-  def hidden_states(self, input_ids, segment_ids=None, *, dropout_rng=None):
-    """(token embeddings [B, T, E], [forward layer l outputs], [backward layer l outputs]), all float32.
+  def token_vectors(self, input_ids, char_ids=None) -> jax.Array:
+    """Layer 0, [B, T, E] float32: each token's embedding, or (token_input=chars) its char CNN vector from
+    `char_ids` [B, T, max_chars]; context-free either way."""
+    if self.config.token_input == 'chars':
+      if char_ids is None:
+        raise UserError('this ELMo reads characters (model.token_input=chars) but was given token ids only: pass '
+                        'char_ids (jaxssl.data.examples.elmo_chars builds them from the tokenizer)')
+      return self.char_encoder(char_ids)
+    return constrain(self.token_embeddings(input_ids), ACT)
+
+  def hidden_states(self, input_ids, segment_ids=None, *, char_ids=None, dropout_rng=None):
+    """(layer 0 [B, T, E], [forward layer l outputs], [backward layer l outputs]), all float32.
 
     `segment_ids` [B, T] (default: one segment per row): the state restarts at each segment, both ways.
+    `char_ids` [B, T, max_chars]: the tokens' characters (read only when token_input=chars).
     """
     if segment_ids is None:
       segment_ids = jnp.ones(input_ids.shape, jnp.int32)
-    x = constrain(self.token_embeddings(input_ids), ACT)
+    x = self.token_vectors(input_ids, char_ids)
     keys = [None, None] if dropout_rng is None else [jax.random.fold_in(dropout_rng, d) for d in (0, 1)]
     forward = self._stack(self.forward_layers, x, segment_starts(segment_ids), False, keys[0])
     backward = self._stack(self.backward_layers, x, segment_starts(segment_ids, reverse=True), True, keys[1])
@@ -235,25 +260,25 @@ class ElmoModel(nnx.Module):
     logits = jnp.einsum('...e,ev->...v', h.astype(c.compute_dtype), kernel, preferred_element_type=jnp.float32)
     return logits + self.softmax_bias[...]
 
-  def __call__(self, input_ids, *, segment_ids=None, positions=None, dropout_rng=None):
+  def __call__(self, input_ids, *, segment_ids=None, positions=None, char_ids=None, dropout_rng=None):
     """input_ids [B, T] -> (forward logits, backward logits) [B, T, V] float32: forward position t predicts token
     t + 1, backward position t predicts token t - 1. `positions` is accepted (packed batches carry it) and not
-    needed: the recurrence knows the order. dropout_rng None = eval."""
+    needed: the recurrence knows the order. `char_ids` as `hidden_states`. dropout_rng None = eval."""
     del positions
-    _, forward, backward = self.hidden_states(input_ids, segment_ids, dropout_rng=dropout_rng)
+    _, forward, backward = self.hidden_states(input_ids, segment_ids, char_ids=char_ids, dropout_rng=dropout_rng)
     keys = [None, None] if dropout_rng is None else [jax.random.fold_in(dropout_rng, d) for d in (2, 3)]
     rate = self.config.dropout_rate
     return (self._logits(dropout(forward[-1], rate, keys[0])),
             self._logits(dropout(backward[-1], rate, keys[1])))
 
-  def embed(self, input_ids, segment_ids=None, *, dropout_rng=None) -> jax.Array:
-    """All layer representations [L + 1, B, T, 2 * embed_size]: layer 0 = the token embedding for both directions,
-    layer l = concat(forward_l, backward_l). ScalarMix turns them into a task's representation."""
-    x, forward, backward = self.hidden_states(input_ids, segment_ids, dropout_rng=dropout_rng)
+  def embed(self, input_ids, segment_ids=None, *, char_ids=None, dropout_rng=None) -> jax.Array:
+    """All layer representations [L + 1, B, T, 2 * embed_size]: layer 0 = the token's input vector for both
+    directions, layer l = concat(forward_l, backward_l). ScalarMix turns them into a task's representation."""
+    x, forward, backward = self.hidden_states(input_ids, segment_ids, char_ids=char_ids, dropout_rng=dropout_rng)
     layers = [jnp.concatenate([x, x], -1)] + [jnp.concatenate(fb, -1) for fb in zip(forward, backward)]
     return jnp.stack(layers)
 
-  def encode(self, input_ids, token_type_ids=None, attention_mask=None, *, dropout_rng=None):
+  def encode(self, input_ids, token_type_ids=None, attention_mask=None, *, char_ids=None, dropout_rng=None):
     """The downstream heads' body: (ScalarMix of the layers [B, T, 2E], mean over real tokens [B, 2E]).
 
     `attention_mask` [B, T] (1 = real token, 0 = padding) keeps padding out of the recurrence and the mean;
@@ -263,7 +288,7 @@ class ElmoModel(nnx.Module):
     del token_type_ids
     mask = jnp.ones(input_ids.shape, jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
     frozen = not self.config.finetune_bilm
-    layers = self.embed(input_ids, mask, dropout_rng=None if frozen else dropout_rng)
+    layers = self.embed(input_ids, mask, char_ids=char_ids, dropout_rng=None if frozen else dropout_rng)
     if frozen:
       layers = jax.lax.stop_gradient(layers)
     seq = constrain(self.scalar_mix(layers, layer_norm=self.config.mix_layer_norm), ACT)
@@ -306,10 +331,12 @@ def flops_per_token(model_cfg, vocab_size: int, seq_len: int, max_predictions: i
   """Training FLOPs per input token (forward + backward = 3x forward; 2 FLOPs per multiply-add), matmuls only.
 
   Per layer and direction: the gates 4H x (E + P) (input and recurrent kernels) and the projection H x P; per
-  direction the E x V softmax at every position. `seq_len` and `max_predictions` do not change it.
+  direction the E x V softmax at every position; with token_input=chars, once per token the char encoder
+  (elmo_chars.char_encoder_flops). `seq_len` and `max_predictions` do not change it.
   """
   del seq_len, max_predictions
   c = ElmoConfig.from_config(model_cfg, vocab_size)
   h, e = c.lstm_size, c.embed_size
   per_layer = 4 * h * (e + e) + h * e
-  return float(3 * 2 * 2 * (c.num_layers * per_layer + e * c.vocab_size))
+  chars = elmo_chars.char_encoder_flops(c) if c.token_input == 'chars' else 0.0
+  return float(3 * (2 * 2 * (c.num_layers * per_layer + e * c.vocab_size) + chars))
