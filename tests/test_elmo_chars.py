@@ -130,7 +130,7 @@ def test_layer0_is_context_free_and_words_never_seen_get_their_own_vectors():
                           rngs=nnx.Rngs(params=0))
   token_layer0 = np.asarray(tokens.token_vectors(unk))[0]
   np.testing.assert_array_equal(token_layer0[0], token_layer0[1])
-  with pytest.raises(UserError, match='char_ids'):
+  with pytest.raises(UserError, match='token ids only'):
     model.embed(unk)
 
 
@@ -154,8 +154,13 @@ def test_chars_config_checks_shape_keys_and_flops_formula():
   assert sum(n for _, n in original.char_filters) == 2048 and [w for w, _ in original.char_filters] == list(range(1, 8))
   assert (original.lstm_size, original.embed_size, original.num_layers, original.tie_embeddings) == (4096, 512, 2, False)
   assert flops_per_token(original, 32000, 128, 128) == 3 * (lstm + char_cnn)
-  tiny_chars = load('configs/elmo.py:tiny_chars', []).model
+  tiny_chars_config = load('configs/elmo.py:tiny_chars', ['--config.train.batch_size=2'])
+  tiny_chars = tiny_chars_config.model
   validate_config(tiny_chars, 4000)
+  # bench's synthetic batch has the layout of the real ones: char ids [B, T, max_chars] of words.
+  synthetic = elmo_family.synthetic_batch(tiny_chars_config, 4000)
+  assert {k: (v.shape[1:], v.dtype) for k, v in synthetic.items()} == elmo_family.batch_shapes(tiny_chars_config)
+  assert np.all(synthetic['char_ids'][..., 0] == char_examples.BEGIN_WORD)
   # Shape keys: a config written before token_input existed is a tokens model, whatever char settings a new
   # tokens config carries; char settings count for chars models (JSON's lists equal tuples).
   old = dict(name='elmo', num_layers=2, embed_size=128, lstm_size=256, max_position=8192)
@@ -264,5 +269,5 @@ def test_chars_pretrain_job_resumes_exactly_and_its_export_embeds(tmp_path):
   assert layers.shape == (3, *ids.shape, 32) and np.all(np.isfinite(layers))
   static = elmo_family.static_rows(model, tokenizer, ids[0])
   np.testing.assert_allclose(layers[0, 0, :, :16], static, rtol=1e-5, atol=1e-6)
-  with pytest.raises(UserError, match='char_ids|token table'):
+  with pytest.raises(UserError, match='no token table'):
     hooks.static_table(model)

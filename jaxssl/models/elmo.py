@@ -233,8 +233,9 @@ class ElmoModel(nnx.Module):
     `char_ids` [B, T, max_chars]; context-free either way."""
     if self.config.token_input == 'chars':
       if char_ids is None:
-        raise UserError('this ELMo reads characters (model.token_input=chars) but was given token ids only: pass '
-                        'char_ids (jaxssl.data.examples.elmo_chars builds them from the tokenizer)')
+        raise UserError('this ELMo reads characters (model.token_input=chars) but was given token ids only: '
+                        'pretraining batches carry char ids (jaxssl.data.examples.elmo_chars); fine-tuning heads '
+                        'do not yet, so fine-tune a token_input=tokens ELMo')
       return self.char_encoder(char_ids)
     return constrain(self.token_embeddings(input_ids), ACT)
 
