@@ -6,6 +6,12 @@
 small = GPT-2 small (124M with its 50257 vocab), medium = GPT-2 medium (350M). llama_tiny = the tiny quickstart with
 the Llama architecture (RMSNorm, RoPE, SwiGLU, grouped-query attention, no biases, untied head, no dropout);
 llama_1b = Llama 3.2 1B's shape (1.24B parameters with its 128256 vocab; converted checkpoints fit).
+gemma3_tiny = the tiny quickstart with Gemma 3's architecture (models/gemma.py: (1 + w) RMSNorm, GeGLU, q/k norms,
+four norms per layer, local sliding-window layers with every 2nd layer global, scaled embeddings, tied head);
+gemma3_270m / gemma3_1b = google/gemma-3-270m and gemma-3-1b-pt (268M / 1.0B parameters with the 262144 vocab;
+window 512, every 6th layer global, RoPE bases 10k local / 1M global).
+
+  python -m jaxssl.pretrain --config configs/gpt.py:gemma3_tiny --workdir /tmp/gemma3_tiny
 """
 from jaxssl import config as config_lib
 
@@ -21,12 +27,20 @@ LLAMA_SIZES = {
     'llama_tiny': (2, 128, 4, 2, 352, 128, 128),
     'llama_1b': (16, 2048, 32, 8, 8192, 2048, 131072),
 }
-VARIANTS = tuple(SIZES) + tuple(LLAMA_SIZES)
+# name: (layers, hidden, heads, kv heads, head dim, intermediate, seq_len, max_position, window, global every)
+GEMMA3_SIZES = {
+    'gemma3_tiny': (4, 128, 4, 2, 32, 352, 128, 128, 32, 2),
+    'gemma3_270m': (18, 640, 4, 1, 256, 2048, 2048, 32768, 512, 6),
+    'gemma3_1b': (26, 1152, 4, 1, 256, 6912, 2048, 32768, 512, 6),
+}
+VARIANTS = tuple(SIZES) + tuple(LLAMA_SIZES) + tuple(GEMMA3_SIZES)
 
 
 def get_config(variant: str = 'tiny'):
-  llama = variant in LLAMA_SIZES
-  if llama:
+  llama, gemma3 = variant in LLAMA_SIZES, variant in GEMMA3_SIZES
+  if gemma3:
+    layers, hidden, heads, kv_heads, head_dim, inner, seq_len, max_position, window, every = GEMMA3_SIZES[variant]
+  elif llama:
     layers, hidden, heads, kv_heads, inner, seq_len, max_position = LLAMA_SIZES[variant]
   else:
     layers, hidden, seq_len = SIZES[variant]
@@ -50,10 +64,23 @@ def get_config(variant: str = 'tiny'):
       tie_embeddings=True,  # False: a separate lm_head (embed, vocab) kernel
       use_bias=True,       # biases in q/k/v/out and the MLP
       attention_bias=False,  # q/k/v biases even with use_bias=False (Qwen2)
+      # Gemma's options (models/gemma.py; the gemma3_* variants switch them on):
+      qk_norm=False,       # RMSNorm of each query/key head before RoPE
+      sandwich_norm=False,  # also a norm after attention and after the MLP (4 per layer)
+      query_pre_attn_scalar=0.0,  # attention scores * this^-1/2 (0 = head_dim)
+      sliding_window=0,    # local layers attend to the last W tokens (0 = every layer global)
+      sliding_window_pattern=0,  # every Nth layer is global (0 = all local when sliding_window is set)
+      rope_local_theta=0.0,  # RoPE base of local layers (0 = rope_theta)
+      scale_embeddings=False,  # token embeddings * sqrt(hidden_size)
       **config_lib.compute_keys())
-  if llama:
+  if llama or gemma3:
     model.update(norm='rmsnorm', position='rope', mlp='swiglu', use_bias=False,
                  dropout_rate=0.0, attention_dropout_rate=0.0, layer_norm_eps=1e-5)
+  if gemma3:
+    model.update(norm='rmsnorm_plus_one', mlp='geglu', layer_norm_eps=1e-6, head_dim=head_dim, qk_norm=True,
+                 sandwich_norm=True, query_pre_attn_scalar=float(head_dim), sliding_window=window,
+                 sliding_window_pattern=every, rope_theta=1_000_000.0, rope_local_theta=10_000.0,
+                 scale_embeddings=True, tie_embeddings=True)
   data = dict(
       seq_len=seq_len,         # documents are packed into rows of this length (segment_ids + positions)
       max_predictions=seq_len,  # every position predicts the next token (read by the shared FLOPs/MFU code)
@@ -62,7 +89,7 @@ def get_config(variant: str = 'tiny'):
   train = dict(learning_rate=6e-4, end_learning_rate=6e-5, weight_decay=0.1, b2=0.95, eps=1e-8)
   c = config_lib.pretraining_config(variant, model=model, data=data, train=train)
 
-  if variant in ('tiny', 'llama_tiny'):
+  if variant in ('tiny', 'llama_tiny', 'gemma3_tiny'):
     config_lib.quickstart(c, end_learning_rate=1e-4)  # ~10 minutes on a 2-core CPU
     if variant == 'llama_tiny':
       c.model.tie_embeddings = False  # as Llama 2/3 8B: exercises the separate output head
@@ -75,6 +102,10 @@ def get_config(variant: str = 'tiny'):
                                 original_max_position_embeddings=8192)
     # ~1M tokens per step (512 x 2048), decay to a tenth. On accelerators: --config.model.dtype=bfloat16.
     config_lib.full_scale(c, vocab_size=128256, every_steps=2000, learning_rate=3e-4, end_learning_rate=3e-5,
+                          warmup_steps=2000, steps=250_000, batch_size=512)
+  elif gemma3:
+    # Gemma 3's 262144-token vocabulary, so converted checkpoints fit; ~1M tokens per step (512 x 2048).
+    config_lib.full_scale(c, vocab_size=262144, every_steps=2000, learning_rate=3e-4, end_learning_rate=3e-5,
                           warmup_steps=2000, steps=250_000, batch_size=512)
   else:
     # ~0.5M tokens per step (GPT-2 / nanoGPT); GPT-2's vocabulary size, so converted checkpoints fit.

@@ -1,6 +1,6 @@
 """Public decoder checkpoints (GPT-2, Llama family) to and from jaxssl GPT exports.
 
-  from_hf(SRC, OUT)   SRC: a HuggingFace directory (config.json; model.safetensors, sharded safetensors with
+  from_hf(SRC, OUT)   SRC: a HuggingFace directory (GPT-2, Llama/Mistral/Qwen2, Gemma 3) (config.json; model.safetensors, sharded safetensors with
                       model.safetensors.index.json, or pytorch_model.bin; tokenizer.json or vocab.json +
                       merges.txt) or a llama.cpp `.gguf` file (tokenizer from its metadata)
   to_hf(EXPORT, OUT)  a GPT2LMHeadModel or LlamaForCausalLM directory transformers opens with from_pretrained
@@ -37,7 +37,8 @@ from jaxssl.train import state as state_lib
 
 BASE_CONFIG = os.path.join(os.path.dirname(__file__), '..', '..', 'configs', 'gpt.py') + ':small'
 # model_type in config.json -> the module holding its weight layout.
-LAYOUTS = {'gpt2': 'hf_gpt2', 'llama': 'hf_llama', 'mistral': 'hf_llama', 'qwen2': 'hf_llama'}
+LAYOUTS = {'gpt2': 'hf_gpt2', 'llama': 'hf_llama', 'mistral': 'hf_llama', 'qwen2': 'hf_llama',
+           'gemma3_text': 'hf_gemma3', 'gemma3': 'hf_gemma3'}
 _SAFETENSORS_DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'I64': np.int64, 'I32': np.int32,
                        'I16': np.int16, 'I8': np.int8, 'U8': np.uint8, 'BOOL': np.bool_}
 
@@ -260,6 +261,9 @@ def to_hf(src: str, out: str, *, overwrite: bool = False) -> dict:
   if 'task' in saved:
     raise UserError(f'{src} is a fine-tuned export (task {saved["task"].get("kind")!r}): convert the pretrained one')
   config = config_lib.from_json(json.dumps(saved))
+  if config.model.get('sandwich_norm') or config.model.get('qk_norm') or config.model.get('sliding_window'):
+    raise UserError(f'{src} is a Gemma-style model: to-hf writes GPT-2 and Llama layouts only (Gemma 3 exports '
+                    'are used in jaxssl: generate, evaluate, finetune, init_from)')
   vocab_size = saved['vocab_size']
   setup = state_lib.setup_model(config.model, vocab_size, _one_device_mesh())
   params = jax.device_get(ckpt_lib.load_export_params(src, setup.abstract_params))

@@ -5,8 +5,9 @@
   ckpt.state_dict                # HF tensor names -> float32 numpy arrays in HF shapes/layouts
   ckpt.write_tokenizer(out_dir)  # tokenizer.json + tokenizer_config.json
 
-so the HF -> jaxssl mappings (hf_gpt2, hf_llama) serve GGUF files too. Architectures: 'llama' (which also
-covers Mistral-style files), 'qwen2' (Qwen2 / Qwen2.5: Llama's layout with q/k/v biases) and 'gpt2'.
+so the HF -> jaxssl mappings (hf_gpt2, hf_llama, hf_gemma3) serve GGUF files too. Architectures: 'llama' (which
+also covers Mistral-style files), 'qwen2' (Qwen2 / Qwen2.5: Llama's layout with q/k/v biases), 'gpt2' and
+'gemma3' (gguf_file_gemma3.py).
 Quantised tensors are dequantised with the `gguf` package, so the state dict holds what llama.cpp computes
 with, not the original weights. Where the file stores F32 the arrays are read-only views of the memory-mapped
 file (no copy of a large model until it is used).
@@ -31,6 +32,7 @@ import gguf
 import numpy as np
 from tokenizers import Tokenizer
 
+from jaxssl.convert import gguf_file_gemma3
 from jaxssl.convert.gguf_reader import K, Metadata, Tensors, check_unused, open_file, tensor_name
 from jaxssl.convert.gguf_tokenizer import tokenizer_from_metadata
 from jaxssl.errors import UserError
@@ -39,7 +41,7 @@ T = gguf.MODEL_TENSOR
 LLAMA = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA]
 QWEN2 = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN2]
 GPT2 = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GPT2]
-SUPPORTED_ARCHITECTURES = (LLAMA, QWEN2, GPT2)
+SUPPORTED_ARCHITECTURES = (LLAMA, QWEN2, GPT2, gguf_file_gemma3.ARCH)
 
 
 @dataclasses.dataclass
@@ -64,14 +66,14 @@ class GGUFCheckpoint:
 
 
 def read_gguf(path: str) -> GGUFCheckpoint:
-  """Reads a llama.cpp GGUF file (architecture 'llama', 'qwen2' or 'gpt2', any tensor type the gguf package can
+  """Reads a llama.cpp GGUF file (architecture 'llama', 'qwen2', 'gpt2' or 'gemma3', any tensor type the gguf package can
   dequantise) into HF config, float32 HF state dict and tokenizer. Mistakes in the file are UserErrors."""
   reader = open_file(path)
   meta = Metadata(reader, path)
   arch = meta.get(K.General.ARCHITECTURE)
   if arch not in SUPPORTED_ARCHITECTURES:
-    raise UserError(f'{path} holds a {arch!r} model: only GGUF architectures {list(SUPPORTED_ARCHITECTURES)} '
-                    'can be imported')
+    raise UserError(f'{path} holds a {arch!r} model: only GGUF architectures {list(SUPPORTED_ARCHITECTURES[:3])} '
+                    f'and {gguf_file_gemma3.ARCH!r} can be imported')
   split_count = meta.get(K.Split.LLM_KV_SPLIT_COUNT, 1)
   if split_count > 1:
     raise UserError(f'{path} is part of a {split_count}-file split GGUF: merge it first '
@@ -80,6 +82,8 @@ def read_gguf(path: str) -> GGUFCheckpoint:
   tensors = Tensors(reader, path)
   if arch in (LLAMA, QWEN2):
     hf_config, state_dict = _llama(meta, tensors, qwen2=arch == QWEN2)
+  elif arch == gguf_file_gemma3.ARCH:
+    hf_config, state_dict = gguf_file_gemma3.gemma3(meta, tensors)
   else:
     hf_config, state_dict = _gpt2(meta, tensors)
   for name, key in (('bos', K.Tokenizer.BOS_ID), ('eos', K.Tokenizer.EOS_ID), ('pad', K.Tokenizer.PAD_ID)):

@@ -1,4 +1,4 @@
-"""The GPT family (GPT-2 and the Llama variant): next-token LM on documents packed into full rows.
+"""The GPT family (GPT-2 and the Llama and Gemma 3 variants): next-token LM on documents packed into full rows.
 
 Batches come from data/examples/packed_lm.py; the loss is the next-token cross-entropy over the pairs inside one
 document, divided by their count in the global batch. ELMo (families/elmo.py) trains on the same batches.
@@ -105,10 +105,11 @@ def synthetic_batch(config, vocab_size: int, seed: int = 0) -> dict:
 # ----- checkpoint shape keys -----
 
 SHAPE_KEYS = ('name', 'num_layers', 'hidden_size', 'num_heads', 'intermediate_size', 'max_position',
-              'num_kv_heads', 'head_dim', 'norm', 'position', 'mlp', 'tie_embeddings', 'use_bias', 'attention_bias')
-# What a config without the key means (configs written before the Llama variant existed are GPT-2 ones).
+              'num_kv_heads', 'head_dim', 'norm', 'position', 'mlp', 'tie_embeddings', 'use_bias', 'attention_bias',
+              'qk_norm', 'sandwich_norm')
+# What a config without the key means (configs written before the Llama / Gemma variants are GPT-2 / Llama ones).
 SHAPE_DEFAULTS = {'norm': 'layernorm', 'position': 'learned', 'mlp': 'gelu', 'tie_embeddings': True,
-                  'use_bias': True, 'attention_bias': False}
+                  'use_bias': True, 'attention_bias': False, 'qk_norm': False, 'sandwich_norm': False}
 
 
 def shape_value(model: dict, key: str):

@@ -8,15 +8,14 @@ The Llama architecture is the same decoder with other switches (configs/gpt.py:l
   norm='rmsnorm'  position='rope' (rope_theta, rope_scaling)  mlp='swiglu'  num_kv_heads < num_heads (GQA)
   use_bias=False  tie_embeddings=False (Llama 2/3 8B; Llama 3.2 1B/3B tie)  dropout 0
 
-As in bert.py, the block stack is created with `nnx.vmap` (params get a leading 'layers' axis) and run with
-`nnx.scan`.
+Gemma 3 (configs/gpt.py:gemma3_*) adds the options of models/gemma.py: (1 + w) RMSNorm, GeGLU, q/k norms, four
+norms per layer, interleaved sliding-window (local) and global layers with their own RoPE bases, scaled embeddings.
 
+The block stack is created with `nnx.vmap` (params get a leading 'layers' axis) and run with `nnx.scan`.
 Packed training rows: `segment_ids` [B, T] (0 = padding) keep documents apart in attention and `positions` [B, T]
 restart at 0 in each document (for RoPE too: each document's rotation starts at 0); `next_token_loss` drops the
-pairs that cross a document boundary or touch padding.
-
-Generation: `init_cache` + `GPT.decode` append new tokens to a KV cache (num_kv_heads heads);
-`generation.generate` runs prefill + one-token decode steps under one jit.
+pairs that cross a document boundary or touch padding. Generation: `init_cache` + `GPT.decode` append new tokens
+to a KV cache (num_kv_heads heads); `generation.generate` runs prefill + one-token decode steps under one jit.
 """
 import dataclasses
 
@@ -26,10 +25,10 @@ from flax import nnx
 
 from jaxssl.errors import UserError
 from jaxssl.mesh import constrain
-from jaxssl.models import vocab
+from jaxssl.models import gemma, vocab
 from jaxssl.models.layers import Embed, check_compute_settings, config_fields, dropout, stack_layers
-from jaxssl.models.parts import (ACT, CausalSelfAttention, GeluMlp, Linear, SwiGluMlp, kv_cache, make_norm,
-                                 next_token_pairs, rope_angles, run_stack)
+from jaxssl.models.gemma import make_mlp, make_norm
+from jaxssl.models.parts import ACT, CausalSelfAttention, Linear, kv_cache, next_token_pairs, rope_angles, run_stack
 
 
 # rope_scaling types (HF's `rope_type`) and the keys each needs.
@@ -37,7 +36,8 @@ ROPE_SCALING_KEYS = {
     'linear': ('factor',),
     'llama3': ('factor', 'low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings'),
 }
-CHOICES = {'norm': ('layernorm', 'rmsnorm'), 'position': ('learned', 'rope'), 'mlp': ('gelu', 'swiglu')}
+CHOICES = {'norm': ('layernorm', 'rmsnorm', 'rmsnorm_plus_one'), 'position': ('learned', 'rope'),
+           'mlp': ('gelu', 'swiglu', 'geglu')}
 
 
 def _rope_scaling(value):
@@ -108,6 +108,14 @@ class GPTConfig:
   tie_embeddings: bool = True          # False: a separate lm_head kernel (embed, vocab)
   use_bias: bool = True                # biases in q/k/v/out and the MLP
   attention_bias: bool = False         # q/k/v biases even when use_bias=False (Qwen2)
+  # Gemma's options (models/gemma.py); the defaults are off.
+  qk_norm: bool = False                # RMSNorm of each q/k head before RoPE
+  sandwich_norm: bool = False          # norms after attention and after the MLP too
+  query_pre_attn_scalar: float = 0.0   # scores * this^-1/2; 0 = head_dim
+  sliding_window: int = 0              # local layers' window; 0 = every layer global
+  sliding_window_pattern: int = 0      # every Nth layer global (Gemma 3: 6); 0 = all local
+  rope_local_theta: float = 0.0        # RoPE base of local layers; 0 = rope_theta
+  scale_embeddings: bool = False       # token embeddings * sqrt(hidden_size)
   # The tokenizer's ids when the embedding has more rows (a padded public vocabulary, models/vocab.py): logits of
   # the rows past it are -inf. 0 = every row is a token. Set by load_export, never by a config file.
   num_token_ids: int = 0
@@ -140,6 +148,7 @@ class GPTConfig:
       raise UserError(f'model.num_kv_heads={c.num_kv_heads} does not divide model.num_heads={c.num_heads}; '
                       'use a divisor of num_heads (0 = num_heads, no grouping)')
     check_compute_settings(c, eps_note=' (GPT-2 uses 1e-5)')
+    gemma.check_config(c)
     for name, choices in CHOICES.items():
       if getattr(c, name) not in choices:
         raise UserError(f'model.{name}={getattr(c, name)!r}: use {" or ".join(map(repr, choices))}')
@@ -167,7 +176,7 @@ class GPTBlock(nnx.Module):
     self.attention_norm = make_norm(c, rngs)
     self.attention = CausalSelfAttention(c, rngs=rngs)
     self.mlp_norm = make_norm(c, rngs)
-    self.mlp = SwiGluMlp(c, rngs=rngs) if c.mlp == 'swiglu' else GeluMlp(c, rngs=rngs)
+    self.mlp = make_mlp(c, rngs)
     self.dropout_rate = c.dropout_rate
 
   def __call__(self, x, segment_ids, rotary=None, dropout_rng=None):
@@ -232,18 +241,24 @@ class GPT(nnx.Module):
       if c.position == 'learned':
         self.position_embeddings = Embed(c.max_position, c.hidden_size, ('position', 'embed'), stddev=std,
                                          rngs=rngs)
-      self.decoder = GPTDecoder(c, rngs=rngs)
+      self.decoder = (gemma.GemmaDecoder if gemma.uses_gemma_block(c) else GPTDecoder)(c, rngs=rngs)
       self.final_norm = make_norm(c, rngs)
       if not c.tie_embeddings:
         self.lm_head = Linear(c.hidden_size, c.vocab_size, ('embed', 'vocab'), stddev=std, use_bias=False,
                               dtype=c.compute_dtype, rngs=rngs)
 
   def _embed(self, input_ids, positions):
+    c = self.config
     x = self.token_embeddings(input_ids)
-    return x + self.position_embeddings(positions) if self.config.position == 'learned' else x
+    if c.scale_embeddings:  # in the compute dtype, as HF's Gemma scales them
+      x = (x.astype(c.compute_dtype) * jnp.asarray(c.hidden_size ** 0.5, c.compute_dtype)).astype(jnp.float32)
+    return x + self.position_embeddings(positions) if c.position == 'learned' else x
 
   def _rotary(self, positions):
-    return rope_angles(self.config, positions) if self.config.position == 'rope' else None
+    c = self.config
+    if c.position != 'rope':
+      return None
+    return gemma.rotary_pair(c, positions) if gemma.uses_gemma_block(c) else rope_angles(c, positions)
 
   def output_weights(self) -> jax.Array:
     """The output projection [H, V] in the compute dtype (the token embeddings' transpose when tied)."""
@@ -301,8 +316,9 @@ class GPT(nnx.Module):
     for every row).
     """
     c = self.config
-    return dict(kv_cache(c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim, c.compute_dtype),
-                positions=jnp.full((batch, max_len), -1, jnp.int32), index=jnp.zeros((), jnp.int32))
+    layers = (self.decoder.init_cache(batch, max_len) if isinstance(self.decoder, gemma.GemmaDecoder) else
+              kv_cache(c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim, c.compute_dtype))
+    return dict(layers, positions=jnp.full((batch, max_len), -1, jnp.int32), index=jnp.zeros((), jnp.int32))
 
   def decode(self, tokens, cache: dict, positions) -> tuple[jax.Array, dict]:
     """Appends `tokens` [B, T] to the cache at slots index..index+T-1 -> (logits [B, T, V] float32, new cache).
@@ -318,10 +334,14 @@ class GPT(nnx.Module):
     kpos = slot_positions[:, None, None, :]
     mask = (kpos >= 0) & (kpos <= positions[:, None, :, None])  # [B, 1, T, S]
     # Padding (-1) is looked up as position 0: finite values, and nothing attends to it.
-    positions = jnp.maximum(positions, 0)
-    x = self._embed(tokens, positions)
-    x, keys, values = self.decoder.decode(x, cache['key'], cache['value'], index, mask, self._rotary(positions))
-    new_cache = dict(key=keys, value=values, positions=slot_positions, index=index + tokens.shape[1])
+    x = self._embed(tokens, jnp.maximum(positions, 0))
+    rotary = self._rotary(jnp.maximum(positions, 0))
+    if isinstance(self.decoder, gemma.GemmaDecoder):
+      x, new_cache = self.decoder.decode(x, cache, index, mask, positions, rotary)
+    else:
+      x, keys, values = self.decoder.decode(x, cache['key'], cache['value'], index, mask, rotary)
+      new_cache = dict(key=keys, value=values)
+    new_cache.update(positions=slot_positions, index=index + tokens.shape[1])
     return self._logits(self.final_norm(x)), new_cache
 
 
@@ -366,15 +386,14 @@ def flops_per_token(model_cfg, vocab_size: int, seq_len: int, max_predictions: i
   """Training FLOPs per input token (forward + backward = 3x forward; 2 FLOPs per multiply-add), matmuls only.
 
   Per layer: 6 x matmul params (q and out H x N*D each, k and v H x K*D each with K = num_kv_heads; the MLP
-  2 H I, or 3 H I for SwiGLU) plus attention scores and weighted sum, 12 x N*D x seq_len (counted over the full
-  T x T square, as computed, not halved for causality). The H x V output projection (tied or lm_head: the same
-  matmul) runs at every position. `max_predictions` is ignored: every token is a target. Embedding lookups,
-  norms, RoPE, softmax and biases are not counted (as in the usual MFU formula).
+  2 H I, or 3 H I for SwiGLU/GeGLU) plus attention scores and weighted sum, 12 x N*D x keys, keys = seq_len (the
+  full T x T square, as computed, not halved for causality), or min(sliding_window, seq_len) in a local layer
+  (gemma.attention_flops). The H x V output projection runs at every position. `max_predictions` is ignored:
+  every token is a target. Embedding lookups, norms, RoPE, softmax and biases are not counted (the MFU formula).
   """
   del max_predictions
   c = GPTConfig.from_config(model_cfg, vocab_size)
   h, i, d = c.hidden_size, c.intermediate_size, c.head_dim
   attention = h * d * (2 * c.num_heads + 2 * c.num_kv_heads)
-  mlp = (3 if c.mlp == 'swiglu' else 2) * h * i
-  layers = c.num_layers * (6 * (attention + mlp) + 12 * c.num_heads * d * seq_len)
-  return float(layers + 6 * h * c.vocab_size)
+  mlp = (2 if c.mlp == 'gelu' else 3) * h * i
+  return float(c.num_layers * 6 * (attention + mlp) + gemma.attention_flops(c, seq_len) + 6 * h * c.vocab_size)
