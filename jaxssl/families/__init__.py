@@ -1,4 +1,4 @@
-"""The pretraining families, registered once by `model.name`: bert, gpt, encdec, elmo.
+"""The pretraining families, registered once by `model.name`: bert, gpt, encdec, elmo; on images mae, simclr.
 
   family = families.family_for(config.model)
   model = family.build(config.model, vocab_size, rngs=nnx.Rngs(params=seed))
@@ -10,10 +10,11 @@ embedding hooks (family.py says what a Family is). A new family is one module he
 from flax import nnx
 
 from jaxssl.errors import UserError
-from jaxssl.families import bert, elmo, encdec, gpt
+from jaxssl.families import bert, elmo, encdec, gpt, mae, simclr
 from jaxssl.families.family import Family
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (bert.FAMILY, gpt.FAMILY, encdec.FAMILY, elmo.FAMILY)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (bert.FAMILY, gpt.FAMILY, encdec.FAMILY, elmo.FAMILY, mae.FAMILY,
+                                                   simclr.FAMILY)}
 
 
 def family_for(model_cfg) -> Family:
