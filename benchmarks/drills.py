@@ -402,6 +402,7 @@ def interrupted_run(site: Site, name: str, plan: list, *, seed: int = 0, own_dat
   targets = sorted(rng.sample(range(3, site.steps - 10), len(plan)))
   events, expected_start, outs = [], 0, []
   for i, (kind, target) in enumerate(zip(plan, targets)):
+    left_before = set(unfinished_writes(workdir)), set(_half_deleted(workdir))
     job = site.start(f'{name}-{i}-{kind}', site.pretrain_args(workdir), data_dir=data_dir)
     # About half of the reference's wall time is start-up; the rest shrinks with the steps already done.
     window = site.reference_wall * (0.5 + 0.5 * (1 - logged_step(workdir) / site.steps)) * 0.9
@@ -424,7 +425,10 @@ def interrupted_run(site: Site, name: str, plan: list, *, seed: int = 0, own_dat
     else:
       assert rc == -signal.SIGKILL, job.tail()
     event['checkpoints'] = verify_checkpoints(workdir, reference, KEEP)
-    event['half_deleted'] = _half_deleted(workdir)
+    # Left by this job, not by the one before: a job killed before its checkpointer opened never cleaned those up.
+    started = event['resumed_from'] is not None
+    event['this_write_cut'] = [n for n in event['unfinished_writes'] if started or n not in left_before[0]]
+    event['half_deleted'] = [s for s in _half_deleted(workdir) if s not in left_before[1]]
     if kind == 'kill-prepare':
       event['left_unfinished_preparation'] = _preparing(data_dir)
     bad = {s: v for s, v in event['checkpoints'].items() if v not in ('same', 'restores', 'half-deleted')}
@@ -441,7 +445,7 @@ def interrupted_run(site: Site, name: str, plan: list, *, seed: int = 0, own_dat
   logs = ''.join(outs) + job.out
   kills = [e for e in events if e['kind'] != 'sigterm' and not e.get('finished_first')]
   return {'interruptions': events, 'final_resumed_from': final_start, 'records_compared': compared,
-          'kills': len(kills), 'inside_async_write': sum(bool(e['unfinished_writes']) for e in kills),
+          'kills': len(kills), 'inside_async_write': sum(bool(e.get('this_write_cut')) for e in kills),
           'unreadable_past_keep': sum(list(e.get('checkpoints', {}).values()).count('half-deleted') for e in events),
           'caught_deleting': sum(bool(e.get('half_deleted')) for e in events),
           'set_aside': set_aside(workdir), 'unreadable_reported': 'unreadable' in logs,

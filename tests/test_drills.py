@@ -25,7 +25,7 @@ def test_kill9_inside_an_async_save_then_sigterm_resume_exactly(site):
   the uninterrupted run's, and so does metrics.jsonl, record for record."""
   result = drills.interrupted_run(site, 'ci', ['kill-save', 'sigterm', 'kill-delete'], seed=1)
   kill_save, sigterm, _ = result['interruptions']
-  assert kill_save['unfinished_writes'], 'the kill did not land inside the checkpoint write'
+  assert kill_save['this_write_cut'], 'the kill did not land inside the checkpoint write'
   assert sigterm['rc'] == 0 and sigterm['saved'] >= sigterm['target_step']
   assert not result['set_aside'] and not result['unreadable_reported']
   assert result['records_compared'] >= 150
