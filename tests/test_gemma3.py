@@ -261,3 +261,35 @@ def test_flops_formula_matches_xla():
   d = config.data
   ratio = flops_per_token(config.model, 1000, d.seq_len, d.max_predictions) / xla_flops_per_token(config)
   assert 0.9 <= ratio <= 1.1, ratio
+
+
+def test_sharded_gradients_equal_one_device():
+  """gemma3_tiny (local + global layers, q/k and sandwich norms) on a 2x2x2 mesh: the gradients of the LM loss
+  equal one device's (what tests/test_train.py checks for BERT; nothing else runs GemmaDecoder under a mesh)."""
+  from jaxssl import bench  # noqa: PLC0415 (test-only helpers)
+  from jaxssl import config as config_lib  # noqa: PLC0415
+  from jaxssl import mesh as mesh_lib  # noqa: PLC0415
+  from jaxssl.families import gpt as gpt_family  # noqa: PLC0415
+  from jaxssl.train import state as state_lib  # noqa: PLC0415
+  config = load_config(f'{CONFIG}:gemma3_tiny')
+  config_lib.parse_overrides(config, [
+      '--config.model.num_layers=2', '--config.model.hidden_size=32', '--config.model.num_heads=4',
+      '--config.model.num_kv_heads=2', '--config.model.head_dim=8', '--config.model.intermediate_size=48',
+      '--config.model.sliding_window=8', '--config.data.seq_len=24', '--config.train.batch_size=8'])
+  batch = bench.synthetic_batch(config, 128)
+
+  def grads(mesh):
+    setup = state_lib.setup_model(config.model, 128, mesh, 0)
+    params = state_lib.init_params(setup)
+    # Non-zero (1 + w) norm weights, so a misplaced norm shows in the gradients.
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, a: a + 0.1 if 'norm' in jax.tree_util.keystr(p) else a, params)
+    def loss(p, b):
+      sums = gpt_family.lm_sums(setup.graphdef, p, b, None)
+      return sums['lm_loss'] / sums['lm_count']
+    with jax.set_mesh(mesh):
+      return jax.device_get(jax.jit(jax.grad(loss))(params, mesh_lib.global_batch(batch, mesh)))
+
+  one = grads(mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1]))
+  sharded = grads(mesh_lib.make_mesh((2, 2, 2)))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6), one, sharded)
