@@ -234,8 +234,8 @@ class ElmoModel(nnx.Module):
     if self.config.token_input == 'chars':
       if char_ids is None:
         raise UserError('this ELMo reads characters (model.token_input=chars) but was given token ids only: '
-                        'pretraining batches carry char ids (jaxssl.data.examples.elmo_chars); fine-tuning heads '
-                        'do not yet, so fine-tune a token_input=tokens ELMo')
+                        'pretraining batches carry char ids (jaxssl.data.examples.elmo_chars), the fine-tuning '
+                        'heads and the embeddings job not yet: use a token_input=tokens ELMo there')
       return self.char_encoder(char_ids)
     return constrain(self.token_embeddings(input_ids), ACT)
 
