@@ -214,14 +214,18 @@ def test_gguf_reads_back_as_transformers_state(tmp_path):
   np.testing.assert_allclose(np.asarray(model(jnp.asarray(IDS))), hf_logits(ref, IDS), atol=1e-4, rtol=0)
 
 
-def test_gguf_norms_and_unknown_rope_refused(tmp_path):
+class NoKeys:
+  """GGUF metadata without any optional key (what layer_types reads)."""
+  path = 'f'
+
+  def get(self, key, default=None):
+    return default
+
+
+def test_llama_cpp_layer_pattern_and_unsupported_variants():
   """A file without the pattern key gets llama.cpp's every-6th-layer-global; unsupported variants are refused."""
-  meta_types = gguf_file.gguf_file_gemma3._layer_types
-  class Meta:  # noqa: E306 (the two lookups _layer_types makes)
-    path = 'f'
-    def get(self, key, default=None):  # noqa: E301
-      return default
-  assert meta_types(Meta(), 7) == ['sliding_attention'] * 5 + ['full_attention', 'sliding_attention']
+  want = ['sliding_attention'] * 5 + ['full_attention', 'sliding_attention']
+  assert gguf_file.gguf_file_gemma3.layer_types(NoKeys(), 7) == want
   hf = hf_config_dict(hf_reference())
   for bad, match in ((dict(final_logit_softcapping=30.0), 'softcapping'), (dict(hidden_activation='silu'), 'tanh'),
                      (dict(layer_types=['full_attention', 'sliding_attention', 'sliding_attention']), 'every Nth')):

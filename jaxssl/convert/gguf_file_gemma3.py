@@ -30,7 +30,7 @@ LAYER = (
 )
 
 
-def _layer_types(meta: Metadata, n_layers: int) -> list[str]:
+def layer_types(meta: Metadata, n_layers: int) -> list[str]:
   """HF layer_types from the file's sliding_window_pattern (an N, or a per-layer bool list: True = sliding),
   llama.cpp's fixed 6 when absent."""
   pattern = meta.get(K.Attention.SLIDING_WINDOW_PATTERN, LLAMA_CPP_PATTERN)
@@ -92,7 +92,7 @@ def gemma3(meta: Metadata, tensors: Tensors) -> tuple[dict, dict]:
       'rope_local_base_freq': meta.get_float(K.Rope.FREQ_BASE_SWA, LLAMA_CPP_LOCAL_BASE),
       'rope_scaling': scaling,
       'sliding_window': int(meta.get(K.Attention.SLIDING_WINDOW)),
-      'layer_types': _layer_types(meta, n_layers),
+      'layer_types': layer_types(meta, n_layers),
       # llama.cpp: 1/sqrt(hidden / heads) for the 27B (62 layers), 1/sqrt(head_dim) otherwise
       'query_pre_attn_scalar': hidden // n_head if n_layers == 62 else head_dim,
       'tie_word_embeddings': tied, 'attention_bias': False, 'final_logit_softcapping': None,
