@@ -17,6 +17,7 @@ from flax import nnx
 from jaxssl import config as config_lib
 from jaxssl import families
 from jaxssl import mesh as mesh_lib
+from jaxssl import tasks
 from jaxssl.data import images, images_examples
 from jaxssl.errors import UserError
 from jaxssl.eval import linear_probe
@@ -251,25 +252,52 @@ def losses_of(workdir):
     return {r['step']: r['loss'] for r in map(json.loads, f) if 'loss' in r}
 
 
-@pytest.mark.skipif('load_sources' not in inspect.getsource(loop), reason='train/loop.py does not load an image '
-                    "family's corpus yet (families/vision.py: ImageFamily.load_sources)")
-def test_pretrain_job_on_digits_resumes_exactly_and_probes(tmp_path):
-  result = run_job(tmp_path / 'a', 6, tmp_path / 'tfds')
+NEEDS_LOOP = pytest.mark.skipif('load_sources' not in inspect.getsource(loop), reason='train/loop.py does not load '
+                                "an image family's corpus yet (families/vision.py: ImageFamily.load_sources)")
+
+
+@pytest.fixture(scope='module')
+def pretrained(tmp_path_factory):
+  """A 6-step MAE job on the digits (a), and the same job resumed from its step-3 checkpoint (b)."""
+  tmp = tmp_path_factory.mktemp('job')
+  result = run_job(tmp / 'a', 6, tmp / 'tfds')
   assert result.returncode == 0, result.stderr[-3000:]
-  losses = losses_of(tmp_path / 'a')
-  assert sorted(os.listdir(tmp_path / 'a' / 'checkpoints')) == ['3', '6']
-  # Resume from step 3 (as after a crash there): steps 4..6 reproduce the uninterrupted run bit for bit.
-  shutil.copytree(tmp_path / 'a', tmp_path / 'b')
-  shutil.rmtree(tmp_path / 'b' / 'checkpoints' / '6')
-  result = run_job(tmp_path / 'b', 6, tmp_path / 'tfds')
-  assert result.returncode == 0 and 'resuming from step 3' in result.stdout, result.stderr[-3000:]
-  resumed = losses_of(tmp_path / 'b')
+  shutil.copytree(tmp / 'a', tmp / 'b')
+  shutil.rmtree(tmp / 'b' / 'checkpoints' / '6')
+  resumed = run_job(tmp / 'b', 6, tmp / 'tfds')
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  return tmp, resumed.stdout
+
+
+@NEEDS_LOOP
+def test_pretrain_job_on_digits_resumes_exactly_and_probes(pretrained, monkeypatch):
+  tmp, stdout = pretrained
+  assert sorted(os.listdir(tmp / 'a' / 'checkpoints')) == ['3', '6'] and 'resuming from step 3' in stdout
+  # Steps 4..6 after resuming from step 3 (as after a crash there) reproduce the uninterrupted run bit for bit.
+  losses, resumed = losses_of(tmp / 'a'), losses_of(tmp / 'b')
   assert [resumed[s] for s in (4, 5, 6)] == [losses[s] for s in (4, 5, 6)]
   # The linear probe reads the run's newest checkpoint.
-  os.environ['JAXSSL_DATA_DIR'] = str(tmp_path / 'tfds')
-  try:
-    probed = linear_probe.probe_workdir(str(tmp_path / 'a'))
-  finally:
-    del os.environ['JAXSSL_DATA_DIR']
+  monkeypatch.setenv('JAXSSL_DATA_DIR', str(tmp / 'tfds'))
+  probed = linear_probe.probe_workdir(str(tmp / 'a'))
   assert probed['step'] == 6 and probed['train_images'] + probed['test_images'] == 1797
   assert 0.3 < probed['accuracy'] <= 1.0
+
+
+@NEEDS_LOOP
+@pytest.mark.skipif('image_classification' not in tasks.REGISTRY,
+                    reason='the image_classification task kind is not registered yet (tasks/__init__.py)')
+def test_full_fine_tuning_of_an_mae_export_through_the_finetune_job(pretrained, tmp_path, monkeypatch):
+  from jaxssl import export as export_job  # noqa: PLC0415  # reason: the job module, only in this test
+  from jaxssl.train import finetune  # noqa: PLC0415  # reason: only in this test
+  tmp, _ = pretrained
+  export_job.export(str(tmp / 'a'), str(tmp_path / 'export'))
+  c = config_lib.load_config('configs/finetune.py:image_classification')
+  config_lib.parse_overrides(c, [f'--config.init_from={tmp_path / "export"}', '--config.task.train=digits:train',
+                                 '--config.task.dev=digits:validation', '--config.train.steps=4',
+                                 '--config.train.batch_size=8', '--config.eval.every_steps=4',
+                                 '--config.checkpoint.every_steps=4', '--config.log.every_steps=1'])
+  monkeypatch.setenv('JAXSSL_DATA_DIR', str(tmp / 'tfds'))
+  best = finetune.run_finetuning(c, str(tmp_path / 'ft'))
+  assert best['step'] == 4 and 0.0 <= best['metrics']['accuracy'] <= 1.0
+  saved = json.loads((tmp_path / 'ft' / 'export' / 'config.json').read_text())
+  assert saved['task']['labels'] == list('0123456789') and saved['finetune']['task']['image_size'] == 16

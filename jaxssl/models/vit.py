@@ -202,6 +202,11 @@ class ViT(nnx.Module):
     return self.features(images, dropout_rng)
 
 
+def _encode(encoder: ViT, images, dropout_rng):
+  states = encoder.encode(images, dropout_rng)
+  return states, encoder.pool(states)
+
+
 def visible_first(mask: jax.Array) -> jax.Array:
   """[B, N] int order of the patches with the visible ones (mask 0) first, each group in patch order."""
   return jnp.argsort(mask, axis=-1, stable=True)
@@ -211,7 +216,7 @@ class MaskedAutoencoder(nnx.Module):
   """MAE: `self.encoder` (a ViT: what fine-tuning and the linear probe keep) and a light pixel decoder."""
 
   def __init__(self, cfg, vocab_size: int = 0, *, rngs: nnx.Rngs):
-    self.cfg = cfg = _config(cfg)
+    self.cfg = self.config = cfg = _config(cfg)  # `config`: what fine-tuning's TaskModel reads
     if not (cfg.decoder_layers and cfg.decoder_hidden_size and cfg.decoder_heads):
       raise UserError('MAE needs model.decoder_layers, model.decoder_hidden_size and model.decoder_heads > 0')
     d, std = cfg.decoder_hidden_size, cfg.initializer_range
@@ -227,6 +232,10 @@ class MaskedAutoencoder(nnx.Module):
       self.decoder = Transformer(bc, scan=cfg.scan_layers, remat=cfg.remat, rngs=rngs)
       self.predict = Linear(d, cfg.patch_dim, ('embed', PIXELS), stddev=std, use_bias=True, dtype=jnp.float32,
                             rngs=rngs)
+
+  def encode(self, images, dropout_rng=None):
+    """(states [B, 1 + N, H], pooled [B, H]) of the whole image (no mask): what fine-tuning heads read."""
+    return _encode(self.encoder, images, dropout_rng)
 
   def _decoder_positions(self):
     if self.cfg.position == 'learned':
@@ -254,7 +263,7 @@ class SimCLR(nnx.Module):
   """SimCLR: `self.encoder` (a ViT) and the projection head g(h) = W2 ReLU(W1 h) whose outputs NT-Xent compares."""
 
   def __init__(self, cfg, vocab_size: int = 0, *, rngs: nnx.Rngs):
-    self.cfg = cfg = _config(cfg)
+    self.cfg = self.config = cfg = _config(cfg)
     if not (cfg.projection_hidden_size and cfg.projection_size):
       raise UserError('SimCLR needs model.projection_hidden_size and model.projection_size > 0')
     std = cfg.initializer_range
@@ -264,6 +273,10 @@ class SimCLR(nnx.Module):
                                       use_bias=True, dtype=jnp.float32, rngs=rngs)
       self.projection_out = Linear(cfg.projection_hidden_size, cfg.projection_size, ('mlp', 'embed'), stddev=std,
                                    use_bias=True, dtype=jnp.float32, rngs=rngs)
+
+  def encode(self, images, dropout_rng=None):
+    """(states [B, 1 + N, H], pooled [B, H]) of the encoder (the projection head is not used downstream)."""
+    return _encode(self.encoder, images, dropout_rng)
 
   def __call__(self, images, dropout_rng=None) -> jax.Array:
     """[B, H, W, C] -> [B, projection_size] projections (not yet normalised)."""

@@ -18,6 +18,7 @@ class Example:
   question: str = ''                   # qa
   qid: str = ''
   answers: list | None = None          # qa: [(text, char_start)], the first one trains
+  image: object = None                 # image_classification: uint8 [H, W, C]
 
 
 def _no_settings(task_cfg, train_examples, dev_examples) -> None:
@@ -51,6 +52,8 @@ class TaskKind:
   class_labels: bool = False                              # one label name per example: ICL can score it
   settle_config: Callable = _no_settings                  # (task_cfg, train, dev): settings decided from data
   describe: Callable = lambda task_cfg: ''                # a note for the fine-tune banner
+  input_keys: tuple[str, ...] = INPUT_KEYS                # feature keys the body's `encode` reads, in order
+  settle_body: Callable = lambda task_cfg, model_cfg: None  # settings taken from the body (image size)
   metric_note: Callable = lambda names: ''                # why a metric is missing from `names`, for errors
 
 

@@ -31,6 +31,7 @@ class TaskModel(nnx.Module):
     self.body = body
     c = body.config
     self.kind = kind
+    self.input_keys = task_kind.input_keys
     self.num_labels = width
     rate = float(c.dropout_rate if classifier_dropout is None else classifier_dropout)
     if not 0.0 <= rate < 1.0:
@@ -38,13 +39,16 @@ class TaskModel(nnx.Module):
     with nnx.use_eager_sharding(not jax.sharding.get_abstract_mesh().empty):
       self.head = task_kind.head(c.hidden_size, width, stddev=c.initializer_range, dropout_rate=rate, rngs=rngs)
 
-  def __call__(self, input_ids, token_type_ids, attention_mask, *, dropout_rng=None, **head_inputs):
-    """[B, L] ints → the kind's outputs. dropout_rng None = eval (no dropout). `head_inputs`: the kind's
-    `model_inputs` (qa: context_mask); None values are left out."""
+  def __call__(self, *inputs, dropout_rng=None, **head_inputs):
+    """The kind's `input_keys` (text: input_ids, token_type_ids, attention_mask [B, L] ints; images: images
+    [B, H, W, C]) → the kind's outputs. dropout_rng None = eval (no dropout). `head_inputs`: the kind's
+    `model_inputs` (qa: context_mask); None values are left out. Inputs may be passed by name."""
+    inputs = (*inputs, *(head_inputs.pop(k) for k in self.input_keys[len(inputs):] if k in head_inputs))
     body_key, head_key = (None, None) if dropout_rng is None else (
         jax.random.fold_in(dropout_rng, 0), jax.random.fold_in(dropout_rng, 1))
-    seq, pooled = self.body.encode(input_ids, token_type_ids, attention_mask, dropout_rng=body_key)
+    seq, pooled = self.body.encode(*inputs, dropout_rng=body_key)
     extra = {k: v for k, v in head_inputs.items() if v is not None}
+    attention_mask = dict(zip(self.input_keys, inputs)).get('attention_mask')  # none for images
     return self.head(seq, pooled, attention_mask, head_key, **extra)
 
 

@@ -26,7 +26,6 @@ from jaxssl.data import tokenizers
 from jaxssl.errors import UserError
 from jaxssl.families import build_model, family_for
 from jaxssl.models import vocab
-from jaxssl.tasks.base import INPUT_KEYS
 from jaxssl.tasks.model import TaskModel, task_loss
 from jaxssl.train import checkpoint as ckpt_lib
 from jaxssl.train import metrics as writer_lib
@@ -64,11 +63,11 @@ def task_model_setup(model_cfg, vocab_size: int, kind: str, num_labels: int, mes
 
 def make_predictor(setup, mesh, features: dict, batch_size: int, kind: tasks.TaskKind):
   """`predict(params, features) -> outputs` over all rows (host numpy), in sharded batches on the mesh."""
-  input_keys = [*INPUT_KEYS, *kind.model_inputs]
+  input_keys = [*kind.input_keys, *kind.model_inputs]
 
   def forward(params, batch):
     model = nnx.merge(setup.graphdef, params)
-    return model(*(batch[k] for k in INPUT_KEYS), **{k: batch[k] for k in kind.model_inputs})
+    return model(*(batch[k] for k in kind.input_keys), **{k: batch[k] for k in kind.model_inputs})
 
   shardings = {k: mesh_lib.batch_sharding(mesh, features[k].ndim) for k in input_keys}
   forward = jax.jit(forward, in_shardings=(setup.param_shardings, shardings))
@@ -76,7 +75,7 @@ def make_predictor(setup, mesh, features: dict, batch_size: int, kind: tasks.Tas
   batch_size = max(batch_size - batch_size % divisor, divisor)
 
   def predict(params, rows_of: dict):
-    n = len(rows_of['input_ids'])
+    n = len(rows_of[kind.input_keys[0]])
     outputs = []
     for start_row in range(0, n, batch_size):
       rows = np.arange(start_row, start_row + batch_size) % n  # the last batch wraps; extra rows are dropped
@@ -124,9 +123,11 @@ def load_body(config) -> Body:
   if 'task' in saved:
     raise UserError(f'{config.init_from} is a fine-tuned export ({saved["task"]["name"]}): start from a pretraining '
                     'export (python -m jaxssl.export) or an imported checkpoint (python -m jaxssl.convert from-hf)')
+  model_cfg = ml_collections.ConfigDict(saved['model'])
+  if 'image_size' in model_cfg:  # an image body (mae, simclr): no tokenizer, no token positions
+    return Body(saved, None, saved['vocab_size'], model_cfg)
   tokenizer = tokenizers.load_tokenizer(config.init_from)
   vocab.check_rows(tokenizer.vocab_size, saved['vocab_size'], config.init_from)
-  model_cfg = ml_collections.ConfigDict(saved['model'])
   if config.data.seq_len > model_cfg.max_position:
     raise UserError(f'data.seq_len={config.data.seq_len} exceeds the model\'s max_position={model_cfg.max_position}: '
                     'lower --config.data.seq_len')
@@ -199,7 +200,8 @@ def make_train_step(setup, tx, schedule, kind, mesh, features: dict):
   """
   def loss_fn(params, batch, key):
     model = nnx.merge(setup.graphdef, params)
-    outputs = model(*(batch[k] for k in INPUT_KEYS), dropout_rng=key, **{k: batch[k] for k in kind.model_inputs})
+    outputs = model(*(batch[k] for k in kind.input_keys), dropout_rng=key,
+                    **{k: batch[k] for k in kind.model_inputs})
     return task_loss(kind.name, outputs, batch)[0]
 
   def step_key(state):
@@ -217,7 +219,7 @@ def make_train_step(setup, tx, schedule, kind, mesh, features: dict):
                  'step': state['step'] + 1}
     return new_state, {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'learning_rate': schedule(state['step'])}
 
-  batch_keys = [*INPUT_KEYS, *kind.model_inputs, *kind.label_keys]
+  batch_keys = [*kind.input_keys, *kind.model_inputs, *kind.label_keys]
   shardings = state_lib.state_shardings(setup, tx)
   batch_shardings = {k: mesh_lib.batch_sharding(mesh, features[k].ndim) for k in batch_keys}
   replicated = NamedSharding(mesh, P())
@@ -268,6 +270,7 @@ def run_finetuning(config, workdir: str) -> dict:
   config = copy.deepcopy(config)  # the resolved task.tag_scheme / best_metric are written into this copy
   t, task = config.train, config.task
   body = load_body(config)
+  tasks.get(task.kind).settle_body(task, body.model_cfg)
   data = prepare_task(task, body.tokenizer, config.data.seq_len)
   mesh = mesh_lib.make_mesh(config.mesh.shape)
   if t.batch_size % mesh_lib.batch_divisor(mesh):
