@@ -26,6 +26,8 @@ x-goog-generation header tensorstore needs to read an object back) set STORAGE_E
 `check_local_gcs` stops a job whose local server lacks the generation header. Against real GCS set none of these.
 """
 import contextlib
+import ctypes
+import errno
 import io
 import os
 import shutil
@@ -292,6 +294,26 @@ def rename(src, dst) -> None:
   fs.copy(inner, inner_dst, recursive=folder)
   fs.rm(inner, recursive=folder)
   _changed(src)
+
+
+def exchange(a, b) -> bool:
+  """Swaps the local paths `a` and `b` in one atomic step (Linux renameat2 RENAME_EXCHANGE): a reader of either
+  sees the old or the new, never nothing. False where that is not possible (a bucket, another OS, a file system
+  without it); the caller then swaps by two renames."""
+  if is_remote(a) or is_remote(b) or not hasattr(os, 'O_PATH'):
+    return False
+  try:
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = libc.renameat2
+  except (OSError, AttributeError):
+    return False
+  at_fdcwd, rename_exchange = -100, 2
+  if renameat2(at_fdcwd, os.fsencode(_local(a)), at_fdcwd, os.fsencode(_local(b)), rename_exchange) == 0:
+    return True
+  code = ctypes.get_errno()
+  if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EXDEV):
+    return False
+  raise OSError(code, os.strerror(code), os.fspath(a))
 
 
 @contextlib.contextmanager

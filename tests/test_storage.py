@@ -170,3 +170,37 @@ def test_local_files_get_the_umask_permissions(tmp_path):
   finally:
     os.umask(old)
   assert (tmp_path / 'config.json').stat().st_mode & 0o777 == 0o644  # readable by the other hosts' users
+
+
+def test_exchange_swaps_two_folders_in_one_step(tmp_path):
+  a, b = tmp_path / 'a', tmp_path / 'b'
+  a.mkdir()
+  b.mkdir()
+  (a / 'x').write_text('from a')
+  (b / 'x').write_text('from b')
+  if not storage.exchange(str(a), str(b)):
+    pytest.skip('renameat2 RENAME_EXCHANGE is not available here')
+  assert (a / 'x').read_text() == 'from b' and (b / 'x').read_text() == 'from a'
+
+
+def test_export_overwrite_is_whole_at_every_instant_and_a_cut_swap_is_put_back(tmp_path):
+  """An overwrite replaces the export in one step (no OUT.tmp-export or OUT.old-export left); an overwrite cut
+  between two renames (OUT missing, OUT.old-export whole) is named to readers and put back by the next export."""
+  import json
+  import numpy as np
+  from jaxssl.data import tokenizers
+  from jaxssl.errors import UserError
+  from jaxssl.train import checkpoint as ckpt_lib
+  from tests.fixtures import make_compat
+  tokenizer = tokenizers.load_tokenizer(os.path.join(make_compat.FIXTURES['compat_v1'], 'bert', 'export'))
+  out = str(tmp_path / 'export')
+  ckpt_lib.write_export(out, {'w': np.zeros(3, np.float32)}, json.dumps({'n': 1}), tokenizer)
+  ckpt_lib.write_export(out, {'w': np.ones(3, np.float32)}, json.dumps({'n': 2}), tokenizer, overwrite=True)
+  assert ckpt_lib.read_export_config(out)['n'] == 2
+  assert sorted(os.listdir(tmp_path)) == ['export']
+  os.rename(out, out + '.old-export')  # what a kill between the two renames of the fallback swap leaves
+  with pytest.raises(UserError, match=r'export is missing: an export --overwrite was cut short .*export.old-export: rerun the export'):
+    ckpt_lib.read_export_config(out)
+  with pytest.raises(UserError, match='already exists and is not empty'):  # put back first, then refused as usual
+    ckpt_lib.write_export(out, {'w': np.ones(3, np.float32)}, json.dumps({'n': 3}), tokenizer)
+  assert ckpt_lib.read_export_config(out)['n'] == 2 and sorted(os.listdir(tmp_path)) == ['export']

@@ -9,8 +9,11 @@ evaluate job needs, nothing of the optimizer.
 import contextlib
 import gc
 import json
+import logging
 import os
+import sys
 import threading
+import traceback
 
 import jax
 import numpy as np
@@ -53,6 +56,21 @@ def check_format(saved: dict, what: str) -> None:
          else f'read it with jaxssl {by}, or start again from an export this jaxssl reads')
   raise UserError(f'{what} was written by jaxssl {by} (format {version}); this jaxssl {__version__} reads formats '
                   f'{OLDEST_READABLE_FORMAT} to {FORMAT_VERSION}: {fix}')
+
+
+class _WriterErrorsInOneLine(logging.Filter):
+  """orbax logs every failed writer thread with its traceback, and asyncio each failed future nobody read: a full
+  disk gives dozens of tracebacks. Each keeps its one-line message; the job's last line says what happened."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.exc_info and record.levelno >= logging.ERROR and (
+        'orbax' in record.pathname or 'exception was never retrieved' in str(record.msg)):
+      record.exc_info, record.exc_text = None, None
+    return True
+
+
+for _logger in ('absl', 'asyncio'):
+  logging.getLogger(_logger).addFilter(_WriterErrorsInOneLine())
 
 
 class Checkpointer:
@@ -196,6 +214,20 @@ class Checkpointer:
     self.manager.close()
 
 
+def _quiet_late_callbacks(excepthook):
+  """`excepthook` without the tracebacks of callbacks scheduled onto a closed event loop: when a checkpoint write
+  fails, tensorstore's writes still in flight call back into orbax's loops, closed by then, and each would print
+  "Event loop is closed" with its traceback (dozens for one full disk). Everything else prints as before."""
+  def hook(exc_type, exc, tb):
+    frames = [f.name for f in traceback.extract_tb(tb)]
+    if not (exc_type is RuntimeError and frames[-2:] == ['call_soon_threadsafe', '_check_closed']):
+      excepthook(exc_type, exc, tb)
+  return hook
+
+
+sys.excepthook = _quiet_late_callbacks(sys.excepthook)
+
+
 def _first_line(error: Exception) -> str:
   """The gist of a storage error: tensorstore's 'No space left on device' sits deep in a long message."""
   text = str(error)
@@ -250,6 +282,8 @@ def write_export(out: str, params, config_json: str, tokenizer, *, overwrite: bo
     tokenizer = tokenizers.load_tokenizer(os.fspath(tokenizer))
   config_json = json.dumps({**json.loads(config_json), **format_stamp()}, indent=2, sort_keys=True)
   out = paths.absolute(os.fspath(out))
+  if jax.process_index() == 0:
+    _recover_export_swap(out)
   if storage.isdir(out) and storage.listdir(out) and not overwrite:
     raise UserError(f'export directory {out} already exists and is not empty: choose a new --out or pass --overwrite')
   tmp, old = f'{out}.tmp-export', f'{out}.old-export'
@@ -263,8 +297,13 @@ def write_export(out: str, params, config_json: str, tokenizer, *, overwrite: bo
     if not remote:
       storage.write_text(storage.join(tmp, 'config.json'), config_json)
     tokenizer.save(tmp)
-    # Swap by renames so an interrupted overwrite leaves the old export (or the new one) whole, never neither.
+    # An overwrite swaps the folders in one step where the OS can (OUT is the old export or the new one at every
+    # instant; the old one is then at OUT.tmp-export, removed next); else by two renames, and an export cut
+    # between them is put back by the next export (_recover_export_swap), readers being told meanwhile.
     storage.remove(old, missing_ok=True)
+    if storage.exists(out) and storage.exchange(tmp, out):
+      storage.remove(tmp, missing_ok=True)
+      return
     if storage.exists(out):
       storage.rename(out, old)
     storage.rename(tmp, out)
@@ -273,9 +312,25 @@ def write_export(out: str, params, config_json: str, tokenizer, *, overwrite: bo
     storage.remove(old, missing_ok=True)
 
 
+def _recover_export_swap(out: str) -> None:
+  """Finishes an export overwrite cut short between its two renames: OUT.old-export (the whole older export) goes
+  back to OUT when OUT is missing or incomplete, and is removed when OUT is complete."""
+  old = f'{out}.old-export'
+  if not storage.exists(storage.join(old, 'config.json')):
+    return
+  if storage.exists(storage.join(out, 'config.json')):
+    storage.remove(old, missing_ok=True)
+    return
+  storage.remove(out, missing_ok=True)
+  storage.rename(old, out)
+
+
 def read_export_config(path: str) -> dict:
   config_file = storage.join(path, 'config.json')
   if not storage.exists(config_file):
+    if storage.exists(storage.join(f'{os.fspath(path)}.old-export', 'config.json')):
+      raise UserError(f'{path} is missing: an export --overwrite was cut short and the previous export is whole in '
+                      f'{path}.old-export: rerun the export (which puts it back first), or move it back yourself')
     raise UserError(f'{path} is not a jaxssl export (no config.json): create one with python -m jaxssl.export')
   saved = json.loads(storage.read_text(config_file))
   check_format(saved, f'the export {path}')
