@@ -23,6 +23,7 @@ from jaxssl.errors import UserError
 from jaxssl.eval import linear_probe
 from jaxssl.families import mae, simclr
 from jaxssl.models import vit
+from jaxssl.tasks import image_classification
 from jaxssl.train import state as state_lib
 from jaxssl.train import loop
 from jaxssl.train import step as step_lib
@@ -67,7 +68,19 @@ def test_digits_are_sklearns_scans_and_a_class_folder_tree_prepares_the_same(dig
   assert folder['train'].classes == tuple(sorted(p.name for p in (tmp_path / 'imgs').iterdir()))
   with pytest.raises(UserError, match='not a folder'):
     images.load_image_corpus(str(tmp_path / 'missing'), str(tmp_path / 'tfds'))
+  # The fine-tuning kind reads the same tree (and 'CORPUS:SPLIT'), resized to the body's input.
+  examples = image_classification.read_file(str(tmp_path / 'imgs'))
+  task = ml_collections.ConfigDict({'name': 'digits'})
+  image_classification.settle_body(task, {'image_size': 16, 'channels': 1})
+  features, _ = image_classification.featurize(task, examples, None, 0, sorted({e.label for e in examples}))
+  assert features['images'].shape == (30, 16, 16, 1) and features['labels'].min() == 0
+  with pytest.raises(UserError, match='needs an image body'):
+    image_classification.settle_body(task, {'name': 'bert'})
+  # A checkpoint's corpus identity: adding an image changes it, and resuming on it is refused.
+  identity = images.corpus_identity(str(tmp_path / 'imgs'))
   (tmp_path / 'imgs' / 'class_0' / 'broken.png').write_bytes(b'not a png')
+  with pytest.raises(UserError, match='image corpus differs'):
+    images.check_same_corpus(identity, str(tmp_path / 'imgs'))
   with pytest.raises(UserError, match='broken.png is not a readable image'):
     images.load_image_corpus(str(tmp_path / 'imgs'), str(tmp_path / 'tfds'))
 
