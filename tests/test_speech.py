@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -199,17 +198,37 @@ def _run(c, corpus, shape, devices, steps):
 
 def test_sharded_equals_unsharded_and_contrastive_accuracy_rises_on_held_out_audio(corpus):
   c = small_config()
-  c.train.steps = 200
+  c.train.steps = 300
   sharded, *_ = _run(c, corpus, (2, 2, 2), jax.devices(), 3)
   losses, before, after, setup, params = _run(c, corpus, (1, 1, 1), jax.devices()[:1], c.train.steps)
   np.testing.assert_allclose(sharded, losses[:3], rtol=2e-5)
   assert np.all(np.isfinite(losses))
   chance = after['chance_accuracy']
-  # Measured: accuracy 0.26 -> 0.34 (chance 0.10: fewer codes in use, more distractors equal to the target), contrastive
-  # loss 2.77 -> 2.35.
-  assert after['contrastive_accuracy'] > before['contrastive_accuracy'] + 0.07, (before, after)
+  # Measured: accuracy 0.26 -> 0.34-0.39 (chance 0.07-0.10: fewer codes in use leave more distractors equal to the
+  # target), contrastive loss 2.77 -> 2.35-2.40.
+  assert after['contrastive_accuracy'] > before['contrastive_accuracy'] + 0.06, (before, after)
   assert after['contrastive_accuracy'] > 3 * chance, after
   assert after['contrastive_loss'] < before['contrastive_loss'] - 0.25, (before, after)
+
+  # A frame-level head: a linear probe on frozen context vectors tells each frame's sound unit (8 units + silence)
+  # better after pretraining than from the same network at its random init (measured 0.36 -> 0.42; majority 0.08).
+  rng = np.random.default_rng(123)
+  frames = int(audio_batches.frames_for_samples(audio_batches.MaskingConfig.from_config(c).conv_layers, 32000))
+
+  def labelled(n):
+    pairs = [audio_synthetic.tone_utterance(rng, 2.0, with_units=True) for _ in range(n)]
+    x = np.stack([(a - a.mean()) / a.std() for a, _ in pairs])
+    return x, np.stack([u[np.arange(frames) * 320 + 200].astype(np.int32) + 1 for _, u in pairs])
+
+  (train_x, train_y), (test_x, test_y) = labelled(24), labelled(12)
+  features = jax.jit(w2v.frame_features, static_argnums=0)
+  probe = {}
+  for name, p in (('random', state_lib.init_params(setup)), ('pretrained', params)):
+    f_train, f_test = (features(setup.graphdef, p, x, np.ones(y.shape, np.int32)) for x, y in ((train_x, train_y),
+                                                                                              (test_x, test_y)))
+    probe[name] = w2v.linear_probe_accuracy(f_train.reshape(-1, f_train.shape[-1]), train_y.reshape(-1),
+                                            f_test.reshape(-1, f_test.shape[-1]), test_y.reshape(-1), 9)
+  assert probe['pretrained'] > probe['random'] + 0.02, probe
 
 
 # ----- the pretraining job -----
