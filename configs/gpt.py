@@ -64,23 +64,20 @@ def get_config(variant: str = 'tiny'):
       tie_embeddings=True,  # False: a separate lm_head (embed, vocab) kernel
       use_bias=True,       # biases in q/k/v/out and the MLP
       attention_bias=False,  # q/k/v biases even with use_bias=False (Qwen2)
-      # Gemma's options (models/gemma.py; the gemma3_* variants switch them on):
-      qk_norm=False,       # RMSNorm of each query/key head before RoPE
-      sandwich_norm=False,  # also a norm after attention and after the MLP (4 per layer)
-      query_pre_attn_scalar=0.0,  # attention scores * this^-1/2 (0 = head_dim)
-      sliding_window=0,    # local layers attend to the last W tokens (0 = every layer global)
-      sliding_window_pattern=0,  # every Nth layer is global (0 = all local when sliding_window is set)
-      rope_local_theta=0.0,  # RoPE base of local layers (0 = rope_theta)
-      scale_embeddings=False,  # token embeddings * sqrt(hidden_size)
       **config_lib.compute_keys())
   if llama or gemma3:
     model.update(norm='rmsnorm', position='rope', mlp='swiglu', use_bias=False,
                  dropout_rate=0.0, attention_dropout_rate=0.0, layer_norm_eps=1e-5)
-  if gemma3:
-    model.update(norm='rmsnorm_plus_one', mlp='geglu', layer_norm_eps=1e-6, head_dim=head_dim, qk_norm=True,
-                 sandwich_norm=True, query_pre_attn_scalar=float(head_dim), sliding_window=window,
-                 sliding_window_pattern=every, rope_theta=1_000_000.0, rope_local_theta=10_000.0,
-                 scale_embeddings=True, tie_embeddings=True)
+  if gemma3:  # Gemma's options (models/gemma.py; other variants leave them off, GPTConfig's defaults)
+    model.update(norm='rmsnorm_plus_one',  # RMSNorm scaled by (1 + w)
+                 mlp='geglu', layer_norm_eps=1e-6, head_dim=head_dim, tie_embeddings=True,
+                 qk_norm=True,         # RMSNorm of each query/key head before RoPE
+                 sandwich_norm=True,   # also a norm after attention and after the MLP (4 per layer)
+                 query_pre_attn_scalar=float(head_dim),  # attention scores * this^-1/2 (0 = head_dim)
+                 sliding_window=window,  # local layers attend to the last W tokens (0 = every layer global)
+                 sliding_window_pattern=every,  # every Nth layer is global (0 = all local)
+                 rope_theta=1_000_000.0, rope_local_theta=10_000.0,  # global / local RoPE bases
+                 scale_embeddings=True)  # token embeddings * sqrt(hidden_size)
   data = dict(
       seq_len=seq_len,         # documents are packed into rows of this length (segment_ids + positions)
       max_predictions=seq_len,  # every position predicts the next token (read by the shared FLOPs/MFU code)
