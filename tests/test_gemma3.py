@@ -226,6 +226,15 @@ def test_llama_cpp_layer_pattern_and_unsupported_variants():
   """A file without the pattern key gets llama.cpp's every-6th-layer-global; unsupported variants are refused."""
   want = ['sliding_attention'] * 5 + ['full_attention', 'sliding_attention']
   assert gguf_file.gguf_file_gemma3.layer_types(NoKeys(), 7) == want
+  # google/gemma-3-1b-pt's config.json as transformers 4.50 wrote it: no layer_types nor rope_parameters.
+  old = dict(model_type='gemma3_text', num_hidden_layers=26, hidden_size=1152, intermediate_size=6912,
+             num_attention_heads=4, num_key_value_heads=1, head_dim=256, sliding_window=512, sliding_window_pattern=6,
+             rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, rope_scaling=None, max_position_embeddings=32768,
+             query_pre_attn_scalar=256, vocab_size=262144)
+  cfg = hf_gemma3.model_config_from_hf(old)
+  want = dict(load_config(f'{CONFIG}:gemma3_1b').model)
+  assert {k: cfg[k] for k in cfg if k in want and k not in ('name', 'scan_layers', 'dropout_rate')} == {
+      k: want[k] for k in cfg if k in want and k not in ('name', 'scan_layers', 'dropout_rate')}
   hf = hf_config_dict(hf_reference())
   for bad, match in ((dict(final_logit_softcapping=30.0), 'softcapping'), (dict(hidden_activation='silu'), 'tanh'),
                      (dict(layer_types=['full_attention', 'sliding_attention', 'sliding_attention']), 'every Nth')):
