@@ -6,7 +6,9 @@
     float; FLAC needs soundfile), mixed down to mono and resampled to 16 kHz by scipy.signal.resample_poly
     (polyphase FIR, Kaiser window beta 5, at the reduced ratio 16000/rate: an anti-aliasing low-pass at the lower
     Nyquist). Prepared once into a TFDS dataset under data_dir ({'audio': int16 samples, 'path'}), whole files held
-    out for 'validation' (validation_fraction of them, at least one of >= 2), reused while the files are unchanged;
+    out for 'validation' (validation_fraction of them, at least one of >= 2), reused while the files are unchanged.
+    The data_dir must be local for now: array_record writes local files, and the text corpora's local-then-copy
+    shard writer (corpus_builders) is private to them;
   * a TFDS name: `librispeech` (feature 'speech'), `speech_commands` (feature 'audio'), or any dataset with one of
     those int16 features at 16 kHz. TFDS storage is not reachable from this machine, so that path is untested here.
 Every split is a source: `len(src)`, `src[i]` = {'audio': int16 [n]}.
