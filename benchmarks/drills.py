@@ -37,6 +37,7 @@ from flax import nnx
 
 from jaxssl import config as config_lib
 from jaxssl import mesh as mesh_lib
+from jaxssl.errors import UserError
 from jaxssl.train import checkpoint as ckpt_lib
 from jaxssl.train import finetune
 from jaxssl.train import state as state_lib
@@ -543,42 +544,59 @@ DIES_MID_SWAP = """import os, sys
 sys.path.insert(0, {root!r})
 from jaxssl import export, storage
 from jaxssl.errors import exit_on_user_error
-rename = storage.rename
-def rename_then_die(src, dst):
+rename, exchange = storage.rename, storage.exchange
+def exchange_then_die(a, b):  # the one-step swap done, the old export (now at OUT.tmp-export) not yet removed
+  swapped = exchange(a, b)
+  if swapped:
+    os._exit(137)
+  return swapped
+def rename_then_die(src, dst):  # the two-rename swap (no renameat2): cut between its renames
   rename(src, dst)
   if str(dst).endswith('.old-export'):
     os._exit(137)
+if {two_renames!r}:
+  storage.exchange = lambda a, b: False
 storage.rename = rename_then_die
+storage.exchange = exchange_then_die if not {two_renames!r} else storage.exchange
 exit_on_user_error(lambda: export.main(sys.argv[1:]))
 """
 
 
 def export_swap_drill(site: Site) -> dict:
-  """An export --overwrite that dies between the two renames of its swap (injected, see DIES_MID_SWAP): the path
-  OUT must still load (the older export or the newer, never neither), and a rerun must leave the newer."""
-  workdir, out = site.reference(), site.path('export-swap')
-  job = site.export('export-swap-older', workdir, out, f'--step={finished_steps(workdir)[-2]}')
-  assert job.proc.returncode == 0, job.tail()
-  older = export_contents(out)
-  script = site.path('export_dies_mid_swap.py')
-  with open(script, 'w') as f:
-    f.write(DIES_MID_SWAP.format(root=ROOT))
-  site.starts += 1
-  job = Job([sys.executable, script, '--workdir', workdir, '--out', out, '--overwrite'],
-            site.log_prefix('export-dies-mid-swap'), site.env())
-  assert job.wait() == 137, job.tail()
-  present = sorted(n for n in os.listdir(site.base) if n.startswith('export-swap'))
-  try:
-    ckpt_lib.load_export(out, one_device_mesh())
-    found = 'older' if same_export(export_contents(out), older) else 'newer'
-  except Exception as e:  # pylint: disable=broad-except
-    found = f'neither ({type(e).__name__}: {str(e)[:120]}); present: {present}'
-  job = site.export('export-swap-rerun', workdir, out, '--overwrite')
-  assert job.proc.returncode == 0, job.tail()
-  newer = export_contents(out)
-  assert not same_export(newer, older) and json.loads(newer[1])['exported_from']['step'] == site.steps
-  assert found in ('older', 'newer'), f'after dying mid-swap, {out} holds {found}'
-  return {'found': found, 'summary': f'died between the swap\'s renames: {found} at OUT; rerun wrote the newer'}
+  """An export --overwrite killed inside its swap (injected, see DIES_MID_SWAP). With the one-step swap (Linux
+  renameat2) OUT must load at once and hold the newer export. With the two-rename swap (other systems), cut between
+  the renames: a reader of OUT gets one line naming OUT.old-export, and the rerun puts it back and writes the newer.
+  """
+  workdir, outcomes = site.reference(), {}
+  for two_renames in (False, True):
+    out = site.path(f'export-swap-{"renames" if two_renames else "exchange"}')
+    job = site.export(f'{os.path.basename(out)}-older', workdir, out, f'--step={finished_steps(workdir)[-2]}')
+    assert job.proc.returncode == 0, job.tail()
+    older = export_contents(out)
+    script = site.path(f'export_dies_mid_swap_{two_renames}.py')
+    with open(script, 'w') as f:
+      f.write(DIES_MID_SWAP.format(root=ROOT, two_renames=two_renames))
+    site.starts += 1
+    job = Job([sys.executable, script, '--workdir', workdir, '--out', out, '--overwrite'],
+              site.log_prefix(f'{os.path.basename(out)}-dies'), site.env())
+    assert job.wait() == 137, job.tail()
+    try:
+      ckpt_lib.load_export(out, one_device_mesh())
+      found = 'older' if same_export(export_contents(out), older) else 'newer'
+    except UserError as e:
+      found = f'named: {e}'
+    job = site.export(f'{os.path.basename(out)}-rerun', workdir, out, '--overwrite')
+    assert job.proc.returncode == 0, job.tail()
+    newer = export_contents(out)
+    assert not same_export(newer, older) and json.loads(newer[1])['exported_from']['step'] == site.steps
+    assert not [n for n in os.listdir(site.base) if n.startswith(os.path.basename(out) + '.')], 'leftovers'
+    if two_renames:
+      assert found.startswith('named: ') and 'old-export' in found, found
+    else:
+      assert found == 'newer', f'after dying inside the one-step swap, {out} holds {found}'
+    outcomes['two renames' if two_renames else 'one step'] = found
+  return {'found': outcomes, 'summary': f'one-step swap: {outcomes["one step"]} at OUT at once; two renames: '
+                                      f'reader told ({outcomes["two renames"][7:60]}...), rerun put it back'}
 
 
 # ----- drill 3: SIGTERM to a fine-tune job -----
