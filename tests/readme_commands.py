@@ -23,6 +23,8 @@ _PRETRAIN = _STEPS + ['--config.eval.batches=1', '--config.tokenizer.vocab_size=
 _TRANSFORMER = ['--config.model.num_layers=2', '--config.model.hidden_size=32', '--config.model.num_heads=2',
                 '--config.model.intermediate_size=64']
 _CAUSAL = ['--config.data.seq_len=32', '--config.model.max_position=64', '--config.data.max_predictions=32']
+_IMAGES = _STEPS + ['--config.eval.batches=1', '--config.model.num_layers=1', '--config.model.hidden_size=32',
+                    '--config.model.num_heads=2', '--config.model.intermediate_size=64']
 SHORTER = {
     'configs/bert.py': _PRETRAIN + _TRANSFORMER + ['--config.data.seq_len=32', '--config.data.max_predictions=5'],
     'configs/gpt.py': _PRETRAIN + _TRANSFORMER + _CAUSAL,
@@ -30,6 +32,9 @@ SHORTER = {
     'configs/elmo.py': _PRETRAIN + ['--config.model.num_layers=1', '--config.model.lstm_size=32',
                                     '--config.model.embed_size=16', '--config.data.seq_len=16',
                                     '--config.data.max_predictions=16'],
+    'configs/mae.py': _IMAGES,
+    'configs/simclr.py': _IMAGES,
+    'configs/wav2vec2.py': _STEPS + ['--config.eval.batches=1'],
     'configs/finetune.py': _STEPS + ['--config.data.seq_len=32'],
     'configs/finetune.py:qa': _STEPS + ['--config.data.seq_len=32', '--config.task.doc_stride=8',
                                         '--config.task.max_query_length=8'],

@@ -10,11 +10,11 @@ embedding hooks (family.py says what a Family is). A new family is one module he
 from flax import nnx
 
 from jaxssl.errors import UserError
-from jaxssl.families import bert, elmo, encdec, gpt, mae, simclr
+from jaxssl.families import bert, elmo, encdec, gpt, mae, simclr, wav2vec2
 from jaxssl.families.family import Family
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (bert.FAMILY, gpt.FAMILY, encdec.FAMILY, elmo.FAMILY, mae.FAMILY,
-                                                   simclr.FAMILY)}
+                                                   simclr.FAMILY, wav2vec2.FAMILY)}
 
 
 def family_for(model_cfg) -> Family:

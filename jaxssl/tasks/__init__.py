@@ -5,13 +5,14 @@ head, lost, decoded and scored. Jobs look a kind up here by `task.kind` and neve
 puts a kind's head on a pre-trained body. A new kind is one module with a `KIND`, added to `REGISTRY`.
 """
 from jaxssl.errors import UserError
-from jaxssl.tasks import classification, pair, qa, regression, tagging, tfds
+from jaxssl.tasks import classification, image_classification, pair, qa, regression, tagging, tfds
 from jaxssl.tasks.base import Example, TaskKind
 
 __all__ = ['Example', 'KINDS', 'REGISTRY', 'TFDS_DATASETS', 'TaskKind', 'get', 'read_examples', 'read_split',
            'read_tfds', 'resolve_best_metric', 'tfds_kind']
 
-REGISTRY = {k.name: k for k in (classification.KIND, pair.KIND, regression.KIND, tagging.KIND, qa.KIND)}
+REGISTRY = {k.name: k for k in (classification.KIND, pair.KIND, regression.KIND, tagging.KIND, qa.KIND,
+                                 image_classification.KIND)}
 KINDS = tuple(REGISTRY)
 TFDS_DATASETS = tuple(name for kind in REGISTRY.values() for name in kind.tfds_datasets)
 

@@ -296,7 +296,8 @@ def write_export(out: str, params, config_json: str, tokenizer, *, overwrite: bo
     remote = storage.is_remote(out)
     if not remote:
       storage.write_text(storage.join(tmp, 'config.json'), config_json)
-    tokenizer.save(tmp)
+    if tokenizer is not None:  # image models (mae, simclr) have none
+      tokenizer.save(tmp)
     # An overwrite swaps the folders in one step where the OS can (OUT is the old export or the new one at every
     # instant; the old one is then at OUT.tmp-export, removed next); else by two renames, and an export cut
     # between them is put back by the next export (_recover_export_swap), readers being told meanwhile.

@@ -115,9 +115,9 @@ def run_pretraining(config, workdir: str) -> dict:
   is_main = jax.process_index() == 0
   say = print if is_main else (lambda *a, **k: None)
   checkpointer = _checked_checkpointer(config, workdir, say)
-  corpus_identity = corpora.corpus_identity(config.data)  # before loading: the files the run prepares and reads
+  corpus_identity = _corpora(config).corpus_identity(config.data)  # before loading: the files it prepares and reads
   sources, tokenizer, vocab_size = _corpus_and_tokenizer(config, workdir, is_main)
-  corpora.check_same_corpus(corpus_identity, config.data, workdir, while_starting=True)
+  _corpora(config).check_same_corpus(corpus_identity, config.data, workdir, while_starting=True)
   mesh = _mesh(config)
   t = config.train
   setup = state_lib.setup_model(config.model, vocab_size, mesh, t.seed)
@@ -213,22 +213,33 @@ def _checked_checkpointer(config, workdir: str, say) -> ckpt_lib.Checkpointer:
   if saved is not None:
     ckpt_lib.check_compatible(saved['config'], config.model, config.tokenizer.vocab_size, workdir)
   if saved is not None and 'corpus' in saved:  # checkpoints written before corpus identities resume unchecked
-    corpora.check_same_corpus(saved['corpus'], config.data, workdir)
+    _corpora(config).check_same_corpus(saved['corpus'], config.data, workdir)
   return checkpointer
+
+
+def _corpora(config):
+  """What identifies and checks the run's corpus: data/corpora.py, or an image family's own (mae, simclr)."""
+  family = families.family_for(config.model)
+  return family if getattr(family, 'corpus_identity', None) else corpora
 
 
 def _corpus_and_tokenizer(config, workdir: str, is_main: bool):
   """(corpus splits, tokenizer, vocabulary size): process 0 trains the tokenizer (or copies the export's); the
   others wait for it, then load the same file."""
   init_from = config.get('init_from', '')
+  # An image family (mae, simclr) loads its own corpus and reads no tokenizer.
+  load_sources = getattr(families.family_for(config.model), 'load_sources', None)
+  load = load_sources or (lambda c: corpora.load_configured(c.data, seed=c.train.seed))
   # A bucket has no file locks: there process 0 prepares an unprepared corpus and the others open it after.
   remote = storage.is_remote(config.data.data_dir or corpora.default_data_dir())
   if is_main or not remote or jax.process_count() == 1:
-    sources = corpora.load_configured(config.data, seed=config.train.seed)
+    sources = load(config)
   if remote and jax.process_count() > 1:
     multihost_utils.sync_global_devices('corpus prepared')
     if not is_main:
-      sources = corpora.load_configured(config.data, seed=config.train.seed)
+      sources = load(config)
+  if load_sources is not None:
+    return sources, None, 0
   if init_from:
     tokenizer = adopt_export_tokenizer(init_from, workdir, is_main)
   else:
