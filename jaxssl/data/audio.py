@@ -99,12 +99,7 @@ def config_name(files: list[str], validation_fraction: float) -> str:
   the settings and FORMAT."""
   h = hashlib.sha256(f'audio format={FORMAT} rate={SAMPLE_RATE} validation_fraction={validation_fraction!r}\n'
                      .encode())
-  for path in files:
-    if corpus_files.is_url(path):
-      h.update(f'{path}\0{corpus_files.fingerprint(path)}\n'.encode())
-    else:
-      st = os.stat(path)
-      h.update(f'{path}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
+  corpus_files.hash_files(h, files)
   return 'audio_' + h.hexdigest()[:20]
 
 

@@ -150,12 +150,7 @@ def local_config_name(files: list[str], validation_fraction: float, text_field: 
   field = '' if text_field == 'text' else f' text_field={text_field!r}'  # names from before text_field stay
   field += f' max_bad_records={max_bad_records}' if max_bad_records else ''
   h = hashlib.sha256(f'format={FORMAT} validation_fraction={validation_fraction!r}{field}\n'.encode())
-  for path in files:
-    if corpus_files.is_url(path):
-      h.update(f'{path}\0{corpus_files.fingerprint(path)}\n'.encode())
-    else:
-      st = os.stat(path)
-      h.update(f'{path}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
+  corpus_files.hash_files(h, files)
   return 'files_' + h.hexdigest()[:20]
 
 

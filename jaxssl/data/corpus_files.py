@@ -225,6 +225,17 @@ def fingerprint(path: str) -> str:
 MAX_RECORDED_FILES = 1000
 
 
+def hash_files(h, files: list[str]) -> None:
+  """Adds each file's path and what changes when it changes (size + mtime; a bucket object's fingerprint) to the
+  hash `h`: the part of a prepared dataset's folder name that says which files it was made from."""
+  for path in files:
+    if is_url(path):
+      h.update(f'{path}\0{fingerprint(path)}\n'.encode())
+    else:
+      st = os.stat(path)
+      h.update(f'{path}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
+
+
 def file_stamp(path: str) -> list:
   """[path, size, stamp] of one corpus file as listed (absolute path or URL): stamp = the modification time in
   ns (local) or a content checksum (a bucket object: crc32c, md5 or ETag; else its generation or update time)."""
