@@ -271,3 +271,9 @@ def test_chars_pretrain_job_resumes_exactly_and_its_export_embeds(tmp_path):
   np.testing.assert_allclose(layers[0, 0, :, :16], static, rtol=1e-5, atol=1e-6)
   with pytest.raises(UserError, match='no token table'):
     hooks.static_table(model)
+  # The embeddings job's analysis: layer 0 is the static vector, the last layer is contextual.
+  from jaxssl.eval import embeddings  # noqa: PLC0415
+  items = embeddings.read_items(embeddings.data_path(load('configs/embeddings.py:apple', []).embeddings))
+  at = {layer: embeddings.analyse(model, tokenizer, items, layer=layer, pooling='mean') for layer in (0, -1)}
+  np.testing.assert_allclose(at[0]['contextual']['similarity'], at[0]['static']['similarity'], atol=1e-5)
+  assert not np.allclose(at[-1]['contextual']['similarity'], at[-1]['static']['similarity'], atol=1e-3)

@@ -242,8 +242,15 @@ def corpus_identity(data, *, every_file: bool = False) -> dict:
     parts = multilingual.parse_parts(corpus)
   else:
     parts = [('', corpus, None)]
-  identity = {'corpus': corpus, 'parts': [{'tag': tag, 'weight': weight, **_part_identity(part, data, recorded)}
-                                          for tag, part, weight in parts]}
+  identity = {'corpus': corpus, 'parts': []}
+  for tag, part, weight in parts:
+    try:
+      identity['parts'].append({'tag': tag, 'weight': weight, **_part_identity(part, data, recorded)})
+    except UserError as e:  # a missing part named as loading names it (multilingual.load_mixture)
+      if not tag:
+        raise
+      raise UserError(f'language {tag!r} ({tag}={part}' + (f':{weight:g}' if weight is not None else '') +
+                      f'): {e}') from None
   if len(parts) > 1 and all(weight is None for _, _, weight in parts):
     identity['language_temperature'] = data.get('language_temperature', multilingual.DEFAULT_TEMPERATURE)
   return identity

@@ -167,9 +167,12 @@ def frame(model, tokenizer, ids: list[int]) -> tuple[list[int], int]:
   return embedding_hooks(model).frame(tokenizer, ids)
 
 
-def layer_stack(model, input_ids, mask) -> jax.Array:
-  """[layers, B, T, H] float32 representations of right-padded `input_ids` [B, T] (`mask` 1 = real token)."""
-  return embedding_hooks(model).layer_stack(model, input_ids, mask)
+def layer_stack(model, input_ids, mask, tokenizer=None) -> jax.Array:
+  """[layers, B, T, H] float32 representations of right-padded `input_ids` [B, T] (`mask` 1 = real token);
+  `tokenizer` gives a model that reads more than ids (a chars ELMo) its inputs."""
+  hooks = embedding_hooks(model)
+  extra = hooks.model_inputs(model, tokenizer, input_ids) if tokenizer is not None else {}
+  return hooks.layer_stack(model, input_ids, mask, **extra)
 
 
 def select_layer(stack: np.ndarray, layer) -> np.ndarray:
@@ -206,14 +209,19 @@ def contextual_vectors(model, tokenizer, ids, positions, *, layer, pooling) -> n
   for row, (f, _) in enumerate(framed):
     input_ids[row, :len(f)] = f
     mask[row, :len(f)] = 1
-  chosen = select_layer(np.asarray(layer_stack(model, jnp.asarray(input_ids), jnp.asarray(mask))), layer)
+  chosen = select_layer(np.asarray(layer_stack(model, jnp.asarray(input_ids), jnp.asarray(mask), tokenizer)), layer)
   return np.stack([pool(chosen[row, [offset + p for p in pos]], pooling)
                    for row, ((_, offset), pos) in enumerate(zip(framed, positions))])
 
 
-def static_vectors(model, ids, positions, pooling: str) -> np.ndarray:
-  """[N, E] context-free vectors: the input token-embedding rows of the target pieces, pooled."""
-  table = embedding_hooks(model).static_table(model)
+def static_vectors(model, ids, positions, pooling: str, tokenizer=None) -> np.ndarray:
+  """[N, E] context-free vectors: the input token-embedding rows of the target pieces (a chars ELMo: their char
+  CNN vectors), pooled."""
+  hooks = embedding_hooks(model)
+  if hooks.static_rows is not None:
+    return np.stack([pool(hooks.static_rows(model, tokenizer, [row[p] for p in pos]), pooling)
+                     for row, pos in zip(ids, positions)])
+  table = hooks.static_table(model)
   table = np.asarray(table.embedding[...], np.float32)
   return np.stack([pool(table[[row[p] for p in pos]], pooling) for row, pos in zip(ids, positions)])
 
@@ -256,7 +264,7 @@ def analyse(model, tokenizer, items, *, layer, pooling) -> dict:
   check_layer(model, layer)
   ids, positions = piece_positions(tokenizer, items)
   contextual = cosine_matrix(contextual_vectors(model, tokenizer, ids, positions, layer=layer, pooling=pooling))
-  static = cosine_matrix(static_vectors(model, ids, positions, pooling))
+  static = cosine_matrix(static_vectors(model, ids, positions, pooling, tokenizer))
   labels = [item.label for item in items]
   records = [{'sentence': item.sentence, 'target': item.target, 'label': item.label, 'where': item.where,
               'span': list(item.span), 'token_positions': pos,

@@ -144,7 +144,7 @@ def static_rows(model, tokenizer, ids) -> np.ndarray:
 
 EMBEDDINGS = family_lib.EmbeddingHooks(
     frame=lambda tokenizer, ids: (list(ids), 0), layer_stack=layer_stack, static_table=static_table,
-    num_layers=lambda model: model.config.num_layers + 1)
+    num_layers=lambda model: model.config.num_layers + 1, model_inputs=embedding_inputs, static_rows=static_rows)
 
 
 FAMILY = family_lib.Family(

@@ -46,6 +46,10 @@ class EmbeddingHooks:
   static_table: Callable  # (model) -> the input token-embedding table [V, E]
   num_layers: Callable    # (model) -> how many layers `embeddings.layer` counts
   last_layer_only: bool = False  # only the final hidden state is exposed (layer -1 or 'mix')
+  # (model, tokenizer, input_ids [B, T]) -> extra keyword inputs of layer_stack (a chars ELMo's char ids)
+  model_inputs: Callable = lambda model, tokenizer, input_ids: {}
+  # (model, tokenizer, ids [N]) -> [N, E] context-free vectors of those ids; None = rows of static_table
+  static_rows: Callable | None = None
 
 
 def no_extra_checks(config) -> None:
