@@ -902,11 +902,10 @@ def disk_full_drill(site: Site, size_mb: int = 48) -> dict:
     workdir, filler = os.path.join(mount, 'w'), os.path.join(mount, 'filler')
     job = site.start('disk-full', site.pretrain_args(workdir))
     assert wait_until(job, lambda: max(finished_steps(workdir), default=0) >= 20, interval=0.005)
-    with open(filler, 'wb') as f:
+    with open(filler, 'wb', buffering=0) as f:  # unbuffered: closing it has nothing left to write
       try:
         while True:
           f.write(b'\0' * (1 << 16))
-          f.flush()
       except OSError:
         pass
     assert job.wait() != 0, 'the job finished on a full disk'

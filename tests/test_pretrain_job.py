@@ -344,11 +344,10 @@ def small_disk(tmp_path):
 def fill(disk):
   """Writes a filler file until the disk is full; returns its path."""
   filler = disk / 'filler'
-  with open(filler, 'wb') as f:
+  with open(filler, 'wb', buffering=0) as f:  # unbuffered: closing it has nothing left to write
     try:
       while True:
         f.write(b'\0' * 65536)
-        f.flush()
     except OSError:
       pass
   return filler
