@@ -9,7 +9,7 @@ layer_types (or the older sliding_window_pattern), and must be periodic: every N
 """
 import numpy as np
 
-from jaxssl.convert import param_tree
+from jaxssl.convert import hf_llama, param_tree
 from jaxssl.errors import UserError
 
 TYPES = ('gemma3_text', 'gemma3')
@@ -138,20 +138,7 @@ def params_from_hf(state_dict: dict, hf_config: dict) -> tuple[dict, dict]:
   vocab = int(text_config(hf_config)['vocab_size'])
   tensors = _text_tensors(state_dict)
   used = set()
-
-  def take(name: str, shape) -> np.ndarray:
-    if name not in tensors:
-      raise UserError(f'the checkpoint lacks {name!r}: is it a Gemma 3 checkpoint with {n_layers} layers that '
-                      'matches config.json?')
-    used.add(name)
-    a = np.asarray(tensors[name], np.float32)
-    if a.shape != tuple(shape):
-      raise UserError(f'{name} has shape {a.shape}, expected {tuple(shape)} from the HF config: do the weights '
-                      'and config.json belong together?')
-    return a
-
-  def stack(suffix: str, shape) -> np.ndarray:
-    return np.stack([take(f'layers.{i}.{suffix}', shape) for i in range(n_layers)])
+  take, stack = hf_llama.tensor_takers(tensors, used, n_layers, 'Gemma 3')
 
   params: dict = {}
   param_tree.put(params, 'token_embeddings/embedding', take('embed_tokens.weight', (vocab, h)))

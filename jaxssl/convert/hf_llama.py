@@ -164,6 +164,26 @@ def hf_config_from_model(model_cfg, vocab_size: int) -> dict:
   return out
 
 
+def tensor_takers(tensors: dict, used: set, n_layers: int, kind: str):
+  """(take(name, shape), stack(suffix, shape)): a float32 tensor of an HF checkpoint checked against the shape its
+  config implies (UserError if missing or misshapen; its name goes into `used`), and one per layer stacked."""
+  def take(name: str, shape) -> np.ndarray:
+    if name not in tensors:
+      raise UserError(f'the checkpoint lacks {name!r}: is it a {kind} checkpoint with {n_layers} layers that '
+                      'matches config.json?')
+    used.add(name)
+    a = np.asarray(tensors[name], np.float32)
+    if a.shape != tuple(shape):
+      raise UserError(f'{name} has shape {a.shape}, expected {tuple(shape)} from the HF config: '
+                      'do the weights and config.json belong together?')
+    return a
+
+  def stack(suffix: str, shape) -> np.ndarray:
+    return np.stack([take(f'layers.{i}.{suffix}', shape) for i in range(n_layers)])
+
+  return take, stack
+
+
 def params_from_hf(state_dict: dict, hf_config: dict) -> tuple[dict, dict]:
   """(jaxssl model config section, params pure dict of float32 numpy arrays) from HF Llama tensors.
 
@@ -180,20 +200,7 @@ def params_from_hf(state_dict: dict, hf_config: dict) -> tuple[dict, dict]:
     raise UserError(f'HF config has num_key_value_heads={kv}, which does not divide num_attention_heads={n}')
   tensors = {(k[len('model.'):] if k.startswith('model.') else k): v for k, v in state_dict.items()}
   used = set()
-
-  def take(name: str, shape) -> np.ndarray:
-    if name not in tensors:
-      raise UserError(f'the checkpoint lacks {name!r}: is it a {hf_config.get("model_type", "llama")} checkpoint '
-                      f'with {n_layers} layers that matches config.json?')
-    used.add(name)
-    a = np.asarray(tensors[name], np.float32)
-    if a.shape != tuple(shape):
-      raise UserError(f'{name} has shape {a.shape}, expected {tuple(shape)} from the HF config: '
-                      'do the weights and config.json belong together?')
-    return a
-
-  def stack(suffix: str, shape) -> np.ndarray:
-    return np.stack([take(f'layers.{i}.{suffix}', shape) for i in range(n_layers)])
+  take, stack = tensor_takers(tensors, used, n_layers, hf_config.get('model_type', 'llama'))
 
   params: dict = {}
   param_tree.put(params, 'token_embeddings/embedding', take('embed_tokens.weight', (vocab, h)))
