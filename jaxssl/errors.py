@@ -3,7 +3,6 @@ import atexit
 import errno
 import gc
 import logging
-import os
 import signal
 import sys
 
@@ -64,5 +63,5 @@ def _say_last(line: str) -> None:
     gc.collect()  # asyncio reports the failed futures nobody read when they are collected: before the line
     print(line, file=sys.stderr, flush=True)
     logging.disable(logging.CRITICAL)
-    sys.stderr = open(os.devnull, 'w')  # pylint: disable=consider-using-with
+    sys.stderr = None  # print() and Python's own reports then write nothing (as under pythonw)
   atexit.register(say)

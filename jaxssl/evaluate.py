@@ -32,7 +32,7 @@ def evaluate_export(path: str, data: str, batch_size: int, mesh):
   """
   # Imported here, after runtime.setup has configured jax (as every job does).
   import ml_collections
-  from jaxssl import tasks
+  from jaxssl import families, tasks
   from jaxssl.data import tokenizers
   from jaxssl.models import vocab
   from jaxssl.train import checkpoint as ckpt_lib
@@ -43,8 +43,10 @@ def evaluate_export(path: str, data: str, batch_size: int, mesh):
                     'python -m jaxssl.finetune')
   info, task_cfg = saved['task'], ml_collections.ConfigDict(saved['finetune']['task'])
   sets = {task_cfg.name: data} if data else dict(task_cfg.get('eval_sets') or {}) or {task_cfg.name: task_cfg.dev}
-  tokenizer = tokenizers.load_tokenizer(path)
-  vocab.check_rows(tokenizer.vocab_size, saved['vocab_size'], path)  # more rows than ids: a padded vocabulary
+  tokenizer = None  # images and audio have none
+  if families.reads_text(saved['model']):
+    tokenizer = tokenizers.load_tokenizer(path)
+    vocab.check_rows(tokenizer.vocab_size, saved['vocab_size'], path)  # more rows than ids: a padded vocabulary
   seq_len = saved['finetune']['data']['seq_len']
   kind = tasks.get(info['kind'])
   setup = finetune.task_model_setup(ml_collections.ConfigDict(saved['model']), saved['vocab_size'], kind.name,

@@ -45,10 +45,8 @@ def export(workdir: str, out: str, *, step: int | None = None, overwrite: bool =
   meta = checkpointer.read_meta(step)
   ckpt_lib.check_format(meta, f'checkpoint {step} in {directory}')
   config = config_lib.from_json(json.dumps(meta['config']))
-  # Before any writing: a workdir without one is a UserError (families that read no text, images or audio,
-  # load their own corpus and have none).
-  reads_text = getattr(families.family_for(config.model), 'load_sources', None) is None
-  tokenizer = tokenizers.load_tokenizer(workdir) if reads_text else None
+  # Before any writing: a workdir without one is a UserError (images and audio have none).
+  tokenizer = tokenizers.load_tokenizer(workdir) if families.reads_text(config.model) else None
   mesh = mesh_lib.make_mesh((-1, 1, 1))
   setup = state_lib.setup_model(config.model, meta['vocab_size'], mesh)
   params = checkpointer.restore_params(step, setup.abstract_params)

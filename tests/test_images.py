@@ -314,3 +314,7 @@ def test_full_fine_tuning_of_an_mae_export_through_the_finetune_job(pretrained, 
   assert best['step'] == 4 and 0.0 <= best['metrics']['accuracy'] <= 1.0
   saved = json.loads((tmp_path / 'ft' / 'export' / 'config.json').read_text())
   assert saved['task']['labels'] == list('0123456789') and saved['finetune']['task']['image_size'] == 16
+  # The evaluate job scores the fine-tuned export (no tokenizer to look for) as the fine-tune job did.
+  from jaxssl import evaluate as evaluate_job  # noqa: PLC0415  # reason: the job module, only in this test
+  scores, _ = evaluate_job.evaluate_export(str(tmp_path / 'ft' / 'export'), '', 8, mesh_lib.make_mesh((-1, 1, 1)))
+  assert scores['image_classification']['accuracy'] == best['metrics']['accuracy']

@@ -266,3 +266,51 @@ def test_pretrain_job_resumes_bit_for_bit(tmp_path):
   assert 'resuming from step 5' in result.stdout
   resumed, _ = _losses(tmp_path / 'b')
   np.testing.assert_array_equal([resumed[s] for s in range(6, 11)], [losses[s] for s in range(6, 11)])
+  # The export feeds the fine-tune job (an utterance head) and the evaluate job, which read no tokenizer.
+  from jaxssl import evaluate as evaluate_job  # noqa: PLC0415  # reason: job modules, only in this test
+  from jaxssl import export as export_job  # noqa: PLC0415
+  from jaxssl.train import finetune  # noqa: PLC0415
+  export_job.export(str(tmp_path / 'a'), str(tmp_path / 'export'))
+  audio_synthetic.write_labelled_folders(str(tmp_path / 'task' / 'train'), classes=2, files_per_class=4,
+                                         seconds=0.8, seed=2)
+  audio_synthetic.write_labelled_folders(str(tmp_path / 'task' / 'dev'), classes=2, files_per_class=2,
+                                         seconds=1.2, seed=3)  # longer than a crop: the centre is read
+  c = config_lib.load_config('configs/finetune.py:audio_classification')
+  config_lib.parse_overrides(c, [f'--config.init_from={tmp_path / "export"}',
+                                 f'--config.task.train={tmp_path / "task" / "train"}',
+                                 f'--config.task.dev={tmp_path / "task" / "dev"}', '--config.data.seq_len=48',
+                                 '--config.train.steps=3', '--config.train.batch_size=8',
+                                 '--config.eval.every_steps=3', '--config.checkpoint.every_steps=3'])
+  best = finetune.run_finetuning(c, str(tmp_path / 'ft'))
+  assert best['step'] == 3 and 0.0 <= best['metrics']['accuracy'] <= 1.0
+  saved = json.loads((tmp_path / 'ft' / 'export' / 'config.json').read_text())
+  assert saved['task']['labels'] == ['order_0', 'order_1'] and len(saved['finetune']['task']['conv_layers']) == 7
+  scores, _ = evaluate_job.evaluate_export(str(tmp_path / 'ft' / 'export'), '', 8, mesh_lib.make_mesh((-1, 1, 1)))
+  assert scores['audio_classification']['accuracy'] == best['metrics']['accuracy']
+
+
+def test_audio_classification_features_centre_crop_and_mask_the_padding(tmp_path):
+  from jaxssl import tasks  # noqa: PLC0415  # reason: only here
+  import ml_collections  # noqa: PLC0415
+  audio_synthetic.write_labelled_folders(str(tmp_path / 'task'), classes=2, files_per_class=1, seconds=0.5)
+  kind = tasks.get('audio_classification')
+  examples = tasks.read_examples('audio_classification', str(tmp_path / 'task'))
+  assert [e.label for e in examples] == ['order_0', 'order_1'] and examples[0].audio.dtype == np.int16
+  task_cfg = ml_collections.ConfigDict(dict(kind='audio_classification'))
+  kind.settle_body(task_cfg, small_config().model)
+  long = examples[0].audio
+  short = tasks.Example(label='order_1', audio=long[:4000])  # 0.25 s: fewer frames than the crop
+  features, _ = kind.featurize(task_cfg, [examples[0], short], None, 20, ['order_0', 'order_1'])
+  conv = [tuple(layer) for layer in task_cfg.conv_layers]
+  want = audio_batches.samples_for_frames(conv, 20)
+  assert features['audio'].shape == (2, want) and features['labels'].tolist() == [0, 1]
+  start = (len(long) - want) // 2
+  centre = long[start:start + want].astype(np.float32) / 32768
+  np.testing.assert_allclose(features['audio'][0], (centre - centre.mean()) / centre.std(), atol=1e-3)
+  frames = int(audio_batches.frames_for_samples(conv, 4000))
+  assert features['frame_mask'][0].sum() == 20 and features['frame_mask'][1].tolist() == [1] * frames + [0] * (20 - frames)
+  assert not features['audio'][1, 4000:].any()
+  with pytest.raises(UserError, match='needs an audio body'):
+    kind.settle_body(ml_collections.ConfigDict(dict(kind='audio_classification')), {'name': 'bert'})
+  with pytest.raises(UserError, match='audio folder .* has no audio files'):
+    tasks.read_examples('audio_classification', str(tmp_path))

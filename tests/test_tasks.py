@@ -151,7 +151,8 @@ def test_qa_windows_positions_and_answer_text():
 
 
 def test_registry_names_each_kind_once_and_maps_tfds_names_to_it():
-  assert tasks.KINDS == ('classification', 'pair', 'regression', 'tagging', 'qa', 'image_classification')
+  assert tasks.KINDS == ('classification', 'pair', 'regression', 'tagging', 'qa', 'image_classification',
+                         'audio_classification')
   for kind in tasks.KINDS:
     assert tasks.get(kind).name == kind
     assert all(tasks.tfds_kind(name) == kind for name in tasks.get(kind).tfds_datasets)

@@ -118,12 +118,19 @@ def crop(rng: np.random.Generator, audio: np.ndarray, c: MaskingConfig) -> tuple
   """(float32 [samples] crop of int16 `audio`, normalised and zero-padded; its number of real frames)."""
   n, want = len(audio), c.samples
   start = int(rng.integers(0, n - want + 1)) if n > want else 0
+  return window(audio, start, c.conv_layers, c.seq_len, normalize=c.normalize)
+
+
+def window(audio: np.ndarray, start: int, conv_layers, frames: int, *, normalize: bool) -> tuple[np.ndarray, int]:
+  """(float32 crop of int16 `audio` from `start` that makes `frames` frames, normalised (each crop to zero mean,
+  unit variance) and zero-padded; its number of real frames)."""
+  want = samples_for_frames(conv_layers, frames)
   piece = audio[start:start + want].astype(np.float32) / 32768.0
-  if c.normalize and len(piece):
+  if normalize and len(piece):
     piece = (piece - piece.mean()) / np.sqrt(piece.var() + 1e-7)
   out = np.zeros(want, np.float32)
   out[:len(piece)] = piece
-  return out, int(min(frames_for_samples(c.conv_layers, len(piece)), c.seq_len))
+  return out, int(min(frames_for_samples(conv_layers, len(piece)), frames))
 
 
 def make_row(rng: np.random.Generator, audio: np.ndarray, c: MaskingConfig) -> dict:

@@ -63,3 +63,35 @@ def write_tone_corpus(folder: str, *, files: int, seconds: float, seed: int = 0)
     audio.write_wav(path, tone_utterance(rng, seconds))
     paths.append(path)
   return paths
+
+
+def labelled_utterance(rng: np.random.Generator, seconds: float, label: int) -> np.ndarray:
+  """One synthetic utterance of class `label`: its units follow the grammar 'unit i, then unit i + 1 + label
+  (mod 8)' with probability 0.7. Every class uses every unit about equally often, so only the order of the
+  sounds tells the classes apart (an utterance head must read the context, not count sounds)."""
+  total = int(seconds * RATE)
+  out = np.zeros(total, np.float32)
+  pos, fade, unit = 0, int(0.005 * RATE), int(rng.integers(len(UNITS)))
+  while pos < total:
+    n = min(int(rng.uniform(0.1, 0.3) * RATE), total - pos)
+    unit = (unit + 1 + label) % len(UNITS) if rng.random() < 0.7 else int(rng.integers(len(UNITS)))
+    piece = unit_samples(*UNITS[unit], n, rng) * rng.uniform(0.3, 0.8)
+    ramp = np.minimum(1.0, np.minimum(np.arange(n), np.arange(n)[::-1]) / fade)
+    out[pos:pos + n] = piece * ramp
+    pos += n + (int(rng.uniform(0.04, 0.12) * RATE) if rng.random() < 0.15 else 0)
+  out += rng.standard_normal(total).astype(np.float32) * 0.003
+  return np.clip(out, -1.0, 1.0)
+
+
+def write_labelled_folders(folder: str, *, classes: int, files_per_class: int, seconds: float,
+                           seed: int = 0) -> list[str]:
+  """Writes a labelled audio task: `folder`/order_K/*.wav, `files_per_class` utterances of each class K <
+  `classes` (`labelled_utterance`); the paths."""
+  rng = np.random.default_rng(seed)
+  paths = []
+  for label in range(classes):
+    for i in range(files_per_class):
+      path = f'{folder.rstrip("/")}/order_{label}/utt_{i:04d}.wav'
+      audio.write_wav(path, labelled_utterance(rng, seconds, label))
+      paths.append(path)
+  return paths

@@ -17,6 +17,7 @@ from typing import Iterable, Iterator
 
 from etils import epath
 
+from jaxssl import storage
 from jaxssl.data import corpus_records
 from jaxssl.errors import UserError
 
@@ -104,6 +105,26 @@ def list_files(corpus: str) -> list[str]:
     return files
   raise UserError(f'corpus path {corpus!r} does not exist: pass --config.data.corpus=<file, directory or glob '
                   "of .txt/.jsonl/.parquet files>, 'ptb', or a TFDS name like 'wikipedia/20230601.en'")
+
+
+def list_class_folders(folder: str, suffixes: tuple[str, ...], what: str,
+                       missing: str) -> tuple[tuple[str, ...], tuple[tuple[str, int], ...]]:
+  """(class names, ((path, label), ...)) of a folder with one subfolder of `what` files (names ending in one of
+  `suffixes`) per class, sorted (local or in a bucket); UserError when there is no such folder (`missing`: what
+  to pass instead) or no such file."""
+  if not storage.isdir(folder):
+    raise UserError(f'{what} folder {folder!r} does not exist: {missing}')
+  classes = tuple(sorted(n for n in storage.listdir(folder)
+                         if not n.startswith(_SKIPPED_PREFIXES) and storage.isdir(storage.join(folder, n))))
+  files = []
+  for label, name in enumerate(classes):
+    sub = storage.join(folder, name)
+    files += [(storage.join(sub, f), label) for f in sorted(storage.listdir(sub))
+              if f.lower().endswith(suffixes) and not f.startswith('.')]
+  if not files:
+    raise UserError(f'{what} folder {folder!r} has no {what} files in class subfolders (expected {folder}/<class>/'
+                    f'<file>{"|".join(suffixes)})')
+  return classes, tuple(files)
 
 
 def _skipped(relative: str) -> bool:

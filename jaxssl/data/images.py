@@ -21,7 +21,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from jaxssl import storage
-from jaxssl.data import beam_prepare, corpora, corpus_builders
+from jaxssl.data import beam_prepare, corpora, corpus_builders, corpus_files
 from jaxssl.errors import UserError
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp')
@@ -130,21 +130,11 @@ class ImageRecords:
 
 
 def list_class_folders(folder: str) -> tuple[tuple[str, ...], tuple[tuple[str, int], ...]]:
-  """(class names, ((path, label), ...)) of a folder of class subfolders, sorted; UserError when it has none."""
-  if not storage.isdir(folder):
-    raise UserError(f'image corpus {folder!r} is not a folder nor a known image dataset: pass a folder with one '
-                    "subfolder of images per class, 'digits', or a TFDS name such as cifar10")
-  classes = tuple(sorted(n for n in storage.listdir(folder)
-                         if not n.startswith(('.', '_')) and storage.isdir(storage.join(folder, n))))
-  files = []
-  for label, name in enumerate(classes):
-    sub = storage.join(folder, name)
-    files += [(storage.join(sub, f), label) for f in sorted(storage.listdir(sub))
-              if f.lower().endswith(IMAGE_SUFFIXES) and not f.startswith('.')]
-  if not files:
-    raise UserError(f'image corpus {folder!r} has no images in class subfolders (expected {folder}/<class>/'
-                    f'<image>{"|".join(IMAGE_SUFFIXES)})')
-  return classes, tuple(files)
+  """(class names, ((path, label), ...)) of a folder of class subfolders of images, sorted; UserError when it has
+  none."""
+  return corpus_files.list_class_folders(
+      folder, IMAGE_SUFFIXES, 'image', "pass a folder with one subfolder of images per class, 'digits', or a TFDS "
+      'name such as cifar10')
 
 
 def _folder_config_name(files, validation_fraction: float) -> str:

@@ -43,3 +43,9 @@ def flops_per_token(model_cfg, vocab_size: int, seq_len: int, max_predictions: i
 def validate_config(model_cfg, vocab_size: int) -> None:
   """Raises UserError for a model config that cannot be built, before any data or tokenizer work starts."""
   family_for(model_cfg).validate(model_cfg, vocab_size)
+
+
+def reads_text(model_cfg) -> bool:
+  """Whether the family of `model_cfg` reads text through a tokenizer (images and audio bring their own corpus
+  loading, `load_sources`, and have none): jobs on its exports then look for no tokenizer."""
+  return getattr(family_for(model_cfg), 'load_sources', None) is None

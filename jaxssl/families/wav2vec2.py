@@ -165,7 +165,7 @@ FAMILY = AudioFamily(
 
 def frame_features(graphdef, params, audio_rows, frame_mask):
   """Frozen context vectors [B, T, H] of audio rows [B, S] (nothing masked, no dropout): what a probe reads."""
-  return nnx.merge(graphdef, params).encode(audio_rows, frame_mask)
+  return nnx.merge(graphdef, params).encode(audio_rows, frame_mask)[0]
 
 
 def linear_probe_accuracy(train_x, train_y, test_x, test_y, num_classes: int, ridge: float = 1e-2) -> float:

@@ -265,10 +265,13 @@ class Wav2vec2Model(nnx.Module):
     return {'context': self.final_proj(x).astype(jnp.float32), 'targets': self.project_q(q).astype(jnp.float32),
             'code_logits': logits, 'feature_sq': feature_sq}
 
-  def encode(self, audio, frame_mask):
-    """Audio [B, S] (frame_mask [B, T] of its frames) -> context vectors [B, T, H] float32, nothing masked."""
+  def encode(self, audio, frame_mask, *, dropout_rng=None):
+    """Audio [B, S] (frame_mask [B, T] of its frames) -> (context vectors [B, T, H] float32, nothing masked;
+    their mean over each row's real frames [B, H]): what probes and fine-tuning heads read."""
     z, _ = self.latents(audio)
-    return self.context(z, frame_mask).astype(jnp.float32)
+    states = self.context(z, frame_mask, dropout_rng=dropout_rng).astype(jnp.float32)
+    weights = frame_mask.astype(jnp.float32)[..., None]
+    return states, jnp.sum(states * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
 
 
 # ----- FLOPs -----

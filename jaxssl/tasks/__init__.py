@@ -1,18 +1,20 @@
-"""The task kinds, registered once: classification, pair, regression, tagging and qa, one module each.
+"""The task kinds, registered once: classification, pair, regression, tagging, qa, image_classification and
+audio_classification, one module each.
 
 A kind (`base.TaskKind`) says how its examples are read (local files and TFDS), featurized, predicted by its
 head, lost, decoded and scored. Jobs look a kind up here by `task.kind` and never switch on it; `model.TaskModel`
 puts a kind's head on a pre-trained body. A new kind is one module with a `KIND`, added to `REGISTRY`.
 """
 from jaxssl.errors import UserError
-from jaxssl.tasks import classification, image_classification, pair, qa, regression, tagging, tfds
+from jaxssl.tasks import (audio_classification, classification, image_classification, pair, qa, regression,
+                          tagging, tfds)
 from jaxssl.tasks.base import Example, TaskKind
 
 __all__ = ['Example', 'KINDS', 'REGISTRY', 'TFDS_DATASETS', 'TaskKind', 'get', 'read_examples', 'read_split',
            'read_tfds', 'resolve_best_metric', 'tfds_kind']
 
 REGISTRY = {k.name: k for k in (classification.KIND, pair.KIND, regression.KIND, tagging.KIND, qa.KIND,
-                                 image_classification.KIND)}
+                                 image_classification.KIND, audio_classification.KIND)}
 KINDS = tuple(REGISTRY)
 TFDS_DATASETS = tuple(name for kind in REGISTRY.values() for name in kind.tfds_datasets)
 

@@ -19,6 +19,7 @@ class Example:
   qid: str = ''
   answers: list | None = None          # qa: [(text, char_start)], the first one trains
   image: object = None                 # image_classification: uint8 [H, W, C]
+  audio: object = None                 # audio_classification: int16 samples at 16 kHz
 
 
 def _no_settings(task_cfg, train_examples, dev_examples) -> None:

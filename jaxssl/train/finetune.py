@@ -24,7 +24,7 @@ from jaxssl import storage
 from jaxssl import tasks
 from jaxssl.data import tokenizers
 from jaxssl.errors import UserError
-from jaxssl.families import build_model, family_for
+from jaxssl.families import build_model, family_for, reads_text
 from jaxssl.models import vocab
 from jaxssl.tasks.model import TaskModel, task_loss
 from jaxssl.train import checkpoint as ckpt_lib
@@ -124,7 +124,7 @@ def load_body(config) -> Body:
     raise UserError(f'{config.init_from} is a fine-tuned export ({saved["task"]["name"]}): start from a pretraining '
                     'export (python -m jaxssl.export) or an imported checkpoint (python -m jaxssl.convert from-hf)')
   model_cfg = ml_collections.ConfigDict(saved['model'])
-  if 'image_size' in model_cfg:  # an image body (mae, simclr): no tokenizer, no token positions
+  if not reads_text(model_cfg):  # an image or audio body: no tokenizer, no token positions
     return Body(saved, None, saved['vocab_size'], model_cfg)
   tokenizer = tokenizers.load_tokenizer(config.init_from)
   vocab.check_rows(tokenizer.vocab_size, saved['vocab_size'], config.init_from)
