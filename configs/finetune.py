@@ -51,7 +51,10 @@ def get_config(variant: str = 'classification') -> ml_collections.ConfigDict:
       doc_stride=128,              # qa: step between the starts of overlapping context windows
       max_query_length=64,         # qa: question tokens kept
   ))
-  c.data = ml_collections.ConfigDict(dict(seq_len=384 if kind == 'qa' else 128))
+  c.data = ml_collections.ConfigDict(dict(
+      seq_len=384 if kind == 'qa' else 128,
+      length_buckets='auto',       # batches padded to seq_len/8, /4, /2 or seq_len (train/length_buckets.py); none
+  ))
   c.model = ml_collections.ConfigDict(dict(classifier_dropout=0.1))
   c.train = ml_collections.ConfigDict(dict(
       steps=1000, batch_size=32, seed=0, learning_rate=2e-5, warmup_steps=100, end_learning_rate=0.0,

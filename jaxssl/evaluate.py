@@ -36,7 +36,7 @@ def evaluate_export(path: str, data: str, batch_size: int, mesh):
   from jaxssl.data import tokenizers
   from jaxssl.models import vocab
   from jaxssl.train import checkpoint as ckpt_lib
-  from jaxssl.train import finetune
+  from jaxssl.train import finetune, length_buckets
   saved = ckpt_lib.read_export_config(path)
   if 'task' not in saved or 'finetune' not in saved:
     raise UserError(f'{path} is a pretraining export, not a fine-tuned one: evaluate DIR/export of '
@@ -48,6 +48,8 @@ def evaluate_export(path: str, data: str, batch_size: int, mesh):
     tokenizer = tokenizers.load_tokenizer(path)
     vocab.check_rows(tokenizer.vocab_size, saved['vocab_size'], path)  # more rows than ids: a padded vocabulary
   seq_len = saved['finetune']['data']['seq_len']
+  # Cutting padding changes no output (train/length_buckets.py): exports of runs without buckets get them too.
+  buckets = length_buckets.bucket_lengths(saved['finetune']['data'].get('length_buckets', 'auto'), seq_len)
   kind = tasks.get(info['kind'])
   setup = finetune.task_model_setup(ml_collections.ConfigDict(saved['model']), saved['vocab_size'], kind.name,
                                     info['num_labels'], mesh)
@@ -56,7 +58,7 @@ def evaluate_export(path: str, data: str, batch_size: int, mesh):
   for name, source in sets.items():
     examples, _ = tasks.read_split(task_cfg, source)
     features, decode_info = kind.featurize(task_cfg, examples, tokenizer, seq_len, info['labels'])
-    predict = predict or finetune.make_predictor(setup, mesh, features, batch_size, kind)
+    predict = predict or finetune.make_predictor(setup, mesh, features, batch_size, kind, buckets)
     results[name] = kind.dev_metrics(task_cfg, info['labels'], predict(params, features), features, examples,
                                      decode_info)
   return results, task_cfg

@@ -56,6 +56,7 @@ class TaskKind:
   input_keys: tuple[str, ...] = INPUT_KEYS                # feature keys the body's `encode` reads, in order
   settle_body: Callable = lambda task_cfg, model_cfg: None  # settings taken from the body (image size)
   metric_note: Callable = lambda names: ''                # why a metric is missing from `names`, for errors
+  token_outputs: bool = False                             # outputs [B, L, ...] per token (tagging, qa)
 
 
 def _truncate_pair(a: list, b: list, max_tokens: int) -> tuple[list, list]:

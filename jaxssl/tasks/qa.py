@@ -133,4 +133,4 @@ KIND = TaskKind(
     head_width=lambda n: 2,  # start and end vectors; num_labels is not used
     head=SpanHead, featurize=featurize, loss=loss, metric_names=lambda task_cfg, labels: ('exact_match', 'f1'),
     dev_metrics=dev_metrics, label_keys=('start_positions', 'end_positions'), model_inputs=('context_mask',),
-    preferred_metric='f1')
+    preferred_metric='f1', token_outputs=True)

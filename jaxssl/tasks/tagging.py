@@ -148,4 +148,4 @@ KIND = TaskKind(
     name='tagging', read_file=read_file, tfds_datasets=('conll2003',), read_tfds=read_tfds, label_set=label_set,
     num_labels=lambda labels, source: len(labels), head_width=lambda n: heads.at_least_one_label(n, 'tagging'),
     head=heads.TokenHead, featurize=featurize, loss=loss, metric_names=metric_names, dev_metrics=dev_metrics,
-    preferred_metric='f1', settle_config=settle_config, describe=describe, metric_note=metric_note)
+    preferred_metric='f1', settle_config=settle_config, describe=describe, metric_note=metric_note, token_outputs=True)

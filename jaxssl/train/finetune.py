@@ -28,6 +28,7 @@ from jaxssl.families import build_model, family_for, reads_text
 from jaxssl.models import vocab
 from jaxssl.tasks.model import TaskModel, task_loss
 from jaxssl.train import checkpoint as ckpt_lib
+from jaxssl.train import length_buckets
 from jaxssl.train import metrics as writer_lib
 from jaxssl.train import nonfinite
 from jaxssl.train import preemption
@@ -61,8 +62,10 @@ def task_model_setup(model_cfg, vocab_size: int, kind: str, num_labels: int, mes
   return state_lib.setup_module(build, mesh, seed)
 
 
-def make_predictor(setup, mesh, features: dict, batch_size: int, kind: tasks.TaskKind):
-  """`predict(params, features) -> outputs` over all rows (host numpy), in sharded batches on the mesh."""
+def make_predictor(setup, mesh, features: dict, batch_size: int, kind: tasks.TaskKind, buckets: tuple = ()):
+  """`predict(params, features) -> outputs` over all rows (host numpy, in the rows' order), in sharded batches on
+  the mesh. With length `buckets` (length_buckets.bucket_lengths) the rows go shortest first, each batch cut to
+  its bucket; per-token outputs come back padded to the full length."""
   input_keys = [*kind.input_keys, *kind.model_inputs]
 
   def forward(params, batch):
@@ -76,14 +79,22 @@ def make_predictor(setup, mesh, features: dict, batch_size: int, kind: tasks.Tas
 
   def predict(params, rows_of: dict):
     n = len(rows_of[kind.input_keys[0]])
+    lengths = length_buckets.real_lengths(rows_of) if buckets else None
+    seq_len = np.shape(rows_of['attention_mask'])[1] if lengths is not None else 0
+    order = np.arange(n) if lengths is None else np.argsort(lengths, kind='stable')
     outputs = []
     for start_row in range(0, n, batch_size):
-      rows = np.arange(start_row, start_row + batch_size) % n  # the last batch wraps; extra rows are dropped
-      local = {k: rows_of[k][local_rows(rows)] for k in input_keys}
+      rows = order[np.arange(start_row, start_row + batch_size) % n]  # the last batch wraps; extra rows dropped
+      length = length_buckets.batch_length(lengths, rows, buckets)
+      local = length_buckets.cut({k: rows_of[k][local_rows(rows)] for k in input_keys}, length, seq_len)
       with jax.set_mesh(mesh):
         out = forward(params, mesh_lib.global_batch(local, mesh))
-      outputs.append(jax.tree.map(np.asarray, multihost_utils.process_allgather(out, tiled=True)))
-    return jax.tree.map(lambda *parts: np.concatenate(parts)[:n], *outputs)
+      out = jax.tree.map(np.asarray, multihost_utils.process_allgather(out, tiled=True))
+      if kind.token_outputs:
+        out = length_buckets.pad_outputs(out, length, seq_len, length_buckets.PAD_LOGIT)
+      outputs.append(out)
+    in_order = np.argsort(order)
+    return jax.tree.map(lambda *parts: np.concatenate(parts)[:n][in_order], *outputs)
 
   return predict
 
@@ -251,12 +262,14 @@ class DevEvaluation:
     return best
 
 
-def banner(config, data: TaskData, mesh, start: int, workdir: str) -> str:
+def banner(config, data: TaskData, mesh, start: int, workdir: str, buckets: tuple) -> str:
   """The run's first line."""
   task, t = config.task, config.train
+  padding = (f'batches padded to {"/".join(map(str, buckets))} | ' if len(buckets) > 1 and
+             length_buckets.real_lengths(data.train_features) is not None else '')
   return (f'jaxssl finetune: {task.name} ({task.kind}, {data.num_labels} label(s)) | body from {config.init_from} | '
           f'{data.num_train_examples} train / {len(data.dev_examples)} dev examples | {data.kind.describe(task)}'
-          f'best by dev {task.best_metric} | mesh {dict(mesh.shape)} | '
+          f'best by dev {task.best_metric} | {padding}mesh {dict(mesh.shape)} | '
           f'{"resuming from step " + str(start) if start else "starting"} → {t.steps} | workdir {workdir}')
 
 
@@ -285,19 +298,24 @@ def run_finetuning(config, workdir: str) -> dict:
   say = print if jax.process_index() == 0 else (lambda *a, **k: None)
   state, best, dev_pending = restore_or_init(checkpointer, setup, tx, config.init_from, say)
   start = int(jax.device_get(state['step']))
-  say(banner(config, data, mesh, start, workdir), flush=True)
+  seq_len = config.data.seq_len
+  buckets = length_buckets.bucket_lengths(config.data.get('length_buckets', 'none'), seq_len)
+  lengths = length_buckets.real_lengths(data.train_features)
+  say(banner(config, data, mesh, start, workdir, buckets), flush=True)
   train_step, checkpoint_check, batch_keys = make_train_step(setup, tx, schedule, data.kind, mesh,
                                                              data.train_features)
 
-  def batch_at(step):  # the global batch of `step`: a function of (seed, step)
-    rows = local_rows(batch_indices(step, t.batch_size, data.num_train_examples, t.seed))
-    return mesh_lib.global_batch({k: data.train_features[k][rows] for k in batch_keys}, mesh)
+  def batch_at(step):  # the global batch of `step`: a function of (seed, step), cut to its length bucket
+    rows = batch_indices(step, t.batch_size, data.num_train_examples, t.seed)
+    length = length_buckets.batch_length(lengths, rows, buckets)
+    local = {k: data.train_features[k][local_rows(rows)] for k in batch_keys}
+    return mesh_lib.global_batch(length_buckets.cut(local, length, seq_len), mesh)
 
   writer = writer_lib.MetricsWriter(workdir, resume_step=start, total_steps=t.steps)
   run_config = json.loads(config_lib.to_json(config))
   export_config = {**body.saved, 'finetune': run_config, 'task': {
       'name': task.name, 'kind': task.kind, 'labels': data.labels, 'num_labels': data.num_labels}}
-  predict = make_predictor(setup, mesh, data.dev_features, config.eval.batch_size, data.kind)
+  predict = make_predictor(setup, mesh, data.dev_features, config.eval.batch_size, data.kind, buckets)
   evaluate = DevEvaluation(task, data, predict, writer, storage.join(workdir, 'export'), export_config,
                            body.tokenizer)
   watch = preemption.PreemptionWatch()

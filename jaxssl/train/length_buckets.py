@@ -1,0 +1,72 @@
+"""Fine-tuning batches padded to a few lengths, not all to `data.seq_len`.
+
+Sentence tasks average 20-40 pieces while `data.seq_len` is 128 (384 for QA): padding every row to it makes most
+of the work padding. Each batch is cut instead to the shortest of a handful of bucket lengths that holds its
+longest row, so XLA compiles one program per bucket actually used (a few shapes, as TPUs need) rather than one
+per batch (transformers' dynamic padding). Cutting the padding changes nothing a real token computes: attention
+masks padding keys out, the pooled vector is [CLS]'s, and the losses weight padding by 0, so outputs and
+gradients equal the padded computation's (tests/test_length_buckets.py; up to float summation order). Dropout
+draws its masks for the batch's shape, so a run with dropout samples other masks than a padded run.
+
+`data.length_buckets`: 'auto' (seq_len/8, /4, /2 and seq_len, each a multiple of 8, at least 16), 'none' (every
+batch at seq_len, as before), or lengths such as '32,64,128' (seq_len is always one of them).
+"""
+import numpy as np
+
+from jaxssl.errors import UserError
+
+PAD_LOGIT = -1e9  # per-token outputs at cut positions: a logit no decoder picks (the QA head's masked value)
+
+
+def bucket_lengths(setting, seq_len: int) -> tuple[int, ...]:
+  """The bucket lengths of `data.length_buckets` for `seq_len`, ascending, ending with seq_len."""
+  text = str(setting).strip().lower()
+  if text == 'none':
+    return (seq_len,)
+  if text == 'auto':
+    wanted = [max(16, -(-seq_len // d // 8) * 8) for d in (8, 4, 2)]
+  else:
+    try:
+      wanted = [int(v) for v in text.replace(' ', '').split(',') if v]
+    except ValueError:
+      wanted = [0]
+    if not wanted or min(wanted) <= 0:
+      raise UserError(f'data.length_buckets={setting!r}: use auto, none or positive lengths such as 32,64,128')
+  return tuple(sorted({min(v, seq_len) for v in wanted} | {seq_len}))
+
+
+def real_lengths(features: dict) -> np.ndarray | None:
+  """Each row's length up to its last real token (from `attention_mask`), or None for inputs without one
+  (images, audio: nothing to cut)."""
+  mask = features.get('attention_mask')
+  if mask is None:
+    return None
+  mask = np.asarray(mask)
+  last = mask.shape[1] - np.argmax(mask[:, ::-1] != 0, axis=1)
+  return np.where(mask.any(axis=1), last, 1).astype(np.int32)
+
+
+def batch_length(lengths: np.ndarray | None, rows: np.ndarray, buckets: tuple[int, ...]) -> int | None:
+  """The bucket that holds the longest of `rows` (a global batch, the same on every process), or None."""
+  if lengths is None:
+    return None
+  longest = int(lengths[rows].max()) if len(rows) else 1
+  return next(b for b in buckets if b >= longest)
+
+
+def cut(batch: dict, length: int | None, seq_len: int) -> dict:
+  """`batch` with every per-token feature ([N, seq_len, ...]) cut to `length`; others as they are."""
+  if length is None or length >= seq_len:
+    return batch
+  return {k: v[:, :length] if np.ndim(v) >= 2 and np.shape(v)[1] == seq_len else v for k, v in batch.items()}
+
+
+def pad_outputs(outputs, length: int | None, seq_len: int, fill: float):
+  """Per-token outputs ([N, length, ...], each array of a tuple) padded back to seq_len with `fill` (a logit
+  no decoder picks), so batches of different buckets concatenate."""
+  if length is None or length >= seq_len:
+    return outputs
+  if isinstance(outputs, (tuple, list)):
+    return type(outputs)(pad_outputs(o, length, seq_len, fill) for o in outputs)
+  widths = [(0, 0), (0, seq_len - length)] + [(0, 0)] * (outputs.ndim - 2)
+  return np.pad(outputs, widths, constant_values=fill)
