@@ -1,0 +1,174 @@
+"""Generation speed against its limit, side by side with transformers' `generate` on the same weights.
+
+    python benchmarks/generation.py                    # SmolLM2-135M (the real-world run's GGUF), batch 1 and 8
+    python benchmarks/generation.py --decoder gemma3 --new-tokens 64 --rounds 3
+
+At batch 1 every new token reads every weight once, so (weight bytes) / (memory bandwidth) is the fastest a
+token can come: `bandwidth_bound_tokens_per_s`. The bandwidth is measured here, on this host, by copying a 1 GiB
+array (numpy; read + write bytes over the time), and the report gives jaxssl's batch-1 tokens/s as a fraction
+of that bound. Both sides decode greedily from the same prompts for exactly --new-tokens tokens (no stop
+token), float32, prompt prefill included; tokens/s is batch x new tokens / the median of --rounds timed calls
+after one untimed call (jaxssl's first call, compile included, is `first_call_s`). The greedy tokens of both
+sides are compared.
+
+It also times the generate job as a user runs it, twice (`python -m jaxssl.generate --params P --prompt ...`):
+the second start finds the compiled program in the persistent compile cache.
+
+The weights come from benchmarks/real_world.py's run (its smollm2 / gemma3 legs install the GGUF and convert it
+to RUN_DIR/params/NAME; run one first). Prints one JSON line per batch size and writes them to --out.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import real_world  # noqa: E402  # the installed material and its paths
+
+PROMPTS = ['The capital of France is', 'Once upon a time', 'def fibonacci(n):', 'Le chat est',
+           'In 1905, Albert Einstein', 'The best way to learn a language', 'Water boils at', 'My favourite food is']
+
+
+def host_bandwidth_bytes_per_s(size: int = 1 << 30, rounds: int = 5) -> float:
+  """Memory bandwidth of this host: bytes read + written per second by a large array copy (best of `rounds`)."""
+  src = np.ones(size // 4, np.float32)
+  dst = np.empty_like(src)
+  best = float('inf')
+  for _ in range(rounds):
+    start = time.perf_counter()
+    np.copyto(dst, src)
+    best = min(best, time.perf_counter() - start)
+  return 2 * src.nbytes / best
+
+
+def timed(fn, rounds: int) -> tuple[float, list[float]]:
+  """(seconds of the first call, seconds of each of `rounds` later calls)."""
+  start = time.perf_counter()
+  fn()
+  first = time.perf_counter() - start
+  times = []
+  for _ in range(rounds):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return first, times
+
+
+def jaxssl_side(params_dir: str, prompts: list[str], new_tokens: int, rounds: int):
+  import jax
+  from jaxssl.models import generation
+  from jaxssl.train import checkpoint as ckpt_lib
+  _, model, tokenizer = ckpt_lib.load_export(params_dir)
+  bos = [] if getattr(tokenizer, 'bos_id', None) is None else [tokenizer.bos_id]
+  encoded = [bos + ids for ids in tokenizer.encode(prompts)]
+  lengths = np.array([len(e) for e in encoded], np.int32)
+  ids = np.zeros((len(prompts), int(lengths.max())), np.int32)
+  for row, e in enumerate(encoded):
+    ids[row, :len(e)] = e
+  out = {}
+
+  def run():
+    tokens, _ = generation.generate(model, ids, lengths, new_tokens, greedy=True, pad_id=tokenizer.pad_id)
+    out['tokens'] = np.asarray(jax.block_until_ready(tokens))
+
+  first, times = timed(run, rounds)
+  weight_bytes = sum(x.nbytes for x in jax.tree.leaves(jax.tree.map(np.asarray, _params(model))))
+  return dict(first_call_s=round(first, 2), seconds=times, tokens=out['tokens'], weight_bytes=weight_bytes,
+              prompt_ids=encoded)
+
+
+def _params(model):
+  from flax import nnx
+  return nnx.state(model, nnx.Param)
+
+
+def transformers_side(name: str, prompt_ids: list[list[int]], new_tokens: int, rounds: int, pad_id: int):
+  model, _ = real_world.RealWorld._gguf_reference(_Bare(), name)
+  torch = real_world.torch_threads(None)  # every core, as XLA uses (the loader above left it at one)
+  width = max(len(p) for p in prompt_ids)
+  # Left padding with an attention mask: what transformers' generate expects for a batch of decoder prompts.
+  ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
+  mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+  for row, p in enumerate(prompt_ids):
+    ids[row, width - len(p):] = torch.tensor(p)
+    mask[row, width - len(p):] = 1
+  out = {}
+
+  def run():
+    with torch.no_grad():
+      generated = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, pad_token_id=pad_id)
+    out['tokens'] = generated[:, width:].numpy()
+
+  first, times = timed(run, rounds)
+  return dict(first_call_s=round(first, 2), seconds=times, tokens=out['tokens'])
+
+
+class _Bare:
+  """What RealWorld._gguf_reference reads of its instance: a cache of loaded references."""
+  _references: dict = {}
+
+
+def job_start_seconds(run_dir: str, params: str) -> list[float]:
+  """Wall seconds of `python -m jaxssl.generate` (one prompt, 8 greedy tokens), twice: cold, then warm cache."""
+  cmd = [sys.executable, '-m', 'jaxssl.generate', '--params', params, '--prompt', PROMPTS[0], '--greedy',
+         '--max-new-tokens', '8']
+  seconds = []
+  for _ in range(2):
+    start = time.perf_counter()
+    subprocess.run(cmd, cwd=run_dir, check=True, capture_output=True, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+    seconds.append(round(time.perf_counter() - start, 2))
+  return seconds
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--decoder', default='smollm2', choices=sorted(real_world.DECODERS))
+  parser.add_argument('--run-dir', default=os.path.join(real_world.CACHE, 'run'))
+  parser.add_argument('--batches', default='1,8')
+  parser.add_argument('--new-tokens', type=int, default=128)
+  parser.add_argument('--rounds', type=int, default=3)
+  parser.add_argument('--out', default='generation_bench.jsonl')
+  args = parser.parse_args(argv)
+  params = os.path.join(args.run_dir, 'params', args.decoder)
+  if not os.path.exists(os.path.join(params, 'config.json')):
+    print(f'no {params}: run python benchmarks/real_world.py --only {args.decoder} first', file=sys.stderr)
+    return 2
+  bandwidth = host_bandwidth_bytes_per_s()
+  rows = []
+  for batch in (int(b) for b in args.batches.split(',')):
+    prompts = (PROMPTS * batch)[:batch]
+    ours = jaxssl_side(params, prompts, args.new_tokens, args.rounds)
+    from jaxssl.train import checkpoint as ckpt_lib
+    pad_id = ckpt_lib.load_export(params)[2].pad_id
+    theirs = transformers_side(args.decoder, ours['prompt_ids'], args.new_tokens, args.rounds, pad_id)
+    ours_tps = batch * args.new_tokens / statistics.median(ours['seconds'])
+    theirs_tps = batch * args.new_tokens / statistics.median(theirs['seconds'])
+    bound = bandwidth / ours['weight_bytes']
+    row = dict(decoder=args.decoder, batch=batch, new_tokens=args.new_tokens, rounds=args.rounds,
+               jaxssl_tokens_per_s=round(ours_tps, 1), transformers_tokens_per_s=round(theirs_tps, 1),
+               ratio=round(ours_tps / theirs_tps, 2), jaxssl_first_call_s=ours['first_call_s'],
+               transformers_first_call_s=theirs['first_call_s'],
+               greedy_tokens_equal=f'{int((ours["tokens"] == theirs["tokens"]).all(1).sum())}/{batch}',
+               weight_mb=round(ours['weight_bytes'] / 2**20, 1), host_bandwidth_gb_s=round(bandwidth / 1e9, 2),
+               bandwidth_bound_tokens_per_s=round(bound, 1))
+    if batch == 1:
+      row['fraction_of_bandwidth_bound'] = round(ours_tps / bound, 3)
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+  starts = job_start_seconds(args.run_dir, f'params/{args.decoder}')
+  rows.append(dict(decoder=args.decoder, generate_job_wall_s_cold_then_cached=starts))
+  print(json.dumps(rows[-1]), flush=True)
+  with open(args.out, 'w') as f:
+    f.writelines(json.dumps(r) + '\n' for r in rows)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
