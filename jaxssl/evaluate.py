@@ -16,6 +16,7 @@ Contextual embeddings (a config with an `embeddings` section, configs/embeddings
 import argparse
 import json
 import sys
+import time
 
 from jaxssl import config as config_lib
 from jaxssl import paths
@@ -24,11 +25,12 @@ from jaxssl import storage
 from jaxssl.errors import UserError, exit_on_user_error
 
 
-def evaluate_export(path: str, data: str, batch_size: int, mesh):
+def evaluate_export(path: str, data: str, batch_size: int, mesh, speed: dict | None = None):
   """({set name: metrics}, the fine-tune run's task config) of one fine-tuned export.
 
   Scores `data` (a file, or a split when the task reads TFDS) when given, else each of the run's
-  `task.eval_sets` (MNLI: matched and mismatched), else its dev set.
+  `task.eval_sets` (MNLI: matched and mismatched), else its dev set. `speed`, when given, gets {set name:
+  {'examples', 'seconds', 'examples_per_second'}} of the scoring (featurizing, compiling and predicting).
   """
   # Imported here, after runtime.setup has configured jax (as every job does).
   import ml_collections
@@ -57,10 +59,15 @@ def evaluate_export(path: str, data: str, batch_size: int, mesh):
   results, predict = {}, None
   for name, source in sets.items():
     examples, _ = tasks.read_split(task_cfg, source)
+    start = time.perf_counter()
     features, decode_info = kind.featurize(task_cfg, examples, tokenizer, seq_len, info['labels'])
     predict = predict or finetune.make_predictor(setup, mesh, features, batch_size, kind, buckets)
     results[name] = kind.dev_metrics(task_cfg, info['labels'], predict(params, features), features, examples,
                                      decode_info)
+    seconds = time.perf_counter() - start
+    if speed is not None:
+      speed[name] = {'examples': len(examples), 'seconds': round(seconds, 3),
+                     'examples_per_second': round(len(examples) / max(seconds, 1e-9), 1)}
   return results, task_cfg
 
 
@@ -105,14 +112,17 @@ def run(config, out: str) -> dict:
   if not config.params:
     raise UserError('pass --config.params=DIR/export (a fine-tuned export; in a suite use {task} in the path)')
   mesh = mesh_lib.make_mesh(config.mesh.shape)
-  results, headlines = {}, {}
+  results, headlines, speed = {}, {}, {}
   for name in list(config.tasks) or ['']:
     path = config.params.replace('{task}', name)
     if name and '{task}' not in config.params:
       raise UserError(f'a suite of {len(config.tasks)} tasks needs one export per task: put {{task}} in '
                       f'--config.params (got {config.params!r})')
-    per_set, task_cfg = evaluate_export(path, config.data.replace('{task}', name), config.batch_size, mesh)
+    sets_speed = {}
+    per_set, task_cfg = evaluate_export(path, config.data.replace('{task}', name), config.batch_size, mesh,
+                                        sets_speed)
     for key, metrics in per_set.items():
+      speed[name if name and len(per_set) == 1 else key] = sets_speed[key]
       key = name if name and len(per_set) == 1 else key
       results[key] = metrics
       headlines[key] = headline(key, metrics, task_cfg.best_metric)
@@ -120,7 +130,7 @@ def run(config, out: str) -> dict:
   # GLUE counts MNLI matched + mismatched as one task; other suites weigh every scored set equally.
   average = metrics_lib.glue_score(results) if glue else sum(headlines.values()) / len(headlines)
   report = {'tasks': results, 'headline': headlines, 'average': average,
-            'average_kind': 'GLUE score' if glue else 'mean of task scores'}
+            'average_kind': 'GLUE score' if glue else 'mean of task scores', 'throughput': speed}
   if config.get('baselines'):
     report['crosslingual'] = crosslingual_table(config, headlines, mesh)
   if jax.process_index() == 0:

@@ -167,7 +167,9 @@ def test_finetune_killed_resumed_and_evaluated_in_a_bucket_as_locally(sentiment,
   assert exported['best'] == local_export['best'] and exported['task']['labels'] == ['neg', 'pos']
   assert exported['finetune']['task']['dev'] == f'{bucket_sentiment}/dev.tsv'
   results = json.loads(storage.read_text(f'{bucket_sentiment}/results.json'))
-  assert results == json.loads((tmp_path / 'out' / 'results.json').read_text())
+  local_results = json.loads((tmp_path / 'out' / 'results.json').read_text())
+  assert results.pop('throughput').keys() == local_results.pop('throughput').keys()  # timings differ
+  assert results == local_results
   assert results['tasks']['classification']['accuracy'] == local_export['best']['metrics']['accuracy']
   assert sorted(storage.listdir(f'{bucket_ft}/export')) == sorted(os.listdir(f'{local_ft}/export'))
 

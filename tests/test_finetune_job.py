@@ -299,6 +299,8 @@ def test_end_to_end_evaluate_suite_of_the_four_shapes(runs, classification_run, 
     assert report['headline'][name] == pytest.approx(best['value'], abs=1e-6)
   assert report['average'] == pytest.approx(sum(report['headline'].values()) / 4)
   assert report['average_kind'] == 'mean of task scores'
+  assert set(report['throughput']) == set(workdirs)  # each set's examples/s, compile included
+  assert all(t['examples'] > 0 and t['examples_per_second'] > 0 for t in report['throughput'].values())
   assert 'average' in result.stdout and 'qa' in result.stdout
 
 

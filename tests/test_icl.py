@@ -304,6 +304,7 @@ def test_cli_writes_results_and_plots(exports, tmp_path):
   assert 0 < small['params'] < large['params'] and small['path'] == exports[0]
   for m in (small, large):
     assert set(m['accuracy']) == {'0', '1'} and all(0 <= a <= 1 for a in m['accuracy'].values())
+    assert m['requests_per_second'] > 0 and m['scoring_seconds'] > 0  # 24 requests: 12 queries x 2 shots
   for name in (icl.PLOT_SHOTS, icl.PLOT_SIZE):
     assert (out.parent / name).read_bytes()[:8] == PNG_MAGIC
   predictions = [json.loads(line) for line in (out.parent / icl.PREDICTIONS).read_text().splitlines()]

@@ -113,7 +113,7 @@ def list_class_folders(folder: str, suffixes: tuple[str, ...], what: str,
   `suffixes`) per class, sorted (local or in a bucket); UserError when there is no such folder (`missing`: what
   to pass instead) or no such file."""
   if not storage.isdir(folder):
-    raise UserError(f'{what} folder {folder!r} does not exist: {missing}')
+    raise UserError(f'{folder!r} is not a folder (of {what} files, one subfolder per class): {missing}')
   classes = tuple(sorted(n for n in storage.listdir(folder)
                          if not n.startswith(_SKIPPED_PREFIXES) and storage.isdir(storage.join(folder, n))))
   files = []

@@ -24,6 +24,7 @@ import functools
 import json
 import math
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -164,13 +165,15 @@ def is_match(answer: str, gold: str, lowercase: bool) -> bool:
 def evaluate_model(task: Task, model, tokenizer, *, shots, seed: int, normalize: str, batch_size: int,
                    max_new_tokens: int, mesh) -> dict:
   """One model's results: accuracy, truncated_queries and dropped_demonstrations per k (keys str(k)), num_queries,
-  scoring, plus `records` (one prediction dict per (k, query)) and `requests` (the tokenized prompts)."""
+  scoring, scoring_seconds and requests_per_second (one request = one k-shot prompt, all its options; compile
+  included), plus `records` (one prediction dict per (k, query)) and `requests` (the tokenized prompts)."""
   max_len = int(model.config.max_position)
   if task.scoring == 'exact_match' and max_new_tokens >= max_len:
     raise UserError(f'icl.max_new_tokens={max_new_tokens} leaves no room for a prompt in max_position={max_len}: '
                     'lower --config.icl.max_new_tokens')
   requests = build_requests(task, tokenizer, shots, seed, max_len, max_new_tokens)
   records = []
+  start = time.perf_counter()
   if task.scoring == 'loglik':
     rows = [(r.context, c) for r in requests for c in r.continuations]
     sums = loglikelihoods(model, rows, batch_size=batch_size, mesh=mesh, max_len=max_len)
@@ -193,6 +196,7 @@ def evaluate_model(task: Task, model, tokenizer, *, shots, seed: int, normalize:
       records.append(dict(k=r.k, query=r.query, label=gold, prediction=answer,
                           correct=is_match(answer, task.answer(gold), task.lowercase), dropped=r.dropped,
                           generation=text))
+  seconds = time.perf_counter() - start  # scoring (or generating) every request, compile included
   accuracy, truncated, dropped = {}, {}, {}
   for k in shots:
     mine = [rec for rec in records if rec['k'] == k]
@@ -200,7 +204,8 @@ def evaluate_model(task: Task, model, tokenizer, *, shots, seed: int, normalize:
     truncated[str(k)] = sum(rec['dropped'] > 0 for rec in mine)
     dropped[str(k)] = sum(rec['dropped'] for rec in mine)
   return dict(accuracy=accuracy, truncated_queries=truncated, dropped_demonstrations=dropped,
-              num_queries=len(task.test), scoring=task.scoring, records=records, requests=requests)
+              num_queries=len(task.test), scoring=task.scoring, records=records, requests=requests,
+              scoring_seconds=round(seconds, 2), requests_per_second=round(len(requests) / max(seconds, 1e-9), 2))
 
 
 # ----- the job -----

@@ -12,8 +12,8 @@ import numpy as np
 
 from jaxssl.data import audio, audio_batches, corpus_files
 from jaxssl.errors import UserError
-from jaxssl.tasks import classification, heads, metrics
-from jaxssl.tasks.base import Example, TaskKind
+from jaxssl.tasks import classification
+from jaxssl.tasks.base import Example
 
 
 def read_file(path: str) -> list[Example]:
@@ -21,11 +21,6 @@ def read_file(path: str) -> list[Example]:
   classes, files = corpus_files.list_class_folders(
       path, audio.SUFFIXES, 'audio', 'pass a folder with one subfolder of .wav/.flac files per class')
   return [Example(label=classes[label], audio=audio.read_utterance(f)) for f, label in files]
-
-
-def read_tfds(split):
-  raise UserError('audio classification reads class folders of .wav/.flac files (task.train, task.dev), not '
-                  'TFDS: pass --config.task.tfds=')
 
 
 def settle_body(task_cfg, model_cfg) -> None:
@@ -54,14 +49,6 @@ def featurize(task_cfg, examples, tokenizer, seq_len: int, labels: list[str]):
           'labels': np.array([index.get(e.label, -1) for e in examples], np.int32)}, None
 
 
-def dev_metrics(task_cfg, labels, outputs, features, examples, decode_info) -> dict:
-  del task_cfg, labels, examples, decode_info
-  return {'accuracy': metrics.accuracy(np.argmax(outputs, -1), features['labels'])}
-
-
-KIND = TaskKind(
-    name='audio_classification', read_file=read_file, tfds_datasets=(), read_tfds=read_tfds,
-    label_set=classification.label_set, num_labels=classification.num_labels,
-    head_width=lambda n: heads.at_least_one_label(n, 'audio_classification'), head=heads.PooledHead,
-    featurize=featurize, loss=classification.loss, metric_names=lambda task_cfg, labels: ('accuracy',),
-    dev_metrics=dev_metrics, input_keys=('audio', 'frame_mask'), settle_body=settle_body)
+KIND = classification.input_classification_kind(
+    'audio_classification', read_file=read_file, what='class folders of .wav/.flac files (task.train, task.dev)', featurize=featurize,
+    input_keys=('audio', 'frame_mask'), settle_body=settle_body)

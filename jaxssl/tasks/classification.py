@@ -76,3 +76,22 @@ KIND = TaskKind(
     label_set=label_set, num_labels=num_labels,
     head_width=lambda n: heads.at_least_one_label(n, 'classification'), head=heads.PooledHead,
     featurize=featurize, loss=loss, metric_names=metric_names, dev_metrics=dev_metrics, class_labels=True)
+
+
+def accuracy_only(task_cfg, labels, outputs, features, examples, decode_info) -> dict:
+  """Accuracy of the argmax class (the image and audio kinds' dev metric)."""
+  del task_cfg, labels, examples, decode_info
+  return {'accuracy': metrics.accuracy(np.argmax(outputs, -1), features['labels'])}
+
+
+def input_classification_kind(name: str, *, read_file, what: str, featurize, input_keys: tuple[str, ...],
+                              settle_body) -> TaskKind:
+  """The kind of a classifier of one non-text input (an image, an utterance) into the training set's classes:
+  class-folder files, a pooled head on the body's `encode` of `input_keys`, softmax cross-entropy, accuracy."""
+  def read_tfds(split):
+    raise UserError(f'{name} reads {what}, not through task.tfds: pass --config.task.tfds=')
+  return TaskKind(
+      name=name, read_file=read_file, tfds_datasets=(), read_tfds=read_tfds, label_set=label_set,
+      num_labels=num_labels, head_width=lambda n: heads.at_least_one_label(n, name), head=heads.PooledHead,
+      featurize=featurize, loss=loss, metric_names=lambda task_cfg, labels: ('accuracy',),
+      dev_metrics=accuracy_only, input_keys=input_keys, settle_body=settle_body)

@@ -11,8 +11,8 @@ import numpy as np
 from jaxssl import storage
 from jaxssl.data import images, images_examples
 from jaxssl.errors import UserError
-from jaxssl.tasks import classification, heads, metrics
-from jaxssl.tasks.base import Example, TaskKind
+from jaxssl.tasks import classification
+from jaxssl.tasks.base import Example
 
 
 def read_file(path: str) -> list[Example]:
@@ -24,11 +24,6 @@ def read_file(path: str) -> list[Example]:
     return [Example(label=source.classes[r['label']], image=r['image']) for r in records]
   classes, files = images.list_class_folders(path)
   return [Example(label=classes[label], image=images.decode_image(storage.read_bytes(f), f)) for f, label in files]
-
-
-def read_tfds(split):
-  raise UserError('image classification reads TFDS image datasets as task.train=NAME:train, task.dev=NAME:validation '
-                  '(data/images.py), not through task.tfds: pass --config.task.tfds=')
 
 
 def settle_body(task_cfg, model_cfg) -> None:
@@ -49,14 +44,7 @@ def featurize(task_cfg, examples, tokenizer, seq_len: int, labels: list[str]):
           'labels': np.array([index.get(e.label, -1) for e in examples], np.int32)}, None
 
 
-def dev_metrics(task_cfg, labels, outputs, features, examples, decode_info) -> dict:
-  del task_cfg, labels, examples, decode_info
-  return {'accuracy': metrics.accuracy(np.argmax(outputs, -1), features['labels'])}
-
-
-KIND = TaskKind(
-    name='image_classification', read_file=read_file, tfds_datasets=(), read_tfds=read_tfds,
-    label_set=classification.label_set, num_labels=classification.num_labels,
-    head_width=lambda n: heads.at_least_one_label(n, 'image_classification'), head=heads.PooledHead,
-    featurize=featurize, loss=classification.loss, metric_names=lambda task_cfg, labels: ('accuracy',),
-    dev_metrics=dev_metrics, input_keys=('images',), settle_body=settle_body)
+KIND = classification.input_classification_kind(
+    'image_classification', read_file=read_file,
+    what="class folders of images or an image corpus's splits (task.train=NAME:train, task.dev=NAME:validation)",
+    featurize=featurize, input_keys=('images',), settle_body=settle_body)
