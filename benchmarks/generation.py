@@ -9,7 +9,7 @@ array (numpy; read + write bytes over the time), and the report gives jaxssl's b
 of that bound. Both sides decode greedily from the same prompts for exactly --new-tokens tokens (no stop
 token), float32, prompt prefill included; tokens/s is batch x new tokens / the median of --rounds timed calls
 after one untimed call (jaxssl's first call, compile included, is `first_call_s`). The greedy tokens of both
-sides are compared.
+sides are compared: rows equal throughout, and each row's matching prefix.
 
 It also times the generate job as a user runs it, twice (`python -m jaxssl.generate --params P --prompt ...`):
 the second start finds the compiled program in the persistent compile cache.
@@ -45,6 +45,13 @@ def host_bandwidth_bytes_per_s(size: int = 1 << 30, rounds: int = 5) -> float:
     np.copyto(dst, src)
     best = min(best, time.perf_counter() - start)
   return 2 * src.nbytes / best
+
+
+def matching_prefix(a: np.ndarray, b: np.ndarray) -> list[int]:
+  """Per row, how many leading tokens two greedy generations share (float32 sums in another order can flip a
+  near-tie argmax after many tokens; from there the texts differ)."""
+  same = np.cumprod(a == b, axis=1)
+  return [int(n) for n in same.sum(1)]
 
 
 def timed(fn, rounds: int) -> tuple[float, list[float]]:
@@ -155,7 +162,8 @@ def main(argv=None) -> int:
                jaxssl_tokens_per_s=round(ours_tps, 1), transformers_tokens_per_s=round(theirs_tps, 1),
                ratio=round(ours_tps / theirs_tps, 2), jaxssl_first_call_s=ours['first_call_s'],
                transformers_first_call_s=theirs['first_call_s'],
-               greedy_tokens_equal=f'{int((ours["tokens"] == theirs["tokens"]).all(1).sum())}/{batch}',
+               greedy_rows_equal=f'{int((ours["tokens"] == theirs["tokens"]).all(1).sum())}/{batch}',
+               greedy_matching_prefix=matching_prefix(ours['tokens'], theirs['tokens']),
                weight_mb=round(ours['weight_bytes'] / 2**20, 1), host_bandwidth_gb_s=round(bandwidth / 1e9, 2),
                bandwidth_bound_tokens_per_s=round(bound, 1))
     if batch == 1:
