@@ -164,7 +164,7 @@ def compute_keys(**overrides) -> dict:
   """The model section's compute settings of a Transformer family (keys, defaults and what they mean)."""
   return dict(
       dtype='float32',     # compute dtype; params stay float32. 'bfloat16' on TPU/GPU.
-      remat='none',        # 'none' | 'full' | 'dots' (save matmul outputs, recompute the rest)
+      remat='dots',        # 'dots' (keep weight matmul outputs, recompute the rest) | 'none' | 'full'
       scan_layers=True,    # one compiled layer body under nnx.scan: compile time flat in depth
       attention='auto',    # 'auto' (cuDNN flash on GPU in bf16, splash on TPU, else XLA) | 'xla' | 'cudnn' | 'splash'
   ) | overrides

@@ -276,6 +276,12 @@ def _restore_or_init(config, setup, tx, checkpointer, say):
   return 0, state_lib.init_state(setup, tx, params), False
 
 
+def _compute_note(model_cfg) -> str:
+  """The compute settings that change speed and memory, for the banner ('' for a family without them)."""
+  shown = [f'{k} {model_cfg[k]}' for k in ('dtype', 'remat') if k in model_cfg]
+  return ', '.join(shown) + ' | ' if shown else ''
+
+
 def _announce(config, workdir, state, vocab_size, mesh, start, resumed, say) -> None:
   """The run's one-line banner."""
   t, init_from = config.train, config.get('init_from', '')
@@ -283,6 +289,7 @@ def _announce(config, workdir, state, vocab_size, mesh, start, resumed, say) -> 
   say(f'jaxssl pretrain: {config.model.name} {config.get("variant", "")} | {n_params / 1e6:.2f}M params | '
       f'vocab {vocab_size} | mesh {dict(mesh.shape)} over {jax.device_count()} devices, '
       f'{jax.process_count()} process(es) | batch {t.batch_size} x {config.data.seq_len} | '
+      f'{_compute_note(config.model)}'
       f'{"resuming from step " + str(start) if resumed else "starting at step 0"}'
       f'{" from " + init_from if init_from and not resumed else ""} → {t.steps} | '
       f'workdir {workdir}', flush=True)
