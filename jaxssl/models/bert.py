@@ -42,7 +42,7 @@ class BertConfig:
   initializer_range: float = 0.02
   layer_norm_eps: float = 1e-12   # BERT's; RoBERTa / XLM-R checkpoints use 1e-5
   dtype: str = 'float32'
-  remat: str = 'dots'
+  remat: str = 'none'
   scan_layers: bool = True
   # Pretraining reads the last layer only at [CLS] and the masked positions: compute just those rows there.
   final_layer_subset: bool = True

@@ -52,7 +52,7 @@ class EncDecConfig:
   initializer_range: float = 0.02
   layer_norm_eps: float = 1e-5
   dtype: str = 'float32'
-  remat: str = 'dots'
+  remat: str = 'none'
   scan_layers: bool = True
   attention: str = 'auto'
 

@@ -91,7 +91,7 @@ class GPTConfig:
   initializer_range: float = 0.02
   layer_norm_eps: float = 1e-5         # LayerNorm or RMSNorm epsilon (Llama: rms_norm_eps)
   dtype: str = 'float32'
-  remat: str = 'dots'
+  remat: str = 'none'
   scan_layers: bool = True
   # Train loss: positions per block of the fused output projection + cross-entropy (models/lm_loss.py); 0 = the
   # whole [B, T, V] logits at once. Must divide data.seq_len (a divisor of it is used otherwise).

@@ -58,7 +58,7 @@ class ViTConfig:
   initializer_range: float = 0.02
   layer_norm_eps: float = 1e-6
   dtype: str = 'float32'
-  remat: str = 'dots'
+  remat: str = 'none'
   scan_layers: bool = True
   attention: str = 'auto'
 
