@@ -110,6 +110,7 @@ def check_config(config) -> None:
                     f'set the splits of {t.tfds}: --config.task.train=SPLIT --config.task.dev=SPLIT')
   if config.train.steps <= 0 or config.train.batch_size <= 0:
     raise UserError('train.steps and train.batch_size must be positive: fix them with --config.train.*')
+  length_buckets.bucket_lengths(config.data.get('length_buckets', 'none'), config.data.seq_len)  # checked early
   if config.train.batch_size % jax.process_count():
     raise UserError(f'train.batch_size={config.train.batch_size} must be a multiple of the process count')
   for key in ('log', 'eval', 'checkpoint'):
