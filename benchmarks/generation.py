@@ -87,7 +87,7 @@ def jaxssl_side(params_dir: str, prompts: list[str], new_tokens: int, rounds: in
   first, times = timed(run, rounds)
   weight_bytes = sum(x.nbytes for x in jax.tree.leaves(jax.tree.map(np.asarray, _params(model))))
   return dict(first_call_s=round(first, 2), seconds=times, tokens=out['tokens'], weight_bytes=weight_bytes,
-              prompt_ids=encoded)
+              prompt_ids=encoded, pad_id=tokenizer.pad_id)
 
 
 def _params(model):
@@ -152,9 +152,7 @@ def main(argv=None) -> int:
   for batch in (int(b) for b in args.batches.split(',')):
     prompts = (PROMPTS * batch)[:batch]
     ours = jaxssl_side(params, prompts, args.new_tokens, args.rounds)
-    from jaxssl.train import checkpoint as ckpt_lib
-    pad_id = ckpt_lib.load_export(params)[2].pad_id
-    theirs = transformers_side(args.decoder, ours['prompt_ids'], args.new_tokens, args.rounds, pad_id)
+    theirs = transformers_side(args.decoder, ours['prompt_ids'], args.new_tokens, args.rounds, ours['pad_id'])
     ours_tps = batch * args.new_tokens / statistics.median(ours['seconds'])
     theirs_tps = batch * args.new_tokens / statistics.median(theirs['seconds'])
     bound = bandwidth / ours['weight_bytes']

@@ -121,9 +121,9 @@ def run(config, out: str) -> dict:
     sets_speed = {}
     per_set, task_cfg = evaluate_export(path, config.data.replace('{task}', name), config.batch_size, mesh,
                                         sets_speed)
-    for key, metrics in per_set.items():
-      speed[name if name and len(per_set) == 1 else key] = sets_speed[key]
-      key = name if name and len(per_set) == 1 else key
+    for set_name, metrics in per_set.items():
+      key = name if name and len(per_set) == 1 else set_name
+      speed[key] = sets_speed[set_name]
       results[key] = metrics
       headlines[key] = headline(key, metrics, task_cfg.best_metric)
   glue = all(k in metrics_lib.GLUE_TASKS for k in results)

@@ -50,5 +50,5 @@ def featurize(task_cfg, examples, tokenizer, seq_len: int, labels: list[str]):
 
 
 KIND = classification.input_classification_kind(
-    'audio_classification', read_file=read_file, what='class folders of .wav/.flac files (task.train, task.dev)', featurize=featurize,
-    input_keys=('audio', 'frame_mask'), settle_body=settle_body)
+    'audio_classification', read_file=read_file, what='class folders of .wav/.flac files (task.train, task.dev)',
+    featurize=featurize, input_keys=('audio', 'frame_mask'), settle_body=settle_body)

@@ -264,10 +264,9 @@ class DevEvaluation:
 
 
 def banner(config, data: TaskData, mesh, start: int, workdir: str, buckets: tuple) -> str:
-  """The run's first line."""
+  """The run's first line; `buckets` () for inputs without lengths to cut (images, audio)."""
   task, t = config.task, config.train
-  padding = (f'batches padded to {"/".join(map(str, buckets))} | ' if len(buckets) > 1 and
-             length_buckets.real_lengths(data.train_features) is not None else '')
+  padding = f'batches padded to {"/".join(map(str, buckets))} | ' if len(buckets) > 1 else ''
   return (f'jaxssl finetune: {task.name} ({task.kind}, {data.num_labels} label(s)) | body from {config.init_from} | '
           f'{data.num_train_examples} train / {len(data.dev_examples)} dev examples | {data.kind.describe(task)}'
           f'best by dev {task.best_metric} | {padding}mesh {dict(mesh.shape)} | '
@@ -302,7 +301,7 @@ def run_finetuning(config, workdir: str) -> dict:
   seq_len = config.data.seq_len
   buckets = length_buckets.bucket_lengths(config.data.get('length_buckets', 'none'), seq_len)
   lengths = length_buckets.real_lengths(data.train_features)
-  say(banner(config, data, mesh, start, workdir, buckets), flush=True)
+  say(banner(config, data, mesh, start, workdir, buckets if lengths is not None else ()), flush=True)
   train_step, checkpoint_check, batch_keys = make_train_step(setup, tx, schedule, data.kind, mesh,
                                                              data.train_features)
 
