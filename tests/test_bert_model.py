@@ -131,6 +131,23 @@ def test_remat_same_loss_and_grads():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads, results[0][1])
 
 
+@pytest.mark.parametrize('subset', [False, True])
+def test_layer_loop_scan_equals_unrolled(subset):
+  """model.layer_loop: the stacked layers in XLA's while loop (TPU/GPU's default) or unrolled (CPU's): the same
+  loss and gradients, with dropout; `subset` takes the final-layer-subset path (its own scan over L - 1 layers)."""
+  batch, key, results, loops = make_batch(), jax.random.key(5), [], []
+  for loop in ('scan', 'unrolled'):
+    graphdef, state = nnx.split(make(layer_loop=loop, final_layer_subset=subset, num_layers=3))
+    step = jax.jit(jax.value_and_grad(_loss, argnums=1), static_argnums=0)
+    loops.append(step.lower(graphdef, state, batch, key).as_text().count('stablehlo.while'))
+    results.append(step(graphdef, state, batch, key))
+  assert loops[0] >= loops[1] + 2, loops  # the layers' loop, forward and backward
+  np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), results[1][1], results[0][1])
+  with pytest.raises(UserError, match="model.layer_loop='loop': use 'auto', 'scan' or 'unrolled'"):
+    make(layer_loop='loop')
+
+
 @pytest.mark.parametrize('scan,remat', [(True, 'none'), (True, 'dots'), (False, 'full')])
 def test_final_layer_subset_equals_full_last_layer(scan, remat):
   """The last layer at [CLS] + mlm_positions only: the same logits and gradients as the whole last layer."""

@@ -229,6 +229,20 @@ def test_dropout_same_scanned_or_not_and_remat_same_grads():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads_remat, grads)
 
 
+def test_layer_loop_scan_equals_unrolled():
+  """model.layer_loop (parts.run_stack, shared by GPT, Llama, ViT, wav2vec2 and the encoder-decoder): XLA's while
+  loop and the unrolled stack give the same loss and gradients."""
+  ids = jnp.asarray(random_ids((2, 12), seed=6))
+  params = nnx.to_pure_dict(nnx.state(converted(), nnx.Param))
+  results = []
+  for loop in ('scan', 'unrolled'):
+    graphdef, state = nnx.split(load_params(abstract_model(tiny_cfg(layer_loop=loop)), params))
+    results.append(jax.jit(jax.value_and_grad(_mean_loss, argnums=1), static_argnums=0)(
+        graphdef, state, ids, None, None))
+  np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), results[1][1], results[0][1])
+
+
 # ----- KV cache and generation -----
 
 def test_cached_decode_equals_full_recompute():
@@ -332,7 +346,8 @@ def test_shapes_dtypes_dropout_and_logical_names():
 
 def test_config_validation_and_flops():
   for kw, needle in ((dict(num_heads=5), 'num_heads'), (dict(dtype='float16'), 'dtype'),
-                     (dict(remat='some'), 'remat'), (dict(attention='flash'), 'attention'),
+                     (dict(remat='some'), 'remat'), (dict(layer_loop='loop'), 'layer_loop'),
+                     (dict(attention='flash'), 'attention'),
                      (dict(dropout_rate=1.0), 'dropout_rate'), (dict(layer_norm_eps=0.0), 'layer_norm_eps')):
     with pytest.raises(UserError, match=needle):
       validate_config(tiny_cfg(**kw), V)

@@ -22,7 +22,7 @@ from jaxssl.mesh import constrain
 from jaxssl.models import attention as sparse
 from jaxssl.models import vocab
 from jaxssl.models.layers import (Dense, Embed, LayerNorm, Mlp, MultiHeadAttention, check_compute_settings, dropout,
-                                  make_param, maybe_remat, stack_layers, zeros)
+                                  make_param, maybe_remat, stack_layers, unroll_layers, zeros)
 
 ACT = ('batch', 'length', 'act_embed')  # logical names of activations at layer boundaries
 
@@ -43,6 +43,7 @@ class BertConfig:
   layer_norm_eps: float = 1e-12   # BERT's; RoBERTa / XLM-R checkpoints use 1e-5
   dtype: str = 'float32'
   remat: str = 'none'
+  layer_loop: str = 'auto'  # layers.LAYER_LOOPS
   scan_layers: bool = True
   # Pretraining reads the last layer only at [CLS] and the masked positions: compute just those rows there.
   final_layer_subset: bool = True
@@ -127,6 +128,7 @@ class BertEncoder(nnx.Module):
   def __init__(self, c: BertConfig, *, rngs: nnx.Rngs):
     self.config = c
     self.scan_layers = c.scan_layers
+    self.unroll = unroll_layers(c.layer_loop)
     self.num_layers = c.num_layers
     self.remat = c.remat
     self.layers = stack_layers(lambda r: BertLayer(c, rngs=r), c.num_layers, c.scan_layers, rngs)
@@ -162,23 +164,20 @@ class BertEncoder(nnx.Module):
         outputs.append(x)
       return (x, jnp.stack(outputs)) if return_hidden_states else x
 
-    meta = {nnx.PARTITION_NAME: 'layers'}
     # The body emits its output as the scan's ys only when asked: the stacked outputs cost L x [B, L, H] memory.
     out_axes = (nnx.Carry, 0) if return_hidden_states else nnx.Carry
     emit = (lambda h: (h, h)) if return_hidden_states else (lambda h: h)
+    scan = lambda body, in_axes: nnx.scan(body, in_axes=in_axes, out_axes=out_axes, unroll=self.unroll,  # noqa: E731
+                                          transform_metadata={nnx.PARTITION_NAME: 'layers'})
     if tables is not None:
       # Block-sparse: each layer's random blocks ride along as a scanned input (keys None = no dropout).
-      keys = self._layer_keys(dropout_rng)
       body = maybe_remat(lambda lyr, h, xs: emit(lyr(h, mask, xs[0], xs[1])), self.remat, in_scan=True)
-      return nnx.scan(body, in_axes=(0, nnx.Carry, 0), out_axes=out_axes, transform_metadata=meta)(
-          self.layers, x, (keys, tables))
+      return scan(body, (0, nnx.Carry, 0))(self.layers, x, (self._layer_keys(dropout_rng), tables))
     if dropout_rng is None:
       body = maybe_remat(lambda lyr, h: emit(lyr(h, mask)), self.remat, in_scan=True)
-      return nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=out_axes, transform_metadata=meta)(self.layers, x)
-    keys = self._layer_keys(dropout_rng)
+      return scan(body, (0, nnx.Carry))(self.layers, x)
     body = maybe_remat(lambda lyr, h, k: emit(lyr(h, mask, k)), self.remat, in_scan=True)
-    return nnx.scan(body, in_axes=(0, nnx.Carry, 0), out_axes=out_axes, transform_metadata=meta)(
-        self.layers, x, keys)
+    return scan(body, (0, nnx.Carry, 0))(self.layers, x, self._layer_keys(dropout_rng))
 
   def _layer_keys(self, dropout_rng):
     """Layer i's dropout key fold_in(dropout_rng, i), stacked [num_layers] for a scan; None without dropout."""
@@ -204,7 +203,7 @@ class BertEncoder(nnx.Module):
           lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), params))
       body = maybe_remat(lambda h, i, k: run(layer_at(i), h, k), self.remat, in_scan=True)
       x, _ = jax.lax.scan(lambda h, xs: (body(h, *xs), None), x,
-                          (jnp.arange(n - 1), None if keys is None else keys[:-1]))
+                          (jnp.arange(n - 1), None if keys is None else keys[:-1]), unroll=self.unroll)
       # An index XLA cannot see through: the gradient of a constant slice is a pad, added to the whole stacked
       # gradient (a full pass over every layer's params); that of a dynamic slice is updated in place.
       last = layer_at(jax.lax.optimization_barrier(jnp.int32(n - 1)))

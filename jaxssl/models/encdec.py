@@ -30,7 +30,8 @@ from jaxssl.errors import UserError
 from jaxssl.mesh import constrain
 from jaxssl.models.generation import sample_logits
 from jaxssl.models import fused_attention
-from jaxssl.models.layers import Embed, LayerNorm, check_compute_settings, config_fields, dropout, stack_layers
+from jaxssl.models.layers import (Embed, LayerNorm, check_compute_settings, config_fields, dropout, stack_layers,
+                                  unroll_layers)
 from jaxssl.models.parts import ACT, BlockConfig, CausalSelfAttention, GeluMlp, kv_cache, run_stack
 
 
@@ -53,6 +54,7 @@ class EncDecConfig:
   layer_norm_eps: float = 1e-5
   dtype: str = 'float32'
   remat: str = 'none'
+  layer_loop: str = 'auto'  # layers.LAYER_LOOPS
   scan_layers: bool = True
   attention: str = 'auto'
 
@@ -211,7 +213,7 @@ class EncoderDecoder(nnx.Module):
     x = self._embed(source_ids, self.encoder_positions, dropout_rng=k[0])
     key_mask = source_mask.astype(bool)[:, None, None, :]
     x = run_stack(self.encoder, x, lambda lyr, h, key: lyr(h, key_mask, key), num_layers=c.num_layers,
-                  scan=c.scan_layers, remat=c.remat, dropout_rng=k[1])
+                  scan=c.scan_layers, remat=c.remat, unroll=unroll_layers(c.layer_loop), dropout_rng=k[1])
     return self.encoder_norm(x)
 
   def encode(self, input_ids, token_type_ids, attention_mask, *, dropout_rng=None):
@@ -240,7 +242,8 @@ class EncoderDecoder(nnx.Module):
     self_mask = target_mask.astype(bool)[:, None, None, :]  # and causal (inside CausalSelfAttention)
     x = self._embed(target_input_ids, self.decoder_positions, dropout_rng=k[1])
     x = run_stack(self.decoder, x, lambda lyr, h, key: lyr(h, self_mask, memory, memory_mask, key),
-                  num_layers=c.num_decoder_layers, scan=c.scan_layers, remat=c.remat, dropout_rng=k[2])
+                  num_layers=c.num_decoder_layers, scan=c.scan_layers, remat=c.remat,
+                  unroll=unroll_layers(c.layer_loop), dropout_rng=k[2])
     return self._logits(x)
 
   # ----- KV-cache decoding -----

@@ -26,7 +26,7 @@ from flax import nnx
 
 from jaxssl.errors import UserError
 from jaxssl.mesh import constrain
-from jaxssl.models.layers import dropout, make_param, maybe_remat, stack_layers, zeros
+from jaxssl.models.layers import dropout, make_param, maybe_remat, project, stack_layers, unroll_layers, zeros
 from jaxssl.models.parts import (ACT, CausalSelfAttention, GeluMlp, RMSNorm, SwiGluMlp, apply_rope, kv_cache,
                                  rope_inv_freq, same_segment)
 from jaxssl.models.parts import make_norm as plain_norm
@@ -117,7 +117,7 @@ class GemmaAttention(CausalSelfAttention):
     self.query_scale = 1.0 if scalar == c.head_dim else math.sqrt(c.head_dim / scalar)
 
   def _project(self, x, name, rotary):
-    y = jnp.einsum('blh,hnd->blnd', x, getattr(self, f'{name}_kernel')[...].astype(self.dtype))
+    y = project(x, getattr(self, f'{name}_kernel')[...].astype(self.dtype))
     if self.qkv_bias:
       y = y + getattr(self, f'{name}_bias')[...].astype(self.dtype)
     if self.qk_norm and name != 'value':
@@ -190,6 +190,7 @@ class GemmaDecoder(nnx.Module):
 
   def __init__(self, c, *, rngs: nnx.Rngs):
     self.scan_layers, self.num_layers, self.remat = c.scan_layers, c.num_layers, c.remat
+    self.unroll = unroll_layers(c.layer_loop)
     self.window = int(c.sliding_window)
     self.local = local_layers(c)
     self.kv = (c.num_kv_heads, c.head_dim, c.compute_dtype)
@@ -218,11 +219,13 @@ class GemmaDecoder(nnx.Module):
     meta = {nnx.PARTITION_NAME: 'layers'}
     if dropout_rng is None:
       body = maybe_remat(lambda lyr, h, flag: run(lyr, h, None, flag), self.remat, in_scan=True)
-      return nnx.scan(body, in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata=meta)(
+      return nnx.scan(body, in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry, unroll=self.unroll,
+                      transform_metadata=meta)(
           self.layers, x, local)
     keys = jax.vmap(lambda i: jax.random.fold_in(dropout_rng, i))(jnp.arange(self.num_layers))
     body = maybe_remat(lambda lyr, h, flag, key: run(lyr, h, key, flag), self.remat, in_scan=True)
-    return nnx.scan(body, in_axes=(0, nnx.Carry, 0, 0), out_axes=nnx.Carry, transform_metadata=meta)(
+    return nnx.scan(body, in_axes=(0, nnx.Carry, 0, 0), out_axes=nnx.Carry, unroll=self.unroll,
+                      transform_metadata=meta)(
         self.layers, x, local, keys)
 
   # ----- KV-cache decoding -----

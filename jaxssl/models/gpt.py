@@ -26,7 +26,7 @@ from flax import nnx
 from jaxssl.errors import UserError
 from jaxssl.mesh import constrain
 from jaxssl.models import gemma, vocab
-from jaxssl.models.layers import Embed, check_compute_settings, config_fields, dropout, stack_layers
+from jaxssl.models.layers import Embed, check_compute_settings, config_fields, dropout, stack_layers, unroll_layers
 from jaxssl.models.gemma import make_mlp, make_norm
 from jaxssl.models.parts import ACT, CausalSelfAttention, Linear, kv_cache, next_token_pairs, rope_angles, run_stack
 
@@ -92,6 +92,7 @@ class GPTConfig:
   layer_norm_eps: float = 1e-5         # LayerNorm or RMSNorm epsilon (Llama: rms_norm_eps)
   dtype: str = 'float32'
   remat: str = 'none'
+  layer_loop: str = 'auto'  # layers.LAYER_LOOPS
   scan_layers: bool = True
   # Train loss: positions per block of the fused output projection + cross-entropy (models/lm_loss.py); 0 = the
   # whole [B, T, V] logits at once. Must divide data.seq_len (a divisor of it is used otherwise).
@@ -200,14 +201,13 @@ class GPTDecoder(nnx.Module):
   """The L blocks: stacked + nnx.scan (cfg.scan_layers) or a Python list (for comparison)."""
 
   def __init__(self, c: GPTConfig, *, rngs: nnx.Rngs):
-    self.scan_layers = c.scan_layers
-    self.num_layers = c.num_layers
-    self.remat = c.remat
+    self.scan_layers, self.num_layers, self.remat = c.scan_layers, c.num_layers, c.remat
+    self.unroll = unroll_layers(c.layer_loop)
     self.layers = stack_layers(lambda r: GPTBlock(c, rngs=r), c.num_layers, c.scan_layers, rngs)
 
   def __call__(self, x, segment_ids, dropout_rng=None, rotary=None):
-    return run_stack(self.layers, x, lambda lyr, h, key: lyr(h, segment_ids, rotary, key),
-                     num_layers=self.num_layers, scan=self.scan_layers, remat=self.remat, dropout_rng=dropout_rng)
+    return run_stack(self.layers, x, lambda lyr, h, key: lyr(h, segment_ids, rotary, key), num_layers=self.num_layers,
+                     scan=self.scan_layers, remat=self.remat, unroll=self.unroll, dropout_rng=dropout_rng)
 
   def decode(self, x, key_cache, value_cache, index, mask, rotary=None):
     """Caches [num_layers, B, S, K, D]; layer i reads and writes slice i."""

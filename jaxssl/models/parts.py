@@ -15,7 +15,7 @@ from flax import nnx
 
 from jaxssl.mesh import constrain
 from jaxssl.models import fused_attention
-from jaxssl.models.layers import LayerNorm, dropout, make_param, maybe_remat, normal_init, ones, zeros
+from jaxssl.models.layers import LayerNorm, dropout, make_param, maybe_remat, normal_init, ones, project, zeros
 
 ACT = ('batch', 'length', 'act_embed')  # logical names of activations at block boundaries
 HEADS_ACT = ('batch', 'length', 'act_heads', 'kv')
@@ -69,7 +69,7 @@ class Linear(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = jnp.einsum('...i,io->...o', x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    y = project(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
     return y + self.bias[...].astype(self.dtype) if self.use_bias else y
 
 
@@ -163,7 +163,7 @@ class CausalSelfAttention(nnx.Module):
     self.dtype = c.compute_dtype
 
   def _project(self, x, name, rotary):
-    y = jnp.einsum('blh,hnd->blnd', x, getattr(self, f'{name}_kernel')[...].astype(self.dtype))
+    y = project(x, getattr(self, f'{name}_kernel')[...].astype(self.dtype))
     if self.qkv_bias:
       y = y + getattr(self, f'{name}_bias')[...].astype(self.dtype)
     if rotary is not None and name != 'value':
@@ -175,7 +175,7 @@ class CausalSelfAttention(nnx.Module):
 
   def _output(self, out):
     out = constrain(out.astype(self.dtype), HEADS_ACT)
-    y = jnp.einsum('blnd,ndh->blh', out, self.out_kernel[...].astype(self.dtype))
+    y = project(out, self.out_kernel[...].astype(self.dtype), in_axes=2)
     return y + self.out_bias[...].astype(self.dtype) if self.use_bias else y
 
   def _explicit(self, q, k, v, mask, dropout_rng):
@@ -299,9 +299,9 @@ def next_token_pairs(segment_ids):
 
 # ----- layer stacks -----
 
-def run_stack(layers, x, fn, *, num_layers: int, scan: bool, remat: str, dropout_rng=None):
+def run_stack(layers, x, fn, *, num_layers: int, scan: bool, remat: str, unroll: bool = False, dropout_rng=None):
   """x through the layers as `fn(layer, x, key)`; layer i gets fold_in(dropout_rng, i), scanned or not, so a
-  scanned stack equals the unscanned one even with dropout."""
+  scanned stack equals the unscanned one even with dropout. `unroll` (layers.unroll_layers) unrolls the scan."""
   if not scan:
     for i, layer in enumerate(layers):
       key = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
@@ -310,7 +310,9 @@ def run_stack(layers, x, fn, *, num_layers: int, scan: bool, remat: str, dropout
   meta = {nnx.PARTITION_NAME: 'layers'}
   if dropout_rng is None:
     body = maybe_remat(lambda lyr, h: fn(lyr, h, None), remat, in_scan=True)
-    return nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=nnx.Carry, transform_metadata=meta)(layers, x)
+    return nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=nnx.Carry, unroll=unroll, transform_metadata=meta)(
+        layers, x)
   keys = jax.vmap(lambda i: jax.random.fold_in(dropout_rng, i))(jnp.arange(num_layers))
   body = maybe_remat(fn, remat, in_scan=True)
-  return nnx.scan(body, in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata=meta)(layers, x, keys)
+  return nnx.scan(body, in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry, unroll=unroll, transform_metadata=meta)(
+      layers, x, keys)

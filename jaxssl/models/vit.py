@@ -25,7 +25,7 @@ from jaxssl.errors import UserError
 from jaxssl.mesh import constrain
 from jaxssl.models.encdec import EncoderBlock
 from jaxssl.models.layers import LayerNorm, check_compute_settings, config_fields, make_param, normal_init, \
-    stack_layers
+    stack_layers, unroll_layers
 from jaxssl.models.parts import ACT, BlockConfig, Linear, run_stack
 
 PIXELS = None  # logical name of a patch's pixel axis: replicated (small; mesh.py has no rule for it)
@@ -59,6 +59,7 @@ class ViTConfig:
   layer_norm_eps: float = 1e-6
   dtype: str = 'float32'
   remat: str = 'none'
+  layer_loop: str = 'auto'  # layers.LAYER_LOOPS
   scan_layers: bool = True
   attention: str = 'auto'
 
@@ -144,15 +145,16 @@ def _eager_sharding():
 class Transformer(nnx.Module):
   """A stack of pre-LN bidirectional blocks and a final LayerNorm over [B, S, H] (every position attends all)."""
 
-  def __init__(self, bc: BlockConfig, *, scan: bool, remat: str, rngs: nnx.Rngs):
+  def __init__(self, bc: BlockConfig, *, scan: bool, remat: str, unroll: bool, rngs: nnx.Rngs):
     self.layers = stack_layers(lambda r: EncoderBlock(bc, rngs=r), bc.num_layers, scan, rngs)
     self.norm = LayerNorm(bc.hidden_size, eps=bc.layer_norm_eps, dtype=jnp.float32, rngs=rngs)
-    self.num_layers, self.scan, self.remat = bc.num_layers, scan, remat
+    self.num_layers, self.scan, self.remat, self.unroll = bc.num_layers, scan, remat, unroll
 
   def __call__(self, x, dropout_rng=None):
     mask = jnp.ones((x.shape[0], 1, 1, x.shape[1]), bool)
     x = run_stack(self.layers, constrain(x.astype(jnp.float32), ACT), lambda layer, h, key: layer(h, mask, key),
-                  num_layers=self.num_layers, scan=self.scan, remat=self.remat, dropout_rng=dropout_rng)
+                  num_layers=self.num_layers, scan=self.scan, remat=self.remat, unroll=self.unroll,
+                  dropout_rng=dropout_rng)
     return self.norm(x)
 
 
@@ -170,7 +172,8 @@ class ViT(nnx.Module):
       self.cls_token = make_param(rngs, normal_init(std), (h,), ('embed',))
       if cfg.position == 'learned':
         self.position_embedding = make_param(rngs, normal_init(std), (cfg.num_patches, h), ('position', 'embed'))
-      self.transformer = Transformer(bc, scan=cfg.scan_layers, remat=cfg.remat, rngs=rngs)
+      self.transformer = Transformer(bc, scan=cfg.scan_layers, remat=cfg.remat, unroll=unroll_layers(cfg.layer_loop),
+                                      rngs=rngs)
 
   def positions(self) -> jax.Array:
     if self.cfg.position == 'learned':
@@ -229,7 +232,8 @@ class MaskedAutoencoder(nnx.Module):
       if cfg.position == 'learned':
         self.decoder_position_embedding = make_param(rngs, normal_init(std), (cfg.num_patches, d),
                                                      ('position', 'embed'))
-      self.decoder = Transformer(bc, scan=cfg.scan_layers, remat=cfg.remat, rngs=rngs)
+      self.decoder = Transformer(bc, scan=cfg.scan_layers, remat=cfg.remat, unroll=unroll_layers(cfg.layer_loop),
+                                      rngs=rngs)
       self.predict = Linear(d, cfg.patch_dim, ('embed', PIXELS), stddev=std, use_bias=True, dtype=jnp.float32,
                             rngs=rngs)
 

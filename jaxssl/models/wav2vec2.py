@@ -24,7 +24,7 @@ from jaxssl.errors import UserError
 from jaxssl.mesh import constrain
 from jaxssl.models import parts
 from jaxssl.models.layers import (Dense, LayerNorm, Mlp, MultiHeadAttention, check_compute_settings, dropout,
-                                  make_param, normal_init, ones, stack_layers, zeros)
+                                  make_param, normal_init, ones, stack_layers, unroll_layers, zeros)
 
 ACT = ('batch', 'length', 'act_embed')
 
@@ -59,6 +59,7 @@ class Wav2vec2Config:
   layer_norm_eps: float = 1e-5
   dtype: str = 'float32'
   remat: str = 'none'
+  layer_loop: str = 'auto'  # layers.LAYER_LOOPS
   scan_layers: bool = True
   attention: str = 'auto'
 
@@ -250,7 +251,8 @@ class Wav2vec2Model(nnx.Module):
     x = self.encoder_norm(x)
     x = constrain(dropout(x, c.dropout_rate, keys[1]), ACT)
     return parts.run_stack(self.layers, x, lambda lyr, h, k: lyr(h, frame_mask, k), num_layers=c.num_layers,
-                           scan=c.scan_layers, remat=c.remat, dropout_rng=keys[2])
+                           scan=c.scan_layers, remat=c.remat, unroll=unroll_layers(c.layer_loop),
+                           dropout_rng=keys[2])
 
   def __call__(self, audio, frame_mask, mask, temperature, *, dropout_rng=None):
     """-> dict: context [B, T, Dq] (final_proj of the masked-input context), targets [B, T, Dq] (project_q of the

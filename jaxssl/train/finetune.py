@@ -26,6 +26,7 @@ from jaxssl.data import tokenizers
 from jaxssl.errors import UserError
 from jaxssl.families import build_model, family_for, reads_text
 from jaxssl.models import vocab
+from jaxssl.models.layers import describe_layer_loop
 from jaxssl.tasks.model import TaskModel, task_loss
 from jaxssl.train import checkpoint as ckpt_lib
 from jaxssl.train import length_buckets
@@ -263,10 +264,12 @@ class DevEvaluation:
     return best
 
 
-def banner(config, data: TaskData, mesh, start: int, workdir: str, buckets: tuple) -> str:
+def banner(config, body: Body, data: TaskData, mesh, start: int, workdir: str, buckets: tuple) -> str:
   """The run's first line; `buckets` () for inputs without lengths to cut (images, audio)."""
   task, t = config.task, config.train
   padding = f'batches padded to {"/".join(map(str, buckets))} | ' if len(buckets) > 1 else ''
+  loop = describe_layer_loop(body.model_cfg)
+  padding += f'{loop} | ' if loop else ''
   return (f'jaxssl finetune: {task.name} ({task.kind}, {data.num_labels} label(s)) | body from {config.init_from} | '
           f'{data.num_train_examples} train / {len(data.dev_examples)} dev examples | {data.kind.describe(task)}'
           f'best by dev {task.best_metric} | {padding}mesh {dict(mesh.shape)} | '
@@ -301,7 +304,7 @@ def run_finetuning(config, workdir: str) -> dict:
   seq_len = config.data.seq_len
   buckets = length_buckets.bucket_lengths(config.data.get('length_buckets', 'none'), seq_len)
   lengths = length_buckets.real_lengths(data.train_features)
-  say(banner(config, data, mesh, start, workdir, buckets if lengths is not None else ()), flush=True)
+  say(banner(config, body, data, mesh, start, workdir, buckets if lengths is not None else ()), flush=True)
   train_step, checkpoint_check, batch_keys = make_train_step(setup, tx, schedule, data.kind, mesh,
                                                              data.train_features)
 

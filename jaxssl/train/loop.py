@@ -16,7 +16,7 @@ from jaxssl import mesh as mesh_lib
 from jaxssl import storage
 from jaxssl.data import corpora, tokenizers
 from jaxssl.errors import UserError
-from jaxssl.models import vocab
+from jaxssl.models import layers, vocab
 from jaxssl.train import checkpoint as ckpt_lib
 from jaxssl.train import metrics as metrics_lib
 from jaxssl.train import nonfinite
@@ -64,7 +64,7 @@ def evaluate(eval_step, params, batches, mesh, objective, words: float = 0.0) ->
 
 
 # Model settings a run may choose freely when it starts from an export (how it computes, not what it computes).
-RUNTIME_MODEL_KEYS = ('dtype', 'remat', 'attention', 'dropout_rate', 'attention_dropout_rate',
+RUNTIME_MODEL_KEYS = ('dtype', 'remat', 'layer_loop', 'attention', 'dropout_rate', 'attention_dropout_rate',
                       # Big Bird's block-sparse attention uses the same params as full attention.
                       'attention_type', 'block_size', 'num_random_blocks', 'sparse_min_length')
 
@@ -279,6 +279,7 @@ def _restore_or_init(config, setup, tx, checkpointer, say):
 def _compute_note(model_cfg) -> str:
   """The compute settings that change speed and memory, for the banner ('' for a family without them)."""
   shown = [f'{k} {model_cfg[k]}' for k in ('dtype', 'remat') if k in model_cfg]
+  shown += [s for s in [layers.describe_layer_loop(model_cfg)] if s]
   return ', '.join(shown) + ' | ' if shown else ''
 
 
