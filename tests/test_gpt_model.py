@@ -1,4 +1,5 @@
 """GPT model: parity with transformers' GPT2LMHeadModel, packing, loss masking, KV-cache decoding, generation."""
+import dataclasses
 import functools
 import os
 
@@ -290,11 +291,17 @@ def test_greedy_generate_matches_transformers(hf_model):
     hf = hf_model.generate(torch.tensor(left, dtype=torch.long), attention_mask=torch.tensor(mask),
                            max_new_tokens=new, do_sample=False, pad_token_id=0).numpy()
   expected = hf[:, 5:]
-  model = converted()
-  for ids, side in ((left, 'left'), (right, 'right')):
-    tokens, num = generation.generate(model, ids, lengths, new, greedy=True, padding_side=side)
-    np.testing.assert_array_equal(tokens, expected, err_msg=side)
-    np.testing.assert_array_equal(num, [new, new])
+  # decoding_model: each layer's weights as arrays of their own (what the generate and ICL jobs run on CPU).
+  separate = generation.decoding_model(converted())
+  assert not separate.config.scan_layers and converted().config.scan_layers
+  for model in (converted(), separate):
+    for ids, side in ((left, 'left'), (right, 'right')):
+      tokens, num = generation.generate(model, ids, lengths, new, greedy=True, padding_side=side)
+      np.testing.assert_array_equal(tokens, expected, err_msg=side)
+      np.testing.assert_array_equal(num, [new, new])
+  scan_model = nnx.merge(*nnx.split(converted()))  # a new module object: the cached one stays as it is
+  object.__setattr__(scan_model, 'config', dataclasses.replace(scan_model.config, layer_loop='scan'))
+  assert generation.decoding_model(scan_model) is scan_model  # a loop over stacked layers keeps them stacked
 
 
 def test_top_k_1_is_greedy_and_stop_ids_stop():

@@ -4,6 +4,7 @@ all under one jit) and `sample_logits` (greedy / temperature / top-k / top-p).
 The model is any module with `config.max_position`, `init_cache(batch, max_len)` and
 `decode(tokens, cache, positions) -> (logits, cache)`, i.e. jaxssl/models/gpt.py's GPT.
 """
+import dataclasses
 import functools
 
 import jax
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxssl.errors import UserError
+from jaxssl.models.layers import unroll_layers
 
 
 def sample_logits(logits: jax.Array, rng: jax.Array, *, temperature=1.0, top_k=0, top_p=1.0,
@@ -35,6 +37,28 @@ def sample_logits(logits: jax.Array, rng: jax.Array, *, temperature=1.0, top_k=0
   cutoff = jnp.min(jnp.where(keep & (sorted_logits > -jnp.inf), sorted_logits, jnp.inf), axis=-1, keepdims=True)
   logits = jnp.where(logits < cutoff, -jnp.inf, logits)
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def decoding_model(model: nnx.Module) -> nnx.Module:
+  """`model` as decoding runs fastest: where its layers run unrolled (`model.layer_loop`; 'auto' on CPU), a copy
+  that holds each layer's weights as arrays of their own (`scan_layers=False`), else `model` itself.
+
+  Why: a decoding step that slices layer i out of the stacked weights made XLA:CPU copy each slice at every token,
+  three times the weight traffic of the matmuls themselves (SmolLM2-135M: 22.9 tokens/s stacked, 32 separate;
+  BENCHMARKS.md §15). The copy computes the same (scanned == unscanned is tested); load it once per job.
+  """
+  c = model.config
+  if not c.scan_layers or not unroll_layers(c.layer_loop):
+    return model
+  separate = dataclasses.replace(c, scan_layers=False)
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: type(model)(separate, c.vocab_size, rngs=nnx.Rngs(0))))
+  values = nnx.to_pure_dict(nnx.state(model))
+  stacked = values['decoder']['layers']
+  # Under jit: eager indexing refuses arrays that span processes.
+  layers = jax.jit(lambda s: [jax.tree.map(lambda a, i=i: a[i], s) for i in range(c.num_layers)])(stacked)
+  values['decoder']['layers'] = dict(enumerate(layers))
+  nnx.replace_by_pure_dict(state, values)
+  return nnx.merge(graphdef, state)
 
 
 def _decode_fn(graphdef, state, tokens, cache, positions):

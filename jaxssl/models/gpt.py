@@ -278,7 +278,9 @@ class GPT(nnx.Module):
 
   def _logits(self, x):
     c = self.config
-    logits = jnp.einsum('...h,hv->...v', x.astype(c.compute_dtype), self.output_weights(),
+    # Against the [V, H] table as stored when tied: its [H, V] transpose made XLA:CPU copy the whole table at every
+    # decoding step (the params ride in the decoding loop's carry, in their stored layout).
+    logits = jnp.einsum('...h,vh->...v', x.astype(c.compute_dtype), self.output_embedding(),
                         preferred_element_type=jnp.float32)
     return vocab.mask_padding_logits(logits, c.num_token_ids)  # padding rows are never predicted
 
