@@ -34,7 +34,7 @@ def generate(params: str, prompts: list[str], *, max_new_tokens: int = 50, greed
   if not families.family_for(config.model).generates:
     raise UserError(f'{params} holds a {config.model.name} model: generation needs a causal LM export such as GPT '
                     '(python -m jaxssl.export of a configs/gpt.py run)')
-  model = generation.decoding_model(model)
+  model = generation.decoding_model(model, len(prompts))
   bos = [] if getattr(tokenizer, 'bos_id', None) is None else [tokenizer.bos_id]
   encoded = [bos + ids for ids in tokenizer.encode(prompts)]
   stop = [tokenizer.sep_id]  # the end-of-document token of the packed pretraining stream

@@ -292,7 +292,7 @@ def test_greedy_generate_matches_transformers(hf_model):
                            max_new_tokens=new, do_sample=False, pad_token_id=0).numpy()
   expected = hf[:, 5:]
   # decoding_model: each layer's weights as arrays of their own (what the generate and ICL jobs run on CPU).
-  separate = generation.decoding_model(converted())
+  separate = generation.decoding_model(converted(), 1)
   assert not separate.config.scan_layers and converted().config.scan_layers
   for model in (converted(), separate):
     for ids, side in ((left, 'left'), (right, 'right')):
@@ -301,7 +301,8 @@ def test_greedy_generate_matches_transformers(hf_model):
       np.testing.assert_array_equal(num, [new, new])
   scan_model = nnx.merge(*nnx.split(converted()))  # a new module object: the cached one stays as it is
   object.__setattr__(scan_model, 'config', dataclasses.replace(scan_model.config, layer_loop='scan'))
-  assert generation.decoding_model(scan_model) is scan_model  # a loop over stacked layers keeps them stacked
+  assert generation.decoding_model(scan_model, 1) is scan_model  # a loop over stacked layers keeps them stacked
+  assert generation.decoding_model(converted(), 2) is converted()  # batches keep the stacked loop
 
 
 def test_top_k_1_is_greedy_and_stop_ids_stop():

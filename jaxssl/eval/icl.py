@@ -247,7 +247,6 @@ def run(config, out: str) -> dict:
   for label, path in zip(model_labels(paths), paths):
     _, model, tokenizer = ckpt_lib.load_export(path, mesh)
     params = state_lib.param_count(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    model = generation.decoding_model(model)  # scoring and generating, one copy of the weights
     result = evaluate_model(task, model, tokenizer, shots=shots, seed=icl.seed, normalize=icl.normalize,
                             batch_size=icl.batch_size, max_new_tokens=icl.max_new_tokens, mesh=mesh)
     del model

@@ -39,16 +39,18 @@ def sample_logits(logits: jax.Array, rng: jax.Array, *, temperature=1.0, top_k=0
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-def decoding_model(model: nnx.Module) -> nnx.Module:
-  """`model` as decoding runs fastest: where its layers run unrolled (`model.layer_loop`; 'auto' on CPU), a copy
-  that holds each layer's weights as arrays of their own (`scan_layers=False`), else `model` itself.
+def decoding_model(model: nnx.Module, batch_size: int) -> nnx.Module:
+  """`model` as decoding `batch_size` rows runs fastest: at batch 1, where its layers run unrolled
+  (`model.layer_loop`; 'auto' on CPU), a copy that holds each layer's weights as arrays of their own
+  (`scan_layers=False`); else `model` itself.
 
   Why: a decoding step that slices layer i out of the stacked weights made XLA:CPU copy each slice at every token,
-  three times the weight traffic of the matmuls themselves (SmolLM2-135M: 22.9 tokens/s stacked, 32 separate;
-  BENCHMARKS.md §15). The copy computes the same (scanned == unscanned is tested); load it once per job.
+  three times the weight traffic of batch 1's matrix-vector products (SmolLM2-135M: 22.9 tokens/s stacked, 31
+  separate). At batch 8 the matmuls dominate and the stacked loop was faster (129 against 108 tokens/s;
+  BENCHMARKS.md §15). The copy computes the same (tested); make it once per job.
   """
   c = model.config
-  if not c.scan_layers or not unroll_layers(c.layer_loop):
+  if batch_size != 1 or not c.scan_layers or not unroll_layers(c.layer_loop):
     return model
   separate = dataclasses.replace(c, scan_layers=False)
   graphdef, state = nnx.split(nnx.eval_shape(lambda: type(model)(separate, c.vocab_size, rngs=nnx.Rngs(0))))
