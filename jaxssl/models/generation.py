@@ -52,15 +52,14 @@ def decoding_model(model: nnx.Module, batch_size: int) -> nnx.Module:
   c = model.config
   if batch_size != 1 or not c.scan_layers or not unroll_layers(c.layer_loop):
     return model
-  separate = dataclasses.replace(c, scan_layers=False)
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: type(model)(separate, c.vocab_size, rngs=nnx.Rngs(0))))
-  values = nnx.to_pure_dict(nnx.state(model))
-  stacked = values['decoder']['layers']
-  # Under jit: eager indexing refuses arrays that span processes.
-  layers = jax.jit(lambda s: [jax.tree.map(lambda a, i=i: a[i], s) for i in range(c.num_layers)])(stacked)
-  values['decoder']['layers'] = dict(enumerate(layers))
-  nnx.replace_by_pure_dict(state, values)
-  return nnx.merge(graphdef, state)
+  copy = nnx.merge(*nnx.split(model))  # new module objects over the same arrays
+  layer_def, stacked = nnx.split(copy.decoder.layers)  # a stacked module's graph is one layer's
+  # Sliced under jit: eager indexing refuses arrays that span processes.
+  slices = jax.jit(lambda s: [jax.tree.map(lambda a, i=i: a[i], s) for i in range(c.num_layers)])(stacked)
+  copy.decoder.layers = nnx.List([nnx.merge(layer_def, s) for s in slices])
+  copy.decoder.scan_layers = False
+  copy.config = dataclasses.replace(c, scan_layers=False)
+  return copy
 
 
 def _decode_fn(graphdef, state, tokens, cache, positions):
