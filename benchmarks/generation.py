@@ -130,7 +130,10 @@ def job_start_seconds(run_dir: str, params: str) -> list[float]:
   seconds = []
   for _ in range(2):
     start = time.perf_counter()
-    subprocess.run(cmd, cwd=run_dir, check=True, capture_output=True, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+    # The job runs in the run directory: jaxssl comes from this checkout.
+    path = os.pathsep.join(p for p in (os.path.dirname(HERE), os.environ.get('PYTHONPATH', '')) if p)
+    subprocess.run(cmd, cwd=run_dir, check=True, capture_output=True,
+                   env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=path))
     seconds.append(round(time.perf_counter() - start, 2))
   return seconds
 
