@@ -278,8 +278,7 @@ class GPT(nnx.Module):
 
   def _logits(self, x):
     c = self.config
-    # Against the [V, H] table as stored when tied: its [H, V] transpose made XLA:CPU copy the whole table at every
-    # decoding step (the params ride in the decoding loop's carry, in their stored layout).
+    # Against [V, H] (the table as stored when tied): its transpose made XLA:CPU copy the table at every decoding step.
     logits = jnp.einsum('...h,vh->...v', x.astype(c.compute_dtype), self.output_embedding(),
                         preferred_element_type=jnp.float32)
     return vocab.mask_padding_logits(logits, c.num_token_ids)  # padding rows are never predicted
