@@ -218,30 +218,28 @@ def test_dropout_same_scanned_or_not_and_remat_same_grads():
   # Layer i draws its dropout from fold_in(key, i) whether the layers are scanned or a list.
   np.testing.assert_allclose(forward(converted(), ids, segments, None, key),
                              forward(converted(False), ids, segments, None, key), atol=1e-5)
+  # Without dropout: remat only changes the backward pass, and dropout's grad compile costs ~6 s on CPU.
+  assert_same_loss_and_grads(ids, segments, dict(remat='none'), dict(remat='full'))
+
+
+def assert_same_loss_and_grads(ids, segments, *model_settings):
+  """The converted weights under each of `model_settings` (tiny_cfg overrides) give the same loss and gradients."""
   params = nnx.to_pure_dict(nnx.state(converted(), nnx.Param))
   results = []
-  for remat in ('none', 'full'):
-    graphdef, state = nnx.split(load_params(abstract_model(tiny_cfg(remat=remat)), params))
-    # Without dropout: remat only changes the backward pass, and dropout's grad compile costs ~6 s on CPU.
+  for settings in model_settings:
+    graphdef, state = nnx.split(load_params(abstract_model(tiny_cfg(**settings)), params))
     results.append(jax.jit(jax.value_and_grad(_mean_loss, argnums=1), static_argnums=0)(
         graphdef, state, ids, segments, None))
-  (loss, grads), (loss_remat, grads_remat) = results
-  np.testing.assert_allclose(loss_remat, loss, rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads_remat, grads)
+  for loss, grads in results[1:]:
+    np.testing.assert_allclose(loss, results[0][0], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads, results[0][1])
 
 
 def test_layer_loop_scan_equals_unrolled():
   """model.layer_loop (parts.run_stack, shared by GPT, Llama, ViT, wav2vec2 and the encoder-decoder): XLA's while
   loop and the unrolled stack give the same loss and gradients."""
-  ids = jnp.asarray(random_ids((2, 12), seed=6))
-  params = nnx.to_pure_dict(nnx.state(converted(), nnx.Param))
-  results = []
-  for loop in ('scan', 'unrolled'):
-    graphdef, state = nnx.split(load_params(abstract_model(tiny_cfg(layer_loop=loop)), params))
-    results.append(jax.jit(jax.value_and_grad(_mean_loss, argnums=1), static_argnums=0)(
-        graphdef, state, ids, None, None))
-  np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), results[1][1], results[0][1])
+  assert_same_loss_and_grads(jnp.asarray(random_ids((2, 12), seed=6)), None, dict(layer_loop='scan'),
+                             dict(layer_loop='unrolled'))
 
 
 # ----- KV cache and generation -----
