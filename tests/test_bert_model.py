@@ -14,7 +14,7 @@ from jaxssl.config import load_config
 from jaxssl.errors import UserError
 from jaxssl.mesh import LOGICAL_AXIS_RULES, make_mesh
 from jaxssl.families import build_model, flops_per_token
-from jaxssl.models.layers import MultiHeadAttention
+from jaxssl.models.layers import MultiHeadAttention, describe_layer_loop
 
 V, B, L, P = 100, 4, 16, 5
 
@@ -146,6 +146,10 @@ def test_layer_loop_scan_equals_unrolled(subset):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), results[1][1], results[0][1])
   with pytest.raises(UserError, match="model.layer_loop='loop': use 'auto', 'scan' or 'unrolled'"):
     make(layer_loop='loop')
+  # What the banners say (the tests run on CPU); an imported checkpoint's section has no layer_loop: 'auto'.
+  assert describe_layer_loop({'scan_layers': True}) == 'layers unrolled (auto, cpu)'
+  assert describe_layer_loop({'scan_layers': True, 'layer_loop': 'scan'}) == 'layers in a loop'
+  assert describe_layer_loop({'scan_layers': False, 'layer_loop': 'auto'}) == describe_layer_loop({}) == ''
 
 
 @pytest.mark.parametrize('scan,remat', [(True, 'none'), (True, 'dots'), (False, 'full')])

@@ -74,7 +74,7 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
   return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x)).astype(x.dtype)
 
 
-def project(x: jax.Array, kernel: jax.Array, in_axes: int = 1, **dot_kw) -> jax.Array:
+def project(x: jax.Array, kernel: jax.Array, in_axes: int = 1) -> jax.Array:
   """x [..., *I] @ kernel [*I, *O] -> [..., *O]: contracts x's last `in_axes` axes with kernel's first, as one
   2-D matmul [prod(...), prod(I)] @ [prod(I), prod(O)].
 
@@ -86,8 +86,7 @@ def project(x: jax.Array, kernel: jax.Array, in_axes: int = 1, **dot_kw) -> jax.
   lead, ins, outs = x.shape[:x.ndim - in_axes], kernel.shape[:in_axes], kernel.shape[in_axes:]
   if x.shape[x.ndim - in_axes:] != ins:
     raise ValueError(f'project: x {x.shape} does not end in the kernel input axes {ins}')
-  y = jnp.matmul(x.reshape(math.prod(lead), math.prod(ins)), kernel.reshape(math.prod(ins), math.prod(outs)),
-                 **dot_kw)
+  y = jnp.matmul(x.reshape(math.prod(lead), math.prod(ins)), kernel.reshape(math.prod(ins), math.prod(outs)))
   return y.reshape(*lead, *outs)
 
 
@@ -252,10 +251,10 @@ def unroll_layers(layer_loop: str) -> bool:
 
 def describe_layer_loop(model_cfg) -> str:
   """What a banner says of a model section's layer loop, e.g. 'layers unrolled (auto, cpu)'; '' for a model
-  without stacked layers."""
-  if 'layer_loop' not in model_cfg or not model_cfg.get('scan_layers', True):
+  without stacked layers. A section without the key (an imported checkpoint, an older export) runs 'auto'."""
+  if not model_cfg.get('scan_layers', False):
     return ''
-  loop = model_cfg['layer_loop']
+  loop = model_cfg.get('layer_loop', 'auto')
   how = 'unrolled' if unroll_layers(loop) else 'in a loop'
   return f'layers {how}' + (f' (auto, {jax.default_backend()})' if loop == 'auto' else '')
 
