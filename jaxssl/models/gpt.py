@@ -260,13 +260,10 @@ class GPT(nnx.Module):
       return None
     return gemma.rotary_pair(c, positions) if gemma.uses_gemma_block(c) else rope_angles(c, positions)
 
-  def output_weights(self) -> jax.Array:
-    """The output projection [H, V] in the compute dtype (the token embeddings' transpose when tied)."""
-    c = self.config
+  def _lm_head_kernel(self) -> jax.Array:
+    """The untied lm_head kernel [H, V] in the compute dtype."""
     # Gathered along fsdp first (what FSDP does at every use anyway; see Embed.gathered); the vocab axis stays split.
-    if c.tie_embeddings:
-      return self.token_embeddings.gathered(c.compute_dtype).T
-    return constrain(self.lm_head.kernel[...], (None, 'vocab')).astype(c.compute_dtype)
+    return constrain(self.lm_head.kernel[...], (None, 'vocab')).astype(self.config.compute_dtype)
 
   def output_embedding(self) -> jax.Array:
     """The output projection vocabulary-major, [V, H] in the compute dtype (what models/lm_loss.py takes): the
@@ -274,13 +271,16 @@ class GPT(nnx.Module):
     c = self.config
     if c.tie_embeddings:
       return self.token_embeddings.gathered(c.compute_dtype)
-    return self.output_weights().T
+    return self._lm_head_kernel().T
 
   def _logits(self, x):
     c = self.config
-    # Against [V, H] (the table as stored when tied): its transpose made XLA:CPU copy the table at every decoding step.
-    logits = jnp.einsum('...h,vh->...v', x.astype(c.compute_dtype), self.output_embedding(),
-                        preferred_element_type=jnp.float32)
+    # Each weight as stored: a transposed one made XLA:CPU copy it whole at every decoding step.
+    if c.tie_embeddings:
+      logits = self.token_embeddings.attend(x, c.compute_dtype)
+    else:
+      logits = jnp.einsum('...h,hv->...v', x.astype(c.compute_dtype), self._lm_head_kernel(),
+                          preferred_element_type=jnp.float32)
     return vocab.mask_padding_logits(logits, c.num_token_ids)  # padding rows are never predicted
 
   def __call__(self, input_ids, *, segment_ids=None, positions=None, dropout_rng=None) -> jax.Array:

@@ -279,7 +279,8 @@ def _restore_or_init(config, setup, tx, checkpointer, say):
 def _compute_note(model_cfg) -> str:
   """The compute settings that change speed and memory, for the banner ('' for a family without them)."""
   shown = [f'{k} {model_cfg[k]}' for k in ('dtype', 'remat') if k in model_cfg]
-  shown += [s for s in [layers.describe_layer_loop(model_cfg)] if s]
+  if loop := layers.describe_layer_loop(model_cfg):
+    shown.append(loop)
   return ', '.join(shown) + ' | ' if shown else ''
 
 
