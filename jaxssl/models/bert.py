@@ -236,20 +236,24 @@ class BertForPretraining(nnx.Module):
       self.mlm_bias = make_param(rngs, zeros, (c.vocab_size,), ('vocab',))
 
   def encode(self, input_ids, token_type_ids, attention_mask, *, dropout_rng=None, return_hidden_states=False,
-             output_positions=None):
+             output_positions=None, position_ids=None, pool_positions=None):
     """[B, L] ints -> (sequence [B, L, H], pooled [B, H]) in the compute dtype. dropout_rng None = eval.
 
     With `return_hidden_states` (like HF `output_hidden_states=True`) also returns a tuple of num_layers + 1
     [B, L, H] arrays: the embedding output (after LayerNorm and dropout), then each layer's output.
     With `output_positions` [B, P] (first column 0, the [CLS] the pooler reads) the sequence is [B, P, H], the
     rows at those positions, and the last layer computes only them (BertEncoder).
+    Packed rows (train/packing.py): `attention_mask` holds each example's segment id, `position_ids` [B, L] restart
+    at each example, and `pool_positions` [E] (indices into the flattened [B * L]) are the [CLS] rows the pooler
+    reads: pooled is then [E, H], one row per example.
     """
     c = self.config
     seq_len = input_ids.shape[1]
     if seq_len > c.max_position:
       raise UserError(f'sequence length {seq_len} exceeds model.max_position={c.max_position}; '
                       'lower data.seq_len or raise model.max_position')
-    x = (self.word_embeddings(input_ids) + self.position_embeddings(jnp.arange(seq_len))[None]
+    positions = jnp.arange(seq_len)[None] if position_ids is None else position_ids
+    x = (self.word_embeddings(input_ids) + self.position_embeddings(positions)
          + self.token_type_embeddings(token_type_ids))
     x = self.embedding_norm(x)
     emb_key, enc_key = (None, None) if dropout_rng is None else (
@@ -261,7 +265,8 @@ class BertForPretraining(nnx.Module):
       hidden_states = (emb, *(layer_outputs[i] for i in range(c.num_layers)))
     else:
       x = self.encoder(x, attention_mask, enc_key, output_positions=output_positions)
-    pooled = jnp.tanh(self.pooler(x[:, 0]))
+    cls = x[:, 0] if pool_positions is None else x.reshape(-1, x.shape[-1])[pool_positions]
+    pooled = jnp.tanh(self.pooler(cls))
     return (x, pooled, hidden_states) if return_hidden_states else (x, pooled)
 
   def __call__(self, input_ids, token_type_ids, attention_mask, mlm_positions, *, dropout_rng=None):

@@ -174,6 +174,10 @@ class MultiHeadAttention(nnx.Module):
                explicit: bool = False, attend=None, query_positions: jax.Array | None = None) -> jax.Array:
     """x [B, L, H]; mask [B, L] (True/1 = real token). `explicit` forces the hand-written attention path.
 
+    The mask is read as segment ids: a real token attends only the tokens of its own id, so a packed row
+    (train/packing.py: ids 1, 2, ... per example) keeps its examples apart; padding (0) attends every real token.
+    A 0/1 mask is the plain key-padding mask.
+
     `attend(q, k, v, key_mask, dropout_rng) -> out` (q, k, v, out [B, L, N, D]; key_mask bool [B, L]) replaces
     the dense attention core, e.g. with Big Bird's block-sparse attention (models/attention.py); it applies
     its own probability dropout. The projections around it, and so the parameters, stay the same.
@@ -185,7 +189,10 @@ class MultiHeadAttention(nnx.Module):
     xq = x if query_positions is None else jnp.take_along_axis(x, query_positions[:, :, None], axis=1)
     q = self._project(xq, 'query')
     k, v = (self._project(x, n) for n in ('key', 'value'))
-    key_mask = mask.astype(bool)[:, None, None, :]  # [B, 1(heads), 1(queries), L(keys)]
+    ids = mask.astype(jnp.int32)
+    query_ids = ids if query_positions is None else jnp.take_along_axis(ids, query_positions, axis=1)
+    same = query_ids[:, None, :, None] == ids[:, None, None, :]
+    key_mask = (ids[:, None, None, :] != 0) & (same | (query_ids[:, None, :, None] == 0))  # [B, 1, Lq, L]
     use_dropout = dropout_rng is not None and self.attention_dropout_rate > 0.0
     if attend is not None:
       if query_positions is not None:
@@ -203,10 +210,8 @@ class MultiHeadAttention(nnx.Module):
       probs = dropout(probs, self.attention_dropout_rate, dropout_rng).astype(self.dtype)
       out = jnp.swapaxes(jnp.einsum('bnqk,bnkd->bnqd', probs, vh), 1, 2)
     else:
-      # Splash reads the key padding as segment ids: real tokens (1) attend real tokens; padding (0) attends
-      # padding, whose outputs nothing reads.
+      # Splash reads the segment ids itself: padding (0) attends padding there, whose outputs nothing reads.
       # A few query rows (query_positions) take the mask path: splash tiles want whole blocks of queries.
-      ids = mask.astype(jnp.int32)
       out = fused_attention.attend(q, k, v, implementation=self.implementation, mask=key_mask,
                                    segment_ids=(ids, ids) if query_positions is None else None)
     out = constrain(out.astype(self.dtype), ('batch', 'length', 'act_heads', 'kv'))

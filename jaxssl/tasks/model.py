@@ -16,6 +16,8 @@ from flax import nnx
 from jaxssl import tasks
 from jaxssl.errors import UserError
 
+PACKED_INPUTS = ('position_ids', 'pool_positions')  # a packed batch's body inputs (train/packing.py)
+
 
 class TaskModel(nnx.Module):
   """A pre-trained body (`self.body`, a model with `encode`, such as BertForPretraining) plus a task head.
@@ -42,11 +44,14 @@ class TaskModel(nnx.Module):
   def __call__(self, *inputs, dropout_rng=None, **head_inputs):
     """The kind's `input_keys` (text: input_ids, token_type_ids, attention_mask [B, L] ints; images: images
     [B, H, W, C]) → the kind's outputs. dropout_rng None = eval (no dropout). `head_inputs`: the kind's
-    `model_inputs` (qa: context_mask); None values are left out. Inputs may be passed by name."""
+    `model_inputs` (qa: context_mask); None values are left out. Inputs may be passed by name. A packed batch
+    (train/packing.py) adds `position_ids` and `pool_positions`, which go to the body: pooled outputs are then one
+    row per example, [E, ...]."""
     inputs = (*inputs, *(head_inputs.pop(k) for k in self.input_keys[len(inputs):] if k in head_inputs))
+    packed = {k: head_inputs.pop(k) for k in PACKED_INPUTS if head_inputs.get(k) is not None}
     body_key, head_key = (None, None) if dropout_rng is None else (
         jax.random.fold_in(dropout_rng, 0), jax.random.fold_in(dropout_rng, 1))
-    seq, pooled = self.body.encode(*inputs, dropout_rng=body_key)
+    seq, pooled = self.body.encode(*inputs, dropout_rng=body_key, **packed)
     extra = {k: v for k, v in head_inputs.items() if v is not None}
     attention_mask = dict(zip(self.input_keys, inputs)).get('attention_mask')  # none for images
     return self.head(seq, pooled, attention_mask, head_key, **extra)

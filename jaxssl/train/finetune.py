@@ -32,6 +32,7 @@ from jaxssl.train import checkpoint as ckpt_lib
 from jaxssl.train import length_buckets
 from jaxssl.train import metrics as writer_lib
 from jaxssl.train import nonfinite
+from jaxssl.train import packing
 from jaxssl.train import preemption
 from jaxssl.train import state as state_lib
 from jaxssl.train import step as step_lib
@@ -112,6 +113,7 @@ def check_config(config) -> None:
   if config.train.steps <= 0 or config.train.batch_size <= 0:
     raise UserError('train.steps and train.batch_size must be positive: fix them with --config.train.*')
   length_buckets.bucket_lengths(config.data.get('length_buckets', 'none'), config.data.seq_len)  # checked early
+  packing.check_setting(config.data.get('packing', 'none'))
   if config.train.batch_size % jax.process_count():
     raise UserError(f'train.batch_size={config.train.batch_size} must be a multiple of the process count')
   for key in ('log', 'eval', 'checkpoint'):
@@ -204,17 +206,18 @@ def restore_or_init(checkpointer, setup, tx, init_from: str, say):
   return state_lib.init_state(setup, tx, params), {'value': -np.inf, 'step': 0, 'metrics': {}}, False
 
 
-def make_train_step(setup, tx, schedule, kind, mesh, features: dict):
+def make_train_step(setup, tx, schedule, kind, mesh, features: dict, packed: bool = False):
   """(jitted `train_step(state, batch) -> (state, metrics)`, jitted `checkpoint_check(state, batch) -> (loss,
-  finite)`, the feature keys a batch holds).
+  finite)`, the feature keys a batch holds). `packed`: batches come from packing.pack.
 
   The check is what a checkpoint of `state` must pass before it is saved: the loss the next step computes from it
   on `batch` (the next step's batch and dropout key; forward only) and whether its params and moments are finite.
   """
+  model_keys = [*kind.model_inputs, *(packing.PACKED_INPUTS if packed else ())]
+
   def loss_fn(params, batch, key):
     model = nnx.merge(setup.graphdef, params)
-    outputs = model(*(batch[k] for k in kind.input_keys), dropout_rng=key,
-                    **{k: batch[k] for k in kind.model_inputs})
+    outputs = model(*(batch[k] for k in kind.input_keys), dropout_rng=key, **{k: batch[k] for k in model_keys})
     return task_loss(kind.name, outputs, batch)[0]
 
   def step_key(state):
@@ -232,9 +235,10 @@ def make_train_step(setup, tx, schedule, kind, mesh, features: dict):
                  'step': state['step'] + 1}
     return new_state, {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'learning_rate': schedule(state['step'])}
 
-  batch_keys = [*kind.input_keys, *kind.model_inputs, *kind.label_keys]
+  batch_keys = [*kind.input_keys, *model_keys, *kind.label_keys]
   shardings = state_lib.state_shardings(setup, tx)
-  batch_shardings = {k: mesh_lib.batch_sharding(mesh, features[k].ndim) for k in batch_keys}
+  batch_shardings = {k: mesh_lib.batch_sharding(mesh, features[k].ndim if k in features else packing.NDIMS[k])
+                     for k in batch_keys}
   replicated = NamedSharding(mesh, P())
   step = jax.jit(train_step, in_shardings=(shardings, batch_shardings), out_shardings=(shardings, replicated),
                  donate_argnums=0)
@@ -264,10 +268,13 @@ class DevEvaluation:
     return best
 
 
-def banner(config, body: Body, data: TaskData, mesh, start: int, workdir: str, buckets: tuple) -> str:
+def banner(config, body: Body, data: TaskData, mesh, start: int, workdir: str, buckets: tuple,
+           packed: bool = False) -> str:
   """The run's first line; `buckets` () for inputs without lengths to cut (images, audio)."""
   task, t = config.task, config.train
-  padding = f'batches padded to {"/".join(map(str, buckets))} | ' if len(buckets) > 1 else ''
+  lengths = "/".join(map(str, buckets))
+  padding = (f'examples packed into rows of {lengths} | ' if packed else
+             f'batches padded to {lengths} | ' if len(buckets) > 1 else '')
   loop = describe_layer_loop(body.model_cfg)
   padding += f'{loop} | ' if loop else ''
   return (f'jaxssl finetune: {task.name} ({task.kind}, {data.num_labels} label(s)) | body from {config.init_from} | '
@@ -304,13 +311,19 @@ def run_finetuning(config, workdir: str) -> dict:
   seq_len = config.data.seq_len
   buckets = length_buckets.bucket_lengths(config.data.get('length_buckets', 'none'), seq_len)
   lengths = length_buckets.real_lengths(data.train_features)
-  say(banner(config, body, data, mesh, start, workdir, buckets if lengths is not None else ()), flush=True)
+  packed = lengths is not None and packing.packs(config.data.get('packing', 'none'), data.kind, body.model_cfg)
+  say(banner(config, body, data, mesh, start, workdir, buckets if lengths is not None else (), packed), flush=True)
   train_step, checkpoint_check, batch_keys = make_train_step(setup, tx, schedule, data.kind, mesh,
-                                                             data.train_features)
+                                                             data.train_features, packed)
+  row_multiple = packing.row_multiple(t.batch_size, mesh_lib.batch_divisor(mesh), jax.process_count())
 
-  def batch_at(step):  # the global batch of `step`: a function of (seed, step), cut to its length bucket
+  def batch_at(step):  # the global batch of `step`: a function of (seed, step), cut to its length bucket or packed
     rows = batch_indices(step, t.batch_size, data.num_train_examples, t.seed)
     length = length_buckets.batch_length(lengths, rows, buckets)
+    if packed:  # every process packs every process's share (the same row count on all), keeps its own
+      shares = np.split(rows, jax.process_count())
+      local = packing.pack(data.train_features, shares, lengths, length, row_multiple, batch_keys)
+      return mesh_lib.global_batch(local[jax.process_index()], mesh)
     local = {k: data.train_features[k][local_rows(rows)] for k in batch_keys}
     return mesh_lib.global_batch(length_buckets.cut(local, length, seq_len), mesh)
 

@@ -1,0 +1,100 @@
+"""Fine-tuning batches of sentence-level tasks packed: several short examples share one row.
+
+Tweets and GLUE sentences average 20-40 pieces. Length buckets (length_buckets.py) cut a batch to the bucket of
+its longest example, so every short example still fills a whole row of that length. Packing lays a batch's
+examples end to end instead ([CLS] a [SEP] [CLS] b [SEP] ...; first-fit, longest first) into `rows` rows of the
+bucket length, `rows` the smallest multiple of a few that holds them: about the batch's real tokens, not its
+longest example times its size.
+
+A packed row tells the model where its examples are:
+  attention_mask   [R, L]: each example's tokens carry its own id 1, 2, ... in the row (0 = padding); a token
+                   attends only the tokens of its example (MultiHeadAttention reads the mask as segment ids)
+  position_ids     [R, L]: positions restart at 0 at each example's [CLS]
+  pool_positions   [E]: where each example's [CLS] is, as an index into the flattened [R * L] batch; the
+                   pooler reads these rows, so the head gives [E, classes] logits in the batch's example order
+and `labels` (and any per-example key) stay [E]. Outputs, loss and gradients equal the padded computation's
+(tests/test_packing.py; up to float summation order); dropout draws its masks for the packed shape.
+
+`data.packing`: 'auto' packs the kinds whose head reads only the pooled [CLS] vector of a text (classification,
+pair, regression) on a BERT-family body with full attention; 'none' never packs. Dev and evaluate batches are
+not packed: they go shortest first, so their buckets already fit them.
+"""
+import numpy as np
+
+from jaxssl.errors import UserError
+from jaxssl.tasks.base import INPUT_KEYS
+from jaxssl.tasks.model import PACKED_INPUTS
+
+SETTINGS = ('auto', 'none')
+ROW_STEPS = 8  # the row count is a multiple of batch_size / ROW_STEPS (rounded to the batch divisor): few shapes
+
+
+NDIMS = {'position_ids': 2, 'pool_positions': 1}  # of PACKED_INPUTS
+
+
+def check_setting(setting) -> str:
+  """`data.packing` lower-cased; UserError unless auto or none."""
+  text = str(setting).strip().lower()
+  if text not in SETTINGS:
+    raise UserError(f'data.packing={setting!r}: use auto (pack sentence-level text tasks) or none')
+  return text
+
+
+def packs(setting, kind, model_cfg) -> bool:
+  """Whether fine-tuning packs its batches: `data.packing` (auto | none) for task kind `kind` and the body."""
+  text = check_setting(setting)
+  pooled_text = tuple(kind.input_keys) == INPUT_KEYS and not kind.token_outputs and not kind.model_inputs
+  bert_body = model_cfg.get('name', 'bert') == 'bert' and model_cfg.get('attention_type', 'full') == 'full'
+  return text == 'auto' and pooled_text and bert_body
+
+
+def row_multiple(batch_size: int, divisor: int, processes: int) -> int:
+  """The packed row count is a multiple of this: batch_size / ROW_STEPS, rounded up to a multiple of the batch
+  shards (`divisor`) and of the processes (each packs its own examples into the same number of rows)."""
+  unit = int(np.lcm(divisor, processes))
+  return -(-max(batch_size // ROW_STEPS, 1) // unit) * unit
+
+
+def first_fit(lengths: np.ndarray, row_len: int) -> list[list[int]]:
+  """Example indices per row: longest first, each into the first row with room (first-fit decreasing)."""
+  rows, room = [], []
+  for i in np.argsort(-lengths, kind='stable'):
+    n = int(lengths[i])
+    slot = next((r for r, free in enumerate(room) if free >= n), None)
+    if slot is None:
+      rows.append([]), room.append(row_len)
+      slot = len(rows) - 1
+    rows[slot].append(int(i))
+    room[slot] -= n
+  return rows
+
+
+def pack(features: dict, examples: list[np.ndarray], lengths: np.ndarray, row_len: int, multiple: int,
+         keys) -> list[dict]:
+  """Each process's examples (`examples[p]`: row indices into `features`) packed into rows of `row_len`, every
+  process the same number of rows (a multiple of `multiple`, over all processes); `keys` the batch's keys.
+  Returns one local batch per process, its pool_positions indexing the global [R * row_len] batch. Padding holds
+  token id 0: no example attends it and nothing reads it."""
+  layouts = [first_fit(lengths[ex], row_len) for ex in examples]
+  per_process = multiple // len(examples)
+  rows = -(-max(len(layout) for layout in layouts) // per_process) * per_process
+  batches = []
+  for p, (ex, layout) in enumerate(zip(examples, layouts)):
+    ids, types = (np.zeros((rows, row_len), features[k].dtype) for k in ('input_ids', 'token_type_ids'))
+    segments, positions = np.zeros((rows, row_len), np.int32), np.zeros((rows, row_len), np.int32)
+    pool = np.zeros(len(ex), np.int32)
+    for r, members in enumerate(layout):
+      at = 0
+      for segment, i in enumerate(members, start=1):
+        n, src = int(lengths[ex[i]]), ex[i]
+        ids[r, at:at + n] = features['input_ids'][src, :n]
+        types[r, at:at + n] = features['token_type_ids'][src, :n]
+        segments[r, at:at + n] = segment
+        positions[r, at:at + n] = np.arange(n)
+        pool[i] = (p * rows + r) * row_len + at
+        at += n
+    batch = {k: features[k][ex] for k in keys if k in features and k not in INPUT_KEYS}
+    batch.update(input_ids=ids, token_type_ids=types, attention_mask=segments, position_ids=positions,
+                 pool_positions=pool)
+    batches.append(batch)
+  return batches

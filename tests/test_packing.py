@@ -1,0 +1,113 @@
+"""Packed fine-tuning batches (train/packing.py) compute what the padded batches compute: the same logits per
+example, loss and gradients; the packing places every example once, whole, inside its row; and the job packs
+where `data.packing=auto` says so."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxssl import mesh as mesh_lib
+from jaxssl import tasks
+from jaxssl.errors import UserError
+from jaxssl.tasks.model import task_loss
+from jaxssl.train import finetune, packing
+from test_heads import NUM_LABELS, V, tiny_cfg
+
+L = 32
+
+
+def pair_batch(n=8, seed=0):
+  """`n` [CLS] a [SEP] b [SEP]-like rows of lengths 3..15 padded to L, token types 0 then 1, labels 0..2."""
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(3, 16, n)
+  mask = (np.arange(L)[None] < lengths[:, None]).astype(np.int32)
+  types = ((np.arange(L)[None] >= lengths[:, None] // 2) * mask).astype(np.int32)
+  return dict(input_ids=(rng.integers(1, V, (n, L)) * mask).astype(np.int32), token_type_ids=types,
+              attention_mask=mask, labels=rng.integers(0, 3, n).astype(np.int32))
+
+
+def test_first_fit_places_every_example_once_within_its_row():
+  lengths = np.array([9, 3, 14, 7, 7, 2, 16, 5])
+  layout = packing.first_fit(lengths, 16)
+  assert sorted(i for row in layout for i in row) == list(range(8))
+  assert all(sum(lengths[row]) <= 16 for row in layout)
+  assert layout == [[6], [2, 5], [0, 3], [4, 7, 1]]  # 63 tokens in 4 rows of 16: longest first, first fit
+
+
+def test_pack_lays_examples_end_to_end_with_their_own_ids_positions_and_cls():
+  b = pair_batch()
+  lengths = b['attention_mask'].sum(1)
+  (packed,) = packing.pack(b, [np.arange(8)], lengths, 24, 2, ['input_ids', 'token_type_ids', 'attention_mask',
+                                                                'position_ids', 'pool_positions', 'labels'])
+  rows = packed['input_ids'].shape[0]
+  assert rows % 2 == 0 and rows < 8 and packed['input_ids'].shape[1] == 24
+  np.testing.assert_array_equal(packed['labels'], b['labels'])
+  flat = {k: packed[k].reshape(-1) for k in ('input_ids', 'token_type_ids', 'attention_mask', 'position_ids')}
+  for i, at in enumerate(packed['pool_positions']):
+    n = lengths[i]
+    np.testing.assert_array_equal(flat['input_ids'][at:at + n], b['input_ids'][i, :n])
+    np.testing.assert_array_equal(flat['token_type_ids'][at:at + n], b['token_type_ids'][i, :n])
+    np.testing.assert_array_equal(flat['position_ids'][at:at + n], np.arange(n))
+    segment = flat['attention_mask'][at]
+    assert segment > 0 and (flat['attention_mask'][at:at + n] == segment).all()
+    assert at // 24 == (at + n - 1) // 24  # whole, inside one row
+  assert (packed['attention_mask'] > 0).sum() == lengths.sum()
+
+
+def test_each_process_packs_its_share_into_as_many_rows_indexing_the_global_batch():
+  b = pair_batch(n=8, seed=1)
+  lengths = b['attention_mask'].sum(1)
+  shares = np.split(np.arange(8), 2)
+  keys = ['input_ids', 'token_type_ids', 'attention_mask', 'labels']
+  first, second = packing.pack(b, shares, lengths, 16, 2, keys)
+  rows = first['input_ids'].shape[0]
+  assert second['input_ids'].shape[0] == rows
+  global_ids = np.concatenate([first['input_ids'], second['input_ids']]).reshape(-1)
+  for part, share in ((first, shares[0]), (second, shares[1])):
+    for at, i in zip(part['pool_positions'], share):
+      np.testing.assert_array_equal(global_ids[at:at + lengths[i]], b['input_ids'][i, :lengths[i]])
+
+
+def test_row_multiple_and_settings():
+  assert packing.row_multiple(32, 1, 1) == 4
+  assert packing.row_multiple(32, 8, 1) == 8
+  assert packing.row_multiple(4, 1, 2) == 2
+  classification, tagging = tasks.get('classification'), tasks.get('tagging')
+  bert = ml_collections.ConfigDict(dict(name='bert', attention_type='full'))
+  assert packing.packs('auto', classification, bert) and packing.packs('auto', tasks.get('pair'), bert)
+  assert not packing.packs('none', classification, bert)
+  assert not packing.packs('auto', tagging, bert) and not packing.packs('auto', tasks.get('qa'), bert)
+  assert not packing.packs('auto', classification, ml_collections.ConfigDict(dict(name='bert',
+                                                                                 attention_type='block_sparse')))
+  with pytest.raises(UserError, match='data.packing=.*use auto .* or none'):
+    packing.check_setting('yes')
+
+
+@pytest.mark.parametrize('kind', ['pair', 'regression'])
+def test_packed_batches_give_the_padded_logits_loss_and_gradients(kind):
+  setup = finetune.task_model_setup(tiny_cfg(), V, kind, NUM_LABELS.get(kind, 1), mesh_lib.make_mesh((-1, 1, 1)))
+  params = finetune.state_lib.init_params(setup)
+  task = tasks.get(kind)
+  padded = pair_batch()
+  if kind == 'regression':
+    padded['labels'] = padded['labels'].astype(np.float32) / 2
+  keys = [*task.input_keys, 'labels']
+  (packed,) = packing.pack(padded, [np.arange(8)], padded['attention_mask'].sum(1), L, 2, keys)
+  assert packed['input_ids'].shape[0] < 8  # really packed: several examples share rows
+
+  @jax.jit
+  def outputs_loss_grads(params, b):
+    def loss(params):
+      model = nnx.merge(setup.graphdef, params)
+      out = model(*(b[k] for k in task.input_keys), **{k: b[k] for k in packing.PACKED_INPUTS if k in b})
+      return task_loss(kind, out, b)[0], out
+    (value, out), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    return out, value, grads
+
+  out_padded, loss_padded, grads_padded = outputs_loss_grads(params, {k: jnp.asarray(v) for k, v in padded.items()})
+  out_packed, loss_packed, grads_packed = outputs_loss_grads(params, {k: jnp.asarray(v) for k, v in packed.items()})
+  np.testing.assert_allclose(out_packed, out_padded, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(loss_packed, loss_padded, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads_packed, grads_padded)
