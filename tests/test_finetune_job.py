@@ -193,6 +193,34 @@ def test_pair_learns(pair_run):
   assert best_dev(pair_run)['metrics']['accuracy'] > 0.9
 
 
+def test_packed_batches_train_alike_on_one_process_and_two(export_dir, tmp_path):
+  """Pairs are packed (data.packing=auto, the banner says so), and the same run as 2 processes
+  (tpu/local_pod.py) logs the same losses: every process packs the global batch alike and feeds its share."""
+  write_sentiment(tmp_path / 'train.tsv', 64, 5, pair=True)
+  write_sentiment(tmp_path / 'dev.tsv', 16, 6, pair=True)
+  args = ['--config.train.steps=12', '--config.log.every_steps=4', '--config.eval.every_steps=12',
+          '--config.checkpoint.every_steps=12']
+  one = run_finetune('pair', export_dir, tmp_path / 'one', tmp_path / 'train.tsv', tmp_path / 'dev.tsv', *args)
+  assert one.returncode == 0, one.stderr[-3000:]
+  assert 'examples packed into rows of' in one.stdout
+  cmd = [sys.executable, os.path.join(ROOT, 'tpu', 'local_pod.py'), '--processes', '2', '--devices-per-process', '1',
+         '--', sys.executable, '-m', 'jaxssl.finetune', '--config', 'configs/finetune.py:pair',
+         f'--config.init_from={export_dir}', f'--config.task.train={tmp_path / "train.tsv"}',
+         f'--config.task.dev={tmp_path / "dev.tsv"}', '--config.data.seq_len=24', '--config.train.batch_size=16',
+         '--config.train.learning_rate=1e-3', '--config.train.warmup_steps=10', *args, '--workdir',
+         str(tmp_path / 'two')]
+  two = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=600)
+  assert two.returncode == 0, two.stderr[-3000:]
+
+  def losses(workdir):
+    with open(workdir / 'metrics.jsonl') as f:
+      return {r['step']: r['loss'] for r in map(json.loads, f) if 'loss' in r}
+  expected, got = losses(tmp_path / 'one'), losses(tmp_path / 'two')
+  assert sorted(got) == sorted(expected) == [4, 8, 12]
+  for step in expected:
+    assert abs(got[step] - expected[step]) <= 1e-5 * abs(expected[step]), (step, got, expected)
+
+
 def test_pos_tagging_learns_and_reports_token_accuracy_only(tagging_run):
   best = best_dev(tagging_run)
   assert set(best['metrics']) == {'token_accuracy'} and best['metrics']['token_accuracy'] > 0.9, best

@@ -39,8 +39,8 @@ def test_first_fit_places_every_example_once_within_its_row():
 def test_pack_lays_examples_end_to_end_with_their_own_ids_positions_and_cls():
   b = pair_batch()
   lengths = b['attention_mask'].sum(1)
-  (packed,) = packing.pack(b, [np.arange(8)], lengths, 24, 2, ['input_ids', 'token_type_ids', 'attention_mask',
-                                                                'position_ids', 'pool_positions', 'labels'])
+  packed = packing.pack(b, np.arange(8), lengths, 24, 2, ['input_ids', 'token_type_ids', 'attention_mask',
+                                                          'position_ids', 'pool_positions', 'labels'])
   rows = packed['input_ids'].shape[0]
   assert rows % 2 == 0 and rows < 8 and packed['input_ids'].shape[1] == 24
   np.testing.assert_array_equal(packed['labels'], b['labels'])
@@ -56,18 +56,14 @@ def test_pack_lays_examples_end_to_end_with_their_own_ids_positions_and_cls():
   assert (packed['attention_mask'] > 0).sum() == lengths.sum()
 
 
-def test_each_process_packs_its_share_into_as_many_rows_indexing_the_global_batch():
+def test_processes_feed_equal_shares_of_one_global_batch():
   b = pair_batch(n=8, seed=1)
-  lengths = b['attention_mask'].sum(1)
-  shares = np.split(np.arange(8), 2)
-  keys = ['input_ids', 'token_type_ids', 'attention_mask', 'labels']
-  first, second = packing.pack(b, shares, lengths, 16, 2, keys)
-  rows = first['input_ids'].shape[0]
-  assert second['input_ids'].shape[0] == rows
-  global_ids = np.concatenate([first['input_ids'], second['input_ids']]).reshape(-1)
-  for part, share in ((first, shares[0]), (second, shares[1])):
-    for at, i in zip(part['pool_positions'], share):
-      np.testing.assert_array_equal(global_ids[at:at + lengths[i]], b['input_ids'][i, :lengths[i]])
+  whole = packing.pack(b, np.arange(8), b['attention_mask'].sum(1), 16, 2,
+                       ['input_ids', 'token_type_ids', 'attention_mask', 'labels'])
+  first, second = (packing.share(whole, p, 2) for p in (0, 1))
+  assert first['input_ids'].shape == second['input_ids'].shape and first['labels'].shape == (4,)
+  for k, v in whole.items():
+    np.testing.assert_array_equal(np.concatenate([first[k], second[k]]), v)
 
 
 def test_row_multiple_and_settings():
@@ -94,7 +90,7 @@ def test_packed_batches_give_the_padded_logits_loss_and_gradients(kind):
   if kind == 'regression':
     padded['labels'] = padded['labels'].astype(np.float32) / 2
   keys = [*task.input_keys, 'labels']
-  (packed,) = packing.pack(padded, [np.arange(8)], padded['attention_mask'].sum(1), L, 2, keys)
+  packed = packing.pack(padded, np.arange(8), padded['attention_mask'].sum(1), L, 2, keys)
   assert packed['input_ids'].shape[0] < 8  # really packed: several examples share rows
 
   @jax.jit

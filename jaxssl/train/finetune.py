@@ -320,10 +320,9 @@ def run_finetuning(config, workdir: str) -> dict:
   def batch_at(step):  # the global batch of `step`: a function of (seed, step), cut to its length bucket or packed
     rows = batch_indices(step, t.batch_size, data.num_train_examples, t.seed)
     length = length_buckets.batch_length(lengths, rows, buckets)
-    if packed:  # every process packs every process's share (the same row count on all), keeps its own
-      shares = np.split(rows, jax.process_count())
-      local = packing.pack(data.train_features, shares, lengths, length, row_multiple, batch_keys)
-      return mesh_lib.global_batch(local[jax.process_index()], mesh)
+    if packed:  # every process packs the whole batch the same way and feeds its share
+      whole = packing.pack(data.train_features, rows, lengths, length, row_multiple, batch_keys)
+      return mesh_lib.global_batch(packing.share(whole, jax.process_index(), jax.process_count()), mesh)
     local = {k: data.train_features[k][local_rows(rows)] for k in batch_keys}
     return mesh_lib.global_batch(length_buckets.cut(local, length, seq_len), mesh)
 

@@ -50,7 +50,7 @@ def packs(setting, kind, model_cfg) -> bool:
 
 def row_multiple(batch_size: int, divisor: int, processes: int) -> int:
   """The packed row count is a multiple of this: batch_size / ROW_STEPS, rounded up to a multiple of the batch
-  shards (`divisor`) and of the processes (each packs its own examples into the same number of rows)."""
+  shards (`divisor`) and of the processes (each feeds an equal share of the rows)."""
   unit = int(np.lcm(divisor, processes))
   return -(-max(batch_size // ROW_STEPS, 1) // unit) * unit
 
@@ -69,32 +69,32 @@ def first_fit(lengths: np.ndarray, row_len: int) -> list[list[int]]:
   return rows
 
 
-def pack(features: dict, examples: list[np.ndarray], lengths: np.ndarray, row_len: int, multiple: int,
-         keys) -> list[dict]:
-  """Each process's examples (`examples[p]`: row indices into `features`) packed into rows of `row_len`, every
-  process the same number of rows (a multiple of `multiple`, over all processes); `keys` the batch's keys.
-  Returns one local batch per process, its pool_positions indexing the global [R * row_len] batch. Padding holds
-  token id 0: no example attends it and nothing reads it."""
-  layouts = [first_fit(lengths[ex], row_len) for ex in examples]
-  per_process = multiple // len(examples)
-  rows = -(-max(len(layout) for layout in layouts) // per_process) * per_process
-  batches = []
-  for p, (ex, layout) in enumerate(zip(examples, layouts)):
-    ids, types = (np.zeros((rows, row_len), features[k].dtype) for k in ('input_ids', 'token_type_ids'))
-    segments, positions = np.zeros((rows, row_len), np.int32), np.zeros((rows, row_len), np.int32)
-    pool = np.zeros(len(ex), np.int32)
-    for r, members in enumerate(layout):
-      at = 0
-      for segment, i in enumerate(members, start=1):
-        n, src = int(lengths[ex[i]]), ex[i]
-        ids[r, at:at + n] = features['input_ids'][src, :n]
-        types[r, at:at + n] = features['token_type_ids'][src, :n]
-        segments[r, at:at + n] = segment
-        positions[r, at:at + n] = np.arange(n)
-        pool[i] = (p * rows + r) * row_len + at
-        at += n
-    batch = {k: features[k][ex] for k in keys if k in features and k not in INPUT_KEYS}
-    batch.update(input_ids=ids, token_type_ids=types, attention_mask=segments, position_ids=positions,
-                 pool_positions=pool)
-    batches.append(batch)
-  return batches
+def pack(features: dict, examples: np.ndarray, lengths: np.ndarray, row_len: int, multiple: int, keys) -> dict:
+  """The global batch of `examples` (row indices into `features`) packed into rows of `row_len`, as many rows as
+  a multiple of `multiple` holds; `keys` the batch's keys. Every process builds the same global batch and feeds
+  its share (`share`), so the batch, and with it every dropout mask, is the same on any number of processes.
+  Padding holds token id 0: no example attends it and nothing reads it."""
+  layout = first_fit(lengths[examples], row_len)
+  rows = -(-len(layout) // multiple) * multiple
+  ids, types = (np.zeros((rows, row_len), features[k].dtype) for k in ('input_ids', 'token_type_ids'))
+  segments, positions = np.zeros((rows, row_len), np.int32), np.zeros((rows, row_len), np.int32)
+  pool = np.zeros(len(examples), np.int32)
+  for r, members in enumerate(layout):
+    at = 0
+    for segment, i in enumerate(members, start=1):
+      n, src = int(lengths[examples[i]]), examples[i]
+      ids[r, at:at + n] = features['input_ids'][src, :n]
+      types[r, at:at + n] = features['token_type_ids'][src, :n]
+      segments[r, at:at + n] = segment
+      positions[r, at:at + n] = np.arange(n)
+      pool[i] = r * row_len + at
+      at += n
+  batch = {k: features[k][examples] for k in keys if k in features and k not in INPUT_KEYS}
+  batch.update(input_ids=ids, token_type_ids=types, attention_mask=segments, position_ids=positions,
+               pool_positions=pool)
+  return batch
+
+
+def share(batch: dict, process_index: int, process_count: int) -> dict:
+  """This process's contiguous share of a packed global batch: its part of the rows and of the examples."""
+  return {k: np.split(v, process_count)[process_index] for k, v in batch.items()}
