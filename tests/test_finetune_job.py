@@ -202,7 +202,7 @@ def test_packed_batches_train_alike_on_one_process_and_two(export_dir, tmp_path)
           '--config.checkpoint.every_steps=12']
   one = run_finetune('pair', export_dir, tmp_path / 'one', tmp_path / 'train.tsv', tmp_path / 'dev.tsv', *args)
   assert one.returncode == 0, one.stderr[-3000:]
-  assert 'examples packed into rows of' in one.stdout
+  assert 'training examples packed into rows of 24' in one.stdout
   cmd = [sys.executable, os.path.join(ROOT, 'tpu', 'local_pod.py'), '--processes', '2', '--devices-per-process', '1',
          '--', sys.executable, '-m', 'jaxssl.finetune', '--config', 'configs/finetune.py:pair',
          f'--config.init_from={export_dir}', f'--config.task.train={tmp_path / "train.tsv"}',

@@ -67,7 +67,7 @@ def test_processes_feed_equal_shares_of_one_global_batch():
 
 
 def test_row_multiple_and_settings():
-  assert packing.row_multiple(32, 1, 1) == 4
+  assert packing.row_multiple(32, 1, 1) == 2
   assert packing.row_multiple(32, 8, 1) == 8
   assert packing.row_multiple(4, 1, 2) == 2
   classification, tagging = tasks.get('classification'), tasks.get('tagging')

@@ -273,8 +273,8 @@ def banner(config, body: Body, data: TaskData, mesh, start: int, workdir: str, b
   """The run's first line; `buckets` () for inputs without lengths to cut (images, audio)."""
   task, t = config.task, config.train
   lengths = "/".join(map(str, buckets))
-  padding = (f'examples packed into rows of {lengths} | ' if packed else
-             f'batches padded to {lengths} | ' if len(buckets) > 1 else '')
+  padding = (f'training examples packed into rows of {config.data.seq_len}, dev batches padded to {lengths} | '
+             if packed else f'batches padded to {lengths} | ' if len(buckets) > 1 else '')
   loop = describe_layer_loop(body.model_cfg)
   padding += f'{loop} | ' if loop else ''
   return (f'jaxssl finetune: {task.name} ({task.kind}, {data.num_labels} label(s)) | body from {config.init_from} | '
@@ -317,12 +317,12 @@ def run_finetuning(config, workdir: str) -> dict:
                                                              data.train_features, packed)
   row_multiple = packing.row_multiple(t.batch_size, mesh_lib.batch_divisor(mesh), jax.process_count())
 
-  def batch_at(step):  # the global batch of `step`: a function of (seed, step), cut to its length bucket or packed
+  def batch_at(step):  # the global batch of `step`: a function of (seed, step), packed or cut to its length bucket
     rows = batch_indices(step, t.batch_size, data.num_train_examples, t.seed)
-    length = length_buckets.batch_length(lengths, rows, buckets)
     if packed:  # every process packs the whole batch the same way and feeds its share
-      whole = packing.pack(data.train_features, rows, lengths, length, row_multiple, batch_keys)
+      whole = packing.pack(data.train_features, rows, lengths, seq_len, row_multiple, batch_keys)
       return mesh_lib.global_batch(packing.share(whole, jax.process_index(), jax.process_count()), mesh)
+    length = length_buckets.batch_length(lengths, rows, buckets)
     local = {k: data.train_features[k][local_rows(rows)] for k in batch_keys}
     return mesh_lib.global_batch(length_buckets.cut(local, length, seq_len), mesh)
 
