@@ -59,14 +59,15 @@ def row_multiple(batch_size: int, divisor: int, processes: int) -> int:
 
 
 def first_fit(lengths: np.ndarray, row_len: int) -> list[list[int]]:
-  """Example indices per row: longest first, each into the first row with room (first-fit decreasing)."""
-  rows, room = [], []
+  """Example indices per row: longest first, each into the first row with room (first-fit decreasing). The search
+  for a row is one numpy scan per example: a pod's global batch of thousands packs in milliseconds."""
+  room = np.full(len(lengths) + 1, row_len)  # never more rows than examples; row `used` is always empty
+  rows: list[list[int]] = []
   for i in np.argsort(-lengths, kind='stable'):
     n = int(lengths[i])
-    slot = next((r for r, free in enumerate(room) if free >= n), None)
-    if slot is None:
-      rows.append([]), room.append(row_len)
-      slot = len(rows) - 1
+    slot = int(np.argmax(room[:len(rows) + 1] >= n))  # the empty row fits any example: argmax finds a True
+    if slot == len(rows):
+      rows.append([])
     rows[slot].append(int(i))
     room[slot] -= n
   return rows
