@@ -30,8 +30,6 @@ from jaxssl.tasks.model import PACKED_INPUTS
 
 SETTINGS = ('auto', 'none')
 ROW_STEPS = 16  # the row count is a multiple of batch_size / ROW_STEPS (rounded to the batch divisor): few shapes
-
-
 NDIMS = {'position_ids': 2, 'pool_positions': 1}  # of PACKED_INPUTS
 
 
@@ -61,7 +59,7 @@ def row_multiple(batch_size: int, divisor: int, processes: int) -> int:
 def first_fit(lengths: np.ndarray, row_len: int) -> list[list[int]]:
   """Example indices per row: longest first, each into the first row with room (first-fit decreasing). The search
   for a row is one numpy scan per example: a pod's global batch of thousands packs in milliseconds."""
-  room = np.full(len(lengths) + 1, row_len)  # never more rows than examples; row `used` is always empty
+  room = np.full(len(lengths) + 1, row_len)  # never more rows than examples; row len(rows) is always empty
   rows: list[list[int]] = []
   for i in np.argsort(-lengths, kind='stable'):
     n = int(lengths[i])
