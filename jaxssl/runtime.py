@@ -99,7 +99,11 @@ def keep_host_memory_mapped() -> bool:
   execution and frees it at the end. glibc serves such sizes with a fresh mmap each time, so every step page-faulted
   the whole scratch back in and the kernel zeroed it again: 450k faults and ~1.2 s of system time per BERT-base
   step on a 2-core host, 12% of the process's CPU time under `perf`. With one arena, no mmap and no trimming, the
-  freed pages stay mapped and the next step reuses them. Must run before XLA starts its threads (each thread would
+  freed pages stay mapped and the next step reuses them. Trimming is off altogether, not only above some size: a
+  step's scratch is sometimes allocated before the previous step's is freed (the free runs on XLA's thread after the
+  outputs are ready), so the heap holds two or three steps' scratch at its high-water mark; any finite threshold
+  (2 GB was one) gave those pages back and each later step page-faulted 1.9 GB in again (BERT-base: 160 tokens/s
+  instead of 320 in those steps). Must run before XLA starts its threads (each thread would
   otherwise get an arena of its own, whose large blocks are always mmapped), so `import jaxssl` does it on XLA:CPU
   hosts, before numpy or jax start any. JAXSSL_KEEP_HOST_MEMORY=0 turns it off.
   """
@@ -110,7 +114,8 @@ def keep_host_memory_mapped() -> bool:
   except (OSError, AttributeError):  # not glibc (musl has no mallopt)
     return False
   m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
-  return bool(mallopt(m_arena_max, 1) and mallopt(m_mmap_max, 0) and mallopt(m_trim_threshold, 2**31 - 1))
+  never = -1  # glibc: 'setting M_TRIM_THRESHOLD to -1 disables trimming completely' (mallopt(3))
+  return bool(mallopt(m_arena_max, 1) and mallopt(m_mmap_max, 0) and mallopt(m_trim_threshold, never))
 
 
 def setup(args=None) -> None:

@@ -96,3 +96,30 @@ def test_xla_cpu_scratch_reuses_mapped_memory(keep):
     assert faults < pages // 2, f'{faults} page faults per run: the scratch is mapped afresh each time'
   else:
     assert faults > pages * 9 // 10, f'{faults} page faults per run: the control should fault the scratch in'
+
+
+_HEAP_TOP_AFTER_FREE = r'''
+import jaxssl  # applies the host memory setting on XLA:CPU hosts
+import ctypes
+libc = ctypes.CDLL(None)
+libc.malloc.restype = libc.sbrk.restype = ctypes.c_void_p
+libc.malloc.argtypes, libc.free.argtypes, libc.sbrk.argtypes = [ctypes.c_size_t], [ctypes.c_void_p], [ctypes.c_long]
+block = libc.malloc(3 * 2**30)  # address space only: nothing touches it, so no page is faulted in
+assert block, 'malloc failed'
+grown = libc.sbrk(0)
+libc.free(block)
+print(grown - libc.sbrk(0))
+'''
+
+
+def test_host_heap_is_never_given_back():
+  """A 3 GB block freed stays in the heap (glibc would give a top of more than any finite threshold back): a
+  later step's scratch that lands there is not page-faulted in again (runtime.keep_host_memory_mapped)."""
+  import os
+  import subprocess
+  import sys
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  result = subprocess.run([sys.executable, '-c', _HEAP_TOP_AFTER_FREE], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert int(result.stdout.split()[-1]) == 0, f'the heap shrank by {result.stdout.split()[-1]} bytes after free'
