@@ -165,3 +165,23 @@ def test_user_files_go_through_storage(module):
   code = '\n'.join(line.split('#', 1)[0] for line in source.splitlines())
   if module not in LOCAL_FILE_MODULES:
     assert not _LOCAL_FILE_CALL.search(code), f'{module}: use jaxssl.storage (or list it in LOCAL_FILE_MODULES)'
+
+
+_GENERATE_JOB_IMPORTS = r'''
+import sys
+from jaxssl import families, generate
+families.family_for({'name': 'gpt'})
+from jaxssl.train import checkpoint
+print(' '.join(sorted(m for m in sys.modules if m.startswith(('jaxssl.families.', 'tensorflow_datasets', 'PIL')))))
+'''
+
+
+def test_a_job_imports_only_its_family():
+  """A family's module (and its data pipeline's libraries) loads when the family is first asked for: the generate
+  job's start does not pay for TFDS, the image and audio families (BENCHMARKS.md §17)."""
+  import subprocess
+  import sys
+  result = subprocess.run([sys.executable, '-c', _GENERATE_JOB_IMPORTS], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.split() == ['jaxssl.families.family', 'jaxssl.families.gpt'], result.stdout
