@@ -18,7 +18,6 @@ pairs that cross a document boundary or touch padding. Generation: `init_cache` 
 to a KV cache (num_kv_heads heads); `generation.generate` runs prefill + one-token decode steps under one jit.
 """
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +26,8 @@ from flax import nnx
 from jaxssl.errors import UserError
 from jaxssl.mesh import constrain
 from jaxssl.models import gemma, vocab
-from jaxssl.models.layers import Embed, check_compute_settings, config_fields, dropout, stack_layers, unroll_layers
+from jaxssl.models.layers import (Embed, check_compute_settings, config_fields, decode_layer, dropout, stack_layers,
+                                  unroll_layers)
 from jaxssl.models.gemma import make_mlp, make_norm
 from jaxssl.models.parts import ACT, CausalSelfAttention, Linear, kv_cache, next_token_pairs, rope_angles, run_stack
 
@@ -198,19 +198,6 @@ class GPTBlock(nnx.Module):
     return x, key_cache, value_cache
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _decode_layer(graphdef, state, *args):
-  return nnx.merge(graphdef, state).decode(*args)
-
-
-def decode_layer(layer: nnx.Module, *args):
-  """`layer.decode(*args)` as a jit of its own, so that the layers of an unrolled stack (same structure, same
-  shapes) share one trace and one lowered function under the caller's jit. Tracing and lowering 30 layers each,
-  twice (prefill, decode step), took ~1.5 s of every generate job's start; XLA inlines the calls again."""
-  graphdef, state = nnx.split(layer)
-  return _decode_layer(graphdef, state, *args)
-
-
 class GPTDecoder(nnx.Module):
   """The L blocks: stacked + nnx.scan (cfg.scan_layers) or a Python list (for comparison)."""
 
@@ -226,12 +213,11 @@ class GPTDecoder(nnx.Module):
   def decode(self, x, key_cache, value_cache, index, mask, rotary=None):
     """Caches [num_layers, B, S, K, D]; layer i reads and writes slice i."""
     if not self.scan_layers:
-      keys, values = [], []
+      caches = []
       for i, layer in enumerate(self.layers):
         x, k, v = decode_layer(layer, x, key_cache[i], value_cache[i], index, mask, rotary)
-        keys.append(k)
-        values.append(v)
-      return x, jnp.stack(keys), jnp.stack(values)
+        caches.append((k, v))
+      return x, jnp.stack([k for k, _ in caches]), jnp.stack([v for _, v in caches])
     body = lambda lyr, h, k, v: lyr.decode(h, k, v, index, mask, rotary)  # noqa: E731
     return nnx.scan(body, in_axes=(0, nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0, 0),
                     transform_metadata={nnx.PARTITION_NAME: 'layers'})(self.layers, x, key_cache, value_cache)
