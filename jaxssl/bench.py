@@ -3,8 +3,8 @@
   python -m jaxssl.bench --config configs/bert.py:small [--steps N] [--config.key=value ...]
 
 Every family (bert, gpt, encdec, elmo): synthetic batches in the family's train layout. Prints one JSON line:
-tokens_per_sec, step_time_s (median of the steps after 2 untimed ones), compile_s (trace + compile, not run), peak_memory_mb,
-temp_memory_mb (XLA's scratch of the compiled step: activations), flops_per_token, mfu, device, family. Compare
+tokens_per_sec, step_time_s (median, after WARMUP_STEPS untimed steps), compile_s (trace + compile, not run),
+peak_memory_mb, temp_memory_mb (XLA's scratch of the compiled step: activations), flops_per_token, mfu, device, family. Compare
 against ../shared/bench/ run in the same session (ratios, not absolute figures). `--profile DIR` writes a
 jax.profiler trace of the timed steps.
 
@@ -38,6 +38,7 @@ from jaxssl.errors import exit_on_user_error
 # Untimed steps after the compile, as ../shared/bench's references take (their --warmup 2): the first steps grow
 # the host heap to its high-water mark (runtime.keep_host_memory_mapped) and warm the caches.
 WARMUP_STEPS = 2
+
 
 def synthetic_batch(config, vocab_size: int, seed: int = 0) -> dict:
   """One global batch of the family's train layout (families.Family.synthetic_batch) with random valid content."""

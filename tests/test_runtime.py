@@ -59,6 +59,19 @@ def test_local_workdir_is_accepted():
   runtime.check_workdir('/mnt/bucket/run')
 
 
+def _last_number(code: str, **env) -> int:
+  """Runs `code` in a fresh XLA:CPU Python process (the host memory setting applies at its start); the last number
+  it prints."""
+  import os
+  import subprocess
+  import sys
+  result = subprocess.run([sys.executable, '-c', code], env=dict(os.environ, JAX_PLATFORMS='cpu', **env),
+                          capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert result.returncode == 0, result.stderr[-2000:]
+  return int(result.stdout.split()[-1])
+
+
 _FAULTS_PER_RUN = r'''
 import jaxssl  # first, as every job's entry point imports it
 import resource, sys
@@ -83,14 +96,7 @@ def test_xla_cpu_scratch_reuses_mapped_memory(keep):
 
   (With the setting, the heap still grows now and then while it settles: aligned allocations leave gaps that the
   next one cannot use. Over 20 runs after 10 warm-up runs that was 0 to 3 growths, hence the bound of half.)"""
-  import os
-  import subprocess
-  import sys
-  env = dict(os.environ, JAX_PLATFORMS='cpu', JAXSSL_KEEP_HOST_MEMORY=keep)
-  result = subprocess.run([sys.executable, '-c', _FAULTS_PER_RUN], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  assert result.returncode == 0, result.stderr[-2000:]
-  faults = int(result.stdout.split()[-1])
+  faults = _last_number(_FAULTS_PER_RUN, JAXSSL_KEEP_HOST_MEMORY=keep)
   pages = 64 * 2**20 // 4096
   if keep == '1':
     assert faults < pages // 2, f'{faults} page faults per run: the scratch is mapped afresh each time'
@@ -115,11 +121,5 @@ print(grown - libc.sbrk(0))
 def test_host_heap_is_never_given_back():
   """A 3 GB block freed stays in the heap (glibc would give a top of more than any finite threshold back): a
   later step's scratch that lands there is not page-faulted in again (runtime.keep_host_memory_mapped)."""
-  import os
-  import subprocess
-  import sys
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  result = subprocess.run([sys.executable, '-c', _HEAP_TOP_AFTER_FREE], env=env, capture_output=True, text=True,
-                          timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  assert result.returncode == 0, result.stderr[-2000:]
-  assert int(result.stdout.split()[-1]) == 0, f'the heap shrank by {result.stdout.split()[-1]} bytes after free'
+  shrunk = _last_number(_HEAP_TOP_AFTER_FREE)
+  assert shrunk == 0, f'the heap shrank by {shrunk} bytes after free'

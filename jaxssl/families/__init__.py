@@ -6,7 +6,7 @@ on audio wav2vec2.
   batches = family.train_batches(sources['train'], tokenizer, config, start_step=s, **where)
 
 Each family module holds its model builder, objective, batches, config checks, checkpoint shape keys and
-embedding hooks (family.py says what a Family is). A new family is one module here plus one line in MODULES.
+embedding hooks (family.py says what a Family is). A new family is one module here plus its name in NAMES.
 A family's module is imported when it is first asked for: a generate job loads the GPT family and not the
 image or audio pipelines (TFDS, grain), which saved a job's start ~1 s.
 """
@@ -18,26 +18,25 @@ from flax import nnx
 from jaxssl.errors import UserError
 from jaxssl.families.family import Family
 
-# model.name -> the module under jaxssl/families/ whose FAMILY it is.
-MODULES = {'bert': 'bert', 'gpt': 'gpt', 'encdec': 'encdec', 'elmo': 'elmo', 'mae': 'mae', 'simclr': 'simclr',
-           'wav2vec2': 'wav2vec2'}
+# Each model.name is the module under jaxssl/families/ whose FAMILY it is.
+NAMES = ('bert', 'gpt', 'encdec', 'elmo', 'mae', 'simclr', 'wav2vec2')
 
 
 class _Registry(collections.abc.Mapping):
   """{model.name: Family}, importing a family's module on first access."""
 
   def __getitem__(self, name: str) -> Family:
-    if name not in MODULES:
+    if name not in NAMES:
       raise KeyError(name)
-    family = importlib.import_module(f'jaxssl.families.{MODULES[name]}').FAMILY
+    family = importlib.import_module(f'jaxssl.families.{name}').FAMILY
     assert family.name == name, (name, family.name)
     return family
 
   def __iter__(self):
-    return iter(MODULES)
+    return iter(NAMES)
 
   def __len__(self) -> int:
-    return len(MODULES)
+    return len(NAMES)
 
 
 FAMILIES: collections.abc.Mapping[str, Family] = _Registry()
@@ -46,8 +45,8 @@ FAMILIES: collections.abc.Mapping[str, Family] = _Registry()
 def family_for(model_cfg) -> Family:
   """The family of `model_cfg.name` (a config section or a dict); UserError for an unknown name."""
   name = model_cfg.get('name') if hasattr(model_cfg, 'get') else getattr(model_cfg, 'name', None)
-  if name not in FAMILIES:
-    raise UserError(f'model.name={name!r} is not a known model; use one of {sorted(FAMILIES)}')
+  if name not in NAMES:
+    raise UserError(f'model.name={name!r} is not a known model; use one of {sorted(NAMES)}')
   return FAMILIES[name]
 
 
