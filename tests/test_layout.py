@@ -185,3 +185,26 @@ def test_a_job_imports_only_its_family():
                           timeout=120, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'))
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.split() == ['jaxssl.families.family', 'jaxssl.families.gpt'], result.stdout
+
+
+_EVENT_WRITER_IMPORTS = r'''
+import sys, tempfile
+from jaxssl.train import metrics
+events = metrics.EventFiles(tempfile.mkdtemp())
+events.add_scalar('loss', 1.5, 1)
+events.close()
+print(any(m in sys.modules for m in ('torch', 'google.cloud.storage', 'boto3')))
+import torch, google.cloud.storage  # still importable afterwards
+print(int(torch.tensor([7]).item()))
+'''
+
+
+def test_tensorboard_writer_imports_neither_torch_nor_gcs():
+  """tensorboardX imports torch and google-cloud-storage when they are installed (1.6 s of every training job's
+  start); the job's writer does without them, and they stay importable."""
+  import subprocess
+  import sys
+  result = subprocess.run([sys.executable, '-c', _EVENT_WRITER_IMPORTS], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.split() == ['False', '7'], result.stdout
