@@ -189,7 +189,10 @@ def append_bytes(p, data: bytes) -> None:
     fs.pipe_file(inner, bytes(data))
     _changed(p)
   elif hasattr(fs, 'merge') and os.fspath(p).startswith(('gs://', 'gcs://')):
-    piece = f'{inner}.append-{uuid.uuid4().hex}'
+    if inner not in _SWEPT:
+      _remove_pieces_left_by_a_killed_writer(fs, inner)
+      _SWEPT.add(inner)
+    piece = f'{inner}{_PIECE}{uuid.uuid4().hex}'
     fs.pipe_file(piece, bytes(data))
     try:
       fs.merge(inner, [inner, piece])  # GCS compose: the log object is replaced by log + piece in one step
@@ -197,6 +200,19 @@ def append_bytes(p, data: bytes) -> None:
       fs.rm_file(piece)
   else:
     fs.pipe_file(inner, fs.cat_file(inner) + bytes(data))
+
+
+_PIECE = '.append-'  # a piece being composed into its log object: {log}.append-{uuid}
+_SWEPT: set[str] = set()  # bucket logs this process has appended to
+
+
+def _remove_pieces_left_by_a_killed_writer(fs, inner: str) -> None:
+  """A process killed between writing a piece and removing it (SIGKILL, preemption) leaves the piece behind; the
+  next process to append to that log removes it. A log has one writer at a time (process 0 of its job)."""
+  parent, name = inner.rsplit('/', 1)
+  for stale in fs.ls(parent, detail=False):
+    if stale.rstrip('/').rsplit('/', 1)[-1].startswith(name + _PIECE):
+      fs.rm_file(stale)
 
 
 def exists(p) -> bool:

@@ -65,6 +65,17 @@ def test_append_keeps_earlier_lines_and_is_one_object(root):
   assert storage.listdir(root) == ['metrics.jsonl']  # the appended pieces are composed in and removed
 
 
+def test_append_removes_a_piece_left_by_a_killed_writer(gcs_bucket):  # noqa: F811 (a pytest fixture)
+  log = f'{gcs_bucket}/killed-{os.getpid()}/metrics.jsonl'
+  storage.append_text(log, 'a\n')
+  storage.write_text(log + '.append-0123abcd', 'b\n')  # what a writer killed mid-append leaves
+  storage.write_text(log + '.appendix', 'kept\n')  # not a piece
+  storage._SWEPT.discard(log.split('://', 1)[1])  # as a new process: the rerun of the killed job
+  storage.append_text(log, 'c\n')
+  assert storage.read_text(log) == 'a\nc\n'
+  assert storage.listdir(log.rsplit('/', 1)[0]) == ['metrics.jsonl', 'metrics.jsonl.appendix']
+
+
 def test_append_on_a_scheme_without_compose_rewrites():
   log = 'memory://jaxssl-test-append/log.txt'
   storage.append_text(log, 'a\n')
