@@ -37,12 +37,11 @@ class PackedDocuments:
   def _tokens(self, docs) -> list[list[int]]:
     """Token ids of documents: their sentences' pieces, then the end-of-document token."""
     records = self.source.__getitems__(list(docs))
-    out = []
-    for record in records:
-      sentences = [s for s in record['text'].decode('utf-8').split('\n') if s]
-      ids = [i for piece in self.tokenizer.encode(sentences) for i in piece] if sentences else []
-      out.append(ids + [self.end_id])
-    return out
+    per_doc = [[s for s in record['text'].decode('utf-8').split('\n') if s] for record in records]
+    # One encode call for all the documents: a call per document (2,842 in the README's GPT run) cost more in
+    # sentencepiece's per-call threads than in encoding.
+    pieces = iter(self.tokenizer.encode([s for sentences in per_doc for s in sentences]))
+    return [[i for _ in sentences for i in next(pieces)] + [self.end_id] for sentences in per_doc]
 
   def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
     """(document order, stream offset of each position in that order) of `epoch`."""
