@@ -5,9 +5,8 @@ Jobs never call `open`, `os.path` or `os.makedirs` on one; they call these funct
   * `write_bytes`/`write_text` are atomic for a reader: locally a temp file renamed into place, in a bucket one
     object upload (GCS and S3 make an object visible whole or not at all).
   * `append_text` adds lines to a log (metrics.jsonl) without rewriting it: O_APPEND locally; on gs:// the new lines
-    are uploaded as a temporary object and GCS-composed onto the end, so the log stays one object a reader can
-    read during the run. Other remote schemes have no append: the object is read and rewritten (fine for a
-    log of a few thousand lines, not more).
+    are uploaded as a temporary object and GCS-composed onto the end, so the log stays one object a reader can read
+    during the run. Other schemes have no append: the object is read and rewritten (fine for a short log).
   * `local_file` gives a local filename for libraries that take nothing else (sentencepiece, native readers).
 Remote listings are never cached: another host may have written the object a moment ago (process 0 trains the
 tokenizer, the others wait for it to appear).
@@ -44,6 +43,7 @@ from jaxssl.errors import UserError
 # Options of the remote filesystems this module opens: no listing cache, as other hosts write the same bucket.
 _FS_OPTIONS = {'gs': {'use_listings_cache': False}, 'gcs': {'use_listings_cache': False},
                's3': {'use_listings_cache': False}}
+_SWEPT: set[str] = set()  # bucket logs this process has appended to, after removing stale pieces
 
 
 def is_remote(p) -> bool:
@@ -189,10 +189,12 @@ def append_bytes(p, data: bytes) -> None:
     fs.pipe_file(inner, bytes(data))
     _changed(p)
   elif hasattr(fs, 'merge') and os.fspath(p).startswith(('gs://', 'gcs://')):
-    if inner not in _SWEPT:
-      _remove_pieces_left_by_a_killed_writer(fs, inner)
+    if inner not in _SWEPT:  # a piece left by a writer killed before removing it (one writer a log: process 0)
       _SWEPT.add(inner)
-    piece = f'{inner}{_PIECE}{uuid.uuid4().hex}'
+      for stale in fs.ls(os.path.dirname(inner), detail=False):
+        if os.path.basename(stale.rstrip('/')).startswith(os.path.basename(inner) + '.append-'):
+          fs.rm_file(stale)
+    piece = f'{inner}.append-{uuid.uuid4().hex}'
     fs.pipe_file(piece, bytes(data))
     try:
       fs.merge(inner, [inner, piece])  # GCS compose: the log object is replaced by log + piece in one step
@@ -200,19 +202,6 @@ def append_bytes(p, data: bytes) -> None:
       fs.rm_file(piece)
   else:
     fs.pipe_file(inner, fs.cat_file(inner) + bytes(data))
-
-
-_PIECE = '.append-'  # a piece being composed into its log object: {log}.append-{uuid}
-_SWEPT: set[str] = set()  # bucket logs this process has appended to
-
-
-def _remove_pieces_left_by_a_killed_writer(fs, inner: str) -> None:
-  """A process killed between writing a piece and removing it (SIGKILL, preemption) leaves the piece behind; the
-  next process to append to that log removes it. A log has one writer at a time (process 0 of its job)."""
-  parent, name = inner.rsplit('/', 1)
-  for stale in fs.ls(parent, detail=False):
-    if stale.rstrip('/').rsplit('/', 1)[-1].startswith(name + _PIECE):
-      fs.rm_file(stale)
 
 
 def exists(p) -> bool:
