@@ -72,7 +72,6 @@ def jaxssl_side(params_dir: str, prompts: list[str], new_tokens: int, rounds: in
   from jaxssl.models import generation
   from jaxssl.train import checkpoint as ckpt_lib
   _, model, tokenizer = ckpt_lib.load_export(params_dir)
-  model = generation.decoding_model(model, len(prompts))  # as the generate job picks it
   bos = [] if getattr(tokenizer, 'bos_id', None) is None else [tokenizer.bos_id]
   encoded = [bos + ids for ids in tokenizer.encode(prompts)]
   lengths = np.array([len(e) for e in encoded], np.int32)

@@ -109,12 +109,11 @@ def generation_speed(variant: str, batches: list[int], new_tokens: int) -> list[
   model = families.build_model(config.model, 50257, rngs=nnx.Rngs(params=0))
   rows = []
   for batch in batches:
-    decoding = generation.decoding_model(model, batch)
     ids = np.random.default_rng(0).integers(1, 50257, (batch, 16)).astype(np.int32)
     lengths = np.full((batch,), 16, np.int32)
 
     def run():
-      return jax.block_until_ready(generation.generate(decoding, ids, lengths, new_tokens, greedy=True)[0])
+      return jax.block_until_ready(generation.generate(model, ids, lengths, new_tokens, greedy=True)[0])
 
     start = time.perf_counter()
     run()

@@ -151,3 +151,18 @@ def setup(args=None) -> None:
                                process_id=process_id, **timeouts)
   elif _cluster_detected():
     jax.distributed.initialize(**timeouts)
+
+
+def exit_without_teardown() -> None:
+  """Ends a finished single-process job at once (status 0), after flushing stdout and stderr.
+
+  The interpreter's teardown (freeing the weights and the XLA client, module by module) took 0.4-0.5 s of every
+  generate job on CPU. Only for a job that has nothing left to write; a job of several processes returns normally,
+  so that jax.distributed's shutdown still runs.
+  """
+  import jax  # noqa: PLC0415 (after setup)
+  if jax.process_count() > 1:
+    return
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(0)

@@ -289,18 +289,28 @@ def test_greedy_generate_matches_transformers(hf_model):
     hf = hf_model.generate(torch.tensor(left, dtype=torch.long), attention_mask=torch.tensor(mask),
                            max_new_tokens=new, do_sample=False, pad_token_id=0).numpy()
   expected = hf[:, 5:]
-  # decoding_model: each layer's weights as arrays of their own (what the generate and ICL jobs run on CPU).
-  separate = generation.decoding_model(converted(), 1)
-  assert not separate.config.scan_layers and converted().config.scan_layers
-  for model in (converted(), separate):
-    for ids, side in ((left, 'left'), (right, 'right')):
-      tokens, num = generation.generate(model, ids, lengths, new, greedy=True, padding_side=side)
-      np.testing.assert_array_equal(tokens, expected, err_msg=side)
-      np.testing.assert_array_equal(num, [new, new])
+  for ids, side in ((left, 'left'), (right, 'right')):
+    tokens, num = generation.generate(converted(), ids, lengths, new, greedy=True, padding_side=side)
+    np.testing.assert_array_equal(tokens, expected, err_msg=side)
+    np.testing.assert_array_equal(num, [new, new])
+  # One prompt: its layers run apart (each layer's weights sliced out of the stack once, as on CPU at batch 1);
+  # the same program compiled ahead from the model's shapes alone (the generate job's path) gives the same.
+  short = right[1:, :3]
+  with torch.no_grad():
+    alone = hf_model.generate(torch.tensor(short, dtype=torch.long), max_new_tokens=new, do_sample=False,
+                              pad_token_id=0).numpy()[:, 3:]
+  assert generation.runs_layers_apart(converted(), 1)
+  cfg, _ = hf_gpt2.params_from_hf(hf_state(hf_model), hf_model.config.to_dict())
+  program = generation.compile_generate(abstract_model(dict(cfg, scan_layers=True)), 1, 3, new, greedy=True)
+  for ahead in (None, program):
+    tokens, _ = generation.generate(converted(), short, [3], new, greedy=True, program=ahead)
+    np.testing.assert_array_equal(tokens, alone)
   scan_model = nnx.merge(*nnx.split(converted()))  # a new module object: the cached one stays as it is
   object.__setattr__(scan_model, 'config', dataclasses.replace(scan_model.config, layer_loop='scan'))
-  assert generation.decoding_model(scan_model, 1) is scan_model  # a loop over stacked layers keeps them stacked
-  assert generation.decoding_model(converted(), 2) is converted()  # batches keep the stacked loop
+  assert not generation.runs_layers_apart(scan_model, 1)  # a loop over stacked layers keeps them stacked
+  assert not generation.runs_layers_apart(converted(), 2)  # batches keep the stacked loop
+  with pytest.raises(ValueError, match=r'compiled for prompts \(1, 3\)'):
+    generation.generate(converted(), right, lengths, new, greedy=True, program=program)
 
 
 def test_top_k_1_is_greedy_and_stop_ids_stop():

@@ -39,24 +39,28 @@ def sample_logits(logits: jax.Array, rng: jax.Array, *, temperature=1.0, top_k=0
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-def decoding_model(model: nnx.Module, batch_size: int) -> nnx.Module:
-  """`model` as decoding `batch_size` rows runs fastest: at batch 1, where its layers run unrolled
-  (`model.layer_loop`; 'auto' on CPU), a copy that holds each layer's weights as arrays of their own
-  (`scan_layers=False`); else `model` itself.
+def runs_layers_apart(model: nnx.Module, batch_size: int) -> bool:
+  """Whether generating `batch_size` rows slices each layer's weights out of the stack once, after the prompt (whose
+  pass runs the stacked loop) and before the one-token steps: at batch 1, where the layers run unrolled
+  (`model.layer_loop`; 'auto' on CPU).
 
   Why: a decoding step that slices layer i out of the stacked weights made XLA:CPU copy each slice at every token,
   three times the weight traffic of batch 1's matrix-vector products (SmolLM2-135M: 22.9 tokens/s stacked, 31
-  separate). At batch 8 the matmuls dominate and the stacked loop was faster (129 against 108 tokens/s;
-  BENCHMARKS.md §15). The copy computes the same (tested); make it once per job.
+  apart). At batch 8 the matmuls dominate and the stacked loop was faster (129 against 108 tokens/s;
+  BENCHMARKS.md §15). The slices are made inside the generate program, so the weights stay as they were
+  restored (no copy of the model before generating); they hold a second copy of the weights while it runs.
   """
   c = model.config
-  if batch_size != 1 or not c.scan_layers or not unroll_layers(c.layer_loop):
-    return model
-  copy = nnx.merge(*nnx.split(model))  # new module objects over the same arrays
+  return batch_size == 1 and c.scan_layers and unroll_layers(c.layer_loop)
+
+
+def _layers_apart(model: nnx.Module) -> nnx.Module:
+  """Inside a trace: `model` over new module objects whose layers hold their own weight arrays (slices)."""
+  c = model.config
+  copy = nnx.merge(*nnx.split(model))
   layer_def, stacked = nnx.split(copy.decoder.layers)  # a stacked module's graph is one layer's
-  # Sliced under jit: eager indexing refuses arrays that span processes.
-  slices = jax.jit(lambda s: [jax.tree.map(lambda a, i=i: a[i], s) for i in range(c.num_layers)])(stacked)
-  copy.decoder.layers = nnx.List([nnx.merge(layer_def, s) for s in slices])
+  copy.decoder.layers = nnx.List([nnx.merge(layer_def, jax.tree.map(lambda a, i=i: a[i], stacked))
+                                  for i in range(c.num_layers)])
   copy.decoder.scan_layers = False
   copy.config = dataclasses.replace(c, scan_layers=False)
   return copy
@@ -66,9 +70,10 @@ def _decode_fn(graphdef, state, tokens, cache, positions):
   return nnx.merge(graphdef, state).decode(tokens, cache, positions)
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=('max_new_tokens', 'greedy', 'padding_side'))
+@functools.partial(jax.jit, static_argnums=0,
+                   static_argnames=('max_new_tokens', 'greedy', 'padding_side', 'layers_apart'))
 def _generate(graphdef, state, prompt_ids, prompt_lengths, rng, temperature, top_k, top_p, stop_ids, pad_id, *,
-              max_new_tokens, greedy, padding_side):
+              max_new_tokens, greedy, padding_side, layers_apart):
   batch, width = prompt_ids.shape
   lengths = prompt_lengths.astype(jnp.int32)
   idx = jnp.arange(width, dtype=jnp.int32)[None]
@@ -82,7 +87,9 @@ def _generate(graphdef, state, prompt_ids, prompt_lengths, rng, temperature, top
   cache = nnx.merge(graphdef, state).init_cache(batch, width + max_new_tokens)
   # Pad slots are looked up as token 0 (any pad value is safe) and never attended to (position -1).
   prompt_ids = jnp.where(positions >= 0, prompt_ids.astype(jnp.int32), 0)
-  logits, cache = _decode_fn(graphdef, state, prompt_ids, cache, positions)
+  logits, cache = _decode_fn(graphdef, state, prompt_ids, cache, positions)  # the prompt, on the stacked layers
+  if layers_apart:  # the one-token steps
+    graphdef, state = nnx.split(_layers_apart(nnx.merge(graphdef, state)))
   logits = logits[jnp.arange(batch), last]  # [B, V] at each prompt's last real token
 
   def cond(carry):
@@ -109,20 +116,10 @@ def _generate(graphdef, state, prompt_ids, prompt_lengths, rng, temperature, top
   return out, num
 
 
-def generate(model: nnx.Module, prompt_ids, prompt_lengths, max_new_tokens: int, rng: jax.Array | None = None, *,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
-             stop_ids=(), padding_side: str = 'right', pad_id: int = 0):
-  """Continues a batch of prompts -> (tokens [B, max_new_tokens] int32, num_generated [B] int32).
-
-  prompt_ids [B, P] hold prompts of `prompt_lengths` [B] (each >= 1) tokens, padded on `padding_side`
-  ('right' or 'left'). A row stops after emitting a token in `stop_ids` (kept, and counted in num_generated);
-  its later slots hold `pad_id`. The loop ends early when every row has stopped. Sampling: `greedy` takes
-  the argmax; otherwise logits / temperature, restricted to the top_k (0 = all) most likely tokens and to the
-  top_p nucleus (1.0 = all), sampled with `rng`. Compiled once per prompt shape, max_new_tokens, greedy,
-  padding side and number of stop ids; the other settings are traced.
-  """
+def check_settings(model: nnx.Module, width: int, max_new_tokens: int, *, temperature: float = 1.0, top_k: int = 0,
+                   top_p: float = 1.0, greedy: bool = False, padding_side: str = 'right') -> None:
+  """UserError for settings `generate` cannot run with (before anything is compiled)."""
   c = model.config
-  width = prompt_ids.shape[1]
   if max_new_tokens < 1:
     raise UserError(f'max_new_tokens={max_new_tokens} must be at least 1')
   if width + max_new_tokens > c.max_position:
@@ -134,12 +131,70 @@ def generate(model: nnx.Module, prompt_ids, prompt_lengths, max_new_tokens: int,
     raise UserError(f'temperature={temperature} must be positive (or pass greedy=True)')
   if top_k < 0 or not 0.0 < top_p <= 1.0:
     raise UserError(f'top_k={top_k} must be >= 0 and top_p={top_p} in (0, 1]')
+
+
+def _statics(model: nnx.Module, batch: int, max_new_tokens: int, greedy: bool, padding_side: str) -> dict:
+  return dict(max_new_tokens=int(max_new_tokens), greedy=bool(greedy), padding_side=padding_side,
+              layers_apart=bool(runs_layers_apart(model, batch)))
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateProgram:
+  """`generate`'s program compiled ahead for one prompt shape and setting (compile_generate)."""
+  compiled: object  # jax.stages.Compiled
+  prompt_shape: tuple[int, int]
+  num_stop_ids: int
+  statics: dict
+
+
+def compile_generate(model: nnx.Module, batch: int, width: int, max_new_tokens: int, *, greedy: bool = False,
+                     padding_side: str = 'right', num_stop_ids: int = 0) -> GenerateProgram:
+  """`generate`'s program for prompts [batch, width], compiled from `model`'s structure and shapes alone: its
+  variables may be jax.ShapeDtypeStruct (an export's abstract params, while the weights are being restored).
+
+  The generate job compiles (or loads from the compile cache) while another thread restores the weights.
+  Pass the result to `generate(..., program=)` with a typed rng key (jax.random.key).
+  """
+  graphdef, state = nnx.split(model)
+  state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, 'sharding', None)),
+                       state)
+  scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)  # noqa: E731
+  statics = _statics(model, batch, max_new_tokens, greedy, padding_side)
+  stops = max(1, num_stop_ids)
+  compiled = _generate.lower(
+      graphdef, state, jax.ShapeDtypeStruct((batch, width), jnp.int32), jax.ShapeDtypeStruct((batch,), jnp.int32),
+      jax.eval_shape(jax.random.key, 0), scalar(jnp.float32), scalar(jnp.int32), scalar(jnp.float32),
+      jax.ShapeDtypeStruct((stops,), jnp.int32), scalar(jnp.int32), **statics).compile()
+  return GenerateProgram(compiled, (batch, width), stops, statics)
+
+
+def generate(model: nnx.Module, prompt_ids, prompt_lengths, max_new_tokens: int, rng: jax.Array | None = None, *,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
+             stop_ids=(), padding_side: str = 'right', pad_id: int = 0, program: GenerateProgram | None = None):
+  """Continues a batch of prompts -> (tokens [B, max_new_tokens] int32, num_generated [B] int32).
+
+  prompt_ids [B, P] hold prompts of `prompt_lengths` [B] (each >= 1) tokens, padded on `padding_side`
+  ('right' or 'left'). A row stops after emitting a token in `stop_ids` (kept, and counted in num_generated);
+  its later slots hold `pad_id`. The loop ends early when every row has stopped. Sampling: `greedy` takes
+  the argmax; otherwise logits / temperature, restricted to the top_k (0 = all) most likely tokens and to the
+  top_p nucleus (1.0 = all), sampled with `rng`. Compiled once per prompt shape, max_new_tokens, greedy,
+  padding side and number of stop ids; the other settings are traced. `program`: the same, compiled ahead
+  (compile_generate) for this call's shape and settings.
+  """
+  check_settings(model, prompt_ids.shape[1], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                 greedy=greedy, padding_side=padding_side)
   if rng is None:
     if not greedy:
       raise UserError('sampling needs an rng key (or pass greedy=True)')
     rng = jax.random.key(0)
   stop = jnp.asarray(tuple(stop_ids) or (-1,), jnp.int32)  # -1: no stop id (never sampled)
   graphdef, state = nnx.split(model)
-  return _generate(graphdef, state, jnp.asarray(prompt_ids), jnp.asarray(prompt_lengths), rng,
-                   jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), stop, jnp.int32(pad_id),
-                   max_new_tokens=int(max_new_tokens), greedy=bool(greedy), padding_side=padding_side)
+  statics = _statics(model, prompt_ids.shape[0], max_new_tokens, greedy, padding_side)
+  args = (state, jnp.asarray(prompt_ids), jnp.asarray(prompt_lengths), rng, jnp.float32(temperature),
+          jnp.int32(top_k), jnp.float32(top_p), stop, jnp.int32(pad_id))
+  if program is None:
+    return _generate(graphdef, *args, **statics)
+  if (program.prompt_shape, program.num_stop_ids, program.statics) != (tuple(prompt_ids.shape), len(stop), statics):
+    raise ValueError(f'the program was compiled for prompts {program.prompt_shape}, {program.num_stop_ids} stop ids '
+                     f'and {program.statics}; this call has {tuple(prompt_ids.shape)}, {len(stop)}, {statics}')
+  return program.compiled(*args)

@@ -359,6 +359,14 @@ def load_export(path: str, mesh=None):
   An embedding with more rows than the tokenizer has ids (a padded public vocabulary) loads as it is; the model
   gives those rows -inf logits (jaxssl/models/vocab.py). Fewer rows than ids is a UserError.
   """
+  config, setup, tokenizer = open_export(path, mesh)
+  model = nnx.merge(setup.graphdef, load_export_params(path, setup.abstract_params))
+  return config, model, tokenizer
+
+
+def open_export(path: str, mesh=None):
+  """An export's (config, model setup, tokenizer) without its weights: `setup.graphdef` and `setup.abstract_params`
+  (jax.ShapeDtypeStruct on `mesh`'s shardings) describe the model; load_export_params restores the weights."""
   saved = read_export_config(path)
   config = config_lib.from_json(json.dumps(saved))
   tokenizer = tokenizers.load_tokenizer(path)
@@ -366,7 +374,4 @@ def load_export(path: str, mesh=None):
   # A padded vocabulary (more rows than the tokenizer's ids): the model never predicts the padding rows.
   model_cfg = vocab.model_config_with_token_ids(config.model, tokenizer.vocab_size, saved['vocab_size'])
   mesh = mesh if mesh is not None else mesh_lib.make_mesh((-1, 1, 1))
-  setup = state_lib.setup_model(model_cfg, saved['vocab_size'], mesh)
-  params = load_export_params(path, setup.abstract_params)
-  model = nnx.merge(setup.graphdef, params)
-  return config, model, tokenizer
+  return config, state_lib.setup_model(model_cfg, saved['vocab_size'], mesh), tokenizer
