@@ -121,6 +121,9 @@ class MetricsWriter:
       sys.stderr.write('\n')
 
 
+_TENSORBOARDX_OPTIONAL = ('torch', 'google.cloud.storage', 'boto3')  # what tensorboardX imports if it can
+
+
 def summary_writer_class():
   """tensorboardX's SummaryWriter, imported without its optional libraries.
 
@@ -129,9 +132,7 @@ def summary_writer_class():
   took in every training job here. A None entry in sys.modules makes such an import fail as if the library were
   absent; one the process has already imported stays.
   """
-  blocked = [name for name in _TENSORBOARDX_OPTIONAL if name not in sys.modules]
-  if 'tensorboardX' in sys.modules:
-    blocked = []
+  blocked = [] if 'tensorboardX' in sys.modules else [m for m in _TENSORBOARDX_OPTIONAL if m not in sys.modules]
   sys.modules.update(dict.fromkeys(blocked))
   try:
     from tensorboardX import SummaryWriter  # noqa: PLC0415 (only process 0 of a training run needs TensorBoard)
@@ -139,9 +140,6 @@ def summary_writer_class():
     for name in blocked:
       del sys.modules[name]
   return SummaryWriter
-
-
-_TENSORBOARDX_OPTIONAL = ('torch', 'google.cloud.storage', 'boto3')
 
 
 class EventFiles:
