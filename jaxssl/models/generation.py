@@ -133,6 +133,14 @@ def check_settings(model: nnx.Module, width: int, max_new_tokens: int, *, temper
     raise UserError(f'top_k={top_k} must be >= 0 and top_p={top_p} in (0, 1]')
 
 
+def _arguments(model, prompt_ids, prompt_lengths, rng, temperature, top_k, top_p, stop_ids, pad_id):
+  """(graphdef, the other arguments of _generate): what generate passes, and compile_generate abstracts."""
+  graphdef, state = nnx.split(model)
+  stop = jnp.asarray(tuple(stop_ids) or (-1,), jnp.int32)  # -1: no stop id (never sampled)
+  return graphdef, (state, jnp.asarray(prompt_ids), jnp.asarray(prompt_lengths), rng, jnp.float32(temperature),
+                    jnp.int32(top_k), jnp.float32(top_p), stop, jnp.int32(pad_id))
+
+
 def _statics(model: nnx.Module, batch: int, max_new_tokens: int, greedy: bool, padding_side: str) -> dict:
   return dict(max_new_tokens=int(max_new_tokens), greedy=bool(greedy), padding_side=padding_side,
               layers_apart=bool(runs_layers_apart(model, batch)))
@@ -155,17 +163,15 @@ def compile_generate(model: nnx.Module, batch: int, width: int, max_new_tokens: 
   The generate job compiles (or loads from the compile cache) while another thread restores the weights.
   Pass the result to `generate(..., program=)` with a typed rng key (jax.random.key).
   """
-  graphdef, state = nnx.split(model)
+  graphdef, args = _arguments(model, jnp.zeros((batch, width), jnp.int32), jnp.ones((batch,), jnp.int32),
+                              jax.random.key(0), 1.0, 0, 1.0, range(num_stop_ids), 0)
+  # The weights keep their shardings on the mesh; the small arguments are left for the compiler to place.
   state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, 'sharding', None)),
-                       state)
-  scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)  # noqa: E731
+                       args[0])
+  small = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args[1:]]
   statics = _statics(model, batch, max_new_tokens, greedy, padding_side)
-  stops = max(1, num_stop_ids)
-  compiled = _generate.lower(
-      graphdef, state, jax.ShapeDtypeStruct((batch, width), jnp.int32), jax.ShapeDtypeStruct((batch,), jnp.int32),
-      jax.eval_shape(jax.random.key, 0), scalar(jnp.float32), scalar(jnp.int32), scalar(jnp.float32),
-      jax.ShapeDtypeStruct((stops,), jnp.int32), scalar(jnp.int32), **statics).compile()
-  return GenerateProgram(compiled, (batch, width), stops, statics)
+  compiled = _generate.lower(graphdef, state, *small, **statics).compile()
+  return GenerateProgram(compiled, (batch, width), len(args[-2]), statics)
 
 
 def generate(model: nnx.Module, prompt_ids, prompt_lengths, max_new_tokens: int, rng: jax.Array | None = None, *,
@@ -187,14 +193,12 @@ def generate(model: nnx.Module, prompt_ids, prompt_lengths, max_new_tokens: int,
     if not greedy:
       raise UserError('sampling needs an rng key (or pass greedy=True)')
     rng = jax.random.key(0)
-  stop = jnp.asarray(tuple(stop_ids) or (-1,), jnp.int32)  # -1: no stop id (never sampled)
-  graphdef, state = nnx.split(model)
+  graphdef, args = _arguments(model, prompt_ids, prompt_lengths, rng, temperature, top_k, top_p, stop_ids, pad_id)
   statics = _statics(model, prompt_ids.shape[0], max_new_tokens, greedy, padding_side)
-  args = (state, jnp.asarray(prompt_ids), jnp.asarray(prompt_lengths), rng, jnp.float32(temperature),
-          jnp.int32(top_k), jnp.float32(top_p), stop, jnp.int32(pad_id))
   if program is None:
     return _generate(graphdef, *args, **statics)
-  if (program.prompt_shape, program.num_stop_ids, program.statics) != (tuple(prompt_ids.shape), len(stop), statics):
+  stops = len(args[-2])
+  if (program.prompt_shape, program.num_stop_ids, program.statics) != (tuple(prompt_ids.shape), stops, statics):
     raise ValueError(f'the program was compiled for prompts {program.prompt_shape}, {program.num_stop_ids} stop ids '
-                     f'and {program.statics}; this call has {tuple(prompt_ids.shape)}, {len(stop)}, {statics}')
+                     f'and {program.statics}; this call has {tuple(prompt_ids.shape)}, {stops}, {statics}')
   return program.compiled(*args)

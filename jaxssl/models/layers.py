@@ -263,7 +263,8 @@ def _decode_layer(graphdef, state, *args):
 def decode_layer(layer: nnx.Module, *args):
   """`layer.decode(*args)` as a jit of its own, so that the layers of an unrolled stack (same structure, same
   shapes) share one trace and one lowered function under the caller's jit. Tracing and lowering 30 layers each,
-  twice (prefill, decode step), took ~1.5 s of every generate job's start; XLA inlines the calls again."""
+  twice (then the prompt's pass and the one-token step), took ~1.5 s of a generate job's start; XLA inlines the
+  calls again."""
   graphdef, state = nnx.split(layer)
   return _decode_layer(graphdef, state, *args)
 
