@@ -17,6 +17,7 @@ import sys
 from jaxssl.errors import UserError
 
 DEFAULT_HEARTBEAT_TIMEOUT_S = 20
+DEFAULT_COMPILE_CACHE_DIR = '~/.cache/jaxssl/jax_compile_cache'  # compile_cache_dir
 
 
 def add_distributed_args(parser) -> None:
@@ -118,14 +119,25 @@ def keep_host_memory_mapped() -> bool:
   return bool(mallopt(m_arena_max, 1) and mallopt(m_mmap_max, 0) and mallopt(m_trim_threshold, never))
 
 
+def compile_cache_dir() -> str | None:
+  """Where jobs keep XLA's compiled programs across runs: JAX_COMPILATION_CACHE_DIR (a folder or a gs:// URL),
+  else ~/.cache/jaxssl/jax_compile_cache; None when JAX_COMPILATION_CACHE_DIR is set to ''.
+
+  On by default (as MaxText's jax_cache_dir): without it every run of a job compiles again (the generate job of a
+  135M model: 9 s of compiling, against 1 s to load its program from the cache).
+  """
+  cache = os.environ.get('JAX_COMPILATION_CACHE_DIR')
+  return os.path.expanduser(DEFAULT_COMPILE_CACHE_DIR) if cache is None else cache or None
+
+
 def setup(args=None) -> None:
-  """Enables the compile cache (JAX_COMPILATION_CACHE_DIR) and joins a multi-process job if one is configured.
+  """Enables the compile cache (`compile_cache_dir`) and joins a multi-process job if one is configured.
 
   `args` are a job's parsed arguments (with `add_distributed_args`'s flags), or None for the environment alone.
   """
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   import jax
-  cache = os.environ.get('JAX_COMPILATION_CACHE_DIR')
+  cache = compile_cache_dir()
   if cache:
     jax.config.update('jax_compilation_cache_dir', cache)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)

@@ -123,3 +123,23 @@ def test_host_heap_is_never_given_back():
   later step's scratch that lands there is not page-faulted in again (runtime.keep_host_memory_mapped)."""
   shrunk = _last_number(_HEAP_TOP_AFTER_FREE)
   assert shrunk == 0, f'the heap shrank by {shrunk} bytes after free'
+
+
+@pytest.mark.parametrize('setting', ['unset', 'folder', 'empty'])
+def test_compile_cache_is_on_by_default(setting, tmp_path):
+  """Jobs keep compiled programs in ~/.cache/jaxssl/jax_compile_cache unless JAX_COMPILATION_CACHE_DIR says
+  elsewhere; set to '' it is off. A job's second run then loads its programs instead of compiling them."""
+  import os
+  import subprocess
+  import sys
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
+  env.update(HOME=str(tmp_path / 'home'), JAX_PLATFORMS='cpu')
+  if setting != 'unset':
+    env['JAX_COMPILATION_CACHE_DIR'] = str(tmp_path / 'mine') if setting == 'folder' else ''
+  program = ('from jaxssl import runtime; runtime.setup(); import jax, jax.numpy as jnp; '
+             'print(jax.jit(lambda x: jnp.sin(x) * 3)(jnp.arange(4.0)).sum())')
+  subprocess.run([sys.executable, '-c', program], env=env, check=True, capture_output=True,
+                 cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  default = tmp_path / 'home' / '.cache' / 'jaxssl' / 'jax_compile_cache'
+  written = {'unset': default, 'folder': tmp_path / 'mine', 'empty': None}[setting]
+  assert [p for p in (default, tmp_path / 'mine') if p.exists() and os.listdir(p)] == ([written] if written else [])

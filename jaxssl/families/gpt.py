@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxssl.data.examples import packed_lm
 from jaxssl.families import family as family_lib
 from jaxssl.models import gpt, lm_loss, parts
 
@@ -52,6 +51,7 @@ OBJECTIVE = family_lib.Objective(batch_ndims={k: 2 for k in LM_BATCH_KEYS}, sums
 
 def train_batches(source, tokenizer, config, *, start_step, seed, process_index=0, process_count=1):
   """Endless iterator over this process's share of the packed batches from `start_step` on."""
+  from jaxssl.data.examples import packed_lm  # reason: grain's import (0.1 s) only where batches are made
   return packed_lm.make_lm_iterator(source, tokenizer, seq_len=config.data.seq_len, seed=seed,
                                     global_batch_size=config.train.batch_size, start_step=start_step,
                                     num_threads=config.data.num_threads, num_workers=config.data.num_workers,
@@ -60,6 +60,7 @@ def train_batches(source, tokenizer, config, *, start_step, seed, process_index=
 
 def eval_batches(source, tokenizer, config, *, seed, process_index=0, process_count=1):
   """The first `eval.batches` packed batches of the held-out split."""
+  from jaxssl.data.examples import packed_lm  # reason: as train_batches
   return packed_lm.make_lm_eval_batches(source, tokenizer, seq_len=config.data.seq_len, seed=seed,
                                         batch_size=config.train.batch_size, num_batches=config.eval.batches,
                                         process_index=process_index, process_count=process_count)
