@@ -10,6 +10,7 @@ A tokenizer that starts every text with a BOS token (Llama) gets it before each 
 PARAMS may be local or in a bucket (gs://B/export).
 """
 import argparse
+import concurrent.futures
 import json
 import sys
 
@@ -23,16 +24,16 @@ def generate(params: str, prompts: list[str], *, max_new_tokens: int = 50, greed
              stop_tokens: tuple[str, ...] = ()) -> list[dict]:
   """One dict per prompt: prompt, prompt_ids, generated_ids (up to and including a stop token), text."""
   # A job's jax modules load here, after runtime.setup (main) has configured the compile cache and processes.
-  import concurrent.futures
   import jax
   import numpy as np
   from flax import nnx
   from jaxssl import families
+  from jaxssl import program_cache
   from jaxssl.models import generation
   from jaxssl.train import checkpoint as ckpt_lib
   if not prompts or any(not p.strip() for p in prompts):
     raise UserError('give at least one non-empty --prompt')
-  config, setup, tokenizer = ckpt_lib.open_export(params)
+  saved, config, model_cfg, tokenizer = ckpt_lib.describe_export(params)
   if not families.family_for(config.model).generates:
     raise UserError(f'{params} holds a {config.model.name} model: generation needs a causal LM export such as GPT '
                     '(python -m jaxssl.export of a configs/gpt.py run)')
@@ -50,16 +51,31 @@ def generate(params: str, prompts: list[str], *, max_new_tokens: int = 50, greed
   ids = np.zeros((len(prompts), int(lengths.max())), np.int32)
   for row, piece in enumerate(encoded):
     ids[row, :len(piece)] = piece
-  # The weights are restored on another thread while this one compiles the program (or loads it from the compile
-  # cache) from the model's shapes: the two took 0.65 s and 1.1 s one after the other at every start.
+  generation.check_settings(model_cfg.max_position, ids.shape[1], max_new_tokens, temperature=temperature,
+                            top_k=top_k, top_p=top_p, greedy=greedy)
+  saved_program = program_cache.path_for('generate', export=saved, model=model_cfg.to_dict(), prompts=ids.shape,
+                                         max_new_tokens=max_new_tokens, greedy=greedy, stops=len(stop))
+  # Another thread describes the model (0.4 s) and restores the weights while this one loads the program a
+  # previous run saved (or compiles it, from the model's shapes): one after the other they took 2 s of every start.
+  described = concurrent.futures.Future()
+
+  def describe_and_restore():
+    try:
+      described.set_result(ckpt_lib.setup_export_model(saved, model_cfg))
+    except BaseException as e:  # the waiting thread gets it too
+      described.set_exception(e)
+      raise
+    return ckpt_lib.load_export_params(params, described.result().abstract_params)
+
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
-    restoring = pool.submit(ckpt_lib.load_export_params, params, setup.abstract_params)
-    model = nnx.merge(setup.graphdef, setup.abstract_params)
-    generation.check_settings(model, ids.shape[1], max_new_tokens, temperature=temperature, top_k=top_k,
-                              top_p=top_p, greedy=greedy)
-    program = generation.compile_generate(model, *ids.shape, max_new_tokens, greedy=greedy,
-                                          num_stop_ids=len(stop))
-    model = nnx.merge(setup.graphdef, restoring.result())
+    restoring = pool.submit(describe_and_restore)
+    program = saved_program and generation.load_generate(saved_program, *ids.shape, len(stop))
+    if not program:
+      setup = described.result()
+      program = generation.compile_generate(nnx.merge(setup.graphdef, setup.abstract_params), *ids.shape,
+                                            max_new_tokens, greedy=greedy, num_stop_ids=len(stop),
+                                            save_to=saved_program)
+    model = nnx.merge(described.result().graphdef, restoring.result())
   out, num = generation.generate(model, ids, lengths, max_new_tokens, jax.random.key(seed), greedy=greedy,
                                  temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=stop,
                                  pad_id=tokenizer.pad_id, program=program)

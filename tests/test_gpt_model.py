@@ -281,7 +281,7 @@ def prompts():
   return left, right, lengths
 
 
-def test_greedy_generate_matches_transformers(hf_model):
+def test_greedy_generate_matches_transformers(hf_model, tmp_path):
   left, right, lengths = prompts()
   new = 8
   mask = (np.arange(5)[None] >= (5 - lengths)[:, None]).astype(np.int64)
@@ -302,9 +302,18 @@ def test_greedy_generate_matches_transformers(hf_model):
   assert generation.runs_layers_apart(converted(), 1)
   cfg, _ = hf_gpt2.params_from_hf(hf_state(hf_model), hf_model.config.to_dict())
   program = generation.compile_generate(abstract_model(dict(cfg, scan_layers=True)), 1, 3, new, greedy=True)
-  for ahead in (None, program):
+  # Saved (the generate job's program cache) and loaded back without the model: the same tokens.
+  saved = str(tmp_path / 'generate-program')
+  generation.compile_generate(abstract_model(dict(cfg, scan_layers=True)), 1, 3, new, greedy=True, save_to=saved)
+  loaded = generation.load_generate(saved, 1, 3, 0)
+  for ahead in (None, program, loaded):
     tokens, _ = generation.generate(converted(), short, [3], new, greedy=True, program=ahead)
     np.testing.assert_array_equal(tokens, alone)
+  with open(saved, 'r+b') as f:  # damaged: a cache miss, not an error
+    f.seek(len(f.readline()) + 100)
+    f.write(b'\0' * 64)
+  assert generation.load_generate(saved, 1, 3, 0) is None
+  assert generation.load_generate(str(tmp_path / 'never-saved'), 1, 3, 0) is None
   scan_model = nnx.merge(*nnx.split(converted()))  # a new module object: the cached one stays as it is
   object.__setattr__(scan_model, 'config', dataclasses.replace(scan_model.config, layer_loop='scan'))
   assert not generation.runs_layers_apart(scan_model, 1)  # a loop over stacked layers keeps them stacked

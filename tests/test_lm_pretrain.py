@@ -117,5 +117,17 @@ def test_gpt_pretrain_job_learns_and_resumes_exactly(tmp_path):
   lines = [json.loads(line) for line in generated.stdout.strip().splitlines()]
   assert [l['prompt'] for l in lines] == ['the company said', 'in new york stock exchange composite trading']
   assert all(1 <= len(l['generated_ids']) <= 8 and l['prompt_ids'] for l in lines)
+  # On one device the job keeps its traced program beside the compile cache: the second run loads it (the same
+  # text), a damaged one is compiled again and replaced.
+  env.update(XLA_FLAGS='--xla_force_host_platform_device_count=1', JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'cache'))
+  one = ('jaxssl.generate', '--params', str(tmp_path / 'params'), '--prompt', 'the company said', '--greedy',
+         '--max-new-tokens', '8')
+  first = job(*one)
+  assert first.returncode == 0, first.stderr[-3000:]
+  [saved] = os.listdir(tmp_path / 'cache' / 'jaxssl_programs')
+  saved = tmp_path / 'cache' / 'jaxssl_programs' / saved
+  assert job(*one).stdout == first.stdout
+  saved.write_bytes(saved.read_bytes()[:200])
+  assert job(*one).stdout == first.stdout and len(saved.read_bytes()) > 200
   bert = job('jaxssl.generate', '--params', str(tmp_path / 'nope'), '--prompt', 'x')
   assert bert.returncode == 2 and 'not a jaxssl export' in bert.stderr.strip().splitlines()[-1]

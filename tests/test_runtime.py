@@ -143,3 +143,23 @@ def test_compile_cache_is_on_by_default(setting, tmp_path):
   default = tmp_path / 'home' / '.cache' / 'jaxssl' / 'jax_compile_cache'
   written = {'unset': default, 'folder': tmp_path / 'mine', 'empty': None}[setting]
   assert [p for p in (default, tmp_path / 'mine') if p.exists() and os.listdir(p)] == ([written] if written else [])
+
+
+def test_program_files_are_keyed_by_what_determines_them(monkeypatch, tmp_path):
+  import jax
+  from jaxssl import program_cache
+  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', str(tmp_path))
+  monkeypatch.setattr(jax, 'device_count', lambda: 1)  # the tests' process has 8 CPU devices; the job, one
+  first = program_cache.path_for('generate', export={'model': {'num_layers': 2}}, prompts=(1, 5), greedy=True)
+  assert first.startswith(str(tmp_path / 'jaxssl_programs' / 'generate-'))
+  assert first == program_cache.path_for('generate', export={'model': {'num_layers': 2}}, prompts=(1, 5), greedy=True)
+  assert first != program_cache.path_for('generate', export={'model': {'num_layers': 3}}, prompts=(1, 5), greedy=True)
+  assert first != program_cache.path_for('generate', export={'model': {'num_layers': 2}}, prompts=(1, 6), greedy=True)
+  program_cache.write(first, {'greedy': True}, b'\x00program\nbytes')
+  assert program_cache.read(first) == ({'greedy': True}, b'\x00program\nbytes')
+  assert program_cache.read(first + '-missing') is None
+  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', '')
+  assert program_cache.path_for('generate', prompts=(1, 5)) is None  # no compile cache, no saved programs
+  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', str(tmp_path))
+  monkeypatch.setattr(jax, 'device_count', lambda: 2)
+  assert program_cache.path_for('generate', prompts=(1, 5)) is None  # programs over several devices: not kept

@@ -27,7 +27,6 @@ import shutil
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from safetensors.numpy import save_file
 
 from jaxssl import config as config_lib
@@ -353,9 +352,7 @@ def _from_local_hf(src: str, out: str, *, overwrite: bool, seed: int, named: tup
     params = jax.tree.map(lambda v, i: i if v is None else v, params, init, is_leaf=lambda x: x is None)
   params = jax.device_put(params, setup.param_shardings)
   tmp = _fresh_dir(out, overwrite)
-  checkpointer = ocp.StandardCheckpointer()  # the same writer as checkpoint.write_export
-  checkpointer.save(os.path.abspath(os.path.join(tmp, 'params')), params)
-  checkpointer.wait_until_finished()
+  ckpt_lib.save_export_params(os.path.abspath(os.path.join(tmp, 'params')), params)
   export_config = {**config.to_dict(), 'vocab_size': vocab_size, 'converted_from': {'hf': paths.absolute(named[0])},
                    **ckpt_lib.format_stamp()}
   with open(os.path.join(tmp, 'config.json'), 'w') as f:

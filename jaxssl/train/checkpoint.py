@@ -270,6 +270,14 @@ def check_compatible(saved_config: dict, model_cfg, vocab_size: int, where: str)
 
 # ----- exports: params only -----
 
+def save_export_params(directory, params) -> None:
+  """Writes an export's params/ (orbax, as checkpoints) without zstd: restoring SmolLM2-135M's took 0.42-0.65 s
+  compressed and 0.13-0.29 s not (the generate job's start), for 514 MB on disk instead of 333."""
+  checkpointer = ocp.AsyncCheckpointer(ocp.PyTreeCheckpointHandler(use_compression=False))
+  checkpointer.save(directory, args=ocp.args.PyTreeSave(params))
+  checkpointer.wait_until_finished()
+
+
 def write_export(out: str, params, config_json: str, tokenizer, *, overwrite: bool = False) -> None:
   """Writes `out/{params/, config.json, <tokenizer file>}` (a local folder or a bucket prefix) via a temporary
   folder renamed into place.
@@ -289,9 +297,7 @@ def write_export(out: str, params, config_json: str, tokenizer, *, overwrite: bo
   tmp, old = f'{out}.tmp-export', f'{out}.old-export'
   if jax.process_index() == 0:
     storage.remove(tmp, missing_ok=True)
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(storage.path(storage.join(tmp, 'params')), params)
-  checkpointer.wait_until_finished()
+  save_export_params(storage.path(storage.join(tmp, 'params')), params)
   if jax.process_index() == 0:
     remote = storage.is_remote(out)
     if not remote:
@@ -367,11 +373,23 @@ def load_export(path: str, mesh=None):
 def open_export(path: str, mesh=None):
   """An export's (config, model setup, tokenizer) without its weights: `setup.graphdef` and `setup.abstract_params`
   (jax.ShapeDtypeStruct on `mesh`'s shardings) describe the model; load_export_params restores the weights."""
+  saved, config, model_cfg, tokenizer = describe_export(path)
+  return config, setup_export_model(saved, model_cfg, mesh), tokenizer
+
+
+def describe_export(path: str):
+  """(config.json's dict, config, the model's config, tokenizer) of an export: open_export less the model's setup
+  (0.4 s of tracing for a 30-layer model), which setup_export_model does."""
   saved = read_export_config(path)
   config = config_lib.from_json(json.dumps(saved))
   tokenizer = tokenizers.load_tokenizer(path)
   vocab.check_rows(tokenizer.vocab_size, saved['vocab_size'], path)
   # A padded vocabulary (more rows than the tokenizer's ids): the model never predicts the padding rows.
   model_cfg = vocab.model_config_with_token_ids(config.model, tokenizer.vocab_size, saved['vocab_size'])
+  return saved, config, model_cfg, tokenizer
+
+
+def setup_export_model(saved: dict, model_cfg, mesh=None):
+  """The setup (state.setup_model) of describe_export's model on `mesh` (default: all devices, data-parallel)."""
   mesh = mesh if mesh is not None else mesh_lib.make_mesh((-1, 1, 1))
-  return config, state_lib.setup_model(model_cfg, saved['vocab_size'], mesh), tokenizer
+  return state_lib.setup_model(model_cfg, saved['vocab_size'], mesh)
