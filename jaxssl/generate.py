@@ -26,17 +26,12 @@ def generate(params: str, prompts: list[str], *, max_new_tokens: int = 50, greed
   # A job's jax modules load here, after runtime.setup (main) has configured the compile cache and processes.
   import jax
   import numpy as np
-  from flax import nnx
-  from jaxssl import families
   from jaxssl import program_cache
-  from jaxssl.models import generation
+  from jaxssl.models import generate_program
   from jaxssl.train import checkpoint as ckpt_lib
   if not prompts or any(not p.strip() for p in prompts):
     raise UserError('give at least one non-empty --prompt')
   saved, config, model_cfg, tokenizer = ckpt_lib.describe_export(params)
-  if not families.family_for(config.model).generates:
-    raise UserError(f'{params} holds a {config.model.name} model: generation needs a causal LM export such as GPT '
-                    '(python -m jaxssl.export of a configs/gpt.py run)')
   bos = [] if getattr(tokenizer, 'bos_id', None) is None else [tokenizer.bos_id]
   encoded = [bos + ids for ids in tokenizer.encode(prompts)]
   stop = [tokenizer.sep_id]  # the end-of-document token of the packed pretraining stream
@@ -51,12 +46,49 @@ def generate(params: str, prompts: list[str], *, max_new_tokens: int = 50, greed
   ids = np.zeros((len(prompts), int(lengths.max())), np.int32)
   for row, piece in enumerate(encoded):
     ids[row, :len(piece)] = piece
-  generation.check_settings(model_cfg.max_position, ids.shape[1], max_new_tokens, temperature=temperature,
-                            top_k=top_k, top_p=top_p, greedy=greedy)
+  generate_program.check_settings(model_cfg.max_position, ids.shape[1], max_new_tokens, temperature=temperature,
+                                  top_k=top_k, top_p=top_p, greedy=greedy)
   saved_program = program_cache.path_for('generate', export=saved, model=model_cfg.to_dict(), prompts=ids.shape,
                                          max_new_tokens=max_new_tokens, greedy=greedy, stops=len(stop))
-  # Another thread describes the model (0.4 s) and restores the weights while this one loads the program a
-  # previous run saved (or compiles it, from the model's shapes): one after the other they took 2 s of every start.
+  found = saved_program and generate_program.read(saved_program)
+  small = generate_program.arguments(ids, lengths, jax.random.key(seed), temperature, top_k, top_p, stop,
+                                     tokenizer.pad_id)
+  # A program an earlier run saved: the weights are restored onto its layout on another thread while it compiles
+  # (from XLA's cache), and neither flax nor the model is needed (2 s of every start when traced anew).
+  program = None
+  if found:
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+      target = generate_program.weights_target(found[0]['weights'])
+      restoring = pool.submit(ckpt_lib.load_export_params, params, target)
+      program = generate_program.load(found[1])
+      weights = restoring.result()
+  if program is not None:
+    out, num = program(jax.tree.leaves(weights), *small)
+  else:
+    out, num = _compile_and_generate(params, saved, config, model_cfg, ids, lengths, small, max_new_tokens, greedy,
+                                     saved_program)
+  out, num = np.asarray(out), np.asarray(num)
+  results = []
+  for prompt, prompt_ids, row, n in zip(prompts, encoded, out, num):
+    generated = [int(t) for t in row[:n]]
+    text = tokenizer.decode([t for t in generated if t not in stop])  # the stop token is not text
+    results.append({'prompt': prompt, 'prompt_ids': [int(t) for t in prompt_ids], 'generated_ids': generated,
+                    'text': text})
+  return results
+
+
+def _compile_and_generate(params, saved, config, model_cfg, ids, lengths, small, max_new_tokens, greedy,
+                          save_to):
+  """The first start for these settings: the model described (0.4 s) and its weights restored on another thread
+  while this one compiles the program from the model's shapes (and saves it to `save_to`)."""
+  import jax
+  from flax import nnx
+  from jaxssl import families
+  from jaxssl.models import generation
+  from jaxssl.train import checkpoint as ckpt_lib
+  if not families.family_for(config.model).generates:
+    raise UserError(f'{params} holds a {config.model.name} model: generation needs a causal LM export such as GPT '
+                    '(python -m jaxssl.export of a configs/gpt.py run)')
   described = concurrent.futures.Future()
 
   def describe_and_restore():
@@ -69,24 +101,12 @@ def generate(params: str, prompts: list[str], *, max_new_tokens: int = 50, greed
 
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
     restoring = pool.submit(describe_and_restore)
-    program = saved_program and generation.load_generate(saved_program, *ids.shape, len(stop))
-    if not program:
-      setup = described.result()
-      program = generation.compile_generate(nnx.merge(setup.graphdef, setup.abstract_params), *ids.shape,
-                                            max_new_tokens, greedy=greedy, num_stop_ids=len(stop),
-                                            save_to=saved_program)
-    model = nnx.merge(described.result().graphdef, restoring.result())
-  out, num = generation.generate(model, ids, lengths, max_new_tokens, jax.random.key(seed), greedy=greedy,
-                                 temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=stop,
-                                 pad_id=tokenizer.pad_id, program=program)
-  out, num = np.asarray(out), np.asarray(num)
-  results = []
-  for prompt, prompt_ids, row, n in zip(prompts, encoded, out, num):
-    generated = [int(t) for t in row[:n]]
-    text = tokenizer.decode([t for t in generated if t not in stop])  # the stop token is not text
-    results.append({'prompt': prompt, 'prompt_ids': [int(t) for t in prompt_ids], 'generated_ids': generated,
-                    'text': text})
-  return results
+    setup = described.result()
+    program = generation.compile_generate(nnx.merge(setup.graphdef, setup.abstract_params), *ids.shape,
+                                          max_new_tokens, greedy=greedy, num_stop_ids=len(small[-2]),
+                                          save_to=save_to)
+    model = nnx.merge(setup.graphdef, restoring.result())
+  return program.compiled(jax.tree.leaves(nnx.state(model)), *small)
 
 
 def main(argv=None):

@@ -14,7 +14,7 @@ from jaxssl.convert import hf_gpt2
 from jaxssl.errors import UserError
 from jaxssl.families import build_model, flops_per_token, validate_config
 from jaxssl.mesh import LOGICAL_AXIS_RULES
-from jaxssl.models import generation, gpt, parts
+from jaxssl.models import generate_program, generation, gpt, parts
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -302,18 +302,26 @@ def test_greedy_generate_matches_transformers(hf_model, tmp_path):
   assert generation.runs_layers_apart(converted(), 1)
   cfg, _ = hf_gpt2.params_from_hf(hf_state(hf_model), hf_model.config.to_dict())
   program = generation.compile_generate(abstract_model(dict(cfg, scan_layers=True)), 1, 3, new, greedy=True)
-  # Saved (the generate job's program cache) and loaded back without the model: the same tokens.
-  saved = str(tmp_path / 'generate-program')
-  generation.compile_generate(abstract_model(dict(cfg, scan_layers=True)), 1, 3, new, greedy=True, save_to=saved)
-  loaded = generation.load_generate(saved, 1, 3, 0)
-  for ahead in (None, program, loaded):
+  for ahead in (None, program):
     tokens, _ = generation.generate(converted(), short, [3], new, greedy=True, program=ahead)
     np.testing.assert_array_equal(tokens, alone)
+  # Saved (the generate job's program cache), then loaded and run without the model, on weights restored as a
+  # nested dict in the saved layout: the same tokens.
+  saved = str(tmp_path / 'generate-program')
+  generation.compile_generate(abstract_model(dict(cfg, scan_layers=True)), 1, 3, new, greedy=True, save_to=saved)
+  meta, blob = generate_program.read(saved)
+  weights = nnx.to_pure_dict(nnx.state(converted()))
+  target = generate_program.weights_target(meta['weights'])
+  assert jax.tree.structure(target) == jax.tree.structure(weights)
+  loaded = generate_program.load(blob)
+  tokens, _ = loaded(jax.tree.leaves(weights), *generate_program.arguments(short, [3], jax.random.key(0), 1.0, 0, 1.0,
+                                                                          (), 0))
+  np.testing.assert_array_equal(tokens, alone)
   with open(saved, 'r+b') as f:  # damaged: a cache miss, not an error
     f.seek(len(f.readline()) + 100)
     f.write(b'\0' * 64)
-  assert generation.load_generate(saved, 1, 3, 0) is None
-  assert generation.load_generate(str(tmp_path / 'never-saved'), 1, 3, 0) is None
+  assert generate_program.load(generate_program.read(saved)[1]) is None
+  assert generate_program.read(str(tmp_path / 'never-saved')) is None
   scan_model = nnx.merge(*nnx.split(converted()))  # a new module object: the cached one stays as it is
   object.__setattr__(scan_model, 'config', dataclasses.replace(scan_model.config, layer_loop='scan'))
   assert not generation.runs_layers_apart(scan_model, 1)  # a loop over stacked layers keeps them stacked

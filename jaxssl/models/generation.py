@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxssl import program_cache
 from jaxssl.errors import UserError
+from jaxssl.models import generate_program
 from jaxssl.models.layers import unroll_layers
 
 
@@ -117,29 +117,11 @@ def _generate(graphdef, state, prompt_ids, prompt_lengths, rng, temperature, top
   return out, num
 
 
-def check_settings(max_position: int, width: int, max_new_tokens: int, *, temperature: float = 1.0, top_k: int = 0,
-                   top_p: float = 1.0, greedy: bool = False, padding_side: str = 'right') -> None:
-  """UserError for settings `generate` cannot run with (before anything is compiled), for a model of
-  `max_position` positions."""
-  if max_new_tokens < 1:
-    raise UserError(f'max_new_tokens={max_new_tokens} must be at least 1')
-  if width + max_new_tokens > max_position:
-    raise UserError(f'prompt width {width} + max_new_tokens {max_new_tokens} exceeds model.max_position='
-                    f'{max_position}; shorten the prompts or generate fewer tokens')
-  if padding_side not in ('left', 'right'):
-    raise UserError(f"padding_side={padding_side!r}: use 'left' or 'right'")
-  if not greedy and not temperature > 0:
-    raise UserError(f'temperature={temperature} must be positive (or pass greedy=True)')
-  if top_k < 0 or not 0.0 < top_p <= 1.0:
-    raise UserError(f'top_k={top_k} must be >= 0 and top_p={top_p} in (0, 1]')
-
-
 def _arguments(model, prompt_ids, prompt_lengths, rng, temperature, top_k, top_p, stop_ids, pad_id):
-  """(graphdef, the other arguments of _generate): what generate passes, and compile_generate abstracts."""
+  """(graphdef, state, the other arguments of the program: generate_program.arguments)."""
   graphdef, state = nnx.split(model)
-  stop = jnp.asarray(tuple(stop_ids) or (-1,), jnp.int32)  # -1: no stop id (never sampled)
-  return graphdef, (state, jnp.asarray(prompt_ids), jnp.asarray(prompt_lengths), rng, jnp.float32(temperature),
-                    jnp.int32(top_k), jnp.float32(top_p), stop, jnp.int32(pad_id))
+  return graphdef, state, generate_program.arguments(prompt_ids, prompt_lengths, rng, temperature, top_k, top_p,
+                                                     stop_ids, pad_id)
 
 
 def _statics(model: nnx.Module, batch: int, max_new_tokens: int, greedy: bool, padding_side: str) -> dict:
@@ -149,15 +131,11 @@ def _statics(model: nnx.Module, batch: int, max_new_tokens: int, greedy: bool, p
 
 @dataclasses.dataclass(frozen=True)
 class GenerateProgram:
-  """`generate`'s program compiled ahead for one prompt shape and setting (compile_generate, load_generate)."""
+  """`generate`'s program compiled ahead for one prompt shape and setting (compile_generate)."""
   compiled: object  # jax.stages.Compiled of _flat's function
   prompt_shape: tuple[int, int]
   num_stop_ids: int
   statics: dict
-
-  def run(self, state, prompt_ids, prompt_lengths, rng, *rest):
-    """The program on _arguments' values."""
-    return self.compiled(jax.tree.leaves(state), prompt_ids, prompt_lengths, jax.random.key_data(rng), *rest)
 
 
 def _flat(graphdef, treedef, statics):
@@ -176,41 +154,23 @@ def compile_generate(model: nnx.Module, batch: int, width: int, max_new_tokens: 
 
   The generate job compiles (or loads from the compile cache) while another thread restores the weights.
   Pass the result to `generate(..., program=)` with a typed rng key (jax.random.key). `save_to`: a file
-  (program_cache.path_for) that keeps the traced program for `load_generate`.
+  (program_cache.path_for) that keeps the traced program for a later start (generate_program.load).
   """
-  graphdef, args = _arguments(model, jnp.zeros((batch, width), jnp.int32), jnp.ones((batch,), jnp.int32),
-                              jax.random.key(0), 1.0, 0, 1.0, range(num_stop_ids), 0)
-  leaves, treedef = jax.tree.flatten(args[0])
+  graphdef, state, small = _arguments(model, jnp.zeros((batch, width), jnp.int32), jnp.ones((batch,), jnp.int32),
+                                      jax.random.key(0), 1.0, 0, 1.0, range(num_stop_ids), 0)
+  leaves, treedef = jax.tree.flatten(state)
   # The weights keep their shardings on the mesh; the small arguments are left for the compiler to place.
   specs = ([jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, 'sharding', None)) for a in leaves],
-           *[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (*args[1:3], jax.random.key_data(args[3]), *args[4:])])
+           *[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in small])
   statics = _statics(model, batch, max_new_tokens, greedy, padding_side)
   program = jax.jit(_flat(graphdef, treedef, statics))
-  if save_to is None:
-    return GenerateProgram(program.lower(*specs).compile(), (batch, width), len(args[-2]), statics)
+  weights = generate_program.weights_layout(nnx.to_pure_dict(state))
+  # A later start restores the weights as a nested dict in `weights`' order: saved only if that is the state's.
+  if save_to is None or [w[1] for w in weights] != [list(a.shape) for a in leaves]:
+    return GenerateProgram(program.lower(*specs).compile(), (batch, width), len(small[-2]), statics)
   exported = jax.export.export(program)(*specs)
-  program_cache.write(save_to, statics, exported.serialize())
-  return GenerateProgram(_compile_exported(exported), (batch, width), len(args[-2]), statics)
-
-
-def _compile_exported(exported):
-  """An exported program compiled as load_generate compiles it: the same lowering, hence XLA's cache entry."""
-  specs, _ = exported.in_tree.unflatten([jax.ShapeDtypeStruct(a.shape, a.dtype) for a in exported.in_avals])
-  return jax.jit(exported.call).lower(*specs).compile()
-
-
-def load_generate(path: str, batch: int, width: int, num_stop_ids: int) -> GenerateProgram | None:
-  """The program compile_generate saved to `path` (for this shape and these settings: path_for's facts), compiled
-  (from XLA's compile cache, usually) without the model; None when there is none or it cannot be loaded."""
-  saved = program_cache.read(path)
-  if saved is None:
-    return None
-  statics, blob = saved
-  try:
-    compiled = _compile_exported(jax.export.deserialize(bytearray(blob)))
-  except Exception:  # noqa: BLE001 (reason: a damaged or foreign file is a cache miss: the caller compiles afresh)
-    return None
-  return GenerateProgram(compiled, (batch, width), max(num_stop_ids, 1), statics)
+  generate_program.save(save_to, exported, statics, weights)
+  return GenerateProgram(generate_program.compile_exported(exported), (batch, width), len(small[-2]), statics)
 
 
 def generate(model: nnx.Module, prompt_ids, prompt_lengths, max_new_tokens: int, rng: jax.Array | None = None, *,
@@ -226,18 +186,19 @@ def generate(model: nnx.Module, prompt_ids, prompt_lengths, max_new_tokens: int,
   padding side and number of stop ids; the other settings are traced. `program`: the same, compiled ahead
   (compile_generate) for this call's shape and settings.
   """
-  check_settings(model.config.max_position, prompt_ids.shape[1], max_new_tokens, temperature=temperature,
+  generate_program.check_settings(model.config.max_position, prompt_ids.shape[1], max_new_tokens, temperature=temperature,
                  top_k=top_k, top_p=top_p, greedy=greedy, padding_side=padding_side)
   if rng is None:
     if not greedy:
       raise UserError('sampling needs an rng key (or pass greedy=True)')
     rng = jax.random.key(0)
-  graphdef, args = _arguments(model, prompt_ids, prompt_lengths, rng, temperature, top_k, top_p, stop_ids, pad_id)
+  graphdef, state, small = _arguments(model, prompt_ids, prompt_lengths, rng, temperature, top_k, top_p, stop_ids,
+                                      pad_id)
   statics = _statics(model, prompt_ids.shape[0], max_new_tokens, greedy, padding_side)
   if program is None:
-    return _generate(graphdef, *args, **statics)
-  stops = len(args[-2])
+    return _generate(graphdef, state, *small[:2], rng, *small[3:], **statics)
+  stops = len(small[-2])
   if (program.prompt_shape, program.num_stop_ids, program.statics) != (tuple(prompt_ids.shape), stops, statics):
     raise ValueError(f'the program was compiled for prompts {program.prompt_shape}, {program.num_stop_ids} stop ids '
                      f'and {program.statics}; this call has {tuple(prompt_ids.shape)}, {stops}, {statics}')
-  return program.run(*args)
+  return program.compiled(jax.tree.leaves(state), *small)

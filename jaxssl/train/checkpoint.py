@@ -20,17 +20,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from flax import nnx
-
 from jaxssl import config as config_lib
-from jaxssl import families
-from jaxssl import mesh as mesh_lib
 from jaxssl import paths
 from jaxssl import storage
 from jaxssl.data import tokenizers
 from jaxssl.errors import JobFailed, UserError
 from jaxssl.models import vocab
-from jaxssl.train import state as state_lib
 from jaxssl.version import __version__
 
 # The layout of what this jaxssl writes. Bump FORMAT_VERSION when a change means an older jaxssl can no longer read
@@ -253,6 +248,7 @@ def check_compatible(saved_config: dict, model_cfg, vocab_size: int, where: str)
   model name, another value of one of its family's shape keys (older configs' defaults filled in), or vocabulary."""
   saved_model = dict(saved_config.get('model', {}))
   here = model_cfg.to_dict() if hasattr(model_cfg, 'to_dict') else dict(model_cfg)
+  from jaxssl import families  # reason: flax's import (0.4 s) is left to what builds models (generate's start)
   family = families.family_for(here)
   if saved_model.get('name') != here.get('name'):
     diffs = [f'model.name: {saved_model.get("name")!r} there, {here.get("name")!r} here']
@@ -366,6 +362,7 @@ def load_export(path: str, mesh=None):
   gives those rows -inf logits (jaxssl/models/vocab.py). Fewer rows than ids is a UserError.
   """
   config, setup, tokenizer = open_export(path, mesh)
+  from flax import nnx  # reason: as families above
   model = nnx.merge(setup.graphdef, load_export_params(path, setup.abstract_params))
   return config, model, tokenizer
 
@@ -391,5 +388,7 @@ def describe_export(path: str):
 
 def setup_export_model(saved: dict, model_cfg, mesh=None):
   """The setup (state.setup_model) of describe_export's model on `mesh` (default: all devices, data-parallel)."""
+  from jaxssl import mesh as mesh_lib  # reason: as families above
+  from jaxssl.train import state as state_lib  # reason: as families above
   mesh = mesh if mesh is not None else mesh_lib.make_mesh((-1, 1, 1))
   return state_lib.setup_model(model_cfg, saved['vocab_size'], mesh)

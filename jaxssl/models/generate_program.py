@@ -1,0 +1,80 @@
+"""The generate program's half that needs neither flax nor the model: its arguments, and loading a program that
+generation.compile_generate saved (jax.export) on an earlier run, with the layout of the weights it takes.
+
+The generate job's second start runs on this alone: it restores the weights straight onto that layout while the
+saved program compiles (from XLA's compile cache), so it never imports flax nor traces the model (0.4 s and 0.9 s of
+SmolLM2-135M's start).
+"""
+import jax
+import jax.numpy as jnp
+
+from jaxssl import program_cache
+from jaxssl.errors import UserError
+
+
+def check_settings(max_position: int, width: int, max_new_tokens: int, *, temperature: float = 1.0, top_k: int = 0,
+                   top_p: float = 1.0, greedy: bool = False, padding_side: str = 'right') -> None:
+  """UserError for settings `generate` cannot run with (before anything is compiled), for a model of
+  `max_position` positions."""
+  if max_new_tokens < 1:
+    raise UserError(f'max_new_tokens={max_new_tokens} must be at least 1')
+  if width + max_new_tokens > max_position:
+    raise UserError(f'prompt width {width} + max_new_tokens {max_new_tokens} exceeds model.max_position='
+                    f'{max_position}; shorten the prompts or generate fewer tokens')
+  if padding_side not in ('left', 'right'):
+    raise UserError(f"padding_side={padding_side!r}: use 'left' or 'right'")
+  if not greedy and not temperature > 0:
+    raise UserError(f'temperature={temperature} must be positive (or pass greedy=True)')
+  if top_k < 0 or not 0.0 < top_p <= 1.0:
+    raise UserError(f'top_k={top_k} must be >= 0 and top_p={top_p} in (0, 1]')
+
+
+def arguments(prompt_ids, prompt_lengths, rng, temperature, top_k, top_p, stop_ids, pad_id) -> tuple:
+  """The program's arguments after the weights, as arrays of its dtypes (`rng`: a typed key, passed as its data)."""
+  stop = jnp.asarray(tuple(stop_ids) or (-1,), jnp.int32)  # -1: no stop id (never sampled)
+  return (jnp.asarray(prompt_ids), jnp.asarray(prompt_lengths), jax.random.key_data(rng), jnp.float32(temperature),
+          jnp.int32(top_k), jnp.float32(top_p), stop, jnp.int32(pad_id))
+
+
+def compile_exported(exported):
+  """An exported program compiled for the avals it was exported with (one device): the same lowering at every
+  start, hence the same entry of XLA's compile cache."""
+  specs, _ = exported.in_tree.unflatten([jax.ShapeDtypeStruct(a.shape, a.dtype) for a in exported.in_avals])
+  return jax.jit(exported.call).lower(*specs).compile()
+
+
+def weights_layout(params) -> list:
+  """[[path keys], shape, dtype] of each leaf of a nested dict of params, in the program's order."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(params)
+  return [[[k.key for k in path], list(leaf.shape), str(leaf.dtype)] for path, leaf in flat]
+
+
+def weights_target(weights: list) -> dict:
+  """The nested dict of jax.ShapeDtypeStruct (on the one device) that restores weights of `weights_layout`."""
+  target = {}
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  for keys, shape, dtype in weights:
+    node = target
+    for key in keys[:-1]:
+      node = node.setdefault(key, {})
+    node[keys[-1]] = jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=device)
+  return target
+
+
+def save(path: str, exported, statics: dict, weights: list) -> None:
+  program_cache.write(path, {'statics': statics, 'weights': weights}, exported.serialize())
+
+
+def read(path: str) -> tuple[dict, bytes] | None:
+  """(metadata, serialized program) saved at `path`, or None."""
+  found = program_cache.read(path)
+  return found if found is not None and {'statics', 'weights'} <= set(found[0]) else None
+
+
+def load(blob: bytes):
+  """`read`'s program compiled (jax.stages.Compiled over (weight leaves, *arguments(...))); None where it cannot
+  be (a damaged file: the caller compiles afresh)."""
+  try:
+    return compile_exported(jax.export.deserialize(bytearray(blob)))
+  except Exception:  # noqa: BLE001 (reason: a damaged or foreign file is a cache miss, not the user's error)
+    return None
