@@ -79,8 +79,8 @@ def generate(params: str, prompts: list[str], *, max_new_tokens: int = 50, greed
 
 def _compile_and_generate(params, saved, config, model_cfg, ids, lengths, small, max_new_tokens, greedy,
                           save_to):
-  """The first start for these settings: the model described (0.4 s) and its weights restored on another thread
-  while this one compiles the program from the model's shapes (and saves it to `save_to`)."""
+  """The first start for these settings: the weights are restored on another thread while this one compiles the
+  program from the model's shapes (and saves it to `save_to`)."""
   import jax
   from flax import nnx
   from jaxssl import families
@@ -89,19 +89,9 @@ def _compile_and_generate(params, saved, config, model_cfg, ids, lengths, small,
   if not families.family_for(config.model).generates:
     raise UserError(f'{params} holds a {config.model.name} model: generation needs a causal LM export such as GPT '
                     '(python -m jaxssl.export of a configs/gpt.py run)')
-  described = concurrent.futures.Future()
-
-  def describe_and_restore():
-    try:
-      described.set_result(ckpt_lib.setup_export_model(saved, model_cfg))
-    except BaseException as e:  # the waiting thread gets it too
-      described.set_exception(e)
-      raise
-    return ckpt_lib.load_export_params(params, described.result().abstract_params)
-
+  setup = ckpt_lib.setup_export_model(saved, model_cfg)
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
-    restoring = pool.submit(describe_and_restore)
-    setup = described.result()
+    restoring = pool.submit(ckpt_lib.load_export_params, params, setup.abstract_params)
     program = generation.compile_generate(nnx.merge(setup.graphdef, setup.abstract_params), *ids.shape,
                                           max_new_tokens, greedy=greedy, num_stop_ids=len(small[-2]),
                                           save_to=save_to)

@@ -186,8 +186,9 @@ def generate(model: nnx.Module, prompt_ids, prompt_lengths, max_new_tokens: int,
   padding side and number of stop ids; the other settings are traced. `program`: the same, compiled ahead
   (compile_generate) for this call's shape and settings.
   """
-  generate_program.check_settings(model.config.max_position, prompt_ids.shape[1], max_new_tokens, temperature=temperature,
-                 top_k=top_k, top_p=top_p, greedy=greedy, padding_side=padding_side)
+  generate_program.check_settings(model.config.max_position, prompt_ids.shape[1], max_new_tokens,
+                                  temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
+                                  padding_side=padding_side)
   if rng is None:
     if not greedy:
       raise UserError('sampling needs an rng key (or pass greedy=True)')
