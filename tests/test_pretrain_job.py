@@ -111,6 +111,7 @@ def test_export_round_trip(reference_run, tmp_path):
   result = run_job(['--workdir', str(reference_run), '--out', str(out)], module='jaxssl.export')
   assert result.returncode == 0, result.stderr[-3000:]
   assert sorted(os.listdir(out)) == ['config.json', 'params', 'tokenizer.model']
+  assert 'WARNING' not in result.stderr, result.stderr  # orbax's read-only notices are not the user's business
   again = run_job(['--workdir', str(reference_run), '--out', str(out)], module='jaxssl.export')
   assert again.returncode == 2 and 'already exists' in again.stderr
 

@@ -55,9 +55,12 @@ def check_format(saved: dict, what: str) -> None:
 
 class _WriterErrorsInOneLine(logging.Filter):
   """orbax logs every failed writer thread with its traceback, and asyncio each failed future nobody read: a full
-  disk gives dozens of tracebacks. Each keeps its one-line message; the job's last line says what happened."""
+  disk gives dozens of tracebacks. Each keeps its one-line message; the job's last line says what happened. Also
+  drops orbax's three warnings that a manager opened read-only (export, evaluate) is read-only."""
 
   def filter(self, record: logging.LogRecord) -> bool:
+    if str(record.msg).startswith(('CheckpointManagerOptions.read_only=True', 'Given directory is read only')):
+      return False
     if record.exc_info and record.levelno >= logging.ERROR and (
         'orbax' in record.pathname or 'exception was never retrieved' in str(record.msg)):
       record.exc_info, record.exc_text = None, None
