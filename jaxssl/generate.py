@@ -46,11 +46,16 @@ def generate(params: str, prompts: list[str], *, max_new_tokens: int = 50, greed
   ids = np.zeros((len(prompts), int(lengths.max())), np.int32)
   for row, piece in enumerate(encoded):
     ids[row, :len(piece)] = piece
-  generate_program.check_settings(model_cfg.max_position, ids.shape[1], max_new_tokens, temperature=temperature,
-                                  top_k=top_k, top_p=top_p, greedy=greedy)
   saved_program = program_cache.path_for('generate', export=saved, model=model_cfg.to_dict(), prompts=ids.shape,
                                          max_new_tokens=max_new_tokens, greedy=greedy, stops=len(stop))
   found = saved_program and generate_program.read(saved_program)
+  if not found:  # a saved program was compiled for an export that generates; else ask its family (imports flax)
+    from jaxssl import families  # reason: flax's import (0.4 s) only on a start that builds the model
+    if not families.family_for(config.model).generates:
+      raise UserError(f'{params} holds a {config.model.name} model: generation needs a causal LM export such as '
+                      'GPT (python -m jaxssl.export of a configs/gpt.py run)')
+  generate_program.check_settings(model_cfg.max_position, ids.shape[1], max_new_tokens, temperature=temperature,
+                                  top_k=top_k, top_p=top_p, greedy=greedy)
   small = generate_program.arguments(ids, lengths, jax.random.key(seed), temperature, top_k, top_p, stop,
                                      tokenizer.pad_id)
   # A program an earlier run saved: the weights are restored onto its layout on another thread while it compiles
@@ -65,8 +70,7 @@ def generate(params: str, prompts: list[str], *, max_new_tokens: int = 50, greed
   if program is not None:
     out, num = program(jax.tree.leaves(weights), *small)
   else:
-    out, num = _compile_and_generate(params, saved, config, model_cfg, ids, lengths, small, max_new_tokens, greedy,
-                                     saved_program)
+    out, num = _compile_and_generate(params, saved, model_cfg, ids, small, max_new_tokens, greedy, saved_program)
   out, num = np.asarray(out), np.asarray(num)
   results = []
   for prompt, prompt_ids, row, n in zip(prompts, encoded, out, num):
@@ -77,18 +81,13 @@ def generate(params: str, prompts: list[str], *, max_new_tokens: int = 50, greed
   return results
 
 
-def _compile_and_generate(params, saved, config, model_cfg, ids, lengths, small, max_new_tokens, greedy,
-                          save_to):
+def _compile_and_generate(params, saved, model_cfg, ids, small, max_new_tokens, greedy, save_to):
   """The first start for these settings: the weights are restored on another thread while this one compiles the
   program from the model's shapes (and saves it to `save_to`)."""
   import jax
   from flax import nnx
-  from jaxssl import families
   from jaxssl.models import generation
   from jaxssl.train import checkpoint as ckpt_lib
-  if not families.family_for(config.model).generates:
-    raise UserError(f'{params} holds a {config.model.name} model: generation needs a causal LM export such as GPT '
-                    '(python -m jaxssl.export of a configs/gpt.py run)')
   setup = ckpt_lib.setup_export_model(saved, model_cfg)
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
     restoring = pool.submit(ckpt_lib.load_export_params, params, setup.abstract_params)
