@@ -277,10 +277,10 @@ def load_tokenizer(path: str) -> TextTokenizer:
     return hf_tokenizer.HFTokenizer.from_vocab_merges(path, merges)
   if path.endswith('.json'):
     # Encoders' tokenizers (BERT WordPiece; RoBERTa / XLM-R, whose config names a mask token) get BERT roles.
-    if (hf_tokenizer.tokenizer_json_model(path) in ('WordPiece', '')
-        or wordpiece.bert_roles_named(storage.parent(path))):
-      return wordpiece.WordPieceTokenizer.from_file(path)
-    return hf_tokenizer.HFTokenizer.from_file(path)
+    tok = hf_tokenizer.read_tokenizer_json(path)  # read once: Gemma 3's takes a second
+    if hf_tokenizer.model_type(tok) == 'WordPiece' or wordpiece.bert_roles_named(storage.parent(path)):
+      return wordpiece.WordPieceTokenizer.from_file(path, tok)
+    return hf_tokenizer.HFTokenizer.from_file(path, tok)
   if path.endswith('.txt'):
     return wordpiece.WordPieceTokenizer.from_vocab(path)
   return SentencePieceTokenizer.load(path)

@@ -20,6 +20,7 @@ import tokenizers as hf_tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers
 
 from jaxssl import storage
+from jaxssl.data import hf_tokenizer
 from jaxssl.data.tokenizer_base import (CONFIG_FILENAME, JSON_FILENAME, random_token_range, read_tokenizer_config,
                                         trim_span)
 from jaxssl.errors import UserError
@@ -78,13 +79,10 @@ class WordPieceTokenizer:
     self.random_token_range = random_token_range(self.vocab_size, self.special_ids)
 
   @classmethod
-  def from_file(cls, path: str) -> 'WordPieceTokenizer':
-    """Loads a HuggingFace `tokenizer.json` (special token names from a tokenizer_config.json beside it)."""
-    try:
-      with storage.local_file(path) as local:
-        tok = hf_tokenizers.Tokenizer.from_file(local)
-    except Exception as e:  # the Rust side raises plain Exception for any unreadable file
-      raise UserError(f'{path} is not a HuggingFace tokenizer.json ({str(e)[:200]})') from None
+  def from_file(cls, path: str, tokenizer: hf_tokenizers.Tokenizer | None = None) -> 'WordPieceTokenizer':
+    """Loads a HuggingFace `tokenizer.json` (or `tokenizer`, read_tokenizer_json's of it; special token names from
+    a tokenizer_config.json beside it)."""
+    tok = tokenizer or hf_tokenizer.read_tokenizer_json(path)
     return cls(tok, path, _token_names(read_tokenizer_config(storage.parent(path))))
 
   @classmethod
