@@ -65,7 +65,7 @@ def generate(params: str, prompts: list[str], *, max_new_tokens: int = 50, greed
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
       target = generate_program.weights_target(found[0]['weights'])
       restoring = pool.submit(ckpt_lib.load_export_params, params, target)
-      program = generate_program.load(found[1])
+      program = generate_program.load(*found)
       weights = restoring.result()
   if program is not None:
     out, num = program(jax.tree.leaves(weights), *small)

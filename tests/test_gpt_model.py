@@ -313,14 +313,15 @@ def test_greedy_generate_matches_transformers(hf_model, tmp_path):
   weights = nnx.to_pure_dict(nnx.state(converted()))
   target = generate_program.weights_target(meta['weights'])
   assert jax.tree.structure(target) == jax.tree.structure(weights)
-  loaded = generate_program.load(blob)
+  assert meta['lapack'] is False
+  loaded = generate_program.load(meta, blob)
   tokens, _ = loaded(jax.tree.leaves(weights), *generate_program.arguments(short, [3], jax.random.key(0), 1.0, 0, 1.0,
                                                                           (), 0))
   np.testing.assert_array_equal(tokens, alone)
   with open(saved, 'r+b') as f:  # damaged: a cache miss, not an error
     f.seek(len(f.readline()) + 100)
     f.write(b'\0' * 64)
-  assert generate_program.load(generate_program.read(saved)[1]) is None
+  assert generate_program.load(*generate_program.read(saved)) is None
   assert generate_program.read(str(tmp_path / 'never-saved')) is None
   scan_model = nnx.merge(*nnx.split(converted()))  # a new module object: the cached one stays as it is
   object.__setattr__(scan_model, 'config', dataclasses.replace(scan_model.config, layer_loop='scan'))
@@ -328,6 +329,26 @@ def test_greedy_generate_matches_transformers(hf_model, tmp_path):
   assert not generation.runs_layers_apart(converted(), 2)  # batches keep the stacked loop
   with pytest.raises(ValueError, match=r'compiled for prompts \(1, 3\)'):
     generation.generate(converted(), right, lengths, new, greedy=True, program=program)
+
+
+
+def test_a_saved_program_without_lapack_loads_without_its_setup(monkeypatch):
+  """jax.export's call sets up LAPACK for every CPU program (jaxlib imports scipy.linalg: 0.5 s of the generate
+  job's start); a saved program that calls no LAPACK kernel is compiled without that setup, and only it."""
+  from jax._src.export import _export
+  setups = []
+  monkeypatch.setattr(_export, '_ensure_backends_initialized', lambda platforms: setups.append(platforms))
+  spec = jax.ShapeDtypeStruct((4, 4), jnp.float32)
+  twice = jnp.eye(4) * 2
+  matmul = jax.export.export(jax.jit(lambda a: a @ a))(spec)
+  solve = jax.export.export(jax.jit(lambda a: jnp.linalg.solve(a, a)))(spec)
+  assert not generate_program.calls_lapack(matmul) and generate_program.calls_lapack(solve)
+  np.testing.assert_allclose(generate_program.compile_exported(matmul, lapack=False)(twice), twice @ twice)
+  assert setups == []
+  np.testing.assert_allclose(generate_program.compile_exported(solve, lapack=True)(twice), jnp.eye(4), atol=1e-6)
+  assert setups == [('cpu',)]
+  np.testing.assert_allclose(generate_program.compile_exported(matmul)(twice), twice @ twice)  # default: set up
+  assert len(setups) == 2
 
 
 def test_top_k_1_is_greedy_and_stop_ids_stop():

@@ -126,7 +126,13 @@ def test_gpt_pretrain_job_learns_and_resumes_exactly(tmp_path):
   assert first.returncode == 0, first.stderr[-3000:]
   [saved] = os.listdir(tmp_path / 'cache' / 'jaxssl_programs')
   saved = tmp_path / 'cache' / 'jaxssl_programs' / saved
-  assert job(*one).stdout == first.stdout
+  # The loading start imports neither flax nor scipy (LAPACK's setup, which this program does not need).
+  env.update(PYTHONPROFILEIMPORTTIME='1')
+  loading = job(*one)
+  env.pop('PYTHONPROFILEIMPORTTIME')
+  assert loading.stdout == first.stdout
+  imported = {line.rsplit('|', 1)[-1].strip() for line in loading.stderr.splitlines() if line.startswith('import time')}
+  assert 'jax' in imported and not {'flax', 'scipy'} & imported
   saved.write_bytes(saved.read_bytes()[:200])
   assert job(*one).stdout == first.stdout and len(saved.read_bytes()) > 200
   bert = job('jaxssl.generate', '--params', str(tmp_path / 'nope'), '--prompt', 'x')

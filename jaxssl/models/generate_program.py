@@ -5,6 +5,9 @@ The generate job's second start runs on this alone: it restores the weights stra
 saved program compiles (from XLA's compile cache), so it never imports flax nor traces the model (0.4 s and 0.9 s of
 SmolLM2-135M's start).
 """
+import contextlib
+import re
+
 import jax
 import jax.numpy as jnp
 
@@ -36,11 +39,34 @@ def arguments(prompt_ids, prompt_lengths, rng, temperature, top_k, top_p, stop_i
           jnp.int32(top_k), jnp.float32(top_p), stop, jnp.int32(pad_id))
 
 
-def compile_exported(exported):
+def compile_exported(exported, *, lapack: bool = True):
   """An exported program compiled for the avals it was exported with (one device): the same lowering at every
-  start, hence the same entry of XLA's compile cache."""
+  start, hence the same entry of XLA's compile cache. `lapack`: whether it calls LAPACK (calls_lapack)."""
   specs, _ = exported.in_tree.unflatten([jax.ShapeDtypeStruct(a.shape, a.dtype) for a in exported.in_avals])
-  return jax.jit(exported.call).lower(*specs).compile()
+  with contextlib.nullcontext() if lapack else _lapack_setup_skipped():
+    return jax.jit(exported.call).lower(*specs).compile()
+
+
+def calls_lapack(exported) -> bool:
+  """Whether an exported program calls one of jaxlib's LAPACK kernels (a custom call named lapack_...)."""
+  return re.search(r'custom_call @lapack_', exported.mlir_module()) is not None
+
+
+@contextlib.contextmanager
+def _lapack_setup_skipped():
+  """Calling an Exported on CPU sets up jaxlib's LAPACK kernels first, for any program: jaxlib then imports
+  scipy.linalg (0.5-0.6 s of the generate job's 3 s start, BENCHMARKS.md §20). A program that calls none does
+  not need them. The hook is jax's own (private): where a jax lacks it, nothing is skipped."""
+  from jax._src.export import _export  # reason: private module, read only here
+  ensure = getattr(_export, '_ensure_backends_initialized', None)
+  if ensure is None:
+    yield
+    return
+  _export._ensure_backends_initialized = lambda platforms: None
+  try:
+    yield
+  finally:
+    _export._ensure_backends_initialized = ensure
 
 
 def weights_layout(params) -> list:
@@ -61,20 +87,21 @@ def weights_target(weights: list) -> dict:
   return target
 
 
-def save(path: str, exported, statics: dict, weights: list) -> None:
-  program_cache.write(path, {'statics': statics, 'weights': weights}, exported.serialize())
+def save(path: str, exported, statics: dict, weights: list, lapack: bool) -> None:
+  """Keeps `exported` at `path` with its settings, the layout of the weights it takes and whether it calls LAPACK."""
+  program_cache.write(path, {'statics': statics, 'weights': weights, 'lapack': lapack}, exported.serialize())
 
 
 def read(path: str) -> tuple[dict, bytes] | None:
   """(metadata, serialized program) saved at `path`, or None."""
   found = program_cache.read(path)
-  return found if found is not None and {'statics', 'weights'} <= set(found[0]) else None
+  return found if found is not None and {'statics', 'weights', 'lapack'} <= set(found[0]) else None
 
 
-def load(blob: bytes):
+def load(meta: dict, blob: bytes):
   """`read`'s program compiled (jax.stages.Compiled over (weight leaves, *arguments(...))); None where it cannot
   be (a damaged file: the caller compiles afresh)."""
   try:
-    return compile_exported(jax.export.deserialize(bytearray(blob)))
+    return compile_exported(jax.export.deserialize(bytearray(blob)), lapack=bool(meta['lapack']))
   except Exception:  # noqa: BLE001 (reason: a damaged or foreign file is a cache miss, not the user's error)
     return None

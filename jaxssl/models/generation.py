@@ -169,8 +169,10 @@ def compile_generate(model: nnx.Module, batch: int, width: int, max_new_tokens: 
   if save_to is None or [w[1] for w in weights] != [list(a.shape) for a in leaves]:
     return GenerateProgram(program.lower(*specs).compile(), (batch, width), len(small[-2]), statics)
   exported = jax.export.export(program)(*specs)
-  generate_program.save(save_to, exported, statics, weights)
-  return GenerateProgram(generate_program.compile_exported(exported), (batch, width), len(small[-2]), statics)
+  lapack = generate_program.calls_lapack(exported)
+  generate_program.save(save_to, exported, statics, weights, lapack)
+  return GenerateProgram(generate_program.compile_exported(exported, lapack=lapack), (batch, width), len(small[-2]),
+                         statics)
 
 
 def generate(model: nnx.Module, prompt_ids, prompt_lengths, max_new_tokens: int, rng: jax.Array | None = None, *,
