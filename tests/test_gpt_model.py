@@ -333,7 +333,7 @@ def test_greedy_generate_matches_transformers(hf_model, tmp_path):
 
 
 def test_a_saved_program_without_lapack_loads_without_its_setup(monkeypatch):
-  """jax.export's call sets up LAPACK for every CPU program (jaxlib imports scipy.linalg: 0.5 s of the generate
+  """jax.export's call sets up LAPACK for every CPU program (jaxlib imports scipy.linalg: 0.15-0.2 s of the generate
   job's start); a saved program that calls no LAPACK kernel is compiled without that setup, and only it."""
   from jax._src.export import _export
   setups = []

@@ -55,7 +55,7 @@ def calls_lapack(exported) -> bool:
 @contextlib.contextmanager
 def _lapack_setup_skipped():
   """Calling an Exported on CPU sets up jaxlib's LAPACK kernels first, for any program: jaxlib then imports
-  scipy.linalg (0.5-0.6 s of the generate job's 3 s start, BENCHMARKS.md §20). A program that calls none does
+  scipy.linalg (0.15-0.2 s of the generate job's start, BENCHMARKS.md §20). A program that calls none does
   not need them. The hook is jax's own (private): where a jax lacks it, nothing is skipped."""
   from jax._src.export import _export  # reason: private module, read only here
   ensure = getattr(_export, '_ensure_backends_initialized', None)
