@@ -92,7 +92,7 @@ class HFTokenizer:
   def from_file(cls, path: str, tokenizer: hf_tokenizers.Tokenizer | None = None) -> 'HFTokenizer':
     """Loads `tokenizer.json` (local or in a bucket; or `tokenizer`, read_tokenizer_json's of it), with the special
     token names of a tokenizer_config.json beside it."""
-    tok = tokenizer or read_tokenizer_json(path)
+    tok = tokenizer if tokenizer is not None else read_tokenizer_json(path)
     config = read_tokenizer_config(storage.parent(path))
     return cls(tok, {role: _token_name(config, role) for role in _ROLES}, path)
 

@@ -82,7 +82,7 @@ class WordPieceTokenizer:
   def from_file(cls, path: str, tokenizer: hf_tokenizers.Tokenizer | None = None) -> 'WordPieceTokenizer':
     """Loads a HuggingFace `tokenizer.json` (or `tokenizer`, read_tokenizer_json's of it; special token names from
     a tokenizer_config.json beside it)."""
-    tok = tokenizer or hf_tokenizer.read_tokenizer_json(path)
+    tok = tokenizer if tokenizer is not None else hf_tokenizer.read_tokenizer_json(path)
     return cls(tok, path, _token_names(read_tokenizer_config(storage.parent(path))))
 
   @classmethod
