@@ -331,7 +331,6 @@ def test_greedy_generate_matches_transformers(hf_model, tmp_path):
     generation.generate(converted(), right, lengths, new, greedy=True, program=program)
 
 
-
 def test_a_saved_program_without_lapack_loads_without_its_setup(monkeypatch):
   """jax.export's call sets up LAPACK for every CPU program (jaxlib imports scipy.linalg: 0.15-0.2 s of the generate
   job's start); a saved program that calls no LAPACK kernel is compiled without that setup, and only it."""

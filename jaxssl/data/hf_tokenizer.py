@@ -53,29 +53,28 @@ class HFTokenizer:
     self.path = path
     self._tok.no_padding()
     self._tok.no_truncation()
-    # Ids by token_to_id, not get_vocab(): a 262k-entry vocabulary (Gemma 3) takes 0.3 s to copy into a dict.
-    vocab = _VocabLookup(tokenizer)
+    # Ids by token_id, not get_vocab(): a 262k-entry vocabulary (Gemma 3) takes 0.3 s to copy into a dict.
     names = {role: name for role, name in token_names.items() if name is not None and role in _ROLES}
     for role, name in names.items():
-      if name not in vocab:
+      if self.token_id(name) is None:
         raise UserError(f'tokenizer {path or "(in memory)"}: its {role}_token {name!r} is not in the vocabulary; '
                         f'fix {CONFIG_FILENAME}')
     if 'eos' not in names:
-      names['eos'] = next((n for n in _EOS_FALLBACKS if n in vocab), None)
+      names['eos'] = next((n for n in _EOS_FALLBACKS if self.token_id(n) is not None), None)
       if names['eos'] is None:
         raise UserError(f'tokenizer {path or "(in memory)"} names no eos_token and has none of {_EOS_FALLBACKS}: '
                         f'add "eos_token" to {CONFIG_FILENAME}')
     self.token_names = names
     self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
-    self.eos_id = vocab[names['eos']]
+    self.eos_id = self.token_id(names['eos'])
     self.sep_id = self.eos_id
     self.bos_id = self._leading_special_id()
-    self.pad_id = vocab[names['pad']] if 'pad' in names else self.eos_id
-    self.unk_id = vocab[names['unk']] if 'unk' in names else self.eos_id
+    self.pad_id = self.token_id(names['pad']) if 'pad' in names else self.eos_id
+    self.unk_id = self.token_id(names['unk']) if 'unk' in names else self.eos_id
     self.cls_id = self.bos_id if self.bos_id is not None else self.eos_id
     self.mask_id = self.unk_id
     added = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
-    named = {vocab[n] for n in names.values()}
+    named = {self.token_id(n) for n in names.values()}
     self.special_ids = frozenset(added | named)
     self.random_token_range = random_token_range(self.vocab_size, self.special_ids)
     # Set last: the probe above must see the post-processor as the checkpoint's own tokenizer runs it.
@@ -256,16 +255,3 @@ def read_tokenizer_json(path: str) -> hf_tokenizers.Tokenizer:
 def model_type(tokenizer: hf_tokenizers.Tokenizer) -> str:
   """The model type of a tokenizer's pipeline ('WordPiece', 'BPE', 'Unigram', ...)."""
   return type(tokenizer.model).__name__
-
-
-class _VocabLookup:
-  """`name in vocab` and `vocab[name]` over a Tokenizer's vocabulary (added tokens included) without copying it."""
-
-  def __init__(self, tokenizer: hf_tokenizers.Tokenizer):
-    self._tok = tokenizer
-
-  def __contains__(self, name: str) -> bool:
-    return self._tok.token_to_id(name) is not None
-
-  def __getitem__(self, name: str) -> int:
-    return self._tok.token_to_id(name)
