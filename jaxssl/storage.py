@@ -29,6 +29,7 @@ import ctypes
 import errno
 import io
 import os
+import re
 import shutil
 import tempfile
 import urllib.parse
@@ -41,9 +42,9 @@ from etils import epath
 from jaxssl.errors import UserError
 
 # Options of the remote filesystems this module opens: no listing cache, as other hosts write the same bucket.
-_FS_OPTIONS = {'gs': {'use_listings_cache': False}, 'gcs': {'use_listings_cache': False},
-               's3': {'use_listings_cache': False}}
-_SWEPT: set[str] = set()  # bucket logs this process has appended to, after removing stale pieces
+_FS_OPTIONS = {scheme: {'use_listings_cache': False} for scheme in ('gs', 'gcs', 's3')}
+_SWEPT: set[str] = set()  # bucket folders this process has appended logs in, after removing stale pieces
+_PIECE = re.compile(r'\.append-[0-9a-f]{32}$')  # append_bytes' temporary object: LOG.append-<uuid4 hex>
 
 
 def is_remote(p) -> bool:
@@ -189,11 +190,10 @@ def append_bytes(p, data: bytes) -> None:
     fs.pipe_file(inner, bytes(data))
     _changed(p)
   elif hasattr(fs, 'merge') and os.fspath(p).startswith(('gs://', 'gcs://')):
-    if inner not in _SWEPT:  # a piece left by a writer killed before removing it (one writer a log: process 0)
-      _SWEPT.add(inner)
-      for stale in fs.ls(os.path.dirname(inner), detail=False):
-        if os.path.basename(stale.rstrip('/')).startswith(os.path.basename(inner) + '.append-'):
-          fs.rm_file(stale)
+    if (folder := os.path.dirname(inner)) not in _SWEPT:  # pieces of a writer killed before removing them: one
+      _SWEPT.add(folder)  # process writes a folder's logs, and a rerun names its TensorBoard file anew: sweep all
+      for stale in [o for o in fs.ls(folder, detail=False) if _PIECE.search(o.rstrip('/'))]:
+        fs.rm_file(stale)
     piece = f'{inner}.append-{uuid.uuid4().hex}'
     fs.pipe_file(piece, bytes(data))
     try:

@@ -65,15 +65,27 @@ def test_append_keeps_earlier_lines_and_is_one_object(root):
   assert storage.listdir(root) == ['metrics.jsonl']  # the appended pieces are composed in and removed
 
 
-def test_append_removes_a_piece_left_by_a_killed_writer(gcs_bucket):  # noqa: F811 (a pytest fixture)
-  log = f'{gcs_bucket}/killed-{os.getpid()}/metrics.jsonl'
+def test_append_removes_pieces_left_by_a_killed_writer(gcs_bucket):  # noqa: F811 (a pytest fixture)
+  folder = f'{gcs_bucket}/killed-{os.getpid()}'
+  log = f'{folder}/metrics.jsonl'
   storage.append_text(log, 'a\n')
-  storage.write_text(log + '.append-0123abcd', 'b\n')  # what a writer killed mid-append leaves
+  storage.write_text(log + '.append-0123456789abcdef0123456789abcdef', 'b\n')  # what a writer killed mid-append leaves
+  # and a piece of a log the rerun does not append to (the killed run's TensorBoard file: the rerun names its own)
+  storage.write_bytes(f'{folder}/events.out.tfevents.1.host.7.0.append-{"f" * 32}', b'event')
   storage.write_text(log + '.appendix', 'kept\n')  # not a piece
-  storage._SWEPT.discard(log.split('://', 1)[1])  # as a new process: the rerun of the killed job
+  storage._SWEPT.discard(folder.split('://', 1)[1])  # as a new process: the rerun of the killed job
   storage.append_text(log, 'c\n')
   assert storage.read_text(log) == 'a\nc\n'
-  assert storage.listdir(log.rsplit('/', 1)[0]) == ['metrics.jsonl', 'metrics.jsonl.appendix']
+  assert storage.listdir(folder) == ['metrics.jsonl', 'metrics.jsonl.appendix']
+
+
+def test_bytes_come_back_exactly_whatever_they_end_with(root):
+  """Every byte value, and a last byte of '\\r' (which the bare GCS emulator's multipart parsing dropped)."""
+  for i, data in enumerate([bytes(range(256)) * 4 + b'\r', b'\r', b'x\r\n', b'\n\r']):
+    storage.write_bytes(storage.join(root, f'{i}.bin'), data)
+    assert storage.read_bytes(storage.join(root, f'{i}.bin')) == data
+    storage.append_bytes(storage.join(root, 'log.bin'), data)
+  assert storage.read_bytes(storage.join(root, 'log.bin')) == bytes(range(256)) * 4 + b'\r\rx\r\n\n\r'
 
 
 def test_append_on_a_scheme_without_compose_rewrites():
