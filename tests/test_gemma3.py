@@ -113,6 +113,11 @@ def test_greedy_generation_matches_transformers_with_a_window_sized_cache():
       batch[i, (9 - len(p) if side == 'left' else 0):][:len(p)] = p
     out, _ = generation.generate(model, batch, np.array([9, 5]), 12, greedy=True, padding_side=side)
     assert np.asarray(out).tolist() == want, side
+  # One prompt at a time: the layers run apart, each with its own cache arrays (generation.layer_caches_apart).
+  assert generation.runs_layers_apart(model, 1)
+  for p, expected in zip(prompts, want):
+    out, _ = generation.generate(model, np.array([p]), np.array([len(p)]), 12, greedy=True)
+    assert np.asarray(out).tolist() == [expected]
 
 
 def test_nested_gemma3_directory_converts(tmp_path):

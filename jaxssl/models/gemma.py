@@ -28,7 +28,7 @@ from jaxssl.errors import UserError
 from jaxssl.mesh import constrain
 from jaxssl.models.layers import dropout, make_param, maybe_remat, project, stack_layers, unroll_layers, zeros
 from jaxssl.models.parts import (ACT, CausalSelfAttention, GeluMlp, RMSNorm, SwiGluMlp, apply_rope, kv_cache,
-                                 rope_inv_freq, same_segment)
+                                 rope_inv_freq, same_segment, set_layer_cache)
 from jaxssl.models.parts import make_norm as plain_norm
 
 
@@ -267,12 +267,12 @@ class GemmaDecoder(nnx.Module):
       if is_local:
         x, k, v = layer.decode_local(x, new['local_key'][n_local], new['local_value'][n_local], local_mask, src,
                                      has, loc)
-        new['local_key'], new['local_value'] = (new[n].at[n_local].set(a) for n, a in
+        new['local_key'], new['local_value'] = (set_layer_cache(new[n], n_local, a) for n, a in
                                                 (('local_key', k), ('local_value', v)))
         n_local += 1
       else:
         x, k, v = layer.decode(x, new['key'][n_global], new['value'][n_global], index, mask, glob)
-        new['key'], new['value'] = new['key'].at[n_global].set(k), new['value'].at[n_global].set(v)
+        new['key'], new['value'] = set_layer_cache(new['key'], n_global, k), set_layer_cache(new['value'], n_global, v)
         n_global += 1
     new['local_positions'] = jnp.where(has, jnp.take_along_axis(positions, src, axis=1), ring_pos)
     return x, new

@@ -211,13 +211,13 @@ class GPTDecoder(nnx.Module):
                      scan=self.scan_layers, remat=self.remat, unroll=self.unroll, dropout_rng=dropout_rng)
 
   def decode(self, x, key_cache, value_cache, index, mask, rotary=None):
-    """Caches [num_layers, B, S, K, D]; layer i reads and writes slice i."""
+    """Caches [num_layers, B, S, K, D] or lists of L arrays [B, S, K, D]; layer i reads and writes entry i."""
     if not self.scan_layers:
-      caches = []
+      keys, values = [], []
       for i, layer in enumerate(self.layers):
         x, k, v = decode_layer(layer, x, key_cache[i], value_cache[i], index, mask, rotary)
-        caches.append((k, v))
-      return x, jnp.stack([k for k, _ in caches]), jnp.stack([v for _, v in caches])
+        keys, values = keys + [k], values + [v]
+      return (x, keys, values) if isinstance(key_cache, list) else (x, jnp.stack(keys), jnp.stack(values))
     body = lambda lyr, h, k, v: lyr.decode(h, k, v, index, mask, rotary)  # noqa: E731
     return nnx.scan(body, in_axes=(0, nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0, 0),
                     transform_metadata={nnx.PARTITION_NAME: 'layers'})(self.layers, x, key_cache, value_cache)

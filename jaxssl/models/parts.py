@@ -285,6 +285,14 @@ def kv_cache(num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_
   return dict(key=jnp.zeros(shape, dtype), value=jnp.zeros(shape, dtype))
 
 
+def set_layer_cache(cache, i: int, layer_cache: jax.Array):
+  """`cache` with layer i's entry replaced: a stacked array [L, ...] or a list of per-layer arrays
+  (generation.layer_caches_apart)."""
+  if isinstance(cache, list):
+    return [*cache[:i], layer_cache, *cache[i + 1:]]
+  return cache.at[i].set(layer_cache)
+
+
 # ----- packed rows -----
 
 def same_segment(segment_ids):
