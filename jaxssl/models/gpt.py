@@ -190,9 +190,9 @@ class GPTBlock(nnx.Module):
     x = x + dropout(m, self.dropout_rate, k[2]).astype(jnp.float32)
     return constrain(x, ACT)
 
-  def decode(self, x, key_cache, value_cache, index, mask, rotary=None):
+  def decode(self, x, key_cache, value_cache, index, mask, rotary=None, layer=None):
     a, key_cache, value_cache = self.attention.decode(self.attention_norm(x), key_cache, value_cache, index, mask,
-                                                      rotary)
+                                                      rotary, layer)
     x = x + a.astype(jnp.float32)
     x = x + self.mlp(self.mlp_norm(x)).astype(jnp.float32)
     return x, key_cache, value_cache
@@ -211,16 +211,16 @@ class GPTDecoder(nnx.Module):
                      scan=self.scan_layers, remat=self.remat, unroll=self.unroll, dropout_rng=dropout_rng)
 
   def decode(self, x, key_cache, value_cache, index, mask, rotary=None):
-    """Caches [num_layers, B, S, K, D] or lists of L arrays [B, S, K, D]; layer i reads and writes entry i."""
+    """Caches [L, B, S, K, D] (a scan carries them, each layer writing its new slots in place) or lists of L
+    arrays [B, S, K, D] (layers apart); layer i reads and writes entry i."""
     if not self.scan_layers:
-      keys, values = [], []
+      keys, values = list(key_cache), list(value_cache)  # new lists (or a stacked cache's slices)
       for i, layer in enumerate(self.layers):
-        x, k, v = decode_layer(layer, x, key_cache[i], value_cache[i], index, mask, rotary)
-        keys, values = keys + [k], values + [v]
+        x, keys[i], values[i] = decode_layer(layer, x, keys[i], values[i], index, mask, rotary)
       return (x, keys, values) if isinstance(key_cache, list) else (x, jnp.stack(keys), jnp.stack(values))
-    body = lambda lyr, h, k, v: lyr.decode(h, k, v, index, mask, rotary)  # noqa: E731
-    return nnx.scan(body, in_axes=(0, nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0, 0),
-                    transform_metadata={nnx.PARTITION_NAME: 'layers'})(self.layers, x, key_cache, value_cache)
+    body = lambda lyr, carry, i: lyr.decode(*carry, index, mask, rotary, layer=i)  # noqa: E731
+    return nnx.scan(body, in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata={
+        nnx.PARTITION_NAME: 'layers'})(self.layers, (x, key_cache, value_cache), jnp.arange(self.num_layers))
 
 
 class GPT(nnx.Module):

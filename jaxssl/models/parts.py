@@ -234,14 +234,26 @@ class CausalSelfAttention(nnx.Module):
                                    segment_ids=None if segment_ids is None else (segment_ids, segment_ids))
     return self._output(out)
 
-  def decode(self, x, key_cache, value_cache, index, mask, rotary=None):
+  def decode(self, x, key_cache, value_cache, index, mask, rotary=None, layer=None):
     """One cached step: x [B, T, H] new tokens, caches [B, S, K, D] (k/v written at slots index..index+T-1),
-    mask [B, 1, T, S] -> (y [B, T, H], key_cache, value_cache). Cached keys are stored rotated."""
+    mask [B, 1, T, S] -> (y [B, T, H], key_cache, value_cache). Cached keys are stored rotated.
+
+    With `layer`, the caches are every layer's, [L, B, S, K, D]: the new tokens go into slice `layer` and the step
+    reads it. In a loop that carries the caches this writes only the new slots, in place, where returning the
+    layer's whole cache had a loop over the layers copy every layer's cache in and out at every token (batch 8,
+    512 tokens: half the step's time).
+    """
     x = x.astype(self.dtype)
     q, k, v = self._qkv(x, rotary)
-    key_cache = jax.lax.dynamic_update_slice_in_dim(key_cache, k.astype(key_cache.dtype), index, axis=1)
-    value_cache = jax.lax.dynamic_update_slice_in_dim(value_cache, v.astype(value_cache.dtype), index, axis=1)
-    out = self._explicit(q, key_cache.astype(self.dtype), value_cache.astype(self.dtype), mask, None)
+    lead = () if layer is None else (layer,)
+
+    def write(cache, new):
+      new = new.astype(cache.dtype).reshape((1,) * len(lead) + new.shape)
+      return jax.lax.dynamic_update_slice(cache, new, (*lead, 0, index, 0, 0))
+
+    key_cache, value_cache = write(key_cache, k), write(value_cache, v)
+    keys, values = (key_cache, value_cache) if layer is None else (key_cache[layer], value_cache[layer])
+    out = self._explicit(q, keys.astype(self.dtype), values.astype(self.dtype), mask, None)
     return self._output(out), key_cache, value_cache
 
 
