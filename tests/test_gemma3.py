@@ -114,7 +114,7 @@ def test_greedy_generation_matches_transformers_with_a_window_sized_cache():
     out, _ = generation.generate(model, batch, np.array([9, 5]), 12, greedy=True, padding_side=side)
     assert np.asarray(out).tolist() == want, side
   # One prompt at a time: the layers run apart, each with its own cache arrays (generation.layer_caches_apart).
-  assert generation.runs_layers_apart(model, 1)
+  assert generation.runs_layers_apart(model)
   for p, expected in zip(prompts, want):
     out, _ = generation.generate(model, np.array([p]), np.array([len(p)]), 12, greedy=True)
     assert np.asarray(out).tolist() == [expected]

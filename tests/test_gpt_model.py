@@ -293,13 +293,13 @@ def test_greedy_generate_matches_transformers(hf_model, tmp_path):
     tokens, num = generation.generate(converted(), ids, lengths, new, greedy=True, padding_side=side)
     np.testing.assert_array_equal(tokens, expected, err_msg=side)
     np.testing.assert_array_equal(num, [new, new])
-  # One prompt: its layers run apart (each layer's weights sliced out of the stack once, as on CPU at batch 1);
+  # One prompt (its layers run apart, each layer's weights sliced out of the stack once, as on CPU);
   # the same program compiled ahead from the model's shapes alone (the generate job's path) gives the same.
   short = right[1:, :3]
   with torch.no_grad():
     alone = hf_model.generate(torch.tensor(short, dtype=torch.long), max_new_tokens=new, do_sample=False,
                               pad_token_id=0).numpy()[:, 3:]
-  assert generation.runs_layers_apart(converted(), 1)
+  assert generation.runs_layers_apart(converted())
   cfg, _ = hf_gpt2.params_from_hf(hf_state(hf_model), hf_model.config.to_dict())
   program = generation.compile_generate(abstract_model(dict(cfg, scan_layers=True)), 1, 3, new, greedy=True)
   for ahead in (None, program):
@@ -325,8 +325,10 @@ def test_greedy_generate_matches_transformers(hf_model, tmp_path):
   assert generate_program.read(str(tmp_path / 'never-saved')) is None
   scan_model = nnx.merge(*nnx.split(converted()))  # a new module object: the cached one stays as it is
   object.__setattr__(scan_model, 'config', dataclasses.replace(scan_model.config, layer_loop='scan'))
-  assert not generation.runs_layers_apart(scan_model, 1)  # a loop over stacked layers keeps them stacked
-  assert not generation.runs_layers_apart(converted(), 2)  # batches keep the stacked loop
+  assert not generation.runs_layers_apart(scan_model)  # a loop over stacked layers keeps them stacked
+  for ids, side in ((left, 'left'), (right, 'right')):  # the loop's carried caches (TPU and GPU's path)
+    tokens, _ = generation.generate(scan_model, ids, lengths, new, greedy=True, padding_side=side)
+    np.testing.assert_array_equal(tokens, expected, err_msg=side)
   with pytest.raises(ValueError, match=r'compiled for prompts \(1, 3\)'):
     generation.generate(converted(), right, lengths, new, greedy=True, program=program)
 

@@ -40,19 +40,19 @@ def sample_logits(logits: jax.Array, rng: jax.Array, *, temperature=1.0, top_k=0
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-def runs_layers_apart(model: nnx.Module, batch_size: int) -> bool:
-  """Whether generating `batch_size` rows slices each layer's weights out of the stack once, after the prompt (whose
-  pass runs the stacked loop) and before the one-token steps: at batch 1, where the layers run unrolled
-  (`model.layer_loop`; 'auto' on CPU).
+def runs_layers_apart(model: nnx.Module) -> bool:
+  """Whether generating slices each layer's weights out of the stack once, after the prompt (whose pass runs the
+  stacked loop) and before the one-token steps: where the layers run unrolled (`model.layer_loop`; 'auto' on CPU).
 
   Why: a decoding step that slices layer i out of the stacked weights made XLA:CPU copy each slice at every token,
   three times the weight traffic of batch 1's matrix-vector products (SmolLM2-135M: 22.9 tokens/s stacked, 31
-  apart). At batch 8 the matmuls dominate and the stacked loop was faster (129 against 108 tokens/s;
-  BENCHMARKS.md §15). The slices are made inside the generate program, so the weights stay as they were
-  restored (no copy of the model before generating); they hold a second copy of the weights while it runs.
+  apart). With each layer's cache its own array too (layer_caches_apart), batches gain as well: SmolLM2 at batch
+  8, 140 against 108 tokens/s for the stacked loop, at batch 32 242 against 219; Gemma 3 270M at batch 8, 70
+  against 54 (BENCHMARKS.md §21). The slices are made inside the generate program, so the weights stay as they
+  were restored (no copy of the model before generating); they hold a second copy of the weights while it runs.
   """
   c = model.config
-  return batch_size == 1 and c.scan_layers and unroll_layers(c.layer_loop)
+  return c.scan_layers and unroll_layers(c.layer_loop)
 
 
 def _layers_apart(model: nnx.Module) -> nnx.Module:
@@ -138,9 +138,9 @@ def _arguments(model, prompt_ids, prompt_lengths, rng, temperature, top_k, top_p
                                                      stop_ids, pad_id)
 
 
-def _statics(model: nnx.Module, batch: int, max_new_tokens: int, greedy: bool, padding_side: str) -> dict:
+def _statics(model: nnx.Module, max_new_tokens: int, greedy: bool, padding_side: str) -> dict:
   return dict(max_new_tokens=int(max_new_tokens), greedy=bool(greedy), padding_side=padding_side,
-              layers_apart=bool(runs_layers_apart(model, batch)))
+              layers_apart=bool(runs_layers_apart(model)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +176,7 @@ def compile_generate(model: nnx.Module, batch: int, width: int, max_new_tokens: 
   # The weights keep their shardings on the mesh; the small arguments are left for the compiler to place.
   specs = ([jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, 'sharding', None)) for a in leaves],
            *[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in small])
-  statics = _statics(model, batch, max_new_tokens, greedy, padding_side)
+  statics = _statics(model, max_new_tokens, greedy, padding_side)
   program = jax.jit(_flat(graphdef, treedef, statics))
   weights = generate_program.weights_layout(nnx.to_pure_dict(state))
   # A later start restores the weights as a nested dict in `weights`' order: saved only if that is the state's.
@@ -211,7 +211,7 @@ def generate(model: nnx.Module, prompt_ids, prompt_lengths, max_new_tokens: int,
     rng = jax.random.key(0)
   graphdef, state, small = _arguments(model, prompt_ids, prompt_lengths, rng, temperature, top_k, top_p, stop_ids,
                                       pad_id)
-  statics = _statics(model, prompt_ids.shape[0], max_new_tokens, greedy, padding_side)
+  statics = _statics(model, max_new_tokens, greedy, padding_side)
   if program is None:
     return _generate(graphdef, state, *small[:2], rng, *small[3:], **statics)
   stops = len(small[-2])
