@@ -162,9 +162,9 @@ class DecoderBlock(nnx.Module):
     x = x + dropout(self.mlp(self.mlp_norm(x)), self.dropout_rate, k[4]).astype(jnp.float32)
     return constrain(x, ACT)
 
-  def decode(self, x, key_cache, value_cache, cross_keys, cross_values, index, self_mask, memory_mask):
+  def decode(self, x, key_cache, value_cache, cross_keys, cross_values, index, self_mask, memory_mask, layer=None):
     a, key_cache, value_cache = self.attention.decode(self.attention_norm(x), key_cache, value_cache, index,
-                                                      self_mask)
+                                                      self_mask, None, layer)
     x = x + a.astype(jnp.float32)
     x = x + self.cross_attention.attend(self.cross_attention_norm(x), cross_keys, cross_values, memory_mask,
                                         explicit=True).astype(jnp.float32)
@@ -278,12 +278,14 @@ class EncoderDecoder(nnx.Module):
     memory_mask = cache['source_mask'][:, None, None, :]
     x = self.token_embeddings(tokens) + self.decoder_positions(positions)[None]
 
-    def body(lyr, h, k, v, ck, cv):
-      return lyr.decode(h, k, v, ck, cv, index, self_mask, memory_mask)
+    def body(lyr, h, k, v, ck, cv, layer=None):
+      return lyr.decode(h, k, v, ck, cv, index, self_mask, memory_mask, layer)
     args = (cache['key'], cache['value'], cache['cross_key'], cache['cross_value'])
-    if c.scan_layers:
-      x, keys, values = nnx.scan(body, in_axes=(0, nnx.Carry, 0, 0, 0, 0), out_axes=(nnx.Carry, 0, 0),
-                                 transform_metadata={nnx.PARTITION_NAME: 'layers'})(self.decoder, x, *args)
+    if c.scan_layers:  # the self-attention caches ride in the carry, each layer writing its new slots in place
+      x, keys, values = nnx.scan(lambda lyr, carry, ck, cv, i: body(lyr, *carry, ck, cv, i),
+                                 in_axes=(0, nnx.Carry, 0, 0, 0), out_axes=nnx.Carry,
+                                 transform_metadata={nnx.PARTITION_NAME: 'layers'})(
+          self.decoder, (x, *args[:2]), *args[2:], jnp.arange(c.num_decoder_layers))
     else:
       keys, values = [], []
       for i, layer in enumerate(self.decoder):
