@@ -6,13 +6,14 @@
 It is gcp-storage-emulator (`pip install -r requirements-test.txt`; the arguments are the emulator's own) with
 three fixes. Its downloads answer with the object's `x-goog-generation` / `x-goog-metageneration` headers, as real
 GCS does; and it serves `objects.move` (moveTo, which gcsfs tries first for every rename, e.g. TFDS finishing a
-prepared dataset: the plain emulator answers 501 and gcsfs retries for seconds per object before copying). tensorstore, which writes and reads orbax checkpoints, takes an object's generation from that header on
-every read; against the plain emulator each checkpoint read (and the rewrite of an OCDBT manifest within a save)
-fails with "Malformed StorageGeneration", so a run could save its first checkpoint but never resume. jaxssl's
-jobs check a local server for the header when they start and stop with one line naming this script if it lacks it.
+prepared dataset: the plain emulator answers 501 and gcsfs retries for seconds per object before copying).
+tensorstore, which writes and reads orbax checkpoints, takes an object's generation from that header on every read;
+against the plain emulator each checkpoint read (and the rewrite of an OCDBT manifest within a save) fails with
+"Malformed StorageGeneration", so a run could save its first checkpoint but never resume. jaxssl's jobs check a
+local server for the header when they start and stop with one line naming this script if it lacks it.
 And multipart uploads keep their bytes: the emulator reads them with Python's email parser, whose removal of the line
-break before the closing boundary also takes a '\r' that ends the content (gcsfs breaks its parts with '\n'), so an
-object whose last byte was '\r' lost it: a TensorBoard event file appended in such a piece was unreadable after it.
+break before the closing boundary also takes a CR that ends the content (gcsfs breaks its parts with LF), so an
+object whose last byte was CR lost it: a TensorBoard event file appended in such a piece was unreadable after it.
 """
 import base64
 import email.message
@@ -25,7 +26,7 @@ from http import HTTPStatus
 def multipart_related(body: bytes, content_type: str) -> dict | None:
   """A multipart/related upload (JSON metadata, then the content) split byte-exactly, or None if it is not one.
 
-  The delimiter is the line break that the body's first line ends with ('\r\n' by RFC 2046, '\n' from gcsfs), then
+  The delimiter is the line break that the body's first line ends with (CRLF by RFC 2046, LF from gcsfs), then
   `--BOUNDARY`; the content runs to the closing delimiter, whatever bytes it holds.
   """
   header = email.message.Message()
