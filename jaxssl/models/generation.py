@@ -67,17 +67,17 @@ def _layers_apart(model: nnx.Module) -> nnx.Module:
   return copy
 
 
+_LAYER_ENTRIES = ('key', 'value', 'local_key', 'local_value')  # a cache's entries with a leading layer axis
+
+
 def layer_caches_apart(cache: dict) -> dict:
   """`cache` (GPT.init_cache) with each stacked key/value entry [L, ...] as a list of L per-layer arrays.
 
   Why: layers run apart wrote their new slots into slices of the stacked arrays and stacked them again, a copy of
-  the whole cache per token: with a 512-token cache that was a quarter of a token's time (SmolLM2, batch 1).
+  the whole cache per token: with 512 new tokens a fifth of the time (SmolLM2 at batch 1: 22.7 -> 28.8 tokens/s).
   Apart, each layer's array is its own loop-carried buffer, updated in place.
   """
   return {name: list(entry) if name in _LAYER_ENTRIES else entry for name, entry in cache.items()}
-
-
-_LAYER_ENTRIES = ('key', 'value', 'local_key', 'local_value')
 
 
 def _decode_fn(graphdef, state, tokens, cache, positions):
