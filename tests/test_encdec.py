@@ -18,7 +18,7 @@ from jaxssl.config import load_config
 from jaxssl.data.examples import denoising as dn
 from jaxssl.errors import UserError
 from jaxssl.families import encdec as encdec_family
-from jaxssl.models import encdec
+from jaxssl.models import encdec, parts
 from jaxssl.tasks.model import TaskModel
 from jaxssl.train import state as state_lib
 from jaxssl.train import step as step_lib
@@ -197,7 +197,10 @@ def test_source_padding_and_target_padding_change_no_real_logits(model):
 
 
 @pytest.mark.parametrize('scan', [True, False])
-def test_cached_decoding_equals_full_recompute(model, scan):
+def test_cached_decoding_equals_full_recompute(model, scan, monkeypatch):
+  # 2-slot blocks: the 8-slot cache's one-token steps attend over prefixes of 2, 4, 6 and 8 (parts.filled_prefixes).
+  monkeypatch.setattr(parts, 'FILLED_BLOCK', 2)
+  assert parts.filled_prefixes(8) == (2, 4, 6, 8)
   model = model if scan else encdec.EncoderDecoder(model_cfg(scan_layers=False), V, rngs=nnx.Rngs(params=0))
   g, s = nnx.split(model)
   rng = np.random.default_rng(1)

@@ -1,5 +1,6 @@
 """GPT decoder, Llama variant: parity with transformers' LlamaForCausalLM (GQA/MHA, tied/untied, llama3 RoPE
 scaling, Qwen2 biases), the HF weight mapping both ways, packing and KV-cache decoding with RoPE, configs."""
+import dataclasses
 import functools
 import os
 
@@ -146,6 +147,30 @@ def test_greedy_generate_matches_transformers():
     tokens, num = generation.generate(converted('gqa'), ids, lengths, new, greedy=True, padding_side=side)
     np.testing.assert_array_equal(tokens, hf[:, 5:], err_msg=side)
     np.testing.assert_array_equal(num, [new, new])
+
+
+def test_long_generation_attends_only_the_filled_prefix_alike(monkeypatch):
+  """A one-token step attends over the cache's filled prefix (a few static lengths, parts.filled_prefixes): with
+  4-slot blocks a 21-slot cache has five, and 16 greedy tokens cross them all. Tokens equal transformers', both
+  paddings, layers apart (CPU) and through the stacked layer loop (TPU/GPU)."""
+  monkeypatch.setattr(parts, 'FILLED_BLOCK', 4)
+  assert parts.filled_prefixes(5 + 16) == (4, 8, 12, 16, 21)
+  lengths = np.array([5, 2], np.int32)
+  a, b = random_ids((5,), seed=22), random_ids((2,), seed=23)
+  left, right = np.zeros((2, 5), np.int32), np.zeros((2, 5), np.int32)
+  left[0] = right[0] = a
+  left[1, 3:], right[1, :2] = b, b
+  new = 16
+  mask = (np.arange(5)[None] >= (5 - lengths)[:, None]).astype(np.int64)
+  with torch.no_grad():
+    hf = hf_reference('gqa').generate(torch.tensor(left, dtype=torch.long), attention_mask=torch.tensor(mask),
+                                      max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+  scan_model = nnx.merge(*nnx.split(converted('gqa')))  # a new module object: the cached one stays as it is
+  object.__setattr__(scan_model, 'config', dataclasses.replace(scan_model.config, layer_loop='scan'))
+  for model in (converted('gqa'), scan_model):
+    for ids, side in ((left, 'left'), (right, 'right')):
+      tokens, _ = generation.generate(model, ids, lengths, new, greedy=True, padding_side=side)
+      np.testing.assert_array_equal(tokens, hf.numpy()[:, 5:], err_msg=f'{model.config.layer_loop} {side}')
 
 
 # ----- packing and the KV cache with RoPE and GQA -----

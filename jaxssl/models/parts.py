@@ -253,8 +253,22 @@ class CausalSelfAttention(nnx.Module):
 
     key_cache, value_cache = write(key_cache, k), write(value_cache, v)
     keys, values = (key_cache, value_cache) if layer is None else (key_cache[layer], value_cache[layer])
-    out = self._explicit(q, keys.astype(self.dtype), values.astype(self.dtype), mask, None)
+    out = self._attend_filled(q, keys.astype(self.dtype), values.astype(self.dtype), mask, index + x.shape[1])
     return self._output(out), key_cache, value_cache
+
+  def _attend_filled(self, q, keys, values, mask, filled):
+    """`_explicit` over the cache's first `filled` slots only (a traced count), rounded up to one of a few static
+    prefix lengths (`filled_prefixes`): the slots after are empty and masked, but reading them made every step of a
+    long generation cost as much as its last (SmolLM2 at batch 8, 512 new tokens: 66-69 -> 90-96 tokens/s)."""
+    prefixes = filled_prefixes(keys.shape[1])
+    if len(prefixes) == 1:
+      return self._explicit(q, keys, values, mask, None)
+    branches = [functools.partial(self._explicit_prefix, n) for n in prefixes]
+    which = jnp.searchsorted(jnp.asarray(prefixes), filled)
+    return jax.lax.switch(which, branches, q, keys, values, mask)
+
+  def _explicit_prefix(self, n, q, keys, values, mask):
+    return self._explicit(q, keys[:, :n], values[:, :n], mask[..., :n], None)
 
 
 class GeluMlp(nnx.Module):
@@ -288,6 +302,16 @@ class SwiGluMlp(nnx.Module):
     h = jax.nn.silu(self.wi_gate(x)) * self.wi_up(x)
     h = constrain(h, ('batch', 'length', 'act_mlp'))
     return self.wo(h)
+
+
+FILLED_BLOCK = 128  # cache slots: the granularity of the prefixes a decoding step attends over
+
+
+def filled_prefixes(slots: int) -> tuple[int, ...]:
+  """The static cache prefixes a one-token step may attend over (CausalSelfAttention._attend_filled): multiples of
+  FILLED_BLOCK, at most 8, ending with all `slots` (none within half a step of it). A short cache has one: all."""
+  step = max(FILLED_BLOCK, -(-slots // 8 // FILLED_BLOCK) * FILLED_BLOCK)
+  return (*range(step, slots - step // 2, step), slots)
 
 
 def kv_cache(num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype) -> dict:
