@@ -130,22 +130,29 @@ def test_rope_frequencies_match_transformers():
                                rtol=1e-6, err_msg=scaling['rope_type'])
 
 
-def test_greedy_generate_matches_transformers():
-  """A batch of prompts of lengths 5 and 3: HF left-padded with an attention mask, jaxssl padded either side."""
-  lengths = np.array([5, 3], np.int32)
-  a, b = random_ids((5,), seed=20), random_ids((3,), seed=21)
+def two_prompts_and_transformers_greedy(short: int, new: int, seed: int):
+  """Prompts of 5 and `short` tokens padded on the left and on the right, and transformers' `new` greedy tokens
+  for them (left-padded with an attention mask, as its generate expects)."""
+  lengths = np.array([5, short], np.int32)
+  a, b = random_ids((5,), seed=seed), random_ids((short,), seed=seed + 1)
   left, right = np.zeros((2, 5), np.int32), np.zeros((2, 5), np.int32)
   left[0] = right[0] = a
-  left[1, 2:], right[1, :3] = b, b
-  new = 8
+  left[1, 5 - short:], right[1, :short] = b, b
   mask = (np.arange(5)[None] >= (5 - lengths)[:, None]).astype(np.int64)
   with torch.no_grad():
     hf = hf_reference('gqa').generate(torch.tensor(left, dtype=torch.long), attention_mask=torch.tensor(mask),
-                                      max_new_tokens=new, do_sample=False, pad_token_id=0).numpy()
+                                      max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
   assert hf.shape == (2, 5 + new)
+  return lengths, left, right, hf.numpy()[:, 5:]
+
+
+def test_greedy_generate_matches_transformers():
+  """A batch of prompts of lengths 5 and 3: HF left-padded with an attention mask, jaxssl padded either side."""
+  new = 8
+  lengths, left, right, expected = two_prompts_and_transformers_greedy(3, new, seed=20)
   for ids, side in ((left, 'left'), (right, 'right')):
     tokens, num = generation.generate(converted('gqa'), ids, lengths, new, greedy=True, padding_side=side)
-    np.testing.assert_array_equal(tokens, hf[:, 5:], err_msg=side)
+    np.testing.assert_array_equal(tokens, expected, err_msg=side)
     np.testing.assert_array_equal(num, [new, new])
 
 
@@ -155,22 +162,14 @@ def test_long_generation_attends_only_the_filled_prefix_alike(monkeypatch):
   paddings, layers apart (CPU) and through the stacked layer loop (TPU/GPU)."""
   monkeypatch.setattr(parts, 'FILLED_BLOCK', 4)
   assert parts.filled_prefixes(5 + 16) == (4, 8, 12, 16, 21)
-  lengths = np.array([5, 2], np.int32)
-  a, b = random_ids((5,), seed=22), random_ids((2,), seed=23)
-  left, right = np.zeros((2, 5), np.int32), np.zeros((2, 5), np.int32)
-  left[0] = right[0] = a
-  left[1, 3:], right[1, :2] = b, b
   new = 16
-  mask = (np.arange(5)[None] >= (5 - lengths)[:, None]).astype(np.int64)
-  with torch.no_grad():
-    hf = hf_reference('gqa').generate(torch.tensor(left, dtype=torch.long), attention_mask=torch.tensor(mask),
-                                      max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+  lengths, left, right, expected = two_prompts_and_transformers_greedy(2, new, seed=22)
   scan_model = nnx.merge(*nnx.split(converted('gqa')))  # a new module object: the cached one stays as it is
   object.__setattr__(scan_model, 'config', dataclasses.replace(scan_model.config, layer_loop='scan'))
   for model in (converted('gqa'), scan_model):
     for ids, side in ((left, 'left'), (right, 'right')):
       tokens, _ = generation.generate(model, ids, lengths, new, greedy=True, padding_side=side)
-      np.testing.assert_array_equal(tokens, hf.numpy()[:, 5:], err_msg=f'{model.config.layer_loop} {side}')
+      np.testing.assert_array_equal(tokens, expected, err_msg=f'{model.config.layer_loop} {side}')
 
 
 # ----- packing and the KV cache with RoPE and GQA -----
