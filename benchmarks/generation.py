@@ -135,10 +135,14 @@ def transformers_side(src: str, prompt_ids: list[list[int]], new_tokens: int, ro
 def convert_once(src: str, params: str) -> None:
   """`python -m jaxssl.convert from-hf --src SRC --out PARAMS`, unless PARAMS already holds SRC's conversion."""
   stamp = params + '.converted_from'  # beside the export, not in it
-  if os.path.exists(stamp) and open(stamp).read() == src:
-    return
-  subprocess.run([sys.executable, '-m', 'jaxssl.convert', 'from-hf', '--src', src, '--out', params, '--overwrite'],
-                 check=True, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  if os.path.exists(stamp):
+    with open(stamp) as f:
+      if f.read() == src:
+        return
+  done = subprocess.run([sys.executable, '-m', 'jaxssl.convert', 'from-hf', '--src', src, '--out', params,
+                         '--overwrite'], env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  if done.returncode:
+    sys.exit(done.returncode)  # the converter printed why (a user error: one line, status 2)
   with open(stamp, 'w') as f:
     f.write(src)
 
