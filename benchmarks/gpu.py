@@ -1,19 +1,24 @@
 """Issue 21 point 5, the GPU checks in one run, for a session lent a GPU (`device`; jax with CUDA there):
 
-    PYTHONUNBUFFERED=1 python benchmarks/gpu.py --out $OUT/gpu.jsonl      # ~5 min on an H200
-    python benchmarks/gpu.py --smoke                                      # tiny shapes: checks the script on CPU
+    PYTHONUNBUFFERED=1 python benchmarks/gpu.py --out $OUT/gpu.jsonl --budget-s 420   # ~6 min on an H200
+    python benchmarks/gpu.py --smoke                                                  # tiny shapes, any host
 
 1. Train steps, bfloat16: BERT-base at seq 512 and GPT-2 small at seq 1024 (`python -m jaxssl.bench`, its JSON
    line: tokens/s, MFU against the device's dense bf16 peak in jaxssl/train/metrics.py, e.g. 989 TFLOP/s for
-   H100/H200; the issue's target is >= 50%).
+   H100/H200; the issue's target is >= 50%). Each at its config's defaults (attention dropout 0.1, so the
+   explicit attention path), then without attention dropout (model.attention 'auto' takes cuDNN flash attention),
+   then (after 3.) larger batches and other settings while --budget-s lasts.
 2. Attention: BERT-base's shape (batch x 512 x 12 heads x 64, bfloat16, a padding mask) forward + backward through
    `fused_attention.attend`'s cuDNN path and its XLA path: max abs difference of outputs and gradients, and ms
    per call of each (median of 20 after 3 warm-ups). On a host without cuDNN only the XLA path runs.
-3. Generation: GPT-2 small (random weights, bfloat16), 128 greedy tokens at batch 1 and 8: tokens/s and the first
-   call's seconds (compile included).
+3. Generation: GPT-2 small (random weights, bfloat16), 128 greedy tokens at batch 1 and 8: tokens/s, the first
+   call's seconds (compile included), and batch 1 against the memory-bandwidth bound (weight bytes per token over
+   the device's copy bandwidth, measured here); beside it transformers' `generate` of a GPT-2 small of the same
+   shape and dtype on the same device (PyTorch, in its own process), when torch is installed.
 
-One JSON line per measurement, also written to --out. The device there lacks grain, TFDS and ml_collections:
-carry them as wheels (../.library/device/README.md says how) before the run.
+One JSON line per measurement, also written to --out; a failed check prints its error's last lines and the
+others still run. The device's image has jax, flax, optax and torch but lacks ml_collections and zstandard:
+carry them as wheels (../.library/device/README.md says how).
 """
 import argparse
 import json
@@ -27,24 +32,50 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-# (name, bench flags, smoke flags): the issue's two train steps.
+BERT_BASE = ['--config', 'configs/bert.py:base', '--config.data.seq_len=512', '--config.data.max_predictions=77',
+             '--config.tokenizer.vocab_size=30522']
+GPT2_SMALL = ['--config', 'configs/gpt.py:small', '--config.tokenizer.vocab_size=50257']
+NO_ATTENTION_DROPOUT = ['--config.model.attention_dropout_rate=0.0']
+# (name, bench flags): the issue's two train steps at their defaults first, then the settings that may beat them.
 TRAIN_STEPS = (
-    ('bert_base_seq512_bf16', ['--config', 'configs/bert.py:base', '--config.data.seq_len=512',
-                               '--config.data.max_predictions=77', '--config.train.batch_size=32',
-                               '--config.tokenizer.vocab_size=30522'],
-     ['--config', 'configs/bert.py:tiny', '--config.train.batch_size=4']),
-    ('gpt2_small_seq1024_bf16', ['--config', 'configs/gpt.py:small', '--config.train.batch_size=16',
-                                 '--config.tokenizer.vocab_size=50257'],
-     ['--config', 'configs/gpt.py:tiny', '--config.train.batch_size=4']),
+    ('bert_base_seq512_b32', BERT_BASE + ['--config.train.batch_size=32']),
+    ('bert_base_seq512_b32_cudnn', BERT_BASE + ['--config.train.batch_size=32'] + NO_ATTENTION_DROPOUT),
+    ('gpt2_small_seq1024_b16', GPT2_SMALL + ['--config.train.batch_size=16']),
+    ('gpt2_small_seq1024_b16_cudnn', GPT2_SMALL + ['--config.train.batch_size=16'] + NO_ATTENTION_DROPOUT),
+    ('bert_base_seq512_b128_cudnn_remat_none', BERT_BASE + ['--config.train.batch_size=128',
+                                                            '--config.model.remat=none'] + NO_ATTENTION_DROPOUT),
+    ('gpt2_small_seq1024_b32_cudnn_remat_none_chunk0', GPT2_SMALL + [
+        '--config.train.batch_size=32', '--config.model.remat=none', '--config.model.loss_chunk=0']
+     + NO_ATTENTION_DROPOUT),
+    ('bert_base_seq512_b128_cudnn_unrolled', BERT_BASE + ['--config.train.batch_size=128',
+                                                          '--config.model.remat=none',
+                                                          '--config.model.layer_loop=unrolled']
+     + NO_ATTENTION_DROPOUT),
+    ('gpt2_small_seq1024_b32_cudnn_unrolled', GPT2_SMALL + [
+        '--config.train.batch_size=32', '--config.model.remat=none', '--config.model.loss_chunk=0',
+        '--config.model.layer_loop=unrolled'] + NO_ATTENTION_DROPOUT),
+)
+SMOKE_TRAIN_STEPS = (
+    ('bert_tiny', ['--config', 'configs/bert.py:tiny', '--config.train.batch_size=4']),
+    ('gpt_tiny_cudnn', ['--config', 'configs/gpt.py:tiny', '--config.train.batch_size=4'] + NO_ATTENTION_DROPOUT),
 )
 
 
-def train_step(name: str, flags: list[str], steps: int) -> dict:
+def _failure(name: str, what: str, stderr: str) -> dict:
+  tail = stderr.strip().splitlines()[-15:]
+  print(f'--- {name} failed ({what}):\n' + '\n'.join(tail), flush=True)
+  return dict(check=name, error=(tail or ['?'])[-1][:300])
+
+
+def train_step(name: str, flags: list[str], steps: int, timeout: float) -> dict:
   """One `python -m jaxssl.bench` run in bfloat16: its JSON line, named."""
   cmd = [sys.executable, '-m', 'jaxssl.bench', *flags, '--config.model.dtype=bfloat16', '--steps', str(steps)]
-  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+  try:
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False, timeout=timeout)
+  except subprocess.TimeoutExpired as e:
+    return _failure(name, f'over {timeout:.0f} s', e.stderr.decode() if isinstance(e.stderr, bytes) else '')
   if out.returncode != 0:
-    return dict(check=name, error=(out.stderr.strip().splitlines() or ['?'])[-1][:300])
+    return _failure(name, f'status {out.returncode}', out.stderr)
   return dict(check=name, **json.loads(out.stdout.strip().splitlines()[-1]))
 
 
@@ -77,7 +108,8 @@ def attention(batch: int, length: int, heads: int = 12, head_dim: int = 64) -> d
       return jnp.sum(out.astype(jnp.float32) * g.astype(jnp.float32)), out
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
 
-  row = dict(check='attention_fwd_bwd', shape=[batch, length, heads, head_dim], dtype='bfloat16')
+  row = dict(check='attention_fwd_bwd', shape=[batch, length, heads, head_dim], dtype='bfloat16',
+             auto_path=fused_attention.resolve('auto', jnp.bfloat16))
   paths = ['xla'] + (['cudnn'] if jax.default_backend() == 'gpu' else [])
   results = {}
   for path in paths:
@@ -90,10 +122,20 @@ def attention(batch: int, length: int, heads: int = 12, head_dim: int = 64) -> d
     row['max_abs_diff_out'] = float(jnp.max(jnp.abs(out_x.astype(jnp.float32) - out_c.astype(jnp.float32))))
     row['max_abs_diff_grads'] = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
                                     for a, b in zip(grads_x, grads_c))
+    row['max_abs_grad'] = max(float(jnp.max(jnp.abs(a.astype(jnp.float32)))) for a in grads_x)
     row['cudnn_speedup'] = round(row['xla_ms'] / row['cudnn_ms'], 2)
   else:
     row['cudnn'] = f'not run: backend {jax.default_backend()}'
   return row
+
+
+def device_bandwidth_bytes_per_s(size: int = 1 << 31) -> float:
+  """Bytes read + written per second by a large elementwise pass over device memory (median of 10)."""
+  import jax
+  import jax.numpy as jnp
+  x = jnp.ones((size // 4,), jnp.float32)
+  seconds = _median_ms(jax.jit(lambda a: a + 1), x, rounds=10) / 1e3
+  return 2 * x.nbytes / seconds
 
 
 def generation_speed(variant: str, batches: list[int], new_tokens: int) -> list[dict]:
@@ -107,6 +149,8 @@ def generation_speed(variant: str, batches: list[int], new_tokens: int) -> list[
   config = gpt_configs.get_config(variant)
   config.model.dtype = 'bfloat16'
   model = families.build_model(config.model, 50257, rngs=nnx.Rngs(params=0))
+  weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  bandwidth = device_bandwidth_bytes_per_s(1 << 24 if jax.default_backend() == 'cpu' else 1 << 31)
   rows = []
   for batch in batches:
     ids = np.random.default_rng(0).integers(1, 50257, (batch, 16)).astype(np.int32)
@@ -115,18 +159,68 @@ def generation_speed(variant: str, batches: list[int], new_tokens: int) -> list[
     def run():
       return jax.block_until_ready(generation.generate(model, ids, lengths, new_tokens, greedy=True)[0])
 
+    first, times = _timed(run)
+    tokens_per_s = batch * new_tokens / statistics.median(times)
+    row = dict(check='generation', model=f'gpt.py:{variant} random bf16', batch=batch, new_tokens=new_tokens,
+               tokens_per_s=round(tokens_per_s, 1), first_call_s=round(first, 2),
+               weight_mb=round(weight_bytes / 2**20, 1), device_bandwidth_gb_s=round(bandwidth / 1e9, 1))
+    if batch == 1:
+      row['fraction_of_bandwidth_bound'] = round(tokens_per_s / (bandwidth / weight_bytes), 4)
+    rows.append(row)
+  return rows
+
+
+def _timed(fn, rounds: int = 3) -> tuple[float, list[float]]:
+  start = time.perf_counter()
+  fn()
+  first = time.perf_counter() - start
+  times = []
+  for _ in range(rounds):
     start = time.perf_counter()
-    run()
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(3):
-      start = time.perf_counter()
-      run()
-      times.append(time.perf_counter() - start)
-    rows.append(dict(check='generation', model=f'gpt.py:{variant} random bf16', batch=batch, new_tokens=new_tokens,
+    fn()
+    times.append(time.perf_counter() - start)
+  return first, times
+
+
+def transformers_generation(batches: list[int], new_tokens: int, tiny: bool) -> list[dict]:
+  """transformers' greedy `generate` of a random GPT-2 (small, or a tiny one) in bfloat16 on this device."""
+  import torch
+  from transformers import GPT2Config, GPT2LMHeadModel
+  device = 'cuda' if torch.cuda.is_available() else 'cpu'
+  shape = dict(n_layer=2, n_embd=64, n_head=2) if tiny else {}
+  torch.manual_seed(0)
+  model = GPT2LMHeadModel(GPT2Config(**shape)).to(device, torch.bfloat16).eval()
+  rows = []
+  for batch in batches:
+    ids = torch.randint(1, 50257, (batch, 16), device=device)
+
+    def run():
+      with torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                       max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+      if device == 'cuda':
+        torch.cuda.synchronize()
+
+    first, times = _timed(run)
+    rows.append(dict(check='transformers_generation', model='GPT-2 small random bf16' if not tiny else 'tiny',
+                     device=device, torch=torch.__version__, batch=batch, new_tokens=new_tokens,
                      tokens_per_s=round(batch * new_tokens / statistics.median(times), 1),
                      first_call_s=round(first, 2)))
   return rows
+
+
+def _transformers_rows(batches: list[int], new_tokens: int, smoke: bool, timeout: float) -> list[dict]:
+  """transformers_generation in its own process (PyTorch and JAX would share the device's memory otherwise)."""
+  cmd = [sys.executable, __file__, '--transformers-generation', *(['--smoke'] if smoke else [])]
+  try:
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout,
+                         env=dict(os.environ, GPU_BENCH_BATCHES=','.join(map(str, batches)),
+                                  GPU_BENCH_NEW_TOKENS=str(new_tokens)))
+  except subprocess.TimeoutExpired:
+    return [_failure('transformers_generation', f'over {timeout:.0f} s', '')]
+  if out.returncode != 0:
+    return [_failure('transformers_generation', f'status {out.returncode}', out.stderr)]
+  return [json.loads(line) for line in out.stdout.strip().splitlines() if line.startswith('{')]
 
 
 def main(argv=None) -> int:
@@ -134,21 +228,46 @@ def main(argv=None) -> int:
   parser.add_argument('--out', default='gpu_bench.jsonl')
   parser.add_argument('--smoke', action='store_true', help='tiny shapes, to check the script on a CPU host')
   parser.add_argument('--steps', type=int, default=10, help='timed train steps of each model')
+  parser.add_argument('--budget-s', type=float, default=420.0,
+                      help='the extra train settings (after the first four steps and generation) start only within this')
+  parser.add_argument('--transformers-generation', action='store_true', help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
-  import jax
-  rows = [dict(check='device', backend=jax.default_backend(), device=jax.devices()[0].device_kind,
-               jax=jax.__version__)]
-  print(json.dumps(rows[-1]), flush=True)
-  for name, flags, smoke_flags in TRAIN_STEPS:
-    rows.append(train_step(name, smoke_flags if args.smoke else flags, 2 if args.smoke else args.steps))
-    print(json.dumps(rows[-1]), flush=True)
-  rows.append(attention(*((2, 64) if args.smoke else (32, 512))))
-  print(json.dumps(rows[-1]), flush=True)
-  for row in generation_speed('tiny' if args.smoke else 'small', [1, 8], 8 if args.smoke else 128):
+  if args.transformers_generation:  # the child process of _transformers_rows
+    batches = [int(b) for b in os.environ['GPU_BENCH_BATCHES'].split(',')]
+    for row in transformers_generation(batches, int(os.environ['GPU_BENCH_NEW_TOKENS']), args.smoke):
+      print(json.dumps(row), flush=True)
+    return 0
+  start = time.perf_counter()
+  rows = []
+
+  def emit(row):
     rows.append(row)
     print(json.dumps(row), flush=True)
-  with open(args.out, 'w') as f:
-    f.writelines(json.dumps(r) + '\n' for r in rows)
+    with open(args.out, 'a') as f:
+      f.write(json.dumps(row) + '\n')
+
+  open(args.out, 'w').close()
+  import flax
+  import jax
+  import optax
+  emit(dict(check='device', backend=jax.default_backend(), device=jax.devices()[0].device_kind,
+            jax=jax.__version__, flax=flax.__version__, optax=optax.__version__))
+  emit(attention(*((2, 64) if args.smoke else (32, 512))))
+  steps = SMOKE_TRAIN_STEPS if args.smoke else TRAIN_STEPS
+  train_timeout = 60 if args.smoke else 120
+  for name, flags in steps[:4]:
+    emit(train_step(name, flags, 2 if args.smoke else args.steps, train_timeout))
+  new_tokens, batches = (8, [1, 8]) if args.smoke else (128, [1, 8])
+  for row in generation_speed('tiny' if args.smoke else 'small', batches, new_tokens):
+    emit(row)
+  for row in _transformers_rows(batches, new_tokens, args.smoke, timeout=120):
+    emit(row)
+  for name, flags in steps[4:]:  # other settings, while the budget lasts
+    if time.perf_counter() - start > args.budget_s:
+      emit(dict(check=name, skipped=f'past --budget-s {args.budget_s:.0f}'))
+    else:
+      emit(train_step(name, flags, args.steps, train_timeout))
+  emit(dict(check='total', seconds=round(time.perf_counter() - start, 1)))
   return 0 if not any('error' in r for r in rows) else 1
 
 
