@@ -1,6 +1,6 @@
 """Issue 21 point 5, the GPU checks in one run, for a session lent a GPU (`device`; jax with CUDA there):
 
-    PYTHONUNBUFFERED=1 python benchmarks/gpu.py --out $OUT/gpu.jsonl --budget-s 420   # ~6 min on an H200
+    PYTHONUNBUFFERED=1 python benchmarks/gpu.py --out $OUT/gpu.jsonl --budget-s 300   # ~6 min on an H200
     python benchmarks/gpu.py --smoke                                                  # tiny shapes, any host
 
 1. Train steps, bfloat16: BERT-base at seq 512 and GPT-2 small at seq 1024 (`python -m jaxssl.bench`, its JSON
@@ -11,14 +11,16 @@
 2. Attention: BERT-base's shape (batch x 512 x 12 heads x 64, bfloat16, a padding mask) forward + backward through
    `fused_attention.attend`'s cuDNN path and its XLA path: max abs difference of outputs and gradients, and ms
    per call of each (median of 20 after 3 warm-ups). On a host without cuDNN only the XLA path runs.
-3. Generation: GPT-2 small (random weights, bfloat16), 128 greedy tokens at batch 1 and 8: tokens/s, the first
+3. Generation: GPT-2 small (random weights, bfloat16), 128 greedy tokens at batch 1 and 8, its layers apart
+   (`layer_loop` 'auto') and in their loop ('scan'): tokens/s, the first
    call's seconds (compile included), and batch 1 against the memory-bandwidth bound (weight bytes per token over
    the device's copy bandwidth, measured here); beside it transformers' `generate` of a GPT-2 small of the same
    shape and dtype on the same device (PyTorch, in its own process), when torch is installed.
 
 One JSON line per measurement, also written to --out; a failed check prints its error's last lines and the
-others still run. The device's image has jax, flax, optax and torch but lacks ml_collections and zstandard:
-carry them as wheels (../.library/device/README.md says how).
+others still run. The device's image has jax (0.11.2 on 2026-12-04, not the pinned 0.10.2), flax, optax and torch
+but lacks ml_collections, zstandard, grain and grain's array-record, dm-tree and portpicker: carry them as cp312
+wheels (../.library/device/README.md says how; flax 0.12.8 fails to import under jax 0.11.2, so use the image's).
 """
 import argparse
 import json
@@ -36,24 +38,19 @@ BERT_BASE = ['--config', 'configs/bert.py:base', '--config.data.seq_len=512', '-
              '--config.tokenizer.vocab_size=30522']
 GPT2_SMALL = ['--config', 'configs/gpt.py:small', '--config.tokenizer.vocab_size=50257']
 NO_ATTENTION_DROPOUT = ['--config.model.attention_dropout_rate=0.0']
-# (name, bench flags): the issue's two train steps at their defaults first, then the settings that may beat them.
+# (name, bench flags): the issue's two train steps at their defaults first (layers unrolled: `layer_loop` 'auto' on
+# GPU), then other settings (BENCHMARKS.md §23 has the first GPU's figures).
 TRAIN_STEPS = (
     ('bert_base_seq512_b32', BERT_BASE + ['--config.train.batch_size=32']),
     ('bert_base_seq512_b32_cudnn', BERT_BASE + ['--config.train.batch_size=32'] + NO_ATTENTION_DROPOUT),
     ('gpt2_small_seq1024_b16', GPT2_SMALL + ['--config.train.batch_size=16']),
     ('gpt2_small_seq1024_b16_cudnn', GPT2_SMALL + ['--config.train.batch_size=16'] + NO_ATTENTION_DROPOUT),
-    ('bert_base_seq512_b128_cudnn_remat_none', BERT_BASE + ['--config.train.batch_size=128',
-                                                            '--config.model.remat=none'] + NO_ATTENTION_DROPOUT),
-    ('gpt2_small_seq1024_b32_cudnn_remat_none_chunk0', GPT2_SMALL + [
-        '--config.train.batch_size=32', '--config.model.remat=none', '--config.model.loss_chunk=0']
-     + NO_ATTENTION_DROPOUT),
-    ('bert_base_seq512_b128_cudnn_unrolled', BERT_BASE + ['--config.train.batch_size=128',
-                                                          '--config.model.remat=none',
-                                                          '--config.model.layer_loop=unrolled']
-     + NO_ATTENTION_DROPOUT),
-    ('gpt2_small_seq1024_b32_cudnn_unrolled', GPT2_SMALL + [
-        '--config.train.batch_size=32', '--config.model.remat=none', '--config.model.loss_chunk=0',
-        '--config.model.layer_loop=unrolled'] + NO_ATTENTION_DROPOUT),
+    ('bert_base_seq512_b128_cudnn', BERT_BASE + ['--config.train.batch_size=128'] + NO_ATTENTION_DROPOUT),
+    ('gpt2_small_seq1024_b64_cudnn', GPT2_SMALL + ['--config.train.batch_size=64'] + NO_ATTENTION_DROPOUT),
+    ('gpt2_small_seq1024_b16_cudnn_scan', GPT2_SMALL + ['--config.train.batch_size=16',
+                                                        '--config.model.layer_loop=scan'] + NO_ATTENTION_DROPOUT),
+    ('gpt2_small_seq1024_b16_cudnn_xla_flags', GPT2_SMALL + ['--config.train.batch_size=16'] + NO_ATTENTION_DROPOUT,
+     {'XLA_FLAGS': '--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_triton_gemm=false'}),
 )
 SMOKE_TRAIN_STEPS = (
     ('bert_tiny', ['--config', 'configs/bert.py:tiny', '--config.train.batch_size=4']),
@@ -67,11 +64,14 @@ def _failure(name: str, what: str, stderr: str) -> dict:
   return dict(check=name, error=(tail or ['?'])[-1][:300])
 
 
-def train_step(name: str, flags: list[str], steps: int, timeout: float) -> dict:
-  """One `python -m jaxssl.bench` run in bfloat16: its JSON line, named."""
+def train_step(name: str, flags: list[str], steps: int, timeout: float, env: dict | None = None) -> dict:
+  """One `python -m jaxssl.bench` run in bfloat16 (its own process, with `env` added): its JSON line, named."""
   cmd = [sys.executable, '-m', 'jaxssl.bench', *flags, '--config.model.dtype=bfloat16', '--steps', str(steps)]
+  # The child takes the GPU's memory as jax does by default; this process does not preallocate (main).
+  child_env = {k: v for k, v in os.environ.items() if k != 'XLA_PYTHON_CLIENT_PREALLOCATE'} | (env or {})
   try:
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False, timeout=timeout)
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False, timeout=timeout,
+                         env=child_env)
   except subprocess.TimeoutExpired as e:
     return _failure(name, f'over {timeout:.0f} s', e.stderr.decode() if isinstance(e.stderr, bytes) else '')
   if out.returncode != 0:
@@ -138,7 +138,7 @@ def device_bandwidth_bytes_per_s(size: int = 1 << 31) -> float:
   return 2 * x.nbytes / seconds
 
 
-def generation_speed(variant: str, batches: list[int], new_tokens: int) -> list[dict]:
+def generation_speed(variant: str, batches: list[int], new_tokens: int, layer_loop: str = 'auto') -> list[dict]:
   """Greedy decoding of a randomly initialised GPT (`configs/gpt.py:VARIANT`, bfloat16): tokens/s per batch."""
   import jax
   import numpy as np
@@ -148,6 +148,7 @@ def generation_speed(variant: str, batches: list[int], new_tokens: int) -> list[
   from jaxssl.models import generation
   config = gpt_configs.get_config(variant)
   config.model.dtype = 'bfloat16'
+  config.model.layer_loop = layer_loop
   model = families.build_model(config.model, 50257, rngs=nnx.Rngs(params=0))
   weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   bandwidth = device_bandwidth_bytes_per_s(1 << 24 if jax.default_backend() == 'cpu' else 1 << 31)
@@ -161,7 +162,8 @@ def generation_speed(variant: str, batches: list[int], new_tokens: int) -> list[
 
     first, times = _timed(run)
     tokens_per_s = batch * new_tokens / statistics.median(times)
-    row = dict(check='generation', model=f'gpt.py:{variant} random bf16', batch=batch, new_tokens=new_tokens,
+    row = dict(check='generation', model=f'gpt.py:{variant} random bf16', layer_loop=layer_loop, batch=batch,
+               new_tokens=new_tokens,
                tokens_per_s=round(tokens_per_s, 1), first_call_s=round(first, 2),
                weight_mb=round(weight_bytes / 2**20, 1), device_bandwidth_gb_s=round(bandwidth / 1e9, 1))
     if batch == 1:
@@ -228,8 +230,8 @@ def main(argv=None) -> int:
   parser.add_argument('--out', default='gpu_bench.jsonl')
   parser.add_argument('--smoke', action='store_true', help='tiny shapes, to check the script on a CPU host')
   parser.add_argument('--steps', type=int, default=10, help='timed train steps of each model')
-  parser.add_argument('--budget-s', type=float, default=420.0,
-                      help='the extra train settings (after the first four steps and generation) start only within this')
+  parser.add_argument('--budget-s', type=float, default=300.0,
+                      help='seconds after which the extra train settings (after generation) are skipped')
   parser.add_argument('--transformers-generation', action='store_true', help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.transformers_generation:  # the child process of _transformers_rows
@@ -247,6 +249,9 @@ def main(argv=None) -> int:
       f.write(json.dumps(row) + '\n')
 
   open(args.out, 'w').close()
+  # This process's attention and generation checks need little memory; jax's default would hold 75% of the GPU
+  # from the first check on, and the train steps' processes ran out of it at larger batches.
+  os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
   import flax
   import jax
   import optax
@@ -255,18 +260,19 @@ def main(argv=None) -> int:
   emit(attention(*((2, 64) if args.smoke else (32, 512))))
   steps = SMOKE_TRAIN_STEPS if args.smoke else TRAIN_STEPS
   train_timeout = 60 if args.smoke else 120
-  for name, flags in steps[:4]:
-    emit(train_step(name, flags, 2 if args.smoke else args.steps, train_timeout))
+  for name, flags, *env in steps[:4]:
+    emit(train_step(name, flags, 2 if args.smoke else args.steps, train_timeout, *env))
   new_tokens, batches = (8, [1, 8]) if args.smoke else (128, [1, 8])
-  for row in generation_speed('tiny' if args.smoke else 'small', batches, new_tokens):
-    emit(row)
+  for layer_loop in ('auto', 'scan'):
+    for row in generation_speed('tiny' if args.smoke else 'small', batches, new_tokens, layer_loop):
+      emit(row)
   for row in _transformers_rows(batches, new_tokens, args.smoke, timeout=120):
     emit(row)
-  for name, flags in steps[4:]:  # other settings, while the budget lasts
+  for name, flags, *env in steps[4:]:  # other settings, while the budget lasts
     if time.perf_counter() - start > args.budget_s:
       emit(dict(check=name, skipped=f'past --budget-s {args.budget_s:.0f}'))
     else:
-      emit(train_step(name, flags, args.steps, train_timeout))
+      emit(train_step(name, flags, args.steps, train_timeout, *env))
   emit(dict(check='total', seconds=round(time.perf_counter() - start, 1)))
   return 0 if not any('error' in r for r in rows) else 1
 

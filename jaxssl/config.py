@@ -166,8 +166,8 @@ def compute_keys(**overrides) -> dict:
       dtype='float32',     # compute dtype; params stay float32. 'bfloat16' on TPU/GPU.
       remat='dots',        # 'dots' (keep weight matmul outputs, recompute the rest) | 'none' | 'full'
       scan_layers=True,    # layers stacked (a leading 'layers' axis) and run by nnx.scan
-      layer_loop='auto',   # how the stack runs: 'auto' (unrolled on CPU, faster there; a loop elsewhere, compile
-                           # time flat in depth) | 'scan' | 'unrolled'
+      layer_loop='auto',   # how the stack runs: 'auto' (unrolled on CPU and GPU, faster there; a loop on TPU,
+                           # compile time flat in depth) | 'scan' | 'unrolled'
       attention='auto',    # 'auto' (cuDNN flash on GPU in bf16, splash on TPU, else XLA) | 'xla' | 'cudnn' | 'splash'
   ) | overrides
 
