@@ -10,7 +10,8 @@
    then (after 3.) larger batches and other settings while --budget-s lasts.
 2. Attention: BERT-base's shape (batch x 512 x 12 heads x 64, bfloat16, a padding mask) forward + backward through
    `fused_attention.attend`'s cuDNN path and its XLA path: max abs difference of outputs and gradients, and ms
-   per call of each (median of 20 after 3 warm-ups). On a host without cuDNN only the XLA path runs.
+   per call of each (median of 20 after 3 warm-ups). On a host without cuDNN only the XLA path runs. Then
+   tests/test_fused_attention.py on the device (its cuDNN cases run only where a CUDA GPU is).
 3. Generation: GPT-2 small (random weights, bfloat16), 128 greedy tokens at batch 1 and 8, its layers apart
    (`layer_loop` 'auto') and in their loop ('scan'): tokens/s, the first
    call's seconds (compile included), and batch 1 against the memory-bandwidth bound (weight bytes per token over
@@ -127,6 +128,23 @@ def attention(batch: int, length: int, heads: int = 12, head_dim: int = 64) -> d
   else:
     row['cudnn'] = f'not run: backend {jax.default_backend()}'
   return row
+
+
+def fused_attention_tests(timeout: float) -> dict:
+  """tests/test_fused_attention.py on this process's backend (the cuDNN cases run where a CUDA GPU is present):
+  pytest's summary line. tests/conftest.py would pin jax to the CPU; JAX_PLATFORMS is set to this backend's."""
+  import jax
+  platform = {'gpu': 'cuda'}.get(jax.default_backend(), jax.default_backend())
+  cmd = [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', 'tests/test_fused_attention.py']
+  try:
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False, timeout=timeout,
+                         env=dict(os.environ, JAX_PLATFORMS=platform))
+  except subprocess.TimeoutExpired:
+    return _failure('fused_attention_tests', f'over {timeout:.0f} s', '')
+  summary = (out.stdout.strip().splitlines() or ['?'])[-1]
+  if out.returncode != 0:
+    return _failure('fused_attention_tests', summary, out.stdout[-3000:])
+  return dict(check='fused_attention_tests', platform=platform, summary=summary)
 
 
 def device_bandwidth_bytes_per_s(size: int = 1 << 31) -> float:
@@ -258,6 +276,7 @@ def main(argv=None) -> int:
   emit(dict(check='device', backend=jax.default_backend(), device=jax.devices()[0].device_kind,
             jax=jax.__version__, flax=flax.__version__, optax=optax.__version__))
   emit(attention(*((2, 64) if args.smoke else (32, 512))))
+  emit(fused_attention_tests(timeout=240))
   steps = SMOKE_TRAIN_STEPS if args.smoke else TRAIN_STEPS
   train_timeout = 60 if args.smoke else 120
   for name, flags, *env in steps[:4]:
