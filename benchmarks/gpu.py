@@ -1,7 +1,11 @@
 """Issue 21 point 5, the GPU checks in one run, for a session lent a GPU (`device`; jax with CUDA there):
 
-    PYTHONUNBUFFERED=1 python benchmarks/gpu.py --out $OUT/gpu.jsonl --budget-s 300   # ~6 min on an H200
+    PYTHONUNBUFFERED=1 python benchmarks/gpu.py --out $OUT/gpu.jsonl --budget-s 300   # ~8 min on an H200
     python benchmarks/gpu.py --smoke                                                  # tiny shapes, any host
+
+On the device (2026-12-04): `pip download` the wheels named at the end here into .whl/ (cp312, manylinux), carry
+.whl, and run `python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site
+python3 benchmarks/gpu.py --out $OUT/gpu.jsonl > $OUT/gpu.log 2>&1`. The unrolled steps compile for 40-90 s each.
 
 1. Train steps, bfloat16: BERT-base at seq 512 and GPT-2 small at seq 1024 (`python -m jaxssl.bench`, its JSON
    line: tokens/s, MFU against the device's dense bf16 peak in jaxssl/train/metrics.py, e.g. 989 TFLOP/s for
@@ -10,7 +14,8 @@
    then (after 3.) larger batches and other settings while --budget-s lasts.
 2. Attention: BERT-base's shape (batch x 512 x 12 heads x 64, bfloat16, a padding mask) forward + backward through
    `fused_attention.attend`'s cuDNN path and its XLA path: max abs difference of outputs and gradients, and ms
-   per call of each (median of 20 after 3 warm-ups). On a host without cuDNN only the XLA path runs. Then
+   per call of each (median of 20 after 3 warm-ups); beside them cuDNN given the padding as key lengths instead of
+   the bias attend builds, and cuDNN without a mask. On a host without cuDNN only the XLA path runs. Then
    tests/test_fused_attention.py on the device (its cuDNN cases run only where a CUDA GPU is).
 3. Generation: GPT-2 small (random weights, bfloat16), 128 greedy tokens at batch 1 and 8, its layers apart
    (`layer_loop` 'auto') and in their loop ('scan'): tokens/s, the first
@@ -125,6 +130,14 @@ def attention(batch: int, length: int, heads: int = 12, head_dim: int = 64) -> d
                                     for a, b in zip(grads_x, grads_c))
     row['max_abs_grad'] = max(float(jnp.max(jnp.abs(a.astype(jnp.float32)))) for a in grads_x)
     row['cudnn_speedup'] = round(row['xla_ms'] / row['cudnn_ms'], 2)
+    # What the padding mask costs cuDNN as a bias [B, 1, T, S] (what attend passes): the same padding as key
+    # lengths, and no mask at all.
+    lengths = length - 16 * jnp.arange(batch, dtype=jnp.int32)
+    for name, kwargs in (('cudnn_key_lengths_ms', dict(key_value_seq_lengths=lengths)), ('cudnn_no_mask_ms', {})):
+      def loss(q, k, v, kwargs=kwargs):
+        out = jax.nn.dot_product_attention(q, k, v, implementation='cudnn', **kwargs)
+        return jnp.sum(out.astype(jnp.float32) * g.astype(jnp.float32))
+      row[name] = _median_ms(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))), q, k, v)
   else:
     row['cudnn'] = f'not run: backend {jax.default_backend()}'
   return row
