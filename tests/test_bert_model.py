@@ -152,6 +152,17 @@ def test_layer_loop_scan_equals_unrolled(subset):
   assert describe_layer_loop({'scan_layers': False, 'layer_loop': 'auto'}) == describe_layer_loop({}) == ''
 
 
+def test_auto_layer_loop_unrolls_on_cpu_and_gpu_and_loops_on_tpu(monkeypatch):
+  """'auto' per backend, as measured (BENCHMARKS.md §15 CPU, §23 GPU); TPU keeps the loop's flat compile time."""
+  from jaxssl.models import layers
+  for backend, unrolled in (('cpu', True), ('gpu', True), ('tpu', False)):
+    monkeypatch.setattr(layers.jax, 'default_backend', lambda backend=backend: backend)
+    assert layers.unroll_layers('auto') is unrolled
+    assert layers.unroll_layers('scan') is False and layers.unroll_layers('unrolled') is True
+    how = 'unrolled' if unrolled else 'in a loop'
+    assert describe_layer_loop({'scan_layers': True}) == f'layers {how} (auto, {backend})'
+
+
 @pytest.mark.parametrize('scan,remat', [(True, 'none'), (True, 'dots'), (False, 'full')])
 def test_final_layer_subset_equals_full_last_layer(scan, remat):
   """The last layer at [CLS] + mlm_positions only: the same logits and gradients as the whole last layer."""
