@@ -4,7 +4,8 @@
 
 Every family (bert, gpt, encdec, elmo): synthetic batches in the family's train layout. Prints one JSON line:
 tokens_per_sec, step_time_s (median, after WARMUP_STEPS untimed steps), compile_s (trace + compile, not run),
-peak_memory_mb, temp_memory_mb (XLA's scratch of the compiled step: activations), flops_per_token, mfu, device, family. Compare
+peak_memory_mb, temp_memory_mb (XLA's scratch of the compiled step: activations), flops_per_token, mfu, device, family,
+layers and attention (what 'auto' picked, as the job's banner says). Compare
 against ../shared/bench/ run in the same session (ratios, not absolute figures). `--profile DIR` writes a
 jax.profiler trace of the timed steps.
 
@@ -85,6 +86,8 @@ def run(config, steps: int, profile_dir: str = '') -> dict:
   import contextlib
   import jax
   from jaxssl import families
+  from jaxssl.models import fused_attention
+  from jaxssl.models.layers import describe_layer_loop
   from jaxssl.train import metrics as metrics_lib
   vocab_size = config.tokenizer.vocab_size
   train_step, state, batch, mesh, compile_s = compiled_step(config)
@@ -113,7 +116,8 @@ def run(config, steps: int, profile_dir: str = '') -> dict:
       'flops_per_token': flops, 'mfu': round(tokens / step_time * flops / peak, 4) if peak else None,
       'device': f'{jax.device_count()}x {jax.devices()[0].device_kind}', 'family': config.model.name,
       'config': config.get('variant', ''), 'batch': config.train.batch_size, 'seq_len': config.data.seq_len,
-      'dtype': config.model.dtype, 'loss': float(metrics['loss']),
+      'dtype': config.model.dtype, 'layers': describe_layer_loop(config.model),
+      'attention': fused_attention.describe(config.model), 'loss': float(metrics['loss']),
   }
 
 

@@ -2,6 +2,7 @@
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -203,6 +204,7 @@ def test_packed_batches_train_alike_on_one_process_and_two(export_dir, tmp_path)
   one = run_finetune('pair', export_dir, tmp_path / 'one', tmp_path / 'train.tsv', tmp_path / 'dev.tsv', *args)
   assert one.returncode == 0, one.stderr[-3000:]
   assert 'training examples packed into rows of 24' in one.stdout
+  assert re.search(r'\| attention (xla \(auto, cpu\)|explicit \(attention dropout [0-9.]+\)) \|', one.stdout)
   cmd = [sys.executable, os.path.join(ROOT, 'tpu', 'local_pod.py'), '--processes', '2', '--devices-per-process', '1',
          '--', sys.executable, '-m', 'jaxssl.finetune', '--config', 'configs/finetune.py:pair',
          f'--config.init_from={export_dir}', f'--config.task.train={tmp_path / "train.tsv"}',

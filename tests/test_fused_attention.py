@@ -120,3 +120,19 @@ def test_bert_and_gpt_take_the_configured_path_and_agree():
   positions = jnp.asarray(np.concatenate([np.arange(40), np.arange(60), np.arange(28)])[None].repeat(B, 0))
   gpt_out = [tiny_model('gpt', impl)(ids, segment_ids=seg, positions=positions) for impl in ('xla', 'splash')]
   np.testing.assert_allclose(*(np.where(used[..., None], o, 0) for o in gpt_out), atol=2e-5)
+
+
+def test_banner_says_which_attention_path_training_takes(monkeypatch):
+  """'auto' resolved per backend and dtype; attention dropout keeps every kernel out; Big Bird its own."""
+  cfg = dict(attention='auto', dtype='bfloat16', attention_dropout_rate=0.0)
+  assert fused_attention.describe(cfg) == 'attention xla (auto, cpu)'
+  assert fused_attention.describe(cfg | dict(attention='splash')) == 'attention splash'
+  dropout = cfg | dict(attention_dropout_rate=0.1)
+  assert fused_attention.describe(dropout) == 'attention explicit (attention dropout 0.1)'
+  assert fused_attention.describe(cfg | dict(attention_type='block_sparse', sparse_min_length=1024)) == (
+      'attention block_sparse from 1024 tokens')
+  assert fused_attention.describe(dict(dtype='float32')) == ''  # a model without the setting (ELMo)
+  monkeypatch.setattr(fused_attention.jax, 'default_backend', lambda: 'gpu')
+  monkeypatch.setattr(fused_attention, '_is_nvidia', lambda: True)
+  assert fused_attention.describe(cfg) == 'attention cudnn (auto, gpu)'
+  assert fused_attention.describe(cfg | dict(dtype='float32')) == 'attention xla (auto, gpu)'  # cuDNN: 16 bits only

@@ -43,6 +43,21 @@ def resolve(implementation: str, dtype, splash_fits: bool = True) -> str:
   return 'xla'
 
 
+def describe(model_cfg) -> str:
+  """What a banner says of a model section's attention path in training, e.g. 'attention cudnn (auto, gpu)', or
+  'attention explicit (attention dropout 0.1)' (no kernel exposes the probabilities to drop); '' for a model
+  without the setting."""
+  if 'attention' not in model_cfg:
+    return ''
+  if model_cfg.get('attention_type', 'full') == 'block_sparse':
+    return f"attention block_sparse from {model_cfg.get('sparse_min_length')} tokens"
+  if model_cfg.get('attention_dropout_rate', 0.0) > 0:
+    return f"attention explicit (attention dropout {model_cfg['attention_dropout_rate']})"
+  setting = model_cfg['attention']
+  path = resolve(setting, jnp.dtype(model_cfg.get('dtype', 'float32')))
+  return f'attention {path}' + (f' (auto, {jax.default_backend()})' if setting == 'auto' else '')
+
+
 @functools.cache
 def _is_nvidia() -> bool:
   # jax's 'gpu' backend is CUDA or ROCm; cuDNN is CUDA's.

@@ -25,7 +25,7 @@ from jaxssl import tasks
 from jaxssl.data import tokenizers
 from jaxssl.errors import UserError
 from jaxssl.families import build_model, family_for, reads_text
-from jaxssl.models import vocab
+from jaxssl.models import fused_attention, vocab
 from jaxssl.models.layers import describe_layer_loop
 from jaxssl.tasks.model import TaskModel, task_loss
 from jaxssl.train import checkpoint as ckpt_lib
@@ -275,8 +275,8 @@ def banner(config, body: Body, data: TaskData, mesh, start: int, workdir: str, b
   lengths = "/".join(map(str, buckets))
   padding = (f'training examples packed into rows of {config.data.seq_len}, dev batches padded to {lengths} | '
              if packed else f'batches padded to {lengths} | ' if len(buckets) > 1 else '')
-  loop = describe_layer_loop(body.model_cfg)
-  padding += f'{loop} | ' if loop else ''
+  notes = [n for n in (describe_layer_loop(body.model_cfg), fused_attention.describe(body.model_cfg)) if n]
+  padding += ''.join(f'{n} | ' for n in notes)
   return (f'jaxssl finetune: {task.name} ({task.kind}, {data.num_labels} label(s)) | body from {config.init_from} | '
           f'{data.num_train_examples} train / {len(data.dev_examples)} dev examples | {data.kind.describe(task)}'
           f'best by dev {task.best_metric} | {padding}mesh {dict(mesh.shape)} | '

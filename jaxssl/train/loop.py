@@ -16,7 +16,7 @@ from jaxssl import mesh as mesh_lib
 from jaxssl import storage
 from jaxssl.data import corpora, tokenizers
 from jaxssl.errors import UserError
-from jaxssl.models import layers, vocab
+from jaxssl.models import fused_attention, layers, vocab
 from jaxssl.train import checkpoint as ckpt_lib
 from jaxssl.train import metrics as metrics_lib
 from jaxssl.train import nonfinite
@@ -279,8 +279,7 @@ def _restore_or_init(config, setup, tx, checkpointer, say):
 def _compute_note(model_cfg) -> str:
   """The compute settings that change speed and memory, for the banner ('' for a family without them)."""
   shown = [f'{k} {model_cfg[k]}' for k in ('dtype', 'remat') if k in model_cfg]
-  if loop := layers.describe_layer_loop(model_cfg):
-    shown.append(loop)
+  shown += [note for note in (layers.describe_layer_loop(model_cfg), fused_attention.describe(model_cfg)) if note]
   return ', '.join(shown) + ' | ' if shown else ''
 
 
