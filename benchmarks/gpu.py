@@ -18,10 +18,10 @@ python3 benchmarks/gpu.py --out $OUT/gpu.jsonl > $OUT/gpu.log 2>&1`. The unrolle
    the bias attend builds, and cuDNN without a mask. On a host without cuDNN only the XLA path runs. Then
    tests/test_fused_attention.py on the device (its cuDNN cases run only where a CUDA GPU is).
 3. Generation: GPT-2 small (random weights, bfloat16), 128 greedy tokens at batch 1 and 8, its layers apart
-   (`layer_loop` 'auto') and in their loop ('scan'): tokens/s, the first
-   call's seconds (compile included), and batch 1 against the memory-bandwidth bound (weight bytes per token over
-   the device's copy bandwidth, measured here); beside it transformers' `generate` of a GPT-2 small of the same
-   shape and dtype on the same device (PyTorch, in its own process), when torch is installed.
+   (`layer_loop` 'auto') and in their loop ('scan'): tokens/s, the first call's seconds (compile included), and
+   batch 1 against the memory-bandwidth bound (weight bytes per token over the device's copy bandwidth, measured
+   here); beside it transformers' `generate` of a GPT-2 small of the same shape and dtype on the same device
+   (PyTorch, in its own process), when torch is installed.
 
 One JSON line per measurement, also written to --out; a failed check prints its error's last lines and the
 others still run. The device's image has jax (0.11.2 on 2026-12-04, not the pinned 0.10.2), flax, optax and torch
@@ -204,6 +204,8 @@ def generation_speed(variant: str, batches: list[int], new_tokens: int, layer_lo
 
 
 def _timed(fn, rounds: int = 3) -> tuple[float, list[float]]:
+  """(seconds of the first call, seconds of each later call). generation.py's `timed` is the same, but importing
+  it imports real_world, which pins jax to the CPU (JAX_PLATFORMS=cpu): not here."""
   start = time.perf_counter()
   fn()
   first = time.perf_counter() - start
