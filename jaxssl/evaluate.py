@@ -38,7 +38,7 @@ def evaluate_export(path: str, data: str, batch_size: int, mesh, speed: dict | N
   from jaxssl.data import tokenizers
   from jaxssl.models import vocab
   from jaxssl.train import checkpoint as ckpt_lib
-  from jaxssl.train import finetune, length_buckets
+  from jaxssl.train import finetune, layer_loop, length_buckets
   saved = ckpt_lib.read_export_config(path)
   if 'task' not in saved or 'finetune' not in saved:
     raise UserError(f'{path} is a pretraining export, not a fine-tuned one: evaluate DIR/export of '
@@ -53,8 +53,8 @@ def evaluate_export(path: str, data: str, batch_size: int, mesh, speed: dict | N
   # Cutting padding changes no output (train/length_buckets.py): exports of runs without buckets get them too.
   buckets = length_buckets.bucket_lengths(saved['finetune']['data'].get('length_buckets', 'auto'), seq_len)
   kind = tasks.get(info['kind'])
-  setup = finetune.task_model_setup(ml_collections.ConfigDict(saved['model']), saved['vocab_size'], kind.name,
-                                    info['num_labels'], mesh)
+  model_cfg = layer_loop.forward_config(ml_collections.ConfigDict(saved['model']))  # forward passes only
+  setup = finetune.task_model_setup(model_cfg, saved['vocab_size'], kind.name, info['num_labels'], mesh)
   params = ckpt_lib.load_export_params(path, setup.abstract_params)
   results, predict = {}, None
   for name, source in sets.items():

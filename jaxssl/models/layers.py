@@ -245,16 +245,33 @@ REMAT_POLICIES = {
 LAYER_LOOPS = ('auto', 'scan', 'unrolled')
 
 
-def unroll_layers(layer_loop: str) -> bool:
+# 'auto' unrolls a training step that runs at least this many times (per compiled shape) on the backend: there
+# the faster steps pay back the longer compile. This CPU (2 cores): BERT-base gradients at 6-10 rows of 128 compiled
+# in 13-17 s unrolled against 4 s in the loop and ran 4-7% faster, even after ~30 steps; MiniLM's 15% faster for
+# 7-9 s against 3-4 s, after ~40 (BENCHMARKS.md §24). H200: BERT-base seq 512 83 s against 24 s for 7 ms a
+# step, after ~8,000 (§23).
+UNROLL_MIN_RUNS = {'cpu': 50, 'gpu': 10_000}
+
+
+def unroll_layers(layer_loop: str, *, gradient: bool = True, runs: float | None = None) -> bool:
   """Whether a stacked (scanned) layer stack runs unrolled; the params are stacked either way.
 
-  'auto' unrolls on CPU and GPU: XLA:CPU ran a 6-layer encoder's gradient 1.4x faster unrolled than in its while
-  loop, and BERT-small and BERT-base pretraining steps 1.18x and 1.12x faster (BENCHMARKS.md §15); on an H200 the
-  bfloat16 steps of BERT-base (seq 512) and GPT-2 small (seq 1024) ran 1.20x and 1.18x faster, for 3.5x and 4x
-  the compile time (83 s and 38 s; §23). TPU keeps the loop, whose compile time is flat in depth (not measured
+  'auto' unrolls training steps on CPU and GPU: XLA:CPU ran a 6-layer encoder's gradient 1.4x faster unrolled
+  than in its while loop, and BERT-small and BERT-base pretraining steps 1.18x and 1.12x faster (BENCHMARKS.md
+  §15); on an H200 the bfloat16 steps of BERT-base (seq 512) and GPT-2 small (seq 1024) ran 1.20x and 1.18x
+  faster, for 3.5x and 4x the compile time (83 s and 38 s; §23). With `runs` (how many times one compiled shape
+  of the step will run, e.g. in a short fine-tuning job) it unrolls only from UNROLL_MIN_RUNS of the backend.
+  A forward-only program (`gradient=False`: dev and evaluation batches) keeps the loop: XLA:CPU runs a forward
+  pass as fast in the loop and compiles it 1.5-6x faster (§24), and an evaluation's few batches a shape would
+  not pay back the unrolled compile on GPU. TPU keeps the loop, whose compile time is flat in depth (not measured
   there yet); 'scan' asks for it anywhere.
   """
-  return layer_loop == 'unrolled' or (layer_loop == 'auto' and jax.default_backend() in ('cpu', 'gpu'))
+  if layer_loop != 'auto':
+    return layer_loop == 'unrolled'
+  backend = jax.default_backend()
+  if backend not in UNROLL_MIN_RUNS or not gradient:
+    return False
+  return runs is None or runs >= UNROLL_MIN_RUNS[backend]
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -8,6 +8,7 @@ the task files may be local or in a bucket (gs://...). Everything that depends o
 """
 import copy
 import dataclasses
+import functools
 import json
 
 import jax
@@ -26,9 +27,9 @@ from jaxssl.data import tokenizers
 from jaxssl.errors import UserError
 from jaxssl.families import build_model, family_for, reads_text
 from jaxssl.models import fused_attention, vocab
-from jaxssl.models.layers import describe_layer_loop
 from jaxssl.tasks.model import TaskModel, task_loss
 from jaxssl.train import checkpoint as ckpt_lib
+from jaxssl.train import layer_loop
 from jaxssl.train import length_buckets
 from jaxssl.train import metrics as writer_lib
 from jaxssl.train import nonfinite
@@ -42,8 +43,13 @@ def batch_indices(step: int, batch_size: int, num_examples: int, seed: int) -> n
   """Rows of global batch `step`: a fresh permutation of the training set each epoch, a function of (seed, step)."""
   g = step * batch_size + np.arange(batch_size)
   epochs, positions = g // num_examples, g % num_examples
-  perms = {e: np.random.default_rng([seed, 2, e]).permutation(num_examples) for e in np.unique(epochs)}
-  return np.array([perms[e][p] for e, p in zip(epochs, positions)])
+  return np.array([_epoch_order(seed, int(e), num_examples)[p] for e, p in zip(epochs, positions)])
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+  # Cached: every step of an epoch (and the layer-loop plan's look ahead) reads the same permutation.
+  return np.random.default_rng([seed, 2, epoch]).permutation(num_examples)
 
 
 def local_rows(global_rows: np.ndarray) -> np.ndarray:
@@ -200,23 +206,24 @@ def restore_or_init(checkpointer, setup, tx, init_from: str, say):
   if latest is not None:
     meta = checkpointer.read_meta(latest)
     return state, meta['best'], meta.get('dev_pending') == latest
-  params = state_lib.init_params(setup)
-  # The body comes from the export; the head stays freshly initialised.
-  params['body'] = ckpt_lib.load_export_params(init_from, setup.abstract_params['body'])
+  # The body comes from the export; the head is freshly initialised.
+  params = {**state_lib.init_params(setup, only='head'),
+            'body': ckpt_lib.load_export_params(init_from, setup.abstract_params['body'])}
   return state_lib.init_state(setup, tx, params), {'value': -np.inf, 'step': 0, 'metrics': {}}, False
 
 
-def make_train_step(setup, tx, schedule, kind, mesh, features: dict, packed: bool = False):
+def make_train_step(setup, tx, schedule, kind, mesh, features: dict, packed: bool = False, check_graphdef=None):
   """(jitted `train_step(state, batch) -> (state, metrics)`, jitted `checkpoint_check(state, batch) -> (loss,
-  finite)`, the feature keys a batch holds). `packed`: batches come from packing.pack.
+  finite)`, the feature keys a batch holds). `packed`: batches come from packing.pack. `check_graphdef`: the
+  model the check runs (the same params; layer_loop.forward_config's loop), by default the step's.
 
   The check is what a checkpoint of `state` must pass before it is saved: the loss the next step computes from it
   on `batch` (the next step's batch and dropout key; forward only) and whether its params and moments are finite.
   """
   model_keys = [*kind.model_inputs, *(packing.PACKED_INPUTS if packed else ())]
 
-  def loss_fn(params, batch, key):
-    model = nnx.merge(setup.graphdef, params)
+  def loss_fn(params, batch, key, graphdef=setup.graphdef):
+    model = nnx.merge(graphdef, params)
     outputs = model(*(batch[k] for k in kind.input_keys), dropout_rng=key, **{k: batch[k] for k in model_keys})
     return task_loss(kind.name, outputs, batch)[0]
 
@@ -224,8 +231,8 @@ def make_train_step(setup, tx, schedule, kind, mesh, features: dict, packed: boo
     return jax.random.fold_in(jax.random.wrap_key_data(state['rng']), state['step'])
 
   def checkpoint_check(state, batch):
-    return loss_fn(state['params'], batch, step_key(state)), step_lib.all_finite((state['params'],
-                                                                                 state['opt_state']))
+    loss = loss_fn(state['params'], batch, step_key(state), check_graphdef or setup.graphdef)
+    return loss, step_lib.all_finite((state['params'], state['opt_state']))
 
   def train_step(state, batch):
     key = step_key(state)
@@ -269,13 +276,14 @@ class DevEvaluation:
 
 
 def banner(config, body: Body, data: TaskData, mesh, start: int, workdir: str, buckets: tuple,
-           packed: bool = False) -> str:
-  """The run's first line; `buckets` () for inputs without lengths to cut (images, audio)."""
+           packed: bool = False, loop_note: str = '') -> str:
+  """The run's first line; `buckets` () for inputs without lengths to cut (images, audio); `loop_note` what
+  layer_loop.finetune_configs says of the layer loop."""
   task, t = config.task, config.train
   lengths = "/".join(map(str, buckets))
   padding = (f'training examples packed into rows of {config.data.seq_len}, dev batches padded to {lengths} | '
              if packed else f'batches padded to {lengths} | ' if len(buckets) > 1 else '')
-  notes = [n for n in (describe_layer_loop(body.model_cfg), fused_attention.describe(body.model_cfg)) if n]
+  notes = [n for n in (loop_note, fused_attention.describe(body.model_cfg)) if n]
   padding += ''.join(f'{n} | ' for n in notes)
   return (f'jaxssl finetune: {task.name} ({task.kind}, {data.num_labels} label(s)) | body from {config.init_from} | '
           f'{data.num_train_examples} train / {len(data.dev_examples)} dev examples | {data.kind.describe(task)}'
@@ -299,8 +307,21 @@ def run_finetuning(config, workdir: str) -> dict:
   if t.batch_size % mesh_lib.batch_divisor(mesh):
     raise UserError(f'train.batch_size={t.batch_size} must be a multiple of the data*fsdp mesh size '
                     f'{mesh_lib.batch_divisor(mesh)}')
-  setup = task_model_setup(body.model_cfg, body.vocab_size, task.kind, data.num_labels, mesh, t.seed,
-                           config.model.classifier_dropout)
+  seq_len = config.data.seq_len
+  buckets = length_buckets.bucket_lengths(config.data.get('length_buckets', 'none'), seq_len)
+  lengths = length_buckets.real_lengths(data.train_features)
+  packed = lengths is not None and packing.packs(config.data.get('packing', 'none'), data.kind, body.model_cfg)
+  row_multiple = packing.row_multiple(t.batch_size, mesh_lib.batch_divisor(mesh), jax.process_count())
+
+  def shape_at(step):  # the shape of step's batch: its packed row count or its length bucket
+    rows = batch_indices(step, t.batch_size, data.num_train_examples, t.seed)
+    if packed:
+      return packing.row_count(lengths[rows], seq_len, row_multiple)
+    return length_buckets.batch_length(lengths, rows, buckets)
+
+  train_cfg, forward_cfg, loop_note = layer_loop.finetune_configs(body.model_cfg, t.steps, shape_at)
+  setup, forward_setup = (task_model_setup(c, body.vocab_size, task.kind, data.num_labels, mesh, t.seed,
+                                           config.model.classifier_dropout) for c in (train_cfg, forward_cfg))
   tx, schedule = state_lib.make_optimizer(t, frozen_body_params(body.model_cfg)), state_lib.make_schedule(t)
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
                                       directory=config.checkpoint.get('directory', ''))
@@ -308,14 +329,10 @@ def run_finetuning(config, workdir: str) -> dict:
   say = print if jax.process_index() == 0 else (lambda *a, **k: None)
   state, best, dev_pending = restore_or_init(checkpointer, setup, tx, config.init_from, say)
   start = int(jax.device_get(state['step']))
-  seq_len = config.data.seq_len
-  buckets = length_buckets.bucket_lengths(config.data.get('length_buckets', 'none'), seq_len)
-  lengths = length_buckets.real_lengths(data.train_features)
-  packed = lengths is not None and packing.packs(config.data.get('packing', 'none'), data.kind, body.model_cfg)
-  say(banner(config, body, data, mesh, start, workdir, buckets if lengths is not None else (), packed), flush=True)
+  say(banner(config, body, data, mesh, start, workdir, buckets if lengths is not None else (), packed, loop_note),
+      flush=True)
   train_step, checkpoint_check, batch_keys = make_train_step(setup, tx, schedule, data.kind, mesh,
-                                                             data.train_features, packed)
-  row_multiple = packing.row_multiple(t.batch_size, mesh_lib.batch_divisor(mesh), jax.process_count())
+                                                             data.train_features, packed, forward_setup.graphdef)
 
   def batch_at(step):  # the global batch of `step`: a function of (seed, step), packed or cut to its length bucket
     rows = batch_indices(step, t.batch_size, data.num_train_examples, t.seed)
@@ -330,7 +347,7 @@ def run_finetuning(config, workdir: str) -> dict:
   run_config = json.loads(config_lib.to_json(config))
   export_config = {**body.saved, 'finetune': run_config, 'task': {
       'name': task.name, 'kind': task.kind, 'labels': data.labels, 'num_labels': data.num_labels}}
-  predict = make_predictor(setup, mesh, data.dev_features, config.eval.batch_size, data.kind, buckets)
+  predict = make_predictor(forward_setup, mesh, data.dev_features, config.eval.batch_size, data.kind, buckets)
   evaluate = DevEvaluation(task, data, predict, writer, storage.join(workdir, 'export'), export_config,
                            body.tokenizer)
   watch = preemption.PreemptionWatch()

@@ -71,6 +71,11 @@ def first_fit(lengths: np.ndarray, row_len: int) -> list[list[int]]:
   return rows
 
 
+def row_count(example_lengths: np.ndarray, row_len: int, multiple: int) -> int:
+  """How many rows `pack` lays examples of these lengths into (the packed batch's shape)."""
+  return -(-len(first_fit(example_lengths, row_len)) // multiple) * multiple
+
+
 def pack(features: dict, examples: np.ndarray, lengths: np.ndarray, row_len: int, multiple: int, keys) -> dict:
   """The global batch of `examples` (row indices into `features`) packed into rows of `row_len`, as many rows as
   a multiple of `multiple` holds; `keys` the batch's keys. Every process builds the same global batch and feeds

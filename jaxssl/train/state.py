@@ -113,15 +113,19 @@ def _divisible(abstract, sharding: NamedSharding) -> NamedSharding:
   return NamedSharding(sharding.mesh, P(*spec))
 
 
-def init_params(setup: ModelSetup):
-  """Initialises params directly into their shards (jit with out_shardings: no host-side full copy)."""
+def init_params(setup: ModelSetup, only: str | None = None):
+  """Initialises params directly into their shards (jit with out_shardings: no host-side full copy). `only`: just
+  the params under that top-level key, as {only: ...}, the same values as in the whole init (fine-tuning's new
+  head: the body comes from an export, and XLA drops its random init, which took 5 s to compile for BERT-base)."""
   def create():
     # Placement comes from out_shardings (already made divisible), not from each Param's own annotation.
     with nnx.use_eager_sharding(False):
       model = setup.build(nnx.Rngs(params=setup.seed))
-    return nnx.to_pure_dict(nnx.state(model))
+    params = nnx.to_pure_dict(nnx.state(model))
+    return params if only is None else {only: params[only]}
+  shardings = setup.param_shardings if only is None else {only: setup.param_shardings[only]}
   with jax.set_mesh(setup.mesh), nnx.logical_axis_rules(mesh_lib.LOGICAL_AXIS_RULES):
-    return jax.jit(create, out_shardings=setup.param_shardings)()
+    return jax.jit(create, out_shardings=shardings)()
 
 
 def state_shardings(setup: ModelSetup, tx):
