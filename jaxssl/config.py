@@ -167,7 +167,8 @@ def compute_keys(**overrides) -> dict:
       remat='dots',        # 'dots' (keep weight matmul outputs, recompute the rest) | 'none' | 'full'
       scan_layers=True,    # layers stacked (a leading 'layers' axis) and run by nnx.scan
       layer_loop='auto',   # how the stack runs: 'auto' (unrolled on CPU and GPU, faster there; a loop on TPU,
-                           # compile time flat in depth) | 'scan' | 'unrolled'
+                           # compile time flat in depth; fine-tuning unrolls only train steps that run often
+                           # enough, train/layer_loop.py) | 'scan' | 'unrolled'
       attention='auto',    # 'auto' (cuDNN flash on GPU in bf16, splash on TPU, else XLA) | 'xla' | 'cudnn' | 'splash'
   ) | overrides
 

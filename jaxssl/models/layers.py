@@ -245,11 +245,11 @@ REMAT_POLICIES = {
 LAYER_LOOPS = ('auto', 'scan', 'unrolled')
 
 
-# 'auto' unrolls a training step that runs at least this many times (per compiled shape) on the backend: there
-# the faster steps pay back the longer compile. This CPU (2 cores): BERT-base gradients at 6-10 rows of 128 compiled
-# in 13-17 s unrolled against 4 s in the loop and ran 4-7% faster, even after ~30 steps; MiniLM's 15% faster for
-# 7-9 s against 3-4 s, after ~40 (BENCHMARKS.md §24). H200: BERT-base seq 512 83 s against 24 s for 7 ms a
-# step, after ~8,000 (§23).
+# 'auto' unrolls a training step that runs at least this many times (per compiled shape) on the backend: from
+# there the faster steps pay back the longer compile. On a 2-core CPU BERT-base gradients at 6-10 rows of 128
+# compiled in 13-17 s unrolled against 4 s in the loop and ran 4-8% faster; MiniLM's 15% faster for 7-9 s against
+# 3-4 s: even after 30-110 steps (BENCHMARKS.md §24). H200: BERT-base at seq 512 compiled in 83 s against 24 s
+# for 7 ms a step: even after ~8,000 (§23).
 UNROLL_MIN_RUNS = {'cpu': 50, 'gpu': 10_000}
 
 
