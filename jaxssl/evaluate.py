@@ -38,7 +38,7 @@ def evaluate_export(path: str, data: str, batch_size: int, mesh, speed: dict | N
   from jaxssl.data import tokenizers
   from jaxssl.models import vocab
   from jaxssl.train import checkpoint as ckpt_lib
-  from jaxssl.train import finetune, layer_loop, length_buckets
+  from jaxssl.train import finetune, layer_loop, length_buckets, predict as predict_lib
   saved = ckpt_lib.read_export_config(path)
   if 'task' not in saved or 'finetune' not in saved:
     raise UserError(f'{path} is a pretraining export, not a fine-tuned one: evaluate DIR/export of '
@@ -51,7 +51,7 @@ def evaluate_export(path: str, data: str, batch_size: int, mesh, speed: dict | N
     vocab.check_rows(tokenizer.vocab_size, saved['vocab_size'], path)  # more rows than ids: a padded vocabulary
   seq_len = saved['finetune']['data']['seq_len']
   # Cutting padding changes no output (train/length_buckets.py): exports of runs without buckets get them too.
-  buckets = length_buckets.bucket_lengths(saved['finetune']['data'].get('length_buckets', 'auto'), seq_len)
+  buckets = length_buckets.eval_lengths(saved['finetune']['data'].get('length_buckets', 'auto'), seq_len)
   kind = tasks.get(info['kind'])
   model_cfg = layer_loop.forward_config(ml_collections.ConfigDict(saved['model']))  # forward passes only
   setup = finetune.task_model_setup(model_cfg, saved['vocab_size'], kind.name, info['num_labels'], mesh)
@@ -61,7 +61,7 @@ def evaluate_export(path: str, data: str, batch_size: int, mesh, speed: dict | N
     examples, _ = tasks.read_split(task_cfg, source)
     start = time.perf_counter()
     features, decode_info = kind.featurize(task_cfg, examples, tokenizer, seq_len, info['labels'])
-    predict = predict or finetune.make_predictor(setup, mesh, features, batch_size, kind, buckets)
+    predict = predict or predict_lib.make_predictor(setup, mesh, features, batch_size, kind, buckets)
     results[name] = kind.dev_metrics(task_cfg, info['labels'], predict(params, features), features, examples,
                                      decode_info)
     seconds = time.perf_counter() - start

@@ -11,7 +11,7 @@ from jaxssl import mesh as mesh_lib
 from jaxssl import tasks
 from jaxssl.errors import UserError
 from jaxssl.tasks.model import task_loss
-from jaxssl.train import finetune, length_buckets
+from jaxssl.train import finetune, length_buckets, predict
 from test_heads import NUM_LABELS, V, tiny_cfg
 
 L = 32
@@ -23,6 +23,23 @@ def test_bucket_lengths_auto_none_and_lists():
   assert length_buckets.bucket_lengths('auto', 24) == (16, 24)
   assert length_buckets.bucket_lengths('none', 128) == (128,)
   assert length_buckets.bucket_lengths('64, 32,500', 128) == (32, 64, 128)
+
+
+def test_dev_and_evaluate_batches_are_cut_finer_on_cpu(monkeypatch):
+  """eval_lengths: on CPU, 'auto' gives every multiple of seq_len/16 (forward programs compile in about a second
+  there); elsewhere, or another setting, the training buckets. describe: what the banner says."""
+  assert length_buckets.eval_lengths('auto', 128) == tuple(range(8, 129, 8))
+  assert length_buckets.eval_lengths('auto', 384) == tuple(range(24, 385, 24))
+  assert length_buckets.eval_lengths('auto', 100) == (*range(8, 100, 8), 100)
+  assert length_buckets.eval_lengths('auto', 24) == (8, 16, 24)
+  assert length_buckets.eval_lengths('none', 128) == (128,)
+  assert length_buckets.eval_lengths('32,64', 128) == (32, 64, 128)
+  assert length_buckets.describe(length_buckets.eval_lengths('auto', 128)) == 'multiples of 8 to 128'
+  assert length_buckets.describe(length_buckets.eval_lengths('auto', 100)) == 'multiples of 8 to 100'
+  assert length_buckets.describe((16, 32, 64, 128)) == '16/32/64/128'
+  for backend in ('gpu', 'tpu'):
+    monkeypatch.setattr(length_buckets.jax, 'default_backend', lambda backend=backend: backend)
+    assert length_buckets.eval_lengths('auto', 128) == (16, 32, 64, 128)
   for bad in ('0,64', 'short', ''):
     with pytest.raises(UserError, match='data.length_buckets'):
       length_buckets.bucket_lengths(bad, 128)
@@ -82,8 +99,8 @@ def test_bucketed_predictor_returns_rows_in_order_with_padded_token_outputs():
   params = finetune.state_lib.init_params(setup)
   rows = batch('tagging', seed=1, n=13)
   rows['input_ids'][3], rows['attention_mask'][3] = 7, 1  # one row of the full length: its batch is not cut
-  padded = finetune.make_predictor(setup, mesh, rows, 8, kind)(params, rows)
-  bucketed = finetune.make_predictor(setup, mesh, rows, 8, kind, (16, 24, L))(params, rows)
+  padded = predict.make_predictor(setup, mesh, rows, 8, kind)(params, rows)
+  bucketed = predict.make_predictor(setup, mesh, rows, 8, kind, (16, 24, L))(params, rows)
   real = rows['attention_mask'] == 1
   assert bucketed.shape == padded.shape == (13, L, 3)
   np.testing.assert_allclose(bucketed[real], padded[real], rtol=1e-5, atol=1e-5)

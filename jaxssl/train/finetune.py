@@ -16,7 +16,6 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxssl import config as config_lib
@@ -34,6 +33,7 @@ from jaxssl.train import length_buckets
 from jaxssl.train import metrics as writer_lib
 from jaxssl.train import nonfinite
 from jaxssl.train import packing
+from jaxssl.train import predict as predict_lib
 from jaxssl.train import preemption
 from jaxssl.train import state as state_lib
 from jaxssl.train import step as step_lib
@@ -52,12 +52,6 @@ def _epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
   return np.random.default_rng([seed, 2, epoch]).permutation(num_examples)
 
 
-def local_rows(global_rows: np.ndarray) -> np.ndarray:
-  """This process's contiguous share of a global batch's rows."""
-  per_process = len(global_rows) // jax.process_count()
-  return global_rows[jax.process_index() * per_process:(jax.process_index() + 1) * per_process]
-
-
 def task_model_setup(model_cfg, vocab_size: int, kind: str, num_labels: int, mesh, seed: int = 0,
                      classifier_dropout: float | None = None) -> state_lib.ModelSetup:
   """`state_lib.setup_module` of the body named by `model_cfg` with the head of task kind `kind`."""
@@ -68,43 +62,6 @@ def task_model_setup(model_cfg, vocab_size: int, kind: str, num_labels: int, mes
                       'use an encoder model such as bert')
     return TaskModel(body, kind=kind, num_labels=num_labels, rngs=rngs, classifier_dropout=classifier_dropout)
   return state_lib.setup_module(build, mesh, seed)
-
-
-def make_predictor(setup, mesh, features: dict, batch_size: int, kind: tasks.TaskKind, buckets: tuple = ()):
-  """`predict(params, features) -> outputs` over all rows (host numpy, in the rows' order), in sharded batches on
-  the mesh. With length `buckets` (length_buckets.bucket_lengths) the rows go shortest first, each batch cut to
-  its bucket; per-token outputs come back padded to the full length."""
-  input_keys = [*kind.input_keys, *kind.model_inputs]
-
-  def forward(params, batch):
-    model = nnx.merge(setup.graphdef, params)
-    return model(*(batch[k] for k in kind.input_keys), **{k: batch[k] for k in kind.model_inputs})
-
-  shardings = {k: mesh_lib.batch_sharding(mesh, features[k].ndim) for k in input_keys}
-  forward = jax.jit(forward, in_shardings=(setup.param_shardings, shardings))
-  divisor = mesh_lib.batch_divisor(mesh)
-  batch_size = max(batch_size - batch_size % divisor, divisor)
-
-  def predict(params, rows_of: dict):
-    n = len(rows_of[kind.input_keys[0]])
-    lengths = length_buckets.real_lengths(rows_of) if buckets else None
-    seq_len = np.shape(rows_of['attention_mask'])[1] if lengths is not None else 0
-    order = np.arange(n) if lengths is None else np.argsort(lengths, kind='stable')
-    outputs = []
-    for start_row in range(0, n, batch_size):
-      rows = order[np.arange(start_row, start_row + batch_size) % n]  # the last batch wraps; extra rows dropped
-      length = length_buckets.batch_length(lengths, rows, buckets)
-      local = length_buckets.cut({k: rows_of[k][local_rows(rows)] for k in input_keys}, length, seq_len)
-      with jax.set_mesh(mesh):
-        out = forward(params, mesh_lib.global_batch(local, mesh))
-      out = jax.tree.map(np.asarray, multihost_utils.process_allgather(out, tiled=True))
-      if kind.token_outputs:
-        out = length_buckets.pad_outputs(out, length, seq_len, length_buckets.PAD_LOGIT)
-      outputs.append(out)
-    in_order = np.argsort(order)
-    return jax.tree.map(lambda *parts: np.concatenate(parts)[:n][in_order], *outputs)
-
-  return predict
 
 
 def check_config(config) -> None:
@@ -276,13 +233,15 @@ class DevEvaluation:
 
 
 def banner(config, body: Body, data: TaskData, mesh, start: int, workdir: str, buckets: tuple,
-           packed: bool = False, loop_note: str = '') -> str:
-  """The run's first line; `buckets` () for inputs without lengths to cut (images, audio); `loop_note` what
-  layer_loop.finetune_configs says of the layer loop."""
+           packed: bool = False, loop_note: str = '', dev_lengths: tuple = ()) -> str:
+  """The run's first line; `buckets` () for inputs without lengths to cut (images, audio); `dev_lengths` those of
+  dev batches when they differ; `loop_note` what layer_loop.finetune_configs says of the layer loop."""
   task, t = config.task, config.train
-  lengths = "/".join(map(str, buckets))
-  padding = (f'training examples packed into rows of {config.data.seq_len}, dev batches padded to {lengths} | '
-             if packed else f'batches padded to {lengths} | ' if len(buckets) > 1 else '')
+  lengths = length_buckets.describe(buckets) if buckets else ''
+  dev = length_buckets.describe(dev_lengths) if buckets and dev_lengths else lengths
+  padding = (f'training examples packed into rows of {config.data.seq_len}, dev batches padded to {dev} | '
+             if packed else f'batches padded to {lengths}{f" (dev: {dev})" if dev != lengths else ""} | '
+             if len(buckets) > 1 or dev != lengths else '')
   notes = [n for n in (loop_note, fused_attention.describe(body.model_cfg)) if n]
   padding += ''.join(f'{n} | ' for n in notes)
   return (f'jaxssl finetune: {task.name} ({task.kind}, {data.num_labels} label(s)) | body from {config.init_from} | '
@@ -329,8 +288,9 @@ def run_finetuning(config, workdir: str) -> dict:
   say = print if jax.process_index() == 0 else (lambda *a, **k: None)
   state, best, dev_pending = restore_or_init(checkpointer, setup, tx, config.init_from, say)
   start = int(jax.device_get(state['step']))
-  say(banner(config, body, data, mesh, start, workdir, buckets if lengths is not None else (), packed, loop_note),
-      flush=True)
+  dev_lengths = length_buckets.eval_lengths(config.data.get('length_buckets', 'none'), seq_len)
+  say(banner(config, body, data, mesh, start, workdir, buckets if lengths is not None else (), packed, loop_note,
+             dev_lengths), flush=True)
   train_step, checkpoint_check, batch_keys = make_train_step(setup, tx, schedule, data.kind, mesh,
                                                              data.train_features, packed, forward_setup.graphdef)
 
@@ -340,14 +300,15 @@ def run_finetuning(config, workdir: str) -> dict:
       whole = packing.pack(data.train_features, rows, lengths, seq_len, row_multiple, batch_keys)
       return mesh_lib.global_batch(packing.share(whole, jax.process_index(), jax.process_count()), mesh)
     length = length_buckets.batch_length(lengths, rows, buckets)
-    local = {k: data.train_features[k][local_rows(rows)] for k in batch_keys}
+    local = {k: data.train_features[k][predict_lib.local_rows(rows)] for k in batch_keys}
     return mesh_lib.global_batch(length_buckets.cut(local, length, seq_len), mesh)
 
   writer = writer_lib.MetricsWriter(workdir, resume_step=start, total_steps=t.steps)
   run_config = json.loads(config_lib.to_json(config))
   export_config = {**body.saved, 'finetune': run_config, 'task': {
       'name': task.name, 'kind': task.kind, 'labels': data.labels, 'num_labels': data.num_labels}}
-  predict = make_predictor(forward_setup, mesh, data.dev_features, config.eval.batch_size, data.kind, buckets)
+  predict = predict_lib.make_predictor(forward_setup, mesh, data.dev_features, config.eval.batch_size, data.kind,
+                                       dev_lengths)
   evaluate = DevEvaluation(task, data, predict, writer, storage.join(workdir, 'export'), export_config,
                            body.tokenizer)
   watch = preemption.PreemptionWatch()

@@ -11,6 +11,7 @@ draws its masks for the batch's shape, so a run with dropout samples other masks
 `data.length_buckets`: 'auto' (seq_len/8, /4, /2 and seq_len, each a multiple of 8, at least 16), 'none' (every
 batch at seq_len, as before), or lengths such as '32,64,128' (seq_len is always one of them).
 """
+import jax
 import numpy as np
 
 from jaxssl.errors import UserError
@@ -33,6 +34,27 @@ def bucket_lengths(setting, seq_len: int) -> tuple[int, ...]:
     if not wanted or min(wanted) <= 0:
       raise UserError(f'data.length_buckets={setting!r}: use auto, none or positive lengths such as 32,64,128')
   return tuple(sorted({min(v, seq_len) for v in wanted} | {seq_len}))
+
+
+def eval_lengths(setting, seq_len: int) -> tuple[int, ...]:
+  """The lengths dev and evaluate batches are cut to. With 'auto' on CPU: every multiple of seq_len/16 (at least 8,
+  a multiple of 8), finer than the training buckets. There their forward programs run XLA's layer loop
+  (train/layer_loop.py) and compile in about a second, while a batch runs for seconds: 600 tweets of ~33 pieces
+  padded to 16/32/64 cost 18,432 tokens, to multiples of 8 13,312. Elsewhere, or any other setting, the training
+  buckets (bucket_lengths)."""
+  buckets = bucket_lengths(setting, seq_len)
+  if str(setting).strip().lower() != 'auto' or jax.default_backend() != 'cpu':
+    return buckets
+  step = max(8, -(-seq_len // 16 // 8) * 8)
+  return tuple(sorted({*range(step, seq_len, step), seq_len}))
+
+
+def describe(lengths: tuple[int, ...]) -> str:
+  """'16/32/64/128', or 'multiples of 8 to 128' for a long even ladder (what a banner says)."""
+  step = lengths[0]
+  if len(lengths) > 4 and lengths[:-1] == tuple(range(step, lengths[-1], step)):
+    return f'multiples of {step} to {lengths[-1]}'
+  return '/'.join(map(str, lengths))
 
 
 def real_lengths(features: dict) -> np.ndarray | None:

@@ -1,0 +1,53 @@
+"""Forward passes of a task model over every row of a featurized set (dev metrics, the evaluate job): sharded
+batches on the mesh, shortest rows first, each batch cut to its length bucket (train/length_buckets.py)."""
+import jax
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from jaxssl import mesh as mesh_lib
+from jaxssl import tasks
+from jaxssl.train import length_buckets
+
+
+def local_rows(global_rows: np.ndarray) -> np.ndarray:
+  """This process's contiguous share of a global batch's rows."""
+  per_process = len(global_rows) // jax.process_count()
+  return global_rows[jax.process_index() * per_process:(jax.process_index() + 1) * per_process]
+
+
+def make_predictor(setup, mesh, features: dict, batch_size: int, kind: tasks.TaskKind, buckets: tuple = ()):
+  """`predict(params, features) -> outputs` over all rows (host numpy, in the rows' order), in sharded batches on
+  the mesh. With length `buckets` (length_buckets.bucket_lengths) the rows go shortest first, each batch cut to
+  its bucket; per-token outputs come back padded to the full length."""
+  input_keys = [*kind.input_keys, *kind.model_inputs]
+
+  def forward(params, batch):
+    model = nnx.merge(setup.graphdef, params)
+    return model(*(batch[k] for k in kind.input_keys), **{k: batch[k] for k in kind.model_inputs})
+
+  shardings = {k: mesh_lib.batch_sharding(mesh, features[k].ndim) for k in input_keys}
+  forward = jax.jit(forward, in_shardings=(setup.param_shardings, shardings))
+  divisor = mesh_lib.batch_divisor(mesh)
+  batch_size = max(batch_size - batch_size % divisor, divisor)
+
+  def predict(params, rows_of: dict):
+    n = len(rows_of[kind.input_keys[0]])
+    lengths = length_buckets.real_lengths(rows_of) if buckets else None
+    seq_len = np.shape(rows_of['attention_mask'])[1] if lengths is not None else 0
+    order = np.arange(n) if lengths is None else np.argsort(lengths, kind='stable')
+    outputs = []
+    for start_row in range(0, n, batch_size):
+      rows = order[np.arange(start_row, start_row + batch_size) % n]  # the last batch wraps; extra rows dropped
+      length = length_buckets.batch_length(lengths, rows, buckets)
+      local = length_buckets.cut({k: rows_of[k][local_rows(rows)] for k in input_keys}, length, seq_len)
+      with jax.set_mesh(mesh):
+        out = forward(params, mesh_lib.global_batch(local, mesh))
+      out = jax.tree.map(np.asarray, multihost_utils.process_allgather(out, tiled=True))
+      if kind.token_outputs:
+        out = length_buckets.pad_outputs(out, length, seq_len, length_buckets.PAD_LOGIT)
+      outputs.append(out)
+    in_order = np.argsort(order)
+    return jax.tree.map(lambda *parts: np.concatenate(parts)[:n][in_order], *outputs)
+
+  return predict
