@@ -242,6 +242,22 @@ def test_layer_loop_scan_equals_unrolled():
                              dict(layer_loop='unrolled'))
 
 
+def test_forward_graphdef_runs_the_loop_on_the_same_state():
+  """layers.forward_graphdef (ICL scoring): 'auto' runs XLA's loop on CPU for a forward pass, the same logits, and
+  the model itself stays as it was; an explicit 'unrolled' is kept."""
+  from jaxssl.models import layers
+  params = nnx.to_pure_dict(nnx.state(converted(), nnx.Param))
+  ids = jnp.asarray(random_ids((2, 12), seed=7))
+  for loop, forward_unroll in (('auto', False), ('unrolled', True)):
+    model = load_params(abstract_model(tiny_cfg(layer_loop=loop)), params)
+    graphdef, state = layers.forward_graphdef(model), nnx.state(model)
+    assert model.decoder.unroll is True  # training unrolls on CPU either way
+    forward = nnx.merge(graphdef, state)
+    assert forward.decoder.unroll is forward_unroll
+    np.testing.assert_allclose(jax.jit(lambda m: m(ids))(forward), jax.jit(lambda m: m(ids))(model), rtol=1e-5,
+                               atol=1e-5)
+
+
 # ----- KV cache and generation -----
 
 def test_cached_decode_equals_full_recompute():

@@ -38,7 +38,7 @@ from jaxssl import storage
 from jaxssl.errors import UserError
 from jaxssl.eval import files
 from jaxssl.eval.icl_prompts import Task, build_requests, load_task
-from jaxssl.models import generation
+from jaxssl.models import generation, layers
 from jaxssl.train import checkpoint as ckpt_lib
 from jaxssl.train import state as state_lib
 
@@ -91,7 +91,7 @@ def _continuation_logprobs(graphdef, state, ids, starts, ends):
 
 def loglikelihoods(model, rows, *, batch_size: int, mesh, max_len: int) -> np.ndarray:
   """log p(continuation | context) of each (context ids, continuation ids) row, batched and bucketed on `mesh`."""
-  graphdef, state = nnx.split(model)
+  graphdef, state = layers.forward_graphdef(model), nnx.state(model)  # scoring: XLA's layer loop on CPU
   batch_size = _batch_size(batch_size, mesh)
   lengths = [len(c) + len(x) for c, x in rows]
   out = np.zeros(len(rows), np.float64)

@@ -274,6 +274,22 @@ def unroll_layers(layer_loop: str, *, gradient: bool = True, runs: float | None 
   return runs is None or runs >= UNROLL_MIN_RUNS[backend]
 
 
+def forward_graphdef(model: nnx.Module):
+  """`nnx.split(model)[0]` for forward-only programs: the layer stacks that 'auto' unrolled (for training) run
+  XLA's loop instead where unroll_layers(gradient=False) says so; `nnx.state(model)` fits it as it is. ICL scoring
+  of SmolLM2 (30 layers, 16 x 128) compiled in 0.6 s against 4.3 s and ran 6% faster (BENCHMARKS.md §24)."""
+  auto = getattr(getattr(model, 'config', None), 'layer_loop', None) == 'auto'
+  stacks = [m for _, m in nnx.iter_modules(model) if getattr(m, 'unroll', None) is True]
+  stacks = stacks if auto and not unroll_layers('auto', gradient=False) else []
+  for stack in stacks:
+    stack.unroll = False
+  try:
+    return nnx.split(model)[0]
+  finally:
+    for stack in stacks:
+      stack.unroll = True
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _decode_layer(graphdef, state, *args):
   return nnx.merge(graphdef, state).decode(*args)
