@@ -147,7 +147,7 @@ def test_layer_loop_scan_equals_unrolled(subset):
   with pytest.raises(UserError, match="model.layer_loop='loop': use 'auto', 'scan' or 'unrolled'"):
     make(layer_loop='loop')
   # What the banners say (the tests run on CPU); an imported checkpoint's section has no layer_loop: 'auto'.
-  assert describe_layer_loop({'scan_layers': True}) == 'layers unrolled (auto, cpu)'
+  assert describe_layer_loop({'scan_layers': True}) == 'layers unrolled in training, in a loop for eval (auto, cpu)'
   assert describe_layer_loop({'scan_layers': True, 'layer_loop': 'scan'}) == 'layers in a loop'
   assert describe_layer_loop({'scan_layers': False, 'layer_loop': 'auto'}) == describe_layer_loop({}) == ''
 
@@ -159,7 +159,7 @@ def test_auto_layer_loop_unrolls_on_cpu_and_gpu_and_loops_on_tpu(monkeypatch):
     monkeypatch.setattr(layers.jax, 'default_backend', lambda backend=backend: backend)
     assert layers.unroll_layers('auto') is unrolled
     assert layers.unroll_layers('scan') is False and layers.unroll_layers('unrolled') is True
-    how = 'unrolled' if unrolled else 'in a loop'
+    how = 'unrolled in training, in a loop for eval' if unrolled else 'in a loop'
     assert describe_layer_loop({'scan_layers': True}) == f'layers {how} (auto, {backend})'
 
 

@@ -305,12 +305,15 @@ def decode_layer(layer: nnx.Module, *args):
 
 
 def describe_layer_loop(model_cfg) -> str:
-  """What a banner says of a model section's layer loop, e.g. 'layers unrolled (auto, cpu)'; '' for a model
-  without stacked layers. A section without the key (an imported checkpoint, an older export) runs 'auto'."""
+  """What a banner says of a model section's layer loop, e.g. 'layers unrolled in training, in a loop for eval
+  (auto, cpu)'; '' for a model without stacked layers. A section without the key (an imported checkpoint, an
+  older export) runs 'auto'."""
   if not model_cfg.get('scan_layers', False):
     return ''
   loop = model_cfg.get('layer_loop', 'auto')
-  how = 'unrolled' if unroll_layers(loop) else 'in a loop'
+  train, forward = unroll_layers(loop), unroll_layers(loop, gradient=False)
+  how = ('unrolled' if train else 'in a loop') if train == forward else (
+      f'{"unrolled" if train else "in a loop"} in training, {"unrolled" if forward else "in a loop"} for eval')
   return f'layers {how}' + (f' (auto, {jax.default_backend()})' if loop == 'auto' else '')
 
 

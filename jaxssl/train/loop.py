@@ -18,6 +18,7 @@ from jaxssl.data import corpora, tokenizers
 from jaxssl.errors import UserError
 from jaxssl.models import fused_attention, layers, vocab
 from jaxssl.train import checkpoint as ckpt_lib
+from jaxssl.train import layer_loop
 from jaxssl.train import metrics as metrics_lib
 from jaxssl.train import nonfinite
 from jaxssl.train import preemption
@@ -130,7 +131,10 @@ def run_pretraining(config, workdir: str) -> dict:
   if is_main:
     storage.write_text(storage.join(workdir, 'config.json'), config_lib.to_json(config))
 
-  train_step, checkpoint_check, eval_step = _jitted_steps(setup, tx, schedule, t.microbatches, family.objective, mesh)
+  # The eval step and the checkpoint check are forward passes: XLA's layer loop where 'auto' says so (layer_loop.py).
+  forward = state_lib.setup_model(layer_loop.forward_config(config.model), vocab_size, mesh, t.seed)
+  train_step, checkpoint_check, eval_step = _jitted_steps(setup, tx, schedule, t.microbatches, family.objective, mesh,
+                                                          forward.graphdef)
   where = dict(seed=t.seed, process_index=jax.process_index(), process_count=jax.process_count())
   batches = family.train_batches(sources['train'], tokenizer, config, start_step=start, **where)
   held_out = HeldOut(family, sources, tokenizer, config, where)
@@ -188,14 +192,15 @@ def run_pretraining(config, workdir: str) -> dict:
   return last
 
 
-def _jitted_steps(setup, tx, schedule, microbatches: int, objective, mesh):
-  """(train step, checkpoint check, eval step) of a run, jitted with their shardings."""
+def _jitted_steps(setup, tx, schedule, microbatches: int, objective, mesh, forward_graphdef):
+  """(train step, checkpoint check, eval step) of a run, jitted with their shardings; the last two run
+  `forward_graphdef` (the same params)."""
   state_shardings = state_lib.state_shardings(setup, tx)
   train_step = step_lib.jit_train_step(step_lib.make_train_step(setup.graphdef, tx, schedule, microbatches,
                                                                 objective), state_shardings, mesh, objective)
   checkpoint_check = step_lib.jit_checkpoint_check(
-      step_lib.make_checkpoint_check(setup.graphdef, microbatches, objective), state_shardings, mesh, objective)
-  eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(setup.graphdef, objective), setup.param_shardings,
+      step_lib.make_checkpoint_check(forward_graphdef, microbatches, objective), state_shardings, mesh, objective)
+  eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(forward_graphdef, objective), setup.param_shardings,
                                      mesh, objective)
   return train_step, checkpoint_check, eval_step
 
