@@ -262,7 +262,7 @@ def unroll_layers(layer_loop: str, *, gradient: bool = True, runs: float | None 
   faster, for 3.5x and 4x the compile time (83 s and 38 s; §23). With `runs` (how many times one compiled shape
   of the step will run, e.g. in a short fine-tuning job) it unrolls only from UNROLL_MIN_RUNS of the backend.
   A forward-only program (`gradient=False`: dev and evaluation batches) keeps the loop: XLA:CPU runs a forward
-  pass as fast in the loop and compiles it 1.5-6x faster (§24), and an evaluation's few batches a shape would
+  pass as fast in the loop and compiles it 1.5-7x faster (§24), and an evaluation's few batches a shape would
   not pay back the unrolled compile on GPU. TPU keeps the loop, whose compile time is flat in depth (not measured
   there yet); 'scan' asks for it anywhere.
   """

@@ -5,8 +5,8 @@ compiles 3-4x longer, once per batch shape. A pretraining job runs one shape for
 job compiles two to five (packed row counts, length buckets) and is often short. On this 2-core CPU a 60-step job
 on a BERT-base body spent 80 s of its 234 compiling with everything unrolled, and 18 s of 187 with the loop
 (BENCHMARKS.md §24). So here 'auto' unrolls the train step only when its shapes run often enough to pay back the
-compile (`layers.UNROLL_MIN_RUNS` a shape), and dev batches, the checkpoint check and the evaluate job (forward
-passes, which the loop runs as fast on CPU) keep the loop. The decision is a function of the config and the data
+compile (`layers.UNROLL_MIN_RUNS` a shape), and dev batches, the checkpoint check and the evaluate job keep the
+loop, as every forward-only program does (`layers.unroll_layers(..., gradient=False)`: as fast on CPU). The decision is a function of the config and the data
 alone (the shapes of the job's first steps, from step 0), so a resumed run takes the same one. The params are
 stacked either way: checkpoints and exports do not change.
 """
@@ -45,7 +45,7 @@ def shapes_per_step(shape_at, steps: int) -> collections.Counter:
 
 def finetune_configs(model_cfg, steps: int, shape_at) -> tuple:
   """(model config of the train step, model config of forward-only programs, the banner's note) for a job of
-  `steps` train steps whose batch at step s has shape `shape_at(s)` (only called when 'auto' needs it)."""
+  `steps` train steps whose batch at step s has shape `shape_at(s)` (called only when 'auto' needs the count)."""
   if not _auto(model_cfg):
     return model_cfg, model_cfg, layers.describe_layer_loop(model_cfg)
   backend = jax.default_backend()
