@@ -22,6 +22,8 @@ python3 benchmarks/gpu.py --out $OUT/gpu.jsonl > $OUT/gpu.log 2>&1`. The unrolle
    batch 1 against the memory-bandwidth bound (weight bytes per token over the device's copy bandwidth, measured
    here); beside it transformers' `generate` of a GPT-2 small of the same shape and dtype on the same device
    (PyTorch, in its own process), when torch is installed.
+4. The layer loop's break-even (benchmarks/layer_loop.py): BERT-base forward and gradient at 32 x 128, bfloat16,
+   loop against unrolled: how many runs of a shape pay back the unrolled compile (`layers.UNROLL_MIN_RUNS`).
 
 One JSON line per measurement, also written to --out; a failed check prints its error's last lines and the
 others still run. The device's image has jax (0.11.2 on 2026-12-04, not the pinned 0.10.2), flax, optax and torch
@@ -258,6 +260,22 @@ def _transformers_rows(batches: list[int], new_tokens: int, smoke: bool, timeout
   return [json.loads(line) for line in out.stdout.strip().splitlines() if line.startswith('{')]
 
 
+def layer_loop_break_even(smoke: bool, timeout: float) -> list[dict]:
+  """benchmarks/layer_loop.py in its own process (the default memory settings): BERT-base forward and gradient
+  at 32 x 128 in bfloat16, loop against unrolled, compile and run times and the runs that pay the unrolled
+  compile back (what `layers.UNROLL_MIN_RUNS['gpu']` should be)."""
+  flags = ['--smoke'] if smoke else ['--size', 'base', '--rows', '32', '--dtype', 'bfloat16']
+  cmd = [sys.executable, os.path.join(HERE, 'layer_loop.py'), *flags]
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_PYTHON_CLIENT_PREALLOCATE'}
+  try:
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False, timeout=timeout, env=env)
+  except subprocess.TimeoutExpired:
+    return [_failure('layer_loop', f'over {timeout:.0f} s', '')]
+  rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith('{')]
+  return [dict(check='layer_loop', **r) for r in rows] if out.returncode == 0 and rows else [
+      _failure('layer_loop', f'exit {out.returncode}', out.stderr[-3000:])]
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--out', default='gpu_bench.jsonl')
@@ -301,6 +319,8 @@ def main(argv=None) -> int:
     for row in generation_speed('tiny' if args.smoke else 'small', batches, new_tokens, layer_loop):
       emit(row)
   for row in _transformers_rows(batches, new_tokens, args.smoke, timeout=120):
+    emit(row)
+  for row in layer_loop_break_even(args.smoke, timeout=240):
     emit(row)
   for name, flags, *env in steps[4:]:  # other settings, while the budget lasts
     if time.perf_counter() - start > args.budget_s:
