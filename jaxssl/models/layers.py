@@ -311,10 +311,17 @@ def describe_layer_loop(model_cfg) -> str:
   if not model_cfg.get('scan_layers', False):
     return ''
   loop = model_cfg.get('layer_loop', 'auto')
-  train, forward = unroll_layers(loop), unroll_layers(loop, gradient=False)
-  how = ('unrolled' if train else 'in a loop') if train == forward else (
-      f'{"unrolled" if train else "in a loop"} in training, {"unrolled" if forward else "in a loop"} for eval')
+  how = loops_phrase(unroll_layers(loop), unroll_layers(loop, gradient=False), 'eval')
   return f'layers {how}' + (f' (auto, {jax.default_backend()})' if loop == 'auto' else '')
+
+
+def loops_phrase(train_unrolled: bool, forward_unrolled: bool, forward_use: str) -> str:
+  """'unrolled' / 'in a loop', or 'unrolled in training, in a loop for FORWARD_USE' when the two differ."""
+  def how(unrolled):
+    return 'unrolled' if unrolled else 'in a loop'
+  if train_unrolled == forward_unrolled:
+    return how(train_unrolled)
+  return f'{how(train_unrolled)} in training, {how(forward_unrolled)} for {forward_use}'
 
 
 def maybe_remat(fn, remat: str, *, in_scan: bool):

@@ -54,10 +54,7 @@ def finetune_configs(model_cfg, steps: int, shape_at) -> tuple:
   shapes = len(shapes_per_step(shape_at, steps))
   train_unrolled = layers.unroll_layers('auto', runs=steps / shapes)
   forward = forward_config(model_cfg)
-  forward_unrolled = forward.layer_loop == 'unrolled'
-  how = ('unrolled' if train_unrolled else 'in a loop') if train_unrolled == forward_unrolled else (
-      f'{"unrolled" if train_unrolled else "in a loop"} in training, '
-      f'{"unrolled" if forward_unrolled else "in a loop"} for dev')
+  how = layers.loops_phrase(train_unrolled, forward.layer_loop == 'unrolled', 'dev')
   why = (f'{steps} steps over {shapes} train shape{"s" if shapes > 1 else ""}, '
          f'{"at least" if train_unrolled else "under"} {layers.UNROLL_MIN_RUNS[backend]} a shape')
   return _with_loop(model_cfg, train_unrolled), forward, f'layers {how} (auto, {backend}: {why})'
