@@ -40,6 +40,7 @@ from jaxssl.eval import files
 from jaxssl.eval.icl_prompts import Task, build_requests, load_task
 from jaxssl.models import generation, layers
 from jaxssl.train import checkpoint as ckpt_lib
+from jaxssl.train.predict import local_rows
 from jaxssl.train import state as state_lib
 
 MIN_BUCKET = 64
@@ -72,12 +73,6 @@ def _batch_size(requested: int, mesh) -> int:
   return max(requested - requested % divisor, divisor)
 
 
-def _local_rows(rows: np.ndarray) -> np.ndarray:
-  """This process's contiguous share of a global batch's rows."""
-  per_process = len(rows) // jax.process_count()
-  return rows[jax.process_index() * per_process:(jax.process_index() + 1) * per_process]
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def _continuation_logprobs(graphdef, state, ids, starts, ends):
   """Sum over t in [start, end) of log p(ids[t] | ids[:t]) per row."""
@@ -106,7 +101,7 @@ def loglikelihoods(model, rows, *, batch_size: int, mesh, max_len: int) -> np.nd
       ids[j, :lengths[i]] = context + continuation
       starts[j], ends[j] = len(context), lengths[i]
     local = {'ids': ids, 'starts': starts, 'ends': ends}
-    local = {k: v[_local_rows(np.arange(batch_size))] for k, v in local.items()}
+    local = {k: v[local_rows(np.arange(batch_size))] for k, v in local.items()}
     with jax.set_mesh(mesh):
       batch = mesh_lib.global_batch(local, mesh)
       scores = _continuation_logprobs(graphdef, state, batch['ids'], batch['starts'], batch['ends'])

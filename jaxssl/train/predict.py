@@ -18,8 +18,8 @@ def local_rows(global_rows: np.ndarray) -> np.ndarray:
 
 def make_predictor(setup, mesh, features: dict, batch_size: int, kind: tasks.TaskKind, buckets: tuple = ()):
   """`predict(params, features) -> outputs` over all rows (host numpy, in the rows' order), in sharded batches on
-  the mesh. With length `buckets` (length_buckets.bucket_lengths) the rows go shortest first, each batch cut to
-  its bucket; per-token outputs come back padded to the full length."""
+  the mesh. With length `buckets` (length_buckets.eval_lengths) the rows go shortest first, each batch cut to its
+  bucket; per-token outputs come back padded to the full length."""
   input_keys = [*kind.input_keys, *kind.model_inputs]
 
   def forward(params, batch):
