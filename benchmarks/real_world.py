@@ -607,18 +607,21 @@ class RealWorld:
     labels = sorted({t for row in train for t in row['tags']})
     gold = [row['tags'] for row in dev]
     scheme = jmetrics.span_scheme(gold) if column == 2 else None
-    ours, theirs = [], []
-    for seed in self.seeds:
+    ours, theirs, our_seconds, their_seconds = [], [], [], []
+    for seed in self.seeds:  # timed as the tweets leg: jaxssl's whole job, transformers on every core
       ours.append(self._jaxssl_finetune(name, 'tagging', f'data/{name}/train.jsonl', f'data/{name}/dev.jsonl', r,
                                         body, seed=seed))
+      our_seconds.append(ours[-1].pop('train_seconds'))
+      start = time.time()
       preds = hf_finetune(self.run.path(f'hf/{body}') if body != 'minilm' else MINILM_HF, 'tagging', train, dev,
-                          labels, r, seed=seed)
+                          labels, r, seed=seed, threads=None)
+      their_seconds.append(round(time.time() - start, 1))
       theirs.append(jmetrics.tagging_metrics(preds, gold, scheme))
     keys = ('token_accuracy', 'f1') if scheme else ('token_accuracy',)
     return dict(body=body, train=len(train), dev=len(dev), tags=len(labels), recipe=dataclasses.asdict(r),
                 seeds=list(self.seeds), jaxssl={k: mean([o[k] for o in ours]) for k in keys},
                 transformers={k: mean([t[k] for t in theirs]) for k in keys}, jaxssl_per_seed=ours,
-                transformers_per_seed=theirs)
+                transformers_per_seed=theirs, jaxssl_job_seconds=our_seconds, transformers_job_seconds=their_seconds)
 
   def pos_zh(self) -> dict:
     return self._tagging('pos_zh', 1)
@@ -792,6 +795,9 @@ def markdown(results: dict) -> str:
       body = {'e5': 'multilingual-e5-small', 'minilm': 'MiniLM'}[p['body']]
       rows.append(f'| {body}, {what} ({p["train"]} / {p["dev"]} sentences, {p["recipe"]["steps"]} steps{seeds_note(p)}) | {label} '
                   f'| {fmt(p["jaxssl"].get(key), True)} | {fmt(p["transformers"].get(key), True)} |')
+      if 'jaxssl_job_seconds' in p:
+        rows.append(f'| the same, whole job (start-up, compile, training, dev) | wall time, s | '
+                    f'{mean(p["jaxssl_job_seconds"]):.0f} | {mean(p["transformers_job_seconds"]):.0f} |')
   i = results.get('icl')
   if isinstance(i, dict) and 'models' in i:
     for m in i['models'].values():

@@ -242,8 +242,9 @@ def test_ner_tagging_learns_span_f1(export_dir, tmp_path):
                         '--config.train.steps=300')
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'tags BIO (span precision/recall/f1 + token_accuracy) | best by dev f1' in result.stdout
-  assert '| batches padded to 16/24 (dev: 8/16/24) |' in result.stdout  # dev cut finer on CPU (length_buckets.py)
-  # 300 steps of a few length buckets: the train step unrolled, dev batches in the loop (train/layer_loop.py)
+  # Tagged sentences are packed too (train/packing.py); dev batches are cut finer on CPU (length_buckets.py).
+  assert '| training examples packed into rows of 24, dev batches padded to 8/16/24 |' in result.stdout
+  # 300 steps of a few packed row counts: the train step unrolled, dev batches in the loop (train/layer_loop.py)
   assert re.search(r'\| layers unrolled in training, in a loop for dev \(auto, cpu: 300 steps over \d train shapes?, '
                    r'at least 50 a shape\) \|', result.stdout)
   best = best_dev(tmp_path / 'ner')

@@ -1,5 +1,5 @@
 """Packed fine-tuning batches (train/packing.py) compute what the padded batches compute: the same logits per
-example, loss and gradients; the packing places every example once, whole, inside its row; and the job packs
+example (per token for tagging), loss and gradients; the packing places every example once, whole, inside its row; and the job packs
 where `data.packing=auto` says so."""
 import jax
 import jax.numpy as jnp
@@ -74,7 +74,7 @@ def test_row_multiple_and_settings():
   bert = ml_collections.ConfigDict(dict(name='bert', attention_type='full'))
   assert packing.packs('auto', classification, bert) and packing.packs('auto', tasks.get('pair'), bert)
   assert not packing.packs('none', classification, bert)
-  assert not packing.packs('auto', tagging, bert) and not packing.packs('auto', tasks.get('qa'), bert)
+  assert packing.packs('auto', tagging, bert) and not packing.packs('auto', tasks.get('qa'), bert)
   assert not packing.packs('auto', classification, ml_collections.ConfigDict(dict(name='bert',
                                                                                  attention_type='block_sparse')))
   with pytest.raises(UserError, match='data.packing=.*use auto .* or none'):
@@ -105,5 +105,60 @@ def test_packed_batches_give_the_padded_logits_loss_and_gradients(kind):
   out_padded, loss_padded, grads_padded = outputs_loss_grads(params, {k: jnp.asarray(v) for k, v in padded.items()})
   out_packed, loss_packed, grads_packed = outputs_loss_grads(params, {k: jnp.asarray(v) for k, v in packed.items()})
   np.testing.assert_allclose(out_packed, out_padded, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(loss_packed, loss_padded, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads_packed, grads_padded)
+
+
+def tagging_batch(n=8, seed=2):
+  """pair_batch's rows as tagged sentences: a tag (0..2) on some pieces, -1 on [CLS], the last piece and padding;
+  `word_mask` 1 where a tag is."""
+  b = pair_batch(n, seed)
+  rng = np.random.default_rng(seed)
+  lengths = b['attention_mask'].sum(1)
+  inside = (np.arange(L)[None] >= 1) & (np.arange(L)[None] < lengths[:, None] - 1)
+  tagged = inside & (rng.random((n, L)) < 0.7)
+  b.update(token_type_ids=np.zeros_like(b['token_type_ids']), word_mask=tagged.astype(np.int32),
+           labels=np.where(tagged, rng.integers(0, 3, (n, L)), -1).astype(np.int32))
+  return b
+
+
+def test_tagging_packs_its_per_token_labels_with_their_tokens():
+  b = tagging_batch()
+  lengths = b['attention_mask'].sum(1)
+  keys = ['input_ids', 'token_type_ids', 'attention_mask', 'position_ids', 'pool_positions', 'labels', 'word_mask']
+  packed = packing.pack(b, np.arange(8), lengths, L, 2, keys)
+  assert packed['labels'].shape == packed['input_ids'].shape == packed['word_mask'].shape
+  for i, at in enumerate(packed['pool_positions']):
+    n = lengths[i]
+    np.testing.assert_array_equal(packed['labels'].reshape(-1)[at:at + n], b['labels'][i, :n])
+    np.testing.assert_array_equal(packed['word_mask'].reshape(-1)[at:at + n], b['word_mask'][i, :n])
+  padding = packed['attention_mask'] == 0
+  assert (packed['labels'][padding] == -1).all() and (packed['word_mask'][padding] == 0).all()
+  assert (packed['labels'] >= 0).sum() == (b['labels'] >= 0).sum()
+
+
+def test_packed_tagging_gives_the_padded_logits_loss_and_gradients():
+  setup = finetune.task_model_setup(tiny_cfg(), V, 'tagging', NUM_LABELS['tagging'], mesh_lib.make_mesh((-1, 1, 1)))
+  params = finetune.state_lib.init_params(setup)
+  task = tasks.get('tagging')
+  padded = tagging_batch()
+  lengths = padded['attention_mask'].sum(1)
+  packed = packing.pack(padded, np.arange(8), lengths, L, 2, [*task.input_keys, 'labels'])
+  assert packed['input_ids'].shape[0] < 8
+
+  @jax.jit
+  def outputs_loss_grads(params, b):
+    def loss(params):
+      model = nnx.merge(setup.graphdef, params)
+      out = model(*(b[k] for k in task.input_keys), **{k: b[k] for k in packing.PACKED_INPUTS if k in b})
+      return task_loss('tagging', out, b)[0], out
+    (value, out), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    return out, value, grads
+
+  out_padded, loss_padded, grads_padded = outputs_loss_grads(params, {k: jnp.asarray(v) for k, v in padded.items()})
+  out_packed, loss_packed, grads_packed = outputs_loss_grads(params, {k: jnp.asarray(v) for k, v in packed.items()})
+  flat = np.asarray(out_packed).reshape(-1, out_packed.shape[-1])
+  for i, at in enumerate(packed['pool_positions']):  # each sentence's tokens, where the packing put them
+    np.testing.assert_allclose(flat[at:at + lengths[i]], out_padded[i, :lengths[i]], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(loss_packed, loss_padded, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads_packed, grads_padded)

@@ -1,6 +1,6 @@
-"""Fine-tuning batches of sentence-level tasks packed: several short examples share one row.
+"""Fine-tuning batches of text tasks packed: several short examples share one row.
 
-Tweets and GLUE sentences average 20-40 pieces. Length buckets (length_buckets.py) cut a batch to the bucket of
+Tweets and GLUE sentences average 20-40 pieces, tagged sentences (POS, NER) about as many. Length buckets (length_buckets.py) cut a batch to the bucket of
 its longest example, so every short example still fills a whole row of that length. Packing lays a batch's
 examples end to end instead ([CLS] a [SEP] [CLS] b [SEP] ...; first-fit, longest first) into rows of
 `data.seq_len`, as many as the smallest multiple of batch_size/16 that holds them: about the batch's real tokens,
@@ -15,12 +15,15 @@ A packed row tells the model where its examples are:
   position_ids     [R, L]: positions restart at 0 at each example's [CLS]
   pool_positions   [E]: where each example's [CLS] is, as an index into the flattened [R * L] batch; the
                    pooler reads these rows, so the head gives [E, classes] logits in the batch's example order
-and `labels` (and any per-example key) stay [E]. Outputs, loss and gradients equal the padded computation's
-(tests/test_packing.py; up to float summation order); dropout draws its masks for the packed shape.
+and per-example keys (a class `labels` [E]) stay [E]; per-token keys (tagging's `labels` and `word_mask` [N, L])
+are laid out with their tokens, [R, L], so a token head's logits [R, L, C] meet their labels. Outputs, loss and
+gradients equal the padded computation's (tests/test_packing.py; up to float summation order); dropout draws its
+masks for the packed shape.
 
-`data.packing`: 'auto' packs the kinds whose head reads only the pooled [CLS] vector of a text (classification,
-pair, regression) on a BERT-family body with full attention; 'none' never packs. Dev and evaluate batches are
-not packed: they go shortest first, so their buckets already fit them.
+`data.packing`: 'auto' packs the text kinds whose head reads the pooled [CLS] vector (classification, pair,
+regression) or every token on its own (tagging) on a BERT-family body with full attention; not QA, whose labels are
+positions in its row and whose head reads a context mask. 'none' never packs. Dev and evaluate batches are not
+packed: they go shortest first, so their buckets already fit them.
 """
 import numpy as np
 
@@ -31,6 +34,7 @@ from jaxssl.tasks.model import PACKED_INPUTS
 SETTINGS = ('auto', 'none')
 ROW_STEPS = 16  # the row count is a multiple of batch_size / ROW_STEPS (rounded to the batch divisor): few shapes
 NDIMS = {'position_ids': 2, 'pool_positions': 1}  # of PACKED_INPUTS
+TOKEN_FILL = {'labels': -1}  # a per-token key's value at padding (tagging's -1: no label); other keys 0
 
 
 def check_setting(setting) -> str:
@@ -44,9 +48,10 @@ def check_setting(setting) -> str:
 def packs(setting, kind, model_cfg) -> bool:
   """Whether fine-tuning packs its batches: `data.packing` (auto | none) for task kind `kind` and the body."""
   text = check_setting(setting)
-  pooled_text = tuple(kind.input_keys) == INPUT_KEYS and not kind.token_outputs and not kind.model_inputs
+  # QA is the text kind with head inputs (its context mask); its labels are positions in the row.
+  text_kind = tuple(kind.input_keys) == INPUT_KEYS and not kind.model_inputs
   bert_body = model_cfg.get('name', 'bert') == 'bert' and model_cfg.get('attention_type', 'full') == 'full'
-  return text == 'auto' and pooled_text and bert_body
+  return text == 'auto' and text_kind and bert_body
 
 
 def row_multiple(batch_size: int, divisor: int, processes: int) -> int:
@@ -80,25 +85,28 @@ def pack(features: dict, examples: np.ndarray, lengths: np.ndarray, row_len: int
   """The global batch of `examples` (row indices into `features`) packed into rows of `row_len`, as many rows as
   a multiple of `multiple` holds; `keys` the batch's keys. Every process builds the same global batch and feeds
   its share (`share`), so the batch, and with it every dropout mask, is the same on any number of processes.
-  Padding holds token id 0: no example attends it and nothing reads it."""
+  Padding holds token id 0: no example attends it and nothing reads it. Keys of `features` shaped like its
+  input_ids ([N, L]: per-token labels) go with their tokens; padding holds TOKEN_FILL's value there, else 0."""
   layout = first_fit(lengths[examples], row_len)
   rows = -(-len(layout) // multiple) * multiple
-  ids, types = (np.zeros((rows, row_len), features[k].dtype) for k in ('input_ids', 'token_type_ids'))
+  seq_len = features['input_ids'].shape[1]
+  per_token = [k for k in keys if k in features and k not in INPUT_KEYS and features[k].shape[1:] == (seq_len,)]
+  laid = {k: np.full((rows, row_len), TOKEN_FILL.get(k, 0), features[k].dtype)
+          for k in ('input_ids', 'token_type_ids', *per_token)}
   segments, positions = np.zeros((rows, row_len), np.int32), np.zeros((rows, row_len), np.int32)
   pool = np.zeros(len(examples), np.int32)
   for r, members in enumerate(layout):
     at = 0
     for segment, i in enumerate(members, start=1):
       n, src = int(lengths[examples[i]]), examples[i]
-      ids[r, at:at + n] = features['input_ids'][src, :n]
-      types[r, at:at + n] = features['token_type_ids'][src, :n]
+      for k, out in laid.items():
+        out[r, at:at + n] = features[k][src, :n]
       segments[r, at:at + n] = segment
       positions[r, at:at + n] = np.arange(n)
       pool[i] = r * row_len + at
       at += n
-  batch = {k: features[k][examples] for k in keys if k in features and k not in INPUT_KEYS}
-  batch.update(input_ids=ids, token_type_ids=types, attention_mask=segments, position_ids=positions,
-               pool_positions=pool)
+  batch = {k: features[k][examples] for k in keys if k in features and k not in laid}
+  batch.update(laid, attention_mask=segments, position_ids=positions, pool_positions=pool)
   return batch
 
 
