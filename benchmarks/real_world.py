@@ -328,9 +328,9 @@ def hf_finetune(hf_dir: str, kind: str, train: list[dict], dev: list[dict], labe
   no_decay = [p for n, p in model.named_parameters() if 'bias' in n or 'LayerNorm' in n]
   opt = torch.optim.AdamW([{'params': decay, 'weight_decay': r.weight_decay},
                            {'params': no_decay, 'weight_decay': 0.0}], lr=r.learning_rate, eps=r.eps)
-  warm = max(1, r.warmup_steps)
-  sched = torch.optim.lr_scheduler.LambdaLR(
-      opt, lambda s: min((s + 1) / warm if r.warmup_steps else 1.0, max(0.0, (r.steps - s) / max(1, r.steps - r.warmup_steps))))
+  # transformers' own warmup-then-linear-decay (Trainer's default): step 0 at 0, as jaxssl's schedule.
+  from transformers import get_linear_schedule_with_warmup
+  sched = get_linear_schedule_with_warmup(opt, r.warmup_steps, r.steps)
   rng = random.Random(seed)
   model.train()
   for _ in range(r.steps):

@@ -54,7 +54,7 @@ def get_config(variant: str = 'classification') -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       seq_len=384 if kind == 'qa' else 128,
       length_buckets='auto',       # batches padded to seq_len/8, /4, /2 or seq_len (train/length_buckets.py); none
-      packing='auto',              # sentence-level text tasks: short examples share rows (train/packing.py); none
+      packing='auto',              # text tasks but QA: short examples share rows (train/packing.py); none
   ))
   c.model = ml_collections.ConfigDict(dict(classifier_dropout=0.1))
   c.train = ml_collections.ConfigDict(dict(

@@ -143,3 +143,64 @@ def test_roberta_tensors_and_config():
   assert 'cls.predictions.transform.LayerNorm.weight' in out and 'cls.predictions.bias' in out
   # BERT configs are unchanged (no layer_norm_eps key added).
   assert 'layer_norm_eps' not in hf_bert.jaxssl_config({**hf, 'model_type': 'bert', 'layer_norm_eps': 1e-12}).model
+
+
+def test_finetuning_steps_match_transformers(hf_dir, converted):
+  """The fine-tune job's train step (packed tagging batches, clipping, AdamW with its decay mask and BERT's
+  schedule) against transformers' XLMRobertaForTokenClassification + torch AdamW + get_linear_schedule_with_warmup
+  on padded batches: the same loss at every step and the same params after them (dropout off on both sides)."""
+  import ml_collections
+  from jaxssl.tasks import tagging
+  from jaxssl.tasks.base import Example
+  from jaxssl.train import checkpoint as ckpt_lib
+  from jaxssl.train import finetune, packing
+  from jaxssl.train import state as state_lib
+  directory, _ = hf_dir
+  rng = np.random.default_rng(0)
+  words = [s.split()[:5] for s in LINES[:4]] + [list(s[:6]) for s in LINES[4:]]  # Chinese: a word per character
+  tags = ['n', 'v', 'w', 'u', 'd']
+  examples = [Example(tokens=w, tags=[tags[i] for i in rng.integers(0, 5, len(w))]) for w in words]
+  tokenizer = tok_lib.load_tokenizer(converted)
+  features, _ = tagging.featurize(None, examples, tokenizer, 32, tags)
+  lengths = features['attention_mask'].sum(1)
+
+  saved = ckpt_lib.read_export_config(converted)
+  model_cfg = ml_collections.ConfigDict(saved['model'])
+  model_cfg.update(dropout_rate=0.0, attention_dropout_rate=0.0)
+  mesh = make_mesh((1, 1, 1), jax.devices()[:1])
+  setup = finetune.task_model_setup(model_cfg, saved['vocab_size'], 'tagging', len(tags), mesh, 0, 0.0)
+  theirs = transformers.XLMRobertaForTokenClassification.from_pretrained(
+      directory, num_labels=len(tags), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+      classifier_dropout=0.0)
+  head = {'kernel': jnp.asarray(theirs.classifier.weight.detach().numpy().T),
+          'bias': jnp.asarray(theirs.classifier.bias.detach().numpy())}
+  params = {'head': head, 'body': ckpt_lib.load_export_params(converted, setup.abstract_params['body'])}
+  tc = ml_collections.ConfigDict(dict(grad_clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.1,
+                                      learning_rate=3e-3, end_learning_rate=0.0, warmup_steps=2, steps=6))
+  tx, schedule = state_lib.make_optimizer(tc), state_lib.make_schedule(tc)
+  state = state_lib.init_state(setup, tx, params)
+  step, _, batch_keys = finetune.make_train_step(setup, tx, schedule, tagging.KIND, mesh, features, packed=True)
+
+  decayed = [p for n, p in theirs.named_parameters() if not ('bias' in n or 'LayerNorm' in n)]
+  kept = [p for n, p in theirs.named_parameters() if 'bias' in n or 'LayerNorm' in n]
+  opt = torch.optim.AdamW([{'params': decayed, 'weight_decay': 0.1}, {'params': kept, 'weight_decay': 0.0}],
+                          lr=3e-3, eps=1e-6)
+  sched = transformers.get_linear_schedule_with_warmup(opt, 2, 6)
+  theirs.train()
+  for s in range(6):
+    rows = rng.choice(len(examples), 6, replace=False)
+    packed = packing.pack(features, rows, lengths, 32, 1, batch_keys)
+    assert packed['input_ids'].shape[0] < 6  # several sentences share a row
+    state, metrics = step(state, {k: jnp.asarray(v) for k, v in packed.items()})
+    labels = torch.tensor(features['labels'][rows], dtype=torch.long)
+    out = theirs(input_ids=torch.tensor(features['input_ids'][rows], dtype=torch.long),
+                 attention_mask=torch.tensor(features['attention_mask'][rows]), labels=labels.masked_fill(labels < 0, -100))
+    opt.zero_grad()
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(theirs.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    np.testing.assert_allclose(float(metrics['loss']), out.loss.item(), rtol=2e-5, err_msg=f'loss at step {s}')
+  close(state['params']['head']['kernel'], theirs.classifier.weight.detach().numpy().T, 'head kernel after 6 steps')
+  close(state['params']['body']['word_embeddings']['embedding'],
+        theirs.roberta.embeddings.word_embeddings.weight.detach().numpy(), 'word embeddings after 6 steps')

@@ -41,7 +41,7 @@ def check_setting(setting) -> str:
   """`data.packing` lower-cased; UserError unless auto or none."""
   text = str(setting).strip().lower()
   if text not in SETTINGS:
-    raise UserError(f'data.packing={setting!r}: use auto (pack sentence-level text tasks) or none')
+    raise UserError(f'data.packing={setting!r}: use auto (pack text tasks but QA) or none')
   return text
 
 
