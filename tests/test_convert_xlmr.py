@@ -194,7 +194,8 @@ def test_finetuning_steps_match_transformers(hf_dir, converted):
     state, metrics = step(state, {k: jnp.asarray(v) for k, v in packed.items()})
     labels = torch.tensor(features['labels'][rows], dtype=torch.long)
     out = theirs(input_ids=torch.tensor(features['input_ids'][rows], dtype=torch.long),
-                 attention_mask=torch.tensor(features['attention_mask'][rows]), labels=labels.masked_fill(labels < 0, -100))
+                 attention_mask=torch.tensor(features['attention_mask'][rows]),
+                 labels=labels.masked_fill(labels < 0, -100))
     opt.zero_grad()
     out.loss.backward()
     torch.nn.utils.clip_grad_norm_(theirs.parameters(), 1.0)

@@ -1,6 +1,6 @@
 """Packed fine-tuning batches (train/packing.py) compute what the padded batches compute: the same logits per
-example (per token for tagging), loss and gradients; the packing places every example once, whole, inside its row; and the job packs
-where `data.packing=auto` says so."""
+example (per token for tagging), loss and gradients; the packing places every example once, whole, inside its
+row; and the job packs where `data.packing=auto` says so."""
 import jax
 import jax.numpy as jnp
 import ml_collections

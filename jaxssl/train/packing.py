@@ -1,13 +1,13 @@
 """Fine-tuning batches of text tasks packed: several short examples share one row.
 
-Tweets and GLUE sentences average 20-40 pieces, tagged sentences (POS, NER) about as many. Length buckets (length_buckets.py) cut a batch to the bucket of
-its longest example, so every short example still fills a whole row of that length. Packing lays a batch's
-examples end to end instead ([CLS] a [SEP] [CLS] b [SEP] ...; first-fit, longest first) into rows of
-`data.seq_len`, as many as the smallest multiple of batch_size/16 that holds them: about the batch's real tokens,
-not its longest example times its size. Long rows pack tightest; a batch of 32 tweets (~33 pieces) fills 9-10
-rows of 128 where buckets gave 32 rows of 64, and the row counts seen are two or three: few shapes to compile
-(measured on tweets against rows of the bucket length: 1,211 tokens a step in 3 shapes against 1,299 in 5).
-The attention over longer rows costs little beside the projections.
+Tweets and GLUE sentences average 20-40 pieces, tagged sentences (POS, NER) about as many. Length buckets
+(length_buckets.py) cut a batch to the bucket of its longest example, so every short example still fills a whole
+row of that length. Packing lays a batch's examples end to end instead ([CLS] a [SEP] [CLS] b [SEP] ...; first-fit,
+longest first) into rows of `data.seq_len`, as many as the smallest multiple of batch_size/16 that holds them:
+about the batch's real tokens, not its longest example times its size. Long rows pack tightest; a batch of 32
+tweets (~33 pieces) fills 9-10 rows of 128 where buckets gave 32 rows of 64, and the row counts seen are two or
+three: few shapes to compile (measured on tweets against rows of the bucket length: 1,211 tokens a step in 3
+shapes against 1,299 in 5). The attention over longer rows costs little beside the projections.
 
 A packed row tells the model where its examples are:
   attention_mask   [R, L]: each example's tokens carry its own id 1, 2, ... in the row (0 = padding); a token
@@ -105,7 +105,7 @@ def pack(features: dict, examples: np.ndarray, lengths: np.ndarray, row_len: int
       positions[r, at:at + n] = np.arange(n)
       pool[i] = r * row_len + at
       at += n
-  batch = {k: features[k][examples] for k in keys if k in features and k not in laid}
+  batch = {k: features[k][examples] for k in keys if k in features and k not in (*laid, *INPUT_KEYS)}
   batch.update(laid, attention_mask=segments, position_ids=positions, pool_positions=pool)
   return batch
 
