@@ -153,7 +153,7 @@ def test_finetuning_steps_match_transformers(hf_dir, converted):
   from jaxssl.tasks import tagging
   from jaxssl.tasks.base import Example
   from jaxssl.train import checkpoint as ckpt_lib
-  from jaxssl.train import finetune, packing
+  from jaxssl.train import finetune, length_buckets, packing
   from jaxssl.train import state as state_lib
   directory, _ = hf_dir
   rng = np.random.default_rng(0)
@@ -162,7 +162,7 @@ def test_finetuning_steps_match_transformers(hf_dir, converted):
   examples = [Example(tokens=w, tags=[tags[i] for i in rng.integers(0, 5, len(w))]) for w in words]
   tokenizer = tok_lib.load_tokenizer(converted)
   features, _ = tagging.featurize(None, examples, tokenizer, 32, tags)
-  lengths = features['attention_mask'].sum(1)
+  lengths = length_buckets.real_lengths(features)  # as the job measures them
 
   saved = ckpt_lib.read_export_config(converted)
   model_cfg = ml_collections.ConfigDict(saved['model'])
