@@ -4,7 +4,8 @@
     python benchmarks/generation.py --decoder gemma3 --new-tokens 64 --rounds 3
     python benchmarks/generation.py --src path/to/hf_checkpoint_dir   # any decoder jaxssl.convert reads (or a .gguf)
 
-At batch 1 every new token reads every weight once, so (weight bytes) / (memory bandwidth) is the fastest a
+At batch 1 every new token reads every weight once (but the tables it reads one row of: learned positions, and the
+token embeddings of a model with a separate output layer), so (those bytes) / (memory bandwidth) is the fastest a
 token can come: `bandwidth_bound_tokens_per_s`. The bandwidth is measured here, on this host, by copying a 1 GiB
 array (numpy; read + write bytes over the time), and the report gives jaxssl's batch-1 tokens/s as a fraction
 of that bound. Both sides decode greedily from the same prompts for exactly --new-tokens tokens (no stop
@@ -89,14 +90,9 @@ def jaxssl_side(params_dir: str, prompts: list[str], new_tokens: int, rounds: in
     out['tokens'] = np.asarray(jax.block_until_ready(tokens))
 
   first, times = timed(run, rounds)
-  weight_bytes = sum(x.nbytes for x in jax.tree.leaves(jax.tree.map(np.asarray, _params(model))))
-  return dict(first_call_s=round(first, 2), seconds=times, tokens=out['tokens'], weight_bytes=weight_bytes,
+  return dict(first_call_s=round(first, 2), seconds=times, tokens=out['tokens'],
+              weight_bytes=generation.weight_bytes_per_token(model),
               prompt_ids=encoded, pad_id=tokenizer.pad_id)
-
-
-def _params(model):
-  from flax import nnx
-  return nnx.state(model, nnx.Param)
 
 
 @functools.lru_cache(maxsize=None)  # one load per run: a GGUF takes minutes to dequantise here
@@ -132,6 +128,12 @@ def transformers_side(src: str, prompt_ids: list[list[int]], new_tokens: int, ro
   return dict(first_call_s=round(first, 2), seconds=times, tokens=out['tokens'])
 
 
+def jaxssl_env() -> dict:
+  """The environment for a jaxssl job run from anywhere: this checkout on PYTHONPATH, JAX on the CPU."""
+  path = os.pathsep.join(p for p in (os.path.dirname(HERE), os.environ.get('PYTHONPATH', '')) if p)
+  return dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=path)
+
+
 def convert_once(src: str, params: str) -> None:
   """`python -m jaxssl.convert from-hf --src SRC --out PARAMS`, unless PARAMS already holds SRC's conversion."""
   stamp = params + '.converted_from'  # beside the export, not in it
@@ -140,7 +142,7 @@ def convert_once(src: str, params: str) -> None:
       if f.read() == src:
         return
   done = subprocess.run([sys.executable, '-m', 'jaxssl.convert', 'from-hf', '--src', src, '--out', params,
-                         '--overwrite'], env=dict(os.environ, JAX_PLATFORMS='cpu'))
+                         '--overwrite'], env=jaxssl_env())
   if done.returncode:
     sys.exit(done.returncode)  # the converter printed why (a user error: one line, status 2)
   with open(stamp, 'w') as f:
@@ -155,9 +157,7 @@ def job_start_seconds(run_dir: str, params: str) -> list[float]:
   for _ in range(2):
     start = time.perf_counter()
     # The job runs in the run directory: jaxssl comes from this checkout.
-    path = os.pathsep.join(p for p in (os.path.dirname(HERE), os.environ.get('PYTHONPATH', '')) if p)
-    subprocess.run(cmd, cwd=run_dir, check=True, capture_output=True,
-                   env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=path))
+    subprocess.run(cmd, cwd=run_dir, check=True, capture_output=True, env=jaxssl_env())
     seconds.append(round(time.perf_counter() - start, 2))
   return seconds
 

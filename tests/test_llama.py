@@ -156,6 +156,16 @@ def test_greedy_generate_matches_transformers():
     np.testing.assert_array_equal(num, [new, new])
 
 
+@pytest.mark.parametrize('variant', ['gqa', 'tied'])
+def test_weight_bytes_per_token(variant):
+  """What a batch-1 decoding step reads: all of transformers' parameters but the input embedding table when the
+  output layer is a separate lm_head (tied, the table is the output layer and is read whole)."""
+  hf = hf_reference(variant)
+  read = {id(p): p for name, p in hf.named_parameters()
+          if not (name == 'model.embed_tokens.weight' and not hf.config.tie_word_embeddings)}
+  assert generation.weight_bytes_per_token(converted(variant)) == sum(p.numel() * 4 for p in read.values())
+
+
 def test_long_generation_attends_only_the_filled_prefix_alike(monkeypatch):
   """A one-token step attends over the cache's filled prefix (a few static lengths, parts.filled_prefixes): with
   4-slot blocks a 21-slot cache has five, and 16 greedy tokens cross them all. Tokens equal transformers', both

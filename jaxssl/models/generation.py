@@ -40,6 +40,16 @@ def sample_logits(logits: jax.Array, rng: jax.Array, *, temperature=1.0, top_k=0
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+def weight_bytes_per_token(model: nnx.Module) -> int:
+  """Bytes of weights one decoding step reads at batch 1: every parameter, except the tables a step reads one
+  row of (learned positions; token embeddings when the output projection is a separate lm_head). Divided into a
+  memory bandwidth, it bounds tokens/s from above."""
+  c = model.config
+  gathered = {'position_embeddings'} | (set() if c.tie_embeddings else {'token_embeddings'})
+  return sum(leaf.nbytes for path, leaf in nnx.to_flat_state(nnx.state(model, nnx.Param))
+             if not gathered & {str(key) for key in path})
+
+
 def runs_layers_apart(model: nnx.Module) -> bool:
   """Whether generating slices each layer's weights out of the stack once, after the prompt (whose pass runs the
   stacked loop) and before the one-token steps: where the layers run unrolled (`model.layer_loop`; 'auto' on CPU
