@@ -273,7 +273,8 @@ class GPT(nnx.Module):
       return self.token_embeddings.gathered(c.compute_dtype)
     return self._lm_head_kernel().T
 
-  def _logits(self, x):
+  def logits(self, x):
+    """Next-token logits [..., V] float32 of final-norm hidden states `x` [..., H] (what `features` returns)."""
     c = self.config
     # Each weight as stored: a transposed one made XLA:CPU copy it whole at every decoding step.
     if c.tie_embeddings:
@@ -289,7 +290,7 @@ class GPT(nnx.Module):
     Packed rows: `segment_ids` [B, T] (0 = padding) let a token attend only to earlier tokens of its own
     segment; `positions` [B, T] (default 0..T-1) should restart at 0 in each document.
     """
-    return self._logits(self.features(input_ids, segment_ids=segment_ids, positions=positions,
+    return self.logits(self.features(input_ids, segment_ids=segment_ids, positions=positions,
                                       dropout_rng=dropout_rng))
 
   def features(self, input_ids, *, segment_ids=None, positions=None, dropout_rng=None) -> jax.Array:
@@ -343,7 +344,7 @@ class GPT(nnx.Module):
       x, keys, values = self.decoder.decode(x, cache['key'], cache['value'], index, mask, rotary)
       new_cache = dict(key=keys, value=values)
     new_cache.update(positions=slot_positions, index=index + tokens.shape[1])
-    return self._logits(self.final_norm(x)), new_cache
+    return self.logits(self.final_norm(x)), new_cache
 
 
 # ----- loss, FLOPs -----
