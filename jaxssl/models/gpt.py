@@ -269,9 +269,7 @@ class GPT(nnx.Module):
     """The output projection vocabulary-major, [V, H] in the compute dtype (what models/lm_loss.py takes): the
     token embeddings as stored when tied, the lm_head kernel's transpose when not."""
     c = self.config
-    if c.tie_embeddings:
-      return self.token_embeddings.gathered(c.compute_dtype)
-    return self._lm_head_kernel().T
+    return self.token_embeddings.gathered(c.compute_dtype) if c.tie_embeddings else self._lm_head_kernel().T
 
   def logits(self, x):
     """Next-token logits [..., V] float32 of final-norm hidden states `x` [..., H] (what `features` returns)."""

@@ -26,7 +26,6 @@ from jaxssl import storage
 from jaxssl.data import tokenizers
 from jaxssl.errors import JobFailed, UserError
 from jaxssl.models import vocab
-from jaxssl.train import mapped_restore
 from jaxssl.version import __version__
 
 # The layout of what this jaxssl writes. Bump FORMAT_VERSION when a change means an older jaxssl can no longer read
@@ -351,7 +350,7 @@ def load_export_params(path: str, abstract_params):
     raise UserError(f'{path} has a config.json but no params/: the export is incomplete; re-run '
                     'python -m jaxssl.export')
   try:
-    return mapped_restore.restore(params_dir, abstract_params)
+    return ocp.StandardCheckpointer().restore(storage.path(params_dir), abstract_params)
   except (ValueError, KeyError, TypeError) as e:
     reason = (str(e).splitlines() or [''])[0][:200]
     raise UserError(f'{path}: its params do not fit the model its config.json describes ({reason}): '
