@@ -289,7 +289,7 @@ class GPT(nnx.Module):
     segment; `positions` [B, T] (default 0..T-1) should restart at 0 in each document.
     """
     return self.logits(self.features(input_ids, segment_ids=segment_ids, positions=positions,
-                                      dropout_rng=dropout_rng))
+                                     dropout_rng=dropout_rng))
 
   def features(self, input_ids, *, segment_ids=None, positions=None, dropout_rng=None) -> jax.Array:
     """The final-norm hidden states [B, T, H] in the compute dtype: what the output projection reads."""
