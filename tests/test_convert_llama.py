@@ -313,6 +313,8 @@ LAYOUT_CASES = {
     'linear_scaling': ('llama', dict(rope_scaling={'rope_type': 'linear', 'factor': 4.0}), 'type+rope_type'),
     'no_scaling': ('llama', dict(rope_theta=5e5), 'rope_type'),
     'qwen2': ('qwen2', dict(num_key_value_heads=2, rope_theta=1e6, tie_word_embeddings=True), 'rope_type'),
+    'qwen3': ('qwen3', dict(num_key_value_heads=2, rope_theta=1e6, tie_word_embeddings=True, head_dim=32),
+              'rope_type'),
     'mistral': ('mistral', dict(num_key_value_heads=2, rope_theta=1e6, sliding_window=None), 'rope_type'),
 }
 
@@ -327,7 +329,7 @@ def test_transformers4_and_5_config_layouts_import_the_same(case, sp, hf_dir, tm
   written = json.loads((v5 / 'config.json').read_text())
   assert 'rope_parameters' in written and 'dtype' in written and 'rope_theta' not in written
   v4_config = transformers4_llama_family(written, rope_key)
-  if model_type == 'qwen2':  # 4.x Qwen2 configs kept the window they were not using (e.g. Qwen2.5: 32768)
+  if model_type in ('qwen2', 'qwen3'):  # 4.x Qwen configs kept the window they did not use (Qwen2.5: 32768)
     v4_config.update(sliding_window=128, use_sliding_window=False)
   v4 = hub_dir(model, tmp_path / 'v4', hf_dir, v4_config)
   ids = random_ids(sp.vocab_size(), 5)
@@ -350,19 +352,20 @@ def test_transformers4_and_5_config_layouts_import_the_same(case, sp, hf_dir, tm
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize('model_type', ['llama', 'mistral', 'qwen2'])
+@pytest.mark.parametrize('model_type', ['llama', 'mistral', 'qwen2', 'qwen3'])
 def test_omitted_config_keys_take_the_model_types_defaults(model_type, sp, hf_dir, tmp_path):
   """config.json without head_dim, num_key_value_heads, tie_word_embeddings, max_position_embeddings and RoPE
   keys (older or hand-made files): read as transformers reads it, with that model type's defaults (Mistral: 8 kv
-  heads, 131072 positions; Qwen2: 32 kv heads, 32768 positions, no sliding window)."""
-  heads = {'llama': 4, 'mistral': 8, 'qwen2': 32}[model_type]  # divisible by each type's default kv heads
+  heads, 131072 positions; Qwen2: 32 kv heads, 32768 positions, no sliding window; Qwen3: Qwen2's, and head_dim
+  128 whatever the width)."""
+  heads = {'llama': 4, 'mistral': 8, 'qwen2': 32, 'qwen3': 32}[model_type]  # divisible by each type's default kv heads
   extra = dict(sliding_window=None) if model_type == 'mistral' else {}
   model = tiny_llama(sp.vocab_size(), 8, model_type=model_type, num_attention_heads=heads,
                      max_position_embeddings=OMIT, **extra)
   written = json.loads((hub_dir(model, tmp_path / 'full', hf_dir) / 'config.json').read_text())
   omitted = {'head_dim', 'num_key_value_heads', 'tie_word_embeddings', 'max_position_embeddings', 'rope_parameters',
              'use_sliding_window', 'layer_types', 'max_window_layers'}
-  if model_type == 'qwen2':  # Mistral's must stay null: its default (4096) would limit attention
+  if model_type in ('qwen2', 'qwen3'):  # Mistral's must stay null: its default (4096) would limit attention
     omitted.add('sliding_window')
   src = hub_dir(model, tmp_path / 'src', hf_dir, {k: v for k, v in written.items() if k not in omitted})
   reference = transformers.AutoConfig.from_pretrained(src)
@@ -372,7 +375,9 @@ def test_omitted_config_keys_take_the_model_types_defaults(model_type, sp, hf_di
   assert (m['max_position'], m['num_kv_heads'], m['tie_embeddings'], m['rope_theta']) == (
       reference.max_position_embeddings, reference.num_key_value_heads, reference.tie_word_embeddings,
       reference.rope_parameters['rope_theta'])
-  assert m['max_position'] == {'llama': 2048, 'mistral': 131072, 'qwen2': 32768}[model_type]
+  assert m['max_position'] == {'llama': 2048, 'mistral': 131072, 'qwen2': 32768, 'qwen3': 32768}[model_type]
+  assert (m['head_dim'] or m['hidden_size'] // m['num_heads']) == getattr(
+      reference, 'head_dim', reference.hidden_size // reference.num_attention_heads)  # Qwen2Config has none
   ids = random_ids(sp.vocab_size(), 6)
   hf = transformers.AutoModelForCausalLM.from_pretrained(src, attn_implementation='eager').eval()
   np.testing.assert_allclose(jax_logits(out, ids), hf_logits(hf, ids), atol=1e-4, rtol=0)

@@ -716,7 +716,7 @@ def test_missing_and_bad_files(tmp_path):
 def test_unsupported_architecture(tmp_path):
   path = write_gguf(tmp_path / 'falcon.gguf', 'falcon', [('add_block_count', 1)],
                     {'token_embd.weight': np.ones((4, 8))})
-  with pytest.raises(UserError, match=r"'falcon'.*\['llama', 'qwen2', 'gpt2'\]"):
+  with pytest.raises(UserError, match=r"'falcon'.*\['llama', 'qwen2', 'qwen3', 'gpt2'\]"):
     gguf_file.read_gguf(path)
 
 

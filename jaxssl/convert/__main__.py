@@ -5,13 +5,14 @@
 
 from-hf reads a HuggingFace directory: BERT (BertForPreTraining / BertModel; also RoBERTa / XLM-R:
 XLMRobertaModel / XLMRobertaForMaskedLM), GPT-2 (GPT2LMHeadModel) or the Llama family (LlamaForCausalLM; also
-Mistral and Qwen2 layouts), picked by config.json's model_type (as transformers 4 or 5 wrote it), with its
+Mistral, Qwen2 and Qwen3 layouts), picked by config.json's model_type (as transformers 4 or 5 wrote it), with its
 weights (safetensors, sharded or not, bfloat16 included; pytorch_model.bin when torch is installed) and its
-tokenizer (tokenizer.json, vocab.txt, or vocab.json + merges.txt). A `.gguf` file (llama.cpp; GPT-2, Llama or Qwen2
-architecture) is read with the `gguf` package, quantised tensors dequantised to float32, the tokenizer rebuilt
+tokenizer (tokenizer.json, vocab.txt, or vocab.json + merges.txt). A `.gguf` file (llama.cpp; GPT-2, Llama, Qwen2, Qwen3
+or Gemma 3 architecture) is read with the `gguf` package, quantised tensors dequantised to float32, the tokenizer rebuilt
 from its metadata. torch and transformers are not needed.
 to-hf writes config.json, model.safetensors and the tokenizer files that transformers' from_pretrained opens
-(BertForPreTraining, GPT2LMHeadModel or LlamaForCausalLM, by the export's model).
+(BertForPreTraining, GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM or Qwen3ForCausalLM, by the export's
+model).
 --src and --out may be bucket folders (gs://B/hf, gs://B/export) or a .gguf file in a bucket: the converters read
 local copies of the source files and upload a folder they write locally (staging.py); a GPT export goes straight
 into the bucket.

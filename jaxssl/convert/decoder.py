@@ -38,7 +38,7 @@ from jaxssl.train import state as state_lib
 BASE_CONFIG = os.path.join(os.path.dirname(__file__), '..', '..', 'configs', 'gpt.py') + ':small'
 # model_type in config.json -> the module holding its weight layout.
 LAYOUTS = {'gpt2': 'hf_gpt2', 'llama': 'hf_llama', 'mistral': 'hf_llama', 'qwen2': 'hf_llama',
-           'gemma3_text': 'hf_gemma3', 'gemma3': 'hf_gemma3'}
+           'qwen3': 'hf_llama', 'gemma3_text': 'hf_gemma3', 'gemma3': 'hf_gemma3'}
 _SAFETENSORS_DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'I64': np.int64, 'I32': np.int32,
                        'I16': np.int16, 'I8': np.int8, 'U8': np.uint8, 'BOOL': np.bool_}
 
@@ -252,8 +252,8 @@ def is_llama_layout(model_cfg) -> bool:
 
 
 def to_hf(src: str, out: str, *, overwrite: bool = False) -> dict:
-  """Writes the jaxssl GPT export `src` as a HF directory `out` (GPT2LMHeadModel or LlamaForCausalLM, by its
-  model section); returns the written config.json dict."""
+  """Writes the jaxssl GPT export `src` as a HF directory `out` (GPT2LMHeadModel, or LlamaForCausalLM / Qwen2 /
+  Qwen3 by its model section); returns the written config.json dict."""
   saved = ckpt_lib.read_export_config(src)
   if saved.get('model', {}).get('name') != 'gpt':
     raise UserError(f"{src} holds model.name={saved.get('model', {}).get('name')!r}: this converts GPT exports "
@@ -261,9 +261,10 @@ def to_hf(src: str, out: str, *, overwrite: bool = False) -> dict:
   if 'task' in saved:
     raise UserError(f'{src} is a fine-tuned export (task {saved["task"].get("kind")!r}): convert the pretrained one')
   config = config_lib.from_json(json.dumps(saved))
-  if config.model.get('sandwich_norm') or config.model.get('qk_norm') or config.model.get('sliding_window'):
-    raise UserError(f'{src} is a Gemma-style model: to-hf writes GPT-2 and Llama layouts only (Gemma 3 exports '
-                    'are used in jaxssl: generate, evaluate, finetune, init_from)')
+  gemma_keys = ('sandwich_norm', 'sliding_window', 'query_pre_attn_scalar', 'scale_embeddings')
+  if any(config.model.get(k) for k in gemma_keys) or config.model.get('norm') == 'rmsnorm_plus_one':
+    raise UserError(f'{src} is a Gemma-style model: to-hf writes GPT-2, Llama, Qwen2 and Qwen3 layouts only (Gemma 3 '
+                    'exports are used in jaxssl: generate, evaluate, finetune, init_from)')
   vocab_size = saved['vocab_size']
   setup = state_lib.setup_model(config.model, vocab_size, _one_device_mesh())
   params = jax.device_get(ckpt_lib.load_export_params(src, setup.abstract_params))

@@ -6,16 +6,16 @@
   ckpt.write_tokenizer(out_dir)  # tokenizer.json + tokenizer_config.json
 
 so the HF -> jaxssl mappings (hf_gpt2, hf_llama, hf_gemma3) serve GGUF files too. Architectures: 'llama' (which
-also covers Mistral-style files), 'qwen2' (Qwen2 / Qwen2.5: Llama's layout with q/k/v biases), 'gpt2' and
-'gemma3' (gguf_file_gemma3.py).
+also covers Mistral-style files), 'qwen2' (Qwen2 / Qwen2.5: Llama's layout with q/k/v biases), 'qwen3' (no
+biases; an RMSNorm of each q/k head), 'gpt2' and 'gemma3' (gguf_file_gemma3.py).
 Quantised tensors are dequantised with the `gguf` package, so the state dict holds what llama.cpp computes
 with, not the original weights. Where the file stores F32 the arrays are read-only views of the memory-mapped
 file (no copy of a large model until it is used).
 
 What llama.cpp's converter (convert_hf_to_gguf.py) changed is undone:
   * llama attn_q / attn_k rows are permuted for llama.cpp's RoPE (it rotates adjacent pairs, HF rotates
-    dims i and i + head_dim/2 of each head); the inverse permutation restores HF's q_proj / k_proj. qwen2 files
-    are not permuted (llama.cpp's converter keeps HF's rows there and runs qwen2 with its NEOX RoPE, HF's).
+    dims i and i + head_dim/2 of each head); the inverse permutation restores HF's q_proj / k_proj. qwen2/qwen3
+    files are not permuted (llama.cpp's converter keeps HF's rows there and runs qwen2 with its NEOX RoPE, HF's).
   * GPT-2's Conv1D weights (c_attn, c_proj, c_fc) are stored transposed to (out, in); they come back (in, out).
   * Llama 3.1+ RoPE scaling is stored as a per-frequency `rope_freqs.weight` tensor instead of HF's
     rope_scaling parameters; those are recovered from it (see `llama3_rope_scaling`) and the result is checked
@@ -40,8 +40,9 @@ from jaxssl.errors import UserError
 T = gguf.MODEL_TENSOR
 LLAMA = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA]
 QWEN2 = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN2]
+QWEN3 = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN3]
 GPT2 = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GPT2]
-SUPPORTED_ARCHITECTURES = (LLAMA, QWEN2, GPT2, gguf_file_gemma3.ARCH)
+SUPPORTED_ARCHITECTURES = (LLAMA, QWEN2, QWEN3, GPT2, gguf_file_gemma3.ARCH)
 
 
 @dataclasses.dataclass
@@ -66,13 +67,13 @@ class GGUFCheckpoint:
 
 
 def read_gguf(path: str) -> GGUFCheckpoint:
-  """Reads a llama.cpp GGUF file (architecture 'llama', 'qwen2', 'gpt2' or 'gemma3', any tensor type the gguf package can
-  dequantise) into HF config, float32 HF state dict and tokenizer. Mistakes in the file are UserErrors."""
+  """Reads a llama.cpp GGUF file (architecture 'llama', 'qwen2', 'qwen3', 'gpt2' or 'gemma3', any tensor type the gguf
+  package can dequantise) into HF config, float32 HF state dict and tokenizer. Mistakes in the file are UserErrors."""
   reader = open_file(path)
   meta = Metadata(reader, path)
   arch = meta.get(K.General.ARCHITECTURE)
   if arch not in SUPPORTED_ARCHITECTURES:
-    raise UserError(f'{path} holds a {arch!r} model: only GGUF architectures {list(SUPPORTED_ARCHITECTURES[:3])} '
+    raise UserError(f'{path} holds a {arch!r} model: only GGUF architectures {list(SUPPORTED_ARCHITECTURES[:4])} '
                     f'and {gguf_file_gemma3.ARCH!r} can be imported')
   split_count = meta.get(K.Split.LLM_KV_SPLIT_COUNT, 1)
   if split_count > 1:
@@ -80,8 +81,8 @@ def read_gguf(path: str) -> GGUFCheckpoint:
                     '(llama-gguf-split --merge FIRST.gguf OUT.gguf)')
   tokenizer, tokenizer_config = tokenizer_from_metadata(meta)  # first: cheap, so its errors come before dequantising
   tensors = Tensors(reader, path)
-  if arch in (LLAMA, QWEN2):
-    hf_config, state_dict = _llama(meta, tensors, qwen2=arch == QWEN2)
+  if arch in (LLAMA, QWEN2, QWEN3):
+    hf_config, state_dict = _llama(meta, tensors, arch)
   elif arch == gguf_file_gemma3.ARCH:
     hf_config, state_dict = gguf_file_gemma3.gemma3(meta, tensors)
   else:
@@ -146,11 +147,12 @@ def _llama_sizes(meta: Metadata, tensors: Tensors) -> tuple[int, ...]:
   return n_layers, hidden, n_head, n_kv, head_dim, vocab, inter
 
 
-def _llama(meta: Metadata, tensors: Tensors, qwen2: bool = False) -> tuple[dict, dict]:
-  """(LlamaConfig dict, LlamaForCausalLM state dict) of a 'llama' file; with `qwen2`, (Qwen2Config dict,
-  Qwen2ForCausalLM state dict) of a 'qwen2' one: the same tensors plus q/k/v biases (llama.cpp requires them,
-  and has none on attn_output or the MLP), q/k rows not permuted, and no sliding window (llama.cpp's qwen2
-  attends to the whole context, as Qwen2 configs with use_sliding_window=false do)."""
+def _llama(meta: Metadata, tensors: Tensors, arch: str = LLAMA) -> tuple[dict, dict]:
+  """(LlamaConfig dict, LlamaForCausalLM state dict) of a 'llama' file; for 'qwen2', (Qwen2Config dict,
+  Qwen2ForCausalLM state dict): the same tensors plus q/k/v biases (llama.cpp requires them, and has none on
+  attn_output or the MLP), q/k rows not permuted, and no sliding window (llama.cpp's qwen2 attends to the whole
+  context, as Qwen2 configs with use_sliding_window=false do); for 'qwen3', Qwen3's: no biases, q/k norms of
+  head_dim each layer, rows not permuted, no sliding window."""
   n_layers, hidden, n_head, n_kv, head_dim, vocab, inter = _llama_sizes(meta, tensors)
   emb_name = tensor_name(T.TOKEN_EMBD)
   q_out, kv_out = n_head * head_dim, n_kv * head_dim
@@ -161,12 +163,13 @@ def _llama(meta: Metadata, tensors: Tensors, qwen2: bool = False) -> tuple[dict,
   tied = tensor_name(T.OUTPUT) not in tensors
   if not tied:
     sd['lm_head.weight'] = tensors.take(tensor_name(T.OUTPUT), (vocab, hidden))
-  if qwen2:  # a missing q/k/v bias is then an incomplete file, an o/MLP bias a variant (both refused below)
-    qkv_bias, o_bias, mlp_bias = True, False, False
+  qwen2, qwen3 = arch == QWEN2, arch == QWEN3
+  if qwen2 or qwen3:  # a missing q/k/v bias is then an incomplete file, an o/MLP bias a variant (both refused below)
+    qkv_bias, o_bias, mlp_bias = qwen2, False, False
   else:  # HF Llama's attention_bias covers q/k/v and o alike
     qkv_bias = o_bias = tensor_name(T.ATTN_Q, 'bias', 0) in tensors
     mlp_bias = tensor_name(T.FFN_UP, 'bias', 0) in tensors
-  q_heads, kv_heads = (None, None) if qwen2 else (n_head, n_kv)
+  q_heads, kv_heads = (None, None) if qwen2 or qwen3 else (n_head, n_kv)
   # (GGUF tensor, HF module under model.layers.i, weight shape, bias shape, heads for the RoPE un-permutation)
   layer = (
       (T.ATTN_NORM, 'input_layernorm', (hidden,), None, None),
@@ -178,7 +181,8 @@ def _llama(meta: Metadata, tensors: Tensors, qwen2: bool = False) -> tuple[dict,
       (T.FFN_GATE, 'mlp.gate_proj', (inter, hidden), (inter,) if mlp_bias else None, None),
       (T.FFN_UP, 'mlp.up_proj', (inter, hidden), (inter,) if mlp_bias else None, None),
       (T.FFN_DOWN, 'mlp.down_proj', (hidden, inter), (hidden,) if mlp_bias else None, None),
-  )
+  ) + (((T.ATTN_Q_NORM, 'self_attn.q_norm', (head_dim,), None, None),
+        (T.ATTN_K_NORM, 'self_attn.k_norm', (head_dim,), None, None)) if qwen3 else ())
   for i in range(n_layers):
     for tensor, hf, w_shape, b_shape, heads in layer:
       for suffix, shape in (('weight', w_shape), ('bias', b_shape)):
@@ -212,9 +216,11 @@ def _llama(meta: Metadata, tensors: Tensors, qwen2: bool = False) -> tuple[dict,
       'rope_scaling': rope_scaling,
       'tie_word_embeddings': tied,
   }
-  if qwen2:
-    cfg.update(architectures=['Qwen2ForCausalLM'], model_type='qwen2', use_sliding_window=False,
+  if qwen2 or qwen3:
+    cfg.update(architectures=[f'{arch.capitalize()}ForCausalLM'], model_type=arch, use_sliding_window=False,
                sliding_window=None)
+    if qwen3:
+      cfg.update(attention_bias=False)
   else:
     cfg.update(attention_bias=qkv_bias, mlp_bias=mlp_bias)
   return cfg, sd

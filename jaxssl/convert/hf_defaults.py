@@ -14,7 +14,7 @@ from jaxssl.errors import UserError
 
 # RotaryEmbeddingConfigMixin.default_theta: the rope_theta of a config that names none (4.x: each class's default).
 DEFAULT_ROPE_THETA = 10000.0
-LLAMA_FAMILY = ('llama', 'mistral', 'qwen2')
+LLAMA_FAMILY = ('llama', 'mistral', 'qwen2', 'qwen3')
 _LLAMA_COMMON = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, hidden_act='silu',
                      initializer_range=0.02, rms_norm_eps=1e-6, tie_word_embeddings=False, attention_dropout=0.0,
                      rope_theta=DEFAULT_ROPE_THETA)
@@ -29,6 +29,9 @@ DEFAULTS = {
                     max_position_embeddings=4096 * 32, sliding_window=4096),
     'qwen2': dict(_LLAMA_COMMON, vocab_size=151936, intermediate_size=22016, num_key_value_heads=32,
                   max_position_embeddings=32768, use_sliding_window=False, sliding_window=4096, max_window_layers=28),
+    'qwen3': dict(_LLAMA_COMMON, vocab_size=151936, intermediate_size=22016, num_key_value_heads=32, head_dim=128,
+                  max_position_embeddings=32768, use_sliding_window=False, sliding_window=4096, max_window_layers=28,
+                  attention_bias=False),
     'gpt2': dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12, n_inner=None,
                  activation_function='gelu_new', resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1,
                  layer_norm_epsilon=1e-5, initializer_range=0.02, scale_attn_weights=True,

@@ -3,8 +3,9 @@
   model_cfg, params = params_from_hf(state_dict, hf_config)   # LlamaForCausalLM / LlamaModel tensors
   state_dict, hf_config = params_to_hf(params, model_cfg)     # LlamaForCausalLM tensors + LlamaConfig dict
 
-Also reads Mistral (without a sliding window) and Qwen2 (q/k/v biases) checkpoints, which are Llama with other
-names on the config; a model with attention_bias and no other bias is written back as Qwen2. `state_dict` maps
+Also reads Mistral (without a sliding window), Qwen2 (q/k/v biases) and Qwen3 (an RMSNorm of each q/k head before
+RoPE: model.qk_norm) checkpoints, which are Llama with other names on the config; a model with attention_bias and
+no other bias is written back as Qwen2, one with qk_norm as Qwen3. `state_dict` maps
 names to numpy arrays (safetensors.numpy, or torch tensors' `.numpy()`); `hf_config` is the config.json dict, in
 transformers 4's form (rope_theta + rope_scaling) or 5's (rope_parameters). No torch or transformers import here.
 
@@ -22,13 +23,16 @@ from jaxssl.errors import UserError
 
 # Rotary frequency buffers that some checkpoints carry: recomputed from the config, dropped silently.
 IGNORED_HF_KEYS = re.compile(r'(^|\.)rotary_emb\.inv_freq$')
-SUPPORTED_TYPES = ('llama', 'mistral', 'qwen2')
+SUPPORTED_TYPES = ('llama', 'mistral', 'qwen2', 'qwen3')
+QWEN = ('qwen2', 'qwen3')  # slide only with use_sliding_window
 SILU = ('silu', 'swish')
 
 # (HF name under 'model.layers.{i}.', jaxssl path under decoder/layers, how: 'T' = transpose nn.Linear weight).
 NORMS = (('input_layernorm.weight', 'attention_norm/scale'), ('post_attention_layernorm.weight', 'mlp_norm/scale'))
 MLP = (('mlp.gate_proj', 'mlp/wi_gate'), ('mlp.up_proj', 'mlp/wi_up'), ('mlp.down_proj', 'mlp/wo'))
 QKV = (('self_attn.q_proj', 'query'), ('self_attn.k_proj', 'key'), ('self_attn.v_proj', 'value'))
+QK_NORMS = (('self_attn.q_norm.weight', 'attention/query_norm/scale'), ('self_attn.k_norm.weight',
+                                                                       'attention/key_norm/scale'))  # Qwen3
 
 
 def _rope(hf: dict) -> tuple[float, dict | None]:
@@ -65,9 +69,9 @@ def _rope(hf: dict) -> tuple[float, dict | None]:
 
 def _sliding_window(hf: dict) -> int | None:
   """The window some layer's attention is limited to, or None when every layer attends to the whole context (as
-  transformers decides it: Qwen2 slides only with use_sliding_window, in layers from max_window_layers on or
+  transformers decides it: Qwen2 and Qwen3 slide only with use_sliding_window, in layers from max_window_layers on or
   those layer_types names 'sliding_attention'; Mistral slides in every layer)."""
-  if hf['model_type'] != 'qwen2':
+  if hf['model_type'] not in QWEN:
     return hf.get('sliding_window')
   window = hf['sliding_window'] if hf['use_sliding_window'] else None
   layer_types = hf.get('layer_types') or [
@@ -102,6 +106,11 @@ def model_config_from_hf(hf: dict) -> dict:
                     'checkpoints with sliding_window null (e.g. Mistral v0.2+) convert')
   if kind == 'qwen2':  # q/k/v biases, none on o_proj or the MLP
     use_bias, attention_bias = False, True
+  elif kind == 'qwen3':  # its attention_bias puts biases on q/k/v and o_proj, none on the MLP
+    if hf['attention_bias']:
+      raise UserError('HF config has model_type=qwen3 with attention_bias=true: jaxssl has biases on q/k/v only '
+                      '(Qwen2) or on every projection (model.use_bias), not on the attention alone')
+    use_bias, attention_bias = False, False
   else:
     attention_bias, mlp_bias = bool(hf.get('attention_bias', False)), bool(hf.get('mlp_bias', False))
     if attention_bias != mlp_bias:
@@ -127,13 +136,14 @@ def model_config_from_hf(hf: dict) -> dict:
       'rope_theta': theta, 'rope_scaling': scaling,
       'tie_embeddings': bool(hf['tie_word_embeddings']),
       'use_bias': use_bias, 'attention_bias': attention_bias,
+      'qk_norm': kind == 'qwen3',  # RMSNorm of each q/k head before RoPE
       'scan_layers': True,
   }
 
 
 def hf_config_from_model(model_cfg, vocab_size: int) -> dict:
-  """LlamaConfig (Qwen2Config for q/k/v-only biases) as a dict, for config.json, for a jaxssl GPT model config
-  section in its Llama variant (rmsnorm, rope, swiglu)."""
+  """LlamaConfig (Qwen2Config for q/k/v-only biases, Qwen3Config for q/k norms) as a dict, for config.json, for a
+  jaxssl GPT model config section in its Llama variant (rmsnorm, rope, swiglu)."""
   from jaxssl.models.gpt import GPTConfig  # noqa: PLC0415 (keeps `import hf_llama` free of jax)
   c = GPTConfig.from_config(model_cfg, vocab_size)
   wrong = {k: getattr(c, k) for k, want in (('norm', 'rmsnorm'), ('position', 'rope'), ('mlp', 'swiglu'))
@@ -141,10 +151,12 @@ def hf_config_from_model(model_cfg, vocab_size: int) -> dict:
   if wrong:
     raise UserError(f'model has {wrong}: only the Llama variant (norm=rmsnorm, position=rope, mlp=swiglu) '
                     'converts to HF Llama; GPT-2 models convert with hf_gpt2')
-  qwen2 = c.attention_bias and not c.use_bias
+  if c.qk_norm and (c.use_bias or c.attention_bias):
+    raise UserError('model has qk_norm with biases: HF Qwen3 (the Llama variant with q/k norms) has none')
+  kind = 'qwen3' if c.qk_norm else 'qwen2' if c.attention_bias and not c.use_bias else 'llama'
   out = {
-      'architectures': ['Qwen2ForCausalLM' if qwen2 else 'LlamaForCausalLM'],
-      'model_type': 'qwen2' if qwen2 else 'llama',
+      'architectures': [{'qwen3': 'Qwen3ForCausalLM', 'qwen2': 'Qwen2ForCausalLM'}.get(kind, 'LlamaForCausalLM')],
+      'model_type': kind,
       'vocab_size': int(vocab_size),
       'hidden_size': c.hidden_size, 'intermediate_size': c.intermediate_size,
       'num_hidden_layers': c.num_layers, 'num_attention_heads': c.num_heads,
@@ -157,8 +169,10 @@ def hf_config_from_model(model_cfg, vocab_size: int) -> dict:
       'tie_word_embeddings': c.tie_embeddings,
       'torch_dtype': 'float32', 'use_cache': True,
   }
-  if qwen2:
+  if kind in QWEN:
     out.update(use_sliding_window=False, sliding_window=None)
+    if kind == 'qwen3':
+      out.update(attention_bias=False)
   else:
     out.update(attention_bias=c.use_bias, mlp_bias=c.use_bias, pretraining_tp=1)
   return out
@@ -208,6 +222,8 @@ def params_from_hf(state_dict: dict, hf_config: dict) -> tuple[dict, dict]:
   layers: dict = {}
   for hf, path in NORMS:
     param_tree.put(layers, path, stack(hf, (h,)))
+  for hf, path in QK_NORMS if cfg['qk_norm'] else ():
+    param_tree.put(layers, path, stack(hf, (d,)))
   qkv_bias = cfg['use_bias'] or cfg['attention_bias']
   for (hf, name), heads in zip(QKV, (n, kv, kv)):
     w = stack(f'{hf}.weight', (heads * d, h))  # (L, out, in)
@@ -258,7 +274,7 @@ def params_to_hf(params: dict, model_cfg) -> tuple[dict, dict]:
   out = {'model.embed_tokens.weight': emb, 'model.norm.weight': as_np(param_tree.get(params, 'final_norm/scale'))}
   for i in range(as_np(param_tree.get(layers, 'attention_norm/scale')).shape[0]):
     pre = f'model.layers.{i}.'
-    for hf, path in NORMS:
+    for hf, path in NORMS + (QK_NORMS if hf_config['model_type'] == 'qwen3' else ()):
       out[pre + hf] = as_np(param_tree.get(layers, path))[i]
     for hf, name in QKV:
       k = as_np(att[f'{name}_kernel'])[i]  # (H, heads, D) -> (heads * D, H)
