@@ -18,6 +18,7 @@ jaxssl's right-padded inputs (HF gives padding row 1, jaxssl its own t, but atte
 tokens' outputs do not see the difference). Its single token-type row is repeated into the 2 rows jaxssl's pair
 inputs use, so segment ids change nothing, as in RoBERTa. RoBERTa packs a pair `<s> A </s></s> B </s>`; jaxssl
 pipelines pack `<s> A </s> B </s>` (its [CLS]/[SEP] roles), fine for fine-tuning but not RoBERTa's exact format.
+DistilBERT (model_type 'distilbert') imports too (from-hf only): BERT under other names (hf_distilbert.py).
 """
 import json
 import math
@@ -35,6 +36,7 @@ from jaxssl import paths
 from jaxssl import storage
 from jaxssl.convert import decoder  # its weight-file readers (safetensors, shards, bfloat16, pytorch_model.bin)
 from jaxssl.convert import hf_defaults
+from jaxssl.convert import hf_distilbert
 from jaxssl.convert import param_tree
 from jaxssl.convert import staging
 from jaxssl.data import tokenizers
@@ -131,9 +133,11 @@ def jaxssl_config(hf: dict):
   """The full jaxssl config (configs/bert.py:base with model.* and the vocab size from HF `config.json`, keys it
   omits taking its model_type's transformers defaults: max_position_embeddings 512, ...)."""
   model_type = hf.get('model_type') or 'bert'
+  if model_type == 'distilbert':
+    hf, model_type = hf_distilbert.bert_config(hf), 'bert'
   if model_type != 'bert' and model_type not in ROBERTA_TYPES:
-    raise UserError(f"HF config.json has model_type={model_type!r}: only 'bert', 'roberta' and 'xlm-roberta' "
-                    'convert here')
+    raise UserError(f"HF config.json has model_type={model_type!r}: only 'bert', 'roberta', 'xlm-roberta' and "
+                    "'distilbert' convert here")
   hf = hf_defaults.with_defaults(hf, 'bert')
   if hf['hidden_act'] != 'gelu':
     raise UserError(f"HF config.json has hidden_act={hf['hidden_act']!r}: jaxssl BERT uses exact (erf) 'gelu' "
@@ -338,6 +342,8 @@ def _from_local_hf(src: str, out: str, *, overwrite: bool, seed: int, named: tup
   tensors = decoder.read_hf_weights(src, hf_class)
   if hf.get('model_type') in ROBERTA_TYPES:
     tensors = roberta_to_bert_tensors(tensors, position_offset(hf), config.model.type_vocab_size)
+  elif hf.get('model_type') == 'distilbert':
+    tensors = hf_distilbert.bert_tensors(tensors)
   mesh = _one_device_mesh()
   setup = state_lib.setup_model(config.model, vocab_size, mesh, seed)
   params, unused = hf_to_params(tensors, setup.abstract_params, config.model.num_layers)

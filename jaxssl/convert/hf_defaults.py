@@ -39,10 +39,14 @@ DEFAULTS = {
     'bert': dict(_BERT_COMMON),
     'roberta': dict(_BERT_COMMON, vocab_size=50265, pad_token_id=1),
     'xlm-roberta': dict(_BERT_COMMON, pad_token_id=1),
+    'distilbert': dict(vocab_size=30522, max_position_embeddings=512, sinusoidal_pos_embds=False, n_layers=6,
+                       n_heads=12, dim=768, hidden_dim=3072, dropout=0.1, attention_dropout=0.1, activation='gelu',
+                       initializer_range=0.02, pad_token_id=0, tie_word_embeddings=True),
 }
 # Other spellings transformers accepts for a model's own field names (GPT2Config.attribute_map).
 ALIASES = {'gpt2': {'hidden_size': 'n_embd', 'max_position_embeddings': 'n_positions',
-                    'num_attention_heads': 'n_head', 'num_hidden_layers': 'n_layer'}}
+                    'num_attention_heads': 'n_head', 'num_hidden_layers': 'n_layer'},
+           'distilbert': {'hidden_size': 'dim', 'num_attention_heads': 'n_heads', 'num_hidden_layers': 'n_layers'}}
 
 
 def with_defaults(hf: dict, default_type: str) -> dict:
