@@ -77,6 +77,7 @@ def jaxssl_side(params_dir: str, prompts: list[str], new_tokens: int, rounds: in
   from jaxssl.models import generation
   from jaxssl.train import checkpoint as ckpt_lib
   _, model, tokenizer = ckpt_lib.load_export(params_dir)
+  model = generation.layers_apart(model)  # as the generate job passes them: each layer's weights apart, once
   bos = [] if getattr(tokenizer, 'bos_id', None) is None else [tokenizer.bos_id]
   encoded = [bos + ids for ids in tokenizer.encode(prompts)]
   lengths = np.array([len(e) for e in encoded], np.int32)

@@ -182,7 +182,7 @@ def generation_speed(variant: str, batches: list[int], new_tokens: int, layer_lo
   config = gpt_configs.get_config(variant)
   config.model.dtype = 'bfloat16'
   config.model.layer_loop = layer_loop
-  model = families.build_model(config.model, 50257, rngs=nnx.Rngs(params=0))
+  model = generation.layers_apart(families.build_model(config.model, 50257, rngs=nnx.Rngs(params=0)))
   weight_bytes = generation.weight_bytes_per_token(model)
   bandwidth = device_bandwidth_bytes_per_s(1 << 24 if jax.default_backend() == 'cpu' else 1 << 31)
   rows = []

@@ -63,12 +63,11 @@ def generate(params: str, prompts: list[str], *, max_new_tokens: int = 50, greed
   program = None
   if found:
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-      target = generate_program.weights_target(found[0]['weights'])
-      restoring = pool.submit(ckpt_lib.load_export_params, params, target)
+      restoring = pool.submit(_saved_program_weights, params, found[0])
       program = generate_program.load(*found)
       weights = restoring.result()
   if program is not None:
-    out, num = program(jax.tree.leaves(weights), *small)
+    out, num = program(weights, *small)
   else:
     out, num = _compile_and_generate(params, saved, model_cfg, ids, small, max_new_tokens, greedy, saved_program)
   out, num = np.asarray(out), np.asarray(num)
@@ -81,20 +80,52 @@ def generate(params: str, prompts: list[str], *, max_new_tokens: int = 50, greed
   return results
 
 
+def _saved_program_weights(params: str, meta: dict) -> list:
+  """A saved program's weight arguments: views of the file weights_cache keeps of the export (no copy), else the
+  export restored through orbax (and that file written for the next start)."""
+  import jax
+  from jaxssl import weights_cache
+  from jaxssl.models import generate_program
+  from jaxssl.train import checkpoint as ckpt_lib
+  kept = weights_cache.path_for(params, meta['weights'])
+  views = kept and weights_cache.load(kept, meta['weights'])
+  if views:
+    return jax.device_put(generate_program.program_leaves(views, meta['inputs']))
+  weights = ckpt_lib.load_export_params(params, generate_program.weights_target(meta['weights']))
+  if kept:
+    weights_cache.save(kept, meta['weights'], weights)
+  return generate_program.program_leaves(weights, meta['inputs'])
+
+
+def _restore_and_keep(params: str, abstract_params, keep: bool):
+  """The export's weights (orbax); with `keep`, also written where weights_cache keeps them for the next start."""
+  from flax import nnx
+  from jaxssl import weights_cache
+  from jaxssl.models import generate_program
+  from jaxssl.train import checkpoint as ckpt_lib
+  weights = ckpt_lib.load_export_params(params, abstract_params)
+  pure = weights if isinstance(weights, dict) else nnx.to_pure_dict(weights)
+  layout = generate_program.weights_layout(pure)
+  kept = keep and weights_cache.path_for(params, layout)
+  if kept:
+    weights_cache.save(kept, layout, pure)
+  return weights
+
+
 def _compile_and_generate(params, saved, model_cfg, ids, small, max_new_tokens, greedy, save_to):
-  """The first start for these settings: the weights are restored on another thread while this one compiles the
-  program from the model's shapes (and saves it to `save_to`)."""
+  """The first start for these settings: the weights are restored (and kept for the next start) on another thread
+  while this one compiles the program from the model's shapes (and saves it to `save_to`)."""
   import jax
   from flax import nnx
   from jaxssl.models import generation
   from jaxssl.train import checkpoint as ckpt_lib
   setup = ckpt_lib.setup_export_model(saved, model_cfg)
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
-    restoring = pool.submit(ckpt_lib.load_export_params, params, setup.abstract_params)
+    restoring = pool.submit(_restore_and_keep, params, setup.abstract_params, bool(save_to))
     program = generation.compile_generate(nnx.merge(setup.graphdef, setup.abstract_params), *ids.shape,
                                           max_new_tokens, greedy=greedy, num_stop_ids=len(small[-2]),
                                           save_to=save_to)
-    model = nnx.merge(setup.graphdef, restoring.result())
+    model = generation.layers_apart(nnx.merge(setup.graphdef, restoring.result()))
   return program.compiled(jax.tree.leaves(nnx.state(model)), *small)
 
 

@@ -12,7 +12,7 @@ import os
 
 from jaxssl import runtime
 
-FORMAT = 1  # of the files written here; part of every key
+FORMAT = 2  # of the files written here; part of every key (2: generate programs say how they take the weights)
 
 
 def path_for(kind: str, **facts) -> str | None:

@@ -331,8 +331,9 @@ def test_greedy_generate_matches_transformers(hf_model, tmp_path):
   assert jax.tree.structure(target) == jax.tree.structure(weights)
   assert meta['lapack'] is False
   loaded = generate_program.load(meta, blob)
-  tokens, _ = loaded(jax.tree.leaves(weights), *generate_program.arguments(short, [3], jax.random.key(0), 1.0, 0, 1.0,
-                                                                          (), 0))
+  leaves = generate_program.program_leaves(weights, meta['inputs'])
+  assert len(leaves) > len(jax.tree.leaves(weights))  # each layer's weights apart
+  tokens, _ = loaded(leaves, *generate_program.arguments(short, [3], jax.random.key(0), 1.0, 0, 1.0, (), 0))
   np.testing.assert_array_equal(tokens, alone)
   with open(saved, 'r+b') as f:  # damaged: a cache miss, not an error
     f.seek(len(f.readline()) + 100)

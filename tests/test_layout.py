@@ -13,7 +13,7 @@ PACKAGE = os.path.join(ROOT, 'jaxssl')
 # Lower number = lower layer. A module may import its own layer or lower ones; jobs (the top) import anything.
 LAYERS = {
     'jaxssl.errors': 0, 'jaxssl.version': 0, 'jaxssl.paths': 0, 'jaxssl.storage': 0, 'jaxssl.config': 0, 'jaxssl.runtime': 0,
-    'jaxssl.program_cache': 0,
+    'jaxssl.program_cache': 0, 'jaxssl.weights_cache': 0,
     'jaxssl.mesh': 1,
     'jaxssl.data': 2, 'jaxssl.models': 3, 'jaxssl.families': 4, 'jaxssl.tasks': 4, 'jaxssl.train': 5,
     'jaxssl.eval': 6, 'jaxssl.convert': 6,
@@ -140,6 +140,7 @@ LOCAL_FILE_MODULES = {
     'jaxssl.config': 'config files are Python modules in the checkout',
     'jaxssl.runtime': 'looks for accelerator device files',
     'jaxssl.program_cache': "files in the local compile cache folder, beside XLA's own; reads jaxssl's source",
+    'jaxssl.weights_cache': "files in the local compile cache folder; stats the local export it keeps",
     'jaxssl.data.corpora': 'tells a local corpus path from a TFDS name',
     'jaxssl.prepare': 'tells a local corpus path from a TFDS name',
     'jaxssl.data.corpus_files': 'the local branch of listing corpus files (buckets go through fsspec)',

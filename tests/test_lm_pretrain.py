@@ -126,6 +126,8 @@ def test_gpt_pretrain_job_learns_and_resumes_exactly(tmp_path):
   assert first.returncode == 0, first.stderr[-3000:]
   [saved] = os.listdir(tmp_path / 'cache' / 'jaxssl_programs')
   saved = tmp_path / 'cache' / 'jaxssl_programs' / saved
+  [kept] = os.listdir(tmp_path / 'cache' / 'jaxssl_weights')  # the weights as one file the next start maps
+  kept = tmp_path / 'cache' / 'jaxssl_weights' / kept
   # The loading start imports neither flax nor scipy (LAPACK's setup, which this program does not need).
   env.update(PYTHONPROFILEIMPORTTIME='1')
   loading = job(*one)
@@ -133,7 +135,12 @@ def test_gpt_pretrain_job_learns_and_resumes_exactly(tmp_path):
   assert loading.stdout == first.stdout
   imported = {line.rsplit('|', 1)[-1].strip() for line in loading.stderr.splitlines() if line.startswith('import time')}
   assert 'jax' in imported and not {'flax', 'scipy'} & imported
+  assert os.listdir(kept.parent) == [kept.name]  # found, not written again
   saved.write_bytes(saved.read_bytes()[:200])
   assert job(*one).stdout == first.stdout and len(saved.read_bytes()) > 200
+  size = kept.stat().st_size
+  kept.write_bytes(kept.read_bytes()[:size // 2])  # damaged: restored through orbax and written again
+  assert job(*one).stdout == first.stdout and kept.stat().st_size == size
+  assert job(*one).stdout == first.stdout
   bert = job('jaxssl.generate', '--params', str(tmp_path / 'nope'), '--prompt', 'x')
   assert bert.returncode == 2 and 'not a jaxssl export' in bert.stderr.strip().splitlines()[-1]

@@ -136,7 +136,7 @@ def model_config_from_hf(hf: dict) -> dict:
       'rope_theta': theta, 'rope_scaling': scaling,
       'tie_embeddings': bool(hf['tie_word_embeddings']),
       'use_bias': use_bias, 'attention_bias': attention_bias,
-      'qk_norm': kind == 'qwen3',  # RMSNorm of each q/k head before RoPE
+      **({'qk_norm': True} if kind == 'qwen3' else {}),  # RMSNorm of each q/k head before RoPE
       'scan_layers': True,
   }
 
@@ -222,7 +222,7 @@ def params_from_hf(state_dict: dict, hf_config: dict) -> tuple[dict, dict]:
   layers: dict = {}
   for hf, path in NORMS:
     param_tree.put(layers, path, stack(hf, (h,)))
-  for hf, path in QK_NORMS if cfg['qk_norm'] else ():
+  for hf, path in QK_NORMS if cfg.get('qk_norm') else ():
     param_tree.put(layers, path, stack(hf, (d,)))
   qkv_bias = cfg['use_bias'] or cfg['attention_bias']
   for (hf, name), heads in zip(QKV, (n, kv, kv)):

@@ -137,6 +137,7 @@ def generate_texts(model, tokenizer, contexts, *, max_new_tokens: int, batch_siz
   lengths = [len(c) for c in contexts]
   stop = (int(tokenizer.sep_id),)
   texts = [''] * len(contexts)
+  model = generation.layers_apart(model)  # once, not at every batch's call
   for rows_now, padded in _batches(lengths, batch_size):
     width = bucket(max(lengths[i] for i in rows_now), max_len - max_new_tokens)
     ids = np.zeros((batch_size, width), np.int32)

@@ -87,15 +87,38 @@ def weights_target(weights: list) -> dict:
   return target
 
 
-def save(path: str, exported, statics: dict, weights: list, lapack: bool) -> None:
-  """Keeps `exported` at `path` with its settings, the layout of the weights it takes and whether it calls LAPACK."""
-  program_cache.write(path, {'statics': statics, 'weights': weights, 'lapack': lapack}, exported.serialize())
+def program_leaves(weights: dict, inputs: list) -> list:
+  """The saved program's weight arguments in its order (`inputs`: its weights_layout), from `weights`, the export's
+  nested dict as restored (jax arrays, or numpy views of a memory-mapped file): an input under a layer index
+  (decoder/layers/<i>/..., generation.layers_apart) is layer i's slice of the stacked leaf (a copy of a jax
+  array, a view of a numpy one), any other the leaf itself. A shape or dtype other than the program's is a
+  ValueError (the caller's cache lookup went wrong)."""
+  leaves = []
+  for keys, shape, dtype in inputs:
+    layer = next((j for j, key in enumerate(keys) if isinstance(key, int)), None)
+    leaf = weights
+    for key in keys if layer is None else keys[:layer] + keys[layer + 1:]:
+      leaf = leaf[key]
+    if layer is not None:
+      leaf = leaf[keys[layer]]
+    if list(leaf.shape) != list(shape) or str(leaf.dtype) != dtype:
+      raise ValueError(f'weight {keys} is {leaf.dtype}{list(leaf.shape)}; the program takes {dtype}{shape}')
+    leaves.append(leaf)
+  return leaves
+
+
+def save(path: str, exported, statics: dict, weights: list, inputs: list, lapack: bool) -> None:
+  """Keeps `exported` at `path` with its settings, the layout of the export's weights it is run on (`weights`,
+  what a start restores), that of the weight arguments it takes (`inputs`: program_leaves) and whether it calls
+  LAPACK."""
+  program_cache.write(path, {'statics': statics, 'weights': weights, 'inputs': inputs, 'lapack': lapack},
+                      exported.serialize())
 
 
 def read(path: str) -> tuple[dict, bytes] | None:
   """(metadata, serialized program) saved at `path`, or None."""
   found = program_cache.read(path)
-  return found if found is not None and {'statics', 'weights', 'lapack'} <= set(found[0]) else None
+  return found if found is not None and {'statics', 'weights', 'inputs', 'lapack'} <= set(found[0]) else None
 
 
 def load(meta: dict, blob: bytes):

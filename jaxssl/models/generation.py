@@ -51,31 +51,46 @@ def weight_bytes_per_token(model: nnx.Module) -> int:
 
 
 def runs_layers_apart(model: nnx.Module) -> bool:
-  """Whether generating slices each layer's weights out of the stack once, after the prompt (whose pass runs the
-  stacked loop) and before the one-token steps: where the layers run unrolled (`model.layer_loop`; 'auto' on CPU
-  and GPU).
+  """Whether the generate program takes each layer's weights as arrays of their own (`layers_apart`) rather than
+  the stack: where the layers run unrolled (`model.layer_loop`; 'auto' on CPU and GPU).
 
   Why: a decoding step that slices layer i out of the stacked weights made XLA:CPU copy each slice at every token,
   three times the weight traffic of batch 1's matrix-vector products (SmolLM2-135M: 22.9 tokens/s stacked, 31
   apart). With each layer's cache its own array too (layer_caches_apart), batches gain as well: SmolLM2 at batch
   8, 140 against 108 tokens/s for the stacked loop, at batch 32 242 against 219; Gemma 3 270M at batch 8, 70
-  against 54 (BENCHMARKS.md §21). The slices are made inside the generate program, so the weights stay as they
-  were restored (no copy of the model before generating); they hold a second copy of the weights while it runs.
+  against 54 (BENCHMARKS.md §21). The slices are the program's inputs, not made inside it: a program that sliced
+  the stack copied every weight at every call (a second copy of the model in fresh memory, ~1 s of the generate
+  job's start for a 2.4 GB model), and the job can hand it slices of a memory-mapped file without a copy
+  (program_cache.load_weights).
   """
   c = model.config
   return c.scan_layers and unroll_layers(c.layer_loop)
 
 
-def _layers_apart(model: nnx.Module) -> nnx.Module:
-  """Inside a trace: `model` over new module objects whose layers hold their own weight arrays (slices)."""
+def layers_apart(model: nnx.Module) -> nnx.Module:
+  """`model` as the generate program takes it: where runs_layers_apart, a model over new module objects whose
+  layers hold their own weight arrays (slices of the stack: one copy of the layers, made once, so pass the result
+  to repeated `generate` calls); otherwise `model` itself. Abstract weights (jax.ShapeDtypeStruct, e.g. an
+  export's before it is restored) give abstract slices, their shardings without the layer axis."""
+  if not runs_layers_apart(model):
+    return model
   c = model.config
   copy = nnx.merge(*nnx.split(model))
   layer_def, stacked = nnx.split(copy.decoder.layers)  # a stacked module's graph is one layer's
-  copy.decoder.layers = nnx.List([nnx.merge(layer_def, jax.tree.map(lambda a, i=i: a[i], stacked))
+  copy.decoder.layers = nnx.List([nnx.merge(layer_def, jax.tree.map(lambda a, i=i: _layer_slice(a, i), stacked))
                                   for i in range(c.num_layers)])
   copy.decoder.scan_layers = False
   copy.config = dataclasses.replace(c, scan_layers=False)
   return copy
+
+
+def _layer_slice(a, i: int):
+  if not isinstance(a, jax.ShapeDtypeStruct):
+    return a[i]
+  sharding = a.sharding
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))
+  return jax.ShapeDtypeStruct(a.shape[1:], a.dtype, sharding=sharding)
 
 
 _LAYER_ENTRIES = ('key', 'value', 'local_key', 'local_value')  # a cache's entries with a leading layer axis
@@ -110,12 +125,11 @@ def _generate(graphdef, state, prompt_ids, prompt_lengths, rng, temperature, top
     positions = jnp.where(positions >= 0, positions, -1)
     last = jnp.full((batch,), width - 1, jnp.int32)
   cache = nnx.merge(graphdef, state).init_cache(batch, width + max_new_tokens)
+  if layers_apart:  # the state holds each layer's weights apart (layers_apart): each layer's cache too
+    cache = layer_caches_apart(cache)
   # Pad slots are looked up as token 0 (any pad value is safe) and never attended to (position -1).
   prompt_ids = jnp.where(positions >= 0, prompt_ids.astype(jnp.int32), 0)
-  logits, cache = _decode_fn(graphdef, state, prompt_ids, cache, positions)  # the prompt, on the stacked layers
-  if layers_apart:  # the one-token steps
-    graphdef, state = nnx.split(_layers_apart(nnx.merge(graphdef, state)))
-    cache = layer_caches_apart(cache)
+  logits, cache = _decode_fn(graphdef, state, prompt_ids, cache, positions)
   logits = logits[jnp.arange(batch), last]  # [B, V] at each prompt's last real token
 
   def cond(carry):
@@ -150,8 +164,9 @@ def _arguments(model, prompt_ids, prompt_lengths, rng, temperature, top_k, top_p
 
 
 def _statics(model: nnx.Module, max_new_tokens: int, greedy: bool, padding_side: str) -> dict:
+  """The program's static settings for `model` as layers_apart gives it."""
   return dict(max_new_tokens=int(max_new_tokens), greedy=bool(greedy), padding_side=padding_side,
-              layers_apart=bool(runs_layers_apart(model)))
+              layers_apart=not model.config.scan_layers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,8 +194,11 @@ def compile_generate(model: nnx.Module, batch: int, width: int, max_new_tokens: 
 
   The generate job compiles (or loads from the compile cache) while another thread restores the weights.
   Pass the result to `generate(..., program=)` with a typed rng key (jax.random.key). `save_to`: a file
-  (program_cache.path_for) that keeps the traced program for a later start (generate_program.load).
+  (program_cache.path_for) that keeps the traced program for a later start (generate_program.load), with the
+  layout of the export's weights it restores and of the leaves it passes (generate_program.program_leaves).
   """
+  stacked = nnx.to_pure_dict(nnx.state(model))
+  model = layers_apart(model)
   graphdef, state, small = _arguments(model, jnp.zeros((batch, width), jnp.int32), jnp.ones((batch,), jnp.int32),
                                       jax.random.key(0), 1.0, 0, 1.0, range(num_stop_ids), 0)
   leaves, treedef = jax.tree.flatten(state)
@@ -189,13 +207,14 @@ def compile_generate(model: nnx.Module, batch: int, width: int, max_new_tokens: 
            *[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in small])
   statics = _statics(model, max_new_tokens, greedy, padding_side)
   program = jax.jit(_flat(graphdef, treedef, statics))
-  weights = generate_program.weights_layout(nnx.to_pure_dict(state))
-  # A later start restores the weights as a nested dict in `weights`' order: saved only if that is the state's.
-  if save_to is None or [w[1] for w in weights] != [list(a.shape) for a in leaves]:
+  inputs = generate_program.weights_layout(nnx.to_pure_dict(state))
+  # A later start restores the weights as a nested dict and passes its leaves (or their layers' slices) in
+  # `inputs`' order: saved only if that is the state's.
+  if save_to is None or [w[1] for w in inputs] != [list(a.shape) for a in leaves]:
     return GenerateProgram(program.lower(*specs).compile(), (batch, width), len(small[-2]), statics)
   exported = jax.export.export(program)(*specs)
   lapack = generate_program.calls_lapack(exported)
-  generate_program.save(save_to, exported, statics, weights, lapack)
+  generate_program.save(save_to, exported, statics, generate_program.weights_layout(stacked), inputs, lapack)
   return GenerateProgram(generate_program.compile_exported(exported, lapack=lapack), (batch, width), len(small[-2]),
                          statics)
 
@@ -211,8 +230,10 @@ def generate(model: nnx.Module, prompt_ids, prompt_lengths, max_new_tokens: int,
   the argmax; otherwise logits / temperature, restricted to the top_k (0 = all) most likely tokens and to the
   top_p nucleus (1.0 = all), sampled with `rng`. Compiled once per prompt shape, max_new_tokens, greedy,
   padding side and number of stop ids; the other settings are traced. `program`: the same, compiled ahead
-  (compile_generate) for this call's shape and settings.
+  (compile_generate) for this call's shape and settings. A model whose layers run unrolled has them sliced out of
+  the stack at each call (layers_apart): pass `layers_apart(model)` to skip that copy in repeated calls.
   """
+  model = layers_apart(model)
   generate_program.check_settings(model.config.max_position, prompt_ids.shape[1], max_new_tokens,
                                   temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
                                   padding_side=padding_side)

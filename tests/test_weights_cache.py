@@ -1,0 +1,112 @@
+"""jaxssl/weights_cache.py: an export's weights as one memory-mapped file, read back without a copy."""
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxssl import weights_cache
+from jaxssl.models import generate_program
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', str(tmp_path / 'cache'))
+  monkeypatch.delenv('JAXSSL_WEIGHTS_CACHE_GB', raising=False)
+  return tmp_path / 'cache'
+
+
+def fake_export(path, payload=b'x' * 100):
+  """An export folder as path_for sees it: files under params/."""
+  (path / 'params' / 'd').mkdir(parents=True)
+  (path / 'params' / 'manifest.ocdbt').write_bytes(payload)
+  (path / 'params' / 'd' / 'chunk').write_bytes(payload * 3)
+  return str(path)
+
+
+def weights():
+  rng = np.random.default_rng(0)
+  return {'decoder': {'layers': {'kernel': rng.standard_normal((3, 8, 16), np.float32),
+                                 'scale': jnp.asarray(rng.standard_normal((3, 7)), jnp.bfloat16)}},
+          'embedding': rng.standard_normal((11, 5), np.float32)}
+
+
+def test_save_and_load_give_the_same_weights_without_a_copy(cache, tmp_path):
+  w = weights()
+  layout = generate_program.weights_layout(w)
+  path = weights_cache.path_for(fake_export(tmp_path / 'export'), layout)
+  assert path.startswith(str(cache / 'jaxssl_weights'))
+  assert weights_cache.load(path, layout) is None  # nothing kept yet
+  weights_cache.save(path, layout, w)
+  views = weights_cache.load(path, layout)
+  for (keys, _, dtype), want in zip(layout, jax.tree.leaves(w)):
+    got = views
+    for key in keys:
+      got = got[key]
+    assert str(got.dtype) == dtype and not got.flags.writeable
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  # Each layer's slice of a stacked leaf is a view, and jax takes every one without a copy (each starts 64-byte
+  # aligned, as every layer of a real model's weights does; jax copies one that does not).
+  inputs = [[['decoder', 'layers', i, 'kernel'], [8, 16], 'float32'] for i in range(3)] + [
+      [['embedding'], [11, 5], 'float32']]
+  leaves = generate_program.program_leaves(views, inputs)
+  assert all(isinstance(a, np.memmap) for a in leaves)
+  on_device = jax.device_put(leaves)
+  assert [a.unsafe_buffer_pointer() for a in on_device] == [a.ctypes.data for a in leaves]
+  np.testing.assert_array_equal(on_device[1], w['decoder']['layers']['kernel'][1])
+  scale = generate_program.program_leaves(views, [[['decoder', 'layers', 1, 'scale'], [7], 'bfloat16']])
+  np.testing.assert_array_equal(jax.device_put(scale)[0], w['decoder']['layers']['scale'][1])  # 14 bytes in: copied
+  with pytest.raises(ValueError, match=r'the program takes float32\[8, 8\]'):
+    generate_program.program_leaves(views, [[['decoder', 'layers', 0, 'kernel'], [8, 8], 'float32']])
+
+
+def test_a_damaged_or_foreign_file_is_a_miss(cache, tmp_path):
+  w = weights()
+  layout = generate_program.weights_layout(w)
+  path = weights_cache.path_for(fake_export(tmp_path / 'export'), layout)
+  weights_cache.save(path, layout, w)
+  other = [[keys, shape, 'float16' if dtype == 'float32' else dtype] for keys, shape, dtype in layout]
+  assert weights_cache.load(path, other) is None
+  with open(path, 'r+b') as f:
+    f.truncate(os.path.getsize(path) - 1)
+  assert weights_cache.load(path, layout) is None
+  with open(path, 'wb') as f:
+    f.write(b'not json\n')
+  assert weights_cache.load(path, layout) is None
+  assert weights_cache.load(str(tmp_path / 'never-saved.bin'), layout) is None
+
+
+def test_the_key_follows_the_export_and_where_nothing_is_kept(cache, tmp_path, monkeypatch):
+  layout = generate_program.weights_layout(weights())
+  export = fake_export(tmp_path / 'export')
+  path = weights_cache.path_for(export, layout)
+  assert path == weights_cache.path_for(export, layout)
+  assert path != weights_cache.path_for(fake_export(tmp_path / 'other'), layout)
+  assert path != weights_cache.path_for(export, layout[:2])
+  chunk = os.path.join(export, 'params', 'd', 'chunk')
+  os.utime(chunk, ns=(time.time_ns(), time.time_ns() + 10**9))  # the export written again
+  assert path != weights_cache.path_for(export, layout)
+  assert weights_cache.path_for(str(tmp_path / 'no-export'), layout) is None
+  assert weights_cache.path_for('gs://bucket/export', layout) is None
+  monkeypatch.setenv('JAXSSL_WEIGHTS_CACHE_GB', '0')
+  assert weights_cache.path_for(export, layout) is None
+  monkeypatch.setenv('JAXSSL_WEIGHTS_CACHE_GB', '1')
+  assert weights_cache.path_for(export, [[['big'], [300_000_000], 'float32']]) is None  # 1.2 GB over the limit
+  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', '')
+  assert weights_cache.path_for(export, layout) is None
+
+
+def test_the_folder_keeps_to_its_limit_least_recently_used_out(cache, tmp_path, monkeypatch):
+  w = {'a': np.zeros((1000,), np.float32)}  # 4 kB + header: two 4 kB pages a file
+  layout = generate_program.weights_layout(w)
+  paths = [weights_cache.path_for(fake_export(tmp_path / f'e{i}'), layout) for i in range(3)]
+  monkeypatch.setenv('JAXSSL_WEIGHTS_CACHE_GB', str(2.5 * 8192 / 1e9))  # room for two files
+  weights_cache.save(paths[0], layout, w)
+  weights_cache.save(paths[1], layout, w)
+  past = time.time() - 100
+  os.utime(paths[1], (past, past))
+  assert weights_cache.load(paths[0], layout) is not None  # used now: paths[1] is the least recently used
+  weights_cache.save(paths[2], layout, w)
+  assert sorted(os.listdir(cache / 'jaxssl_weights')) == sorted(os.path.basename(p) for p in (paths[0], paths[2]))
