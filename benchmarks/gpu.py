@@ -24,6 +24,9 @@ python3 benchmarks/gpu.py --out $OUT/gpu.jsonl > $OUT/gpu.log 2>&1`. The unrolle
    (PyTorch, in its own process), when torch is installed.
 4. The layer loop's break-even (benchmarks/layer_loop.py): BERT-base forward and gradient at 32 x 128, bfloat16,
    loop against unrolled: how many runs of a shape pay back the unrolled compile (`layers.UNROLL_MIN_RUNS`).
+5. Where a step's time goes: the GPT-2 and BERT-base steps without attention dropout under jax.profiler (`jaxssl.bench
+   --profile`), the device's kernels summed by name from the trace: the 20 largest, and the shares of matmuls,
+   attention, other fusions and copies, to say what stands between the measured MFU and the target.
 
 One JSON line per measurement, also written to --out; a failed check prints its error's last lines and the
 others still run. The device's image has jax (0.11.2 on 2026-12-04, not the pinned 0.10.2), flax, optax and torch
@@ -260,6 +263,46 @@ def _transformers_rows(batches: list[int], new_tokens: int, smoke: bool, timeout
   return [json.loads(line) for line in out.stdout.strip().splitlines() if line.startswith('{')]
 
 
+def kernel_summary(trace_path: str, steps: int, top: int = 20) -> dict:
+  """The device's kernels in a Perfetto JSON trace (jax.profiler's perfetto_trace.json.gz), summed by name: the
+  `top` largest (ms per step, share) and the shares of matmuls, attention, fusions and copies. On a host without a
+  device track (CPU) every complete event counts."""
+  import gzip
+  with gzip.open(trace_path, 'rt') as f:
+    events = json.load(f)
+  events = events['traceEvents'] if isinstance(events, dict) else events
+  names = {e['pid']: str(e.get('args', {}).get('name', '')) for e in events
+           if e.get('ph') == 'M' and e.get('name') == 'process_name'}
+  device = {pid for pid, name in names.items() if 'GPU' in name or '/device:' in name}
+  totals: dict = {}
+  for e in events:
+    if e.get('ph') == 'X' and 'dur' in e and (not device or e.get('pid') in device):
+      totals[e['name']] = totals.get(e['name'], 0.0) + float(e['dur'])
+  whole = sum(totals.values()) or 1.0
+  kinds = {'matmul': ('gemm', 'cublas', 'cutlass', 'xmma', 'matmul', 'dot'), 'attention': ('cudnn', 'flash', 'fmha'),
+           'copy': ('copy', 'memcpy', 'memset', 'transpose'), 'fusion': ('fusion', 'loop_', 'input_', 'reduce')}
+  shares = dict.fromkeys([*kinds, 'other'], 0.0)
+  for name, us in totals.items():
+    kind = next((k for k, words in kinds.items() if any(w in name.lower() for w in words)), 'other')
+    shares[kind] += us / whole
+  largest = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
+  return dict(device_tracks=len(device), device_ms_per_step=round(whole / 1e3 / steps, 3),
+              shares={k: round(v, 3) for k, v in shares.items()},
+              largest=[[name[:80], round(us / 1e3 / steps, 3), round(us / whole, 3)] for name, us in largest])
+
+
+def profiled_step(name: str, flags: list[str], steps: int, timeout: float) -> dict:
+  """A train step's run under the profiler (train_step with --profile), summarised by kernel_summary."""
+  import glob
+  import tempfile
+  out = tempfile.mkdtemp(prefix='jaxssl_profile_')
+  row = train_step(name, flags + ['--profile', out], steps, timeout)
+  traces = glob.glob(os.path.join(out, '**', 'perfetto_trace.json.gz'), recursive=True)
+  if 'error' in row or not traces:
+    return dict(row, error=row.get('error', f'no perfetto trace under {out}'))
+  return dict(row, profile=out, **kernel_summary(traces[0], steps))
+
+
 def layer_loop_break_even(smoke: bool, timeout: float) -> list[dict]:
   """benchmarks/layer_loop.py in its own process (the default memory settings): BERT-base forward and gradient
   at 32 x 128 in bfloat16, loop against unrolled, compile and run times and the runs that pay the unrolled
@@ -322,6 +365,12 @@ def main(argv=None) -> int:
     emit(row)
   for row in layer_loop_break_even(args.smoke, timeout=240):
     emit(row)
+  # Without attention dropout; the same programs as above, so XLA's compile cache has them.
+  for name, flags, *_ in (steps[1], steps[3]) if not args.smoke else steps[:2]:
+    if time.perf_counter() - start > args.budget_s:
+      emit(dict(check=f'{name}_profile', skipped=f'past --budget-s {args.budget_s:.0f}'))
+    else:
+      emit(profiled_step(f'{name}_profile', flags, 3, train_timeout))
   for name, flags, *env in steps[4:]:  # other settings, while the budget lasts
     if time.perf_counter() - start > args.budget_s:
       emit(dict(check=name, skipped=f'past --budget-s {args.budget_s:.0f}'))

@@ -95,7 +95,8 @@ def run(config, steps: int, profile_dir: str = '') -> dict:
   with jax.set_mesh(mesh), (storage.local_folder(profile_dir) if profile_dir else contextlib.nullcontext()) as out:
     memory = train_step.memory_analysis()  # XLA's own figures for the compiled program (CPU included)
     times = []
-    with jax.profiler.trace(out) if profile_dir else contextlib.nullcontext():
+    # create_perfetto_trace: a plain JSON trace beside the xplane.pb (benchmarks/gpu.py sums its kernels).
+    with jax.profiler.trace(out, create_perfetto_trace=True) if profile_dir else contextlib.nullcontext():
       for _ in range(steps):
         start = time.perf_counter()
         state, metrics = train_step(state, batch)
