@@ -17,14 +17,14 @@ import pytest
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 gguf = pytest.importorskip('gguf')
-tokenizers = pytest.importorskip('tokenizers')
 
 from jaxssl.convert import gguf_file  # noqa: E402
 from jaxssl.convert.__main__ import main as convert_main  # noqa: E402
 from jaxssl.generate import generate  # noqa: E402
 from jaxssl.train.checkpoint import load_export  # noqa: E402
-from test_gguf import (LLAMA_LAYER, LLAMA_TOP, SENTENCES, bpe_vocab_kv, corpus, numpy_state_dict,  # noqa: E402
-                       transformers_gguf_model, write_gguf)
+from test_convert_llama import hf_logits, jax_logits  # noqa: E402
+from test_gguf import (LLAMA_LAYER, LLAMA_TOP, SENTENCES, bpe, bpe_vocab_kv, numpy_state_dict,  # noqa: E402,F401
+                       transformers_gguf_model, write_gguf)  # bpe: test_gguf's byte-level BPE fixture
 
 REPO = os.path.join(os.path.dirname(__file__), '..')
 T = gguf.MODEL_TENSOR
@@ -33,14 +33,6 @@ GGUF_LAYER = {**LLAMA_LAYER, 'self_attn.q_norm': T.ATTN_Q_NORM, 'self_attn.k_nor
 # Not hidden_size / heads (16): Qwen3's own default, which the released models keep whatever their width.
 # (transformers' GGUF loader ignores attention.key_length for qwen3 and takes this default.)
 HEAD_DIM = 128
-
-
-@pytest.fixture(scope='module')
-def bpe():
-  tok = tokenizers.ByteLevelBPETokenizer()
-  tok.train_from_iterator(corpus(seed=3), vocab_size=400, min_frequency=1, special_tokens=['<|endoftext|>'],
-                          show_progress=False)
-  return tok
 
 
 def tiny_qwen3(vocab_size, seed, **kw):
@@ -103,16 +95,6 @@ def export(qwen3, tmp_path_factory):
   out = str(tmp_path_factory.mktemp('conv') / 'params')
   convert_main(['from-hf', '--src', qwen3[1], '--out', out])
   return out
-
-
-def hf_logits(model, ids):
-  with torch.no_grad():
-    return model(torch.tensor(ids)).logits.numpy()
-
-
-def jax_logits(export_dir, ids):
-  _, model, _ = load_export(export_dir)
-  return np.asarray(model(ids))
 
 
 def ids_of(bpe, n=2):
