@@ -37,6 +37,7 @@ def get_config(variant: str = 'tiny'):
   model = dict(
       name='bert', num_layers=layers, hidden_size=hidden, num_heads=hidden // 64,
       intermediate_size=4 * hidden, max_position=512, type_vocab_size=2,
+      embedding_size=0,       # ELECTRA / ALBERT-style factorised embeddings of this width (0 = hidden_size)
       dropout_rate=0.1, attention_dropout_rate=0.1, initializer_range=0.02,
       final_layer_subset=True,  # pretraining: the last layer computes only [CLS] and the masked positions
       attention_type='full',  # 'full' | 'block_sparse' (Big Bird ITC; jaxssl/models/attention.py)

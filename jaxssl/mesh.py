@@ -26,6 +26,7 @@ LOGICAL_AXIS_RULES = (
     ('vocab', 'tensor'),
     ('layers', None),              # the scanned layer axis of stacked weights
     ('norm', None),
+    ('embed_factor', None),        # a factorised embedding's width (ELECTRA: 128 before a projection to hidden)
     ('classes', None),
     ('position', None),
     ('token_type', None),

@@ -84,6 +84,8 @@ def test_bench_pipeline_main(tmp_path, capsys):
 # loop body once. ELMo's recurrence is a scan over time by design; see test_elmo_flops_formula_matches_xla.
 FLOPS_CASES = {
     'bert': ('configs/bert.py:mini', ['--config.model.num_layers=2']),
+    # factorised embeddings (ELECTRA): 64 wide, projected to 256
+    'bert_factorised': ('configs/bert.py:mini', ['--config.model.num_layers=2', '--config.model.embedding_size=64']),
     'gpt': ('configs/gpt.py:mini', ['--config.model.num_layers=2', '--config.data.seq_len=128',
                                     '--config.data.max_predictions=128']),
     'llama': ('configs/gpt.py:llama_tiny', ['--config.model.hidden_size=256', '--config.model.intermediate_size=704']),

@@ -4,12 +4,13 @@
   python -m jaxssl.convert to-hf   --src PARAMS --out HF_DIR [--overwrite]
 
 from-hf reads a HuggingFace directory: BERT (BertForPreTraining / BertModel; also RoBERTa / XLM-R:
-XLMRobertaModel / XLMRobertaForMaskedLM, and DistilBERT: DistilBertModel / DistilBertForMaskedLM), GPT-2 (GPT2LMHeadModel) or the Llama family (LlamaForCausalLM; also
-Mistral, Qwen2 and Qwen3 layouts), picked by config.json's model_type (as transformers 4 or 5 wrote it), with its
-weights (safetensors, sharded or not, bfloat16 included; pytorch_model.bin when torch is installed) and its
-tokenizer (tokenizer.json, vocab.txt, or vocab.json + merges.txt). A `.gguf` file (llama.cpp; GPT-2, Llama, Qwen2, Qwen3
-or Gemma 3 architecture) is read with the `gguf` package, quantised tensors dequantised to float32, the tokenizer rebuilt
-from its metadata. torch and transformers are not needed.
+XLMRobertaModel / XLMRobertaForMaskedLM; DistilBERT; ELECTRA: ElectraForPreTraining / ElectraForMaskedLM), GPT-2
+(GPT2LMHeadModel) or the Llama family (LlamaForCausalLM; also Mistral, Qwen2 and Qwen3 layouts), picked by
+config.json's model_type (as transformers 4 or 5 wrote it), with its weights (safetensors, sharded or not, bfloat16
+included; pytorch_model.bin when torch is installed) and its tokenizer (tokenizer.json, vocab.txt, or vocab.json +
+merges.txt). A `.gguf` file (llama.cpp; GPT-2, Llama, Qwen2, Qwen3 or Gemma 3 architecture) is read with the `gguf`
+package, quantised tensors dequantised to float32, the tokenizer rebuilt from its metadata. torch and transformers
+are not needed.
 to-hf writes config.json, model.safetensors and the tokenizer files that transformers' from_pretrained opens
 (BertForPreTraining, GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM or Qwen3ForCausalLM, by the export's
 model).
@@ -38,7 +39,7 @@ def _source_kind(src: str) -> str:
     model_type = json.loads(storage.read_text(config)).get('model_type', 'bert')
   except (OSError, ValueError) as e:
     raise UserError(f'cannot read {config} ({e})') from None
-  return 'bert' if model_type in ('bert', 'roberta', 'xlm-roberta', 'distilbert') else 'decoder'
+  return 'bert' if model_type in ('bert', 'roberta', 'xlm-roberta', 'distilbert', 'electra') else 'decoder'
 
 
 def _export_kind(src: str) -> str:

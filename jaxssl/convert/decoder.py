@@ -1,9 +1,11 @@
 """Public decoder checkpoints (GPT-2, Llama family) to and from jaxssl GPT exports.
 
-  from_hf(SRC, OUT)   SRC: a HuggingFace directory (GPT-2, Llama/Mistral/Qwen2, Gemma 3) (config.json; model.safetensors, sharded safetensors with
-                      model.safetensors.index.json, or pytorch_model.bin; tokenizer.json or vocab.json +
-                      merges.txt) or a llama.cpp `.gguf` file (tokenizer from its metadata)
-  to_hf(EXPORT, OUT)  a GPT2LMHeadModel or LlamaForCausalLM directory transformers opens with from_pretrained
+  from_hf(SRC, OUT)   SRC: a HuggingFace directory (GPT-2, Llama/Mistral/Qwen2/Qwen3, Gemma 3) (config.json;
+                      model.safetensors, sharded safetensors with model.safetensors.index.json, or
+                      pytorch_model.bin; tokenizer.json or vocab.json + merges.txt) or a llama.cpp `.gguf` file
+                      (tokenizer from its metadata)
+  to_hf(EXPORT, OUT)  a GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM or Qwen3ForCausalLM directory
+                      transformers opens with from_pretrained
 
 The weight layouts live in hf_gpt2.py and hf_llama.py (which one: config.json's model_type); this module
 reads and writes the files. Weights are converted to float32 (bfloat16 safetensors included, GGUF
@@ -46,7 +48,7 @@ _SAFETENSORS_DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 
 def _layout(model_type: str):
   if model_type not in LAYOUTS:
     raise UserError(f'config.json has model_type={model_type!r}: decoders convert from {sorted(LAYOUTS)} '
-                    '(and BERT from "bert")')
+                    '(and BERT-family encoders from "bert", "roberta", "xlm-roberta", "distilbert", "electra")')
   return importlib.import_module(f'jaxssl.convert.{LAYOUTS[model_type]}')
 
 

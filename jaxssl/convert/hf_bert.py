@@ -18,7 +18,8 @@ jaxssl's right-padded inputs (HF gives padding row 1, jaxssl its own t, but atte
 tokens' outputs do not see the difference). Its single token-type row is repeated into the 2 rows jaxssl's pair
 inputs use, so segment ids change nothing, as in RoBERTa. RoBERTa packs a pair `<s> A </s></s> B </s>`; jaxssl
 pipelines pack `<s> A </s> B </s>` (its [CLS]/[SEP] roles), fine for fine-tuning but not RoBERTa's exact format.
-DistilBERT (model_type 'distilbert') imports too (from-hf only): BERT under other names (hf_distilbert.py).
+DistilBERT and ELECTRA (model_type 'distilbert', 'electra') import too (from-hf only): BERT under other names
+(hf_distilbert.py), and with factorised embeddings (hf_electra.py: model.embedding_size, embedding_projection).
 """
 import json
 import math
@@ -37,6 +38,8 @@ from jaxssl import storage
 from jaxssl.convert import decoder  # its weight-file readers (safetensors, shards, bfloat16, pytorch_model.bin)
 from jaxssl.convert import hf_defaults
 from jaxssl.convert import hf_distilbert
+from jaxssl.convert import hf_electra
+from jaxssl.convert.hf_roberta import ROBERTA_TYPES, position_offset, roberta_to_bert_tensors
 from jaxssl.convert import param_tree
 from jaxssl.convert import staging
 from jaxssl.data import tokenizers
@@ -48,11 +51,6 @@ from jaxssl.train import state as state_lib
 BASE_CONFIG = os.path.join(os.path.dirname(__file__), '..', '..', 'configs', 'bert.py') + ':base'
 LAYER_NORM_EPS = 1e-12  # the eps jaxssl's LayerNorm uses
 TOKENIZER_FILES = ('tokenizer.json', 'vocab.txt', 'tokenizer_config.json', 'special_tokens_map.json')
-ROBERTA_TYPES = ('roberta', 'xlm-roberta')
-# RoBERTa layout -> BERT names (HF's RobertaLMHead is BERT's prediction head under other names).
-ROBERTA_RENAMES = (('roberta.', 'bert.'), ('lm_head.dense.', 'cls.predictions.transform.dense.'),
-                   ('lm_head.layer_norm.', 'cls.predictions.transform.LayerNorm.'),
-                   ('lm_head.decoder.', 'cls.predictions.decoder.'), ('lm_head.bias', 'cls.predictions.bias'))
 # HF buffers that are not parameters (older checkpoints saved them): dropped without a warning.
 IGNORED_HF_KEYS = re.compile(r'(^|\.)(position_ids|token_type_ids)$')
 
@@ -84,6 +82,8 @@ BODY = (
     ('pooler.dense.weight', 'pooler/kernel', _LINEAR1),
     ('pooler.dense.bias', 'pooler/bias', 'bias'),
 )
+PROJECTION = (('embeddings_project.weight', 'embedding_projection/kernel', _LINEAR1),  # factorised embeddings
+              ('embeddings_project.bias', 'embedding_projection/bias', 'bias'))
 # The heads live outside the 'bert.' prefix. The MLM decoder is tied to the word embeddings (not stored).
 HEADS = (
     ('cls.predictions.transform.dense.weight', 'mlm_transform/kernel', _LINEAR1),
@@ -98,9 +98,10 @@ HEAD_NAMES = {'pooler': 'pooler', 'nsp_classifier': 'NSP classifier', 'mlm_trans
               'mlm_norm': 'MLM head', 'mlm_bias': 'MLM head'}
 
 
-def _entries(num_layers: int):
-  """(HF name, jaxssl path, kind, layer index or None) for every tensor of a BertForPreTraining."""
-  for hf, path, kind in BODY:
+def _entries(num_layers: int, factorised: bool = False):
+  """(HF name, jaxssl path, kind, layer index or None) for every tensor of a BertForPreTraining (`factorised`:
+  with ELECTRA's embedding projection)."""
+  for hf, path, kind in BODY + (PROJECTION if factorised else ()):
     if '{i}' in hf:
       yield from (('bert.' + hf.format(i=i), path, kind, i) for i in range(num_layers))
     else:
@@ -133,8 +134,8 @@ def jaxssl_config(hf: dict):
   """The full jaxssl config (configs/bert.py:base with model.* and the vocab size from HF `config.json`, keys it
   omits taking its model_type's transformers defaults: max_position_embeddings 512, ...)."""
   model_type = hf.get('model_type') or 'bert'
-  if model_type == 'distilbert':
-    hf, model_type = hf_distilbert.bert_config(hf), 'bert'
+  if model_type in ('distilbert', 'electra'):
+    hf, model_type = (hf_distilbert if model_type == 'distilbert' else hf_electra).bert_config(hf), 'bert'
   if model_type != 'bert' and model_type not in ROBERTA_TYPES:
     raise UserError(f"HF config.json has model_type={model_type!r}: only 'bert', 'roberta', 'xlm-roberta' and "
                     "'distilbert' convert here")
@@ -160,7 +161,7 @@ def jaxssl_config(hf: dict):
     config.model.update(
         num_layers=int(hf['num_hidden_layers']), hidden_size=int(hf['hidden_size']),
         num_heads=int(hf['num_attention_heads']), intermediate_size=int(hf['intermediate_size']),
-        max_position=max_position, type_vocab_size=type_vocab_size,
+        max_position=max_position, type_vocab_size=type_vocab_size, embedding_size=int(hf.get('embedding_size', 0)),
         dropout_rate=float(hf['hidden_dropout_prob']),
         attention_dropout_rate=float(hf['attention_probs_dropout_prob']),
         initializer_range=float(hf['initializer_range']), scan_layers=True)
@@ -169,32 +170,6 @@ def jaxssl_config(hf: dict):
     config.tokenizer.vocab_size = int(hf['vocab_size'])
     config.data.seq_len = min(config.data.seq_len, config.model.max_position)
   return config
-
-
-def position_offset(hf: dict) -> int:
-  """Rows of the HF position table before position 0: pad_token_id + 1 for RoBERTa / XLM-R, 0 for BERT."""
-  model_type = hf.get('model_type') or 'bert'
-  if model_type not in ROBERTA_TYPES:
-    return 0
-  return int(hf_defaults.with_defaults(hf, model_type)['pad_token_id']) + 1
-
-
-def roberta_to_bert_tensors(tensors: dict, offset: int, type_vocab_size: int) -> dict:
-  """RoBERTa / XLM-R tensors under BERT names: position rows shifted by `offset`, token-type rows repeated."""
-  out = {}
-  for k, v in tensors.items():
-    for old, new in ROBERTA_RENAMES:
-      if k.startswith(old):
-        k = new + k[len(old):]
-        break
-    out[k] = v
-  for prefix in ('bert.', ''):  # with or without the model prefix (XLMRobertaModel saves none)
-    pos, types = prefix + 'embeddings.position_embeddings.weight', prefix + 'embeddings.token_type_embeddings.weight'
-    if pos in out:
-      out[pos] = out[pos][offset:]
-    if types in out and out[types].shape[0] < type_vocab_size:
-      out[types] = np.concatenate([out[types]] * type_vocab_size)[:type_vocab_size]
-  return out
 
 
 def hf_config(config: dict, vocab_size: int) -> dict:
@@ -230,7 +205,8 @@ def hf_to_params(tensors: dict, abstract_params: dict, num_layers: int):
   params = _empty_like(abstract_params)
   stacked: dict[str, list] = {}
   used = set()
-  for hf, path, kind, layer in _entries(num_layers):
+  entries = list(_entries(num_layers, factorised='embedding_projection' in abstract_params))
+  for hf, path, kind, layer in entries:
     if hf not in tensors:
       continue
     used.add(hf)
@@ -242,10 +218,9 @@ def hf_to_params(tensors: dict, abstract_params: dict, num_layers: int):
   for path, slices in stacked.items():
     if all(s is not None for s in slices):
       param_tree.put(params, path, np.stack(slices))
-  missing = [hf for hf, path, _, _ in _entries(num_layers)
-             if hf not in tensors and path.split('/')[0] not in HEAD_NAMES]
+  missing = [hf for hf, path, _, _ in entries if hf not in tensors and path.split('/')[0] not in HEAD_NAMES]
   for group in sorted(set(HEAD_NAMES.values())):  # a head is either all there or all new, never half
-    leaves = [hf for hf, path, _, _ in _entries(num_layers) if HEAD_NAMES.get(path.split('/')[0]) == group]
+    leaves = [hf for hf, path, _, _ in entries if HEAD_NAMES.get(path.split('/')[0]) == group]
     if 0 < sum(hf in tensors for hf in leaves) < len(leaves):
       missing += [hf for hf in leaves if hf not in tensors]
   if missing:
@@ -342,8 +317,8 @@ def _from_local_hf(src: str, out: str, *, overwrite: bool, seed: int, named: tup
   tensors = decoder.read_hf_weights(src, hf_class)
   if hf.get('model_type') in ROBERTA_TYPES:
     tensors = roberta_to_bert_tensors(tensors, position_offset(hf), config.model.type_vocab_size)
-  elif hf.get('model_type') == 'distilbert':
-    tensors = hf_distilbert.bert_tensors(tensors)
+  elif hf.get('model_type') in ('distilbert', 'electra'):
+    tensors = (hf_distilbert if hf['model_type'] == 'distilbert' else hf_electra).bert_tensors(tensors)
   mesh = _one_device_mesh()
   setup = state_lib.setup_model(config.model, vocab_size, mesh, seed)
   params, unused = hf_to_params(tensors, setup.abstract_params, config.model.num_layers)
@@ -378,6 +353,9 @@ def to_hf(src: str, out: str, *, overwrite: bool = False) -> dict:
   config = config_lib.from_json(json.dumps(saved))
   if not config.model.get('scan_layers', True):
     raise UserError(f'{src} was trained with model.scan_layers=False: only stacked (scanned) layers convert')
+  if config.model.get('embedding_size') not in (None, 0, config.model.hidden_size):
+    raise UserError(f'{src} has factorised embeddings (model.embedding_size={config.model.embedding_size}, an '
+                    'imported ELECTRA): to-hf writes BertForPreTraining, which has none')
   vocab_size = saved['vocab_size']  # every row, padding included: config.json's vocab_size as the original's
   vocab.check_rows(tokenizers.load_tokenizer(src).vocab_size, vocab_size, src)
   setup = state_lib.setup_model(config.model, vocab_size, _one_device_mesh())

@@ -36,7 +36,8 @@ TENSOR_NAMES = (
 )
 MLM_HEAD = (('vocab_transform.', 'cls.predictions.transform.dense.'),
             ('vocab_layer_norm.', 'cls.predictions.transform.LayerNorm.'),
-            ('vocab_projector.weight', 'cls.predictions.decoder.weight'), ('vocab_projector.bias', 'cls.predictions.bias'))
+            ('vocab_projector.weight', 'cls.predictions.decoder.weight'),
+            ('vocab_projector.bias', 'cls.predictions.bias'))
 
 
 def bert_config(hf: dict) -> dict:

@@ -135,7 +135,14 @@ def check_config(config) -> None:
 
 
 SHAPE_KEYS = ('name', 'num_layers', 'hidden_size', 'num_heads', 'intermediate_size', 'max_position',
-              'type_vocab_size')
+              'type_vocab_size', 'embedding_size')
+
+
+def shape_value(model: dict, key: str):
+  """`model[key]` as it shapes params: embedding_size 0 (or absent: configs before it) is hidden_size."""
+  if key == 'embedding_size':
+    return model.get(key) or model.get('hidden_size')
+  return model.get(key)
 
 
 # ----- embeddings: [CLS] sentence [SEP]; hidden_states 0 = embedding output, l = layer l's output -----
@@ -155,7 +162,7 @@ FAMILY = family_lib.Family(
     name='bert', model_class=bert.BertForPretraining, build=bert.BertForPretraining,
     flops_per_token=bert.flops_per_token, validate=bert.BertConfig.from_config, objective=OBJECTIVE,
     train_batches=train_batches, eval_batches=eval_batches, batch_shapes=batch_shapes,
-    synthetic_batch=synthetic_batch, shape_keys=SHAPE_KEYS, shape_value=lambda model, key: model.get(key),
+    synthetic_batch=synthetic_batch, shape_keys=SHAPE_KEYS, shape_value=shape_value,
     config_checks=config_checks, check_config=check_config,
     eval_context=lambda batches, tokenizer: (0.0, {'mlm_baseline_accuracy': most_frequent_token_accuracy(batches)}),
     embeddings=EMBEDDINGS)

@@ -37,6 +37,7 @@ class BertConfig:
   intermediate_size: int
   max_position: int = 512
   type_vocab_size: int = 2
+  embedding_size: int = 0  # factorised embeddings (ELECTRA): this width, projected to hidden_size; 0 = hidden_size
   dropout_rate: float = 0.1
   attention_dropout_rate: float = 0.1
   initializer_range: float = 0.02
@@ -64,6 +65,8 @@ class BertConfig:
     kw = {k: v for k, v in kw.items() if v is not None}
     c = cls(vocab_size=int(vocab_size), **kw)
     vocab.check_rows(c.num_token_ids, c.vocab_size, 'model.num_token_ids')
+    if c.embedding_size < 0:
+      raise UserError(f'model.embedding_size={c.embedding_size} must be >= 0 (0 = hidden_size)')
     if c.hidden_size % c.num_heads:
       raise UserError(f'model.hidden_size={c.hidden_size} is not divisible by model.num_heads={c.num_heads}; '
                       f'set --config.model.num_heads to a divisor (e.g. {max(1, c.hidden_size // 64)})')
@@ -221,18 +224,24 @@ class BertForPretraining(nnx.Module):
     c = cfg if isinstance(cfg, BertConfig) else BertConfig.from_config(cfg, vocab_size)
     self.config = c
     dt, std, h = c.compute_dtype, c.initializer_range, c.hidden_size
+    e = c.embedding_size or h
+    emb_axis = 'embed' if e == h else 'embed_factor'
     # Eager sharding needs a mesh; without one, keep the annotations but place nothing.
     with nnx.use_eager_sharding(not jax.sharding.get_abstract_mesh().empty):
-      self.word_embeddings = Embed(c.vocab_size, h, ('vocab', 'embed'), stddev=std, rngs=rngs)
-      self.position_embeddings = Embed(c.max_position, h, ('position', 'embed'), stddev=std, rngs=rngs)
-      self.token_type_embeddings = Embed(c.type_vocab_size, h, ('token_type', 'embed'), stddev=std, rngs=rngs)
-      self.embedding_norm = LayerNorm(h, eps=c.layer_norm_eps, dtype=dt, rngs=rngs)
+      self.word_embeddings = Embed(c.vocab_size, e, ('vocab', emb_axis), stddev=std, rngs=rngs)
+      self.position_embeddings = Embed(c.max_position, e, ('position', emb_axis), stddev=std, rngs=rngs)
+      self.token_type_embeddings = Embed(c.type_vocab_size, e, ('token_type', emb_axis), stddev=std, rngs=rngs)
+      self.embedding_norm = LayerNorm(e, eps=c.layer_norm_eps, dtype=dt, rngs=rngs)
+      if e != h:  # ELECTRA's embeddings_project
+        self.embedding_projection = Dense(e, h, ('embed_factor', 'embed'), stddev=std, dtype=dt, rngs=rngs)
       self.encoder = BertEncoder(c, rngs=rngs)
       # H -> H denses: ('embed', 'mlp') because ('embed', 'embed') would name the fsdp mesh axis twice.
       self.pooler = Dense(h, h, ('embed', 'mlp'), stddev=std, dtype=dt, rngs=rngs)
       self.nsp_classifier = Dense(h, 2, ('embed', 'classes'), stddev=std, dtype=jnp.float32, rngs=rngs)
-      self.mlm_transform = Dense(h, h, ('embed', 'mlp'), stddev=std, dtype=dt, rngs=rngs)
-      self.mlm_norm = LayerNorm(h, eps=c.layer_norm_eps, dtype=dt, rngs=rngs)
+      # The MLM head ends in the embedding's width (the tied decoder's): H -> E for factorised embeddings.
+      self.mlm_transform = Dense(h, e, ('embed', 'mlp' if e == h else 'embed_factor'), stddev=std, dtype=dt,
+                                 rngs=rngs)
+      self.mlm_norm = LayerNorm(e, eps=c.layer_norm_eps, dtype=dt, rngs=rngs)
       self.mlm_bias = make_param(rngs, zeros, (c.vocab_size,), ('vocab',))
 
   def encode(self, input_ids, token_type_ids, attention_mask, *, dropout_rng=None, return_hidden_states=False,
@@ -240,7 +249,8 @@ class BertForPretraining(nnx.Module):
     """[B, L] ints -> (sequence [B, L, H], pooled [B, H]) in the compute dtype. dropout_rng None = eval.
 
     With `return_hidden_states` (like HF `output_hidden_states=True`) also returns a tuple of num_layers + 1
-    [B, L, H] arrays: the embedding output (after LayerNorm and dropout), then each layer's output.
+    [B, L, H] arrays: the embedding output (after LayerNorm, dropout and a factorised embedding's projection),
+    then each layer's output.
     With `output_positions` [B, P] (first column 0, the [CLS] the pooler reads) the sequence is [B, P, H], the
     rows at those positions, and the last layer computes only them (BertEncoder).
     Packed rows (train/packing.py): `attention_mask` holds each example's segment id, `position_ids` [B, L] restart
@@ -258,7 +268,10 @@ class BertForPretraining(nnx.Module):
     x = self.embedding_norm(x)
     emb_key, enc_key = (None, None) if dropout_rng is None else (
         jax.random.fold_in(dropout_rng, 0), jax.random.fold_in(dropout_rng, 1))
-    x = constrain(dropout(x, c.dropout_rate, emb_key), ACT)
+    x = dropout(x, c.dropout_rate, emb_key)
+    if c.embedding_size and c.embedding_size != c.hidden_size:
+      x = self.embedding_projection(x)
+    x = constrain(x, ACT)
     if return_hidden_states:
       emb = x
       x, layer_outputs = self.encoder(x, attention_mask, enc_key, return_hidden_states=True)
@@ -298,13 +311,16 @@ def flops_per_token(model_cfg, vocab_size: int, seq_len: int, max_predictions: i
   weighted sum, 12 x H x keys (QK^T and AV, 2 H keys each forward): keys = seq_len for full attention, and for
   block-sparse the mean number of keys a query scores (the 2 global blocks all T, the others (5 + r) blocks).
   With `final_layer_subset` (full attention) the last layer projects keys and values at every position but
-  queries, output, MLP and attention only at the 1 + max_predictions rows the heads read. The MLM head (H^2
-  transform + H x V tied decoder) runs at only `max_predictions` of `seq_len` positions; the pooler + NSP
+  queries, output, MLP and attention only at the 1 + max_predictions rows the heads read. The MLM head (H x E
+  transform + E x V tied decoder; E = embedding_size or H) runs at only `max_predictions` of `seq_len` positions, a
+  factorised embedding's E x H projection at every one; the pooler + NSP
   classifier once per sequence. Embedding lookups, norms, softmax and biases are not counted (as in
   the usual MFU formula).
   """
   c = BertConfig.from_config(model_cfg, vocab_size)
   h, i, n_layers = c.hidden_size, c.intermediate_size, c.num_layers
+  e = c.embedding_size or h
+  projection = 6 * e * h if e != h else 0  # a factorised embedding's projection to hidden_size
   keys = seq_len
   if c.sparse_at(seq_len):
     nb = seq_len // c.block_size
@@ -314,6 +330,6 @@ def flops_per_token(model_cfg, vocab_size: int, seq_len: int, max_predictions: i
   if c.final_layer_subset and not c.sparse_at(seq_len):
     rows = min(1.0, (1 + max_predictions) / seq_len)
     layers += 6 * 2 * h * h + rows * (6 * (2 * h * h + 2 * h * i) + 12 * h * keys) - layer
-  mlm = 6 * (h * h + h * c.vocab_size) * max_predictions / seq_len
+  mlm = 6 * (h * e + e * c.vocab_size) * max_predictions / seq_len
   nsp = 6 * (h * h + h * 2) / seq_len
-  return float(layers + mlm + nsp)
+  return float(projection + layers + mlm + nsp)

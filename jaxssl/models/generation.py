@@ -61,7 +61,7 @@ def runs_layers_apart(model: nnx.Module) -> bool:
   against 54 (BENCHMARKS.md §21). The slices are the program's inputs, not made inside it: a program that sliced
   the stack copied every weight at every call (a second copy of the model in fresh memory, ~1 s of the generate
   job's start for a 2.4 GB model), and the job can hand it slices of a memory-mapped file without a copy
-  (program_cache.load_weights).
+  (weights_cache.load).
   """
   c = model.config
   return c.scan_layers and unroll_layers(c.layer_loop)
