@@ -137,8 +137,8 @@ def jaxssl_config(hf: dict):
   if model_type in ('distilbert', 'electra'):
     hf, model_type = (hf_distilbert if model_type == 'distilbert' else hf_electra).bert_config(hf), 'bert'
   if model_type != 'bert' and model_type not in ROBERTA_TYPES:
-    raise UserError(f"HF config.json has model_type={model_type!r}: only 'bert', 'roberta', 'xlm-roberta' and "
-                    "'distilbert' convert here")
+    raise UserError(f"HF config.json has model_type={model_type!r}: only 'bert', 'roberta', 'xlm-roberta', "
+                    "'distilbert' and 'electra' convert here")
   hf = hf_defaults.with_defaults(hf, 'bert')
   if hf['hidden_act'] != 'gelu':
     raise UserError(f"HF config.json has hidden_act={hf['hidden_act']!r}: jaxssl BERT uses exact (erf) 'gelu' "
