@@ -21,7 +21,7 @@ def randomised(model):
   """LayerNorms and biases drawn away from their init, so a swapped scale/bias or a missed bias would show."""
   with torch.no_grad():
     for name, p in model.named_parameters():
-      if 'norm' in name or name.endswith('bias'):
+      if 'norm' in name.lower() or name.endswith('bias'):
         p.add_(0.1 * torch.randn_like(p))
   return model.eval()
 
@@ -42,6 +42,19 @@ def one_device():
   return make_mesh((1, 1, 1), jax.devices()[:1])
 
 
+def assert_states_and_mlm_logits_match(ours, out, args, positions):
+  """A jaxssl BERT export's model `ours` against transformers' output `out` (output_hidden_states) on the same
+  batch `args` (ids, token types, mask): every layer's hidden states, and the MLM logits at `positions`."""
+  hidden, logits = [h.numpy() for h in out.hidden_states], out.logits.numpy()
+  _, _, our_hidden = ours.encode(*args, return_hidden_states=True)
+  assert len(our_hidden) == len(hidden) == 3
+  for i, (a, b) in enumerate(zip(our_hidden, hidden)):
+    close(a, b, f'hidden state {i}')
+  our_mlm, _ = ours(*args, jnp.asarray(positions, jnp.int32))
+  close(our_mlm, np.take_along_axis(logits, positions[:, :, None], axis=1), 'MLM logits')
+  return our_mlm
+
+
 def test_import_matches_transformers(mlm):
   """Hidden states of every layer and MLM logits; segment ids change nothing (the token-type rows are zeros)."""
   model, _, export = mlm
@@ -52,14 +65,8 @@ def test_import_matches_transformers(mlm):
   ids, types, mask, positions = batch()
   with torch.no_grad():
     out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), output_hidden_states=True)
-  hidden, logits = [h.numpy() for h in out.hidden_states], out.logits.numpy()
   args = [jnp.asarray(a, jnp.int32) for a in (ids, types, mask)]
-  _, _, our_hidden = ours.encode(*args, return_hidden_states=True)
-  assert len(our_hidden) == len(hidden) == 3
-  for i, (a, b) in enumerate(zip(our_hidden, hidden)):
-    close(a, b, f'hidden state {i}')
-  our_mlm, _ = ours(*args, jnp.asarray(positions, jnp.int32))
-  close(our_mlm, np.take_along_axis(logits, positions[:, :, None], axis=1), 'MLM logits')
+  our_mlm = assert_states_and_mlm_logits_match(ours, out, args, positions)
   no_types, _ = ours(args[0], jnp.zeros_like(args[1]), args[2], jnp.asarray(positions, jnp.int32))
   np.testing.assert_array_equal(no_types, our_mlm)
 

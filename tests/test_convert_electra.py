@@ -1,9 +1,7 @@
 """HuggingFace ELECTRA -> jaxssl export (hf_electra.py through `python -m jaxssl.convert from-hf`): factorised
 embeddings (model.embedding_size), against transformers' ElectraForMaskedLM / ElectraForPreTraining on the same
 random weights. (The FLOPs formula with factorised embeddings: tests/test_bench.py.)"""
-import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 torch = pytest.importorskip('torch')
@@ -12,26 +10,13 @@ transformers = pytest.importorskip('transformers')
 from jaxssl.convert import hf_bert  # noqa: E402
 from jaxssl.convert.__main__ import main as convert_main  # noqa: E402
 from jaxssl.errors import UserError  # noqa: E402
-from jaxssl.mesh import make_mesh  # noqa: E402
 from jaxssl.train.checkpoint import load_export  # noqa: E402
+from test_convert_distilbert import assert_states_and_mlm_logits_match, one_device, randomised  # noqa: E402
 from test_convert_hf import V, batch, close, write_vocab  # noqa: E402  (tests/ is on sys.path)
 
 # Embeddings of 16 projected to 32: ELECTRA-small's shape (128 -> 256) in miniature.
 SIZES = dict(vocab_size=V, embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
              intermediate_size=37, max_position_embeddings=64)
-
-
-def randomised(model):
-  """LayerNorms and biases drawn away from their init, so a swapped scale/bias or a missed bias would show."""
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if 'LayerNorm' in name or name.endswith('bias'):
-        p.add_(0.1 * torch.randn_like(p))
-  return model.eval()
-
-
-def one_device():
-  return make_mesh((1, 1, 1), jax.devices()[:1])
 
 
 def converted(model, tmp_path, name):
@@ -53,14 +38,7 @@ def test_generator_matches_transformers(tmp_path):
   with torch.no_grad():
     out = model(input_ids=torch.tensor(ids), token_type_ids=torch.tensor(types), attention_mask=torch.tensor(mask),
                 output_hidden_states=True)
-  hidden, logits = [h.numpy() for h in out.hidden_states], out.logits.numpy()
-  args = [jnp.asarray(a, jnp.int32) for a in (ids, types, mask)]
-  _, _, our_hidden = ours.encode(*args, return_hidden_states=True)
-  assert len(our_hidden) == len(hidden) == 3
-  for i, (a, b) in enumerate(zip(our_hidden, hidden)):
-    close(a, b, f'hidden state {i}')
-  our_mlm, _ = ours(*args, jnp.asarray(positions, jnp.int32))
-  close(our_mlm, np.take_along_axis(logits, positions[:, :, None], axis=1), 'MLM logits')
+  assert_states_and_mlm_logits_match(ours, out, [jnp.asarray(a, jnp.int32) for a in (ids, types, mask)], positions)
 
 
 def test_discriminator_and_to_hf(tmp_path, capsys):
