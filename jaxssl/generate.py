@@ -99,16 +99,14 @@ def _saved_program_weights(params: str, meta: dict) -> list:
 
 def _restore_and_keep(params: str, abstract_params, keep: bool):
   """The export's weights (orbax); with `keep`, also written where weights_cache keeps them for the next start."""
-  from flax import nnx
   from jaxssl import weights_cache
   from jaxssl.models import generate_program
   from jaxssl.train import checkpoint as ckpt_lib
-  weights = ckpt_lib.load_export_params(params, abstract_params)
-  pure = weights if isinstance(weights, dict) else nnx.to_pure_dict(weights)
-  layout = generate_program.weights_layout(pure)
+  weights = ckpt_lib.load_export_params(params, abstract_params)  # a nested dict, as abstract_params
+  layout = generate_program.weights_layout(weights)
   kept = keep and weights_cache.path_for(params, layout)
-  if kept:
-    weights_cache.save(kept, layout, pure)
+  if kept and weights_cache.load(kept, layout) is None:  # a new prompt shape finds the file an earlier start wrote
+    weights_cache.save(kept, layout, weights)
   return weights
 
 

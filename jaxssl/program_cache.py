@@ -57,14 +57,21 @@ def read(path: str) -> tuple[dict, bytes] | None:
 
 
 def write(path: str, meta: dict, blob: bytes) -> None:
-  """Saves a program whole or not at all (a temporary file renamed); skipped where the folder is not writable, as
-  XLA's own cache is."""
+  """Saves a program whole or not at all (write_whole)."""
+  write_whole(path, lambda f: f.write(json.dumps(meta).encode() + b'\n' + bytes(blob)))
+
+
+def write_whole(path: str, fill) -> bool:
+  """`fill(file)` writes a temporary file beside `path`, renamed to `path` once done: a cache file appears whole or
+  not at all. False (nothing written) where the folder is not writable, as XLA's own cache is skipped then."""
   tmp = f'{path}.tmp-{os.getpid()}'
   try:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(tmp, 'wb') as f:
-      f.write(json.dumps(meta).encode() + b'\n' + bytes(blob))
+      fill(f)
     os.replace(tmp, path)
+    return True
   except OSError:
     if os.path.exists(tmp):
       os.remove(tmp)
+    return False

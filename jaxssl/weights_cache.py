@@ -18,6 +18,7 @@ import json
 import math
 import os
 
+from jaxssl import program_cache
 from jaxssl import runtime
 
 FORMAT = 1
@@ -69,28 +70,23 @@ def _offsets(header_bytes: int, sizes: list[int]) -> list[int]:
 
 
 def save(path: str, layout: list, weights: dict) -> None:
-  """Writes `weights` (a nested dict of arrays in `layout`) to `path` whole or not at all (a temporary file
-  renamed), then trims the folder to its limit. Skipped where the folder is not writable, as XLA's own cache is."""
+  """Writes `weights` (a nested dict of arrays in `layout`) to `path` whole or not at all
+  (program_cache.write_whole), then trims the folder to its limit."""
   import numpy as np  # reason: as _nbytes
   header = json.dumps({'format': FORMAT, 'layout': layout}).encode() + b'\n'
   offsets = _offsets(len(header), _nbytes(layout))
-  tmp = f'{path}.tmp-{os.getpid()}'
-  try:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(tmp, 'wb') as f:
-      f.write(header)
-      for (keys, _, _), offset in zip(layout, offsets):
-        leaf = weights
-        for key in keys:
-          leaf = leaf[key]
-        f.seek(offset)
-        f.write(np.ascontiguousarray(np.asarray(leaf)).reshape(-1).view(np.uint8))
-    os.replace(tmp, path)
-  except OSError:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    return
-  _trim(os.path.dirname(path), keep=path)
+
+  def fill(f):
+    f.write(header)
+    for (keys, _, _), offset in zip(layout, offsets):
+      leaf = weights
+      for key in keys:
+        leaf = leaf[key]
+      f.seek(offset)
+      f.write(np.ascontiguousarray(np.asarray(leaf)).reshape(-1).view(np.uint8))
+
+  if program_cache.write_whole(path, fill):
+    _trim(os.path.dirname(path), keep=path)
 
 
 def load(path: str, layout: list) -> dict | None:
