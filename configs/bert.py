@@ -38,6 +38,7 @@ def get_config(variant: str = 'tiny'):
       name='bert', num_layers=layers, hidden_size=hidden, num_heads=hidden // 64,
       intermediate_size=4 * hidden, max_position=512, type_vocab_size=2,
       embedding_size=0,       # ELECTRA / ALBERT-style factorised embeddings of this width (0 = hidden_size)
+      relative_attention_buckets=0,  # MPNet: a learned per-head bias of each key's relative distance bucket (0 = none)
       dropout_rate=0.1, attention_dropout_rate=0.1, initializer_range=0.02,
       final_layer_subset=True,  # pretraining: the last layer computes only [CLS] and the masked positions
       attention_type='full',  # 'full' | 'block_sparse' (Big Bird ITC; jaxssl/models/attention.py)

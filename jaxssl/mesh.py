@@ -28,6 +28,7 @@ LOGICAL_AXIS_RULES = (
     ('norm', None),
     ('embed_factor', None),        # a factorised embedding's width (ELECTRA: 128 before a projection to hidden)
     ('classes', None),
+    ('relative_buckets', None),    # MPNet's relative position bias table: [buckets, heads]
     ('position', None),
     ('token_type', None),
     ('predictions', None),

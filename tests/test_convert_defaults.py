@@ -44,7 +44,7 @@ def test_defaults_equal_the_installed_transformers(model_type):
     assert (got['max_position'], got['intermediate_size']) == (theirs.n_positions, 4 * theirs.n_embd)
   else:
     got = hf_bert.jaxssl_config({'model_type': model_type}).model
-    offset = theirs.pad_token_id + 1 if model_type in hf_bert.ROBERTA_TYPES else 0
+    offset = theirs.pad_token_id + 1 if model_type in (*hf_bert.ROBERTA_TYPES, 'mpnet') else 0
     assert got.max_position == theirs.max_position_embeddings - offset
 
 
@@ -53,10 +53,10 @@ def test_model_types_own_defaults():
   resolved = {t: hf_defaults.with_defaults(dict(SMALL), t) for t in hf_defaults.DEFAULTS}
   assert {t: c.get('max_position_embeddings', c.get('n_positions')) for t, c in resolved.items()} == {
       'llama': 2048, 'mistral': 131072, 'qwen2': 32768, 'qwen3': 32768, 'gpt2': 1024, 'bert': 512, 'roberta': 512,
-      'xlm-roberta': 512, 'distilbert': 512, 'electra': 512}
+      'xlm-roberta': 512, 'distilbert': 512, 'electra': 512, 'mpnet': 512}
   assert {t: c['tie_word_embeddings'] for t, c in resolved.items()} == {
       'llama': False, 'mistral': False, 'qwen2': False, 'qwen3': False, 'gpt2': True, 'bert': True, 'roberta': True,
-      'xlm-roberta': True, 'distilbert': True, 'electra': True}
+      'xlm-roberta': True, 'distilbert': True, 'electra': True, 'mpnet': True}
   assert {t: resolved[t]['num_key_value_heads'] for t in hf_defaults.LLAMA_FAMILY} == {
       'llama': 4, 'mistral': 8, 'qwen2': 32, 'qwen3': 32}
   # head_dim = hidden / heads, except Qwen3's own default of 128.

@@ -81,9 +81,12 @@ def test_row_multiple_and_settings():
     packing.check_setting('yes')
 
 
-@pytest.mark.parametrize('kind', ['pair', 'regression'])
-def test_packed_batches_give_the_padded_logits_loss_and_gradients(kind):
-  setup = finetune.task_model_setup(tiny_cfg(), V, kind, NUM_LABELS.get(kind, 1), mesh_lib.make_mesh((-1, 1, 1)))
+@pytest.mark.parametrize('kind,buckets', [('pair', 0), ('regression', 0), ('pair', 8)])
+def test_packed_batches_give_the_padded_logits_loss_and_gradients(kind, buckets):
+  """buckets 8: MPNet's relative position bias, read at each example's own distances within its packed row."""
+  cfg = tiny_cfg()
+  cfg.relative_attention_buckets = buckets
+  setup = finetune.task_model_setup(cfg, V, kind, NUM_LABELS.get(kind, 1), mesh_lib.make_mesh((-1, 1, 1)))
   params = finetune.state_lib.init_params(setup)
   task = tasks.get(kind)
   padded = pair_batch()

@@ -39,7 +39,7 @@ def _source_kind(src: str) -> str:
     model_type = json.loads(storage.read_text(config)).get('model_type', 'bert')
   except (OSError, ValueError) as e:
     raise UserError(f'cannot read {config} ({e})') from None
-  return 'bert' if model_type in ('bert', 'roberta', 'xlm-roberta', 'distilbert', 'electra') else 'decoder'
+  return 'bert' if model_type in ('bert', 'roberta', 'xlm-roberta', 'distilbert', 'electra', 'mpnet') else 'decoder'
 
 
 def _export_kind(src: str) -> str:

@@ -18,8 +18,9 @@ jaxssl's right-padded inputs (HF gives padding row 1, jaxssl its own t, but atte
 tokens' outputs do not see the difference). Its single token-type row is repeated into the 2 rows jaxssl's pair
 inputs use, so segment ids change nothing, as in RoBERTa. RoBERTa packs a pair `<s> A </s></s> B </s>`; jaxssl
 pipelines pack `<s> A </s> B </s>` (its [CLS]/[SEP] roles), fine for fine-tuning but not RoBERTa's exact format.
-DistilBERT and ELECTRA (model_type 'distilbert', 'electra') import too (from-hf only): BERT under other names
-(hf_distilbert.py), and with factorised embeddings (hf_electra.py: model.embedding_size, embedding_projection).
+DistilBERT, ELECTRA and MPNet (model_type 'distilbert', 'electra', 'mpnet') import too (from-hf only): BERT under
+other names (hf_distilbert.py), with factorised embeddings (hf_electra.py: model.embedding_size,
+embedding_projection), with a relative position bias (hf_mpnet.py: model.relative_attention_buckets).
 """
 import json
 import math
@@ -39,6 +40,7 @@ from jaxssl.convert import decoder  # its weight-file readers (safetensors, shar
 from jaxssl.convert import hf_defaults
 from jaxssl.convert import hf_distilbert
 from jaxssl.convert import hf_electra
+from jaxssl.convert import hf_mpnet
 from jaxssl.convert.hf_roberta import ROBERTA_TYPES, position_offset, roberta_to_bert_tensors
 from jaxssl.convert import param_tree
 from jaxssl.convert import staging
@@ -53,6 +55,9 @@ LAYER_NORM_EPS = 1e-12  # the eps jaxssl's LayerNorm uses
 TOKENIZER_FILES = ('tokenizer.json', 'vocab.txt', 'tokenizer_config.json', 'special_tokens_map.json')
 # HF buffers that are not parameters (older checkpoints saved them): dropped without a warning.
 IGNORED_HF_KEYS = re.compile(r'(^|\.)(position_ids|token_type_ids)$')
+
+# Encoders imported as BERT under their own names and config keys (from-hf only).
+BERT_UNDER_OTHER_NAMES = {'distilbert': hf_distilbert, 'electra': hf_electra, 'mpnet': hf_mpnet}
 
 # (HF name without the 'bert.' prefix, jaxssl param path, kind). kind: 'copy' (same layout), 'bias' (reshape
 # only), or ('linear', n) for a torch Linear weight (out, in): transposed to (in, out), then reshaped so the
@@ -84,6 +89,7 @@ BODY = (
 )
 PROJECTION = (('embeddings_project.weight', 'embedding_projection/kernel', _LINEAR1),  # factorised embeddings
               ('embeddings_project.bias', 'embedding_projection/bias', 'bias'))
+RELATIVE = (('encoder.relative_attention_bias.weight', 'relative_attention_bias', 'copy'),)  # MPNet's
 # The heads live outside the 'bert.' prefix. The MLM decoder is tied to the word embeddings (not stored).
 HEADS = (
     ('cls.predictions.transform.dense.weight', 'mlm_transform/kernel', _LINEAR1),
@@ -98,10 +104,10 @@ HEAD_NAMES = {'pooler': 'pooler', 'nsp_classifier': 'NSP classifier', 'mlm_trans
               'mlm_norm': 'MLM head', 'mlm_bias': 'MLM head'}
 
 
-def _entries(num_layers: int, factorised: bool = False):
+def _entries(num_layers: int, factorised: bool = False, relative: bool = False):
   """(HF name, jaxssl path, kind, layer index or None) for every tensor of a BertForPreTraining (`factorised`:
-  with ELECTRA's embedding projection)."""
-  for hf, path, kind in BODY + (PROJECTION if factorised else ()):
+  with ELECTRA's embedding projection; `relative`: with MPNet's relative position bias)."""
+  for hf, path, kind in BODY + (PROJECTION if factorised else ()) + (RELATIVE if relative else ()):
     if '{i}' in hf:
       yield from (('bert.' + hf.format(i=i), path, kind, i) for i in range(num_layers))
     else:
@@ -134,11 +140,11 @@ def jaxssl_config(hf: dict):
   """The full jaxssl config (configs/bert.py:base with model.* and the vocab size from HF `config.json`, keys it
   omits taking its model_type's transformers defaults: max_position_embeddings 512, ...)."""
   model_type = hf.get('model_type') or 'bert'
-  if model_type in ('distilbert', 'electra'):
-    hf, model_type = (hf_distilbert if model_type == 'distilbert' else hf_electra).bert_config(hf), 'bert'
+  if model_type in BERT_UNDER_OTHER_NAMES:
+    hf, model_type = BERT_UNDER_OTHER_NAMES[model_type].bert_config(hf), 'bert'
   if model_type != 'bert' and model_type not in ROBERTA_TYPES:
     raise UserError(f"HF config.json has model_type={model_type!r}: only 'bert', 'roberta', 'xlm-roberta', "
-                    "'distilbert' and 'electra' convert here")
+                    "'distilbert', 'electra' and 'mpnet' convert here")
   hf = hf_defaults.with_defaults(hf, 'bert')
   if hf['hidden_act'] != 'gelu':
     raise UserError(f"HF config.json has hidden_act={hf['hidden_act']!r}: jaxssl BERT uses exact (erf) 'gelu' "
@@ -162,6 +168,7 @@ def jaxssl_config(hf: dict):
         num_layers=int(hf['num_hidden_layers']), hidden_size=int(hf['hidden_size']),
         num_heads=int(hf['num_attention_heads']), intermediate_size=int(hf['intermediate_size']),
         max_position=max_position, type_vocab_size=type_vocab_size, embedding_size=int(hf.get('embedding_size', 0)),
+        relative_attention_buckets=int(hf.get('relative_attention_buckets', 0)),
         dropout_rate=float(hf['hidden_dropout_prob']),
         attention_dropout_rate=float(hf['attention_probs_dropout_prob']),
         initializer_range=float(hf['initializer_range']), scan_layers=True)
@@ -205,7 +212,8 @@ def hf_to_params(tensors: dict, abstract_params: dict, num_layers: int):
   params = _empty_like(abstract_params)
   stacked: dict[str, list] = {}
   used = set()
-  entries = list(_entries(num_layers, factorised='embedding_projection' in abstract_params))
+  entries = list(_entries(num_layers, factorised='embedding_projection' in abstract_params,
+                          relative='relative_attention_bias' in abstract_params))
   for hf, path, kind, layer in entries:
     if hf not in tensors:
       continue
@@ -317,8 +325,8 @@ def _from_local_hf(src: str, out: str, *, overwrite: bool, seed: int, named: tup
   tensors = decoder.read_hf_weights(src, hf_class)
   if hf.get('model_type') in ROBERTA_TYPES:
     tensors = roberta_to_bert_tensors(tensors, position_offset(hf), config.model.type_vocab_size)
-  elif hf.get('model_type') in ('distilbert', 'electra'):
-    tensors = (hf_distilbert if hf['model_type'] == 'distilbert' else hf_electra).bert_tensors(tensors)
+  elif hf.get('model_type') in BERT_UNDER_OTHER_NAMES:
+    tensors = BERT_UNDER_OTHER_NAMES[hf['model_type']].bert_tensors(tensors)
   mesh = _one_device_mesh()
   setup = state_lib.setup_model(config.model, vocab_size, mesh, seed)
   params, unused = hf_to_params(tensors, setup.abstract_params, config.model.num_layers)
@@ -356,6 +364,10 @@ def to_hf(src: str, out: str, *, overwrite: bool = False) -> dict:
   if config.model.get('embedding_size') not in (None, 0, config.model.hidden_size):
     raise UserError(f'{src} has factorised embeddings (model.embedding_size={config.model.embedding_size}, an '
                     'imported ELECTRA): to-hf writes BertForPreTraining, which has none')
+  if config.model.get('relative_attention_buckets'):
+    raise UserError(f'{src} has a relative position bias (model.relative_attention_buckets='
+                    f'{config.model.relative_attention_buckets}, an imported MPNet): to-hf writes '
+                    'BertForPreTraining, which has none')
   vocab_size = saved['vocab_size']  # every row, padding included: config.json's vocab_size as the original's
   vocab.check_rows(tokenizers.load_tokenizer(src).vocab_size, vocab_size, src)
   setup = state_lib.setup_model(config.model, vocab_size, _one_device_mesh())

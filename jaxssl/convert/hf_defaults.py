@@ -40,6 +40,8 @@ DEFAULTS = {
     'roberta': dict(_BERT_COMMON, vocab_size=50265, pad_token_id=1),
     'xlm-roberta': dict(_BERT_COMMON, pad_token_id=1),
     'electra': dict(_BERT_COMMON, embedding_size=128, hidden_size=256, num_attention_heads=4, intermediate_size=1024),
+    'mpnet': dict({k: v for k, v in _BERT_COMMON.items() if k != 'type_vocab_size'}, vocab_size=30527,
+                  pad_token_id=1, relative_attention_num_buckets=32),
     'distilbert': dict(vocab_size=30522, max_position_embeddings=512, sinusoidal_pos_embds=False, n_layers=6,
                        n_heads=12, dim=768, hidden_dim=3072, dropout=0.1, attention_dropout=0.1, activation='gelu',
                        initializer_range=0.02, pad_token_id=0, tie_word_embeddings=True),

@@ -135,13 +135,16 @@ def check_config(config) -> None:
 
 
 SHAPE_KEYS = ('name', 'num_layers', 'hidden_size', 'num_heads', 'intermediate_size', 'max_position',
-              'type_vocab_size', 'embedding_size')
+              'type_vocab_size', 'embedding_size', 'relative_attention_buckets')
 
 
 def shape_value(model: dict, key: str):
-  """`model[key]` as it shapes params: embedding_size 0 (or absent: configs before it) is hidden_size."""
+  """`model[key]` as it shapes params: embedding_size 0 (or absent: configs before it) is hidden_size, an absent
+  relative_attention_buckets 0."""
   if key == 'embedding_size':
     return model.get(key) or model.get('hidden_size')
+  if key == 'relative_attention_buckets':
+    return model.get(key) or 0
   return model.get(key)
 
 

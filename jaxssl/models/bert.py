@@ -8,9 +8,14 @@ MLM head is applied only at the `mlm_positions`.
 With `attention_type='block_sparse'` (Big Bird, models/attention.py) sequences of at least `sparse_min_length`
 tokens use block-sparse attention, shorter ones full attention; the parameters are the same either way, so a
 checkpoint moves freely between the two.
+
+With `relative_attention_buckets` > 0 (MPNet, imported by convert/hf_mpnet.py) every layer's attention scores also
+get a learned per-head bias for the bucket of each key's distance from the query (T5's bidirectional buckets):
+one table shared by all layers, added to the absolute position embeddings, not in place of them.
 """
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +27,7 @@ from jaxssl.mesh import constrain
 from jaxssl.models import attention as sparse
 from jaxssl.models import vocab
 from jaxssl.models.layers import (Dense, Embed, LayerNorm, Mlp, MultiHeadAttention, check_compute_settings, dropout,
-                                  make_param, maybe_remat, stack_layers, unroll_layers, zeros)
+                                  make_param, maybe_remat, normal_init, stack_layers, unroll_layers, zeros)
 
 ACT = ('batch', 'length', 'act_embed')  # logical names of activations at layer boundaries
 
@@ -38,6 +43,7 @@ class BertConfig:
   max_position: int = 512
   type_vocab_size: int = 2
   embedding_size: int = 0  # factorised embeddings (ELECTRA): this width, projected to hidden_size; 0 = hidden_size
+  relative_attention_buckets: int = 0  # MPNet's relative position bias: buckets of key distance (32); 0 = none
   dropout_rate: float = 0.1
   attention_dropout_rate: float = 0.1
   initializer_range: float = 0.02
@@ -67,6 +73,13 @@ class BertConfig:
     vocab.check_rows(c.num_token_ids, c.vocab_size, 'model.num_token_ids')
     if c.embedding_size < 0:
       raise UserError(f'model.embedding_size={c.embedding_size} must be >= 0 (0 = hidden_size)')
+    buckets = c.relative_attention_buckets
+    if buckets and (buckets < 4 or buckets % 2):
+      raise UserError(f'model.relative_attention_buckets={buckets} must be 0 (none) or an even number >= 4 '
+                      '(MPNet: 32)')
+    if buckets and c.attention_type != 'full':
+      raise UserError('model.relative_attention_buckets needs model.attention_type=\'full\': block-sparse '
+                      'attention takes no relative position bias')
     if c.hidden_size % c.num_heads:
       raise UserError(f'model.hidden_size={c.hidden_size} is not divisible by model.num_heads={c.num_heads}; '
                       f'set --config.model.num_heads to a divisor (e.g. {max(1, c.hidden_size // 64)})')
@@ -109,13 +122,14 @@ class BertLayer(nnx.Module):
     self.dropout_rate = c.dropout_rate
     self.attention_dropout_rate = c.attention_dropout_rate
 
-  def __call__(self, x, mask, dropout_rng=None, random_blocks=None, output_positions=None):
+  def __call__(self, x, mask, dropout_rng=None, random_blocks=None, output_positions=None, bias=None):
     """`random_blocks` (this layer's attention.random_block_table) switches attention to block-sparse.
-    `output_positions` [B, P]: compute the output only at these positions ([B, P, H]; keys are all of x)."""
+    `output_positions` [B, P]: compute the output only at these positions ([B, P, H]; keys are all of x).
+    `bias` [1, N, L, L]: added to the attention scores (relative_position_bias)."""
     k = [None] * 3 if dropout_rng is None else [jax.random.fold_in(dropout_rng, i) for i in range(3)]
     attend = None if random_blocks is None else functools.partial(
         sparse.block_sparse_attention, random_blocks=random_blocks, dropout_rate=self.attention_dropout_rate)
-    a = self.attention(x, mask, dropout_rng=k[0], attend=attend, query_positions=output_positions)
+    a = self.attention(x, mask, dropout_rng=k[0], attend=attend, query_positions=output_positions, bias=bias)
     if output_positions is not None:
       x = jnp.take_along_axis(x, output_positions[:, :, None], axis=1)
     # Residual sums in float32: the LayerNorm right after wants them unrounded.
@@ -146,8 +160,9 @@ class BertEncoder(nnx.Module):
     return jnp.asarray(np.stack([sparse.random_block_table(nb, c.num_random_blocks, seed=i, num_heads=c.num_heads)
                                  for i in range(c.num_layers)]))
 
-  def __call__(self, x, mask, dropout_rng=None, *, return_hidden_states=False, output_positions=None):
-    """-> x, or (x, per-layer outputs [num_layers, B, L, H]) with `return_hidden_states`.
+  def __call__(self, x, mask, dropout_rng=None, *, return_hidden_states=False, output_positions=None, bias=None):
+    """-> x, or (x, per-layer outputs [num_layers, B, L, H]) with `return_hidden_states`. `bias` (the relative
+    position bias, or None) goes to every layer's attention scores.
 
     `output_positions` [B, P] (full attention only): the result is the last layer's output at these positions
     only, [B, P, H], and the last layer computes nothing else but the keys and values of every position.
@@ -156,14 +171,14 @@ class BertEncoder(nnx.Module):
     if output_positions is not None:
       if tables is not None or return_hidden_states:
         raise ValueError('output_positions needs full attention and no return_hidden_states')
-      return self._last_layer_at(x, mask, dropout_rng, output_positions)
+      return self._last_layer_at(x, mask, dropout_rng, output_positions, bias)
     # Layer i gets fold_in(dropout_rng, i) (and tables[i]) on both paths, so scanned == unscanned.
     if not self.scan_layers:
       outputs = []
       for i, layer in enumerate(self.layers):
         key = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
         table = None if tables is None else tables[i]
-        x = maybe_remat(lambda lyr, h, k, t: lyr(h, mask, k, t), self.remat, in_scan=False)(layer, x, key, table)
+        x = maybe_remat(lambda lyr, h, k, t: lyr(h, mask, k, t, bias=bias), self.remat, in_scan=False)(layer, x, key, table)
         outputs.append(x)
       return (x, jnp.stack(outputs)) if return_hidden_states else x
 
@@ -174,12 +189,12 @@ class BertEncoder(nnx.Module):
                                           transform_metadata={nnx.PARTITION_NAME: 'layers'})
     if tables is not None:
       # Block-sparse: each layer's random blocks ride along as a scanned input (keys None = no dropout).
-      body = maybe_remat(lambda lyr, h, xs: emit(lyr(h, mask, xs[0], xs[1])), self.remat, in_scan=True)
+      body = maybe_remat(lambda lyr, h, xs: emit(lyr(h, mask, xs[0], xs[1], bias=bias)), self.remat, in_scan=True)
       return scan(body, (0, nnx.Carry, 0))(self.layers, x, (self._layer_keys(dropout_rng), tables))
     if dropout_rng is None:
-      body = maybe_remat(lambda lyr, h: emit(lyr(h, mask)), self.remat, in_scan=True)
+      body = maybe_remat(lambda lyr, h: emit(lyr(h, mask, bias=bias)), self.remat, in_scan=True)
       return scan(body, (0, nnx.Carry))(self.layers, x)
-    body = maybe_remat(lambda lyr, h, k: emit(lyr(h, mask, k)), self.remat, in_scan=True)
+    body = maybe_remat(lambda lyr, h, k: emit(lyr(h, mask, k, bias=bias)), self.remat, in_scan=True)
     return scan(body, (0, nnx.Carry, 0))(self.layers, x, self._layer_keys(dropout_rng))
 
   def _layer_keys(self, dropout_rng):
@@ -188,12 +203,12 @@ class BertEncoder(nnx.Module):
       return None
     return jax.vmap(lambda i: jax.random.fold_in(dropout_rng, i))(jnp.arange(self.num_layers))
 
-  def _last_layer_at(self, x, mask, dropout_rng, output_positions):
+  def _last_layer_at(self, x, mask, dropout_rng, output_positions, bias):
     """Layers 0..L-2 over every position, then layer L-1 at `output_positions` (same keys as __call__)."""
     n = self.num_layers
     keys = self._layer_keys(dropout_rng)
     key_of = lambda i: None if keys is None else keys[i]  # noqa: E731
-    run = lambda lyr, h, k, pos=None: lyr(h, mask, k, None, pos)  # noqa: E731
+    run = lambda lyr, h, k, pos=None: lyr(h, mask, k, None, pos, bias)  # noqa: E731
     if not self.scan_layers:
       for i in range(n - 1):
         x = maybe_remat(run, self.remat, in_scan=False)(self.layers[i], x, key_of(i))
@@ -232,6 +247,9 @@ class BertForPretraining(nnx.Module):
       self.position_embeddings = Embed(c.max_position, e, ('position', emb_axis), stddev=std, rngs=rngs)
       self.token_type_embeddings = Embed(c.type_vocab_size, e, ('token_type', emb_axis), stddev=std, rngs=rngs)
       self.embedding_norm = LayerNorm(e, eps=c.layer_norm_eps, dtype=dt, rngs=rngs)
+      if c.relative_attention_buckets:  # MPNet's, shared by every layer
+        self.relative_attention_bias = make_param(rngs, normal_init(std), (c.relative_attention_buckets, c.num_heads),
+                                                  ('relative_buckets', 'heads'))
       if e != h:  # ELECTRA's embeddings_project
         self.embedding_projection = Dense(e, h, ('embed_factor', 'embed'), stddev=std, dtype=dt, rngs=rngs)
       self.encoder = BertEncoder(c, rngs=rngs)
@@ -272,12 +290,15 @@ class BertForPretraining(nnx.Module):
     if c.embedding_size and c.embedding_size != c.hidden_size:
       x = self.embedding_projection(x)
     x = constrain(x, ACT)
+    bias = None
+    if c.relative_attention_buckets:
+      bias = relative_position_bias(self.relative_attention_bias[...], seq_len)
     if return_hidden_states:
       emb = x
-      x, layer_outputs = self.encoder(x, attention_mask, enc_key, return_hidden_states=True)
+      x, layer_outputs = self.encoder(x, attention_mask, enc_key, return_hidden_states=True, bias=bias)
       hidden_states = (emb, *(layer_outputs[i] for i in range(c.num_layers)))
     else:
-      x = self.encoder(x, attention_mask, enc_key, output_positions=output_positions)
+      x = self.encoder(x, attention_mask, enc_key, output_positions=output_positions, bias=bias)
     cls = x[:, 0] if pool_positions is None else x.reshape(-1, x.shape[-1])[pool_positions]
     pooled = jnp.tanh(self.pooler(cls))
     return (x, pooled, hidden_states) if return_hidden_states else (x, pooled)
@@ -302,6 +323,32 @@ class BertForPretraining(nnx.Module):
     h = self.mlm_norm(jax.nn.gelu(self.mlm_transform(h), approximate=False))
     mlm_logits = self.word_embeddings.attend(h, self.config.compute_dtype) + self.mlm_bias[...]
     return vocab.mask_padding_logits(mlm_logits, c.num_token_ids), nsp_logits  # padding rows never predicted
+
+
+# MPNet's (HF's MPNetEncoder fixes it, as T5's default): distances from this on share the last bucket.
+RELATIVE_MAX_DISTANCE = 128
+
+
+def relative_position_buckets(seq_len: int, num_buckets: int) -> np.ndarray:
+  """int32 [T, T]: the bucket of key j's offset from query i (HF MPNet's relative_position_bucket, T5's
+  bidirectional scheme): half the buckets for keys before the query, half for keys at or after it; in each half
+  one bucket per distance below num_buckets // 4, then log-spaced ones up to RELATIVE_MAX_DISTANCE. Computed in
+  float32 in HF's order, so bucket edges round as they do there."""
+  n = np.arange(seq_len)[:, None] - np.arange(seq_len)[None, :]  # query - key
+  half = num_buckets // 2
+  exact = half // 2
+  ret = (n < 0).astype(np.int64) * half
+  n = np.abs(n)
+  with np.errstate(divide='ignore'):
+    log = np.log(n.astype(np.float32) / np.float32(exact)) / np.float32(math.log(RELATIVE_MAX_DISTANCE / exact))
+  large = exact + np.where(n >= exact, log * np.float32(half - exact), 0).astype(np.int64)
+  return (ret + np.where(n < exact, n, np.minimum(large, half - 1))).astype(np.int32)
+
+
+def relative_position_bias(table: jax.Array, seq_len: int) -> jax.Array:
+  """float32 [1, N, T, T]: `table` [buckets, N] read at each (query, key) pair's bucket."""
+  buckets = relative_position_buckets(seq_len, table.shape[0])
+  return jnp.transpose(table.astype(jnp.float32)[buckets], (2, 0, 1))[None]
 
 
 def flops_per_token(model_cfg, vocab_size: int, seq_len: int, max_predictions: int) -> float:

@@ -64,14 +64,15 @@ def _is_nvidia() -> bool:
   return 'rocm' not in jax.devices()[0].client.platform_version.lower()
 
 
-def attend(q, k, v, *, implementation: str, mask=None, causal: bool = False, segment_ids=None):
+def attend(q, k, v, *, implementation: str, mask=None, causal: bool = False, segment_ids=None, bias=None):
   """Attention output [B, T, N, D] of q [B, T, N, D] over k, v [B, S, K, D] (K divides N: grouped-query heads).
 
   `mask` [B, 1, T or 1, S] bool (True = may attend) is what the 'xla' and 'cudnn' paths read; `segment_ids`
   (q_ids [B, T], kv_ids [B, S]; equal ids may attend) is what 'splash' reads: callers pass both, describing the
   same attention for every query whose output is used (a padding query may differ). Scale 1/sqrt(D).
+  `bias` (broadcastable to [B, N, T, S]) is added to the scaled scores; splash takes none, so 'auto' is 'xla' then.
   """
-  splash_fits = segment_ids is not None or mask is None
+  splash_fits = (segment_ids is not None or mask is None) and bias is None
   path = resolve(implementation, q.dtype, splash_fits)
   if path == 'splash':
     if splash_fits:
@@ -80,7 +81,9 @@ def attend(q, k, v, *, implementation: str, mask=None, causal: bool = False, seg
   if path == 'cudnn' and mask is not None:
     # cuDNN reads the mask as a full additive bias [B, 1, T, S].
     mask = jnp.broadcast_to(mask, (mask.shape[0], 1, q.shape[1], k.shape[1]))
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
+  if bias is not None:
+    bias = bias.astype(q.dtype)  # the kernels take a bias of q's dtype
+  return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=causal,
                                       implementation='cudnn' if path == 'cudnn' else 'xla')
 
 

@@ -172,7 +172,8 @@ class MultiHeadAttention(nnx.Module):
     return constrain(y, ('batch', 'length', 'act_heads', 'kv'))
 
   def __call__(self, x: jax.Array, mask: jax.Array, *, dropout_rng: jax.Array | None = None,
-               explicit: bool = False, attend=None, query_positions: jax.Array | None = None) -> jax.Array:
+               explicit: bool = False, attend=None, query_positions: jax.Array | None = None,
+               bias: jax.Array | None = None) -> jax.Array:
     """x [B, L, H]; mask [B, L] (True/1 = real token). `explicit` forces the hand-written attention path.
 
     The mask is read as segment ids: a real token attends only the tokens of its own id, so a packed row
@@ -185,6 +186,8 @@ class MultiHeadAttention(nnx.Module):
 
     `query_positions` [B, P] ints: only these positions query (keys and values are still every position); the
     output is [B, P, H], the rows of the full output at those positions.
+
+    `bias` [1, N, L, L] float32 is added to the scaled scores (MPNet's relative position bias).
     """
     x = x.astype(self.dtype)
     xq = x if query_positions is None else jnp.take_along_axis(x, query_positions[:, :, None], axis=1)
@@ -195,7 +198,11 @@ class MultiHeadAttention(nnx.Module):
     same = query_ids[:, None, :, None] == ids[:, None, None, :]
     key_mask = (ids[:, None, None, :] != 0) & (same | (query_ids[:, None, :, None] == 0))  # [B, 1, Lq, L]
     use_dropout = dropout_rng is not None and self.attention_dropout_rate > 0.0
+    if bias is not None and query_positions is not None:  # the rows of the querying positions: [B, N, P, L]
+      bias = jnp.swapaxes(jnp.take(bias[0], query_positions, axis=1), 0, 1)
     if attend is not None:
+      if bias is not None:
+        raise ValueError('an attention bias needs dense attention (no `attend` core)')
       if query_positions is not None:
         raise ValueError('query_positions needs dense attention (no `attend` core)')
       out = attend(q, k, v, mask.astype(bool), dropout_rng)
@@ -206,6 +213,8 @@ class MultiHeadAttention(nnx.Module):
       qh, kh, vh = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))  # [B, N, L, D]
       logits = jnp.einsum('bnqd,bnkd->bnqk', qh, kh, preferred_element_type=jnp.float32)
       logits = logits / jnp.sqrt(jnp.float32(self.head_dim))
+      if bias is not None:
+        logits = logits + bias
       logits = jnp.where(key_mask, logits, jnp.finfo(jnp.float32).min)
       probs = jax.nn.softmax(logits, axis=-1)
       probs = dropout(probs, self.attention_dropout_rate, dropout_rng).astype(self.dtype)
@@ -213,7 +222,7 @@ class MultiHeadAttention(nnx.Module):
     else:
       # Splash reads the segment ids itself: padding (0) attends padding there, whose outputs nothing reads.
       # A few query rows (query_positions) take the mask path: splash tiles want whole blocks of queries.
-      out = fused_attention.attend(q, k, v, implementation=self.implementation, mask=key_mask,
+      out = fused_attention.attend(q, k, v, implementation=self.implementation, mask=key_mask, bias=bias,
                                    segment_ids=(ids, ids) if query_positions is None else None)
     out = constrain(out.astype(self.dtype), ('batch', 'length', 'act_heads', 'kv'))
     y = project(out, self.out_kernel[...].astype(self.dtype), in_axes=2)
