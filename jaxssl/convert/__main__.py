@@ -4,7 +4,8 @@
   python -m jaxssl.convert to-hf   --src PARAMS --out HF_DIR [--overwrite]
 
 from-hf reads a HuggingFace directory: BERT (BertForPreTraining / BertModel; also RoBERTa / XLM-R:
-XLMRobertaModel / XLMRobertaForMaskedLM; DistilBERT; ELECTRA: ElectraForPreTraining / ElectraForMaskedLM), GPT-2
+XLMRobertaModel / XLMRobertaForMaskedLM; DistilBERT; ELECTRA: ElectraForPreTraining / ElectraForMaskedLM; MPNet:
+MPNetModel / MPNetForMaskedLM), GPT-2
 (GPT2LMHeadModel) or the Llama family (LlamaForCausalLM; also Mistral, Qwen2 and Qwen3 layouts), picked by
 config.json's model_type (as transformers 4 or 5 wrote it), with its weights (safetensors, sharded or not, bfloat16
 included; pytorch_model.bin when torch is installed) and its tokenizer (tokenizer.json, vocab.txt, or vocab.json +

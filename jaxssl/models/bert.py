@@ -178,7 +178,8 @@ class BertEncoder(nnx.Module):
       for i, layer in enumerate(self.layers):
         key = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
         table = None if tables is None else tables[i]
-        x = maybe_remat(lambda lyr, h, k, t: lyr(h, mask, k, t, bias=bias), self.remat, in_scan=False)(layer, x, key, table)
+        run = maybe_remat(lambda lyr, h, k, t: lyr(h, mask, k, t, bias=bias), self.remat, in_scan=False)
+        x = run(layer, x, key, table)
         outputs.append(x)
       return (x, jnp.stack(outputs)) if return_hidden_states else x
 
