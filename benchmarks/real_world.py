@@ -335,12 +335,15 @@ def hf_finetune(hf_dir: str, kind: str, train: list[dict], dev: list[dict], labe
   warmup and decay, global-norm clipping, no weight decay on biases and LayerNorm, batches drawn at random);
   returns the dev predictions (a label per example, or a tag per word)."""
   torch = torch_threads(threads)
-  from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
+  from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification,
+                            AutoTokenizer)
   torch.manual_seed(seed)
   tok = AutoTokenizer.from_pretrained(hf_dir)
   cls = AutoModelForSequenceClassification if kind == 'classification' else AutoModelForTokenClassification
-  model = cls.from_pretrained(hf_dir, num_labels=len(labels), hidden_dropout_prob=r.dropout,
-                              classifier_dropout=r.dropout)
+  config = AutoConfig.from_pretrained(hf_dir, num_labels=len(labels), hidden_dropout_prob=r.dropout)
+  if hasattr(config, 'classifier_dropout'):  # BERT's and XLM-R's heads; MPNet's head uses hidden_dropout_prob
+    config.classifier_dropout = r.dropout
+  model = cls.from_pretrained(hf_dir, config=config)
   index = {l: i for i, l in enumerate(labels)}
 
   def features(rows):
