@@ -47,7 +47,8 @@ def generate(params: str, prompts: list[str], *, max_new_tokens: int = 50, greed
   for row, piece in enumerate(encoded):
     ids[row, :len(piece)] = piece
   saved_program = program_cache.path_for('generate', export=saved, model=model_cfg.to_dict(), prompts=ids.shape,
-                                         max_new_tokens=max_new_tokens, greedy=greedy, stops=len(stop))
+                                         max_new_tokens=max_new_tokens, greedy=greedy, stops=len(stop),
+                                         out_major=generate_program.out_major_min_bytes())
   found = saved_program and generate_program.read(saved_program)
   if not found:  # a saved program was compiled for an export that generates; else ask its family (imports flax)
     from jaxssl import families  # reason: flax's import (0.4 s) only on a start that builds the model
@@ -87,44 +88,48 @@ def _saved_program_weights(params: str, meta: dict) -> list:
   from jaxssl import weights_cache
   from jaxssl.models import generate_program
   from jaxssl.train import checkpoint as ckpt_lib
-  kept = weights_cache.path_for(params, meta['weights'])
-  views = kept and weights_cache.load(kept, meta['weights'])
+  layout = generate_program.kept_layout(meta['weights'], meta['inputs'])
+  kept = weights_cache.path_for(params, layout)
+  views = kept and weights_cache.load(kept, layout)
   if views:
     return jax.device_put(generate_program.program_leaves(views, meta['inputs']))
   weights = ckpt_lib.load_export_params(params, generate_program.weights_target(meta['weights']))
+  weights = generate_program.to_kept(weights, meta['inputs'])
   if kept:
-    weights_cache.save(kept, meta['weights'], weights)
+    weights_cache.save(kept, layout, weights)
   return generate_program.program_leaves(weights, meta['inputs'])
 
 
-def _restore_and_keep(params: str, abstract_params, keep: bool):
-  """The export's weights (orbax); with `keep`, also written where weights_cache keeps them for the next start."""
+def _restore_and_keep(params: str, abstract_params, inputs: list, keep: bool) -> list:
+  """The program's weight arguments (`inputs`: generation.program_inputs) from the export (orbax); with `keep`,
+  the weights are also written where weights_cache keeps them for the next start."""
   from jaxssl import weights_cache
   from jaxssl.models import generate_program
   from jaxssl.train import checkpoint as ckpt_lib
   weights = ckpt_lib.load_export_params(params, abstract_params)  # a nested dict, as abstract_params
+  weights = generate_program.to_kept(weights, inputs)
   layout = generate_program.weights_layout(weights)
   kept = keep and weights_cache.path_for(params, layout)
   if kept and weights_cache.load(kept, layout) is None:  # a new prompt shape finds the file an earlier start wrote
     weights_cache.save(kept, layout, weights)
-  return weights
+  return generate_program.program_leaves(weights, inputs)
 
 
 def _compile_and_generate(params, saved, model_cfg, ids, small, max_new_tokens, greedy, save_to):
   """The first start for these settings: the weights are restored (and kept for the next start) on another thread
   while this one compiles the program from the model's shapes (and saves it to `save_to`)."""
-  import jax
   from flax import nnx
   from jaxssl.models import generation
   from jaxssl.train import checkpoint as ckpt_lib
   setup = ckpt_lib.setup_export_model(saved, model_cfg)
+  abstract = nnx.merge(setup.graphdef, setup.abstract_params)
+  inputs = generation.program_inputs(generation.layers_apart(abstract))
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
-    restoring = pool.submit(_restore_and_keep, params, setup.abstract_params, bool(save_to))
-    program = generation.compile_generate(nnx.merge(setup.graphdef, setup.abstract_params), *ids.shape,
-                                          max_new_tokens, greedy=greedy, num_stop_ids=len(small[-2]),
-                                          save_to=save_to)
-    model = generation.layers_apart(nnx.merge(setup.graphdef, restoring.result()))
-  return program.compiled(jax.tree.leaves(nnx.state(model)), *small)
+    restoring = pool.submit(_restore_and_keep, params, setup.abstract_params, inputs, bool(save_to))
+    program = generation.compile_generate(abstract, *ids.shape, max_new_tokens, greedy=greedy,
+                                          num_stop_ids=len(small[-2]), save_to=save_to)
+    leaves = restoring.result()
+  return program.compiled(leaves, *small)
 
 
 def main(argv=None):

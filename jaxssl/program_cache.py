@@ -12,7 +12,8 @@ import os
 
 from jaxssl import runtime
 
-FORMAT = 2  # of the files written here; part of every key (2: generate programs say how they take the weights)
+FORMAT = 3  # of the files written here; part of every key (2: generate programs say how they take the weights;
+# 3: and which layer kernels they take output-major)
 
 
 def path_for(kind: str, **facts) -> str | None:

@@ -21,7 +21,7 @@ import os
 from jaxssl import program_cache
 from jaxssl import runtime
 
-FORMAT = 1
+FORMAT = 2  # 2: big layer kernels kept output-major (generate_program.kept_layout)
 ALIGN = 4096
 DEFAULT_LIMIT_GB = 16.0
 

@@ -91,9 +91,13 @@ def test_logits_match_transformers(variant):
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
-def test_greedy_generation_matches_transformers_with_a_window_sized_cache():
+@pytest.mark.parametrize('out_major_min_bytes', ['0', None])
+def test_greedy_generation_matches_transformers_with_a_window_sized_cache(out_major_min_bytes, monkeypatch):
   """Left- and right-padded prompts longer than the window: the ring cache keeps WINDOW slots per local layer
-  and the continuations equal transformers' token for token."""
+  and the continuations equal transformers' token for token; '0': every layer kernel output-major when the layers
+  run apart (one prompt at a time)."""
+  if out_major_min_bytes is not None:
+    monkeypatch.setenv('JAXSSL_OUT_MAJOR_MIN_BYTES', out_major_min_bytes)
   ref = hf_reference()
   cfg, params = hf_gemma3.params_from_hf(hf_state(ref), hf_config_dict(ref))
   model = jaxssl_model(cfg, params)
@@ -115,6 +119,8 @@ def test_greedy_generation_matches_transformers_with_a_window_sized_cache():
     assert np.asarray(out).tolist() == want, side
   # One prompt at a time: the layers run apart, each with its own cache arrays (generation.layer_caches_apart).
   assert generation.runs_layers_apart(model)
+  attention = generation.layers_apart(model).decoder.layers[0].attention
+  assert attention.out_major == (() if out_major_min_bytes is None else ('query', 'key', 'value', 'out'))
   for p, expected in zip(prompts, want):
     out, _ = generation.generate(model, np.array([p]), np.array([len(p)]), 12, greedy=True)
     assert np.asarray(out).tolist() == [expected]

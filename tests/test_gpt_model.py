@@ -297,7 +297,12 @@ def prompts():
   return left, right, lengths
 
 
-def test_greedy_generate_matches_transformers(hf_model, tmp_path):
+@pytest.mark.parametrize('out_major_min_bytes', ['0', None])
+def test_greedy_generate_matches_transformers(hf_model, tmp_path, out_major_min_bytes, monkeypatch):
+  """'0': every layer kernel output-major when the layers run apart, so the saved program takes them so and its
+  weights are transposed once (generate_program.to_kept) before each layer's slice."""
+  if out_major_min_bytes is not None:
+    monkeypatch.setenv('JAXSSL_OUT_MAJOR_MIN_BYTES', out_major_min_bytes)
   left, right, lengths = prompts()
   new = 8
   mask = (np.arange(5)[None] >= (5 - lengths)[:, None]).astype(np.int64)
@@ -331,6 +336,9 @@ def test_greedy_generate_matches_transformers(hf_model, tmp_path):
   assert jax.tree.structure(target) == jax.tree.structure(weights)
   assert meta['lapack'] is False
   loaded = generate_program.load(meta, blob)
+  assert any(len(entry) > 3 for entry in meta['inputs']) == (out_major_min_bytes is not None)
+  weights = generate_program.to_kept(weights, meta['inputs'])
+  assert generate_program.weights_layout(weights) == generate_program.kept_layout(meta['weights'], meta['inputs'])
   leaves = generate_program.program_leaves(weights, meta['inputs'])
   assert len(leaves) > len(jax.tree.leaves(weights))  # each layer's weights apart
   tokens, _ = loaded(leaves, *generate_program.arguments(short, [3], jax.random.key(0), 1.0, 0, 1.0, (), 0))

@@ -146,14 +146,27 @@ def two_prompts_and_transformers_greedy(short: int, new: int, seed: int):
   return lengths, left, right, hf.numpy()[:, 5:]
 
 
-def test_greedy_generate_matches_transformers():
-  """A batch of prompts of lengths 5 and 3: HF left-padded with an attention mask, jaxssl padded either side."""
+@pytest.mark.parametrize('out_major_min_bytes', ['0', None])
+def test_greedy_generate_matches_transformers(out_major_min_bytes, monkeypatch):
+  """A batch of prompts of lengths 5 and 3: HF left-padded with an attention mask, jaxssl padded either side;
+  with every layer kernel stored output-major for decoding too (what big decoders' kernels are: '0')."""
+  if out_major_min_bytes is not None:
+    monkeypatch.setenv('JAXSSL_OUT_MAJOR_MIN_BYTES', out_major_min_bytes)
   new = 8
   lengths, left, right, expected = two_prompts_and_transformers_greedy(3, new, seed=20)
+  apart = generation.layers_apart(converted('gqa'))
+  stacked = converted('gqa').decoder.layers
+  q, gate = apart.decoder.layers[1].attention.query_kernel[...], apart.decoder.layers[1].mlp.wi_gate.kernel[...]
+  if out_major_min_bytes is not None:  # [H, N, D] -> [N, D, H]; [H, I] -> [I, H]
+    np.testing.assert_array_equal(q, np.transpose(stacked.attention.query_kernel[...][1], (1, 2, 0)))
+    np.testing.assert_array_equal(gate, stacked.mlp.wi_gate.kernel[...][1].T)
+  else:
+    np.testing.assert_array_equal(gate, stacked.mlp.wi_gate.kernel[...][1])
   for ids, side in ((left, 'left'), (right, 'right')):
-    tokens, num = generation.generate(converted('gqa'), ids, lengths, new, greedy=True, padding_side=side)
-    np.testing.assert_array_equal(tokens, expected, err_msg=side)
-    np.testing.assert_array_equal(num, [new, new])
+    for model in (converted('gqa'), apart):
+      tokens, num = generation.generate(model, ids, lengths, new, greedy=True, padding_side=side)
+      np.testing.assert_array_equal(tokens, expected, err_msg=side)
+      np.testing.assert_array_equal(num, [new, new])
 
 
 @pytest.mark.parametrize('variant', ['gqa', 'tied'])

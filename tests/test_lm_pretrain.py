@@ -142,5 +142,11 @@ def test_gpt_pretrain_job_learns_and_resumes_exactly(tmp_path):
   kept.write_bytes(kept.read_bytes()[:size // 2])  # damaged: restored through orbax and written again
   assert job(*one).stdout == first.stdout and kept.stat().st_size == size
   assert job(*one).stdout == first.stdout
+  # Every layer kernel output-major (what a big decoder's kernels are): a program and a weights file of their own,
+  # kept so; the same text cold and warm.
+  env.update(JAXSSL_OUT_MAJOR_MIN_BYTES='0')
+  assert job(*one).stdout == first.stdout and len(os.listdir(kept.parent)) == 2
+  assert job(*one).stdout == first.stdout and len(os.listdir(kept.parent)) == 2
+  env.pop('JAXSSL_OUT_MAJOR_MIN_BYTES')
   bert = job('jaxssl.generate', '--params', str(tmp_path / 'nope'), '--prompt', 'x')
   assert bert.returncode == 2 and 'not a jaxssl export' in bert.stderr.strip().splitlines()[-1]

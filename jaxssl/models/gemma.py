@@ -117,7 +117,7 @@ class GemmaAttention(CausalSelfAttention):
     self.query_scale = 1.0 if scalar == c.head_dim else math.sqrt(c.head_dim / scalar)
 
   def _project(self, x, name, rotary):
-    y = project(x, getattr(self, f'{name}_kernel')[...].astype(self.dtype))
+    y = project(x, getattr(self, f'{name}_kernel')[...].astype(self.dtype), out_major=name in self.out_major)
     if self.qkv_bias:
       y = y + getattr(self, f'{name}_bias')[...].astype(self.dtype)
     if self.qk_norm and name != 'value':

@@ -6,6 +6,7 @@ saved program compiles (from XLA's compile cache), so it never imports flax nor 
 SmolLM2-135M's start).
 """
 import contextlib
+import os
 import re
 
 import jax
@@ -13,6 +14,17 @@ import jax.numpy as jnp
 
 from jaxssl import program_cache
 from jaxssl.errors import UserError
+
+
+# Layer kernels of at least this many bytes are stored output-major for decoding ([out, in], torch's layout): XLA:CPU's
+# matrix-vector product reads them 1.2-1.7x faster than [in, out] at batch 1 and ~1.7x at batch 8; smaller ones
+# (SmolLM2's 576 x 1536) were slower so at batch 8 (BENCHMARKS.md §28).
+OUT_MAJOR_MIN_BYTES = 4 << 20
+
+
+def out_major_min_bytes() -> int:
+  """OUT_MAJOR_MIN_BYTES, or the environment's JAXSSL_OUT_MAJOR_MIN_BYTES (0: every layer kernel)."""
+  return int(os.environ.get('JAXSSL_OUT_MAJOR_MIN_BYTES', OUT_MAJOR_MIN_BYTES))
 
 
 def check_settings(max_position: int, width: int, max_new_tokens: int, *, temperature: float = 1.0, top_k: int = 0,
@@ -87,14 +99,44 @@ def weights_target(weights: list) -> dict:
   return target
 
 
+def _stacked_perms(inputs: list) -> dict:
+  """{stacked leaf's keys: the axes order of its layers' slices} for the inputs taken output-major (a 4th entry,
+  generation.program_inputs)."""
+  out = {}
+  for keys, *_, perm in (entry for entry in inputs if len(entry) > 3):
+    layer = next(j for j, key in enumerate(keys) if isinstance(key, int))
+    out[tuple(keys[:layer] + keys[layer + 1:])] = tuple(perm)
+  return out
+
+
+def kept_layout(weights: list, inputs: list) -> list:
+  """The layout the program's weights are kept in (`to_kept`, weights_cache): `weights` (the export's
+  weights_layout) with each stacked leaf whose layers the program takes output-major stored so, [L, *O, *I], where
+  each layer's slice is the program's input itself (a view of a memory-mapped file, no copy)."""
+  perms = _stacked_perms(inputs)
+  return [[keys, [shape[0], *(shape[1 + p] for p in perms[tuple(keys)])] if tuple(keys) in perms else shape, dtype]
+          for keys, shape, dtype in weights]
+
+
+def to_kept(weights: dict, inputs: list) -> dict:
+  """`weights` (the export's nested dict of jax arrays, as restored) in `kept_layout`: the stacked leaves the
+  program takes output-major transposed (one copy each), in place."""
+  for keys, perm in _stacked_perms(inputs).items():
+    node = weights
+    for key in keys[:-1]:
+      node = node[key]
+    node[keys[-1]] = jnp.transpose(node[keys[-1]], (0, *(1 + p for p in perm)))
+  return weights
+
+
 def program_leaves(weights: dict, inputs: list) -> list:
-  """The saved program's weight arguments in its order (`inputs`: its weights_layout), from `weights`, the export's
-  nested dict as restored (jax arrays, or numpy views of a memory-mapped file): an input under a layer index
-  (decoder/layers/<i>/..., generation.layers_apart) is layer i's slice of the stacked leaf (a copy of a jax
+  """The saved program's weight arguments in its order (`inputs`: generation.program_inputs), from `weights`, the
+  export's nested dict in `kept_layout` (jax arrays, or numpy views of a memory-mapped file): an input under a layer
+  index (decoder/layers/<i>/..., generation.layers_apart) is layer i's slice of the stacked leaf (a copy of a jax
   array, a view of a numpy one), any other the leaf itself. A shape or dtype other than the program's is a
   ValueError (the caller's cache lookup went wrong)."""
   leaves = []
-  for keys, shape, dtype in inputs:
+  for keys, shape, dtype, *_ in inputs:
     layer = next((j for j, key in enumerate(keys) if isinstance(key, int)), None)
     leaf = weights
     for key in keys if layer is None else keys[:layer] + keys[layer + 1:]:

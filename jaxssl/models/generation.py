@@ -13,7 +13,11 @@ from flax import nnx
 
 from jaxssl.errors import UserError
 from jaxssl.models import generate_program
-from jaxssl.models.layers import unroll_layers
+from jaxssl.models.layers import out_major_perm, unroll_layers
+from jaxssl.models.parts import CausalSelfAttention, Linear
+
+# An attention module's kernels and their input axes.
+_ATTENTION_KERNELS = (('query', 1), ('key', 1), ('value', 1), ('out', 2))
 
 
 def sample_logits(logits: jax.Array, rng: jax.Array, *, temperature=1.0, top_k=0, top_p=1.0,
@@ -70,8 +74,9 @@ def runs_layers_apart(model: nnx.Module) -> bool:
 def layers_apart(model: nnx.Module) -> nnx.Module:
   """`model` as the generate program takes it: where runs_layers_apart, a model over new module objects whose
   layers hold their own weight arrays (slices of the stack: one copy of the layers, made once, so pass the result
-  to repeated `generate` calls); otherwise `model` itself. Abstract weights (jax.ShapeDtypeStruct, e.g. an
-  export's before it is restored) give abstract slices, their shardings without the layer axis."""
+  to repeated `generate` calls), their big kernels output-major (generate_program.OUT_MAJOR_MIN_BYTES); otherwise
+  `model` itself. Abstract weights (jax.ShapeDtypeStruct, e.g. an export's before it is restored) give abstract
+  slices, their shardings without the layer axis."""
   if not runs_layers_apart(model):
     return model
   c = model.config
@@ -79,9 +84,57 @@ def layers_apart(model: nnx.Module) -> nnx.Module:
   layer_def, stacked = nnx.split(copy.decoder.layers)  # a stacked module's graph is one layer's
   copy.decoder.layers = nnx.List([nnx.merge(layer_def, jax.tree.map(lambda a, i=i: _layer_slice(a, i), stacked))
                                   for i in range(c.num_layers)])
+  for layer in copy.decoder.layers:
+    _store_out_major(layer)
   copy.decoder.scan_layers = False
   copy.config = dataclasses.replace(c, scan_layers=False)
   return copy
+
+
+def _store_out_major(layer: nnx.Module) -> None:
+  """Stores the big kernels of `layer` (its own arrays: layers_apart's) output-major, in place, and tells their
+  modules so: Linear [in, out] -> [out, in]; attention q/k/v [H, N, D] -> [N, D, H], output [N, D, H] -> [H, N, D].
+  A kernel split over devices keeps its layout."""
+  for _, node in nnx.iter_graph(layer):
+    if isinstance(node, Linear):
+      node.out_major = _transposed(node.kernel, 1)
+    elif isinstance(node, CausalSelfAttention):
+      node.out_major = tuple(n for n, in_axes in _ATTENTION_KERNELS
+                             if _transposed(getattr(node, f'{n}_kernel'), in_axes))
+
+
+def _transposed(param: nnx.Variable, in_axes: int) -> bool:
+  """Whether `param` (an array or jax.ShapeDtypeStruct) was big and whole on each device, and so now holds its
+  value output-major (layers.out_major_perm)."""
+  a = param.get_value()
+  sharding = getattr(a, 'sharding', None)
+  if (a.size * a.dtype.itemsize < generate_program.out_major_min_bytes()
+      or not (sharding is None or sharding.is_fully_replicated)):
+    return False
+  perm = out_major_perm(a.ndim, in_axes)
+  if isinstance(a, jax.ShapeDtypeStruct):
+    if isinstance(sharding, jax.sharding.NamedSharding):
+      spec = (*sharding.spec, *[None] * (a.ndim - len(sharding.spec)))
+      sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*[spec[p] for p in perm]))
+    param.set_value(jax.ShapeDtypeStruct(tuple(a.shape[p] for p in perm), a.dtype, sharding=sharding))
+  else:
+    param.set_value(jnp.transpose(a, perm))
+  return True
+
+
+def program_inputs(model: nnx.Module) -> list:
+  """The weight arguments of the generate program of `model` (as layers_apart gives it), in its order:
+  generate_program.weights_layout entries, with a 4th, the axes order, for the kernels stored output-major."""
+  perms = {}
+  for path, node in nnx.iter_graph(model):
+    if isinstance(node, Linear) and node.out_major:
+      perms[(*path, 'kernel')] = out_major_perm(2, 1)
+    elif isinstance(node, CausalSelfAttention):
+      for name, in_axes in _ATTENTION_KERNELS:
+        if name in node.out_major:
+          perms[(*path, f'{name}_kernel')] = out_major_perm(3, in_axes)
+  inputs = generate_program.weights_layout(nnx.to_pure_dict(nnx.state(model)))
+  return [[*entry, list(perms[tuple(entry[0])])] if tuple(entry[0]) in perms else entry for entry in inputs]
 
 
 def _layer_slice(a, i: int):
@@ -207,7 +260,7 @@ def compile_generate(model: nnx.Module, batch: int, width: int, max_new_tokens: 
            *[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in small])
   statics = _statics(model, max_new_tokens, greedy, padding_side)
   program = jax.jit(_flat(graphdef, treedef, statics))
-  inputs = generate_program.weights_layout(nnx.to_pure_dict(state))
+  inputs = program_inputs(model)
   # A later start restores the weights as a nested dict and passes its leaves (or their layers' slices) in
   # `inputs`' order: saved only if that is the state's.
   if save_to is None or [w[1] for w in inputs] != [list(a.shape) for a in leaves]:

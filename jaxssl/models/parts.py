@@ -67,9 +67,10 @@ class Linear(nnx.Module):
       self.bias = make_param(rngs, zeros, (out_features,), names[-1:])
     self.use_bias = use_bias
     self.dtype = dtype
+    self.out_major = False  # the kernel stored [out, in] (generation.layers_apart, for decoding)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = project(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    y = project(x.astype(self.dtype), self.kernel[...].astype(self.dtype), out_major=self.out_major)
     return y + self.bias[...].astype(self.dtype) if self.use_bias else y
 
 
@@ -161,9 +162,10 @@ class CausalSelfAttention(nnx.Module):
     self.attention_dropout_rate = c.attention_dropout_rate
     self.implementation = c.attention
     self.dtype = c.compute_dtype
+    self.out_major = ()  # names of the kernels stored output-major (generation.layers_apart, for decoding)
 
   def _project(self, x, name, rotary):
-    y = project(x, getattr(self, f'{name}_kernel')[...].astype(self.dtype))
+    y = project(x, getattr(self, f'{name}_kernel')[...].astype(self.dtype), out_major=name in self.out_major)
     if self.qkv_bias:
       y = y + getattr(self, f'{name}_bias')[...].astype(self.dtype)
     if rotary is not None and name != 'value':
@@ -175,7 +177,7 @@ class CausalSelfAttention(nnx.Module):
 
   def _output(self, out):
     out = constrain(out.astype(self.dtype), HEADS_ACT)
-    y = project(out, self.out_kernel[...].astype(self.dtype), in_axes=2)
+    y = project(out, self.out_kernel[...].astype(self.dtype), in_axes=2, out_major='out' in self.out_major)
     return y + self.out_bias[...].astype(self.dtype) if self.use_bias else y
 
   def _explicit(self, q, k, v, mask, dropout_rng):
