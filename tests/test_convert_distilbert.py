@@ -62,6 +62,12 @@ def test_import_matches_transformers(mlm):
   m = config.model
   assert (m.num_layers, m.hidden_size, m.num_heads, m.intermediate_size, m.max_position) == (2, 32, 4, 37, 64)
   assert tokenizer.vocab_size == V and config.vocab_size == V
+  assert_matches_without_token_types(model, ours)
+
+
+def assert_matches_without_token_types(model, ours):
+  """transformers' masked LM `model` (no token types) against the export's model `ours` on test_convert_hf's
+  batch: every layer's states and the MLM logits; segment ids change nothing (the token-type rows are zeros)."""
   ids, types, mask, positions = batch()
   with torch.no_grad():
     out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), output_hidden_states=True)

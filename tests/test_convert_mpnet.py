@@ -16,8 +16,8 @@ from jaxssl.errors import UserError  # noqa: E402
 from jaxssl.models import bert  # noqa: E402
 from jaxssl.models.layers import MultiHeadAttention  # noqa: E402
 from jaxssl.train.checkpoint import load_export  # noqa: E402
-from test_convert_distilbert import assert_states_and_mlm_logits_match, one_device, randomised  # noqa: E402
-from test_convert_hf import V, batch, close, write_vocab  # noqa: E402  (tests/ is on sys.path)
+from test_convert_distilbert import assert_matches_without_token_types, one_device, randomised  # noqa: E402
+from test_convert_hf import V, close, write_vocab  # noqa: E402  (tests/ is on sys.path)
 
 SIZES = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
              max_position_embeddings=202, layer_norm_eps=1e-5)
@@ -50,13 +50,7 @@ def test_masked_lm_matches_transformers(tmp_path):
   m = config.model
   assert (m.relative_attention_buckets, m.max_position, m.layer_norm_eps) == (32, 200, 1e-5)
   assert ours.relative_attention_bias[...].shape == (32, 4)
-  ids, types, mask, positions = batch()
-  with torch.no_grad():
-    out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), output_hidden_states=True)
-  args = [jnp.asarray(a, jnp.int32) for a in (ids, types, mask)]
-  mlm = assert_states_and_mlm_logits_match(ours, out, args, positions)
-  no_types, _ = ours(args[0], jnp.zeros_like(args[1]), args[2], jnp.asarray(positions, jnp.int32))
-  np.testing.assert_array_equal(no_types, mlm)
+  assert_matches_without_token_types(model, ours)
 
 
 def test_long_rows_and_bare_model(tmp_path, capsys):

@@ -52,15 +52,22 @@ def bert_config(hf: dict) -> dict:
 def bert_tensors(tensors: dict) -> dict:
   """DistilBERT tensors (DistilBertModel's bare names or DistilBertFor*'s 'distilbert.' ones) under BertForPreTraining's
   names, with zero token-type rows; other tensors (task heads) keep their names."""
+  return renamed_without_token_types(tensors, 'distilbert.', ('embeddings.', 'transformer.'), TENSOR_NAMES, MLM_HEAD)
+
+
+def renamed_without_token_types(tensors: dict, prefix: str, body: tuple, names: tuple, heads: tuple) -> dict:
+  """`tensors` of an encoder without token types under BertForPreTraining's names: those whose name (`prefix`
+  dropped) starts with one of `body` become 'bert.' + the name with `names`' (regex, replacement) pairs applied;
+  the others take `heads`' (prefix, BERT prefix) renames or keep their names. Two zero token-type rows are added."""
   out = {}
   for k, v in tensors.items():
-    body = k[len('distilbert.'):] if k.startswith('distilbert.') else k
-    if body.startswith(('embeddings.', 'transformer.')):
-      for pattern, bert in TENSOR_NAMES:
-        body = re.sub('^' + pattern, bert, body)
-      out['bert.' + body] = v
+    name = k[len(prefix):] if k.startswith(prefix) else k
+    if name.startswith(body):
+      for pattern, bert in names:
+        name = re.sub('^' + pattern, bert, name)
+      out['bert.' + name] = v
     else:
-      out[next((bert + k[len(old):] for old, bert in MLM_HEAD if k.startswith(old)), k)] = v
+      out[next((bert + k[len(old):] for old, bert in heads if k.startswith(old)), k)] = v
   emb = out.get('bert.embeddings.word_embeddings.weight')
   if emb is not None:
     out['bert.embeddings.token_type_embeddings.weight'] = np.zeros((2, emb.shape[1]), np.float32)

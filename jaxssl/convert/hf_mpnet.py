@@ -13,11 +13,8 @@ Its pooler is BERT's; its MLM head (lm_head.*) is RoBERTa's, the decoder tied to
 of MPNetFor* checkpoints are left out with the warning hf_bert prints for any unused tensor.
 An export of an imported MPNet is a BERT export with model.relative_attention_buckets set; `to-hf` refuses it.
 """
-import re
-
-import numpy as np
-
 from jaxssl.convert import hf_defaults
+from jaxssl.convert.hf_distilbert import renamed_without_token_types
 from jaxssl.convert.hf_roberta import ROBERTA_RENAMES
 from jaxssl.errors import UserError
 
@@ -53,19 +50,9 @@ def bert_config(hf: dict) -> dict:
 def bert_tensors(tensors: dict) -> dict:
   """MPNet tensors (MPNetModel's bare names or MPNetFor*'s 'mpnet.' ones) under BertForPreTraining's names, the
   position table from row 2, zero token-type rows; other tensors (task heads) keep their names."""
-  out = {}
-  for k, v in tensors.items():
-    body = k[len('mpnet.'):] if k.startswith('mpnet.') else k
-    if body.startswith(('embeddings.', 'encoder.', 'pooler.')):
-      for pattern, bert in TENSOR_NAMES:
-        body = re.sub('^' + pattern, bert, body)
-      out['bert.' + body] = v
-    else:
-      out[next((bert + k[len(old):] for old, bert in ROBERTA_RENAMES if k.startswith(old)), k)] = v
+  out = renamed_without_token_types(tensors, 'mpnet.', ('embeddings.', 'encoder.', 'pooler.'), TENSOR_NAMES,
+                                    ROBERTA_RENAMES)
   pos = out.get('bert.embeddings.position_embeddings.weight')
   if pos is not None:
     out['bert.embeddings.position_embeddings.weight'] = pos[POSITION_OFFSET:]
-  emb = out.get('bert.embeddings.word_embeddings.weight')
-  if emb is not None:
-    out['bert.embeddings.token_type_embeddings.weight'] = np.zeros((2, emb.shape[1]), np.float32)
   return out
