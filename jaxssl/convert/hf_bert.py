@@ -139,7 +139,8 @@ def _to_hf(a: np.ndarray, kind) -> np.ndarray:
 def jaxssl_config(hf: dict):
   """The full jaxssl config (configs/bert.py:base with model.* and the vocab size from HF `config.json`, keys it
   omits taking its model_type's transformers defaults: max_position_embeddings 512, ...)."""
-  model_type = hf.get('model_type') or 'bert'
+  model_type = named = hf.get('model_type') or 'bert'
+  offset = position_offset(hf)  # of the config as written: the importers below rename MPNet's type to BERT's
   if model_type in BERT_UNDER_OTHER_NAMES:
     hf, model_type = BERT_UNDER_OTHER_NAMES[model_type].bert_config(hf), 'bert'
   if model_type != 'bert' and model_type not in ROBERTA_TYPES:
@@ -154,11 +155,10 @@ def jaxssl_config(hf: dict):
     raise UserError(f"HF config.json has position_embedding_type={hf['position_embedding_type']!r}: "
                     "jaxssl BERT supports 'absolute' positions only")
   eps = float(hf['layer_norm_eps'])
-  offset = position_offset(hf)
   max_position = int(hf['max_position_embeddings']) - offset
   if max_position < 1:
     raise UserError(f"HF config.json has max_position_embeddings={hf['max_position_embeddings']}, not more than "
-                    f'the {offset} rows RoBERTa reserves before position 0: is the config complete?')
+                    f'the {offset} rows {named} reserves before position 0: is the config complete?')
   type_vocab_size = int(hf['type_vocab_size'])
   if model_type in ROBERTA_TYPES:
     type_vocab_size = max(type_vocab_size, 2)  # its one row is repeated (hf_to_params) for pair inputs

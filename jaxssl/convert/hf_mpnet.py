@@ -15,11 +15,10 @@ An export of an imported MPNet is a BERT export with model.relative_attention_bu
 """
 from jaxssl.convert import hf_defaults
 from jaxssl.convert.hf_distilbert import renamed_without_token_types
-from jaxssl.convert.hf_roberta import ROBERTA_RENAMES
+from jaxssl.convert.hf_roberta import MPNET_POSITION_OFFSET as POSITION_OFFSET, ROBERTA_RENAMES
 from jaxssl.errors import UserError
 
 BUCKETS = 32         # what transformers' MPNetEncoder.compute_position_bias buckets with, whatever the config says
-POSITION_OFFSET = 2  # MPNetEmbeddings.padding_idx (fixed at 1) + 1
 LAYER = r'encoder\.layer\.(\d+)\.attention\.'
 # Tensor names after the 'mpnet.' prefix -> BERT's after 'bert.'; \1 is the layer index.
 TENSOR_NAMES = (
@@ -32,19 +31,15 @@ TENSOR_NAMES = (
 
 
 def bert_config(hf: dict) -> dict:
-  """An MPNet config.json dict as a BERT one (MPNetConfig's defaults for omitted keys), with two token-type rows,
-  the relative buckets and positions counted from row 2."""
+  """An MPNet config.json dict as a BERT one (MPNetConfig's defaults for omitted keys), with two token-type rows and
+  the relative buckets (hf_bert takes the two reserved position rows off, hf_roberta.position_offset)."""
   hf = hf_defaults.with_defaults(hf, 'mpnet')
   if int(hf['relative_attention_num_buckets']) != BUCKETS:
     raise UserError(f"HF config.json has relative_attention_num_buckets={hf['relative_attention_num_buckets']}: "
                     f'transformers computes MPNet\'s relative position bias with {BUCKETS} buckets whatever the '
                     'config says, so this checkpoint has no defined meaning there; only 32 converts')
-  max_position = int(hf['max_position_embeddings']) - POSITION_OFFSET
-  if max_position < 1:
-    raise UserError(f"HF config.json has max_position_embeddings={hf['max_position_embeddings']}, not more than "
-                    f'the {POSITION_OFFSET} rows MPNet reserves before position 0: is the config complete?')
-  return dict(hf, model_type='bert', type_vocab_size=2, max_position_embeddings=max_position,
-              relative_attention_buckets=BUCKETS, position_embedding_type='absolute')
+  return dict(hf, model_type='bert', type_vocab_size=2, relative_attention_buckets=BUCKETS,
+              position_embedding_type='absolute')
 
 
 def bert_tensors(tensors: dict) -> dict:

@@ -11,9 +11,15 @@ ROBERTA_RENAMES = (('roberta.', 'bert.'), ('lm_head.dense.', 'cls.predictions.tr
                    ('lm_head.decoder.', 'cls.predictions.decoder.'), ('lm_head.bias', 'cls.predictions.bias'))
 
 
+MPNET_POSITION_OFFSET = 2  # MPNetEmbeddings.padding_idx is fixed at 1, whatever config.json's pad_token_id says
+
+
 def position_offset(hf: dict) -> int:
-  """Rows of the HF position table before position 0: pad_token_id + 1 for RoBERTa / XLM-R, 0 for BERT."""
+  """Rows of the HF position table before position 0: pad_token_id + 1 for RoBERTa / XLM-R, 2 for MPNet, 0 for
+  BERT."""
   model_type = hf.get('model_type') or 'bert'
+  if model_type == 'mpnet':
+    return MPNET_POSITION_OFFSET
   if model_type not in ROBERTA_TYPES:
     return 0
   return int(hf_defaults.with_defaults(hf, model_type)['pad_token_id']) + 1
