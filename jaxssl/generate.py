@@ -64,7 +64,8 @@ def generate(params: str, prompts: list[str], *, max_new_tokens: int = 50, greed
   program = None
   if found:
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-      restoring = pool.submit(_saved_program_weights, params, found[0])
+      restoring = pool.submit(lambda: _program_weights(params, generate_program.weights_target(found[0]['weights']),
+                                                       found[0]['inputs']))
       program = generate_program.load(*found)
       weights = restoring.result()
   if program is not None:
@@ -81,38 +82,28 @@ def generate(params: str, prompts: list[str], *, max_new_tokens: int = 50, greed
   return results
 
 
-def _saved_program_weights(params: str, meta: dict) -> list:
-  """A saved program's weight arguments: views of the file weights_cache keeps of the export (no copy), else the
-  export restored through orbax (and that file written for the next start)."""
+def _program_weights(params: str, target: dict, inputs: list, keep: bool = True) -> list:
+  """The generate program's weight arguments (`inputs`: generation.program_inputs) for the export at `params`
+  (`target`: its nested dict of jax.ShapeDtypeStruct): views of the file weights_cache keeps of it (no copy), else
+  the export restored through orbax. With `keep`, a restore writes that file for the next start and passes views
+  of it too, so the restored arrays are dropped rather than sliced: the job then holds one copy of the weights
+  (plus clean file pages the kernel can reclaim), not two (a 1.5B decoder's 7 GB of float32 peaked at 2x)."""
   import jax
   from jaxssl import weights_cache
   from jaxssl.models import generate_program
   from jaxssl.train import checkpoint as ckpt_lib
-  layout = generate_program.kept_layout(meta['weights'], meta['inputs'])
-  kept = weights_cache.path_for(params, layout)
-  views = kept and weights_cache.load(kept, layout)
-  if views:
-    return jax.device_put(generate_program.program_leaves(views, meta['inputs']))
-  weights = ckpt_lib.load_export_params(params, generate_program.weights_target(meta['weights']))
-  weights = generate_program.to_kept(weights, meta['inputs'])
-  if kept:
-    weights_cache.save(kept, layout, weights)
-  return generate_program.program_leaves(weights, meta['inputs'])
-
-
-def _restore_and_keep(params: str, abstract_params, inputs: list, keep: bool) -> list:
-  """The program's weight arguments (`inputs`: generation.program_inputs) from the export (orbax); with `keep`,
-  the weights are also written where weights_cache keeps them for the next start."""
-  from jaxssl import weights_cache
-  from jaxssl.models import generate_program
-  from jaxssl.train import checkpoint as ckpt_lib
-  weights = ckpt_lib.load_export_params(params, abstract_params)  # a nested dict, as abstract_params
-  weights = generate_program.to_kept(weights, inputs)
-  layout = generate_program.weights_layout(weights)
+  layout = generate_program.kept_layout(generate_program.weights_layout(target), inputs)
   kept = keep and weights_cache.path_for(params, layout)
-  if kept and weights_cache.load(kept, layout) is None:  # a new prompt shape finds the file an earlier start wrote
-    weights_cache.save(kept, layout, weights)
-  return generate_program.program_leaves(weights, inputs)
+  views = kept and weights_cache.load(kept, layout)  # e.g. written by a start with another prompt shape
+  if not views:
+    weights = generate_program.to_kept(ckpt_lib.load_export_params(params, target), inputs)
+    if kept:
+      weights_cache.save(kept, layout, weights)
+      views = weights_cache.load(kept, layout)
+    if not views:  # nothing kept (a bucket, the cache off or full): the restored arrays' layers sliced
+      return generate_program.program_leaves(weights, inputs)
+    del weights
+  return jax.device_put(generate_program.program_leaves(views, inputs))
 
 
 def _compile_and_generate(params, saved, model_cfg, ids, small, max_new_tokens, greedy, save_to):
@@ -125,7 +116,7 @@ def _compile_and_generate(params, saved, model_cfg, ids, small, max_new_tokens, 
   abstract = nnx.merge(setup.graphdef, setup.abstract_params)
   inputs = generation.program_inputs(generation.layers_apart(abstract))
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
-    restoring = pool.submit(_restore_and_keep, params, setup.abstract_params, inputs, bool(save_to))
+    restoring = pool.submit(_program_weights, params, setup.abstract_params, inputs, bool(save_to))
     program = generation.compile_generate(abstract, *ids.shape, max_new_tokens, greedy=greedy,
                                           num_stop_ids=len(small[-2]), save_to=save_to)
     leaves = restoring.result()

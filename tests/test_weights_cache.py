@@ -110,3 +110,43 @@ def test_the_folder_keeps_to_its_limit_least_recently_used_out(cache, tmp_path, 
   assert weights_cache.load(paths[0], layout) is not None  # used now: paths[1] is the least recently used
   weights_cache.save(paths[2], layout, w)
   assert sorted(os.listdir(cache / 'jaxssl_weights')) == sorted(os.path.basename(p) for p in (paths[0], paths[2]))
+
+
+def _mapped_from(path) -> list[tuple[int, int]]:
+  """The address ranges this process maps from the file at `path` (/proc/self/maps)."""
+  with open('/proc/self/maps') as f:
+    rows = [line.split() for line in f]
+  return [tuple(int(x, 16) for x in row[0].split('-')) for row in rows if len(row) > 5 and row[5] == str(path)]
+
+
+def test_the_generate_job_passes_views_of_the_file_it_keeps(cache, tmp_path, monkeypatch):
+  """A start that restores the export writes the file and passes views of it, not slices of the restored arrays
+  (one copy of the weights in memory, not two); a later start (another prompt shape) maps it without restoring."""
+  from jaxssl import generate
+  from jaxssl.train import checkpoint as ckpt_lib
+  w = weights()
+  export = fake_export(tmp_path / 'export')
+  target = generate_program.weights_target(generate_program.weights_layout(w))
+  inputs = [[['decoder', 'layers', i, 'kernel'], [16, 8], 'float32', [1, 0]] for i in range(3)] + [
+      [['embedding'], [11, 5], 'float32']]
+  restored = []
+
+  def restore(path, abstract):
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), abstract) == jax.tree.map(lambda a: (a.shape, a.dtype), w)
+    restored.append(path)
+    return jax.tree.map(jnp.asarray, weights())
+
+  monkeypatch.setattr(ckpt_lib, 'load_export_params', restore)
+  want = [w['decoder']['layers']['kernel'][i].T for i in range(3)] + [w['embedding']]  # the kernels output-major
+  for _ in range(2):
+    leaves = generate._program_weights(export, target, inputs)
+    for got, expected in zip(leaves, want):
+      np.testing.assert_array_equal(got, expected)
+    [kept] = os.listdir(cache / 'jaxssl_weights')
+    mapped = _mapped_from(cache / 'jaxssl_weights' / kept)
+    assert mapped and all(any(lo <= a.unsafe_buffer_pointer() < hi for lo, hi in mapped) for a in leaves)
+  assert restored == [export]  # the second call found the file
+  sliced = generate._program_weights(export, target, inputs, keep=False)  # nothing kept: the restored layers
+  assert restored == [export, export]
+  for got, expected in zip(sliced, want):
+    np.testing.assert_array_equal(got, expected)
