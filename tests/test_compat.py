@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from jaxssl.train import checkpoint as ckpt_lib
+from jaxssl.train import export_config
 from jaxssl.version import __version__
 from tests.fixtures import make_compat
 
@@ -102,6 +103,6 @@ def test_checkpoint_and_export_of_a_newer_format_are_refused_naming_both_version
 
 
 def test_a_format_older_than_this_jaxssl_reads_is_refused(monkeypatch):
-  monkeypatch.setattr(ckpt_lib, 'OLDEST_READABLE_FORMAT', 1)
+  monkeypatch.setattr(export_config, 'OLDEST_READABLE_FORMAT', 1)  # where check_format reads it
   with pytest.raises(ckpt_lib.UserError, match=r'written by jaxssl an unknown version \(format 0\).*read it with'):
     ckpt_lib.read_export_config(os.path.join(make_compat.FIXTURES['compat'], 'bert', 'export'))

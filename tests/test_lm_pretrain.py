@@ -128,13 +128,14 @@ def test_gpt_pretrain_job_learns_and_resumes_exactly(tmp_path):
   saved = tmp_path / 'cache' / 'jaxssl_programs' / saved
   [kept] = os.listdir(tmp_path / 'cache' / 'jaxssl_weights')  # the weights as one file the next start maps
   kept = tmp_path / 'cache' / 'jaxssl_weights' / kept
-  # The loading start imports neither flax nor scipy (LAPACK's setup, which this program does not need).
+  # The loading start imports neither flax nor scipy (LAPACK's setup, which this program does not need) nor orbax
+  # (the weights come from the kept file).
   env.update(PYTHONPROFILEIMPORTTIME='1')
   loading = job(*one)
   env.pop('PYTHONPROFILEIMPORTTIME')
   assert loading.stdout == first.stdout
   imported = {line.rsplit('|', 1)[-1].strip() for line in loading.stderr.splitlines() if line.startswith('import time')}
-  assert 'jax' in imported and not {'flax', 'scipy'} & imported
+  assert 'jax' in imported and not {'flax', 'scipy', 'orbax'} & imported
   assert os.listdir(kept.parent) == [kept.name]  # found, not written again
   saved.write_bytes(saved.read_bytes()[:200])
   assert job(*one).stdout == first.stdout and len(saved.read_bytes()) > 200

@@ -20,38 +20,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from jaxssl import config as config_lib
 from jaxssl import paths
 from jaxssl import storage
 from jaxssl.data import tokenizers
 from jaxssl.errors import JobFailed, UserError
-from jaxssl.models import vocab
-from jaxssl.version import __version__
-
-# The layout of what this jaxssl writes. Bump FORMAT_VERSION when a change means an older jaxssl can no longer read
-# a checkpoint or an export this one writes; raise OLDEST_READABLE_FORMAT only when this jaxssl stops reading an
-# older layout. 0 is everything written before versions were recorded (tests/fixtures/compat, which still restores).
-FORMAT_VERSION = 1
-OLDEST_READABLE_FORMAT = 0
-
-
-def format_stamp() -> dict:
-  """The keys every checkpoint's meta and every export's config.json carry: format version and jaxssl version."""
-  return {'format_version': FORMAT_VERSION, 'jaxssl_version': __version__}
-
-
-def check_format(saved: dict, what: str) -> None:
-  """UserError naming both versions when `saved` (a checkpoint's meta or an export's config.json, described by
-  `what`) was written in a layout this jaxssl cannot read."""
-  version = saved.get('format_version', 0)
-  if OLDEST_READABLE_FORMAT <= version <= FORMAT_VERSION:
-    return
-  by = saved.get('jaxssl_version', 'an unknown version')
-  fix = (f'read it with jaxssl {by} or newer (pip install -U jaxssl), or use a new --workdir' if version > FORMAT_VERSION
-         else f'read it with jaxssl {by}, or start again from an export this jaxssl reads')
-  raise UserError(f'{what} was written by jaxssl {by} (format {version}); this jaxssl {__version__} reads formats '
-                  f'{OLDEST_READABLE_FORMAT} to {FORMAT_VERSION}: {fix}')
-
+from jaxssl.train.export_config import (  # noqa: F401  (their home before; callers still use ckpt_lib.NAME)
+    FORMAT_VERSION, OLDEST_READABLE_FORMAT, check_format, describe_export, format_stamp, read_export_config)
 
 class _WriterErrorsInOneLine(logging.Filter):
   """orbax logs every failed writer thread with its traceback, and asyncio each failed future nobody read: a full
@@ -331,18 +305,6 @@ def _recover_export_swap(out: str) -> None:
   storage.rename(old, out)
 
 
-def read_export_config(path: str) -> dict:
-  config_file = storage.join(path, 'config.json')
-  if not storage.exists(config_file):
-    if storage.exists(storage.join(f'{os.fspath(path)}.old-export', 'config.json')):
-      raise UserError(f'{path} is missing: an export --overwrite was cut short and the previous export is whole in '
-                      f'{path}.old-export: rerun the export (which puts it back first), or move it back yourself')
-    raise UserError(f'{path} is not a jaxssl export (no config.json): create one with python -m jaxssl.export')
-  saved = json.loads(storage.read_text(config_file))
-  check_format(saved, f'the export {path}')
-  return saved
-
-
 def load_export_params(path: str, abstract_params):
   """Restores exported params onto the shardings of `abstract_params` (any mesh); UserError when they do not fit."""
   params_dir = storage.join(paths.absolute(os.fspath(path)), 'params')
@@ -375,18 +337,6 @@ def open_export(path: str, mesh=None):
   (jax.ShapeDtypeStruct on `mesh`'s shardings) describe the model; load_export_params restores the weights."""
   saved, config, model_cfg, tokenizer = describe_export(path)
   return config, setup_export_model(saved, model_cfg, mesh), tokenizer
-
-
-def describe_export(path: str):
-  """(config.json's dict, config, the model's config, tokenizer) of an export: open_export less the model's setup
-  (0.4 s of tracing for a 30-layer model), which setup_export_model does."""
-  saved = read_export_config(path)
-  config = config_lib.from_json(json.dumps(saved))
-  tokenizer = tokenizers.load_tokenizer(path)
-  vocab.check_rows(tokenizer.vocab_size, saved['vocab_size'], path)
-  # A padded vocabulary (more rows than the tokenizer's ids): the model never predicts the padding rows.
-  model_cfg = vocab.model_config_with_token_ids(config.model, tokenizer.vocab_size, saved['vocab_size'])
-  return saved, config, model_cfg, tokenizer
 
 
 def setup_export_model(saved: dict, model_cfg, mesh=None):
