@@ -103,6 +103,7 @@ def _program_weights(params: str, target: dict, inputs: list, keep: bool = True)
     if not views:  # nothing kept (a bucket, the cache off or full): the restored arrays' layers sliced
       return generate_program.program_leaves(weights, inputs)
     del weights
+    runtime.give_back_freed_host_memory()  # the restored copy's pages: the views replace them
   return jax.device_put(generate_program.program_leaves(views, inputs))
 
 
