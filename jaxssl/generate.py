@@ -86,8 +86,9 @@ def _program_weights(params: str, target: dict, inputs: list, keep: bool = True)
   """The generate program's weight arguments (`inputs`: generation.program_inputs) for the export at `params`
   (`target`: its nested dict of jax.ShapeDtypeStruct): views of the file weights_cache keeps of it (no copy), else
   the export restored through orbax. With `keep`, a restore writes that file for the next start and passes views
-  of it too, so the restored arrays are dropped rather than sliced: the job then holds one copy of the weights
-  (plus clean file pages the kernel can reclaim), not two (a 1.5B decoder's 7 GB of float32 peaked at 2x)."""
+  of it too, so the restored arrays are dropped (and their pages given back) rather than sliced: the job then
+  generates holding one copy of the weights, clean file pages the kernel can reclaim, not two (Qwen2.5-0.5B: 3.4-4.4
+  GB instead of 5.8; BENCHMARKS.md §29)."""
   import jax
   from jaxssl import weights_cache
   from jaxssl.models import generate_program
