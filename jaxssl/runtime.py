@@ -119,7 +119,6 @@ def keep_host_memory_mapped() -> bool:
   return bool(mallopt(m_arena_max, 1) and mallopt(m_mmap_max, 0) and mallopt(m_trim_threshold, never))
 
 
-
 def give_back_freed_host_memory() -> bool:
   """Returns the heap's free pages to the OS now (glibc's malloc_trim); True if it did. For a one-off large free
   that no later step reuses (the generate job's restored weights, once it maps them from a file instead), which
@@ -128,6 +127,7 @@ def give_back_freed_host_memory() -> bool:
     return bool(ctypes.CDLL(None).malloc_trim(0))
   except (OSError, AttributeError):  # not glibc
     return False
+
 
 def compile_cache_dir() -> str | None:
   """Where jobs keep XLA's compiled programs across runs: JAX_COMPILATION_CACHE_DIR (a folder or a gs:// URL),

@@ -27,6 +27,7 @@ from jaxssl.errors import JobFailed, UserError
 from jaxssl.train.export_config import (  # noqa: F401  (their home before; callers still use ckpt_lib.NAME)
     FORMAT_VERSION, OLDEST_READABLE_FORMAT, check_format, describe_export, format_stamp, read_export_config)
 
+
 class _WriterErrorsInOneLine(logging.Filter):
   """orbax logs every failed writer thread with its traceback, and asyncio each failed future nobody read: a full
   disk gives dozens of tracebacks. Each keeps its one-line message; the job's last line says what happened. Also
