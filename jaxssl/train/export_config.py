@@ -34,7 +34,8 @@ def check_format(saved: dict, what: str) -> None:
   if OLDEST_READABLE_FORMAT <= version <= FORMAT_VERSION:
     return
   by = saved.get('jaxssl_version', 'an unknown version')
-  fix = (f'read it with jaxssl {by} or newer (pip install -U jaxssl), or use a new --workdir' if version > FORMAT_VERSION
+  newer = version > FORMAT_VERSION
+  fix = (f'read it with jaxssl {by} or newer (pip install -U jaxssl), or use a new --workdir' if newer
          else f'read it with jaxssl {by}, or start again from an export this jaxssl reads')
   raise UserError(f'{what} was written by jaxssl {by} (format {version}); this jaxssl {__version__} reads formats '
                   f'{OLDEST_READABLE_FORMAT} to {FORMAT_VERSION}: {fix}')
