@@ -85,10 +85,10 @@ def generate(params: str, prompts: list[str], *, max_new_tokens: int = 50, greed
 def _program_weights(params: str, target: dict, inputs: list, keep: bool = True) -> list:
   """The generate program's weight arguments (`inputs`: generation.program_inputs) for the export at `params`
   (`target`: its nested dict of jax.ShapeDtypeStruct): views of the file weights_cache keeps of it (no copy), else
-  the export restored through orbax. With `keep`, a restore writes that file for the next start and passes views
-  of it too, so the restored arrays are dropped (and their pages given back) rather than sliced: the job then
-  generates holding one copy of the weights, clean file pages the kernel can reclaim, not two (Qwen2.5-0.5B: 3.4-4.4
-  GB instead of 5.8; BENCHMARKS.md §29)."""
+  the export restored through orbax. With `keep`, the export is restored leaf by leaf into that file (for the
+  next start too) and the program gets views of it: the job holds one leaf at a time while restoring, where orbax's
+  whole-tree restore peaked at about twice the weights, then generates on clean file pages the kernel can reclaim
+  (BENCHMARKS.md §29)."""
   import jax
   from jaxssl import weights_cache
   from jaxssl.models import generate_program
@@ -97,14 +97,13 @@ def _program_weights(params: str, target: dict, inputs: list, keep: bool = True)
   views = kept and weights_cache.load(kept, layout)  # e.g. written by a start with another prompt shape
   if not views:
     from jaxssl.train import checkpoint as ckpt_lib  # reason: orbax's import only where it restores
-    weights = generate_program.to_kept(ckpt_lib.load_export_params(params, target), inputs)
-    if kept:
-      weights_cache.save(kept, layout, weights)
+    if kept:  # restored leaf by leaf straight into the file: one leaf in memory at a time
+      weights_cache.save(kept, layout, generate_program.kept_leaves(ckpt_lib.export_leaves(params, target), inputs))
+      runtime.give_back_freed_host_memory()  # the last leaves' pages: the views replace them
       views = weights_cache.load(kept, layout)
-    if not views:  # nothing kept (a bucket, the cache off or full): the restored arrays' layers sliced
+    if not views:  # nothing kept (a bucket, the cache off, a failed write): the restored arrays' layers sliced
+      weights = generate_program.to_kept(ckpt_lib.load_export_params(params, target), inputs)
       return generate_program.program_leaves(weights, inputs)
-    del weights
-    runtime.give_back_freed_host_memory()  # the restored copy's pages: the views replace them
   return jax.device_put(generate_program.program_leaves(views, inputs))
 
 

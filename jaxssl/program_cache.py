@@ -72,7 +72,9 @@ def write_whole(path: str, fill) -> bool:
       fill(f)
     os.replace(tmp, path)
     return True
-  except OSError:
+  except BaseException as e:  # reason: no half-written file stays behind, whatever stopped `fill`
     if os.path.exists(tmp):
       os.remove(tmp)
-    return False
+    if isinstance(e, OSError):
+      return False
+    raise

@@ -69,19 +69,24 @@ def _offsets(header_bytes: int, sizes: list[int]) -> list[int]:
   return offsets
 
 
-def save(path: str, layout: list, weights: dict) -> None:
-  """Writes `weights` (a nested dict of arrays in `layout`) to `path` whole or not at all
-  (program_cache.write_whole), then trims the folder to its limit."""
+def save(path: str, layout: list, weights) -> None:
+  """Writes `weights` (a nested dict of arrays in `layout`, or an iterable of its leaves in layout order, each
+  written and dropped in turn) to `path` whole or not at all (program_cache.write_whole), then trims the folder
+  to its limit."""
   import numpy as np  # reason: as _nbytes
   header = json.dumps({'format': FORMAT, 'layout': layout}).encode() + b'\n'
   offsets = _offsets(len(header), _nbytes(layout))
 
-  def fill(f):
-    f.write(header)
-    for (keys, _, _), offset in zip(layout, offsets):
+  def leaves():
+    for keys, _, _ in layout:
       leaf = weights
       for key in keys:
         leaf = leaf[key]
+      yield leaf
+
+  def fill(f):
+    f.write(header)
+    for offset, leaf in zip(offsets, leaves() if isinstance(weights, dict) else weights):
       f.seek(offset)
       f.write(np.ascontiguousarray(np.asarray(leaf)).reshape(-1).view(np.uint8))
 

@@ -120,23 +120,24 @@ def _mapped_from(path) -> list[tuple[int, int]]:
 
 
 def test_the_generate_job_passes_views_of_the_file_it_keeps(cache, tmp_path, monkeypatch):
-  """A start that restores the export writes the file and passes views of it, not slices of the restored arrays
-  (one copy of the weights in memory, not two); a later start (another prompt shape) maps it without restoring."""
+  """A start that restores the export restores it leaf by leaf into the file and passes views of it, not arrays
+  of its own (one leaf in memory at a time, not the weights twice); a later start (another prompt shape) maps it
+  without restoring; an export that does not fit leaves no file behind."""
+  import orbax.checkpoint as ocp
   from jaxssl import generate
+  from jaxssl.errors import UserError
   from jaxssl.train import checkpoint as ckpt_lib
   w = weights()
-  export = fake_export(tmp_path / 'export')
+  export = str(tmp_path / 'export')
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.join(export, 'params'), jax.tree.map(jnp.asarray, w))
+  checkpointer.wait_until_finished()
   target = generate_program.weights_target(generate_program.weights_layout(w))
   inputs = [[['decoder', 'layers', i, 'kernel'], [16, 8], 'float32', [1, 0]] for i in range(3)] + [
       [['embedding'], [11, 5], 'float32']]
-  restored = []
-
-  def restore(path, abstract):
-    assert jax.tree.map(lambda a: (a.shape, a.dtype), abstract) == jax.tree.map(lambda a: (a.shape, a.dtype), w)
-    restored.append(path)
-    return jax.tree.map(jnp.asarray, weights())
-
-  monkeypatch.setattr(ckpt_lib, 'load_export_params', restore)
+  calls = []
+  for name in ('export_leaves', 'load_export_params'):
+    monkeypatch.setattr(ckpt_lib, name, lambda *a, f=getattr(ckpt_lib, name), n=name: calls.append(n) or f(*a))
   want = [w['decoder']['layers']['kernel'][i].T for i in range(3)] + [w['embedding']]  # the kernels output-major
   for _ in range(2):
     leaves = generate._program_weights(export, target, inputs)
@@ -145,8 +146,14 @@ def test_the_generate_job_passes_views_of_the_file_it_keeps(cache, tmp_path, mon
     [kept] = os.listdir(cache / 'jaxssl_weights')
     mapped = _mapped_from(cache / 'jaxssl_weights' / kept)
     assert mapped and all(any(lo <= a.unsafe_buffer_pointer() < hi for lo, hi in mapped) for a in leaves)
-  assert restored == [export]  # the second call found the file
-  sliced = generate._program_weights(export, target, inputs, keep=False)  # nothing kept: the restored layers
-  assert restored == [export, export]
+  assert calls == ['export_leaves']  # the second call found the file
+  sliced = generate._program_weights(export, target, inputs, keep=False)  # nothing kept: restored whole, sliced
+  assert calls == ['export_leaves', 'load_export_params']
   for got, expected in zip(sliced, want):
     np.testing.assert_array_equal(got, expected)
+  wrong = generate_program.weights_target([[['embedding'], [11, 6], 'float32'] if keys == ['embedding'] else
+                                           [keys, shape, dtype] for keys, shape, dtype in
+                                           generate_program.weights_layout(w)])
+  with pytest.raises(UserError, match=r'its params do not fit .*re-export'):
+    generate._program_weights(export, wrong, inputs[:3] + [[['embedding'], [11, 6], 'float32']])
+  assert os.listdir(cache / 'jaxssl_weights') == [kept]  # no partial file

@@ -11,6 +11,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxssl import program_cache
 from jaxssl.errors import UserError
@@ -127,6 +128,16 @@ def to_kept(weights: dict, inputs: list) -> dict:
       node = node[key]
     node[keys[-1]] = jnp.transpose(node[keys[-1]], (0, *(1 + p for p in perm)))
   return weights
+
+
+def kept_leaves(leaves, inputs: list):
+  """The export's leaves ((keys, array) pairs in weights_layout order, e.g. checkpoint.export_leaves) as arrays in
+  `kept_layout`, one at a time: what to_kept does to the whole dict. numpy's transpose is a view that
+  weights_cache.save copies out once (XLA's held its input and output, and the 1.5B's start peaked higher)."""
+  perms = _stacked_perms(inputs)
+  for keys, leaf in leaves:
+    perm = perms.get(tuple(keys))
+    yield leaf if perm is None else np.transpose(np.asarray(leaf), (0, *(1 + p for p in perm)))
 
 
 def program_leaves(weights: dict, inputs: list) -> list:
