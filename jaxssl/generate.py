@@ -64,8 +64,7 @@ def generate(params: str, prompts: list[str], *, max_new_tokens: int = 50, greed
   program = None
   if found:
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-      restoring = pool.submit(lambda: _program_weights(params, generate_program.weights_target(found[0]['weights']),
-                                                       found[0]['inputs']))
+      restoring = pool.submit(_program_weights, params, found[0]['weights'], found[0]['inputs'])
       program = generate_program.load(*found)
       weights = restoring.result()
   if program is not None:
@@ -82,28 +81,30 @@ def generate(params: str, prompts: list[str], *, max_new_tokens: int = 50, greed
   return results
 
 
-def _program_weights(params: str, target: dict, inputs: list, keep: bool = True) -> list:
+def _program_weights(params: str, weights: list, inputs: list, keep: bool = True, target: dict | None = None) -> list:
   """The generate program's weight arguments (`inputs`: generation.program_inputs) for the export at `params`
-  (`target`: its nested dict of jax.ShapeDtypeStruct): views of the file weights_cache keeps of it (no copy), else
-  the export restored through orbax. With `keep`, the export is restored leaf by leaf into that file (for the
-  next start too) and the program gets views of it: the job holds one leaf at a time while restoring, where orbax's
-  whole-tree restore peaked at about twice the weights, then generates on clean file pages the kernel can reclaim
-  (BENCHMARKS.md §29)."""
+  (`weights`: its weights_layout; `target`: the jax.ShapeDtypeStruct to restore it onto, by default
+  generate_program.weights_target's, built only when it restores): views of the file weights_cache keeps of it (no
+  copy), else the export restored through orbax. With `keep`, the export is restored leaf by leaf into that file
+  (for the next start too) and the program gets views of it: the job holds one leaf at a time while restoring,
+  where orbax's whole-tree restore peaked at about twice the weights, then generates on clean file pages the kernel
+  can reclaim (BENCHMARKS.md §29)."""
   import jax
   from jaxssl import weights_cache
   from jaxssl.models import generate_program
-  layout = generate_program.kept_layout(generate_program.weights_layout(target), inputs)
+  layout = generate_program.kept_layout(weights, inputs)
   kept = keep and weights_cache.path_for(params, layout)
   views = kept and weights_cache.load(kept, layout)  # e.g. written by a start with another prompt shape
   if not views:
     from jaxssl.train import checkpoint as ckpt_lib  # reason: orbax's import only where it restores
+    target = target or generate_program.weights_target(weights)
     if kept:  # restored leaf by leaf straight into the file: one leaf in memory at a time
       weights_cache.save(kept, layout, generate_program.kept_leaves(ckpt_lib.export_leaves(params, target), inputs))
       runtime.give_back_freed_host_memory()  # the last leaves' pages: the views replace them
       views = weights_cache.load(kept, layout)
     if not views:  # nothing kept (a bucket, the cache off, a failed write): the restored arrays' layers sliced
-      weights = generate_program.to_kept(ckpt_lib.load_export_params(params, target), inputs)
-      return generate_program.program_leaves(weights, inputs)
+      restored = generate_program.to_kept(ckpt_lib.load_export_params(params, target), inputs)
+      return generate_program.program_leaves(restored, inputs)
   return jax.device_put(generate_program.program_leaves(views, inputs))
 
 
@@ -111,13 +112,14 @@ def _compile_and_generate(params, saved, model_cfg, ids, small, max_new_tokens, 
   """The first start for these settings: the weights are restored (and kept for the next start) on another thread
   while this one compiles the program from the model's shapes (and saves it to `save_to`)."""
   from flax import nnx
-  from jaxssl.models import generation
+  from jaxssl.models import generate_program, generation
   from jaxssl.train import checkpoint as ckpt_lib
   setup = ckpt_lib.setup_export_model(saved, model_cfg)
   abstract = nnx.merge(setup.graphdef, setup.abstract_params)
   inputs = generation.program_inputs(generation.layers_apart(abstract))
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
-    restoring = pool.submit(_program_weights, params, setup.abstract_params, inputs, bool(save_to))
+    restoring = pool.submit(_program_weights, params, generate_program.weights_layout(setup.abstract_params), inputs,
+                            bool(save_to), setup.abstract_params)
     program = generation.compile_generate(abstract, *ids.shape, max_new_tokens, greedy=greedy,
                                           num_stop_ids=len(small[-2]), save_to=save_to)
     leaves = restoring.result()

@@ -132,7 +132,7 @@ def test_the_generate_job_passes_views_of_the_file_it_keeps(cache, tmp_path, mon
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.join(export, 'params'), jax.tree.map(jnp.asarray, w))
   checkpointer.wait_until_finished()
-  target = generate_program.weights_target(generate_program.weights_layout(w))
+  layout = generate_program.weights_layout(w)
   inputs = [[['decoder', 'layers', i, 'kernel'], [16, 8], 'float32', [1, 0]] for i in range(3)] + [
       [['embedding'], [11, 5], 'float32']]
   calls = []
@@ -140,20 +140,18 @@ def test_the_generate_job_passes_views_of_the_file_it_keeps(cache, tmp_path, mon
     monkeypatch.setattr(ckpt_lib, name, lambda *a, f=getattr(ckpt_lib, name), n=name: calls.append(n) or f(*a))
   want = [w['decoder']['layers']['kernel'][i].T for i in range(3)] + [w['embedding']]  # the kernels output-major
   for _ in range(2):
-    leaves = generate._program_weights(export, target, inputs)
+    leaves = generate._program_weights(export, layout, inputs)
     for got, expected in zip(leaves, want):
       np.testing.assert_array_equal(got, expected)
     [kept] = os.listdir(cache / 'jaxssl_weights')
     mapped = _mapped_from(cache / 'jaxssl_weights' / kept)
     assert mapped and all(any(lo <= a.unsafe_buffer_pointer() < hi for lo, hi in mapped) for a in leaves)
   assert calls == ['export_leaves']  # the second call found the file
-  sliced = generate._program_weights(export, target, inputs, keep=False)  # nothing kept: restored whole, sliced
+  sliced = generate._program_weights(export, layout, inputs, keep=False)  # nothing kept: restored whole, sliced
   assert calls == ['export_leaves', 'load_export_params']
   for got, expected in zip(sliced, want):
     np.testing.assert_array_equal(got, expected)
-  wrong = generate_program.weights_target([[['embedding'], [11, 6], 'float32'] if keys == ['embedding'] else
-                                           [keys, shape, dtype] for keys, shape, dtype in
-                                           generate_program.weights_layout(w)])
+  wrong = [[keys, [11, 6] if keys == ['embedding'] else shape, dtype] for keys, shape, dtype in layout]
   with pytest.raises(UserError, match=r'its params do not fit .*re-export'):
     generate._program_weights(export, wrong, inputs[:3] + [[['embedding'], [11, 6], 'float32']])
   assert os.listdir(cache / 'jaxssl_weights') == [kept]  # no partial file

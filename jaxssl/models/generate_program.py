@@ -101,12 +101,12 @@ def weights_target(weights: list) -> dict:
 
 
 def _stacked_perms(inputs: list) -> dict:
-  """{stacked leaf's keys: the axes order of its layers' slices} for the inputs taken output-major (a 4th entry,
-  generation.program_inputs)."""
+  """{stacked leaf's keys: its axes order as kept, the layer axis first and then its layers' slices' order} for
+  the inputs taken output-major (a 4th entry, generation.program_inputs)."""
   out = {}
   for keys, *_, perm in (entry for entry in inputs if len(entry) > 3):
     layer = next(j for j, key in enumerate(keys) if isinstance(key, int))
-    out[tuple(keys[:layer] + keys[layer + 1:])] = tuple(perm)
+    out[tuple(keys[:layer] + keys[layer + 1:])] = (0, *(1 + p for p in perm))
   return out
 
 
@@ -115,7 +115,7 @@ def kept_layout(weights: list, inputs: list) -> list:
   weights_layout) with each stacked leaf whose layers the program takes output-major stored so, [L, *O, *I], where
   each layer's slice is the program's input itself (a view of a memory-mapped file, no copy)."""
   perms = _stacked_perms(inputs)
-  return [[keys, [shape[0], *(shape[1 + p] for p in perms[tuple(keys)])] if tuple(keys) in perms else shape, dtype]
+  return [[keys, [shape[a] for a in perms[tuple(keys)]] if tuple(keys) in perms else shape, dtype]
           for keys, shape, dtype in weights]
 
 
@@ -126,7 +126,7 @@ def to_kept(weights: dict, inputs: list) -> dict:
     node = weights
     for key in keys[:-1]:
       node = node[key]
-    node[keys[-1]] = jnp.transpose(node[keys[-1]], (0, *(1 + p for p in perm)))
+    node[keys[-1]] = jnp.transpose(node[keys[-1]], perm)
   return weights
 
 
@@ -137,7 +137,7 @@ def kept_leaves(leaves, inputs: list):
   perms = _stacked_perms(inputs)
   for keys, leaf in leaves:
     perm = perms.get(tuple(keys))
-    yield leaf if perm is None else np.transpose(np.asarray(leaf), (0, *(1 + p for p in perm)))
+    yield leaf if perm is None else np.transpose(np.asarray(leaf), perm)
 
 
 def program_leaves(weights: dict, inputs: list) -> list:
