@@ -205,3 +205,81 @@ def test_finetuning_steps_match_transformers(hf_dir, converted):
   close(state['params']['head']['kernel'], theirs.classifier.weight.detach().numpy().T, 'head kernel after 6 steps')
   close(state['params']['body']['word_embeddings']['embedding'],
         theirs.roberta.embeddings.word_embeddings.weight.detach().numpy(), 'word embeddings after 6 steps')
+
+
+def byte_level_bpe(directory, specials):
+  """A RoBERTa-style byte-level BPE tokenizer.json with `specials` first, and no tokenizer_config.json (roberta-base
+  as the hub has it)."""
+  tok = tokenizers.ByteLevelBPETokenizer()
+  tok.train_from_iterator(LINES[:4] * 8, vocab_size=300, special_tokens=specials, show_progress=False)
+  tok.save(os.path.join(directory, 'tokenizer.json'))
+
+
+def test_encoder_roles_without_tokenizer_config(tmp_path):
+  """roberta-base, xlm-roberta-base and camembert-base ship no tokenizer_config.json: their <s> </s> <pad> <unk>
+  <mask> must still serve as [CLS] [SEP] [PAD] [UNK] [MASK] (they read as a decoder's BPE whose every role was
+  </s>: fine-tuning ran on </s> text </s> padded with </s>). Decoders' tokenizers keep their own roles."""
+  roberta = str(tmp_path / 'roberta')
+  os.makedirs(roberta)
+  byte_level_bpe(roberta, ['<s>', '<pad>', '</s>', '<unk>', '<mask>'])
+  with open(os.path.join(roberta, 'config.json'), 'w') as f:  # what AutoTokenizer picks RobertaTokenizerFast by
+    json.dump({'model_type': 'roberta'}, f)
+  ours = tok_lib.load_tokenizer(roberta)
+  assert isinstance(ours, wordpiece.WordPieceTokenizer)
+  assert (ours.cls_id, ours.pad_id, ours.sep_id, ours.unk_id, ours.mask_id) == (0, 1, 2, 3, 4)
+  theirs = transformers.AutoTokenizer.from_pretrained(roberta)
+  assert type(theirs).__name__.startswith('RobertaTokenizer')
+  assert [[ours.cls_id] + ids + [ours.sep_id] for ids in ours.encode(SENTENCES[:1])] == theirs(SENTENCES[:1])[
+      'input_ids']
+  # Gemma's specials include <mask> but with <bos> / <eos>; Llama 2's <s> </s> come without <mask>; a config that
+  # names a decoder's roles wins: none of them is an encoder's.
+  for name, specials, config in (('gemma', ['<pad>', '<eos>', '<bos>', '<unk>', '<mask>'], None),
+                                 ('llama2', ['<unk>', '<s>', '</s>'], None),
+                                 ('named', ['<s>', '</s>', '<unk>', '<mask>'], {'bos_token': '<s>', 'eos_token': '</s>'})):
+    directory = str(tmp_path / name)
+    os.makedirs(directory)
+    byte_level_bpe(directory, specials)
+    if config:
+      with open(os.path.join(directory, 'tokenizer_config.json'), 'w') as f:
+        json.dump(config, f)
+    assert not isinstance(tok_lib.load_tokenizer(directory), wordpiece.WordPieceTokenizer), name
+
+
+def test_camembert_matches_transformers(tmp_path):
+  """CamemBERT (model_type 'camembert': RoBERTa's layout) with camembert-base's odd special tokens (<s>NOTUSED,
+  </s>NOTUSED ahead of the real <s> </s>) and, as on the hub, no tokenizer_config.json: the roles, the ids and the
+  hidden states and MLM logits of transformers' CamembertForMaskedLM."""
+  directory = str(tmp_path / 'camembert')
+  os.makedirs(directory)
+  tok = tokenizers.SentencePieceUnigramTokenizer()
+  tok.train_from_iterator(LINES * 4, vocab_size=160, unk_token='<unk>', show_progress=False,
+                          special_tokens=['<s>NOTUSED', '<pad>', '</s>NOTUSED', '<unk>', '<s>', '</s>'])
+  tok.add_special_tokens(['<mask>'])
+  tok.save(os.path.join(directory, 'tokenizer.json'))
+  torch.manual_seed(1)
+  config = transformers.CamembertConfig(
+      vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+      intermediate_size=37, max_position_embeddings=66, type_vocab_size=1, pad_token_id=1, bos_token_id=4,
+      eos_token_id=5, layer_norm_eps=1e-5)
+  hf_model = transformers.CamembertForMaskedLM(config).eval()
+  hf_model.save_pretrained(directory, safe_serialization=True)
+  out = str(tmp_path / 'params')
+  convert_main.main(['from-hf', '--src', directory, '--out', out])
+  _, model, tokenizer = load_export(out, make_mesh((1, 1, 1), jax.devices()[:1]))
+  assert (tokenizer.cls_id, tokenizer.pad_id, tokenizer.sep_id, tokenizer.unk_id) == (4, 1, 5, 3)
+  assert tokenizer.mask_id == tokenizer.vocab_size - 1
+  rows = [[tokenizer.cls_id] + ids + [tokenizer.sep_id] for ids in tokenizer.encode(SENTENCES)]
+  assert rows == transformers.AutoTokenizer.from_pretrained(directory)(SENTENCES)['input_ids']
+  ids = np.full((len(rows), max(map(len, rows)) + 2), tokenizer.pad_id, np.int64)
+  for i, r in enumerate(rows):
+    ids[i, :len(r)] = r
+  mask = (ids != tokenizer.pad_id).astype(np.int64)
+  with torch.no_grad():
+    theirs = hf_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), output_hidden_states=True)
+  args = [jnp.asarray(a, jnp.int32) for a in (ids, np.zeros_like(ids), mask)]
+  _, _, our_hidden = model.encode(*args, return_hidden_states=True)
+  real = mask.astype(bool)
+  close(np.asarray(our_hidden[-1])[real], theirs.hidden_states[-1].numpy()[real], 'last hidden state')
+  positions = np.stack([np.arange(6)] * len(rows))
+  our_mlm, _ = model(*args, jnp.asarray(positions, jnp.int32))
+  close(our_mlm, np.take_along_axis(theirs.logits.numpy(), positions[:, :, None], axis=1), 'MLM logits')

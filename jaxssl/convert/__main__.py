@@ -3,9 +3,9 @@
   python -m jaxssl.convert from-hf --src HF_DIR_OR_GGUF --out PARAMS [--overwrite] [--seed N]
   python -m jaxssl.convert to-hf   --src PARAMS --out HF_DIR [--overwrite]
 
-from-hf reads a HuggingFace directory: BERT (BertForPreTraining / BertModel; also RoBERTa / XLM-R:
-XLMRobertaModel / XLMRobertaForMaskedLM; DistilBERT; ELECTRA: ElectraForPreTraining / ElectraForMaskedLM; MPNet:
-MPNetModel / MPNetForMaskedLM), GPT-2
+from-hf reads a HuggingFace directory: BERT (BertForPreTraining / BertModel; also RoBERTa / XLM-R /
+CamemBERT: XLMRobertaModel / XLMRobertaForMaskedLM / CamembertForMaskedLM ...; DistilBERT; ELECTRA:
+ElectraForPreTraining / ElectraForMaskedLM; MPNet: MPNetModel / MPNetForMaskedLM), GPT-2
 (GPT2LMHeadModel) or the Llama family (LlamaForCausalLM; also Mistral, Qwen2 and Qwen3 layouts), picked by
 config.json's model_type (as transformers 4 or 5 wrote it), with its weights (safetensors, sharded or not, bfloat16
 included; pytorch_model.bin when torch is installed) and its tokenizer (tokenizer.json, vocab.txt, or vocab.json +
@@ -40,7 +40,8 @@ def _source_kind(src: str) -> str:
     model_type = json.loads(storage.read_text(config)).get('model_type', 'bert')
   except (OSError, ValueError) as e:
     raise UserError(f'cannot read {config} ({e})') from None
-  return 'bert' if model_type in ('bert', 'roberta', 'xlm-roberta', 'distilbert', 'electra', 'mpnet') else 'decoder'
+  return 'bert' if model_type in ('bert', 'roberta', 'xlm-roberta', 'camembert', 'distilbert', 'electra',
+                                          'mpnet') else 'decoder'
 
 
 def _export_kind(src: str) -> str:

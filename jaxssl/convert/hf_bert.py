@@ -9,7 +9,7 @@ transformers 4's or 5's layout; keys it omits take transformers' defaults (hf_de
 BertModel (no prefix), BertForPreTraining and BertForMaskedLM (prefix 'bert.'); heads a checkpoint lacks
 (pooler, NSP, MLM) are initialised fresh and named in one printed line.
 
-RoBERTa / XLM-R (model_type 'roberta' / 'xlm-roberta': XLMRobertaModel, XLMRobertaForMaskedLM, ...) import too
+RoBERTa / XLM-R / CamemBERT (model_type 'roberta' / 'xlm-roberta' / 'camembert': XLMRobertaModel, ...) import too
 (from-hf only): the same body under prefix 'roberta.', an MLM head `lm_head.*` (= BERT's cls.predictions.*), no
 NSP head (fresh), LayerNorm eps 1e-5 (model.layer_norm_eps). Positions: RoBERTa numbers the tokens of a sequence
 from pad_token_id + 1 (= 2), so its table has max_position + 2 rows and token t reads row t + 2. The import drops
@@ -145,7 +145,7 @@ def jaxssl_config(hf: dict):
     hf, model_type = BERT_UNDER_OTHER_NAMES[model_type].bert_config(hf), 'bert'
   if model_type != 'bert' and model_type not in ROBERTA_TYPES:
     raise UserError(f"HF config.json has model_type={model_type!r}: only 'bert', 'roberta', 'xlm-roberta', "
-                    "'distilbert', 'electra' and 'mpnet' convert here")
+                    "'camembert', 'distilbert', 'electra' and 'mpnet' convert here")
   hf = hf_defaults.with_defaults(hf, 'bert')
   if hf['hidden_act'] != 'gelu':
     raise UserError(f"HF config.json has hidden_act={hf['hidden_act']!r}: jaxssl BERT uses exact (erf) 'gelu' "

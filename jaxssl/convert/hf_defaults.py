@@ -39,6 +39,7 @@ DEFAULTS = {
     'bert': dict(_BERT_COMMON),
     'roberta': dict(_BERT_COMMON, vocab_size=50265, pad_token_id=1),
     'xlm-roberta': dict(_BERT_COMMON, pad_token_id=1),
+    'camembert': dict(_BERT_COMMON, pad_token_id=1),
     'electra': dict(_BERT_COMMON, embedding_size=128, hidden_size=256, num_attention_heads=4, intermediate_size=1024),
     'mpnet': dict({k: v for k, v in _BERT_COMMON.items() if k != 'type_vocab_size'}, vocab_size=30527,
                   pad_token_id=1, relative_attention_num_buckets=32),

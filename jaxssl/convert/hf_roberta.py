@@ -1,10 +1,10 @@
-"""HuggingFace RoBERTa / XLM-R checkpoints as BERT ones, for hf_bert's importer (its module docstring says how the
-positions and token types are carried over)."""
+"""HuggingFace RoBERTa / XLM-R / CamemBERT checkpoints as BERT ones, for hf_bert's importer (its module docstring
+says how the positions and token types are carried over)."""
 import numpy as np
 
 from jaxssl.convert import hf_defaults
 
-ROBERTA_TYPES = ('roberta', 'xlm-roberta')
+ROBERTA_TYPES = ('roberta', 'xlm-roberta', 'camembert')  # CamemBERT: RoBERTa's layout and names
 # RoBERTa layout -> BERT names (HF's RobertaLMHead is BERT's prediction head under other names).
 ROBERTA_RENAMES = (('roberta.', 'bert.'), ('lm_head.dense.', 'cls.predictions.transform.dense.'),
                    ('lm_head.layer_norm.', 'cls.predictions.transform.LayerNorm.'),

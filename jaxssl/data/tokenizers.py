@@ -249,8 +249,8 @@ def get_or_train_tokenizer(workdir: str, sentences_fn: Callable[[], Iterable[str
 
 def load_tokenizer(path: str) -> TextTokenizer:
   """Opens the tokenizer at `path`, a file or a directory holding one of (looked for in this order):
-  tokenizer.model (jaxssl sentencepiece), tokenizer.json (HuggingFace: WordPiece for BERT checkpoints, or any
-  model whose tokenizer_config.json names a mask token (XLM-R's Unigram): BERT roles; BPE for GPT-2/Llama-family
+  tokenizer.model (jaxssl sentencepiece), tokenizer.json (HuggingFace: WordPiece for BERT checkpoints, or any MLM
+  encoder's (RoBERTa's BPE, XLM-R's Unigram: wordpiece.has_encoder_roles): BERT roles; BPE for GPT-2/Llama-family
   decoders), vocab.txt (BERT WordPiece) or vocab.json + merges.txt (GPT-2 BPE).
   A directory's tokenizer.model that is not jaxssl's (Llama 2 ships one beside its tokenizer.json) yields to
   the tokenizer.json. Raises UserError naming what was looked for when there is none."""
@@ -276,9 +276,9 @@ def load_tokenizer(path: str) -> TextTokenizer:
       raise UserError(f'{path} has no {hf_tokenizer.MERGES_TXT} beside it: a GPT-2 BPE tokenizer needs both')
     return hf_tokenizer.HFTokenizer.from_vocab_merges(path, merges)
   if path.endswith('.json'):
-    # Encoders' tokenizers (BERT WordPiece; RoBERTa / XLM-R, whose config names a mask token) get BERT roles.
+    # Encoders' tokenizers (BERT WordPiece; RoBERTa / XLM-R: <s> </s> <mask>, or a config naming a mask) get BERT roles.
     tok = hf_tokenizer.read_tokenizer_json(path)  # read once: Gemma 3's takes a second
-    if hf_tokenizer.model_type(tok) == 'WordPiece' or wordpiece.bert_roles_named(storage.parent(path)):
+    if wordpiece.has_encoder_roles(tok, storage.parent(path)):
       return wordpiece.WordPieceTokenizer.from_file(path, tok)
     return hf_tokenizer.HFTokenizer.from_file(path, tok)
   if path.endswith('.txt'):

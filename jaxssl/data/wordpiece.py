@@ -9,9 +9,11 @@ bert-base-uncased). Text that spells a special token ("[MASK]") is tokenized as 
 tokenizer does and as jaxssl's sentencepiece models do, so a corpus cannot forge a mask (HuggingFace's default
 would turn it into the [MASK] id).
 
-Any other tokenizer.json (RoBERTa's BPE, XLM-R's sentencepiece Unigram) gets BERT roles here too when its
-tokenizer_config.json names a mask token (`bert_roles_named`): XLM-R's <s> </s> <pad> <unk> <mask> serve as
-[CLS] [SEP] [PAD] [UNK] [MASK] (cls_token / sep_token, else bos_token / eos_token).
+Any other tokenizer.json (RoBERTa's BPE, XLM-R's sentencepiece Unigram) gets BERT roles here too when it is an MLM
+encoder's (`has_encoder_roles`): its tokenizer_config.json names a mask token, or, with no config naming the roles
+(roberta-base, xlm-roberta-base and camembert-base ship no tokenizer_config.json), RoBERTa's <s> </s> <mask> are
+among its special tokens. XLM-R's <s> </s> <pad> <unk> <mask> serve as [CLS] [SEP] [PAD] [UNK] [MASK]
+(cls_token / sep_token, else bos_token / eos_token, else RoBERTa's names where the vocabulary has no [CLS]).
 """
 import json
 import re
@@ -28,6 +30,8 @@ from jaxssl.errors import UserError
 VOCAB_FILENAME = 'vocab.txt'
 _ROLES = ('pad', 'unk', 'cls', 'sep', 'mask')
 _DEFAULT_TOKENS = {role: f'[{role.upper()}]' for role in _ROLES}
+# RoBERTa's names for the same roles (XLM-R's, CamemBERT's and MPNet's too); transformers' RobertaTokenizer defaults.
+_ROBERTA_TOKENS = {'pad': '<pad>', 'unk': '<unk>', 'cls': '<s>', 'sep': '</s>', 'mask': '<mask>'}
 # BERT vocabularies reserve placeholder entries ([unused0] ... [unused993]) that text never produces.
 _RESERVED = re.compile(r'\[unused\d+\]')
 
@@ -39,9 +43,10 @@ def _config_token(config: dict, key: str) -> str | None:
   return value if isinstance(value, str) else None
 
 
-def _token_names(config: dict) -> dict[str, str]:
-  """Role -> token text, from tokenizer_config.json or BERT's defaults ([CLS]/[SEP] else bos/eos, RoBERTa's)."""
-  names = dict(_DEFAULT_TOKENS)
+def _token_names(config: dict, defaults: dict | None = None) -> dict[str, str]:
+  """Role -> token text, from tokenizer_config.json ([CLS]/[SEP] else bos/eos, RoBERTa's), else `defaults`
+  (BERT's [CLS] ... by default)."""
+  names = dict(defaults or _DEFAULT_TOKENS)
   for role, fallback in zip(_ROLES, (None, None, 'bos', 'eos', None)):
     value = _config_token(config, f'{role}_token') or (fallback and _config_token(config, f'{fallback}_token'))
     if value:
@@ -49,9 +54,30 @@ def _token_names(config: dict) -> dict[str, str]:
   return names
 
 
-def bert_roles_named(directory: str) -> bool:
-  """Whether `directory`'s tokenizer_config.json names a mask token (a BERT-style encoder's tokenizer)."""
-  return _config_token(read_tokenizer_config(directory), 'mask_token') is not None
+def _special_tokens(tokenizer: hf_tokenizers.Tokenizer) -> set[str]:
+  return {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
+
+
+def _default_names(tokenizer: hf_tokenizers.Tokenizer) -> dict[str, str]:
+  """BERT's role names, or RoBERTa's for a vocabulary without [CLS] that has <s> (roberta-base, XLM-R)."""
+  roberta = tokenizer.token_to_id(_ROBERTA_TOKENS['cls']) is not None
+  if roberta and tokenizer.token_to_id(_DEFAULT_TOKENS['cls']) is None:
+    return dict(_ROBERTA_TOKENS)
+  return dict(_DEFAULT_TOKENS)
+
+
+def has_encoder_roles(tokenizer: hf_tokenizers.Tokenizer, directory: str) -> bool:
+  """Whether a tokenizer.json's `tokenizer` (`directory` holds it) is an MLM encoder's, to get BERT roles: WordPiece,
+  a tokenizer_config.json beside it naming a mask token, or, where that config names no roles, RoBERTa's <s> </s>
+  <mask> among its special tokens. Without this, roberta-base as the hub has it (no tokenizer_config.json) read as
+  a decoder's BPE whose every role fell back to </s>: pad = cls = sep. Gemma's <mask> comes with <bos> / <eos>."""
+  if hf_tokenizer.model_type(tokenizer) == 'WordPiece':
+    return True
+  config = read_tokenizer_config(directory)
+  if _config_token(config, 'mask_token') is not None:
+    return True
+  named = any(_config_token(config, f'{role}_token') for role in ('bos', 'eos', 'cls', 'sep', 'pad'))
+  return not named and {'<s>', '</s>', '<mask>'} <= _special_tokens(tokenizer)
 
 
 class WordPieceTokenizer:
@@ -83,7 +109,7 @@ class WordPieceTokenizer:
     """Loads a HuggingFace `tokenizer.json` (or `tokenizer`, read_tokenizer_json's of it; special token names from
     a tokenizer_config.json beside it)."""
     tok = tokenizer if tokenizer is not None else hf_tokenizer.read_tokenizer_json(path)
-    return cls(tok, path, _token_names(read_tokenizer_config(storage.parent(path))))
+    return cls(tok, path, _token_names(read_tokenizer_config(storage.parent(path)), _default_names(tok)))
 
   @classmethod
   def from_vocab(cls, path: str, lowercase: bool | None = None) -> 'WordPieceTokenizer':
