@@ -231,6 +231,16 @@ def test_encoder_roles_without_tokenizer_config(tmp_path):
   assert type(theirs).__name__.startswith('RobertaTokenizer')
   assert [[ours.cls_id] + ids + [ours.sep_id] for ids in ours.encode(SENTENCES[:1])] == theirs(SENTENCES[:1])[
       'input_ids']
+  # ALBERT's (albert-base-v2: a Unigram with <pad> <unk> [CLS] [SEP] [MASK], no tokenizer_config.json either).
+  albert = str(tmp_path / 'albert')
+  os.makedirs(albert)
+  tok = tokenizers.SentencePieceUnigramTokenizer()
+  tok.train_from_iterator(LINES * 4, vocab_size=120, unk_token='<unk>', show_progress=False,
+                          special_tokens=['<pad>', '<unk>', '[CLS]', '[SEP]', '[MASK]'])
+  tok.save(os.path.join(albert, 'tokenizer.json'))
+  ours = tok_lib.load_tokenizer(albert)
+  assert isinstance(ours, wordpiece.WordPieceTokenizer)
+  assert (ours.pad_id, ours.unk_id, ours.cls_id, ours.sep_id, ours.mask_id) == (0, 1, 2, 3, 4)
   # Gemma's specials include <mask> but with <bos> / <eos>; Llama 2's <s> </s> come without <mask>; a config that
   # names a decoder's roles wins: none of them is an encoder's.
   for name, specials, config in (('gemma', ['<pad>', '<eos>', '<bos>', '<unk>', '<mask>'], None),

@@ -11,9 +11,10 @@ would turn it into the [MASK] id).
 
 Any other tokenizer.json (RoBERTa's BPE, XLM-R's sentencepiece Unigram) gets BERT roles here too when it is an MLM
 encoder's (`has_encoder_roles`): its tokenizer_config.json names a mask token, or, with no config naming the roles
-(roberta-base, xlm-roberta-base and camembert-base ship no tokenizer_config.json), RoBERTa's <s> </s> <mask> are
-among its special tokens. XLM-R's <s> </s> <pad> <unk> <mask> serve as [CLS] [SEP] [PAD] [UNK] [MASK]
-(cls_token / sep_token, else bos_token / eos_token, else RoBERTa's names where the vocabulary has no [CLS]).
+(roberta-base, xlm-roberta-base and camembert-base ship no tokenizer_config.json), RoBERTa's <s> </s> <mask> (or
+[CLS] [SEP] [MASK] beside ALBERT's <pad> <unk>) are among its special tokens. XLM-R's <s> </s> <pad> <unk>
+<mask> serve as [CLS] [SEP] [PAD] [UNK] [MASK] (cls_token / sep_token, else bos_token / eos_token, else whichever
+spelling the vocabulary has).
 """
 import json
 import re
@@ -30,8 +31,9 @@ from jaxssl.errors import UserError
 VOCAB_FILENAME = 'vocab.txt'
 _ROLES = ('pad', 'unk', 'cls', 'sep', 'mask')
 _DEFAULT_TOKENS = {role: f'[{role.upper()}]' for role in _ROLES}
-# RoBERTa's names for the same roles (XLM-R's, CamemBERT's and MPNet's too); transformers' RobertaTokenizer defaults.
-_ROBERTA_TOKENS = {'pad': '<pad>', 'unk': '<unk>', 'cls': '<s>', 'sep': '</s>', 'mask': '<mask>'}
+# Each role's other spelling: RoBERTa's (XLM-R's, CamemBERT's, MPNet's; transformers' RobertaTokenizer defaults),
+# and ALBERT's <pad> / <unk> beside its [CLS] [SEP] [MASK].
+_OTHER_NAMES = {'pad': '<pad>', 'unk': '<unk>', 'cls': '<s>', 'sep': '</s>', 'mask': '<mask>'}
 # BERT vocabularies reserve placeholder entries ([unused0] ... [unused993]) that text never produces.
 _RESERVED = re.compile(r'\[unused\d+\]')
 
@@ -59,25 +61,26 @@ def _special_tokens(tokenizer: hf_tokenizers.Tokenizer) -> set[str]:
 
 
 def _default_names(tokenizer: hf_tokenizers.Tokenizer) -> dict[str, str]:
-  """BERT's role names, or RoBERTa's for a vocabulary without [CLS] that has <s> (roberta-base, XLM-R)."""
-  roberta = tokenizer.token_to_id(_ROBERTA_TOKENS['cls']) is not None
-  if roberta and tokenizer.token_to_id(_DEFAULT_TOKENS['cls']) is None:
-    return dict(_ROBERTA_TOKENS)
-  return dict(_DEFAULT_TOKENS)
+  """Each role's BERT name ([CLS] ...), or its other spelling (<s> ...) where the vocabulary has only that one
+  (roberta-base, XLM-R; ALBERT's <pad> and <unk>)."""
+  return {role: other if tokenizer.token_to_id(name) is None and tokenizer.token_to_id(other) is not None else name
+          for (role, name), other in zip(_DEFAULT_TOKENS.items(), _OTHER_NAMES.values())}
 
 
 def has_encoder_roles(tokenizer: hf_tokenizers.Tokenizer, directory: str) -> bool:
   """Whether a tokenizer.json's `tokenizer` (`directory` holds it) is an MLM encoder's, to get BERT roles: WordPiece,
-  a tokenizer_config.json beside it naming a mask token, or, where that config names no roles, RoBERTa's <s> </s>
-  <mask> among its special tokens. Without this, roberta-base as the hub has it (no tokenizer_config.json) read as
-  a decoder's BPE whose every role fell back to </s>: pad = cls = sep. Gemma's <mask> comes with <bos> / <eos>."""
+  a tokenizer_config.json beside it naming a mask token, or, where that config names no roles, a CLS, SEP and MASK
+  token (either spelling: [CLS] or <s> ...) among its special tokens. Without this, roberta-base as the hub has it
+  (no tokenizer_config.json) read as a decoder's BPE whose every role fell back to </s>: pad = cls = sep. Gemma's
+  <mask> comes with <bos> / <eos>, Llama 2's <s> </s> without a mask."""
   if hf_tokenizer.model_type(tokenizer) == 'WordPiece':
     return True
   config = read_tokenizer_config(directory)
   if _config_token(config, 'mask_token') is not None:
     return True
   named = any(_config_token(config, f'{role}_token') for role in ('bos', 'eos', 'cls', 'sep', 'pad'))
-  return not named and {'<s>', '</s>', '<mask>'} <= _special_tokens(tokenizer)
+  specials = _special_tokens(tokenizer)
+  return not named and all({_DEFAULT_TOKENS[role], _OTHER_NAMES[role]} & specials for role in ('cls', 'sep', 'mask'))
 
 
 class WordPieceTokenizer:
