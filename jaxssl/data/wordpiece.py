@@ -61,10 +61,16 @@ def _special_tokens(tokenizer: hf_tokenizers.Tokenizer) -> set[str]:
 
 
 def _default_names(tokenizer: hf_tokenizers.Tokenizer) -> dict[str, str]:
-  """Each role's BERT name ([CLS] ...), or its other spelling (<s> ...) where the vocabulary has only that one
-  (roberta-base, XLM-R; ALBERT's <pad> and <unk>)."""
-  return {role: other if tokenizer.token_to_id(name) is None and tokenizer.token_to_id(other) is not None else name
-          for (role, name), other in zip(_DEFAULT_TOKENS.items(), _OTHER_NAMES.values())}
+  """Each role's spelling where no config names it: the one that is a special token of the tokenizer, else the
+  one in its vocabulary, BERT's ([CLS] ...) first. (roberta-base, XLM-R: <s> ...; ALBERT: <pad> <unk> beside
+  [CLS] ...; MPNet's vocabulary has both, its special tokens <s> </s> <pad> <mask>.)"""
+  specials = _special_tokens(tokenizer)
+  names = {}
+  for role, name in _DEFAULT_TOKENS.items():
+    spellings = (name, _OTHER_NAMES[role])
+    names[role] = next((n for n in spellings if n in specials),
+                       next((n for n in spellings if tokenizer.token_to_id(n) is not None), name))
+  return names
 
 
 def has_encoder_roles(tokenizer: hf_tokenizers.Tokenizer, directory: str) -> bool:
