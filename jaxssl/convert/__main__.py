@@ -28,6 +28,9 @@ from jaxssl import runtime
 from jaxssl import storage
 from jaxssl.errors import UserError, exit_on_user_error
 
+# config.json model_types that hf_bert imports (as BERT exports); any other goes to the decoder importers.
+ENCODER_TYPES = ('bert', 'roberta', 'xlm-roberta', 'camembert', 'distilbert', 'electra', 'mpnet')
+
 
 def _source_kind(src: str) -> str:
   """'bert' or 'decoder', from the file name or config.json's model_type (refused types are named later)."""
@@ -40,8 +43,7 @@ def _source_kind(src: str) -> str:
     model_type = json.loads(storage.read_text(config)).get('model_type', 'bert')
   except (OSError, ValueError) as e:
     raise UserError(f'cannot read {config} ({e})') from None
-  return 'bert' if model_type in ('bert', 'roberta', 'xlm-roberta', 'camembert', 'distilbert', 'electra',
-                                          'mpnet') else 'decoder'
+  return 'bert' if model_type in ENCODER_TYPES else 'decoder'
 
 
 def _export_kind(src: str) -> str:
