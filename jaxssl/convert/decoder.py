@@ -48,8 +48,8 @@ _SAFETENSORS_DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 
 def _layout(model_type: str):
   if model_type not in LAYOUTS:
     raise UserError(f'config.json has model_type={model_type!r}: decoders convert from {sorted(LAYOUTS)} '
-                    '(and BERT-family encoders from "bert", "roberta", "xlm-roberta", "distilbert", "electra", '
-                    '"mpnet")')
+                    '(and BERT-family encoders from "bert", "roberta", "xlm-roberta", "camembert", "distilbert", '
+                    '"electra", "mpnet")')
   return importlib.import_module(f'jaxssl.convert.{LAYOUTS[model_type]}')
 
 
