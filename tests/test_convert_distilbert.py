@@ -109,5 +109,6 @@ def test_config_names_defaults_and_refusals():
       theirs.max_position_embeddings)
   model = hf_bert.jaxssl_config({'model_type': 'distilbert', **SIZES, 'dropout': 0.2}).model
   assert (model.hidden_size, model.dropout_rate, model.type_vocab_size) == (32, 0.2, 2)
-  with pytest.raises(Exception, match="hidden_act='relu'"):
-    hf_bert.jaxssl_config({'model_type': 'distilbert', 'activation': 'relu'})
+  assert hf_bert.jaxssl_config({'model_type': 'distilbert', 'activation': 'relu'}).model.hidden_act == 'relu'
+  with pytest.raises(Exception, match="hidden_act='silu'"):
+    hf_bert.jaxssl_config({'model_type': 'distilbert', 'activation': 'silu'})

@@ -212,12 +212,18 @@ def test_cli(hf_dir, tmp_path):
   (bin_only / 'config.json').write_text(json.dumps({'model_type': 'bert', **HF_SIZES}))
   (bin_only / 'pytorch_model.bin').write_bytes(b'not a pickle')
   write_vocab(bin_only)
-  relu = tmp_path / 'relu'
-  relu.mkdir()
-  (relu / 'config.json').write_text(json.dumps({'model_type': 'bert', 'hidden_act': 'relu', **HF_SIZES}))
-  (relu / 'model.safetensors').write_bytes(b'not read')
-  write_vocab(relu)
-  for src, needle in ((bin_only, 'cannot read'), (relu, "hidden_act='relu'")):
+  swish = tmp_path / 'swish'
+  swish.mkdir()
+  (swish / 'config.json').write_text(json.dumps({'model_type': 'bert', 'hidden_act': 'swish', **HF_SIZES}))
+  (swish / 'model.safetensors').write_bytes(b'not read')
+  write_vocab(swish)
+  damaged = tmp_path / 'damaged'  # 8 bytes that read as a header length of ~7e18 (was a MemoryError)
+  damaged.mkdir()
+  (damaged / 'config.json').write_text(json.dumps({'model_type': 'bert', **HF_SIZES}))
+  (damaged / 'model.safetensors').write_bytes(b'not read')
+  write_vocab(damaged)
+  for src, needle in ((bin_only, 'cannot read'), (swish, "hidden_act='swish'"),
+                      (damaged, 'is it a safetensors file?')):
     r = run_cli('from-hf', '--src', str(src), '--out', str(tmp_path / 'never'))
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith('error:') and needle in lines[0], r.stderr

@@ -5,7 +5,7 @@
 
 from-hf reads a HuggingFace directory: BERT (BertForPreTraining / BertModel; also RoBERTa / XLM-R /
 CamemBERT: XLMRobertaModel / XLMRobertaForMaskedLM / CamembertForMaskedLM ...; DistilBERT; ELECTRA:
-ElectraForPreTraining / ElectraForMaskedLM; MPNet: MPNetModel / MPNetForMaskedLM), GPT-2
+ElectraForPreTraining / ElectraForMaskedLM; MPNet: MPNetModel / MPNetForMaskedLM; ALBERT; ERNIE), GPT-2
 (GPT2LMHeadModel) or the Llama family (LlamaForCausalLM; also Mistral, Qwen2 and Qwen3 layouts), picked by
 config.json's model_type (as transformers 4 or 5 wrote it), with its weights (safetensors, sharded or not, bfloat16
 included; pytorch_model.bin when torch is installed) and its tokenizer (tokenizer.json, vocab.txt, or vocab.json +
@@ -29,7 +29,7 @@ from jaxssl import storage
 from jaxssl.errors import UserError, exit_on_user_error
 
 # config.json model_types that hf_bert imports (as BERT exports); any other goes to the decoder importers.
-ENCODER_TYPES = ('bert', 'roberta', 'xlm-roberta', 'camembert', 'distilbert', 'electra', 'mpnet')
+ENCODER_TYPES = ('bert', 'roberta', 'xlm-roberta', 'camembert', 'distilbert', 'electra', 'mpnet', 'albert', 'ernie')
 
 
 def _source_kind(src: str) -> str:

@@ -49,7 +49,7 @@ def _layout(model_type: str):
   if model_type not in LAYOUTS:
     raise UserError(f'config.json has model_type={model_type!r}: decoders convert from {sorted(LAYOUTS)} '
                     '(and BERT-family encoders from "bert", "roberta", "xlm-roberta", "camembert", "distilbert", '
-                    '"electra", "mpnet")')
+                    '"electra", "mpnet", "albert", "ernie")')
   return importlib.import_module(f'jaxssl.convert.{LAYOUTS[model_type]}')
 
 
@@ -73,6 +73,8 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
   try:
     with open(path, 'rb') as f:
       header_len = int.from_bytes(f.read(8), 'little')
+      if not 0 < header_len <= os.fstat(f.fileno()).st_size - 8:  # a damaged file: not a read of its garbage length
+        raise ValueError(f'a header of {header_len} bytes')
       header = json.loads(f.read(header_len))
     data = np.memmap(path, np.uint8, mode='r', offset=8 + header_len)
   except (OSError, ValueError) as e:

@@ -18,9 +18,11 @@ jaxssl's right-padded inputs (HF gives padding row 1, jaxssl its own t, but atte
 tokens' outputs do not see the difference). Its single token-type row is repeated into the 2 rows jaxssl's pair
 inputs use, so segment ids change nothing, as in RoBERTa. RoBERTa packs a pair `<s> A </s></s> B </s>`; jaxssl
 pipelines pack `<s> A </s> B </s>` (its [CLS]/[SEP] roles), fine for fine-tuning but not RoBERTa's exact format.
-DistilBERT, ELECTRA and MPNet (model_type 'distilbert', 'electra', 'mpnet') import too (from-hf only): BERT under
-other names (hf_distilbert.py), with factorised embeddings (hf_electra.py: model.embedding_size,
-embedding_projection), with a relative position bias (hf_mpnet.py: model.relative_attention_buckets).
+DistilBERT, ELECTRA, MPNet, ALBERT and ERNIE (model_type 'distilbert', 'electra', 'mpnet', 'albert', 'ernie')
+import too (from-hf only): BERT under other names (hf_distilbert.py), with factorised embeddings (hf_electra.py:
+model.embedding_size, embedding_projection), with a relative position bias (hf_mpnet.py:
+model.relative_attention_buckets), with shared layers repeated and the tanh GELU (hf_albert.py: model.hidden_act),
+with a task-type table folded in (hf_ernie.py).
 """
 import json
 import math
@@ -37,10 +39,7 @@ from jaxssl import mesh as mesh_lib
 from jaxssl import paths
 from jaxssl import storage
 from jaxssl.convert import decoder  # its weight-file readers (safetensors, shards, bfloat16, pytorch_model.bin)
-from jaxssl.convert import hf_defaults
-from jaxssl.convert import hf_distilbert
-from jaxssl.convert import hf_electra
-from jaxssl.convert import hf_mpnet
+from jaxssl.convert import hf_albert, hf_defaults, hf_distilbert, hf_electra, hf_ernie, hf_mpnet
 from jaxssl.convert.hf_roberta import ROBERTA_TYPES, position_offset, roberta_to_bert_tensors
 from jaxssl.convert import param_tree
 from jaxssl.convert import staging
@@ -56,8 +55,12 @@ TOKENIZER_FILES = ('tokenizer.json', 'vocab.txt', 'tokenizer_config.json', 'spec
 # HF buffers that are not parameters (older checkpoints saved them): dropped without a warning.
 IGNORED_HF_KEYS = re.compile(r'(^|\.)(position_ids|token_type_ids)$')
 
+# HF hidden_act -> jaxssl's model.hidden_act (layers.ACTIVATIONS); gelu_pytorch_tanh and gelu_fast are gelu_new.
+HIDDEN_ACTS = {'gelu': 'gelu', 'gelu_new': 'gelu_new', 'gelu_pytorch_tanh': 'gelu_new', 'gelu_fast': 'gelu_new',
+               'relu': 'relu'}
 # Encoders imported as BERT under their own names and config keys (from-hf only).
-BERT_UNDER_OTHER_NAMES = {'distilbert': hf_distilbert, 'electra': hf_electra, 'mpnet': hf_mpnet}
+BERT_UNDER_OTHER_NAMES = {'distilbert': hf_distilbert, 'electra': hf_electra, 'mpnet': hf_mpnet, 'albert': hf_albert,
+                          'ernie': hf_ernie}
 
 # (HF name without the 'bert.' prefix, jaxssl param path, kind). kind: 'copy' (same layout), 'bias' (reshape
 # only), or ('linear', n) for a torch Linear weight (out, in): transposed to (in, out), then reshaped so the
@@ -145,10 +148,11 @@ def jaxssl_config(hf: dict):
     hf, model_type = BERT_UNDER_OTHER_NAMES[model_type].bert_config(hf), 'bert'
   if model_type != 'bert' and model_type not in ROBERTA_TYPES:
     raise UserError(f"HF config.json has model_type={model_type!r}: only 'bert', 'roberta', 'xlm-roberta', "
-                    "'camembert', 'distilbert', 'electra' and 'mpnet' convert here")
+                    "'camembert', 'distilbert', 'electra', 'mpnet', 'albert' and 'ernie' convert here")
   hf = hf_defaults.with_defaults(hf, 'bert')
-  if hf['hidden_act'] != 'gelu':
-    raise UserError(f"HF config.json has hidden_act={hf['hidden_act']!r}: jaxssl BERT uses exact (erf) 'gelu' "
+  act = HIDDEN_ACTS.get(hf['hidden_act'])
+  if act is None:
+    raise UserError(f"HF config.json has hidden_act={hf['hidden_act']!r}: jaxssl BERT computes {sorted(HIDDEN_ACTS)} "
                     'only, so this checkpoint would compute something else')
   # transformers 4 wrote position_embedding_type (absolute, relative_key, ...); 5 has absolute positions only.
   if hf.get('position_embedding_type', 'absolute') != 'absolute':
@@ -174,6 +178,8 @@ def jaxssl_config(hf: dict):
         initializer_range=float(hf['initializer_range']), scan_layers=True)
     if not math.isclose(eps, LAYER_NORM_EPS, rel_tol=1e-6):
       config.model.layer_norm_eps = eps  # only when not BERT's, so BERT exports keep their config unchanged
+    if act != 'gelu':
+      config.model.hidden_act = act  # likewise
     config.tokenizer.vocab_size = int(hf['vocab_size'])
     config.data.seq_len = min(config.data.seq_len, config.model.max_position)
   return config
@@ -190,7 +196,7 @@ def hf_config(config: dict, vocab_size: int) -> dict:
       'hidden_size': m['hidden_size'], 'num_hidden_layers': m['num_layers'],
       'num_attention_heads': m['num_heads'], 'intermediate_size': m['intermediate_size'],
       'max_position_embeddings': m['max_position'], 'type_vocab_size': m['type_vocab_size'],
-      'hidden_act': 'gelu', 'hidden_dropout_prob': m['dropout_rate'],
+      'hidden_act': m.get('hidden_act', 'gelu'), 'hidden_dropout_prob': m['dropout_rate'],
       'attention_probs_dropout_prob': m['attention_dropout_rate'], 'initializer_range': m['initializer_range'],
       'layer_norm_eps': m.get('layer_norm_eps', LAYER_NORM_EPS), 'position_embedding_type': 'absolute',
       'pad_token_id': 0, 'tie_word_embeddings': True, 'torch_dtype': 'float32',
@@ -326,7 +332,7 @@ def _from_local_hf(src: str, out: str, *, overwrite: bool, seed: int, named: tup
   if hf.get('model_type') in ROBERTA_TYPES:
     tensors = roberta_to_bert_tensors(tensors, position_offset(hf), config.model.type_vocab_size)
   elif hf.get('model_type') in BERT_UNDER_OTHER_NAMES:
-    tensors = BERT_UNDER_OTHER_NAMES[hf['model_type']].bert_tensors(tensors)
+    tensors = BERT_UNDER_OTHER_NAMES[hf['model_type']].bert_tensors(tensors, hf)
   mesh = _one_device_mesh()
   setup = state_lib.setup_model(config.model, vocab_size, mesh, seed)
   params, unused = hf_to_params(tensors, setup.abstract_params, config.model.num_layers)

@@ -49,7 +49,7 @@ def bert_config(hf: dict) -> dict:
   return out
 
 
-def bert_tensors(tensors: dict) -> dict:
+def bert_tensors(tensors: dict, hf: dict | None = None) -> dict:  # hf: config.json (ALBERT's needs it)
   """DistilBERT tensors (DistilBertModel's bare names or DistilBertFor*'s 'distilbert.' ones) under BertForPreTraining's
   names, with zero token-type rows; other tensors (task heads) keep their names."""
   return renamed_without_token_types(tensors, 'distilbert.', ('embeddings.', 'transformer.'), TENSOR_NAMES, MLM_HEAD)

@@ -27,7 +27,7 @@ def bert_config(hf: dict) -> dict:
   return dict(hf, model_type='bert', embedding_size=0 if size == int(hf['hidden_size']) else size)
 
 
-def bert_tensors(tensors: dict) -> dict:
+def bert_tensors(tensors: dict, hf: dict | None = None) -> dict:  # hf: config.json (ALBERT's needs it)
   """ELECTRA tensors under BertForPreTraining's names (a bare ElectraModel's keep theirs: hf_bert prefixes them);
   other tensors (the discriminator's head, task heads) keep their names."""
   out = {}

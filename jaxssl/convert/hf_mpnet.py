@@ -42,7 +42,7 @@ def bert_config(hf: dict) -> dict:
               position_embedding_type='absolute')
 
 
-def bert_tensors(tensors: dict) -> dict:
+def bert_tensors(tensors: dict, hf: dict | None = None) -> dict:  # hf: config.json (ALBERT's needs it)
   """MPNet tensors (MPNetModel's bare names or MPNetFor*'s 'mpnet.' ones) under BertForPreTraining's names, the
   position table from row 2, zero token-type rows; other tensors (task heads) keep their names."""
   out = renamed_without_token_types(tensors, 'mpnet.', ('embeddings.', 'encoder.', 'pooler.'), TENSOR_NAMES,

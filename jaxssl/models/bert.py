@@ -26,8 +26,8 @@ from jaxssl.errors import UserError
 from jaxssl.mesh import constrain
 from jaxssl.models import attention as sparse
 from jaxssl.models import vocab
-from jaxssl.models.layers import (Dense, Embed, LayerNorm, Mlp, MultiHeadAttention, check_compute_settings, dropout,
-                                  make_param, maybe_remat, normal_init, stack_layers, unroll_layers, zeros)
+from jaxssl.models.layers import (ACTIVATIONS, Dense, Embed, LayerNorm, Mlp, MultiHeadAttention, check_compute_settings,
+                                  dropout, make_param, maybe_remat, normal_init, stack_layers, unroll_layers, zeros)
 
 ACT = ('batch', 'length', 'act_embed')  # logical names of activations at layer boundaries
 
@@ -48,6 +48,7 @@ class BertConfig:
   attention_dropout_rate: float = 0.1
   initializer_range: float = 0.02
   layer_norm_eps: float = 1e-12   # BERT's; RoBERTa / XLM-R checkpoints use 1e-5
+  hidden_act: str = 'gelu'        # layers.ACTIVATIONS: 'gelu' (exact, BERT's), 'gelu_new' (ALBERT's), 'relu' (ERNIE 1)
   dtype: str = 'float32'
   remat: str = 'none'
   layer_loop: str = 'auto'  # layers.LAYER_LOOPS
@@ -73,6 +74,8 @@ class BertConfig:
     vocab.check_rows(c.num_token_ids, c.vocab_size, 'model.num_token_ids')
     if c.embedding_size < 0:
       raise UserError(f'model.embedding_size={c.embedding_size} must be >= 0 (0 = hidden_size)')
+    if c.hidden_act not in ACTIVATIONS:
+      raise UserError(f'model.hidden_act={c.hidden_act!r}: use one of {sorted(ACTIVATIONS)}')
     buckets = c.relative_attention_buckets
     if buckets and (buckets < 4 or buckets % 2):
       raise UserError(f'model.relative_attention_buckets={buckets} must be 0 (none) or an even number >= 4 '
@@ -117,7 +120,7 @@ class BertLayer(nnx.Module):
                                         attention_dropout_rate=c.attention_dropout_rate,
                                         implementation=c.attention, dtype=dt, rngs=rngs)
     self.attention_norm = LayerNorm(c.hidden_size, eps=c.layer_norm_eps, dtype=dt, rngs=rngs)
-    self.mlp = Mlp(c.hidden_size, c.intermediate_size, stddev=std, dtype=dt, rngs=rngs)
+    self.mlp = Mlp(c.hidden_size, c.intermediate_size, stddev=std, dtype=dt, rngs=rngs, activation=c.hidden_act)
     self.mlp_norm = LayerNorm(c.hidden_size, eps=c.layer_norm_eps, dtype=dt, rngs=rngs)
     self.dropout_rate = c.dropout_rate
     self.attention_dropout_rate = c.attention_dropout_rate
@@ -321,7 +324,7 @@ class BertForPretraining(nnx.Module):
       h = jnp.take_along_axis(seq, mlm_positions[:, :, None], axis=1)
     nsp_logits = self.nsp_classifier(pooled.astype(jnp.float32))
     h = constrain(h, ('batch', 'predictions', 'act_embed'))
-    h = self.mlm_norm(jax.nn.gelu(self.mlm_transform(h), approximate=False))
+    h = self.mlm_norm(ACTIVATIONS[c.hidden_act](self.mlm_transform(h)))  # HF's prediction head: hidden_act too
     mlm_logits = self.word_embeddings.attend(h, self.config.compute_dtype) + self.mlm_bias[...]
     return vocab.mask_padding_logits(mlm_logits, c.num_token_ids), nsp_logits  # padding rows never predicted
 

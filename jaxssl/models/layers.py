@@ -34,6 +34,8 @@ def normal_init(stddev: float):
 
 zeros = jax.nn.initializers.zeros
 ones = jax.nn.initializers.ones
+ACTIVATIONS = {'gelu': functools.partial(jax.nn.gelu, approximate=False),  # by HF's hidden_act names (Mlp)
+               'gelu_new': functools.partial(jax.nn.gelu, approximate=True), 'relu': jax.nn.relu}
 
 
 def _hash32(x: jax.Array) -> jax.Array:
@@ -47,11 +49,10 @@ def keep_mask(rng: jax.Array, keep_prob: float, shape: Sequence[int]) -> jax.Arr
   """A boolean mask of `shape`, each element True with probability `keep_prob`, from `rng`.
 
   Threefry (jax.random.bernoulli) costs ~60 integer ops per element: on CPU a [8, 12, 128, 128] attention mask took
-  10-14 ms, against ~100 ms for all the matmuls of a BERT-base layer. Here threefry makes two 32-bit seeds only;
-  each element's mask bit is a keyed hash of its index in the array (two rounds of a strong 32-bit integer hash),
-  ~15 ops and elementwise, so XLA fuses it into the dropout and partitions it like any elementwise op: the mask is
-  the same sharded or not. Arrays of 2**32 elements or more fall back to jax.random.bernoulli (the index would
-  wrap).
+  10-14 ms, against ~100 ms for all the matmuls of a BERT-base layer. Here threefry makes two 32-bit seeds only; each
+  element's mask bit is a keyed hash of its index in the array (two rounds of a strong 32-bit integer hash), ~15 ops
+  and elementwise, so XLA fuses it into the dropout and partitions it like any elementwise op: the mask is the same
+  sharded or not. 2**32 elements or more (the index would wrap) fall back to jax.random.bernoulli.
   """
   shape = tuple(shape)
   if math.prod(shape) >= 2**32:
@@ -244,15 +245,16 @@ class MultiHeadAttention(nnx.Module):
 
 
 class Mlp(nnx.Module):
-  """W2 GELU(W1 x) with exact (erf) GELU as in BERT."""
+  """W2 act(W1 x), `activation` one of ACTIVATIONS: BERT's exact (erf) GELU, ALBERT's tanh one, ERNIE 1.0's ReLU."""
 
   def __init__(self, hidden: int, intermediate: int, *, stddev: float, dtype: Dtype = jnp.float32,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, activation: str = 'gelu'):
     self.wi = Dense(hidden, intermediate, ('embed', 'mlp'), stddev=stddev, dtype=dtype, rngs=rngs)
     self.wo = Dense(intermediate, hidden, ('mlp', 'embed'), stddev=stddev, dtype=dtype, rngs=rngs)
+    self.activation = activation
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    h = jax.nn.gelu(self.wi(x), approximate=False)
+    h = ACTIVATIONS[self.activation](self.wi(x))
     h = constrain(h, ('batch', 'length', 'act_mlp'))
     return self.wo(h)
 
