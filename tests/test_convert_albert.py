@@ -12,6 +12,7 @@ transformers = pytest.importorskip('transformers')
 from jaxssl.convert import hf_albert, hf_bert  # noqa: E402
 from jaxssl.convert.__main__ import main as convert_main  # noqa: E402
 from jaxssl.errors import UserError  # noqa: E402
+from jaxssl.models.bert import BertConfig  # noqa: E402
 from jaxssl.train.checkpoint import load_export  # noqa: E402
 from test_convert_distilbert import assert_states_and_mlm_logits_match, one_device, randomised  # noqa: E402
 from test_convert_electra import converted  # noqa: E402
@@ -92,4 +93,6 @@ def test_ernie_matches_transformers_and_writes_back(tmp_path):
   close(again.last_hidden_state.numpy()[valid], out.hidden_states[-1].numpy()[valid], 'BERT written back')
   with pytest.raises(UserError, match="hidden_act='swish'"):
     hf_bert.jaxssl_config({'model_type': 'bert', 'hidden_act': 'swish'})
+  with pytest.raises(UserError, match=r"model.hidden_act='swish': use one of \['gelu', 'gelu_new', 'relu'\]"):
+    BertConfig.from_config(dict(config.model.to_dict(), hidden_act='swish'), V)  # an export's config edited by hand
   assert np.isfinite(np.asarray(ours.encode(*args_of(ids, types, mask))[0])).all()
