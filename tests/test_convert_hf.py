@@ -1,6 +1,7 @@
 """HuggingFace BERT <-> jaxssl conversion against transformers itself (the only place torch is imported)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -222,8 +223,14 @@ def test_cli(hf_dir, tmp_path):
   (damaged / 'config.json').write_text(json.dumps({'model_type': 'bert', **HF_SIZES}))
   (damaged / 'model.safetensors').write_bytes(b'not read')
   write_vocab(damaged)
+  truncated = tmp_path / 'truncated'  # an interrupted download (was a ValueError traceback)
+  truncated.mkdir()
+  for name in ('config.json', 'vocab.txt'):
+    shutil.copy(os.path.join(hf_dir, name), truncated / name)
+  whole = open(os.path.join(hf_dir, 'model.safetensors'), 'rb').read()
+  (truncated / 'model.safetensors').write_bytes(whole[:len(whole) // 2])
   for src, needle in ((bin_only, 'cannot read'), (swish, "hidden_act='swish'"),
-                      (damaged, 'is it a safetensors file?')):
+                      (damaged, 'is it a safetensors file?'), (truncated, 'is truncated: tensor')):
     r = run_cli('from-hf', '--src', str(src), '--out', str(tmp_path / 'never'))
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith('error:') and needle in lines[0], r.stderr

@@ -87,6 +87,9 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
       raise UserError(f'{path}: tensor {name} has dtype {info["dtype"]}, which jaxssl does not read; '
                       're-save the checkpoint in float32, float16 or bfloat16')
     start, end = info['data_offsets']
+    if end > data.size:  # an interrupted download: the header promises more than the file holds
+      raise UserError(f'{path} is truncated: tensor {name} ends at byte {end} of its data, which holds {data.size}; '
+                      'download the file again')
     a = data[start:end].view(dtypes[info['dtype']]).reshape(info['shape'])
     out[name] = a.astype(np.float32) if a.dtype.kind == 'f' or info['dtype'] == 'BF16' else np.array(a)
   return out
