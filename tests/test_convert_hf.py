@@ -229,8 +229,12 @@ def test_cli(hf_dir, tmp_path):
     shutil.copy(os.path.join(hf_dir, name), truncated / name)
   whole = open(os.path.join(hf_dir, 'model.safetensors'), 'rb').read()
   (truncated / 'model.safetensors').write_bytes(whole[:len(whole) // 2])
+  resized = tmp_path / 'resized'  # config.json's sizes are not the weights'
+  shutil.copytree(hf_dir, resized)
+  (resized / 'config.json').write_text(json.dumps({'model_type': 'bert', **HF_SIZES, 'intermediate_size': 40}))
   for src, needle in ((bin_only, 'cannot read'), (swish, "hidden_act='swish'"),
-                      (damaged, 'is it a safetensors file?'), (truncated, 'is truncated: tensor')):
+                      (damaged, 'is it a safetensors file?'), (truncated, 'is truncated: tensor'),
+                      (resized, 'intermediate.dense.weight of shape (32, 37) cannot fill')):
     r = run_cli('from-hf', '--src', str(src), '--out', str(tmp_path / 'never'))
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith('error:') and needle in lines[0], r.stderr

@@ -119,12 +119,13 @@ def _entries(num_layers: int, factorised: bool = False, relative: bool = False):
     yield hf, path, kind, None
 
 
-def _to_jax(w: np.ndarray, kind, shape) -> np.ndarray:
+def _to_jax(w: np.ndarray, kind, shape, name: str = '') -> np.ndarray:
   w = np.asarray(w, np.float32)
   if kind != 'copy' and kind != 'bias':
     w = w.T
   if math.prod(w.shape) != math.prod(shape):
-    raise UserError(f'tensor of shape {w.shape} cannot fill a parameter of shape {tuple(shape)}')
+    raise UserError(f'tensor {name} of shape {w.shape} cannot fill a parameter of shape {tuple(shape)}: does '
+                    'config.json describe these weights (its sizes)?')
   return w.reshape(shape)
 
 
@@ -226,9 +227,9 @@ def hf_to_params(tensors: dict, abstract_params: dict, num_layers: int):
     used.add(hf)
     shape = param_tree.get(abstract_params, path).shape
     if layer is None:
-      param_tree.put(params, path, _to_jax(tensors[hf], kind, shape))
+      param_tree.put(params, path, _to_jax(tensors[hf], kind, shape, hf))
     else:
-      stacked.setdefault(path, [None] * num_layers)[layer] = _to_jax(tensors[hf], kind, shape[1:])
+      stacked.setdefault(path, [None] * num_layers)[layer] = _to_jax(tensors[hf], kind, shape[1:], hf)
   for path, slices in stacked.items():
     if all(s is not None for s in slices):
       param_tree.put(params, path, np.stack(slices))
