@@ -48,6 +48,11 @@ def test_defaults_equal_the_installed_transformers(model_type):
     assert got.max_position == theirs.max_position_embeddings - offset
 
 
+def test_encoder_types_are_the_bert_importers():
+  """The convert job routes these to hf_bert (hf_defaults.ENCODER_TYPES): exactly the types hf_bert imports."""
+  assert sorted(hf_defaults.ENCODER_TYPES) == sorted({'bert', *hf_bert.ROBERTA_TYPES, *hf_bert.BERT_UNDER_OTHER_NAMES})
+
+
 def test_model_types_own_defaults():
   """The ones that differ between model types, spelled out (transformers' own documentation of them)."""
   resolved = {t: hf_defaults.with_defaults(dict(SMALL), t) for t in hf_defaults.DEFAULTS}

@@ -26,10 +26,8 @@ import sys
 from jaxssl import paths
 from jaxssl import runtime
 from jaxssl import storage
+from jaxssl.convert.hf_defaults import ENCODER_TYPES
 from jaxssl.errors import UserError, exit_on_user_error
-
-# config.json model_types that hf_bert imports (as BERT exports); any other goes to the decoder importers.
-ENCODER_TYPES = ('bert', 'roberta', 'xlm-roberta', 'camembert', 'distilbert', 'electra', 'mpnet', 'albert', 'ernie')
 
 
 def _source_kind(src: str) -> str:

@@ -30,6 +30,7 @@ from jaxssl import config as config_lib
 from jaxssl import mesh as mesh_lib
 from jaxssl import paths
 from jaxssl.convert import gguf_file
+from jaxssl.convert import hf_defaults
 from jaxssl.convert import staging
 from jaxssl.data import hf_tokenizer, tokenizers
 from jaxssl.errors import UserError
@@ -48,8 +49,7 @@ _SAFETENSORS_DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 
 def _layout(model_type: str):
   if model_type not in LAYOUTS:
     raise UserError(f'config.json has model_type={model_type!r}: decoders convert from {sorted(LAYOUTS)} '
-                    '(and BERT-family encoders from "bert", "roberta", "xlm-roberta", "camembert", "distilbert", '
-                    '"electra", "mpnet", "albert", "ernie")')
+                    f'(and BERT-family encoders from {list(hf_defaults.ENCODER_TYPES)})')
   return importlib.import_module(f'jaxssl.convert.{LAYOUTS[model_type]}')
 
 

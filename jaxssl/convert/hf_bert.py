@@ -39,7 +39,7 @@ from jaxssl import mesh as mesh_lib
 from jaxssl import paths
 from jaxssl import storage
 from jaxssl.convert import decoder  # its weight-file readers (safetensors, shards, bfloat16, pytorch_model.bin)
-from jaxssl.convert import hf_albert, hf_defaults, hf_distilbert, hf_electra, hf_ernie, hf_mpnet
+from jaxssl.convert import hf_albert, hf_defaults, hf_distilbert, hf_electra, hf_ernie, hf_gpt2, hf_mpnet
 from jaxssl.convert.hf_roberta import ROBERTA_TYPES, position_offset, roberta_to_bert_tensors
 from jaxssl.convert import param_tree
 from jaxssl.convert import staging
@@ -55,9 +55,8 @@ TOKENIZER_FILES = ('tokenizer.json', 'vocab.txt', 'tokenizer_config.json', 'spec
 # HF buffers that are not parameters (older checkpoints saved them): dropped without a warning.
 IGNORED_HF_KEYS = re.compile(r'(^|\.)(position_ids|token_type_ids)$')
 
-# HF hidden_act -> jaxssl's model.hidden_act (layers.ACTIVATIONS); gelu_pytorch_tanh and gelu_fast are gelu_new.
-HIDDEN_ACTS = {'gelu': 'gelu', 'gelu_new': 'gelu_new', 'gelu_pytorch_tanh': 'gelu_new', 'gelu_fast': 'gelu_new',
-               'relu': 'relu'}
+# HF hidden_act -> jaxssl's model.hidden_act (layers.ACTIVATIONS): every spelling of the tanh GELU is gelu_new.
+HIDDEN_ACTS = {'gelu': 'gelu', 'relu': 'relu', **{name: 'gelu_new' for name in hf_gpt2.TANH_GELUS}}
 # Encoders imported as BERT under their own names and config keys (from-hf only).
 BERT_UNDER_OTHER_NAMES = {'distilbert': hf_distilbert, 'electra': hf_electra, 'mpnet': hf_mpnet, 'albert': hf_albert,
                           'ernie': hf_ernie}
@@ -148,8 +147,8 @@ def jaxssl_config(hf: dict):
   if model_type in BERT_UNDER_OTHER_NAMES:
     hf, model_type = BERT_UNDER_OTHER_NAMES[model_type].bert_config(hf), 'bert'
   if model_type != 'bert' and model_type not in ROBERTA_TYPES:
-    raise UserError(f"HF config.json has model_type={model_type!r}: only 'bert', 'roberta', 'xlm-roberta', "
-                    "'camembert', 'distilbert', 'electra', 'mpnet', 'albert' and 'ernie' convert here")
+    raise UserError(f'HF config.json has model_type={model_type!r}: only {list(hf_defaults.ENCODER_TYPES)} convert '
+                    'here')
   hf = hf_defaults.with_defaults(hf, 'bert')
   act = HIDDEN_ACTS.get(hf['hidden_act'])
   if act is None:

@@ -15,6 +15,9 @@ from jaxssl.errors import UserError
 # RotaryEmbeddingConfigMixin.default_theta: the rope_theta of a config that names none (4.x: each class's default).
 DEFAULT_ROPE_THETA = 10000.0
 LLAMA_FAMILY = ('llama', 'mistral', 'qwen2', 'qwen3')
+# The model types hf_bert imports as BERT exports (its ROBERTA_TYPES and BERT_UNDER_OTHER_NAMES); any other is a
+# decoder's. Here so the convert job can route a directory without importing the importers.
+ENCODER_TYPES = ('bert', 'roberta', 'xlm-roberta', 'camembert', 'distilbert', 'electra', 'mpnet', 'albert', 'ernie')
 _LLAMA_COMMON = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, hidden_act='silu',
                      initializer_range=0.02, rms_norm_eps=1e-6, tie_word_embeddings=False, attention_dropout=0.0,
                      rope_theta=DEFAULT_ROPE_THETA)
