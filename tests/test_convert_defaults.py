@@ -59,11 +59,11 @@ def test_model_types_own_defaults():
   assert {t: c.get('max_position_embeddings', c.get('n_positions')) for t, c in resolved.items()} == {
       'llama': 2048, 'mistral': 131072, 'qwen2': 32768, 'qwen3': 32768, 'gpt2': 1024, 'bert': 512, 'roberta': 512,
       'xlm-roberta': 512, 'camembert': 512, 'distilbert': 512, 'electra': 512, 'mpnet': 512, 'albert': 512,
-      'ernie': 512}
+      'ernie': 512, 'deberta-v2': 512}
   assert {t: c['tie_word_embeddings'] for t, c in resolved.items()} == {
       'llama': False, 'mistral': False, 'qwen2': False, 'qwen3': False, 'gpt2': True, 'bert': True, 'roberta': True,
       'xlm-roberta': True, 'camembert': True, 'distilbert': True, 'electra': True, 'mpnet': True, 'albert': True,
-      'ernie': True}
+      'ernie': True, 'deberta-v2': True}
   assert {t: resolved[t]['num_key_value_heads'] for t in hf_defaults.LLAMA_FAMILY} == {
       'llama': 4, 'mistral': 8, 'qwen2': 32, 'qwen3': 32}
   # head_dim = hidden / heads, except Qwen3's own default of 128.

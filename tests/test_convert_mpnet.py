@@ -13,7 +13,7 @@ transformers = pytest.importorskip('transformers')
 from jaxssl.convert import hf_bert, hf_mpnet  # noqa: E402
 from jaxssl.convert.__main__ import main as convert_main  # noqa: E402
 from jaxssl.errors import UserError  # noqa: E402
-from jaxssl.models import bert  # noqa: E402
+from jaxssl.models import bert, relative_positions  # noqa: E402
 from jaxssl.models.layers import MultiHeadAttention  # noqa: E402
 from jaxssl.train.checkpoint import load_export  # noqa: E402
 from test_convert_distilbert import assert_matches_without_token_types, one_device, randomised  # noqa: E402
@@ -36,7 +36,7 @@ def test_buckets_equal_transformers_at_every_distance():
   t = 301
   want = transformers.models.mpnet.modeling_mpnet.MPNetEncoder.relative_position_bucket(
       torch.arange(t)[None, :] - torch.arange(t)[:, None]).numpy()
-  got = bert.relative_position_buckets(t, hf_mpnet.BUCKETS)
+  got = relative_positions.relative_position_buckets(t, hf_mpnet.BUCKETS)
   np.testing.assert_array_equal(got, want)
   assert set(np.unique(got)) == set(range(32)) - {16}  # offset 0 counts as 'before': 16 (after, 0) is never hit
 
@@ -84,7 +84,7 @@ def test_explicit_attention_path_adds_the_bias_too():
     attention = MultiHeadAttention(16, 2, stddev=0.5, attention_dropout_rate=0.0, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(1), (2, 20, 16))
   mask = jnp.asarray(np.arange(20)[None] < np.array([[20], [13]]), jnp.int32)
-  bias = bert.relative_position_bias(jax.random.normal(jax.random.key(2), (8, 2)), 20)
+  bias = relative_positions.bucket_bias(jax.random.normal(jax.random.key(2), (8, 2)), 20)
   fused = attention(x, mask, bias=bias)
   np.testing.assert_allclose(attention(x, mask, bias=bias, explicit=True), fused, rtol=1e-5, atol=1e-5)
   assert not np.allclose(attention(x, mask), fused, atol=1e-3)  # the bias matters

@@ -154,6 +154,7 @@ LOCAL_FILE_MODULES = {
                                  'through fsspec); reads the boot id',
     'jaxssl.convert.decoder': 'works on the local copy convert/staging.py makes of a bucket source or output',
     'jaxssl.convert.hf_bert': 'works on the local copy convert/staging.py makes of a bucket source or output',
+    'jaxssl.convert.hf_deberta': 'builds the tokenizer.json of the local copy convert/staging.py makes',
     'jaxssl.convert.gguf_file': 'works on the local copy convert/staging.py makes of a bucket source or output',
     'jaxssl.convert.gguf_reader': 'memory-maps the local copy convert/staging.py makes of a bucket .gguf',
     'jaxssl.convert.staging': 'makes those local copies and uploads them',

@@ -81,11 +81,16 @@ def test_row_multiple_and_settings():
     packing.check_setting('yes')
 
 
-@pytest.mark.parametrize('kind,buckets', [('pair', 0), ('regression', 0), ('pair', 8)])
-def test_packed_batches_give_the_padded_logits_loss_and_gradients(kind, buckets):
-  """buckets 8: MPNet's relative position bias, read at each example's own distances within its packed row."""
+@pytest.mark.parametrize('kind,relative', [('pair', {}), ('regression', {}), ('pair', dict(relative_attention_buckets=8)),
+                                           ('pair', dict(position_buckets=4, max_relative_positions=16,
+                                                         absolute_positions=False))],
+                         ids=['pair', 'regression', 'mpnet', 'deberta'])
+def test_packed_batches_give_the_padded_logits_loss_and_gradients(kind, relative):
+  """MPNet's relative position bias and DeBERTa's disentangled attention, read at each example's own distances
+  within its packed row."""
   cfg = tiny_cfg()
-  cfg.relative_attention_buckets = buckets
+  with cfg.unlocked():
+    cfg.update(relative)
   setup = finetune.task_model_setup(cfg, V, kind, NUM_LABELS.get(kind, 1), mesh_lib.make_mesh((-1, 1, 1)))
   params = finetune.state_lib.init_params(setup)
   task = tasks.get(kind)

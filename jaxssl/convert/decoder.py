@@ -196,7 +196,8 @@ def read_checkpoint(src: str):
 
 # ----- export <-> HF -----
 
-def _one_device_mesh():
+def one_device_mesh():
+  """A mesh of the first device: conversions place every parameter there."""
   return mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1])
 
 
@@ -241,7 +242,7 @@ def from_hf(src: str, out: str, *, overwrite: bool = False) -> dict:
       raise UserError(f'{src}: the tokenizer has {tokenizer.vocab_size} tokens but the embedding only {vocab_size} '
                       'rows: the tokenizer files belong to another checkpoint')
     config = jaxssl_config(model_cfg, vocab_size)
-    setup = state_lib.setup_model(config.model, vocab_size, _one_device_mesh())
+    setup = state_lib.setup_model(config.model, vocab_size, one_device_mesh())
     _check_tree(params, setup.abstract_params)
     params = jax.device_put(params, setup.param_shardings)
     export_config = {**config.to_dict(), 'vocab_size': vocab_size, 'converted_from': {'src': paths.absolute(src)}}
@@ -274,7 +275,7 @@ def to_hf(src: str, out: str, *, overwrite: bool = False) -> dict:
     raise UserError(f'{src} is a Gemma-style model: to-hf writes GPT-2, Llama, Qwen2 and Qwen3 layouts only (Gemma 3 '
                     'exports are used in jaxssl: generate, evaluate, finetune, init_from)')
   vocab_size = saved['vocab_size']
-  setup = state_lib.setup_model(config.model, vocab_size, _one_device_mesh())
+  setup = state_lib.setup_model(config.model, vocab_size, one_device_mesh())
   params = jax.device_get(ckpt_lib.load_export_params(src, setup.abstract_params))
   layout = _layout('llama' if is_llama_layout(config.model) else 'gpt2')
   tensors, hf_config = layout.params_to_hf(params, config.model.to_dict())

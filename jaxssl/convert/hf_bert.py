@@ -18,11 +18,11 @@ jaxssl's right-padded inputs (HF gives padding row 1, jaxssl its own t, but atte
 tokens' outputs do not see the difference). Its single token-type row is repeated into the 2 rows jaxssl's pair
 inputs use, so segment ids change nothing, as in RoBERTa. RoBERTa packs a pair `<s> A </s></s> B </s>`; jaxssl
 pipelines pack `<s> A </s> B </s>` (its [CLS]/[SEP] roles), fine for fine-tuning but not RoBERTa's exact format.
-DistilBERT, ELECTRA, MPNet, ALBERT and ERNIE (model_type 'distilbert', 'electra', 'mpnet', 'albert', 'ernie')
-import too (from-hf only): BERT under other names (hf_distilbert.py), with factorised embeddings (hf_electra.py:
-model.embedding_size, embedding_projection), with a relative position bias (hf_mpnet.py:
+DistilBERT, ELECTRA, MPNet, ALBERT, ERNIE and DeBERTa-v3 (model_type 'distilbert', 'electra', 'mpnet', 'albert',
+'ernie', 'deberta-v2') import too (from-hf only): BERT under other names (hf_distilbert.py), with factorised
+embeddings (hf_electra.py: model.embedding_size, embedding_projection), with a relative position bias (hf_mpnet.py:
 model.relative_attention_buckets), with shared layers repeated and the tanh GELU (hf_albert.py: model.hidden_act),
-with a task-type table folded in (hf_ernie.py).
+with a task-type table folded in (hf_ernie.py), with disentangled attention (hf_deberta.py: model.position_buckets).
 """
 import json
 import math
@@ -35,11 +35,10 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from jaxssl import config as config_lib
-from jaxssl import mesh as mesh_lib
 from jaxssl import paths
 from jaxssl import storage
 from jaxssl.convert import decoder  # its weight-file readers (safetensors, shards, bfloat16, pytorch_model.bin)
-from jaxssl.convert import hf_albert, hf_defaults, hf_distilbert, hf_electra, hf_ernie, hf_gpt2, hf_mpnet
+from jaxssl.convert import hf_albert, hf_deberta, hf_defaults, hf_distilbert, hf_electra, hf_ernie, hf_gpt2, hf_mpnet
 from jaxssl.convert.hf_roberta import ROBERTA_TYPES, position_offset, roberta_to_bert_tensors
 from jaxssl.convert import param_tree
 from jaxssl.convert import staging
@@ -59,7 +58,7 @@ IGNORED_HF_KEYS = re.compile(r'(^|\.)(position_ids|token_type_ids)$')
 HIDDEN_ACTS = {'gelu': 'gelu', 'relu': 'relu', **{name: 'gelu_new' for name in hf_gpt2.TANH_GELUS}}
 # Encoders imported as BERT under their own names and config keys (from-hf only).
 BERT_UNDER_OTHER_NAMES = {'distilbert': hf_distilbert, 'electra': hf_electra, 'mpnet': hf_mpnet, 'albert': hf_albert,
-                          'ernie': hf_ernie}
+                          'ernie': hf_ernie, 'deberta-v2': hf_deberta}
 
 # (HF name without the 'bert.' prefix, jaxssl param path, kind). kind: 'copy' (same layout), 'bias' (reshape
 # only), or ('linear', n) for a torch Linear weight (out, in): transposed to (in, out), then reshaped so the
@@ -92,6 +91,9 @@ BODY = (
 PROJECTION = (('embeddings_project.weight', 'embedding_projection/kernel', _LINEAR1),  # factorised embeddings
               ('embeddings_project.bias', 'embedding_projection/bias', 'bias'))
 RELATIVE = (('encoder.relative_attention_bias.weight', 'relative_attention_bias', 'copy'),)  # MPNet's
+# The tables of the params only some imports have (by their top-level name; DeBERTa's also fill relative_norm).
+OPTIONAL = {'embedding_projection': PROJECTION, 'relative_attention_bias': RELATIVE,
+            'relative_embeddings': hf_deberta.TABLE}
 # The heads live outside the 'bert.' prefix. The MLM decoder is tied to the word embeddings (not stored).
 HEADS = (
     ('cls.predictions.transform.dense.weight', 'mlm_transform/kernel', _LINEAR1),
@@ -106,10 +108,12 @@ HEAD_NAMES = {'pooler': 'pooler', 'nsp_classifier': 'NSP classifier', 'mlm_trans
               'mlm_norm': 'MLM head', 'mlm_bias': 'MLM head'}
 
 
-def _entries(num_layers: int, factorised: bool = False, relative: bool = False):
-  """(HF name, jaxssl path, kind, layer index or None) for every tensor of a BertForPreTraining (`factorised`:
-  with ELECTRA's embedding projection; `relative`: with MPNet's relative position bias)."""
-  for hf, path, kind in BODY + (PROJECTION if factorised else ()) + (RELATIVE if relative else ()):
+def _entries(num_layers: int, params: dict):
+  """(HF name, jaxssl path, kind, layer index or None) for every tensor of a BertForPreTraining whose top-level
+  params are those of `params` (ELECTRA's embedding projection, DeBERTa-v3's lack of position embeddings, ...)."""
+  for hf, path, kind in BODY + sum((table for name, table in OPTIONAL.items() if name in params), ()):
+    if path.split('/')[0] not in params:
+      continue
     if '{i}' in hf:
       yield from (('bert.' + hf.format(i=i), path, kind, i) for i in range(num_layers))
     else:
@@ -180,6 +184,8 @@ def jaxssl_config(hf: dict):
       config.model.layer_norm_eps = eps  # only when not BERT's, so BERT exports keep their config unchanged
     if act != 'gelu':
       config.model.hidden_act = act  # likewise
+    if hf.get('position_buckets') or not hf.get('absolute_positions', True):  # DeBERTa's: only where it has them
+      config.model.update({k: hf[k] for k in ('position_buckets', 'max_relative_positions', 'absolute_positions')})
     config.tokenizer.vocab_size = int(hf['vocab_size'])
     config.data.seq_len = min(config.data.seq_len, config.model.max_position)
   return config
@@ -218,8 +224,7 @@ def hf_to_params(tensors: dict, abstract_params: dict, num_layers: int):
   params = _empty_like(abstract_params)
   stacked: dict[str, list] = {}
   used = set()
-  entries = list(_entries(num_layers, factorised='embedding_projection' in abstract_params,
-                          relative='relative_attention_bias' in abstract_params))
+  entries = list(_entries(num_layers, abstract_params))
   for hf, path, kind, layer in entries:
     if hf not in tensors:
       continue
@@ -258,7 +263,7 @@ def hf_to_params(tensors: dict, abstract_params: dict, num_layers: int):
 def params_to_hf(params: dict, num_layers: int) -> dict:
   """HF BertForPreTraining tensors (torch layout, float32 numpy) from jaxssl params (the decoder stays tied)."""
   out = {}
-  for hf, path, kind, layer in _entries(num_layers):
+  for hf, path, kind, layer in _entries(num_layers, params):
     a = np.asarray(param_tree.get(params, path), np.float32)
     out[hf] = _to_hf(a if layer is None else a[layer], kind)
   return out
@@ -302,10 +307,6 @@ def _copy_tokenizer(src: str, dst: str) -> list[str]:
   return copied
 
 
-def _one_device_mesh():
-  return mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1])
-
-
 def from_hf(src: str, out: str, *, overwrite: bool = False, seed: int = 0) -> dict:
   """Converts the HF BERT directory `src` into the jaxssl export `out`; returns the jaxssl config dict.
 
@@ -313,27 +314,30 @@ def from_hf(src: str, out: str, *, overwrite: bool = False, seed: int = 0) -> di
   `jaxssl.train.checkpoint.load_export`. Heads the checkpoint lacks are initialised from `seed`. Either may be a
   bucket folder (staging.py: read from a local copy, written locally and uploaded).
   """
-  with staging.local_output(out, overwrite) as local_out, staging.local_source(src) as local_src:
-    return _from_local_hf(local_src, local_out, overwrite=overwrite, seed=seed, named=(src, out))
+  with (staging.local_output(out, overwrite) as local_out, staging.local_source(src) as local_src,
+        hf_deberta.tokenizer_files(local_src) as tokenizer_src):
+    return _from_local_hf(local_src, tokenizer_src, local_out, overwrite=overwrite, seed=seed, named=(src, out))
 
 
-def _from_local_hf(src: str, out: str, *, overwrite: bool, seed: int, named: tuple[str, str]) -> dict:
-  """`from_hf` between local folders; `named` holds the (src, out) the user gave, for the config and messages."""
+def _from_local_hf(src: str, tokenizer_src: str, out: str, *, overwrite: bool, seed: int, named: tuple) -> dict:
+  """`from_hf` between local folders, the tokenizer's files from `tokenizer_src` (`src`, or the tokenizer.json
+  built from DeBERTa's spm.model); `named` holds the (src, out) the user gave, for the config and messages."""
   hf = _read_json(os.path.join(src, 'config.json'))
   hf_class = decoder.saved_class(hf, 'AutoModel')
   weights, _ = decoder.weight_files(src, hf_class)  # checked before anything is read: a .bin without torch fails here
-  if not any(os.path.isfile(os.path.join(src, n)) for n in ('tokenizer.json', 'vocab.txt')):
-    raise UserError(f'{src} has no tokenizer.json or vocab.txt: copy the checkpoint\'s tokenizer files into it')
+  if not any(os.path.isfile(os.path.join(tokenizer_src, n)) for n in ('tokenizer.json', 'vocab.txt')):
+    raise UserError(f'{src} has no tokenizer.json, vocab.txt or (DeBERTa) spm.model: copy the checkpoint\'s '
+                    'tokenizer files into it')
   config = jaxssl_config(hf)
   vocab_size = config.tokenizer.vocab_size
   # More rows than the tokenizer's ids (XLM-R-vocabulary encoders such as multilingual-e5) converts as it is.
-  vocab.check_rows(tokenizers.load_tokenizer(src).vocab_size, vocab_size, src)
+  vocab.check_rows(tokenizers.load_tokenizer(tokenizer_src).vocab_size, vocab_size, src)
   tensors = decoder.read_hf_weights(src, hf_class)
   if hf.get('model_type') in ROBERTA_TYPES:
     tensors = roberta_to_bert_tensors(tensors, position_offset(hf), config.model.type_vocab_size)
   elif hf.get('model_type') in BERT_UNDER_OTHER_NAMES:
     tensors = BERT_UNDER_OTHER_NAMES[hf['model_type']].bert_tensors(tensors, hf)
-  mesh = _one_device_mesh()
+  mesh = decoder.one_device_mesh()
   setup = state_lib.setup_model(config.model, vocab_size, mesh, seed)
   params, unused = hf_to_params(tensors, setup.abstract_params, config.model.num_layers)
   fresh_paths = [jax.tree_util.keystr(p) for p, v in jax.tree_util.tree_leaves_with_path(
@@ -352,7 +356,7 @@ def _from_local_hf(src: str, out: str, *, overwrite: bool, seed: int, named: tup
                    **ckpt_lib.format_stamp()}
   with open(os.path.join(tmp, 'config.json'), 'w') as f:
     json.dump(export_config, f, indent=2, sort_keys=True)
-  copied = _copy_tokenizer(src, tmp)
+  copied = _copy_tokenizer(tokenizer_src, tmp)
   _move_into_place(tmp, out)
   print(f'converted {named[0]} ({state_lib.param_count(params) / 1e6:.2f}M params, {config.model.num_layers} '
         f'layers, hidden {config.model.hidden_size}, tokenizer: {", ".join(copied)}) to {named[1]}')
@@ -367,16 +371,15 @@ def to_hf(src: str, out: str, *, overwrite: bool = False) -> dict:
   config = config_lib.from_json(json.dumps(saved))
   if not config.model.get('scan_layers', True):
     raise UserError(f'{src} was trained with model.scan_layers=False: only stacked (scanned) layers convert')
-  if config.model.get('embedding_size') not in (None, 0, config.model.hidden_size):
-    raise UserError(f'{src} has factorised embeddings (model.embedding_size={config.model.embedding_size}, an '
-                    'imported ELECTRA): to-hf writes BertForPreTraining, which has none')
-  if config.model.get('relative_attention_buckets'):
-    raise UserError(f'{src} has a relative position bias (model.relative_attention_buckets='
-                    f'{config.model.relative_attention_buckets}, an imported MPNet): to-hf writes '
-                    'BertForPreTraining, which has none')
+  for key, what in (('embedding_size', 'factorised embeddings (an imported ELECTRA)'),
+                    ('relative_attention_buckets', 'a relative position bias (an imported MPNet)'),
+                    ('position_buckets', 'disentangled attention (an imported DeBERTa)')):
+    if config.model.get(key) not in (None, 0, config.model.hidden_size if key == 'embedding_size' else 0):
+      raise UserError(f'{src} has {what}, model.{key}={config.model.get(key)}: to-hf writes BertForPreTraining, '
+                      'which has none')
   vocab_size = saved['vocab_size']  # every row, padding included: config.json's vocab_size as the original's
   vocab.check_rows(tokenizers.load_tokenizer(src).vocab_size, vocab_size, src)
-  setup = state_lib.setup_model(config.model, vocab_size, _one_device_mesh())
+  setup = state_lib.setup_model(config.model, vocab_size, decoder.one_device_mesh())
   params = jax.device_get(ckpt_lib.load_export_params(src, setup.abstract_params))
   tensors = params_to_hf(params, config.model.num_layers)
   hf = hf_config(saved, vocab_size)

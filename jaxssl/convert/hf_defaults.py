@@ -17,7 +17,8 @@ DEFAULT_ROPE_THETA = 10000.0
 LLAMA_FAMILY = ('llama', 'mistral', 'qwen2', 'qwen3')
 # The model types hf_bert imports as BERT exports (its ROBERTA_TYPES and BERT_UNDER_OTHER_NAMES); any other is a
 # decoder's. Here so the convert job can route a directory without importing the importers.
-ENCODER_TYPES = ('bert', 'roberta', 'xlm-roberta', 'camembert', 'distilbert', 'electra', 'mpnet', 'albert', 'ernie')
+ENCODER_TYPES = ('bert', 'roberta', 'xlm-roberta', 'camembert', 'distilbert', 'electra', 'mpnet', 'albert', 'ernie',
+                 'deberta-v2')
 _LLAMA_COMMON = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, hidden_act='silu',
                      initializer_range=0.02, rms_norm_eps=1e-6, tie_word_embeddings=False, attention_dropout=0.0,
                      rope_theta=DEFAULT_ROPE_THETA)
@@ -50,6 +51,10 @@ DEFAULTS = {
                    num_attention_heads=64, intermediate_size=16384, inner_group_num=1, hidden_act='gelu_new',
                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
     'ernie': dict(_BERT_COMMON, task_type_vocab_size=3, use_task_id=False),
+    # DeBERTa-v2/v3: position_buckets, share_att_key, norm_rel_ebd, conv_kernel_size are no fields there (getattr).
+    'deberta-v2': dict(_BERT_COMMON, vocab_size=128100, hidden_size=1536, num_hidden_layers=24, num_attention_heads=24,
+                       intermediate_size=6144, type_vocab_size=0, layer_norm_eps=1e-07, relative_attention=False,
+                       max_relative_positions=-1, position_biased_input=True, pos_att_type=None),
     'distilbert': dict(vocab_size=30522, max_position_embeddings=512, sinusoidal_pos_embds=False, n_layers=6,
                        n_heads=12, dim=768, hidden_dim=3072, dropout=0.1, attention_dropout=0.1, activation='gelu',
                        initializer_range=0.02, pad_token_id=0, tie_word_embeddings=True),

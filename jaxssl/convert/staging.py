@@ -20,7 +20,7 @@ from jaxssl.errors import UserError
 
 CONFIG = 'config.json'
 TOKENIZER_NAMES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'vocab.txt', 'vocab.json',
-                   'merges.txt', 'tokenizer.model')
+                   'merges.txt', 'tokenizer.model', 'spm.model')
 # (single file, sharded index) of each weight layout, in the order the converters look for them.
 WEIGHT_LAYOUTS = (('model.safetensors', 'model.safetensors.index.json'),
                   ('pytorch_model.bin', 'pytorch_model.bin.index.json'))

@@ -12,6 +12,10 @@ checkpoint moves freely between the two.
 With `relative_attention_buckets` > 0 (MPNet, imported by convert/hf_mpnet.py) every layer's attention scores also
 get a learned per-head bias for the bucket of each key's distance from the query (T5's bidirectional buckets):
 one table shared by all layers, added to the absolute position embeddings, not in place of them.
+With `position_buckets` > 0 (DeBERTa-v3, convert/hf_deberta.py) attention is disentangled: content-to-position
+and position-to-content scores from one shared table of relative embeddings (models/relative_positions.py);
+DeBERTa-v3 also has no absolute position embeddings (`absolute_positions=False`) and no token types
+(`type_vocab_size=0`).
 """
 import dataclasses
 import functools
@@ -25,7 +29,7 @@ from flax import nnx
 from jaxssl.errors import UserError
 from jaxssl.mesh import constrain
 from jaxssl.models import attention as sparse
-from jaxssl.models import vocab
+from jaxssl.models import relative_positions, vocab
 from jaxssl.models.layers import (ACTIVATIONS, Dense, Embed, LayerNorm, Mlp, MultiHeadAttention, check_compute_settings,
                                   dropout, make_param, maybe_remat, normal_init, stack_layers, unroll_layers, zeros)
 
@@ -44,6 +48,9 @@ class BertConfig:
   type_vocab_size: int = 2
   embedding_size: int = 0  # factorised embeddings (ELECTRA): this width, projected to hidden_size; 0 = hidden_size
   relative_attention_buckets: int = 0  # MPNet's relative position bias: buckets of key distance (32); 0 = none
+  position_buckets: int = 0       # DeBERTa's disentangled attention: log buckets of distance (256); 0 = none
+  max_relative_positions: int = 512  # DeBERTa: distances bucketed up to this
+  absolute_positions: bool = True  # learned position embeddings (DeBERTa-v3 has none)
   dropout_rate: float = 0.1
   attention_dropout_rate: float = 0.1
   initializer_range: float = 0.02
@@ -80,9 +87,13 @@ class BertConfig:
     if buckets and (buckets < 4 or buckets % 2):
       raise UserError(f'model.relative_attention_buckets={buckets} must be 0 (none) or an even number >= 4 '
                       '(MPNet: 32)')
-    if buckets and c.attention_type != 'full':
-      raise UserError('model.relative_attention_buckets needs model.attention_type=\'full\': block-sparse '
-                      'attention takes no relative position bias')
+    if (buckets or c.position_buckets) and c.attention_type != 'full':
+      raise UserError('model.relative_attention_buckets and model.position_buckets need model.attention_type='
+                      '\'full\': block-sparse attention takes no relative positions')
+    if c.position_buckets and (buckets or c.position_buckets < 2 or c.max_relative_positions <= c.position_buckets):
+      raise UserError(f'model.position_buckets={c.position_buckets} needs model.relative_attention_buckets=0 and '
+                      f'2 <= position_buckets < model.max_relative_positions={c.max_relative_positions} (DeBERTa-v3: '
+                      '256 and 512)')
     if c.hidden_size % c.num_heads:
       raise UserError(f'model.hidden_size={c.hidden_size} is not divisible by model.num_heads={c.num_heads}; '
                       f'set --config.model.num_heads to a divisor (e.g. {max(1, c.hidden_size // 64)})')
@@ -248,12 +259,18 @@ class BertForPretraining(nnx.Module):
     # Eager sharding needs a mesh; without one, keep the annotations but place nothing.
     with nnx.use_eager_sharding(not jax.sharding.get_abstract_mesh().empty):
       self.word_embeddings = Embed(c.vocab_size, e, ('vocab', emb_axis), stddev=std, rngs=rngs)
-      self.position_embeddings = Embed(c.max_position, e, ('position', emb_axis), stddev=std, rngs=rngs)
-      self.token_type_embeddings = Embed(c.type_vocab_size, e, ('token_type', emb_axis), stddev=std, rngs=rngs)
+      if c.absolute_positions:
+        self.position_embeddings = Embed(c.max_position, e, ('position', emb_axis), stddev=std, rngs=rngs)
+      if c.type_vocab_size:
+        self.token_type_embeddings = Embed(c.type_vocab_size, e, ('token_type', emb_axis), stddev=std, rngs=rngs)
       self.embedding_norm = LayerNorm(e, eps=c.layer_norm_eps, dtype=dt, rngs=rngs)
       if c.relative_attention_buckets:  # MPNet's, shared by every layer
         self.relative_attention_bias = make_param(rngs, normal_init(std), (c.relative_attention_buckets, c.num_heads),
                                                   ('relative_buckets', 'heads'))
+      if c.position_buckets:  # DeBERTa's relative embeddings, shared by every layer, and their LayerNorm
+        self.relative_embeddings = make_param(rngs, normal_init(std), (2 * c.position_buckets, h),
+                                              ('relative_buckets', 'embed'))
+        self.relative_norm = LayerNorm(h, eps=c.layer_norm_eps, dtype=jnp.float32, rngs=rngs)
       if e != h:  # ELECTRA's embeddings_project
         self.embedding_projection = Dense(e, h, ('embed_factor', 'embed'), stddev=std, dtype=dt, rngs=rngs)
       self.encoder = BertEncoder(c, rngs=rngs)
@@ -285,8 +302,11 @@ class BertForPretraining(nnx.Module):
       raise UserError(f'sequence length {seq_len} exceeds model.max_position={c.max_position}; '
                       'lower data.seq_len or raise model.max_position')
     positions = jnp.arange(seq_len)[None] if position_ids is None else position_ids
-    x = (self.word_embeddings(input_ids) + self.position_embeddings(positions)
-         + self.token_type_embeddings(token_type_ids))
+    x = self.word_embeddings(input_ids)
+    if c.absolute_positions:
+      x = x + self.position_embeddings(positions)
+    if c.type_vocab_size:
+      x = x + self.token_type_embeddings(token_type_ids)
     x = self.embedding_norm(x)
     emb_key, enc_key = (None, None) if dropout_rng is None else (
         jax.random.fold_in(dropout_rng, 0), jax.random.fold_in(dropout_rng, 1))
@@ -296,7 +316,10 @@ class BertForPretraining(nnx.Module):
     x = constrain(x, ACT)
     bias = None
     if c.relative_attention_buckets:
-      bias = relative_position_bias(self.relative_attention_bias[...], seq_len)
+      bias = relative_positions.bucket_bias(self.relative_attention_bias[...], seq_len)
+    if c.position_buckets:
+      bias = relative_positions.DisentangledBias(self.relative_norm(self.relative_embeddings[...]), relative_positions
+                                                 .relative_index(seq_len, c.position_buckets, c.max_relative_positions))
     if return_hidden_states:
       emb = x
       x, layer_outputs = self.encoder(x, attention_mask, enc_key, return_hidden_states=True, bias=bias)
@@ -311,7 +334,7 @@ class BertForPretraining(nnx.Module):
     """-> (mlm_logits [B, P, V] float32 at `mlm_positions` [B, P], nsp_logits [B, 2] float32)."""
     c = self.config
     mlm_positions = mlm_positions.astype(jnp.int32)
-    if c.final_layer_subset and not c.sparse_at(input_ids.shape[1]):
+    if c.final_layer_subset and not c.sparse_at(input_ids.shape[1]) and not c.position_buckets:
       # The heads read [CLS] and the P masked positions: the last layer computes those 1 + P rows only (about
       # 10/12 of its matmuls skipped at the other positions; same loss).
       positions = jnp.concatenate([jnp.zeros_like(mlm_positions[:, :1]), mlm_positions], axis=1)
@@ -327,32 +350,6 @@ class BertForPretraining(nnx.Module):
     h = self.mlm_norm(ACTIVATIONS[c.hidden_act](self.mlm_transform(h)))  # HF's prediction head: hidden_act too
     mlm_logits = self.word_embeddings.attend(h, self.config.compute_dtype) + self.mlm_bias[...]
     return vocab.mask_padding_logits(mlm_logits, c.num_token_ids), nsp_logits  # padding rows never predicted
-
-
-# MPNet's (HF's MPNetEncoder fixes it, as T5's default): distances from this on share the last bucket.
-RELATIVE_MAX_DISTANCE = 128
-
-
-def relative_position_buckets(seq_len: int, num_buckets: int) -> np.ndarray:
-  """int32 [T, T]: the bucket of key j's offset from query i (HF MPNet's relative_position_bucket, T5's
-  bidirectional scheme): half the buckets for keys before the query, half for keys at or after it; in each half
-  one bucket per distance below num_buckets // 4, then log-spaced ones up to RELATIVE_MAX_DISTANCE. Computed in
-  float32 in HF's order, so bucket edges round as they do there."""
-  n = np.arange(seq_len)[:, None] - np.arange(seq_len)[None, :]  # query - key
-  half = num_buckets // 2
-  exact = half // 2
-  ret = (n < 0).astype(np.int64) * half
-  n = np.abs(n)
-  with np.errstate(divide='ignore'):
-    log = np.log(n.astype(np.float32) / np.float32(exact)) / np.float32(math.log(RELATIVE_MAX_DISTANCE / exact))
-  large = exact + np.where(n >= exact, log * np.float32(half - exact), 0).astype(np.int64)
-  return (ret + np.where(n < exact, n, np.minimum(large, half - 1))).astype(np.int32)
-
-
-def relative_position_bias(table: jax.Array, seq_len: int) -> jax.Array:
-  """float32 [1, N, T, T]: `table` [buckets, N] read at each (query, key) pair's bucket."""
-  buckets = relative_position_buckets(seq_len, table.shape[0])
-  return jnp.transpose(table.astype(jnp.float32)[buckets], (2, 0, 1))[None]
 
 
 def flops_per_token(model_cfg, vocab_size: int, seq_len: int, max_predictions: int) -> float:
@@ -377,8 +374,10 @@ def flops_per_token(model_cfg, vocab_size: int, seq_len: int, max_predictions: i
     nb = seq_len // c.block_size
     keys = (2 * seq_len + (nb - 2) * sparse.min_blocks(c.num_random_blocks) * c.block_size) / nb
   layer = 6 * (4 * h * h + 2 * h * i) + 12 * h * keys
+  if c.position_buckets:  # DeBERTa's c2p and p2c scores (no final layer subset then)
+    layer += relative_positions.flops_per_token(h, c.position_buckets, seq_len)
   layers = n_layers * layer
-  if c.final_layer_subset and not c.sparse_at(seq_len):
+  if c.final_layer_subset and not c.sparse_at(seq_len) and not c.position_buckets:
     rows = min(1.0, (1 + max_predictions) / seq_len)
     layers += 6 * 2 * h * h + rows * (6 * (2 * h * h + 2 * h * i) + 12 * h * keys) - layer
   mlm = 6 * (h * e + e * c.vocab_size) * max_predictions / seq_len

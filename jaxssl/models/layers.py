@@ -202,12 +202,15 @@ class MultiHeadAttention(nnx.Module):
     `query_positions` [B, P] ints: only these positions query (keys and values are still every position); the
     output is [B, P, H], the rows of the full output at those positions.
 
-    `bias` [1, N, L, L] float32 is added to the scaled scores (MPNet's relative position bias).
+    `bias` [1, N, L, L] float32 is added to the scaled scores (MPNet's relative position bias); a callable
+    `bias(q, k, project) -> (q, bias)` computes it from q and k (DeBERTa's, models/disentangled.py).
     """
     x = x.astype(self.dtype)
     xq = x if query_positions is None else jnp.take_along_axis(x, query_positions[:, :, None], axis=1)
     q = self._project(xq, 'query')
     k, v = (self._project(x, n) for n in ('key', 'value'))
+    if callable(bias) and query_positions is None:
+      q, bias = bias(q, k, self._project)
     ids = mask.astype(jnp.int32)
     query_ids = ids if query_positions is None else jnp.take_along_axis(ids, query_positions, axis=1)
     same = query_ids[:, None, :, None] == ids[:, None, None, :]
@@ -265,10 +268,7 @@ REMAT_POLICIES = {
     'full': None,  # save nothing: recompute the whole layer in the backward pass
     'dots': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,  # keep weight matmul outputs
 }
-
-
 LAYER_LOOPS = ('auto', 'scan', 'unrolled')
-
 
 # 'auto' unrolls a training step that runs at least this many times (per compiled shape) on the backend: from
 # there the faster steps pay back the longer compile. On a 2-core CPU BERT-base gradients at 6-10 rows of 128
