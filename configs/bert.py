@@ -39,6 +39,10 @@ def get_config(variant: str = 'tiny'):
       intermediate_size=4 * hidden, max_position=512, type_vocab_size=2,
       embedding_size=0,       # ELECTRA / ALBERT-style factorised embeddings of this width (0 = hidden_size)
       relative_attention_buckets=0,  # MPNet: a learned per-head bias of each key's relative distance bucket (0 = none)
+      # DeBERTa's disentangled attention: content-to-position and position-to-content scores over this many log
+      # buckets of distance (256; 0 = none), up to max_relative_positions; DeBERTa-v3 also drops the absolute
+      # position embeddings (absolute_positions=False) and the token types (type_vocab_size=0).
+      position_buckets=0, max_relative_positions=512, absolute_positions=True,
       dropout_rate=0.1, attention_dropout_rate=0.1, initializer_range=0.02,
       final_layer_subset=True,  # pretraining: the last layer computes only [CLS] and the masked positions
       attention_type='full',  # 'full' | 'block_sparse' (Big Bird ITC; jaxssl/models/attention.py)

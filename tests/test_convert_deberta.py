@@ -9,6 +9,7 @@ import shutil
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -114,8 +115,7 @@ def test_config_defaults_and_no_relative_attention():
   """DebertaV2Config's defaults (no relative attention, absolute positions) give a BERT with no token types;
   max_relative_positions -1 means max_position_embeddings."""
   m = hf_bert.jaxssl_config({'model_type': 'deberta-v2'}).model
-  assert 'position_buckets' not in m and 'absolute_positions' not in m  # BertConfig's defaults: 0 and True
-  assert (m.type_vocab_size, m.layer_norm_eps) == (0, 1e-7)
+  assert (m.position_buckets, m.absolute_positions, m.type_vocab_size, m.layer_norm_eps) == (0, True, 0, 1e-7)
   m = hf_bert.jaxssl_config(dict(V3, model_type='deberta-v2', max_relative_positions=-1)).model
   assert (m.position_buckets, m.max_relative_positions, L <= m.max_position) == (4, 64, True)
 
@@ -140,20 +140,25 @@ def spm_model(tmp_path_factory):
                                 for i in range(processor.get_piece_size())]
 
 
-def test_hub_folder_with_spm_model_only(tmp_path, spm_model):
+def test_hub_folder_with_spm_model_only(tmp_path, capsys, spm_model):
   """deberta-v3 as the hub has it: spm.model and tokenizer_config.json, no tokenizer.json. The import builds the
   tokenizer.json that transformers 5's DebertaV2Tokenizer builds from the pieces: the same ids (runs of spaces,
   tabs, accents, full-width letters), [CLS] 1 / [SEP] 2 / [PAD] 0, [MASK] after the last piece; the export keeps
-  the padded embedding."""
+  the padded embedding; the unused position table such files carry is left out without a warning."""
   path, vocab = spm_model
   torch.manual_seed(3)
   model = transformers.DebertaV2ForMaskedLM(transformers.DebertaV2Config(**dict(V3, vocab_size=len(vocab) + 7)))
   hub = tmp_path / 'hub'
   model.save_pretrained(hub)
+  # The v3 files on the hub also hold a position table that position_biased_input=false leaves unused.
+  tensors = safetensors.numpy.load_file(hub / 'model.safetensors')
+  tensors['deberta.embeddings.position_embeddings.weight'] = np.ones((64, 32), np.float32)
+  safetensors.numpy.save_file(tensors, hub / 'model.safetensors', metadata={'format': 'pt'})
   shutil.copy(path, hub / 'spm.model')
   (hub / 'tokenizer_config.json').write_text(json.dumps({'tokenizer_class': 'DebertaV2Tokenizer',
                                                          'do_lower_case': False, 'vocab_type': 'spm'}))
   convert_main(['from-hf', '--src', str(hub), '--out', str(tmp_path / 'params')])
+  assert 'not used' not in capsys.readouterr().out
   assert not (hub / 'tokenizer.json').exists()  # the source folder is not written to
   ours, theirs = tokenizers.load_tokenizer(str(tmp_path / 'params')), transformers.DebertaV2Tokenizer(vocab=vocab)
   assert (ours.cls_id, ours.sep_id, ours.pad_id, ours.mask_id) == (1, 2, 0, len(vocab)) == (

@@ -81,9 +81,13 @@ def bert_config(hf: dict) -> dict:
 
 def bert_tensors(tensors: dict, hf: dict | None = None) -> dict:  # hf: config.json (ALBERT's needs it)
   """DeBERTa tensors under BertForPreTraining's names (a bare DebertaV2Model's keep theirs: hf_bert prefixes them);
-  other tensors (the replaced-token head, task heads) keep their names."""
+  other tensors (the replaced-token head, task heads) keep their names. The position table v3 files carry without
+  using it (position_biased_input false; transformers ignores it too) is dropped."""
   out = {}
+  unused_positions = not hf_defaults.with_defaults(hf or {}, 'deberta-v2')['position_biased_input']
   for k, v in tensors.items():
+    if unused_positions and k.endswith('embeddings.position_embeddings.weight'):
+      continue
     k = next((new + k[len(old):] for old, new in RENAMES if k.startswith(old)), k)
     out[k.replace('.attention.self.query_proj.', '.attention.self.query.')
           .replace('.attention.self.key_proj.', '.attention.self.key.')

@@ -19,7 +19,6 @@ DeBERTa-v3 also has no absolute position embeddings (`absolute_positions=False`)
 """
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
