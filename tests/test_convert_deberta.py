@@ -176,3 +176,22 @@ def test_spm_tokenizer_lower_case_and_punctuation(spm_model):
   theirs = transformers.DebertaV2Tokenizer(vocab=vocab, do_lower_case=True, split_by_punct=True)
   for text in TEXTS:
     assert ours.encode(text).ids == theirs(text)['input_ids'], text
+
+
+@pytest.mark.parametrize('seq_len', [1, 2, 7, 40])
+def test_disentangled_scores_equal_their_definition(seq_len):
+  """DisentangledBias's offset rows + skew against the definition: c2p(i, j) = q_i . Kr[index[i, j]] and
+  p2c(i, j) = k_j . Qr[index[i, j]] (transformers' gathers), with log buckets and clipping reached (S = 8)."""
+  rng = np.random.default_rng(seq_len)
+  n, d, h = 2, 3, 6
+  table = rng.normal(size=(16, h)).astype(np.float32)
+  index = relative_positions.relative_index(seq_len, 8, 24)
+  q, k = (rng.normal(size=(2, seq_len, n, d)).astype(np.float32) for _ in range(2))
+  kernels = {name: rng.normal(size=(h, n, d)).astype(np.float32) for name in ('query', 'key')}
+  project = lambda x, name: jnp.einsum('blh,hnd->blnd', x, kernels[name])  # noqa: E731
+  q_scaled, scores = relative_positions.DisentangledBias(jnp.asarray(table), index)(q, k, project)
+  kr, qr = table @ kernels['key'].reshape(h, -1), table @ kernels['query'].reshape(h, -1)
+  kr, qr = kr.reshape(16, n, d), qr.reshape(16, n, d)
+  want = (np.einsum('bind,ijnd->bnij', q, kr[index]) + np.einsum('bjnd,ijnd->bnij', k, qr[index])) / np.sqrt(3 * d)
+  np.testing.assert_allclose(np.asarray(scores), want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(q_scaled), q / np.sqrt(3), rtol=1e-6)
