@@ -18,8 +18,9 @@ from jaxssl.convert import hf_bert, hf_deberta  # noqa: E402
 from jaxssl.convert.__main__ import main as convert_main  # noqa: E402
 from jaxssl.data import tokenizers  # noqa: E402
 from jaxssl.errors import UserError  # noqa: E402
-from jaxssl.models import relative_positions  # noqa: E402
+from jaxssl.models import fused_attention, relative_positions  # noqa: E402
 from jaxssl.train.checkpoint import load_export  # noqa: E402
+from test_convert_albert import args_of  # noqa: E402
 from test_convert_distilbert import one_device, randomised  # noqa: E402
 from test_convert_electra import converted  # noqa: E402
 from test_convert_hf import L, V, batch, close  # noqa: E402  (tests/ is on sys.path)
@@ -29,10 +30,6 @@ V3 = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads
           max_position_embeddings=64, relative_attention=True, position_buckets=4, max_relative_positions=16,
           pos_att_type='p2c|c2p', share_att_key=True, norm_rel_ebd='layer_norm', position_biased_input=False,
           type_vocab_size=0, layer_norm_eps=1e-7)
-
-
-def args_of(ids, types, mask):
-  return [jnp.asarray(a, jnp.int32) for a in (ids, types, mask)]
 
 
 @pytest.mark.parametrize('seq_len,buckets,max_position', [(700, 256, 512), (40, 4, 16), (40, 8, 64)])
@@ -74,6 +71,7 @@ def test_deberta_v3_matches_transformers(tmp_path, capsys, legacy):
   assert 'not used' not in capsys.readouterr().out
   m = config.model
   assert (m.position_buckets, m.max_relative_positions, m.absolute_positions, m.type_vocab_size) == (4, 16, False, 0)
+  assert fused_attention.describe(m).endswith(', disentangled over 4 relative buckets')  # the jobs' banner
   assert not hasattr(ours, 'position_embeddings') and not hasattr(ours, 'token_type_embeddings')
   ids, types, mask, positions = batch()
   assert_real_tokens_match(ours, hf_hidden(model, ids, types, mask), args_of(ids, types, mask), mask, positions)

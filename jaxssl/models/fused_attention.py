@@ -51,11 +51,13 @@ def describe(model_cfg) -> str:
     return ''
   if model_cfg.get('attention_type', 'full') == 'block_sparse':
     return f"attention block_sparse from {model_cfg.get('sparse_min_length')} tokens"
+  relative = (f", disentangled over {model_cfg['position_buckets']} relative buckets"  # DeBERTa's scores
+              if model_cfg.get('position_buckets') else '')
   if model_cfg.get('attention_dropout_rate', 0.0) > 0:
-    return f"attention explicit (attention dropout {model_cfg['attention_dropout_rate']})"
+    return f"attention explicit (attention dropout {model_cfg['attention_dropout_rate']}){relative}"
   setting = model_cfg['attention']
   path = resolve(setting, jnp.dtype(model_cfg.get('dtype', 'float32')))
-  return f'attention {path}' + (f' (auto, {jax.default_backend()})' if setting == 'auto' else '')
+  return f'attention {path}' + (f' (auto, {jax.default_backend()})' if setting == 'auto' else '') + relative
 
 
 @functools.cache
