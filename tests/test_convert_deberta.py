@@ -64,22 +64,30 @@ def assert_real_tokens_match(ours, out, args, mask, positions=None):
 @pytest.mark.parametrize('legacy', [False, True])
 def test_deberta_v3_matches_transformers(tmp_path, capsys, legacy):
   """DebertaV2ForMaskedLM laid out as v3 (no positions, no token types): hidden states and MLM logits, with the
-  head as the DeBERTa checkpoints hold it (lm_predictions) and as transformers' legacy one (cls.predictions)."""
+  head as the DeBERTa checkpoints hold it (lm_predictions) and as transformers' legacy one (cls.predictions); to-hf
+  writes a DebertaV2ForMaskedLM that transformers opens with the same logits."""
   torch.manual_seed(0)
   model = randomised(transformers.DebertaV2ForMaskedLM(transformers.DebertaV2Config(**V3, legacy=legacy)))
-  config, ours, _ = load_export(converted(model, tmp_path, 'deberta'), one_device())
+  export = converted(model, tmp_path, 'deberta')
+  config, ours, _ = load_export(export, one_device())
   assert 'not used' not in capsys.readouterr().out
   m = config.model
   assert (m.position_buckets, m.max_relative_positions, m.absolute_positions, m.type_vocab_size) == (4, 16, False, 0)
   assert fused_attention.describe(m).endswith(', disentangled over 4 relative buckets')  # the jobs' banner
   assert not hasattr(ours, 'position_embeddings') and not hasattr(ours, 'token_type_embeddings')
   ids, types, mask, positions = batch()
-  assert_real_tokens_match(ours, hf_hidden(model, ids, types, mask), args_of(ids, types, mask), mask, positions)
+  out = hf_hidden(model, ids, types, mask)
+  assert_real_tokens_match(ours, out, args_of(ids, types, mask), mask, positions)
+  hf_bert.to_hf(export, str(tmp_path / 'back'))
+  back = transformers.DebertaV2ForMaskedLM.from_pretrained(tmp_path / 'back').eval()
+  assert (back.config.legacy, back.config.position_buckets, back.config.position_biased_input) == (False, 4, False)
+  close(hf_hidden(back, ids, types, mask).logits.numpy(), out.logits.numpy(), 'MLM logits written back')
 
 
 def test_absolute_positions_token_types_and_classifier_checkpoint(tmp_path, capsys):
   """A DebertaV2ForSequenceClassification with absolute positions and two token types beside the relative
-  attention: the body matches (pair segments included); its GELU pooler and classifier are named as unused."""
+  attention: the body matches (pair segments included); its GELU pooler and classifier are named as unused; the
+  body written back by to-hf is transformers' again."""
   torch.manual_seed(1)
   cfg = transformers.DebertaV2Config(**dict(V3, position_biased_input=True, type_vocab_size=2, position_buckets=8,
                                             max_relative_positions=64))
@@ -89,9 +97,13 @@ def test_absolute_positions_token_types_and_classifier_checkpoint(tmp_path, caps
   assert 'pooler.dense.weight' in printed and 'classifier.weight' in printed
   _, ours, _ = load_export(export, one_device())
   ids, types, mask, _ = batch(1)
-  assert_real_tokens_match(ours, hf_hidden(model.deberta, ids, types, mask), args_of(ids, types, mask), mask)
-  with pytest.raises(UserError, match='disentangled attention'):
-    hf_bert.to_hf(export, str(tmp_path / 'back'))
+  want = hf_hidden(model.deberta, ids, types, mask)
+  assert_real_tokens_match(ours, want, args_of(ids, types, mask), mask)
+  hf_bert.to_hf(export, str(tmp_path / 'back'))
+  back = transformers.DebertaV2Model.from_pretrained(tmp_path / 'back').eval()
+  valid = mask.astype(bool)
+  close(hf_hidden(back, ids, types, mask).last_hidden_state.numpy()[valid], want.last_hidden_state.numpy()[valid],
+        'body written back')
 
 
 @pytest.mark.parametrize('change,match', [

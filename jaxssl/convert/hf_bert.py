@@ -364,7 +364,8 @@ def _from_local_hf(src: str, tokenizer_src: str, out: str, *, overwrite: bool, s
 
 
 def to_hf(src: str, out: str, *, overwrite: bool = False) -> dict:
-  """Writes the jaxssl export `src` as a HF BERT directory `out` (BertForPreTraining); returns its config.json."""
+  """Writes the jaxssl export `src` as a HF directory `out` (BertForPreTraining; DebertaV2ForMaskedLM for a DeBERTa,
+  hf_deberta); returns its config.json."""
   saved = ckpt_lib.read_export_config(src)
   if saved.get('model', {}).get('name') != 'bert':
     raise UserError(f"{src} holds model.name={saved.get('model', {}).get('name')!r}: only 'bert' converts to HF BERT")
@@ -372,8 +373,7 @@ def to_hf(src: str, out: str, *, overwrite: bool = False) -> dict:
   if not config.model.get('scan_layers', True):
     raise UserError(f'{src} was trained with model.scan_layers=False: only stacked (scanned) layers convert')
   for key, what in (('embedding_size', 'factorised embeddings (an imported ELECTRA)'),
-                    ('relative_attention_buckets', 'a relative position bias (an imported MPNet)'),
-                    ('position_buckets', 'disentangled attention (an imported DeBERTa)')):
+                    ('relative_attention_buckets', 'a relative position bias (an imported MPNet)')):
     if config.model.get(key) not in (None, 0, config.model.hidden_size if key == 'embedding_size' else 0):
       raise UserError(f'{src} has {what}, model.{key}={config.model.get(key)}: to-hf writes BertForPreTraining, '
                       'which has none')
@@ -381,8 +381,9 @@ def to_hf(src: str, out: str, *, overwrite: bool = False) -> dict:
   vocab.check_rows(tokenizers.load_tokenizer(src).vocab_size, vocab_size, src)
   setup = state_lib.setup_model(config.model, vocab_size, decoder.one_device_mesh())
   params = jax.device_get(ckpt_lib.load_export_params(src, setup.abstract_params))
-  tensors = params_to_hf(params, config.model.num_layers)
-  hf = hf_config(saved, vocab_size)
+  tensors, hf = params_to_hf(params, config.model.num_layers), hf_config(saved, vocab_size)
+  if hf_deberta.is_deberta(config.model):
+    tensors, hf = hf_deberta.hf_tensors(tensors), hf_deberta.hf_config(hf, config.model)
   with staging.local_output(out, overwrite) as local_out:  # a bucket folder: written locally, then uploaded
     tmp = _fresh_dir(local_out, overwrite)
     # transformers refuses safetensors files without a 'format' entry in their metadata.
@@ -391,7 +392,7 @@ def to_hf(src: str, out: str, *, overwrite: bool = False) -> dict:
       json.dump(hf, f, indent=2, sort_keys=True)
     copied = _copy_tokenizer(src, tmp)
     _move_into_place(tmp, local_out)
-  print(f'wrote {out} (HF BertForPreTraining, {len(tensors)} tensors, tokenizer: {", ".join(copied) or "none"})')
+  print(f'wrote {out} (HF {hf["architectures"][0]}, {len(tensors)} tensors, tokenizer: {", ".join(copied) or "none"})')
   if 'tokenizer.model' in copied:
     print('note: the tokenizer is a jaxssl sentencepiece model (tokenizer.model); transformers needs a matching '
           'tokenizer class for it, BertTokenizer will not read it')

@@ -15,7 +15,9 @@ The MLM head is `lm_predictions.lm_head` (what the DeBERTa checkpoints hold; tra
 legacy=false) or, with legacy=true, BERT's `cls.predictions`; either is BERT's transform + tied decoder + bias.
 The discriminator head of v3's replaced-token detection (mask_predictions) and task heads are named as unused;
 DeBERTa's classification pooler (dense + GELU) is not BERT's (dense + tanh), so a fine-tune starts a fresh one.
-An export of an imported DeBERTa is a BERT export with model.position_buckets set; `to-hf` refuses it.
+An export of an imported DeBERTa is a BERT export with model.position_buckets set; `to-hf` writes it (and any
+BERT export without absolute positions or token types) back as a DebertaV2ForMaskedLM (legacy=false: the MLM head
+under lm_predictions, tied to the word embeddings); the pooler and NSP head, which DeBERTa lacks, are left out.
 
 The hub's DeBERTa-v3 folders ship their tokenizer as a sentencepiece `spm.model` (no tokenizer.json). `tokenizer_files`
 builds the tokenizer.json transformers 5's DebertaV2Tokenizer builds from it (the pieces and scores as a Unigram
@@ -92,6 +94,39 @@ def bert_tensors(tensors: dict, hf: dict | None = None) -> dict:  # hf: config.j
     out[k.replace('.attention.self.query_proj.', '.attention.self.query.')
           .replace('.attention.self.key_proj.', '.attention.self.key.')
           .replace('.attention.self.value_proj.', '.attention.self.value.')] = v
+  return out
+
+
+def is_deberta(model_cfg) -> bool:
+  """Whether a jaxssl BERT config needs DeBERTa's layout in HF: disentangled attention, or no absolute positions or
+  no token types (which BertModel cannot express)."""
+  return bool(model_cfg.get('position_buckets')) or not model_cfg.get('absolute_positions', True) or not int(
+      model_cfg.get('type_vocab_size', 2))
+
+
+def hf_config(bert: dict, model_cfg) -> dict:
+  """DebertaV2ForMaskedLM's config.json from hf_bert.hf_config's BERT one and the jaxssl model section."""
+  buckets = int(model_cfg.get('position_buckets', 0))
+  out = {k: v for k, v in bert.items() if k != 'position_embedding_type'}
+  out.update(architectures=['DebertaV2ForMaskedLM'], model_type='deberta-v2', legacy=False,
+             relative_attention=bool(buckets), position_biased_input=bool(model_cfg.get('absolute_positions', True)))
+  if buckets:
+    out.update(position_buckets=buckets, max_relative_positions=int(model_cfg.get('max_relative_positions', 512)),
+               pos_att_type='p2c|c2p', share_att_key=True, norm_rel_ebd='layer_norm')
+  return out
+
+
+def hf_tensors(bert_tensors: dict) -> dict:
+  """BertForPreTraining tensors (hf_bert.params_to_hf) under DebertaV2ForMaskedLM's names, without the pooler and
+  NSP head DeBERTa has no place for: the inverse of bert_tensors."""
+  out = {}
+  for k, v in bert_tensors.items():
+    if k.startswith(('bert.pooler.', 'cls.seq_relationship.')):
+      continue
+    k = next((old + k[len(new):] for old, new in RENAMES if k.startswith(new)), k)
+    out[k.replace('.attention.self.query.', '.attention.self.query_proj.')
+          .replace('.attention.self.key.', '.attention.self.key_proj.')
+          .replace('.attention.self.value.', '.attention.self.value_proj.')] = v
   return out
 
 
