@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from jaxssl.convert import hf_bert, hf_deberta  # noqa: E402
 from jaxssl.convert.__main__ import main as convert_main  # noqa: E402
 from jaxssl.data import tokenizers  # noqa: E402
 from jaxssl.errors import UserError  # noqa: E402
-from jaxssl.models import fused_attention, relative_positions  # noqa: E402
+from jaxssl.models import fused_attention, layers, relative_positions  # noqa: E402
 from jaxssl.train.checkpoint import load_export  # noqa: E402
 from test_convert_albert import args_of  # noqa: E402
 from test_convert_distilbert import one_device, randomised  # noqa: E402
@@ -188,10 +189,11 @@ def test_spm_tokenizer_lower_case_and_punctuation(spm_model):
     assert ours.encode(text).ids == theirs(text)['input_ids'], text
 
 
-@pytest.mark.parametrize('seq_len', [1, 2, 7, 40])
-def test_disentangled_scores_equal_their_definition(seq_len):
+@pytest.mark.parametrize('seq_len,rate', [(1, 0.0), (2, 0.0), (7, 0.0), (40, 0.0), (40, 0.5)])
+def test_disentangled_scores_equal_their_definition(seq_len, rate):
   """DisentangledBias's offset rows + skew against the definition: c2p(i, j) = q_i . Kr[index[i, j]] and
-  p2c(i, j) = k_j . Qr[index[i, j]] (transformers' gathers), with log buckets and clipping reached (S = 8)."""
+  p2c(i, j) = k_j . Qr[index[i, j]] (transformers' gathers), with log buckets and clipping reached (S = 8); in
+  training the table is dropped out first (transformers' pos_dropout), with a mask of its own."""
   rng = np.random.default_rng(seq_len)
   n, d, h = 2, 3, 6
   table = rng.normal(size=(16, h)).astype(np.float32)
@@ -199,7 +201,12 @@ def test_disentangled_scores_equal_their_definition(seq_len):
   q, k = (rng.normal(size=(2, seq_len, n, d)).astype(np.float32) for _ in range(2))
   kernels = {name: rng.normal(size=(h, n, d)).astype(np.float32) for name in ('query', 'key')}
   project = lambda x, name: jnp.einsum('blh,hnd->blnd', x, kernels[name])  # noqa: E731
-  q_scaled, scores = relative_positions.DisentangledBias(jnp.asarray(table), index)(q, k, project)
+  key = jax.random.key(3) if rate else None
+  q_scaled, scores = relative_positions.DisentangledBias(jnp.asarray(table), index, rate)(q, k, project, key)
+  if rate:
+    dropped = np.asarray(layers.dropout(jnp.asarray(table), rate, jax.random.fold_in(key, 1)))
+    assert 0 < (dropped == 0).mean() < 1
+    table = dropped
   kr, qr = table @ kernels['key'].reshape(h, -1), table @ kernels['query'].reshape(h, -1)
   kr, qr = kr.reshape(16, n, d), qr.reshape(16, n, d)
   want = (np.einsum('bind,ijnd->bnij', q, kr[index]) + np.einsum('bjnd,ijnd->bnij', k, qr[index])) / np.sqrt(3 * d)

@@ -317,8 +317,9 @@ class BertForPretraining(nnx.Module):
     if c.relative_attention_buckets:
       bias = relative_positions.bucket_bias(self.relative_attention_bias[...], seq_len)
     if c.position_buckets:
-      bias = relative_positions.DisentangledBias(self.relative_norm(self.relative_embeddings[...]), relative_positions
-                                                 .relative_index(seq_len, c.position_buckets, c.max_relative_positions))
+      index = relative_positions.relative_index(seq_len, c.position_buckets, c.max_relative_positions)
+      table = self.relative_norm(self.relative_embeddings[...])
+      bias = relative_positions.DisentangledBias(table, index, c.dropout_rate)
     if return_hidden_states:
       emb = x
       x, layer_outputs = self.encoder(x, attention_mask, enc_key, return_hidden_states=True, bias=bias)

@@ -203,14 +203,14 @@ class MultiHeadAttention(nnx.Module):
     output is [B, P, H], the rows of the full output at those positions.
 
     `bias` [1, N, L, L] float32 is added to the scaled scores (MPNet's relative position bias); a callable
-    `bias(q, k, project) -> (q, bias)` computes it from q and k (DeBERTa's, models/disentangled.py).
+    `bias(q, k, project, dropout_rng) -> (q, bias)` computes it from q and k (DeBERTa's, relative_positions.py).
     """
     x = x.astype(self.dtype)
     xq = x if query_positions is None else jnp.take_along_axis(x, query_positions[:, :, None], axis=1)
     q = self._project(xq, 'query')
     k, v = (self._project(x, n) for n in ('key', 'value'))
     if callable(bias) and query_positions is None:
-      q, bias = bias(q, k, self._project)
+      q, bias = bias(q, k, self._project, dropout_rng)
     ids = mask.astype(jnp.int32)
     query_ids = ids if query_positions is None else jnp.take_along_axis(ids, query_positions, axis=1)
     same = query_ids[:, None, :, None] == ids[:, None, None, :]

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxssl.models.layers import dropout
+
 # MPNet's (HF's MPNetEncoder fixes it, as T5's default): distances from this on share the last bucket.
 RELATIVE_MAX_DISTANCE = 128
 
@@ -69,29 +71,32 @@ def relative_index(seq_len: int, buckets: int, max_position: int) -> np.ndarray:
 
 
 class DisentangledBias:
-  """MultiHeadAttention's `bias` for DeBERTa: `(q, k, project) -> (q / sqrt(3), c2p + p2c scores)`.
+  """MultiHeadAttention's `bias` for DeBERTa: `(q, k, project, dropout_rng) -> (q / sqrt(3), c2p + p2c scores)`.
 
   `relative` [2S, H]: the normalised relative embeddings; `index` [T, T] from relative_index. q, k [B, T, N, D]
   (the query rows are all T: no query subset); `project(x, name)` is the layer's projection ('query' / 'key').
+  In training (`dropout_rng`, the layer's attention key) each layer drops out the table at `dropout_rate`, as
+  transformers' pos_dropout does.
 
   A score depends on (i, j) only through the offset i - j, so each term is computed against the table rows of the
   2T - 1 offsets -(T - 1) .. T - 1 (all different rows while T <= S / 2; longer sequences repeat the log-bucketed
-  ones), then skewed into [T, T] by a reshape. transformers gathers [T, T] entries from scores against all 2S rows; done that way here, the gather and
-  its scatter-add gradient made a DeBERTa-base gradient step 1.44x BERT-base's (8 x 128 tokens, 2-core CPU), against
-  1.18x now and 1.34x for PyTorch's pair (BENCHMARKS.md §31).
+  ones), then skewed into [T, T] by a reshape. transformers gathers [T, T] entries from scores against all 2S rows;
+  done that way here, the gather and its scatter-add gradient made a DeBERTa-base gradient step 1.44x BERT-base's
+  (8 x 128 tokens, 2-core CPU), against 1.18x now and 1.34x for PyTorch's pair (BENCHMARKS.md §31).
   """
 
-  def __init__(self, relative: jax.Array, index: np.ndarray):
-    self.relative = relative
+  def __init__(self, relative: jax.Array, index: np.ndarray, dropout_rate: float = 0.0):
+    self.relative, self.dropout_rate = relative, dropout_rate
     t = index.shape[0]
     # Row k of the skewed layout is offset d = T - 1 - k: table rows for c2p (i - j = d) and p2c (j - i = d).
     offset_of = np.concatenate([index[0, ::-1], index[1:, 0]])  # idx of offsets i - j = -(T - 1) .. T - 1
     self.c2p_rows = jnp.asarray(offset_of[::-1].copy())
     self.p2c_rows = jnp.asarray(offset_of.copy())
 
-  def __call__(self, q, k, project):
+  def __call__(self, q, k, project, dropout_rng=None):
     head_dim = q.shape[-1]
-    rel = self.relative.astype(q.dtype)
+    key = None if dropout_rng is None else jax.random.fold_in(dropout_rng, 1)  # not the probabilities' mask
+    rel = dropout(self.relative, self.dropout_rate, key).astype(q.dtype)
     pos_key = project(rel[self.c2p_rows][None], 'key')[0]       # [2T - 1, N, D]
     pos_query = project(rel[self.p2c_rows][None], 'query')[0]
     c2p = _skew(jnp.einsum('bqnd,rnd->bnqr', q, pos_key, preferred_element_type=jnp.float32))
