@@ -42,6 +42,7 @@ TABLE = (('encoder.rel_embeddings.weight', 'relative_embeddings', 'copy'),
 RENAMES = (('deberta.', 'bert.'), ('lm_predictions.lm_head.dense.', 'cls.predictions.transform.dense.'),
            ('lm_predictions.lm_head.LayerNorm.', 'cls.predictions.transform.LayerNorm.'),
            ('lm_predictions.lm_head.bias', 'cls.predictions.bias'))
+PROJECTIONS = tuple((f'.attention.self.{n}_proj.', f'.attention.self.{n}.') for n in ('query', 'key', 'value'))
 
 
 def _refuse(what: str) -> None:
@@ -90,11 +91,16 @@ def bert_tensors(tensors: dict, hf: dict | None = None) -> dict:  # hf: config.j
   for k, v in tensors.items():
     if unused_positions and k.endswith('embeddings.position_embeddings.weight'):
       continue
-    k = next((new + k[len(old):] for old, new in RENAMES if k.startswith(old)), k)
-    out[k.replace('.attention.self.query_proj.', '.attention.self.query.')
-          .replace('.attention.self.key_proj.', '.attention.self.key.')
-          .replace('.attention.self.value_proj.', '.attention.self.value.')] = v
+    out[_renamed(k, RENAMES, PROJECTIONS)] = v
   return out
+
+
+def _renamed(name: str, prefixes, parts) -> str:
+  """`name` with its first (old, new) prefix of `prefixes` and every (old, new) part of `parts` replaced."""
+  name = next((new + name[len(old):] for old, new in prefixes if name.startswith(old)), name)
+  for old, new in parts:
+    name = name.replace(old, new)
+  return name
 
 
 def is_deberta(model_cfg) -> bool:
@@ -123,10 +129,7 @@ def hf_tensors(bert_tensors: dict) -> dict:
   for k, v in bert_tensors.items():
     if k.startswith(('bert.pooler.', 'cls.seq_relationship.')):
       continue
-    k = next((old + k[len(new):] for old, new in RENAMES if k.startswith(new)), k)
-    out[k.replace('.attention.self.query.', '.attention.self.query_proj.')
-          .replace('.attention.self.key.', '.attention.self.key_proj.')
-          .replace('.attention.self.value.', '.attention.self.value_proj.')] = v
+    out[_renamed(k, [pair[::-1] for pair in RENAMES], [pair[::-1] for pair in PROJECTIONS])] = v
   return out
 
 
