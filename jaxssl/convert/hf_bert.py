@@ -177,6 +177,9 @@ def jaxssl_config(hf: dict):
         num_heads=int(hf['num_attention_heads']), intermediate_size=int(hf['intermediate_size']),
         max_position=max_position, type_vocab_size=type_vocab_size, embedding_size=int(hf.get('embedding_size', 0)),
         relative_attention_buckets=int(hf.get('relative_attention_buckets', 0)),
+        position_buckets=int(hf.get('position_buckets', 0)),  # DeBERTa's (hf_deberta.bert_config); BERT: none
+        max_relative_positions=int(hf.get('max_relative_positions', config.model.max_relative_positions)),
+        absolute_positions=bool(hf.get('absolute_positions', True)),
         dropout_rate=float(hf['hidden_dropout_prob']),
         attention_dropout_rate=float(hf['attention_probs_dropout_prob']),
         initializer_range=float(hf['initializer_range']), scan_layers=True)
@@ -184,8 +187,6 @@ def jaxssl_config(hf: dict):
       config.model.layer_norm_eps = eps  # only when not BERT's, so BERT exports keep their config unchanged
     if act != 'gelu':
       config.model.hidden_act = act  # likewise
-    if hf.get('position_buckets') or not hf.get('absolute_positions', True):  # DeBERTa's: only where it has them
-      config.model.update({k: hf[k] for k in ('position_buckets', 'max_relative_positions', 'absolute_positions')})
     config.tokenizer.vocab_size = int(hf['vocab_size'])
     config.data.seq_len = min(config.data.seq_len, config.model.max_position)
   return config
