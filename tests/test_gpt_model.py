@@ -14,7 +14,7 @@ from jaxssl.convert import hf_gpt2
 from jaxssl.errors import UserError
 from jaxssl.families import build_model, flops_per_token, validate_config
 from jaxssl.mesh import LOGICAL_AXIS_RULES
-from jaxssl.models import generate_program, generation, gpt, parts
+from jaxssl.models import generate_program, generation, gpt, parts, products
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -92,8 +92,8 @@ def forward(model, ids, segment_ids=None, positions=None, key=None):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _decode(graphdef, state, tokens, cache, positions):
-  return nnx.merge(graphdef, state).decode(tokens, cache, positions)
+def _decode(graphdef, state, tokens, cache, positions, last=None):
+  return nnx.merge(graphdef, state).decode(tokens, cache, positions, last)
 
 
 def hf_logits(model, ids):
@@ -276,6 +276,12 @@ def test_cached_decode_equals_full_recompute():
     logits, cache = _decode(graphdef, state, jnp.asarray(prompt), cache, jnp.asarray(positions, jnp.int32))
     for i, n in enumerate(lengths):
       np.testing.assert_allclose(logits[i, :n], full[i][:n], atol=1e-5)
+    # A prefill that asks for each row's last prompt token only (generation's): those logits, the same cache.
+    last, last_cache = _decode(graphdef, state, jnp.asarray(prompt), model.init_cache(2, 12),
+                               jnp.asarray(positions, jnp.int32), jnp.asarray(lengths) - 1)
+    assert last.shape == (2, 1, V)
+    np.testing.assert_allclose(last[:, 0], [full[i][n - 1] for i, n in enumerate(lengths)], atol=1e-5)
+    jax.tree.map(np.testing.assert_array_equal, last_cache, cache)
     # Two single-token steps, then a two-token chunk.
     for start, width in ((0, 1), (1, 1), (2, 2)):
       tokens = np.stack([s[n + start:n + start + width] for s, n in zip(seqs, lengths)])
@@ -284,6 +290,19 @@ def test_cached_decode_equals_full_recompute():
       for i, n in enumerate(lengths):
         np.testing.assert_allclose(logits[i], full[i][n + start:n + start + width], atol=1e-5)
     assert int(cache['index']) == 9
+
+
+@pytest.mark.parametrize('rows', [1, 2, 8, 16, 17])
+def test_decoding_vocab_logits_equal_the_dot(rows):
+  """products.vocab_logits: decoding's broadcast form (2..FEW_ROWS rows on CPU) equals the dot; one row, more rows
+  and everything but decoding take the dot itself."""
+  rng = np.random.default_rng(rows)
+  x = jnp.asarray(rng.standard_normal((rows, 1, 48)), jnp.float32)
+  table = jnp.asarray(rng.standard_normal((300, 48)) * 0.1, jnp.float32)
+  decoding = functools.partial(products.vocab_logits, decoding=True)
+  np.testing.assert_allclose(decoding(x, table), np.asarray(x) @ np.asarray(table).T, rtol=1e-5, atol=1e-5)
+  assert ('dot_general' in str(jax.make_jaxpr(decoding)(x, table))) == (not 2 <= rows <= products.FEW_ROWS)
+  assert 'dot_general' in str(jax.make_jaxpr(products.vocab_logits)(x, table))
 
 
 def prompts():

@@ -225,8 +225,8 @@ class EncoderDecoder(nnx.Module):
     pooled = jnp.sum(seq.astype(jnp.float32) * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
     return seq, pooled.astype(seq.dtype)
 
-  def _logits(self, x):
-    return self.token_embeddings.attend(self.decoder_norm(x), self.config.compute_dtype)
+  def _logits(self, x, decoding=False):
+    return self.token_embeddings.attend(self.decoder_norm(x), self.config.compute_dtype, decoding=decoding)
 
   def __call__(self, source_ids, source_mask, target_input_ids, target_mask, dropout_rng=None) -> jax.Array:
     """-> next-token logits [B, T, V] float32 of the target (teacher forcing). dropout_rng None = eval.
@@ -293,7 +293,7 @@ class EncoderDecoder(nnx.Module):
         keys.append(k)
         values.append(v)
       keys, values = jnp.stack(keys), jnp.stack(values)
-    return self._logits(x), {**cache, 'key': keys, 'value': values, 'index': index + t}
+    return self._logits(x, decoding=True), {**cache, 'key': keys, 'value': values, 'index': index + t}
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=('max_new_tokens', 'greedy'))

@@ -26,10 +26,11 @@ from flax import nnx
 
 from jaxssl.errors import UserError
 from jaxssl.mesh import constrain
-from jaxssl.models.layers import dropout, make_param, maybe_remat, project, stack_layers, unroll_layers, zeros
+from jaxssl.models.layers import dropout, make_param, maybe_remat, stack_layers, unroll_layers, zeros
 from jaxssl.models.parts import (ACT, CausalSelfAttention, GeluMlp, RMSNorm, SwiGluMlp, apply_rope, kv_cache,
                                  rope_inv_freq, same_segment, set_layer_cache)
 from jaxssl.models.parts import make_norm as plain_norm
+from jaxssl.models.products import project
 
 
 class RMSNormPlusOne(nnx.Module):

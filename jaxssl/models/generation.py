@@ -13,8 +13,9 @@ from flax import nnx
 
 from jaxssl.errors import UserError
 from jaxssl.models import generate_program
-from jaxssl.models.layers import out_major_perm, unroll_layers
+from jaxssl.models.layers import unroll_layers
 from jaxssl.models.parts import CausalSelfAttention, Linear
+from jaxssl.models.products import out_major_perm
 
 # An attention module's kernels and their input axes.
 _ATTENTION_KERNELS = (('query', 1), ('key', 1), ('value', 1), ('out', 2))
@@ -105,7 +106,7 @@ def _store_out_major(layer: nnx.Module) -> None:
 
 def _transposed(param: nnx.Variable, in_axes: int) -> bool:
   """Whether `param` (an array or jax.ShapeDtypeStruct) was big and whole on each device, and so now holds its
-  value output-major (layers.out_major_perm)."""
+  value output-major (products.out_major_perm)."""
   a = param.get_value()
   sharding = getattr(a, 'sharding', None)
   if (a.size * a.dtype.itemsize < generate_program.out_major_min_bytes()
@@ -159,8 +160,8 @@ def layer_caches_apart(cache: dict) -> dict:
   return {name: list(entry) if name in _LAYER_ENTRIES else entry for name, entry in cache.items()}
 
 
-def _decode_fn(graphdef, state, tokens, cache, positions):
-  return nnx.merge(graphdef, state).decode(tokens, cache, positions)
+def _decode_fn(graphdef, state, tokens, cache, positions, last=None):
+  return nnx.merge(graphdef, state).decode(tokens, cache, positions, last)
 
 
 @functools.partial(jax.jit, static_argnums=0,
@@ -182,8 +183,8 @@ def _generate(graphdef, state, prompt_ids, prompt_lengths, rng, temperature, top
     cache = layer_caches_apart(cache)
   # Pad slots are looked up as token 0 (any pad value is safe) and never attended to (position -1).
   prompt_ids = jnp.where(positions >= 0, prompt_ids.astype(jnp.int32), 0)
-  logits, cache = _decode_fn(graphdef, state, prompt_ids, cache, positions)
-  logits = logits[jnp.arange(batch), last]  # [B, V] at each prompt's last real token
+  logits, cache = _decode_fn(graphdef, state, prompt_ids, cache, positions, last)
+  logits = logits[:, 0]  # [B, V] at each prompt's last real token
 
   def cond(carry):
     t, _, _, _, done, _, _, _ = carry

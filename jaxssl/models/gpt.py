@@ -271,12 +271,12 @@ class GPT(nnx.Module):
     c = self.config
     return self.token_embeddings.gathered(c.compute_dtype) if c.tie_embeddings else self._lm_head_kernel().T
 
-  def logits(self, x):
-    """Next-token logits [..., V] float32 of final-norm hidden states `x` [..., H] (what `features` returns)."""
+  def logits(self, x, *, decoding: bool = False):
+    """Next-token logits [..., V] float32 of final-norm states `x` [..., H]; `decoding`: products.vocab_logits'."""
     c = self.config
     # Each weight as stored: a transposed one made XLA:CPU copy it whole at every decoding step.
     if c.tie_embeddings:
-      logits = self.token_embeddings.attend(x, c.compute_dtype)
+      logits = self.token_embeddings.attend(x, c.compute_dtype, decoding=decoding)
     else:
       logits = jnp.einsum('...h,hv->...v', x.astype(c.compute_dtype), self._lm_head_kernel(),
                           preferred_element_type=jnp.float32)
@@ -320,16 +320,16 @@ class GPT(nnx.Module):
               kv_cache(c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim, c.compute_dtype))
     return dict(layers, positions=jnp.full((batch, max_len), -1, jnp.int32), index=jnp.zeros((), jnp.int32))
 
-  def decode(self, tokens, cache: dict, positions) -> tuple[jax.Array, dict]:
-    """Appends `tokens` [B, T] to the cache at slots index..index+T-1 -> (logits [B, T, V] float32, new cache).
+  def decode(self, tokens, cache: dict, positions, last=None) -> tuple[jax.Array, dict]:
+    """Appends `tokens` [B, T] to the cache at slots index..index+T-1 -> (logits [B, T, V] float32, new cache);
+    `last` [B]: the logits at each row's token `last` only, [B, 1, V] (a prefill needs no others).
 
     `positions` [B, T] are each token's positions in its sequence; -1 marks padding (a prompt's pad slots).
     A token at position p attends to the cached tokens of its row with positions 0..p, so prompts may be left-
     or right-padded; positions must increase along a row (no position is stored twice). The caller keeps
     index + T <= the cache length.
     """
-    positions = positions.astype(jnp.int32)
-    index = cache['index']
+    positions, index = positions.astype(jnp.int32), cache['index']
     slot_positions = jax.lax.dynamic_update_slice_in_dim(cache['positions'], positions, index, axis=1)
     kpos = slot_positions[:, None, None, :]
     mask = (kpos >= 0) & (kpos <= positions[:, None, :, None])  # [B, 1, T, S]
@@ -342,7 +342,8 @@ class GPT(nnx.Module):
       x, keys, values = self.decoder.decode(x, cache['key'], cache['value'], index, mask, rotary)
       new_cache = dict(key=keys, value=values)
     new_cache.update(positions=slot_positions, index=index + tokens.shape[1])
-    return self.logits(self.final_norm(x)), new_cache
+    x = x if last is None else x[jnp.arange(x.shape[0]), last][:, None]
+    return self.logits(self.final_norm(x), decoding=True), new_cache
 
 
 # ----- loss, FLOPs -----

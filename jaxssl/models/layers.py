@@ -17,6 +17,7 @@ from flax import nnx
 from jaxssl.errors import UserError
 from jaxssl.mesh import constrain
 from jaxssl.models import fused_attention
+from jaxssl.models.products import project, vocab_logits
 
 Dtype = jnp.dtype
 
@@ -76,36 +77,6 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
   return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x)).astype(x.dtype)
 
 
-def project(x: jax.Array, kernel: jax.Array, in_axes: int = 1, out_major: bool = False) -> jax.Array:
-  """x [..., *I] @ kernel [*I, *O] -> [..., *O]: contracts x's last `in_axes` axes with kernel's first, as one
-  2-D matmul [prod(...), prod(I)] @ [prod(I), prod(O)]. `out_major`: the kernel is stored [*O, *I] (out_major_perm
-  of the logical one) and its last `in_axes` axes are contracted.
-
-  Why not an einsum such as 'blh,hnd->blnd': its kernel gradient contracts two axes (batch and length) at once,
-  and XLA:CPU ran that ~2.7x slower than the same matmul on [B*L, H] (BENCHMARKS.md §10). Merging leading axes
-  keeps their sharding (batch is the major one; length and the merged feature axes are split at most over their
-  major axis), so the partitioner still sees a data-parallel matmul.
-  """
-  lead = x.shape[:x.ndim - in_axes]
-  if out_major:
-    outs, ins = kernel.shape[:kernel.ndim - in_axes], kernel.shape[kernel.ndim - in_axes:]
-  else:
-    ins, outs = kernel.shape[:in_axes], kernel.shape[in_axes:]
-  if x.shape[x.ndim - in_axes:] != ins:
-    raise ValueError(f'project: x {x.shape} does not end in the kernel input axes {ins}')
-  x2 = x.reshape(math.prod(lead), math.prod(ins))
-  if out_major:  # the dot's own dimension numbers: an explicit transpose would be copied whole first
-    y = jax.lax.dot_general(x2, kernel.reshape(math.prod(outs), math.prod(ins)), (((1,), (1,)), ((), ())))
-  else:
-    y = jnp.matmul(x2, kernel.reshape(math.prod(ins), math.prod(outs)))
-  return y.reshape(*lead, *outs)
-
-
-def out_major_perm(ndim: int, in_axes: int) -> tuple[int, ...]:
-  """The axes order that stores a kernel [*I, *O] (`in_axes` input axes) output-major, [*O, *I]."""
-  return (*range(in_axes, ndim), *range(in_axes))
-
-
 class Embed(nnx.Module):
   """A lookup table (num_embeddings x features); `attend` is its transpose, for a tied output projection."""
 
@@ -125,9 +96,10 @@ class Embed(nnx.Module):
     # all > 1: the loss was right, the gradients wrong (tests/test_train.py guards this).
     return constrain(self.embedding[...], (self.names[0], None)).astype(dtype)
 
-  def attend(self, x: jax.Array, dtype: Dtype) -> jax.Array:
-    """x @ embedding^T in `dtype`, accumulated and returned in float32 (logits feed a float32 loss)."""
-    return jnp.einsum('...h,vh->...v', x.astype(dtype), self.gathered(dtype), preferred_element_type=jnp.float32)
+  def attend(self, x: jax.Array, dtype: Dtype, *, decoding: bool = False) -> jax.Array:
+    """x @ embedding^T in `dtype`, accumulated and returned in float32 (logits feed a float32 loss); `decoding`:
+    products.vocab_logits's."""
+    return vocab_logits(x.astype(dtype), self.gathered(dtype), decoding=decoding)
 
 
 class LayerNorm(nnx.Module):

@@ -15,7 +15,8 @@ from flax import nnx
 
 from jaxssl.mesh import constrain
 from jaxssl.models import fused_attention
-from jaxssl.models.layers import LayerNorm, dropout, make_param, maybe_remat, normal_init, ones, project, zeros
+from jaxssl.models.layers import LayerNorm, dropout, make_param, maybe_remat, normal_init, ones, zeros
+from jaxssl.models.products import project
 
 ACT = ('batch', 'length', 'act_embed')  # logical names of activations at block boundaries
 HEADS_ACT = ('batch', 'length', 'act_heads', 'kv')

@@ -1,0 +1,59 @@
+"""How the models' matrix products are laid out for XLA: `project` (a kernel product as one 2-D matmul, its kernel
+in either layout), `out_major_perm` (the layout decoding stores big kernels in) and `vocab_logits` (the output
+projection onto a vocabulary-major table, in the form XLA:CPU runs fastest at the few rows of a decoding step).
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+
+# Decoding steps of 2..FEW_ROWS rows (a batch of sequences, one new token each) take vocab_logits' broadcast form.
+FEW_ROWS = 16
+
+
+def project(x: jax.Array, kernel: jax.Array, in_axes: int = 1, out_major: bool = False) -> jax.Array:
+  """x [..., *I] @ kernel [*I, *O] -> [..., *O]: contracts x's last `in_axes` axes with kernel's first, as one
+  2-D matmul [prod(...), prod(I)] @ [prod(I), prod(O)]. `out_major`: the kernel is stored [*O, *I] (out_major_perm
+  of the logical one) and its last `in_axes` axes are contracted.
+
+  Why not an einsum such as 'blh,hnd->blnd': its kernel gradient contracts two axes (batch and length) at once,
+  and XLA:CPU ran that ~2.7x slower than the same matmul on [B*L, H] (BENCHMARKS.md §10). Merging leading axes
+  keeps their sharding (batch is the major one; length and the merged feature axes are split at most over their
+  major axis), so the partitioner still sees a data-parallel matmul.
+  """
+  lead = x.shape[:x.ndim - in_axes]
+  if out_major:
+    outs, ins = kernel.shape[:kernel.ndim - in_axes], kernel.shape[kernel.ndim - in_axes:]
+  else:
+    ins, outs = kernel.shape[:in_axes], kernel.shape[in_axes:]
+  if x.shape[x.ndim - in_axes:] != ins:
+    raise ValueError(f'project: x {x.shape} does not end in the kernel input axes {ins}')
+  x2 = x.reshape(math.prod(lead), math.prod(ins))
+  if out_major:  # the dot's own dimension numbers: an explicit transpose would be copied whole first
+    y = jax.lax.dot_general(x2, kernel.reshape(math.prod(outs), math.prod(ins)), (((1,), (1,)), ((), ())))
+  else:
+    y = jnp.matmul(x2, kernel.reshape(math.prod(ins), math.prod(outs)))
+  return y.reshape(*lead, *outs)
+
+
+def out_major_perm(ndim: int, in_axes: int) -> tuple[int, ...]:
+  """The axes order that stores a kernel [*I, *O] (`in_axes` input axes) output-major, [*O, *I]."""
+  return (*range(in_axes, ndim), *range(in_axes))
+
+
+def vocab_logits(x: jax.Array, table: jax.Array, *, decoding: bool = False) -> jax.Array:
+  """x [..., H] @ table [V, H]^T -> logits [..., V] float32 (accumulated in float32).
+
+  `decoding` (one new token per sequence, no gradient): where 2..FEW_ROWS rows meet a float32 table on XLA:CPU,
+  the product is formed as the table times the rows, broadcast, summed over H. XLA's GEMMs pack the whole table
+  ([V, H]: SmolLM2's 113 MB, Gemma 3's 671 MB) at every call and ran at ~40 GFLOP/s at 8 rows (11.3 ms for
+  SmolLM2's table), where one row reads it at the memory bandwidth (4 ms); YNNPACK's fused multiply-reduce
+  streams the table once: 6.9 ms, and batch 8 decodes 6-23% faster (BENCHMARKS.md §32). Equal to the dot up to
+  float32 rounding (another summation order). One row keeps the dot: a matrix-vector product already streams.
+  """
+  rows = math.prod(x.shape[:-1])
+  if (decoding and 2 <= rows <= FEW_ROWS and x.dtype == table.dtype == jnp.float32
+      and jax.default_backend() == 'cpu'):
+    summed = (table[:, None, :] * x.reshape(rows, x.shape[-1])[None]).sum(-1)  # [V, rows]
+    return summed.T.reshape(*x.shape[:-1], table.shape[0])
+  return jnp.einsum('...h,vh->...v', x, table, preferred_element_type=jnp.float32)
