@@ -157,9 +157,10 @@ def test_greedy_generate_matches_transformers(out_major_min_bytes, monkeypatch):
   apart = generation.layers_apart(converted('gqa'))
   stacked = converted('gqa').decoder.layers
   q, gate = apart.decoder.layers[1].attention.query_kernel[...], apart.decoder.layers[1].mlp.wi_gate.kernel[...]
-  if out_major_min_bytes is not None:  # [H, N, D] -> [N, D, H]; [H, I] -> [I, H]
+  if out_major_min_bytes is not None:  # [H, N, D] -> [N, D, H]; [H, I] -> [I, H]; lm_head [H, V] -> [V, H]
     np.testing.assert_array_equal(q, np.transpose(stacked.attention.query_kernel[...][1], (1, 2, 0)))
     np.testing.assert_array_equal(gate, stacked.mlp.wi_gate.kernel[...][1].T)
+    np.testing.assert_array_equal(apart.lm_head.kernel[...], converted('gqa').lm_head.kernel[...].T)
   else:
     np.testing.assert_array_equal(gate, stacked.mlp.wi_gate.kernel[...][1])
   for ids, side in ((left, 'left'), (right, 'right')):

@@ -133,12 +133,13 @@ def test_the_generate_job_passes_views_of_the_file_it_keeps(cache, tmp_path, mon
   checkpointer.save(os.path.join(export, 'params'), jax.tree.map(jnp.asarray, w))
   checkpointer.wait_until_finished()
   layout = generate_program.weights_layout(w)
+  # The embedding stands for an untied output layer: a leaf of its own, also taken output-major.
   inputs = [[['decoder', 'layers', i, 'kernel'], [16, 8], 'float32', [1, 0]] for i in range(3)] + [
-      [['embedding'], [11, 5], 'float32']]
+      [['embedding'], [5, 11], 'float32', [1, 0]]]
   calls = []
   for name in ('export_leaves', 'load_export_params'):
     monkeypatch.setattr(ckpt_lib, name, lambda *a, f=getattr(ckpt_lib, name), n=name: calls.append(n) or f(*a))
-  want = [w['decoder']['layers']['kernel'][i].T for i in range(3)] + [w['embedding']]  # the kernels output-major
+  want = [w['decoder']['layers']['kernel'][i].T for i in range(3)] + [w['embedding'].T]  # all output-major
   for _ in range(2):
     leaves = generate._program_weights(export, layout, inputs)
     for got, expected in zip(leaves, want):
@@ -153,5 +154,5 @@ def test_the_generate_job_passes_views_of_the_file_it_keeps(cache, tmp_path, mon
     np.testing.assert_array_equal(got, expected)
   wrong = [[keys, [11, 6] if keys == ['embedding'] else shape, dtype] for keys, shape, dtype in layout]
   with pytest.raises(UserError, match=r'its params do not fit .*re-export'):
-    generate._program_weights(export, wrong, inputs[:3] + [[['embedding'], [11, 6], 'float32']])
+    generate._program_weights(export, wrong, inputs[:3] + [[['embedding'], [6, 11], 'float32', [1, 0]]])
   assert os.listdir(cache / 'jaxssl_weights') == [kept]  # no partial file

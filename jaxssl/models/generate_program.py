@@ -101,12 +101,16 @@ def weights_target(weights: list) -> dict:
 
 
 def _stacked_perms(inputs: list) -> dict:
-  """{stacked leaf's keys: its axes order as kept, the layer axis first and then its layers' slices' order} for
-  the inputs taken output-major (a 4th entry, generation.program_inputs)."""
+  """{leaf's keys: its axes order as kept} for the inputs taken output-major (a 4th entry,
+  generation.program_inputs): a stacked leaf's layer axis first and then its layers' slices' order; a leaf of its
+  own (an untied output layer) in the program's order."""
   out = {}
   for keys, *_, perm in (entry for entry in inputs if len(entry) > 3):
-    layer = next(j for j, key in enumerate(keys) if isinstance(key, int))
-    out[tuple(keys[:layer] + keys[layer + 1:])] = (0, *(1 + p for p in perm))
+    layer = next((j for j, key in enumerate(keys) if isinstance(key, int)), None)
+    if layer is None:
+      out[tuple(keys)] = tuple(perm)
+    else:
+      out[tuple(keys[:layer] + keys[layer + 1:])] = (0, *(1 + p for p in perm))
   return out
 
 

@@ -85,6 +85,9 @@ def layers_apart(model: nnx.Module) -> nnx.Module:
   layer_def, stacked = nnx.split(copy.decoder.layers)  # a stacked module's graph is one layer's
   copy.decoder.layers = nnx.List([nnx.merge(layer_def, jax.tree.map(lambda a, i=i: _layer_slice(a, i), stacked))
                                   for i in range(c.num_layers)])
+  if not c.tie_embeddings:  # its own Variable (merge shares the model's), stored [V, H] for products.vocab_logits
+    copy.lm_head = nnx.merge(*jax.tree.map(lambda a: a, nnx.split(copy.lm_head)))
+    _store_out_major(copy.lm_head)
   for layer in copy.decoder.layers:
     _store_out_major(layer)
   copy.decoder.scan_layers = False

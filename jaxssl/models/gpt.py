@@ -1,5 +1,4 @@
-"""GPT-2 (Radford et al. 2019) causal language model, and its Llama-style variant; same math as HF
-GPT2LMHeadModel / LlamaForCausalLM.
+"""GPT-2 (Radford et al. 2019) causal LM, and its Llama-style variant; same math as GPT2LMHeadModel / LlamaForCausalLM.
 
 Default config = GPT-2: pre-LayerNorm blocks, learned absolute positions, tanh-approximate GELU ("gelu_new"),
 LayerNorm eps 1e-5, biases everywhere, a final LayerNorm, and the output projection tied to the token embedding.
@@ -11,11 +10,11 @@ The Llama architecture is the same decoder with other switches (configs/gpt.py:l
 Gemma 3 (configs/gpt.py:gemma3_*) adds the options of models/gemma.py: (1 + w) RMSNorm, GeGLU, q/k norms, four
 norms per layer, interleaved sliding-window (local) and global layers with their own RoPE bases, scaled embeddings.
 
-The block stack is created with `nnx.vmap` (params get a leading 'layers' axis) and run with `nnx.scan`.
-Packed training rows: `segment_ids` [B, T] (0 = padding) keep documents apart in attention and `positions` [B, T]
-restart at 0 in each document (for RoPE too: each document's rotation starts at 0); `next_token_loss` drops the
-pairs that cross a document boundary or touch padding. Generation: `init_cache` + `GPT.decode` append new tokens
-to a KV cache (num_kv_heads heads); `generation.generate` runs prefill + one-token decode steps under one jit.
+The block stack is created with `nnx.vmap` (a leading 'layers' axis) and run with `nnx.scan`. Packed training
+rows: `segment_ids` [B, T] (0 = padding) keep documents apart in attention and `positions` [B, T] restart at 0 in
+each document (RoPE's rotation too); `next_token_loss` drops the pairs that cross a document boundary or touch
+padding. Generation: `init_cache` + `GPT.decode` append new tokens to a KV cache (num_kv_heads heads);
+`generation.generate` runs prefill + one-token decode steps under one jit.
 """
 import dataclasses
 
@@ -30,6 +29,7 @@ from jaxssl.models.layers import (Embed, check_compute_settings, config_fields, 
                                   unroll_layers)
 from jaxssl.models.gemma import make_mlp, make_norm
 from jaxssl.models.parts import ACT, CausalSelfAttention, Linear, kv_cache, next_token_pairs, rope_angles, run_stack
+from jaxssl.models.products import vocab_logits
 
 
 # rope_scaling types (HF's `rope_type`) and the keys each needs.
@@ -261,22 +261,22 @@ class GPT(nnx.Module):
     return gemma.rotary_pair(c, positions) if gemma.uses_gemma_block(c) else rope_angles(c, positions)
 
   def _lm_head_kernel(self) -> jax.Array:
-    """The untied lm_head kernel [H, V] in the compute dtype."""
-    # Gathered along fsdp first (what FSDP does at every use anyway; see Embed.gathered); the vocab axis stays split.
+    """lm_head's kernel [H, V] in the compute dtype, gathered along fsdp first (as Embed.gathered); vocab split."""
     return constrain(self.lm_head.kernel[...], (None, 'vocab')).astype(self.config.compute_dtype)
 
   def output_embedding(self) -> jax.Array:
     """The output projection vocabulary-major, [V, H] in the compute dtype (what models/lm_loss.py takes): the
-    token embeddings as stored when tied, the lm_head kernel's transpose when not."""
+    token embeddings, or lm_head's kernel transposed (as stored where generation.layers_apart stored it so)."""
     c = self.config
-    return self.token_embeddings.gathered(c.compute_dtype) if c.tie_embeddings else self._lm_head_kernel().T
+    if c.tie_embeddings:
+      return self.token_embeddings.gathered(c.compute_dtype)
+    return self.lm_head.kernel[...].astype(c.compute_dtype) if self.lm_head.out_major else self._lm_head_kernel().T
 
   def logits(self, x, *, decoding: bool = False):
     """Next-token logits [..., V] float32 of final-norm states `x` [..., H]; `decoding`: products.vocab_logits'."""
     c = self.config
-    # Each weight as stored: a transposed one made XLA:CPU copy it whole at every decoding step.
-    if c.tie_embeddings:
-      logits = self.token_embeddings.attend(x, c.compute_dtype, decoding=decoding)
+    if c.tie_embeddings or self.lm_head.out_major:  # each weight as stored: XLA:CPU copied a transposed one whole
+      logits = vocab_logits(x.astype(c.compute_dtype), self.output_embedding(), decoding=decoding)
     else:
       logits = jnp.einsum('...h,hv->...v', x.astype(c.compute_dtype), self._lm_head_kernel(),
                           preferred_element_type=jnp.float32)
