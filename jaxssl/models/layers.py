@@ -98,7 +98,7 @@ class Embed(nnx.Module):
 
   def attend(self, x: jax.Array, dtype: Dtype, *, decoding: bool = False) -> jax.Array:
     """x @ embedding^T in `dtype`, accumulated and returned in float32 (logits feed a float32 loss); `decoding`:
-    products.vocab_logits's."""
+    see products.vocab_logits."""
     return vocab_logits(x.astype(dtype), self.gathered(dtype), decoding=decoding)
 
 
