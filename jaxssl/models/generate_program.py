@@ -100,7 +100,7 @@ def weights_target(weights: list) -> dict:
   return target
 
 
-def _stacked_perms(inputs: list) -> dict:
+def _kept_perms(inputs: list) -> dict:
   """{leaf's keys: its axes order as kept} for the inputs taken output-major (a 4th entry,
   generation.program_inputs): a stacked leaf's layer axis first and then its layers' slices' order; a leaf of its
   own (an untied output layer) in the program's order."""
@@ -118,7 +118,7 @@ def kept_layout(weights: list, inputs: list) -> list:
   """The layout the program's weights are kept in (`to_kept`, weights_cache): `weights` (the export's
   weights_layout) with each stacked leaf whose layers the program takes output-major stored so, [L, *O, *I], where
   each layer's slice is the program's input itself (a view of a memory-mapped file, no copy)."""
-  perms = _stacked_perms(inputs)
+  perms = _kept_perms(inputs)
   return [[keys, [shape[a] for a in perms[tuple(keys)]] if tuple(keys) in perms else shape, dtype]
           for keys, shape, dtype in weights]
 
@@ -126,7 +126,7 @@ def kept_layout(weights: list, inputs: list) -> list:
 def to_kept(weights: dict, inputs: list) -> dict:
   """`weights` (the export's nested dict of jax arrays, as restored) in `kept_layout`: the stacked leaves the
   program takes output-major transposed (one copy each), in place."""
-  for keys, perm in _stacked_perms(inputs).items():
+  for keys, perm in _kept_perms(inputs).items():
     node = weights
     for key in keys[:-1]:
       node = node[key]
@@ -138,7 +138,7 @@ def kept_leaves(leaves, inputs: list):
   """The export's leaves ((keys, array) pairs in weights_layout order, e.g. checkpoint.export_leaves) as arrays in
   `kept_layout`, one at a time: what to_kept does to the whole dict. numpy's transpose is a view that
   weights_cache.save copies out once (XLA's held its input and output, and the 1.5B's start peaked higher)."""
-  perms = _stacked_perms(inputs)
+  perms = _kept_perms(inputs)
   for keys, leaf in leaves:
     perm = perms.get(tuple(keys))
     yield leaf if perm is None else np.transpose(np.asarray(leaf), perm)
