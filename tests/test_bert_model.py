@@ -281,5 +281,9 @@ def test_flops_per_token_hand_count():
   # 480 at 0.4 of the rows
   cfg.update(final_layer_subset=True)
   assert flops_per_token(cfg, 100, 10, 3) == pytest.approx(768 + 480 + 192 + 0.4 * (576 + 480) + 748.8 + 14.4)
+  # DeBERTa's c2p + p2c per layer (every layer whole): q and k against the 2*10 - 1 = 19 offsets' rows,
+  # 3*2*2*4*19 = 912, and those rows' query and key projections once per sequence, 3*2*2*16*19/10 = 364.8
+  cfg.update(position_buckets=8)
+  assert flops_per_token(cfg, 100, 10, 3) == pytest.approx(2 * (768 + 480 + 912 + 364.8) + 748.8 + 14.4)
   with pytest.raises(UserError, match='model.name'):
     build_model(tiny_cfg(name='nope'), V, rngs=nnx.Rngs(params=0))

@@ -375,7 +375,7 @@ def flops_per_token(model_cfg, vocab_size: int, seq_len: int, max_predictions: i
     keys = (2 * seq_len + (nb - 2) * sparse.min_blocks(c.num_random_blocks) * c.block_size) / nb
   layer = 6 * (4 * h * h + 2 * h * i) + 12 * h * keys
   if c.position_buckets:  # DeBERTa's c2p and p2c scores (no final layer subset then)
-    layer += relative_positions.flops_per_token(h, c.position_buckets, seq_len)
+    layer += relative_positions.flops_per_token(h, seq_len)
   layers = n_layers * layer
   if c.final_layer_subset and not c.sparse_at(seq_len) and not c.position_buckets:
     rows = min(1.0, (1 + max_predictions) / seq_len)

@@ -87,7 +87,6 @@ class DisentangledBias:
 
   def __init__(self, relative: jax.Array, index: np.ndarray, dropout_rate: float = 0.0):
     self.relative, self.dropout_rate = relative, dropout_rate
-    t = index.shape[0]
     # Row k of the skewed layout is offset d = T - 1 - k: table rows for c2p (i - j = d) and p2c (j - i = d).
     offset_of = np.concatenate([index[0, ::-1], index[1:, 0]])  # idx of offsets i - j = -(T - 1) .. T - 1
     self.c2p_rows = jnp.asarray(offset_of[::-1].copy())
@@ -116,7 +115,9 @@ def _skew(x: jax.Array) -> jax.Array:
   return flat.reshape(*lead, t, 2 * t - 2)[..., :t]
 
 
-def flops_per_token(hidden: int, buckets: int, seq_len: int) -> float:
-  """Training FLOPs per token per layer of the c2p and p2c terms (3x forward): each token's q (or k) against the 2S
-  relative rows (2 x 2 H 2S), plus the 2S rows' query and key projections once per sequence (2 x 2 H^2 2S)."""
-  return 3 * (2 * 2 * hidden * 2 * buckets + 2 * 2 * hidden * hidden * 2 * buckets / seq_len)
+def flops_per_token(hidden: int, seq_len: int) -> float:
+  """Training FLOPs per token per layer of the c2p and p2c terms (3x forward), as DisentangledBias computes them:
+  each token's q (or k) against the table rows of the 2T - 1 offsets (2 x 2 H (2T - 1)), plus those rows' query
+  and key projections once per sequence (2 x 2 H^2 (2T - 1))."""
+  rows = 2 * seq_len - 1
+  return 3 * (2 * 2 * hidden * rows + 2 * 2 * hidden * hidden * rows / seq_len)
