@@ -120,7 +120,7 @@ def test_greedy_generation_matches_transformers_with_a_window_sized_cache(out_ma
   # One prompt at a time: the layers run apart, each with its own cache arrays (generation.layer_caches_apart).
   assert generation.runs_layers_apart(model)
   attention = generation.layers_apart(model).decoder.layers[0].attention
-  assert attention.out_major == (() if out_major_min_bytes is None else ('query', 'key', 'value', 'out'))
+  assert attention.out_major == (() if out_major_min_bytes is None else ('out', 'qkv'))  # q/k/v fused
   for p, expected in zip(prompts, want):
     out, _ = generation.generate(model, np.array([p]), np.array([len(p)]), 12, greedy=True)
     assert np.asarray(out).tolist() == [expected]

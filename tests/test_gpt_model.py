@@ -355,9 +355,12 @@ def test_greedy_generate_matches_transformers(hf_model, tmp_path, out_major_min_
   assert jax.tree.structure(target) == jax.tree.structure(weights)
   assert meta['lapack'] is False
   loaded = generate_program.load(meta, blob)
-  assert any(len(entry) > 3 for entry in meta['inputs']) == (out_major_min_bytes is not None)
+  how = [entry[3] for entry in meta['inputs'] if len(entry) > 3]
+  assert any('perm' in h for h in how) == (out_major_min_bytes is not None)
+  assert sum('parts' in h for h in how) == 2  # each layer's q/k/v as one kernel (generation._fuse_products)
   weights = generate_program.to_kept(weights, meta['inputs'])
-  assert generate_program.weights_layout(weights) == generate_program.kept_layout(meta['weights'], meta['inputs'])
+  assert sorted(generate_program.weights_layout(weights)) == sorted(
+      generate_program.kept_layout(meta['weights'], meta['inputs']))
   leaves = generate_program.program_leaves(weights, meta['inputs'])
   assert len(leaves) > len(jax.tree.leaves(weights))  # each layer's weights apart
   tokens, _ = loaded(leaves, *generate_program.arguments(short, [3], jax.random.key(0), 1.0, 0, 1.0, (), 0))

@@ -128,20 +128,37 @@ def test_the_generate_job_passes_views_of_the_file_it_keeps(cache, tmp_path, mon
   from jaxssl.errors import UserError
   from jaxssl.train import checkpoint as ckpt_lib
   w = weights()
+  rng = np.random.default_rng(1)
+  for name, width in (('a', 1), ('b', 3), ('gate', 6), ('up', 10)):  # kernels the program takes fused
+    w['decoder']['layers'][name] = rng.standard_normal((3, 8, width), np.float32)
   export = str(tmp_path / 'export')
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.join(export, 'params'), jax.tree.map(jnp.asarray, w))
   checkpointer.wait_until_finished()
   layout = generate_program.weights_layout(w)
-  # The embedding stands for an untied output layer: a leaf of its own, also taken output-major.
-  inputs = [[['decoder', 'layers', i, 'kernel'], [16, 8], 'float32', [1, 0]] for i in range(3)] + [
-      [['embedding'], [5, 11], 'float32', [1, 0]]]
+  # The embedding stands for an untied output layer: a leaf of its own, also taken output-major. a|b and gate|up
+  # are taken as one kernel each (q/k/v, gate/up: generation.layers_apart), the second output-major. (Each layer's
+  # slice a multiple of 64 bytes, as a real model's are: jax takes it without a copy.)
+  layer = lambda i, name: ['decoder', 'layers', i, name]  # noqa: E731
+  inputs = [entry for i in range(3) for entry in (
+      [layer(i, 'ab'), [8, 4], 'float32', {'parts': [layer(i, 'a'), layer(i, 'b')]}],
+      [layer(i, 'gate_up'), [16, 8], 'float32', {'perm': [1, 0], 'parts': [layer(i, 'gate'), layer(i, 'up')]}],
+      [layer(i, 'kernel'), [16, 8], 'float32', {'perm': [1, 0]}])] + [
+      [['embedding'], [5, 11], 'float32', {'perm': [1, 0]}]]
+  kept_layout = generate_program.kept_layout(layout, inputs)
+  assert [(keys[-1], shape) for keys, shape, _ in kept_layout] == [
+      ('ab', [3, 8, 4]), ('kernel', [3, 16, 8]), ('scale', [3, 7]), ('gate_up', [3, 16, 8]), ('embedding', [5, 11])]
+  layers = w['decoder']['layers']
+  want = [a for i in range(3) for a in (
+      np.concatenate([layers['a'][i], layers['b'][i]], axis=1),
+      np.concatenate([layers['gate'][i].T, layers['up'][i].T], axis=0),
+      layers['kernel'][i].T)] + [w['embedding'].T]
   calls = []
   for name in ('export_leaves', 'load_export_params'):
     monkeypatch.setattr(ckpt_lib, name, lambda *a, f=getattr(ckpt_lib, name), n=name: calls.append(n) or f(*a))
-  want = [w['decoder']['layers']['kernel'][i].T for i in range(3)] + [w['embedding'].T]  # all output-major
   for _ in range(2):
     leaves = generate._program_weights(export, layout, inputs)
+    assert len(leaves) == len(want)
     for got, expected in zip(leaves, want):
       np.testing.assert_array_equal(got, expected)
     [kept] = os.listdir(cache / 'jaxssl_weights')
@@ -150,9 +167,10 @@ def test_the_generate_job_passes_views_of_the_file_it_keeps(cache, tmp_path, mon
   assert calls == ['export_leaves']  # the second call found the file
   sliced = generate._program_weights(export, layout, inputs, keep=False)  # nothing kept: restored whole, sliced
   assert calls == ['export_leaves', 'load_export_params']
+  assert len(sliced) == len(want)
   for got, expected in zip(sliced, want):
     np.testing.assert_array_equal(got, expected)
   wrong = [[keys, [11, 6] if keys == ['embedding'] else shape, dtype] for keys, shape, dtype in layout]
   with pytest.raises(UserError, match=r'its params do not fit .*re-export'):
-    generate._program_weights(export, wrong, inputs[:3] + [[['embedding'], [6, 11], 'float32', [1, 0]]])
+    generate._program_weights(export, wrong, inputs[:-1] + [[['embedding'], [6, 11], 'float32', {'perm': [1, 0]}]])
   assert os.listdir(cache / 'jaxssl_weights') == [kept]  # no partial file

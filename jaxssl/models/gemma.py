@@ -30,7 +30,6 @@ from jaxssl.models.layers import dropout, make_param, maybe_remat, stack_layers,
 from jaxssl.models.parts import (ACT, CausalSelfAttention, GeluMlp, RMSNorm, SwiGluMlp, apply_rope, kv_cache,
                                  rope_inv_freq, same_segment, set_layer_cache)
 from jaxssl.models.parts import make_norm as plain_norm
-from jaxssl.models.products import project
 
 
 class RMSNormPlusOne(nnx.Module):
@@ -62,7 +61,8 @@ class GeGluMlp(SwiGluMlp):
   """W2 (GELU_tanh(Wg x) * Wu x) (Gemma's gelu_pytorch_tanh); the parameters of SwiGluMlp."""
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    h = jax.nn.gelu(self.wi_gate(x), approximate=True) * self.wi_up(x)
+    gate, up = self.gate_up(x)
+    h = jax.nn.gelu(gate, approximate=True) * up
     return self.wo(constrain(h, ('batch', 'length', 'act_mlp')))
 
 
@@ -117,8 +117,7 @@ class GemmaAttention(CausalSelfAttention):
     scalar = c.query_pre_attn_scalar or c.head_dim
     self.query_scale = 1.0 if scalar == c.head_dim else math.sqrt(c.head_dim / scalar)
 
-  def _project(self, x, name, rotary):
-    y = project(x, getattr(self, f'{name}_kernel')[...].astype(self.dtype), out_major=name in self.out_major)
+  def _finish(self, y, name, rotary):
     if self.qkv_bias:
       y = y + getattr(self, f'{name}_bias')[...].astype(self.dtype)
     if self.qk_norm and name != 'value':

@@ -100,48 +100,96 @@ def weights_target(weights: list) -> dict:
   return target
 
 
-def _kept_perms(inputs: list) -> dict:
-  """{leaf's keys: its axes order as kept} for the inputs taken output-major (a 4th entry,
-  generation.program_inputs): a stacked leaf's layer axis first and then its layers' slices' order; a leaf of its
-  own (an untied output layer) in the program's order."""
-  out = {}
-  for keys, *_, perm in (entry for entry in inputs if len(entry) > 3):
-    layer = next((j for j, key in enumerate(keys) if isinstance(key, int)), None)
-    if layer is None:
-      out[tuple(keys)] = tuple(perm)
-    else:
-      out[tuple(keys[:layer] + keys[layer + 1:])] = (0, *(1 + p for p in perm))
-  return out
+def _stacked(keys: list) -> tuple[tuple, int | None]:
+  """(an input's keys without its layer index, where that index was)."""
+  layer = next((j for j, key in enumerate(keys) if isinstance(key, int)), None)
+  return (tuple(keys), None) if layer is None else (tuple(keys[:layer] + keys[layer + 1:]), layer)
+
+
+def _kept_plan(inputs: list) -> dict:
+  """{kept leaf's keys: (axes order or None, [keys of the export's leaves it concatenates] or None, their axis)}
+  for the inputs that are not an export's leaf as it is (a 4th entry, generation.program_inputs). A stacked leaf
+  keeps its layer axis first and then its layers' slices' order; a leaf of its own (an untied output layer) the
+  program's order. A fused kernel's parts are each put in that order, then concatenated along their first output
+  axis (its logical axis 1)."""
+  plan = {}
+  for keys, *_, how in (entry for entry in inputs if len(entry) > 3):
+    kept, layer = _stacked(keys)
+    lead = 0 if layer is None else 1
+    perm = None if 'perm' not in how else (*range(lead), *(lead + p for p in how['perm']))
+    parts = [_stacked(part)[0] for part in how['parts']] if 'parts' in how else None
+    axis = lead + (list(how['perm']).index(1) if 'perm' in how else 1)
+    plan[kept] = (perm, parts, axis)
+  return plan
+
+
+def _as_kept(plan_entry, leaves: list, transpose, concatenate):
+  """One kept leaf from the export's leaves it is made of (one, or a fused kernel's parts)."""
+  perm, parts, axis = plan_entry
+  leaves = [leaf if perm is None else transpose(leaf, perm) for leaf in leaves]
+  return leaves[0] if parts is None else concatenate(leaves, axis=axis)
 
 
 def kept_layout(weights: list, inputs: list) -> list:
   """The layout the program's weights are kept in (`to_kept`, weights_cache): `weights` (the export's
-  weights_layout) with each stacked leaf whose layers the program takes output-major stored so, [L, *O, *I], where
-  each layer's slice is the program's input itself (a view of a memory-mapped file, no copy)."""
-  perms = _kept_perms(inputs)
-  return [[keys, [shape[a] for a in perms[tuple(keys)]] if tuple(keys) in perms else shape, dtype]
-          for keys, shape, dtype in weights]
+  weights_layout) with each stacked leaf whose layers the program takes output-major stored so, [L, *O, *I], and
+  the parts of a fused kernel as that kernel, in the place of the last of them, so that each layer's slice is the
+  program's input itself (a view of a memory-mapped file, no copy)."""
+  plan, shapes = _kept_plan(inputs), {tuple(keys): shape for keys, shape, _ in weights}
+  order = {keys: i for i, keys in enumerate(shapes)}
+  made_at = {max(entry[1] or [kept], key=order.get): kept for kept, entry in plan.items()}
+  parts = {p for _, entry_parts, _ in plan.values() for p in entry_parts or ()}
+  out = []
+  for keys, shape, dtype in weights:
+    kept = made_at.get(tuple(keys))
+    if kept is None:
+      if tuple(keys) not in parts:  # (a fused kernel's earlier parts are not kept apart)
+        out.append([keys, shape, dtype])
+      continue
+    perm, kept_parts, axis = plan[kept]
+    sources = [[shapes[p][a] for a in perm] if perm else list(shapes[p]) for p in kept_parts or [kept]]
+    shape = sources[0]
+    if kept_parts:
+      shape[axis] = sum(s[axis] for s in sources)
+    out.append([list(kept), shape, dtype])
+  return out
 
 
 def to_kept(weights: dict, inputs: list) -> dict:
   """`weights` (the export's nested dict of jax arrays, as restored) in `kept_layout`: the stacked leaves the
-  program takes output-major transposed (one copy each), in place."""
-  for keys, perm in _kept_perms(inputs).items():
+  program takes output-major transposed, a fused kernel's parts concatenated (one copy each), in place."""
+  def pop(keys, node):
+    leaf = node[keys[0]] if len(keys) == 1 else pop(keys[1:], node[keys[0]])
+    if len(keys) == 1 or not node[keys[0]]:
+      del node[keys[0]]  # the leaf, or a folder it left empty
+    return leaf
+
+  for kept, entry in _kept_plan(inputs).items():
+    leaves = [pop(p, weights) for p in entry[1] or [kept]]
     node = weights
-    for key in keys[:-1]:
-      node = node[key]
-    node[keys[-1]] = jnp.transpose(node[keys[-1]], perm)
+    for key in kept[:-1]:
+      node = node.setdefault(key, {})
+    node[kept[-1]] = _as_kept(entry, leaves, jnp.transpose, jnp.concatenate)
   return weights
 
 
 def kept_leaves(leaves, inputs: list):
   """The export's leaves ((keys, array) pairs in weights_layout order, e.g. checkpoint.export_leaves) as arrays in
-  `kept_layout`, one at a time: what to_kept does to the whole dict. numpy's transpose is a view that
-  weights_cache.save copies out once (XLA's held its input and output, and the 1.5B's start peaked higher)."""
-  perms = _kept_perms(inputs)
+  `kept_layout`, one at a time (a fused kernel's parts held until its last): what to_kept does to the whole dict.
+  numpy's transpose is a view that weights_cache.save copies out once (XLA's held its input and output, and the
+  1.5B's start peaked higher)."""
+  plan = _kept_plan(inputs)
+  fused_of = {tuple(p): kept for kept, (_, parts, _) in plan.items() if parts for p in parts}
+  held = {}
   for keys, leaf in leaves:
-    perm = perms.get(tuple(keys))
-    yield leaf if perm is None else np.transpose(np.asarray(leaf), perm)
+    kept = fused_of.get(tuple(keys), tuple(keys))
+    if kept not in plan:
+      yield leaf
+      continue
+    parts = plan[kept][1] or [kept]
+    held[tuple(keys)] = np.asarray(leaf)
+    if all(p in held for p in parts):
+      yield _as_kept(plan[kept], [held.pop(p) for p in parts], np.transpose, np.concatenate)
 
 
 def program_leaves(weights: dict, inputs: list) -> list:

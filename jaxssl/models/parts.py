@@ -164,9 +164,16 @@ class CausalSelfAttention(nnx.Module):
     self.implementation = c.attention
     self.dtype = c.compute_dtype
     self.out_major = ()  # names of the kernels stored output-major (generation.layers_apart, for decoding)
+    self.fused_qkv = ()  # (query heads, kv heads) where generation.layers_apart made q/k/v one `qkv_kernel`
+
+  def _product(self, x, name):
+    return project(x, getattr(self, f'{name}_kernel')[...].astype(self.dtype), out_major=name in self.out_major)
 
   def _project(self, x, name, rotary):
-    y = project(x, getattr(self, f'{name}_kernel')[...].astype(self.dtype), out_major=name in self.out_major)
+    return self._finish(self._product(x, name), name, rotary)
+
+  def _finish(self, y, name, rotary):
+    """A q/k/v product [B, T, heads, D] with its bias (and rotation for q and k), constrained to its heads."""
     if self.qkv_bias:
       y = y + getattr(self, f'{name}_bias')[...].astype(self.dtype)
     if rotary is not None and name != 'value':
@@ -174,7 +181,12 @@ class CausalSelfAttention(nnx.Module):
     return constrain(y, HEADS_ACT if name == 'query' else KV_HEADS_ACT)
 
   def _qkv(self, x, rotary):
-    return tuple(self._project(x, n, rotary) for n in ('query', 'key', 'value'))
+    names = ('query', 'key', 'value')
+    if not self.fused_qkv:
+      return tuple(self._project(x, n, rotary) for n in names)
+    heads, kv_heads = self.fused_qkv
+    products = jnp.split(self._product(x, 'qkv'), (heads, heads + kv_heads), axis=-2)
+    return tuple(self._finish(y, n, rotary) for y, n in zip(products, names))
 
   def _output(self, out):
     out = constrain(out.astype(self.dtype), HEADS_ACT)
@@ -300,10 +312,18 @@ class SwiGluMlp(nnx.Module):
     self.wi_up = Linear(h, i, ('embed', 'mlp'), stddev=std, use_bias=b, dtype=dt, rngs=rngs)
     self.wo = Linear(i, h, ('mlp', 'embed'), stddev=std / math.sqrt(2 * c.num_layers), use_bias=b, dtype=dt,
                      rngs=rngs)
+    self.wi_gate_up = None  # one Linear of both, [gate | up], where generation.layers_apart fused them
+
+  def gate_up(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(Wg x, Wu x): one product where the two kernels were fused."""
+    if self.wi_gate_up is None:
+      return self.wi_gate(x), self.wi_up(x)
+    gate, up = jnp.split(self.wi_gate_up(x), 2, axis=-1)
+    return gate, up
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    h = jax.nn.silu(self.wi_gate(x)) * self.wi_up(x)
-    h = constrain(h, ('batch', 'length', 'act_mlp'))
+    gate, up = self.gate_up(x)
+    h = constrain(jax.nn.silu(gate) * up, ('batch', 'length', 'act_mlp'))
     return self.wo(h)
 
 
