@@ -21,7 +21,7 @@ import os
 from jaxssl import program_cache
 from jaxssl import runtime
 
-FORMAT = 3  # 2: big layer kernels kept output-major (generate_program.kept_layout); 3: q/k/v, gate/up fused
+FORMAT = 3  # 2: big layer kernels kept output-major (generate_program.kept_layout); 3: q/k/v kept fused
 ALIGN = 4096
 DEFAULT_LIMIT_GB = 16.0
 

@@ -357,7 +357,7 @@ def test_greedy_generate_matches_transformers(hf_model, tmp_path, out_major_min_
   loaded = generate_program.load(meta, blob)
   how = [entry[3] for entry in meta['inputs'] if len(entry) > 3]
   assert any('perm' in h for h in how) == (out_major_min_bytes is not None)
-  assert sum('parts' in h for h in how) == 2  # each layer's q/k/v as one kernel (generation._fuse_products)
+  assert sum('parts' in h for h in how) == 2  # each layer's q/k/v as one kernel (generation._fuse_qkv)
   weights = generate_program.to_kept(weights, meta['inputs'])
   assert sorted(generate_program.weights_layout(weights)) == sorted(
       generate_program.kept_layout(meta['weights'], meta['inputs']))

@@ -156,20 +156,19 @@ def test_greedy_generate_matches_transformers(out_major_min_bytes, monkeypatch):
   lengths, left, right, expected = two_prompts_and_transformers_greedy(3, new, seed=20)
   apart = generation.layers_apart(converted('gqa'))
   stacked = converted('gqa').decoder.layers
-  # q/k/v one kernel, gate/up one (generation._fuse_products), each output-major where its parts are.
-  attention, mlp = apart.decoder.layers[1].attention, apart.decoder.layers[1].mlp
-  assert attention.fused_qkv == (HEADS, KV_HEADS) and not hasattr(attention, 'query_kernel') and not hasattr(mlp, 'wi_gate')
-  qkv = [getattr(stacked.attention, f'{n}_kernel')[...][1] for n in ('query', 'key', 'value')]
-  gate_up = np.concatenate([stacked.mlp.wi_gate.kernel[...][1], stacked.mlp.wi_up.kernel[...][1]], axis=1)
+  # q/k/v one kernel (generation._fuse_qkv), output-major where its parts are.
+  attention, gate = apart.decoder.layers[1].attention, apart.decoder.layers[1].mlp.wi_gate.kernel[...]
+  assert attention.fused_qkv == (HEADS, KV_HEADS) and not hasattr(attention, 'query_kernel')
+  qkv = np.concatenate([getattr(stacked.attention, f'{n}_kernel')[...][1] for n in ('query', 'key', 'value')], 1)
   if out_major_min_bytes is not None:  # [H, N, D] -> [N, D, H]; [H, I] -> [I, H]; lm_head [H, V] -> [V, H]
-    assert attention.out_major == ('out', 'qkv') and mlp.wi_gate_up.out_major
-    np.testing.assert_array_equal(attention.qkv_kernel[...], np.transpose(np.concatenate(qkv, axis=1), (1, 2, 0)))
-    np.testing.assert_array_equal(mlp.wi_gate_up.kernel[...], gate_up.T)
+    assert attention.out_major == ('out', 'qkv')
+    np.testing.assert_array_equal(attention.qkv_kernel[...], np.transpose(qkv, (1, 2, 0)))
+    np.testing.assert_array_equal(gate, stacked.mlp.wi_gate.kernel[...][1].T)
     np.testing.assert_array_equal(apart.lm_head.kernel[...], converted('gqa').lm_head.kernel[...].T)
   else:
-    assert attention.out_major == () and not mlp.wi_gate_up.out_major
-    np.testing.assert_array_equal(attention.qkv_kernel[...], np.concatenate(qkv, axis=1))
-    np.testing.assert_array_equal(mlp.wi_gate_up.kernel[...], gate_up)
+    assert attention.out_major == ()
+    np.testing.assert_array_equal(attention.qkv_kernel[...], qkv)
+    np.testing.assert_array_equal(gate, stacked.mlp.wi_gate.kernel[...][1])
   for ids, side in ((left, 'left'), (right, 'right')):
     for model in (converted('gqa'), apart):
       tokens, num = generation.generate(model, ids, lengths, new, greedy=True, padding_side=side)

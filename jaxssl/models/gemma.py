@@ -61,8 +61,7 @@ class GeGluMlp(SwiGluMlp):
   """W2 (GELU_tanh(Wg x) * Wu x) (Gemma's gelu_pytorch_tanh); the parameters of SwiGluMlp."""
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    gate, up = self.gate_up(x)
-    h = jax.nn.gelu(gate, approximate=True) * up
+    h = jax.nn.gelu(self.wi_gate(x), approximate=True) * self.wi_up(x)
     return self.wo(constrain(h, ('batch', 'length', 'act_mlp')))
 
 

@@ -14,7 +14,7 @@ from flax import nnx
 from jaxssl.errors import UserError
 from jaxssl.models import generate_program
 from jaxssl.models.layers import unroll_layers
-from jaxssl.models.parts import CausalSelfAttention, Linear, SwiGluMlp
+from jaxssl.models.parts import CausalSelfAttention, Linear
 from jaxssl.models.products import out_major_perm
 
 # An attention module's kernels and their input axes.
@@ -90,7 +90,7 @@ def layers_apart(model: nnx.Module) -> nnx.Module:
     _store_out_major(copy.lm_head)
   for layer in copy.decoder.layers:
     _store_out_major(layer)
-    _fuse_products(layer)
+    _fuse_qkv(layer)
   copy.decoder.scan_layers = False
   copy.config = dataclasses.replace(c, scan_layers=False)
   return copy
@@ -108,12 +108,12 @@ def _store_out_major(layer: nnx.Module) -> None:
                              if _transposed(getattr(node, f'{n}_kernel'), in_axes))
 
 
-def _fuse_products(layer: nnx.Module) -> None:
-  """Makes the products that read the same input one product each, in place: attention's q/k/v kernels one
-  `qkv_kernel` [H, N + 2K, D] (heads after heads), an MLP's gate and up kernels one `wi_gate_up` Linear [H, 2I]
-  (each output-major where its parts were). Why: at batch 1 a decoding step is ~10 small matrix-vector products a
-  layer, each paying XLA:CPU's dispatch and thread fan-out; SmolLM2-135M decodes 17% faster with 3 fewer a layer
-  (BENCHMARKS.md §33). Only where the parts share a layout, are whole on each device, and (MLP) have no bias."""
+def _fuse_qkv(layer: nnx.Module) -> None:
+  """Makes attention's q/k/v kernels one `qkv_kernel` [H, N + 2K, D] (heads after heads; output-major where its
+  parts were), in place, where the three share a layout and are whole on each device. Why: a batch-1 decoding step
+  is a dozen small matrix-vector products a layer, each paying XLA:CPU's dispatch and thread fan-out; two fewer a
+  layer made SmolLM2-135M decode 7-17% faster at batch 1 and no slower at batch 8 (BENCHMARKS.md §33). The MLP's
+  gate and up kernels were not fused: +2% at batch 1, -6% at batch 8."""
   for _, node in nnx.iter_graph(layer):
     if isinstance(node, CausalSelfAttention):
       names = ('query', 'key', 'value')
@@ -125,19 +125,12 @@ def _fuse_products(layer: nnx.Module) -> None:
         node.qkv_kernel, node.fused_qkv = fused, (heads, kv_heads)
         node.out_major = tuple(n for n in node.out_major if n not in names) + (('qkv',) if 'query' in node.out_major
                                                                                 else ())
-    elif isinstance(node, SwiGluMlp) and not node.wi_gate.use_bias:
-      fused = _concatenated([node.wi_gate.kernel, node.wi_up.kernel], [node.wi_gate.out_major, node.wi_up.out_major])
-      if fused is not None:
-        linear = nnx.merge(*jax.tree.map(lambda a: a, nnx.split(node.wi_gate)))  # a Linear of its own
-        linear.kernel = fused
-        node.wi_gate_up = nnx.data(linear)  # (None before: a static attribute)
-        del node.wi_gate, node.wi_up
 
 
 def _concatenated(params: list, out_major: list) -> nnx.Param | None:
   """Kernels [H, *O_i] (each output-major where `out_major` says) as one, concatenated along their first output
-  axis; None where their layouts differ or one is split over devices. Abstract ones (jax.ShapeDtypeStruct) give an
-  abstract one."""
+  axis (logical axis 1); None where their layouts differ or one is split over devices. Abstract ones
+  (jax.ShapeDtypeStruct) give an abstract one."""
   values = [p.get_value() for p in params]
   if len(set(out_major)) > 1 or any(not (getattr(a, 'sharding', None) is None or a.sharding.is_fully_replicated)
                                     for a in values):
@@ -186,9 +179,6 @@ def program_inputs(model: nnx.Module) -> list:
       if node.fused_qkv:
         parts = [[*path, f'{n}_kernel'] for n in ('query', 'key', 'value')]
         how.setdefault((*path, 'qkv_kernel'), {})['parts'] = parts
-    elif isinstance(node, SwiGluMlp) and node.wi_gate_up is not None:
-      parts = [[*path, n, 'kernel'] for n in ('wi_gate', 'wi_up')]
-      how.setdefault((*path, 'wi_gate_up', 'kernel'), {})['parts'] = parts
   inputs = generate_program.weights_layout(nnx.to_pure_dict(nnx.state(model)))
   return [[*entry, how[tuple(entry[0])]] if tuple(entry[0]) in how else entry for entry in inputs]
 

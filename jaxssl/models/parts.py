@@ -312,18 +312,10 @@ class SwiGluMlp(nnx.Module):
     self.wi_up = Linear(h, i, ('embed', 'mlp'), stddev=std, use_bias=b, dtype=dt, rngs=rngs)
     self.wo = Linear(i, h, ('mlp', 'embed'), stddev=std / math.sqrt(2 * c.num_layers), use_bias=b, dtype=dt,
                      rngs=rngs)
-    self.wi_gate_up = None  # one Linear of both, [gate | up], where generation.layers_apart fused them
-
-  def gate_up(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(Wg x, Wu x): one product where the two kernels were fused."""
-    if self.wi_gate_up is None:
-      return self.wi_gate(x), self.wi_up(x)
-    gate, up = jnp.split(self.wi_gate_up(x), 2, axis=-1)
-    return gate, up
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    gate, up = self.gate_up(x)
-    h = constrain(jax.nn.silu(gate) * up, ('batch', 'length', 'act_mlp'))
+    h = jax.nn.silu(self.wi_gate(x)) * self.wi_up(x)
+    h = constrain(h, ('batch', 'length', 'act_mlp'))
     return self.wo(h)
 
 
