@@ -176,6 +176,29 @@ def test_greedy_generate_matches_transformers(out_major_min_bytes, monkeypatch):
       np.testing.assert_array_equal(num, [new, new])
 
 
+def test_generation_on_a_mesh_equals_one_device():
+  """Greedy tokens of a GQA model on one device, data-parallel over 2 (weights whole on each device: q/k/v fused
+  for decoding) and split over fsdp x tensor (2 x 2: kept apart, each kernel keeps its sharding) are the same."""
+  from jaxssl import config as config_lib  # noqa: PLC0415 (test-only helpers)
+  from jaxssl import mesh as mesh_lib  # noqa: PLC0415
+  from jaxssl.train import state as state_lib  # noqa: PLC0415
+  config = load_config(os.path.join(os.path.dirname(__file__), '..', 'configs', 'gpt.py') + ':llama_tiny')
+  config_lib.parse_overrides(config, ['--config.model.num_layers=2', '--config.model.hidden_size=32',
+                                      '--config.model.num_heads=4', '--config.model.num_kv_heads=2',
+                                      '--config.model.intermediate_size=48'])
+  ids, lengths = np.array([[5, 6, 7, 8], [9, 10, 11, 0]], np.int32), np.array([4, 3])
+  tokens = {}
+  for shape, fused in (((1, 1, 1), (4, 2)), ((2, 1, 1), (4, 2)), ((1, 2, 2), ())):
+    mesh = mesh_lib.make_mesh(shape, jax.devices()[:int(np.prod(shape))])
+    setup = state_lib.setup_model(config.model, 128, mesh, 0)
+    model = nnx.merge(setup.graphdef, state_lib.init_params(setup))
+    with jax.set_mesh(mesh):
+      assert generation.layers_apart(model).decoder.layers[0].attention.fused_qkv == fused, shape
+      tokens[shape] = np.asarray(generation.generate(model, ids, lengths, 6, greedy=True)[0])
+  for shape, got in tokens.items():
+    np.testing.assert_array_equal(got, tokens[(1, 1, 1)], err_msg=str(shape))
+
+
 @pytest.mark.parametrize('variant', ['gqa', 'tied'])
 def test_weight_bytes_per_token(variant):
   """What a batch-1 decoding step reads: all of transformers' parameters but the input embedding table when the
