@@ -112,8 +112,8 @@ def _fuse_qkv(layer: nnx.Module) -> None:
   """Makes attention's q/k/v kernels one `qkv_kernel` [H, N + 2K, D] (heads after heads; output-major where its
   parts were), in place, where the three share a layout and are whole on each device. Why: a batch-1 decoding step
   is a dozen small matrix-vector products a layer, each paying XLA:CPU's dispatch and thread fan-out; two fewer a
-  layer made SmolLM2-135M decode 7-17% faster at batch 1 and no slower at batch 8 (BENCHMARKS.md §33). The MLP's
-  gate and up kernels were not fused: +2% at batch 1, -6% at batch 8."""
+  layer made SmolLM2-135M decode 9% faster at batch 1, within the host's noise at batch 8 (BENCHMARKS.md §33). The
+  MLP's gate and up kernels are not fused: +2% at batch 1, -6% at batch 8."""
   for _, node in nnx.iter_graph(layer):
     if isinstance(node, CausalSelfAttention):
       names = ('query', 'key', 'value')
