@@ -9,6 +9,7 @@ Then every process calls `jax.distributed.initialize`; on CPU the processes talk
 stops sending heartbeats for `--heartbeat-timeout` seconds (default 20) is declared dead and the others stop
 with an error instead of waiting forever in a collective. JAXSSL_DISTRIBUTED=off disables all of this.
 """
+import contextlib
 import ctypes
 import glob
 import os
@@ -140,13 +141,40 @@ def compile_cache_dir() -> str | None:
   return os.path.expanduser(DEFAULT_COMPILE_CACHE_DIR) if cache is None else cache or None
 
 
+@contextlib.contextmanager
+def _rocm_plugin_search_by_folder_name():
+  """While jax is imported: importlib.metadata.distributions() yields only the distributions whose folder name could
+  be a ROCm plugin's (jax-rocm*-plugin), or whose name it cannot tell without reading them.
+
+  Why: jax's import looks for a ROCm plugin by parsing the METADATA file of every installed distribution (jax/_src/
+  numpy/array_constructors.py): 0.09 s of every job's start with the ~150 distributions of the test environment
+  (4% of the generate job's second start; BENCHMARKS.md §33). A distribution's normalized name comes from its
+  folder's name without reading it (2.6 ms for all), and jax's own check then runs on what is left: a ROCm plugin
+  is still found."""
+  import importlib.metadata as metadata  # reason: only around jax's import
+  original = metadata.distributions
+
+  def distributions(**kwargs):
+    for dist in original(**kwargs):
+      name = getattr(dist, '_normalized_name', None)
+      if not isinstance(name, str) or name.startswith('jax_rocm'):
+        yield dist
+
+  metadata.distributions = distributions
+  try:
+    yield
+  finally:
+    metadata.distributions = original
+
+
 def setup(args=None) -> None:
   """Enables the compile cache (`compile_cache_dir`) and joins a multi-process job if one is configured.
 
   `args` are a job's parsed arguments (with `add_distributed_args`'s flags), or None for the environment alone.
   """
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  import jax
+  with _rocm_plugin_search_by_folder_name():
+    import jax
   cache = compile_cache_dir()
   if cache:
     jax.config.update('jax_compilation_cache_dir', cache)

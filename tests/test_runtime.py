@@ -54,6 +54,20 @@ def test_cluster_detection(monkeypatch):
   assert runtime._cluster_detected()
 
 
+def test_the_rocm_plugin_search_reads_only_what_could_be_one(tmp_path):
+  """While runtime.setup imports jax, importlib.metadata yields only the distributions whose folder names a ROCm
+  plugin could have (jax reads the METADATA of each it is given): a jax-rocm plugin is still found, another
+  distribution is not read; afterwards every one is yielded again."""
+  import importlib.metadata as metadata  # noqa: PLC0415 (test-only)
+  for folder, name in (('jax_rocm7_plugin-0.10.2.dist-info', 'jax-rocm7-plugin'), ('torch-2.13.0.dist-info', 'torch')):
+    (tmp_path / folder).mkdir()
+    (tmp_path / folder / 'METADATA').write_text(f'Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n')
+  with runtime._rocm_plugin_search_by_folder_name():
+    assert [d.metadata['Name'] for d in metadata.distributions(path=[str(tmp_path)])] == ['jax-rocm7-plugin']
+  assert sorted(d.metadata['Name'] for d in metadata.distributions(path=[str(tmp_path)])) == [
+      'jax-rocm7-plugin', 'torch']
+
+
 def test_local_workdir_is_accepted():
   """Bucket workdirs (accepted, and URLs refused for a missing bucket or scheme) are tested in test_bucket.py."""
   runtime.check_workdir('/mnt/bucket/run')
