@@ -132,8 +132,7 @@ def _concatenated(params: list, out_major: list) -> nnx.Param | None:
   axis (logical axis 1); None where their layouts differ or one is split over devices. Abstract ones
   (jax.ShapeDtypeStruct) give an abstract one."""
   values = [p.get_value() for p in params]
-  if len(set(out_major)) > 1 or any(not (getattr(a, 'sharding', None) is None or a.sharding.is_fully_replicated)
-                                    for a in values):
+  if len(set(out_major)) > 1 or not all(_whole_on_each_device(a) for a in values):
     return None
   axis = 0 if out_major[0] else 1
   if isinstance(values[0], jax.ShapeDtypeStruct):
@@ -145,14 +144,19 @@ def _concatenated(params: list, out_major: list) -> nnx.Param | None:
   return nnx.Param(value)
 
 
+def _whole_on_each_device(a) -> bool:
+  """Whether an array or jax.ShapeDtypeStruct is unsharded or replicated (each device holds all of it)."""
+  sharding = getattr(a, 'sharding', None)
+  return sharding is None or sharding.is_fully_replicated
+
+
 def _transposed(param: nnx.Variable, in_axes: int) -> bool:
   """Whether `param` (an array or jax.ShapeDtypeStruct) was big and whole on each device, and so now holds its
   value output-major (products.out_major_perm)."""
   a = param.get_value()
-  sharding = getattr(a, 'sharding', None)
-  if (a.size * a.dtype.itemsize < generate_program.out_major_min_bytes()
-      or not (sharding is None or sharding.is_fully_replicated)):
+  if a.size * a.dtype.itemsize < generate_program.out_major_min_bytes() or not _whole_on_each_device(a):
     return False
+  sharding = getattr(a, 'sharding', None)
   perm = out_major_perm(a.ndim, in_axes)
   if isinstance(a, jax.ShapeDtypeStruct):
     if isinstance(sharding, jax.sharding.NamedSharding):
