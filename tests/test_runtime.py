@@ -182,6 +182,38 @@ def test_compile_cache_is_on_by_default(setting, tmp_path):
   assert [p for p in (default, tmp_path / 'mine') if p.exists() and os.listdir(p)] == ([written] if written else [])
 
 
+_POD_PROGRAM = """
+from jaxssl import runtime
+runtime.setup()
+import jax, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+mesh = jax.make_mesh((jax.device_count(),), ('d',))
+x = jax.make_array_from_process_local_data(NamedSharding(mesh, P('d')), np.ones((1, 4), np.float32))
+print('sum', float(jax.jit(lambda a: (a * 3).sum())(x)))
+"""
+
+
+def test_every_process_of_a_cpu_pod_loads_its_programs_from_the_cache(tmp_path):
+  """A local pod run twice: on the second run process 1 too loads the program from the compile cache. (On CPU its
+  key hashes its own devices; JAX writes from process 0 only, so process 1 compiled everything on every run.)"""
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'cache'), JAX_LOG_COMPILES='1')
+  cmd = [sys.executable, os.path.join(root, 'tpu', 'local_pod.py'), '--processes', '2', '--devices-per-process', '1',
+         '--', sys.executable, '-c', _POD_PROGRAM]
+  runs = [subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=root, timeout=300) for _ in range(2)]
+  for run in runs:
+    assert run.returncode == 0 and '[0] sum 24.0' in run.stdout, run.stderr[-3000:]
+
+  def hits(run, process):
+    return [l for l in run.stderr.splitlines()
+            if l.startswith(f'[{process}]') and "Persistent compilation cache hit for 'jit__lambda'" in l]
+  assert not hits(runs[0], 0) and not hits(runs[0], 1)
+  assert hits(runs[1], 0) and hits(runs[1], 1), runs[1].stderr[-3000:]
+
+
 def test_program_files_are_keyed_by_what_determines_them(monkeypatch, tmp_path):
   import jax
   from jaxssl import program_cache
