@@ -66,6 +66,46 @@ def test_processes_feed_equal_shares_of_one_global_batch():
     np.testing.assert_array_equal(np.concatenate([first[k], second[k]]), v)
 
 
+def test_few_shapes_multiple_bounds_the_row_counts():
+  """16 pairs in rows of 24 needed 5 to 11 rows: at the multiple 1 that is 7 train-step shapes; 3 at the multiple 3.
+  Counts already few (tweets: 8-10 rows at the multiple 2) keep their multiple."""
+  assert packing.few_shapes_multiple(range(5, 12), 1) == 3
+  assert {packing.rounded(n, 3) for n in range(5, 12)} == {6, 9, 12}
+  assert packing.few_shapes_multiple(range(5, 12), 2) == 4  # a multiple of the unit (batch shards, processes)
+  assert packing.few_shapes_multiple([8, 9, 10, 9], 2) == 2
+  assert packing.few_shapes_multiple([7], 1) == 1 and packing.few_shapes_multiple(range(1, 100), 1, most=1) == 99
+  assert packing.rows_needed(np.array([9, 3, 14, 7, 7, 2, 16, 5]), 16) == 4
+
+
+def test_padding_rows_change_no_example_dropout_included():
+  """A packed batch with more padding rows (a coarser row multiple) gives each example the same logits and the
+  same loss in training mode: dropout's masks for the real rows do not depend on how many rows follow."""
+  cfg = tiny_cfg()
+  cfg.update(dropout_rate=0.3, attention_dropout_rate=0.3)
+  kind = 'pair'
+  setup = finetune.task_model_setup(cfg, V, kind, NUM_LABELS[kind], mesh_lib.make_mesh((-1, 1, 1)))
+  params = finetune.state_lib.init_params(setup)
+  task = tasks.get(kind)
+  b = pair_batch()
+  keys = [*task.input_keys, 'labels']
+  tight, loose = (packing.pack(b, np.arange(8), b['attention_mask'].sum(1), L, m, keys) for m in (1, 7))
+  assert tight['input_ids'].shape[0] < loose['input_ids'].shape[0] == 7
+
+  @jax.jit
+  def outputs_loss(params, b, key):
+    model = nnx.merge(setup.graphdef, params)
+    out = model(*(b[k] for k in task.input_keys), dropout_rng=key, **{k: b[k] for k in packing.PACKED_INPUTS})
+    return out, task_loss(kind, out, b)[0]
+
+  key = jax.random.key(3)
+  out_tight, loss_tight = outputs_loss(params, {k: jnp.asarray(v) for k, v in tight.items()}, key)
+  out_loose, loss_loose = outputs_loss(params, {k: jnp.asarray(v) for k, v in loose.items()}, key)
+  out_eval, _ = outputs_loss(params, {k: jnp.asarray(v) for k, v in tight.items()}, None)
+  assert not np.allclose(out_tight, out_eval, atol=1e-3)  # dropout is on
+  np.testing.assert_allclose(out_loose, out_tight, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(loss_loose, loss_tight, rtol=1e-6)
+
+
 def test_row_multiple_and_settings():
   assert packing.row_multiple(32, 1, 1) == 2
   assert packing.row_multiple(32, 8, 1) == 8

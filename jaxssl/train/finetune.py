@@ -272,11 +272,19 @@ def run_finetuning(config, workdir: str) -> dict:
   packed = lengths is not None and packing.packs(config.data.get('packing', 'none'), data.kind, body.model_cfg)
   row_multiple = packing.row_multiple(t.batch_size, mesh_lib.batch_divisor(mesh), jax.process_count())
 
+  @functools.lru_cache(maxsize=layer_loop.SAMPLE_STEPS)
+  def rows_needed(step):  # first-fit rows of step's packed batch, before rounding
+    return packing.rows_needed(lengths[batch_indices(step, t.batch_size, data.num_train_examples, t.seed)], seq_len)
+
+  if packed:  # few train-step shapes: the multiple grows until the first steps' batches need few row counts
+    row_multiple = packing.few_shapes_multiple(map(rows_needed, range(min(t.steps, layer_loop.SAMPLE_STEPS))),
+                                               row_multiple)
+
   def shape_at(step):  # the shape of step's batch: its packed row count or its length bucket
-    rows = batch_indices(step, t.batch_size, data.num_train_examples, t.seed)
     if packed:
-      return packing.row_count(lengths[rows], seq_len, row_multiple)
-    return length_buckets.batch_length(lengths, rows, buckets)
+      return packing.rounded(rows_needed(step), row_multiple)
+    return length_buckets.batch_length(lengths, batch_indices(step, t.batch_size, data.num_train_examples, t.seed),
+                                       buckets)
 
   train_cfg, forward_cfg, loop_note = layer_loop.finetune_configs(body.model_cfg, t.steps, shape_at)
   setup, forward_setup = (task_model_setup(c, body.vocab_size, task.kind, data.num_labels, mesh, t.seed,

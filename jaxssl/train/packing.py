@@ -7,7 +7,12 @@ longest first) into rows of `data.seq_len`, as many as the smallest multiple of 
 about the batch's real tokens, not its longest example times its size. Long rows pack tightest; a batch of 32
 tweets (~33 pieces) fills 9-10 rows of 128 where buckets gave 32 rows of 64, and the row counts seen are two or
 three: few shapes to compile (measured on tweets against rows of the bucket length: 1,211 tokens a step in 3
-shapes against 1,299 in 5). The attention over longer rows costs little beside the projections.
+shapes against 1,299 in 5). The attention over longer rows costs little beside the projections. Where the
+batches' row counts spread wider (short rows, small batches: 16 pairs in rows of 24 needed 5 to 11), the multiple
+grows until the job's first steps need at most MAX_ROW_COUNTS of them (`few_shapes_multiple`): each is a train
+step to compile (~1 s for a tiny body, ~10 s for MiniLM). Padding rows change nothing a real token computes, its
+dropout masks included (layers.keep_mask hashes each element's row-major index: a row's bits do not depend on the
+rows after it).
 
 A packed row tells the model where its examples are:
   attention_mask   [R, L]: each example's tokens carry its own id 1, 2, ... in the row (0 = padding); a token
@@ -33,6 +38,7 @@ from jaxssl.tasks.model import PACKED_INPUTS
 
 SETTINGS = ('auto', 'none')
 ROW_STEPS = 16  # the row count is a multiple of batch_size / ROW_STEPS (rounded to the batch divisor): few shapes
+MAX_ROW_COUNTS = 3  # at most this many packed row counts (train-step shapes) over the steps sampled
 NDIMS = {'position_ids': 2, 'pool_positions': 1}  # of PACKED_INPUTS
 TOKEN_FILL = {'labels': -1}  # a per-token key's value at padding (tagging's -1: no label); other keys 0
 
@@ -76,9 +82,23 @@ def first_fit(lengths: np.ndarray, row_len: int) -> list[list[int]]:
   return rows
 
 
-def row_count(example_lengths: np.ndarray, row_len: int, multiple: int) -> int:
-  """How many rows `pack` lays examples of these lengths into (the packed batch's shape)."""
-  return -(-len(first_fit(example_lengths, row_len)) // multiple) * multiple
+def rows_needed(example_lengths: np.ndarray, row_len: int) -> int:
+  """How many rows first-fit fills with examples of these lengths (before rounding to the row multiple)."""
+  return len(first_fit(example_lengths, row_len))
+
+
+def rounded(rows: int, multiple: int) -> int:
+  """`rows` rounded up to a multiple of `multiple`: the packed batch's row count (its shape)."""
+  return -(-rows // multiple) * multiple
+
+
+def few_shapes_multiple(needed, unit: int, most: int = MAX_ROW_COUNTS) -> int:
+  """The smallest multiple of `unit` (`row_multiple`) at which the row counts `needed` (first-fit rows of the
+  sampled steps' batches) round up to at most `most` distinct values."""
+  needed, multiple = set(needed), unit
+  while len({rounded(n, multiple) for n in needed}) > most:  # ends: at max(needed) every count rounds alike
+    multiple += unit
+  return multiple
 
 
 def pack(features: dict, examples: np.ndarray, lengths: np.ndarray, row_len: int, multiple: int, keys) -> dict:
@@ -88,7 +108,7 @@ def pack(features: dict, examples: np.ndarray, lengths: np.ndarray, row_len: int
   Padding holds token id 0: no example attends it and nothing reads it. Keys of `features` shaped like its
   input_ids ([N, L]: per-token labels) go with their tokens; padding holds TOKEN_FILL's value there, else 0."""
   layout = first_fit(lengths[examples], row_len)
-  rows = -(-len(layout) // multiple) * multiple
+  rows = rounded(len(layout), multiple)
   seq_len = features['input_ids'].shape[1]
   per_token = [k for k in keys if k in features and k not in INPUT_KEYS and features[k].shape[1:] == (seq_len,)]
   laid = {k: np.full((rows, row_len), TOKEN_FILL.get(k, 0), features[k].dtype)
