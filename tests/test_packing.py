@@ -67,11 +67,11 @@ def test_processes_feed_equal_shares_of_one_global_batch():
 
 
 def test_few_shapes_multiple_bounds_the_row_counts():
-  """16 pairs in rows of 24 needed 5 to 11 rows: at the multiple 1 that is 7 train-step shapes; 3 at the multiple 3.
-  Counts already few (tweets: 8-10 rows at the multiple 2) keep their multiple."""
-  assert packing.few_shapes_multiple(range(5, 12), 1) == 3
-  assert {packing.rounded(n, 3) for n in range(5, 12)} == {6, 9, 12}
-  assert packing.few_shapes_multiple(range(5, 12), 2) == 4  # a multiple of the unit (batch shards, processes)
+  """Batches of 16 short sentences (~13 pieces) in rows of 24 needed 8 to 14 rows: at the multiple 1 that is 7
+  train-step shapes; 3 at the multiple 3. Counts already few (tweets: 8-10 rows at the multiple 2) keep theirs."""
+  assert packing.few_shapes_multiple(range(8, 15), 1) == 3
+  assert {packing.rounded(n, 3) for n in range(8, 15)} == {9, 12, 15}
+  assert packing.few_shapes_multiple(range(8, 15), 2) == 4  # a multiple of the unit (batch shards, processes)
   assert packing.few_shapes_multiple([8, 9, 10, 9], 2) == 2
   assert packing.few_shapes_multiple([7], 1) == 1 and packing.few_shapes_multiple(range(1, 100), 1, most=1) == 99
   assert packing.rows_needed(np.array([9, 3, 14, 7, 7, 2, 16, 5]), 16) == 4

@@ -8,11 +8,11 @@ about the batch's real tokens, not its longest example times its size. Long rows
 tweets (~33 pieces) fills 9-10 rows of 128 where buckets gave 32 rows of 64, and the row counts seen are two or
 three: few shapes to compile (measured on tweets against rows of the bucket length: 1,211 tokens a step in 3
 shapes against 1,299 in 5). The attention over longer rows costs little beside the projections. Where the
-batches' row counts spread wider (short rows, small batches: 16 pairs in rows of 24 needed 5 to 11), the multiple
-grows until the job's first steps need at most MAX_ROW_COUNTS of them (`few_shapes_multiple`): each is a train
-step to compile (~1 s for a tiny body, ~10 s for MiniLM). Padding rows change nothing a real token computes, its
-dropout masks included (layers.keep_mask hashes each element's row-major index: a row's bits do not depend on the
-rows after it).
+batches' row counts spread wider (short rows, small batches: 16 sentences of ~13 pieces in rows of 24 needed 8 to
+14), the multiple grows until the job's first steps need at most MAX_ROW_COUNTS of them (`few_shapes_multiple`):
+each is a train step to compile (~1 s for a tiny body, ~10 s for MiniLM). Padding rows change nothing a real token
+computes, its dropout masks included (layers.keep_mask hashes each element's row-major index: a row's bits do not
+depend on the rows after it).
 
 A packed row tells the model where its examples are:
   attention_mask   [R, L]: each example's tokens carry its own id 1, 2, ... in the row (0 = padding); a token
