@@ -277,8 +277,8 @@ def run_finetuning(config, workdir: str) -> dict:
     return packing.rows_needed(lengths[batch_indices(step, t.batch_size, data.num_train_examples, t.seed)], seq_len)
 
   if packed:  # few train-step shapes: the multiple grows until the first steps' batches need few row counts
-    row_multiple = packing.few_shapes_multiple(map(rows_needed, range(min(t.steps, layer_loop.SAMPLE_STEPS))),
-                                               row_multiple)
+    sampled = min(t.steps, layer_loop.SAMPLE_STEPS, max(1, packing.SAMPLE_EXAMPLES // t.batch_size))
+    row_multiple = packing.few_shapes_multiple(map(rows_needed, range(sampled)), row_multiple)
 
   def shape_at(step):  # the shape of step's batch: its packed row count or its length bucket
     if packed:
