@@ -493,3 +493,29 @@ def test_workdir_of_another_task_is_refused_untouched(export_dir, classification
   assert result.returncode == 2, result.stderr[-2000:]
   assert result.stderr.strip().splitlines()[-1] == f'error: {workdir} holds a fine-tuning run of another task: use a new --workdir'
   assert sorted((str(p.relative_to(workdir)), p.stat().st_size, p.stat().st_mtime_ns) for p in workdir.rglob('*')) == before
+
+
+def test_first_steps_sampled_for_the_shapes_hold_a_bounded_number_of_examples(export_dir, pos_files, tmp_path,
+                                                                               monkeypatch):
+  """The row multiple and the layer loop are chosen from the batches of at most packing.SAMPLE_EXAMPLES examples
+  (first-fit costs ~4 us an example: 500 steps of a pod's global batch of 4,096 would add 8.6 s to its start)."""
+  from jaxssl import config as config_lib
+  from jaxssl.train import finetune, layer_loop, packing
+  config = config_lib.load_config('configs/finetune.py:tagging')
+  config_lib.parse_overrides(config, [
+      f'--config.init_from={export_dir}', f'--config.task.train={pos_files[0]}', f'--config.task.dev={pos_files[1]}',
+      '--config.data.seq_len=24', '--config.train.steps=100', '--config.train.batch_size=8'])
+  laid_out, chosen = [], []
+  monkeypatch.setattr(packing, 'SAMPLE_EXAMPLES', 24)  # 3 steps of 8 examples
+  real_rows_needed, real_configs = packing.rows_needed, layer_loop.finetune_configs
+  monkeypatch.setattr(packing, 'rows_needed', lambda *a: laid_out.append(a) or real_rows_needed(*a))
+
+  def configs_then_stop(model_cfg, steps, shape_at, sample_steps):
+    chosen.append((steps, sample_steps, real_configs(model_cfg, steps, shape_at, sample_steps)[2]))
+    raise StopIteration('chosen')
+
+  monkeypatch.setattr(layer_loop, 'finetune_configs', configs_then_stop)
+  with pytest.raises(StopIteration, match='chosen'):
+    finetune.run_finetuning(config, str(tmp_path / 'pos'))
+  assert len(laid_out) == 3 and [s[:2] for s in chosen] == [(100, 3)], (len(laid_out), chosen)
+  assert '(auto, cpu: 100 steps over ' in chosen[0][2], chosen  # the layer loop chosen from those 3 steps

@@ -276,8 +276,9 @@ def run_finetuning(config, workdir: str) -> dict:
   def rows_needed(step):  # first-fit rows of step's packed batch, before rounding
     return packing.rows_needed(lengths[batch_indices(step, t.batch_size, data.num_train_examples, t.seed)], seq_len)
 
+  # The first steps whose shapes choose the row multiple and the layer loop (first-fit is ~4 us an example).
+  sampled = min(t.steps, layer_loop.SAMPLE_STEPS, max(1, packing.SAMPLE_EXAMPLES // t.batch_size))
   if packed:  # few train-step shapes: the multiple grows until the first steps' batches need few row counts
-    sampled = min(t.steps, layer_loop.SAMPLE_STEPS, max(1, packing.SAMPLE_EXAMPLES // t.batch_size))
     row_multiple = packing.few_shapes_multiple(map(rows_needed, range(sampled)), row_multiple)
 
   def shape_at(step):  # the shape of step's batch: its packed row count or its length bucket
@@ -286,7 +287,7 @@ def run_finetuning(config, workdir: str) -> dict:
     return length_buckets.batch_length(lengths, batch_indices(step, t.batch_size, data.num_train_examples, t.seed),
                                        buckets)
 
-  train_cfg, forward_cfg, loop_note = layer_loop.finetune_configs(body.model_cfg, t.steps, shape_at)
+  train_cfg, forward_cfg, loop_note = layer_loop.finetune_configs(body.model_cfg, t.steps, shape_at, sampled)
   setup, forward_setup = (task_model_setup(c, body.vocab_size, task.kind, data.num_labels, mesh, t.seed,
                                            config.model.classifier_dropout) for c in (train_cfg, forward_cfg))
   tx, schedule = state_lib.make_optimizer(t, frozen_body_params(body.model_cfg)), state_lib.make_schedule(t)

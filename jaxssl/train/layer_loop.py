@@ -38,20 +38,22 @@ def forward_config(model_cfg):
   return _with_loop(model_cfg, layers.unroll_layers('auto', gradient=False))
 
 
-def shapes_per_step(shape_at, steps: int) -> collections.Counter:
-  """How often each train-step shape (`shape_at(step)`, hashable) occurs over the first SAMPLE_STEPS steps."""
-  return collections.Counter(shape_at(step) for step in range(min(steps, SAMPLE_STEPS)))
+def shapes_per_step(shape_at, steps: int, sample_steps: int = SAMPLE_STEPS) -> collections.Counter:
+  """How often each train-step shape (`shape_at(step)`, hashable) occurs over the first `sample_steps` steps (at
+  most SAMPLE_STEPS)."""
+  return collections.Counter(shape_at(step) for step in range(min(steps, sample_steps, SAMPLE_STEPS)))
 
 
-def finetune_configs(model_cfg, steps: int, shape_at) -> tuple:
+def finetune_configs(model_cfg, steps: int, shape_at, sample_steps: int = SAMPLE_STEPS) -> tuple:
   """(model config of the train step, model config of forward-only programs, the banner's note) for a job of
-  `steps` train steps whose batch at step s has shape `shape_at(s)` (called only when 'auto' needs the count)."""
+  `steps` train steps whose batch at step s has shape `shape_at(s)` (called only when 'auto' needs the count, for
+  at most `sample_steps` steps: a pod's packed batches take milliseconds a step to lay out)."""
   if not _auto(model_cfg):
     return model_cfg, model_cfg, layers.describe_layer_loop(model_cfg)
   backend = jax.default_backend()
   if backend not in layers.UNROLL_MIN_RUNS:
     return model_cfg, forward_config(model_cfg), f'layers in a loop (auto, {backend})'
-  shapes = len(shapes_per_step(shape_at, steps))
+  shapes = len(shapes_per_step(shape_at, steps, sample_steps))
   train_unrolled = layers.unroll_layers('auto', runs=steps / shapes)
   forward = forward_config(model_cfg)
   how = layers.loops_phrase(train_unrolled, forward.layer_loop == 'unrolled', 'dev')
