@@ -3,8 +3,8 @@
   python -m jaxssl.generate --params PARAMS --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N] [--greedy]
                             [--temperature T] [--top-k K] [--top-p P] [--seed S] [--stop TOKEN ...] [--json]
 
-Prints each continuation (with --json: one JSON line per prompt holding prompt, prompt_ids, generated_ids and
-text). Generation stops at --max-new-tokens, at the end-of-document token the model was trained with (GPT-2's
+Prints each prompt and its continuation (with --json: one JSON line per prompt holding prompt, prompt_ids,
+generated_ids and text, the text that follows the prompt, its leading space included). Generation stops at --max-new-tokens, at the end-of-document token the model was trained with (GPT-2's
 <|endoftext|>, Llama's </s>), or at any --stop token (a vocabulary entry, e.g. Llama 3's <|eot_id|>).
 A tokenizer that starts every text with a BOS token (Llama) gets it before each prompt; prompt_ids include it.
 PARAMS may be local or in a bucket (gs://B/export).
@@ -22,7 +22,8 @@ from jaxssl.errors import UserError, exit_on_user_error
 def generate(params: str, prompts: list[str], *, max_new_tokens: int = 50, greedy: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              stop_tokens: tuple[str, ...] = ()) -> list[dict]:
-  """One dict per prompt: prompt, prompt_ids, generated_ids (up to and including a stop token), text."""
+  """One dict per prompt: prompt, prompt_ids, generated_ids (up to and including a stop token), text (what follows
+  the prompt: `continuation`)."""
   # A job's jax modules load here, after runtime.setup (main) has configured the compile cache and processes.
   import jax
   import numpy as np
@@ -75,7 +76,7 @@ def generate(params: str, prompts: list[str], *, max_new_tokens: int = 50, greed
   results = []
   for prompt, prompt_ids, row, n in zip(prompts, encoded, out, num):
     generated = [int(t) for t in row[:n]]
-    text = tokenizer.decode([t for t in generated if t not in stop])  # the stop token is not text
+    text = continuation(tokenizer, prompt_ids, [t for t in generated if t not in stop])  # a stop token is no text
     results.append({'prompt': prompt, 'prompt_ids': [int(t) for t in prompt_ids], 'generated_ids': generated,
                     'text': text})
   return results
@@ -126,6 +127,20 @@ def _compile_and_generate(params, saved, model_cfg, ids, small, max_new_tokens, 
   return program.compiled(leaves, *small)
 
 
+def continuation(tokenizer, prompt_ids, new_ids) -> str:
+  """The text that `new_ids` add after the prompt: what decoding prompt and continuation together adds to the
+  prompt's own decoding, so that prompt + text reads as the model wrote it. A byte-level BPE's next piece carries its
+  space (' Paris'); sentencepiece drops a decoded text's leading space, and a word may go on ('Hel' + 'lo'). Where
+  the decoded prompt is not a prefix of the whole (a normalizing tokenizer), the continuation's own decoding after
+  a space."""
+  head = tokenizer.decode(prompt_ids)
+  whole = tokenizer.decode([*prompt_ids, *new_ids])
+  if whole.startswith(head):
+    return whole[len(head):]
+  text = tokenizer.decode(new_ids)
+  return text if not text or text[0].isspace() else ' ' + text
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(prog='python -m jaxssl.generate', description=__doc__.split('\n')[0])
   parser.add_argument('--params', required=True, help='an export of a GPT run (python -m jaxssl.export)')
@@ -148,7 +163,7 @@ def main(argv=None):
                      stop_tokens=tuple(args.stop))
   if jax.process_index() == 0:
     for r in results:
-      print(json.dumps(r) if args.json else f'{r["prompt"]}{r["text"] and " " + r["text"]}', flush=True)
+      print(json.dumps(r) if args.json else r['prompt'] + r['text'], flush=True)
 
 
 if __name__ == '__main__':
