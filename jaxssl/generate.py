@@ -3,9 +3,10 @@
   python -m jaxssl.generate --params PARAMS --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N] [--greedy]
                             [--temperature T] [--top-k K] [--top-p P] [--seed S] [--stop TOKEN ...] [--json]
 
-Prints each prompt and its continuation (with --json: one JSON line per prompt holding prompt, prompt_ids,
-generated_ids and text, the text that follows the prompt, its leading space included). Generation stops at --max-new-tokens, at the end-of-document token the model was trained with (GPT-2's
-<|endoftext|>, Llama's </s>), or at any --stop token (a vocabulary entry, e.g. Llama 3's <|eot_id|>).
+Prints each prompt followed by its continuation (with --json: one JSON line per prompt holding prompt, prompt_ids,
+generated_ids and text, the text that follows the prompt, its leading space included). Generation stops at
+--max-new-tokens, at the end-of-document token the model was trained with (GPT-2's <|endoftext|>, Llama's </s>), or
+at any --stop token (a vocabulary entry, e.g. Llama 3's <|eot_id|>).
 A tokenizer that starts every text with a BOS token (Llama) gets it before each prompt; prompt_ids include it.
 PARAMS may be local or in a bucket (gs://B/export).
 """
