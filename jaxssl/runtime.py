@@ -197,24 +197,29 @@ def setup(args=None) -> None:
       raise UserError(f'--process-id={process_id} must be in [0, --num-processes={num_processes})')
     if os.environ.get('JAX_PLATFORMS', '') == 'cpu':
       jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-      if cache:
-        _every_cpu_process_writes_its_compiles()
+    _every_process_writes_its_compiles(cache)
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                process_id=process_id, **timeouts)
   elif _cluster_detected():
+    _every_process_writes_its_compiles(cache)
     jax.distributed.initialize(**timeouts)
 
 
-def _every_cpu_process_writes_its_compiles() -> None:
-  """Lets every process of a CPU multi-process job (a local pod) write the programs it compiles to the compile cache.
+def _every_process_writes_its_compiles(cache: str | None) -> None:
+  """Lets every process of a multi-process job write the programs it compiles to a local compile cache.
 
-  JAX writes cache entries from process 0 only (hosts writing one key to a bucket contend). On CPU a program's key
-  hashes the process's own topology, so the other processes' keys are their own, missed on every run: a local pod's
-  process 1 compiled its train step again each time (7-10 s for a tiny BERT) while process 0 loaded it in 0.5 s and
-  waited at the first collective. Here those processes write their own keys (no two processes write one key);
-  process 0 and programs with host callbacks go through JAX's own rules."""
+  JAX writes cache entries from process 0 only (hosts writing one key to a bucket contend), so where the cache is a
+  folder on each host's own disk (the default, ~/.cache/jaxssl/jax_compile_cache: a TPU VM's hosts share no disk)
+  the other hosts found nothing on every restart and compiled every program again while host 0 loaded it and
+  waited at the first collective. On CPU each process's keys are its own anyway (they hash its own devices): a local
+  pod's process 1 compiled its train step on every run (7-10 s for a tiny BERT) against process 0's 0.5 s load.
+  Here the other processes write too, to a local folder; a bucket (gs://) keeps JAX's rule. Where hosts share a
+  folder and their keys agree, they write the same bytes: JAX skips a key already there, and a reader that meets a
+  half-written entry compiles instead. Process 0, and programs with host callbacks, go through JAX's own rules."""
+  if not cache or '://' in cache:
+    return
   import jax  # reason: imported by setup before this runs
-  from jax._src import compilation_cache, compiler, distributed  # reason: JAX's cache writer, CPU pods only
+  from jax._src import compilation_cache, compiler, distributed  # reason: JAX's cache writer, multi-process jobs only
   original = compiler._cache_write  # pylint: disable=protected-access
 
   def cache_write(cache_key, compile_time_secs, module_name, backend, executable, host_callbacks):

@@ -193,16 +193,22 @@ print('sum', float(jax.jit(lambda a: (a * 3).sum())(x)))
 """
 
 
-def test_every_process_of_a_cpu_pod_loads_its_programs_from_the_cache(tmp_path):
-  """A local pod run twice: on the second run process 1 too loads the program from the compile cache. (On CPU its
-  key hashes its own devices; JAX writes from process 0 only, so process 1 compiled everything on every run.)"""
+@pytest.mark.parametrize('disks', ['shared', 'per_host'])
+def test_every_process_of_a_pod_loads_its_programs_from_the_cache(disks, tmp_path):
+  """A local pod run twice: on the second run process 1 too loads the program from the compile cache, whether the
+  processes share the cache folder or each has its own (a TPU VM's hosts: no shared disk). JAX writes from process
+  0 only, so process 1 compiled everything on every run; on CPU its keys, which hash its own devices, never matched
+  process 0's entries either."""
   import os
   import subprocess
   import sys
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'cache'), JAX_LOG_COMPILES='1')
+  program = _POD_PROGRAM
+  if disks == 'per_host':  # each process's cache folder its own, as on separate machines
+    program = "import os; os.environ['JAX_COMPILATION_CACHE_DIR'] += os.environ['JAXSSL_PROCESS_ID']\n" + program
   cmd = [sys.executable, os.path.join(root, 'tpu', 'local_pod.py'), '--processes', '2', '--devices-per-process', '1',
-         '--', sys.executable, '-c', _POD_PROGRAM]
+         '--', sys.executable, '-c', program]
   runs = [subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=root, timeout=300) for _ in range(2)]
   for run in runs:
     assert run.returncode == 0 and '[0] sum 24.0' in run.stdout, run.stderr[-3000:]
@@ -212,6 +218,34 @@ def test_every_process_of_a_cpu_pod_loads_its_programs_from_the_cache(tmp_path):
             if l.startswith(f'[{process}]') and "Persistent compilation cache hit for 'jit__lambda'" in l]
   assert not hits(runs[0], 0) and not hits(runs[0], 1)
   assert hits(runs[1], 0) and hits(runs[1], 1), runs[1].stderr[-3000:]
+  if disks == 'per_host':
+    assert all(os.listdir(tmp_path / f'cache{process}') for process in (0, 1))
+
+
+@pytest.mark.parametrize('cache', ['local', 'bucket'])
+def test_every_process_of_a_pod_writes_its_compiles_on_any_platform(cache, monkeypatch, tmp_path):
+  """Joining a pod, by its coordinator or by JAX's own cluster detection (TPU pods, SLURM steps), on any platform,
+  lets the processes other than 0 write to a local compile cache; a bucket keeps JAX's rule (process 0 alone: hosts
+  writing one key to a bucket contend)."""
+  import jax
+  from jax._src import compiler
+  joined = []
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda **kwargs: joined.append(kwargs))
+  jaxs_writer = compiler._cache_write  # pylint: disable=protected-access
+  monkeypatch.setattr(compiler, '_cache_write', jaxs_writer)  # put back after the test
+  monkeypatch.setattr(runtime, 'compile_cache_dir', lambda: str(tmp_path) if cache == 'local' else 'gs://b/cache')
+  monkeypatch.setattr(jax.config, 'update', lambda *a: None)  # this process's own cache settings stay
+  monkeypatch.setenv('JAX_PLATFORMS', '')  # a TPU or GPU host
+  for join in ({'JAXSSL_COORDINATOR': 'h0:1234', 'JAXSSL_NUM_PROCESSES': '2', 'JAXSSL_PROCESS_ID': '1'},
+               {'JAXSSL_DISTRIBUTED': 'auto'}):
+    for name in ('JAXSSL_COORDINATOR', 'JAXSSL_NUM_PROCESSES', 'JAXSSL_PROCESS_ID', 'JAXSSL_DISTRIBUTED'):
+      monkeypatch.delenv(name, raising=False)
+    for name, value in join.items():
+      monkeypatch.setenv(name, value)
+    compiler._cache_write = jaxs_writer  # pylint: disable=protected-access
+    runtime.setup()
+    assert (compiler._cache_write is jaxs_writer) == (cache == 'bucket'), join  # pylint: disable=protected-access
+  assert len(joined) == 2
 
 
 def test_program_files_are_keyed_by_what_determines_them(monkeypatch, tmp_path):
