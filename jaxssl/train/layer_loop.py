@@ -39,9 +39,8 @@ def forward_config(model_cfg):
 
 
 def shapes_per_step(shape_at, steps: int, sample_steps: int = SAMPLE_STEPS) -> collections.Counter:
-  """How often each train-step shape (`shape_at(step)`, hashable) occurs over the first `sample_steps` steps (at
-  most SAMPLE_STEPS)."""
-  return collections.Counter(shape_at(step) for step in range(min(steps, sample_steps, SAMPLE_STEPS)))
+  """How often each train-step shape (`shape_at(step)`, hashable) occurs over the first `sample_steps` steps."""
+  return collections.Counter(shape_at(step) for step in range(min(steps, sample_steps)))
 
 
 def finetune_configs(model_cfg, steps: int, shape_at, sample_steps: int = SAMPLE_STEPS) -> tuple:
