@@ -1,7 +1,9 @@
 """GPT model: parity with transformers' GPT2LMHeadModel, packing, loss masking, KV-cache decoding, generation."""
 import dataclasses
 import functools
+import math
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -240,6 +242,31 @@ def test_layer_loop_scan_equals_unrolled():
   loop and the unrolled stack give the same loss and gradients."""
   assert_same_loss_and_grads(jnp.asarray(random_ids((2, 12), seed=6)), None, dict(layer_loop='scan'),
                              dict(layer_loop='unrolled'))
+
+
+def _largest_activation_fusion(hlo: str, elements: int) -> int:
+  """The most inputs any fused computation of `hlo` reads whose result has `elements` float32 elements."""
+  largest = 0
+  for body in re.findall(r'^%?fused\S* .*?\{\n(.*?)\n\}', hlo, re.M | re.S):
+    root = re.search(r'ROOT \S+ = f32\[([\d,]*)\]', body)
+    if root and math.prod(int(d) for d in root.group(1).split(',') if d) == elements:
+      largest = max(largest, body.count(' parameter('))
+  return largest
+
+
+def test_unrolled_backward_fusions_do_not_grow_with_depth():
+  """models/layer_boundary.py: with the layers unrolled, XLA:CPU copied the residual stream's gradient sum into every
+  consumer, so the backward's fusions over activations read inputs from every later layer (87 at 4 layers, 161 at
+  8 here); now each layer's gradient is computed once and they read the same few at any depth."""
+  ids = jnp.asarray(random_ids((2, 12), seed=6))
+  largest = []
+  for layers in (4, 8):
+    graphdef, state = nnx.split(abstract_model(tiny_cfg(layer_loop='unrolled', num_layers=layers)))
+    state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state)
+    grad = jax.jit(jax.grad(_mean_loss, argnums=1), static_argnums=0)
+    largest.append(_largest_activation_fusion(grad.lower(graphdef, state, ids, None, None).compile().as_text(),
+                                              ids.size * H))
+  assert largest[0] == largest[1] < 40, largest
 
 
 def test_forward_graphdef_runs_the_loop_on_the_same_state():

@@ -26,6 +26,7 @@ from flax import nnx
 
 from jaxssl.errors import UserError
 from jaxssl.mesh import constrain
+from jaxssl.models.layer_boundary import layer_boundary
 from jaxssl.models.layers import dropout, make_param, maybe_remat, stack_layers, unroll_layers, zeros
 from jaxssl.models.parts import (ACT, CausalSelfAttention, GeluMlp, RMSNorm, SwiGluMlp, apply_rope, kv_cache,
                                  rope_inv_freq, same_segment, set_layer_cache)
@@ -209,6 +210,7 @@ class GemmaDecoder(nnx.Module):
       allowed = in_window | ~is_local
       return layer(h, rot, key, mask=allowed if segments is None else allowed & segments)
 
+    run = layer_boundary(run, self.unroll or not self.scan_layers)
     local = jnp.asarray(self.local)
     if not self.scan_layers:
       for i, layer in enumerate(self.layers):

@@ -15,6 +15,7 @@ from flax import nnx
 
 from jaxssl.mesh import constrain
 from jaxssl.models import fused_attention
+from jaxssl.models.layer_boundary import layer_boundary
 from jaxssl.models.layers import LayerNorm, dropout, make_param, maybe_remat, normal_init, ones, zeros
 from jaxssl.models.products import project
 
@@ -361,6 +362,7 @@ def next_token_pairs(segment_ids):
 def run_stack(layers, x, fn, *, num_layers: int, scan: bool, remat: str, unroll: bool = False, dropout_rng=None):
   """x through the layers as `fn(layer, x, key)`; layer i gets fold_in(dropout_rng, i), scanned or not, so a
   scanned stack equals the unscanned one even with dropout. `unroll` (layers.unroll_layers) unrolls the scan."""
+  fn = layer_boundary(fn, unroll or not scan)
   if not scan:
     for i, layer in enumerate(layers):
       key = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
