@@ -28,8 +28,8 @@ _cotangent_once.defvjp(_cotangent_once_fwd, _cotangent_once_bwd)
 
 def layer_boundary(fn, unrolled: bool):
   """`fn` (one layer of a stack: its output is the next layer's input) with the gradient of its output computed
-  once per layer when the layers are unrolled on CPU; otherwise `fn` as is (GPU and TPU fusions follow cost models).
-  Forward values and gradients are unchanged."""
+  once per layer when the layers are unrolled on CPU; otherwise `fn` as is (XLA's GPU and TPU fusion passes are
+  other code, not measured here). Forward values and finite gradients are unchanged."""
   if not unrolled or jax.default_backend() != 'cpu':
     return fn
   return lambda *args: _cotangent_once(fn(*args))
