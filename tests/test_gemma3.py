@@ -91,6 +91,33 @@ def test_logits_match_transformers(variant):
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
+def test_layer_paths_same_loss_and_grads_with_dropout():
+  """GemmaDecoder runs parts.run_stack with its is-local flags as a per-layer input: the layers as a list, in XLA's
+  loop and unrolled give the same loss and gradients, dropout included (layer i draws from fold_in(key, i))."""
+  ref = hf_reference('pattern')
+  cfg, params = hf_gemma3.params_from_hf(hf_state(ref), hf_config_dict(ref))
+  ids, key = jnp.asarray(IDS), jax.random.key(3)
+
+  def loss(graphdef, state):
+    logits = nnx.merge(graphdef, state)(ids, dropout_rng=key)
+    total, count = gpt.next_token_loss(logits, ids, None)
+    return total / count
+
+  results = []
+  for settings in (dict(scan_layers=False), dict(layer_loop='scan'), dict(layer_loop='unrolled')):
+    graphdef, state = nnx.split(jaxssl_model(cfg, params, dropout_rate=0.1, **settings))
+    loss_value, grads = jax.jit(jax.value_and_grad(loss, argnums=1), static_argnums=0)(graphdef, state)
+    grads = nnx.to_pure_dict(grads)
+    if settings.get('scan_layers') is False:  # the list's per-layer grads, stacked as the loop's
+      layers = grads['decoder']['layers']
+      grads['decoder']['layers'] = jax.tree.map(lambda *a: jnp.stack(a), *(layers[i] for i in sorted(layers)))
+    results.append((loss_value, grads))
+  assert results[0][0] != 0
+  for loss_value, grads in results[1:]:
+    np.testing.assert_allclose(loss_value, results[0][0], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads, results[0][1])
+
+
 @pytest.mark.parametrize('out_major_min_bytes', ['0', None])
 def test_greedy_generation_matches_transformers_with_a_window_sized_cache(out_major_min_bytes, monkeypatch):
   """Left- and right-padded prompts longer than the window: the ring cache keeps WINDOW slots per local layer

@@ -26,10 +26,9 @@ from flax import nnx
 
 from jaxssl.errors import UserError
 from jaxssl.mesh import constrain
-from jaxssl.models.layer_boundary import layer_boundary
-from jaxssl.models.layers import dropout, make_param, maybe_remat, stack_layers, unroll_layers, zeros
+from jaxssl.models.layers import dropout, make_param, stack_layers, unroll_layers, zeros
 from jaxssl.models.parts import (ACT, CausalSelfAttention, GeluMlp, RMSNorm, SwiGluMlp, apply_rope, kv_cache,
-                                 rope_inv_freq, same_segment, set_layer_cache)
+                                 rope_inv_freq, run_stack, same_segment, set_layer_cache)
 from jaxssl.models.parts import make_norm as plain_norm
 
 
@@ -210,24 +209,8 @@ class GemmaDecoder(nnx.Module):
       allowed = in_window | ~is_local
       return layer(h, rot, key, mask=allowed if segments is None else allowed & segments)
 
-    run = layer_boundary(run, self.unroll or not self.scan_layers)
-    local = jnp.asarray(self.local)
-    if not self.scan_layers:
-      for i, layer in enumerate(self.layers):
-        key = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
-        x = maybe_remat(run, self.remat, in_scan=False)(layer, x, key, local[i])
-      return x
-    meta = {nnx.PARTITION_NAME: 'layers'}
-    if dropout_rng is None:
-      body = maybe_remat(lambda lyr, h, flag: run(lyr, h, None, flag), self.remat, in_scan=True)
-      return nnx.scan(body, in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry, unroll=self.unroll,
-                      transform_metadata=meta)(
-          self.layers, x, local)
-    keys = jax.vmap(lambda i: jax.random.fold_in(dropout_rng, i))(jnp.arange(self.num_layers))
-    body = maybe_remat(lambda lyr, h, flag, key: run(lyr, h, key, flag), self.remat, in_scan=True)
-    return nnx.scan(body, in_axes=(0, nnx.Carry, 0, 0), out_axes=nnx.Carry, unroll=self.unroll,
-                      transform_metadata=meta)(
-        self.layers, x, local, keys)
+    return run_stack(self.layers, x, run, num_layers=self.num_layers, scan=self.scan_layers, remat=self.remat,
+                     unroll=self.unroll, dropout_rng=dropout_rng, per_layer=(jnp.asarray(self.local),))
 
   # ----- KV-cache decoding -----
 

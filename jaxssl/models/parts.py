@@ -359,21 +359,24 @@ def next_token_pairs(segment_ids):
 
 # ----- layer stacks -----
 
-def run_stack(layers, x, fn, *, num_layers: int, scan: bool, remat: str, unroll: bool = False, dropout_rng=None):
-  """x through the layers as `fn(layer, x, key)`; layer i gets fold_in(dropout_rng, i), scanned or not, so a
-  scanned stack equals the unscanned one even with dropout. `unroll` (layers.unroll_layers) unrolls the scan."""
+def run_stack(layers, x, fn, *, num_layers: int, scan: bool, remat: str, unroll: bool = False, dropout_rng=None,
+              per_layer: tuple = ()):
+  """x through the layers as `fn(layer, x, key, *rows)`; layer i gets fold_in(dropout_rng, i) and row i of each
+  array in `per_layer` (leading axis num_layers: e.g. Gemma's is-local flags), scanned or not, so a scanned stack
+  equals the unscanned one even with dropout. `unroll` (layers.unroll_layers) unrolls the scan."""
   fn = layer_boundary(fn, unroll or not scan)
   if not scan:
     for i, layer in enumerate(layers):
       key = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
-      x = maybe_remat(fn, remat, in_scan=False)(layer, x, key)
+      x = maybe_remat(fn, remat, in_scan=False)(layer, x, key, *(a[i] for a in per_layer))
     return x
   meta = {nnx.PARTITION_NAME: 'layers'}
+  rows = (0,) * len(per_layer)
   if dropout_rng is None:
-    body = maybe_remat(lambda lyr, h: fn(lyr, h, None), remat, in_scan=True)
-    return nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=nnx.Carry, unroll=unroll, transform_metadata=meta)(
-        layers, x)
+    body = maybe_remat(lambda lyr, h, *row: fn(lyr, h, None, *row), remat, in_scan=True)
+    return nnx.scan(body, in_axes=(0, nnx.Carry, *rows), out_axes=nnx.Carry, unroll=unroll,
+                    transform_metadata=meta)(layers, x, *per_layer)
   keys = jax.vmap(lambda i: jax.random.fold_in(dropout_rng, i))(jnp.arange(num_layers))
   body = maybe_remat(fn, remat, in_scan=True)
-  return nnx.scan(body, in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry, unroll=unroll, transform_metadata=meta)(
-      layers, x, keys)
+  return nnx.scan(body, in_axes=(0, nnx.Carry, 0, *rows), out_axes=nnx.Carry, unroll=unroll,
+                  transform_metadata=meta)(layers, x, keys, *per_layer)
