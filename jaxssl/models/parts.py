@@ -360,23 +360,28 @@ def next_token_pairs(segment_ids):
 # ----- layer stacks -----
 
 def run_stack(layers, x, fn, *, num_layers: int, scan: bool, remat: str, unroll: bool = False, dropout_rng=None,
-              per_layer: tuple = ()):
+              per_layer: tuple = (), return_outputs: bool = False, boundary: bool = True):
   """x through the layers as `fn(layer, x, key, *rows)`; layer i gets fold_in(dropout_rng, i) and row i of each
-  array in `per_layer` (leading axis num_layers: e.g. Gemma's is-local flags), scanned or not, so a scanned stack
-  equals the unscanned one even with dropout. `unroll` (layers.unroll_layers) unrolls the scan."""
-  fn = layer_boundary(fn, unroll or not scan)
+  array in `per_layer` (leading axis num_layers: Gemma's is-local flags, Big Bird's random blocks), scanned or
+  not, so a scanned stack equals the unscanned one even with dropout. `unroll` (layers.unroll_layers) unrolls the
+  scan. `boundary`: each unrolled layer's output gradient computed once on CPU (layer_boundary; pre-norm stacks).
+  -> the last output, or (it, every layer's output stacked [num_layers, ...]) with `return_outputs`."""
+  fn = layer_boundary(fn, boundary and (unroll or not scan))
   if not scan:
+    outputs = []
     for i, layer in enumerate(layers):
       key = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
       x = maybe_remat(fn, remat, in_scan=False)(layer, x, key, *(a[i] for a in per_layer))
-    return x
-  meta = {nnx.PARTITION_NAME: 'layers'}
+      outputs.append(x)
+    return (x, jnp.stack(outputs)) if return_outputs else x
+  # The body emits its output as the scan's ys only when asked: the stacked outputs cost L x [B, T, H] memory.
+  emit, out_axes = ((lambda h: (h, h)), (nnx.Carry, 0)) if return_outputs else ((lambda h: h), nnx.Carry)
+  scan_with = lambda body, in_axes: nnx.scan(body, in_axes=in_axes, out_axes=out_axes, unroll=unroll,  # noqa: E731
+                                             transform_metadata={nnx.PARTITION_NAME: 'layers'})
   rows = (0,) * len(per_layer)
   if dropout_rng is None:
-    body = maybe_remat(lambda lyr, h, *row: fn(lyr, h, None, *row), remat, in_scan=True)
-    return nnx.scan(body, in_axes=(0, nnx.Carry, *rows), out_axes=nnx.Carry, unroll=unroll,
-                    transform_metadata=meta)(layers, x, *per_layer)
+    body = maybe_remat(lambda lyr, h, *row: emit(fn(lyr, h, None, *row)), remat, in_scan=True)
+    return scan_with(body, (0, nnx.Carry, *rows))(layers, x, *per_layer)
   keys = jax.vmap(lambda i: jax.random.fold_in(dropout_rng, i))(jnp.arange(num_layers))
-  body = maybe_remat(fn, remat, in_scan=True)
-  return nnx.scan(body, in_axes=(0, nnx.Carry, 0, *rows), out_axes=nnx.Carry, unroll=unroll,
-                  transform_metadata=meta)(layers, x, keys, *per_layer)
+  body = maybe_remat(lambda lyr, h, key, *row: emit(fn(lyr, h, key, *row)), remat, in_scan=True)
+  return scan_with(body, (0, nnx.Carry, 0, *rows))(layers, x, keys, *per_layer)
