@@ -238,7 +238,7 @@ def assert_same_loss_and_grads(ids, segments, *model_settings):
 
 
 def test_layer_loop_scan_equals_unrolled():
-  """model.layer_loop (parts.run_stack, shared by GPT, Llama, ViT, wav2vec2 and the encoder-decoder): XLA's while
+  """model.layer_loop (parts.run_stack, shared by every Transformer here; this is GPT-2): XLA's while
   loop and the unrolled stack give the same loss and gradients."""
   assert_same_loss_and_grads(jnp.asarray(random_ids((2, 12), seed=6)), None, dict(layer_loop='scan'),
                              dict(layer_loop='unrolled'))
