@@ -189,6 +189,21 @@ def test_static_is_one_contextual_is_not(bert):
   assert embeddings.analyse(model, tok, unlabelled, layer=0, pooling='first')['static']['summary'] is None
 
 
+def test_targets_with_the_unknown_piece_are_counted_and_named(bert, tmp_path):
+  """A target the tokenizer can only spell with [UNK] (characters it never saw) is counted per item and named in
+  the summary; the others are not."""
+  model, tok = bert
+  items = embeddings.read_items(write_jsonl(tmp_path / 'u.jsonl', [
+      {'sentence': 'I ate an apple today.', 'target': 'apple', 'label': 'fruit'},
+      {'sentence': 'I ate an \u03a9\u03c8 today.', 'target': '\u03a9\u03c8', 'label': 'fruit'}]))
+  body = embeddings.analyse(model, tok, items, layer=-1, pooling='mean')
+  assert [r['unknown_pieces'] for r in body['items']] == [0, 1]
+  summary = embeddings.format_summary({'set': 'u', 'layer': -1, 'pooling': 'mean', **body})
+  assert "note: 1 of 2 targets contain the unknown piece (first: " in summary and "'\u03a9\u03c8' -> [UNK]" in summary
+  assert 'note:' not in embeddings.format_summary({'set': 'u', 'layer': -1, 'pooling': 'mean', **dict(
+      body, items=body['items'][:1])})
+
+
 def test_label_summary():
   m = np.array([[1.0, 0.8, 0.1], [0.8, 1.0, 0.3], [0.1, 0.3, 1.0]])
   s = embeddings.label_summary(m, ['a', 'a', 'b'])

@@ -266,9 +266,11 @@ def analyse(model, tokenizer, items, *, layer, pooling) -> dict:
   contextual = cosine_matrix(contextual_vectors(model, tokenizer, ids, positions, layer=layer, pooling=pooling))
   static = cosine_matrix(static_vectors(model, ids, positions, pooling, tokenizer))
   labels = [item.label for item in items]
+  unk = getattr(tokenizer, 'unk_id', None)
   records = [{'sentence': item.sentence, 'target': item.target, 'label': item.label, 'where': item.where,
               'span': list(item.span), 'token_positions': pos,
-              'pieces': [tokenizer.id_to_piece(row[p]) for p in pos], 'snippet': snippet(item)}
+              'pieces': [tokenizer.id_to_piece(row[p]) for p in pos], 'snippet': snippet(item),
+              'unknown_pieces': sum(int(row[p] == unk) for p in pos)}
              for item, row, pos in zip(items, ids, positions)]
   return {'model_kind': model_kind(model), 'num_layers': num_layers(model), 'items': records,
           'contextual': {'similarity': contextual.tolist(), 'summary': label_summary(contextual, labels)},
@@ -313,4 +315,12 @@ def format_summary(report: dict) -> str:
       fmt = lambda v: 'n/a' if v is None else f'{v:.3f}'  # pylint: disable=unnecessary-lambda-assignment
       lines.append(f'  {kind:<11} within-label {fmt(s["within_label"])}  across-label {fmt(s["across_label"])}  '
                    f'gap {fmt(s["gap"])}')
+  # A target spelled with the unknown piece (a lowercased vocabulary meeting "Apple", another script) gets the
+  # unknown piece's vector: its similarities then say how it was spelled, not what it means.
+  unknown = [item for item in report['items'] if item.get('unknown_pieces')]
+  if unknown:
+    first = unknown[0]
+    lines.append(f'  note: {len(unknown)} of {len(report["items"])} targets contain the unknown piece (first: '
+                 f'{first["where"]}: {first["target"]!r} -> {" ".join(first["pieces"])}); their vectors stand for '
+                 "[UNK], not the word: use a model whose tokenizer covers these words")
   return '\n'.join(lines)
