@@ -106,3 +106,12 @@ def test_a_format_older_than_this_jaxssl_reads_is_refused(monkeypatch):
   monkeypatch.setattr(export_config, 'OLDEST_READABLE_FORMAT', 1)  # where check_format reads it
   with pytest.raises(ckpt_lib.UserError, match=r'written by jaxssl an unknown version \(format 0\).*read it with'):
     ckpt_lib.read_export_config(os.path.join(make_compat.FIXTURES['compat'], 'bert', 'export'))
+
+
+def test_a_missing_export_and_a_folder_without_config_are_told_apart(tmp_path):
+  """A typo in the path says the path does not exist; an existing folder that is no export says what it lacks."""
+  with pytest.raises(ckpt_lib.UserError, match=r'nope does not exist \(not a jaxssl export\): check the path'):
+    ckpt_lib.read_export_config(str(tmp_path / 'nope'))
+  (tmp_path / 'empty').mkdir()
+  with pytest.raises(ckpt_lib.UserError, match=r'empty is not a jaxssl export \(no config.json\)'):
+    ckpt_lib.read_export_config(str(tmp_path / 'empty'))

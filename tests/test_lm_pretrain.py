@@ -150,4 +150,6 @@ def test_gpt_pretrain_job_learns_and_resumes_exactly(tmp_path):
   assert job(*one).stdout == first.stdout and len(os.listdir(kept.parent)) == 2
   env.pop('JAXSSL_OUT_MAJOR_MIN_BYTES')
   bert = job('jaxssl.generate', '--params', str(tmp_path / 'nope'), '--prompt', 'x')
-  assert bert.returncode == 2 and 'not a jaxssl export' in bert.stderr.strip().splitlines()[-1]
+  assert bert.returncode == 2 and bert.stderr.strip().splitlines()[-1] == (
+      f'error: {tmp_path / "nope"} does not exist (not a jaxssl export): check the path, or create an export with '
+      'python -m jaxssl.export')

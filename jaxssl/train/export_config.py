@@ -48,6 +48,9 @@ def read_export_config(path: str) -> dict:
     if storage.exists(storage.join(f'{os.fspath(path)}.old-export', 'config.json')):
       raise UserError(f'{path} is missing: an export --overwrite was cut short and the previous export is whole in '
                       f'{path}.old-export: rerun the export (which puts it back first), or move it back yourself')
+    if not storage.exists(path):
+      raise UserError(f'{path} does not exist (not a jaxssl export): check the path, or create an export with '
+                      'python -m jaxssl.export')
     raise UserError(f'{path} is not a jaxssl export (no config.json): create one with python -m jaxssl.export')
   saved = json.loads(storage.read_text(config_file))
   check_format(saved, f'the export {path}')
