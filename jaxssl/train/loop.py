@@ -297,7 +297,8 @@ def _announce(config, workdir, state, vocab_size, mesh, start, resumed, say) -> 
       f'{jax.process_count()} process(es) | batch {t.batch_size} x {config.data.seq_len} | '
       f'{_compute_note(config.model)}'
       f'{"resuming from step " + str(start) if resumed else "starting at step 0"}'
-      f'{" from " + init_from if init_from and not resumed else ""} → {t.steps} | '
+      f'{" from " + init_from if init_from and not resumed else ""} → {t.steps}, a checkpoint every '
+      f'{config.checkpoint.every_steps} steps | '
       f'workdir {workdir}', flush=True)
 
 
