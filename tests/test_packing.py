@@ -66,6 +66,12 @@ def test_processes_feed_equal_shares_of_one_global_batch():
     np.testing.assert_array_equal(np.concatenate([first[k], second[k]]), v)
 
 
+def test_a_short_job_compiles_fewer_row_counts():
+  """One train-step shape per 100 steps, 1 to 3: a 60-step job packs every batch to one row count."""
+  assert [packing.row_counts_for(s) for s in (1, 60, 150, 250, 300, 10_000)] == [1, 1, 1, 2, 3, 3]
+  assert packing.few_shapes_multiple(range(8, 15), 1, packing.row_counts_for(60)) == 7  # 8..14 rows -> 14 each
+
+
 def test_few_shapes_multiple_bounds_the_row_counts():
   """Batches of 16 short sentences (~13 pieces) in rows of 24 needed 8 to 14 rows: at the multiple 1 that is 7
   train-step shapes; 3 at the multiple 3. Counts already few (tweets: 8-10 rows at the multiple 2) keep theirs."""

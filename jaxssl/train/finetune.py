@@ -279,7 +279,8 @@ def run_finetuning(config, workdir: str) -> dict:
   # The first steps whose shapes choose the row multiple and the layer loop (first-fit is ~4 us an example).
   sampled = min(t.steps, layer_loop.SAMPLE_STEPS, max(1, packing.SAMPLE_EXAMPLES // t.batch_size))
   if packed:  # few train-step shapes: the multiple grows until the first steps' batches need few row counts
-    row_multiple = packing.few_shapes_multiple(map(rows_needed, range(sampled)), row_multiple)
+    row_multiple = packing.few_shapes_multiple(map(rows_needed, range(sampled)), row_multiple,
+                                               packing.row_counts_for(t.steps))
 
   def shape_at(step):  # the shape of step's batch: its packed row count or its length bucket
     if packed:

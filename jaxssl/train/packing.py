@@ -9,8 +9,9 @@ tweets (~33 pieces) fills 9-10 rows of 128 where buckets gave 32 rows of 64, and
 three: few shapes to compile (measured on tweets against rows of the bucket length: 1,211 tokens a step in 3
 shapes against 1,299 in 5). The attention over longer rows costs little beside the projections. Where the
 batches' row counts spread wider (short rows, small batches: 16 sentences of ~13 pieces in rows of 24 needed 8 to
-14), the multiple grows until the job's first steps need at most MAX_ROW_COUNTS of them (`few_shapes_multiple`):
-each is a train step to compile (~1 s for a tiny body, ~10 s for MiniLM). Padding rows change nothing a real token
+14), the multiple grows until the job's first steps need at most MAX_ROW_COUNTS of them (`few_shapes_multiple`),
+and at most one per STEPS_PER_ROW_COUNT steps of the job (`row_counts_for`: a 60-step job packs to one row count):
+each is a train step to compile (~1 s for a tiny body, ~5-10 s for MiniLM). Padding rows change nothing a real token
 computes, its dropout masks included (layers.keep_mask hashes each element's row-major index: a row's bits do not
 depend on the rows after it).
 
@@ -39,6 +40,10 @@ from jaxssl.tasks.model import PACKED_INPUTS
 SETTINGS = ('auto', 'none')
 ROW_STEPS = 16  # the row count is a multiple of batch_size / ROW_STEPS (rounded to the batch divisor): few shapes
 MAX_ROW_COUNTS = 3  # at most this many packed row counts (train-step shapes) over the steps sampled
+# ... and one per this many steps of the job: a short job pays more for compiling a shape (~4.6 s for MiniLM, with an
+# empty compile cache) than the padding it saves (60 steps of MiniLM: one shape 43.4 s against three 48.8 s cold,
+# 29.5 against 28.2 s warm; BENCHMARKS.md §37).
+STEPS_PER_ROW_COUNT = 100
 # The steps sampled hold at most this many examples: first-fit takes ~4 us an example (a pod's global batch of 4,096:
 # 17 ms a step, 8.6 s for 500 steps), and a large batch's row counts spread little.
 SAMPLE_EXAMPLES = 16_384
@@ -93,6 +98,12 @@ def rows_needed(example_lengths: np.ndarray, row_len: int) -> int:
 def rounded(rows: int, multiple: int) -> int:
   """`rows` rounded up to a multiple of `multiple`: the packed batch's row count (its shape)."""
   return -(-rows // multiple) * multiple
+
+
+def row_counts_for(steps: int) -> int:
+  """How many packed row counts (train-step shapes) a job of `steps` steps may compile: one per
+  STEPS_PER_ROW_COUNT steps, at least 1 and at most MAX_ROW_COUNTS."""
+  return max(1, min(MAX_ROW_COUNTS, steps // STEPS_PER_ROW_COUNT))
 
 
 def few_shapes_multiple(needed, unit: int, most: int = MAX_ROW_COUNTS) -> int:
