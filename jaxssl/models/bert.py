@@ -31,7 +31,7 @@ from jaxssl.models import attention as sparse
 from jaxssl.models import relative_positions, vocab
 from jaxssl.models.layers import (ACTIVATIONS, Dense, Embed, LayerNorm, Mlp, MultiHeadAttention, check_compute_settings,
                                   dropout, make_param, maybe_remat, normal_init, stack_layers, unroll_layers, zeros)
-from jaxssl.models.parts import run_stack
+from jaxssl.models.parts import layer_keys, run_stack
 
 ACT = ('batch', 'length', 'act_embed')  # logical names of activations at layer boundaries
 
@@ -193,16 +193,10 @@ class BertEncoder(nnx.Module):
                      dropout_rng=dropout_rng, per_layer=() if tables is None else (tables,),
                      return_outputs=return_hidden_states, boundary=False)
 
-  def _layer_keys(self, dropout_rng):
-    """Layer i's dropout key fold_in(dropout_rng, i), stacked [num_layers] for a scan; None without dropout."""
-    if dropout_rng is None:
-      return None
-    return jax.vmap(lambda i: jax.random.fold_in(dropout_rng, i))(jnp.arange(self.num_layers))
-
   def _last_layer_at(self, x, mask, dropout_rng, output_positions, bias):
     """Layers 0..L-2 over every position, then layer L-1 at `output_positions` (same keys as __call__)."""
     n = self.num_layers
-    keys = self._layer_keys(dropout_rng)
+    keys = layer_keys(dropout_rng, n)
     key_of = lambda i: None if keys is None else keys[i]  # noqa: E731
     run = lambda lyr, h, k, pos=None: lyr(h, mask, k, None, pos, bias)  # noqa: E731
     if not self.scan_layers:

@@ -359,6 +359,14 @@ def next_token_pairs(segment_ids):
 
 # ----- layer stacks -----
 
+def layer_keys(dropout_rng, num_layers: int):
+  """Layer i's dropout key fold_in(dropout_rng, i), stacked [num_layers] for a scan (every layer path draws these);
+  None without dropout."""
+  if dropout_rng is None:
+    return None
+  return jax.vmap(lambda i: jax.random.fold_in(dropout_rng, i))(jnp.arange(num_layers))
+
+
 def run_stack(layers, x, fn, *, num_layers: int, scan: bool, remat: str, unroll: bool = False, dropout_rng=None,
               per_layer: tuple = (), return_outputs: bool = False, boundary: bool = True):
   """x through the layers as `fn(layer, x, key, *rows)`; layer i gets fold_in(dropout_rng, i) and row i of each
@@ -368,11 +376,12 @@ def run_stack(layers, x, fn, *, num_layers: int, scan: bool, remat: str, unroll:
   -> the last output, or (it, every layer's output stacked [num_layers, ...]) with `return_outputs`."""
   fn = layer_boundary(fn, boundary and (unroll or not scan))
   if not scan:
-    outputs = []
+    outputs = []  # kept only when asked: outside jit each would stay alive to the end
     for i, layer in enumerate(layers):
       key = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
       x = maybe_remat(fn, remat, in_scan=False)(layer, x, key, *(a[i] for a in per_layer))
-      outputs.append(x)
+      if return_outputs:
+        outputs.append(x)
     return (x, jnp.stack(outputs)) if return_outputs else x
   # The body emits its output as the scan's ys only when asked: the stacked outputs cost L x [B, T, H] memory.
   emit, out_axes = ((lambda h: (h, h)), (nnx.Carry, 0)) if return_outputs else ((lambda h: h), nnx.Carry)
@@ -382,6 +391,5 @@ def run_stack(layers, x, fn, *, num_layers: int, scan: bool, remat: str, unroll:
   if dropout_rng is None:
     body = maybe_remat(lambda lyr, h, *row: emit(fn(lyr, h, None, *row)), remat, in_scan=True)
     return scan_with(body, (0, nnx.Carry, *rows))(layers, x, *per_layer)
-  keys = jax.vmap(lambda i: jax.random.fold_in(dropout_rng, i))(jnp.arange(num_layers))
   body = maybe_remat(lambda lyr, h, key, *row: emit(fn(lyr, h, key, *row)), remat, in_scan=True)
-  return scan_with(body, (0, nnx.Carry, 0, *rows))(layers, x, keys, *per_layer)
+  return scan_with(body, (0, nnx.Carry, 0, *rows))(layers, x, layer_keys(dropout_rng, num_layers), *per_layer)
