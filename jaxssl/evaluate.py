@@ -56,12 +56,14 @@ def evaluate_export(path: str, data: str, batch_size: int, mesh, speed: dict | N
   model_cfg = layer_loop.forward_config(ml_collections.ConfigDict(saved['model']))  # forward passes only
   setup = finetune.task_model_setup(model_cfg, saved['vocab_size'], kind.name, info['num_labels'], mesh)
   params = ckpt_lib.load_export_params(path, setup.abstract_params)
+  # One forward shape per set it saves enough padding to pay for (compile_worth: each set is predicted once).
+  worth = length_buckets.compile_worth(model_cfg, saved['vocab_size'], seq_len, 1) if tokenizer else 0.0
   results, predict = {}, None
   for name, source in sets.items():
     examples, _ = tasks.read_split(task_cfg, source)
     start = time.perf_counter()
     features, decode_info = kind.featurize(task_cfg, examples, tokenizer, seq_len, info['labels'])
-    predict = predict or predict_lib.make_predictor(setup, mesh, features, batch_size, kind, buckets)
+    predict = predict or predict_lib.make_predictor(setup, mesh, features, batch_size, kind, buckets, worth)
     results[name] = kind.dev_metrics(task_cfg, info['labels'], predict(params, features), features, examples,
                                      decode_info)
     seconds = time.perf_counter() - start

@@ -32,7 +32,7 @@ def on_backend(monkeypatch, backend):
 
 def test_auto_unrolls_a_training_step_only_when_it_runs_often_enough(monkeypatch):
   """layers.unroll_layers('auto', gradient=..., runs=...) per backend, at UNROLL_MIN_RUNS (BENCHMARKS.md §23-§24)."""
-  for backend, least in (('cpu', 50), ('gpu', 10_000)):
+  for backend, least in (('cpu', 100), ('gpu', 10_000)):
     on_backend(monkeypatch, backend)
     assert layers.UNROLL_MIN_RUNS[backend] == least
     assert layers.unroll_layers('auto') is True  # a pretraining step (no run count): unrolled, as before
@@ -59,14 +59,14 @@ def test_finetune_configs_short_job_loops_long_job_unrolls_its_train_step(monkey
   three_shapes = lambda step: step % 3  # noqa: E731
   train, forward, note = layer_loop.finetune_configs(body, 60, three_shapes)
   assert (train.layer_loop, forward.layer_loop) == ('scan', 'scan')
-  assert note == 'layers in a loop (auto, cpu: 60 steps over 3 train shapes, under 50 a shape)'
-  train, forward, note = layer_loop.finetune_configs(body, 150, three_shapes)
+  assert note == 'layers in a loop (auto, cpu: 60 steps over 3 train shapes, under 100 a shape)'
+  train, forward, note = layer_loop.finetune_configs(body, 300, three_shapes)
   assert (train.layer_loop, forward.layer_loop) == ('unrolled', 'scan')
   assert note == ('layers unrolled in training, in a loop for dev '
-                  '(auto, cpu: 150 steps over 3 train shapes, at least 50 a shape)')
+                  '(auto, cpu: 300 steps over 3 train shapes, at least 100 a shape)')
   assert body.layer_loop == 'auto'  # the body's own config (exported, checkpointed) keeps 'auto'
-  _, _, note = layer_loop.finetune_configs(body, 49, lambda step: None)
-  assert note == 'layers in a loop (auto, cpu: 49 steps over 1 train shape, under 50 a shape)'
+  _, _, note = layer_loop.finetune_configs(body, 99, lambda step: None)
+  assert note == 'layers in a loop (auto, cpu: 99 steps over 1 train shape, under 100 a shape)'
   on_backend(monkeypatch, 'gpu')
   train, forward, note = layer_loop.finetune_configs(body, 30_000, three_shapes)
   assert (train.layer_loop, forward.layer_loop) == ('unrolled', 'scan') and '(auto, gpu: 30000 steps' in note

@@ -108,3 +108,56 @@ def test_bucketed_predictor_returns_rows_in_order_with_padded_token_outputs():
   # 20 long), cut to 16 or 24, where the rest is the pad logit; the second holds row 3, so it is not cut.
   shortest = np.argsort(rows['attention_mask'].sum(1), kind='stable')[:8]
   assert (bucketed[shortest, 24:] == length_buckets.PAD_LOGIT).all()
+
+
+def test_fewest_cost_lengths_is_the_cheapest_subset():
+  """fewest_cost_lengths keeps the subset of the needed lengths (always the longest) whose padded tokens plus
+  `worth` a kept length cost least: the same as trying every subset; no worth keeps them all."""
+  import itertools
+  rng = np.random.default_rng(0)
+
+  def cost(kept, needed, rows, worth):
+    return sum(rows * next(k for k in kept if k >= n) for n in needed) + worth * len(kept)
+
+  for _ in range(60):
+    needed = sorted(rng.choice(range(8, 129, 8), size=int(rng.integers(1, 9))))
+    rows, worth = int(rng.integers(1, 64)), float(rng.choice([0.0, 50.0, 500.0, 5000.0, 1e6]))
+    kept = length_buckets.fewest_cost_lengths(needed, rows, worth)
+    distinct = sorted(set(int(n) for n in needed))
+    assert kept[-1] == distinct[-1] and set(kept) <= set(distinct)
+    subsets = [(*s, distinct[-1]) for r in range(len(distinct)) for s in itertools.combinations(distinct[:-1], r)]
+    assert cost(kept, needed, rows, worth) == min(cost(s, needed, rows, worth) for s in subsets)
+  assert length_buckets.fewest_cost_lengths([24, 32, 40, 48, 72], 64, 0.0) == (24, 32, 40, 48, 72)
+  assert length_buckets.fewest_cost_lengths([24, 32, 40, 48, 72], 64, 1e6) == (72,)
+
+
+def test_compile_worth_weighs_the_body_and_the_runs(monkeypatch):
+  """compile_worth: fewer tokens for a bigger body (each costs more), divided by the runs; 0 off CPU."""
+  small, big = tiny_cfg(), tiny_cfg()
+  with big.unlocked():
+    big.hidden_size, big.intermediate_size = 4 * small.hidden_size, 4 * small.intermediate_size
+  once, five = (length_buckets.compile_worth(small, V, L, runs) for runs in (1, 5))
+  assert once > length_buckets.compile_worth(big, V, L, 1) > 0 and five == pytest.approx(once / 5)
+  monkeypatch.setattr(length_buckets.jax, 'default_backend', lambda: 'gpu')
+  assert length_buckets.compile_worth(small, V, L, 1) == 0.0
+
+
+def test_predictor_shares_lengths_when_a_compile_costs_more_than_the_padding(monkeypatch):
+  """With compile_worth, batches that needed different lengths run at fewer (here one: the longest), and every
+  row's outputs equal the padded computation's."""
+  kind = tasks.get('classification')
+  mesh = mesh_lib.make_mesh((-1, 1, 1))
+  setup = finetune.task_model_setup(tiny_cfg(), V, 'classification', NUM_LABELS['classification'], mesh)
+  params = finetune.state_lib.init_params(setup)
+  rows = batch('classification', seed=2, n=24)
+  cut_to, cut = [], length_buckets.cut
+  monkeypatch.setattr(length_buckets, 'cut', lambda b, length, seq_len: cut_to.append(length) or cut(b, length, seq_len))
+  lengths = tuple(range(8, L + 1, 8))
+  every = predict.make_predictor(setup, mesh, rows, 8, kind, lengths)(params, rows)
+  needed = sorted(set(cut_to))
+  cut_to.clear()
+  shared = predict.make_predictor(setup, mesh, rows, 8, kind, lengths, 1e9)(params, rows)
+  assert len(needed) > 1 and set(cut_to) == {needed[-1]}, (needed, cut_to)
+  padded = predict.make_predictor(setup, mesh, rows, 8, kind)(params, rows)
+  np.testing.assert_allclose(shared, padded, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(every, padded, rtol=1e-5, atol=1e-5)

@@ -227,3 +227,16 @@ def test_checkpoint_check_is_the_next_steps_loss(microbatches):
       assert finite and predicted == pytest.approx(float(metrics['loss']), rel=1e-6)
     broken = dict(state, params=jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(np.nan), state['params']))
     assert not bool(check(broken, batch)[1])
+
+
+def test_all_finite_finds_any_nan_or_infinity():
+  """step.all_finite (the checkpoint check's test of params and moments): False for a NaN, +inf or -inf in any
+  float leaf of any dtype, True otherwise; integer and empty leaves are ignored."""
+  import jax.numpy as jnp
+  check = jax.jit(step_lib.all_finite)
+  tree = {'w': jnp.ones((3, 4)) * -1e30, 'b': jnp.zeros((5,), jnp.bfloat16), 'step': jnp.int32(7),
+          'empty': jnp.zeros((0, 3))}
+  assert bool(check(tree)) and bool(check({'step': jnp.int32(1)}))
+  for key, bad in [('w', np.nan), ('w', np.inf), ('b', -np.inf), ('b', np.nan)]:
+    broken = dict(tree, **{key: tree[key].at[-1].set(bad)})
+    assert not bool(check(broken)), (key, bad)

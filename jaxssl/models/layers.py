@@ -245,9 +245,10 @@ LAYER_LOOPS = ('auto', 'scan', 'unrolled')
 # 'auto' unrolls a training step that runs at least this many times (per compiled shape) on the backend: from
 # there the faster steps pay back the longer compile. On a 2-core CPU BERT-base gradients at 6-10 rows of 128
 # compiled in 13-17 s unrolled against 4 s in the loop and ran 4-8% faster; MiniLM's 15% faster for 7-9 s against
-# 3-4 s: even after 30-110 steps (BENCHMARKS.md §24). H200: BERT-base at seq 512 compiled in 83 s against 24 s
-# for 7 ms a step: even after ~8,000 (§23).
-UNROLL_MIN_RUNS = {'cpu': 50, 'gpu': 10_000}
+# 3-4 s: even after 30-110 steps (BENCHMARKS.md §24). A whole 60-step MiniLM job (batch 16 packed, one shape) ran
+# its steps 1.4 s faster unrolled for 4 s more compile: even after ~170 (§38). H200: BERT-base at seq 512 compiled
+# in 83 s against 24 s for 7 ms a step: even after ~8,000 (§23).
+UNROLL_MIN_RUNS = {'cpu': 100, 'gpu': 10_000}
 
 
 def unroll_layers(layer_loop: str, *, gradient: bool = True, runs: float | None = None) -> bool:

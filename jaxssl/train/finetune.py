@@ -317,8 +317,11 @@ def run_finetuning(config, workdir: str) -> dict:
   run_config = json.loads(config_lib.to_json(config))
   export_config = {**body.saved, 'finetune': run_config, 'task': {
       'name': task.name, 'kind': task.kind, 'labels': data.labels, 'num_labels': data.num_labels}}
+  evaluations = len({*range(config.eval.every_steps, t.steps + 1, config.eval.every_steps), t.steps})
+  worth = (length_buckets.compile_worth(forward_cfg, body.vocab_size, seq_len, evaluations)
+           if lengths is not None else 0.0)
   predict = predict_lib.make_predictor(forward_setup, mesh, data.dev_features, config.eval.batch_size, data.kind,
-                                       dev_lengths)
+                                       dev_lengths, worth)
   evaluate = DevEvaluation(task, data, predict, writer, storage.join(workdir, 'export'), export_config,
                            body.tokenizer)
   watch = preemption.PreemptionWatch()

@@ -11,12 +11,20 @@ draws its masks for the batch's shape, so a run with dropout samples other masks
 `data.length_buckets`: 'auto' (seq_len/8, /4, /2 and seq_len, each a multiple of 8, at least 16), 'none' (every
 batch at seq_len, as before), or lengths such as '32,64,128' (seq_len is always one of them).
 """
+import os
+
 import jax
 import numpy as np
 
+from jaxssl import families
 from jaxssl.errors import UserError
 
 PAD_LOGIT = -1e9  # per-token outputs at cut positions: a logit no decoder picks (the QA head's masked value)
+# What one more forward shape costs on CPU, to weigh against the padding it saves (`compile_worth`): a dev or
+# evaluate forward program in XLA's layer loop traced and compiled (MiniLM 0.6-0.9 s, BERT-base 0.6-1.4 s;
+# BENCHMARKS.md §24, §38), and a float32 matmul rate per core (a 2-core Zen 4 runs MiniLM's forward at ~150 GFLOP/s).
+FORWARD_COMPILE_SECONDS = 0.9
+CPU_FLOPS_PER_CORE = 75e9
 
 
 def bucket_lengths(setting, seq_len: int) -> tuple[int, ...]:
@@ -47,6 +55,38 @@ def eval_lengths(setting, seq_len: int) -> tuple[int, ...]:
     return buckets
   step = max(8, -(-seq_len // 16 // 8) * 8)
   return tuple(sorted({*range(step, seq_len, step), seq_len}))
+
+
+def compile_worth(model_cfg, vocab_size: int, seq_len: int, runs: int) -> float:
+  """How many padded tokens' forward pass costs about what compiling one more forward shape does, per run of the
+  compiled shapes (`runs`: how often the same rows are predicted, e.g. a fine-tuning job's dev evaluations). 0 off
+  CPU, where eval_lengths keeps the few training buckets. MiniLM on 2 cores: ~6,400 tokens; BERT-base ~800."""
+  if jax.default_backend() != 'cpu':
+    return 0.0
+  forward_flops = families.flops_per_token(model_cfg, vocab_size, seq_len, 0) / 3  # the training figure is 3x
+  rate = CPU_FLOPS_PER_CORE * len(os.sched_getaffinity(0))
+  return FORWARD_COMPILE_SECONDS * rate / max(forward_flops, 1.0) / max(runs, 1)
+
+
+def fewest_cost_lengths(needed, rows: int, worth: float) -> tuple[int, ...]:
+  """The lengths to compile for batches of `rows` rows that each need a length of `needed` (their buckets): the
+  subset, always with the longest, that minimises the batches' padded tokens (each at the shortest kept length
+  that holds it) plus `worth` tokens for each length kept (`compile_worth`). Exact, over the distinct lengths in
+  order (a batch's kept length is the next one up, so the kept lengths split them into runs)."""
+  values, counts = np.unique(np.asarray(needed, np.int64), return_counts=True)
+  if worth <= 0 or len(values) <= 1:
+    return tuple(int(v) for v in values)
+  best, came_from = [0.0] + [np.inf] * len(values), [0] * (len(values) + 1)
+  for j in range(1, len(values) + 1):  # best[j]: the lowest cost of the first j lengths with values[j-1] kept
+    for i in range(j):
+      cost = best[i] + worth + values[j - 1] * rows * counts[i:j].sum()
+      if cost < best[j]:
+        best[j], came_from[j] = cost, i
+  kept, j = [], len(values)
+  while j:
+    kept.append(int(values[j - 1]))
+    j = came_from[j]
+  return tuple(sorted(kept))
 
 
 def describe(lengths: tuple[int, ...]) -> str:

@@ -16,10 +16,13 @@ def local_rows(global_rows: np.ndarray) -> np.ndarray:
   return global_rows[jax.process_index() * per_process:(jax.process_index() + 1) * per_process]
 
 
-def make_predictor(setup, mesh, features: dict, batch_size: int, kind: tasks.TaskKind, buckets: tuple = ()):
+def make_predictor(setup, mesh, features: dict, batch_size: int, kind: tasks.TaskKind, buckets: tuple = (),
+                   compile_worth: float = 0.0):
   """`predict(params, features) -> outputs` over all rows (host numpy, in the rows' order), in sharded batches on
   the mesh. With length `buckets` (length_buckets.eval_lengths) the rows go shortest first, each batch cut to its
-  bucket; per-token outputs come back padded to the full length."""
+  bucket; per-token outputs come back padded to the full length. With `compile_worth` (tokens a compile is worth,
+  length_buckets.compile_worth) the batches share as few of their buckets as pays: a dev set of five batches of
+  tweets needed five lengths, each a program to compile, and now runs at one or two."""
   input_keys = [*kind.input_keys, *kind.model_inputs]
 
   def forward(params, batch):
@@ -36,10 +39,13 @@ def make_predictor(setup, mesh, features: dict, batch_size: int, kind: tasks.Tas
     lengths = length_buckets.real_lengths(rows_of) if buckets else None
     seq_len = np.shape(rows_of['attention_mask'])[1] if lengths is not None else 0
     order = np.arange(n) if lengths is None else np.argsort(lengths, kind='stable')
+    batches = [order[np.arange(start, start + batch_size) % n] for start in range(0, n, batch_size)]  # the last
+    # batch wraps; its extra rows are dropped
+    needed = [length_buckets.batch_length(lengths, rows, buckets) for rows in batches]
+    kept = length_buckets.fewest_cost_lengths(needed, batch_size, compile_worth) if lengths is not None else ()
     outputs = []
-    for start_row in range(0, n, batch_size):
-      rows = order[np.arange(start_row, start_row + batch_size) % n]  # the last batch wraps; extra rows dropped
-      length = length_buckets.batch_length(lengths, rows, buckets)
+    for rows in batches:
+      length = length_buckets.batch_length(lengths, rows, kept)
       local = length_buckets.cut({k: rows_of[k][local_rows(rows)] for k in input_keys}, length, seq_len)
       with jax.set_mesh(mesh):
         out = forward(params, mesh_lib.global_batch(local, mesh))
