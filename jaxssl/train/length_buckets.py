@@ -45,11 +45,11 @@ def bucket_lengths(setting, seq_len: int) -> tuple[int, ...]:
 
 
 def eval_lengths(setting, seq_len: int) -> tuple[int, ...]:
-  """The lengths dev and evaluate batches are cut to. With 'auto' on CPU: every multiple of seq_len/16 (at least 8,
-  a multiple of 8), finer than the training buckets. There their forward programs run XLA's layer loop
-  (train/layer_loop.py) and compile in about a second, while a batch runs for seconds: 600 tweets of ~33 pieces
-  padded to 16/32/64 cost 18,432 tokens, to multiples of 8 13,312. Elsewhere, or any other setting, the training
-  buckets (bucket_lengths)."""
+  """The lengths dev and evaluate batches may be cut to. With 'auto' on CPU: every multiple of seq_len/16 (at least
+  8, a multiple of 8), finer than the training buckets. There their forward programs run XLA's layer loop
+  (train/layer_loop.py) and compile in about a second: 600 tweets of ~33 pieces padded to 16/32/64 cost 18,432
+  tokens, to multiples of 8 13,312. The predictor keeps only those that pay for their compile
+  (`fewest_cost_lengths`). Elsewhere, or any other setting, the training buckets (bucket_lengths)."""
   buckets = bucket_lengths(setting, seq_len)
   if str(setting).strip().lower() != 'auto' or jax.default_backend() != 'cpu':
     return buckets
