@@ -58,7 +58,7 @@ def generate(params: str, prompts: list[str], *, max_new_tokens: int = 50, greed
       raise UserError(f'{params} holds a {config.model.name} model: generation needs a causal LM export such as '
                       'GPT (python -m jaxssl.export of a configs/gpt.py run)')
   generate_program.check_settings(model_cfg.max_position, ids.shape[1], max_new_tokens, temperature=temperature,
-                                  top_k=top_k, top_p=top_p, greedy=greedy)
+                                  top_k=top_k, top_p=top_p, greedy=greedy, names=generate_program.FLAGS)
   small = generate_program.arguments(ids, lengths, jax.random.key(seed), temperature, top_k, top_p, stop,
                                      tokenizer.pad_id)
   # A program an earlier run saved: the weights are restored onto its layout on another thread while it compiles

@@ -153,3 +153,12 @@ def test_gpt_pretrain_job_learns_and_resumes_exactly(tmp_path):
   assert bert.returncode == 2 and bert.stderr.strip().splitlines()[-1] == (
       f'error: {tmp_path / "nope"} does not exist (not a jaxssl export): check the path, or create an export with '
       'python -m jaxssl.export')
+  # Bad settings name the job's flags (generate_program.FLAGS), one line, exit 2, before anything compiles.
+  params = str(tmp_path / 'params')
+  for flags, message in [(('--max-new-tokens', '0'), '--max-new-tokens=0 must be at least 1'),
+                         (('--temperature', '0', '--max-new-tokens', '8'), '--temperature=0.0 must be positive (or pass --greedy)'),
+                         (('--top-p', '0', '--max-new-tokens', '8'), '--top-k=0 must be >= 0 and --top-p=0.0 in (0, 1]'),
+                         (('--max-new-tokens', '100000', '--greedy'), '+ --max-new-tokens 100000 exceeds model.')]:
+    bad = job('jaxssl.generate', '--params', params, '--prompt', 'the company said', *flags)
+    last = bad.stderr.strip().splitlines()[-1]
+    assert bad.returncode == 2 and last.startswith('error: ') and message in last, bad.stderr[-2000:]

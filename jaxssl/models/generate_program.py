@@ -28,21 +28,29 @@ def out_major_min_bytes() -> int:
   return int(os.environ.get('JAXSSL_OUT_MAJOR_MIN_BYTES', OUT_MAJOR_MIN_BYTES))
 
 
+# How the settings are spelled in errors: as `generation.generate`'s keywords, or as the generate job's flags.
+KEYWORDS = {'max_new_tokens': 'max_new_tokens', 'temperature': 'temperature', 'top_k': 'top_k', 'top_p': 'top_p',
+            'greedy': 'greedy=True', 'padding_side': 'padding_side'}
+FLAGS = {'max_new_tokens': '--max-new-tokens', 'temperature': '--temperature', 'top_k': '--top-k', 'top_p': '--top-p',
+         'greedy': '--greedy', 'padding_side': 'padding_side'}
+
+
 def check_settings(max_position: int, width: int, max_new_tokens: int, *, temperature: float = 1.0, top_k: int = 0,
-                   top_p: float = 1.0, greedy: bool = False, padding_side: str = 'right') -> None:
+                   top_p: float = 1.0, greedy: bool = False, padding_side: str = 'right', names=None) -> None:
   """UserError for settings `generate` cannot run with (before anything is compiled), for a model of
-  `max_position` positions."""
+  `max_position` positions; the settings named as `names` spells them (KEYWORDS, or the job's FLAGS)."""
+  n = names or KEYWORDS
   if max_new_tokens < 1:
-    raise UserError(f'max_new_tokens={max_new_tokens} must be at least 1')
+    raise UserError(f'{n["max_new_tokens"]}={max_new_tokens} must be at least 1')
   if width + max_new_tokens > max_position:
-    raise UserError(f'prompt width {width} + max_new_tokens {max_new_tokens} exceeds model.max_position='
+    raise UserError(f'prompt width {width} + {n["max_new_tokens"]} {max_new_tokens} exceeds model.max_position='
                     f'{max_position}; shorten the prompts or generate fewer tokens')
   if padding_side not in ('left', 'right'):
-    raise UserError(f"padding_side={padding_side!r}: use 'left' or 'right'")
+    raise UserError(f"{n['padding_side']}={padding_side!r}: use 'left' or 'right'")
   if not greedy and not temperature > 0:
-    raise UserError(f'temperature={temperature} must be positive (or pass greedy=True)')
+    raise UserError(f'{n["temperature"]}={temperature} must be positive (or pass {n["greedy"]})')
   if top_k < 0 or not 0.0 < top_p <= 1.0:
-    raise UserError(f'top_k={top_k} must be >= 0 and top_p={top_p} in (0, 1]')
+    raise UserError(f'{n["top_k"]}={top_k} must be >= 0 and {n["top_p"]}={top_p} in (0, 1]')
 
 
 def arguments(prompt_ids, prompt_lengths, rng, temperature, top_k, top_p, stop_ids, pad_id) -> tuple:
