@@ -10,7 +10,7 @@ pretraining crops. Loss: softmax cross-entropy; dev metric: accuracy.
 """
 import numpy as np
 
-from jaxssl.data import audio, audio_batches, corpus_files
+from jaxssl.data import audio_batches, corpus_files
 from jaxssl.errors import UserError
 from jaxssl.tasks import classification
 from jaxssl.tasks.base import Example
@@ -18,6 +18,8 @@ from jaxssl.tasks.base import Example
 
 def read_file(path: str) -> list[Example]:
   """Labelled utterances of a class-folder tree; labels are the class names."""
+  # reason: data.audio brings TFDS and the corpus builders (~0.5 s of a text job's start): only audio tasks read it
+  from jaxssl.data import audio  # noqa: PLC0415
   classes, files = corpus_files.list_class_folders(
       path, audio.SUFFIXES, 'audio', 'pass a folder with one subfolder of .wav/.flac files per class')
   return [Example(label=classes[label], audio=audio.read_utterance(f)) for f, label in files]
