@@ -68,18 +68,19 @@ def compile_worth(model_cfg, vocab_size: int, seq_len: int, runs: int) -> float:
   return FORWARD_COMPILE_SECONDS * rate / max(forward_flops, 1.0) / max(runs, 1)
 
 
-def fewest_cost_lengths(needed, rows: int, worth: float) -> tuple[int, ...]:
-  """The lengths to compile for batches of `rows` rows that each need a length of `needed` (their buckets): the
-  subset, always with the longest, that minimises the batches' padded tokens (each at the shortest kept length
-  that holds it) plus `worth` tokens for each length kept (`compile_worth`). Exact, over the distinct lengths in
-  order (a batch's kept length is the next one up, so the kept lengths split them into runs)."""
+def fewest_cost_lengths(needed, tokens_per: int, worth: float) -> tuple[int, ...]:
+  """The lengths to compile for batches that each need a length of `needed` (their buckets; or packed row counts),
+  a batch at length v costing v x `tokens_per` padded tokens (its rows; or the row length): the subset, always with
+  the longest, that minimises the batches' padded tokens (each at the shortest kept length that holds it) plus
+  `worth` tokens for each length kept (`compile_worth`). Exact, over the distinct lengths in order (a batch's kept
+  length is the next one up, so the kept lengths split them into runs)."""
   values, counts = np.unique(np.asarray(needed, np.int64), return_counts=True)
   if worth <= 0 or len(values) <= 1:
     return tuple(int(v) for v in values)
   best, came_from = [0.0] + [np.inf] * len(values), [0] * (len(values) + 1)
   for j in range(1, len(values) + 1):  # best[j]: the lowest cost of the first j lengths with values[j-1] kept
     for i in range(j):
-      cost = best[i] + worth + values[j - 1] * rows * counts[i:j].sum()
+      cost = best[i] + worth + values[j - 1] * tokens_per * counts[i:j].sum()
       if cost < best[j]:
         best[j], came_from[j] = cost, i
   kept, j = [], len(values)
