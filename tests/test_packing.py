@@ -72,6 +72,19 @@ def test_a_short_job_compiles_fewer_row_counts():
   assert packing.few_shapes_multiple(range(8, 15), 1, packing.row_counts_for(60)) == 7  # 8..14 rows -> 14 each
 
 
+def test_row_counts_weigh_compiles_against_padding_on_cpu():
+  """packing.row_counts: on CPU (a compile's worth in padded tokens) a cheap body keeps one row count where a costly
+  one keeps every count its steps need; off CPU (worth 0) one count per 100 steps; row_count takes the smallest
+  kept count that holds a batch, or rounds a batch past them up to the unit."""
+  needed = [5] * 41 + [4] * 18 + [6]  # a 60-step MiniLM job's first-fit rows (batches of 16 tweets in rows of 128)
+  assert packing.row_counts(needed, 1, 60, 128, 13_000.0) == (6,)  # MiniLM: a compile is worth ~13,000 tokens
+  assert packing.row_counts(needed, 1, 60, 128, 1_500.0) == (4, 5, 6)  # BERT-base: ~1,500
+  assert packing.row_counts(needed, 2, 60, 128, 1_500.0) == (4, 6)  # counts are multiples of the unit
+  assert packing.row_counts(needed, 1, 60, 128, 0.0) == (6,) and packing.row_counts(needed, 1, 300, 128, 0.0) == (
+      4, 5, 6)
+  assert [packing.row_count(r, (4, 6), 2) for r in (1, 4, 5, 6, 7, 9)] == [4, 4, 6, 6, 8, 10]
+
+
 def test_few_shapes_multiple_bounds_the_row_counts():
   """Batches of 16 short sentences (~13 pieces) in rows of 24 needed 8 to 14 rows: at the multiple 1 that is 7
   train-step shapes; 3 at the multiple 3. Counts already few (tweets: 8-10 rows at the multiple 2) keep theirs."""

@@ -278,13 +278,14 @@ def run_finetuning(config, workdir: str) -> dict:
 
   # The first steps whose shapes choose the row multiple and the layer loop (first-fit is ~4 us an example).
   sampled = min(t.steps, layer_loop.SAMPLE_STEPS, max(1, packing.SAMPLE_EXAMPLES // t.batch_size))
-  if packed:  # few train-step shapes: the multiple grows until the first steps' batches need few row counts
-    row_multiple = packing.few_shapes_multiple(map(rows_needed, range(sampled)), row_multiple,
-                                               packing.row_counts_for(t.steps))
+  row_counts = ()
+  if packed:  # few train-step shapes: on CPU those whose padding saved pays for their compile
+    worth = length_buckets.compile_worth(body.model_cfg, body.vocab_size, seq_len, 1, training=True)
+    row_counts = packing.row_counts(map(rows_needed, range(sampled)), row_multiple, t.steps, seq_len, worth)
 
   def shape_at(step):  # the shape of step's batch: its packed row count or its length bucket
     if packed:
-      return packing.rounded(rows_needed(step), row_multiple)
+      return packing.row_count(rows_needed(step), row_counts, row_multiple)
     return length_buckets.batch_length(lengths, batch_indices(step, t.batch_size, data.num_train_examples, t.seed),
                                        buckets)
 
@@ -307,7 +308,7 @@ def run_finetuning(config, workdir: str) -> dict:
   def batch_at(step):  # the global batch of `step`: a function of (seed, step), packed or cut to its length bucket
     rows = batch_indices(step, t.batch_size, data.num_train_examples, t.seed)
     if packed:  # every process packs the whole batch the same way and feeds its share
-      whole = packing.pack(data.train_features, rows, lengths, seq_len, row_multiple, batch_keys)
+      whole = packing.pack(data.train_features, rows, lengths, seq_len, shape_at(step), batch_keys)
       return mesh_lib.global_batch(packing.share(whole, jax.process_index(), jax.process_count()), mesh)
     length = length_buckets.batch_length(lengths, rows, buckets)
     local = {k: data.train_features[k][predict_lib.local_rows(rows)] for k in batch_keys}

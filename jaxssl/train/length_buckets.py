@@ -11,8 +11,6 @@ draws its masks for the batch's shape, so a run with dropout samples other masks
 `data.length_buckets`: 'auto' (seq_len/8, /4, /2 and seq_len, each a multiple of 8, at least 16), 'none' (every
 batch at seq_len, as before), or lengths such as '32,64,128' (seq_len is always one of them).
 """
-import os
-
 import jax
 import numpy as np
 
@@ -20,11 +18,14 @@ from jaxssl import families
 from jaxssl.errors import UserError
 
 PAD_LOGIT = -1e9  # per-token outputs at cut positions: a logit no decoder picks (the QA head's masked value)
-# What one more forward shape costs on CPU, to weigh against the padding it saves (`compile_worth`): a dev or
-# evaluate forward program in XLA's layer loop traced and compiled (MiniLM 0.6-0.9 s, BERT-base 0.6-1.4 s;
-# BENCHMARKS.md §24, §38), and a float32 matmul rate per core (a 2-core Zen 4 runs MiniLM's forward at ~150 GFLOP/s).
+# What one more shape costs on CPU, to weigh against the padding it saves (`compile_worth`): a forward program (dev,
+# evaluate) or a fine-tuning train step in XLA's layer loop, traced and compiled (forward: MiniLM 0.6-0.9 s,
+# BERT-base 0.6-1.4 s; train step: MiniLM 4.3-4.7 s, BERT-base's gradient alone 3.9-4.2 s; BENCHMARKS.md §24, §38),
+# against a float32 matmul rate (a 2-core Zen 4 runs MiniLM's forward at ~150 GFLOP/s). The rate is fixed, not read
+# from the host: every process of a job must choose the same shapes.
 FORWARD_COMPILE_SECONDS = 0.9
-CPU_FLOPS_PER_CORE = 75e9
+TRAIN_COMPILE_SECONDS = 5.0
+CPU_FLOPS = 150e9
 
 
 def bucket_lengths(setting, seq_len: int) -> tuple[int, ...]:
@@ -57,15 +58,16 @@ def eval_lengths(setting, seq_len: int) -> tuple[int, ...]:
   return tuple(sorted({*range(step, seq_len, step), seq_len}))
 
 
-def compile_worth(model_cfg, vocab_size: int, seq_len: int, runs: int) -> float:
-  """How many padded tokens' forward pass costs about what compiling one more forward shape does, per run of the
-  compiled shapes (`runs`: how often the same rows are predicted, e.g. a fine-tuning job's dev evaluations). 0 off
-  CPU, where eval_lengths keeps the few training buckets. MiniLM on 2 cores: ~6,400 tokens; BERT-base ~800."""
+def compile_worth(model_cfg, vocab_size: int, seq_len: int, runs: int, *, training: bool = False) -> float:
+  """How many padded tokens' forward pass (train step, with `training`) costs about what compiling one more such
+  program does, per run of the compiled shapes (`runs`: how often the same rows are predicted, e.g. a fine-tuning
+  job's dev evaluations). 0 off CPU, where the shapes stay the training buckets and one packed row count per 100
+  steps. Forward, once: MiniLM ~7,000 tokens, BERT-base ~800; a train step: MiniLM ~12,000, BERT-base ~1,500."""
   if jax.default_backend() != 'cpu':
     return 0.0
-  forward_flops = families.flops_per_token(model_cfg, vocab_size, seq_len, 0) / 3  # the training figure is 3x
-  rate = CPU_FLOPS_PER_CORE * len(os.sched_getaffinity(0))
-  return FORWARD_COMPILE_SECONDS * rate / max(forward_flops, 1.0) / max(runs, 1)
+  flops = families.flops_per_token(model_cfg, vocab_size, seq_len, 0)  # a training step's; a forward is a third
+  seconds, flops = (TRAIN_COMPILE_SECONDS, flops) if training else (FORWARD_COMPILE_SECONDS, flops / 3)
+  return seconds * CPU_FLOPS / max(flops, 1.0) / max(runs, 1)
 
 
 def fewest_cost_lengths(needed, tokens_per: int, worth: float) -> tuple[int, ...]:

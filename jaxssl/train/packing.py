@@ -7,11 +7,14 @@ longest first) into rows of `data.seq_len`, as many as the smallest multiple of 
 about the batch's real tokens, not its longest example times its size. Long rows pack tightest; a batch of 32
 tweets (~33 pieces) fills 9-10 rows of 128 where buckets gave 32 rows of 64, and the row counts seen are two or
 three: few shapes to compile (measured on tweets against rows of the bucket length: 1,211 tokens a step in 3
-shapes against 1,299 in 5). The attention over longer rows costs little beside the projections. Where the
-batches' row counts spread wider (short rows, small batches: 16 sentences of ~13 pieces in rows of 24 needed 8 to
-14), the multiple grows until the job's first steps need at most MAX_ROW_COUNTS of them (`few_shapes_multiple`),
-and at most one per STEPS_PER_ROW_COUNT steps of the job (`row_counts_for`: a 60-step job packs to one row count):
-each is a train step to compile (~1 s for a tiny body, ~5-10 s for MiniLM). Padding rows change nothing a real token
+shapes against 1,299 in 5). The attention over longer rows costs little beside the projections. Each row count
+is a train step to compile (~5 s for MiniLM or BERT-base in XLA's loop on 2 cores) and each saves padding rows, so
+`row_counts` weighs the two over the job's first steps: on CPU it keeps the counts whose saved padded tokens, at the
+body's FLOPs per token, pay for their compiles (a 60-step MiniLM job of 16 tweets packs to one count; the same job on
+BERT-base to three: its steps cost 8x more). Elsewhere, where a compile's cost is not measured yet, the multiple
+grows until the first steps need at most MAX_ROW_COUNTS counts (`few_shapes_multiple`; short rows and small batches
+spread widest: 16 sentences of ~13 pieces in rows of 24 needed 8 to 14), and at most one per STEPS_PER_ROW_COUNT
+steps of the job (`row_counts_for`). Padding rows change nothing a real token
 computes, its dropout masks included (layers.keep_mask hashes each element's row-major index: a row's bits do not
 depend on the rows after it).
 
@@ -36,13 +39,14 @@ import numpy as np
 from jaxssl.errors import UserError
 from jaxssl.tasks.base import INPUT_KEYS
 from jaxssl.tasks.model import PACKED_INPUTS
+from jaxssl.train import length_buckets
 
 SETTINGS = ('auto', 'none')
 ROW_STEPS = 16  # the row count is a multiple of batch_size / ROW_STEPS (rounded to the batch divisor): few shapes
 MAX_ROW_COUNTS = 3  # at most this many packed row counts (train-step shapes) over the steps sampled
-# ... and one per this many steps of the job: a short job pays more for compiling a shape (~4.6 s for MiniLM, with an
-# empty compile cache) than the padding it saves (60 steps of MiniLM: one shape 43.4 s against three 48.8 s cold,
-# 29.5 against 28.2 s warm; BENCHMARKS.md §37).
+# ... and, off CPU, one per this many steps of the job: a short job pays more for compiling a shape (~4.6 s for
+# MiniLM on CPU, with an empty compile cache) than the padding it saves (60 steps of MiniLM: one shape 43.4 s against
+# three 48.8 s cold, 29.5 against 28.2 s warm; BENCHMARKS.md §37). On CPU `row_counts` weighs it per body.
 STEPS_PER_ROW_COUNT = 100
 # The steps sampled hold at most this many examples: first-fit takes ~4 us an example (a pod's global batch of 4,096:
 # 17 ms a step, 8.6 s for 500 steps), and a large batch's row counts spread little.
@@ -104,6 +108,26 @@ def row_counts_for(steps: int) -> int:
   """How many packed row counts (train-step shapes) a job of `steps` steps may compile: one per
   STEPS_PER_ROW_COUNT steps, at least 1 and at most MAX_ROW_COUNTS."""
   return max(1, min(MAX_ROW_COUNTS, steps // STEPS_PER_ROW_COUNT))
+
+
+def row_counts(needed, unit: int, steps: int, row_len: int, worth: float) -> tuple[int, ...]:
+  """The packed row counts (train-step shapes) a job of `steps` steps compiles, from the rows its sampled steps need
+  (`needed`, first-fit, before rounding). On CPU (`worth` > 0: the padded tokens one more train-step compile costs,
+  length_buckets.compile_worth(training=True)) the counts, multiples of `unit`, that minimise the job's padded
+  tokens plus their compiles: a MiniLM job of 60 steps of 16 tweets packs to one count, BERT-base's to three.
+  Elsewhere the counts of `few_shapes_multiple`, one per STEPS_PER_ROW_COUNT steps (at most MAX_ROW_COUNTS)."""
+  needed = list(needed)
+  if worth <= 0:
+    multiple = few_shapes_multiple(needed, unit, row_counts_for(steps))
+    return tuple(sorted({rounded(n, multiple) for n in needed}))
+  at_unit = [rounded(n, unit) for n in needed]
+  return length_buckets.fewest_cost_lengths(at_unit, row_len * steps / len(at_unit), worth)
+
+
+def row_count(rows: int, counts: tuple[int, ...], unit: int) -> int:
+  """The row count a batch that fills `rows` rows is packed to: the smallest of `counts` that holds it (a step past
+  the sampled ones may need more: then `rows` rounded up to `unit`, one more shape)."""
+  return next((c for c in counts if c >= rows), rounded(rows, unit))
 
 
 def few_shapes_multiple(needed, unit: int, most: int = MAX_ROW_COUNTS) -> int:
