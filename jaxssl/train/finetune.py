@@ -280,8 +280,8 @@ def run_finetuning(config, workdir: str) -> dict:
   sampled = min(t.steps, layer_loop.SAMPLE_STEPS, max(1, packing.SAMPLE_EXAMPLES // t.batch_size))
   row_counts = ()
   if packed:  # few train-step shapes: on CPU those whose padding saved pays for their compile
-    worth = length_buckets.compile_worth(body.model_cfg, body.vocab_size, seq_len, 1, training=True)
-    row_counts = packing.row_counts(map(rows_needed, range(sampled)), row_multiple, t.steps, seq_len, worth)
+    step_worth = length_buckets.compile_worth(body.model_cfg, body.vocab_size, seq_len, 1, training=True)
+    row_counts = packing.row_counts(map(rows_needed, range(sampled)), row_multiple, t.steps, seq_len, step_worth)
 
   def shape_at(step):  # the shape of step's batch: its packed row count or its length bucket
     if packed:
@@ -319,10 +319,10 @@ def run_finetuning(config, workdir: str) -> dict:
   export_config = {**body.saved, 'finetune': run_config, 'task': {
       'name': task.name, 'kind': task.kind, 'labels': data.labels, 'num_labels': data.num_labels}}
   evaluations = len({*range(config.eval.every_steps, t.steps + 1, config.eval.every_steps), t.steps})
-  worth = (length_buckets.compile_worth(forward_cfg, body.vocab_size, seq_len, evaluations)
-           if lengths is not None else 0.0)
+  dev_worth = (length_buckets.compile_worth(forward_cfg, body.vocab_size, seq_len, evaluations)
+               if lengths is not None else 0.0)
   predict = predict_lib.make_predictor(forward_setup, mesh, data.dev_features, config.eval.batch_size, data.kind,
-                                       dev_lengths, worth)
+                                       dev_lengths, dev_worth)
   evaluate = DevEvaluation(task, data, predict, writer, storage.join(workdir, 'export'), export_config,
                            body.tokenizer)
   watch = preemption.PreemptionWatch()
