@@ -24,7 +24,10 @@ def main(argv=None):
   runtime.check_workdir(args.workdir)
   args.workdir = paths.absolute(args.workdir)
   runtime.setup(args)
-  from jaxssl.train import finetune, workdir_lock
+  from jaxssl.train import export_config, finetune, workdir_lock
+  # Mistakes in the config or the params are refused before the workdir lock makes DIR: nothing is left behind.
+  finetune.check_config(config)
+  export_config.read_export_config(config.init_from)
   with workdir_lock.hold(args.workdir, job='finetune'):  # one job per workdir: a second one refuses
     finetune.run_finetuning(config, args.workdir)
 

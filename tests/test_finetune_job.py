@@ -359,6 +359,8 @@ def test_finetune_bad_inputs(export_dir, classification_run, tmp_path):
                               tmp_path / 'train.tsv', '--config.log.every_steps=0')
   assert never_logged.returncode == 2 and 'log.every_steps=0 must be positive' in never_logged.stderr.splitlines()[-1]
   assert not os.path.exists(tmp_path / 'w3') or not os.listdir(tmp_path / 'w3')
+  # Refused before the workdir lock: a wrong --config.init_from or config value leaves no folder behind.
+  assert not os.path.exists(tmp_path / 'w2') and not os.path.exists(tmp_path / 'w5')
 
 
 def write_squad(path, n, seed):
