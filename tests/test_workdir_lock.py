@@ -247,7 +247,7 @@ def test_refused_job_touches_nothing(corpus, tmp_path, module):
     if module == 'jaxssl.pretrain':
       args = [*TINY, f'--config.data.corpus={corpus}', '--workdir', str(workdir)]
     else:
-      export = os.path.join(os.path.dirname(__file__), 'fixtures', 'compat', 'bert', 'export')  # checked before the lock
+      export = os.path.join(os.path.dirname(__file__), 'fixtures', 'compat', 'bert', 'export')  # read before the lock
       args = ['--config', 'configs/finetune.py:classification', f'--config.init_from={export}',
               f'--config.task.train={corpus}', f'--config.task.dev={corpus}', '--workdir', str(workdir)]
     line = error_line(job(args, module=module))
