@@ -377,8 +377,9 @@ def run_stack(layers, x, fn, *, num_layers: int, scan: bool, remat: str, unroll:
   fn = layer_boundary(fn, boundary and (unroll or not scan))
   if not scan:
     outputs = []  # kept only when asked: outside jit each would stay alive to the end
+    keys = layer_keys(dropout_rng, num_layers)
     for i, layer in enumerate(layers):
-      key = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
+      key = None if keys is None else keys[i]
       x = maybe_remat(fn, remat, in_scan=False)(layer, x, key, *(a[i] for a in per_layer))
       if return_outputs:
         outputs.append(x)
