@@ -56,7 +56,11 @@ def get_config(variant: str = 'classification') -> ml_collections.ConfigDict:
       length_buckets='auto',       # batches padded to seq_len/8, /4, /2 or seq_len (train/length_buckets.py); none
       packing='auto',              # text tasks but QA: short examples share rows (train/packing.py); none
   ))
-  c.model = ml_collections.ConfigDict(dict(classifier_dropout=0.1))
+  c.model = ml_collections.ConfigDict(dict(
+      classifier_dropout=0.1,
+      dtype='auto',                # compute dtype: auto (bfloat16 for a text encoder on TPU/GPU or a CPU with bfloat16
+                                   # instructions, else the body's) | float32 | bfloat16; params stay float32
+  ))
   c.train = ml_collections.ConfigDict(dict(
       steps=1000, batch_size=32, seed=0, learning_rate=2e-5, warmup_steps=100, end_learning_rate=0.0,
       weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-6, grad_clip_norm=1.0, microbatches=1,

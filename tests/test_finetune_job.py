@@ -190,6 +190,32 @@ def test_classification_learns_and_exports_best(classification_run):
     assert any('dev_accuracy' in json.loads(line) for line in f)
 
 
+def test_bfloat16_compute_where_the_cpu_has_it(export_dir, tmp_path, monkeypatch):
+  """model.dtype=auto on a CPU with bfloat16 instructions (JAXSSL_CPU_BF16=1 stands in for one; conftest pins 0):
+  the banner says so, the run learns, and the export computes as the run did, so the evaluate job gives its dev
+  figures. model.dtype=float32 keeps float32."""
+  write_sentiment(tmp_path / 'train.tsv', 400, 1)
+  write_sentiment(tmp_path / 'dev.tsv', 100, 2)
+  monkeypatch.setenv('JAXSSL_CPU_BF16', '1')
+  result = run_finetune('classification', export_dir, tmp_path / 'w', tmp_path / 'train.tsv', tmp_path / 'dev.tsv',
+                        '--config.train.steps=100')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'compute bfloat16 (auto: this CPU has bfloat16 instructions)' in result.stdout
+  best = best_dev(tmp_path / 'w')
+  assert best['metrics']['accuracy'] > 0.9, best
+  exported = json.load(open(tmp_path / 'w' / 'export' / 'config.json'))
+  assert exported['model']['dtype'] == 'bfloat16' and exported['finetune']['model']['dtype'] == 'auto'
+  report = job('jaxssl.evaluate', '--config', 'configs/eval.py:task', f'--config.params={tmp_path / "w" / "export"}',
+               '--out', str(tmp_path / 'results.json'))
+  assert report.returncode == 0, report.stderr[-3000:]
+  (figures,) = json.load(open(tmp_path / 'results.json'))['tasks'].values()
+  assert figures['accuracy'] == pytest.approx(best['metrics']['accuracy'], abs=1e-6)
+  pinned = run_finetune('classification', export_dir, tmp_path / 'w32', tmp_path / 'train.tsv', tmp_path / 'dev.tsv',
+                        '--config.train.steps=1', '--config.model.dtype=float32')
+  assert pinned.returncode == 0 and 'compute float32 |' in pinned.stdout, pinned.stderr[-3000:]
+  assert json.load(open(tmp_path / 'w32' / 'export' / 'config.json'))['model']['dtype'] == 'float32'
+
+
 def test_pair_learns(pair_run):
   assert best_dev(pair_run)['metrics']['accuracy'] > 0.9
 
@@ -358,9 +384,13 @@ def test_finetune_bad_inputs(export_dir, classification_run, tmp_path):
   never_logged = run_finetune('classification', export_dir, tmp_path / 'w5', tmp_path / 'train.tsv',
                               tmp_path / 'train.tsv', '--config.log.every_steps=0')
   assert never_logged.returncode == 2 and 'log.every_steps=0 must be positive' in never_logged.stderr.splitlines()[-1]
+  bad_dtype = run_finetune('classification', export_dir, tmp_path / 'w6', tmp_path / 'train.tsv',
+                           tmp_path / 'train.tsv', '--config.model.dtype=float16')
+  assert bad_dtype.returncode == 2 and bad_dtype.stderr.strip().splitlines()[-1].endswith(
+      "model.dtype='float16': use one of auto, float32, bfloat16 (--config.model.dtype=...)")
   assert not os.path.exists(tmp_path / 'w3') or not os.listdir(tmp_path / 'w3')
   # Refused before the workdir lock: a wrong --config.init_from or config value leaves no folder behind.
-  assert not os.path.exists(tmp_path / 'w2') and not os.path.exists(tmp_path / 'w5')
+  assert not any(os.path.exists(tmp_path / w) for w in ('w2', 'w5', 'w6'))
 
 
 def write_squad(path, n, seed):

@@ -33,6 +33,7 @@ from jaxssl.train import length_buckets
 from jaxssl.train import metrics as writer_lib
 from jaxssl.train import nonfinite
 from jaxssl.train import packing
+from jaxssl.train import precision
 from jaxssl.train import predict as predict_lib
 from jaxssl.train import preemption
 from jaxssl.train import state as state_lib
@@ -77,6 +78,7 @@ def check_config(config) -> None:
     raise UserError('train.steps and train.batch_size must be positive: fix them with --config.train.*')
   length_buckets.bucket_lengths(config.data.get('length_buckets', 'none'), config.data.seq_len)  # checked early
   packing.check_setting(config.data.get('packing', 'none'))
+  precision.check_setting(config.model.get('dtype', 'auto'))
   if config.train.batch_size % jax.process_count():
     raise UserError(f'train.batch_size={config.train.batch_size} must be a multiple of the process count')
   for key in ('log', 'eval', 'checkpoint'):
@@ -233,16 +235,17 @@ class DevEvaluation:
 
 
 def banner(config, body: Body, data: TaskData, mesh, start: int, workdir: str, buckets: tuple,
-           packed: bool = False, loop_note: str = '', dev_lengths: tuple = ()) -> str:
+           packed: bool = False, loop_note: str = '', dev_lengths: tuple = (), dtype_note: str = '') -> str:
   """The run's first line; `buckets` () for inputs without lengths to cut (images, audio); `dev_lengths` those of
-  dev batches when they differ; `loop_note` what layer_loop.finetune_configs says of the layer loop."""
+  dev batches when they differ; `loop_note` what layer_loop.finetune_configs says of the layer loop, `dtype_note`
+  what precision.finetune_dtype says of the compute dtype."""
   task, t = config.task, config.train
   lengths = length_buckets.describe(buckets) if buckets else ''
   dev = length_buckets.describe(dev_lengths) if buckets and dev_lengths else lengths
   padding = (f'training examples packed into rows of {config.data.seq_len}, dev batches padded to {dev} | '
              if packed else f'batches padded to {lengths}{f" (dev: {dev})" if dev != lengths else ""} | '
              if len(buckets) > 1 or dev != lengths else '')
-  notes = [n for n in (loop_note, fused_attention.describe(body.model_cfg)) if n]
+  notes = [n for n in (dtype_note, loop_note, fused_attention.describe(body.model_cfg)) if n]
   padding += ''.join(f'{n} | ' for n in notes)
   return (f'jaxssl finetune: {task.name} ({task.kind}, {data.num_labels} label(s)) | body from {config.init_from} | '
           f'{data.num_train_examples} train / {len(data.dev_examples)} dev examples | {data.kind.describe(task)}'
@@ -261,6 +264,7 @@ def run_finetuning(config, workdir: str) -> dict:
   t, task = config.train, config.task
   body = load_body(config)
   tasks.get(task.kind).settle_body(task, body.model_cfg)
+  body.model_cfg.dtype, dtype_note = precision.finetune_dtype(config.model.get('dtype', 'auto'), body.model_cfg)
   data = prepare_task(task, body.tokenizer, config.data.seq_len)
   mesh = mesh_lib.make_mesh(config.mesh.shape)
   if t.batch_size % mesh_lib.batch_divisor(mesh):
@@ -301,7 +305,7 @@ def run_finetuning(config, workdir: str) -> dict:
   start = int(jax.device_get(state['step']))
   dev_lengths = length_buckets.eval_lengths(config.data.get('length_buckets', 'none'), seq_len)
   say(banner(config, body, data, mesh, start, workdir, buckets if lengths is not None else (), packed, loop_note,
-             dev_lengths), flush=True)
+             dev_lengths, dtype_note), flush=True)
   train_step, checkpoint_check, batch_keys = make_train_step(setup, tx, schedule, data.kind, mesh,
                                                              data.train_features, packed, forward_setup.graphdef)
 
@@ -316,7 +320,9 @@ def run_finetuning(config, workdir: str) -> dict:
 
   writer = writer_lib.MetricsWriter(workdir, resume_step=start, total_steps=t.steps)
   run_config = json.loads(config_lib.to_json(config))
-  export_config = {**body.saved, 'finetune': run_config, 'task': {
+  # The export computes as the run did (the evaluate job then reproduces the dev metrics); its params are float32.
+  export_config = {**body.saved, 'model': {**body.saved['model'], 'dtype': body.model_cfg.dtype},
+                   'finetune': run_config, 'task': {
       'name': task.name, 'kind': task.kind, 'labels': data.labels, 'num_labels': data.num_labels}}
   evaluations = len({*range(config.eval.every_steps, t.steps + 1, config.eval.every_steps), t.steps})
   dev_worth = (length_buckets.compile_worth(forward_cfg, body.vocab_size, seq_len, evaluations)

@@ -1,0 +1,58 @@
+"""models/products.py: the bfloat16 matmul of XLA:CPU (values, gradients, and the layout its products compile to)."""
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxssl.models import products
+
+
+def _operands(shape_x, shape_k, seed=0):
+  kx, kk = jax.random.split(jax.random.key(seed))
+  return (jax.random.normal(kx, shape_x, jnp.float32).astype(jnp.bfloat16),
+          (jax.random.normal(kk, shape_k, jnp.float32) * 0.1).astype(jnp.bfloat16))
+
+
+def _loss(x, kernel):
+  y = products.project(x, kernel, in_axes=1)
+  return jnp.sum(jnp.sin(y.astype(jnp.float32)))
+
+
+@pytest.mark.parametrize('shape_x,shape_k', [((4, 32, 64), (64, 96)),     # blocks of 16
+                                              ((3, 6, 40), (40, 24)),      # blocks of 2 and 8
+                                              ((5, 7), (7, 9))])           # no block: the plain transpose
+def test_bf16_project_matches_float32(shape_x, shape_k):
+  x, kernel = _operands(shape_x, shape_k)
+  y = products.project(x, kernel)
+  assert y.dtype == jnp.bfloat16 and y.shape == (*shape_x[:-1], shape_k[-1])
+  want = x.astype(jnp.float32) @ kernel.astype(jnp.float32)
+  np.testing.assert_allclose(np.asarray(y, np.float32), want, rtol=1e-2, atol=1e-2)
+  dx, dk = jax.grad(_loss, argnums=(0, 1))(x, kernel)
+  assert dx.dtype == dk.dtype == jnp.bfloat16
+  f32 = jax.grad(_loss, argnums=(0, 1))(x.astype(jnp.float32), kernel.astype(jnp.float32))
+  for got, ref in zip((dx, dk), f32):
+    scale = float(jnp.abs(ref).max())
+    np.testing.assert_allclose(np.asarray(got, np.float32), ref, atol=2e-2 * scale)
+
+
+def test_transposed_is_the_transpose():
+  a = jnp.arange(48 * 80, dtype=jnp.float32).reshape(48, 80).astype(jnp.bfloat16)
+  for rows, cols in ((48, 80), (6, 10), (5, 7)):
+    part = a[:rows, :cols]
+    np.testing.assert_array_equal(products._transposed(part), part.T)
+
+
+def test_bf16_gradient_products_stay_bfloat16_on_cpu():
+  """Every dot of the compiled gradient reads bfloat16 operands: XLA:CPU converts a dot's operands to float32 when
+  YNNPACK's bfloat16 kernels cannot take its layout, which made bfloat16 slower than float32 (BENCHMARKS.md §39).
+  A change in XLA's transpose folding would show here first."""
+  x, kernel = _operands((8, 64, 128), (128, 256))
+  hlo = jax.jit(jax.grad(_loss, argnums=(0, 1))).lower(x, kernel).compile().as_text()
+  computations = re.findall(r'^%[\w.\-]+ \((.*?)\) -> .*?\n\}', hlo, re.M | re.S)
+  with_dots = [c for c in re.findall(r'^%[\w.\-]+ \(.*?\n\}', hlo, re.M | re.S) if ' dot(' in c]
+  assert computations and len(with_dots) == 3, hlo  # the forward and both gradient products
+  for body in with_dots:
+    for operand in re.findall(r'= (\w+)\[[\d,]*\]\{[\d,]*\} parameter', body):
+      assert operand == 'bf16', body
