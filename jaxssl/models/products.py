@@ -30,12 +30,11 @@ def project(x: jax.Array, kernel: jax.Array, in_axes: int = 1, out_major: bool =
   if x.shape[x.ndim - in_axes:] != ins:
     raise ValueError(f'project: x {x.shape} does not end in the kernel input axes {ins}')
   x2 = x.reshape(math.prod(lead), math.prod(ins))
-  if not out_major and x.dtype == kernel.dtype == jnp.bfloat16 and jax.default_backend() == 'cpu':
-    return bf16_matmul(x2, kernel.reshape(math.prod(ins), math.prod(outs))).reshape(*lead, *outs)
   if out_major:  # the dot's own dimension numbers: an explicit transpose would be copied whole first
     y = jax.lax.dot_general(x2, kernel.reshape(math.prod(outs), math.prod(ins)), (((1,), (1,)), ((), ())))
   else:
-    y = jnp.matmul(x2, kernel.reshape(math.prod(ins), math.prod(outs)))
+    cpu_bf16 = x.dtype == kernel.dtype == jnp.bfloat16 and jax.default_backend() == 'cpu'
+    y = (bf16_matmul if cpu_bf16 else jnp.matmul)(x2, kernel.reshape(math.prod(ins), math.prod(outs)))
   return y.reshape(*lead, *outs)
 
 
