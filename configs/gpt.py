@@ -97,7 +97,7 @@ def get_config(variant: str = 'tiny'):
     c.model.update(rope_theta=500000.0, tie_embeddings=True)
     c.model.rope_scaling = dict(rope_type='llama3', factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                 original_max_position_embeddings=8192)
-    # ~1M tokens per step (512 x 2048), decay to a tenth. On accelerators: --config.model.dtype=bfloat16.
+    # ~1M tokens per step (512 x 2048), decay to a tenth (bfloat16 on accelerators: model.dtype=auto).
     config_lib.full_scale(c, vocab_size=128256, every_steps=2000, learning_rate=3e-4, end_learning_rate=3e-5,
                           warmup_steps=2000, steps=250_000, batch_size=512)
   elif gemma3:

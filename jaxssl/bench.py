@@ -54,9 +54,11 @@ def compiled_step(config):
   import jax
   from jaxssl import families
   from jaxssl import mesh as mesh_lib
+  from jaxssl.models import precision
   from jaxssl.train import state as state_lib
   from jaxssl.train import step as step_lib
   vocab_size = config.tokenizer.vocab_size
+  precision.resolve(config.model)  # model.dtype=auto: what the pretraining job would compute in here
   families.validate_config(config.model, vocab_size)
   family = families.family_for(config.model)
   mesh = mesh_lib.make_mesh(config.mesh.shape)

@@ -163,7 +163,9 @@ def from_json(text: str) -> ml_collections.ConfigDict:
 def compute_keys(**overrides) -> dict:
   """The model section's compute settings of a Transformer family (keys, defaults and what they mean)."""
   return dict(
-      dtype='float32',     # compute dtype; params stay float32. 'bfloat16' on TPU/GPU.
+      dtype='auto',        # compute dtype; params stay float32. 'auto': bfloat16 on TPU/GPU, and on a CPU with
+                           # bfloat16 instructions for BERT; float32 elsewhere (models/precision.py) | 'float32' |
+                           # 'bfloat16'
       remat='dots',        # 'dots' (keep weight matmul outputs, recompute the rest) | 'none' | 'full'
       scan_layers=True,    # layers stacked (a leading 'layers' axis) and run by nnx.scan
       layer_loop='auto',   # how the stack runs: 'auto' (unrolled on CPU and GPU, faster there; a loop on TPU,

@@ -3,7 +3,7 @@ import os
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-# A fine-tune job's model.dtype=auto computes in bfloat16 on a CPU with bfloat16 instructions (train/precision.py):
+# A fine-tune job's model.dtype=auto computes in bfloat16 on a CPU with bfloat16 instructions (models/precision.py):
 # the suite pins the answer to no, so that its float32 figures hold on every host; tests of bfloat16 ask for it.
 os.environ.setdefault('JAXSSL_CPU_BF16', '0')
 

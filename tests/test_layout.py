@@ -139,7 +139,7 @@ LOCAL_FILE_MODULES = {
     'jaxssl.paths': 'makes local user paths absolute (URLs pass unchanged)',
     'jaxssl.config': 'config files are Python modules in the checkout',
     'jaxssl.runtime': 'looks for accelerator device files',
-    'jaxssl.train.precision': "reads the host CPU's flags in /proc/cpuinfo",
+    'jaxssl.models.precision': "reads the host CPU's flags in /proc/cpuinfo",
     'jaxssl.program_cache': "files in the local compile cache folder, beside XLA's own; reads jaxssl's source",
     'jaxssl.weights_cache': "files in the local compile cache folder; stats the local export it keeps",
     'jaxssl.data.corpora': 'tells a local corpus path from a TFDS name',

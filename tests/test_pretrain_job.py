@@ -27,8 +27,9 @@ TINY = ['--config', 'configs/bert.py:tiny',
 STEPS, SHORT = 300, 100
 
 
-def run_job(args, *, devices=1, module='jaxssl.pretrain', wait=True, **kwargs):
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', JAX_PLATFORMS='cpu')
+def run_job(args, *, devices=1, module='jaxssl.pretrain', wait=True, env=None, **kwargs):
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', JAX_PLATFORMS='cpu',
+             **(env or {}))
   cmd = [sys.executable, '-m', module, *args]
   if not wait:
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -135,6 +136,31 @@ def test_export_round_trip(reference_run, tmp_path):
   assert mlm_logits.shape == (1, 2, 300) and np.isfinite(np.asarray(mlm_logits)).all()
 
 
+def test_dtype_auto_is_resolved_at_each_start_and_recorded(corpus, reference_run, tmp_path):
+  """model.dtype=auto (the configs' default) computes BERT in bfloat16 on a CPU with bfloat16 instructions
+  (JAXSSL_CPU_BF16=1 stands in for one; conftest pins 0), says so in the banner and records it in config.json and
+  the export; its losses follow the float32 run's. A rerun on a CPU without them resumes in float32."""
+  workdir = tmp_path / 'w'
+  first = run_job(job_args(corpus, workdir, steps=20), env={'JAXSSL_CPU_BF16': '1'})
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert '| compute bfloat16 (auto: this CPU has bfloat16 instructions), remat ' in first.stdout, first.stdout
+  assert json.load(open(workdir / 'config.json'))['model']['dtype'] == 'bfloat16'
+  reference, bf16 = losses(reference_run), losses(workdir)
+  assert sorted(bf16) == list(range(1, 21))
+  assert max(abs(bf16[s] - reference[s]) for s in bf16) < 0.05, (bf16, reference)
+  assert bf16 != {s: reference[s] for s in bf16}  # it did compute in bfloat16
+  out = tmp_path / 'export'
+  assert run_job(['--workdir', str(workdir), '--out', str(out)], module='jaxssl.export').returncode == 0
+  assert json.load(open(out / 'config.json'))['model']['dtype'] == 'bfloat16'
+
+  again = run_job(job_args(corpus, workdir, steps=30))
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert '| compute float32 (auto: this CPU has no bfloat16 instructions), remat ' in again.stdout, again.stdout
+  assert 'resuming from step 20' in again.stdout
+  assert json.load(open(workdir / 'config.json'))['model']['dtype'] == 'float32'
+  assert sorted(losses(workdir)) == list(range(1, 31))
+
+
 def tree_digest(path):
   digest = hashlib.sha256()
   for root, dirs, files in sorted(os.walk(path)):
@@ -163,6 +189,8 @@ def test_bad_config_key_and_type(corpus, tmp_path):
   assert_user_error(run_job([*job_args(corpus, tmp_path / 'w')[:2], '--config', 'configs/bert.py:huge',
                              '--workdir', str(tmp_path / 'w')]), 'huge')
   assert_user_error(run_job(job_args(corpus, tmp_path / 'w', '--config.model.remat=sometimes')), 'remat')
+  assert_user_error(run_job(job_args(corpus, tmp_path / 'w', '--config.model.dtype=half')),
+                    "model.dtype='half': use one of auto, float32, bfloat16")
   assert_user_error(run_job(job_args(corpus, tmp_path / 'w', '--config.model.num_heads=3')), 'num_heads')
   assert_user_error(run_job(job_args(corpus, tmp_path / 'w', '--config.mesh.shape=(2,1,1)')), 'mesh.shape')
   assert_user_error(run_job(job_args(corpus, tmp_path / 'w', '--config.train.microbatches=5')), 'microbatches')

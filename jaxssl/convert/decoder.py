@@ -206,6 +206,7 @@ def jaxssl_config(model_cfg: dict, vocab_size: int):
   config = config_lib.load_config(BASE_CONFIG)
   with config.unlocked():
     config.model.update(model_cfg)
+    config.model.dtype = 'float32'  # as transformers computes it (generation's greedy text matches it)
     config.tokenizer.vocab_size = int(vocab_size)
     config.data.seq_len = config.data.max_predictions = min(config.data.seq_len, int(config.model.max_position))
   return config

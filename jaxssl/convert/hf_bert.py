@@ -182,7 +182,7 @@ def jaxssl_config(hf: dict):
         absolute_positions=bool(hf.get('absolute_positions', True)),
         dropout_rate=float(hf['hidden_dropout_prob']),
         attention_dropout_rate=float(hf['attention_probs_dropout_prob']),
-        initializer_range=float(hf['initializer_range']), scan_layers=True)
+        initializer_range=float(hf['initializer_range']), scan_layers=True, dtype='float32')  # as transformers
     if not math.isclose(eps, LAYER_NORM_EPS, rel_tol=1e-6):
       config.model.layer_norm_eps = eps  # only when not BERT's, so BERT exports keep their config unchanged
     if act != 'gelu':

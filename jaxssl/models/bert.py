@@ -97,7 +97,7 @@ class BertConfig:
     if c.hidden_size % c.num_heads:
       raise UserError(f'model.hidden_size={c.hidden_size} is not divisible by model.num_heads={c.num_heads}; '
                       f'set --config.model.num_heads to a divisor (e.g. {max(1, c.hidden_size // 64)})')
-    check_compute_settings(c)
+    check_compute_settings(c, 'bert')
     if c.attention_type not in ('full', 'block_sparse'):
       raise UserError(f"model.attention_type={c.attention_type!r}: use 'full' or 'block_sparse'")
     if c.attention_type == 'block_sparse':

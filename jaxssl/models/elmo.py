@@ -32,7 +32,7 @@ from flax import nnx
 
 from jaxssl.errors import UserError
 from jaxssl.mesh import constrain
-from jaxssl.models import elmo_chars
+from jaxssl.models import elmo_chars, precision
 from jaxssl.models.layers import Embed, dropout, make_param, normal_init, zeros
 from jaxssl.models.parts import next_token_pairs
 
@@ -95,8 +95,7 @@ class ElmoConfig:
     for name in ('tie_embeddings', 'finetune_bilm', 'mix_layer_norm'):
       if not isinstance(getattr(c, name), bool):
         raise UserError(f'model.{name}={getattr(c, name)!r} must be True or False')
-    if c.dtype not in ('float32', 'bfloat16'):
-      raise UserError(f"model.dtype={c.dtype!r}: use 'float32' or 'bfloat16'")
+    object.__setattr__(c, 'dtype', precision.compute_dtype(c.dtype, 'elmo')[0])  # 'auto': this backend's
     elmo_chars.check_char_config(c)
     return c
 

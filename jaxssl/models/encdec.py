@@ -75,7 +75,7 @@ class EncDecConfig:
     if c.hidden_size % c.num_heads:
       raise UserError(f'model.hidden_size={c.hidden_size} is not divisible by model.num_heads={c.num_heads}; '
                       f'set --config.model.num_heads to a divisor (e.g. {max(1, c.hidden_size // 64)})')
-    check_compute_settings(c, eps_note=' (BART uses 1e-5)')
+    check_compute_settings(c, 'encdec', eps_note=' (BART uses 1e-5)')
     if not isinstance(c.scan_layers, bool):
       raise UserError(f'model.scan_layers={c.scan_layers!r} must be True or False')
     return c

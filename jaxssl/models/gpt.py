@@ -149,7 +149,7 @@ class GPTConfig:
     if c.num_heads % c.num_kv_heads:
       raise UserError(f'model.num_kv_heads={c.num_kv_heads} does not divide model.num_heads={c.num_heads}; '
                       'use a divisor of num_heads (0 = num_heads, no grouping)')
-    check_compute_settings(c, eps_note=' (GPT-2 uses 1e-5)')
+    check_compute_settings(c, 'gpt', eps_note=' (GPT-2 uses 1e-5)')
     gemma.check_config(c)
     for name, choices in CHOICES.items():
       if getattr(c, name) not in choices:

@@ -16,7 +16,7 @@ from flax import nnx
 
 from jaxssl.errors import UserError
 from jaxssl.mesh import constrain
-from jaxssl.models import fused_attention
+from jaxssl.models import fused_attention, precision
 from jaxssl.models.products import project, vocab_logits
 
 Dtype = jnp.dtype
@@ -343,17 +343,18 @@ def stack_layers(build, num_layers: int, scan: bool, rngs: nnx.Rngs):
   return make(rngs)
 
 
-def check_compute_settings(c, *, dropout_names=('dropout_rate', 'attention_dropout_rate'), eps_note: str = '') -> None:
+def check_compute_settings(c, family: str, *, dropout_names=('dropout_rate', 'attention_dropout_rate'),
+                           eps_note: str = '') -> None:
   """The checks every Transformer config shares, as one-line UserErrors: dropout rates in [0, 1), a positive
   `layer_norm_eps` (when the config has one; `eps_note` names the reference value), dtype, remat and the
-  attention implementation."""
+  attention implementation. A dtype of 'auto' (a config no job resolved) becomes what `family` (model.name)
+  computes in on this backend (precision.compute_dtype)."""
   for name in dropout_names:
     if not 0.0 <= getattr(c, name) < 1.0:
       raise UserError(f'model.{name}={getattr(c, name)} must be in [0, 1)')
   if hasattr(c, 'layer_norm_eps') and not c.layer_norm_eps > 0:
     raise UserError(f'model.layer_norm_eps={c.layer_norm_eps} must be positive{eps_note}')
-  if c.dtype not in ('float32', 'bfloat16'):
-    raise UserError(f"model.dtype={c.dtype!r}: use 'float32' or 'bfloat16'")
+  object.__setattr__(c, 'dtype', precision.compute_dtype(c.dtype, family)[0])  # a frozen dataclass
   if c.remat not in ('none', *REMAT_POLICIES):
     raise UserError(f"model.remat={c.remat!r}: use 'none', 'full' or 'dots'")
   if c.layer_loop not in LAYER_LOOPS:

@@ -86,7 +86,7 @@ class ViTConfig:
                       "'mean' or 'cls'")
     if c.position == 'sincos' and (c.hidden_size % 4 or (c.decoder_hidden_size or 4) % 4):
       raise UserError('model.position=sincos needs hidden sizes divisible by 4')
-    check_compute_settings(c)
+    check_compute_settings(c, 'vit')
     return c
 
   @property

@@ -93,7 +93,8 @@ class Wav2vec2Config:
     if self.codevector_dim % self.codebooks or self.codebook_size < 2:
       raise UserError(f'model.codevector_dim={self.codevector_dim} must be a multiple of model.codebooks='
                       f'{self.codebooks}, and model.codebook_size={self.codebook_size} at least 2')
-    check_compute_settings(self, dropout_names=('dropout_rate', 'attention_dropout_rate', 'feature_dropout_rate'))
+    check_compute_settings(self, 'wav2vec2',
+                           dropout_names=('dropout_rate', 'attention_dropout_rate', 'feature_dropout_rate'))
 
   @property
   def compute_dtype(self):

@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding
 from jaxssl import families
 from jaxssl import mesh as mesh_lib
 from jaxssl.errors import UserError
+from jaxssl.models import precision
 from jaxssl.train import state as state_lib
 from jaxssl.train import step as step_lib
 
@@ -76,6 +77,7 @@ def _per_device_bytes(abstract_tree) -> int:
 def compile_report(config, topology: str, vocab_size: int, memory_per_device: float | None = None) -> dict:
   """Compiles the pretraining train step for `topology` and returns the report (raises UserError if it won't fit)."""
   devices, hbm, described = target_devices(topology)
+  compute = precision.resolve(config.model, devices[0].platform)  # model.dtype=auto: the target's dtype
   if memory_per_device:
     hbm = memory_per_device
   mesh = mesh_lib.make_mesh(config.mesh.shape, devices)
@@ -109,7 +111,7 @@ def compile_report(config, topology: str, vocab_size: int, memory_per_device: fl
   tokens = t.batch_size * seq
   model_flops = float(family.flops_per_token(config.model, vocab_size, seq, preds)) * tokens
   report = {
-      'topology': described, 'devices': len(devices), 'mesh': dict(mesh.shape),
+      'topology': described, 'devices': len(devices), 'mesh': dict(mesh.shape), 'compute': compute,
       'per_device_bytes': {'params': params, 'optimizer_state': optimizer, 'batch': batch_bytes,
                            'activations_and_temporaries': temp, 'total': total},
       'param_bytes': sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state['params'])),
@@ -127,7 +129,7 @@ def compile_report(config, topology: str, vocab_size: int, memory_per_device: fl
 def print_report(report: dict) -> None:
   """A readable table, then the one-line JSON."""
   b = report['per_device_bytes']
-  print(f'compiled the train step for {report["topology"]}, mesh {report["mesh"]}')
+  print(f'compiled the train step for {report["topology"]}, mesh {report["mesh"]}, {report["compute"]}')
   for key in ('params', 'optimizer_state', 'batch', 'activations_and_temporaries', 'total'):
     print(f'  {key:<28}{b[key] / GIB:10.3f} GiB per device')
   if report['device_memory_bytes']:

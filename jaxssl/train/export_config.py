@@ -12,7 +12,7 @@ from jaxssl import config as config_lib
 from jaxssl import storage
 from jaxssl.data import tokenizers
 from jaxssl.errors import UserError
-from jaxssl.models import vocab
+from jaxssl.models import precision, vocab
 from jaxssl.version import __version__
 
 # The layout of what this jaxssl writes. Bump FORMAT_VERSION when a change means an older jaxssl can no longer read
@@ -66,4 +66,5 @@ def describe_export(path: str):
   vocab.check_rows(tokenizer.vocab_size, saved['vocab_size'], path)
   # A padded vocabulary (more rows than the tokenizer's ids): the model never predicts the padding rows.
   model_cfg = vocab.model_config_with_token_ids(config.model, tokenizer.vocab_size, saved['vocab_size'])
+  precision.resolve(model_cfg)  # an export whose model.dtype is 'auto' computes in this backend's dtype
   return saved, config, model_cfg, tokenizer

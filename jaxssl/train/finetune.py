@@ -25,7 +25,7 @@ from jaxssl import tasks
 from jaxssl.data import tokenizers
 from jaxssl.errors import UserError
 from jaxssl.families import build_model, family_for, reads_text
-from jaxssl.models import fused_attention, vocab
+from jaxssl.models import fused_attention, precision, vocab
 from jaxssl.tasks.model import TaskModel, task_loss
 from jaxssl.train import checkpoint as ckpt_lib
 from jaxssl.train import layer_loop
@@ -33,7 +33,6 @@ from jaxssl.train import length_buckets
 from jaxssl.train import metrics as writer_lib
 from jaxssl.train import nonfinite
 from jaxssl.train import packing
-from jaxssl.train import precision
 from jaxssl.train import predict as predict_lib
 from jaxssl.train import preemption
 from jaxssl.train import state as state_lib
@@ -238,7 +237,7 @@ def banner(config, body: Body, data: TaskData, mesh, start: int, workdir: str, b
            packed: bool = False, loop_note: str = '', dev_lengths: tuple = (), dtype_note: str = '') -> str:
   """The run's first line; `buckets` () for inputs without lengths to cut (images, audio); `dev_lengths` those of
   dev batches when they differ; `loop_note` what layer_loop.finetune_configs says of the layer loop, `dtype_note`
-  what precision.finetune_dtype says of the compute dtype."""
+  what precision.compute_dtype says of the compute dtype."""
   task, t = config.task, config.train
   lengths = length_buckets.describe(buckets) if buckets else ''
   dev = length_buckets.describe(dev_lengths) if buckets and dev_lengths else lengths
@@ -264,7 +263,7 @@ def run_finetuning(config, workdir: str) -> dict:
   t, task = config.train, config.task
   body = load_body(config)
   tasks.get(task.kind).settle_body(task, body.model_cfg)
-  body.model_cfg.dtype, dtype_note = precision.finetune_dtype(config.model.get('dtype', 'auto'), body.model_cfg)
+  body.model_cfg.dtype, dtype_note = precision.compute_dtype(config.model.get('dtype', 'auto'), body.model_cfg.name)
   data = prepare_task(task, body.tokenizer, config.data.seq_len)
   mesh = mesh_lib.make_mesh(config.mesh.shape)
   if t.batch_size % mesh_lib.batch_divisor(mesh):

@@ -16,7 +16,7 @@ from jaxssl import mesh as mesh_lib
 from jaxssl import storage
 from jaxssl.data import corpora, tokenizers
 from jaxssl.errors import UserError
-from jaxssl.models import fused_attention, layers, vocab
+from jaxssl.models import fused_attention, layers, precision, vocab
 from jaxssl.train import checkpoint as ckpt_lib
 from jaxssl.train import layer_loop
 from jaxssl.train import metrics as metrics_lib
@@ -115,6 +115,7 @@ def run_pretraining(config, workdir: str) -> dict:
   """Trains (or resumes) to `config.train.steps`; returns the last logged metrics."""
   is_main = jax.process_index() == 0
   say = print if is_main else (lambda *a, **k: None)
+  dtype_note = precision.resolve(config.model)  # 'auto' -> this backend's dtype, recorded in config.json
   checkpointer = _checked_checkpointer(config, workdir, say)
   corpus_identity = _corpora(config).corpus_identity(config.data)  # before loading: the files it prepares and reads
   sources, tokenizer, vocab_size = _corpus_and_tokenizer(config, workdir, is_main)
@@ -127,7 +128,7 @@ def run_pretraining(config, workdir: str) -> dict:
   family = families.family_for(config.model)
   flops_per_token = family.flops_per_token(config.model, vocab_size, config.data.seq_len,
                                            config.data.max_predictions)
-  _announce(config, workdir, state, vocab_size, mesh, start, resumed, say)
+  _announce(config, workdir, state, vocab_size, mesh, start, resumed, say, dtype_note)
   if is_main:
     storage.write_text(storage.join(workdir, 'config.json'), config_lib.to_json(config))
 
@@ -281,21 +282,23 @@ def _restore_or_init(config, setup, tx, checkpointer, say):
   return 0, state_lib.init_state(setup, tx, params), False
 
 
-def _compute_note(model_cfg) -> str:
-  """The compute settings that change speed and memory, for the banner ('' for a family without them)."""
-  shown = [f'{k} {model_cfg[k]}' for k in ('dtype', 'remat') if k in model_cfg]
+def _compute_note(model_cfg, dtype_note: str) -> str:
+  """The compute settings that change speed and memory, for the banner ('' for a family without them);
+  `dtype_note` is what precision.resolve said of the dtype."""
+  shown = [dtype_note] if dtype_note else []
+  shown += [f'remat {model_cfg.remat}'] if 'remat' in model_cfg else []
   shown += [note for note in (layers.describe_layer_loop(model_cfg), fused_attention.describe(model_cfg)) if note]
   return ', '.join(shown) + ' | ' if shown else ''
 
 
-def _announce(config, workdir, state, vocab_size, mesh, start, resumed, say) -> None:
+def _announce(config, workdir, state, vocab_size, mesh, start, resumed, say, dtype_note: str) -> None:
   """The run's one-line banner."""
   t, init_from = config.train, config.get('init_from', '')
   n_params = state_lib.param_count(state['params'])
   say(f'jaxssl pretrain: {config.model.name} {config.get("variant", "")} | {n_params / 1e6:.2f}M params | '
       f'vocab {vocab_size} | mesh {dict(mesh.shape)} over {jax.device_count()} devices, '
       f'{jax.process_count()} process(es) | batch {t.batch_size} x {config.data.seq_len} | '
-      f'{_compute_note(config.model)}'
+      f'{_compute_note(config.model, dtype_note)}'
       f'{"resuming from step " + str(start) if resumed else "starting at step 0"}'
       f'{" from " + init_from if init_from and not resumed else ""} → {t.steps}, a checkpoint every '
       f'{config.checkpoint.every_steps} steps | '

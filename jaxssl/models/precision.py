@@ -1,0 +1,69 @@
+"""The compute dtype of a run (`model.dtype`: auto | float32 | bfloat16), for pretraining and fine-tuning alike.
+Params and optimizer moments stay float32 either way; the matmuls, activations and their gradients run in the
+compute dtype.
+
+`auto` (the configs' default) takes bfloat16 on TPUs and GPUs, whose matmul units are built for it, for every
+family. On CPU it takes bfloat16 only for the families whose bfloat16 step measured faster than float32 on a CPU
+with bfloat16 instructions (x86 `avx512_bf16` or `amx_bf16`: AMD Zen 4 and later, Intel Cooper Lake / Sapphire
+Rapids and later), whose products XLA:CPU hands to YNNPACK (models/products.py), and float32 elsewhere
+(BENCHMARKS.md §§39-40). A job resolves `auto` once, when it starts, and records the dtype it computed in.
+"""
+import os
+import re
+
+import jax
+
+from jaxssl.errors import UserError
+
+SETTINGS = ('auto', 'float32', 'bfloat16')
+# '1' or '0' overrides what /proc/cpuinfo says of bfloat16 instructions (the test suite pins '0', so that its
+# float32 figures hold on every host).
+CPU_BF16_ENV = 'JAXSSL_CPU_BF16'
+# model.name of the families whose bfloat16 train step beats float32 on such a CPU (BENCHMARKS.md §§39-40): BERT's
+# encoder (and every text encoder imported as one) 1.07-1.29x. GPT-2's step is no faster (its output layer's
+# gradient is float32 by design); the others are not measured there yet.
+CPU_BF16_FAMILIES = ('bert',)
+
+
+def cpu_has_bf16() -> bool:
+  """Whether this host's CPU has bfloat16 dot-product instructions (or JAXSSL_CPU_BF16 says so)."""
+  forced = os.environ.get(CPU_BF16_ENV, '')
+  if forced in ('0', '1'):
+    return forced == '1'
+  try:
+    with open('/proc/cpuinfo') as f:
+      return re.search(r'\b(avx512_bf16|amx_bf16)\b', f.read()) is not None
+  except OSError:  # not Linux: no flags to read
+    return False
+
+
+def check_setting(setting: str) -> None:
+  """UserError for a `model.dtype` that is not one of SETTINGS."""
+  if setting not in SETTINGS:
+    raise UserError(f'model.dtype={setting!r}: use one of {", ".join(SETTINGS)} (--config.model.dtype=...)')
+
+
+def compute_dtype(setting: str, family: str, backend: str | None = None) -> tuple[str, str]:
+  """(compute dtype, what the banner says of it) for `model.dtype=setting` of a model of `family` (model.name)
+  running on `backend` (default: JAX's)."""
+  check_setting(setting)
+  if setting != 'auto':
+    return setting, f'compute {setting}'
+  backend = backend or jax.default_backend()
+  if backend in ('tpu', 'gpu'):
+    return 'bfloat16', f'compute bfloat16 (auto, {backend})'
+  if family not in CPU_BF16_FAMILIES:
+    return 'float32', f'compute float32 (auto: bfloat16 on CPU is for {", ".join(CPU_BF16_FAMILIES)} models)'
+  if cpu_has_bf16():
+    return 'bfloat16', 'compute bfloat16 (auto: this CPU has bfloat16 instructions)'
+  return 'float32', 'compute float32 (auto: this CPU has no bfloat16 instructions)'
+
+
+def resolve(model_cfg, backend: str | None = None) -> str:
+  """Sets `model_cfg.dtype` (a config section) to the dtype its setting resolves to on `backend`; returns what the
+  banner says of it ('' for a family without the setting)."""
+  if 'dtype' not in model_cfg:
+    return ''
+  dtype, note = compute_dtype(model_cfg.dtype, model_cfg.get('name', ''), backend)
+  model_cfg.dtype = dtype
+  return note
