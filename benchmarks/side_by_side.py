@@ -83,7 +83,8 @@ def main():
           rates[name].append(row['tokens_per_sec'])
           out.write(json.dumps({'case': case, 'round': rnd, 'side': name, 'command': ' '.join(cmd), **row}) + '\n')
           out.flush()
-          print(f'{case} round {rnd} {name}: {row["tokens_per_sec"]} tokens/s', flush=True)
+          dtype = f' ({row["dtype"]})' if 'dtype' in row else ''  # jaxssl's, as model.dtype=auto resolved it
+          print(f'{case} round {rnd} {name}: {row["tokens_per_sec"]} tokens/s{dtype}', flush=True)
       med = {name: statistics.median(r) for name, r in rates.items()}
       summary[case] = {'tokens_per_sec': med,
                        'ratio': {name: round(med['jaxssl'] / med[name], 2) for name in med if name != 'jaxssl'}}

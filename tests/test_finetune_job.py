@@ -3,6 +3,7 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 
@@ -320,9 +321,22 @@ def test_failing_dev_metric_loses_no_training(export_dir, pos_files, tmp_path, m
       return [r['step'] for r in map(json.loads, f) if 'dev_token_accuracy' in r]
 
   assert dev_steps() == [3, 6]
-  # Rerunning the finished run repeats its last evaluation (deterministic), replacing its row.
+  # Rerunning the finished run evaluates nothing again (its last evaluation finished) and returns the same best.
+  capsys.readouterr()
   assert finetune.run_finetuning(config, str(workdir)) == best
+  assert 'dev at step' not in capsys.readouterr().out
   assert dev_steps() == [3, 6]
+  # Without the record (say, a run killed after the metrics row but before it), the evaluation runs again.
+  os.remove(workdir / finetune.DEV_DONE)
+  assert finetune.run_finetuning(config, str(workdir)) == best
+  assert 'dev at step 6: token_accuracy=' in capsys.readouterr().out
+  assert dev_steps() == [3, 6]
+  # Checkpoints deleted, the workdir kept: a new run does not take the old record for its own.
+  shutil.rmtree(workdir / 'checkpoints')
+  with pytest.raises(RuntimeError, match='a bug in a dev metric'):
+    monkeypatch.setattr(metrics_lib, 'token_accuracy', broken_metric)
+    finetune.run_finetuning(config, str(workdir))
+  assert not os.path.exists(workdir / finetune.DEV_DONE)
 
 
 def test_extractive_qa_learns_across_windows(qa_run):

@@ -2,6 +2,7 @@
 import re
 
 import ml_collections
+import numpy as np
 import pytest
 
 from jaxssl.errors import UserError
@@ -57,3 +58,37 @@ def test_cpu_flags_are_read_from_cpuinfo(monkeypatch):
 def test_unknown_setting_is_refused():
   with pytest.raises(UserError, match=r"model.dtype='half': use one of auto, float32, bfloat16"):
     precision.compute_dtype('half', 'bert')
+
+
+# model.dtype=auto computes every family in bfloat16 on TPU and GPU: on the same params and batch, each family's
+# held-out loss in bfloat16 must stay near its float32 loss (a product or norm left in the wrong dtype shows here).
+FAMILY_CONFIGS = ('configs/bert.py:tiny', 'configs/gpt.py:tiny', 'configs/gpt.py:llama_tiny',
+                  'configs/gpt.py:gemma3_tiny', 'configs/encdec.py:tiny', 'configs/mae.py:tiny',
+                  'configs/simclr.py:tiny', 'configs/elmo.py:tiny')
+
+
+@pytest.mark.parametrize('spec', FAMILY_CONFIGS)
+def test_bfloat16_loss_is_near_float32_for_every_family(spec):
+  import jax
+  from jaxssl import config as config_lib
+  from jaxssl import families
+  from jaxssl import mesh as mesh_lib
+  from jaxssl.train import state as state_lib
+  from jaxssl.train import step as step_lib
+  losses = {}
+  for dtype in ('float32', 'bfloat16'):
+    config = config_lib.load_config(spec)
+    config_lib.parse_overrides(config, ['--config.train.batch_size=4', '--config.tokenizer.vocab_size=300',
+                                        f'--config.model.dtype={dtype}'])
+    if 'seq_len' in config.data and config.model.name != 'elmo':
+      config.data.seq_len = min(config.data.seq_len, 32)
+      if 'max_predictions' in config.data:
+        config.data.max_predictions = 5
+    family = families.family_for(config.model)
+    setup = state_lib.setup_model(config.model, 300, mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1]))
+    batch = family.synthetic_batch(config, 300, 0)
+    sums = jax.jit(step_lib.make_eval_step(setup.graphdef, family.objective))(state_lib.init_params(setup), batch)
+    losses[dtype] = float(family.objective.summarize(sums)['loss'])
+  assert np.isfinite(losses['bfloat16'])
+  assert abs(losses['bfloat16'] - losses['float32']) <= 2e-3 * abs(losses['float32']), losses
+  assert losses['bfloat16'] != losses['float32'], losses  # it did compute in bfloat16

@@ -158,12 +158,21 @@ def check_resumable(checkpointer, workdir: str, data: TaskData, body: Body) -> N
                               body.model_cfg, body.vocab_size, workdir)
 
 
-def restore_or_init(checkpointer, setup, tx, init_from: str, say):
-  """(state, best, dev_pending): the newest good checkpoint, else the export's body + a fresh head."""
+def restore_or_init(checkpointer, setup, tx, init_from: str, say, workdir: str):
+  """(state, best, dev_pending): the newest good checkpoint, else the export's body + a fresh head. A checkpoint
+  saved before its dev evaluation is pending unless DevEvaluation's record says that evaluation finished."""
   latest, state = checkpointer.restore_newest_good(state_lib.abstract_state(setup, tx), say)
   if latest is not None:
     meta = checkpointer.read_meta(latest)
+    try:
+      finished = json.loads(storage.read_text(storage.join(workdir, DEV_DONE)))
+    except (OSError, ValueError):  # none yet (or cut short): the evaluation runs again
+      finished = {}
+    if meta.get('dev_pending') == latest and finished.get('step') == latest:
+      return state, finished['best'], False
     return state, meta['best'], meta.get('dev_pending') == latest
+  if jax.process_index() == 0:  # a record left by checkpoints since deleted is not this run's
+    storage.remove(storage.join(workdir, DEV_DONE), missing_ok=True)
   # The body comes from the export; the head is freshly initialised.
   params = {**state_lib.init_params(setup, only='head'),
             'body': ckpt_lib.load_export_params(init_from, setup.abstract_params['body'])}
@@ -211,12 +220,16 @@ def make_train_step(setup, tx, schedule, kind, mesh, features: dict, packed: boo
   return step, check, batch_keys
 
 
+# In the workdir: {'step', 'best'} of the last dev evaluation that finished (its checkpoint was saved before it).
+DEV_DONE = 'dev_done.json'
+
+
 class DevEvaluation:
   """Dev metrics at a step into metrics.jsonl, and the export of params that beat the best so far."""
 
-  def __init__(self, task_cfg, data: TaskData, predict, writer, export_dir: str, export_config: dict, tokenizer):
+  def __init__(self, task_cfg, data: TaskData, predict, writer, workdir: str, export_config: dict, tokenizer):
     self.task_cfg, self.data, self.predict, self.writer = task_cfg, data, predict, writer
-    self.export_dir, self.export_config, self.tokenizer = export_dir, export_config, tokenizer
+    self.workdir, self.export_config, self.tokenizer = workdir, export_config, tokenizer
 
   def __call__(self, step: int, params, best: dict) -> dict:
     """Evaluates `params` (trained to `step`); returns the new best."""
@@ -225,11 +238,13 @@ class DevEvaluation:
     result = d.kind.dev_metrics(self.task_cfg, d.labels, outputs, d.dev_features, d.dev_examples, d.dev_info)
     if result[metric] > best['value']:
       best = {'value': float(result[metric]), 'step': step, 'metrics': result}
-      ckpt_lib.write_export(self.export_dir, params, json.dumps({**self.export_config, 'best': best}, indent=2,
+      ckpt_lib.write_export(storage.join(self.workdir, 'export'), params, json.dumps({**self.export_config, 'best': best}, indent=2,
                                                                 sort_keys=True), self.tokenizer, overwrite=True)
     self.writer.drop(step, prefix='dev_')  # a rerun of a pending evaluation replaces the row it may have written
     self.writer.write(step, result, prefix='dev_')
     self.writer.log(f'dev at step {step}: ' + ' '.join(f'{k}={v:.4f}' for k, v in result.items()))
+    if jax.process_index() == 0:  # a rerun resuming from this step's checkpoint need not evaluate it again
+      storage.write_text(storage.join(self.workdir, DEV_DONE), json.dumps({'step': step, 'best': best}))
     return best
 
 
@@ -300,7 +315,7 @@ def run_finetuning(config, workdir: str) -> dict:
                                       directory=config.checkpoint.get('directory', ''))
   check_resumable(checkpointer, workdir, data, body)
   say = print if jax.process_index() == 0 else (lambda *a, **k: None)
-  state, best, dev_pending = restore_or_init(checkpointer, setup, tx, config.init_from, say)
+  state, best, dev_pending = restore_or_init(checkpointer, setup, tx, config.init_from, say, workdir)
   start = int(jax.device_get(state['step']))
   dev_lengths = length_buckets.eval_lengths(config.data.get('length_buckets', 'none'), seq_len)
   say(banner(config, body, data, mesh, start, workdir, buckets if lengths is not None else (), packed, loop_note,
@@ -328,8 +343,7 @@ def run_finetuning(config, workdir: str) -> dict:
                if lengths is not None else 0.0)
   predict = predict_lib.make_predictor(forward_setup, mesh, data.dev_features, config.eval.batch_size, data.kind,
                                        dev_lengths, dev_worth)
-  evaluate = DevEvaluation(task, data, predict, writer, storage.join(workdir, 'export'), export_config,
-                           body.tokenizer)
+  evaluate = DevEvaluation(task, data, predict, writer, workdir, export_config, body.tokenizer)
   watch = preemption.PreemptionWatch()
   finite = nonfinite.FiniteLossCheck(t.get('nonfinite', 'stop'), t.get('max_skipped_steps', 10), checkpointer,
                                      writer)
