@@ -19,10 +19,11 @@ SETTINGS = ('auto', 'float32', 'bfloat16')
 # '1' or '0' overrides what /proc/cpuinfo says of bfloat16 instructions (the test suite pins '0', so that its
 # float32 figures hold on every host).
 CPU_BF16_ENV = 'JAXSSL_CPU_BF16'
-# model.name of the families whose bfloat16 train step beats float32 on such a CPU (BENCHMARKS.md §§39-40): BERT's
-# encoder (and every text encoder imported as one) 1.07-1.29x. GPT-2's step is no faster (its output layer's
-# gradient is float32 by design); the others are not measured there yet.
-CPU_BF16_FAMILIES = ('bert',)
+# model.name of the families whose bfloat16 train step beats float32 on such a CPU (a 2-core Zen 4, BENCHMARKS.md
+# §40): BERT (and every text encoder imported as one) 1.08x tiny to 1.29x base, GPT 1.10x tiny and 1.19x GPT-2
+# small, the encoder-decoder 1.13x (base), MAE 1.12x (ViT-base; SimCLR runs the same encoder). wav2vec 2.0 and
+# ELMo are not measured there, so they keep float32 on CPU.
+CPU_BF16_FAMILIES = ('bert', 'gpt', 'encdec', 'mae', 'simclr')
 
 
 def cpu_has_bf16() -> bool:
@@ -52,11 +53,11 @@ def compute_dtype(setting: str, family: str, backend: str | None = None) -> tupl
   backend = backend or jax.default_backend()
   if backend in ('tpu', 'gpu'):
     return 'bfloat16', f'compute bfloat16 (auto, {backend})'
+  if not cpu_has_bf16():
+    return 'float32', 'compute float32 (auto: this CPU has no bfloat16 instructions)'
   if family not in CPU_BF16_FAMILIES:
-    return 'float32', f'compute float32 (auto: bfloat16 on CPU is for {", ".join(CPU_BF16_FAMILIES)} models)'
-  if cpu_has_bf16():
-    return 'bfloat16', 'compute bfloat16 (auto: this CPU has bfloat16 instructions)'
-  return 'float32', 'compute float32 (auto: this CPU has no bfloat16 instructions)'
+    return 'float32', f'compute float32 (auto: {family} is not measured faster in bfloat16 on CPU)'
+  return 'bfloat16', 'compute bfloat16 (auto: this CPU has bfloat16 instructions)'
 
 
 def resolve(model_cfg, backend: str | None = None) -> str:
