@@ -83,7 +83,7 @@ def main():
           rates[name].append(row['tokens_per_sec'])
           out.write(json.dumps({'case': case, 'round': rnd, 'side': name, 'command': ' '.join(cmd), **row}) + '\n')
           out.flush()
-          dtype = f' ({row["dtype"]})' if 'dtype' in row else ''  # jaxssl's, as model.dtype=auto resolved it
+          dtype = f' ({row["dtype"]})' if 'dtype' in row else ''  # as each side reports it (jaxssl: model.dtype=auto)
           print(f'{case} round {rnd} {name}: {row["tokens_per_sec"]} tokens/s{dtype}', flush=True)
       med = {name: statistics.median(r) for name, r in rates.items()}
       summary[case] = {'tokens_per_sec': med,

@@ -238,8 +238,8 @@ class DevEvaluation:
     result = d.kind.dev_metrics(self.task_cfg, d.labels, outputs, d.dev_features, d.dev_examples, d.dev_info)
     if result[metric] > best['value']:
       best = {'value': float(result[metric]), 'step': step, 'metrics': result}
-      ckpt_lib.write_export(storage.join(self.workdir, 'export'), params, json.dumps({**self.export_config, 'best': best}, indent=2,
-                                                                sort_keys=True), self.tokenizer, overwrite=True)
+      config_json = json.dumps({**self.export_config, 'best': best}, indent=2, sort_keys=True)
+      ckpt_lib.write_export(storage.join(self.workdir, 'export'), params, config_json, self.tokenizer, overwrite=True)
     self.writer.drop(step, prefix='dev_')  # a rerun of a pending evaluation replaces the row it may have written
     self.writer.write(step, result, prefix='dev_')
     self.writer.log(f'dev at step {step}: ' + ' '.join(f'{k}={v:.4f}' for k, v in result.items()))
