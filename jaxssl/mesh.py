@@ -4,6 +4,7 @@ Every parameter carries logical axis names (`nnx.with_partitioning(init, ('embed
 constrained at layer boundaries with `constrain(x, ('batch', 'length', 'act_embed'))`. `LOGICAL_AXIS_RULES` is the
 only place that says which mesh axis each logical name is split over.
 """
+import contextlib
 import math
 
 import flax.core.spmd
@@ -93,3 +94,26 @@ def batch_divisor(mesh) -> int:
 def global_batch(local: dict, mesh) -> dict:
   """Assembles each process's rows of a batch into global arrays sharded over (data, fsdp)."""
   return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v) for k, v in local.items()}
+
+
+# The platforms `compiling_for` names, innermost last (train/compile_only.py compiles a TPU slice's program on a
+# CPU host, where jax.default_backend() is 'cpu').
+_TARGETS: list[str] = []
+
+
+def backend() -> str:
+  """The platform the programs being built will run on: jax.default_backend(), or what `compiling_for` names. The
+  choices made per platform (the layer loop, the attention kernel, the CPU's bfloat16 product, model.dtype=auto)
+  read this, so a program compiled ahead of time is the one its platform would build."""
+  return _TARGETS[-1] if _TARGETS else jax.default_backend()
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str):
+  """Within it, `backend()` is `platform` ('tpu', 'gpu' or 'cpu'). JAX caches traces by function and arguments,
+  not by this: build the target's programs (train/compile_only.py's, in a process of their own) inside it."""
+  _TARGETS.append(platform)
+  try:
+    yield
+  finally:
+    _TARGETS.pop()

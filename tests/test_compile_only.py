@@ -50,6 +50,9 @@ def test_cpu_mesh_report_sharded_params_and_a_config_that_cannot_fit():
   assert per_device['activations_and_temporaries'] > 0 and report['xla_flops_per_device'] > 0
   assert report['model_flops_per_device'] == pytest.approx(report['model_flops_per_step'] / 8)
   assert 'GiB per device' in result.stdout
+  # What this CPU builds (conftest pins JAXSSL_CPU_BF16=0): float32, the layers unrolled for training.
+  assert report['compute'] == 'compute float32 (auto: this CPU has no bfloat16 instructions)'
+  assert report['layers'] == 'layers unrolled in training, in a loop for eval (auto, cpu)'
 
 
 def test_unknown_topology_is_one_line_exit_2():
@@ -63,10 +66,18 @@ def test_small_bert_on_v5e_256_without_a_tpu():
   """libtpu's compiler for a 256-chip slice. The model is SMALL, not bert mini: the TPU compile took 50 s of the
   suite's 15 minutes for mini (and as long for 16 chips), 12 s for SMALL; the slice and the mesh are what count."""
   result = subprocess.run([sys.executable, '-m', 'jaxssl.pretrain', *SMALL, '--compile-only', '--topology', 'v5e-256',
-                           '--config.mesh.shape=(64,4,1)', '--config.train.batch_size=256'],
+                           '--config.mesh.shape=(64,4,1)', '--config.train.batch_size=256',
+                           '--config.model.attention_dropout_rate=0'],  # a fused kernel may run: splash on TPU
                           cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True, text=True,
                           timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(result.stdout.strip().splitlines()[-1])
   assert report['devices'] == 256 and report['fits'] is True
   assert report['device_memory_bytes'] == 16 * 2**30
+  # The per-platform choices are the TPU's, not this CPU host's: bfloat16, XLA's layer loop, Pallas splash
+  # attention compiled for the TPU (on this CPU they would be float32, unrolled layers and XLA's attention).
+  assert report['compute'] == 'compute bfloat16 (auto, tpu)', report
+  assert report['layers'] == 'layers in a loop (auto, tpu)', report
+  assert report['attention'] == 'attention splash (auto, tpu)', report
+  assert 'compiled the train step for TPU v5e:16x16 (256 chips), mesh' in result.stdout
+  assert ': compute bfloat16 (auto, tpu), layers in a loop (auto, tpu), attention splash (auto, tpu)' in result.stdout

@@ -56,3 +56,18 @@ def test_bf16_gradient_products_stay_bfloat16_on_cpu():
   for body in with_dots:
     for operand in re.findall(r'= (\w+)\[[\d,]*\]\{[\d,]*\} parameter', body):
       assert operand == 'bf16', body
+
+
+def test_compiling_for_a_tpu_takes_the_tpus_products_and_dtype():
+  """A TPU program compiled ahead of time on this CPU host (train/compile_only.py) is built as a TPU builds it: the
+  plain bfloat16 product, not the CPU's custom one, and model.dtype=auto's TPU dtype."""
+  from jaxssl import mesh as mesh_lib
+  from jaxssl.models import precision
+  x, kernel = jnp.ones((4, 8), jnp.bfloat16), jnp.ones((8, 16), jnp.bfloat16)
+  # A new function each time: JAX caches a trace by function and arguments, not by compiling_for.
+  on_cpu = str(jax.make_jaxpr(lambda a, b: products.project(a, b))(x, kernel))
+  with mesh_lib.compiling_for('tpu'):
+    on_tpu = str(jax.make_jaxpr(lambda a, b: products.project(a, b))(x, kernel))
+    assert precision.compute_dtype('auto', 'wav2vec2') == ('bfloat16', 'compute bfloat16 (auto, tpu)')
+  assert 'custom_vjp' in on_cpu and 'custom_vjp' not in on_tpu
+  assert mesh_lib.backend() == jax.default_backend()

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxssl import mesh as mesh_lib
 from jaxssl.errors import UserError
 
 IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'splash')
@@ -35,7 +36,7 @@ def resolve(implementation: str, dtype, splash_fits: bool = True) -> str:
   """The concrete path 'auto' takes on this backend for `dtype` (others are returned as they are)."""
   if implementation != 'auto':
     return implementation
-  backend = jax.default_backend()
+  backend = mesh_lib.backend()
   if backend == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and _is_nvidia():
     return 'cudnn'
   if backend == 'tpu' and splash_fits:
@@ -57,7 +58,7 @@ def describe(model_cfg) -> str:
     return f"attention explicit (attention dropout {model_cfg['attention_dropout_rate']}){relative}"
   setting = model_cfg['attention']
   path = resolve(setting, jnp.dtype(model_cfg.get('dtype', 'float32')))
-  return f'attention {path}' + (f' (auto, {jax.default_backend()})' if setting == 'auto' else '') + relative
+  return f'attention {path}' + (f' (auto, {mesh_lib.backend()})' if setting == 'auto' else '') + relative
 
 
 @functools.cache
@@ -99,7 +100,7 @@ def _splash(q, k, v, segment_ids, causal):
   q_ids, kv_ids = (x.astype(jnp.int32) for x in segment_ids)
   if kv_heads != n:  # the kernel takes as many k/v heads as query heads (or one: MQA)
     k, v = (jnp.repeat(x, n // kv_heads, axis=2) for x in (k, v))
-  interpret = jax.default_backend() != 'tpu'
+  interpret = mesh_lib.backend() != 'tpu'
 
   def per_shard(q, k, v, q_ids, kv_ids):
     heads = q.shape[2]

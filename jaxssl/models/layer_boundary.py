@@ -7,6 +7,8 @@ up to 200 inputs each, quadratic in depth (BENCHMARKS.md §36). A loop's carry i
 """
 import jax
 
+from jaxssl import mesh as mesh_lib
+
 
 @jax.custom_vjp
 def _cotangent_once(x):
@@ -30,6 +32,6 @@ def layer_boundary(fn, unrolled: bool):
   """`fn` (one layer of a stack: its output is the next layer's input) with the gradient of its output computed
   once per layer when the layers are unrolled on CPU; otherwise `fn` as is (XLA's GPU and TPU fusion passes are
   other code, not measured here). Forward values and finite gradients are unchanged."""
-  if not unrolled or jax.default_backend() != 'cpu':
+  if not unrolled or mesh_lib.backend() != 'cpu':
     return fn
   return lambda *args: _cotangent_once(fn(*args))

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxssl import mesh as mesh_lib
 from jaxssl.errors import UserError
 from jaxssl.mesh import constrain
 from jaxssl.models import fused_attention, precision
@@ -266,7 +267,7 @@ def unroll_layers(layer_loop: str, *, gradient: bool = True, runs: float | None 
   """
   if layer_loop != 'auto':
     return layer_loop == 'unrolled'
-  backend = jax.default_backend()
+  backend = mesh_lib.backend()
   if backend not in UNROLL_MIN_RUNS or not gradient:
     return False
   return runs is None or runs >= UNROLL_MIN_RUNS[backend]
@@ -310,7 +311,7 @@ def describe_layer_loop(model_cfg) -> str:
     return ''
   loop = model_cfg.get('layer_loop', 'auto')
   how = loops_phrase(unroll_layers(loop), unroll_layers(loop, gradient=False), 'eval')
-  return f'layers {how}' + (f' (auto, {jax.default_backend()})' if loop == 'auto' else '')
+  return f'layers {how}' + (f' (auto, {mesh_lib.backend()})' if loop == 'auto' else '')
 
 
 def loops_phrase(train_unrolled: bool, forward_unrolled: bool, forward_use: str) -> str:

@@ -11,8 +11,7 @@ Rapids and later), whose products XLA:CPU hands to YNNPACK (models/products.py),
 import os
 import re
 
-import jax
-
+from jaxssl import mesh as mesh_lib
 from jaxssl.errors import UserError
 
 SETTINGS = ('auto', 'float32', 'bfloat16')
@@ -50,7 +49,7 @@ def compute_dtype(setting: str, family: str, backend: str | None = None) -> tupl
   check_setting(setting)
   if setting != 'auto':
     return setting, f'compute {setting}'
-  backend = backend or jax.default_backend()
+  backend = backend or mesh_lib.backend()
   if backend in ('tpu', 'gpu'):
     return 'bfloat16', f'compute bfloat16 (auto, {backend})'
   if not cpu_has_bf16():

@@ -8,6 +8,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jaxssl import mesh as mesh_lib
+
 # Decoding steps of 2..FEW_ROWS rows (a batch of sequences, one new token each) take vocab_logits' broadcast form.
 FEW_ROWS = 16
 
@@ -33,7 +35,7 @@ def project(x: jax.Array, kernel: jax.Array, in_axes: int = 1, out_major: bool =
   if out_major:  # the dot's own dimension numbers: an explicit transpose would be copied whole first
     y = jax.lax.dot_general(x2, kernel.reshape(math.prod(outs), math.prod(ins)), (((1,), (1,)), ((), ())))
   else:
-    cpu_bf16 = x.dtype == kernel.dtype == jnp.bfloat16 and jax.default_backend() == 'cpu'
+    cpu_bf16 = x.dtype == kernel.dtype == jnp.bfloat16 and mesh_lib.backend() == 'cpu'
     y = (bf16_matmul if cpu_bf16 else jnp.matmul)(x2, kernel.reshape(math.prod(ins), math.prod(outs)))
   return y.reshape(*lead, *outs)
 
@@ -95,7 +97,7 @@ def vocab_logits(x: jax.Array, table: jax.Array, *, decoding: bool = False) -> j
   """
   rows = math.prod(x.shape[:-1])
   if (decoding and 2 <= rows <= FEW_ROWS and x.dtype == table.dtype == jnp.float32
-      and jax.default_backend() == 'cpu'):
+      and mesh_lib.backend() == 'cpu'):
     summed = (table[:, None, :] * x.reshape(rows, x.shape[-1])[None]).sum(-1)  # [V, rows]
     return summed.T.reshape(*x.shape[:-1], table.shape[0])
   return jnp.einsum('...h,vh->...v', x, table, preferred_element_type=jnp.float32)

@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding
 from jaxssl import families
 from jaxssl import mesh as mesh_lib
 from jaxssl.errors import UserError
-from jaxssl.models import precision
+from jaxssl.models import fused_attention, layers, precision
 from jaxssl.train import state as state_lib
 from jaxssl.train import step as step_lib
 
@@ -75,9 +75,15 @@ def _per_device_bytes(abstract_tree) -> int:
 
 
 def compile_report(config, topology: str, vocab_size: int, memory_per_device: float | None = None) -> dict:
-  """Compiles the pretraining train step for `topology` and returns the report (raises UserError if it won't fit)."""
+  """Compiles the pretraining train step for `topology` and returns the report (raises UserError if it won't fit).
+  The choices made per platform (model.dtype=auto, the layer loop, the attention kernel) are the target's."""
   devices, hbm, described = target_devices(topology)
-  compute = precision.resolve(config.model, devices[0].platform)  # model.dtype=auto: the target's dtype
+  with mesh_lib.compiling_for(devices[0].platform):
+    return _compile_report(config, devices, hbm, described, vocab_size, memory_per_device)
+
+
+def _compile_report(config, devices, hbm, described: str, vocab_size: int, memory_per_device: float | None) -> dict:
+  compute = precision.resolve(config.model)  # model.dtype=auto: the target's dtype
   if memory_per_device:
     hbm = memory_per_device
   mesh = mesh_lib.make_mesh(config.mesh.shape, devices)
@@ -112,6 +118,7 @@ def compile_report(config, topology: str, vocab_size: int, memory_per_device: fl
   model_flops = float(family.flops_per_token(config.model, vocab_size, seq, preds)) * tokens
   report = {
       'topology': described, 'devices': len(devices), 'mesh': dict(mesh.shape), 'compute': compute,
+      'layers': layers.describe_layer_loop(config.model), 'attention': fused_attention.describe(config.model),
       'per_device_bytes': {'params': params, 'optimizer_state': optimizer, 'batch': batch_bytes,
                            'activations_and_temporaries': temp, 'total': total},
       'param_bytes': sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state['params'])),
@@ -129,7 +136,8 @@ def compile_report(config, topology: str, vocab_size: int, memory_per_device: fl
 def print_report(report: dict) -> None:
   """A readable table, then the one-line JSON."""
   b = report['per_device_bytes']
-  print(f'compiled the train step for {report["topology"]}, mesh {report["mesh"]}, {report["compute"]}')
+  notes = ', '.join(n for n in (report['compute'], report['layers'], report['attention']) if n)
+  print(f'compiled the train step for {report["topology"]}, mesh {report["mesh"]}: {notes}')
   for key in ('params', 'optimizer_state', 'batch', 'activations_and_temporaries', 'total'):
     print(f'  {key:<28}{b[key] / GIB:10.3f} GiB per device')
   if report['device_memory_bytes']:
