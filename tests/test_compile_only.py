@@ -67,7 +67,9 @@ def test_small_bert_on_v5e_256_without_a_tpu():
   suite's 15 minutes for mini (and as long for 16 chips), 12 s for SMALL; the slice and the mesh are what count."""
   result = subprocess.run([sys.executable, '-m', 'jaxssl.pretrain', *SMALL, '--compile-only', '--topology', 'v5e-256',
                            '--config.mesh.shape=(64,4,1)', '--config.train.batch_size=256',
-                           '--config.model.attention_dropout_rate=0'],  # a fused kernel may run: splash on TPU
+                           # A fused kernel may run (splash on TPU), on 128-token tiles.
+                           '--config.model.attention_dropout_rate=0', '--config.model.max_position=128',
+                           '--config.data.seq_len=128'],
                           cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True, text=True,
                           timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]

@@ -136,3 +136,16 @@ def test_banner_says_which_attention_path_training_takes(monkeypatch):
   monkeypatch.setattr(fused_attention, '_is_nvidia', lambda: True)
   assert fused_attention.describe(cfg) == 'attention cudnn (auto, gpu)'
   assert fused_attention.describe(cfg | dict(dtype='float32')) == 'attention xla (auto, gpu)'  # cuDNN: 16 bits only
+
+
+def test_splash_on_a_tpu_takes_only_lengths_of_128_token_tiles():
+  """Mosaic's splash kernel on a TPU needs 128-lane blocks: a 64-token sequence (which failed to compile for
+  v5e there) runs XLA's attention instead; 128 tokens run the kernel. Traced as for a TPU (compile-only)."""
+  from jaxssl import mesh as mesh_lib
+
+  def traced(length):
+    q = jnp.ones((1, length, 2, 8), jnp.bfloat16)
+    with mesh_lib.compiling_for('tpu'):
+      return str(jax.make_jaxpr(lambda q: fused_attention.attend(q, q, q, implementation='splash'))(q))
+  assert 'pallas_call' not in traced(64)
+  assert 'pallas_call' in traced(128)

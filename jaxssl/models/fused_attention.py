@@ -75,7 +75,8 @@ def attend(q, k, v, *, implementation: str, mask=None, causal: bool = False, seg
   same attention for every query whose output is used (a padding query may differ). Scale 1/sqrt(D).
   `bias` (broadcastable to [B, N, T, S]) is added to the scaled scores; splash takes none, so 'auto' is 'xla' then.
   """
-  splash_fits = (segment_ids is not None or mask is None) and bias is None
+  splash_fits = ((segment_ids is not None or mask is None) and bias is None
+                 and (mesh_lib.backend() != 'tpu' or _tiles(q.shape[1]) and _tiles(k.shape[1])))
   path = resolve(implementation, q.dtype, splash_fits)
   if path == 'splash':
     if splash_fits:
@@ -125,6 +126,12 @@ def _splash(q, k, v, segment_ids, causal):
   heads, rows = P(('data', 'fsdp'), None, 'tensor', None), P(('data', 'fsdp'), None)
   return jax.shard_map(per_shard, in_specs=(heads, heads, heads, rows, rows), out_specs=heads,
                        check_vma=False)(q, k, v, q_ids, kv_ids)
+
+
+def _tiles(length: int) -> bool:
+  """Whether Mosaic's splash kernel takes `length` on a TPU: its blocks are multiples of 128 lanes (a 64-token
+  sequence failed to compile, 'bkv_compute=64 must be a multiple of 128'; XLA's attention runs it instead)."""
+  return length % 128 == 0
 
 
 def _block(length: int) -> int:
