@@ -120,7 +120,7 @@ def run(config, steps: int, profile_dir: str = '') -> dict:
       'device': f'{jax.device_count()}x {jax.devices()[0].device_kind}', 'family': config.model.name,
       'config': config.get('variant', ''), 'batch': config.train.batch_size, 'seq_len': config.data.seq_len,
       'dtype': config.model.dtype, 'layers': describe_layer_loop(config.model),
-      'attention': fused_attention.describe(config.model), 'loss': float(metrics['loss']),
+      'attention': fused_attention.describe(config.model, config.data.seq_len), 'loss': float(metrics['loss']),
   }
 
 

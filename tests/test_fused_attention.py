@@ -149,3 +149,14 @@ def test_splash_on_a_tpu_takes_only_lengths_of_128_token_tiles():
       return str(jax.make_jaxpr(lambda q: fused_attention.attend(q, q, q, implementation='splash'))(q))
   assert 'pallas_call' not in traced(64)
   assert 'pallas_call' in traced(128)
+
+
+def test_the_banner_says_xla_where_splash_tiles_do_not_fit_on_a_tpu():
+  from jaxssl import mesh as mesh_lib
+  cfg = dict(attention='auto', attention_dropout_rate=0.0, dtype='bfloat16')
+  with mesh_lib.compiling_for('tpu'):
+    assert fused_attention.describe(cfg, 512) == 'attention splash (auto, tpu)'
+    assert fused_attention.describe(cfg, 64) == 'attention xla (auto, tpu: 64 tokens are not 128-token tiles)'
+    assert fused_attention.describe(cfg | dict(attention='splash'), 64) == (
+        'attention xla (64 tokens are not 128-token tiles)')
+  assert fused_attention.describe(cfg, 64) == 'attention xla (auto, cpu)'

@@ -44,10 +44,10 @@ def resolve(implementation: str, dtype, splash_fits: bool = True) -> str:
   return 'xla'
 
 
-def describe(model_cfg) -> str:
+def describe(model_cfg, seq_len: int = 0) -> str:
   """What a banner says of a model section's attention path in training, e.g. 'attention cudnn (auto, gpu)', or
   'attention explicit (attention dropout 0.1)' (no kernel exposes the probabilities to drop); '' for a model
-  without the setting."""
+  without the setting. `seq_len` (when known) decides whether splash's tiles fit it on a TPU."""
   if 'attention' not in model_cfg:
     return ''
   if model_cfg.get('attention_type', 'full') == 'block_sparse':
@@ -58,7 +58,10 @@ def describe(model_cfg) -> str:
     return f"attention explicit (attention dropout {model_cfg['attention_dropout_rate']}){relative}"
   setting = model_cfg['attention']
   path = resolve(setting, jnp.dtype(model_cfg.get('dtype', 'float32')))
-  return f'attention {path}' + (f' (auto, {mesh_lib.backend()})' if setting == 'auto' else '') + relative
+  why = f'auto, {mesh_lib.backend()}' if setting == 'auto' else ''
+  if path == 'splash' and mesh_lib.backend() == 'tpu' and seq_len and not _tiles(seq_len):
+    path, why = 'xla', f'{why + ": " if why else ""}{seq_len} tokens are not 128-token tiles'
+  return f'attention {path}' + (f' ({why})' if why else '') + relative
 
 
 @functools.cache

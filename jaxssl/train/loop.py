@@ -282,12 +282,13 @@ def _restore_or_init(config, setup, tx, checkpointer, say):
   return 0, state_lib.init_state(setup, tx, params), False
 
 
-def _compute_note(model_cfg, dtype_note: str) -> str:
+def _compute_note(model_cfg, dtype_note: str, seq_len: int) -> str:
   """The compute settings that change speed and memory, for the banner ('' for a family without them);
   `dtype_note` is what precision.resolve said of the dtype."""
   shown = [dtype_note] if dtype_note else []
   shown += [f'remat {model_cfg.remat}'] if 'remat' in model_cfg else []
-  shown += [note for note in (layers.describe_layer_loop(model_cfg), fused_attention.describe(model_cfg)) if note]
+  notes = (layers.describe_layer_loop(model_cfg), fused_attention.describe(model_cfg, seq_len))
+  shown += [note for note in notes if note]
   return ', '.join(shown) + ' | ' if shown else ''
 
 
@@ -298,7 +299,7 @@ def _announce(config, workdir, state, vocab_size, mesh, start, resumed, say, dty
   say(f'jaxssl pretrain: {config.model.name} {config.get("variant", "")} | {n_params / 1e6:.2f}M params | '
       f'vocab {vocab_size} | mesh {dict(mesh.shape)} over {jax.device_count()} devices, '
       f'{jax.process_count()} process(es) | batch {t.batch_size} x {config.data.seq_len} | '
-      f'{_compute_note(config.model, dtype_note)}'
+      f'{_compute_note(config.model, dtype_note, config.data.seq_len)}'
       f'{"resuming from step " + str(start) if resumed else "starting at step 0"}'
       f'{" from " + init_from if init_from and not resumed else ""} → {t.steps}, a checkpoint every '
       f'{config.checkpoint.every_steps} steps | '
