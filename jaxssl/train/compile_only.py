@@ -118,7 +118,8 @@ def _compile_report(config, devices, hbm, described: str, vocab_size: int, memor
   model_flops = float(family.flops_per_token(config.model, vocab_size, seq, preds)) * tokens
   report = {
       'topology': described, 'devices': len(devices), 'mesh': dict(mesh.shape), 'compute': compute,
-      'layers': layers.describe_layer_loop(config.model), 'attention': fused_attention.describe(config.model, config.data.seq_len),
+      'layers': layers.describe_layer_loop(config.model),
+      'attention': fused_attention.describe(config.model, config.data.seq_len),
       'per_device_bytes': {'params': params, 'optimizer_state': optimizer, 'batch': batch_bytes,
                            'activations_and_temporaries': temp, 'total': total},
       'param_bytes': sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state['params'])),
