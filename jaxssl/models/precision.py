@@ -11,7 +11,6 @@ Rapids and later), whose products XLA:CPU hands to YNNPACK (models/products.py),
 import os
 import re
 
-from jaxssl import mesh as mesh_lib
 from jaxssl.errors import UserError
 
 SETTINGS = ('auto', 'float32', 'bfloat16')
@@ -49,7 +48,9 @@ def compute_dtype(setting: str, family: str, backend: str | None = None) -> tupl
   check_setting(setting)
   if setting != 'auto':
     return setting, f'compute {setting}'
-  backend = backend or mesh_lib.backend()
+  if backend is None:
+    from jaxssl import mesh as mesh_lib  # reason: flax's import; the generate job's warm start reads explicit dtypes
+    backend = mesh_lib.backend()
   if backend in ('tpu', 'gpu'):
     return 'bfloat16', f'compute bfloat16 (auto, {backend})'
   if not cpu_has_bf16():
