@@ -31,7 +31,10 @@ CASES = {
                   {'hf_flax': ('flax', ['hf_flax_bert.py', '--config', 'base'])}),
     'gpt2_small': (['--config', 'configs/gpt.py:small', '--config.train.batch_size=8', '--config.data.seq_len=256',
                     '--config.tokenizer.vocab_size=50257'],
-                   {'hf_torch': ('torch', ['hf_torch_gpt2.py', '--config', 'small'])}),
+                   {'hf_torch': ('torch', ['hf_torch_gpt2.py', '--config', 'small']),
+                    # The shared script has no bfloat16 flag; this wrapper of it runs the forward under autocast.
+                    'hf_torch_bf16': ('torch', [os.path.join(REPO, 'benchmarks', 'hf_torch_gpt2_bf16.py'),
+                                                '--config', 'small'])}),
 }
 
 

@@ -18,7 +18,7 @@ from jaxssl import mesh as mesh_lib
 from jaxssl.errors import UserError
 from jaxssl.mesh import constrain
 from jaxssl.models import fused_attention, precision
-from jaxssl.models.products import project, vocab_logits
+from jaxssl.models.products import add_bias, project, vocab_logits
 
 Dtype = jnp.dtype
 
@@ -131,7 +131,7 @@ class Dense(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     y = project(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
-    return y + self.bias[...].astype(self.dtype)
+    return add_bias(y, self.bias[...])
 
 
 class MultiHeadAttention(nnx.Module):
@@ -217,7 +217,7 @@ class MultiHeadAttention(nnx.Module):
                                    segment_ids=(ids, ids) if query_positions is None else None)
     out = constrain(out.astype(self.dtype), ('batch', 'length', 'act_heads', 'kv'))
     y = project(out, self.out_kernel[...].astype(self.dtype), in_axes=2)
-    return y + self.out_bias[...].astype(self.dtype)
+    return add_bias(y, self.out_bias[...])
 
 
 class Mlp(nnx.Module):

@@ -80,7 +80,9 @@ def _stats_fwd(x, weights, targets, valid, chunk):
     # d(nll)/d(logits) = softmax - one_hot(target), zero where not valid.
     onehot = jax.lax.broadcasted_iota(jnp.int32, e.shape, 2) == tc[..., None]
     dlogits = jnp.where(vc[..., None], e / total - onehot, 0.0).astype(x.dtype)
-    dx = jnp.einsum('bcv,vh->bch', dlogits, weights)
+    # A float32 result: XLA:CPU's bfloat16 dot into bfloat16 ran this [c, V] x [V, H] product at 204 GFLOP/s
+    # against 729 into float32 (Intel AMX host; products.bf16_matmul). Float32 inputs: the same product.
+    dx = jnp.einsum('bcv,vh->bch', dlogits, weights, preferred_element_type=jnp.float32).astype(x.dtype)
     weights_grad = weights_grad + _weights_grad(dlogits, xc)
     return (nll_sum + nll, correct_sum + correct, weights_grad), dx
   zero = jnp.zeros((), jnp.float32)

@@ -17,7 +17,7 @@ from jaxssl.mesh import constrain
 from jaxssl.models import fused_attention
 from jaxssl.models.layer_boundary import layer_boundary
 from jaxssl.models.layers import LayerNorm, dropout, make_param, maybe_remat, normal_init, ones, zeros
-from jaxssl.models.products import project
+from jaxssl.models.products import add_bias, project
 
 ACT = ('batch', 'length', 'act_embed')  # logical names of activations at block boundaries
 HEADS_ACT = ('batch', 'length', 'act_heads', 'kv')
@@ -73,7 +73,7 @@ class Linear(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     y = project(x.astype(self.dtype), self.kernel[...].astype(self.dtype), out_major=self.out_major)
-    return y + self.bias[...].astype(self.dtype) if self.use_bias else y
+    return add_bias(y, self.bias[...]) if self.use_bias else y
 
 
 class RMSNorm(nnx.Module):
@@ -176,7 +176,7 @@ class CausalSelfAttention(nnx.Module):
   def _finish(self, y, name, rotary):
     """A q/k/v product [B, T, heads, D] with its bias (and rotation for q and k), constrained to its heads."""
     if self.qkv_bias:
-      y = y + getattr(self, f'{name}_bias')[...].astype(self.dtype)
+      y = add_bias(y, getattr(self, f'{name}_bias')[...])
     if rotary is not None and name != 'value':
       y = apply_rope(y, rotary)
     return constrain(y, HEADS_ACT if name == 'query' else KV_HEADS_ACT)
@@ -192,7 +192,7 @@ class CausalSelfAttention(nnx.Module):
   def _output(self, out):
     out = constrain(out.astype(self.dtype), HEADS_ACT)
     y = project(out, self.out_kernel[...].astype(self.dtype), in_axes=2, out_major='out' in self.out_major)
-    return y + self.out_bias[...].astype(self.dtype) if self.use_bias else y
+    return add_bias(y, self.out_bias[...]) if self.use_bias else y
 
   def _explicit(self, q, k, v, mask, dropout_rng):
     """Softmax attention spelled out; q [B, T, N, D], k/v [B, S, K, D], `mask` [B, 1, T, S] bool (True = may
