@@ -166,7 +166,8 @@ def compute_keys(**overrides) -> dict:
       dtype='auto',        # compute dtype; params stay float32. 'auto': bfloat16 on TPU/GPU, and on a CPU with
                            # bfloat16 instructions for BERT; float32 elsewhere (models/precision.py) | 'float32' |
                            # 'bfloat16'
-      remat='dots',        # 'dots' (keep weight matmul outputs, recompute the rest) | 'none' | 'full'
+      remat='auto',        # 'auto' ('none' in bfloat16 on CPU, faster there; else 'dots') | 'dots' (keep weight
+                           # matmul outputs, recompute the rest) | 'none' | 'full' (models/precision.py)
       scan_layers=True,    # layers stacked (a leading 'layers' axis) and run by nnx.scan
       layer_loop='auto',   # how the stack runs: 'auto' (unrolled on CPU and GPU, faster there; a loop on TPU,
                            # compile time flat in depth; fine-tuning unrolls only train steps that run often

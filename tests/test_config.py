@@ -88,7 +88,7 @@ def test_pretraining_configs_are_what_they_were():
   holds: the same keys, values and types (int vs float, tuple vs list). It was first dumped before the files shared
   their common groups through jaxssl/config.py (that refactor changed nothing); since, a deliberate change to a
   config file rewrites the fixture in the same commit (`json.dump(dump_pretraining_configs(), f, indent=1,
-  sort_keys=True)`; last: model.dtype float32 -> auto), and an accidental
+  sort_keys=True)`; last: model.remat dots -> auto), and an accidental
   one fails here."""
   fixture = os.path.join(os.path.dirname(__file__), 'fixtures', 'pretraining_configs.json')
   with open(fixture, encoding='utf-8') as f:

@@ -94,3 +94,25 @@ def test_bfloat16_loss_is_near_float32_for_every_family(spec):
   assert np.isfinite(losses['bfloat16'])
   assert abs(losses['bfloat16'] - losses['float32']) <= 2e-3 * abs(losses['float32']), losses
   assert losses['bfloat16'] != losses['float32'], losses  # it did compute in bfloat16
+
+
+def test_remat_auto_takes_none_in_bfloat16_on_cpu_and_dots_elsewhere():
+  """model.remat=auto (the published configs' default): recomputing costs more than it saves in bfloat16 on CPU
+  (BENCHMARKS.md §41); 'dots' in float32 on CPU and on TPU/GPU. Explicit settings pass through; resolve() sets it
+  in the config section and a model config no job resolved takes it in check_compute_settings."""
+  import ml_collections
+  from jaxssl.models import gpt as gpt_lib
+  assert precision.remat_policy('auto', 'bfloat16', 'cpu') == ('none', 'remat none (auto: bfloat16 on CPU)')
+  assert precision.remat_policy('auto', 'float32', 'cpu') == ('dots', 'remat dots (auto, cpu, float32)')
+  assert precision.remat_policy('auto', 'bfloat16', 'tpu')[0] == 'dots'
+  assert precision.remat_policy('auto', 'bfloat16', 'gpu')[0] == 'dots'
+  assert precision.remat_policy('full', 'bfloat16', 'cpu') == ('full', 'remat full')
+  section = ml_collections.ConfigDict(dict(name='gpt', dtype='bfloat16', remat='auto'))
+  precision.resolve(section, 'cpu')
+  assert section.remat == 'none'
+  section = ml_collections.ConfigDict(dict(name='gpt', dtype='auto', remat='auto'))
+  precision.resolve(section, 'tpu')
+  assert (section.dtype, section.remat) == ('bfloat16', 'dots')
+  c = gpt_lib.GPTConfig.from_config(dict(num_layers=1, hidden_size=16, num_heads=2, intermediate_size=32,
+                                          dtype='float32', remat='auto'), vocab_size=64)
+  assert c.remat == 'dots'  # from_config's check (layers.check_compute_settings) resolved it

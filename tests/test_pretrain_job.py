@@ -139,12 +139,15 @@ def test_export_round_trip(reference_run, tmp_path):
 def test_dtype_auto_is_resolved_at_each_start_and_recorded(corpus, reference_run, tmp_path):
   """model.dtype=auto (the configs' default) computes BERT in bfloat16 on a CPU with bfloat16 instructions
   (JAXSSL_CPU_BF16=1 stands in for one; conftest pins 0), says so in the banner and records it in config.json and
-  the export; its losses follow the float32 run's. A rerun on a CPU without them resumes in float32."""
+  the export; its losses follow the float32 run's. A rerun on a CPU without them resumes in float32. model.remat=auto
+  (the published sizes' default) takes 'none' in bfloat16 on CPU and 'dots' in float32, in the banner too."""
   workdir = tmp_path / 'w'
-  first = run_job(job_args(corpus, workdir, steps=20), env={'JAXSSL_CPU_BF16': '1'})
+  first = run_job(job_args(corpus, workdir, '--config.model.remat=auto', steps=20), env={'JAXSSL_CPU_BF16': '1'})
   assert first.returncode == 0, first.stderr[-3000:]
-  assert '| compute bfloat16 (auto: this CPU has bfloat16 instructions), remat ' in first.stdout, first.stdout
+  assert ('| compute bfloat16 (auto: this CPU has bfloat16 instructions), remat none (auto: bfloat16 on CPU), '
+          in first.stdout), first.stdout
   assert json.load(open(workdir / 'config.json'))['model']['dtype'] == 'bfloat16'
+  assert json.load(open(workdir / 'config.json'))['model']['remat'] == 'none'
   reference, bf16 = losses(reference_run), losses(workdir)
   assert sorted(bf16) == list(range(1, 21))
   assert max(abs(bf16[s] - reference[s]) for s in bf16) < 0.05, (bf16, reference)
@@ -153,9 +156,10 @@ def test_dtype_auto_is_resolved_at_each_start_and_recorded(corpus, reference_run
   assert run_job(['--workdir', str(workdir), '--out', str(out)], module='jaxssl.export').returncode == 0
   assert json.load(open(out / 'config.json'))['model']['dtype'] == 'bfloat16'
 
-  again = run_job(job_args(corpus, workdir, steps=30))
+  again = run_job(job_args(corpus, workdir, '--config.model.remat=auto', steps=30))
   assert again.returncode == 0, again.stderr[-3000:]
-  assert '| compute float32 (auto: this CPU has no bfloat16 instructions), remat ' in again.stdout, again.stdout
+  assert ('| compute float32 (auto: this CPU has no bfloat16 instructions), remat dots (auto, cpu, float32), '
+          in again.stdout), again.stdout
   assert 'resuming from step 20' in again.stdout
   assert json.load(open(workdir / 'config.json'))['model']['dtype'] == 'float32'
   assert sorted(losses(workdir)) == list(range(1, 31))

@@ -348,16 +348,18 @@ def check_compute_settings(c, family: str, *, dropout_names=('dropout_rate', 'at
                            eps_note: str = '') -> None:
   """The checks every Transformer config shares, as one-line UserErrors: dropout rates in [0, 1), a positive
   `layer_norm_eps` (when the config has one; `eps_note` names the reference value), dtype, remat and the
-  attention implementation. A dtype of 'auto' (a config no job resolved) becomes what `family` (model.name)
-  computes in on this backend (precision.compute_dtype)."""
+  attention implementation. A dtype or remat of 'auto' (a config no job resolved) becomes what `family`
+  (model.name) takes on this backend (precision.compute_dtype, precision.remat_policy)."""
   for name in dropout_names:
     if not 0.0 <= getattr(c, name) < 1.0:
       raise UserError(f'model.{name}={getattr(c, name)} must be in [0, 1)')
   if hasattr(c, 'layer_norm_eps') and not c.layer_norm_eps > 0:
     raise UserError(f'model.layer_norm_eps={c.layer_norm_eps} must be positive{eps_note}')
   object.__setattr__(c, 'dtype', precision.compute_dtype(c.dtype, family)[0])  # a frozen dataclass
+  if c.remat == 'auto':
+    object.__setattr__(c, 'remat', precision.remat_policy('auto', c.dtype)[0])
   if c.remat not in ('none', *REMAT_POLICIES):
-    raise UserError(f"model.remat={c.remat!r}: use 'none', 'full' or 'dots'")
+    raise UserError(f"model.remat={c.remat!r}: use 'auto', 'none', 'full' or 'dots'")
   if c.layer_loop not in LAYER_LOOPS:
     raise UserError(f"model.layer_loop={c.layer_loop!r}: use 'auto', 'scan' or 'unrolled'")
   fused_attention.check_implementation(c.attention)

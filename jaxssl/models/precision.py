@@ -7,6 +7,7 @@ family. On CPU it takes bfloat16 only for the families whose bfloat16 step measu
 with bfloat16 instructions (x86 `avx512_bf16` or `amx_bf16`: AMD Zen 4 and later, Intel Cooper Lake / Sapphire
 Rapids and later), whose products XLA:CPU hands to YNNPACK (models/products.py), and float32 elsewhere
 (BENCHMARKS.md §§39-40). A job resolves `auto` once, when it starts, and records the dtype it computed in.
+`model.remat=auto` is resolved with it (`remat_policy`): what recomputation pays depends on the dtype and backend.
 """
 import os
 import re
@@ -60,11 +61,29 @@ def compute_dtype(setting: str, family: str, backend: str | None = None) -> tupl
   return 'bfloat16', 'compute bfloat16 (auto: this CPU has bfloat16 instructions)'
 
 
+def remat_policy(setting: str, dtype: str, backend: str | None = None) -> tuple[str, str]:
+  """(remat policy, what the banner says of it) for `model.remat=setting` computing in `dtype` on `backend`.
+
+  `auto`: 'none' for bfloat16 on CPU, where recomputing costs more than the activations' memory saves (a 2-core
+  Intel Xeon with AMX, BENCHMARKS.md §41: GPT-2 small 1.21x, BERT-base 1.11x, BERT-small 1.07x 'dots'); 'dots'
+  elsewhere: in float32 on CPU (§13: never slower, half the activation memory), and on TPU and GPU, where memory is
+  what limits the batch (GPT-2 small on an H200: 'dots' 1.06x 'none', §23)."""
+  if setting != 'auto':
+    return setting, f'remat {setting}'
+  if backend is None:
+    from jaxssl import mesh as mesh_lib  # reason: flax's import, as in compute_dtype
+    backend = mesh_lib.backend()
+  if backend == 'cpu' and dtype == 'bfloat16':
+    return 'none', 'remat none (auto: bfloat16 on CPU)'
+  return 'dots', f'remat dots (auto, {backend}, {dtype})'
+
+
 def resolve(model_cfg, backend: str | None = None) -> str:
-  """Sets `model_cfg.dtype` (a config section) to the dtype its setting resolves to on `backend`; returns what the
-  banner says of it ('' for a family without the setting)."""
-  if 'dtype' not in model_cfg:
-    return ''
-  dtype, note = compute_dtype(model_cfg.dtype, model_cfg.get('name', ''), backend)
-  model_cfg.dtype = dtype
+  """Sets `model_cfg.dtype` and `model_cfg.remat` (a config section) to what their settings resolve to on
+  `backend`; returns what the banner says of the dtype ('' for a family without the setting)."""
+  note = ''
+  if 'dtype' in model_cfg:
+    model_cfg.dtype, note = compute_dtype(model_cfg.dtype, model_cfg.get('name', ''), backend)
+  if model_cfg.get('remat') == 'auto':
+    model_cfg.remat = remat_policy('auto', model_cfg.get('dtype', 'float32'), backend)[0]
   return note

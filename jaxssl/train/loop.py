@@ -115,7 +115,11 @@ def run_pretraining(config, workdir: str) -> dict:
   """Trains (or resumes) to `config.train.steps`; returns the last logged metrics."""
   is_main = jax.process_index() == 0
   say = print if is_main else (lambda *a, **k: None)
-  dtype_note = precision.resolve(config.model)  # 'auto' -> this backend's dtype, recorded in config.json
+  remat_auto = config.model.get('remat') == 'auto'
+  dtype_note = precision.resolve(config.model)  # 'auto' -> this backend's dtype (and remat), in config.json
+  if remat_auto:
+    remat_note = precision.remat_policy('auto', config.model.get('dtype', 'float32'))[1]
+    dtype_note = ', '.join(n for n in (dtype_note, remat_note) if n)
   checkpointer = _checked_checkpointer(config, workdir, say)
   corpus_identity = _corpora(config).corpus_identity(config.data)  # before loading: the files it prepares and reads
   sources, tokenizer, vocab_size = _corpus_and_tokenizer(config, workdir, is_main)
@@ -284,9 +288,9 @@ def _restore_or_init(config, setup, tx, checkpointer, say):
 
 def _compute_note(model_cfg, dtype_note: str, seq_len: int) -> str:
   """The compute settings that change speed and memory, for the banner ('' for a family without them);
-  `dtype_note` is what precision.resolve said of the dtype."""
+  `dtype_note` is what precision.resolve said of the dtype (and of the remat, when 'auto' picked it)."""
   shown = [dtype_note] if dtype_note else []
-  shown += [f'remat {model_cfg.remat}'] if 'remat' in model_cfg else []
+  shown += [f'remat {model_cfg.remat}'] if 'remat' in model_cfg and 'remat ' not in dtype_note else []
   notes = (layers.describe_layer_loop(model_cfg), fused_attention.describe(model_cfg, seq_len))
   shown += [note for note in notes if note]
   return ', '.join(shown) + ' | ' if shown else ''
