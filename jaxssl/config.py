@@ -164,8 +164,8 @@ def compute_keys(**overrides) -> dict:
   """The model section's compute settings of a Transformer family (keys, defaults and what they mean)."""
   return dict(
       dtype='auto',        # compute dtype; params stay float32. 'auto': bfloat16 on TPU/GPU, and on a CPU with
-                           # bfloat16 instructions for BERT; float32 elsewhere (models/precision.py) | 'float32' |
-                           # 'bfloat16'
+                           # bfloat16 instructions for the families measured faster in it; float32 elsewhere
+                           # (models/precision.py) | 'float32' | 'bfloat16'
       remat='auto',        # 'auto' ('none' in bfloat16 on CPU, faster there; else 'dots') | 'dots' (keep weight
                            # matmul outputs, recompute the rest) | 'none' | 'full' (models/precision.py)
       scan_layers=True,    # layers stacked (a leading 'layers' axis) and run by nnx.scan

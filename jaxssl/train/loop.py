@@ -115,11 +115,11 @@ def run_pretraining(config, workdir: str) -> dict:
   """Trains (or resumes) to `config.train.steps`; returns the last logged metrics."""
   is_main = jax.process_index() == 0
   say = print if is_main else (lambda *a, **k: None)
-  remat_auto = config.model.get('remat') == 'auto'
+  remat_setting = config.model.get('remat', '')
   dtype_note = precision.resolve(config.model)  # 'auto' -> this backend's dtype (and remat), in config.json
-  if remat_auto:
-    remat_note = precision.remat_policy('auto', config.model.get('dtype', 'float32'))[1]
-    dtype_note = ', '.join(n for n in (dtype_note, remat_note) if n)
+  # What the banner says of the remat: the setting as given, so that 'auto' says what it picked and why.
+  remat_note = precision.remat_policy(remat_setting, config.model.get('dtype', 'float32'))[1] if remat_setting else ''
+  compute_note = ', '.join(n for n in (dtype_note, remat_note) if n)
   checkpointer = _checked_checkpointer(config, workdir, say)
   corpus_identity = _corpora(config).corpus_identity(config.data)  # before loading: the files it prepares and reads
   sources, tokenizer, vocab_size = _corpus_and_tokenizer(config, workdir, is_main)
@@ -132,7 +132,7 @@ def run_pretraining(config, workdir: str) -> dict:
   family = families.family_for(config.model)
   flops_per_token = family.flops_per_token(config.model, vocab_size, config.data.seq_len,
                                            config.data.max_predictions)
-  _announce(config, workdir, state, vocab_size, mesh, start, resumed, say, dtype_note)
+  _announce(config, workdir, state, vocab_size, mesh, start, resumed, say, compute_note)
   if is_main:
     storage.write_text(storage.join(workdir, 'config.json'), config_lib.to_json(config))
 
@@ -286,24 +286,23 @@ def _restore_or_init(config, setup, tx, checkpointer, say):
   return 0, state_lib.init_state(setup, tx, params), False
 
 
-def _compute_note(model_cfg, dtype_note: str, seq_len: int) -> str:
+def _compute_note(model_cfg, compute_note: str, seq_len: int) -> str:
   """The compute settings that change speed and memory, for the banner ('' for a family without them);
-  `dtype_note` is what precision.resolve said of the dtype (and of the remat, when 'auto' picked it)."""
-  shown = [dtype_note] if dtype_note else []
-  shown += [f'remat {model_cfg.remat}'] if 'remat' in model_cfg and 'remat ' not in dtype_note else []
+  `compute_note` is what precision says of the dtype and remat."""
+  shown = [compute_note] if compute_note else []
   notes = (layers.describe_layer_loop(model_cfg), fused_attention.describe(model_cfg, seq_len))
   shown += [note for note in notes if note]
   return ', '.join(shown) + ' | ' if shown else ''
 
 
-def _announce(config, workdir, state, vocab_size, mesh, start, resumed, say, dtype_note: str) -> None:
+def _announce(config, workdir, state, vocab_size, mesh, start, resumed, say, compute_note: str) -> None:
   """The run's one-line banner."""
   t, init_from = config.train, config.get('init_from', '')
   n_params = state_lib.param_count(state['params'])
   say(f'jaxssl pretrain: {config.model.name} {config.get("variant", "")} | {n_params / 1e6:.2f}M params | '
       f'vocab {vocab_size} | mesh {dict(mesh.shape)} over {jax.device_count()} devices, '
       f'{jax.process_count()} process(es) | batch {t.batch_size} x {config.data.seq_len} | '
-      f'{_compute_note(config.model, dtype_note, config.data.seq_len)}'
+      f'{_compute_note(config.model, compute_note, config.data.seq_len)}'
       f'{"resuming from step " + str(start) if resumed else "starting at step 0"}'
       f'{" from " + init_from if init_from and not resumed else ""} → {t.steps}, a checkpoint every '
       f'{config.checkpoint.every_steps} steps | '
