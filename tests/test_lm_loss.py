@@ -91,3 +91,25 @@ def test_bfloat16_compute_keeps_a_float32_loss():
   ex, ew = jax.grad(lambda x, w: lm_loss.next_token_stats(x, w, targets, valid, 4)[0], argnums=(0, 1))(x, w)
   np.testing.assert_allclose(np.asarray(gw, np.float32), ew, atol=0.05 * float(np.abs(ew).max()))
   np.testing.assert_allclose(np.asarray(gx, np.float32), ex, atol=0.05 * float(np.abs(ex).max()))
+
+
+@pytest.mark.parametrize('vocab_slice', [16, 64])  # 4 slices (the last of 2 entries), and one whole slice
+def test_vocab_sliced_gradient_equals_the_chunked_one(vocab_slice, monkeypatch):
+  """The bfloat16 XLA:CPU path (`_sliced_fwd`: blocks of rows, the vocabulary in slices, a running logsumexp)
+  computes the same loss, count and gradients as the chunked one: in float32 to rounding, and in bfloat16 (what
+  `next_token_stats` takes it for on CPU) within bfloat16 rounding of float32."""
+  x = jax.random.normal(jax.random.key(0), (B, T, H))
+  w = jax.random.normal(jax.random.key(1), (V, H))
+  ids, seg = packed_rows()
+  targets, valid = gpt.next_token_targets(ids, seg)
+  (want, want_grads) = lm_loss._stats_fwd(x, w, targets, valid, 4)  # float32: the chunked path
+  (got, got_grads) = jax.jit(lambda x, w: lm_loss._sliced_fwd(x, w, targets, valid, 8, vocab_slice))(x, w)
+  for a, b in zip((*got, *got_grads), (*want, *want_grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  assert lm_loss._cpu_chunk(8, 256, 64) == 256 and lm_loss._cpu_chunk(32, 1024, 64) == 64
+  assert lm_loss._cpu_chunk(4, 12, 4) == 12 and lm_loss._cpu_chunk(3, 1000, 8) == 500
+  monkeypatch.setattr(lm_loss, 'VOCAB_SLICE', vocab_slice)
+  grad = jax.jit(jax.grad(lambda x, w: lm_loss.next_token_stats(x, w, targets, valid, 4)[0], argnums=(0, 1)))
+  for got, want in zip(grad(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)), want_grads):
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=0.02 * float(np.abs(want).max()))

@@ -22,6 +22,7 @@ def _loss(x, kernel):
 
 @pytest.mark.parametrize('shape_x,shape_k', [((4, 32, 64), (64, 96)),     # blocks of 16
                                               ((3, 6, 40), (40, 24)),      # blocks of 2 and 8
+                                              ((4, 32, 96), (96, 16)),     # dkernel as (g^T x)^T: K > N
                                               ((5, 7), (7, 9))])           # no block: the plain transpose
 def test_bf16_project_matches_float32(shape_x, shape_k):
   x, kernel = _operands(shape_x, shape_k)
@@ -41,14 +42,17 @@ def test_transposed_is_the_transpose():
   a = jnp.arange(48 * 80, dtype=jnp.float32).reshape(48, 80).astype(jnp.bfloat16)
   for rows, cols in ((48, 80), (6, 10), (5, 7)):
     part = a[:rows, :cols]
-    np.testing.assert_array_equal(products._transposed(part), part.T)
+    np.testing.assert_array_equal(products.transposed(part), part.T)
+  batched = jnp.arange(2 * 3 * 32 * 48, dtype=jnp.float32).reshape(2, 3, 32, 48)  # leading axes stay in place
+  np.testing.assert_array_equal(products.transposed(batched), jnp.swapaxes(batched, -1, -2))
 
 
-def test_bf16_gradient_products_stay_bfloat16_on_cpu():
+@pytest.mark.parametrize('shape_k', [(128, 256), (256, 64)])  # x^T g, and (g^T x)^T (K > N)
+def test_bf16_gradient_products_stay_bfloat16_on_cpu(shape_k):
   """Every dot of the compiled gradient reads bfloat16 operands: XLA:CPU converts a dot's operands to float32 when
   YNNPACK's bfloat16 kernels cannot take its layout, which made bfloat16 slower than float32 (BENCHMARKS.md §39).
   A change in XLA's transpose folding would show here first."""
-  x, kernel = _operands((8, 64, 128), (128, 256))
+  x, kernel = _operands((8, 64, shape_k[0]), shape_k)
   hlo = jax.jit(jax.grad(_loss, argnums=(0, 1))).lower(x, kernel).compile().as_text()
   computations = re.findall(r'^%[\w.\-]+ \((.*?)\) -> .*?\n\}', hlo, re.M | re.S)
   with_dots = [c for c in re.findall(r'^%[\w.\-]+ \(.*?\n\}', hlo, re.M | re.S) if ' dot(' in c]

@@ -8,11 +8,22 @@ so its gradient is known up to the scalar cotangent) and reduces it into dL/dx a
 backward pass only scales them. Same FLOPs, one exp per logit instead of two, no [B, T, V] array. Numerically it
 is the usual cross-entropy (float32 logits and softmax), tested against it; Levanter's blockwise cross-entropy
 and Liger's fused linear cross-entropy are the same idea.
+
+In bfloat16 on XLA:CPU the gradient takes `_sliced_fwd` instead: blocks of up to `CPU_ROWS` rows, the vocabulary
+in slices of `VOCAB_SLICE` (BENCHMARKS.md §42).
 """
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+
+from jaxssl import mesh as mesh_lib
+from jaxssl.models.products import transposed
+
+# The bfloat16 XLA:CPU gradient's shapes: rows per block (at least) and vocabulary entries per slice.
+CPU_ROWS = 2048
+VOCAB_SLICE = 4096
 
 
 def next_token_stats(x, weights, targets, valid, chunk: int):
@@ -71,6 +82,8 @@ def _stats(x, weights, targets, valid, chunk):
 
 
 def _stats_fwd(x, weights, targets, valid, chunk):
+  if x.dtype == weights.dtype == jnp.bfloat16 and mesh_lib.backend() == 'cpu':
+    return _sliced_fwd(x, weights, targets, valid, _cpu_chunk(x.shape[0], x.shape[1], chunk), VOCAB_SLICE)
   vocab = weights.shape[0]
 
   def body(carry, block):
@@ -100,6 +113,63 @@ def _weights_grad(dlogits, xc):
   if xc.dtype == jnp.float32:
     return jnp.einsum('bch,bcv->hv', xc, dlogits, preferred_element_type=jnp.float32).T
   return jnp.einsum('bcv,bch->vh', dlogits, xc, preferred_element_type=jnp.float32)
+
+
+def _cpu_chunk(batch: int, length: int, chunk: int) -> int:
+  """Positions per block on the CPU path: the most that divide `length` with batch x positions <= CPU_ROWS
+  (at least `chunk`)."""
+  fits = [c for c in range(1, length + 1) if length % c == 0 and batch * c <= CPU_ROWS]
+  return max([chunk, *fits])
+
+
+def _sliced_fwd(x, weights, targets, valid, chunk, vocab_slice):
+  """`_stats_fwd` as XLA:CPU runs it fastest in bfloat16: per block of `chunk` positions (all rows of a block as
+  one [R, H] matrix), the vocabulary in slices of `vocab_slice` entries, each a product of the shapes YNNPACK runs
+  at ~850 GFLOP/s; whole-vocabulary products ([512, 768] x [768, 50257] and its two gradients) ran at 400-650
+  with the [V, H] table out of cache. Two passes over the slices: a running max and sum of exponentials
+  (logsumexp) and the target's logit, then each slice's logits again (XLA keeps the first pass's) for the
+  gradient. The table gradient is formed [H, V] (x^T dlogits: no [R, V] transpose) and transposed once."""
+  vocab, hidden = weights.shape
+  spans = [(lo, min(lo + vocab_slice, vocab)) for lo in range(0, vocab, vocab_slice)]
+
+  def slice_logits(x2, lo, hi):
+    return jnp.dot(x2, transposed(weights[lo:hi]), preferred_element_type=jnp.float32)
+
+  def body(carry, block):
+    nll_sum, correct_sum, grad_t = carry
+    xc, tc, vc = block
+    x2, t2, v2 = xc.reshape(-1, hidden), tc.reshape(-1), vc.reshape(-1)
+    rows = x2.shape[0]
+    peak = jnp.full((rows,), -jnp.inf, jnp.float32)
+    total = jnp.zeros((rows,), jnp.float32)
+    target_logit = jnp.zeros((rows,), jnp.float32)
+    for lo, hi in spans:
+      logits = slice_logits(x2, lo, hi)
+      new_peak = jnp.maximum(peak, jnp.max(logits, axis=1))
+      total = total * jnp.exp(peak - new_peak) + jnp.sum(jnp.exp(logits - new_peak[:, None]), axis=1)
+      peak = new_peak
+      picked = jnp.take_along_axis(logits, jnp.clip(t2 - lo, 0, hi - lo - 1)[:, None], axis=1)[:, 0]
+      target_logit = target_logit + jnp.where((t2 >= lo) & (t2 < hi), picked, 0.0)
+    lse = peak + jnp.log(total)
+    nll = jnp.sum(jnp.where(v2, lse - target_logit, 0.0))
+    correct = jnp.sum((target_logit >= peak) & v2).astype(jnp.float32)
+    dx = jnp.zeros((rows, hidden), jnp.float32)
+    x_t = transposed(x2)
+    slice_grads = []
+    for lo, hi in spans:
+      logits = slice_logits(x2, lo, hi)
+      onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) + lo == t2[:, None]
+      # d(nll)/d(logits) = softmax - one_hot(target), zero where not valid.
+      dlogits = jnp.where(v2[:, None], jnp.exp(logits - lse[:, None]) - onehot, 0.0).astype(x.dtype)
+      dx = dx + jnp.dot(dlogits, weights[lo:hi], preferred_element_type=jnp.float32)
+      slice_grads.append(jnp.dot(x_t, dlogits, preferred_element_type=jnp.float32))
+    grad_t = grad_t + jnp.concatenate(slice_grads, axis=1)
+    return (nll_sum + nll, correct_sum + correct, grad_t), dx.astype(x.dtype).reshape(xc.shape)
+  zero = jnp.zeros((), jnp.float32)
+  init = (zero, zero, jnp.zeros((hidden, vocab), jnp.float32))
+  (nll, correct, grad_t), dx = jax.lax.scan(
+      body, init, (_blocks(x, chunk), _blocks(targets, chunk), _blocks(valid, chunk)))
+  return (nll, correct), (_unblock(dx), transposed(grad_t.astype(weights.dtype)))
 
 
 def _stats_bwd(chunk, residuals, cotangents):

@@ -50,7 +50,7 @@ def bf16_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
   other to float32 first; and a dot with a bfloat16 result ran no faster than float32, one with a float32 result
   1.6x faster. The plain `x @ kernel` (a bfloat16 result) and both gradient products (x^T g, g kernel^T: XLA folds
   the transposes into the dots) were all slow, so bfloat16 ran slower than float32. Here each product asks for a
-  float32 result, and the gradient's transposes are written so that XLA does not fold them (`_transposed`): the
+  float32 result, and the gradient's transposes are written so that XLA does not fold them (`transposed`): the
   operands are copied, transposed, once.
   2-core Zen 4: a [4096, 512] x [512, 2048] gradient's products 330 GFLOP/s against 125-135 before (float32 ~180).
   """
@@ -63,8 +63,14 @@ def _bf16_matmul_fwd(x, kernel):
 
 def _bf16_matmul_bwd(saved, g):
   x, kernel = saved
-  dx = jnp.dot(g, _transposed(kernel), preferred_element_type=jnp.float32).astype(x.dtype)
-  dkernel = jnp.dot(_transposed(x), g, preferred_element_type=jnp.float32).astype(kernel.dtype)
+  dx = jnp.dot(g, transposed(kernel), preferred_element_type=jnp.float32).astype(x.dtype)
+  (m, k), n = x.shape, g.shape[1]
+  if m * n + k * n < m * k:
+    # Transposing g [M, N] and the result [N, K] copies less than x [M, K] (an MLP's output kernel, K = 4H):
+    # dkernel = (g^T x)^T. GPT-2 small: x^T [3072, 2048] took ~30 ms a layer in the step (BENCHMARKS.md §42).
+    dkernel = transposed(jnp.dot(transposed(g), x, preferred_element_type=jnp.float32).astype(kernel.dtype))
+  else:
+    dkernel = jnp.dot(transposed(x), g, preferred_element_type=jnp.float32).astype(kernel.dtype)
   return dx, dkernel
 
 
@@ -99,14 +105,18 @@ def _add_bias_bwd(bias, g):
 _add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 
-def _transposed(a: jax.Array) -> jax.Array:
-  """a.T [C, R], materialized: spelled as a 4-D transpose of blocks, which XLA's transpose folding leaves alone
-  (a plain `.T` would become the dot's dimension numbers again). Sides no block size divides: the plain `.T`."""
-  rows, cols = a.shape
+def transposed(a: jax.Array) -> jax.Array:
+  """a [..., R, C] with its last two axes swapped, [..., C, R], materialized: spelled as a transpose of 16 x 16
+  blocks (or 8, 4, 2), which XLA's transpose folding leaves alone (a plain swap would become the dot's dimension
+  numbers again, and XLA:CPU converts a bfloat16 dot of any but the plain layout to float32). Sides no block size
+  divides: the plain swap."""
+  *lead, rows, cols = a.shape
+  n = len(lead)
   for block in (16, 8, 4, 2):
     if rows % block == 0 and cols % block == 0:
-      return a.reshape(rows // block, block, cols // block, block).transpose(2, 3, 0, 1).reshape(cols, rows)
-  return a.T
+      blocks = a.reshape(*lead, rows // block, block, cols // block, block)
+      return blocks.transpose(*range(n), n + 2, n + 3, n, n + 1).reshape(*lead, cols, rows)
+  return jnp.swapaxes(a, -1, -2)
 
 
 def out_major_perm(ndim: int, in_axes: int) -> tuple[int, ...]:
