@@ -128,7 +128,8 @@ def test_banner_says_which_attention_path_training_takes(monkeypatch):
   assert fused_attention.describe(cfg) == 'attention xla (auto, cpu)'
   assert fused_attention.describe(cfg | dict(attention='splash')) == 'attention splash'
   dropout = cfg | dict(attention_dropout_rate=0.1)
-  assert fused_attention.describe(dropout) == 'attention explicit (attention dropout 0.1)'
+  assert fused_attention.describe(dropout) == 'attention explicit (attention dropout 0.1, bfloat16 CPU core)'
+  assert fused_attention.describe(dropout | dict(dtype='float32')) == 'attention explicit (attention dropout 0.1)'
   assert fused_attention.describe(cfg | dict(attention_type='block_sparse', sparse_min_length=1024)) == (
       'attention block_sparse from 1024 tokens')
   assert fused_attention.describe(dict(dtype='float32')) == ''  # a model without the setting (ELMo)

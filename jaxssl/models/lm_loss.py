@@ -13,7 +13,6 @@ In bfloat16 on XLA:CPU the gradient takes `_sliced_fwd` instead: blocks of up to
 in slices of `VOCAB_SLICE` (BENCHMARKS.md §42).
 """
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -127,7 +126,7 @@ def _sliced_fwd(x, weights, targets, valid, chunk, vocab_slice):
   one [R, H] matrix), the vocabulary in slices of `vocab_slice` entries, each a product of the shapes YNNPACK runs
   at ~850 GFLOP/s; whole-vocabulary products ([512, 768] x [768, 50257] and its two gradients) ran at 400-650
   with the [V, H] table out of cache. Two passes over the slices: a running max and sum of exponentials
-  (logsumexp) and the target's logit, then each slice's logits again (XLA keeps the first pass's) for the
+  (logsumexp) and the target's logit, then each slice's logits again (XLA:CPU forms each once) for the
   gradient. The table gradient is formed [H, V] (x^T dlogits: no [R, V] transpose) and transposed once."""
   vocab, hidden = weights.shape
   spans = [(lo, min(lo + vocab_slice, vocab)) for lo in range(0, vocab, vocab_slice)]
