@@ -1,4 +1,4 @@
-"""layers.softmax_attention (the custom-gradient attention core of bfloat16 XLA:CPU) against the spelled-out
+"""attention_core.softmax_attention (the custom-gradient attention core of bfloat16 XLA:CPU) against the spelled-out
 attention: values, gradients with dropout and masks, the layout its products compile to, and the GPT and BERT
 attention layers that take it."""
 import re
@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from jaxssl.config import load_config
-from jaxssl.models import gpt, layers, parts
+from jaxssl.models import attention_core, dropout, gpt, layers, parts
 
 B, N, M, D = 2, 3, 32, 16
 
@@ -19,7 +19,7 @@ def _spelled_out(q, k, v, mask, rate, rng):
   """What autodiff differentiates on the other paths (layers.MultiHeadAttention, parts.CausalSelfAttention)."""
   logits = jnp.einsum('bnqd,bnkd->bnqk', q, k, preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(D))
   probs = jax.nn.softmax(jnp.where(mask, logits, jnp.finfo(jnp.float32).min), axis=-1)
-  return jnp.einsum('bnqk,bnkd->bnqd', layers.dropout(probs, rate, rng).astype(q.dtype), v)
+  return jnp.einsum('bnqk,bnkd->bnqd', dropout.dropout(probs, rate, rng).astype(q.dtype), v)
 
 
 def _inputs(dtype):
@@ -39,7 +39,7 @@ def _value_and_grads(fn, q, k, v, g):
 def test_core_equals_spelled_out_attention_in_float32(rate):
   q, k, v, g, mask = _inputs(jnp.float32)
   rng = jax.random.key(7) if rate else None
-  got = jax.jit(lambda *a: _value_and_grads(lambda q, k, v: layers.softmax_attention(q, k, v, mask, rate, rng),
+  got = jax.jit(lambda *a: _value_and_grads(lambda q, k, v: attention_core.softmax_attention(q, k, v, mask, rate, rng),
                                             *a))(q, k, v, g)
   want = _value_and_grads(lambda q, k, v: _spelled_out(q, k, v, mask, rate, rng), q, k, v, g)
   for a, b in zip(got, want):
@@ -54,7 +54,7 @@ def test_core_in_bfloat16_is_as_close_to_float32_as_autodiff(rate):
   q, k, v, g, mask = _inputs(jnp.float32)
   rng = jax.random.key(7) if rate else None
   low = [a.astype(jnp.bfloat16) for a in (q, k, v, g)]
-  core = jax.jit(lambda *a: _value_and_grads(lambda q, k, v: layers.softmax_attention(q, k, v, mask, rate, rng),
+  core = jax.jit(lambda *a: _value_and_grads(lambda q, k, v: attention_core.softmax_attention(q, k, v, mask, rate, rng),
                                              *a))(*low)
   auto = _value_and_grads(lambda q, k, v: _spelled_out(q, k, v, mask, rate, rng), *low)
   exact = _value_and_grads(lambda q, k, v: _spelled_out(q, k, v, mask, rate, rng), q, k, v, g)
@@ -71,7 +71,7 @@ def test_core_gradient_products_read_bfloat16_only():
   take to float32 first: the slow products the core exists to avoid)."""
   q, k, v, g, mask = _inputs(jnp.bfloat16)
   fn = jax.jit(lambda *a: _value_and_grads(
-      lambda q, k, v: layers.softmax_attention(q, k, v, mask, 0.1, jax.random.key(1)), *a))
+      lambda q, k, v: attention_core.softmax_attention(q, k, v, mask, 0.1, jax.random.key(1)), *a))
   hlo = fn.lower(q, k, v, g).compile().as_text()
   with_dots = [c for c in re.findall(r'^%[\w.\-]+ \(.*?\n\}', hlo, re.M | re.S) if ' dot(' in c]
   assert len(with_dots) == 6, hlo  # forward: scores, output; gradient: d_kept, d_v, d_q, d_k
@@ -115,7 +115,7 @@ def test_gpt_attention_with_and_without_the_core(monkeypatch, kv_heads):
   seg_mask = (segments[:, :, None] == segments[:, None, :])[:, None]
   results = []
   for core in (True, False):
-    monkeypatch.setattr(parts, 'cpu_attention_core', lambda dtype, core=core: core)
+    monkeypatch.setattr(attention_core, 'cpu_attention_core', lambda dtype, core=core: core)
     results.append(_bf16_layer_grads(attn, x, seg_mask, dropout_rng=jax.random.key(3)))
   _assert_close(*results)
 

@@ -1,5 +1,6 @@
-"""The dropout mask (layers.keep_mask, a keyed hash of each element's index): its rate, its independence across
-positions and keys, determinism, sharded == unsharded, and the threefry fallback for huge arrays."""
+"""The dropout mask (models/dropout.py: keep_mask, a keyed hash of each element's index): its rate, its
+independence across positions and keys, determinism, sharded == unsharded, and the threefry fallback for huge
+arrays."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxssl.mesh import make_mesh
-from jaxssl.models.layers import dropout, keep_mask
+from jaxssl.models.dropout import dropout, keep_mask
 
 SHAPE = (8, 4, 128, 256)  # [batch, heads, queries, keys]: 1M elements
 

@@ -47,7 +47,7 @@ def resolve(implementation: str, dtype, splash_fits: bool = True) -> str:
 def describe(model_cfg, seq_len: int = 0) -> str:
   """What a banner says of a model section's attention path in training, e.g. 'attention cudnn (auto, gpu)', or
   'attention explicit (attention dropout 0.1)' (no kernel exposes the probabilities to drop; in bfloat16 on CPU
-  ', bfloat16 CPU core' after the rate: layers.softmax_attention); '' for a model
+  ', bfloat16 CPU core' after the rate: attention_core.softmax_attention); '' for a model
   without the setting. `seq_len` (when known) decides whether splash's tiles fit it on a TPU."""
   if 'attention' not in model_cfg:
     return ''
@@ -56,7 +56,7 @@ def describe(model_cfg, seq_len: int = 0) -> str:
   relative = (f", disentangled over {model_cfg['position_buckets']} relative buckets"  # DeBERTa's scores
               if model_cfg.get('position_buckets') else '')
   if model_cfg.get('attention_dropout_rate', 0.0) > 0:
-    # layers.cpu_attention_core: bfloat16 on CPU takes the written-out gradient (not with DeBERTa's score bias).
+    # attention_core.cpu_attention_core: bfloat16 on CPU takes the written-out gradient (not with DeBERTa's score bias).
     core = (', bfloat16 CPU core' if not relative and mesh_lib.backend() == 'cpu'
             and model_cfg.get('dtype') == 'bfloat16' else '')
     return f"attention explicit (attention dropout {model_cfg['attention_dropout_rate']}{core}){relative}"

@@ -7,7 +7,6 @@ function of (params, batch, key) and the model state holds no RNG counters.
 """
 import dataclasses
 import functools
-import math
 from typing import Sequence
 
 import jax
@@ -18,7 +17,9 @@ from jaxssl import mesh as mesh_lib
 from jaxssl.errors import UserError
 from jaxssl.mesh import constrain
 from jaxssl.models import fused_attention, precision
-from jaxssl.models.products import add_bias, project, transposed, vocab_logits
+from jaxssl.models.attention_core import cpu_attention_core, softmax_attention
+from jaxssl.models.dropout import dropout
+from jaxssl.models.products import add_bias, project, vocab_logits
 
 Dtype = jnp.dtype
 
@@ -38,105 +39,6 @@ zeros = jax.nn.initializers.zeros
 ones = jax.nn.initializers.ones
 ACTIVATIONS = {'gelu': functools.partial(jax.nn.gelu, approximate=False),  # by HF's hidden_act names (Mlp)
                'gelu_new': functools.partial(jax.nn.gelu, approximate=True), 'relu': jax.nn.relu}
-
-
-def _hash32(x: jax.Array) -> jax.Array:
-  """Chris Wellons' `triple32` integer hash (uint32 -> uint32, near-ideal avalanche: bias 0.021)."""
-  for shift, mult in ((17, 0xED5AD4BB), (11, 0xAC4C1B51), (15, 0x31848BAB)):
-    x = (x ^ (x >> shift)) * jnp.uint32(mult)
-  return x ^ (x >> 14)
-
-
-def keep_mask(rng: jax.Array, keep_prob: float, shape: Sequence[int]) -> jax.Array:
-  """A boolean mask of `shape`, each element True with probability `keep_prob`, from `rng`.
-
-  Threefry (jax.random.bernoulli) costs ~60 integer ops per element: on CPU a [8, 12, 128, 128] attention mask took
-  10-14 ms, against ~100 ms for all the matmuls of a BERT-base layer. Here threefry makes two 32-bit seeds only; each
-  element's mask bit is a keyed hash of its index in the array (two rounds of a strong 32-bit integer hash), ~15 ops
-  and elementwise, so XLA fuses it into the dropout and partitions it like any elementwise op: the mask is the same
-  sharded or not. 2**32 elements or more (the index would wrap) fall back to jax.random.bernoulli.
-  """
-  shape = tuple(shape)
-  if math.prod(shape) >= 2**32:
-    return jax.random.bernoulli(rng, keep_prob, shape)
-  seeds = jax.random.bits(rng, (2,), jnp.uint32)
-  index, stride = jnp.zeros(shape, jnp.uint32), 1
-  for axis in reversed(range(len(shape))):
-    index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
-    stride *= shape[axis]
-  bits = _hash32(_hash32(index ^ seeds[0]) ^ seeds[1])
-  # P(bits < threshold) = threshold / 2**32: keep_prob to within 2**-32.
-  threshold = min(round(keep_prob * 2**32), 2**32 - 1)
-  return bits < jnp.uint32(threshold)
-
-
-def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
-  """Inverted dropout; the identity when `rng` is None (eval) or `rate` is 0."""
-  if rng is None or rate <= 0.0:
-    return x
-  keep = keep_mask(rng, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x)).astype(x.dtype)
-
-
-def cpu_attention_core(dtype) -> bool:
-  """Whether `softmax_attention`'s custom gradient applies: bfloat16 on XLA:CPU, where autodiff's products of the
-  attention (a bfloat16 result, transposed operands) ran at 25-50 GFLOP/s (BENCHMARKS.md §42)."""
-  return dtype == jnp.bfloat16 and mesh_lib.backend() == 'cpu'
-
-
-def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, dropout_rate: float,
-                      dropout_rng: jax.Array | None) -> jax.Array:
-  """Softmax attention with probability dropout, heads in front: q [B, N, M, D], k and v [B, N, S, D], `mask`
-  bool broadcastable to [B, N, M, S] (True = may attend) -> [B, N, M, D] in q's dtype. Scores and softmax in
-  float32; a row with nothing to attend becomes uniform, not NaN.
-
-  The same values as the spelled-out attention (`dropout` draws the same mask); its gradient is written out so
-  that every product is a plain [M, K] @ [K, N] with a float32 result (the small operands transposed: k, v, q
-  and the output's cotangent, never the [M, S] probabilities), the one form YNNPACK runs bfloat16 in, and the
-  softmax's gradient sums in float32. Meant for `cpu_attention_core` dtypes; any backend computes it.
-  """
-  rate = float(dropout_rate) if dropout_rng is not None else 0.0
-  return _attention_core(q, k, v, mask, dropout_rng, rate)
-
-
-def _float32_product(a, b):
-  return jnp.einsum('...mk,...kn->...mn', a, b, preferred_element_type=jnp.float32)
-
-
-def _dropped(probs, rng, rate, dtype):
-  return dropout(probs, rate, rng if rate > 0.0 else None).astype(dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _attention_core(q, k, v, mask, rng, rate):
-  return _attention_core_fwd(q, k, v, mask, rng, rate)[0]
-
-
-def _attention_core_fwd(q, k, v, mask, rng, rate):
-  logits = _float32_product(q, transposed(k)) / jnp.sqrt(jnp.float32(q.shape[-1]))
-  probs = jax.nn.softmax(jnp.where(mask, logits, jnp.finfo(jnp.float32).min), axis=-1)
-  out = _float32_product(_dropped(probs, rng, rate, q.dtype), v).astype(q.dtype)
-  return out, (q, k, v, mask, rng, probs)
-
-
-def _attention_core_bwd(rate, saved, d_out):
-  q, k, v, mask, rng, probs = saved
-  d_kept = _float32_product(d_out, transposed(v))  # [B, N, M, S]
-  if rate == 0.0:
-    kept, d_probs = probs.astype(q.dtype), d_kept
-  else:  # `dropout`'s mask again: its gradient scales the kept entries' cotangents alike
-    keep = keep_mask(rng, 1.0 - rate, probs.shape)
-    kept = jnp.where(keep, probs / (1.0 - rate), 0.0).astype(q.dtype)
-    d_probs = jnp.where(keep, d_kept / (1.0 - rate), 0.0)
-  d_v = transposed(_float32_product(transposed(d_out), kept).astype(v.dtype))  # (d_out^T kept)^T
-  d_logits = probs * (d_probs - jnp.sum(d_probs * probs, axis=-1, keepdims=True))  # softmax's gradient
-  d_logits = (jnp.where(mask, d_logits, 0.0) / jnp.sqrt(jnp.float32(q.shape[-1]))).astype(q.dtype)
-  d_q = _float32_product(d_logits, k).astype(q.dtype)
-  d_k = transposed(_float32_product(transposed(q), d_logits).astype(k.dtype))
-  return d_q, d_k, d_v, None, None
-
-
-_attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
 
 
 class Embed(nnx.Module):

@@ -14,10 +14,9 @@ import numpy as np
 from flax import nnx
 
 from jaxssl.mesh import constrain
-from jaxssl.models import fused_attention
+from jaxssl.models import attention_core, fused_attention
 from jaxssl.models.layer_boundary import layer_boundary
-from jaxssl.models.layers import (LayerNorm, cpu_attention_core, dropout, make_param, maybe_remat, normal_init, ones,
-                                  softmax_attention, zeros)
+from jaxssl.models.layers import LayerNorm, dropout, make_param, maybe_remat, normal_init, ones, zeros
 from jaxssl.models.products import add_bias, project
 
 ACT = ('batch', 'length', 'act_embed')  # logical names of activations at block boundaries
@@ -202,11 +201,9 @@ class CausalSelfAttention(nnx.Module):
     # Heads in front of the sequence (as in layers.MultiHeadAttention: XLA:CPU's batched matmuls want them there).
     q = q.reshape(b, t, k.shape[2], n // k.shape[2], d).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
     k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, K, S, D]
-    if cpu_attention_core(q.dtype):  # a group's queries one after another: [B, K, G * T, D]
-      kv, g, s = k.shape[1], q.shape[2], k.shape[2]
-      mask = jnp.broadcast_to(mask[:, :, None], (mask.shape[0], 1, g, t, s)).reshape(mask.shape[0], 1, g * t, s)
-      out = softmax_attention(q.reshape(b, kv, g * t, d), k, v, mask, self.attention_dropout_rate, dropout_rng)
-      return out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, n, d)
+    if attention_core.cpu_attention_core(q.dtype):
+      out = attention_core.softmax_attention(q, k, v, mask[:, :, None], self.attention_dropout_rate, dropout_rng)
+      return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, d)
     logits = jnp.einsum('bkgtd,bksd->bkgts', q, k, preferred_element_type=jnp.float32)
     logits = logits / jnp.sqrt(jnp.float32(self.head_dim))
     # A row with nothing to attend (a padding query) becomes uniform, not NaN; its output is never used.
@@ -218,10 +215,10 @@ class CausalSelfAttention(nnx.Module):
   def _explicit_causal(self, q, k, v, mask, dropout_rng):
     """`_explicit` for causal self-attention, a block of queries at a time: block i scores only the keys up to its
     own end (those after are masked anyway), skipping (n - 1) / 2n of the scores, softmax and dropout work (n
-    blocks of at least 64 queries, at most 4; at most 2 with the bfloat16 CPU core, whose step ran faster with 2
-    than with 4 or 1: BENCHMARKS.md §42). Block i draws its dropout from fold_in(dropout_rng, i)."""
+    blocks of >= 64 queries, at most 4; 2 with the CPU core, faster than 4 or 1: BENCHMARKS.md §42). Block i
+    draws its dropout from fold_in(dropout_rng, i)."""
     t = q.shape[1]
-    blocks = max(1, min(2 if cpu_attention_core(q.dtype) else 4, t // 64))
+    blocks = max(1, min(2 if attention_core.cpu_attention_core(q.dtype) else 4, t // 64))
     while t % blocks:
       blocks -= 1
     if blocks == 1:

@@ -15,7 +15,7 @@ BERT-base to three: its steps cost 8x more). Elsewhere, where a compile's cost i
 grows until the first steps need at most MAX_ROW_COUNTS counts (`few_shapes_multiple`; short rows and small batches
 spread widest: 16 sentences of ~13 pieces in rows of 24 needed 8 to 14), and at most one per STEPS_PER_ROW_COUNT
 steps of the job (`row_counts_for`). Padding rows change nothing a real token
-computes, its dropout masks included (layers.keep_mask hashes each element's row-major index: a row's bits do not
+computes, its dropout masks included (dropout.keep_mask hashes each element's row-major index: a row's bits do not
 depend on the rows after it).
 
 A packed row tells the model where its examples are:
