@@ -5,15 +5,14 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxssl import mesh as mesh_lib
 from jaxssl.models.dropout import dropout, keep_mask
-from jaxssl.models.products import transposed
+from jaxssl.models.products import cpu_bfloat16, transposed
 
 
 def cpu_attention_core(dtype) -> bool:
   """Whether `softmax_attention`'s custom gradient applies: bfloat16 on XLA:CPU, where autodiff's products of the
   attention (a bfloat16 result, transposed operands) ran at 25-50 GFLOP/s (BENCHMARKS.md §42)."""
-  return dtype == jnp.bfloat16 and mesh_lib.backend() == 'cpu'
+  return cpu_bfloat16(dtype)
 
 
 def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, dropout_rate: float,

@@ -22,6 +22,7 @@ import numpy as np
 
 from jaxssl import mesh as mesh_lib
 from jaxssl.errors import UserError
+from jaxssl.models import attention_core
 
 IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'splash')
 
@@ -55,13 +56,13 @@ def describe(model_cfg, seq_len: int = 0) -> str:
     return f"attention block_sparse from {model_cfg.get('sparse_min_length')} tokens"
   relative = (f", disentangled over {model_cfg['position_buckets']} relative buckets"  # DeBERTa's scores
               if model_cfg.get('position_buckets') else '')
+  dtype = jnp.dtype(model_cfg.get('dtype', 'float32'))
   if model_cfg.get('attention_dropout_rate', 0.0) > 0:
-    # attention_core.cpu_attention_core: bfloat16 on CPU takes the written-out gradient (not with DeBERTa's score bias).
-    core = (', bfloat16 CPU core' if not relative and mesh_lib.backend() == 'cpu'
-            and model_cfg.get('dtype') == 'bfloat16' else '')
+    # The written-out gradient's core (not with DeBERTa's score bias).
+    core = ', bfloat16 CPU core' if not relative and attention_core.cpu_attention_core(dtype) else ''
     return f"attention explicit (attention dropout {model_cfg['attention_dropout_rate']}{core}){relative}"
   setting = model_cfg['attention']
-  path = resolve(setting, jnp.dtype(model_cfg.get('dtype', 'float32')))
+  path = resolve(setting, dtype)
   why = f'auto, {mesh_lib.backend()}' if setting == 'auto' else ''
   if path == 'splash' and mesh_lib.backend() == 'tpu' and seq_len and not _tiles(seq_len):
     path, why = 'xla', f'{why + ": " if why else ""}{seq_len} tokens are not 128-token tiles'

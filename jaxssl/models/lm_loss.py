@@ -17,8 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxssl import mesh as mesh_lib
-from jaxssl.models.products import transposed
+from jaxssl.models.products import cpu_bfloat16, transposed
 
 # The bfloat16 XLA:CPU gradient's shapes: rows per block (at least) and vocabulary entries per slice; at most
 # MAX_SLICES slices (the slices are unrolled: Gemma 3's 262k entries would otherwise make 64 of them).
@@ -83,7 +82,7 @@ def _stats(x, weights, targets, valid, chunk):
 
 
 def _stats_fwd(x, weights, targets, valid, chunk):
-  if x.dtype == weights.dtype == jnp.bfloat16 and mesh_lib.backend() == 'cpu':
+  if cpu_bfloat16(x.dtype, weights.dtype):
     vocab_slice = max(VOCAB_SLICE, -(-weights.shape[0] // MAX_SLICES))
     return _sliced_fwd(x, weights, targets, valid, _cpu_chunk(x.shape[0], x.shape[1], chunk), vocab_slice)
   vocab = weights.shape[0]

@@ -36,9 +36,14 @@ def project(x: jax.Array, kernel: jax.Array, in_axes: int = 1, out_major: bool =
   if out_major:  # the dot's own dimension numbers: an explicit transpose would be copied whole first
     y = jax.lax.dot_general(x2, kernel.reshape(math.prod(outs), math.prod(ins)), (((1,), (1,)), ((), ())))
   else:
-    cpu_bf16 = x.dtype == kernel.dtype == jnp.bfloat16 and mesh_lib.backend() == 'cpu'
-    y = (bf16_matmul if cpu_bf16 else jnp.matmul)(x2, kernel.reshape(math.prod(ins), math.prod(outs)))
+    y = (bf16_matmul if cpu_bfloat16(x.dtype, kernel.dtype) else jnp.matmul)(x2, kernel.reshape(math.prod(ins), math.prod(outs)))
   return y.reshape(*lead, *outs)
+
+
+def cpu_bfloat16(*dtypes) -> bool:
+  """Whether `dtypes` are all bfloat16 on XLA:CPU: where products take the layouts YNNPACK's bfloat16 kernels run
+  (`bf16_matmul` here, the attention core, the LM loss's vocabulary slices)."""
+  return all(d == jnp.bfloat16 for d in dtypes) and mesh_lib.backend() == 'cpu'
 
 
 @jax.custom_vjp
