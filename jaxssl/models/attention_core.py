@@ -37,7 +37,12 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
 
 
 def _float32_product(a, b):
-  return jnp.einsum('...mk,...kn->...mn', a, b, preferred_element_type=jnp.float32)
+  """a [..., M, K] @ b [..., K, N] -> [..., M, N] float32, the leading axes merged into one batch axis: YNNPACK ran
+  GPT-2 small's score products [96, 128, 64] x [96, 64, 256] ~2x faster with one batch axis than with [8, 12]."""
+  lead = a.shape[:-2]
+  y = jnp.einsum('bmk,bkn->bmn', a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]),
+                 preferred_element_type=jnp.float32)
+  return y.reshape(*lead, *y.shape[-2:])
 
 
 def _dropped(probs, rng, rate, dtype):

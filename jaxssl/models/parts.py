@@ -16,7 +16,7 @@ from flax import nnx
 from jaxssl.mesh import constrain
 from jaxssl.models import attention_core, fused_attention
 from jaxssl.models.layer_boundary import layer_boundary
-from jaxssl.models.layers import LayerNorm, dropout, make_param, maybe_remat, normal_init, ones, zeros
+from jaxssl.models.layers import ACTIVATIONS, LayerNorm, dropout, make_param, maybe_remat, normal_init, ones, zeros
 from jaxssl.models.products import add_bias, project
 
 ACT = ('batch', 'length', 'act_embed')  # logical names of activations at block boundaries
@@ -302,7 +302,7 @@ class GeluMlp(nnx.Module):
                      use_bias=b, dtype=dt, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    h = jax.nn.gelu(self.wi(x), approximate=True)
+    h = ACTIVATIONS['gelu_new'](self.wi(x))
     h = constrain(h, ('batch', 'length', 'act_mlp'))
     return self.wo(h)
 
