@@ -95,3 +95,18 @@ def test_add_bias_sums_its_gradient_in_float32():
   np.testing.assert_allclose(got, want, rtol=1e-6)
   rounded = jax.grad(loss, argnums=1)(plain, bias)  # what the plain add's gradient gives
   assert np.abs(np.asarray(rounded) - want).max() > 100 * np.abs(np.asarray(got) - want).max()
+
+
+def test_product_nt_leaves_the_transpose_to_the_dot():
+  """a @ b^T with b as stored: values as the plain product, and on XLA:CPU one dot reading both bfloat16 operands
+  in place (no transposed copy of b, no conversion to float32: BENCHMARKS.md §43)."""
+  a, b = _operands((3, 40, 64), (3, 24, 64))
+  want = jnp.einsum('bmk,bnk->bmn', a.astype(jnp.float32), b.astype(jnp.float32))
+  got = products.product_nt(a, b)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(products.product_nt(a[0], b[0]), want[0], rtol=1e-5, atol=1e-5)
+  hlo = jax.jit(products.product_nt).lower(a[0], b[0]).compile().as_text()
+  dots = re.findall(r'= f32\[40,24\]\{1,0\} dot\((.*?)\), lhs_contracting_dims=\{1\}, rhs_contracting_dims=\{1\}', hlo)
+  assert len(dots) == 1, hlo
+  assert not re.search(r' (transpose|copy|convert)\(', hlo), hlo

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxssl.models.dropout import dropout, keep_mask
-from jaxssl.models.products import cpu_bfloat16, transposed
+from jaxssl.models.products import cpu_bfloat16, product_nt, transposed
 
 
 def cpu_attention_core(dtype) -> bool:
@@ -23,8 +23,9 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
   float32; a row with nothing to attend becomes uniform, not NaN.
 
   The same values as the spelled-out attention (`dropout` draws the same mask); its gradient is written out so
-  that every product is a plain [M, K] @ [K, N] with a float32 result (the small operands transposed: k, v, q
-  and the output's cotangent, never the [M, S] probabilities), the one form YNNPACK runs bfloat16 in, and the
+  that every product has a float32 result and a layout YNNPACK runs bfloat16 in: [M, K] @ [K, N], or [M, K] @
+  [N, K]^T (scores, and the cotangent through the values); where the contraction runs over the rows of the left
+  operand, that operand (q or the output's cotangent, never the [M, S] probabilities) is copied transposed. The
   softmax's gradient sums in float32. Meant for `cpu_attention_core` dtypes; any backend computes it.
   """
   if q.ndim == 5:  # grouped: a group's queries one after another, [B, K, G * M, D]
@@ -45,6 +46,13 @@ def _float32_product(a, b):
   return y.reshape(*lead, *y.shape[-2:])
 
 
+def _float32_product_nt(a, b):
+  """a [..., M, K] @ b [..., N, K]^T -> [..., M, N] float32 (one batch axis; b's transpose left to the dot)."""
+  lead = a.shape[:-2]
+  y = product_nt(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]))
+  return y.reshape(*lead, *y.shape[-2:])
+
+
 def _dropped(probs, rng, rate, dtype):
   return dropout(probs, rate, rng if rate > 0.0 else None).astype(dtype)
 
@@ -55,7 +63,7 @@ def _attention_core(q, k, v, mask, rng, rate):
 
 
 def _attention_core_fwd(q, k, v, mask, rng, rate):
-  logits = _float32_product(q, transposed(k)) / jnp.sqrt(jnp.float32(q.shape[-1]))
+  logits = _float32_product_nt(q, k) / jnp.sqrt(jnp.float32(q.shape[-1]))
   probs = jax.nn.softmax(jnp.where(mask, logits, jnp.finfo(jnp.float32).min), axis=-1)
   out = _float32_product(_dropped(probs, rng, rate, q.dtype), v).astype(q.dtype)
   return out, (q, k, v, mask, rng, probs)
@@ -63,7 +71,7 @@ def _attention_core_fwd(q, k, v, mask, rng, rate):
 
 def _attention_core_bwd(rate, saved, d_out):
   q, k, v, mask, rng, probs = saved
-  d_kept = _float32_product(d_out, transposed(v))  # [B, N, M, S]
+  d_kept = _float32_product_nt(d_out, v)  # [B, N, M, S]
   if rate == 0.0:
     kept, d_probs = probs.astype(q.dtype), d_kept
   else:  # `dropout`'s mask again: its gradient scales the kept entries' cotangents alike

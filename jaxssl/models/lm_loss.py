@@ -17,7 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxssl.models.products import cpu_bfloat16, transposed
+from jaxssl.models.products import cpu_bfloat16, product_nt, transposed
 
 # The bfloat16 XLA:CPU gradient's shapes: rows per block (at least) and vocabulary entries per slice; at most
 # MAX_SLICES slices (the slices are unrolled: Gemma 3's 262k entries would otherwise make 64 of them).
@@ -129,12 +129,13 @@ def _sliced_fwd(x, weights, targets, valid, chunk, vocab_slice):
   at ~850 GFLOP/s; whole-vocabulary products ([512, 768] x [768, 50257] and its two gradients) ran at 400-650
   with the [V, H] table out of cache. Two passes over the slices: a running max and sum of exponentials
   (logsumexp) and the target's logit, then each slice's logits again (XLA:CPU forms each once) for the
-  gradient. The table gradient is formed [H, V] (x^T dlogits: no [R, V] transpose) and transposed once."""
+  gradient. A slice's logits read its rows of the table as they are (`product_nt`: no transposed copy). The table
+  gradient is formed [H, V] (x^T dlogits: no [R, V] transpose) and transposed once."""
   vocab, hidden = weights.shape
   spans = [(lo, min(lo + vocab_slice, vocab)) for lo in range(0, vocab, vocab_slice)]
 
   def slice_logits(x2, lo, hi):
-    return jnp.dot(x2, transposed(weights[lo:hi]), preferred_element_type=jnp.float32)
+    return product_nt(x2, weights[lo:hi])
 
   def body(carry, block):
     nll_sum, correct_sum, grad_t = carry

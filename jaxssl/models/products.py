@@ -51,12 +51,12 @@ def bf16_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """x [M, K] @ kernel [K, N] in bfloat16 on XLA:CPU, accumulated in float32, every product of the gradient too in
   the one layout YNNPACK's bfloat16 kernels take (BENCHMARKS.md §39).
 
-  XLA:CPU gives YNNPACK a bfloat16 dot only with its operands in the plain [M, K] @ [K, N] layout and converts any
-  other to float32 first; and a dot with a bfloat16 result ran no faster than float32, one with a float32 result
-  1.6x faster. The plain `x @ kernel` (a bfloat16 result) and both gradient products (x^T g, g kernel^T: XLA folds
-  the transposes into the dots) were all slow, so bfloat16 ran slower than float32. Here each product asks for a
-  float32 result, and the gradient's transposes are written so that XLA does not fold them (`transposed`): the
-  operands are copied, transposed, once.
+  XLA:CPU gives YNNPACK a bfloat16 dot only in the layouts [M, K] @ [K, N] and [M, K] @ [N, K]^T and converts any
+  other (a contraction over the left operand's rows) to float32 first; and a dot with a bfloat16 result ran no
+  faster than float32, one with a float32 result 1.6x faster. The plain `x @ kernel` (a bfloat16 result) and the
+  kernel's gradient x^T g were slow, so bfloat16 ran slower than float32. Here each product asks for a float32
+  result; dx = g kernel^T leaves the transpose to the dot (`product_nt`), and the kernel gradient's left operand
+  is copied, transposed, once (`transposed`, which XLA does not fold back into the dot).
   2-core Zen 4: a [4096, 512] x [512, 2048] gradient's products 330 GFLOP/s against 125-135 before (float32 ~180).
   """
   return jnp.dot(x, kernel, preferred_element_type=jnp.float32).astype(x.dtype)
@@ -68,7 +68,7 @@ def _bf16_matmul_fwd(x, kernel):
 
 def _bf16_matmul_bwd(saved, g):
   x, kernel = saved
-  dx = jnp.dot(g, transposed(kernel), preferred_element_type=jnp.float32).astype(x.dtype)
+  dx = product_nt(g, kernel).astype(x.dtype)
   (m, k), n = x.shape, g.shape[1]
   if m * n + k * n < m * k:
     # Transposing g [M, N] and the result [N, K] copies less than x [M, K] (an MLP's output kernel, K = 4H):
@@ -108,6 +108,16 @@ def _add_bias_bwd(bias, g):
 
 
 _add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
+def product_nt(a: jax.Array, b: jax.Array) -> jax.Array:
+  """a [..., M, K] @ b [..., N, K]^T -> [..., M, N] in float32, b's transpose left to the dot's dimension numbers:
+  XLA:CPU (jax 0.10.2) hands YNNPACK this layout in bfloat16 as it is, at the plain layout's speed or better
+  ([2048, 3072] x [768, 3072]^T: 909 GFLOP/s, against 863 for [3072, 768] stored and 811 with the copy that
+  `transposed` makes; BENCHMARKS.md §43). A transposed *left* operand (a contraction over M) is still converted to
+  float32 first (~200 GFLOP/s): there `transposed` copies it."""
+  batch = tuple(range(a.ndim - 2))
+  return jax.lax.dot_general(a, b, (((a.ndim - 1,), (b.ndim - 1,)), (batch, batch)), preferred_element_type=jnp.float32)
 
 
 def transposed(a: jax.Array) -> jax.Array:
