@@ -1,8 +1,9 @@
 """How the models' matrix products are laid out for XLA: `project` (a kernel product as one 2-D matmul, its kernel
 in either layout; in bfloat16 on CPU, `bf16_matmul`), `add_bias` (its bias, whose gradient sums in float32),
-`out_major_perm` (the layout decoding stores big kernels in)
-and `vocab_logits` (the output projection onto a vocabulary-major table, in the form XLA:CPU runs fastest at the few
-rows of a decoding step).
+`product_nt` and `transposed` (a product against a transposed operand: left to the dot where YNNPACK takes it, a
+copy where it does not), `out_major_perm` (the layout decoding stores big kernels in) and `vocab_logits` (the
+output projection onto a vocabulary-major table, in the form XLA:CPU runs fastest at the few rows of a decoding
+step).
 """
 import math
 
