@@ -8,6 +8,7 @@ import random
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -21,7 +22,9 @@ from jaxssl import storage
 from jaxssl.data import tokenizers
 from jaxssl.data.wordpiece import WordPieceTokenizer
 from jaxssl.train import checkpoint as ckpt_lib
+from jaxssl.train import finetune
 from jaxssl.train import state as state_lib
+from jaxssl.train.metrics import MetricsWriter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POSITIVE, NEGATIVE = ['good', 'great', 'fine', 'lovely'], ['bad', 'awful', 'poor', 'dull']
@@ -316,3 +319,19 @@ def test_convert_reads_a_gguf_file_from_a_bucket_through_a_local_copy(gcs_bucket
   assert remote in str(error.value) and local not in str(error.value)
   with pytest.raises(UserError, match='does not exist'):
     decoder.from_hf(remote + '.missing.gguf', str(tmp_path / 'export'))
+
+
+def test_dev_row_is_in_the_bucket_before_dev_done(gcs_bucket):  # noqa: F811 (the fixture)
+  """A dev evaluation's row is in metrics.jsonl before dev_done.json says the evaluation ran: in a bucket the
+  writer gathers rows for up to UPLOAD_EVERY_S, and a kill in that window lost the row for good (the rerun skips
+  an evaluation marked done; this file's kill-and-resume test caught it once in CI)."""
+  workdir = f'{gcs_bucket}/dev-{random.randrange(10**6)}'
+  kind = SimpleNamespace(dev_metrics=lambda *args: {'accuracy': 0.5})
+  data = finetune.TaskData(kind, ['a', 'b'], 2, 4, {}, [], {}, None)
+  writer = MetricsWriter(workdir)
+  dev = finetune.DevEvaluation(SimpleNamespace(best_metric='accuracy'), data, lambda params, features: None,
+                               writer, workdir, {}, None)
+  best = dev(40, None, {'value': 1.0, 'step': 0, 'metrics': {}})  # no better than the best so far: no export
+  assert best['step'] == 0
+  assert json.loads(storage.read_text(storage.join(workdir, finetune.DEV_DONE)))['step'] == 40
+  assert {'step': 40, 'dev_accuracy': 0.5} in metric_rows(storage.join(workdir, 'metrics.jsonl'))

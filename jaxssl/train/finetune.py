@@ -242,6 +242,7 @@ class DevEvaluation:
       ckpt_lib.write_export(storage.join(self.workdir, 'export'), params, config_json, self.tokenizer, overwrite=True)
     self.writer.drop(step, prefix='dev_')  # a rerun of a pending evaluation replaces the row it may have written
     self.writer.write(step, result, prefix='dev_')
+    self.writer.flush()  # in a bucket rows wait up to 5 s: the row must be there before DEV_DONE says it is
     self.writer.log(f'dev at step {step}: ' + ' '.join(f'{k}={v:.4f}' for k, v in result.items()))
     if jax.process_index() == 0:  # a rerun resuming from this step's checkpoint need not evaluate it again
       storage.write_text(storage.join(self.workdir, DEV_DONE), json.dumps({'step': step, 'best': best}))
