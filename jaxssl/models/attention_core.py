@@ -37,20 +37,22 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
   return _attention_core(q, k, v, mask, dropout_rng, rate)
 
 
-def _float32_product(a, b):
-  """a [..., M, K] @ b [..., K, N] -> [..., M, N] float32, the leading axes merged into one batch axis: YNNPACK ran
+def _one_batch_axis(product, a, b):
+  """`product` of a [..., M, K] and b [..., *, *] with the leading axes merged into one batch axis: YNNPACK ran
   GPT-2 small's score products [96, 128, 64] x [96, 64, 256] ~2x faster with one batch axis than with [8, 12]."""
   lead = a.shape[:-2]
-  y = jnp.einsum('bmk,bkn->bmn', a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]),
-                 preferred_element_type=jnp.float32)
+  y = product(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]))
   return y.reshape(*lead, *y.shape[-2:])
+
+
+def _float32_product(a, b):
+  """a [..., M, K] @ b [..., K, N] -> [..., M, N] float32."""
+  return _one_batch_axis(functools.partial(jnp.einsum, 'bmk,bkn->bmn', preferred_element_type=jnp.float32), a, b)
 
 
 def _float32_product_nt(a, b):
-  """a [..., M, K] @ b [..., N, K]^T -> [..., M, N] float32 (one batch axis; b's transpose left to the dot)."""
-  lead = a.shape[:-2]
-  y = product_nt(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]))
-  return y.reshape(*lead, *y.shape[-2:])
+  """a [..., M, K] @ b [..., N, K]^T -> [..., M, N] float32 (b's transpose left to the dot)."""
+  return _one_batch_axis(product_nt, a, b)
 
 
 def _dropped(probs, rng, rate, dtype):

@@ -37,7 +37,8 @@ def project(x: jax.Array, kernel: jax.Array, in_axes: int = 1, out_major: bool =
   if out_major:  # the dot's own dimension numbers: an explicit transpose would be copied whole first
     y = jax.lax.dot_general(x2, kernel.reshape(math.prod(outs), math.prod(ins)), (((1,), (1,)), ((), ())))
   else:
-    y = (bf16_matmul if cpu_bfloat16(x.dtype, kernel.dtype) else jnp.matmul)(x2, kernel.reshape(math.prod(ins), math.prod(outs)))
+    matmul = bf16_matmul if cpu_bfloat16(x.dtype, kernel.dtype) else jnp.matmul
+    y = matmul(x2, kernel.reshape(math.prod(ins), math.prod(outs)))
   return y.reshape(*lead, *outs)
 
 
@@ -124,8 +125,8 @@ def product_nt(a: jax.Array, b: jax.Array) -> jax.Array:
 def transposed(a: jax.Array) -> jax.Array:
   """a [..., R, C] with its last two axes swapped, [..., C, R], materialized: spelled as a transpose of 16 x 16
   blocks (or 8, 4, 2), which XLA's transpose folding leaves alone (a plain swap would become the dot's dimension
-  numbers again, and XLA:CPU converts a bfloat16 dot of any but the plain layout to float32). Sides no block size
-  divides: the plain swap."""
+  numbers again, and XLA:CPU converts a bfloat16 dot whose left operand is transposed to float32). Sides no block
+  size divides: the plain swap."""
   *lead, rows, cols = a.shape
   n = len(lead)
   for block in (16, 8, 4, 2):
