@@ -3,15 +3,16 @@
     python benchmarks/generation.py                    # SmolLM2-135M (the real-world run's GGUF), batch 1 and 8
     python benchmarks/generation.py --decoder gemma3 --new-tokens 64 --rounds 3
     python benchmarks/generation.py --src path/to/hf_checkpoint_dir   # any decoder jaxssl.convert reads (or a .gguf)
+    python benchmarks/generation.py --dtype bfloat16   # jaxssl computing in bfloat16 (the generate job's --dtype)
 
 At batch 1 every new token reads every weight once (but the tables it reads one row of: learned positions, and the
 token embeddings of a model with a separate output layer), so (those bytes) / (memory bandwidth) is the fastest a
 token can come: `bandwidth_bound_tokens_per_s`. The bandwidth is measured here, on this host, by copying a 1 GiB
 array (numpy; read + write bytes over the time), and the report gives jaxssl's batch-1 tokens/s as a fraction
 of that bound. Both sides decode greedily from the same prompts for exactly --new-tokens tokens (no stop
-token), float32, prompt prefill included; tokens/s is batch x new tokens / the median of --rounds timed calls
-after one untimed call (jaxssl's first call, compile included, is `first_call_s`). The greedy tokens of both
-sides are compared: rows equal throughout, and each row's matching prefix.
+token), float32 (jaxssl in --dtype if given), prompt prefill included; tokens/s is batch x new tokens / the median
+of --rounds timed calls after one untimed call (jaxssl's first call, compile included, is `first_call_s`). The
+greedy tokens of both sides are compared: rows equal throughout, and each row's matching prefix.
 
 It also times the generate job as a user runs it, twice (`python -m jaxssl.generate --params P --prompt ...`):
 the second start finds the compiled program in the persistent compile cache.
@@ -73,11 +74,17 @@ def timed(fn, rounds: int) -> tuple[float, list[float]]:
   return first, times
 
 
-def jaxssl_side(params_dir: str, prompts: list[str], new_tokens: int, rounds: int):
+def jaxssl_side(params_dir: str, prompts: list[str], new_tokens: int, rounds: int, dtype: str | None = None):
   import jax
+  from flax import nnx
   from jaxssl.models import generation
   from jaxssl.train import checkpoint as ckpt_lib
-  _, model, tokenizer = ckpt_lib.load_export(params_dir)
+  from jaxssl.train import export_config
+  saved, _, model_cfg, tokenizer = export_config.describe_export(params_dir)
+  if dtype:  # as the generate job's --dtype: the model computes in it, over the export's weights
+    model_cfg.dtype = dtype
+  setup = ckpt_lib.setup_export_model(saved, model_cfg)
+  model = nnx.merge(setup.graphdef, ckpt_lib.load_export_params(params_dir, setup.abstract_params))
   model = generation.layers_apart(model)  # as the generate job passes them: each layer's weights apart, once
   bos = [] if getattr(tokenizer, 'bos_id', None) is None else [tokenizer.bos_id]
   encoded = [bos + ids for ids in tokenizer.encode(prompts)]
@@ -151,10 +158,10 @@ def convert_once(src: str, params: str) -> None:
     f.write(src)
 
 
-def job_start_seconds(run_dir: str, params: str) -> list[float]:
+def job_start_seconds(run_dir: str, params: str, dtype: str | None = None) -> list[float]:
   """Wall seconds of `python -m jaxssl.generate` (one prompt, 8 greedy tokens), twice: cold, then warm cache."""
   cmd = [sys.executable, '-m', 'jaxssl.generate', '--params', params, '--prompt', PROMPTS[0], '--greedy',
-         '--max-new-tokens', '8']
+         '--max-new-tokens', '8', *(['--dtype', dtype] if dtype else [])]
   seconds = []
   for _ in range(2):
     start = time.perf_counter()
@@ -173,6 +180,9 @@ def main(argv=None) -> int:
   parser.add_argument('--new-tokens', type=int, default=128)
   parser.add_argument('--rounds', type=int, default=3)
   parser.add_argument('--out', default='generation_bench.jsonl')
+  parser.add_argument('--dtype', choices=('float32', 'bfloat16'),
+                      help="jaxssl's compute dtype (default: the export's, float32 for a converted checkpoint); "
+                           'transformers stays float32')
   args = parser.parse_args(argv)
   if args.src:
     src = os.path.abspath(args.src)
@@ -188,7 +198,7 @@ def main(argv=None) -> int:
       return 2
   # The job first, while this process holds no model: jaxssl keeps freed host memory mapped (JAXSSL_KEEP_HOST_MEMORY),
   # so after a 1.5B decoder's batches it would still hold ~14 GB beside the job's own.
-  starts = job_start_seconds(args.run_dir, f'params/{name}')
+  starts = job_start_seconds(args.run_dir, f'params/{name}', args.dtype)
   bandwidth = host_bandwidth_bytes_per_s()
   rows = []
   for batch in (int(b) for b in args.batches.split(',')):
@@ -197,13 +207,14 @@ def main(argv=None) -> int:
     # in float32, so transformers' is loaded again for each batch size.
     transformers_reference.cache_clear()
     gc.collect()
-    ours = jaxssl_side(params, prompts, args.new_tokens, args.rounds)
+    ours = jaxssl_side(params, prompts, args.new_tokens, args.rounds, args.dtype)
     gc.collect()
     theirs = transformers_side(src, ours['prompt_ids'], args.new_tokens, args.rounds, ours['pad_id'])
     ours_tps = batch * args.new_tokens / statistics.median(ours['seconds'])
     theirs_tps = batch * args.new_tokens / statistics.median(theirs['seconds'])
     bound = bandwidth / ours['weight_bytes']
     row = dict(decoder=name, batch=batch, new_tokens=args.new_tokens, rounds=args.rounds,
+               jaxssl_dtype=args.dtype or 'export',
                jaxssl_tokens_per_s=round(ours_tps, 1), transformers_tokens_per_s=round(theirs_tps, 1),
                ratio=round(ours_tps / theirs_tps, 2), jaxssl_first_call_s=ours['first_call_s'],
                transformers_first_call_s=theirs['first_call_s'],

@@ -2,13 +2,15 @@
 
   python -m jaxssl.generate --params PARAMS --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N] [--greedy]
                             [--temperature T] [--top-k K] [--top-p P] [--seed S] [--stop TOKEN ...] [--json]
+                            [--dtype float32|bfloat16|auto]
 
 Prints each prompt followed by its continuation (with --json: one JSON line per prompt holding prompt, prompt_ids,
 generated_ids and text, the text that follows the prompt, its leading space included). Generation stops at
 --max-new-tokens, at the end-of-document token the model was trained with (GPT-2's <|endoftext|>, Llama's </s>), or
 at any --stop token (a vocabulary entry, e.g. Llama 3's <|eot_id|>).
 A tokenizer that starts every text with a BOS token (Llama) gets it before each prompt; prompt_ids include it.
-PARAMS may be local or in a bucket (gs://B/export).
+PARAMS may be local or in a bucket (gs://B/export). The model computes in the dtype its export records (a converted
+checkpoint: float32) unless --dtype says otherwise (the weights stay as stored).
 """
 import argparse
 import concurrent.futures
@@ -22,9 +24,14 @@ from jaxssl.errors import UserError, exit_on_user_error
 
 def generate(params: str, prompts: list[str], *, max_new_tokens: int = 50, greedy: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             stop_tokens: tuple[str, ...] = ()) -> list[dict]:
+             stop_tokens: tuple[str, ...] = (), dtype: str | None = None) -> list[dict]:
   """One dict per prompt: prompt, prompt_ids, generated_ids (up to and including a stop token), text (what follows
-  the prompt: `continuation`)."""
+  the prompt: `continuation`). `dtype`: the compute dtype (models/precision.py's settings) instead of the export's.
+
+  Why bfloat16: on a CPU with bfloat16 instructions XLA:CPU runs a batch's bfloat16 products 3-3.5x faster than
+  float32 ones (a decoding step's [8, 576] x [576, 1536]), so batches decode ~1.5x faster; one prompt at a time it
+  gains nothing (XLA computes a one-row bfloat16 product in float32). Greedy text can part from float32's where two
+  tokens are near-tied (BENCHMARKS.md §44)."""
   # A job's jax modules load here, after runtime.setup (main) has configured the compile cache and processes.
   import jax
   import numpy as np
@@ -34,6 +41,9 @@ def generate(params: str, prompts: list[str], *, max_new_tokens: int = 50, greed
   if not prompts or any(not p.strip() for p in prompts):
     raise UserError('give at least one non-empty --prompt')
   saved, config, model_cfg, tokenizer = export_config.describe_export(params)
+  if dtype is not None:
+    from jaxssl.models import precision  # reason: as the imports above, after runtime.setup
+    model_cfg.dtype = precision.compute_dtype(dtype, model_cfg.get('name', ''))[0]
   bos = [] if getattr(tokenizer, 'bos_id', None) is None else [tokenizer.bos_id]
   encoded = [bos + ids for ids in tokenizer.encode(prompts)]
   stop = [tokenizer.sep_id]  # the end-of-document token of the packed pretraining stream
@@ -154,6 +164,8 @@ def main(argv=None):
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--stop', action='append', default=[], help='a stop token (vocabulary entry); repeatable')
   parser.add_argument('--json', action='store_true', help='one JSON line per prompt')
+  parser.add_argument('--dtype', choices=('float32', 'bfloat16', 'auto'),
+                      help="compute dtype (default: the export's; 'auto': this backend's, as pretraining picks it)")
   runtime.add_distributed_args(parser)
   args = parser.parse_args(argv)
   args.params = paths.absolute(args.params)
@@ -161,7 +173,7 @@ def main(argv=None):
   import jax  # noqa: PLC0415 (after runtime.setup)
   results = generate(args.params, args.prompt, max_new_tokens=args.max_new_tokens, greedy=args.greedy,
                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                     stop_tokens=tuple(args.stop))
+                     stop_tokens=tuple(args.stop), dtype=args.dtype)
   if jax.process_index() == 0:
     for r in results:
       print(json.dumps(r) if args.json else r['prompt'] + r['text'], flush=True)

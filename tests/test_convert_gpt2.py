@@ -132,6 +132,28 @@ def test_greedy_generation_matches_transformers(hf_model, export):
     assert len(r['generated_ids']) == 10 or r['generated_ids'][-1] == tokenizer.sep_id
 
 
+def test_generate_computes_in_the_dtype_asked_for(export, monkeypatch):
+  """--dtype bfloat16 builds the generate program's model in bfloat16 over the export's float32 weights (the
+  fast setting for batches on a CPU with bfloat16 instructions); a dtype that is not a setting exits with 2."""
+  from jaxssl import program_cache
+  from jaxssl.generate import main as generate_main
+  from jaxssl.train import checkpoint
+  monkeypatch.setattr(program_cache, 'path_for', lambda *a, **k: None)  # no saved program: each run builds one
+  built = []
+  setup = checkpoint.setup_export_model
+  monkeypatch.setattr(checkpoint, 'setup_export_model', lambda saved, cfg, *a, **k: (
+      built.append(cfg.dtype), setup(saved, cfg, *a, **k))[1])
+  prompts = ['the lazy dog sat', 'then ran far']
+  bf16 = generate(export, prompts, max_new_tokens=6, greedy=True, dtype='bfloat16')
+  f32 = generate(export, prompts, max_new_tokens=6, greedy=True)
+  assert built == ['bfloat16', 'float32']  # the export records float32 (a converted checkpoint)
+  for a, b in zip(bf16, f32):
+    assert a['prompt_ids'] == b['prompt_ids'] and len(a['generated_ids']) == len(b['generated_ids'])
+  with pytest.raises(SystemExit) as exit_info:
+    generate_main(['--params', export, '--prompt', 'a', '--dtype', 'float16'])
+  assert exit_info.value.code == 2
+
+
 def test_to_hf_round_trip(hf_model, export, tmp_path):
   out = str(tmp_path / 'hf')
   convert_main(['to-hf', '--src', export, '--out', out])
