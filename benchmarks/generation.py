@@ -76,15 +76,9 @@ def timed(fn, rounds: int) -> tuple[float, list[float]]:
 
 def jaxssl_side(params_dir: str, prompts: list[str], new_tokens: int, rounds: int, dtype: str | None = None):
   import jax
-  from flax import nnx
   from jaxssl.models import generation
   from jaxssl.train import checkpoint as ckpt_lib
-  from jaxssl.train import export_config
-  saved, _, model_cfg, tokenizer = export_config.describe_export(params_dir)
-  if dtype:  # as the generate job's --dtype: the model computes in it, over the export's weights
-    model_cfg.dtype = dtype
-  setup = ckpt_lib.setup_export_model(saved, model_cfg)
-  model = nnx.merge(setup.graphdef, ckpt_lib.load_export_params(params_dir, setup.abstract_params))
+  _, model, tokenizer = ckpt_lib.load_export(params_dir, dtype=dtype)  # as the generate job's --dtype
   model = generation.layers_apart(model)  # as the generate job passes them: each layer's weights apart, once
   bos = [] if getattr(tokenizer, 'bos_id', None) is None else [tokenizer.bos_id]
   encoded = [bos + ids for ids in tokenizer.encode(prompts)]

@@ -40,10 +40,7 @@ def generate(params: str, prompts: list[str], *, max_new_tokens: int = 50, greed
   from jaxssl.train import export_config  # not checkpoint: a warm start never imports orbax (0.2-0.3 s)
   if not prompts or any(not p.strip() for p in prompts):
     raise UserError('give at least one non-empty --prompt')
-  saved, config, model_cfg, tokenizer = export_config.describe_export(params)
-  if dtype is not None:
-    from jaxssl.models import precision  # reason: as the imports above, after runtime.setup
-    model_cfg.dtype = precision.compute_dtype(dtype, model_cfg.get('name', ''))[0]
+  saved, config, model_cfg, tokenizer = export_config.describe_export(params, dtype)
   bos = [] if getattr(tokenizer, 'bos_id', None) is None else [tokenizer.bos_id]
   encoded = [bos + ids for ids in tokenizer.encode(prompts)]
   stop = [tokenizer.sep_id]  # the end-of-document token of the packed pretraining stream

@@ -354,23 +354,24 @@ def _params_do_not_fit(path: str, error: str) -> UserError:
                    're-export them with python -m jaxssl.export')
 
 
-def load_export(path: str, mesh=None):
+def load_export(path: str, mesh=None, dtype: str | None = None):
   """Loads an export onto `mesh` (default: all devices, data-parallel): returns (config, model, tokenizer).
+  `dtype`: as describe_export's.
 
   The tokenizer is sentencepiece (`tokenizer.model`) or WordPiece (`tokenizer.json`), whichever the export holds.
   An embedding with more rows than the tokenizer has ids (a padded public vocabulary) loads as it is; the model
   gives those rows -inf logits (jaxssl/models/vocab.py). Fewer rows than ids is a UserError.
   """
-  config, setup, tokenizer = open_export(path, mesh)
+  config, setup, tokenizer = open_export(path, mesh, dtype)
   from flax import nnx  # reason: as families above
   model = nnx.merge(setup.graphdef, load_export_params(path, setup.abstract_params))
   return config, model, tokenizer
 
 
-def open_export(path: str, mesh=None):
+def open_export(path: str, mesh=None, dtype: str | None = None):
   """An export's (config, model setup, tokenizer) without its weights: `setup.graphdef` and `setup.abstract_params`
   (jax.ShapeDtypeStruct on `mesh`'s shardings) describe the model; load_export_params restores the weights."""
-  saved, config, model_cfg, tokenizer = describe_export(path)
+  saved, config, model_cfg, tokenizer = describe_export(path, dtype)
   return config, setup_export_model(saved, model_cfg, mesh), tokenizer
 
 

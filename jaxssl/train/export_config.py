@@ -57,14 +57,17 @@ def read_export_config(path: str) -> dict:
   return saved
 
 
-def describe_export(path: str):
+def describe_export(path: str, dtype: str | None = None):
   """(config.json's dict, config, the model's config, tokenizer) of an export: open_export less the model's setup
-  (0.4 s of tracing for a 30-layer model), which setup_export_model does."""
+  (0.4 s of tracing for a 30-layer model), which setup_export_model does. `dtype`: a model.dtype setting
+  (models/precision.py) the model computes in instead of the export's (its weights stay as stored)."""
   saved = read_export_config(path)
   config = config_lib.from_json(json.dumps(saved))
   tokenizer = tokenizers.load_tokenizer(path)
   vocab.check_rows(tokenizer.vocab_size, saved['vocab_size'], path)
   # A padded vocabulary (more rows than the tokenizer's ids): the model never predicts the padding rows.
   model_cfg = vocab.model_config_with_token_ids(config.model, tokenizer.vocab_size, saved['vocab_size'])
+  if dtype is not None:
+    model_cfg.dtype = dtype
   precision.resolve(model_cfg)  # an export whose model.dtype is 'auto' computes in this backend's dtype
   return saved, config, model_cfg, tokenizer
